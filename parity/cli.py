@@ -1,0 +1,64 @@
+"""`parity` command line: one entry point, sub-commands registered by each pillar.
+
+Each pillar owns a module with `register(subparsers)` that adds its sub-commands and sets
+`func=<callable(args) -> int>`. Those modules import heavy dependencies (torch, FastAPI) only inside
+the command functions, so `parity --help` and `parity plan` stay fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from parity import __version__
+from parity.errors import ParityError
+
+#: Modules that register sub-commands, in help order.
+COMMAND_MODULES = (
+    "parity.plan.info_cli",     # info
+    "parity.server.cli",        # serve, generate, chat
+    "parity.model.cli",         # export-tiny
+    "parity.bench.cli",         # bench, bench report
+    "parity.plan.cli",          # plan, compare, validate
+    "parity.devices.cli",       # doctor
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="parity",
+        description="DeepSeek-V4 on any accelerator: run it, measure it, plan it.",
+    )
+    parser.add_argument("--version", action="version", version=f"parity {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # pillar not built yet
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except ParityError as e:
+        print(f"parity {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
