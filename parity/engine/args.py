@@ -1,0 +1,69 @@
+"""`EngineArgs`: everything that configures an engine instance (names follow vLLM's EngineArgs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from parity.errors import RequestError
+
+
+@dataclass
+class EngineArgs:
+    """Engine configuration.
+
+    Attributes:
+        model: checkpoint directory (transformers layout), a preset name ("tiny", ...: random weights,
+            seeded by `seed`), or None for the bundled default miniature.
+        device: "auto" | "cpu" | "cuda" | "npu" | ... (parity.devices.resolve).
+        dtype: model dtype (torch.dtype or "float32"/"bfloat16"/"float16"); None = float32 on CPU,
+            bfloat16 on accelerators that support it.
+        max_num_seqs: most sequences in the running batch.
+        max_model_len: context limit in tokens (prompt + output); None = the config's
+            max_position_embeddings.
+        max_num_batched_tokens: token budget per step (prefill chunks + decode tokens).
+        cache_memory: cache pool size in bytes; None = cache_memory_fraction x free device memory.
+        cache_memory_fraction: share of the free device memory (parity.devices.memory_info) for the pool.
+        max_waiting: most requests waiting for admission; more -> EngineQueueFull.
+        kv_cache_dtype: "bf16" (exact math) | "fp8" (official rounding, issue 8) | None = model default.
+        seed: seed of random weights (preset models) and of unseeded sampling.
+    """
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: object = None
+    max_num_seqs: int = 64
+    max_model_len: int | None = None
+    max_num_batched_tokens: int = 2048
+    cache_memory: int | None = None
+    cache_memory_fraction: float = 0.5
+    max_waiting: int = 256
+    kv_cache_dtype: str | None = None
+    seed: int = 0
+
+    @classmethod
+    def from_kwargs(cls, **kw) -> "EngineArgs":
+        """Build from keyword arguments. Raises RequestError naming an unknown argument."""
+        names = {f.name for f in fields(cls)}
+        bad = sorted(set(kw) - names)
+        if bad:
+            raise RequestError(f"unknown engine argument {bad[0]!r}: expected one of {', '.join(sorted(names))}")
+        return cls(**kw)
+
+    def validate(self) -> None:
+        """Raises RequestError naming the argument and the expected value."""
+        def pos_int(name, allow_none=False):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise RequestError(f"engine argument {name!r} must be a positive integer, got {v!r}")
+        pos_int("max_num_seqs")
+        pos_int("max_num_batched_tokens")
+        pos_int("max_waiting")
+        pos_int("max_model_len", allow_none=True)
+        pos_int("cache_memory", allow_none=True)
+        f = self.cache_memory_fraction
+        if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f <= 1:
+            raise RequestError(f"engine argument 'cache_memory_fraction' must be in (0, 1], got {f!r}")
+        if self.kv_cache_dtype not in (None, "bf16", "fp8", "auto"):
+            raise RequestError(f"engine argument 'kv_cache_dtype' must be 'bf16' or 'fp8', got {self.kv_cache_dtype!r}")

@@ -1,0 +1,359 @@
+"""`LLMEngine`: the synchronous core — admit requests, run steps, emit deltas.
+
+One `step()` = one scheduler plan + one batched `model.forward_incremental` over every scheduled
+sequence's new tokens (prefill chunks and decode tokens together) + one batched `sample` over the
+sequences whose chunk reached their end. Not thread-safe: `LLM` drives it directly, `AsyncEngine`
+from its own thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from parity import devices
+from parity.engine.args import EngineArgs
+from parity.engine.cache import CachePool, CachePoolExhausted, SequenceCache, normalize_layout, _align
+from parity.engine.outputs import StreamDelta
+from parity.engine.sampler import SampleRequest, sample
+from parity.engine.sampling_params import SamplingParams
+from parity.engine.scheduler import Scheduler
+from parity.engine.sequence import Request, Sequence, SeqStatus, make_detokenizer
+from parity.errors import RequestError
+
+log = logging.getLogger("parity.engine")
+
+
+class EngineQueueFull(RequestError):
+    """`max_waiting` requests are already waiting for admission (HTTP 429 upstream)."""
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """Model dtype: explicit (torch.dtype or name), else float32 on CPU and bfloat16 where supported."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return torch.bfloat16 if torch.bfloat16 in devices.supported_dtypes(device) else torch.float32
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise RequestError(f"engine argument 'dtype' is {dtype!r}: expected one of {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[name]
+
+
+def load_model(model: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """(model, checkpoint dir or None) for EngineArgs.model (directory, preset name or None = default)."""
+    from parity.model import build_model, from_pretrained
+
+    if model is None:
+        try:
+            from parity.model.official import ensure_default_model  # type: ignore
+        except ImportError:
+            ensure_default_model = None
+        if ensure_default_model is not None:
+            path = Path(ensure_default_model())
+            return from_pretrained(path, device=device, dtype=dtype), path
+        from parity.config import load_preset
+
+        return build_model(load_preset("tiny"), device=device, dtype=dtype, seed=seed), None
+    p = Path(str(model)).expanduser()
+    if p.is_dir():
+        return from_pretrained(p, device=device, dtype=dtype), p
+    from parity.config import load_config
+
+    return build_model(load_config(str(model)), device=device, dtype=dtype, seed=seed), None
+
+
+def load_tokenizer_for(model_dir: Path | None):
+    """parity.tokenizer's tokenizer for a checkpoint (or the bundled V4 vocabulary); None if unavailable."""
+    try:
+        from parity.tokenizer import load_tokenizer  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    try:
+        return load_tokenizer(model_dir)
+    except Exception as e:  # tokenizer trouble must not stop token-id generation
+        log.warning("no tokenizer available (%s); text prompts and stop strings are disabled", e)
+        return None
+
+
+class LLMEngine:
+    """The synchronous engine.
+
+    Args:
+        args: EngineArgs.
+        model: an already built model (skips loading; tests and benchmarks); its device/dtype win.
+        tokenizer: a tokenizer object (encode/decode); default: parity.tokenizer for the checkpoint.
+    Raises:
+        RequestError: invalid engine arguments (names the argument).
+    """
+
+    def __init__(self, args: EngineArgs | None = None, model=None, tokenizer="auto"):
+        self.args = args = args or EngineArgs()
+        args.validate()
+        model_dir = None
+        if model is None:
+            self.device = devices.resolve(args.device)
+            self.dtype = resolve_dtype(args.dtype, self.device)
+            model, model_dir = load_model(args.model, self.device, self.dtype, args.seed)
+        else:
+            p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+            self.device = p.device if p is not None else devices.resolve(args.device)
+            self.dtype = p.dtype if p is not None else torch.float32
+        self.model = model
+        self.config = model.config
+        if hasattr(model, "eval"):
+            model.eval()
+        self.tokenizer = load_tokenizer_for(model_dir) if tokenizer == "auto" else tokenizer
+        self.vocab_size = int(self.config.vocab_size)
+        limit = int(self.config.max_position_embeddings)
+        self.max_model_len = int(args.max_model_len or limit)
+        if self.max_model_len > limit:
+            raise RequestError(f"engine argument 'max_model_len' ({self.max_model_len}) exceeds the model's "
+                               f"max_position_embeddings ({limit})")
+        eos = self.config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+        if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
+            eos_ids.add(int(self.tokenizer.eos_token_id))
+        self.eos_ids = frozenset(eos_ids)
+
+        # ---- cache pool
+        layout_fn = getattr(model, "cache_layout", None)
+        raw = []
+        if layout_fn is not None:
+            raw = layout_fn(kv_cache_dtype=args.kv_cache_dtype) if args.kv_cache_dtype else layout_fn()
+        self.layout = normalize_layout(raw, getattr(model, "cache_block_entries", None))
+        if self.layout:
+            if args.cache_memory is not None:
+                budget = int(args.cache_memory)
+            else:
+                free, _ = devices.memory_info(self.device)
+                budget = int(free * args.cache_memory_fraction)
+            page = max(_align(e.nbytes) for e in self.layout)
+            self.pool: CachePool | None = CachePool(budget, page, self.device)
+        else:
+            self.pool = None
+
+        def new_state(cache: SequenceCache):
+            return model.new_state(allocator=cache)
+
+        self.scheduler = Scheduler(self.pool, self.layout, args.max_num_seqs, args.max_num_batched_tokens,
+                                   new_state, self.device)
+        self.generator = devices.manual_seed(self.device, args.seed)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._req_ids = itertools.count()
+        self.num_steps = 0
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+        self._pending: list[StreamDelta] = []
+
+    # ------------------------------------------------------------------ requests
+    def _max_pages_needed(self, num_tokens: int) -> bool:
+        """Whether one sequence of num_tokens tokens can ever fit the empty pool."""
+        if self.pool is None:
+            return True
+        d = SequenceCache(None).demand(self.layout, num_tokens)
+        pages = 0
+        for sb, n in d.items():
+            per = self.pool.page_bytes // sb
+            pages += math.ceil(n / per)
+        return pages <= self.pool.num_pages
+
+    def encode(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise RequestError("parameter 'prompt': text prompts need a tokenizer; pass prompt_token_ids instead")
+        return list(self.tokenizer.encode(prompt))
+
+    def add_request(self, prompt_token_ids: list[int] | None, params: SamplingParams | None = None,
+                    request_id: str | None = None, prompt: str | None = None,
+                    arrival_time: float | None = None, enforce_queue_limit: bool = True) -> Request:
+        """Validate and queue a request.
+
+        Args:
+            prompt_token_ids: token ids (or None with `prompt` text, tokenized here).
+            params: SamplingParams (default SamplingParams()).
+            request_id: unique id (default: a counter); prompt: the text, kept for outputs.
+            arrival_time: time.monotonic() of arrival (default now).
+            enforce_queue_limit: apply max_waiting (the offline LLM queues everything).
+        Returns:
+            the Request (its sequences are waiting).
+        Raises:
+            RequestError: empty prompt, token ids out of range, prompt too long for max_model_len,
+                invalid sampling parameters, duplicate request_id, request larger than the cache pool;
+                EngineQueueFull when max_waiting requests already wait.
+        """
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"parameter 'sampling_params' must be a SamplingParams, got {type(params).__name__}")
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise RequestError("parameter 'prompt' is missing: give a prompt or prompt_token_ids")
+            if not isinstance(prompt, str):
+                raise RequestError(f"parameter 'prompt' must be a string, got {type(prompt).__name__}")
+            prompt_token_ids = self.encode(prompt)
+        if isinstance(prompt_token_ids, torch.Tensor):
+            prompt_token_ids = prompt_token_ids.tolist()
+        if not isinstance(prompt_token_ids, (list, tuple)):
+            raise RequestError(f"parameter 'prompt_token_ids' must be a list of ints, got {type(prompt_token_ids).__name__}")
+        if len(prompt_token_ids) == 0:
+            raise RequestError("parameter 'prompt' is empty: expected at least one token")
+        ids = list(prompt_token_ids)
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids):
+            bad = next(t for t in ids if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size))
+            raise RequestError(f"parameter 'prompt_token_ids' contains {bad!r}: expected ints in [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"parameter 'prompt' has {len(ids)} tokens: expected fewer than max_model_len "
+                               f"({self.max_model_len}) to leave room for output")
+        params.validate(self.vocab_size, self.max_model_len, len(ids))
+        if params.stop and self.tokenizer is None:
+            raise RequestError("sampling parameter 'stop' needs a tokenizer; use stop_token_ids instead")
+        if enforce_queue_limit and self.scheduler.num_waiting + params.n > self.args.max_waiting:
+            raise EngineQueueFull(f"request queue is full: {self.scheduler.num_waiting} requests waiting "
+                                  f"(max_waiting = {self.args.max_waiting}); retry later")
+        total = len(ids) + (params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids))
+        if not self._max_pages_needed(min(total, self.max_model_len)):
+            raise RequestError(f"sampling parameter 'max_tokens': prompt + max_tokens ({total} tokens) needs more "
+                               f"cache than the whole pool ({self.pool.total_bytes if self.pool else 0} bytes)")
+        if request_id is None:
+            request_id = f"req-{next(self._req_ids)}"
+        request_id = str(request_id)
+        if request_id in self.requests:
+            raise RequestError(f"parameter 'request_id' {request_id!r} is already in use")
+        req = Request(request_id, prompt, ids, params, arrival_time)
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = devices.manual_seed(self.device, params.seed + i)
+            seq = Sequence(next(self._seq_ids), req, i, gen,
+                           make_detokenizer(self.tokenizer, params.skip_special_tokens))
+            req.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now (finish_reason "abort"), free its cache. Returns False if unknown/finished."""
+        req = self.requests.pop(str(request_id), None)
+        if req is None:
+            return False
+        now = time.monotonic()
+        for seq in req.seqs:
+            if seq.finished:
+                continue
+            self.scheduler.remove(seq)
+            seq.status = SeqStatus.FINISHED
+            seq.finish_reason = "abort"
+        req.metrics.finished_time = now
+        for seq in req.seqs:
+            d = seq.delta()
+            if d is not None:
+                self._pending.append(d)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ------------------------------------------------------------------ step
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        req = seq.request
+        if req.finished:
+            req.metrics.finished_time = time.monotonic()
+            self.requests.pop(req.request_id, None)
+
+    def _fail_batch(self, scheduled, err: Exception) -> None:
+        """A step failed: abort its requests with the error (others keep running)."""
+        for s in scheduled:
+            req = s.seq.request
+            req.error = f"{type(err).__name__}: {err}"
+            for seq in req.seqs:
+                if not seq.finished:
+                    seq.error = req.error
+                    self.scheduler.remove(seq)
+                    seq.status = SeqStatus.FINISHED
+                    seq.finish_reason = "abort"
+            req.metrics.finished_time = time.monotonic()
+            self.requests.pop(req.request_id, None)
+
+    @torch.inference_mode()
+    def step(self) -> list[StreamDelta]:
+        """Run one step. Returns the deltas of every sequence that produced output or finished."""
+        deltas, self._pending = self._pending, []
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return deltas
+        tokens = [s.seq.token_slice(s.start, s.start + s.num_tokens) for s in scheduled]
+        states = [s.seq.state for s in scheduled]
+        try:
+            logits = self.model.forward_incremental(tokens, states)
+        except CachePoolExhausted:
+            # the layout under-estimated: recompute every sequence of this step later
+            log.warning("cache pool exhausted inside a step; preempting %d sequences", len(scheduled))
+            for s in scheduled:
+                if s.seq.status == SeqStatus.RUNNING:
+                    self.scheduler.preempt(s.seq)
+            return deltas
+        except Exception as e:  # a failing step fails its requests, never the engine
+            log.exception("model step failed")
+            self._fail_batch(scheduled, e)
+            for s in scheduled:
+                d = s.seq.delta()
+                if d is not None:
+                    deltas.append(d)
+            return deltas
+        self.num_steps += 1
+        rows, reqs = [], []
+        for i, s in enumerate(scheduled):
+            s.seq.num_computed = s.start + s.num_tokens
+            if s.start < len(s.seq.prompt_ids):
+                self.num_prompt_tokens += min(s.start + s.num_tokens, len(s.seq.prompt_ids)) - s.start
+            if s.completes:
+                rows.append(i)
+                q = s.seq
+                reqs.append(SampleRequest(q.params, q.prompt_ids, q.output_ids, q.generator, tuple(self.eos_ids)))
+        if not rows:
+            return deltas
+        sel = logits if len(rows) == len(scheduled) else logits[torch.tensor(rows, device=logits.device)]
+        toks, lps = sample(sel, reqs, self.generator)
+        now = time.monotonic()
+        for j, i in enumerate(rows):
+            seq = scheduled[i].seq
+            m = seq.request.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
+            m.last_token_time = now
+            m.num_generation_tokens += 1
+            self.num_generation_tokens += 1
+            seq.append(toks[j], lps[j], self.eos_ids, self.max_model_len)
+            if seq.finish_reason is not None:
+                self._finish(seq)
+        for j, i in enumerate(rows):
+            d = scheduled[i].seq.delta()
+            if d is not None:
+                deltas.append(d)
+        return deltas
+
+    def stats(self) -> dict:
+        """Engine state for metrics: running/waiting counts, cache pool bytes, token counters."""
+        out = {"num_running": self.scheduler.num_running, "num_waiting": self.scheduler.num_waiting,
+               "num_preemptions": self.scheduler.num_preemptions, "num_steps": self.num_steps,
+               "prompt_tokens_total": self.num_prompt_tokens,
+               "generation_tokens_total": self.num_generation_tokens}
+        if self.pool is not None:
+            out.update(self.pool.stats())
+        else:
+            used = sum(s.cache.nbytes for s in self.scheduler.running if s.cache is not None)
+            out.update({"cache_used_bytes": used, "cache_total_bytes": 0})
+        return out

@@ -1,0 +1,157 @@
+"""`SamplingParams`: how one request turns logits into tokens, and when it stops.
+
+Field names, defaults and meanings follow vLLM's `SamplingParams` (the convention OpenAI-compatible
+servers and their users already know, https://docs.vllm.ai/en/latest/api/vllm/sampling_params.html):
+`top_k` of -1 or 0 means "off", `temperature` 0 means greedy, penalties follow the OpenAI API
+(presence/frequency, additive, on generated tokens) and the CTRL paper (repetition, multiplicative,
+on prompt and generated tokens; Keskar et al. 2019, arXiv:1909.05858 §4.1).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+from parity.errors import RequestError
+
+#: Sampling with a temperature below this is treated as greedy (vLLM's `_SAMPLING_EPS`, 1e-5).
+SAMPLING_EPS = 1e-5
+#: Upper bound of top-N logprobs a request may ask for (vLLM's default `max_logprobs` is 20).
+MAX_LOGPROBS = 20
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class SamplingParams:
+    """Sampling and stopping parameters of one request.
+
+    Attributes:
+        n: completions per prompt (each an independent sequence; seeded ones use seed + index).
+        max_tokens: most tokens to generate (>= 1); None means up to max_model_len.
+        min_tokens: EOS, stop_token_ids and stop strings are ignored until this many tokens exist.
+        temperature: >= 0; 0 means greedy (argmax).
+        top_p: nucleus mass in (0, 1]. top_k: -1 or 0 = off, else >= 1. min_p: [0, 1].
+        presence_penalty, frequency_penalty: in [-2, 2] (OpenAI API range), subtracted from logits of
+            generated tokens (once / per occurrence).
+        repetition_penalty: > 0; logits of tokens seen in prompt or output are divided by it when
+            positive and multiplied when negative (CTRL).
+        seed: per-request seed: the same seed gives the same tokens. None = engine generator.
+        stop: strings that end generation; the matched stop string is excluded from the text.
+        stop_token_ids: token ids that end generation (besides EOS unless ignore_eos).
+        ignore_eos: keep generating after EOS.
+        logprobs: None, or the number N of top log-probabilities to return per generated token
+            (the sampled token's log-probability is always included).
+        skip_special_tokens: drop special tokens from the detokenized text.
+    """
+
+    n: int = 1
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def greedy(self) -> bool:
+        """True when sampling reduces to argmax (temperature < 1e-5)."""
+        return _is_num(self.temperature) and self.temperature < SAMPLING_EPS
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+    @property
+    def max_stop_len(self) -> int:
+        """Length in characters of the longest stop string (0 without stop strings)."""
+        return max((len(s) for s in self.stop or ()), default=0)
+
+    def clone(self) -> "SamplingParams":
+        return copy.deepcopy(self)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, vocab_size: int | None = None, max_model_len: int | None = None,
+                 prompt_len: int | None = None) -> None:
+        """Check every field.
+
+        Args:
+            vocab_size: model vocabulary; stop_token_ids must lie in [0, vocab_size).
+            max_model_len: context limit in tokens; with `prompt_len`, max_tokens must fit after the prompt.
+            prompt_len: number of prompt tokens, if known.
+        Raises:
+            RequestError: naming the parameter and the expected value.
+        """
+        def bad(name: str, expected: str, got) -> RequestError:
+            return RequestError(f"sampling parameter {name!r} {expected}, got {got!r}")
+
+        if not _is_int(self.n) or self.n < 1:
+            raise bad("n", "must be an integer >= 1", self.n)
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise bad("max_tokens", "must be an integer >= 1", self.max_tokens)
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise bad("min_tokens", "must be an integer >= 0", self.min_tokens)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})", self.min_tokens)
+        if not _is_num(self.temperature) or self.temperature < 0:
+            raise bad("temperature", "must be a number >= 0", self.temperature)
+        if not _is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "must be in (0, 1]", self.top_p)
+        if not _is_int(self.top_k) or (self.top_k < 1 and self.top_k not in (0, -1)):
+            raise bad("top_k", "must be -1 or 0 (off) or an integer >= 1", self.top_k)
+        if not _is_num(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", "must be in [0, 1]", self.min_p)
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_num(v) or not -2.0 <= v <= 2.0:
+                raise bad(name, "must be in [-2, 2]", v)
+        if not _is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "must be a number > 0", self.repetition_penalty)
+        if self.seed is not None and not _is_int(self.seed):
+            raise bad("seed", "must be an integer or None", self.seed)
+        if self.stop is not None:
+            if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
+                raise bad("stop", "must be a list of strings", self.stop)
+            if any(s == "" for s in self.stop):
+                raise bad("stop", "must not contain empty strings", self.stop)
+        if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, (list, tuple)) or not all(_is_int(t) for t in self.stop_token_ids):
+                raise bad("stop_token_ids", "must be a list of integers", self.stop_token_ids)
+            for t in self.stop_token_ids:
+                if t < 0 or (vocab_size is not None and t >= vocab_size):
+                    raise bad("stop_token_ids", f"must contain token ids in [0, {vocab_size}) (unknown token id {t})",
+                              self.stop_token_ids)
+        if not isinstance(self.ignore_eos, bool):
+            raise bad("ignore_eos", "must be a boolean", self.ignore_eos)
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]", self.logprobs)
+        if not isinstance(self.skip_special_tokens, bool):
+            raise bad("skip_special_tokens", "must be a boolean", self.skip_special_tokens)
+        if max_model_len is not None and prompt_len is not None and self.max_tokens is not None:
+            if prompt_len + self.max_tokens > max_model_len:
+                raise RequestError(
+                    f"sampling parameter 'max_tokens' ({self.max_tokens}) plus the prompt ({prompt_len} tokens) "
+                    f"exceeds max_model_len ({max_model_len}): expected max_tokens <= {max_model_len - prompt_len}")
