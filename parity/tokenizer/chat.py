@@ -1,0 +1,381 @@
+"""Chat encoding: OpenAI-style messages -> a DeepSeek-V4 prompt string.
+
+The format is DeepSeek's, published with the weights: ``encoding/README.md`` ("DeepSeek-V4 Encoding")
+and the reference implementation ``encoding/encoding_dsv4.py`` in the Hugging Face repos
+``deepseek-ai/DeepSeek-V4-Flash`` and ``deepseek-ai/DeepSeek-V4-Pro``
+(https://huggingface.co/deepseek-ai/DeepSeek-V4-Flash/tree/main/encoding). This module is an
+independent implementation of that format (no code copied). What it produces::
+
+    <｜begin▁of▁sentence｜>[max-effort prefix]{system}[\\n\\n## Tools ...]
+    <｜User｜>{user}<｜Assistant｜></think>{answer}<｜end▁of▁sentence｜>      (history, either mode)
+    <｜User｜>{user}<｜Assistant｜><think>                                     (thinking mode prompt)
+    <｜User｜>{user}<｜Assistant｜></think>                                    (non-thinking prompt)
+
+(line breaks above are for reading only; turns are concatenated.)
+
+Rules (README "Message Format" and the reference ``render_message``/``encode_messages``):
+
+* BOS once at the start; no separator between turns; EOS closes every assistant turn.
+* Non-thinking ("chat") mode: ``</think>`` right after ``<｜Assistant｜>``; assistant turns carry no
+  reasoning.
+* Thinking mode: the last user turn is followed by ``<｜Assistant｜><think>``; an assistant turn after
+  the last user turn renders ``{reasoning}</think>{content}``. Earlier assistant turns lose their
+  reasoning (``drop_thinking``) and their user turn ends with ``<｜Assistant｜></think>`` - unless tools
+  are given: then every turn keeps ``{reasoning}</think>`` and every user turn ends with ``<think>``.
+* ``reasoning_effort="max"`` (thinking mode only) puts the fixed "Reasoning Effort: Absolute maximum"
+  paragraph right after BOS, before the system prompt. Other values add nothing in V4's format.
+* Tools: ``\\n\\n`` + the "## Tools" section (DSML usage + one JSON schema per line) is appended to the
+  leading system message (one with empty content is inserted when there is none).
+* Assistant tool calls: ``{content}\\n\\n<｜DSML｜tool_calls>\\n<｜DSML｜invoke name="f">\\n
+  <｜DSML｜parameter name="k" string="true">v</｜DSML｜parameter>\\n...</｜DSML｜invoke>\\n
+  </｜DSML｜tool_calls>`` (string values raw with ``string="true"``, others as JSON, ``string="false"``).
+* Tool results (role ``tool``) have no turn of their own: they become ``<tool_result>...</tool_result>``
+  blocks of a user turn; consecutive user/tool messages merge into one user turn joined by ``\\n\\n``;
+  results are ordered like the calls of the preceding assistant turn (matched by ``tool_call_id``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from parity.errors import RequestError
+from parity.tokenizer import special
+
+#: Roles accepted by :func:`encode_chat`. (The reference format also has ``developer`` - used only by
+#: DeepSeek's internal search agent and refused by the official API - and ``latest_reminder``.)
+ROLES = ("system", "user", "assistant", "tool")
+
+#: Accepted ``reasoning_effort`` values. Only "max" changes V4's prompt; "low"/"medium"/"high" are
+#: accepted for OpenAI-client compatibility and render like None (the reference encoder accepts
+#: None/"high"/"max" and only "max" adds text).
+REASONING_EFFORTS = (None, "low", "medium", "high", "max")
+
+#: Prefix for ``reasoning_effort="max"`` - the verbatim text of DeepSeek-V4 ``encoding/README.md``,
+#: section "Reasoning Effort" (a prompt string of the published format, quoted as data).
+REASONING_EFFORT_MAX_PREFIX = (
+    "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
+    "You MUST be very thorough in your thinking and comprehensively decompose the problem to resolve "
+    "the root cause, rigorously stress-testing your logic against all potential paths, edge cases, and "
+    "adversarial scenarios.\n"
+    "Explicitly write out your entire deliberation process, documenting every intermediate step, "
+    "considered alternative, and rejected hypothesis to ensure absolutely no assumption is left "
+    "unchecked.\n\n"
+)
+
+#: The "## Tools" section, verbatim from DeepSeek-V4 ``encoding/README.md`` ("Tool Calling (DSML
+#: Format)"); ``{tool_schemas}`` is one JSON object per line.
+TOOLS_SECTION = (
+    "## Tools\n\n"
+    "You have access to a set of tools to help answer the user's question. You can invoke tools by "
+    f"writing a \"{special.TOOL_CALLS_OPEN}\" block like the following:\n\n"
+    f"{special.TOOL_CALLS_OPEN}\n"
+    f"{special.INVOKE_OPEN} name=\"$TOOL_NAME\">\n"
+    f"{special.PARAM_OPEN} name=\"$PARAMETER_NAME\" string=\"true|false\">$PARAMETER_VALUE"
+    f"{special.PARAM_CLOSE}\n"
+    "...\n"
+    f"{special.INVOKE_CLOSE}\n"
+    f"{special.INVOKE_OPEN} name=\"$TOOL_NAME2\">\n"
+    "...\n"
+    f"{special.INVOKE_CLOSE}\n"
+    f"{special.TOOL_CALLS_CLOSE}\n\n"
+    "String parameters should be specified as is and set `string=\"true\"`. For all other types "
+    "(numbers, booleans, arrays, objects), pass the value in JSON format and set `string=\"false\"`.\n\n"
+    f"If thinking_mode is enabled (triggered by {special.THINK_START}), you MUST output your complete "
+    f"reasoning inside {special.THINK_START}...{special.THINK_END} BEFORE any tool calls or final "
+    "response.\n\n"
+    f"Otherwise, output directly after {special.THINK_END} with tool calls or final response.\n\n"
+    "### Available Tool Schemas\n\n"
+    "{tool_schemas}\n\n"
+    "You MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.\n"
+)
+
+
+def _to_json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------- validation
+def _text(value: Any, where: str, joiner: str = "") -> str:
+    """Content as text: None -> "", str, or a list of ``{"type": "text", "text": str}`` parts."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
+        parts = []
+        for j, part in enumerate(value):
+            if isinstance(part, str):
+                parts.append(part)
+                continue
+            if not isinstance(part, Mapping):
+                raise RequestError(f"{where}[{j}]: expected a content part object, got {type(part).__name__}")
+            if part.get("type", "text") != "text":
+                raise RequestError(f"{where}[{j}].type: unsupported content part {part.get('type')!r}; "
+                                   "expected 'text' (DeepSeek-V4 is text-only)")
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise RequestError(f"{where}[{j}].text: expected a string, got {type(text).__name__}")
+            parts.append(text)
+        return joiner.join(parts)
+    raise RequestError(f"{where}: expected a string, a list of text parts or null, got {type(value).__name__}")
+
+
+def validate_tools(tools: Any) -> list[dict]:
+    """Check an OpenAI ``tools`` list and return the function definitions to render.
+
+    Args:
+        tools: ``[{"type": "function", "function": {"name", "description"?, "parameters"?}}]``; a bare
+            function object (with ``name``) is accepted too.
+    Returns:
+        list of function dicts (``name``, optional ``description``, optional ``parameters``).
+    Raises:
+        RequestError: naming ``tools[k]`` and the field (type, name, description, parameters).
+    """
+    if tools is None:
+        return []
+    if not isinstance(tools, Sequence) or isinstance(tools, (str, bytes)):
+        raise RequestError(f"tools: expected a list of tool objects, got {type(tools).__name__}")
+    out, seen = [], set()
+    for k, tool in enumerate(tools):
+        where = f"tools[{k}]"
+        if not isinstance(tool, Mapping):
+            raise RequestError(f"{where}: expected an object, got {type(tool).__name__}")
+        if "function" in tool or "type" in tool:
+            if tool.get("type", "function") != "function":
+                raise RequestError(f"{where}.type: unsupported tool type {tool.get('type')!r}; expected 'function'")
+            fn = tool.get("function")
+            where += ".function"
+            if not isinstance(fn, Mapping):
+                raise RequestError(f"{where}: expected an object with 'name', got {type(fn).__name__}")
+        else:
+            fn = tool
+        name = fn.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise RequestError(f"{where}.name: expected a non-empty string, got {name!r}")
+        if '"' in name or "<" in name or ">" in name:
+            raise RequestError(f"{where}.name: {name!r} contains '\"', '<' or '>'; expected a plain "
+                               "identifier (it is written inside a DSML tag)")
+        if name in seen:
+            raise RequestError(f"{where}.name: duplicate tool name {name!r}; expected unique names")
+        seen.add(name)
+        desc = fn.get("description")
+        if desc is not None and not isinstance(desc, str):
+            raise RequestError(f"{where}.description: expected a string, got {type(desc).__name__}")
+        params = fn.get("parameters")
+        if params is not None:
+            _check_schema(params, f"{where}.parameters")
+        out.append(dict(fn))
+    return out
+
+
+def _check_schema(schema: Any, where: str) -> None:
+    if not isinstance(schema, Mapping):
+        raise RequestError(f"{where}: expected a JSON Schema object, got {type(schema).__name__}")
+    if "type" in schema and schema["type"] != "object":
+        raise RequestError(f"{where}.type: expected 'object' (function parameters are an object), "
+                           f"got {schema['type']!r}")
+    props = schema.get("properties")
+    if props is not None:
+        if not isinstance(props, Mapping):
+            raise RequestError(f"{where}.properties: expected an object mapping names to schemas, "
+                               f"got {type(props).__name__}")
+        for pname, psch in props.items():
+            if not isinstance(psch, Mapping):
+                raise RequestError(f"{where}.properties.{pname}: expected a JSON Schema object, "
+                                   f"got {type(psch).__name__}")
+    req = schema.get("required")
+    if req is not None:
+        if not isinstance(req, Sequence) or isinstance(req, str) or not all(isinstance(r, str) for r in req):
+            raise RequestError(f"{where}.required: expected a list of property names, got {req!r}")
+        if isinstance(props, Mapping):
+            missing = [r for r in req if r not in props]
+            if missing:
+                raise RequestError(f"{where}.required: {missing} not in {where}.properties")
+    try:
+        json.dumps(schema)
+    except (TypeError, ValueError) as e:
+        raise RequestError(f"{where}: not JSON-serialisable ({e})") from None
+
+
+def _tool_calls(value: Any, where: str) -> list[tuple[str, str, dict]]:
+    """Validate an assistant's ``tool_calls``; return ``(id, name, arguments dict)`` per call."""
+    if value is None:
+        return []
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+        raise RequestError(f"{where}: expected a list of tool calls, got {type(value).__name__}")
+    out = []
+    for j, tc in enumerate(value):
+        w = f"{where}[{j}]"
+        if not isinstance(tc, Mapping):
+            raise RequestError(f"{w}: expected an object, got {type(tc).__name__}")
+        if tc.get("type", "function") != "function":
+            raise RequestError(f"{w}.type: unsupported tool call type {tc.get('type')!r}; expected 'function'")
+        fn = tc.get("function", tc if "name" in tc else None)
+        if not isinstance(fn, Mapping):
+            raise RequestError(f"{w}.function: expected an object with 'name' and 'arguments'")
+        fw = f"{w}.function" if "function" in tc else w
+        name = fn.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise RequestError(f"{fw}.name: expected a non-empty string, got {name!r}")
+        if '"' in name or "<" in name or ">" in name:
+            raise RequestError(f"{fw}.name: {name!r} contains '\"', '<' or '>'; expected a plain identifier")
+        args = fn.get("arguments")
+        if args is None or (isinstance(args, str) and not args.strip()):
+            args = {}
+        elif isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError as e:
+                raise RequestError(f"{fw}.arguments: not valid JSON ({e}); expected a JSON object string") from None
+        if not isinstance(args, Mapping):
+            raise RequestError(f"{fw}.arguments: expected a JSON object, got {type(args).__name__}")
+        for key in args:
+            if not isinstance(key, str) or '"' in key:
+                raise RequestError(f"{fw}.arguments: key {key!r} is not a plain string")
+        call_id = tc.get("id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise RequestError(f"{w}.id: expected a string, got {type(call_id).__name__}")
+        out.append((call_id or "", name, dict(args)))
+    return out
+
+
+# ---------------------------------------------------------------------------- rendering
+def render_tools(functions: list[dict]) -> str:
+    """The "## Tools" section for validated function definitions (one JSON schema per line)."""
+    return TOOLS_SECTION.replace("{tool_schemas}", "\n".join(_to_json(f) for f in functions))
+
+
+def render_tool_calls(calls: list[tuple[str, str, dict]]) -> str:
+    """The DSML block of an assistant turn (without the leading ``\\n\\n``)."""
+    invokes = []
+    for _id, name, args in calls:
+        params = "\n".join(
+            f'{special.PARAM_OPEN} name="{k}" string="{"true" if isinstance(v, str) else "false"}">'
+            f"{v if isinstance(v, str) else _to_json(v)}{special.PARAM_CLOSE}"
+            for k, v in args.items())
+        invokes.append(f'{special.INVOKE_OPEN} name="{name}">\n{params}\n{special.INVOKE_CLOSE}')
+    return f"{special.TOOL_CALLS_OPEN}\n" + "\n".join(invokes) + f"\n{special.TOOL_CALLS_CLOSE}"
+
+
+def encode_chat(messages: list[dict], tools: list[dict] | None = None, thinking: bool = False,
+                reasoning_effort: str | None = None, add_generation_prompt: bool = True, *,
+                drop_thinking: bool = True) -> str:
+    """Encode a conversation into DeepSeek-V4's prompt string (see the module docstring).
+
+    Args:
+        messages: OpenAI chat messages: ``{"role": "system"|"user"|"assistant"|"tool", "content": str |
+            [text parts] | None}``; assistant messages may carry ``reasoning_content`` (str) and
+            ``tool_calls`` (``[{"id"?, "type": "function", "function": {"name", "arguments": JSON str
+            or dict}}]``); tool messages may carry ``tool_call_id``. Unknown extra keys are ignored.
+        tools: OpenAI tool definitions (rendered into the leading system message).
+        thinking: thinking mode (the prompt ends with ``<think>``) or not (ends with ``</think>``).
+        reasoning_effort: one of :data:`REASONING_EFFORTS`; "max" adds the max-effort prefix in
+            thinking mode.
+        add_generation_prompt: end a conversation whose last turn is user/tool with
+            ``<｜Assistant｜>`` + ``<think>``/``</think>``. (A conversation ending with an assistant turn
+            is rendered complete, EOS included.)
+        drop_thinking: drop reasoning of assistant turns before the last user turn (the published
+            default; ignored - nothing dropped - when tools are given).
+    Returns:
+        the prompt string, BOS first; tokenize it with ``tok.encode(prompt)``.
+    Raises:
+        RequestError: naming ``messages[i].<field>`` or ``tools[k].<field>`` (unknown role, bad content,
+            tool call without name, arguments not a JSON object, malformed tool schema...), or
+            ``reasoning_effort`` / ``thinking`` when invalid.
+    """
+    if not isinstance(thinking, bool):
+        raise RequestError(f"thinking: expected true or false, got {thinking!r}")
+    if reasoning_effort not in REASONING_EFFORTS:
+        raise RequestError(f"reasoning_effort: {reasoning_effort!r} is not supported; expected one of "
+                           f"{[e for e in REASONING_EFFORTS if e]} or null")
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
+        raise RequestError("messages: expected a non-empty list of message objects")
+    functions = validate_tools(tools)
+
+    # 1. validate + normalise; merge user/tool runs into user turns of blocks
+    turns: list[dict] = []
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, Mapping):
+            raise RequestError(f"{where}: expected a message object, got {type(msg).__name__}")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise RequestError(f"{where}.role: unknown role {role!r}; expected one of {list(ROLES)}")
+        if role == "tool":
+            tcid = msg.get("tool_call_id")
+            if tcid is not None and not isinstance(tcid, str):
+                raise RequestError(f"{where}.tool_call_id: expected a string, got {type(tcid).__name__}")
+            block = ("tool", _text(msg.get("content"), f"{where}.content", "\n\n"), tcid or "")
+        elif role == "user":
+            block = ("text", _text(msg.get("content"), f"{where}.content"), "")
+        if role in ("tool", "user"):
+            if turns and turns[-1]["role"] == "user":
+                turns[-1]["blocks"].append(block)
+            else:
+                turns.append({"role": "user", "blocks": [block]})
+            continue
+        content = _text(msg.get("content"), f"{where}.content")
+        if role == "system":
+            turns.append({"role": "system", "content": content, "tools": None})
+            continue
+        reasoning = msg.get("reasoning_content")
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise RequestError(f"{where}.reasoning_content: expected a string or null, "
+                               f"got {type(reasoning).__name__}")
+        turns.append({"role": "assistant", "content": content, "reasoning": reasoning or "",
+                      "calls": _tool_calls(msg.get("tool_calls"), f"{where}.tool_calls")})
+
+    # 2. tool results in the order of the preceding assistant's calls (stable; unknown ids rank 0)
+    order: dict[str, int] = {}
+    for t in turns:
+        if t["role"] == "assistant" and t["calls"]:
+            order = {cid: n for n, (cid, _, _) in enumerate(t["calls"]) if cid}
+        elif t["role"] == "user" and order:
+            tool_blocks = sorted((b for b in t["blocks"] if b[0] == "tool"), key=lambda b: order.get(b[2], 0))
+            if len(tool_blocks) > 1:
+                it = iter(tool_blocks)
+                t["blocks"] = [next(it) if b[0] == "tool" else b for b in t["blocks"]]
+
+    # 3. tools go on the leading system message
+    if functions:
+        if turns[0]["role"] != "system":
+            turns.insert(0, {"role": "system", "content": "", "tools": None})
+        turns[0]["tools"] = functions
+
+    keep_all_reasoning = not drop_thinking or bool(functions)
+    last_user = max((n for n, t in enumerate(turns) if t["role"] == "user"), default=-1)
+
+    # 4. render
+    out = [special.BOS]
+    if thinking and reasoning_effort == "max":
+        out.append(REASONING_EFFORT_MAX_PREFIX)
+    for n, t in enumerate(turns):
+        role = t["role"]
+        if role == "system":
+            out.append(t["content"])
+            if t["tools"]:
+                out.append("\n\n" + render_tools(t["tools"]))
+        elif role == "user":
+            out.append(special.USER)
+            out.append("\n\n".join(
+                text if kind == "text" else special.TOOL_RESULT_OPEN + text + special.TOOL_RESULT_CLOSE
+                for kind, text, _ in t["blocks"]))
+            is_last = n == len(turns) - 1
+            if (is_last and add_generation_prompt) or (not is_last and turns[n + 1]["role"] == "assistant"):
+                out.append(special.ASSISTANT)
+                opens = thinking and (keep_all_reasoning or n >= last_user)
+                out.append(special.THINK_START if opens else special.THINK_END)
+        else:
+            if thinking and (keep_all_reasoning or n > last_user):
+                out.append(t["reasoning"] + special.THINK_END)
+            out.append(t["content"])
+            if t["calls"]:
+                out.append("\n\n" + render_tool_calls(t["calls"]))
+            out.append(special.EOS)
+    return "".join(out)
+
+
+__all__ = ["encode_chat", "validate_tools", "render_tools", "render_tool_calls", "ROLES",
+           "REASONING_EFFORTS", "REASONING_EFFORT_MAX_PREFIX", "TOOLS_SECTION"]
