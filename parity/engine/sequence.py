@@ -55,11 +55,14 @@ def make_detokenizer(tokenizer, skip_special_tokens: bool):
     """parity.tokenizer.IncrementalDetokenizer when available, else the fallback above; None without tokenizer."""
     if tokenizer is None:
         return None
-    try:
-        from parity.tokenizer import IncrementalDetokenizer  # type: ignore[attr-defined]
-    except ImportError:
-        return _FallbackDetokenizer(tokenizer, skip_special_tokens)
-    return IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+    if hasattr(tokenizer, "token_bytes") and hasattr(tokenizer, "special_ids"):
+        try:
+            from parity.tokenizer import IncrementalDetokenizer  # type: ignore[attr-defined]
+        except ImportError:
+            pass
+        else:
+            return IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+    return _FallbackDetokenizer(tokenizer, skip_special_tokens)
 
 
 class Sequence:
@@ -133,9 +136,11 @@ class Sequence:
         may_stop = n_out >= p.min_tokens
         if may_stop and not p.ignore_eos and token in eos_ids:
             self.finish_reason, self.stop_reason = "stop", None
+            self._flush()
             return
         if may_stop and p.stop_token_ids and token in p.stop_token_ids:
             self.finish_reason, self.stop_reason = "stop", token
+            self._flush()
             return
         if self.detok is not None:
             new = self.detok.add([token])
@@ -156,6 +161,13 @@ class Sequence:
         max_tokens = p.max_tokens if p.max_tokens is not None else max_model_len
         if n_out >= max_tokens or self.num_tokens >= max_model_len:
             self.finish_reason, self.stop_reason = "length", None
+            self._flush()
+
+    def _flush(self) -> None:
+        """End of text: release what the detokenizer held back (an unfinished character -> U+FFFD)."""
+        flush = getattr(self.detok, "flush", None)
+        if flush is not None:
+            self.text += flush()
 
     def delta(self) -> StreamDelta | None:
         """What is new since the last delta (None when nothing). Holds back a possible stop-string prefix."""
