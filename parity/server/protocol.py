@@ -1,0 +1,312 @@
+"""Request bodies of the OpenAI-compatible API, validated strictly.
+
+Field sets follow OpenAI's API reference for `POST /v1/chat/completions` and `POST /v1/completions`
+(https://platform.openai.com/docs/api-reference), DeepSeek's API for thinking mode
+(`reasoning_content` in messages/deltas, a `thinking` object {"type": "enabled" | "disabled"},
+https://api-docs.deepseek.com/guides/thinking_mode), and vLLM's extra sampling fields (`top_k`, `min_p`,
+`repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`,
+`chat_template_kwargs`), which existing clients send through `extra_body`.
+
+Validation is strict (JSON types are not coerced: `"0.5"` is not a number) and unknown top-level fields
+are rejected with 400 "Unrecognized request argument supplied: NAME", as OpenAI does. Fields OpenAI
+defines that parity cannot honour (`logit_bias`, `response_format` other than text, audio, ...) are
+accepted when empty/default and rejected with a 400 naming them otherwise (see `unsupported_fields`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from parity.server.errors import bad_request, pydantic_errors_to_openai
+
+#: OpenAI's documented ranges (API reference): temperature [0, 2], top_p (0, 1], penalties [-2, 2],
+#: chat `top_logprobs` [0, 20], completions `logprobs` [0, 5]. `n` is capped by parity (MAX_N).
+MAX_N = 16
+MAX_STOP = 16
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str
+    arguments: str | dict[str, Any] = ""
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """One message. Extra keys a client echoes back from a previous response (`refusal`, `audio`,
+    `annotations`, `function_call`) are ignored rather than rejected."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+
+class ThinkingOption(_Strict):
+    type: Literal["enabled", "disabled"]
+    budget_tokens: int | None = None
+
+
+class _SamplingFields(_Strict):
+    """Sampling fields shared by both endpoints (OpenAI names + vLLM extras)."""
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM-style extras (sent with `extra_body` by the openai client)
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None
+    thinking: ThinkingOption | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    # accepted and ignored (bookkeeping fields of OpenAI's API)
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    verbosity: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    # accepted only when empty (see unsupported_fields)
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's documented default for /v1/completions
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+def parse_body(raw: bytes, model_cls: type[BaseModel]) -> Any:
+    """Parse and validate a JSON request body.
+
+    Args:
+        raw: the HTTP body bytes.
+        model_cls: ChatCompletionRequest or CompletionRequest.
+    Returns:
+        the validated pydantic object.
+    Raises:
+        OpenAIError(400): malformed JSON, a body that is not an object, a wrong type, an unknown field.
+    """
+    import json
+
+    from pydantic import ValidationError
+
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad_request(f"We could not parse the JSON body of your request: {e}", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    try:
+        return model_cls.model_validate(obj, strict=True)
+    except ValidationError as e:
+        raise pydantic_errors_to_openai(e.errors(include_url=False)) from None
+
+
+def unsupported_fields(req: Any) -> None:
+    """Reject OpenAI fields parity accepts syntactically but cannot honour.
+
+    Raises:
+        OpenAIError(400) naming the field.
+    """
+    if req.logit_bias:
+        raise bad_request("logit_bias is not supported by parity", param="logit_bias", code="unsupported_parameter")
+    if isinstance(req, ChatCompletionRequest):
+        rf = req.response_format
+        if rf is not None and rf.get("type", "text") != "text":
+            raise bad_request(f"response_format type {rf.get('type')!r} is not supported; only 'text'",
+                              param="response_format", code="unsupported_parameter")
+        if req.modalities is not None and any(m != "text" for m in req.modalities):
+            raise bad_request("only the 'text' modality is supported", param="modalities",
+                              code="unsupported_parameter")
+        for name in ("audio", "prediction", "web_search_options", "functions", "function_call"):
+            if getattr(req, name):
+                hint = "; use 'tools' instead" if name.startswith("function") else ""
+                raise bad_request(f"'{name}' is not supported by parity{hint}", param=name,
+                                  code="unsupported_parameter")
+    else:
+        if req.suffix:
+            raise bad_request("'suffix' is not supported by parity", param="suffix", code="unsupported_parameter")
+        if req.best_of is not None and req.best_of != req.n:
+            raise bad_request("'best_of' other than n is not supported by parity", param="best_of",
+                              code="unsupported_parameter")
+
+
+def sampling_kwargs(req: Any, *, max_tokens: int, logprobs: int | None,
+                    vocab_size: int) -> dict[str, Any]:
+    """SamplingParams keyword arguments for one choice of a validated request.
+
+    Ranges are checked here (before the engine) so that the 400 names the OpenAI parameter:
+    temperature in [0, 2], top_p in (0, 1], presence/frequency penalty in [-2, 2] (OpenAI API reference),
+    top_k == -1, 0 or >= 1, min_p in [0, 1], repetition_penalty > 0, min_tokens in [0, max_tokens],
+    stop at most MAX_STOP non-empty strings, stop_token_ids in [0, vocab_size).
+
+    Args:
+        req: ChatCompletionRequest or CompletionRequest.
+        max_tokens: resolved output-token limit (tokens, > 0).
+        logprobs: top-N logprobs to return per token, or None.
+        vocab_size: model vocabulary size (tokens).
+    Returns:
+        dict with n=1 (the server fans `n` out into separate engine requests).
+    Raises:
+        OpenAIError(400) naming the parameter.
+    """
+    def rng(name: str, v: float | None, lo: float, hi: float, lo_open: bool = False) -> None:
+        if v is None:
+            return
+        if v != v or v < lo or v > hi or (lo_open and v == lo):
+            interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+            raise bad_request(f"Invalid value for '{name}': {v!r}; expected a number in {interval}",
+                              param=name, code="invalid_value")
+
+    rng("temperature", req.temperature, 0.0, 2.0)
+    rng("top_p", req.top_p, 0.0, 1.0, lo_open=True)
+    rng("presence_penalty", req.presence_penalty, -2.0, 2.0)
+    rng("frequency_penalty", req.frequency_penalty, -2.0, 2.0)
+    rng("min_p", req.min_p, 0.0, 1.0)
+    if req.top_k is not None and req.top_k < -1:
+        raise bad_request(f"Invalid value for 'top_k': {req.top_k}; expected -1 or 0 (off) or >= 1",
+                          param="top_k", code="invalid_value")
+    if req.repetition_penalty is not None and not req.repetition_penalty > 0:
+        raise bad_request(f"Invalid value for 'repetition_penalty': {req.repetition_penalty}; expected > 0",
+                          param="repetition_penalty", code="invalid_value")
+    if req.min_tokens < 0 or req.min_tokens > max_tokens:
+        raise bad_request(f"Invalid value for 'min_tokens': {req.min_tokens}; expected 0 <= min_tokens <= "
+                          f"max_tokens ({max_tokens})", param="min_tokens", code="invalid_value")
+    stop: list[str] | None
+    if req.stop is None:
+        stop = None
+    else:
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+        if len(stop) > MAX_STOP or any(s == "" for s in stop):
+            raise bad_request(f"Invalid value for 'stop': expected at most {MAX_STOP} non-empty strings",
+                              param="stop", code="invalid_value")
+        stop = stop or None
+    if req.stop_token_ids:
+        for t in req.stop_token_ids:
+            if not 0 <= t < vocab_size:
+                raise bad_request(f"Invalid value for 'stop_token_ids': {t} is not a token id in "
+                                  f"[0, {vocab_size})", param="stop_token_ids", code="invalid_value")
+    kw: dict[str, Any] = dict(
+        n=1,
+        max_tokens=int(max_tokens),
+        min_tokens=int(req.min_tokens),
+        temperature=1.0 if req.temperature is None else float(req.temperature),
+        top_p=1.0 if req.top_p is None else float(req.top_p),
+        top_k=-1 if req.top_k is None else int(req.top_k),
+        min_p=0.0 if req.min_p is None else float(req.min_p),
+        presence_penalty=float(req.presence_penalty or 0.0),
+        frequency_penalty=float(req.frequency_penalty or 0.0),
+        repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
+        seed=req.seed,
+        stop=stop,
+        stop_token_ids=list(req.stop_token_ids) if req.stop_token_ids else None,
+        ignore_eos=bool(req.ignore_eos),
+        logprobs=logprobs,
+        skip_special_tokens=bool(req.skip_special_tokens),
+    )
+    return kw
+
+
+def check_n(n: int) -> None:
+    """Raises OpenAIError(400) unless 1 <= n <= MAX_N."""
+    if n < 1 or n > MAX_N:
+        raise bad_request(f"Invalid value for 'n': {n}; expected 1 <= n <= {MAX_N}", param="n",
+                          code="invalid_value")
+
+
+def thinking_enabled(req: ChatCompletionRequest, default: bool) -> bool:
+    """Whether thinking mode is on for a chat request.
+
+    Sources, most specific first: DeepSeek's `thinking: {"type": "enabled" | "disabled"}`, then
+    `chat_template_kwargs: {"thinking": bool}` (or vLLM's spelling `enable_thinking`), else `default`.
+
+    Raises:
+        OpenAIError(400) when `chat_template_kwargs.thinking` is not a boolean.
+    """
+    if req.thinking is not None:
+        return req.thinking.type == "enabled"
+    kw = req.chat_template_kwargs or {}
+    for key in ("thinking", "enable_thinking"):
+        if key in kw:
+            v = kw[key]
+            if not isinstance(v, bool):
+                raise bad_request(f"Invalid value for 'chat_template_kwargs.{key}': expected a boolean",
+                                  param=f"chat_template_kwargs.{key}", code="invalid_type")
+            return v
+    return default
+
