@@ -166,3 +166,16 @@ def test_stream_from_real_token_ids():
         detok = IncrementalDetokenizer(tok, skip_special_tokens=skip)
         chunks = [detok.add([i]) for i in ids] + [detok.flush()]
         assert stream(chunks, True, True) == whole(TOOL_OUTPUT, True, True)
+
+
+def test_held_suffix_matches_brute_force():
+    from parity.tokenizer.parse import _held_suffix
+
+    markers = ("\n\n<｜DSML｜tool_calls>", "<｜DSML｜tool_calls>", "</think>")
+    alphabet = "\n<｜DSML/tk>a"
+    rng = random.Random(7)
+    for _ in range(2000):
+        buf = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
+        brute = max((k for k in range(1, len(buf) + 1) for m in markers
+                     if len(m) > k and m.startswith(buf[-k:])), default=0)
+        assert _held_suffix(buf, markers) == brute, buf

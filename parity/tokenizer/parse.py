@@ -424,12 +424,17 @@ def _earliest(buf: str, markers: tuple[str, ...]) -> tuple[int, str | None]:
 
 def _held_suffix(buf: str, markers: tuple[str, ...]) -> int:
     """Length of the longest suffix of ``buf`` that is a proper prefix of one of ``markers``."""
-    longest = max(len(m) for m in markers) - 1
-    for k in range(min(len(buf), longest), 0, -1):
-        tail = buf[-k:]
-        if any(m.startswith(tail) for m in markers):
-            return k
-    return 0
+    n = len(buf)
+    best = 0
+    for m in markers:
+        # candidate starts: occurrences of the marker's first character in the last len(m)-1 chars
+        i = buf.find(m[0], max(0, n - len(m) + 1))
+        while i >= 0 and n - i > best:
+            if m.startswith(buf[i:]):
+                best = n - i
+                break
+            i = buf.find(m[0], i + 1)
+    return best
 
 
 __all__ = ["ParsedOutput", "StreamingOutputParser", "parse_output"]
