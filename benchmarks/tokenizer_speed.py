@@ -22,7 +22,7 @@ import time
 
 from parity.tokenizer import (IncrementalDetokenizer, StreamingOutputParser, encode_chat, load_tokenizer,
                               parse_output)
-from parity.tokenizer.tokenizer import _load_cached
+from parity.tokenizer.tokenizer import _BY_CONTENT, _load_cached
 
 
 def best(fn, repeat=5):
@@ -53,6 +53,7 @@ class WindowDetokenizer:
 
 def main() -> None:
     _load_cached.cache_clear()
+    _BY_CONTENT.clear()
     t0 = time.perf_counter()
     tok = load_tokenizer(None)
     cold_s = time.perf_counter() - t0

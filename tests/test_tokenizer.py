@@ -143,6 +143,13 @@ def test_cached_per_path(tok, tmp_path):
     assert load_tokenizer(package_tokenizer_path()) is tok
 
 
+def test_checkpoint_copy_of_package_file_shares_the_object(tok, tmp_path):
+    import shutil
+
+    shutil.copy(package_tokenizer_path(), tmp_path / "tokenizer.json")
+    assert load_tokenizer(tmp_path) is tok  # same content: no second 300 ms parse
+
+
 def _write_small_tokenizer(path, with_bos=True):
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
