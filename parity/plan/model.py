@@ -1,0 +1,268 @@
+"""The serving model: time of one prefill or decode step on one device of a deployment.
+
+Model version `MODEL_VERSION`. Physics, per device and per step (all layers, plus MTP layers):
+
+- every GEMM-like term costs max(FLOPs / (peak[dtype] * gemm_eff), bytes / (HBM * hbm_eff)) — a
+  roofline per term; attention kernels use `attn_eff` instead of `gemm_eff`;
+- weights are read once per step: dense/attention weights (replicated per attention-DP rank, split by
+  attention TP), the local routed experts actually hit this step (expected fraction 1 - exp(-tokens per
+  local expert)), the LM head;
+- decode reads each sequence's cache once per step (MTP draft tokens share the read); with attention
+  TP t, each device reads the cache of all t*B sequences of its group (the single shared KV head /
+  latent cannot be split by head);
+- routed-expert work and all-to-all traffic are multiplied by the expert load imbalance
+  `EXPERT_IMBALANCE` (max/mean tokens per device);
+- all-to-all: dispatch (token in the expert format's activation width, FP8 = 1 byte/value, FP4 =
+  0.5625, else 2) and combine (BF16) of T*k token copies, (n-1)/n of them remote. Decode sends every
+  copy straight to its expert's device (DeepEP low-latency kernels: RDMA), inside the scale-up domain
+  over scale-up links, the rest over scale-out. Prefill is hierarchical (DeepEP normal kernels): one
+  copy per remote scale-up domain over scale-out (expected distinct domains hit by k uniform experts,
+  capped by the architecture's node-limited routing, V3: 4 nodes), forwarded over scale-up. The slower
+  path bounds the time;
+- attention TP adds two all-reduces of the activations per layer over scale-up;
+- communication is hidden behind compute with two micro-batches (`overlap`): step = max(compute,
+  comm); without overlap step = compute + comm.
+
+Calibration constants (`gemm_eff`, `attn_eff`, `hbm_eff`, `link_eff`) are per hardware family
+(`parity/data/hardware/families.toml`). Nothing here is fitted per published entry.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from parity.errors import PlanError
+from parity.plan.hardware import Hardware
+
+MODEL_VERSION = "parity-plan-1"
+
+#: Expert load imbalance (max/mean tokens per device) with an expert-parallel load balancer: SGLang
+#: measured 59,337 vs 50,302 tok/s/node prefill with simulated perfect vs default EPLB (lmsys blog
+#: 2025-05-05, "Overall Throughput") -> 1.18; rounded to 1.2.
+EXPERT_IMBALANCE = 1.2
+#: Fraction of HBM usable for weights + cache (the rest: activations, workspace, fragmentation).
+HBM_USABLE = 0.9
+
+#: Storage bytes per weight value, scales included (FP8 128x128 block scales and INT8 per-channel
+#: scales are negligible; FP4 e2m1 carries one UE8M0 byte per 32 values: DeepSeek-V4 inference/model.py
+#: `fp4_block_size = 32`).
+WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "int8": 1.0, "fp4": 0.5 + 1 / 32}
+#: Activation bytes per value sent in the MoE dispatch for an expert format.
+DISPATCH_BYTES = {"bf16": 2.0, "fp8": 1.0 + 1 / 128, "int8": 1.0 + 1 / 128, "fp4": 0.5 + 1 / 16}
+FORMATS = tuple(WEIGHT_BYTES)
+KV_DTYPES = ("bf16", "fp8")
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """How one serving instance is laid out.
+
+    n_devices: devices in the instance (the EP group; attention runs DP x TP over them).
+    attn_tp: attention tensor-parallel degree (divides n_devices); DP attention = n_devices / attn_tp.
+    dense_format / expert_format: weight formats ('bf16' | 'fp8' | 'int8' | 'fp4').
+    kv_dtype: cache format ('bf16' | 'fp8').
+    mtp: MTP draft tokens per decode step (0 = off); mtp_acceptance: acceptance rate per draft.
+    overlap: two micro-batches hide communication behind compute.
+    redundant_experts: extra expert replicas across the EP group (EPLB).
+    """
+
+    n_devices: int = 8
+    attn_tp: int = 1
+    dense_format: str = "fp8"
+    expert_format: str = "fp8"
+    kv_dtype: str = "bf16"
+    mtp: int = 0
+    mtp_acceptance: float = 0.0
+    overlap: bool = True
+    redundant_experts: int = 0
+
+    def validate(self) -> None:
+        """Raises PlanError naming the bad field."""
+        if self.n_devices < 1:
+            raise PlanError(f"deployment n_devices must be >= 1, got {self.n_devices}")
+        if self.attn_tp < 1 or self.n_devices % self.attn_tp:
+            raise PlanError(f"deployment attn_tp ({self.attn_tp}) must divide n_devices ({self.n_devices})")
+        for f in ("dense_format", "expert_format"):
+            if getattr(self, f) not in FORMATS:
+                raise PlanError(f"deployment {f} is {getattr(self, f)!r}: expected one of {FORMATS}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise PlanError(f"deployment kv_dtype is {self.kv_dtype!r}: expected one of {KV_DTYPES}")
+        if self.mtp < 0 or not 0 <= self.mtp_acceptance <= 1:
+            raise PlanError(f"deployment mtp must be >= 0 and mtp_acceptance in [0, 1], got "
+                            f"{self.mtp}, {self.mtp_acceptance}")
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Expected accepted tokens per sequence per decode step: sum_{i=0..mtp} a^i (chain drafts)."""
+        return sum(self.mtp_acceptance ** i for i in range(self.mtp + 1))
+
+
+@dataclass
+class Terms:
+    """Ideal times (s) of one step at 100% of every peak; `combine` applies the constants."""
+
+    gemm: list = field(default_factory=list)    # (compute_s, memory_s)
+    attn: list = field(default_factory=list)    # (compute_s, memory_s)
+    other_mem_s: float = 0.0
+    comm_up_s: float = 0.0
+    comm_out_s: float = 0.0
+    overlap: bool = True
+
+    def compact(self) -> "Terms":
+        """An equivalent Terms with identical (compute, memory) pairs merged (faster `combine`)."""
+        def merge(pairs):
+            acc: dict = {}
+            for f, m in pairs:
+                key = (round(f / m, 9) if m else None) if f else ("m", )
+                if f and m:
+                    key = ("r", round(f / m, 9))
+                elif f:
+                    key = ("f",)
+                else:
+                    key = ("m",)
+                a = acc.setdefault(key, [0.0, 0.0])
+                a[0] += f
+                a[1] += m
+            return [tuple(v) for v in acc.values()]
+        return Terms(gemm=merge(self.gemm), attn=merge(self.attn), other_mem_s=self.other_mem_s,
+                     comm_up_s=self.comm_up_s, comm_out_s=self.comm_out_s, overlap=self.overlap)
+
+    def combine(self, c: dict) -> dict:
+        """Step time (s) under calibration constants `c` (gemm_eff, attn_eff, hbm_eff, link_eff)."""
+        he = c["hbm_eff"]
+        comp = sum(max(f / c["gemm_eff"], m / he) for f, m in self.gemm)
+        comp += sum(max(f / c["attn_eff"], m / he) for f, m in self.attn)
+        comp += self.other_mem_s / he
+        comm = max(self.comm_up_s, self.comm_out_s) / c["link_eff"]
+        step = max(comp, comm) if self.overlap else comp + comm
+        return {"step_s": step, "compute_s": comp, "comm_s": comm}
+
+
+def _peak(hw: Hardware, fmt: str) -> tuple[str, float]:
+    dt = hw.best_dtype(fmt)
+    return dt, hw.peak(dt)
+
+
+def weight_bytes_per_device(arch, dep: Deployment) -> dict:
+    """Resident weight bytes on one device: dense (attention, shared/dense FFN, router, mHC; split by
+    attention TP), local routed experts (E + redundant over n devices), embedding + LM head (bf16)."""
+    wd, we = WEIGHT_BYTES[dep.dense_format], WEIGHT_BYTES[dep.expert_format]
+    layers = list(arch.layers) + list(arch.mtp_layers)
+    dense = sum(l.proj_params + l.dense_params for l in layers) + arch.mtp_extra_params * len(arch.mtp_layers)
+    n_moe = sum(l.moe for l in layers)
+    local = math.ceil((arch.n_experts + dep.redundant_experts) / dep.n_devices)
+    experts = n_moe * local * arch.expert_params * we
+    emb = (arch.embed_params + arch.head_params) * 2.0
+    return {"dense": dense * wd / dep.attn_tp, "experts": experts, "embedding": emb,
+            "total": dense * wd / dep.attn_tp + experts + emb}
+
+
+def step_terms(arch, hw: Hardware, dep: Deployment, phase: str, tokens: float, ctx: float,
+               seqs: float) -> Terms:
+    """Ideal-time terms of one step on one device.
+
+    Args:
+        phase: 'prefill' or 'decode'.
+        tokens: query tokens this device processes in the step (decode: seqs * (1 + mtp)).
+        ctx: prefill prompt length, or decode context (KV length) in tokens.
+        seqs: sequences on this device (decode: B; prefill: tokens / prompt length).
+    """
+    t = Terms(overlap=dep.overlap)
+    D = arch.hidden
+    hbm = hw.hbm_tb_s * 1e12
+    dd, pd_ = _peak(hw, dep.dense_format)
+    de, pe = _peak(hw, dep.expert_format)
+    attn_dt = "fp8" if dep.kv_dtype == "fp8" and hw.peak("fp8") else "bf16"
+    pa = hw.peak(attn_dt)
+    pi = hw.peak(hw.best_dtype("fp8"))  # indexer scores run in low precision (official: fp4/fp8 QAT)
+    wd, we = WEIGHT_BYTES[dep.dense_format], WEIGHT_BYTES[dep.expert_format]
+    n = dep.n_devices
+    slots = arch.n_experts + dep.redundant_experts
+    local = math.ceil(slots / n)
+    k = arch.topk
+    remote = (n - 1) / n
+    up_bw = hw.scaleup_gb_s * 1e9
+    out_bw = hw.scaleout_gb_s * 1e9
+    in_domain = 1.0 if n <= hw.scaleup_domain else (hw.scaleup_domain - 1) / (n - 1)
+
+    def layer(spec, tok, sq, c):
+        # attention-side projections (and compressor / indexer projections for V4)
+        t.gemm.append((2.0 * spec.proj_params * tok / pd_, spec.proj_params * wd / dep.attn_tp / hbm))
+        # core attention (+ lightning indexer)
+        fl, idx = arch.attn_flops_token(spec.kind, c, phase)
+        rd = arch.attn_read_bytes(spec.kind, c, dep.kv_dtype) * sq * dep.attn_tp if phase == "decode" else 0.0
+        t.attn.append((fl * tok / pa + idx * tok / pi, rd / hbm))
+        # dense FFN or shared expert + router
+        t.gemm.append((2.0 * spec.dense_params * tok / pd_, spec.dense_params * wd / dep.attn_tp / hbm))
+        t.other_mem_s += arch.other_bytes_per_token_layer * tok / hbm
+        if spec.moe:
+            visits = tok * k * EXPERT_IMBALANCE
+            hit = 1.0 - math.exp(-tok * k / local) if local else 0.0
+            t.gemm.append((2.0 * arch.expert_params * visits / pe,
+                           local * hit * arch.expert_params * we / hbm))
+            per_copy = D * (DISPATCH_BYTES[dep.expert_format] + 2.0) * EXPERT_IMBALANCE
+            if phase == "prefill" and n > hw.scaleup_domain:
+                # hierarchical all-to-all (DeepEP normal kernels): one copy per remote scale-up domain
+                # over scale-out, then forwarded to the experts over scale-up
+                g = n / hw.scaleup_domain
+                out_copies = (g - 1) * (1 - (1 - 1 / g) ** k)
+                limit = getattr(arch, "route_limit_groups", 0)
+                if limit:
+                    out_copies = min(out_copies, limit - 1 + 1 / g)
+                t.comm_out_s += tok * out_copies * per_copy / out_bw
+                t.comm_up_s += tok * k * remote * per_copy / up_bw
+            else:
+                # direct all-to-all (DeepEP low-latency kernels): every copy goes to its expert's device
+                t.comm_up_s += tok * k * remote * in_domain * per_copy / up_bw
+                t.comm_out_s += tok * k * remote * (1 - in_domain) * per_copy / out_bw
+        if dep.attn_tp > 1:
+            tp = dep.attn_tp
+            t.comm_up_s += 2 * 2 * (tp - 1) / tp * tok * tp * D * 2.0 / up_bw
+
+    for spec in arch.layers:
+        layer(spec, tokens, seqs, ctx)
+    if phase == "decode":
+        for spec in arch.mtp_layers[: dep.mtp]:  # each draft runs the MTP block on one token per sequence
+            layer(spec, seqs, seqs, ctx)
+        head_tokens = tokens + seqs * min(dep.mtp, len(arch.mtp_layers))
+    else:
+        if dep.mtp:
+            for spec in arch.mtp_layers[:1]:  # the MTP block also prefills the prompt (its own cache)
+                layer(spec, tokens, seqs, ctx)
+        head_tokens = seqs
+    t.gemm.append((2.0 * arch.head_params * head_tokens / hw.peak("bf16"), arch.head_params * 2.0 / hbm))
+    return t
+
+
+def hbm_budget(arch, hw: Hardware, dep: Deployment) -> float:
+    """Bytes left for the cache on one device after weights (HBM * HBM_USABLE - weights); may be < 0."""
+    return hw.hbm_gb * 1e9 * HBM_USABLE - weight_bytes_per_device(arch, dep)["total"]
+
+
+def max_batch(arch, hw: Hardware, dep: Deployment, ctx: float) -> float:
+    """Most sequences per device whose cache at `ctx` tokens fits beside the weights (0 if none)."""
+    free = hbm_budget(arch, hw, dep)
+    per = arch.cache_bytes_seq(ctx, dep.kv_dtype)
+    return max(0.0, free / per) if per > 0 else float("inf")
+
+
+def decode_point(arch, hw, dep: Deployment, consts: dict, batch: float, ctx: float) -> dict:
+    """Decode at `batch` sequences per device and context `ctx`: step time, TPOT (s), output tok/s per
+    device, tok/s per user."""
+    tokens = batch * (1 + dep.mtp)
+    r = step_terms(arch, hw, dep, "decode", tokens, ctx, batch).combine(consts)
+    acc = dep.tokens_per_step
+    tpot = r["step_s"] / acc
+    return {**r, "tpot_s": tpot, "out_tok_s_per_device": batch * acc / r["step_s"], "tok_s_per_user": 1.0 / tpot,
+            "batch": batch}
+
+
+def prefill_point(arch, hw, dep: Deployment, consts: dict, tokens: float, prompt: float) -> dict:
+    """Prefill of `tokens` tokens per device in prompts of `prompt` tokens: step time, input tok/s per device."""
+    if tokens <= 0 or prompt <= 0:
+        raise PlanError(f"prefill tokens and prompt length must be positive, got {tokens}, {prompt}")
+    seqs = tokens / prompt
+    dep_p = replace(dep, mtp=min(dep.mtp, 1))
+    r = step_terms(arch, hw, dep_p, "prefill", tokens, prompt, seqs).combine(consts)
+    return {**r, "in_tok_s_per_device": tokens / r["step_s"], "tokens": tokens}
