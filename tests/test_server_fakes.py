@@ -293,12 +293,14 @@ class FakeChatFormat:
             out.append("<think>")
         return "".join(out)
 
-    def parse(self, text, thinking):
+    def parse(self, text, thinking, tools_enabled=True):
         reasoning = None
         if thinking:
             reasoning, sep, text = text.partition("</think>")
             if not sep:
                 reasoning, text = reasoning, ""
+        if not tools_enabled:
+            return text, reasoning, []
         calls = [{"id": f"call_{i}", "type": "function", "function": {"name": m.group(1), "arguments": m.group(2)}}
                  for i, m in enumerate(_TOOL_RE.finditer(text))]
         content = _TOOL_RE.sub("", text)

@@ -218,18 +218,14 @@ class OpenAIServer:
             out.append(self.sampling_params(k))
         return out
 
-    async def tokenize(self, text: str, add_bos: bool) -> list[int]:
-        """Token ids of `text`; with `add_bos`, BOS is prepended unless the text already starts with it."""
+    async def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` with the tokenizer's defaults (V4: no BOS added, `add_bos_token: false` in
+        the published tokenizer_config.json; chat prompts carry BOS as text). Long texts are tokenized on
+        a worker thread so the event loop stays responsive."""
         tok = self.tokenizer
         if len(text) > _THREAD_TOKENIZE_CHARS:
-            ids = await asyncio.to_thread(tok.encode, text, add_special_tokens=False)
-        else:
-            ids = tok.encode(text, add_special_tokens=False)
-        ids = list(ids)
-        bos = getattr(tok, "bos_token_id", None)
-        if add_bos and bos is not None and (not ids or ids[0] != bos):
-            ids = [bos] + ids
-        return ids
+            return list(await asyncio.to_thread(tok.encode, text))
+        return list(tok.encode(text))
 
     # ---- engine plumbing ----------------------------------------------------------------------
     def _abort(self, ch: _Choice) -> None:
@@ -250,8 +246,11 @@ class OpenAIServer:
             ra = str(self.settings.retry_after_s)
             return OpenAIError(429, f"The server's waiting queue is full; retry after {ra} s. ({e})",
                                code="queue_full", headers={"Retry-After": ra})
-        if isinstance(e, (RequestError, ValueError)):
-            msg = str(e)
+        msg = str(e)
+        if "not running" in msg or "shutting down" in msg:
+            return OpenAIError(503, f"The server is shutting down or the engine is not running: {msg}",
+                               code="engine_unavailable", headers={"Retry-After": str(self.settings.retry_after_s)})
+        if isinstance(e, (RequestError, ValueError)) and not msg.startswith("engine failed"):
             return bad_request(msg, param=getattr(e, "param", None) or param_from_message(msg, _SAMPLING_NAMES),
                                code="invalid_value")
         return OpenAIError(500, f"The engine failed while processing the request: {type(e).__name__}: {e}",
@@ -414,7 +413,7 @@ class OpenAIServer:
         if isinstance(entry, (int, float)):
             return float(entry), []
         if hasattr(entry, "logprob") and not isinstance(entry, dict):
-            top = getattr(entry, "top_logprobs", None) or {}
+            top = getattr(entry, "top_logprobs", None) or getattr(entry, "top", None) or {}
             _, pairs = self._lp_entry(top, tid)
             return float(entry.logprob), pairs
         if isinstance(entry, dict):
@@ -669,8 +668,14 @@ def build_app(engine: Any, settings: ServerSettings | None = None, *, chat_forma
                 raise bad_request("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
         top_n = (req.top_logprobs or 0) if req.logprobs else None
         messages = [_message_dict(m, i) for i, m in enumerate(req.messages)]
-        prompt = srv.chat_format.encode(messages, tools if tools_enabled else None, thinking, req.reasoning_effort)
-        prompt_ids = await srv.tokenize(prompt, add_bos=False)
+        try:
+            prompt = srv.chat_format.encode(messages, tools if tools_enabled else None, thinking,
+                                            req.reasoning_effort)
+        except (ParityError, ValueError, TypeError, KeyError) as e:
+            msg = str(e)
+            raise bad_request(msg, param=getattr(e, "param", None) or param_from_message(msg, ("reasoning_effort",)),
+                              code="invalid_value") from None
+        prompt_ids = await srv.tokenize(prompt)
         if req.max_completion_tokens is not None:
             mt, mt_name = req.max_completion_tokens, "max_completion_tokens"
         else:
@@ -692,9 +697,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None, *, chat_forma
             out_choices = []
             for ch in choices:
                 text = "".join(ch.text)
-                content, reasoning, calls = srv.chat_format.parse(text, thinking)
-                if not tools_enabled:
-                    calls = []
+                content, reasoning, calls = srv.chat_format.parse(text, thinking, tools_enabled)
                 finish = ch.finish_reason
                 if calls and finish == "stop":
                     finish = "tool_calls"
@@ -966,7 +969,7 @@ def _chat_delta(item: dict[str, Any], seen: dict[int, str]) -> dict[str, Any] | 
 async def _completion_prompts(srv: OpenAIServer, prompt: Any) -> list[tuple[str | None, list[int]]]:
     """[(prompt text or None, token ids)] for each prompt of a completions request.
 
-    Strings are tokenized with BOS prepended (DeepSeek's tokenizer config adds BOS); token-id prompts are
+    Strings are tokenized as the offline `LLM.generate` does (tokenizer defaults); token-id prompts are
     taken as given and checked against the vocabulary.
 
     Raises:
@@ -987,7 +990,7 @@ async def _completion_prompts(srv: OpenAIServer, prompt: Any) -> list[tuple[str 
         if isinstance(it, str):
             if not it:
                 raise bad_request(f"'{name}' must not be empty", param=name)
-            out.append((it, await srv.tokenize(it, add_bos=True)))
+            out.append((it, await srv.tokenize(it)))
         else:
             if not it:
                 raise bad_request(f"'{name}' must not be empty", param=name)

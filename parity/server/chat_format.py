@@ -49,9 +49,10 @@ class ChatFormat:
         return self._t.encode_chat(messages, tools=tools, thinking=thinking,
                                    reasoning_effort=reasoning_effort, add_generation_prompt=True)
 
-    def parse(self, text: str, thinking: bool) -> tuple[str, str | None, list[dict]]:
-        """(content, reasoning_content, tool_calls in OpenAI shape) of a whole generated text."""
-        p = self._t.parse_output(text, thinking=thinking)
+    def parse(self, text: str, thinking: bool, tools_enabled: bool = True) -> tuple[str, str | None, list[dict]]:
+        """(content, reasoning_content, tool_calls in OpenAI shape) of a whole generated text; with
+        `tools_enabled` False, tool-call markup stays in the content."""
+        p = self._t.parse_output(text, thinking=thinking, tools_enabled=tools_enabled)
         calls = [normalize_tool_call(tc, i) for i, tc in enumerate(getattr(p, "tool_calls", None) or [])]
         return getattr(p, "content", "") or "", getattr(p, "reasoning_content", None), calls
 

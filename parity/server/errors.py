@@ -13,6 +13,7 @@ is full (with a `Retry-After` header, seconds), 500 an engine failure, 503 while
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 #: OpenAI error `type` per HTTP status (as the OpenAI API answers them).
@@ -62,11 +63,19 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 def param_from_message(message: str, candidates: tuple[str, ...]) -> str | None:
-    """Best-effort: the first sampling-parameter name that appears in an engine error message.
+    """Best-effort: the parameter an error message names, as a dotted path.
 
-    The engine's `RequestError` names the parameter in its text (DESIGN.md, "Conventions"); it may
-    also carry a `param` attribute, which callers should prefer.
+    Recognised forms (parity's error conventions, DESIGN.md "Conventions"): a leading path such as
+    `messages[2].content: ...` -> "messages.2.content"; a quoted name `'top_p'` that is one of
+    `candidates`; else the longest candidate that appears in the text. Callers prefer an error's
+    `param` attribute when it has one.
     """
+    m = re.match(r"\s*([A-Za-z_]\w*(?:\[\d+\])?(?:\.[A-Za-z_]\w*(?:\[\d+\])?)*)\s*:", message)
+    if m and ("[" in m.group(1) or m.group(1) in candidates):
+        return re.sub(r"\[(\d+)\]", r".\1", m.group(1))
+    for q in re.findall(r"'([A-Za-z_]\w*)'", message):
+        if q in candidates:
+            return q
     low = message.lower()
     for name in sorted(candidates, key=len, reverse=True):
         if name in low:
