@@ -221,3 +221,14 @@ def test_tokenized_prompt_uses_single_special_ids():
 def test_bad_input_names_the_field(messages, kwargs, match):
     with pytest.raises(RequestError, match=match):
         encode_chat(messages, **kwargs)
+
+
+def test_error_param_is_openai_dotted_path():
+    from parity.tokenizer import ChatError
+
+    bad = [{"role": "user", "content": "q"},
+           {"role": "assistant", "tool_calls": [{"type": "function", "function": {"arguments": "{}"}}]}]
+    with pytest.raises(ChatError) as e:
+        encode_chat(bad)
+    assert e.value.param == "messages.1.tool_calls.0.function.name"
+    assert isinstance(e.value, RequestError)

@@ -14,11 +14,12 @@ https://huggingface.co/deepseek-ai/DeepSeek-V4-Flash; see :mod:`parity.tokenizer
 Submodules import `tokenizers` lazily, so importing this package is cheap.
 """
 
-from parity.tokenizer.chat import encode_chat, validate_tools
+from parity.tokenizer.chat import ChatError, encode_chat, validate_tools
 from parity.tokenizer.parse import ParsedOutput, StreamingOutputParser, parse_output
 from parity.tokenizer.tokenizer import DeepseekV4Tokenizer, IncrementalDetokenizer, load_tokenizer
 
 __all__ = [
+    "ChatError",
     "DeepseekV4Tokenizer",
     "IncrementalDetokenizer",
     "ParsedOutput",

@@ -37,6 +37,7 @@ Rules (README "Message Format" and the reference ``render_message``/``encode_mes
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -92,6 +93,17 @@ TOOLS_SECTION = (
 )
 
 
+class ChatError(RequestError):
+    """Invalid chat request (messages, tools, mode). ``str(e)`` starts with the offending field path
+    (``messages[1].tool_calls[0].function.name: ...``); ``e.param`` is that path in OpenAI's dotted form
+    (``messages.1.tool_calls.0.function.name``)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        path = message.split(": ", 1)[0]
+        self.param: str | None = re.sub(r"\[(\d+)\]", r".\1", path) if " " not in path else None
+
+
 def _to_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
@@ -110,16 +122,16 @@ def _text(value: Any, where: str, joiner: str = "") -> str:
                 parts.append(part)
                 continue
             if not isinstance(part, Mapping):
-                raise RequestError(f"{where}[{j}]: expected a content part object, got {type(part).__name__}")
+                raise ChatError(f"{where}[{j}]: expected a content part object, got {type(part).__name__}")
             if part.get("type", "text") != "text":
-                raise RequestError(f"{where}[{j}].type: unsupported content part {part.get('type')!r}; "
+                raise ChatError(f"{where}[{j}].type: unsupported content part {part.get('type')!r}; "
                                    "expected 'text' (DeepSeek-V4 is text-only)")
             text = part.get("text")
             if not isinstance(text, str):
-                raise RequestError(f"{where}[{j}].text: expected a string, got {type(text).__name__}")
+                raise ChatError(f"{where}[{j}].text: expected a string, got {type(text).__name__}")
             parts.append(text)
         return joiner.join(parts)
-    raise RequestError(f"{where}: expected a string, a list of text parts or null, got {type(value).__name__}")
+    raise ChatError(f"{where}: expected a string, a list of text parts or null, got {type(value).__name__}")
 
 
 def validate_tools(tools: Any) -> list[dict]:
@@ -131,38 +143,38 @@ def validate_tools(tools: Any) -> list[dict]:
     Returns:
         list of function dicts (``name``, optional ``description``, optional ``parameters``).
     Raises:
-        RequestError: naming ``tools[k]`` and the field (type, name, description, parameters).
+        ChatError (a RequestError): naming ``tools[k]`` and the field (type, name, description, parameters).
     """
     if tools is None:
         return []
     if not isinstance(tools, Sequence) or isinstance(tools, (str, bytes)):
-        raise RequestError(f"tools: expected a list of tool objects, got {type(tools).__name__}")
+        raise ChatError(f"tools: expected a list of tool objects, got {type(tools).__name__}")
     out, seen = [], set()
     for k, tool in enumerate(tools):
         where = f"tools[{k}]"
         if not isinstance(tool, Mapping):
-            raise RequestError(f"{where}: expected an object, got {type(tool).__name__}")
+            raise ChatError(f"{where}: expected an object, got {type(tool).__name__}")
         if "function" in tool or "type" in tool:
             if tool.get("type", "function") != "function":
-                raise RequestError(f"{where}.type: unsupported tool type {tool.get('type')!r}; expected 'function'")
+                raise ChatError(f"{where}.type: unsupported tool type {tool.get('type')!r}; expected 'function'")
             fn = tool.get("function")
             where += ".function"
             if not isinstance(fn, Mapping):
-                raise RequestError(f"{where}: expected an object with 'name', got {type(fn).__name__}")
+                raise ChatError(f"{where}: expected an object with 'name', got {type(fn).__name__}")
         else:
             fn = tool
         name = fn.get("name")
         if not isinstance(name, str) or not name.strip():
-            raise RequestError(f"{where}.name: expected a non-empty string, got {name!r}")
+            raise ChatError(f"{where}.name: expected a non-empty string, got {name!r}")
         if '"' in name or "<" in name or ">" in name:
-            raise RequestError(f"{where}.name: {name!r} contains '\"', '<' or '>'; expected a plain "
+            raise ChatError(f"{where}.name: {name!r} contains '\"', '<' or '>'; expected a plain "
                                "identifier (it is written inside a DSML tag)")
         if name in seen:
-            raise RequestError(f"{where}.name: duplicate tool name {name!r}; expected unique names")
+            raise ChatError(f"{where}.name: duplicate tool name {name!r}; expected unique names")
         seen.add(name)
         desc = fn.get("description")
         if desc is not None and not isinstance(desc, str):
-            raise RequestError(f"{where}.description: expected a string, got {type(desc).__name__}")
+            raise ChatError(f"{where}.description: expected a string, got {type(desc).__name__}")
         params = fn.get("parameters")
         if params is not None:
             _check_schema(params, f"{where}.parameters")
@@ -172,31 +184,31 @@ def validate_tools(tools: Any) -> list[dict]:
 
 def _check_schema(schema: Any, where: str) -> None:
     if not isinstance(schema, Mapping):
-        raise RequestError(f"{where}: expected a JSON Schema object, got {type(schema).__name__}")
+        raise ChatError(f"{where}: expected a JSON Schema object, got {type(schema).__name__}")
     if "type" in schema and schema["type"] != "object":
-        raise RequestError(f"{where}.type: expected 'object' (function parameters are an object), "
+        raise ChatError(f"{where}.type: expected 'object' (function parameters are an object), "
                            f"got {schema['type']!r}")
     props = schema.get("properties")
     if props is not None:
         if not isinstance(props, Mapping):
-            raise RequestError(f"{where}.properties: expected an object mapping names to schemas, "
+            raise ChatError(f"{where}.properties: expected an object mapping names to schemas, "
                                f"got {type(props).__name__}")
         for pname, psch in props.items():
             if not isinstance(psch, Mapping):
-                raise RequestError(f"{where}.properties.{pname}: expected a JSON Schema object, "
+                raise ChatError(f"{where}.properties.{pname}: expected a JSON Schema object, "
                                    f"got {type(psch).__name__}")
     req = schema.get("required")
     if req is not None:
         if not isinstance(req, Sequence) or isinstance(req, str) or not all(isinstance(r, str) for r in req):
-            raise RequestError(f"{where}.required: expected a list of property names, got {req!r}")
+            raise ChatError(f"{where}.required: expected a list of property names, got {req!r}")
         if isinstance(props, Mapping):
             missing = [r for r in req if r not in props]
             if missing:
-                raise RequestError(f"{where}.required: {missing} not in {where}.properties")
+                raise ChatError(f"{where}.required: {missing} not in {where}.properties")
     try:
         json.dumps(schema)
     except (TypeError, ValueError) as e:
-        raise RequestError(f"{where}: not JSON-serialisable ({e})") from None
+        raise ChatError(f"{where}: not JSON-serialisable ({e})") from None
 
 
 def _tool_calls(value: Any, where: str) -> list[tuple[str, str, dict]]:
@@ -204,23 +216,23 @@ def _tool_calls(value: Any, where: str) -> list[tuple[str, str, dict]]:
     if value is None:
         return []
     if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
-        raise RequestError(f"{where}: expected a list of tool calls, got {type(value).__name__}")
+        raise ChatError(f"{where}: expected a list of tool calls, got {type(value).__name__}")
     out = []
     for j, tc in enumerate(value):
         w = f"{where}[{j}]"
         if not isinstance(tc, Mapping):
-            raise RequestError(f"{w}: expected an object, got {type(tc).__name__}")
+            raise ChatError(f"{w}: expected an object, got {type(tc).__name__}")
         if tc.get("type", "function") != "function":
-            raise RequestError(f"{w}.type: unsupported tool call type {tc.get('type')!r}; expected 'function'")
+            raise ChatError(f"{w}.type: unsupported tool call type {tc.get('type')!r}; expected 'function'")
         fn = tc.get("function", tc if "name" in tc else None)
         if not isinstance(fn, Mapping):
-            raise RequestError(f"{w}.function: expected an object with 'name' and 'arguments'")
+            raise ChatError(f"{w}.function: expected an object with 'name' and 'arguments'")
         fw = f"{w}.function" if "function" in tc else w
         name = fn.get("name")
         if not isinstance(name, str) or not name.strip():
-            raise RequestError(f"{fw}.name: expected a non-empty string, got {name!r}")
+            raise ChatError(f"{fw}.name: expected a non-empty string, got {name!r}")
         if '"' in name or "<" in name or ">" in name:
-            raise RequestError(f"{fw}.name: {name!r} contains '\"', '<' or '>'; expected a plain identifier")
+            raise ChatError(f"{fw}.name: {name!r} contains '\"', '<' or '>'; expected a plain identifier")
         args = fn.get("arguments")
         if args is None or (isinstance(args, str) and not args.strip()):
             args = {}
@@ -228,15 +240,15 @@ def _tool_calls(value: Any, where: str) -> list[tuple[str, str, dict]]:
             try:
                 args = json.loads(args)
             except ValueError as e:
-                raise RequestError(f"{fw}.arguments: not valid JSON ({e}); expected a JSON object string") from None
+                raise ChatError(f"{fw}.arguments: not valid JSON ({e}); expected a JSON object string") from None
         if not isinstance(args, Mapping):
-            raise RequestError(f"{fw}.arguments: expected a JSON object, got {type(args).__name__}")
+            raise ChatError(f"{fw}.arguments: expected a JSON object, got {type(args).__name__}")
         for key in args:
             if not isinstance(key, str) or '"' in key:
-                raise RequestError(f"{fw}.arguments: key {key!r} is not a plain string")
+                raise ChatError(f"{fw}.arguments: key {key!r} is not a plain string")
         call_id = tc.get("id")
         if call_id is not None and not isinstance(call_id, str):
-            raise RequestError(f"{w}.id: expected a string, got {type(call_id).__name__}")
+            raise ChatError(f"{w}.id: expected a string, got {type(call_id).__name__}")
         out.append((call_id or "", name, dict(args)))
     return out
 
@@ -281,17 +293,17 @@ def encode_chat(messages: list[dict], tools: list[dict] | None = None, thinking:
     Returns:
         the prompt string, BOS first; tokenize it with ``tok.encode(prompt)``.
     Raises:
-        RequestError: naming ``messages[i].<field>`` or ``tools[k].<field>`` (unknown role, bad content,
+        ChatError (a RequestError): naming ``messages[i].<field>`` or ``tools[k].<field>`` (unknown role, bad content,
             tool call without name, arguments not a JSON object, malformed tool schema...), or
             ``reasoning_effort`` / ``thinking`` when invalid.
     """
     if not isinstance(thinking, bool):
-        raise RequestError(f"thinking: expected true or false, got {thinking!r}")
+        raise ChatError(f"thinking: expected true or false, got {thinking!r}")
     if reasoning_effort not in REASONING_EFFORTS:
-        raise RequestError(f"reasoning_effort: {reasoning_effort!r} is not supported; expected one of "
+        raise ChatError(f"reasoning_effort: {reasoning_effort!r} is not supported; expected one of "
                            f"{[e for e in REASONING_EFFORTS if e]} or null")
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
-        raise RequestError("messages: expected a non-empty list of message objects")
+        raise ChatError("messages: expected a non-empty list of message objects")
     functions = validate_tools(tools)
 
     # 1. validate + normalise; merge user/tool runs into user turns of blocks
@@ -299,14 +311,14 @@ def encode_chat(messages: list[dict], tools: list[dict] | None = None, thinking:
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(msg, Mapping):
-            raise RequestError(f"{where}: expected a message object, got {type(msg).__name__}")
+            raise ChatError(f"{where}: expected a message object, got {type(msg).__name__}")
         role = msg.get("role")
         if role not in ROLES:
-            raise RequestError(f"{where}.role: unknown role {role!r}; expected one of {list(ROLES)}")
+            raise ChatError(f"{where}.role: unknown role {role!r}; expected one of {list(ROLES)}")
         if role == "tool":
             tcid = msg.get("tool_call_id")
             if tcid is not None and not isinstance(tcid, str):
-                raise RequestError(f"{where}.tool_call_id: expected a string, got {type(tcid).__name__}")
+                raise ChatError(f"{where}.tool_call_id: expected a string, got {type(tcid).__name__}")
             block = ("tool", _text(msg.get("content"), f"{where}.content", "\n\n"), tcid or "")
         elif role == "user":
             block = ("text", _text(msg.get("content"), f"{where}.content"), "")
@@ -322,7 +334,7 @@ def encode_chat(messages: list[dict], tools: list[dict] | None = None, thinking:
             continue
         reasoning = msg.get("reasoning_content")
         if reasoning is not None and not isinstance(reasoning, str):
-            raise RequestError(f"{where}.reasoning_content: expected a string or null, "
+            raise ChatError(f"{where}.reasoning_content: expected a string or null, "
                                f"got {type(reasoning).__name__}")
         turns.append({"role": "assistant", "content": content, "reasoning": reasoning or "",
                       "calls": _tool_calls(msg.get("tool_calls"), f"{where}.tool_calls")})
@@ -377,5 +389,5 @@ def encode_chat(messages: list[dict], tools: list[dict] | None = None, thinking:
     return "".join(out)
 
 
-__all__ = ["encode_chat", "validate_tools", "render_tools", "render_tool_calls", "ROLES",
+__all__ = ["ChatError", "encode_chat", "validate_tools", "render_tools", "render_tool_calls", "ROLES",
            "REASONING_EFFORTS", "REASONING_EFFORT_MAX_PREFIX", "TOOLS_SECTION"]
