@@ -1,0 +1,124 @@
+"""`parity bench` (run a benchmark against an OpenAI-compatible endpoint) and `parity bench report`.
+
+Heavy imports (httpx, numpy, matplotlib, rich, torch via the energy meters) happen inside the command functions.
+"""
+
+from __future__ import annotations
+
+import math
+
+EPILOG = """workloads (--workload):
+  random:in=1024,out=128,ratio=0.5,convention=vllm   lengths uniform in [floor(L(1-r)), ceil(L(1+r))]
+  random:in=1024,out=128,ratio=0.5,convention=sglang lengths uniform in [max(int(L*r),1), L]
+  fixed:in=1024,out=128                               exact lengths
+  sharegpt:PATH[,out=N]                               ShareGPT JSON (first turn = prompt)
+  trace:PATH                                          JSONL {"arrival_s","input_len","output_len"}
+report:  parity bench report run1.json run2.json --out report.html   (or .png)
+"""
+
+
+def _rate(v: str) -> float:
+    import argparse
+
+    if v.strip().lower() in ("inf", "infinity"):
+        return math.inf
+    try:
+        r = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of requests/s or 'inf', got {v!r}") from None
+    if not r > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 or 'inf', got {v!r}")
+    return r
+
+
+def _int_list(v: str) -> list[int]:
+    import argparse
+
+    try:
+        return [int(x) for x in v.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated device indices like 0,1, got {v!r}") from None
+
+
+def register(sub) -> None:
+    """Add `bench` (with its `report` sub-command) to the parity CLI."""
+    import argparse
+
+    p = sub.add_parser("bench", help="benchmark an OpenAI-compatible endpoint (latency, throughput, goodput, energy)",
+                       description="Drive an OpenAI-compatible server (parity, vLLM, SGLang, MindIE, ...) with a "
+                                   "workload and report TTFT/TPOT/ITL/E2EL, throughput, goodput and energy.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-url", help="server root, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine)")
+    p.add_argument("--model", help="model name to put in each request")
+    p.add_argument("--endpoint", choices=("chat", "completions"), default="chat",
+                   help="/v1/chat/completions or /v1/completions (default chat)")
+    p.add_argument("--workload", default="random:in=1024,out=128", metavar="SPEC",
+                   help="random|fixed|sharegpt|trace spec, see below (default random:in=1024,out=128)")
+    p.add_argument("--num-prompts", type=int, default=None, metavar="N",
+                   help="requests to send (default 1000 for random/fixed, all entries of a file)")
+    p.add_argument("--request-rate", type=_rate, default=math.inf, metavar="R",
+                   help="mean requests/s (gamma arrivals) or 'inf' to send all at once (default inf)")
+    p.add_argument("--burstiness", type=float, default=1.0, metavar="B",
+                   help="gamma shape of inter-arrival gaps: 1 = Poisson, <1 burstier, >1 steadier (default 1)")
+    p.add_argument("--max-concurrency", type=int, default=None, metavar="C", help="cap on requests in flight")
+    p.add_argument("--warmup", type=int, default=0, metavar="N", help="warm-up requests before the measured run")
+    p.add_argument("--slo", default=None, metavar="ttft_ms=..,tpot_ms=..",
+                   help="SLOs for goodput: any of ttft_ms, tpot_ms, e2el_ms (milliseconds)")
+    p.add_argument("--ignore-eos", action="store_true", help="ask the server to ignore EOS (vLLM/SGLang extension)")
+    p.add_argument("--seed", type=int, default=0, help="seed for prompts, lengths and arrivals (default 0)")
+    p.add_argument("--energy", choices=("auto", "none", "nvml", "npu-smi", "rapl"), default="auto",
+                   help="energy meter of this machine's accelerators/CPU (default auto)")
+    p.add_argument("--energy-devices", type=_int_list, default=None, metavar="0,1",
+                   help="accelerator indices to meter (default all)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokenizer.json to build/count prompts (default parity's DeepSeek-V4 tokenizer)")
+    p.add_argument("--api-key", default=None, help="bearer token (default $OPENAI_API_KEY if set)")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="per-request timeout in s (default 600)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature sent (default 0)")
+    p.add_argument("--no-continuous-usage", action="store_true",
+                   help="do not ask for usage in every chunk (for servers rejecting stream_options.continuous_usage_stats)")
+    p.add_argument("--output", default=None, metavar="results.json", help="write the versioned JSON result here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    rsub = p.add_subparsers(dest="bench_command", metavar="{report}")
+    r = rsub.add_parser("report", help="HTML/PNG report (latency CDFs, throughput vs latency) from result files")
+    r.add_argument("results", nargs="+", metavar="results.json")
+    r.add_argument("--out", required=True, metavar="report.html", help="output file, .html or .png")
+    r.set_defaults(func=run_report)
+
+
+def run(args) -> int:
+    """`parity bench`: returns 0 on success, 1 when no request completed, 130 when interrupted (results saved)."""
+    from parity.bench.runner import BenchConfig, run_bench
+    from parity.errors import BenchError
+
+    if not args.base_url:
+        raise BenchError("--base-url is required, e.g. --base-url http://127.0.0.1:8000")
+    if not args.model:
+        raise BenchError("--model is required (the model name the server serves)")
+    cfg = BenchConfig(base_url=args.base_url, model=args.model, endpoint=args.endpoint, workload=args.workload,
+                      num_prompts=args.num_prompts, request_rate=args.request_rate, burstiness=args.burstiness,
+                      max_concurrency=args.max_concurrency, warmup=args.warmup, slo=args.slo,
+                      ignore_eos=args.ignore_eos, seed=args.seed, energy=args.energy,
+                      energy_devices=args.energy_devices, tokenizer=args.tokenizer, api_key=args.api_key,
+                      timeout_s=args.timeout, temperature=args.temperature,
+                      continuous_usage=not args.no_continuous_usage, output=args.output,
+                      progress=not args.no_progress)
+    result = run_bench(cfg)
+    from parity.bench.result import render_table
+
+    render_table(result)
+    if args.output:
+        print(f"results written to {args.output}")
+    if result.get("interrupted"):
+        return 130
+    return 0 if result["summary"]["completed"] > 0 else 1
+
+
+def run_report(args) -> int:
+    """`parity bench report`: write the HTML/PNG report; returns 0."""
+    from parity.bench.report import write_report
+
+    out = write_report(args.results, args.out)
+    print(f"report written to {out}")
+    return 0

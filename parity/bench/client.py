@@ -1,0 +1,263 @@
+"""One streamed request to an OpenAI-compatible endpoint, timed (httpx async + server-sent events).
+
+Endpoints: ``chat`` -> POST {base}/v1/chat/completions, ``completions`` -> POST {base}/v1/completions, both with
+``stream: true`` and ``stream_options: {include_usage: true, continuous_usage_stats: true}`` (continuous usage
+stats are a vLLM / SGLang / parity extension: every chunk carries the running ``completion_tokens``, which lets the
+bench count the tokens of each chunk exactly; servers that omit them are handled by counting each chunk's text
+with the tokenizer). The SSE stream is parsed per the WHATWG "server-sent events" rules (``data:`` lines, events
+ended by a blank line, ``:`` comments ignored), ending at ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+
+from parity.bench.metrics import RequestRecord
+from parity.bench.tokenizer import BenchTokenizer
+from parity.bench.workloads import BenchRequest
+from parity.errors import BenchError
+
+ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+
+
+def endpoint_url(base_url: str, endpoint: str) -> str:
+    """Full URL of `endpoint` under `base_url` (which may or may not end in /v1).
+
+    Raises:
+        BenchError: base_url not http(s)://host[:port][/path], or unknown endpoint.
+    """
+    if endpoint not in ENDPOINTS:
+        raise BenchError(f"--endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
+    try:
+        u = httpx.URL(base_url)
+    except Exception:  # noqa: BLE001 - httpx.InvalidURL and friends
+        u = None
+    if u is None or u.scheme not in ("http", "https") or not u.host:
+        raise BenchError(f"--base-url {base_url!r} is not a URL like http://127.0.0.1:8000 (scheme http or https)")
+    base = str(u).rstrip("/")
+    if base.endswith("/v1"):
+        base = base[:-3]
+    return base + ENDPOINTS[endpoint]
+
+
+def build_payload(endpoint: str, model: str, req: BenchRequest, *, ignore_eos: bool = False,
+                  temperature: float | None = 0.0, continuous_usage: bool = True, extra: dict | None = None) -> dict:
+    """JSON body for one request: the prompt, ``max_tokens`` = requested output length, streaming with usage."""
+    body: dict = {"model": model, "stream": True, "max_tokens": int(req.output_tokens),
+                  "stream_options": {"include_usage": True, **({"continuous_usage_stats": True} if continuous_usage else {})}}
+    if endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": req.prompt}]
+    else:
+        body["prompt"] = req.prompt
+    if temperature is not None:
+        body["temperature"] = float(temperature)
+    if ignore_eos:
+        body["ignore_eos"] = True
+    if extra:
+        body.update(extra)
+    return body
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        obj = json.loads(body)
+        if isinstance(obj, dict):
+            err = obj.get("error", obj.get("detail", obj))
+            if isinstance(err, dict):
+                err = err.get("message", err)
+            return str(err)[:200]
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass
+    return body[:200].decode("utf-8", errors="replace").strip() or "<empty body>"
+
+
+class _StreamState:
+    """Accumulates one response stream; `feed(event_data, t)` handles one SSE event."""
+
+    __slots__ = ("chat", "tok", "st", "ttft", "last_t", "itl", "chunks", "stream_tokens", "usage_ct", "usage_pt",
+                 "text", "done", "finished", "error", "events")
+
+    def __init__(self, chat: bool, tok: BenchTokenizer, st: float):
+        self.chat, self.tok, self.st = chat, tok, st
+        self.ttft = None
+        self.last_t = 0.0
+        self.itl: list[float] = []
+        self.chunks = 0
+        self.stream_tokens = 0
+        self.usage_ct: int | None = None
+        self.usage_pt: int | None = None
+        self.text: list[str] = []
+        self.done = False
+        self.finished = False
+        self.error: str | None = None
+        self.events = 0
+
+    def feed(self, data: str, t: float) -> None:
+        self.events += 1
+        if data == "[DONE]":
+            self.done = True
+            return
+        try:
+            obj = json.loads(data)
+        except json.JSONDecodeError:
+            self.error = f"malformed SSE: event {self.events} is not JSON: {data[:60]!r}"
+            return
+        if not isinstance(obj, dict):
+            self.error = f"malformed SSE: event {self.events} is not a JSON object"
+            return
+        choices = obj.get("choices")
+        if obj.get("error") is not None and not choices:
+            err = obj["error"]
+            self.error = f"server error in stream: {str(err.get('message', err) if isinstance(err, dict) else err)[:200]}"
+            return
+        k_usage = None
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            ct = usage.get("completion_tokens")
+            if isinstance(ct, int):
+                if choices:
+                    k_usage = ct - (self.usage_ct or 0)
+                self.usage_ct = ct
+            pt = usage.get("prompt_tokens")
+            if isinstance(pt, int):
+                self.usage_pt = pt
+        if not choices:
+            return
+        c = choices[0]
+        if not isinstance(c, dict):
+            self.error = f"malformed SSE: event {self.events} has a non-object choice"
+            return
+        text = ""
+        tool = False
+        if self.chat:
+            d = c.get("delta") or {}
+            text = (d.get("content") or "") + (d.get("reasoning_content") or d.get("reasoning") or "")
+            tc = d.get("tool_calls")
+            if tc:
+                tool = True
+                for call in tc:
+                    fn = (call or {}).get("function") or {}
+                    text += (fn.get("name") or "") + (fn.get("arguments") or "")
+        else:
+            text = c.get("text") or ""
+        if c.get("finish_reason"):
+            self.finished = True
+        if text:
+            self.text.append(text)
+        if k_usage is not None:
+            k = k_usage if k_usage > 0 else (1 if text or tool else 0)
+        elif text:
+            k = max(1, self.tok.count(text))
+        else:
+            k = 1 if tool else 0
+        if k <= 0:
+            return
+        self.chunks += 1
+        self.stream_tokens += k
+        if self.ttft is None:
+            self.ttft = t - self.st
+        else:
+            g = (t - self.last_t) / k
+            self.itl.extend([g] * k)
+        self.last_t = t
+
+
+async def send_request(client: httpx.AsyncClient, url: str, payload: dict, req: BenchRequest, rec: RequestRecord,
+                       tokenizer: BenchTokenizer, origin_s: float, chat: bool, headers: dict | None = None) -> None:
+    """Send one streamed request and fill `rec` (RequestRecord) in place.
+
+    Args:
+        origin_s: `time.perf_counter()` of the run start; `rec.send_s` is relative to it.
+    Failures never raise (except cancellation): they set `rec.ok = False` and `rec.error` to a reason such as
+    ``HTTP 503: ...``, ``connection failed: ...``, ``malformed SSE: ...``, ``stream ended before [DONE]``.
+    On cancellation (Ctrl-C) `rec.error` becomes "interrupted" and CancelledError propagates.
+    """
+    rec.requested_output_tokens = req.output_tokens
+    rec.prompt_tokens = req.prompt_tokens
+    st = time.perf_counter()
+    rec.send_s = st - origin_s
+    state = _StreamState(chat, tokenizer, st)
+    try:
+        async with client.stream("POST", url, json=payload, headers=headers) as resp:
+            rec.status = resp.status_code
+            if resp.status_code != 200:
+                body = await resp.aread()
+                rec.ok, rec.error = False, f"HTTP {resp.status_code}: {_error_text(body)}"
+                return
+            ctype = resp.headers.get("content-type", "")
+            if ctype and "text/event-stream" not in ctype:
+                body = await resp.aread()
+                rec.ok, rec.error = False, f"malformed SSE: content-type {ctype!r}, expected text/event-stream ({_error_text(body)[:80]})"
+                return
+            buf = b""
+            data_lines: list[str] = []
+            async for raw in resp.aiter_bytes():
+                t = time.perf_counter()
+                buf += raw
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if line.endswith(b"\r"):
+                        line = line[:-1]
+                    if not line:
+                        if data_lines:
+                            state.feed("\n".join(data_lines), t)
+                            data_lines = []
+                            if state.error:
+                                break
+                        continue
+                    if line.startswith(b"data:"):
+                        v = line[5:]
+                        data_lines.append((v[1:] if v.startswith(b" ") else v).decode("utf-8", errors="replace"))
+                    elif line.startswith(b":") or line.split(b":", 1)[0] in (b"event", b"id", b"retry"):
+                        continue  # comment, event:, id:, retry: fields
+                    else:
+                        state.error = f"malformed SSE: unexpected line {line[:60].decode('utf-8', 'replace')!r}"
+                        break
+                if state.error:
+                    break
+            if not state.error:
+                rest = buf.strip()
+                if rest.startswith(b"data:"):
+                    v = rest[5:].strip()
+                    data_lines.append(v.decode("utf-8", errors="replace"))
+                if data_lines:
+                    state.feed("\n".join(data_lines), time.perf_counter())
+        end = time.perf_counter()
+    except asyncio.CancelledError:
+        rec.ok, rec.error = False, "interrupted"
+        raise
+    except httpx.ConnectError as e:
+        rec.ok, rec.error = False, f"connection failed: {url} ({e or type(e).__name__})"
+        return
+    except httpx.TimeoutException as e:
+        rec.ok, rec.error = False, f"timeout: {type(e).__name__} after {time.perf_counter() - st:.1f} s"
+        return
+    except (httpx.RemoteProtocolError, httpx.ReadError) as e:
+        rec.ok, rec.error = False, f"connection closed mid-stream ({e or type(e).__name__})"
+        return
+    except httpx.HTTPError as e:
+        rec.ok, rec.error = False, f"{type(e).__name__}: {e}"
+        return
+    rec.chunks = state.chunks
+    rec.ttft_s = state.ttft
+    rec.itl_s = state.itl
+    rec.e2el_s = end - st
+    if state.usage_pt is not None:
+        rec.prompt_tokens = state.usage_pt
+    if state.usage_ct is not None:
+        rec.output_tokens, rec.count_source = state.usage_ct, "usage"
+    else:
+        n = tokenizer.count("".join(state.text))
+        rec.output_tokens, rec.count_source = (n if n > 0 else state.stream_tokens), "tokenizer"
+    if state.error:
+        rec.ok, rec.error = False, state.error
+    elif not (state.done or state.finished):
+        rec.ok, rec.error = False, "stream ended before [DONE]"
+    elif state.ttft is None:
+        rec.ok, rec.error = False, "no output tokens in response"
+    else:
+        rec.ok, rec.error = True, None

@@ -1,0 +1,139 @@
+"""`parity bench report results*.json --out report.html|.png`: latency CDFs and throughput vs latency across runs.
+
+Figures (matplotlib, Agg backend, no display needed):
+- CDFs of TTFT, TPOT, ITL (per token) and E2EL, one line per run;
+- throughput vs latency across runs: output tokens/s against median TPOT and against p99 TTFT, one point per run
+  (runs sweeping request rate or concurrency draw the usual serving curve).
+HTML embeds the figures as PNG (base64) next to a summary table; ``.png`` writes the figure alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+from parity.bench.metrics import RequestRecord
+from parity.bench.result import load_result
+from parity.errors import BenchError
+
+
+def run_label(result: dict, path: str | Path) -> str:
+    """Short label of a run: file stem, rate and concurrency."""
+    c = result["config"]
+    return f"{Path(path).stem} (rate {c.get('request_rate')}, conc {c.get('max_concurrency') or '-'})"
+
+
+def _latencies(result: dict) -> dict[str, list[float]]:
+    recs = [RequestRecord.from_dict(r) for r in result["requests"]]
+    ok = [r for r in recs if r.ok]
+    return {
+        "TTFT": [r.ttft_s * 1e3 for r in ok if r.ttft_s is not None],
+        "TPOT": [t * 1e3 for r in ok if (t := r.tpot_s) is not None],
+        "ITL": [x * 1e3 for r in ok for x in r.itl_s],
+        "E2EL": [r.e2el_s * 1e3 for r in ok if r.e2el_s is not None],
+    }
+
+
+def make_figure(results: list[tuple[str, dict]]):
+    """A matplotlib Figure with the four CDFs and the two throughput-vs-latency panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
+    cdf_axes = [axes[0, 0], axes[0, 1], axes[0, 2], axes[1, 0]]
+    for ax, metric in zip(cdf_axes, ("TTFT", "TPOT", "ITL", "E2EL")):
+        for label, res in results:
+            v = np.sort(np.asarray(_latencies(res)[metric]))
+            if v.size:
+                ax.step(v, np.arange(1, v.size + 1) / v.size, where="post", label=label)
+        ax.set_xlabel(f"{metric} (ms)")
+        ax.set_ylabel("fraction of " + ("tokens" if metric == "ITL" else "requests"))
+        ax.set_title(f"{metric} CDF")
+        ax.grid(alpha=0.3)
+    for ax, (key, stat, name) in zip((axes[1, 1], axes[1, 2]), (("tpot_ms", "median", "median TPOT"),
+                                                                 ("ttft_ms", "p99", "p99 TTFT"))):
+        pts = [(r["summary"][key][stat], r["summary"]["output_throughput_tok_s"], label) for label, r in results
+               if r["summary"][key][stat] is not None]
+        pts.sort()
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
+            for x, y, label in pts:
+                ax.annotate(label.split(" ")[0], (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        ax.set_xlabel(f"{name} (ms)")
+        ax.set_ylabel("output throughput (tok/s)")
+        ax.set_title(f"throughput vs {name}")
+        ax.grid(alpha=0.3)
+    if len(results) <= 8:
+        axes[0, 0].legend(fontsize=7)
+    return fig
+
+
+def _summary_rows(results: list[tuple[str, dict]]) -> str:
+    cols = ["run", "completed", "failed", "req/s", "out tok/s", "goodput req/s", "TTFT p50", "TTFT p99",
+            "TPOT p50", "ITL p50", "E2EL p50", "J/out tok"]
+    out = ["<tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"]
+    for label, r in results:
+        s = r["summary"]
+        e = r.get("energy") or {}
+
+        def f(v, nd=2):
+            return "-" if v is None else f"{v:,.{nd}f}"
+
+        jpt = e.get("joules_per_output_token")
+        vals = [label, s["completed"], s["failed"], f(s["request_throughput_req_s"]), f(s["output_throughput_tok_s"]),
+                f(s.get("goodput_req_s")), f(s["ttft_ms"]["median"]), f(s["ttft_ms"]["p99"]), f(s["tpot_ms"]["median"]),
+                f(s["itl_ms"]["median"]), f(s["e2el_ms"]["median"]),
+                (f"{jpt:.4f} ({e.get('meter')})" if jpt is not None else "-")]
+        out.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in vals) + "</tr>")
+    return "\n".join(out)
+
+
+def write_report(paths: list[str | Path], out: str | Path) -> Path:
+    """Render results to `out` (.html or .png).
+
+    Raises:
+        BenchError: no input, unreadable result, unsupported output suffix.
+    """
+    if not paths:
+        raise BenchError("bench report: give at least one results JSON file")
+    out = Path(out)
+    if out.suffix.lower() not in (".html", ".htm", ".png"):
+        raise BenchError(f"bench report: --out {out} must end in .html or .png")
+    results = [(run_label(r, p), r) for p in paths for r in [load_result(p)]]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = make_figure(results)
+    try:
+        if out.suffix.lower() == ".png":
+            fig.savefig(out, dpi=110)
+            return out
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    img = base64.b64encode(buf.getvalue()).decode()
+    notes = sorted({n for _, r in results for n in r.get("notes", [])})
+    doc = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>parity bench report</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} th{{background:#eee}}</style></head>
+<body><h1>parity bench report</h1>
+<p>{len(results)} run(s). Latencies in ms; all figures measured by parity bench (provenance: measured).</p>
+<table>{_summary_rows(results)}</table>
+<img alt="latency CDFs and throughput vs latency" src="data:image/png;base64,{img}" style="max-width:100%">
+<h2>Notes</h2><ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>
+</body></html>
+"""
+    try:
+        out.write_text(doc)
+    except OSError as e:
+        raise BenchError(f"bench report: cannot write {out}: {e}") from None
+    return out

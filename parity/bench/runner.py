@@ -1,0 +1,318 @@
+"""The load generator: arrival schedule, concurrency limit, warm-up, energy metering, Ctrl-C handling.
+
+Arrivals follow vLLM ``bench serve``: with ``--request-rate R`` the gaps between sends are drawn from a gamma
+distribution with shape = burstiness and mean 1/R (burstiness 1 = Poisson process; < 1 burstier, > 1 more
+regular); ``inf`` sends everything at once. Sends are scheduled on absolute times from the run start (no drift).
+``--max-concurrency C`` caps requests in flight; a request's send time (the origin of its TTFT) is when it
+actually goes out, after waiting for a slot, as in vLLM. Trace workloads send at their recorded arrival times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import platform
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+
+from parity.bench.client import build_payload, endpoint_url, send_request
+from parity.bench.metrics import RequestRecord, parse_slo, summarize
+from parity.bench.tokenizer import BenchTokenizer, load_bench_tokenizer
+from parity.bench.workloads import BenchRequest, build_requests, parse_workload
+from parity.errors import BenchError
+
+#: Version of the JSON result layout written by `parity bench --output` (bump on incompatible change).
+RESULT_SCHEMA = "parity.bench.result"
+RESULT_VERSION = 1
+
+NOTES = [
+    "TTFT = first token-carrying chunk - send (vLLM also counts a role-only first chunk; we do not).",
+    "Tokens are counted, not chunks: a chunk carrying k tokens after a gap g adds k ITL values g/k; "
+    "TPOT = (E2EL - TTFT) / (output_tokens - 1).",
+    "Per-chunk token counts come from the server's streamed usage (continuous_usage_stats) when present, "
+    "else from counting each chunk's text with the bench tokenizer; output_tokens from the final usage when present.",
+    "E2EL = end of the response stream - send. Goodput = completed requests meeting every SLO / duration.",
+]
+
+
+@dataclass
+class BenchConfig:
+    """Everything that defines a run (recorded verbatim in the result's `config`).
+
+    Attributes:
+        base_url: server root, e.g. http://127.0.0.1:8000 (a trailing /v1 is accepted).
+        model: model name sent in each request.
+        endpoint: "chat" | "completions".
+        workload: ``--workload`` spec (see parity.bench.workloads).
+        num_prompts: requests to send (None: workload default).
+        request_rate: requests/s, math.inf = all at once.
+        burstiness: gamma shape of inter-arrival gaps (1 = Poisson).
+        max_concurrency: cap on requests in flight (None = no cap).
+        warmup: requests sent (and discarded) before the measured run.
+        slo: ``--slo`` string, e.g. "ttft_ms=200,tpot_ms=50".
+        ignore_eos: ask the server to ignore EOS (vLLM/SGLang extension) so outputs reach max_tokens.
+        seed: seeds prompts, lengths and arrival gaps.
+        energy: "auto" | "none" | "nvml" | "npu-smi" | "rapl".
+        energy_devices: accelerator indices to meter (None = all).
+        tokenizer: tokenizer.json path (None = parity's V4 tokenizer).
+        api_key: sent as ``Authorization: Bearer`` (None: $OPENAI_API_KEY if set).
+        timeout_s: per-request timeout in s.
+        temperature: sent with each request (None = not sent).
+        continuous_usage: ask for usage in every chunk (stream_options.continuous_usage_stats).
+        output: JSON result path (None = not written).
+        progress: show a progress bar.
+    """
+
+    base_url: str
+    model: str
+    endpoint: str = "chat"
+    workload: str = "random:in=1024,out=128"
+    num_prompts: int | None = None
+    request_rate: float = math.inf
+    burstiness: float = 1.0
+    max_concurrency: int | None = None
+    warmup: int = 0
+    slo: str | None = None
+    ignore_eos: bool = False
+    seed: int = 0
+    energy: str = "auto"
+    energy_devices: list[int] | None = None
+    tokenizer: str | None = None
+    api_key: str | None = None
+    timeout_s: float = 600.0
+    temperature: float | None = 0.0
+    continuous_usage: bool = True
+    output: str | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raises BenchError naming the flag for out-of-range values."""
+        endpoint_url(self.base_url, self.endpoint)
+        if not self.model:
+            raise BenchError("--model is required (the model name the server serves)")
+        if not (self.request_rate > 0):
+            raise BenchError(f"--request-rate must be > 0 or inf, got {self.request_rate}")
+        if not (self.burstiness > 0) or math.isinf(self.burstiness):
+            raise BenchError(f"--burstiness must be a finite number > 0, got {self.burstiness}")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise BenchError(f"--max-concurrency must be >= 1, got {self.max_concurrency}")
+        if self.warmup < 0:
+            raise BenchError(f"--warmup must be >= 0, got {self.warmup}")
+        if not self.timeout_s > 0:
+            raise BenchError(f"--timeout must be > 0 s, got {self.timeout_s}")
+        parse_slo(self.slo)
+        parse_workload(self.workload)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["request_rate"] = "inf" if math.isinf(self.request_rate) else self.request_rate
+        d["api_key"] = "***" if self.api_key else None
+        return d
+
+
+def arrival_offsets(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
+    """Send offsets in s from the run start for `n` requests (first at 0).
+
+    Gaps ~ Gamma(shape=burstiness, scale=1/(rate*burstiness)), mean 1/rate (vLLM ``bench serve``); all 0 if
+    rate is inf.
+    """
+    if math.isinf(rate):
+        return [0.0] * n
+    rng = np.random.default_rng(seed + 104729)
+    gaps = rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=max(n - 1, 0))
+    return [0.0, *np.cumsum(gaps).tolist()][:n]
+
+
+def environment(tokenizer: BenchTokenizer | None, meter_desc: str) -> dict:
+    """Where the client ran (the server's hardware is the user's to record in the run label)."""
+    import httpx
+
+    from parity import __version__
+
+    return {"parity_version": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
+            "hostname": socket.gethostname(), "cpu_count": os.cpu_count(), "httpx": httpx.__version__,
+            "tokenizer": tokenizer.name if tokenizer else None, "energy_meter": meter_desc,
+            "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _headers(cfg: BenchConfig) -> dict:
+    key = cfg.api_key if cfg.api_key is not None else os.environ.get("OPENAI_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer: BenchTokenizer,
+                       meter=None, interrupt: asyncio.Event | None = None) -> dict:
+    """Run warm-up then the measured requests; returns the result dict (without writing it).
+
+    Args:
+        cfg: the run configuration (validated).
+        requests: the workload.
+        tokenizer: counts chunk text when the server streams no usage.
+        meter: an started-on-demand `parity.devices.energy.EnergyMeter` (None: no energy section).
+        interrupt: setting this event stops the run like Ctrl-C does (in-flight requests are cancelled and
+            recorded as "interrupted"; the partial result is returned).
+    Returns:
+        The result dict: schema, version, config, environment, notes, summary, energy, warmup, requests, interrupted.
+    """
+    import httpx
+
+    chat = cfg.endpoint == "chat"
+    url = endpoint_url(cfg.base_url, cfg.endpoint)
+    headers = _headers(cfg)
+    slo = parse_slo(cfg.slo)
+    host = httpx.URL(url).host
+    local = host in ("127.0.0.1", "localhost", "::1")
+    limit = cfg.max_concurrency or max(len(requests), 1)
+    limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
+    timeout = httpx.Timeout(cfg.timeout_s, connect=min(cfg.timeout_s, 30.0))
+    sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
+    payloads = [build_payload(cfg.endpoint, cfg.model, r, ignore_eos=cfg.ignore_eos, temperature=cfg.temperature,
+                              continuous_usage=cfg.continuous_usage) for r in requests]
+
+    async def one(client, i, rec, origin):
+        if sem is None:
+            await send_request(client, url, payloads[i], requests[i], rec, tokenizer, origin, chat, headers)
+        else:
+            async with sem:
+                await send_request(client, url, payloads[i], requests[i], rec, tokenizer, origin, chat, headers)
+
+    result: dict = {"schema": RESULT_SCHEMA, "version": RESULT_VERSION, "config": cfg.to_dict(),
+                    "environment": environment(tokenizer, meter.describe() if meter else "none (not requested)"),
+                    "notes": list(NOTES), "interrupted": False}
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=not local) as client:
+        # --- warm-up
+        warm = []
+        if cfg.warmup:
+            wreqs = [requests[i % len(requests)] for i in range(cfg.warmup)]
+            origin = time.perf_counter()
+            warm = [RequestRecord(index=i, ok=False) for i in range(cfg.warmup)]
+            await asyncio.gather(*(one(client, i % len(requests), warm[i], origin) for i in range(len(wreqs))))
+            if not any(r.ok for r in warm):
+                raise BenchError(f"all {cfg.warmup} warm-up request(s) to {url} failed: {warm[0].error}")
+        result["warmup"] = {"requests": cfg.warmup, "failed": sum(not r.ok for r in warm)}
+
+        # --- measured run
+        if requests and requests[0].arrival_s is not None:
+            offsets = [r.arrival_s for r in requests]
+        else:
+            offsets = arrival_offsets(len(requests), cfg.request_rate, cfg.burstiness, cfg.seed)
+        records: list[RequestRecord] = []
+        tasks: list[asyncio.Task] = []
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(requests), desc="requests", unit="req", file=sys.stderr, dynamic_ncols=True)
+
+        def _done(_t):
+            if bar is not None:
+                bar.update(1)
+
+        if meter is not None:
+            meter.start()
+        origin = time.perf_counter()
+        interrupted = False
+
+        async def dispatch():
+            for i, off in enumerate(offsets):
+                delay = origin + off - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                rec = RequestRecord(index=requests[i].index, ok=False)
+                records.append(rec)
+                t = asyncio.create_task(one(client, i, rec, origin))
+                t.add_done_callback(_done)
+                tasks.append(t)
+            if tasks:
+                await asyncio.wait(tasks)
+
+        main = asyncio.create_task(dispatch())
+        waiters = {main}
+        stop_t = None
+        if interrupt is not None:
+            stop_t = asyncio.create_task(interrupt.wait())
+            waiters.add(stop_t)
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if not main.done():
+                interrupted = True
+        except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels the main task
+            interrupted = True
+        end = time.perf_counter()
+        if interrupted:
+            main.cancel()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(main, *tasks, return_exceptions=True)
+            ct = asyncio.current_task()
+            if ct is not None and hasattr(ct, "uncancel"):
+                while ct.cancelling():
+                    ct.uncancel()
+        elif main.exception() is not None:
+            raise main.exception()
+        if stop_t is not None:
+            stop_t.cancel()
+        if bar is not None:
+            bar.close()
+        energy = meter.stop() if meter is not None else None
+
+    duration = end - origin
+    summary = summarize(records, duration, slo)
+    summary["not_sent"] = len(requests) - len(records)
+    result["interrupted"] = interrupted
+    result["summary"] = summary
+    result["energy"] = energy_section(energy, summary)
+    result["requests"] = [r.to_dict() for r in records]
+    return result
+
+
+def energy_section(reading, summary: dict) -> dict:
+    """Energy figures of a run, each labelled with its meter: J, average W, J per output token, output tokens per J."""
+    if reading is None:
+        return {"meter": "none", "reason": "not requested", "joules": None}
+    d = reading.to_dict()
+    tout = summary.get("total_output_tokens") or 0
+    j = reading.joules
+    d["joules_per_output_token"] = (j / tout) if (j is not None and tout) else None
+    d["output_tokens_per_joule"] = (tout / j) if (j and tout) else None
+    d["provenance"] = f"measured:{reading.meter}" if j is not None else None
+    return d
+
+
+def run_bench(cfg: BenchConfig, *, tokenizer: BenchTokenizer | None = None, requests: list[BenchRequest] | None = None,
+              meter=None) -> dict:
+    """Synchronous entry point: build the workload, open the energy meter, run, write ``cfg.output``.
+
+    Ctrl-C (SIGINT) stops the run: in-flight requests are cancelled and recorded as "interrupted", the partial
+    result (``"interrupted": true``) is still summarised and written to ``cfg.output``.
+
+    Args:
+        tokenizer, requests, meter: pre-built pieces (tests); None = built from `cfg`.
+    Returns:
+        The result dict (see `run_requests`).
+    Raises:
+        BenchError: bad configuration or dataset, all warm-up requests failing.
+        DeviceError: an explicitly requested energy meter that cannot be read.
+    """
+    cfg.validate()
+    tokenizer = tokenizer or load_bench_tokenizer(cfg.tokenizer)
+    notes: list[str] = []
+    if requests is None:
+        requests, notes = build_requests(cfg.workload, tokenizer, cfg.num_prompts, cfg.seed)
+    if meter is None and cfg.energy:
+        from parity.devices.energy import open_meter
+
+        meter = open_meter(cfg.energy, devices=cfg.energy_devices)
+    result = asyncio.run(run_requests(cfg, requests, tokenizer, meter))
+    result["notes"].extend(notes)
+    if cfg.output:
+        from parity.bench.result import save_result
+
+        save_result(result, cfg.output)
+    return result
