@@ -189,3 +189,16 @@ def test_package_file_is_v4():
     data = json.loads(package_tokenizer_path().read_text(encoding="utf-8"))
     added = {t["content"]: t["id"] for t in data["added_tokens"]}
     assert added["｜DSML｜"] == 128825 and added["<｜begin▁of▁sentence｜>"] == 0
+
+
+def test_numpy_and_torch_integer_ids(tok):
+    import numpy as np
+
+    ids = tok.encode("你好 world")
+    assert tok.decode(np.array(ids, dtype=np.int64)) == "你好 world"
+    detok = IncrementalDetokenizer(tok)
+    assert "".join(detok.add(np.int64(i)) for i in ids) == "你好 world"
+    with pytest.raises(RequestError, match=r"token_ids\[0\]"):
+        tok.decode([True])
+    with pytest.raises(RequestError, match=r"token_ids\[0\]"):
+        tok.decode([1.0])

@@ -17,10 +17,12 @@ from __future__ import annotations
 import codecs
 import functools
 import hashlib
+import operator
 import importlib.util
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from parity.errors import CheckpointError, RequestError
 from parity.tokenizer import special
@@ -216,12 +218,7 @@ class DeepseekV4Tokenizer:
         return out
 
     def _check_ids(self, ids: Iterable[int]) -> list[int]:
-        out = list(ids)
-        n = self.vocab_size
-        for i, t in enumerate(out):
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < n:
-                raise RequestError(f"token_ids[{i}]: {t!r} is not a token id; expected an int in [0, {n})")
-        return out
+        return [_as_id(t, i, self.vocab_size) for i, t in enumerate(ids)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Turn ids back into text.
@@ -298,6 +295,17 @@ class DeepseekV4Tokenizer:
         return f"DeepseekV4Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size})"
 
 
+def _as_id(t, pos: int, vocab_size: int) -> int:
+    """``t`` as a Python int token id (numpy/torch integer scalars accepted); RequestError otherwise."""
+    try:
+        v = operator.index(t)
+    except TypeError:
+        v = None
+    if v is None or isinstance(t, bool) or not 0 <= v < vocab_size:
+        raise RequestError(f"token_ids[{pos}]: {t!r} is not a token id; expected an int in [0, {vocab_size})")
+    return v
+
+
 class IncrementalDetokenizer:
     """Turns a stream of generated ids into text deltas without ever splitting a character.
 
@@ -326,14 +334,12 @@ class IncrementalDetokenizer:
         Raises:
             RequestError: an id is out of range.
         """
-        if isinstance(token_ids, int):
+        if not isinstance(token_ids, Iterable):
             token_ids = (token_ids,)
         tok = self.tokenizer
         chunks = []
         for t in token_ids:
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < tok.vocab_size:
-                raise RequestError(f"token_ids: {t!r} is not a token id; expected an int in "
-                                   f"[0, {tok.vocab_size})")
+            t = _as_id(t, self.num_tokens, tok.vocab_size)
             self.num_tokens += 1
             if self.skip_special_tokens and t in tok.special_ids:
                 continue
