@@ -1,1 +1,29 @@
-"""parity.model"""
+"""parity.model: DeepSeek-V4 math in plain PyTorch.
+
+Public API (see docs/numerics.md):
+    from_pretrained(path, device="cpu", dtype=torch.float32) -> V4ForCausalLM
+    build_model(cfg, device="cpu", dtype=torch.float32, seed=None) -> V4ForCausalLM
+    model.forward_logits(input_ids[B, S]) -> [B, S, vocab]
+    model.new_state(allocator=None) -> SequenceState
+    model.forward_incremental(tokens, states, all_logits=False)
+    model.cache_layout(kv_cache_dtype="bf16") -> list[dict]
+
+torch is imported lazily so that `import parity.model` stays cheap for the CLI.
+"""
+
+from __future__ import annotations
+
+__all__ = ["from_pretrained", "build_model", "V4ForCausalLM", "SequenceState", "CacheAllocator", "TorchAllocator"]
+
+
+def __getattr__(name):
+    if name == "from_pretrained":
+        from parity.model.loader import from_pretrained
+        return from_pretrained
+    if name in ("build_model", "V4ForCausalLM"):
+        from parity.model import model as _m
+        return getattr(_m, name)
+    if name in ("SequenceState", "CacheAllocator", "TorchAllocator"):
+        from parity.model import cache as _c
+        return getattr(_c, name)
+    raise AttributeError(f"module 'parity.model' has no attribute {name!r}")

@@ -1,0 +1,79 @@
+"""Shared helpers of the model tests (no tests here): small random DeepseekV4 checkpoints written by
+transformers 5.23 (the test-only oracle), with non-trivial values everywhere (sinks, position biases,
+router biases, tid2eid, norms), and a single-thread fixture (tiny models run faster on one thread,
+and the CI machine has 2 shared cores)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+#: A small V4 covering every layer kind: sliding, CSA (ratio 4 + indexer), HCA (ratio 16), hash and
+#: scored MoE, YaRN on the compressed layers. index_n_heads=16 makes exact-zero indexer scores (all heads relu 0, ties) improbable.
+SMALL = dict(
+    vocab_size=64, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=4, num_attention_heads=4,
+    head_dim=32, q_lora_rank=16, o_groups=2, o_lora_rank=8, n_routed_experts=4, num_experts_per_tok=2,
+    index_n_heads=16, index_head_dim=16, index_topk=3, sliding_window=8, swiglu_limit=0.5,
+    layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                 "compressed_sparse_attention"],
+    mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+    compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
+    partial_rotary_factor=0.25, max_position_embeddings=128,
+    rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                     "beta_fast": 32, "beta_slow": 1},
+)
+
+
+def make_hf_model(seed: int = 0, **overrides):
+    """A transformers DeepseekV4ForCausalLM with random non-trivial weights (eval mode, fp32)."""
+    import transformers.utils.logging as hf_logging
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    hf_logging.set_verbosity_error()
+    kw = dict(SMALL)
+    kw.update(overrides)
+    cfg = DeepseekV4Config(**kw)
+    torch.manual_seed(seed)
+    m = DeepseekV4ForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, v in m.state_dict().items():
+            if k.endswith("tid2eid"):
+                E, K = cfg.n_routed_experts, v.shape[1]
+                v.copy_(torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(v.shape[0])]))
+            elif k.endswith("norm.weight") or k.endswith("scale"):
+                v.copy_(1 + 0.1 * torch.randn(v.shape, generator=g))
+            elif v.is_floating_point():
+                v.copy_(torch.randn(v.shape, generator=g) * (0.5 if v.dim() < 2 else 0.2))
+            if k.endswith("scorer.weights_proj.weight"):
+                # Positive head weights: an indexer score is then 0 only when every head's relu is 0, so
+                # top-k ties (left unspecified by torch.topk in transformers) stay improbable.
+                v.abs_()
+    return m
+
+
+def save_hf(model, path, **kw) -> str:
+    model.save_pretrained(str(path), **kw)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def hf_small(tmp_path_factory):
+    """(checkpoint_dir, transformers_model) of the SMALL config, saved in transformers' default format."""
+    m = make_hf_model(0)
+    d = tmp_path_factory.mktemp("v4small")
+    return save_hf(m, d), m
+
+
+@pytest.fixture(scope="session")
+def parity_small(hf_small):
+    from parity.model import from_pretrained
+    return from_pretrained(hf_small[0])
+
+
+@pytest.fixture(autouse=False)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
