@@ -392,3 +392,14 @@ def test_load_64_concurrent_streams(server):
         assert text == head(default_respond(prompt), 24)
     wait_cache_zero(server.base_url)
     assert metric(server.base_url, "parity_http_requests_in_flight") == 0
+
+
+def test_engine_failure_is_a_500_or_an_error_event(server, client):
+    with pytest.raises(openai.InternalServerError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "FAIL"}])
+    assert "boom" in e.value.body["message"] and e.value.body["code"] == "engine_error"
+    with httpx.stream("POST", server.base_url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"prompt": "FAIL", "stream": True, "max_tokens": 20}) as r:
+        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
+    assert "boom" in events[-1]["error"]["message"]
+    wait_cache_zero(server.base_url)

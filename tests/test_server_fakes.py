@@ -83,6 +83,7 @@ class Delta:
     finish_reason: str | None
     logprobs: list[dict[int, float]] | None = None
     stop_reason: Any = None
+    error: str | None = None
 
 
 def default_respond(prompt: str) -> str:
@@ -241,6 +242,12 @@ class FakeEngine:
         else:
             tok = r.answer[r.pos]
         r.pos += 1
+        if r.pos == 3 and b"FAIL" in bytes(t - 3 for t in r.prompt if t >= 3):
+            self._running.pop(r.rid, None)
+            r.done = True
+            d = Delta(r.rid, [], "", True, "abort", None, None, "model step failed: boom")
+            r.loop.call_soon_threadsafe(r.queue.put_nowait, d)
+            return
         if tok == 1 and not p.ignore_eos:
             self._running.pop(r.rid, None)
             r.done = True

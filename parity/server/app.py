@@ -96,6 +96,7 @@ class _Choice:
     finished: bool = False
     finish_reason: str | None = None
     stop_reason: Any = None
+    error: str | None = None
     observed: bool = False
 
 
@@ -318,6 +319,8 @@ class OpenAIServer:
         lps = getattr(d, "logprobs", None)
         if lps:
             ch.logprobs.extend(lps)
+        if getattr(d, "error", None):
+            ch.error = str(d.error)
         if getattr(d, "finished", False):
             ch.finished = True
             ch.finish_reason = getattr(d, "finish_reason", None) or "stop"
@@ -358,7 +361,11 @@ class OpenAIServer:
             self.metrics.prompt_tokens.inc(len(ids))
         tasks = [asyncio.ensure_future(self._collect(ch, ids, sp)) for ch, ids, sp in jobs]
         try:
-            return await self._run_or_disconnect(request, tasks)
+            ok = await self._run_or_disconnect(request, tasks)
+            failed = next((ch for ch, _, _ in jobs if ch.error), None)
+            if failed is not None:
+                raise OpenAIError(500, f"The engine failed while generating: {failed.error}", code="engine_error")
+            return ok
         except BaseException as e:
             for ch, _, _ in jobs:
                 await self._close(ch)
@@ -756,6 +763,10 @@ def build_app(engine: Any, settings: ServerSettings | None = None, *, chat_forma
                     yield _sse(srv._engine_error(d).body())
                     continue
                 ids, text = srv._apply_delta(ch, d)
+                if ch.error and ch.finished:
+                    yield _sse(OpenAIError(500, f"The engine failed while generating: {ch.error}",
+                                           code="engine_error").body())
+                    continue
                 if top_n is not None and ids:
                     lps = getattr(d, "logprobs", None) or []
                     pending_lp[ch.index].extend(srv.chat_logprobs(ids, lps, top_n))
@@ -855,6 +866,10 @@ def build_app(engine: Any, settings: ServerSettings | None = None, *, chat_forma
                     yield _sse(srv._engine_error(d).body())
                     continue
                 ids, text = srv._apply_delta(ch, d)
+                if ch.error and ch.finished:
+                    yield _sse(OpenAIError(500, f"The engine failed while generating: {ch.error}",
+                                           code="engine_error").body())
+                    continue
                 if not text and not ids and not ch.finished:
                     continue
                 lps = getattr(d, "logprobs", None) or []

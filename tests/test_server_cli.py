@@ -1,0 +1,182 @@
+"""`parity serve / generate / chat`: flags, SIGTERM drain of a real server process, the chat loop."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+import argparse
+
+from parity.cli import main
+from parity.server.app import ServerSettings, build_app
+from parity.server.cli import default_model_name, parse_bytes, register
+from parity.server.launcher import ThreadedServer, free_port
+from test_server_fakes import FakeChatFormat, FakeEngine, FakeSamplingParams
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Only the server's sub-commands (parity.cli.build_parser imports every pillar)."""
+    p = argparse.ArgumentParser(prog="parity")
+    register(p.add_subparsers(dest="command"))
+    return p
+
+
+def test_flags_parse():
+    p = build_parser()
+    a = p.parse_args(["serve", "--port", "9001", "--api-key", "k", "--max-num-seqs", "8", "--cache-memory", "2GiB",
+                      "--served-model-name", "v4", "--drain-timeout", "5"])
+    assert (a.model, a.port, a.api_key, a.max_num_seqs, a.cache_memory, a.served_model_name, a.drain_timeout,
+            a.host) == (None, 9001, "k", 8, 2 << 30, "v4", 5.0, "127.0.0.1")
+    a = p.parse_args(["generate", "tiny", "--prompt", "hi", "--temperature", "0.7", "--stop", "x", "--stop", "y"])
+    assert (a.model, a.prompt, a.temperature, a.stop) == ("tiny", "hi", 0.7, ["x", "y"])
+    a = p.parse_args(["chat", "--base-url", "http://127.0.0.1:1", "--thinking"])
+    assert a.base_url and a.thinking and a.func.__name__ == "run_chat"
+    assert parse_bytes("512MB") == 512 * 10**6 and parse_bytes("1000") == 1000
+    with pytest.raises(Exception, match="size in bytes"):
+        parse_bytes("lots")
+    assert default_model_name(None) == "tiny" and default_model_name("v4-flash") == "v4-flash"
+
+
+def test_generate_one_shot(capsys):
+    pytest.importorskip("torch")
+    rc = main(["generate", "--prompt", "Hello", "--max-tokens", "3", "--device", "cpu", "--max-model-len", "128",
+               "--cache-memory", "16MiB", "--json", "--logprobs", "1"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    o = out["outputs"][0]
+    assert len(o["token_ids"]) == 3 and o["finish_reason"] == "length" and len(o["logprobs"]) == 3
+    rc = main(["generate", "--prompt", "Hello", "--max-tokens", "0", "--device", "cpu", "--max-model-len", "128",
+               "--cache-memory", "16MiB"])
+    assert rc == 2 and "max_tokens" in capsys.readouterr().err
+
+
+def test_chat_loop_streams_reasoning_separately():
+    from rich.console import Console
+
+    from parity.server.cli import chat_loop
+
+    eng = FakeEngine(step_s=0.0005)
+    app = build_app(eng, ServerSettings(served_model_names=["tiny"], api_key="k"), chat_format=FakeChatFormat(),
+                    sampling_params_cls=FakeSamplingParams)
+    lines = iter(["what is 2+2?", "/think off", "/reset", "hello", "/exit"])
+    buf = io.StringIO()
+    args = build_parser().parse_args(["chat", "--thinking", "--system", "be brief", "--max-tokens", "64"])
+    with ThreadedServer(app) as srv:
+        rc = chat_loop(srv.base_url, "tiny", api_key="k", args=args, read=lambda _: next(lines),
+                       console=Console(file=buf, width=200, color_system=None))
+    out = buf.getvalue()
+    assert rc == 0
+    assert "thinking: Let me think about 2+2." in out and "assistant> The answer is 4." in out
+    assert "(thinking off)" in out and "(conversation cleared)" in out and "Echo:" in out
+
+
+def _drain_script(port: int, drain_s: float) -> str:
+    return textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(TESTS)!r})
+        from test_server_fakes import FakeChatFormat, FakeEngine, FakeSamplingParams
+        from parity.server.app import ServerSettings, build_app
+        from parity.server.launcher import serve_forever
+        eng = FakeEngine(step_s=0.01)
+        app = build_app(eng, ServerSettings(drain_timeout_s={drain_s}), chat_format=FakeChatFormat(),
+                        sampling_params_cls=FakeSamplingParams)
+        rc = serve_forever(app, "127.0.0.1", {port}, drain_timeout_s={drain_s}, log_level="warning")
+        print("EXIT", rc, "shutdown", eng.shutdown_called, "left", eng.stats()["cache_used_bytes"], flush=True)
+        sys.exit(rc)
+    """)
+
+
+def _start_proc(tmp_path: Path, drain_s: float):
+    port = free_port()
+    script = tmp_path / f"serve_{port}.py"
+    script.write_text(_drain_script(port, drain_s))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(base + "/health", timeout=0.5).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+
+
+def _stream_in_thread(base: str, max_tokens: int, out: dict) -> threading.Thread:
+    started = threading.Event()
+
+    def run():
+        lines = []
+        try:
+            with httpx.stream("POST", base + "/v1/completions", timeout=30,
+                              json={"prompt": "drain me", "max_tokens": max_tokens, "ignore_eos": True,
+                                    "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        lines.append(line)
+                        started.set()
+        except httpx.HTTPError as e:
+            out["error"] = repr(e)
+        finally:
+            started.set()
+            out["lines"] = lines
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    started.wait(10)
+    return t
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_cleanly(tmp_path):
+    proc, base = _start_proc(tmp_path, drain_s=10.0)
+    try:
+        out: dict = {}
+        t = _stream_in_thread(base, 60, out)  # about 0.6 s of generation left
+        proc.send_signal(signal.SIGTERM)
+        t.join(20)
+        rc = proc.wait(20)
+        log = proc.stdout.read()
+        assert rc == 0, log
+        assert "EXIT 0 shutdown True left 0" in log
+        assert out["lines"][-1] == "data: [DONE]", out
+        last = json.loads(out["lines"][-2][5:])
+        assert last["choices"][0]["finish_reason"] == "length"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_sigterm_drain_timeout_aborts_long_requests(tmp_path):
+    proc, base = _start_proc(tmp_path, drain_s=0.3)
+    try:
+        out: dict = {}
+        t = _stream_in_thread(base, 5000, out)  # would take 50 s
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(20)
+        t.join(10)
+        log = proc.stdout.read()
+        assert rc == 0 and time.monotonic() - t0 < 10, log
+        assert "EXIT 0 shutdown True left 0" in log
+        assert "data: [DONE]" not in out.get("lines", [])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
