@@ -131,7 +131,8 @@ class LLMEngine:
         layout_fn = getattr(model, "cache_layout", None)
         raw = []
         if layout_fn is not None:
-            raw = layout_fn(kv_cache_dtype=args.kv_cache_dtype) if args.kv_cache_dtype else layout_fn()
+            kv = args.kv_cache_dtype if args.kv_cache_dtype not in (None, "auto") else None
+            raw = layout_fn(kv_cache_dtype=kv) if kv else layout_fn(getattr(model, "kv_cache_dtype", "bf16"))
         self.layout = normalize_layout(raw, getattr(model, "cache_block_entries", None))
         if self.layout:
             if args.cache_memory is not None:
@@ -144,8 +145,11 @@ class LLMEngine:
         else:
             self.pool = None
 
+        kv = args.kv_cache_dtype if args.kv_cache_dtype not in (None, "auto") else None
+        self._kv_kw = {"kv_cache_dtype": kv} if kv else {}
+
         def new_state(cache: SequenceCache):
-            return model.new_state(allocator=cache)
+            return model.new_state(allocator=cache, **self._kv_kw)
 
         self.scheduler = Scheduler(self.pool, self.layout, args.max_num_seqs, args.max_num_batched_tokens,
                                    new_state, self.device)
@@ -159,16 +163,15 @@ class LLMEngine:
         self._pending: list[StreamDelta] = []
 
     # ------------------------------------------------------------------ requests
-    def _max_pages_needed(self, num_tokens: int) -> bool:
-        """Whether one sequence of num_tokens tokens can ever fit the empty pool."""
+    def pages_needed(self, num_tokens: int) -> int:
+        """Pool pages one sequence of `num_tokens` tokens needs at most (0 without a pool)."""
         if self.pool is None:
-            return True
+            return 0
         d = SequenceCache(None).demand(self.layout, num_tokens)
-        pages = 0
-        for sb, n in d.items():
-            per = self.pool.page_bytes // sb
-            pages += math.ceil(n / per)
-        return pages <= self.pool.num_pages
+        return sum(math.ceil(n / (self.pool.page_bytes // sb)) for sb, n in d.items())
+
+    def _fits_empty_pool(self, num_tokens: int) -> bool:
+        return self.pool is None or self.pages_needed(num_tokens) <= self.pool.num_pages
 
     def encode(self, prompt: str) -> list[int]:
         if self.tokenizer is None:
@@ -222,7 +225,7 @@ class LLMEngine:
             raise EngineQueueFull(f"request queue is full: {self.scheduler.num_waiting} requests waiting "
                                   f"(max_waiting = {self.args.max_waiting}); retry later")
         total = len(ids) + (params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids))
-        if not self._max_pages_needed(min(total, self.max_model_len)):
+        if not self._fits_empty_pool(min(total, self.max_model_len)):
             raise RequestError(f"sampling parameter 'max_tokens': prompt + max_tokens ({total} tokens) needs more "
                                f"cache than the whole pool ({self.pool.total_bytes if self.pool else 0} bytes)")
         if request_id is None:
@@ -297,7 +300,7 @@ class LLMEngine:
         tokens = [s.seq.token_slice(s.start, s.start + s.num_tokens) for s in scheduled]
         states = [s.seq.state for s in scheduled]
         try:
-            logits = self.model.forward_incremental(tokens, states)
+            logits = self.model.forward_incremental(tokens, states, **self._kv_kw)
         except CachePoolExhausted:
             # the layout under-estimated: recompute every sequence of this step later
             log.warning("cache pool exhausted inside a step; preempting %d sequences", len(scheduled))

@@ -1,0 +1,119 @@
+"""The engine on the real V4 model (small-ratio miniature): greedy outputs equal repeated argmax of
+`forward_logits` alone, batched, with chunked prefill and after preemption; caches return to zero.
+
+Config: the `tiny` preset with sliding_window 8, CSA ratio 4, HCA ratio 16 and index_topk 2, so prompts of
+21-50 tokens plus 16 generated tokens cross the window, many CSA and several HCA boundaries, and the
+indexer has more candidates than index_topk.
+"""
+
+import pytest
+import torch
+
+from parity.config import CSA, HCA, load_preset
+from parity.engine import LLM, SamplingParams
+
+pytest.importorskip("parity.model.model")
+from parity.model import build_model  # noqa: E402
+
+N_OUT = 16
+GREEDY = SamplingParams(temperature=0.0, max_tokens=N_OUT, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny shapes gain nothing from intra-op threads and suffer badly on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = load_preset("tiny").replace(sliding_window=8, compress_rates={CSA: 4, HCA: 16}, index_topk=2)
+    m = build_model(cfg, device="cpu", dtype=torch.float32, seed=0)
+    m.cache_block_entries = 1   # one entry per growing block: caches grow during decode (preemption happens there)
+    return m
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(2, 129280, (n,), generator=g).tolist() for n in (37, 21, 50)]
+
+
+def check_greedy(model, prompt, out):
+    """Teacher-forced check: every generated token is the argmax of forward_logits on its prefix
+    (equivalent to repeated argmax on the growing sequence); ties closer than 1e-4 are accepted."""
+    seq = torch.tensor([prompt + out[:-1]])
+    logits = model.forward_logits(seq)[0, len(prompt) - 1:]
+    for i, t in enumerate(out):
+        row = logits[i]
+        best = int(row.argmax())
+        assert t == best or float(row[best] - row[t]) < 1e-4, (i, t, best)
+
+
+def make(model, **kw):
+    kw.setdefault("cache_memory", 64 << 20)
+    return LLM(model_obj=model, tokenizer=None, **kw)
+
+
+@pytest.fixture(scope="module")
+def batched(model, prompts):
+    llm = make(model)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)
+    assert llm.engine.pool.used_bytes == 0
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_batched_equals_forward_logits_argmax(model, prompts, batched):
+    for p, o in zip(prompts, batched):
+        assert len(o) == N_OUT
+        check_greedy(model, p, o)
+
+
+def test_alone_and_chunked_prefill_identical(model, prompts, batched):
+    alone = make(model).generate(prompt_token_ids=[prompts[2]], sampling_params=GREEDY)[0].outputs[0].token_ids
+    assert alone == batched[2]
+    chunked = make(model, max_num_batched_tokens=11).generate(prompt_token_ids=prompts, sampling_params=GREEDY)
+    assert [o.outputs[0].token_ids for o in chunked] == batched
+
+
+def test_preemption_identical_and_cache_returns_to_zero(model, prompts, batched):
+    from parity.engine import CachePoolExhausted
+
+    eng = make(model, cache_memory=4 << 20).engine
+    pool = eng.pool
+    reqs = [eng.add_request(p, GREEDY.clone()) for p in prompts]
+    eng.step()                                     # all three prefilled in one step
+    assert eng.scheduler.num_running == 3
+    hog = []                                       # memory pressure: take every free page
+    while True:
+        try:
+            hog.append(pool.alloc(0, "hog", (pool.page_bytes,), torch.uint8))
+        except CachePoolExhausted:
+            break
+    assert pool.free_pages == 0
+    while eng.has_unfinished():
+        eng.step()
+    st = eng.stats()
+    assert st["num_preemptions"] > 0
+    assert [r.output().outputs[0].token_ids for r in reqs] == batched
+    assert pool.used_bytes == len(hog) * pool.page_bytes
+    for t in hog:
+        pool.release(t)
+    st = eng.stats()
+    assert st["cache_used_bytes"] == 0 and st["cache_live_tensors"] == 0 and st["cache_reserved_bytes"] == 0
+
+
+def test_abort_mid_decode_frees_everything(model, prompts):
+    eng = make(model).engine
+    reqs = [eng.add_request(p, GREEDY.clone()) for p in prompts]
+    for _ in range(3):
+        eng.step()
+    held = eng.pool.used_bytes
+    assert held == sum(s.state.nbytes() for s in eng.scheduler.running) > 0
+    for r in reqs:
+        eng.abort(r.request_id)
+    eng.step()
+    assert eng.pool.used_bytes == 0 and eng.stats()["cache_live_tensors"] == 0 and not eng.has_unfinished()
