@@ -1,0 +1,33 @@
+"""`parity export-tiny DIR [--seed S]`: write the seeded random miniature in the published layout.
+
+The checkpoint (FP8 e4m3 linears with 128x128 UE8M0 scales, FP4 e2m1 routed experts with 1x32 UE8M0
+scales, sharded safetensors + index, legacy config.json, tokenizer files) is what
+`parity.model.official.ensure_default_model` creates on first use; see `parity.model.official`.
+torch is imported only inside the command.
+"""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export-tiny", help="write the seeded random 'tiny' model in DeepSeek-V4's FP8/FP4 layout")
+    p.add_argument("dir", help="output directory (created; existing checkpoint files are overwritten)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes; default 0)")
+    p.add_argument("--preset", default="tiny", help="model preset to export (default: tiny)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from parity.errors import CheckpointError
+    from parity.model.official import INDEX_FILE, export_tiny
+
+    out = Path(args.dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"export-tiny: {str(out)!r} exists and is not a directory; expected a directory path")
+    d = export_tiny(out, seed=args.seed, preset=args.preset)
+    size = sum(f.stat().st_size for f in d.iterdir() if f.suffix == ".safetensors")
+    shards = sum(1 for f in d.iterdir() if f.suffix == ".safetensors")
+    print(f"wrote {d} ({shards} shards, {size / 2**20:.1f} MiB of weights, seed {args.seed}); index {INDEX_FILE}")
+    return 0

@@ -1,0 +1,304 @@
+"""The published FP8/FP4 layout: names, exporter, loader, default miniature, bad input (issue 3)."""
+
+import json
+import math
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from parity.config import load_preset
+from parity.errors import CheckpointError
+from parity.model import fp_formats as ff
+from parity.model import official as o
+
+
+# ------------------------------------------------------------------------------------------ layout
+def test_layout_matches_release_listing_v4_flash():
+    lay = o.official_layout(load_preset("v4-flash"))
+    want = {  # (dtype, shape) as in the V4-Flash safetensors headers
+        "layers.0.attn.wq_a.weight": ("F8_E4M3", (1024, 4096)),
+        "layers.0.attn.wq_a.scale": ("F8_E8M0", (8, 32)),
+        "layers.2.attn.indexer.wq_b.weight": ("F8_E4M3", (8192, 1024)),
+        "layers.2.attn.indexer.wq_b.scale": ("F8_E8M0", (64, 8)),
+        "layers.2.attn.compressor.wkv.weight": ("BF16", (1024, 4096)),
+        "layers.2.attn.indexer.weights_proj.weight": ("BF16", (64, 4096)),
+        "layers.0.ffn.experts.0.w1.weight": ("I8", (2048, 2048)),
+        "layers.0.ffn.experts.0.w1.scale": ("F8_E8M0", (2048, 128)),
+        "layers.0.ffn.experts.0.w2.weight": ("I8", (4096, 1024)),
+        "layers.0.ffn.experts.0.w2.scale": ("F8_E8M0", (4096, 64)),
+        "layers.0.ffn.shared_experts.w1.weight": ("F8_E4M3", (2048, 4096)),
+        "layers.0.ffn.shared_experts.w1.scale": ("F8_E8M0", (16, 32)),
+        "layers.0.ffn.gate.tid2eid": ("I64", (129280, 6)),
+        "layers.5.ffn.gate.bias": ("F32", (256,)),
+        "layers.0.attn.attn_sink": ("F32", (64,)),
+        "embed.weight": ("BF16", (129280, 4096)),
+        "head.weight": ("BF16", (129280, 4096)),
+        "mtp.0.e_proj.scale": ("F8_E8M0", (32, 32)),
+    }
+    for name, (dt, shape) in want.items():
+        assert (lay[name].dtype, lay[name].shape) == (dt, shape), name
+    assert "layers.0.attn.compressor.wkv.weight" not in lay  # layer 0 is sliding-only in V4-Flash
+    # parameter count without MTP: 284B, the published V4-Flash size (FP4 bytes hold 2 weights)
+    n = sum(math.prod(s.shape) * (2 if s.role == o.FP4 else 1) for s in lay.values()
+            if not s.mtp and s.role not in (o.FP8_SCALE, o.FP4_SCALE))
+    assert round(n / 1e9) == 284
+
+
+def test_layout_targets_are_the_model_names():
+    """Every official tensor maps onto a tensor of parity's model (= transformers' DeepseekV4ForCausalLM
+    names, plus ``model.mtp.N``) and agrees with the plain loader's renaming of official names."""
+    from parity.model.loader import canonical_name
+    from parity.model.model import V4ForCausalLM
+
+    cfg = load_preset("tiny")
+    with torch.device("meta"):
+        names = set(V4ForCausalLM(cfg).state_dict())
+    lay = o.official_layout(cfg)
+    suffix = {o.PLAIN: "", o.FP8: ".weight", o.FP8_SCALE: ".weight", o.FP4: ".gate_up_proj", o.FP4_SCALE: ".down_proj"}
+    for spec in lay.values():
+        assert spec.target + suffix[spec.role] in names, spec.name
+        if spec.role in (o.PLAIN, o.FP8):
+            assert canonical_name(spec.name) == spec.target + suffix[spec.role], spec.name
+    covered = {s.target + suffix[s.role] for s in lay.values() if s.role in (o.PLAIN, o.FP8)}
+    covered |= {s.target + p for s in lay.values() if s.role == o.FP4 for p in (".gate_up_proj", ".down_proj")}
+    assert names - covered == set()  # nothing the model holds is left out
+    assert o.official_to_hf_name("layers.1.attn.indexer.compressor.ape", cfg) == \
+        "model.layers.1.self_attn.compressor.indexer.position_bias"
+    with pytest.raises(CheckpointError, match="not part"):
+        o.official_to_hf_name("layers.0.attn.bogus", cfg)
+
+
+# ---------------------------------------------------------------------------- export + load (tiny)
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from parity.cli import main
+
+    d = tmp_path_factory.mktemp("tiny") / "ckpt"
+    assert main(["export-tiny", str(d), "--seed", "3"]) == 0
+    return d
+
+
+def test_export_tiny_layout(tiny_dir):
+    files = sorted(p.name for p in tiny_dir.iterdir())
+    assert files == ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                     o.INDEX_FILE, "tokenizer.json", "tokenizer_config.json"]
+    cfg_json = json.loads((tiny_dir / "config.json").read_text())
+    assert cfg_json["quantization_config"]["weight_block_size"] == [128, 128]
+    assert cfg_json["expert_dtype"] == "fp4" and cfg_json["compress_ratios"] == [0, 4, 128, 4, 0]
+    idx = json.loads((tiny_dir / o.INDEX_FILE).read_text())
+    assert set(idx["weight_map"]) == set(o.official_layout(load_preset("tiny")))
+    from safetensors import safe_open
+    with safe_open(str(tiny_dir / idx["weight_map"]["layers.1.ffn.experts.3.w2.weight"]), "pt") as f:
+        assert f.get_tensor("layers.1.ffn.experts.3.w2.weight").dtype == torch.int8
+        assert f.get_tensor("layers.1.ffn.experts.3.w2.scale").dtype == torch.float8_e8m0fnu
+        assert f.get_tensor("layers.1.attn.wo_a.weight").dtype == torch.float8_e4m3fn
+
+
+@pytest.fixture(scope="module")
+def tiny_ref(tiny_dir):
+    """The exported miniature loaded as a plain model with dequantized weights (the reference)."""
+    return o.load_official(tiny_dir, quantized=False, progress=False)
+
+
+def test_loaded_quantized_model_equals_dequantized_plain_model(tiny_dir, tiny_ref):
+    from parity.model import from_pretrained
+    from parity.model.quant import FP4Experts, QuantLinear, quantized_nbytes
+
+    q = from_pretrained(tiny_dir)  # detects the published layout
+    assert isinstance(q.model.layers[0].self_attn.q_a_proj, QuantLinear)
+    assert isinstance(q.model.layers[1].mlp.experts, FP4Experts)
+    assert q.kv_cache_dtype == "fp8" and q.indexer_dtype == "fp4"  # official numerics by default (issue 8)
+    ref = tiny_ref
+    assert isinstance(ref.model.layers[0].self_attn.q_a_proj, torch.nn.Linear)
+    q.kv_cache_dtype = q.indexer_dtype = ref.kv_cache_dtype = ref.indexer_dtype = "bf16"
+    ids = torch.randint(0, q.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    a, b = q.forward_logits(ids), ref.forward_logits(ids)  # 40 tokens: past the window, 10 CSA entries
+    assert a.shape == (2, 40, q.config.vocab_size)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    # weights really are held quantized: FP8 / FP4 bytes far below the fp32 equivalent
+    e = q.model.layers[1].mlp.experts
+    assert e.gate_up_qweight.dtype == torch.uint8
+    assert e.weight_nbytes() < (e.gate_up_proj.numel() + e.down_proj.numel()) * 4 / 6
+    assert quantized_nbytes(q) > 0
+
+
+# ------------------------------------------------------------------------------------- bad input
+SMALL = dict(vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def small_src():
+    from parity.model import build_model
+
+    return build_model(load_preset("tiny").replace(**SMALL), seed=1)
+
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory, small_src):
+    """A tiny-architecture checkpoint with a 512-token vocabulary (fast to copy and corrupt)."""
+    d = tmp_path_factory.mktemp("small") / "ckpt"
+    o.export_model(small_src, d, seed=1, shard_bytes=200_000, tokenizer=False)
+    return d
+
+
+def test_same_seed_same_bytes(small_dir, tmp_path):
+    from parity.model import build_model
+
+    again = o.export_model(build_model(load_preset("tiny").replace(**SMALL), seed=1), tmp_path / "again", seed=1,
+                           shard_bytes=200_000, tokenizer=False)
+    files = sorted(p.name for p in small_dir.iterdir())
+    assert files == sorted(p.name for p in again.iterdir()) and len(files) > 4
+    for f in files:
+        assert (again / f).read_bytes() == (small_dir / f).read_bytes(), f
+    other = o.export_model(build_model(load_preset("tiny").replace(**SMALL), seed=2), tmp_path / "other", seed=2,
+                           shard_bytes=200_000, tokenizer=False)
+    shard = [f for f in files if f.endswith(".safetensors")][0]
+    assert (other / shard).read_bytes() != (small_dir / shard).read_bytes()
+
+
+def test_dequantized_weights_follow_the_float_model(small_dir, small_src):
+    ref = o.load_official(small_dir, quantized=False, progress=False)
+    w0, w1 = small_src.model.layers[0].self_attn.q_b_proj.weight, ref.model.layers[0].self_attn.q_b_proj.weight
+    assert ((w1 - w0).abs() <= w0.abs() * 2 ** -4 + 2 ** -22).all()  # FP8 e4m3: 3 mantissa bits
+    g0, g1 = small_src.model.layers[0].mlp.experts.gate_up_proj, ref.model.layers[0].mlp.experts.gate_up_proj
+    # FP4 e2m1: the widest gap (4 -> 6) is one scale step and the scale is <= amax/3 of its 1x32 block
+    amax = g0.abs().unflatten(-1, (-1, 32)).amax(-1, keepdim=True)
+    assert ((g1 - g0).abs().unflatten(-1, (-1, 32)) <= amax / 3 + 1e-12).all()
+    torch.testing.assert_close(ref.model.embed_tokens.weight, small_src.model.embed_tokens.weight.bfloat16().float())
+    torch.testing.assert_close(ref.model.mtp[0].e_proj.weight, small_src.model.mtp[0].e_proj.weight, rtol=2 ** -4,
+                               atol=1e-6)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _shard_of(d: Path, tensor: str) -> Path:
+    return d / json.loads((d / o.INDEX_FILE).read_text())["weight_map"][tensor]
+
+
+def test_small_checkpoint_loads(small_dir):
+    m = o.load_official(small_dir, progress=False)
+    assert m.config.vocab_size == 512
+    assert len({f for f in json.loads((small_dir / o.INDEX_FILE).read_text())["weight_map"].values()}) > 2
+
+
+def test_truncated_and_corrupted_shards(small_dir, tmp_path):
+    d = _copy(small_dir, tmp_path / "trunc")
+    shard = _shard_of(d, "layers.1.attn.wq_a.weight")
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match=rf"shard {shard.name}: not a complete safetensors file"):
+        o.load_official(d, progress=False)
+    shard.write_bytes(b"\xff" * 16 + data[16:])
+    with pytest.raises(CheckpointError, match=shard.name):
+        o.load_official(d, progress=False)
+
+
+def test_index_naming_missing_file(small_dir, tmp_path):
+    d = _copy(small_dir, tmp_path / "missing")
+    shard = _shard_of(d, "embed.weight")
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"names shard '{shard.name}' which does not exist"):
+        o.load_official(d, progress=False)
+    (d / o.INDEX_FILE).write_text("{not json")
+    with pytest.raises(CheckpointError, match="weight_map"):
+        o.load_official(d, progress=False)
+
+
+def _rewrite(d: Path, tensor: str, value: torch.Tensor | None) -> None:
+    from safetensors.torch import load_file, save_file
+
+    shard = _shard_of(d, tensor)
+    ts = load_file(str(shard))
+    if value is None:
+        del ts[tensor]
+    else:
+        ts[tensor] = value
+    save_file(ts, str(shard), metadata={"format": "pt"})
+
+
+def test_scale_of_wrong_shape(small_dir, tmp_path):
+    d = _copy(small_dir, tmp_path / "scale")
+    _rewrite(d, "layers.1.attn.wq_b.scale", torch.full((3, 1), 127, dtype=torch.uint8).view(ff.SCALE_DTYPE))
+    with pytest.raises(CheckpointError, match=r"scale tensor 'layers.1.attn.wq_b.scale' has shape \[3, 1\]; "
+                                              r"expected \[2, 1\]"):
+        o.load_official(d, progress=False)
+    d2 = _copy(small_dir, tmp_path / "scale4")
+    _rewrite(d2, "layers.0.ffn.experts.2.w2.scale", torch.full((128, 3), 127, dtype=torch.uint8).view(ff.SCALE_DTYPE))
+    with pytest.raises(CheckpointError, match=r"experts.2.w2.scale' has shape \[128, 3\]; expected \[128, 2\]"):
+        o.load_official(d2, progress=False)
+
+
+def test_missing_tensor_wrong_dtype_and_nan_scale(small_dir, tmp_path):
+    d = _copy(small_dir, tmp_path / "nan")
+    _rewrite(d, "layers.2.attn.wkv.scale", torch.full((1, 1), 255, dtype=torch.uint8).view(ff.SCALE_DTYPE))
+    with pytest.raises(CheckpointError, match="wkv.scale' holds NaN"):
+        o.load_official(d, progress=False)
+    _rewrite(d, "layers.2.attn.wkv.weight", torch.zeros(64, 128, dtype=torch.bfloat16))
+    with pytest.raises(CheckpointError, match=r"'layers.2.attn.wkv.weight' has dtype BF16; expected F8_E4M3"):
+        o.load_official(d, progress=False)
+    _rewrite(d, "layers.2.attn.wkv.weight", None)
+    with pytest.raises(CheckpointError, match="wkv.weight' listed in model.safetensors.index.json is not in the file"):
+        o.load_official(d, progress=False)
+
+
+def test_unknown_quantization_method(small_dir, tmp_path):
+    d = _copy(small_dir, tmp_path / "quant")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"]["quant_method"] = "awq"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"quantization_config.quant_method is 'awq': expected 'fp8'"):
+        o.load_official(d, progress=False)
+    cfg["quantization_config"]["quant_method"] = "fp8"
+    cfg["expert_dtype"] = "int4"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"'expert_dtype' is 'int4'"):
+        o.load_official(d, progress=False)
+
+
+# ----------------------------------------------------------------------------- default miniature
+def test_ensure_default_model_concurrent_first_use(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARITY_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_export(out, seed=0):  # the real export is tested above; here: the race logic
+        calls.append(seed)
+        out = Path(out)
+        (out / "config.json").write_text("{}")
+        (out / o.INDEX_FILE).write_text(json.dumps({"weight_map": {}, "n": len(calls)}))
+        return out
+
+    monkeypatch.setattr(o, "export_tiny", fake_export)
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(o.ensure_default_model())
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    target = tmp_path / "cache" / "models" / "tiny-seed0"
+    assert set(results) == {target} and (target / o.INDEX_FILE).is_file()
+    assert sorted(os.listdir(target.parent)) == ["tiny-seed0"]  # no temp dirs left behind
+    n = len(calls)
+    assert o.ensure_default_model() == target and len(calls) == n  # cached: no second export
+
+
+def test_export_tiny_cli_rejects_file_target(tmp_path):
+    from parity.cli import main
+
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert main(["export-tiny", str(f)]) == 2
