@@ -21,7 +21,7 @@ Model version `MODEL_VERSION`. Physics, per device and per step (all layers, plu
   path bounds the time;
 - attention TP adds two all-reduces of the activations per layer over scale-up;
 - communication is hidden behind compute with two micro-batches (`overlap`): step = max(compute,
-  comm); without overlap step = compute + comm.
+  comm); without overlap step = compute + comm; plus a fixed `LAYER_LATENCY_S` per layer.
 
 Calibration constants (`gemm_eff`, `attn_eff`, `hbm_eff`, `link_eff`) are per hardware family
 (`parity/data/hardware/families.toml`). Nothing here is fitted per published entry.
@@ -43,6 +43,12 @@ MODEL_VERSION = "parity-plan-1"
 EXPERT_IMBALANCE = 1.2
 #: Fraction of HBM usable for weights + cache (the rest: activations, workspace, fragmentation).
 HBM_USABLE = 0.9
+#: Fixed time per layer per step that no bandwidth or FLOP rate removes: kernel launches and
+#: synchronisation plus the latency (not bandwidth) part of the MoE dispatch and combine. 50 us is an
+#: estimate: DeepEP's README reports low-latency dispatch + combine of ~190 us per layer at EP8 with
+#: 128 tokens/GPU, mostly bandwidth; its latency floor and ~10 CUDA-graph kernels at a few us each give
+#: tens of us. It only matters at small batches (high tok/s per user); not fitted.
+LAYER_LATENCY_S = 50e-6
 
 #: Storage bytes per weight value, scales included (FP8 128x128 block scales and INT8 per-channel
 #: scales are negligible; FP4 e2m1 carries one UE8M0 byte per 32 values: DeepSeek-V4 inference/model.py
@@ -108,6 +114,7 @@ class Terms:
     comm_up_s: float = 0.0
     comm_out_s: float = 0.0
     overlap: bool = True
+    fixed_s: float = 0.0
 
     def compact(self) -> "Terms":
         """An equivalent Terms with identical (compute, memory) pairs merged (faster `combine`)."""
@@ -126,7 +133,8 @@ class Terms:
                 a[1] += m
             return [tuple(v) for v in acc.values()]
         return Terms(gemm=merge(self.gemm), attn=merge(self.attn), other_mem_s=self.other_mem_s,
-                     comm_up_s=self.comm_up_s, comm_out_s=self.comm_out_s, overlap=self.overlap)
+                     comm_up_s=self.comm_up_s, comm_out_s=self.comm_out_s, overlap=self.overlap,
+                     fixed_s=self.fixed_s)
 
     def combine(self, c: dict) -> dict:
         """Step time (s) under calibration constants `c` (gemm_eff, attn_eff, hbm_eff, link_eff)."""
@@ -135,8 +143,8 @@ class Terms:
         comp += sum(max(f / c["attn_eff"], m / he) for f, m in self.attn)
         comp += self.other_mem_s / he
         comm = max(self.comm_up_s, self.comm_out_s) / c["link_eff"]
-        step = max(comp, comm) if self.overlap else comp + comm
-        return {"step_s": step, "compute_s": comp, "comm_s": comm}
+        step = (max(comp, comm) if self.overlap else comp + comm) + self.fixed_s
+        return {"step_s": step, "compute_s": comp, "comm_s": comm, "fixed_s": self.fixed_s}
 
 
 def _peak(hw: Hardware, fmt: str) -> tuple[str, float]:
@@ -156,6 +164,17 @@ def weight_bytes_per_device(arch, dep: Deployment) -> dict:
     emb = (arch.embed_params + arch.head_params) * 2.0
     return {"dense": dense * wd / dep.attn_tp, "experts": experts, "embedding": emb,
             "total": dense * wd / dep.attn_tp + experts + emb}
+
+
+def _layer_counts(arch) -> dict:
+    """Identical layers grouped: {LayerSpec: count} (cached on the arch object)."""
+    lc = getattr(arch, "_layer_counts", None)
+    if lc is None:
+        lc = {}
+        for spec in arch.layers:
+            lc[spec] = lc.get(spec, 0) + 1
+        arch._layer_counts = lc
+    return lc
 
 
 def step_terms(arch, hw: Hardware, dep: Deployment, phase: str, tokens: float, ctx: float,
@@ -186,21 +205,22 @@ def step_terms(arch, hw: Hardware, dep: Deployment, phase: str, tokens: float, c
     out_bw = hw.scaleout_gb_s * 1e9
     in_domain = 1.0 if n <= hw.scaleup_domain else (hw.scaleup_domain - 1) / (n - 1)
 
-    def layer(spec, tok, sq, c):
+    def layer(spec, tok, sq, c, cnt=1):
+        t.fixed_s += cnt * LAYER_LATENCY_S
         # attention-side projections (and compressor / indexer projections for V4)
-        t.gemm.append((2.0 * spec.proj_params * tok / pd_, spec.proj_params * wd / dep.attn_tp / hbm))
+        t.gemm.append((cnt * 2.0 * spec.proj_params * tok / pd_, cnt * spec.proj_params * wd / dep.attn_tp / hbm))
         # core attention (+ lightning indexer)
         fl, idx = arch.attn_flops_token(spec.kind, c, phase)
         rd = arch.attn_read_bytes(spec.kind, c, dep.kv_dtype) * sq * dep.attn_tp if phase == "decode" else 0.0
-        t.attn.append((fl * tok / pa + idx * tok / pi, rd / hbm))
+        t.attn.append((cnt * (fl * tok / pa + idx * tok / pi), cnt * rd / hbm))
         # dense FFN or shared expert + router
-        t.gemm.append((2.0 * spec.dense_params * tok / pd_, spec.dense_params * wd / dep.attn_tp / hbm))
-        t.other_mem_s += arch.other_bytes_per_token_layer * tok / hbm
+        t.gemm.append((cnt * 2.0 * spec.dense_params * tok / pd_, cnt * spec.dense_params * wd / dep.attn_tp / hbm))
+        t.other_mem_s += cnt * arch.other_bytes_per_token_layer * tok / hbm
         if spec.moe:
             visits = tok * k * EXPERT_IMBALANCE
             hit = 1.0 - math.exp(-tok * k / local) if local else 0.0
-            t.gemm.append((2.0 * arch.expert_params * visits / pe,
-                           local * hit * arch.expert_params * we / hbm))
+            t.gemm.append((cnt * 2.0 * arch.expert_params * visits / pe,
+                           cnt * local * hit * arch.expert_params * we / hbm))
             per_copy = D * (DISPATCH_BYTES[dep.expert_format] + 2.0) * EXPERT_IMBALANCE
             if phase == "prefill" and n > hw.scaleup_domain:
                 # hierarchical all-to-all (DeepEP normal kernels): one copy per remote scale-up domain
@@ -210,18 +230,18 @@ def step_terms(arch, hw: Hardware, dep: Deployment, phase: str, tokens: float, c
                 limit = getattr(arch, "route_limit_groups", 0)
                 if limit:
                     out_copies = min(out_copies, limit - 1 + 1 / g)
-                t.comm_out_s += tok * out_copies * per_copy / out_bw
-                t.comm_up_s += tok * k * remote * per_copy / up_bw
+                t.comm_out_s += cnt * tok * out_copies * per_copy / out_bw
+                t.comm_up_s += cnt * tok * k * remote * per_copy / up_bw
             else:
                 # direct all-to-all (DeepEP low-latency kernels): every copy goes to its expert's device
-                t.comm_up_s += tok * k * remote * in_domain * per_copy / up_bw
-                t.comm_out_s += tok * k * remote * (1 - in_domain) * per_copy / out_bw
+                t.comm_up_s += cnt * tok * k * remote * in_domain * per_copy / up_bw
+                t.comm_out_s += cnt * tok * k * remote * (1 - in_domain) * per_copy / out_bw
         if dep.attn_tp > 1:
             tp = dep.attn_tp
-            t.comm_up_s += 2 * 2 * (tp - 1) / tp * tok * tp * D * 2.0 / up_bw
+            t.comm_up_s += cnt * 2 * 2 * (tp - 1) / tp * tok * tp * D * 2.0 / up_bw
 
-    for spec in arch.layers:
-        layer(spec, tokens, seqs, ctx)
+    for spec, cnt in _layer_counts(arch).items():
+        layer(spec, tokens, seqs, ctx, cnt)
     if phase == "decode":
         for spec in arch.mtp_layers[: dep.mtp]:  # each draft runs the MTP block on one token per sequence
             layer(spec, seqs, seqs, ctx)

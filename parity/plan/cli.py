@@ -1,0 +1,135 @@
+"""`parity plan`, `parity compare`, `parity validate` (torch-free; see docs/plan.md)."""
+
+from __future__ import annotations
+
+import json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="best deployment of a model on one accelerator under TTFT/TPOT SLOs (modeled)")
+    _workload_args(p)
+    p.add_argument("--hardware", required=True, help="catalog id, e.g. 910c, h800, gb200 (see parity/data/hardware)")
+    p.add_argument("--target-qps", type=float, default=None, help="load to size the deployment for (requests/s)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run_plan)
+
+    c = sub.add_parser("compare", help="compare accelerators: table + Pareto frontier (HTML report)")
+    _workload_args(c)
+    c.add_argument("--hardware", required=True, help="comma-separated catalog ids, e.g. 910b3,910c,h20,h800,h200,b200")
+    c.add_argument("--out", default=None, help="write an HTML report with the frontier plot here")
+    c.add_argument("--json", action="store_true", help="print JSON")
+    c.set_defaults(func=run_compare)
+
+    v = sub.add_parser("validate", help="model vs every published measurement: errors, MAPE, leave-one-out")
+    v.add_argument("--json", action="store_true", help="print JSON")
+    v.add_argument("--fit", action="store_true", help="also print the constants a fresh fit would choose")
+    v.set_defaults(func=run_validate)
+
+
+def _workload_args(p) -> None:
+    p.add_argument("--model", default="v4-flash", help="preset (v4-flash, v4-pro), checkpoint dir, or deepseek-v3/r1")
+    p.add_argument("--isl", type=int, default=4096, help="input length (tokens)")
+    p.add_argument("--osl", type=int, default=1024, help="output length (tokens)")
+    p.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="time-to-first-token SLO (ms)")
+    p.add_argument("--slo-tpot-ms", type=float, default=50.0, help="time-per-output-token SLO (ms)")
+
+
+def _workload(args):
+    from parity.plan.search import Workload
+
+    return Workload(isl=args.isl, osl=args.osl, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
+                    target_qps=getattr(args, "target_qps", None))
+
+
+def _f(v, fmt="{:,.0f}", none="n/a"):
+    return none if v is None else fmt.format(v)
+
+
+def format_plan(r: dict) -> str:
+    """Human-readable `parity plan` result (every figure labelled with its provenance)."""
+    w = r["workload"]
+    head = (f"{r['model']} on {r['hardware_name']} [{r['hardware']}, {r['hardware_status']}]  "
+            f"isl {w['isl']}, osl {w['osl']}, SLO TTFT {w['slo_ttft_ms']:g} ms, TPOT {w['slo_tpot_ms']:g} ms")
+    if not r["feasible"]:
+        return f"{head}\n{r['reason']}\nprovenance: {r['provenance']}"
+    d, p = r["decode"], r["prefill"]
+    lines = [head, f"provenance of every figure below: {r['provenance']}",
+             f"mode                  {r['mode']}"]
+    if r["mode"] == "disaggregated":
+        lines.append(f"prefill instance      {p['n_devices']} devices, attention TP{p['attn_tp']} x DP{p['attn_dp']}, "
+                     f"EP{p['ep']}, {p['tokens_per_device']:,.0f} tokens per device per batch, weights "
+                     f"{p['dense_format']}/experts {p['expert_format']}, cache {p['kv_dtype']}")
+    lines.append(f"decode instance       {d['n_devices']} devices, attention TP{d['attn_tp']} x DP{d['attn_dp']}, "
+                 f"EP{d['ep']}, batch {d['batch_per_device']} per device, weights {d['dense_format']}/experts "
+                 f"{d['expert_format']}, cache {d['kv_dtype']}, MTP {d['mtp']}"
+                 + (f" (acceptance {d['mtp_acceptance']:.2f})" if d["mtp"] else ""))
+    if r["mode"] == "colocated":
+        lines.append(f"                      + prefill chunk of {p['tokens_per_device']:,.0f} tokens per device per step")
+    lines += [
+        f"input tok/s per chip  {_f(r['input_tok_s_per_chip'])}",
+        f"output tok/s per chip {_f(r['output_tok_s_per_chip'])}",
+        f"TTFT                  {r['ttft_ms']:,.0f} ms",
+        f"TPOT                  {r['tpot_ms']:.1f} ms ({r['tok_s_per_user']:.1f} tok/s per user)",
+        f"tokens per joule      {_f(r['tokens_per_joule'], '{:.2f}')} ({r['tokens_per_joule_basis']})",
+        f"$ per M output tokens {_f(r['usd_per_m_output_tokens'], '{:.3f}', 'n/a (no public price)')}",
+    ]
+    if "chips_for_target" in r:
+        c = r["chips_for_target"]
+        parts = ", ".join(f"{k} {v}" for k, v in c.items())
+        lines.append(f"chips for {w['target_qps']:g} req/s   {parts}")
+    return "\n".join(lines)
+
+
+def run_plan(args) -> int:
+    from parity.plan.search import plan
+
+    r = plan(args.model, args.hardware, _workload(args))
+    print(json.dumps(r, indent=2) if args.json else format_plan(r))
+    return 0 if r["feasible"] else 1
+
+
+def run_compare(args) -> int:
+    from parity.errors import PlanError
+    from parity.plan.report import compare
+
+    names = [h.strip() for h in args.hardware.split(",") if h.strip()]
+    if not names:
+        raise PlanError("--hardware needs at least one catalog id")
+    res = compare(args.model, names, _workload(args), out=args.out)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(res["table_text"])
+        if args.out:
+            print(f"report written to {args.out}")
+    return 0
+
+
+def run_validate(args) -> int:
+    from parity.plan.validate import fit_all, published, report
+
+    r = report(loo=True)
+    if args.fit:
+        r["fitted_constants"] = fit_all(published()[0])
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"model {r['model_version']}: predicted (modeled) vs published; per device")
+    print(f"{'entry':26s} {'hardware':8s} {'metric':24s} {'published':>10s} {'predicted':>10s} {'error':>7s} "
+          f"{'LOO err':>7s}")
+    for x in r["rows"]:
+        loo = f"{x['loo_error'] * 100:+6.1f}%" if "loo_error" in x else "    n/a"
+        flag = "" if x["validate"] else "  (shown, not validated)"
+        print(f"{x['id']:26s} {x['hardware']:8s} {x['metric']:24s} {x['published']:10,.0f} {x['predicted']:10,.0f} "
+              f"{x['error'] * 100:+6.1f}% {loo}{flag}")
+    print(f"MAPE {r['mape'] * 100:.1f}%, max |error| {r['max_abs_error'] * 100:.1f}%; "
+          f"leave-one-out MAPE {r['loo_mape'] * 100:.1f}%, max {r['loo_max_abs_error'] * 100:.1f}%")
+    print("published values: published:<source id> in parity/data/published; constants per family:")
+    for f, c in r["constants"].items():
+        print(f"  {f:17s} gemm {c['gemm_eff']:.2f} attn {c['attn_eff']:.2f} hbm {c['hbm_eff']:.2f} "
+              f"link {c['link_eff']:.2f}")
+    if args.fit:
+        print("fresh fit (not applied):")
+        for f, c in r["fitted_constants"].items():
+            print(f"  {f:17s} " + " ".join(f"{k} {v:.3f}" for k, v in c.items()))
+    return 0

@@ -1,0 +1,113 @@
+"""`parity compare`: one table over several accelerators and the Pareto frontier of output tok/s per
+chip vs tok/s per user, as text/JSON and as a self-contained HTML report (matplotlib, Agg backend,
+PNG embedded as base64). matplotlib is imported only when a report is written."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+from parity.errors import PlanError
+from parity.plan.search import Workload, frontier, plan
+
+
+def compare(model: str, hardware: list[str], workload: Workload, out: str | None = None) -> dict:
+    """Plan `model` on each of `hardware` and compute each chip's frontier.
+
+    Returns {"rows": [plan results], "frontiers": {hw: [points]}, "table_text": str}; writes the HTML
+    report to `out` when given.
+
+    Raises:
+        PlanError: unknown hardware/model, bad workload, or an unwritable `out` path.
+    """
+    rows, fronts = [], {}
+    for h in hardware:
+        r = plan(model, h, workload)
+        rows.append(r)
+        fronts[r["hardware"]] = frontier(model, h, workload) if r["feasible"] or r.get("limiting_resource") != "memory" else []
+    res = {"model": model, "workload": vars(workload), "rows": rows, "frontiers": fronts,
+           "provenance": rows[0]["provenance"] if rows else ""}
+    res["table_text"] = _table(rows, res["provenance"])
+    if out:
+        _write_html(res, Path(out))
+    return res
+
+
+_COLS = [("hardware", "chip"), ("mode", "mode"), ("output_tok_s_per_chip", "out tok/s/chip"),
+         ("input_tok_s_per_chip", "in tok/s/chip"), ("ttft_ms", "TTFT ms"), ("tpot_ms", "TPOT ms"),
+         ("tokens_per_joule", "tok/J (TDP)"), ("usd_per_m_output_tokens", "$/M out")]
+
+
+def _cell(r, key):
+    if not r["feasible"]:
+        return r["limiting_resource"] if key == "mode" else ("-" if key != "hardware" else r["hardware"])
+    v = r.get(key)
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:,.2f}" if key in ("tokens_per_joule", "usd_per_m_output_tokens") else f"{v:,.0f}"
+    return str(v)
+
+
+def _table(rows, provenance) -> str:
+    widths = [max(len(h), *(len(_cell(r, k)) for r in rows)) for k, h in _COLS]
+    line = "  ".join(h.rjust(w) for (_, h), w in zip(_COLS, widths))
+    out = [f"all figures {provenance}", line]
+    for r in rows:
+        out.append("  ".join(_cell(r, k).rjust(w) for (k, _), w in zip(_COLS, widths)))
+    for r in rows:
+        if not r["feasible"]:
+            out.append(r["reason"])
+    return "\n".join(out)
+
+
+def _plot_png(fronts: dict, title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for hw, pts in fronts.items():
+        if pts:
+            ax.plot([p["tok_s_per_user"] for p in pts], [p["output_tok_s_per_chip"] for p in pts], marker="o",
+                    markersize=3, label=hw)
+    ax.set_xlabel("output tokens/s per user (1 / TPOT)")
+    ax.set_ylabel("output tokens/s per chip")
+    import textwrap
+
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _write_html(res: dict, path: Path) -> None:
+    w = res["workload"]
+    title = (f"{res['model']}: isl {w['isl']}, osl {w['osl']}, SLO TTFT {w['slo_ttft_ms']:g} ms / "
+             f"TPOT {w['slo_tpot_ms']:g} ms — {res['provenance']}")
+    png = base64.b64encode(_plot_png(res["frontiers"], title)).decode()
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h in _COLS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r, k))}</td>" for k, _ in _COLS) + "</tr>"
+                   for r in res["rows"])
+    notes = "".join(f"<li>{html.escape(r['reason'])}</li>" for r in res["rows"] if not r["feasible"])
+    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>parity compare</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:4px 10px;text-align:right}}
+table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}</style></head><body>
+<h1>parity compare</h1><p>{html.escape(title)}</p>
+<table><tr>{head}</tr>{body}</table><ul>{notes}</ul>
+<h2>Pareto frontier: output tokens/s per chip vs tokens/s per user</h2>
+<img alt="Pareto frontier" src="data:image/png;base64,{png}">
+<p>Disaggregated serving; prefill at its best TTFT-feasible point, decode swept over batch and
+deployments. Tokens per joule are modeled from TDP. See docs/plan.md for the model and its validated error.</p>
+</body></html>"""
+    try:
+        path.write_text(doc)
+    except OSError as e:
+        raise PlanError(f"--out {path}: cannot write the report: {e}") from None
