@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
+
 
 @dataclass
 class Script:
@@ -58,6 +60,82 @@ class Script:
     log: list = field(default_factory=list)
 
 
+@dataclass
+class Plan:
+    """The scripted answer to one request.
+
+    Attributes:
+        status: HTTP status.
+        error: JSON body for a non-200 status.
+        events: (offset_s from request arrival, SSE event bytes) in send order.
+        drop: close the connection (mid-stream) after the last event instead of ending the stream.
+    """
+
+    status: int = 200
+    error: dict | None = None
+    events: list = field(default_factory=list)
+    drop: bool = False
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
+
+
+def plan_response(sc: Script, path: str, raw_body: bytes, num: int) -> Plan:
+    """What the script answers to request number `num` (1-based) at `path` with body `raw_body`."""
+    path = path.rstrip("/")
+    if path not in ("/v1/chat/completions", "/v1/completions"):
+        return Plan(404, {"error": {"message": f"no route {path}"}})
+    try:
+        body = json.loads(raw_body)
+    except json.JSONDecodeError:
+        return Plan(400, {"error": {"message": "body is not JSON"}})
+    if sc.fail_every and num % sc.fail_every == 0:
+        return Plan(sc.fail_status, {"error": {"message": f"scripted failure of request {num}"}})
+    chat = path.endswith("chat/completions")
+    n = int(body.get("max_tokens") or body.get("max_completion_tokens") or sc.default_max_tokens)
+    so = body.get("stream_options") or {}
+    continuous = sc.usage == "continuous" and bool(so.get("continuous_usage_stats"))
+    final_usage = sc.usage != "none" and bool(so.get("include_usage"))
+    prompt = body.get("prompt") if not chat else " ".join(str(m.get("content", "")) for m in body.get("messages", []))
+    pt = len(str(prompt).split())
+    base = {"id": f"cmpl-{num}", "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": body.get("model", "fake")}
+
+    def usage(ct: int) -> dict:
+        return {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
+
+    plan = Plan()
+    if chat and sc.role_chunk:
+        ev = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+        if continuous:
+            ev["usage"] = usage(0)
+        plan.events.append((0.0, _sse(ev)))
+    sent = j = 0
+    t = 0.0
+    while sent < n:
+        k = min(sc.tokens_per_chunk, n - sent)
+        t = sc.ttft_s + j * sc.itl_s
+        sent += k
+        fin = "length" if sent >= n else None
+        choice = ({"index": 0, "delta": {"content": sc.word * k}, "finish_reason": fin} if chat
+                  else {"index": 0, "text": sc.word * k, "finish_reason": fin})
+        ev = {**base, "choices": [choice]}
+        if continuous:
+            ev["usage"] = usage(sent)
+        plan.events.append((t, _sse(ev)))
+        j += 1
+        if j == 1 and sc.malformed_every and num % sc.malformed_every == 0:
+            plan.events.append((t, b"data: {this is not json\n\n"))
+        if j == 1 and sc.drop_every and num % sc.drop_every == 0:
+            plan.drop = True
+            return plan
+    if final_usage:
+        plan.events.append((t, _sse({**base, "choices": [], "usage": usage(sent)})))
+    plan.events.append((t, _sse(b"[DONE]")))
+    return plan
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "parity-fake-sse/1"
@@ -83,93 +161,89 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
-    def _event(self, obj) -> None:
-        self._chunk(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
-
     def parse_request(self) -> bool:
         self._t_arrival = time.perf_counter()  # request line just read: the earliest point a request is "in"
         return super().parse_request()
 
     def do_POST(self) -> None:
         t_arrival = getattr(self, "_t_arrival", None) or time.perf_counter()
-        n_body = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(n_body)
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         srv: FakeServer = self.server.owner  # type: ignore[attr-defined]
-        sc = srv.script
-        path = self.path.rstrip("/")
-        if path not in ("/v1/chat/completions", "/v1/completions"):
-            self._send_json(404, {"error": {"message": f"no route {self.path}"}})
-            return
-        try:
-            body = json.loads(raw)
-        except json.JSONDecodeError:
-            self._send_json(400, {"error": {"message": "body is not JSON"}})
-            return
         with srv.lock:
             srv.count += 1
             num = srv.count
-        if sc.fail_every and num % sc.fail_every == 0:
-            self._send_json(sc.fail_status, {"error": {"message": f"scripted failure of request {num}"}})
+        plan = plan_response(srv.script, self.path, raw, num)
+        if plan.status != 200:
+            self._send_json(plan.status, plan.error or {})
             return
-        chat = path.endswith("chat/completions")
-        n = int(body.get("max_tokens") or body.get("max_completion_tokens") or sc.default_max_tokens)
-        so = body.get("stream_options") or {}
-        continuous = sc.usage == "continuous" and bool(so.get("continuous_usage_stats"))
-        final_usage = sc.usage != "none" and bool(so.get("include_usage"))
-        prompt = body.get("prompt") if not chat else " ".join(str(m.get("content", "")) for m in body.get("messages", []))
-        pt = len(str(prompt).split())
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        base = {"id": f"cmpl-{num}", "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()), "model": body.get("model", "fake")}
-
-        def choice(text: str | None, finish: str | None = None) -> dict:
-            if chat:
-                d = {} if text is None else {"content": text}
-                return {"index": 0, "delta": d, "finish_reason": finish}
-            return {"index": 0, "text": text or "", "finish_reason": finish}
-
+        sent_at = []
         try:
-            if chat and sc.role_chunk:
-                ev = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-                if continuous:
-                    ev["usage"] = {"prompt_tokens": pt, "completion_tokens": 0, "total_tokens": pt}
-                self._event(ev)
-            sent = 0
-            j = 0
-            times = []
-            while sent < n:
-                k = min(sc.tokens_per_chunk, n - sent)
-                deadline = t_arrival + sc.ttft_s + j * sc.itl_s
-                dt = deadline - time.perf_counter()
+            for off, data in plan.events:
+                dt = t_arrival + off - time.perf_counter()
                 if dt > 0:
                     time.sleep(dt)
-                sent += k
-                ev = {**base, "choices": [choice(sc.word * k, "length" if sent >= n else None)]}
-                if continuous:
-                    ev["usage"] = {"prompt_tokens": pt, "completion_tokens": sent, "total_tokens": pt + sent}
-                self._event(ev)
-                times.append(time.perf_counter() - t_arrival)
-                j += 1
-                if j == 1 and sc.malformed_every and num % sc.malformed_every == 0:
-                    self._event(b"{this is not json")
-                if j == 1 and sc.drop_every and num % sc.drop_every == 0:
-                    self.wfile.write(b"5\r\ndata:")  # truncated chunk, then close
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-            if final_usage:
-                self._event({**base, "choices": [], "usage": {"prompt_tokens": pt, "completion_tokens": sent,
-                                                              "total_tokens": pt + sent}})
-            self._event(b"[DONE]")
+                self._chunk(data)
+                sent_at.append(time.perf_counter() - t_arrival)
+            if plan.drop:
+                self.wfile.write(b"5\r\ndata:")  # a truncated chunk, then close
+                self.wfile.flush()
+                self.close_connection = True
+                return
             self._chunk(b"")
-            with srv.lock:
-                srv.script.log.append({"num": num, "chunk_times_s": times, "tokens": sent})
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+            return
+        with srv.lock:
+            srv.script.log.append({"num": num, "arrival": t_arrival, "sent_at_s": sent_at})
+
+
+class VirtualClock:
+    """A clock that only moves when told: `perf_counter()` returns `now` (s). Tests patch `time.perf_counter`
+    with it so that measured times equal scripted times exactly."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class _ScriptedStream(httpx.AsyncByteStream):
+    def __init__(self, clock: VirtualClock, start: float, plan: Plan):
+        self.clock, self.start, self.plan = clock, start, plan
+
+    async def __aiter__(self):
+        for off, data in self.plan.events:
+            self.clock.now = max(self.clock.now, self.start + off)
+            yield data
+        if self.plan.drop:
+            raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+
+class ScriptedTransport(httpx.AsyncBaseTransport):
+    """An httpx async transport answering from a `Script` with no network and no sleeping: each event is
+    delivered with the virtual clock set to arrival + its scripted offset. Exact for requests that run one at a
+    time (``max_concurrency=1``); the clock never moves backwards.
+
+    Use as ``run_requests(..., transport=ScriptedTransport(script, clock))`` with `time.perf_counter` patched
+    to ``clock.perf_counter``.
+    """
+
+    def __init__(self, script: Script, clock: VirtualClock):
+        self.script, self.clock, self.count = script, clock, 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.count += 1
+        plan = plan_response(self.script, request.url.path, await request.aread(), self.count)
+        if plan.status != 200:
+            return httpx.Response(plan.status, json=plan.error or {})
+        return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                              stream=_ScriptedStream(self.clock, self.clock.now, plan))
 
 
 class _Server(ThreadingHTTPServer):

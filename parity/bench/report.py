@@ -44,7 +44,8 @@ def make_figure(results: list[tuple[str, dict]]):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.07, top=0.95, wspace=0.28, hspace=0.32)
     cdf_axes = [axes[0, 0], axes[0, 1], axes[0, 2], axes[1, 0]]
     for ax, metric in zip(cdf_axes, ("TTFT", "TPOT", "ITL", "E2EL")):
         for label, res in results:
@@ -113,10 +114,10 @@ def write_report(paths: list[str | Path], out: str | Path) -> Path:
     fig = make_figure(results)
     try:
         if out.suffix.lower() == ".png":
-            fig.savefig(out, dpi=110)
+            fig.savefig(out, dpi=90)
             return out
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
+        fig.savefig(buf, format="png", dpi=90)
     finally:
         plt.close(fig)
     img = base64.b64encode(buf.getvalue()).decode()

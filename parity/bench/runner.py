@@ -147,7 +147,7 @@ def _headers(cfg: BenchConfig) -> dict:
 
 
 async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer: BenchTokenizer,
-                       meter=None, interrupt: asyncio.Event | None = None) -> dict:
+                       meter=None, interrupt: asyncio.Event | None = None, transport=None) -> dict:
     """Run warm-up then the measured requests; returns the result dict (without writing it).
 
     Args:
@@ -157,6 +157,8 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
         meter: an started-on-demand `parity.devices.energy.EnergyMeter` (None: no energy section).
         interrupt: setting this event stops the run like Ctrl-C does (in-flight requests are cancelled and
             recorded as "interrupted"; the partial result is returned).
+        transport: an httpx async transport to use instead of the network (tests: a scripted transport, or
+            `httpx.ASGITransport` around an in-process server app).
     Returns:
         The result dict: schema, version, config, environment, notes, summary, energy, warmup, requests, interrupted.
     """
@@ -175,24 +177,29 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
     payloads = [build_payload(cfg.endpoint, cfg.model, r, ignore_eos=cfg.ignore_eos, temperature=cfg.temperature,
                               continuous_usage=cfg.continuous_usage) for r in requests]
 
-    async def one(client, i, rec, origin):
-        if sem is None:
+    async def one(client, i, origin, sink):
+        # the record exists from the moment the request is sent (after waiting for a concurrency slot), so a
+        # request still queued at Ctrl-C counts as "not sent", one in flight as "interrupted"
+        if sem is not None:
+            await sem.acquire()
+        try:
+            rec = RequestRecord(index=requests[i].index, ok=False)
+            sink.append(rec)
             await send_request(client, url, payloads[i], requests[i], rec, tokenizer, origin, chat, headers)
-        else:
-            async with sem:
-                await send_request(client, url, payloads[i], requests[i], rec, tokenizer, origin, chat, headers)
+        finally:
+            if sem is not None:
+                sem.release()
 
     result: dict = {"schema": RESULT_SCHEMA, "version": RESULT_VERSION, "config": cfg.to_dict(),
                     "environment": environment(tokenizer, meter.describe() if meter else "none (not requested)"),
                     "notes": list(NOTES), "interrupted": False}
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=not local) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=not local, transport=transport) as client:
         # --- warm-up
         warm = []
         if cfg.warmup:
             wreqs = [requests[i % len(requests)] for i in range(cfg.warmup)]
             origin = time.perf_counter()
-            warm = [RequestRecord(index=i, ok=False) for i in range(cfg.warmup)]
-            await asyncio.gather(*(one(client, i % len(requests), warm[i], origin) for i in range(len(wreqs))))
+            await asyncio.gather(*(one(client, i % len(requests), origin, warm) for i in range(len(wreqs))))
             if not any(r.ok for r in warm):
                 raise BenchError(f"all {cfg.warmup} warm-up request(s) to {url} failed: {warm[0].error}")
         result["warmup"] = {"requests": cfg.warmup, "failed": sum(not r.ok for r in warm)}
@@ -224,9 +231,7 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
                 delay = origin + off - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                rec = RequestRecord(index=requests[i].index, ok=False)
-                records.append(rec)
-                t = asyncio.create_task(one(client, i, rec, origin))
+                t = asyncio.create_task(one(client, i, origin, records))
                 t.add_done_callback(_done)
                 tasks.append(t)
             if tasks:
@@ -263,6 +268,7 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
         energy = meter.stop() if meter is not None else None
 
     duration = end - origin
+    records.sort(key=lambda r: r.index)
     summary = summarize(records, duration, slo)
     summary["not_sent"] = len(requests) - len(records)
     result["interrupted"] = interrupted
@@ -286,7 +292,7 @@ def energy_section(reading, summary: dict) -> dict:
 
 
 def run_bench(cfg: BenchConfig, *, tokenizer: BenchTokenizer | None = None, requests: list[BenchRequest] | None = None,
-              meter=None) -> dict:
+              meter=None, transport=None) -> dict:
     """Synchronous entry point: build the workload, open the energy meter, run, write ``cfg.output``.
 
     Ctrl-C (SIGINT) stops the run: in-flight requests are cancelled and recorded as "interrupted", the partial
@@ -294,6 +300,7 @@ def run_bench(cfg: BenchConfig, *, tokenizer: BenchTokenizer | None = None, requ
 
     Args:
         tokenizer, requests, meter: pre-built pieces (tests); None = built from `cfg`.
+        transport: httpx async transport replacing the network (see `run_requests`).
     Returns:
         The result dict (see `run_requests`).
     Raises:
@@ -309,7 +316,7 @@ def run_bench(cfg: BenchConfig, *, tokenizer: BenchTokenizer | None = None, requ
         from parity.devices.energy import open_meter
 
         meter = open_meter(cfg.energy, devices=cfg.energy_devices)
-    result = asyncio.run(run_requests(cfg, requests, tokenizer, meter))
+    result = asyncio.run(run_requests(cfg, requests, tokenizer, meter, transport=transport))
     result["notes"].extend(notes)
     if cfg.output:
         from parity.bench.result import save_result
