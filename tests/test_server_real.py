@@ -43,6 +43,7 @@ def offline_text(real, ids: list[int], max_tokens: int) -> tuple[str, list[int]]
     out = real.offline.generate(prompt_token_ids=ids, sampling_params=SamplingParams(temperature=0.0,
                                                                                      max_tokens=max_tokens))
     c = out[0].outputs[0]
+    assert c.finish_reason in ("length", "stop") and c.token_ids, out[0]  # a real, non-empty generation
     return c.text, c.token_ids
 
 

@@ -43,10 +43,15 @@ class _EngineCollector:
         self._stats = stats
 
     def collect(self):
-        try:
-            s = dict(self._stats() or {})
-        except Exception:  # a scrape must never fail because the engine is busy/stopped
-            s = {}
+        s = None
+        for _ in range(3):  # the engine thread may be mid-update; a retry reads a consistent view
+            try:
+                s = dict(self._stats() or {})
+                break
+            except Exception:
+                continue
+        if s is None:  # leave the gauges out rather than report a false zero
+            return
         used = float(s.get("cache_used_bytes", 0) or 0)
         total = float(s.get("cache_total_bytes", 0) or 0)
         for name, doc, val in (
