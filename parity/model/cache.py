@@ -58,14 +58,17 @@ class LayerCache:
     """Cache of one sequence in one layer (see module docstring). Internal to `parity.model`."""
 
     __slots__ = ("layer", "ratio", "window", "comp_state", "comp_blocks", "idx_blocks", "n_entries", "_alloc",
-                 "block_entries", "head_dim", "index_head_dim", "kv_dtype")
+                 "block_entries", "head_dim", "index_head_dim", "codec", "idx_dtype")
 
     def __init__(self, layer: int, ratio: int, window: int, head_dim: int, index_head_dim: int, csa: bool,
-                 block_entries: int, kv_dtype: torch.dtype, alloc: CacheAllocator):
+                 block_entries: int, codec, idx_dtype: torch.dtype, alloc: CacheAllocator):
+        """codec: a `parity.model.numerics.KVCodec` (how window / compressed KV rows are stored);
+        idx_dtype: storage dtype of the indexer keys."""
         self.layer, self.ratio, self._alloc = layer, ratio, alloc
-        self.block_entries, self.head_dim, self.index_head_dim, self.kv_dtype = (
-            block_entries, head_dim, index_head_dim, kv_dtype)
-        self.window = alloc.alloc(layer, "window_kv", (window, head_dim), kv_dtype)
+        self.block_entries, self.head_dim, self.index_head_dim = block_entries, head_dim, index_head_dim
+        self.codec, self.idx_dtype = codec, idx_dtype
+        width, sdtype = codec.storage
+        self.window = alloc.alloc(layer, "window_kv", (window, width), sdtype)
         self.comp_state = None
         self.comp_blocks: list[torch.Tensor] = []
         self.idx_blocks: list[torch.Tensor] | None = [] if csa else None
@@ -84,7 +87,7 @@ class LayerCache:
         if end <= start:
             return self.window[:0]
         idx = torch.arange(start, end, device=self.window.device) % w
-        return self.window.index_select(0, idx)
+        return self.codec.decode(self.window.index_select(0, idx))
 
     def window_write(self, pos: int, kv: torch.Tensor) -> None:
         """Store kv [n, head_dim] of positions pos .. pos + n - 1 (only the last `window` are kept)."""
@@ -94,10 +97,11 @@ class LayerCache:
             kv, pos = kv[n - w:], pos + n - w
             n = w
         idx = torch.arange(pos, pos + n, device=self.window.device) % w
-        self.window.index_copy_(0, idx, kv.to(self.window.dtype))
+        self.window.index_copy_(0, idx, self.codec.encode(kv))
 
     # ------------------------------------------------------------------ compressed entries
     def _append(self, blocks: list[torch.Tensor], component: str, entries: torch.Tensor, start: int) -> None:
+        """entries: already in storage form [m, width]."""
         b = self.block_entries
         n = entries.shape[0]
         i = 0
@@ -105,9 +109,9 @@ class LayerCache:
             e = start + i
             blk, off = divmod(e, b)
             while blk >= len(blocks):
-                blocks.append(self._alloc.alloc(self.layer, component, (b, entries.shape[1]), self.kv_dtype))
+                blocks.append(self._alloc.alloc(self.layer, component, (b, entries.shape[1]), entries.dtype))
             take = min(b - off, n - i)
-            blocks[blk][off:off + take] = entries[i:i + take].to(self.kv_dtype)
+            blocks[blk][off:off + take] = entries[i:i + take]
             i += take
 
     def append_entries(self, kv: torch.Tensor, index_keys: torch.Tensor | None) -> None:
@@ -115,21 +119,21 @@ class LayerCache:
         m = kv.shape[0]
         if m == 0:
             return
-        self._append(self.comp_blocks, "compressed_kv", kv, self.n_entries)
+        self._append(self.comp_blocks, "compressed_kv", self.codec.encode(kv), self.n_entries)
         if self.idx_blocks is not None and index_keys is not None:
-            self._append(self.idx_blocks, "index_keys", index_keys, self.n_entries)
+            self._append(self.idx_blocks, "index_keys", index_keys.to(self.idx_dtype), self.n_entries)
         self.n_entries += m
 
     def entries(self) -> torch.Tensor:
         """All compressed entries so far, [n_entries, head_dim]."""
         if not self.comp_blocks:
-            return self.window.new_empty((0, self.head_dim))
-        return torch.cat(self.comp_blocks, dim=0)[: self.n_entries]
+            return self.codec.decode(self.window[:0])
+        return self.codec.decode(torch.cat(self.comp_blocks, dim=0)[: self.n_entries])
 
     def index_keys(self) -> torch.Tensor:
         """All indexer keys so far, [n_entries, index_head_dim]."""
         if not self.idx_blocks:
-            return self.window.new_empty((0, self.index_head_dim))
+            return torch.empty((0, self.index_head_dim), dtype=self.idx_dtype, device=self.window.device)
         return torch.cat(self.idx_blocks, dim=0)[: self.n_entries]
 
     # ------------------------------------------------------------------ accounting
@@ -164,6 +168,8 @@ class SequenceState:
         self.layers = layers
         self.allocator = allocator
         self.num_tokens = 0
+        self.kv_fp8 = False
+        self.index_fp4 = False
         self._freed = False
 
     def nbytes(self) -> int:

@@ -17,6 +17,7 @@ from parity.errors import ConfigError, RequestError
 from parity.model.attention import Attention, StepContext
 from parity.model.cache import CacheAllocator, LayerCache, SequenceState, TorchAllocator
 from parity.model.layers import HyperConnection, HyperHead, MoE, RMSNorm, rope_cos_sin, rope_inv_freq
+from parity.model.numerics import KVCodec
 
 KV_CACHE_DTYPES = ("bf16", "fp8")
 INDEXER_DTYPES = ("bf16", "fp4")
@@ -176,30 +177,35 @@ class V4ForCausalLM(nn.Module):
         return kv == "fp8", ix == "fp4"
 
     # ------------------------------------------------------------------ cache
-    def new_state(self, allocator: CacheAllocator | None = None, kv_cache_dtype: str | None = None) -> SequenceState:
+    def new_state(self, allocator: CacheAllocator | None = None, kv_cache_dtype: str | None = None,
+                  indexer_dtype: str | None = None) -> SequenceState:
         """An empty `SequenceState` (position 0) whose fixed components are allocated now.
 
         Args:
             allocator: storage for the cache tensors; None = plain ``torch.empty`` on the model device.
-            kv_cache_dtype: "bf16" (default: the model's ``kv_cache_dtype``) or "fp8". Must match the mode
-                the state is later run with.
+            kv_cache_dtype: "bf16" (unrounded, stored in the model dtype) or "fp8" (official FP8 rounding,
+                stored packed, see `parity.model.numerics.KVCodec`); default: the model's ``kv_cache_dtype``.
+            indexer_dtype: "bf16" or "fp4"; default: the model's ``indexer_dtype``.
+            The state must later be run with the same modes.
+        Raises:
+            RequestError: unknown kv_cache_dtype / indexer_dtype.
         """
-        fp8, _ = self._modes(kv_cache_dtype, None)
+        fp8, fp4 = self._modes(kv_cache_dtype, indexer_dtype)
         alloc = allocator if allocator is not None else TorchAllocator(self.device)
-        cfg = self.config
-        layers = []
-        kv_dtype = self._kv_storage_dtype(fp8)
-        for i, layer in enumerate(self.model.layers):
-            t = layer.layer_type
-            ratio = 0 if t == SLIDING else cfg.compress_rates[t]
-            layers.append(LayerCache(i, ratio, cfg.sliding_window, cfg.head_dim, cfg.index_head_dim, t == CSA,
-                                     self.cache_block_entries, kv_dtype, alloc))
-        st = SequenceState(layers, alloc)
-        st.kv_fp8 = fp8
+        st = SequenceState([self._layer_cache(i, layer.layer_type, fp8, alloc)
+                            for i, layer in enumerate(self.model.layers)], alloc)
+        st.kv_fp8, st.index_fp4 = fp8, fp4
         return st
 
-    def _kv_storage_dtype(self, fp8: bool) -> torch.dtype:
-        return self.dtype
+    def _codec(self, fp8: bool) -> KVCodec:
+        cfg = self.config
+        return KVCodec(cfg.head_dim, cfg.qk_rope_head_dim, self.dtype, fp8)
+
+    def _layer_cache(self, index: int, layer_type: str, fp8: bool, alloc) -> LayerCache:
+        cfg = self.config
+        ratio = 0 if layer_type == SLIDING else cfg.compress_rates[layer_type]
+        return LayerCache(index, ratio, cfg.sliding_window, cfg.head_dim, cfg.index_head_dim, layer_type == CSA,
+                          self.cache_block_entries, self._codec(fp8), self.dtype, alloc)
 
     def cache_layout(self, kv_cache_dtype: str = "bf16") -> list[dict]:
         """Per layer and component: what one sequence's cache needs.
@@ -213,8 +219,9 @@ class V4ForCausalLM(nn.Module):
         """
         fp8, _ = self._modes(kv_cache_dtype, None)
         cfg = self.config
-        kvd = self._kv_storage_dtype(fp8)
+        width, kvd = self._codec(fp8).storage
         esize = torch.empty(0, dtype=kvd).element_size()
+        isize = torch.empty(0, dtype=self.dtype).element_size()
         out = []
         for i, layer in enumerate(self.model.layers):
             t = layer.layer_type
@@ -228,15 +235,15 @@ class V4ForCausalLM(nn.Module):
                             "dtype": str(dtype).replace("torch.", ""), "bytes": n * size,
                             "tokens_per_entry": tpe, "entries": shape[-2] if len(shape) > 1 else 1})
 
-            add("window_kv", "fixed", (W, D), kvd, esize, 1)
+            add("window_kv", "fixed", (W, width), kvd, esize, 1)
             if t != SLIDING:
                 r = cfg.compress_rates[t]
                 coff = 2 if t == CSA else 1
-                width = coff * (D + (ID if t == CSA else 0))
-                add("compressor_state", "fixed", (2, coff * r, width), torch.float32, 4, 1)
-                add("compressed_kv", "growing", (B, D), kvd, esize, r)
+                state_width = coff * (D + (ID if t == CSA else 0))
+                add("compressor_state", "fixed", (2, coff * r, state_width), torch.float32, 4, 1)
+                add("compressed_kv", "growing", (B, width), kvd, esize, r)
                 if t == CSA:
-                    add("index_keys", "growing", (B, ID), kvd, esize, r)
+                    add("index_keys", "growing", (B, ID), self.dtype, isize, r)
         return out
 
     # ------------------------------------------------------------------ forward
@@ -284,8 +291,9 @@ class V4ForCausalLM(nn.Module):
         seqs, segments, s = [], [], 0
         for i, (t, st) in enumerate(zip(tokens, states)):
             st.check_usable()
-            if getattr(st, "kv_fp8", False) != kv_fp8:
-                raise RequestError(f"states[{i}] was created with a different kv_cache_dtype than this call uses")
+            if (st.kv_fp8, st.index_fp4) != (kv_fp8, index_fp4):
+                raise RequestError(f"states[{i}] was created with other numerics (kv_cache_dtype / indexer_dtype) "
+                                   f"than this call uses")
             t = torch.as_tensor(t, dtype=torch.long, device=dev).reshape(-1)
             if t.numel() == 0:
                 raise RequestError(f"tokens[{i}] is empty: expected at least one new token")
@@ -306,14 +314,14 @@ class V4ForCausalLM(nn.Module):
         return self._head(h[last])
 
     @torch.no_grad()
-    def forward_logits(self, input_ids: torch.Tensor, kv_cache_dtype: str | None = None,
-                       indexer_dtype: str | None = None, return_hidden: bool = False):
+    def forward_logits(self, input_ids: torch.Tensor, kv_cache_dtype: str = "bf16", indexer_dtype: str = "bf16",
+                       return_hidden: bool = False):
         """Full causal forward without a persistent cache.
 
         Args:
             input_ids: LongTensor[B, S].
-            kv_cache_dtype / indexer_dtype: "bf16" (default, pure math as transformers) or "fp8" / "fp4"
-                (the official quantization-aware steps, issue 8).
+            kv_cache_dtype / indexer_dtype: "bf16" (default whatever the model's defaults: the pure math,
+                as transformers) or "fp8" / "fp4" (the official quantization-aware steps, issue 8).
             return_hidden: also return the last hidden streams [B, S, hc, H] (input of the MTP module).
         Returns:
             FloatTensor[B, S, vocab] (fp32), or (logits, hidden) when return_hidden.
@@ -323,11 +331,10 @@ class V4ForCausalLM(nn.Module):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise RequestError("input_ids must be a LongTensor[B, S] with S >= 1, got "
                                f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-        kv = kv_cache_dtype or ("fp8" if self._modes(kv_cache_dtype, indexer_dtype)[0] else "bf16")
+        kv_fp8, index_fp4 = self._modes(kv_cache_dtype, indexer_dtype)
         B, S = input_ids.shape
-        states = [self.new_state(kv_cache_dtype=kv) for _ in range(B)]
+        states = [self.new_state(kv_cache_dtype=kv_cache_dtype, indexer_dtype=indexer_dtype) for _ in range(B)]
         try:
-            kv_fp8, index_fp4 = self._modes(kv, indexer_dtype)
             ids = input_ids.to(self.device, torch.long).reshape(-1)
             V = self.config.vocab_size
             if int(ids.min()) < 0 or int(ids.max()) >= V:
@@ -371,11 +378,8 @@ class V4ForCausalLM(nn.Module):
         e = mtp.enorm(self.model.embed_tokens(ids))
         x = mtp.e_proj(e).unsqueeze(1) + mtp.h_proj(mtp.hnorm(h))
         t = mtp.layer_type
-        ratio = 0 if t == SLIDING else cfg.compress_rates[t]
         alloc = TorchAllocator(dev)
-        caches = [LayerCache(cfg.num_hidden_layers + depth, ratio, cfg.sliding_window, cfg.head_dim,
-                             cfg.index_head_dim, t == CSA, self.cache_block_entries, self.dtype, alloc)
-                  for _ in range(B)]
+        caches = [self._layer_cache(cfg.num_hidden_layers + depth, t, kv_fp8, alloc) for _ in range(B)]
         positions = torch.arange(S, device=dev).repeat(B)
         m = self.model
         ctx = StepContext(positions, ids, [(b * S, S, 0) for b in range(B)],
