@@ -48,6 +48,7 @@ class V4Arch:
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
+        self._cache_sizes: dict = {}
         self.name = cfg.source or "deepseek-v4"
         self.hidden = cfg.hidden_size
         self.vocab = cfg.vocab_size
@@ -112,7 +113,10 @@ class V4Arch:
 
     def cache_bytes_seq(self, ctx: float, kv_dtype: str) -> float:
         """Cache bytes held per sequence at `ctx` tokens (main layers + MTP layers)."""
-        return P.cache_size(self.cfg, kv_dtype, include_mtp=True).total_bytes(int(ctx))
+        cs = self._cache_sizes.get(kv_dtype)
+        if cs is None:
+            cs = self._cache_sizes[kv_dtype] = P.cache_size(self.cfg, kv_dtype, include_mtp=True)
+        return cs.total_bytes(int(ctx))
 
 
 class MLAArch:

@@ -114,17 +114,19 @@ def run_validate(args) -> int:
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
-    print(f"model {r['model_version']}: predicted (modeled) vs published; per device")
-    print(f"{'entry':26s} {'hardware':8s} {'metric':24s} {'published':>10s} {'predicted':>10s} {'error':>7s} "
-          f"{'LOO err':>7s}")
+    print(f"predicted = modeled:{r['model_version']}; published = published:<source id>; values per device")
+    print(f"{'entry':26s} {'hardware':8s} {'metric':24s} {'published':>10s} {'source id':19s} {'predicted':>10s} "
+          f"{'error':>7s} {'LOO err':>7s}")
     for x in r["rows"]:
         loo = f"{x['loo_error'] * 100:+6.1f}%" if "loo_error" in x else "    n/a"
         flag = "" if x["validate"] else "  (shown, not validated)"
-        print(f"{x['id']:26s} {x['hardware']:8s} {x['metric']:24s} {x['published']:10,.0f} {x['predicted']:10,.0f} "
+        print(f"{x['id']:26s} {x['hardware']:8s} {x['metric']:24s} {x['published']:10,.0f} {x['source']:19s} "
+              f"{x['predicted']:10,.0f} "
               f"{x['error'] * 100:+6.1f}% {loo}{flag}")
     print(f"MAPE {r['mape'] * 100:.1f}%, max |error| {r['max_abs_error'] * 100:.1f}%; "
           f"leave-one-out MAPE {r['loo_mape'] * 100:.1f}%, max {r['loo_max_abs_error'] * 100:.1f}%")
-    print("published values: published:<source id> in parity/data/published; constants per family:")
+    print("sources: " + "; ".join(f"{k}: {v['url']}" for k, v in r["sources"].items()))
+    print("calibration constants per hardware family (fractions of peak; parity/data/hardware/families.toml):")
     for f, c in r["constants"].items():
         print(f"  {f:17s} gemm {c['gemm_eff']:.2f} attn {c['attn_eff']:.2f} hbm {c['hbm_eff']:.2f} "
               f"link {c['link_eff']:.2f}")

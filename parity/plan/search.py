@@ -123,14 +123,16 @@ def _kv_transfer_s(arch, hw, dep, isl) -> float:
 
 
 def _best_prefill(arch, hw, dep, consts, isl, ttft_slo_s):
-    if hbm_budget(arch, hw, dep) <= 0:
+    budget = hbm_budget(arch, hw, dep)
+    if budget <= 0:
         return None, None
     best, ttft_min = None, None
+    per_seq = arch.cache_bytes_seq(isl, dep.kv_dtype)
     for tok in sorted(set(PREFILL_TOKENS) | {isl}):
         if tok < isl:
             continue
         seqs = tok / isl
-        if seqs * arch.cache_bytes_seq(isl, dep.kv_dtype) > hbm_budget(arch, hw, dep):
+        if seqs * per_seq > budget:
             break
         p = prefill_point(arch, hw, dep, consts, tok, isl)
         ttft = p["step_s"] + _kv_transfer_s(arch, hw, dep, isl)
