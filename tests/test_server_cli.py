@@ -67,7 +67,9 @@ def test_generate_one_shot(capsys):
 def test_chat_loop_streams_reasoning_separately():
     from rich.console import Console
 
+    from parity.errors import RequestError
     from parity.server.cli import chat_loop
+    from parity.server.client import first_model, stream_chat
 
     eng = FakeEngine(step_s=0.0005)
     app = build_app(eng, ServerSettings(served_model_names=["tiny"], api_key="k"), chat_format=FakeChatFormat(),
@@ -78,6 +80,11 @@ def test_chat_loop_streams_reasoning_separately():
     with ThreadedServer(app) as srv:
         rc = chat_loop(srv.base_url, "tiny", api_key="k", args=args, read=lambda _: next(lines),
                        console=Console(file=buf, width=200, color_system=None))
+        assert first_model(srv.base_url + "/v1", "k") == "tiny"
+        with pytest.raises(RequestError, match="401"):
+            list(stream_chat(srv.base_url, {"messages": [{"role": "user", "content": "x"}]}, api_key="bad"))
+    with pytest.raises(RequestError, match="cannot reach"):
+        first_model(f"http://127.0.0.1:{free_port()}")
     out = buf.getvalue()
     assert rc == 0
     assert "thinking: Let me think about 2+2." in out and "assistant> The answer is 4." in out

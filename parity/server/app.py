@@ -595,8 +595,11 @@ def build_app(engine: Any, settings: ServerSettings | None = None, *, chat_forma
 
     @app.get("/health")
     async def health() -> Response:
+        """200 {"status": "ok"} while the engine runs; 503 when its loop has stopped or it reports an error."""
         if getattr(engine, "errored", False):
             return JSONResponse({"status": "error"}, status_code=503)
+        if settings.manage_engine and getattr(engine, "running", True) is False:
+            return JSONResponse({"status": "stopped"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")

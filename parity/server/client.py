@@ -25,6 +25,12 @@ class Piece:
     data: Any = None
 
 
+def _root(base_url: str) -> str:
+    """Server root without a trailing "/" or "/v1"."""
+    root = base_url.rstrip("/")
+    return root[:-3] if root.endswith("/v1") else root
+
+
 def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
@@ -35,7 +41,7 @@ def first_model(base_url: str, api_key: str | None = None, timeout_s: float = 10
     Raises:
         RequestError: the server cannot be reached or answers with an error (message says which).
     """
-    url = base_url.rstrip("/") + "/v1/models"
+    url = _root(base_url) + "/v1/models"
     try:
         r = httpx.get(url, headers=_headers(api_key), timeout=timeout_s)
     except httpx.HTTPError as e:
@@ -63,9 +69,7 @@ def stream_chat(base_url: str, payload: dict[str, Any], api_key: str | None = No
         RequestError: connection failure, an HTTP error answer, or an error event in the stream
             (the server's message is included).
     """
-    root = base_url.rstrip("/")
-    if root.endswith("/v1"):
-        root = root[:-3]
+    root = _root(base_url)
     body = dict(payload, stream=True, stream_options={"include_usage": True})
     try:
         with httpx.stream("POST", root + "/v1/chat/completions", json=body, headers=_headers(api_key),
