@@ -167,3 +167,16 @@ def test_malformed_data_files_are_refused(tmp_path):
     (pub / "x.toml").write_text('[source]\nid = "s"\ntitle = "t"\nurl = "https://x"\n[[entry]]\nid = "e"\n')
     with pytest.raises(PlanError, match="x.toml.*'model'"):
         published(pub)
+
+
+def test_op_costs_per_layer_type():
+    v4, hw = load_arch("v4-flash"), get_hardware("h800")
+    dep = M.Deployment(n_devices=16, mtp=1, mtp_acceptance=0.85)
+    groups = {g["kind"]: g for g in M.op_costs(v4, hw, dep, "decode", 128, 8192, 64)}
+    assert {"sliding", "csa", "hca", "mtp-sliding", "lm_head"} <= set(groups)
+    assert sum(g["count"] for k, g in groups.items() if not k.startswith(("mtp", "lm_head"))) == 43
+    assert groups["csa"]["indexer_flops"] > 0 == groups["hca"]["indexer_flops"]
+    assert groups["csa"]["cache_read_bytes"] > groups["hca"]["cache_read_bytes"] > 0
+    assert groups["csa"]["a2a_scaleout_bytes"] > 0  # 16 devices cross the 8-GPU NVLink domain
+    v3 = {g["kind"]: g for g in M.op_costs(load_arch("deepseek-r1"), hw, M.Deployment(), "prefill", 4096, 4096, 1)}
+    assert v3["mla-dense"]["count"] == 3 and v3["mla"]["count"] == 58 and v3["mla-dense"]["expert_flops"] == 0

@@ -111,6 +111,18 @@ class V4Arch:
             b += ctx / c.compress_rates[HCA] * kv
         return b
 
+    def cache_write_bytes_token(self, kind: str, kv_dtype: str) -> float:
+        """Cache bytes written per new token in a layer of `kind` (window entry + amortised compressed
+        entries)."""
+        c = self.cfg
+        kv = P.vector_bytes(c.head_dim, c.qk_rope_head_dim, kv_dtype)
+        if kind == "csa":
+            ik = P.vector_bytes(c.index_head_dim, min(c.qk_rope_head_dim, c.index_head_dim), kv_dtype)
+            return kv + (kv + ik) / c.compress_rates[CSA]
+        if kind == "hca":
+            return kv + kv / c.compress_rates[HCA]
+        return kv
+
     def cache_bytes_seq(self, ctx: float, kv_dtype: str) -> float:
         """Cache bytes held per sequence at `ctx` tokens (main layers + MTP layers)."""
         cs = self._cache_sizes.get(kv_dtype)
@@ -163,6 +175,9 @@ class MLAArch:
     def attn_read_bytes(self, kind: str, ctx: float, kv_dtype: str) -> float:
         d = self.d
         return ctx * P.vector_bytes(d["kv_lora_rank"] + d["qk_rope_head_dim"], d["qk_rope_head_dim"], kv_dtype)
+
+    def cache_write_bytes_token(self, kind: str, kv_dtype: str) -> float:
+        return self.attn_read_bytes(kind, 1, kv_dtype)
 
     def cache_bytes_seq(self, ctx: float, kv_dtype: str) -> float:
         return (len(self.layers) + len(self.mtp_layers)) * self.attn_read_bytes("mla", ctx, kv_dtype)

@@ -147,11 +147,6 @@ class Terms:
         return {"step_s": step, "compute_s": comp, "comm_s": comm, "fixed_s": self.fixed_s}
 
 
-def _peak(hw: Hardware, fmt: str) -> tuple[str, float]:
-    dt = hw.best_dtype(fmt)
-    return dt, hw.peak(dt)
-
-
 def weight_bytes_per_device(arch, dep: Deployment) -> dict:
     """Resident weight bytes on one device: dense (attention, shared/dense FFN, router, mHC; split by
     attention TP), local routed experts (E + redundant over n devices), embedding + LM head (bf16)."""
@@ -177,81 +172,114 @@ def _layer_counts(arch) -> dict:
     return lc
 
 
-def step_terms(arch, hw: Hardware, dep: Deployment, phase: str, tokens: float, ctx: float,
-               seqs: float) -> Terms:
-    """Ideal-time terms of one step on one device.
+def op_costs(arch, hw: Hardware, dep: Deployment, phase: str, tokens: float, ctx: float,
+             seqs: float) -> list[dict]:
+    """Op-level cost of one step on one device, per layer type (physical units, no efficiencies).
 
     Args:
         phase: 'prefill' or 'decode'.
         tokens: query tokens this device processes in the step (decode: seqs * (1 + mtp)).
         ctx: prefill prompt length, or decode context (KV length) in tokens.
         seqs: sequences on this device (decode: B; prefill: tokens / prompt length).
+
+    Returns:
+        One dict per group of identical layers (plus MTP and LM head groups): `kind`, `count`, FLOPs
+        (`proj_flops`, `attn_flops`, `indexer_flops`, `dense_flops`, `expert_flops`), bytes of HBM traffic
+        (`proj_weight_bytes`, `dense_weight_bytes`, `expert_weight_bytes`, `cache_read_bytes`,
+        `cache_write_bytes`, `other_bytes` for mHC/norm streams) and bytes sent (`a2a_scaleup_bytes`,
+        `a2a_scaleout_bytes`, `tp_bytes`), all totals over the group's `count` layers.
     """
-    t = Terms(overlap=dep.overlap)
     D = arch.hidden
-    hbm = hw.hbm_tb_s * 1e12
-    dd, pd_ = _peak(hw, dep.dense_format)
-    de, pe = _peak(hw, dep.expert_format)
-    attn_dt = "fp8" if dep.kv_dtype == "fp8" and hw.peak("fp8") else "bf16"
-    pa = hw.peak(attn_dt)
-    pi = hw.peak(hw.best_dtype("fp8"))  # indexer scores run in low precision (official: fp4/fp8 QAT)
     wd, we = WEIGHT_BYTES[dep.dense_format], WEIGHT_BYTES[dep.expert_format]
     n = dep.n_devices
-    slots = arch.n_experts + dep.redundant_experts
-    local = math.ceil(slots / n)
+    local = math.ceil((arch.n_experts + dep.redundant_experts) / n)
     k = arch.topk
     remote = (n - 1) / n
-    up_bw = hw.scaleup_gb_s * 1e9
-    out_bw = hw.scaleout_gb_s * 1e9
     in_domain = 1.0 if n <= hw.scaleup_domain else (hw.scaleup_domain - 1) / (n - 1)
+    groups = []
 
-    def layer(spec, tok, sq, c, cnt=1):
-        t.fixed_s += cnt * LAYER_LATENCY_S
-        # attention-side projections (and compressor / indexer projections for V4)
-        t.gemm.append((cnt * 2.0 * spec.proj_params * tok / pd_, cnt * spec.proj_params * wd / dep.attn_tp / hbm))
-        # core attention (+ lightning indexer)
+    def layer(spec, tok, sq, c, cnt, label):
         fl, idx = arch.attn_flops_token(spec.kind, c, phase)
-        rd = arch.attn_read_bytes(spec.kind, c, dep.kv_dtype) * sq * dep.attn_tp if phase == "decode" else 0.0
-        t.attn.append((cnt * (fl * tok / pa + idx * tok / pi), cnt * rd / hbm))
-        # dense FFN or shared expert + router
-        t.gemm.append((cnt * 2.0 * spec.dense_params * tok / pd_, cnt * spec.dense_params * wd / dep.attn_tp / hbm))
-        t.other_mem_s += cnt * arch.other_bytes_per_token_layer * tok / hbm
+        g = {"kind": label, "count": cnt,
+             # attention-side projections (and V4's compressor / indexer projections)
+             "proj_flops": 2.0 * spec.proj_params * tok, "proj_weight_bytes": spec.proj_params * wd / dep.attn_tp,
+             # core attention (+ lightning indexer scores)
+             "attn_flops": fl * tok, "indexer_flops": idx * tok,
+             "cache_read_bytes": (arch.attn_read_bytes(spec.kind, c, dep.kv_dtype) * sq * dep.attn_tp
+                                  if phase == "decode" else 0.0),
+             "cache_write_bytes": arch.cache_write_bytes_token(spec.kind, dep.kv_dtype) * tok,
+             # dense FFN, or shared expert + router
+             "dense_flops": 2.0 * spec.dense_params * tok, "dense_weight_bytes": spec.dense_params * wd / dep.attn_tp,
+             "other_bytes": arch.other_bytes_per_token_layer * tok,
+             "expert_flops": 0.0, "expert_weight_bytes": 0.0, "a2a_scaleup_bytes": 0.0, "a2a_scaleout_bytes": 0.0,
+             "tp_bytes": 0.0}
         if spec.moe:
-            visits = tok * k * EXPERT_IMBALANCE
-            hit = 1.0 - math.exp(-tok * k / local) if local else 0.0
-            t.gemm.append((cnt * 2.0 * arch.expert_params * visits / pe,
-                           cnt * local * hit * arch.expert_params * we / hbm))
+            g["expert_flops"] = 2.0 * arch.expert_params * tok * k * EXPERT_IMBALANCE
+            g["expert_weight_bytes"] = local * (1.0 - math.exp(-tok * k / local)) * arch.expert_params * we
             per_copy = D * (DISPATCH_BYTES[dep.expert_format] + 2.0) * EXPERT_IMBALANCE
             if phase == "prefill" and n > hw.scaleup_domain:
                 # hierarchical all-to-all (DeepEP normal kernels): one copy per remote scale-up domain
                 # over scale-out, then forwarded to the experts over scale-up
-                g = n / hw.scaleup_domain
-                out_copies = (g - 1) * (1 - (1 - 1 / g) ** k)
+                ng = n / hw.scaleup_domain
+                out_copies = (ng - 1) * (1 - (1 - 1 / ng) ** k)
                 limit = getattr(arch, "route_limit_groups", 0)
                 if limit:
-                    out_copies = min(out_copies, limit - 1 + 1 / g)
-                t.comm_out_s += cnt * tok * out_copies * per_copy / out_bw
-                t.comm_up_s += cnt * tok * k * remote * per_copy / up_bw
+                    out_copies = min(out_copies, limit - 1 + 1 / ng)
+                g["a2a_scaleout_bytes"] = tok * out_copies * per_copy
+                g["a2a_scaleup_bytes"] = tok * k * remote * per_copy
             else:
                 # direct all-to-all (DeepEP low-latency kernels): every copy goes to its expert's device
-                t.comm_up_s += cnt * tok * k * remote * in_domain * per_copy / up_bw
-                t.comm_out_s += cnt * tok * k * remote * (1 - in_domain) * per_copy / out_bw
+                g["a2a_scaleup_bytes"] = tok * k * remote * in_domain * per_copy
+                g["a2a_scaleout_bytes"] = tok * k * remote * (1 - in_domain) * per_copy
         if dep.attn_tp > 1:
             tp = dep.attn_tp
-            t.comm_up_s += cnt * 2 * 2 * (tp - 1) / tp * tok * tp * D * 2.0 / up_bw
+            g["tp_bytes"] = 2 * 2 * (tp - 1) / tp * tok * tp * D * 2.0  # two all-reduces of bf16 activations
+        for key in list(g):
+            if key.endswith(("_flops", "_bytes")):
+                g[key] *= cnt
+        groups.append(g)
 
     for spec, cnt in _layer_counts(arch).items():
-        layer(spec, tokens, seqs, ctx, cnt)
+        layer(spec, tokens, seqs, ctx, cnt, spec.kind + ("" if spec.moe else "-dense"))
     if phase == "decode":
         for spec in arch.mtp_layers[: dep.mtp]:  # each draft runs the MTP block on one token per sequence
-            layer(spec, seqs, seqs, ctx)
+            layer(spec, seqs, seqs, ctx, 1, "mtp-" + spec.kind)
         head_tokens = tokens + seqs * min(dep.mtp, len(arch.mtp_layers))
     else:
         if dep.mtp:
             for spec in arch.mtp_layers[:1]:  # the MTP block also prefills the prompt (its own cache)
-                layer(spec, tokens, seqs, ctx)
+                layer(spec, tokens, seqs, ctx, 1, "mtp-" + spec.kind)
         head_tokens = seqs
-    t.gemm.append((2.0 * arch.head_params * head_tokens / hw.peak("bf16"), arch.head_params * 2.0 / hbm))
+    zero = {key: 0.0 for key in groups[0] if key.endswith(("_flops", "_bytes"))}
+    groups.append({**zero, "kind": "lm_head", "count": 1, "dense_flops": 2.0 * arch.head_params * head_tokens,
+                   "dense_weight_bytes": arch.head_params * 2.0})
+    return groups
+
+
+def step_terms(arch, hw: Hardware, dep: Deployment, phase: str, tokens: float, ctx: float,
+               seqs: float) -> Terms:
+    """`op_costs` turned into ideal times at 100% of each peak (same arguments)."""
+    t = Terms(overlap=dep.overlap)
+    hbm = hw.hbm_tb_s * 1e12
+    pd_ = hw.peak(hw.best_dtype(dep.dense_format))
+    pe = hw.peak(hw.best_dtype(dep.expert_format))
+    pa = hw.peak("fp8" if dep.kv_dtype == "fp8" and hw.peak("fp8") else "bf16")
+    pi = hw.peak(hw.best_dtype("fp8"))  # indexer scores run in low precision (official: fp4/fp8 QAT)
+    ph = hw.peak("bf16")
+    up_bw, out_bw = hw.scaleup_gb_s * 1e9, hw.scaleout_gb_s * 1e9
+    for g in op_costs(arch, hw, dep, phase, tokens, ctx, seqs):
+        head = g["kind"] == "lm_head"
+        if not head:
+            t.fixed_s += g["count"] * LAYER_LATENCY_S
+        t.gemm.append((g["proj_flops"] / pd_, g["proj_weight_bytes"] / hbm))
+        t.attn.append((g["attn_flops"] / pa + g["indexer_flops"] / pi,
+                       (g["cache_read_bytes"] + g["cache_write_bytes"]) / hbm))
+        t.gemm.append((g["dense_flops"] / (ph if head else pd_), g["dense_weight_bytes"] / hbm))
+        if g["expert_flops"]:
+            t.gemm.append((g["expert_flops"] / pe, g["expert_weight_bytes"] / hbm))
+        t.other_mem_s += g["other_bytes"] / hbm
+        t.comm_up_s += (g["a2a_scaleup_bytes"] + g["tp_bytes"]) / up_bw
+        t.comm_out_s += g["a2a_scaleout_bytes"] / out_bw
     return t
 
 
