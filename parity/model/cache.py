@@ -85,7 +85,7 @@ class LayerCache:
         """KV of positions [start, end) (all inside the window) -> [end - start, head_dim]."""
         w = self.window.shape[0]
         if end <= start:
-            return self.window[:0]
+            return self.codec.decode(self.window[:0])
         idx = torch.arange(start, end, device=self.window.device) % w
         return self.codec.decode(self.window.index_select(0, idx))
 
