@@ -68,3 +68,11 @@ def test_plan_package_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_info_reads_a_checkpoint_directory(tmp_path, capsys):
+    cfg = load_preset("tiny")
+    cfg.save(tmp_path)
+    assert main(["info", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"]["total"] == count_params(cfg).total
+    assert main(["info", str(tmp_path / "missing")]) == 2
