@@ -1,0 +1,202 @@
+"""Device layer implementation (imports torch); see `parity.devices` for the public face."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from parity.errors import DeviceError
+
+from parity.devices import AUTO_ORDER, DIST_BACKEND, KNOWN_TYPES  # noqa: F401  (single definition)
+
+_npu_loaded: bool | None = None
+
+
+def _load_torch_npu() -> bool:
+    """Import `torch_npu` if it is installed (it registers the `npu` device). Never raises."""
+    global _npu_loaded
+    if _npu_loaded is None:
+        _npu_loaded = False
+        if importlib.util.find_spec("torch_npu") is not None:
+            try:
+                import torch_npu  # noqa: F401
+
+                _npu_loaded = True
+            except Exception:  # a broken CANN install must not stop CPU use
+                _npu_loaded = False
+    return _npu_loaded
+
+
+def is_available(device_type: str) -> bool:
+    """Whether a device type can be used in this process."""
+    if device_type == "cpu":
+        return True
+    if device_type == "npu":
+        if not _load_torch_npu():
+            return False
+        npu = getattr(torch, "npu", None)
+        return bool(npu is not None and npu.is_available())
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None and acc.is_available():
+        cur = acc.current_accelerator()
+        if cur is not None and cur.type == device_type:
+            return True
+    if device_type == "cuda":
+        return torch.cuda.is_available()
+    if device_type == "xpu":
+        return bool(getattr(torch, "xpu", None) and torch.xpu.is_available())
+    if device_type == "mps":
+        return bool(torch.backends.mps.is_available())
+    return False
+
+
+def resolve(spec: str | torch.device | None = "auto") -> torch.device:
+    """Turn a device request into a `torch.device`.
+
+    Args:
+        spec: "auto" (npu > cuda > xpu > mps > cpu), a type ("cpu", "cuda", "npu", "xpu", "mps"),
+            a type with index ("cuda:1"), a `torch.device`, or None (same as "auto").
+    Returns:
+        torch.device with an explicit index for accelerators.
+    Raises:
+        DeviceError: unknown device type, or the device is not available here.
+    """
+    if spec is None:
+        spec = "auto"
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    spec = str(spec).strip().lower()
+    if spec == "auto":
+        for t in AUTO_ORDER:
+            if is_available(t):
+                return resolve(t)
+        return torch.device("cpu")
+    dtype_part, _, index = spec.partition(":")
+    if dtype_part not in KNOWN_TYPES:
+        raise DeviceError(f"unknown device {spec!r}: expected one of auto, {', '.join(KNOWN_TYPES)} (optionally ':N')")
+    if not is_available(dtype_part):
+        avail = [t for t in KNOWN_TYPES if is_available(t)]
+        raise DeviceError(f"device {spec!r} is not available on this machine; available: {', '.join(avail)}")
+    if dtype_part == "cpu":
+        return torch.device("cpu")
+    if index and not index.isdigit():
+        raise DeviceError(f"device index in {spec!r} must be a non-negative integer")
+    return torch.device(dtype_part, int(index) if index else 0)
+
+
+def dist_backend(device: torch.device | str) -> str:
+    """torch.distributed backend name for a device: cpu->gloo, cuda->nccl, npu->hccl, xpu->xccl."""
+    t = device.type if isinstance(device, torch.device) else str(device).split(":", 1)[0]
+    if t not in DIST_BACKEND:
+        raise DeviceError(f"no distributed backend known for device type {t!r}")
+    return DIST_BACKEND[t]
+
+
+def _probe_dtype(device: torch.device, dtype: torch.dtype) -> bool:
+    try:
+        a = torch.ones(2, 2, device=device, dtype=dtype)
+        (a @ a).sum().item()
+        return True
+    except Exception:
+        return False
+
+
+def supported_dtypes(device: torch.device | str) -> list[torch.dtype]:
+    """Floating dtypes that can run a matmul on `device` (probed with a 2x2 matmul)."""
+    device = resolve(device) if isinstance(device, str) else device
+    cands = [torch.float32, torch.bfloat16, torch.float16]
+    return [d for d in cands if _probe_dtype(device, d)]
+
+
+def has_fp8(device: torch.device | str) -> bool:
+    """Whether the device has a native FP8 e4m3 matmul (`torch._scaled_mm`): NVIDIA sm_89+ only.
+
+    Ascend 910B/910C have no FP8 units (W8A8 INT8 instead); CPU dequantizes FP8 in software.
+    """
+    device = resolve(device) if isinstance(device, str) else device
+    if device.type != "cuda":
+        return False
+    major, minor = torch.cuda.get_device_capability(device)
+    return (major, minor) >= (8, 9)
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for all queued work on `device` (no-op on CPU). Used for timing."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return
+    mod = getattr(torch, device.type, None)
+    if mod is not None and hasattr(mod, "synchronize"):
+        mod.synchronize(device)
+
+
+def memory_info(device: torch.device | str) -> tuple[int, int]:
+    """(free_bytes, total_bytes) of device memory. On CPU: available and total system RAM."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        try:
+            info = {}
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    k, v = line.split(":", 1)
+                    info[k] = int(v.split()[0]) * 1024
+            return info.get("MemAvailable", info.get("MemFree", 0)), info.get("MemTotal", 0)
+        except OSError:
+            return 0, 0
+    mod = getattr(torch, device.type, None)
+    if mod is not None and hasattr(mod, "mem_get_info"):
+        free, total = mod.mem_get_info(device)
+        return int(free), int(total)
+    return 0, 0
+
+
+def empty_cache(device: torch.device | str) -> None:
+    """Release cached allocator blocks on accelerators (no-op on CPU)."""
+    device = torch.device(device)
+    mod = getattr(torch, device.type, None)
+    if device.type != "cpu" and mod is not None and hasattr(mod, "empty_cache"):
+        mod.empty_cache()
+
+
+def manual_seed(device: torch.device | str, seed: int) -> torch.Generator:
+    """A `torch.Generator` on `device` seeded with `seed` (per-request sampling)."""
+    g = torch.Generator(device=torch.device(device))
+    g.manual_seed(int(seed))
+    return g
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    type: str
+    index: int | None
+    name: str
+    dist_backend: str
+    total_memory_bytes: int
+    dtypes: tuple[str, ...]
+
+
+def describe(device: torch.device | str = "auto") -> DeviceInfo:
+    """A summary of a device for `parity doctor` / `parity info` / bench environment records."""
+    dev = resolve(device) if isinstance(device, str) else device
+    name = "cpu"
+    if dev.type != "cpu":
+        mod = getattr(torch, dev.type, None)
+        if mod is not None and hasattr(mod, "get_device_name"):
+            try:
+                name = mod.get_device_name(dev)
+            except Exception:
+                name = dev.type
+    else:
+        import platform
+
+        name = platform.processor() or platform.machine()
+    return DeviceInfo(
+        type=dev.type,
+        index=dev.index,
+        name=name,
+        dist_backend=DIST_BACKEND.get(dev.type, "gloo"),
+        total_memory_bytes=memory_info(dev)[1],
+        dtypes=tuple(str(d).removeprefix("torch.") for d in supported_dtypes(dev)),
+    )
