@@ -120,7 +120,7 @@ def test_goodput_counts_slo_misses(tok):
 def test_failures_counted_with_reasons(tok):
     sc = Script(ttft_s=0.002, itl_s=0.001, fail_every=3, fail_status=503, malformed_every=4, drop_every=5)
     with FakeServer(sc) as srv:
-        res = run_bench(_cfg(srv.base_url, num_prompts=12, max_concurrency=1), tokenizer=tok)
+        res = run_bench(_cfg(srv.base_url, num_prompts=12, max_concurrency=1, workload="fixed:in=4,out=3"), tokenizer=tok)
     s = res["summary"]
     # 1-based request numbers: 3,6,9,12 -> 503; 4,8 -> malformed; 5,10 -> dropped (15 would be 503 first)
     assert s["failed"] == 8 and s["completed"] == 4
@@ -162,6 +162,14 @@ def test_config_errors(kw, msg):
         cfg.validate()
 
 
+def _assert_on_schedule(sends, planned):
+    """Never early (1 ms slack); late by at most 40 ms, a margin for other processes on a loaded 2-core box
+    (idle, the lateness measured under 1 ms)."""
+    assert len(sends) == len(planned)
+    for got, want in zip(sends, planned):
+        assert want - 0.001 <= got <= want + 0.040, (sends, planned)
+
+
 def test_request_rate_and_trace_schedule(tok, tmp_path):
     """Sends follow the schedule: rate 40 req/s Poisson for 6 requests; a trace's arrival offsets exactly."""
     trace = tmp_path / "t.jsonl"
@@ -169,13 +177,12 @@ def test_request_rate_and_trace_schedule(tok, tmp_path):
                              for t in (0.0, 0.05, 0.12)))
     with FakeServer(Script(ttft_s=0.001, itl_s=0.001)) as srv:
         res = run_bench(_cfg(srv.base_url, workload=f"trace:{trace}", max_concurrency=None), tokenizer=tok)
-        sends = [r["send_s"] for r in res["requests"]]
-        assert sends == pytest.approx([0.0, 0.05, 0.12], abs=0.003)
+        _assert_on_schedule([r["send_s"] for r in res["requests"]], [0.0, 0.05, 0.12])
         res = run_bench(_cfg(srv.base_url, num_prompts=6, request_rate=40.0, seed=1, max_concurrency=None),
                         tokenizer=tok)
     from parity.bench.runner import arrival_offsets
 
-    assert [r["send_s"] for r in res["requests"]] == pytest.approx(arrival_offsets(6, 40.0, 1.0, 1), abs=0.003)
+    _assert_on_schedule([r["send_s"] for r in res["requests"]], arrival_offsets(6, 40.0, 1.0, 1))
     assert arrival_offsets(3, math.inf, 1.0, 0) == [0.0, 0.0, 0.0]
 
 
@@ -246,7 +253,9 @@ def test_cli_end_to_end_with_report(tok, tmp_path, capsys):
         assert data["energy"]["reason"].startswith("no energy meter readable")
     report = tmp_path / "report.html"
     assert main(["bench", "report", str(out1), str(out2), "--out", str(report)]) == 0
-    assert "latency CDFs" in report.read_text()
+    html = report.read_text()
+    assert "latency CDFs" in html and "data:image/png;base64," in html and html.count("<tr>") == 3
+    assert "Tokens are counted, not chunks" in html
     assert main(["bench", "--model", "x"]) == 2  # missing --base-url -> clear error, no traceback
     assert "--base-url is required" in capsys.readouterr().err
     assert main(["bench", "--base-url", "http://127.0.0.1:1", "--model", "x", "--workload", "fixed:in=3"]) == 2

@@ -167,11 +167,14 @@ class _StreamState:
 
 
 async def send_request(client: httpx.AsyncClient, url: str, payload: dict, req: BenchRequest, rec: RequestRecord,
-                       tokenizer: BenchTokenizer, origin_s: float, chat: bool, headers: dict | None = None) -> None:
+                       tokenizer: BenchTokenizer, origin_s: float, chat: bool, headers: dict | None = None,
+                       request_id: str | None = None) -> None:
     """Send one streamed request and fill `rec` (RequestRecord) in place.
 
     Args:
         origin_s: `time.perf_counter()` of the run start; `rec.send_s` is relative to it.
+        request_id: sent as the ``X-Request-Id`` header (vLLM and parity log it; lets server-side logs be joined
+            with the bench's records).
     Failures never raise (except cancellation): they set `rec.ok = False` and `rec.error` to a reason such as
     ``HTTP 503: ...``, ``connection failed: ...``, ``malformed SSE: ...``, ``stream ended before [DONE]``.
     On cancellation (Ctrl-C) `rec.error` becomes "interrupted" and CancelledError propagates.
@@ -182,6 +185,8 @@ async def send_request(client: httpx.AsyncClient, url: str, payload: dict, req: 
     rec.send_s = st - origin_s
     state = _StreamState(chat, tokenizer, st)
     try:
+        if request_id is not None:
+            headers = {**(headers or {}), "X-Request-Id": request_id}
         async with client.stream("POST", url, json=payload, headers=headers) as resp:
             rec.status = resp.status_code
             if resp.status_code != 200:

@@ -152,7 +152,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self) -> None:
-        if self.path.rstrip("/") == "/v1/models":
+        if self.path.rstrip("/") == "/_log":  # per-request server-side times (perf_counter, s) for calibration
+            srv: FakeServer = self.server.owner  # type: ignore[attr-defined]
+            with srv.lock:
+                self._send_json(200, {"log": list(srv.script.log)})
+        elif self.path.rstrip("/") == "/v1/models":
             self._send_json(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
         else:
             self._send_json(404, {"error": {"message": f"no route {self.path}"}})
@@ -188,7 +192,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if dt > 0:
                     time.sleep(dt)
                 self._chunk(data)
-                sent_at.append(time.perf_counter() - t_arrival)
+                sent_at.append(time.perf_counter() - t_arrival)  # offset from arrival, s
             if plan.drop:
                 self.wfile.write(b"5\r\ndata:")  # a truncated chunk, then close
                 self.wfile.flush()
@@ -199,7 +203,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         with srv.lock:
-            srv.script.log.append({"num": num, "arrival": t_arrival, "sent_at_s": sent_at})
+            srv.script.log.append({"num": num, "id": self.headers.get("X-Request-Id"), "arrival_s": t_arrival,
+                                   "sent_at_s": sent_at})
 
 
 class VirtualClock:

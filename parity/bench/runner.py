@@ -10,6 +10,7 @@ actually goes out, after waiting for a slot, as in vLLM. Trace workloads send at
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import platform
@@ -26,6 +27,9 @@ from parity.bench.metrics import RequestRecord, parse_slo, summarize
 from parity.bench.tokenizer import BenchTokenizer, load_bench_tokenizer
 from parity.bench.workloads import BenchRequest, build_requests, parse_workload
 from parity.errors import BenchError
+
+#: Concurrent streams per HTTP connection pool (see run_requests).
+POOL_SIZE = 4
 
 #: Version of the JSON result layout written by `parity bench --output` (bump on incompatible change).
 RESULT_SCHEMA = "parity.bench.result"
@@ -177,7 +181,8 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
     payloads = [build_payload(cfg.endpoint, cfg.model, r, ignore_eos=cfg.ignore_eos, temperature=cfg.temperature,
                               continuous_usage=cfg.continuous_usage) for r in requests]
 
-    async def one(client, i, origin, sink):
+    async def one(clients, i, origin, sink, tag="bench"):
+        client = clients[i % len(clients)]
         # the record exists from the moment the request is sent (after waiting for a concurrency slot), so a
         # request still queued at Ctrl-C counts as "not sent", one in flight as "interrupted"
         if sem is not None:
@@ -185,7 +190,8 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
         try:
             rec = RequestRecord(index=requests[i].index, ok=False)
             sink.append(rec)
-            await send_request(client, url, payloads[i], requests[i], rec, tokenizer, origin, chat, headers)
+            await send_request(client, url, payloads[i], requests[i], rec, tokenizer, origin, chat, headers,
+                               request_id=f"{tag}-{requests[i].index if tag == 'bench' else len(sink)}")
         finally:
             if sem is not None:
                 sem.release()
@@ -193,13 +199,22 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
     result: dict = {"schema": RESULT_SCHEMA, "version": RESULT_VERSION, "config": cfg.to_dict(),
                     "environment": environment(tokenizer, meter.describe() if meter else "none (not requested)"),
                     "notes": list(NOTES), "interrupted": False}
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=not local, transport=transport) as client:
+    # Several small connection pools instead of one big one: httpcore's pool scans every connection on each
+    # request start/finish (cost ~ connections x in-flight requests), which made one 256-connection pool use
+    # most of a core at 256 concurrent streams (measured with cProfile, benchmarks/bench_client_overhead.py).
+    n_pools = 1 if transport is not None else max(1, min(128, math.ceil(limit / POOL_SIZE)))
+    ssl_ctx = httpx.create_ssl_context(trust_env=not local) if httpx.URL(url).scheme == "https" else False
+    async with contextlib.AsyncExitStack() as stack:
+        client = [await stack.enter_async_context(
+            httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=not local, transport=transport, verify=ssl_ctx))
+            for _ in range(n_pools)]
         # --- warm-up
         warm = []
         if cfg.warmup:
             wreqs = [requests[i % len(requests)] for i in range(cfg.warmup)]
             origin = time.perf_counter()
-            await asyncio.gather(*(one(client, i % len(requests), origin, warm) for i in range(len(wreqs))))
+            await asyncio.gather(*(one(client, i % len(requests), origin, warm, "warmup")
+                                   for i in range(len(wreqs))))
             if not any(r.ok for r in warm):
                 raise BenchError(f"all {cfg.warmup} warm-up request(s) to {url} failed: {warm[0].error}")
         result["warmup"] = {"requests": cfg.warmup, "failed": sum(not r.ok for r in warm)}
@@ -272,6 +287,9 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
     summary = summarize(records, duration, slo)
     summary["not_sent"] = len(requests) - len(records)
     result["interrupted"] = interrupted
+    result["clock"] = {"origin_perf_counter_s": origin,
+                       "note": "send_s of each record is relative to this time.perf_counter() value "
+                               "(CLOCK_MONOTONIC on Linux, comparable with other processes' on this machine)"}
     result["summary"] = summary
     result["energy"] = energy_section(energy, summary)
     result["requests"] = [r.to_dict() for r in records]

@@ -1,0 +1,57 @@
+"""parity bench against a real parity server (FastAPI/uvicorn on 127.0.0.1, the real engine on the default
+miniature model, CPU): every request completes, token counts agree with the server's usage and /metrics."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+pytest.importorskip("torch")
+
+from parity.bench.runner import BenchConfig, run_bench  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def parity_server():
+    from parity.engine import AsyncEngine, EngineArgs
+    from parity.server.app import ServerSettings, build_app
+    from parity.server.launcher import ThreadedServer
+
+    engine = AsyncEngine(EngineArgs(device="cpu", max_model_len=256, cache_memory=16 << 20, max_num_seqs=8,
+                                    max_num_batched_tokens=512))
+    srv = ThreadedServer(build_app(engine, ServerSettings(served_model_names=["tiny"], drain_timeout_s=2.0)),
+                         drain_timeout_s=2.0).start()
+    yield srv
+    srv.stop()
+
+
+def _generated_tokens(base_url: str) -> float:
+    """The server's own count of generated tokens (Prometheus counter parity_generation_tokens_total)."""
+    m = re.search(r"^parity_generation_tokens_total ([0-9.e+]+)$", httpx.get(base_url + "/metrics").text, re.M)
+    assert m, "parity_generation_tokens_total missing from /metrics"
+    return float(m.group(1))
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_bench_against_parity_server(parity_server, endpoint, tmp_path):
+    before = _generated_tokens(parity_server.base_url)
+    cfg = BenchConfig(base_url=parity_server.base_url + "/v1", model="tiny", endpoint=endpoint,
+                      workload="random:in=24,out=6,ratio=0.5,convention=vllm", num_prompts=6, max_concurrency=3,
+                      warmup=1, ignore_eos=True, slo="ttft_ms=60000", progress=False, energy="auto",
+                      output=str(tmp_path / "r.json"))
+    res = run_bench(cfg)
+    s = res["summary"]
+    assert s["failed"] == 0, s["failure_reasons"]
+    assert s["completed"] == 6 and s["good_requests"] == 6
+    for r in res["requests"]:
+        assert r["count_source"] == "usage"  # final usage chunk: exact output count
+        assert r["output_tokens"] == r["requested_output_tokens"]  # ignore_eos honoured
+        assert r["ttft_s"] > 0 and r["e2el_s"] >= r["ttft_s"]
+    assert s["total_output_tokens"] == sum(r["requested_output_tokens"] for r in res["requests"])
+    assert s["tpot_ms"]["count"] == 6 and s["output_throughput_tok_s"] > 0
+    # the server counted the same tokens (the warm-up request repeats workload request 0)
+    warm = res["requests"][0]["requested_output_tokens"]
+    assert _generated_tokens(parity_server.base_url) - before == s["total_output_tokens"] + warm
+    assert (tmp_path / "r.json").is_file()
