@@ -5,6 +5,7 @@ round trip; completions; bad input; disconnect and a 64-stream load test with th
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 
@@ -171,3 +172,28 @@ def test_load_64_streams_cache_back_to_zero(real):
     assert len(res) == 64 and all(fin == "length" and u.completion_tokens == 4 for fin, u in res)
     wait_cache_zero(real.base_url)
     assert metric(real.base_url, "parity_request_e2e_seconds_count") >= 64
+
+
+def test_parity_generate_one_shot(real, capsys, monkeypatch):
+    """`parity generate` end to end (the model object is shared with the server fixture to save a load)."""
+    import parity.engine
+    from parity.cli import main
+
+    class SharedLLM(LLM):
+        def __init__(self, **kw):
+            super().__init__(model_obj=real.engine.engine.model, tokenizer=real.engine.tokenizer,
+                             **{k: v for k, v in kw.items() if k != "model"})
+
+    monkeypatch.setattr(parity.engine, "LLM", SharedLLM)
+    prompt = "Hello"
+    text, ids = offline_text(real, real.engine.tokenizer.encode(prompt), 3)
+    assert main(["generate", "--prompt", prompt, "--max-tokens", "3", "--device", "cpu", "--max-model-len", "128",
+                 "--cache-memory", "16MiB", "--json", "--logprobs", "1"]) == 0
+    o = json.loads(capsys.readouterr().out)["outputs"][0]
+    assert o["token_ids"] == ids and o["text"] == text and o["finish_reason"] == "length" and len(o["logprobs"]) == 3
+    assert main(["generate", "--prompt", "Hi", "--max-tokens", "0", "--device", "cpu", "--max-model-len", "128",
+                 "--cache-memory", "16MiB"]) == 2
+    assert "max_tokens" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "Hi", "--chat", "--thinking", "--max-tokens", "3", "--device", "cpu",
+                 "--max-model-len", "128", "--cache-memory", "16MiB"]) == 0
+    assert "[reasoning]" in capsys.readouterr().out
