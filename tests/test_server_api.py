@@ -403,3 +403,61 @@ def test_engine_failure_is_a_500_or_an_error_event(server, client):
         events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
     assert "boom" in events[-1]["error"]["message"]
     wait_cache_zero(server.base_url)
+
+
+# ---------------------------------------------------------------------------------------------- real chat format
+def _dsml_respond(prompt: str) -> str:
+    """A scripted model that speaks DeepSeek-V4's real format (parity.tokenizer renders the DSML)."""
+    from parity.tokenizer.chat import render_tool_calls
+
+    think = "Need the weather.</think>" if prompt.endswith("<think>") else ""
+    if "<tool_result>" in prompt:
+        return think + "It is sunny in Paris."
+    if "## Tools" in prompt:
+        return think + "Let me check.\n\n" + render_tool_calls([("", "get_weather", {"city": "Paris", "days": 3})])
+    return think + "Hello!"
+
+
+@pytest.fixture(scope="module")
+def v4_client():
+    """Fake engine (byte tokens, so any text streams byte by byte) with the real V4 chat encoding/parsing."""
+    eng = FakeEngine(step_s=0.0002, respond=_dsml_respond, max_model_len=4096)
+    app = build_app(eng, ServerSettings(served_model_names=["tiny"]), sampling_params_cls=FakeSamplingParams)
+    srv = ThreadedServer(app, drain_timeout_s=1.0).start()
+    yield openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0, timeout=30)
+    srv.stop()
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_v4_format_tool_call_round_trip_stream_and_not(v4_client, thinking):
+    msgs = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
+    extra = {"thinking": {"type": "enabled" if thinking else "disabled"}}
+    r = v4_client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, extra_body=extra,
+                                          max_tokens=1000)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content == "Let me check."
+    assert getattr(c.message, "reasoning_content", None) == ("Need the weather." if thinking else None)
+    (tc,) = c.message.tool_calls
+    assert tc.function.name == "get_weather" and json.loads(tc.function.arguments) == {"city": "Paris", "days": 3}
+    assert tc.id
+
+    calls: dict[int, dict] = {}
+    content = reasoning = ""
+    finish = None
+    for ch in v4_client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, extra_body=extra,
+                                                max_tokens=1000, stream=True):
+        d = ch.choices[0].delta
+        content += d.content or ""
+        reasoning += getattr(d, "reasoning_content", None) or ""
+        for t in d.tool_calls or []:
+            cur = calls.setdefault(t.index, {"id": t.id, "name": t.function.name, "arguments": ""})
+            cur["arguments"] += t.function.arguments or ""
+        finish = ch.choices[0].finish_reason or finish
+    assert (content, finish) == ("Let me check.", "tool_calls")
+    assert reasoning == ("Need the weather." if thinking else "")
+    assert calls[0]["name"] == "get_weather" and calls[0]["id"]
+    assert json.loads(calls[0]["arguments"]) == {"city": "Paris", "days": 3}
+
+    msgs += [c.message, {"role": "tool", "tool_call_id": tc.id, "content": '{"sky": "sunny"}'}]
+    r2 = v4_client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, extra_body=extra)
+    assert r2.choices[0].message.content == "It is sunny in Paris." and r2.choices[0].finish_reason == "stop"

@@ -243,7 +243,7 @@ class OpenAIServer:
     def _engine_error(self, e: BaseException) -> OpenAIError:
         if isinstance(e, OpenAIError):
             return e
-        if type(e).__name__ == "EngineQueueFull" or getattr(e, "status", None) == 429:
+        if any(c.__name__ == "EngineQueueFull" for c in type(e).__mro__) or getattr(e, "status", None) == 429:
             ra = str(self.settings.retry_after_s)
             return OpenAIError(429, f"The server's waiting queue is full; retry after {ra} s. ({e})",
                                code="queue_full", headers={"Retry-After": ra})
