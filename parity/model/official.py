@@ -72,6 +72,9 @@ FP4_SCALE = "fp4_scale"
 PLAIN = "plain"
 
 _FLOAT_DTYPES = ("BF16", "F16", "F32")
+_ST_ITEMSIZE = {"F8_E4M3": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BF16": 2, "F16": 2, "F32": 4, "I64": 8, "I32": 4}
+#: Staging chunk of the loader when a tensor must be converted or moved to an accelerator (bytes).
+READ_CHUNK_BYTES = 32 * 1024 * 1024
 _INT_DTYPES = ("I64", "I32")
 
 
@@ -258,6 +261,12 @@ def _read_header(path: Path) -> dict[str, dict]:
     Raises:
         CheckpointError: unreadable, truncated or corrupted file.
     """
+    return _read_header_base(path)[0]
+
+
+def _read_header_base(path: Path) -> tuple[dict[str, dict], int]:
+    """(`_read_header`, byte offset of the data section). Format: 8-byte little-endian header length,
+    JSON header, then the data section that ``data_offsets`` index (safetensors format spec)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -279,12 +288,17 @@ def _read_header(path: Path) -> dict[str, dict]:
             end = max(end, z)
         if 8 + n + end != size:
             raise ValueError(f"data section needs {8 + n + end} bytes, the file has {size}")
+        for name, meta in header.items():
+            if meta["dtype"] in _ST_ITEMSIZE:
+                want = math.prod(meta["shape"]) * _ST_ITEMSIZE[meta["dtype"]]
+                if meta["data_offsets"][1] - meta["data_offsets"][0] != want:
+                    raise ValueError(f"tensor {name!r} spans {meta['data_offsets']}, its shape needs {want} bytes")
     except CheckpointError:
         raise
     except Exception as e:  # OSError, JSON, KeyError, ValueError...
         raise CheckpointError(f"shard {path.name}: not a complete safetensors file ({e}); expected an intact "
                               f"shard -- re-download it") from None
-    return header
+    return header, 8 + n
 
 
 def _weight_map(path: Path) -> dict[str, str]:
@@ -334,12 +348,13 @@ def check_quantization_config(cfg: ModelConfig, where: str = "config.json") -> N
                               f"{SUPPORTED_EXPERT_DTYPES} (routed experts in FP4 e2m1)")
 
 
-def validate_checkpoint(path: str | Path, cfg: ModelConfig | None = None) -> tuple[ModelConfig, dict[str, TensorSpec],
-                                                                                      dict[str, str]]:
+def validate_checkpoint(path: str | Path, cfg: ModelConfig | None = None
+                        ) -> tuple[ModelConfig, dict[str, TensorSpec], dict[str, str], dict[str, tuple[dict, int]]]:
     """Check a published-layout checkpoint without reading tensor data.
 
     Returns:
-        (cfg, layout, weight_map): the parsed config, the expected tensors, {tensor: shard file}.
+        (cfg, layout, weight_map, headers): the parsed config, the expected tensors, {tensor: shard file},
+        {shard file: (safetensors header, data-section offset)}.
     Raises:
         ConfigError: invalid config.json.
         CheckpointError: bad quantization_config; index unreadable or naming a missing shard; a truncated
@@ -351,7 +366,7 @@ def validate_checkpoint(path: str | Path, cfg: ModelConfig | None = None) -> tup
     check_quantization_config(cfg, str(path / "config.json"))
     layout = official_layout(cfg)
     wm = _weight_map(path)
-    headers = {f: _read_header(path / f) for f in sorted(set(wm.values()))}
+    headers = {f: _read_header_base(path / f) for f in sorted(set(wm.values()))}
     missing = [n for n in layout if n not in wm]
     if missing:
         raise CheckpointError(f"checkpoint {path}: tensor {missing[0]!r} is missing"
@@ -364,7 +379,7 @@ def validate_checkpoint(path: str | Path, cfg: ModelConfig | None = None) -> tup
                               + ": not part of the published layout for this config.json")
     for name, spec in layout.items():
         f = wm[name]
-        meta = headers[f].get(name)
+        meta = headers[f][0].get(name)
         if meta is None:
             raise CheckpointError(f"shard {f}: tensor {name!r} listed in {INDEX_FILE} is not in the file")
         dt, shape = meta.get("dtype"), tuple(meta.get("shape", ()))
@@ -383,7 +398,7 @@ def validate_checkpoint(path: str | Path, cfg: ModelConfig | None = None) -> tup
             kind = "scale tensor" if spec.role in (FP8_SCALE, FP4_SCALE) else "tensor"
             raise CheckpointError(f"shard {f}: {kind} {name!r} has shape {list(shape)}; expected "
                                   f"{list(spec.shape)}{what}")
-    return cfg, layout, wm
+    return cfg, layout, wm, headers
 
 
 # ------------------------------------------------------------------------------------- the skeleton
@@ -470,7 +485,6 @@ def load_official(path: str | Path, device: Any = "cpu", dtype=None, *, quantize
         DeviceError: unknown or unavailable device.
     """
     import torch
-    from safetensors import safe_open
     from tqdm.auto import tqdm
 
     from parity import devices
@@ -480,7 +494,7 @@ def load_official(path: str | Path, device: Any = "cpu", dtype=None, *, quantize
     path = Path(path)
     dtype = dtype or torch.float32
     dev = devices.resolve(device)
-    cfg, layout, wm = validate_checkpoint(path)
+    cfg, layout, wm, headers = validate_checkpoint(path)
     block = _block_size(cfg)
     if native_fp8 is None:
         native_fp8 = devices.has_fp8(dev)
@@ -495,8 +509,7 @@ def load_official(path: str | Path, device: Any = "cpu", dtype=None, *, quantize
                 continue
             raise CheckpointError(f"the model has no {spec.target!r} to receive checkpoint tensor {name!r}")
         targets[name] = local
-    filled: set[str] = set()
-    pending_fp8: dict[str, dict[str, torch.Tensor]] = {}
+    pending: dict[str, dict[str, torch.Tensor]] = {}
     by_file: dict[str, list[str]] = {}
     for name in targets:
         by_file.setdefault(wm[name], []).append(name)
@@ -504,26 +517,28 @@ def load_official(path: str | Path, device: Any = "cpu", dtype=None, *, quantize
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}", disable=not progress)
     with torch.no_grad():
         for fname in sorted(by_file):
+            header, base = headers[fname]
+            names = sorted(by_file[fname], key=lambda n: header[n]["data_offsets"][0])  # sequential reads
             try:
-                handle = safe_open(str(path / fname), framework="pt", device="cpu")
-            except Exception as e:
-                raise CheckpointError(f"shard {fname}: cannot open ({e}); expected an intact safetensors file") from None
-            with handle as f:
-                for name in by_file[fname]:
-                    spec, local = layout[name], targets[name]
-                    try:
-                        t = f.get_tensor(name)
-                    except Exception as e:
-                        raise CheckpointError(f"shard {fname}: cannot read tensor {name!r} ({e})") from None
-                    if spec.role in (FP8_SCALE, FP4_SCALE) and bool((t.view(torch.uint8) == ff.UE8M0_NAN).any()):
+                fh = open(path / fname, "rb", buffering=0)
+            except OSError as e:
+                raise CheckpointError(f"shard {fname}: cannot open ({e})") from None
+            with fh:
+                for name in names:
+                    spec, local, meta = layout[name], targets[name], header[name]
+                    direct = quantized or spec.role == PLAIN
+                    dst = (_destination(model, spec, local) if direct else
+                           torch.empty(spec.shape, dtype=_torch_dtype(meta["dtype"])))
+                    _read_into(fh, base + meta["data_offsets"][0], meta, dst, fname, name)
+                    if spec.role in (FP8_SCALE, FP4_SCALE) and bool((dst.view(torch.uint8) == ff.UE8M0_NAN).any()):
                         raise CheckpointError(f"shard {fname}: scale tensor {name!r} holds NaN (UE8M0 byte 255); "
                                               f"expected finite power-of-two scales")
-                    _fill(model, spec, local, t, quantized, block, pending_fp8, dtype)
-                    filled.add(name)
+                    if not direct:
+                        _fill_dequantized(model, spec, local, dst, block, pending)
                     bar.update(spec.nbytes)
     bar.close()
-    if pending_fp8:
-        raise CheckpointError(f"checkpoint {path}: FP8 weight/scale pair incomplete for {sorted(pending_fp8)[0]!r}")
+    if pending:
+        raise CheckpointError(f"checkpoint {path}: weight/scale pair incomplete for {sorted(pending)[0]!r}")
     model.config = cfg
     model.kv_cache_dtype = kv_cache_dtype or "fp8"
     model.indexer_dtype = indexer_dtype or "fp4"
@@ -531,52 +546,98 @@ def load_official(path: str | Path, device: Any = "cpu", dtype=None, *, quantize
     return model.eval()
 
 
-def _fill(model, spec: TensorSpec, local: str, t, quantized: bool, block, pending: dict, dtype) -> None:
+def _torch_dtype(st_dtype: str):
+    """torch dtype of a safetensors dtype string (F8_E4M3, F8_E8M0, I8, BF16, F32, I64, ...)."""
     import torch
 
     from parity.model import fp_formats as ff
 
+    return {"F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": ff.SCALE_DTYPE, "I8": torch.int8, "U8": torch.uint8,
+            "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64,
+            "I32": torch.int32}[st_dtype]
+
+
+def _destination(model, spec: TensorSpec, local: str):
+    """The model tensor (or slice of it) that official tensor `spec` is read into (quantized model)."""
+    import torch
+
     if spec.role == PLAIN:
-        dst = _get_tensor(model, local)
-        dst.copy_(t.to(dst.dtype))
-        return
-    if spec.role in (FP8, FP8_SCALE):
-        mod = _get_module(model, local)
-        if quantized:
-            if spec.role == FP8:
-                mod.qweight.copy_(t)
-            else:
-                mod.scale.copy_(t.view(torch.uint8).view(ff.SCALE_DTYPE))
-            return
-        slot = pending.setdefault(local, {})
-        slot[spec.role] = t
-        if len(slot) == 2:
-            w = ff.dequantize_fp8_weight(slot[FP8], slot[FP8_SCALE], block, torch.float32)
-            mod.weight.copy_(w.to(mod.weight.dtype))
-            del pending[local]
-        return
-    # FP4 routed experts: w1 -> gate_up rows [:I], w3 -> rows [I:], w2 -> down
+        return _get_tensor(model, local)
     mod = _get_module(model, local)
-    e, part = spec.expert
-    if quantized:
-        inter = mod.inter
-        if spec.role == FP4:
-            dst = {"w1": mod.gate_up_qweight[e, :inter], "w3": mod.gate_up_qweight[e, inter:],
-                   "w2": mod.down_qweight[e]}[part]
-            dst.copy_(t.view(torch.uint8))
-        else:
-            dst = {"w1": mod.gate_up_scale[e, :inter], "w3": mod.gate_up_scale[e, inter:], "w2": mod.down_scale[e]}[part]
-            dst.copy_(t.view(torch.uint8).view(ff.SCALE_DTYPE))
+    if spec.role == FP8:
+        return mod.qweight
+    if spec.role == FP8_SCALE:
+        return mod.scale
+    e, part = spec.expert  # FP4 routed experts: w1 -> gate_up rows [:I], w3 -> rows [I:], w2 -> down
+    inter = mod.inter
+    if spec.role == FP4:
+        gu, dn = mod.gate_up_qweight, mod.down_qweight
+    else:
+        gu, dn = mod.gate_up_scale, mod.down_scale
+    dst = {"w1": gu[e, :inter], "w3": gu[e, inter:], "w2": dn[e]}[part]
+    return dst.view(torch.int8) if spec.role == FP4 else dst
+
+
+def _readinto(fh, offset: int, buf, fname: str, name: str) -> None:
+    mv = memoryview(buf).cast("B")
+    fh.seek(offset)
+    got = 0
+    while got < len(mv):
+        k = fh.readinto(mv[got:])
+        if not k:
+            raise CheckpointError(f"shard {fname}: tensor {name!r} is cut short ({got} of {len(mv)} bytes); "
+                                  f"expected an intact shard")
+        got += k
+
+
+def _read_into(fh, offset: int, meta: dict, dst, fname: str, name: str) -> None:
+    """Read one tensor's bytes from the open shard straight into `dst` (same dtype, contiguous, CPU),
+    else through a `READ_CHUNK_BYTES` CPU staging buffer, converting dtype / copying to the device.
+    No memory map is involved, so file pages never count towards the process's resident memory."""
+    import torch
+
+    file_dt = _torch_dtype(meta["dtype"])
+    shape = tuple(meta["shape"])
+    if dst.dtype != file_dt and dst.element_size() == 1 and file_dt.itemsize == 1 and not dst.dtype.is_floating_point:
+        dst = dst.view(file_dt)
+    d = dst.detach()
+    if d.device.type == "cpu" and d.dtype == file_dt and d.is_contiguous():
+        _readinto(fh, offset, d.view(-1).view(torch.uint8).numpy(), fname, name)
         return
-    key = f"{local}#{e}.{part}"
+    rows = shape[0] if shape else 1
+    row_elems = max(1, math.prod(shape[1:]))
+    row_bytes = row_elems * file_dt.itemsize
+    step = max(1, READ_CHUNK_BYTES // row_bytes)
+    d2 = d.reshape(rows, row_elems)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        stage = torch.empty((r1 - r0) * row_elems, dtype=file_dt)
+        _readinto(fh, offset + r0 * row_bytes, stage.view(torch.uint8).numpy(), fname, name)
+        d2[r0:r1].copy_(stage.view(r1 - r0, row_elems))
+
+
+def _fill_dequantized(model, spec: TensorSpec, local: str, t, block, pending: dict) -> None:
+    """quantized=False: pair each FP8/FP4 weight with its scale and write the dequantized values."""
+    import torch
+
+    from parity.model import fp_formats as ff
+
+    mod = _get_module(model, local)
+    key = local if spec.expert is None else f"{local}#{spec.expert[0]}.{spec.expert[1]}"
     slot = pending.setdefault(key, {})
     slot[spec.role] = t
-    if len(slot) == 2:
-        w = ff.dequantize_fp4_weight(slot[FP4].view(torch.uint8), slot[FP4_SCALE], 32, torch.float32)
-        inter = mod.gate_up_proj.shape[1] // 2
-        dst = {"w1": mod.gate_up_proj[e, :inter], "w3": mod.gate_up_proj[e, inter:], "w2": mod.down_proj[e]}[part]
-        dst.copy_(w.to(dst.dtype))
-        del pending[key]
+    if len(slot) < 2:
+        return
+    del pending[key]
+    if spec.role in (FP8, FP8_SCALE):
+        w = ff.dequantize_fp8_weight(slot[FP8], slot[FP8_SCALE], block, torch.float32)
+        mod.weight.copy_(w.to(mod.weight.dtype))
+        return
+    e, part = spec.expert
+    w = ff.dequantize_fp4_weight(slot[FP4].view(torch.uint8), slot[FP4_SCALE], 32, torch.float32)
+    inter = mod.gate_up_proj.shape[1] // 2
+    dst = {"w1": mod.gate_up_proj[e, :inter], "w3": mod.gate_up_proj[e, inter:], "w2": mod.down_proj[e]}[part]
+    dst.copy_(w.to(dst.dtype))
 
 
 def _get_tensor(model, name: str):
