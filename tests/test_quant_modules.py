@@ -116,3 +116,27 @@ def test_fp4_experts_match_model_experts_module():
 def test_fp4_experts_reject_bad_sizes():
     with pytest.raises(ValueError, match="moe_intermediate_size"):
         FP4Experts(2, 64, 40, 10.0)
+
+
+def test_native_fp8_path_math(monkeypatch):
+    """The FP8-GEMM path (used where parity.devices.has_fp8) checked on CPU with a reference
+    `_scaled_mm`: activations quantized per 1x128 with UE8M0 scales, weight scales per output column."""
+    def fake_scaled_mm(a, b, scale_a, scale_b, out_dtype):
+        assert a.dtype == b.dtype == torch.float8_e4m3fn and b.stride(0) == 1  # b column-major
+        return ((a.float() * scale_a) @ (b.float() * scale_b)).to(out_dtype)
+
+    monkeypatch.setattr(torch, "_scaled_mm", fake_scaled_mm)
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(272, 384, generator=g) * 0.05
+    ql = QuantLinear.from_float(w)
+    x = torch.randn(2, 3, 384, generator=g)
+    got = quant._fp8_native_linear(x, ql.qweight, ql.scale, ql.block)
+    ref = F.linear(x, ql.weight)
+    assert got.shape == ref.shape
+    # e4m3 activations: ~2**-4 relative error per element, averaging out over the 384-term dot products
+    assert ((got - ref).norm() / ref.norm()).item() < 0.03
+    xq = ff.dequantize_fp8_lastdim(*ff.quantize_fp8_lastdim(x, 128))  # exact w.r.t. quantized activations
+    exact = F.linear(xq, ql.weight)  # same up to the bf16 rounding of each K block's partial product
+    assert ((got - exact).abs() <= 2 ** -8 * 3 * exact.abs().max()).all()
+    with pytest.raises(ValueError, match="in_features % block"):
+        quant._fp8_native_linear(torch.randn(2, 200), *ff.quantize_fp8_weight(torch.randn(32, 200)), (128, 128))

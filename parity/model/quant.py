@@ -126,7 +126,12 @@ def _fp8_native_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
                        block: tuple[int, int]) -> torch.Tensor:
     """x[..., K] @ dequant(qweight)[N, K]^T with FP8 GEMMs: activations quantized per 1 x block[1]
     with UE8M0 scales (DeepSeek kernel.py act_quant), one `torch._scaled_mm` per K block with row-wise
-    scales (activation scale per row, weight scale per output column), accumulated in fp32."""
+    scales (activation scale per row, weight scale per output column), accumulated in fp32.
+
+    Raises:
+        ValueError: in_features not a multiple of block[1] or out_features not a multiple of 16 (the
+            kernel's alignment); RuntimeError from torch where the device refuses (caller falls back).
+    """
     br, bc = block
     n, k = qweight.shape
     if k % bc or n % 16:
@@ -141,8 +146,9 @@ def _fp8_native_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     for j in range(k // bc):
         a = xq[:, j * bc:(j + 1) * bc].contiguous()
         b = qweight[:, j * bc:(j + 1) * bc].contiguous().t()
+        # row-wise scaled FP8 GEMM; bf16 output is what every FP8-capable cuBLAS path accepts
         out += torch._scaled_mm(a, b, scale_a=xs[:, j:j + 1].contiguous(), scale_b=ws[:, j].reshape(1, n).contiguous(),
-                                out_dtype=torch.float32)
+                                out_dtype=torch.bfloat16).float()
     return out.to(x.dtype).reshape(*shape[:-1], n)
 
 
