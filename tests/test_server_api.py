@@ -461,3 +461,14 @@ def test_v4_format_tool_call_round_trip_stream_and_not(v4_client, thinking):
     msgs += [c.message, {"role": "tool", "tool_call_id": tc.id, "content": '{"sky": "sunny"}'}]
     r2 = v4_client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, extra_body=extra)
     assert r2.choices[0].message.content == "It is sunny in Paris." and r2.choices[0].finish_reason == "stop"
+
+
+def test_model_alias_is_accepted_but_not_listed():
+    srv = start(FakeEngine(step_s=0.0005), model_aliases=["/ckpt/DeepSeek-V4-Flash"])
+    try:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["tiny"]
+        r = c.completions.create(model="/ckpt/DeepSeek-V4-Flash", prompt="hi", max_tokens=2)
+        assert r.model == "/ckpt/DeepSeek-V4-Flash" and r.choices[0].finish_reason == "length"
+    finally:
+        srv.stop()

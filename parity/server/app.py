@@ -59,6 +59,8 @@ class ServerSettings:
         drain_timeout_s: on shutdown, how long in-flight requests may run before they are aborted (s).
         retry_after_s: `Retry-After` header of 429 answers (s).
         manage_engine: start the engine in the app's lifespan and shut it down at exit.
+        model_root: what /v1/models reports as `root` (the checkpoint path or preset).
+        model_aliases: other names accepted as `model` but not listed (e.g. the path given to serve).
     """
 
     served_model_names: list[str] = field(default_factory=lambda: ["parity"])
@@ -68,6 +70,7 @@ class ServerSettings:
     retry_after_s: int = 1
     manage_engine: bool = True
     model_root: str | None = None
+    model_aliases: list[str] = field(default_factory=list)
 
 
 def _now() -> int:
@@ -180,7 +183,7 @@ class OpenAIServer:
         names = self.settings.served_model_names
         if model is None:
             return names[0]
-        if model not in names:
+        if model not in names and model not in self.settings.model_aliases:
             raise bad_request(f"The model '{model}' does not exist; this server serves {names[0]!r}.",
                               param="model", code="model_not_found")
         return model

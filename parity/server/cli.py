@@ -155,7 +155,8 @@ def run_serve(args: argparse.Namespace) -> int:
           f"(max_model_len {engine.max_model_len}); http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", file=sys.stderr)
     settings = ServerSettings(served_model_names=[name], api_key=api_key, default_thinking=args.default_thinking,
-                              drain_timeout_s=args.drain_timeout, model_root=args.model or name)
+                              drain_timeout_s=args.drain_timeout, model_root=args.model or name,
+                              model_aliases=[args.model] if args.model and args.model != name else [])
     app = build_app(engine, settings)
     return serve_forever(app, args.host, args.port, drain_timeout_s=args.drain_timeout, log_level=args.log_level)
 
