@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from parity.errors import ParityError, RequestError
 from parity.server.errors import OpenAIError, bad_request, param_from_message
 from parity.server.metrics import CONTENT_TYPE, ServerMetrics
 from parity.server import protocol as P
+
+log = logging.getLogger("parity.server")
 
 #: SamplingParams field names, used to name the parameter of an engine RequestError without `.param`.
 _SAMPLING_NAMES = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
@@ -641,6 +644,9 @@ def build_app(engine: Any, settings: ServerSettings | None = None, *, chat_forma
             return error_response(e, endpoint)
         except ParityError as e:  # chat encoding errors and other named input errors
             return error_response(bad_request(str(e), param=getattr(e, "param", None)), endpoint)
+        except Exception as e:  # a bug: answer 500 with the cause, keep serving, log the traceback
+            log.exception("unhandled error in %s", endpoint)
+            return error_response(OpenAIError(500, f"Internal server error: {type(e).__name__}: {e}"), endpoint)
         finally:
             if not streaming:
                 srv.metrics.in_flight.dec()
