@@ -123,7 +123,8 @@ def test_fp8_weight_roundtrip_error_bound():
     assert rel <= 2 ** -4 + 1e-6
     # re-quantizing the dequantized weight is lossless (idempotent)
     q2, s2 = ff.quantize_fp8_weight(deq)
-    assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s2.view(torch.uint8), s.view(torch.uint8))
+    assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(s2.view(torch.uint8), s.view(torch.uint8))
 
 
 def test_fp4_weight_blocks_hand_values():

@@ -51,7 +51,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from parity.config import CSA, HASH_MOE, SLIDING, ModelConfig, load_config
+from parity.config import CSA, HASH_MOE, ModelConfig, load_config
 from parity.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -427,8 +427,8 @@ def _build_skeleton(cfg: ModelConfig, dev, dtype, quantized: bool, block: tuple[
                 continue
             old = _get_module(model, local)
             e, inter2, h = old.gate_up_proj.shape
-            _set_module(model, local, quant.FP4Experts(e, h, inter2 // 2, float(getattr(old, "limit", cfg.swiglu_limit)),
-                                                       device=meta, compute_dtype=dtype))
+            limit = float(getattr(old, "limit", cfg.swiglu_limit))
+            _set_module(model, local, quant.FP4Experts(e, h, inter2 // 2, limit, device=meta, compute_dtype=dtype))
     model.to_empty(device=dev)
     _reset_rope(model)
     for m in model.modules():
@@ -685,7 +685,7 @@ def _official_tensors(cfg: ModelConfig, state: dict, seed: int) -> dict:
     for name, spec in layout.items():
         if spec.role == PLAIN:
             t = source(spec, spec.shape)
-            out[name] = t.to({"BF16": torch.bfloat16, "F32": torch.float32, "I64": torch.int64}[spec.dtype]).contiguous()
+            out[name] = t.to(_torch_dtype(spec.dtype)).contiguous()
         elif spec.role == FP8:
             out_f, in_f = spec.shape
             w = source(spec, (out_f, in_f)).float()

@@ -210,7 +210,8 @@ class FP4Experts(nn.Module):
         self.compute_dtype = compute_dtype
         u8, sd = torch.uint8, ff.SCALE_DTYPE
         self.register_buffer("gate_up_qweight", torch.empty(n_experts, 2 * inter, hidden // 2, dtype=u8, device=device))
-        self.register_buffer("gate_up_scale", torch.empty(n_experts, 2 * inter, hidden // block, dtype=sd, device=device))
+        self.register_buffer("gate_up_scale",
+                             torch.empty(n_experts, 2 * inter, hidden // block, dtype=sd, device=device))
         self.register_buffer("down_qweight", torch.empty(n_experts, hidden, inter // 2, dtype=u8, device=device))
         self.register_buffer("down_scale", torch.empty(n_experts, hidden, inter // block, dtype=sd, device=device))
 
