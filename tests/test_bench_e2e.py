@@ -186,6 +186,24 @@ def test_request_rate_and_trace_schedule(tok, tmp_path):
     assert arrival_offsets(3, math.inf, 1.0, 0) == [0.0, 0.0, 0.0]
 
 
+def test_client_workers_share_the_load(tok, tmp_path):
+    """Two client processes: every request is sent once, at its scheduled offset, and measured like in one."""
+    with FakeServer(Script(ttft_s=0.010, itl_s=0.002)) as srv:
+        res = run_bench(_cfg(srv.base_url, num_prompts=10, max_concurrency=3, warmup=2, request_rate=100.0,
+                             client_workers=2, slo="ttft_ms=1000"), tokenizer=tok)
+        assert srv.count == 12  # 10 + 2 warm-up, each sent exactly once
+    s = res["summary"]
+    assert (s["completed"], s["failed"], s["not_sent"]) == (10, 0, 0) and s["good_requests"] == 10
+    assert [r["index"] for r in res["requests"]] == list(range(10))
+    assert s["total_output_tokens"] == 10 * 12 and s["itl_ms"]["count"] == 10 * 11
+    from parity.bench.runner import arrival_offsets
+
+    _assert_on_schedule([r["send_s"] for r in res["requests"]], arrival_offsets(10, 100.0, 1.0, 0))
+    assert s["ttft_ms"]["min"] >= 10.0
+    assert any("2 client worker processes" in n and "[2, 1]" in n for n in res["notes"])
+    assert res["warmup"] == {"requests": 2, "failed": 0}
+
+
 def test_interrupt_saves_partial_results(tok, tmp_path):
     """Stopping mid-run (the interrupt event, as Ctrl-C does) cancels in-flight requests and keeps the rest."""
     out = tmp_path / "partial.json"

@@ -77,6 +77,8 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature sent (default 0)")
     p.add_argument("--no-continuous-usage", action="store_true",
                    help="do not ask for usage in every chunk (for servers rejecting stream_options.continuous_usage_stats)")
+    p.add_argument("--client-workers", type=int, default=1, metavar="N",
+                   help="client processes sharing the load (default 1; raise it when the client's CPU is the limit)")
     p.add_argument("--output", default=None, metavar="results.json", help="write the versioned JSON result here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -103,7 +105,7 @@ def run(args) -> int:
                       energy_devices=args.energy_devices, tokenizer=args.tokenizer, api_key=args.api_key,
                       timeout_s=args.timeout, temperature=args.temperature,
                       continuous_usage=not args.no_continuous_usage, output=args.output,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, client_workers=args.client_workers)
     result = run_bench(cfg)
     from parity.bench.result import render_table
 

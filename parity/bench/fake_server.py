@@ -139,6 +139,9 @@ def plan_response(sc: Script, path: str, raw_body: bytes, num: int) -> Plan:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "parity-fake-sse/1"
+    # TCP_NODELAY, as uvicorn and other servers set it: without it Nagle's algorithm holds each small SSE write
+    # until the previous one is ACKed, and the client's delayed ACK (up to 40 ms on Linux) bunches the tokens.
+    disable_nagle_algorithm = True
 
     def log_message(self, *args) -> None:  # silence per-request logging
         pass

@@ -71,6 +71,8 @@ class BenchConfig:
         continuous_usage: ask for usage in every chunk (stream_options.continuous_usage_stats).
         output: JSON result path (None = not written).
         progress: show a progress bar.
+        client_workers: client processes sharing the requests (round robin) and the concurrency cap, so that
+            the client is not CPU-bound on fast servers; 1 = this process only.
     """
 
     base_url: str
@@ -94,6 +96,7 @@ class BenchConfig:
     continuous_usage: bool = True
     output: str | None = None
     progress: bool = True
+    client_workers: int = 1
 
     def validate(self) -> None:
         """Raises BenchError naming the flag for out-of-range values."""
@@ -108,6 +111,8 @@ class BenchConfig:
             raise BenchError(f"--max-concurrency must be >= 1, got {self.max_concurrency}")
         if self.warmup < 0:
             raise BenchError(f"--warmup must be >= 0, got {self.warmup}")
+        if not 1 <= self.client_workers <= 256:
+            raise BenchError(f"--client-workers must be in [1, 256], got {self.client_workers}")
         if not self.timeout_s > 0:
             raise BenchError(f"--timeout must be > 0 s, got {self.timeout_s}")
         parse_slo(self.slo)
@@ -151,7 +156,8 @@ def _headers(cfg: BenchConfig) -> dict:
 
 
 async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer: BenchTokenizer,
-                       meter=None, interrupt: asyncio.Event | None = None, transport=None) -> dict:
+                       meter=None, interrupt: asyncio.Event | None = None, transport=None, *,
+                       offsets: list[float] | None = None, start_gate=None, on_done=None) -> dict:
     """Run warm-up then the measured requests; returns the result dict (without writing it).
 
     Args:
@@ -163,6 +169,10 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
             recorded as "interrupted"; the partial result is returned).
         transport: an httpx async transport to use instead of the network (tests: a scripted transport, or
             `httpx.ASGITransport` around an in-process server app).
+        offsets: send offsets in s from the run start (default: from the trace or --request-rate).
+        start_gate: async callable(warmup_dict) -> absolute `time.perf_counter()` at which to start the measured
+            run (client worker processes start together this way; see parity.bench.workers).
+        on_done: called after each measured request ends (progress reporting from worker processes).
     Returns:
         The result dict: schema, version, config, environment, notes, summary, energy, warmup, requests, interrupted.
     """
@@ -220,9 +230,9 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
         result["warmup"] = {"requests": cfg.warmup, "failed": sum(not r.ok for r in warm)}
 
         # --- measured run
-        if requests and requests[0].arrival_s is not None:
+        if offsets is None and requests and requests[0].arrival_s is not None:
             offsets = [r.arrival_s for r in requests]
-        else:
+        elif offsets is None:
             offsets = arrival_offsets(len(requests), cfg.request_rate, cfg.burstiness, cfg.seed)
         records: list[RequestRecord] = []
         tasks: list[asyncio.Task] = []
@@ -235,10 +245,17 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
         def _done(_t):
             if bar is not None:
                 bar.update(1)
+            if on_done is not None:
+                on_done()
 
         if meter is not None:
             meter.start()
-        origin = time.perf_counter()
+        if start_gate is not None:
+            origin = await start_gate(result["warmup"])
+            if origin - time.perf_counter() > 0:
+                await asyncio.sleep(origin - time.perf_counter())
+        else:
+            origin = time.perf_counter()
         interrupted = False
 
         async def dispatch():
@@ -287,7 +304,7 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
     summary = summarize(records, duration, slo)
     summary["not_sent"] = len(requests) - len(records)
     result["interrupted"] = interrupted
-    result["clock"] = {"origin_perf_counter_s": origin,
+    result["clock"] = {"origin_perf_counter_s": origin, "end_perf_counter_s": end,
                        "note": "send_s of each record is relative to this time.perf_counter() value "
                                "(CLOCK_MONOTONIC on Linux, comparable with other processes' on this machine)"}
     result["summary"] = summary
@@ -334,7 +351,12 @@ def run_bench(cfg: BenchConfig, *, tokenizer: BenchTokenizer | None = None, requ
         from parity.devices.energy import open_meter
 
         meter = open_meter(cfg.energy, devices=cfg.energy_devices)
-    result = asyncio.run(run_requests(cfg, requests, tokenizer, meter, transport=transport))
+    if cfg.client_workers > 1 and transport is None:
+        from parity.bench.workers import run_with_workers
+
+        result = run_with_workers(cfg, requests, tokenizer, meter)
+    else:
+        result = asyncio.run(run_requests(cfg, requests, tokenizer, meter, transport=transport))
     result["notes"].extend(notes)
     if cfg.output:
         from parity.bench.result import save_result
