@@ -289,9 +289,9 @@ def test_ensure_default_model_concurrent_first_use(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert not errors
-    target = tmp_path / "cache" / "models" / "tiny-seed0"
+    target = tmp_path / "cache" / "models" / f"tiny-seed0-v{o.EXPORT_VERSION}"
     assert set(results) == {target} and (target / o.INDEX_FILE).is_file()
-    assert sorted(os.listdir(target.parent)) == ["tiny-seed0"]  # no temp dirs left behind
+    assert sorted(os.listdir(target.parent)) == [target.name]  # no temp dirs left behind
     n = len(calls)
     assert o.ensure_default_model() == target and len(calls) == n  # cached: no second export
 
@@ -317,3 +317,11 @@ def test_incremental_decoding_on_quantized_weights(small_dir):
         got.append(q.forward_incremental([ids[0, a:b].tolist()], [st], all_logits=True)[0])
     torch.testing.assert_close(torch.cat(got), full, rtol=0, atol=1e-4)
     st.free()
+
+
+def test_ensure_default_model_unwritable_cache(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("PARITY_CACHE_DIR", str(blocker / "cache"))  # a path under a regular file
+    with pytest.raises(CheckpointError, match="PARITY_CACHE_DIR"):
+        o.ensure_default_model()

