@@ -114,11 +114,13 @@ def test_loaded_quantized_model_equals_dequantized_plain_model(tiny_dir, tiny_re
     assert q.kv_cache_dtype == "fp8" and q.indexer_dtype == "fp4"  # official numerics by default (issue 8)
     ref = tiny_ref
     assert isinstance(ref.model.layers[0].self_attn.q_a_proj, torch.nn.Linear)
-    q.kv_cache_dtype = q.indexer_dtype = ref.kv_cache_dtype = ref.indexer_dtype = "bf16"
     ids = torch.randint(0, q.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
-    a, b = q.forward_logits(ids), ref.forward_logits(ids)  # 40 tokens: past the window, 10 CSA entries
-    assert a.shape == (2, 40, q.config.vocab_size)
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for mode in ("fp8", "bf16"):  # official numerics (issue 8), then the pure math
+        q.kv_cache_dtype = ref.kv_cache_dtype = mode
+        q.indexer_dtype = ref.indexer_dtype = "fp4" if mode == "fp8" else "bf16"
+        a, b = q.forward_logits(ids), ref.forward_logits(ids)  # 40 tokens: past the window, 10 CSA entries
+        assert a.shape == (2, 40, q.config.vocab_size)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     # weights really are held quantized: FP8 / FP4 bytes far below the fp32 equivalent
     e = q.model.layers[1].mlp.experts
     assert e.gate_up_qweight.dtype == torch.uint8
