@@ -152,7 +152,8 @@ class AsyncEngine:
             try:
                 res = fn()
             except BaseException as e:
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(e))
+                err = e
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(err))
             else:
                 loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(res))
 

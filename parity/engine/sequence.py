@@ -97,6 +97,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.error: str | None = None
+        self.final_sent = False   # the delta with finished=True was produced
 
     # ------------------------------------------------------------------ tokens
     @property
@@ -186,9 +187,12 @@ class Sequence:
         self.sent_text = upto
         self.sent_tokens = len(self.output_ids)
         r = self.request
+        if done:
+            self.final_sent = True
         return StreamDelta(request_id=r.request_id, index=self.index, new_token_ids=list(new_ids),
                            new_text=new_text, finished=done, finish_reason=self.finish_reason,
-                           stop_reason=self.stop_reason, request_finished=r.finished and done,
+                           stop_reason=self.stop_reason,
+                           request_finished=done and all(s.final_sent for s in r.seqs),
                            logprobs=lps, num_prompt_tokens=len(self.prompt_ids),
                            num_output_tokens=len(self.output_ids), metrics=r.metrics, error=self.error,
                            prompt_token_ids=r.prompt_ids)

@@ -1,0 +1,144 @@
+"""AsyncEngine: streaming, concurrency, abort on close, queue limit, shutdown (FakeModel, fast)."""
+
+import asyncio
+
+import pytest
+
+from parity.engine import AsyncEngine, EngineArgs, EngineQueueFull, SamplingParams
+from parity.engine.testing import FakeModel, greedy_reference
+from parity.errors import RequestError
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+PROMPTS = [[3, 4, 5, 6, 7, 8, 9], [12, 13], [20] * 11]
+
+
+def engine(**kw):
+    kw.setdefault("cache_memory", 1 << 20)
+    return AsyncEngine(EngineArgs(device="cpu", **kw), model=FakeModel(), tokenizer=None)
+
+
+async def collect(eng, prompt, params, rid):
+    ids, deltas = [], []
+    async for d in eng.generate(prompt, params, rid):
+        ids += d.new_token_ids
+        deltas.append(d)
+    return ids, deltas
+
+
+def test_concurrent_streams_match_reference():
+    m = FakeModel()
+    refs = [greedy_reference(m, p, 10) for p in PROMPTS]
+
+    async def main():
+        eng = engine()
+        await eng.start()
+        res = await asyncio.gather(*[collect(eng, p, GREEDY, f"r{i}") for i, p in enumerate(PROMPTS)])
+        st = eng.stats()
+        await eng.shutdown(1.0)
+        return res, st
+
+    res, st = asyncio.run(main())
+    for (ids, deltas), ref, prompt in zip(res, refs, PROMPTS):
+        assert ids == ref
+        assert deltas[-1].finished and deltas[-1].request_finished and deltas[-1].finish_reason == "length"
+        m = deltas[-1].metrics
+        assert m.first_token_time >= m.arrival_time and m.finished_time >= m.first_token_time
+        assert deltas[-1].num_output_tokens == 10 and deltas[-1].num_prompt_tokens == len(prompt)
+    assert st["cache_used_bytes"] == 0 and st["num_running"] == 0 and st["num_waiting"] == 0
+
+
+def test_closing_the_stream_aborts_and_frees():
+    async def main():
+        eng = engine()
+        await eng.start()
+        long = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
+        agen = eng.generate(PROMPTS[0], long, "long")
+        n = 0
+        async for _ in agen:
+            n += 1
+            if n == 3:
+                break
+        await agen.aclose()
+        # cancellation of a consumer task aborts too
+        task = asyncio.create_task(collect(eng, PROMPTS[1], long, "cancelled"))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            st = eng.stats()
+            if st["num_running"] == 0 and st["cache_used_bytes"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        await eng.shutdown(0.5)
+        return st
+
+    st = asyncio.run(main())
+    assert st["num_running"] == 0 and st["num_waiting"] == 0 and st["cache_used_bytes"] == 0
+
+
+def test_bad_request_raises_and_others_continue():
+    ref = greedy_reference(FakeModel(), PROMPTS[2], 10)
+
+    async def main():
+        eng = engine(max_model_len=64)
+        await eng.start()
+        good = asyncio.create_task(collect(eng, PROMPTS[2], GREEDY, "good"))
+        errors = []
+        for prompt, params in [([], GREEDY), ([2] * 70, GREEDY), ([2], SamplingParams(top_p=0.0)),
+                               ([2], SamplingParams(temperature=-1.0)), ([2], SamplingParams(max_tokens=0)),
+                               ([2], SamplingParams(stop_token_ids=[1000]))]:
+            with pytest.raises(RequestError) as ei:
+                async for _ in eng.generate(prompt, params, None):
+                    pass
+            errors.append(str(ei.value))
+        ids, _ = await good
+        await eng.shutdown(1.0)
+        return errors, ids
+
+    errors, ids = asyncio.run(main())
+    assert ids == ref
+    for e, name in zip(errors, ["prompt", "max_model_len", "top_p", "temperature", "max_tokens", "stop_token_ids"]):
+        assert name in e
+
+
+def test_queue_full_and_shutdown():
+    async def main():
+        eng = engine(max_waiting=1, max_num_seqs=1)
+        await eng.start()
+        long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+        t1 = asyncio.create_task(collect(eng, PROMPTS[0], long, "a"))
+        await asyncio.sleep(0.05)                       # a is running
+        t2 = asyncio.create_task(collect(eng, PROMPTS[1], long, "b"))
+        await asyncio.sleep(0.02)                       # b is waiting (max_num_seqs 1)
+        with pytest.raises(EngineQueueFull):
+            async for _ in eng.generate(PROMPTS[2], long, "c"):
+                pass
+        await eng.shutdown(0.0)                         # no drain: both aborted
+        r1, r2 = await t1, await t2
+        with pytest.raises(RequestError, match="not running"):
+            async for _ in eng.generate(PROMPTS[2], long, "d"):
+                pass
+        return r1, r2, eng.stats()
+
+    (i1, d1), (i2, d2), st = asyncio.run(main())
+    assert d1[-1].finish_reason == "abort" and d2[-1].finish_reason == "abort"
+    assert st["cache_used_bytes"] == 0
+
+
+def test_n_completions_stream():
+    async def main():
+        eng = engine()
+        await eng.start()
+        sp = SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=6, ignore_eos=True)
+        out = {}
+        last = None
+        async for d in eng.generate(PROMPTS[0], sp, "n3"):
+            out.setdefault(d.index, []).extend(d.new_token_ids)
+            last = d
+        await eng.shutdown(0.1)
+        return out, last
+
+    out, last = asyncio.run(main())
+    assert sorted(out) == [0, 1, 2] and all(len(v) == 6 for v in out.values())
+    assert last.request_finished
