@@ -256,6 +256,7 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
                 await asyncio.sleep(origin - time.perf_counter())
         else:
             origin = time.perf_counter()
+        cpu0 = time.process_time()
         interrupted = False
 
         async def dispatch():
@@ -282,6 +283,7 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
         except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels the main task
             interrupted = True
         end = time.perf_counter()
+        cpu_s = time.process_time() - cpu0
         if interrupted:
             main.cancel()
             for t in tasks:
@@ -304,7 +306,7 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
     summary = summarize(records, duration, slo)
     summary["not_sent"] = len(requests) - len(records)
     result["interrupted"] = interrupted
-    result["clock"] = {"origin_perf_counter_s": origin, "end_perf_counter_s": end,
+    result["clock"] = {"origin_perf_counter_s": origin, "end_perf_counter_s": end, "client_cpu_s": cpu_s,
                        "note": "send_s of each record is relative to this time.perf_counter() value "
                                "(CLOCK_MONOTONIC on Linux, comparable with other processes' on this machine)"}
     result["summary"] = summary

@@ -81,7 +81,8 @@ def worker_main() -> int:
     except KeyboardInterrupt:
         return 130
     _send({"result": {"requests": res["requests"], "interrupted": res["interrupted"],
-                      "end": res["clock"]["end_perf_counter_s"], "warmup": res["warmup"]}})
+                      "end": res["clock"]["end_perf_counter_s"], "cpu_s": res["clock"]["client_cpu_s"],
+                      "warmup": res["warmup"]}})
     return 0
 
 
@@ -227,6 +228,7 @@ def run_with_workers(cfg, requests, tokenizer, meter) -> dict:
             "notes": notes, "interrupted": interrupted,
             "warmup": {"requests": cfg.warmup, "failed": sum(w["failed"] for w in warm_stats.values())},
             "clock": {"origin_perf_counter_s": origin, "end_perf_counter_s": end,
+                      "client_cpu_s": sum(res["cpu_s"] for res in results.values()),
                       "note": "send_s of each record is relative to this time.perf_counter() value (all workers)"},
             "summary": summary, "energy": energy_section(energy, summary),
             "requests": [r.to_dict() for r in records]}
