@@ -225,19 +225,61 @@ def test_interrupt_saves_partial_results(tok, tmp_path):
     assert s["completed"] + s["interrupted"] + s["failed"] + s["not_sent"] == 40
 
 
-def test_sigint_saves_partial_results(tok, tmp_path):
-    """A real SIGINT during run_bench: the result is written with interrupted=true."""
+def test_sigint_saves_partial_results(tok, tmp_path, capsys):
+    """A real SIGINT during `parity bench`: exit code 130 and the result is written with interrupted=true."""
+    from parity.cli import main
+
     out = tmp_path / "sigint.json"
     with FakeServer(Script(ttft_s=0.005, itl_s=0.005)) as srv:
         timer = threading.Timer(0.6, os.kill, (os.getpid(), signal.SIGINT))
         timer.start()
         try:
-            res = run_bench(_cfg(srv.base_url, num_prompts=200, max_concurrency=2, output=str(out)), tokenizer=tok)
+            rc = main(["bench", "--base-url", srv.base_url, "--model", "fake", "--workload", "fixed:in=8,out=12",
+                       "--num-prompts", "200", "--max-concurrency", "2", "--tokenizer", tok.name.split(":", 1)[1],
+                       "--energy", "none", "--no-progress", "--output", str(out)])
         finally:
             timer.cancel()
+    assert rc == 130
     saved = json.loads(out.read_text())
-    assert res["interrupted"] is True and saved["interrupted"] is True
+    assert saved["interrupted"] is True
     assert saved["summary"]["completed"] >= 1 and saved["summary"]["not_sent"] > 0
+    assert "INTERRUPTED" in capsys.readouterr().out
+
+
+class StubMeter:
+    """An energy meter reading a fixed 12.5 J over the run (stands in for nvml / npu-smi / rapl)."""
+
+    name = "rapl"
+
+    def describe(self):
+        return "rapl (stub)"
+
+    def start(self):
+        self.t0 = time.perf_counter()
+
+    def stop(self):
+        from parity.devices.energy import EnergyReading
+
+        dt = time.perf_counter() - self.t0
+        return EnergyReading(meter="rapl", joules=12.5, seconds=dt, avg_watts=12.5 / dt, devices=["package-0"],
+                             per_device_j=[12.5], method="stub", samples=2)
+
+
+def test_energy_figures_per_token(tok, monkeypatch, capsys):
+    from parity.bench.result import render_table
+
+    clock = VirtualClock()
+    monkeypatch.setattr(time, "perf_counter", clock.perf_counter)
+    res = run_bench(_cfg("http://127.0.0.1:9", num_prompts=4, max_concurrency=1), tokenizer=tok, meter=StubMeter(),
+                    transport=ScriptedTransport(Script(ttft_s=0.03, itl_s=0.01), clock))
+    e = res["energy"]
+    assert e["meter"] == "rapl" and e["provenance"] == "measured:rapl" and e["joules"] == 12.5
+    assert e["seconds"] == pytest.approx(4 * (0.03 + 11 * 0.01))
+    assert e["joules_per_output_token"] == pytest.approx(12.5 / 48)
+    assert e["output_tokens_per_joule"] == pytest.approx(48 / 12.5)
+    render_table(res)
+    text = capsys.readouterr().out
+    assert "energy per output token, rapl (J/tok)" in text and "0.2604" in text
 
 
 def test_cli_end_to_end_with_report(tok, tmp_path, capsys):
