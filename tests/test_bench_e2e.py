@@ -190,7 +190,8 @@ def test_client_workers_share_the_load(tok, tmp_path):
     """Two client processes: every request is sent once, at its scheduled offset, and measured like in one."""
     with FakeServer(Script(ttft_s=0.010, itl_s=0.002)) as srv:
         res = run_bench(_cfg(srv.base_url, num_prompts=10, max_concurrency=3, warmup=2, request_rate=100.0,
-                             client_workers=2, slo="ttft_ms=1000"), tokenizer=tok)
+                             client_workers=2, slo="ttft_ms=1000", tokenizer=tok.name.split(":", 1)[1]),
+                        tokenizer=tok)
         assert srv.count == 12  # 10 + 2 warm-up, each sent exactly once
     s = res["summary"]
     assert (s["completed"], s["failed"], s["not_sent"]) == (10, 0, 0) and s["good_requests"] == 10
