@@ -117,3 +117,28 @@ def test_abort_mid_decode_frees_everything(model, prompts):
         eng.abort(r.request_id)
     eng.step()
     assert eng.pool.used_bytes == 0 and eng.stats()["cache_live_tensors"] == 0 and not eng.has_unfinished()
+
+
+def test_default_model_text_prompts_stop_strings_and_fp8_batching():
+    """LLM() with no model: the bundled miniature (official layout: fp8 KV cache, fp4 indexer) and the
+    V4 tokenizer. Batched == alone under fp8; a stop string spanning tokens ends the text before it."""
+    llm = LLM(device="cpu", cache_memory=64 << 20)
+    eng = llm.engine
+    assert eng.tokenizer is not None and eng.tokenizer.eos_token_id == 1
+    prompts = ["Hello, my name is", "The capital of France is a city where"]
+    sp = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    both = llm.generate(prompts, sp)
+    alone = llm.generate(prompts[1], sp)[0]
+    assert alone.outputs[0].token_ids == both[1].outputs[0].token_ids
+    assert both[0].prompt_token_ids == eng.tokenizer.encode(prompts[0])
+    out = both[1].outputs[0]
+    assert out.text == eng.tokenizer.decode(out.token_ids)
+    # a stop string made of the end of token 2 and the start of token 3
+    pieces = [eng.tokenizer.decode([t]) for t in out.token_ids]
+    k = next(i for i in range(2, 9) if pieces[i] and pieces[i + 1])
+    stop = pieces[k][-1] + pieces[k + 1][:1]
+    expect = out.text[:out.text.find(stop)]
+    res = llm.generate(prompts[1], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, stop=[stop]))[0]
+    assert res.outputs[0].text == expect and res.outputs[0].finish_reason == "stop"
+    assert res.outputs[0].stop_reason == stop
+    assert eng.stats()["cache_used_bytes"] == 0
