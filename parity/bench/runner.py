@@ -164,7 +164,8 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
         cfg: the run configuration (validated).
         requests: the workload.
         tokenizer: counts chunk text when the server streams no usage.
-        meter: an started-on-demand `parity.devices.energy.EnergyMeter` (None: no energy section).
+        meter: a `parity.devices.energy.EnergyMeter`, started here right before the measured run and stopped
+            right after it (None: no energy section).
         interrupt: setting this event stops the run like Ctrl-C does (in-flight requests are cancelled and
             recorded as "interrupted"; the partial result is returned).
         transport: an httpx async transport to use instead of the network (tests: a scripted transport, or
@@ -215,7 +216,7 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
     n_pools = 1 if transport is not None else max(1, min(128, math.ceil(limit / POOL_SIZE)))
     ssl_ctx = httpx.create_ssl_context(trust_env=not local) if httpx.URL(url).scheme == "https" else False
     async with contextlib.AsyncExitStack() as stack:
-        client = [await stack.enter_async_context(
+        clients = [await stack.enter_async_context(
             httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=not local, transport=transport, verify=ssl_ctx))
             for _ in range(n_pools)]
         # --- warm-up
@@ -223,7 +224,7 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
         if cfg.warmup:
             wreqs = [requests[i % len(requests)] for i in range(cfg.warmup)]
             origin = time.perf_counter()
-            await asyncio.gather(*(one(client, i % len(requests), origin, warm, "warmup")
+            await asyncio.gather(*(one(clients, i % len(requests), origin, warm, "warmup")
                                    for i in range(len(wreqs))))
             if not any(r.ok for r in warm):
                 raise BenchError(f"all {cfg.warmup} warm-up request(s) to {url} failed: {warm[0].error}")
@@ -264,7 +265,7 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
                 delay = origin + off - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                t = asyncio.create_task(one(client, i, origin, records))
+                t = asyncio.create_task(one(clients, i, origin, records))
                 t.add_done_callback(_done)
                 tasks.append(t)
             if tasks:
