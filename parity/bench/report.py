@@ -60,7 +60,7 @@ def make_figure(results: list[tuple[str, dict]]):
                                                                  ("ttft_ms", "p99", "p99 TTFT"))):
         pts = [(r["summary"][key][stat], r["summary"]["output_throughput_tok_s"], label) for label, r in results
                if r["summary"][key][stat] is not None]
-        pts.sort()
+        pts.sort(key=lambda p: p[1])  # along increasing throughput: the usual serving curve
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
             for x, y, label in pts:
