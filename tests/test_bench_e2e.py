@@ -282,6 +282,17 @@ def test_energy_figures_per_token(tok, monkeypatch, capsys):
     text = capsys.readouterr().out
     assert "energy per output token, rapl (J/tok)" in text and "0.2604" in text
 
+    class FailingMeter(StubMeter):
+        def stop(self):
+            from parity.errors import DeviceError
+
+            raise DeviceError("rapl: reading energy_uj failed during the run: EIO")
+
+    res = run_bench(_cfg("http://127.0.0.1:9", num_prompts=2, max_concurrency=1), tokenizer=tok, meter=FailingMeter(),
+                    transport=ScriptedTransport(Script(ttft_s=0.03, itl_s=0.01), clock))
+    assert res["summary"]["completed"] == 2  # latency results survive a failing meter
+    assert res["energy"]["joules"] is None and res["energy"]["reason"].startswith("meter failed during the run: rapl")
+
 
 def test_cli_end_to_end_with_report(tok, tmp_path, capsys):
     from parity.cli import main

@@ -101,7 +101,7 @@ def render_table(result: dict, console=None) -> None:
         t.add_row(f"energy per output token, {e['meter']} (J/tok)", _f(e.get("joules_per_output_token"), 4))
         t.add_row(f"output tokens per joule, {e['meter']} (tok/J)", _f(e.get("output_tokens_per_joule"), 3))
     else:
-        t.add_row("energy", escape(f"none: {e.get('reason') or 'not measured'}"))
+        t.add_row("energy", escape(f"{e.get('meter') or 'none'}: {e.get('reason') or 'not measured'}"))
     console.print(t)
     if s.get("failure_reasons"):
         console.print("[bold red]failed requests by reason:[/]")

@@ -300,7 +300,7 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
             stop_t.cancel()
         if bar is not None:
             bar.close()
-        energy = meter.stop() if meter is not None else None
+        energy = stop_meter(meter)
 
     duration = end - origin
     records.sort(key=lambda r: r.index)
@@ -314,6 +314,22 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
     result["energy"] = energy_section(energy, summary)
     result["requests"] = [r.to_dict() for r in records]
     return result
+
+
+def stop_meter(meter):
+    """Stop `meter` (None passes through). A meter failing mid-run must not cost the latency results: its
+    error becomes the reading's reason (meter name kept, joules None)."""
+    if meter is None:
+        return None
+    from parity.errors import DeviceError
+
+    try:
+        return meter.stop()
+    except DeviceError as e:
+        from parity.devices.energy import EnergyReading
+
+        return EnergyReading(meter=meter.name, joules=None, seconds=0.0, avg_watts=None,
+                             reason=f"meter failed during the run: {e}")
 
 
 def energy_section(reading, summary: dict) -> dict:

@@ -124,7 +124,8 @@ def run_with_workers(cfg, requests, tokenizer, meter) -> dict:
         BenchError: a worker failed to start or its warm-up failed entirely.
         KeyboardInterrupt: Ctrl-C before the measured run started.
     """
-    from parity.bench.runner import NOTES, RESULT_SCHEMA, RESULT_VERSION, arrival_offsets, energy_section, environment
+    from parity.bench.runner import (NOTES, RESULT_SCHEMA, RESULT_VERSION, arrival_offsets, energy_section,
+                                     environment, stop_meter)
 
     n = min(cfg.client_workers, max(len(requests), 1))
     if requests and requests[0].arrival_s is not None:
@@ -211,7 +212,7 @@ def run_with_workers(cfg, requests, tokenizer, meter) -> dict:
         sel.close()
         if bar is not None:
             bar.close()
-    energy = meter.stop() if meter is not None and origin is not None else None
+    energy = stop_meter(meter) if origin is not None else None
     if origin is None:
         raise KeyboardInterrupt
     # every worker measured send_s from the same broadcast origin
