@@ -282,6 +282,20 @@ def test_energy_figures_per_token(tok, monkeypatch, capsys):
     text = capsys.readouterr().out
     assert "energy per output token, rapl (J/tok)" in text and "0.2604" in text
 
+    class GpuStub(StubMeter):
+        name = "nvml"
+
+        def stop(self):
+            r = super().stop()
+            r.meter, r.joules, r.devices = "nvml", 100.0, ["gpu0: stub"]
+            return r
+
+    res = run_bench(_cfg("http://127.0.0.1:9", num_prompts=2, max_concurrency=1), tokenizer=tok,
+                    meter=[GpuStub(), StubMeter()], transport=ScriptedTransport(Script(ttft_s=0.03, itl_s=0.01), clock))
+    assert [e["meter"] for e in res["energy_meters"]] == ["nvml", "rapl"] and res["energy"]["meter"] == "nvml"
+    assert res["energy_meters"][0]["joules_per_output_token"] == pytest.approx(100.0 / 24)
+    assert res["environment"]["energy_meter"] == "rapl (stub); rapl (stub)"
+
     class FailingMeter(StubMeter):
         def stop(self):
             from parity.errors import DeviceError

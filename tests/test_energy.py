@@ -196,3 +196,20 @@ def test_auto_on_this_machine_reports_none_or_a_meter():
     with pytest.raises(DeviceError, match="energy meter 'joulemeter' unknown"):
         energy.open_meter("joulemeter")
     assert energy.open_meter("none").stop().joules is None
+
+
+def test_open_meters_accelerator_plus_cpu(tmp_path):
+    root = _rapl_tree(tmp_path / "pc", [(0, 1000)])
+    ms = energy.open_meters("auto", nvml=FakeNvml(1), powercap_root=root)
+    assert [m.name for m in ms] == ["nvml", "rapl"]
+    ms = energy.open_meters("auto", nvml=FakeNvml(fail_init=True), npu_smi="no-such-npu-smi", powercap_root=root)
+    assert [m.name for m in ms] == ["rapl"]
+    (m,) = energy.open_meters("auto", nvml=FakeNvml(fail_init=True), npu_smi="no-such-npu-smi",
+                              powercap_root=tmp_path / "none")
+    assert m.name == "none" and "nvml:" in m.reason and "rapl:" in m.reason
+    assert [m.name for m in energy.open_meters("rapl,nvml", nvml=FakeNvml(1), powercap_root=root)] == ["rapl", "nvml"]
+    for bad, msg in [("", "is empty"), ("nvml,nvml", "distinct"), ("auto,rapl", "distinct"), ("gpu", "unknown")]:
+        with pytest.raises(DeviceError, match=msg):
+            energy.open_meters(bad)
+    with pytest.raises(DeviceError, match="could not be initialised"):
+        energy.open_meters("nvml", nvml=FakeNvml(fail_init=True))

@@ -66,8 +66,9 @@ def register(sub) -> None:
                    help="SLOs for goodput: any of ttft_ms, tpot_ms, e2el_ms (milliseconds)")
     p.add_argument("--ignore-eos", action="store_true", help="ask the server to ignore EOS (vLLM/SGLang extension)")
     p.add_argument("--seed", type=int, default=0, help="seed for prompts, lengths and arrivals (default 0)")
-    p.add_argument("--energy", choices=("auto", "none", "nvml", "npu-smi", "rapl"), default="auto",
-                   help="energy meter of this machine's accelerators/CPU (default auto)")
+    p.add_argument("--energy", default="auto", metavar="auto|none|nvml,npu-smi,rapl",
+                   help="energy meters of this machine: auto (accelerator meter + CPU RAPL when readable), none, "
+                        "or a comma list (default auto)")
     p.add_argument("--energy-devices", type=_int_list, default=None, metavar="0,1",
                    help="accelerator indices to meter (default all)")
     p.add_argument("--tokenizer", default=None, metavar="PATH",

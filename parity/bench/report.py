@@ -85,11 +85,12 @@ def _summary_rows(results: list[tuple[str, dict]]) -> str:
         def f(v, nd=2):
             return "-" if v is None else f"{v:,.{nd}f}"
 
-        jpt = e.get("joules_per_output_token")
+        jpt_all = [f"{m['joules_per_output_token']:.4f} ({m['meter']})" for m in (r.get("energy_meters") or [e])
+                   if m.get("joules_per_output_token") is not None]
         vals = [label, s["completed"], s["failed"], f(s["request_throughput_req_s"]), f(s["output_throughput_tok_s"]),
                 f(s.get("goodput_req_s")), f(s["ttft_ms"]["median"]), f(s["ttft_ms"]["p99"]), f(s["tpot_ms"]["median"]),
                 f(s["itl_ms"]["median"]), f(s["e2el_ms"]["median"]),
-                (f"{jpt:.4f} ({e.get('meter')})" if jpt is not None else "-")]
+                ("; ".join(jpt_all) or "-")]
         out.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in vals) + "</tr>")
     return "\n".join(out)
 

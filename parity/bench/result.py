@@ -93,15 +93,15 @@ def render_table(result: dict, console=None) -> None:
         t.add_section()
         for k in ("mean", "median", "p90", "p95", "p99"):
             t.add_row(f"{label} {k} (ms)", _f(st.get(k)))
-    e = result.get("energy") or {}
-    t.add_section()
-    if e.get("joules") is not None:
-        t.add_row(f"energy, meter {e['meter']} (J)", _f(e["joules"], 1))
-        t.add_row(f"average power, {e['meter']} (W)", _f(e.get("avg_watts"), 1))
-        t.add_row(f"energy per output token, {e['meter']} (J/tok)", _f(e.get("joules_per_output_token"), 4))
-        t.add_row(f"output tokens per joule, {e['meter']} (tok/J)", _f(e.get("output_tokens_per_joule"), 3))
-    else:
-        t.add_row("energy", escape(f"{e.get('meter') or 'none'}: {e.get('reason') or 'not measured'}"))
+    for e in result.get("energy_meters") or [result.get("energy") or {}]:
+        t.add_section()
+        if e.get("joules") is not None:
+            t.add_row(f"energy, meter {e['meter']} (J)", _f(e["joules"], 1))
+            t.add_row(f"average power, {e['meter']} (W)", _f(e.get("avg_watts"), 1))
+            t.add_row(f"energy per output token, {e['meter']} (J/tok)", _f(e.get("joules_per_output_token"), 4))
+            t.add_row(f"output tokens per joule, {e['meter']} (tok/J)", _f(e.get("output_tokens_per_joule"), 3))
+        else:
+            t.add_row("energy", escape(f"{e.get('meter') or 'none'}: {e.get('reason') or 'not measured'}"))
     console.print(t)
     if s.get("failure_reasons"):
         console.print("[bold red]failed requests by reason:[/]")

@@ -62,7 +62,8 @@ class BenchConfig:
         slo: ``--slo`` string, e.g. "ttft_ms=200,tpot_ms=50".
         ignore_eos: ask the server to ignore EOS (vLLM/SGLang extension) so outputs reach max_tokens.
         seed: seeds prompts, lengths and arrival gaps.
-        energy: "auto" | "none" | "nvml" | "npu-smi" | "rapl".
+        energy: "auto" | "none" | comma list of "nvml", "npu-smi", "rapl" (auto: accelerator meter + RAPL when
+            readable, see parity.devices.energy.open_meters).
         energy_devices: accelerator indices to meter (None = all).
         tokenizer: tokenizer.json path (None = parity's V4 tokenizer).
         api_key: sent as ``Authorization: Bearer`` (None: $OPENAI_API_KEY if set).
@@ -164,8 +165,8 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
         cfg: the run configuration (validated).
         requests: the workload.
         tokenizer: counts chunk text when the server streams no usage.
-        meter: a `parity.devices.energy.EnergyMeter`, started here right before the measured run and stopped
-            right after it (None: no energy section).
+        meter: a `parity.devices.energy.EnergyMeter` or a list of them, started right before the measured run
+            and stopped right after it (None: no energy measured).
         interrupt: setting this event stops the run like Ctrl-C does (in-flight requests are cancelled and
             recorded as "interrupted"; the partial result is returned).
         transport: an httpx async transport to use instead of the network (tests: a scripted transport, or
@@ -207,8 +208,9 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
             if sem is not None:
                 sem.release()
 
+    meters = as_meters(meter)
     result: dict = {"schema": RESULT_SCHEMA, "version": RESULT_VERSION, "config": cfg.to_dict(),
-                    "environment": environment(tokenizer, meter.describe() if meter else "none (not requested)"),
+                    "environment": environment(tokenizer, describe_meters(meters)),
                     "notes": list(NOTES), "interrupted": False}
     # Several small connection pools instead of one big one: httpcore's pool scans every connection on each
     # request start/finish (cost ~ connections x in-flight requests), which made one 256-connection pool use
@@ -249,8 +251,8 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
             if on_done is not None:
                 on_done()
 
-        if meter is not None:
-            meter.start()
+        for m in meters:
+            m.start()
         if start_gate is not None:
             origin = await start_gate(result["warmup"])
             if origin - time.perf_counter() > 0:
@@ -300,7 +302,7 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
             stop_t.cancel()
         if bar is not None:
             bar.close()
-        energy = stop_meter(meter)
+        readings = [stop_meter(m) for m in meters]
 
     duration = end - origin
     records.sort(key=lambda r: r.index)
@@ -311,9 +313,28 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
                        "note": "send_s of each record is relative to this time.perf_counter() value "
                                "(CLOCK_MONOTONIC on Linux, comparable with other processes' on this machine)"}
     result["summary"] = summary
-    result["energy"] = energy_section(energy, summary)
+    add_energy(result, readings, summary)
     result["requests"] = [r.to_dict() for r in records]
     return result
+
+
+def as_meters(meter) -> list:
+    """None -> [], one meter -> [meter], a list -> the list."""
+    if meter is None:
+        return []
+    return list(meter) if isinstance(meter, (list, tuple)) else [meter]
+
+
+def describe_meters(meters: list) -> str:
+    return "; ".join(m.describe() for m in meters) if meters else "none (not requested)"
+
+
+def add_energy(result: dict, readings: list, summary: dict) -> None:
+    """result["energy_meters"]: one section per meter; result["energy"]: the first (the accelerator's when
+    there is one), kept for readers of a single figure."""
+    sections = [energy_section(r, summary) for r in readings]
+    result["energy_meters"] = sections
+    result["energy"] = sections[0] if sections else energy_section(None, summary)
 
 
 def stop_meter(meter):
@@ -367,9 +388,9 @@ def run_bench(cfg: BenchConfig, *, tokenizer: BenchTokenizer | None = None, requ
     if requests is None:
         requests, notes = build_requests(cfg.workload, tokenizer, cfg.num_prompts, cfg.seed)
     if meter is None and cfg.energy:
-        from parity.devices.energy import open_meter
+        from parity.devices.energy import open_meters
 
-        meter = open_meter(cfg.energy, devices=cfg.energy_devices)
+        meter = open_meters(cfg.energy, devices=cfg.energy_devices)
     if cfg.client_workers > 1 and transport is None:
         from parity.bench.workers import run_with_workers
 

@@ -124,8 +124,10 @@ def run_with_workers(cfg, requests, tokenizer, meter) -> dict:
         BenchError: a worker failed to start or its warm-up failed entirely.
         KeyboardInterrupt: Ctrl-C before the measured run started.
     """
-    from parity.bench.runner import (NOTES, RESULT_SCHEMA, RESULT_VERSION, arrival_offsets, energy_section,
-                                     environment, stop_meter)
+    from parity.bench.runner import (NOTES, RESULT_SCHEMA, RESULT_VERSION, add_energy, arrival_offsets, as_meters,
+                                     describe_meters, environment, stop_meter)
+
+    meters = as_meters(meter)
 
     n = min(cfg.client_workers, max(len(requests), 1))
     if requests and requests[0].arrival_s is not None:
@@ -184,8 +186,8 @@ def run_with_workers(cfg, requests, tokenizer, meter) -> dict:
             if time.monotonic() > deadline:
                 raise BenchError(f"client workers did not become ready within {READY_TIMEOUT_S:g} s")
             pump(0.5)
-        if meter is not None:
-            meter.start()
+        for m in meters:
+            m.start()
         origin = time.perf_counter() + START_MARGIN_S
         for wk in workers:
             wk.write({"go": origin})
@@ -212,7 +214,7 @@ def run_with_workers(cfg, requests, tokenizer, meter) -> dict:
         sel.close()
         if bar is not None:
             bar.close()
-    energy = stop_meter(meter) if origin is not None else None
+    readings = [stop_meter(m) for m in meters] if origin is not None else []
     if origin is None:
         raise KeyboardInterrupt
     # every worker measured send_s from the same broadcast origin
@@ -224,15 +226,16 @@ def run_with_workers(cfg, requests, tokenizer, meter) -> dict:
     summary["not_sent"] = len(requests) - len(records)
     notes = list(NOTES) + [f"{n} client worker processes (--client-workers); requests dealt round robin; "
                            f"--max-concurrency split as {concs}"] + errors
-    return {"schema": RESULT_SCHEMA, "version": RESULT_VERSION, "config": cfg.to_dict(),
-            "environment": environment(tokenizer, meter.describe() if meter else "none (not requested)"),
+    result = {"schema": RESULT_SCHEMA, "version": RESULT_VERSION, "config": cfg.to_dict(),
+            "environment": environment(tokenizer, describe_meters(meters)),
             "notes": notes, "interrupted": interrupted,
             "warmup": {"requests": cfg.warmup, "failed": sum(w["failed"] for w in warm_stats.values())},
             "clock": {"origin_perf_counter_s": origin, "end_perf_counter_s": end,
                       "client_cpu_s": sum(res["cpu_s"] for res in results.values()),
                       "note": "send_s of each record is relative to this time.perf_counter() value (all workers)"},
-            "summary": summary, "energy": energy_section(energy, summary),
-            "requests": [r.to_dict() for r in records]}
+            "summary": summary, "requests": [r.to_dict() for r in records]}
+    add_energy(result, readings, summary)
+    return result
 
 
 if __name__ == "__main__":  # pragma: no cover - run as a worker process

@@ -19,8 +19,10 @@ Four meters, one interface (`EnergyMeter.start()` then `EnergyMeter.stop() -> En
 - ``none``    nothing readable; carries a one-line reason (as on a CPU-only container).
 
 `open_meter("auto")` tries nvml, npu-smi, rapl in that order and returns the first one that can be read,
-else a `NoneMeter` whose reason lists why each was unusable. An explicitly requested meter that cannot be
-read raises `DeviceError` naming the meter and the cause.
+else a `NoneMeter` whose reason lists why each was unusable. `open_meters("auto")` (what `parity bench` uses)
+returns the readable accelerator meter *and* the RAPL meter when both can be read, so accelerator and host CPU
+energy are reported side by side, each under its own name. An explicitly requested meter that cannot be read
+raises `DeviceError` naming the meter and the cause.
 
 This module never imports torch itself (the `parity.devices` package does, on first import).
 """
@@ -431,6 +433,25 @@ class NpuSmiMeter(EnergyMeter):
 
 
 # ---------------------------------------------------------------------------------------------- open
+def _makers(devices=None, powercap_root: str | Path = POWERCAP_ROOT, nvml: Any = None, npu_smi: str = "npu-smi",
+            npu_smi_run: Callable[..., Any] | None = None, interval_s: float = DEFAULT_INTERVAL_S) -> dict:
+    return {
+        "nvml": lambda: NvmlMeter(devices=devices, nvml=nvml),
+        "npu-smi": lambda: NpuSmiMeter(devices=devices, npu_smi=npu_smi, run=npu_smi_run, interval_s=interval_s),
+        "rapl": lambda: RaplMeter(root=powercap_root, interval_s=interval_s),
+    }
+
+
+def _first_readable(names: tuple[str, ...], makers: dict) -> tuple[EnergyMeter | None, list[str]]:
+    reasons = []
+    for name in names:
+        try:
+            return makers[name](), reasons
+        except DeviceError as e:
+            reasons.append(str(e))
+    return None, reasons
+
+
 def open_meter(spec: str = "auto", *, devices: list[int] | None = None, powercap_root: str | Path = POWERCAP_ROOT,
                nvml: Any = None, npu_smi: str = "npu-smi", npu_smi_run: Callable[..., Any] | None = None,
                interval_s: float = DEFAULT_INTERVAL_S) -> EnergyMeter:
@@ -450,24 +471,44 @@ def open_meter(spec: str = "auto", *, devices: list[int] | None = None, powercap
     spec = str(spec).strip().lower()
     if spec not in METERS:
         raise DeviceError(f"energy meter {spec!r} unknown: expected one of {', '.join(METERS)}")
-    makers = {
-        "nvml": lambda: NvmlMeter(devices=devices, nvml=nvml),
-        "npu-smi": lambda: NpuSmiMeter(devices=devices, npu_smi=npu_smi, run=npu_smi_run, interval_s=interval_s),
-        "rapl": lambda: RaplMeter(root=powercap_root, interval_s=interval_s),
-    }
+    makers = _makers(devices, powercap_root, nvml, npu_smi, npu_smi_run, interval_s)
     if spec == "none":
         return NoneMeter("disabled with --energy none")
     if spec != "auto":
         return makers[spec]()
-    reasons = []
-    for name in ("nvml", "npu-smi", "rapl"):
-        try:
-            return makers[name]()
-        except DeviceError as e:
-            reasons.append(str(e))
-    return NoneMeter("no energy meter readable: " + "; ".join(reasons))
+    m, reasons = _first_readable(("nvml", "npu-smi", "rapl"), makers)
+    return m if m is not None else NoneMeter("no energy meter readable: " + "; ".join(reasons))
 
 
-__all__ = ["METERS", "EnergyReading", "EnergyMeter", "NoneMeter", "RaplMeter", "NvmlMeter", "NpuSmiMeter",
+def open_meters(spec: str = "auto", **kw) -> list[EnergyMeter]:
+    """Open one or several meters, e.g. an accelerator's and the host CPU's, each reported under its own name.
+
+    Args:
+        spec: "auto" | "none" | a comma list of "nvml", "npu-smi", "rapl" (e.g. "nvml,rapl").
+            "auto" = the first readable accelerator meter (nvml, then npu-smi) plus rapl when it is readable;
+            a single `NoneMeter` whose reason says why each failed when none is.
+        **kw: as `open_meter` (devices, powercap_root, nvml, npu_smi, npu_smi_run, interval_s).
+    Raises:
+        DeviceError: unknown or repeated name, "auto"/"none" combined with others, or an explicitly named meter
+            that cannot be read.
+    """
+    names = [x.strip().lower() for x in str(spec).split(",") if x.strip()]
+    if not names:
+        raise DeviceError(f"energy meter spec {spec!r} is empty: expected auto, none or a list of nvml, npu-smi, rapl")
+    for n in names:
+        if n not in METERS:
+            raise DeviceError(f"energy meter {n!r} unknown: expected one of {', '.join(METERS)}")
+    if len(set(names)) != len(names) or (len(names) > 1 and ({"auto", "none"} & set(names))):
+        raise DeviceError(f"energy meter spec {spec!r}: give auto, none, or distinct names among nvml, npu-smi, rapl")
+    if names != ["auto"]:
+        return [open_meter(n, **kw) for n in names]
+    makers = _makers(**kw)
+    accel, r1 = _first_readable(("nvml", "npu-smi"), makers)
+    cpu, r2 = _first_readable(("rapl",), makers)
+    out = [m for m in (accel, cpu) if m is not None]
+    return out or [NoneMeter("no energy meter readable: " + "; ".join(r1 + r2))]
+
+
+__all__ = ["METERS", "open_meters", "EnergyReading", "EnergyMeter", "NoneMeter", "RaplMeter", "NvmlMeter", "NpuSmiMeter",
            "open_meter", "counter_delta", "find_rapl_domains", "parse_npu_smi_power", "parse_npu_smi_ids",
            "integrate_trapezoid"]
