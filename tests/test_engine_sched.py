@@ -55,6 +55,7 @@ def test_greedy_alone_batched_chunked_preempted_equal_reference(model, refs):
     st = small.engine.stats()
     assert st["num_preemptions"] > 0 and st["cache_used_bytes"] == 0 and st["cache_live_tensors"] == 0
     assert sum(o.metrics.num_preemptions for o in out) == st["num_preemptions"]
+    assert st["prompt_tokens_total"] == sum(map(len, PROMPTS)) and st["generation_tokens_total"] == 14 * len(PROMPTS)
 
 
 def test_max_num_seqs_and_cache_accounting(model):

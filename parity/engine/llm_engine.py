@@ -320,8 +320,9 @@ class LLMEngine:
         rows, reqs = [], []
         for i, s in enumerate(scheduled):
             s.seq.num_computed = s.start + s.num_tokens
-            if s.start < len(s.seq.prompt_ids):
-                self.num_prompt_tokens += min(s.start + s.num_tokens, len(s.seq.prompt_ids)) - s.start
+            n_prompt = len(s.seq.prompt_ids)
+            if not s.seq.output_ids and s.start < n_prompt <= s.start + s.num_tokens:
+                self.num_prompt_tokens += n_prompt   # prompt fully read (recomputation not counted)
             if s.completes:
                 rows.append(i)
                 q = s.seq
