@@ -79,7 +79,7 @@ class _StreamState:
     """Accumulates one response stream; `feed(event_data, t)` handles one SSE event."""
 
     __slots__ = ("chat", "tok", "st", "ttft", "last_t", "itl", "chunks", "stream_tokens", "usage_ct", "usage_pt",
-                 "text", "done", "finished", "error", "events")
+                 "text", "done", "done_t", "finished", "error", "events")
 
     def __init__(self, chat: bool, tok: BenchTokenizer, st: float):
         self.chat, self.tok, self.st = chat, tok, st
@@ -92,6 +92,7 @@ class _StreamState:
         self.usage_pt: int | None = None
         self.text: list[str] = []
         self.done = False
+        self.done_t: float | None = None
         self.finished = False
         self.error: str | None = None
         self.events = 0
@@ -99,7 +100,7 @@ class _StreamState:
     def feed(self, data: str, t: float) -> None:
         self.events += 1
         if data == "[DONE]":
-            self.done = True
+            self.done, self.done_t = True, t
             return
         try:
             obj = json.loads(data)
@@ -250,7 +251,7 @@ async def send_request(client: httpx.AsyncClient, url: str, payload: dict, req: 
     rec.chunks = state.chunks
     rec.ttft_s = state.ttft
     rec.itl_s = state.itl
-    rec.e2el_s = end - st
+    rec.e2el_s = (state.done_t if state.done_t is not None else end) - st  # [DONE] ends the stream
     if state.usage_pt is not None:
         rec.prompt_tokens = state.usage_pt
     if state.usage_ct is not None:
