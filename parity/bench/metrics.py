@@ -3,7 +3,7 @@
 Definitions follow vLLM's ``bench serve`` (vllm/benchmarks/serve.py, ``calculate_metrics``; DESIGN.md):
 
 - TTFT  time to first token: arrival of the first token-carrying chunk - send time.
-- E2EL  end-to-end latency: end of the response stream - send time.
+- E2EL  end-to-end latency: arrival of ``data: [DONE]`` (the end of the stream if the server sends none) - send.
 - TPOT  time per output token, per request: (E2EL - TTFT) / (output_tokens - 1); requests with one output
         token have no TPOT (vLLM records 0 for them; we leave them out of the TPOT statistics).
 - ITL   inter-token latency: gaps between token-carrying chunks, **per token**: a chunk that carries k tokens

@@ -41,7 +41,8 @@ NOTES = [
     "TPOT = (E2EL - TTFT) / (output_tokens - 1).",
     "Per-chunk token counts come from the server's streamed usage (continuous_usage_stats) when present, "
     "else from counting each chunk's text with the bench tokenizer; output_tokens from the final usage when present.",
-    "E2EL = end of the response stream - send. Goodput = completed requests meeting every SLO / duration.",
+    "E2EL = arrival of data: [DONE] (else end of stream) - send. Goodput = completed requests meeting every SLO "
+    "/ duration.",
 ]
 
 
