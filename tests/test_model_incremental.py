@@ -128,3 +128,13 @@ def test_bad_requests(parity_small):
         m.forward_logits(torch.tensor([1, 2]))
     with pytest.raises(RequestError, match="kv_cache_dtype is 'fp16'"):
         m.new_state(kv_cache_dtype="fp16")
+    st = m.new_state()
+    with pytest.raises(RequestError, match="same SequenceState twice"):
+        m.forward_incremental([[1], [2]], [st, st])
+    with pytest.raises(RequestError, match="max_position_embeddings is 128"):
+        m.forward_incremental([list(range(60)) * 3], [st])
+    with pytest.raises(RequestError, match="max_position_embeddings is 128"):
+        m.forward_logits(torch.zeros(1, 129, dtype=torch.long))
+    from parity.model import build_model
+    with pytest.raises(RequestError, match="dtype is 'float8'"):
+        build_model(m.config, dtype="float8")

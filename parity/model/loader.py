@@ -129,7 +129,8 @@ def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_c
     Args:
         path: directory written by transformers' ``DeepseekV4ForCausalLM.save_pretrained``.
         device: anything `parity.devices.resolve` accepts.
-        dtype: compute dtype of the parameters (mHC, norms, sinks, biases stay fp32).
+        dtype: compute dtype of the parameters, a torch.dtype or a name ("bfloat16", "float32"); mHC,
+            norms, sinks, biases and the LM head stay fp32.
         kv_cache_dtype / indexer_dtype: default numerics of the returned model (issue 8); transformers-
             format checkpoints default to the pure math ("bf16" / "bf16").
     Returns:
@@ -142,7 +143,9 @@ def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_c
     from safetensors import safe_open
 
     from parity import devices
-    from parity.model.model import V4ForCausalLM, _reset_rope
+    from parity.model.model import V4ForCausalLM, _reset_rope, resolve_dtype
+
+    dtype = resolve_dtype(dtype)
 
     p = Path(path).expanduser()
     if not p.is_dir():

@@ -287,8 +287,11 @@ class V4ForCausalLM(nn.Module):
             raise RequestError(f"tokens has {len(tokens)} sequences but states has {len(states)}: expected equal")
         if not tokens:
             raise RequestError("tokens is empty: expected at least one sequence")
+        if len({id(st) for st in states}) != len(states):
+            raise RequestError("states lists the same SequenceState twice: expected one state per sequence")
         dev = self.device
         seqs, segments, s = [], [], 0
+        limit = self.config.max_position_embeddings
         for i, (t, st) in enumerate(zip(tokens, states)):
             st.check_usable()
             if (st.kv_fp8, st.index_fp4) != (kv_fp8, index_fp4):
@@ -297,6 +300,9 @@ class V4ForCausalLM(nn.Module):
             t = torch.as_tensor(t, dtype=torch.long, device=dev).reshape(-1)
             if t.numel() == 0:
                 raise RequestError(f"tokens[{i}] is empty: expected at least one new token")
+            if st.num_tokens + t.numel() > limit:
+                raise RequestError(f"sequence {i} would reach {st.num_tokens + t.numel()} tokens: the model's "
+                                   f"max_position_embeddings is {limit}")
             seqs.append(t)
             segments.append((s, t.numel(), st.num_tokens))
             s += t.numel()
@@ -333,6 +339,9 @@ class V4ForCausalLM(nn.Module):
                                f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
         kv_fp8, index_fp4 = self._modes(kv_cache_dtype, indexer_dtype)
         B, S = input_ids.shape
+        if S > self.config.max_position_embeddings:
+            raise RequestError(f"input_ids has {S} positions: the model's max_position_embeddings is "
+                               f"{self.config.max_position_embeddings}")
         states = [self.new_state(kv_cache_dtype=kv_cache_dtype, indexer_dtype=indexer_dtype) for _ in range(B)]
         try:
             ids = input_ids.to(self.device, torch.long).reshape(-1)
@@ -389,6 +398,23 @@ class V4ForCausalLM(nn.Module):
         return self._head(x, mtp.hc_head, mtp.norm).view(B, S, -1)
 
 
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    """A torch dtype from a dtype or a name ("float32", "bf16", ...).
+
+    Raises:
+        RequestError: unknown name (expected one of float32, bfloat16, float16 and short forms).
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise RequestError(f"dtype is {dtype!r}: expected one of {sorted(_DTYPES)} or a torch.dtype")
+
+
 def build_model(cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float32,
                 seed: int | None = None) -> V4ForCausalLM:
     """A randomly initialised model (tests, benchmarks).
@@ -401,6 +427,7 @@ def build_model(cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float
     """
     from parity import devices
     dev = devices.resolve(device)
+    dtype = resolve_dtype(dtype)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     with torch.device("meta"):
         model = V4ForCausalLM(cfg)
