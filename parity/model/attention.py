@@ -83,6 +83,43 @@ def compress_windows(state_kv: torch.Tensor, state_sc: torch.Tensor, kv: torch.T
     return entries
 
 
+def compress_step(st_kv: torch.Tensor, st_sc: torch.Tensor, kv: torch.Tensor, sc: torch.Tensor, pos: torch.Tensor,
+                  ratio: int, overlap: bool, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`compress_windows` for k sequences that each add one token (the decode step), vectorised.
+
+    st_kv/st_sc: stacked states [k, coff * ratio, coff * d] (updated in place); kv/sc: [k, coff * d];
+    pos: LongTensor[k] positions of the new tokens. Returns (emitting sequence indices LongTensor[m],
+    their entries fp32 [m, d]) for the sequences whose token completes a window (official
+    ``Compressor.forward`` decode branch).
+    """
+    k = kv.shape[0]
+    ar = torch.arange(k, device=kv.device)
+    row = (ratio if overlap else 0) + pos % ratio
+    st_kv[ar, row] = kv
+    st_sc[ar, row] = sc
+    emit = ((pos + 1) % ratio == 0).nonzero().flatten()
+    if emit.numel() == 0:
+        return emit, kv.new_empty((0, d))
+    sk, ss = st_kv[emit], st_sc[emit]
+    if overlap:
+        cat_kv = torch.cat([sk[:, :ratio, :d], sk[:, ratio:, d:]], dim=1)
+        cat_sc = torch.cat([ss[:, :ratio, :d], ss[:, ratio:, d:]], dim=1)
+        st_kv[emit, :ratio] = sk[:, ratio:]
+        st_sc[emit, :ratio] = ss[:, ratio:]
+    else:
+        cat_kv, cat_sc = sk, ss
+    return emit, (cat_kv * cat_sc.softmax(dim=1)).sum(dim=1)
+
+
+def _pad_stack(rows: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Stack [e_i, w] tensors into [k, n, w], zero padded (n >= max e_i)."""
+    out = rows[0].new_zeros((len(rows), n, rows[0].shape[-1]))
+    for i, r in enumerate(rows):
+        if r.shape[0]:
+            out[i, : r.shape[0]] = r
+    return out
+
+
 class _Compressing(nn.Module):
     """Shared parameters of a compressor: ``kv_proj``/``gate_proj`` [coff*d, H], ``position_bias``
     [ratio, coff*d] (official ``ape``), ``kv_norm`` over d. Projections run in fp32 (official
@@ -104,11 +141,15 @@ class _Compressing(nn.Module):
         sc = F.linear(xf, self.gate_proj.weight.float()) + self.position_bias.float()[positions % self.ratio]
         return kv, sc
 
-    def finish(self, entries: torch.Tensor, first_window: int, inv_freq: torch.Tensor, dtype: torch.dtype):
-        """Norm + RoPE at positions w * ratio of new entries fp32 [m, d] -> [m, d] in dtype."""
+    def finish(self, entries: torch.Tensor, first_window, inv_freq: torch.Tensor, dtype: torch.dtype):
+        """Norm + RoPE at positions w * ratio of new entries fp32 [m, d] -> [m, d] in dtype.
+        first_window: int (entries are windows first_window, first_window + 1, ...) or LongTensor[m]."""
         out = self.kv_norm(entries.to(dtype))
         if out.shape[0]:
-            pos = (torch.arange(out.shape[0], device=out.device) + first_window) * self.ratio
+            if isinstance(first_window, torch.Tensor):
+                pos = first_window * self.ratio
+            else:
+                pos = (torch.arange(out.shape[0], device=out.device) + first_window) * self.ratio
             cos, sin = rope_cos_sin(pos, inv_freq)
             out = apply_rope(out, cos, sin)
         return out
@@ -206,6 +247,69 @@ class Attention(nn.Module):
         from parity.model.numerics import fp4_round_index
         return fp4_round_index(x)
 
+    # ------------------------------------------------------------------ decode step (n_i = 1), batched
+    def _decode_step(self, single: list[int], ctx: StepContext, caches: list, q, kv, out, comp_in, idx_in) -> None:
+        """Attention for the sequences that add exactly one token this step, batched over them.
+
+        Same math as the chunk path: keys are the sequence's ring-buffer slots (position
+        ``p - ((p - slot) mod window)``, valid when >= 0) plus its compressed entries; per-sequence
+        work is reduced to cache reads/writes, everything else runs once for all k sequences.
+        """
+        dev = q.device
+        cs = [caches[i] for i in single]
+        rows = torch.tensor([ctx.segments[i][0] for i in single], device=dev)
+        pos_list = [ctx.segments[i][2] for i in single]
+        P = torch.tensor(pos_list, device=dev)
+        k, W = len(single), self.window
+        kv_new = kv[rows]
+        for c, p, i in zip(cs, pos_list, range(k)):
+            c.window_write(p, kv_new[i:i + 1])
+        codec = cs[0].codec
+        win = torch.stack([c.window for c in cs])
+        win = codec.decode(win.reshape(k * W, -1)).view(k, W, -1)
+        slot = torch.arange(W, device=dev)
+        allowed = (P[:, None] - (P[:, None] - slot[None, :]) % W) >= 0
+        keys = [win]
+        comp = self.compressor
+        if comp is not None:
+            ckv, csc = comp_in
+            d, cw, ratio = comp.d, comp.coff * comp.d, comp.ratio
+            st = torch.stack([c.comp_state for c in cs])
+            emit, ent = compress_step(st[:, 0, :, :cw], st[:, 1, :, :cw], ckv[rows], csc[rows], P, ratio,
+                                      comp.overlap, d)
+            idx = comp.indexer
+            if idx is not None:
+                ikv, isc, iq, iw = idx_in
+                _, ient = compress_step(st[:, 0, :, cw:], st[:, 1, :, cw:], ikv[rows], isc[rows], P, idx.ratio,
+                                        True, idx.d)
+            for c, i in zip(cs, range(k)):
+                c.comp_state.copy_(st[i])
+            if emit.numel():
+                wid = P[emit] // ratio
+                ent = self._round_kv(comp.finish(ent, wid, self.inv_freq, kv.dtype), ctx)
+                ient = self._round_index(idx.finish(ient, wid, self.inv_freq, kv.dtype), ctx) if idx is not None \
+                    else None
+                for j, i in enumerate(emit.tolist()):
+                    cs[i].append_entries(ent[j:j + 1], ient[j:j + 1] if ient is not None else None)
+            n_max = max(c.n_entries for c in cs)
+            if n_max:
+                ents = _pad_stack([c.entries() for c in cs], n_max)
+                vis = torch.arange(n_max, device=dev)[None, :] < ((P + 1) // ratio)[:, None]
+                if idx is not None:
+                    ik = _pad_stack([c.index_keys() for c in cs], n_max).float()
+                    sc = torch.einsum("khd,ked->khe", iq[rows].float(), ik).relu()
+                    sc = (sc * iw[rows][:, :, None]).sum(dim=1).masked_fill(~vis, float("-inf"))
+                    top = torch.sort(sc, dim=-1, descending=True, stable=True).indices[:, : min(idx.topk, n_max)]
+                    vis = vis & torch.zeros_like(vis).scatter_(1, top, True)
+                keys.append(ents)
+                allowed = torch.cat([allowed, vis], dim=1)
+        kmat = torch.cat(keys, dim=1).float()
+        logits = torch.einsum("khd,kld->khl", q[rows].float(), kmat) * self.scale
+        logits = logits.masked_fill(~allowed[:, None, :], float("-inf"))
+        sink = self.sinks.float().view(1, -1, 1).expand(k, -1, 1)
+        probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
+        out[rows] = torch.einsum("khl,kld->khd", probs, kmat).to(out.dtype)
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, ctx: StepContext, caches: list) -> torch.Tensor:
         T = x.shape[0]
@@ -227,7 +331,14 @@ class Attention(nn.Module):
                 iw = idx.scorer.weights_proj(x).float() * (idx.n_heads ** -0.5 * idx.d ** -0.5)
 
         out = torch.empty_like(q)
+        single = [i for i, seg in enumerate(ctx.segments) if seg[1] == 1]
+        if single:
+            self._decode_step(single, ctx, caches, q, kv, out,
+                              (ckv, csc) if comp is not None else None,
+                              (ikv, isc, iq, iw) if comp is not None and comp.indexer is not None else None)
         for (s, n, p), cache in zip(ctx.segments, caches):
+            if n == 1:
+                continue
             e = s + n
             keys = [cache.window_read(max(0, p - self.window + 1), p), kv[s:e]]
             key_pos = torch.arange(p - keys[0].shape[0], p + n, device=x.device)

@@ -69,6 +69,7 @@ class LayerCache:
         self.codec, self.idx_dtype = codec, idx_dtype
         width, sdtype = codec.storage
         self.window = alloc.alloc(layer, "window_kv", (window, width), sdtype)
+        self.window.zero_()  # unwritten slots are masked, but must not hold NaN/inf bytes (0 * NaN = NaN)
         self.comp_state = None
         self.comp_blocks: list[torch.Tensor] = []
         self.idx_blocks: list[torch.Tensor] | None = [] if csa else None
