@@ -117,7 +117,8 @@ def rate_sweep(tok, rates: list[float], seconds: float, out: int, ttft_ms: float
     best, fails = None, 0
     print(f"## rate sweep, {workers} client process(es): Poisson arrivals, {seconds:g} s per rate, {out} tokens "
           f"per request, script TTFT {ttft_ms} ms, ITL {itl_ms} ms")
-    print("| offered req/s | completed/duration req/s | p99 send lateness ms | TTFT inflation median/p99 ms | client CPU % of one core | sustained |")
+    print("| offered req/s | completed/duration req/s | p99 send lateness ms | TTFT inflation median/p99 ms "
+          "| client CPU % of one core | sustained |")
     print("|---|---|---|---|---|---|")
     try:
         for rate in rates:
@@ -154,7 +155,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller run (smoke test)")
     a = ap.parse_args()
-    print(f"machine: {os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.2f}, python {sys.version.split()[0]}")
+    print(f"machine: {os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.2f}, "
+          f"python {sys.version.split()[0]}")
     tok = load_bench_tokenizer(None)
     if a.quick:
         concurrency_256(tok, n=256, out=16, ttft_ms=50, itl_ms=40, burst=True)

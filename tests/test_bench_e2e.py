@@ -66,7 +66,8 @@ def test_exact_timings_with_scripted_clock(tok, monkeypatch, endpoint, k, usage)
     monkeypatch.setattr(time, "perf_counter", clock.perf_counter)
     transport = ScriptedTransport(Script(ttft_s=ttft, itl_s=itl, tokens_per_chunk=k, usage=usage), clock)
     res = run_bench(_cfg("http://127.0.0.1:9", endpoint=endpoint, warmup=1, max_concurrency=1, num_prompts=reqs,
-                         slo=f"ttft_ms={ttft / MS + 1e-6},tpot_ms={tpot / MS + 1e-6}"), tokenizer=tok, transport=transport)
+                         slo=f"ttft_ms={ttft / MS + 1e-6},tpot_ms={tpot / MS + 1e-6}"),
+                    tokenizer=tok, transport=transport)
     s = res["summary"]
     assert (s["completed"], s["failed"]) == (reqs, 0)
     assert s["total_output_tokens"] == reqs * n
@@ -87,7 +88,8 @@ def test_exact_timings_with_scripted_clock(tok, monkeypatch, endpoint, k, usage)
     monkeypatch.setattr(time, "perf_counter", clock2.perf_counter)
     res = run_bench(_cfg("http://127.0.0.1:9", endpoint=endpoint, max_concurrency=1, num_prompts=reqs,
                          slo=f"ttft_ms={ttft / MS - 0.01:g}"), tokenizer=tok,
-                    transport=ScriptedTransport(Script(ttft_s=ttft, itl_s=itl, tokens_per_chunk=k, usage=usage), clock2))
+                    transport=ScriptedTransport(Script(ttft_s=ttft, itl_s=itl, tokens_per_chunk=k, usage=usage),
+                                                clock2))
     assert res["summary"]["good_requests"] == 0 and res["summary"]["goodput_req_s"] == 0.0
 
 
@@ -120,7 +122,8 @@ def test_goodput_counts_slo_misses(tok):
 def test_failures_counted_with_reasons(tok):
     sc = Script(ttft_s=0.002, itl_s=0.001, fail_every=3, fail_status=503, malformed_every=4, drop_every=5)
     with FakeServer(sc) as srv:
-        res = run_bench(_cfg(srv.base_url, num_prompts=12, max_concurrency=1, workload="fixed:in=4,out=3"), tokenizer=tok)
+        res = run_bench(_cfg(srv.base_url, num_prompts=12, max_concurrency=1, workload="fixed:in=4,out=3"),
+                        tokenizer=tok)
     s = res["summary"]
     # 1-based request numbers: 3,6,9,12 -> 503; 4,8 -> malformed; 5,10 -> dropped (15 would be 503 first)
     assert s["failed"] == 8 and s["completed"] == 4

@@ -87,7 +87,8 @@ def test_sharegpt_dataset(tok, tmp_path):
     data = [{"conversations": [{"from": "human", "value": "alpha bravo charlie"},
                                {"from": "gpt", "value": "delta echo"}]},
             {"conversations": [{"from": "human", "value": "only one turn"}]},
-            {"conversations": [{"from": "human", "value": "golf"}, {"from": "gpt", "value": "hotel india juliet kilo"}]}]
+            {"conversations": [{"from": "human", "value": "golf"},
+                               {"from": "gpt", "value": "hotel india juliet kilo"}]}]
     p = tmp_path / "sg.json"
     p.write_text(json.dumps(data))
     reqs, notes = wl.build_requests(f"sharegpt:{p}", tok, 5, seed=0)
@@ -207,7 +208,8 @@ def _fake_result(rate, ttft):
 
     recs = [_rec(i, ttft + 0.001 * i, 1.0 + 0.01 * i, 20, itl=[0.05] * 19) for i in range(30)]
     return {"schema": RESULT_SCHEMA, "version": RESULT_VERSION,
-            "config": {"request_rate": rate, "max_concurrency": None, "model": "m", "base_url": "u", "endpoint": "chat"},
+            "config": {"request_rate": rate, "max_concurrency": None, "model": "m", "base_url": "u",
+                       "endpoint": "chat"},
             "summary": summarize(recs, 10.0 / rate), "requests": [r.to_dict() for r in recs],
             "energy": {"meter": "none", "joules": None}, "notes": ["a note"]}
 

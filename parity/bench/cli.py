@@ -77,7 +77,8 @@ def register(sub) -> None:
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="per-request timeout in s (default 600)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature sent (default 0)")
     p.add_argument("--no-continuous-usage", action="store_true",
-                   help="do not ask for usage in every chunk (for servers rejecting stream_options.continuous_usage_stats)")
+                   help="do not ask for usage in every chunk "
+                        "(for servers rejecting stream_options.continuous_usage_stats)")
     p.add_argument("--client-workers", type=int, default=1, metavar="N",
                    help="client processes sharing the load (default 1; raise it when the client's CPU is the limit)")
     p.add_argument("--output", default=None, metavar="results.json", help="write the versioned JSON result here")

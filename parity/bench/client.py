@@ -47,8 +47,9 @@ def endpoint_url(base_url: str, endpoint: str) -> str:
 def build_payload(endpoint: str, model: str, req: BenchRequest, *, ignore_eos: bool = False,
                   temperature: float | None = 0.0, continuous_usage: bool = True, extra: dict | None = None) -> dict:
     """JSON body for one request: the prompt, ``max_tokens`` = requested output length, streaming with usage."""
+    stream_options = {"include_usage": True, **({"continuous_usage_stats": True} if continuous_usage else {})}
     body: dict = {"model": model, "stream": True, "max_tokens": int(req.output_tokens),
-                  "stream_options": {"include_usage": True, **({"continuous_usage_stats": True} if continuous_usage else {})}}
+                  "stream_options": stream_options}
     if endpoint == "chat":
         body["messages"] = [{"role": "user", "content": req.prompt}]
     else:
@@ -113,7 +114,8 @@ class _StreamState:
         choices = obj.get("choices")
         if obj.get("error") is not None and not choices:
             err = obj["error"]
-            self.error = f"server error in stream: {str(err.get('message', err) if isinstance(err, dict) else err)[:200]}"
+            msg = err.get("message", err) if isinstance(err, dict) else err
+            self.error = f"server error in stream: {str(msg)[:200]}"
             return
         k_usage = None
         usage = obj.get("usage")
@@ -197,7 +199,8 @@ async def send_request(client: httpx.AsyncClient, url: str, payload: dict, req: 
             ctype = resp.headers.get("content-type", "")
             if ctype and "text/event-stream" not in ctype:
                 body = await resp.aread()
-                rec.ok, rec.error = False, f"malformed SSE: content-type {ctype!r}, expected text/event-stream ({_error_text(body)[:80]})"
+                rec.ok, rec.error = False, (f"malformed SSE: content-type {ctype!r}, expected text/event-stream "
+                                            f"({_error_text(body)[:80]})")
                 return
             buf = b""
             data_lines: list[str] = []

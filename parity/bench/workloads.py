@@ -125,7 +125,8 @@ def parse_workload(spec: str) -> WorkloadSpec:
     if kind == "random":
         ws.convention = kv.get("convention", "vllm").lower()
         if ws.convention not in CONVENTIONS:
-            raise BenchError(f"--workload {spec!r}: convention must be one of {', '.join(CONVENTIONS)}, got {ws.convention!r}")
+            raise BenchError(f"--workload {spec!r}: convention must be one of {', '.join(CONVENTIONS)}, "
+                             f"got {ws.convention!r}")
         try:
             ws.ratio = float(kv.get("ratio", "0"))
         except ValueError:
@@ -137,7 +138,8 @@ def parse_workload(spec: str) -> WorkloadSpec:
     if kind in ("sharegpt", "trace"):
         ws.path = kv.get("path", path)
         if not ws.path:
-            raise BenchError(f"--workload {spec!r}: {kind} needs a file path, e.g. {kind}:data.json{'l' if kind == 'trace' else ''}")
+            example = f"{kind}:data.json{'l' if kind == 'trace' else ''}"
+            raise BenchError(f"--workload {spec!r}: {kind} needs a file path, e.g. {example}")
         if "out" in kv:
             ws.output_len = _int_field(kv, "out", spec)
     return ws
@@ -261,7 +263,8 @@ def _load_trace(path: Path, spec: str) -> list[dict]:
         if not isinstance(t, (int, float)) or t < 0:
             raise BenchError(f"--workload {spec!r}: {path} line {ln}: arrival time must be a number >= 0")
         row = {"arrival_s": float(t), "prompt": obj.get("prompt")}
-        for key, aliases in (("input_len", ("input_len", "input_length")), ("output_len", ("output_len", "output_length"))):
+        for key, aliases in (("input_len", ("input_len", "input_length")),
+                             ("output_len", ("output_len", "output_length"))):
             v = next((obj[a] for a in aliases if a in obj), None)
             if key == "input_len" and v is None and isinstance(row["prompt"], str):
                 row[key] = None
@@ -322,7 +325,8 @@ def build_requests(spec: WorkloadSpec | str, tokenizer: BenchTokenizer, num_prom
         order = rng.permutation(len(pairs))
         n = num_prompts or len(pairs)
         if n > len(pairs):
-            notes.append(f"{path.name}: {len(pairs)} usable conversations, fewer than --num-prompts {n}; using {len(pairs)}")
+            notes.append(f"{path.name}: {len(pairs)} usable conversations, fewer than --num-prompts {n}; "
+                         f"using {len(pairs)}")
             n = len(pairs)
         reqs = []
         for i, j in enumerate(order[:n]):

@@ -248,7 +248,8 @@ class RaplMeter(EnergyMeter):
         j = sum(per)
         return EnergyReading(meter="rapl", joules=j, seconds=dt, avg_watts=j / dt if dt > 0 else None,
                              devices=[d.name for d in self.domains], per_device_j=per, samples=self._n,
-                             method=f"powercap energy_uj counter read every {self.interval_s:g} s, wrap-around added back")
+                             method=f"powercap energy_uj counter read every {self.interval_s:g} s, "
+                                    "wrap-around added back")
 
     def describe(self) -> str:
         return f"rapl ({', '.join(d.name for d in self.domains)})"
@@ -509,6 +510,6 @@ def open_meters(spec: str = "auto", **kw) -> list[EnergyMeter]:
     return out or [NoneMeter("no energy meter readable: " + "; ".join(r1 + r2))]
 
 
-__all__ = ["METERS", "open_meters", "EnergyReading", "EnergyMeter", "NoneMeter", "RaplMeter", "NvmlMeter", "NpuSmiMeter",
-           "open_meter", "counter_delta", "find_rapl_domains", "parse_npu_smi_power", "parse_npu_smi_ids",
-           "integrate_trapezoid"]
+__all__ = ["METERS", "open_meters", "open_meter", "EnergyReading", "EnergyMeter", "NoneMeter", "RaplMeter",
+           "NvmlMeter", "NpuSmiMeter", "counter_delta", "find_rapl_domains", "parse_npu_smi_power",
+           "parse_npu_smi_ids", "integrate_trapezoid"]
