@@ -138,3 +138,21 @@ def test_bad_requests(parity_small):
     from parity.model import build_model
     with pytest.raises(RequestError, match="dtype is 'float8'"):
         build_model(m.config, dtype="float8")
+
+
+@pytest.mark.parametrize("block", [3, 8, 13])
+def test_query_blocks(parity_small, seqs_and_ref, block, one_thread):
+    """The chunk path splits long chunks into query blocks (memory bound); any block size gives the same
+    logits, prefill from 0 and chunks continuing a cache alike."""
+    ids, ref = seqs_and_ref
+    attns = [layer.self_attn for layer in parity_small.model.layers]
+    old = [a.query_block for a in attns]
+    try:
+        for a in attns:
+            a.query_block = block
+        assert (parity_small.forward_logits(ids[:1]) - ref[:1]).abs().max().item() <= TOL
+        out = _run_chunks(parity_small, ids[1], [0, 20, 21, 45, 50])
+        assert (out - ref[1]).abs().max().item() <= TOL
+    finally:
+        for a, q in zip(attns, old):
+            a.query_block = q

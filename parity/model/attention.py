@@ -217,6 +217,9 @@ class Attention(nn.Module):
         self.window, self.groups, self.eps = cfg.sliding_window, cfg.o_groups, cfg.rms_norm_eps
         self.ratio = 0 if layer_type == SLIDING else cfg.compress_rates[layer_type]
         self.scale = cfg.head_dim ** -0.5
+        #: queries per attention block in the chunk (prefill) path; bounds the logits to
+        #: [query_block, heads, query_block + window + entries].
+        self.query_block = max(256, cfg.sliding_window)
         self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
         self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
         self.q_b_proj = nn.Linear(cfg.q_lora_rank, cfg.num_attention_heads * cfg.head_dim, bias=False)
@@ -340,10 +343,7 @@ class Attention(nn.Module):
             if n == 1:
                 continue
             e = s + n
-            keys = [cache.window_read(max(0, p - self.window + 1), p), kv[s:e]]
-            key_pos = torch.arange(p - keys[0].shape[0], p + n, device=x.device)
-            qpos = ctx.positions[s:e]
-            allowed = (key_pos[None, :] <= qpos[:, None]) & (key_pos[None, :] > qpos[:, None] - self.window)
+            ent = ient = None
             if comp is not None:
                 d = comp.d
                 cw = comp.coff * d
@@ -358,28 +358,41 @@ class Attention(nn.Module):
                                           idx.d)
                     new_idx = self._round_index(idx.finish(ni, w0, self.inv_freq, x.dtype), ctx)
                 cache.append_entries(new, new_idx)
-                n_ent = cache.n_entries
-                if n_ent:
+                if cache.n_entries:
                     ent = cache.entries()
-                    vis = torch.arange(n_ent, device=x.device)[None, :] < ((qpos + 1) // comp.ratio)[:, None]
+                    ient = cache.index_keys().float() if idx is not None else None
+            old_start = max(0, p - self.window + 1)
+            old = cache.window_read(old_start, p)  # positions [old_start, p)
+            # Query blocks keep memory O(block * (block + window + entries)) instead of O(n^2).
+            for a in range(0, n, self.query_block):
+                b = min(n, a + self.query_block)
+                t0, t1 = p + a, p + b  # absolute positions of the block's queries: [t0, t1)
+                k0 = max(0, t0 - self.window + 1)
+                keys = []
+                if k0 < p:
+                    keys.append(old[k0 - old_start:])
+                keys.append(kv[s + max(0, k0 - p):s + b])
+                key_pos = torch.arange(k0, t1, device=x.device)
+                qpos = ctx.positions[s + a:s + b]
+                allowed = (key_pos[None, :] <= qpos[:, None]) & (key_pos[None, :] > qpos[:, None] - self.window)
+                n_vis = t1 // comp.ratio if comp is not None else 0  # entries visible to the block's last query
+                if ent is not None and n_vis:
+                    vis = torch.arange(n_vis, device=x.device)[None, :] < ((qpos + 1) // comp.ratio)[:, None]
                     if idx is not None:
-                        keys_i = cache.index_keys().float()
-                        sc = torch.einsum("nhd,ed->nhe", iq[s:e].float(), keys_i).relu()
-                        sc = (sc * iw[s:e, :, None]).sum(dim=1).masked_fill(~vis, float("-inf"))
-                        k = min(idx.topk, n_ent)
+                        sc = torch.einsum("nhd,ed->nhe", iq[s + a:s + b].float(), ient[:n_vis]).relu()
+                        sc = (sc * iw[s + a:s + b, :, None]).sum(dim=1).masked_fill(~vis, float("-inf"))
                         # top-k with ties broken towards the earlier entry: deterministic whatever the
                         # chunking (relu makes exact-zero scores common; torch.topk leaves ties unspecified).
-                        top = torch.sort(sc, dim=-1, descending=True, stable=True).indices[:, :k]
-                        sel = torch.zeros_like(vis).scatter_(1, top, True)
-                        vis = vis & sel
-                    keys.append(ent)
+                        top = torch.sort(sc, dim=-1, descending=True, stable=True).indices[:, :min(idx.topk, n_vis)]
+                        vis = vis & torch.zeros_like(vis).scatter_(1, top, True)
+                    keys.append(ent[:n_vis])
                     allowed = torch.cat([allowed, vis], dim=1)
-            kmat = torch.cat(keys, dim=0).float()
-            logits = torch.einsum("nhd,ld->nhl", q[s:e].float(), kmat) * self.scale
-            logits = logits.masked_fill(~allowed[:, None, :], float("-inf"))
-            sink = self.sinks.float().view(1, -1, 1).expand(n, -1, 1)
-            probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
-            out[s:e] = torch.einsum("nhl,ld->nhd", probs, kmat).to(out.dtype)
+                kmat = torch.cat(keys, dim=0).float()
+                logits = torch.einsum("nhd,ld->nhl", q[s + a:s + b].float(), kmat) * self.scale
+                logits = logits.masked_fill(~allowed[:, None, :], float("-inf"))
+                sink = self.sinks.float().view(1, -1, 1).expand(b - a, -1, 1)
+                probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
+                out[s + a:s + b] = torch.einsum("nhl,ld->nhd", probs, kmat).to(out.dtype)
             cache.window_write(p, kv[s:e])
 
         out = apply_rope(out, cos, sin, inverse=True)
