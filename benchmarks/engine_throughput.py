@@ -43,7 +43,7 @@ def bench_config():
     cfg = load_preset("tiny").replace(
         hidden_size=256, num_hidden_layers=6, num_attention_heads=8, head_dim=64, qk_rope_head_dim=16,
         q_lora_rank=128, o_groups=2, o_lora_rank=64, n_routed_experts=16, num_experts_per_tok=2,
-        moe_intermediate_size=256, index_n_heads=8, index_head_dim=32, index_topk=32, sliding_window=64,
+        moe_intermediate_size=256, index_n_heads=16, index_head_dim=32, index_topk=32, sliding_window=64,
         layer_types=[SLIDING, CSA, HCA, CSA, HCA, CSA], mlp_layer_types=[HASH_MOE] + [MOE] * 5,
         compress_rates={CSA: 4, HCA: 128}, quantization_config=None, expert_dtype=None,
         num_nextn_predict_layers=0, torch_dtype="float32")
@@ -61,6 +61,13 @@ def make_checkpoint(cfg, directory: Path, seed: int = 0):
         d.pop(k, None)
     torch.manual_seed(seed)
     m = DeepseekV4ForCausalLM(DeepseekV4Config(**d)).eval()
+    with torch.no_grad():
+        # Positive indexer head weights (and 16 heads): an entry then scores exactly 0 only when every
+        # head's ReLU is 0, so exact top-k ties, whose order torch.topk leaves unspecified (parity breaks
+        # them by position, docs/numerics.md), stay improbable and both engines pick the same entries.
+        for k, v in m.state_dict().items():
+            if k.endswith("scorer.weights_proj.weight"):
+                v.abs_()
     m.save_pretrained(str(directory))
     return m
 
