@@ -273,6 +273,7 @@ class Attention(nn.Module):
         slot = torch.arange(W, device=dev)
         allowed = (P[:, None] - (P[:, None] - slot[None, :]) % W) >= 0
         keys = [win]
+        sel_k = sel_ok = None
         comp = self.compressor
         if comp is not None:
             ckv, csc = comp_in
@@ -303,15 +304,41 @@ class Attention(nn.Module):
                     sc = torch.einsum("khd,ked->khe", iq[rows].float(), ik).relu()
                     sc = (sc * iw[rows][:, :, None]).sum(dim=1).masked_fill(~vis, float("-inf"))
                     top = torch.sort(sc, dim=-1, descending=True, stable=True).indices[:, : min(idx.topk, n_max)]
-                    vis = vis & torch.zeros_like(vis).scatter_(1, top, True)
-                keys.append(ents)
-                allowed = torch.cat([allowed, vis], dim=1)
-        kmat = torch.cat(keys, dim=1).float()
-        logits = torch.einsum("khd,kld->khl", q[rows].float(), kmat) * self.scale
+                    sel_ok = torch.gather(vis, 1, top)
+                    sel_k = torch.gather(ents, 1, top[:, :, None].expand(-1, -1, ents.shape[-1]))
+                else:
+                    keys.append(ents)
+                    allowed = torch.cat([allowed, vis], dim=1)
+        kmat = torch.cat(keys, dim=1)
+        out[rows] = self._sink_attention(q[rows], kmat, allowed, sel_k, sel_ok).to(out.dtype)
+
+    def _sink_attention(self, q: torch.Tensor, kmat: torch.Tensor, allowed: torch.Tensor,
+                        sel_k: torch.Tensor | None = None, sel_ok: torch.Tensor | None = None) -> torch.Tensor:
+        """Softmax attention with the learned sink, in fp32 (official ``sparse_attn``), K = V.
+
+        q [n, H, D]; kmat [L, D] (shared by the n queries) or [n, L, D]; allowed [n, L] bool;
+        optional per-query selected keys sel_k [n, K, D] with validity sel_ok [n, K] (the CSA top-k
+        entries: gathered rather than masked, so the cost does not grow with the context).
+        Returns [n, H, D] fp32.
+        """
+        qf = q.float()
+        kf = kmat.float()
+        spec = "nhd,ld->nhl" if kf.dim() == 2 else "nhd,nld->nhl"
+        logits = torch.einsum(spec, qf, kf) * self.scale
         logits = logits.masked_fill(~allowed[:, None, :], float("-inf"))
-        sink = self.sinks.float().view(1, -1, 1).expand(k, -1, 1)
-        probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
-        out[rows] = torch.einsum("khl,kld->khd", probs, kmat).to(out.dtype)
+        parts = [logits]
+        if sel_k is not None:
+            sf = sel_k.float()
+            ls = torch.einsum("nhd,nkd->nhk", qf, sf) * self.scale
+            parts.append(ls.masked_fill(~sel_ok[:, None, :], float("-inf")))
+        n = q.shape[0]
+        parts.append(self.sinks.float().view(1, -1, 1).expand(n, -1, 1))
+        probs = torch.cat(parts, dim=-1).softmax(dim=-1)
+        L = logits.shape[-1]
+        o = torch.einsum("nhl,ld->nhd" if kf.dim() == 2 else "nhl,nld->nhd", probs[..., :L], kf)
+        if sel_k is not None:
+            o = o + torch.einsum("nhk,nkd->nhd", probs[..., L:L + sel_k.shape[1]], sf)
+        return o
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, ctx: StepContext, caches: list) -> torch.Tensor:
@@ -376,6 +403,7 @@ class Attention(nn.Module):
                 qpos = ctx.positions[s + a:s + b]
                 allowed = (key_pos[None, :] <= qpos[:, None]) & (key_pos[None, :] > qpos[:, None] - self.window)
                 n_vis = t1 // comp.ratio if comp is not None else 0  # entries visible to the block's last query
+                sel_k = sel_ok = None
                 if ent is not None and n_vis:
                     vis = torch.arange(n_vis, device=x.device)[None, :] < ((qpos + 1) // comp.ratio)[:, None]
                     if idx is not None:
@@ -384,15 +412,13 @@ class Attention(nn.Module):
                         # top-k with ties broken towards the earlier entry: deterministic whatever the
                         # chunking (relu makes exact-zero scores common; torch.topk leaves ties unspecified).
                         top = torch.sort(sc, dim=-1, descending=True, stable=True).indices[:, :min(idx.topk, n_vis)]
-                        vis = vis & torch.zeros_like(vis).scatter_(1, top, True)
-                    keys.append(ent[:n_vis])
-                    allowed = torch.cat([allowed, vis], dim=1)
-                kmat = torch.cat(keys, dim=0).float()
-                logits = torch.einsum("nhd,ld->nhl", q[s + a:s + b].float(), kmat) * self.scale
-                logits = logits.masked_fill(~allowed[:, None, :], float("-inf"))
-                sink = self.sinks.float().view(1, -1, 1).expand(b - a, -1, 1)
-                probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
-                out[s + a:s + b] = torch.einsum("nhl,ld->nhd", probs, kmat).to(out.dtype)
+                        sel_ok = torch.gather(vis, 1, top)
+                        sel_k = ent[top]
+                    else:
+                        keys.append(ent[:n_vis])
+                        allowed = torch.cat([allowed, vis], dim=1)
+                o = self._sink_attention(q[s + a:s + b], torch.cat(keys, dim=0), allowed, sel_k, sel_ok)
+                out[s + a:s + b] = o.to(out.dtype)
             cache.window_write(p, kv[s:e])
 
         out = apply_rope(out, cos, sin, inverse=True)
