@@ -180,3 +180,19 @@ def test_mtp_optional_and_loaded(hf_small, tmp_path, one_thread):
     (ck / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
     with pytest.raises(CheckpointError, match=r"1 missing tensors: model.mtp.0.e_proj.weight"):
         from_pretrained(ck)
+
+
+def test_corrupt_and_missing_shards(hf_small, tmp_path):
+    d = _copy(hf_small[0], tmp_path / "bad")
+    (d / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        from_pretrained(d)
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="has no \\*.safetensors file"):
+        from_pretrained(d)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "gone.safetensors"}}))
+    with pytest.raises(CheckpointError, match="shard 'gone.safetensors' .* does not exist"):
+        from_pretrained(d)
+    (d / "model.safetensors.index.json").write_text("{")
+    with pytest.raises(CheckpointError, match="unreadable index"):
+        from_pretrained(d)
