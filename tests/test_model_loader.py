@@ -196,3 +196,47 @@ def test_corrupt_and_missing_shards(hf_small, tmp_path):
     (d / "model.safetensors.index.json").write_text("{")
     with pytest.raises(CheckpointError, match="unreadable index"):
         from_pretrained(d)
+
+
+def test_mtp_matches_transformers_block_oracle(hf_small, one_thread):
+    """MTP = official MTPBlock. Oracle: a 1-layer transformers model whose layer, hc_head and norm hold the
+    MTP weights, fed (through a pre-hook) x = e_proj(enorm(embed(t+1))) + h_proj(hnorm(h_t)) computed here
+    with plain torch ops."""
+    from test_model_helpers import make_hf_model
+
+    from parity.config import load_config
+    from parity.model import build_model
+
+    cfg = load_config(hf_small[0]).replace(mtp_compress_ratios=[4])
+    model = build_model(cfg, seed=3)
+    mtp = model.model.mtp[0]
+    assert mtp.layer_type == "compressed_sparse_attention"
+    oracle = make_hf_model(0, num_hidden_layers=1, layer_types=["compressed_sparse_attention"], mlp_layer_types=["moe"])
+    sd = {}
+    for k, v in mtp.state_dict().items():
+        if k.startswith("hc_head."):
+            sd["model." + k] = v
+        elif k == "norm.weight":
+            sd["model.norm.weight"] = v
+        elif not k.split(".")[0] in ("e_proj", "h_proj", "enorm", "hnorm"):
+            sd["model.layers.0." + k] = v
+    sd["lm_head.weight"] = model.lm_head.weight
+    sd["model.embed_tokens.weight"] = model.model.embed_tokens.weight
+    missing, unexpected = oracle.load_state_dict(sd, strict=False)
+    assert not unexpected and not missing
+
+    ids = torch.randint(0, 64, (1, 30), generator=torch.Generator().manual_seed(8))
+    _, hidden = model.forward_logits(ids, return_hidden=True)
+    nxt = torch.roll(ids, -1, dims=1)
+    eps = cfg.rms_norm_eps
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    e = rms(model.model.embed_tokens.weight[nxt], mtp.enorm.weight)
+    x = (e @ mtp.e_proj.weight.T)[:, :, None] + rms(hidden, mtp.hnorm.weight) @ mtp.h_proj.weight.T
+    oracle.model.layers[0].register_forward_pre_hook(lambda mod, args: (x.detach(),) + tuple(args[1:]))
+    with torch.no_grad():
+        ref = oracle(input_ids=nxt).logits
+    out = model.mtp_logits(hidden, nxt)
+    assert (out - ref).abs().max().item() <= 1e-4
