@@ -291,28 +291,50 @@ class SequenceCache:
         for t, _, _ in list(self._held.values()):
             self.release(t)
 
-    def demand(self, layout: list[LayoutEntry], num_tokens_after: int) -> dict[int, int]:
+    def demand(self, layout: "list[LayoutEntry] | LayoutGroups", num_tokens_after: int) -> dict[int, int]:
         """New slots (slot bytes -> count) needed to hold `num_tokens_after` tokens, an upper bound.
 
         Fixed components count as needed while this sequence holds none of that (layer, component);
         growing ones as ceil(ceil(tokens / ratio) / block_entries) blocks minus those already held.
+        `layout` may be pre-grouped with `group_layout` (the scheduler does, once).
         """
-        need: dict[int, int] = defaultdict(int)
-        groups: dict[tuple[int, str], list[LayoutEntry]] = defaultdict(list)
-        for e in layout:
-            groups[(e.layer, e.component)].append(e)
-        for key, entries in groups.items():
-            held = self.counts.get(key, 0)
-            if all(not e.growing for e in entries):
-                if held == 0 and num_tokens_after > 0:
-                    for e in entries:
-                        need[_align(e.nbytes)] += e.count
-            else:
-                for e in entries:
-                    n = e.slots_for(num_tokens_after) - held
-                    if n > 0:
-                        need[_align(e.nbytes)] += n
-        return dict(need)
+        groups = layout if isinstance(layout, LayoutGroups) else group_layout(layout)
+        need: dict[int, int] = {}
+        if num_tokens_after <= 0:
+            return need
+        counts = self.counts
+        for key, fixed in groups.fixed:
+            if counts.get(key, 0) == 0:
+                for sb, c in fixed:
+                    need[sb] = need.get(sb, 0) + c
+        for key, e, sb in groups.growing:
+            n = e.slots_for(num_tokens_after) - counts.get(key, 0)
+            if n > 0:
+                need[sb] = need.get(sb, 0) + n
+        return need
+
+
+class LayoutGroups:
+    """A layout grouped per (layer, component) for fast demand estimates (see `group_layout`)."""
+
+    def __init__(self, fixed, growing):
+        self.fixed: list[tuple[tuple[int, str], list[tuple[int, int]]]] = fixed
+        self.growing: list[tuple[tuple[int, str], LayoutEntry, int]] = growing
+
+
+def group_layout(layout: list[LayoutEntry]) -> LayoutGroups:
+    """Group layout entries: fixed (layer, component) groups with their (slot bytes, count), and growing
+    entries with their aligned block bytes."""
+    groups: dict[tuple[int, str], list[LayoutEntry]] = defaultdict(list)
+    for e in layout:
+        groups[(e.layer, e.component)].append(e)
+    fixed, growing = [], []
+    for key, entries in groups.items():
+        if all(not e.growing for e in entries):
+            fixed.append((key, [(_align(e.nbytes), e.count) for e in entries]))
+        else:
+            growing.extend((key, e, _align(e.nbytes)) for e in entries)
+    return LayoutGroups(fixed, growing)
 
 
 def merge_demand(a: dict[int, int], b: dict[int, int]) -> dict[int, int]:

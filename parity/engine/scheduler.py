@@ -20,7 +20,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from parity.engine.cache import CachePool, LayoutEntry, SequenceCache, merge_demand
+from parity.engine.cache import CachePool, LayoutEntry, SequenceCache, group_layout, merge_demand
 from parity.engine.sequence import Sequence, SeqStatus
 
 
@@ -53,6 +53,8 @@ class Scheduler:
                  max_num_batched_tokens: int, new_state, device):
         self.pool = pool
         self.layout = layout
+        self.groups = group_layout(layout)
+        self._empty = SequenceCache(None)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.new_state = new_state
@@ -117,8 +119,8 @@ class Scheduler:
     def _demand(self, seq: Sequence, n: int) -> dict[int, int]:
         if self.pool is None:
             return {}
-        cache = seq.cache if seq.cache is not None else SequenceCache(None)
-        return cache.demand(self.layout, seq.num_computed + n)
+        cache = seq.cache if seq.cache is not None else self._empty
+        return cache.demand(self.groups, seq.num_computed + n)
 
     def _fits(self, demand: dict[int, int]) -> bool:
         return self.pool is None or self.pool.fits(demand)
