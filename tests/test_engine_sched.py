@@ -254,3 +254,12 @@ def test_queue_full(model):
     with pytest.raises(EngineQueueFull, match="max_waiting"):
         eng.add_request([4], GREEDY.clone())
     assert isinstance(EngineQueueFull("x"), RequestError)
+
+
+def test_logprobs_end_to_end(model, refs):
+    out = make(model).generate(prompt_token_ids=[PROMPTS[0]], sampling_params=SamplingParams(
+        temperature=0.0, max_tokens=14, ignore_eos=True, logprobs=2))[0].outputs[0]
+    assert out.token_ids == refs[0] and len(out.logprobs) == 14
+    assert [lp.token_id for lp in out.logprobs] == out.token_ids
+    assert all(lp.rank == 1 and len(lp.top) == 2 and lp.top[0][0] == lp.token_id for lp in out.logprobs)
+    assert abs(out.cumulative_logprob - sum(lp.logprob for lp in out.logprobs)) < 1e-9
