@@ -142,3 +142,20 @@ def test_default_model_text_prompts_stop_strings_and_fp8_batching():
     assert res.outputs[0].text == expect and res.outputs[0].finish_reason == "stop"
     assert res.outputs[0].stop_reason == stop
     assert eng.stats()["cache_used_bytes"] == 0
+
+
+def test_fp8_cache_holds_about_twice_the_tokens():
+    """Issue 8: the pool is sized from the chosen KV dtype; a bf16 model's fp8 cache (1-byte non-RoPE
+    values + block scales) fits about twice as many tokens in the same budget."""
+    from parity.engine import EngineArgs, LLMEngine
+
+    cfg = load_preset("tiny").replace(vocab_size=512, sliding_window=8, compress_rates={CSA: 4, HCA: 16},
+                                      index_topk=2)
+    m = build_model(cfg, device="cpu", dtype=torch.bfloat16, seed=0)
+    caps = {}
+    for kv in ("bf16", "fp8"):
+        eng = LLMEngine(EngineArgs(device="cpu", cache_memory=2 << 20, kv_cache_dtype=kv, max_model_len=65536),
+                        model=m, tokenizer=None)
+        caps[kv] = eng.token_capacity()
+        assert 0 < caps[kv] < 65536
+    assert 1.5 < caps["fp8"] / caps["bf16"] < 2.5, caps

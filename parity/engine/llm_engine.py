@@ -170,6 +170,21 @@ class LLMEngine:
         d = SequenceCache(None).demand(self.layout, num_tokens)
         return sum(math.ceil(n / (self.pool.page_bytes // sb)) for sb, n in d.items())
 
+    def token_capacity(self, limit: int | None = None) -> int:
+        """Most tokens one sequence can hold in the empty pool (binary search on `pages_needed`),
+        capped at `limit` (default max_model_len). Without a pool: the limit."""
+        hi = int(limit or self.max_model_len)
+        if self.pool is None or self.pages_needed(hi) <= self.pool.num_pages:
+            return hi
+        lo = 0
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.pages_needed(mid) <= self.pool.num_pages:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
     def _fits_empty_pool(self, num_tokens: int) -> bool:
         return self.pool is None or self.pages_needed(num_tokens) <= self.pool.num_pages
 
