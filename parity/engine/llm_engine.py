@@ -108,8 +108,10 @@ class LLMEngine:
             model, model_dir = load_model(args.model, self.device, self.dtype, args.seed)
         else:
             p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-            self.device = p.device if p is not None else devices.resolve(args.device)
-            self.dtype = p.dtype if p is not None else torch.float32
+            dev = getattr(model, "device", None) or (p.device if p is not None else devices.resolve(args.device))
+            self.device = torch.device(dev)
+            dt = getattr(model, "dtype", None)
+            self.dtype = dt if isinstance(dt, torch.dtype) else (p.dtype if p is not None else torch.float32)
         self.model = model
         self.config = model.config
         if hasattr(model, "eval"):
