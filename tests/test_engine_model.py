@@ -159,3 +159,12 @@ def test_fp8_cache_holds_about_twice_the_tokens():
         caps[kv] = eng.token_capacity()
         assert 0 < caps[kv] < 65536
     assert 1.5 < caps["fp8"] / caps["bf16"] < 2.5, caps
+
+
+def test_seeded_sampling_reproducible_in_any_batch(model, prompts):
+    sp = SamplingParams(temperature=0.8, top_p=0.95, top_k=50, max_tokens=8, seed=11, ignore_eos=True)
+    other = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
+    alone = make(model).generate(prompt_token_ids=[prompts[0]], sampling_params=sp)[0].outputs[0].token_ids
+    mixed = make(model, max_num_batched_tokens=13).generate(prompt_token_ids=[prompts[1], prompts[0]],
+                                                            sampling_params=[other, sp])
+    assert mixed[1].outputs[0].token_ids == alone
