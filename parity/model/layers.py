@@ -225,6 +225,11 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
 
+    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [2I, H], down [H, I]) of expert `e` in `dtype`. Quantized subclasses override this
+        (dequantizing only the experts a step uses); the dispatch in `forward` is shared."""
+        return self.gate_up_proj[e].to(dtype), self.down_proj[e].to(dtype)
+
     def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         flat_ids = expert_ids.reshape(-1)
@@ -238,12 +243,11 @@ class Experts(nn.Module):
             if c == 0:
                 continue
             tok = tok_sorted[start:start + c]
-            x = hidden[tok]
-            gu = F.linear(x, self.gate_up_proj[e])
+            gu_w, dn_w = self.expert_weights(e, hidden.dtype)
+            gu = F.linear(hidden[tok], gu_w)
             h = swiglu(gu[:, :self.inter], gu[:, self.inter:], self.limit)
             h = h * w_sorted[start:start + c, None]
-            y = F.linear(h.to(hidden.dtype), self.down_proj[e])
-            out.index_add_(0, tok, y.float())
+            out.index_add_(0, tok, F.linear(h.to(hidden.dtype), dn_w).float())
             start += c
         return out
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parity.model import fp_formats as ff
+from parity.model.layers import Experts
 
 #: Largest number of weight elements an FP8 linear dequantizes at once on the fallback path
 #: (16 Mi elements = 64 MiB in fp32); chosen to bound transient memory, not a format constant.
@@ -250,28 +251,8 @@ class FP4Experts(nn.Module):
         """Bytes held by the packed weights and scales."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
-    def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        from parity.model.layers import swiglu
-
-        out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        k = expert_ids.shape[1]
-        flat_ids = expert_ids.reshape(-1)
-        order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.n_experts).tolist()
-        tok_sorted = order // k
-        w_sorted = weights.reshape(-1)[order]
-        start = 0
-        for e, c in enumerate(counts):
-            if c == 0:
-                continue
-            tok = tok_sorted[start:start + c]
-            gu_w, dn_w = self.expert_weights(e, hidden.dtype)
-            gu = F.linear(hidden[tok], gu_w)
-            h = swiglu(gu[:, :self.inter], gu[:, self.inter:], self.limit)
-            h = h * w_sorted[start:start + c, None]
-            out.index_add_(0, tok, F.linear(h.to(hidden.dtype), dn_w).float())
-            start += c
-        return out
+    # the token -> expert dispatch is shared with the plain experts module; only expert_weights differs
+    forward = Experts.forward
 
 
 def quantized_nbytes(model: nn.Module) -> int:
