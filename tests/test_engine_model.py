@@ -145,20 +145,28 @@ def test_default_model_text_prompts_stop_strings_and_fp8_batching():
 
 
 def test_fp8_cache_holds_about_twice_the_tokens():
-    """Issue 8: the pool is sized from the chosen KV dtype; a bf16 model's fp8 cache (1-byte non-RoPE
-    values + block scales) fits about twice as many tokens in the same budget."""
+    """Issue 8: the pool is sized from the chosen cache dtypes; a bf16 model's fp8 cache (1-byte non-RoPE
+    values + block scales) with the fp4 indexer (keys packed as e2m1 codes + UE8M0 scales) fits about twice
+    as many tokens in the same budget; fp8 KV alone (indexer keys in bf16) somewhat fewer."""
     from parity.engine import EngineArgs, LLMEngine
 
     cfg = load_preset("tiny").replace(vocab_size=512, sliding_window=8, compress_rates={CSA: 4, HCA: 16},
                                       index_topk=2)
     m = build_model(cfg, device="cpu", dtype=torch.bfloat16, seed=0)
-    caps = {}
-    for kv in ("bf16", "fp8"):
+    caps, growth = {}, {}
+    for kv, ix in (("bf16", "bf16"), ("fp8", "bf16"), ("fp8", "fp4")):
+        m.indexer_dtype = ix  # the engine follows the model's indexer mode (layout and states alike)
         eng = LLMEngine(EngineArgs(device="cpu", cache_memory=2 << 20, kv_cache_dtype=kv, max_model_len=65536),
                         model=m, tokenizer=None)
-        caps[kv] = eng.token_capacity()
-        assert 0 < caps[kv] < 65536
-    assert 1.5 < caps["fp8"] / caps["bf16"] < 2.5, caps
+        caps[kv, ix] = eng.token_capacity()
+        assert 0 < caps[kv, ix] < 65536
+        growth[kv, ix] = sum(e.nbytes / e.block_entries / e.ratio for e in eng.layout if e.growing)
+    m.indexer_dtype = "bf16"
+    base = caps["bf16", "bf16"]
+    assert 1.5 < caps["fp8", "bf16"] / base < 1.8, caps
+    # per CSA entry: KV 128 -> 82 bytes, index key 64 -> 16 + 1 bytes; bytes per token of growth 104 -> 54.625
+    assert growth["bf16", "bf16"] == 104 and growth["fp8", "fp4"] == 54.625, growth
+    assert 1.9 < caps["fp8", "fp4"] / base < 2.5, caps
 
 
 def test_seeded_sampling_reproducible_in_any_batch(model, prompts):

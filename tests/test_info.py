@@ -8,7 +8,7 @@ import pytest
 
 from parity.cli import main
 from parity.config import load_preset
-from parity.plan.params import cache_size, count_params, vector_bytes
+from parity.plan.params import cache_size, count_params, index_key_bytes, vector_bytes
 
 
 def test_v4_flash_total_is_284b_and_pro_about_1_6t():
@@ -45,6 +45,14 @@ def test_fp8_cache_bytes_follow_official_layout():
     n = 1 << 20
     assert bf16.total_bytes(n) == pytest.approx(bf16.fixed_bytes + n * bf16.per_token_growth_bytes, rel=1e-3)
     assert bf16.total_bytes(0) == sum(lay["state_bytes"] for lay in bf16.layers)
+
+
+def test_fp8_cache_stores_indexer_keys_as_fp4():
+    # fp8 mode = the official numerics: indexer keys packed as FP4 e2m1 (64 bytes) + 4 UE8M0 scales,
+    # as the engine's cache layout stores them (parity.model.numerics.IndexCodec)
+    assert index_key_bytes(128, "fp8") == 64 + 4 and index_key_bytes(128, "bf16") == 256
+    fp8 = cache_size(load_preset("v4-flash"), "fp8")
+    assert fp8.per_token_growth_bytes == pytest.approx(21 * (583 + 68) / 4 + 20 * 583 / 128)
 
 
 def test_info_cli_json_and_errors(capsys):

@@ -146,6 +146,46 @@ def test_fp8_cache_halves_bytes(q8, one_thread):
     assert per_token("fp8") < 0.7 * per_token("bf16")
 
 
+def test_fp4_index_keys_stored_packed(q8, one_thread):
+    """indexer_dtype="fp4": indexer keys are cached as packed e2m1 codes + one UE8M0 byte per 32 values and
+    read back as exactly the official rounded keys (bit for bit, so logits cannot move)."""
+    from parity.config import load_preset
+    from parity.model.model import V4ForCausalLM
+    from parity.model.numerics import IndexCodec, fp4_round, hadamard
+
+    g = torch.Generator().manual_seed(3)
+    for dt in (torch.float32, torch.bfloat16):
+        for d in (16, 32, 128):  # a short padded block, one block, four blocks
+            x = (torch.randn(300, d, generator=g) * torch.logspace(-6, 3, 300)[:, None]).to(dt)
+            x[0] = 0.0
+            x[1, ::3] = -0.0
+            codec = IndexCodec(d, dt, fp4=True)
+            h = hadamard(x)
+            rows = codec.encode(h)
+            assert rows.dtype == torch.uint8 and rows.shape == (300, -(-d // 2) + -(-d // 32))
+            want = fp4_round(h)
+            for got in (codec.decode(rows), codec.decode(codec.encode(want))):  # already-rounded keys too
+                assert got.dtype == dt and torch.equal(got.float().view(torch.int32), want.float().view(torch.int32))
+    model = q8[0]
+    st16, st4 = model.new_state(kv_cache_dtype="fp8"), model.new_state(kv_cache_dtype="fp8", indexer_dtype="fp4")
+    ids = q8[1][0]
+    model.forward_incremental([ids], [st16], kv_cache_dtype="fp8")
+    model.forward_incremental([ids], [st4], kv_cache_dtype="fp8", indexer_dtype="fp4")
+    ik4, ik16 = ({e["layer"]: e["bytes"] for e in model.cache_layout("fp8", ix) if e["component"] == "index_keys"}
+                 for ix in ("fp4", "bf16"))
+    blocks = {i: len(st4.layers[i].idx_blocks) for i in ik4}  # the layout's block bytes are what is allocated
+    assert st16.nbytes() - st4.nbytes() == sum(blocks[i] * (ik16[i] - ik4[i]) for i in ik4) > 0
+    with torch.device("meta"):
+        flash = V4ForCausalLM(load_preset("v4-flash")).to_dtype(torch.bfloat16)
+    ik = [e for e in flash.cache_layout("fp8", "fp4") if e["component"] == "index_keys"][0]
+    assert ik["dtype"] == "uint8" and ik["bytes"] == 64 * 68  # 128 codes / 2 + 4 scales vs 256 in bf16
+
+    def growth(kv, ix):  # bytes per token of context growth, summed over layers
+        return sum(e["bytes"] / e["entries"] / e["tokens_per_entry"] for e in flash.cache_layout(kv, ix)
+                   if e["kind"] == "growing")
+    assert growth("bf16", "bf16") == 6880 and growth("fp8", "fp4") == 3514.25  # 1.96x the tokens
+
+
 # ---------------------------------------------------------------- shared-expert clamp (issue 8 step 3)
 def test_shared_expert_clamp(tmp_path, one_thread):
     from parity.model import from_pretrained

@@ -6,7 +6,7 @@ Public API (see docs/numerics.md):
     model.forward_logits(input_ids[B, S]) -> [B, S, vocab]
     model.new_state(allocator=None) -> SequenceState
     model.forward_incremental(tokens, states, all_logits=False)
-    model.cache_layout(kv_cache_dtype="bf16") -> list[dict]
+    model.cache_layout(kv_cache_dtype="bf16", indexer_dtype=None) -> list[dict]
 
 torch is imported lazily so that `import parity.model` stays cheap for the CLI.
 """

@@ -250,6 +250,16 @@ class Attention(nn.Module):
         from parity.model.numerics import fp4_round_index
         return fp4_round_index(x)
 
+    @staticmethod
+    def _rotate_index_keys(x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """New compressed indexer keys as the cache takes them: Hadamard-rotated with the FP4 indexer
+        (identity otherwise). The FP4 rounding itself happens as the cache packs them
+        (`numerics.IndexCodec.encode`); read back, they are exactly `fp4_round_index` of x."""
+        if not ctx.index_fp4:
+            return x
+        from parity.model.numerics import hadamard
+        return hadamard(x)
+
     # ------------------------------------------------------------------ decode step (n_i = 1), batched
     def _decode_step(self, single: list[int], ctx: StepContext, caches: list, q, kv, out, comp_in, idx_in) -> None:
         """Attention for the sequences that add exactly one token this step, batched over them.
@@ -291,8 +301,8 @@ class Attention(nn.Module):
             if emit.numel():
                 wid = P[emit] // ratio
                 ent = self._round_kv(comp.finish(ent, wid, self.inv_freq, kv.dtype), ctx)
-                ient = self._round_index(idx.finish(ient, wid, self.inv_freq, kv.dtype), ctx) if idx is not None \
-                    else None
+                ient = self._rotate_index_keys(idx.finish(ient, wid, self.inv_freq, kv.dtype), ctx) \
+                    if idx is not None else None
                 for j, i in enumerate(emit.tolist()):
                     cs[i].append_entries(ent[j:j + 1], ient[j:j + 1] if ient is not None else None)
             n_max = max(c.n_entries for c in cs)
@@ -383,7 +393,7 @@ class Attention(nn.Module):
                 if idx is not None:
                     ni = compress_windows(st[0, :, cw:], st[1, :, cw:], ikv[s:e], isc[s:e], p, idx.ratio, True,
                                           idx.d)
-                    new_idx = self._round_index(idx.finish(ni, w0, self.inv_freq, x.dtype), ctx)
+                    new_idx = self._rotate_index_keys(idx.finish(ni, w0, self.inv_freq, x.dtype), ctx)
                 cache.append_entries(new, new_idx)
                 if cache.n_entries:
                     ent = cache.entries()

@@ -13,7 +13,9 @@ Per sequence and main layer (see ../shared/DESIGN.md "Caches of DeepSeek-V4"):
   ``score_state``).
 - ``compressed_kv`` (growing, CSA/HCA): one entry per ``ratio`` tokens, allocated in blocks of
   ``block_entries`` entries ``[block_entries, head_dim]``.
-- ``index_keys`` (growing, CSA only): the indexer's compressed keys ``[block_entries, index_head_dim]``.
+- ``index_keys`` (growing, CSA only): the indexer's compressed keys ``[block_entries, index_head_dim]``
+  in the model dtype, or packed FP4 rows ``[block_entries, index_head_dim / 2 + index_head_dim / 32]``
+  uint8 with ``indexer_dtype="fp4"`` (see `parity.model.numerics.IndexCodec`).
 
 Storage comes from a `CacheAllocator` so the engine can carve it out of a preallocated pool.
 """
@@ -58,15 +60,15 @@ class LayerCache:
     """Cache of one sequence in one layer (see module docstring). Internal to `parity.model`."""
 
     __slots__ = ("layer", "ratio", "window", "comp_state", "comp_blocks", "idx_blocks", "n_entries", "_alloc",
-                 "block_entries", "head_dim", "index_head_dim", "codec", "idx_dtype")
+                 "block_entries", "head_dim", "index_head_dim", "codec", "icodec")
 
     def __init__(self, layer: int, ratio: int, window: int, head_dim: int, index_head_dim: int, csa: bool,
-                 block_entries: int, codec, idx_dtype: torch.dtype, alloc: CacheAllocator):
+                 block_entries: int, codec, icodec, alloc: CacheAllocator):
         """codec: a `parity.model.numerics.KVCodec` (how window / compressed KV rows are stored);
-        idx_dtype: storage dtype of the indexer keys."""
+        icodec: a `parity.model.numerics.IndexCodec` (how indexer keys are stored)."""
         self.layer, self.ratio, self._alloc = layer, ratio, alloc
         self.block_entries, self.head_dim, self.index_head_dim = block_entries, head_dim, index_head_dim
-        self.codec, self.idx_dtype = codec, idx_dtype
+        self.codec, self.icodec = codec, icodec
         width, sdtype = codec.storage
         self.window = alloc.alloc(layer, "window_kv", (window, width), sdtype)
         self.window.zero_()  # unwritten slots are masked, but must not hold NaN/inf bytes (0 * NaN = NaN)
@@ -116,13 +118,14 @@ class LayerCache:
             i += take
 
     def append_entries(self, kv: torch.Tensor, index_keys: torch.Tensor | None) -> None:
-        """Append new compressed entries kv [m, head_dim] (and index keys [m, index_head_dim] on CSA)."""
+        """Append new compressed entries kv [m, head_dim] (and index keys [m, index_head_dim] on CSA, in
+        the form `IndexCodec.encode` takes: Hadamard-rotated, not yet FP4-rounded, with the FP4 indexer)."""
         m = kv.shape[0]
         if m == 0:
             return
         self._append(self.comp_blocks, "compressed_kv", self.codec.encode(kv), self.n_entries)
         if self.idx_blocks is not None and index_keys is not None:
-            self._append(self.idx_blocks, "index_keys", index_keys.to(self.idx_dtype), self.n_entries)
+            self._append(self.idx_blocks, "index_keys", self.icodec.encode(index_keys), self.n_entries)
         self.n_entries += m
 
     def entries(self) -> torch.Tensor:
@@ -132,10 +135,10 @@ class LayerCache:
         return self.codec.decode(torch.cat(self.comp_blocks, dim=0)[: self.n_entries])
 
     def index_keys(self) -> torch.Tensor:
-        """All indexer keys so far, [n_entries, index_head_dim]."""
+        """All indexer keys so far, [n_entries, index_head_dim] in the model dtype (decoded)."""
         if not self.idx_blocks:
-            return torch.empty((0, self.index_head_dim), dtype=self.idx_dtype, device=self.window.device)
-        return torch.cat(self.idx_blocks, dim=0)[: self.n_entries]
+            return torch.empty((0, self.index_head_dim), dtype=self.icodec.dtype, device=self.window.device)
+        return self.icodec.decode(torch.cat(self.idx_blocks, dim=0)[: self.n_entries])
 
     # ------------------------------------------------------------------ accounting
     def tensors(self) -> list[torch.Tensor]:

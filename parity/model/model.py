@@ -17,7 +17,7 @@ from parity.errors import ConfigError, RequestError
 from parity.model.attention import Attention, StepContext
 from parity.model.cache import CacheAllocator, LayerCache, SequenceState, TorchAllocator
 from parity.model.layers import HyperConnection, HyperHead, MoE, RMSNorm, rope_cos_sin, rope_inv_freq
-from parity.model.numerics import KVCodec
+from parity.model.numerics import IndexCodec, KVCodec
 
 KV_CACHE_DTYPES = ("bf16", "fp8")
 INDEXER_DTYPES = ("bf16", "fp4")
@@ -185,14 +185,15 @@ class V4ForCausalLM(nn.Module):
             allocator: storage for the cache tensors; None = plain ``torch.empty`` on the model device.
             kv_cache_dtype: "bf16" (unrounded, stored in the model dtype) or "fp8" (official FP8 rounding,
                 stored packed, see `parity.model.numerics.KVCodec`); default: the model's ``kv_cache_dtype``.
-            indexer_dtype: "bf16" or "fp4"; default: the model's ``indexer_dtype``.
+            indexer_dtype: "bf16" or "fp4" (official Hadamard + FP4 rounding; indexer keys stored packed, see
+                `parity.model.numerics.IndexCodec`); default: the model's ``indexer_dtype``.
             The state must later be run with the same modes.
         Raises:
             RequestError: unknown kv_cache_dtype / indexer_dtype.
         """
         fp8, fp4 = self._modes(kv_cache_dtype, indexer_dtype)
         alloc = allocator if allocator is not None else TorchAllocator(self.device)
-        st = SequenceState([self._layer_cache(i, layer.layer_type, fp8, alloc)
+        st = SequenceState([self._layer_cache(i, layer.layer_type, fp8, fp4, alloc)
                             for i, layer in enumerate(self.model.layers)], alloc)
         st.kv_fp8, st.index_fp4 = fp8, fp4
         return st
@@ -201,14 +202,19 @@ class V4ForCausalLM(nn.Module):
         cfg = self.config
         return KVCodec(cfg.head_dim, cfg.qk_rope_head_dim, self.dtype, fp8)
 
-    def _layer_cache(self, index: int, layer_type: str, fp8: bool, alloc) -> LayerCache:
+    def _index_codec(self, fp4: bool) -> IndexCodec:
+        return IndexCodec(self.config.index_head_dim, self.dtype, fp4)
+
+    def _layer_cache(self, index: int, layer_type: str, fp8: bool, fp4: bool, alloc) -> LayerCache:
         cfg = self.config
         ratio = 0 if layer_type == SLIDING else cfg.compress_rates[layer_type]
         return LayerCache(index, ratio, cfg.sliding_window, cfg.head_dim, cfg.index_head_dim, layer_type == CSA,
-                          self.cache_block_entries, self._codec(fp8), self.dtype, alloc)
+                          self.cache_block_entries, self._codec(fp8), self._index_codec(fp4), alloc)
 
-    def cache_layout(self, kv_cache_dtype: str = "bf16") -> list[dict]:
-        """Per layer and component: what one sequence's cache needs.
+    def cache_layout(self, kv_cache_dtype: str = "bf16", indexer_dtype: str | None = None) -> list[dict]:
+        """Per layer and component: what one sequence's cache needs (as `new_state` with the same modes
+        allocates it; ``indexer_dtype`` defaults to the model's, like `new_state`: "fp4" stores the
+        indexer keys as packed FP4 rows).
 
         Returns a list of dicts with keys ``layer``, ``component`` ("window_kv", "compressor_state",
         "compressed_kv", "index_keys"), ``kind`` ("fixed": allocated once per sequence; "growing":
@@ -217,11 +223,12 @@ class V4ForCausalLM(nn.Module):
         window, the compression ratio for compressed components) and ``entries`` (rows of the tensor).
         A growing block of ``block_entries`` entries covers ``block_entries * tokens_per_entry`` tokens.
         """
-        fp8, _ = self._modes(kv_cache_dtype, None)
+        fp8, fp4 = self._modes(kv_cache_dtype, indexer_dtype)
         cfg = self.config
         width, kvd = self._codec(fp8).storage
         esize = torch.empty(0, dtype=kvd).element_size()
-        isize = torch.empty(0, dtype=self.dtype).element_size()
+        iwidth, idt = self._index_codec(fp4).storage
+        isize = torch.empty(0, dtype=idt).element_size()
         out = []
         for i, layer in enumerate(self.model.layers):
             t = layer.layer_type
@@ -243,7 +250,7 @@ class V4ForCausalLM(nn.Module):
                 add("compressor_state", "fixed", (2, coff * r, state_width), torch.float32, 4, 1)
                 add("compressed_kv", "growing", (B, width), kvd, esize, r)
                 if t == CSA:
-                    add("index_keys", "growing", (B, ID), self.dtype, isize, r)
+                    add("index_keys", "growing", (B, iwidth), idt, isize, r)
         return out
 
     # ------------------------------------------------------------------ forward
@@ -388,7 +395,7 @@ class V4ForCausalLM(nn.Module):
         x = mtp.e_proj(e).unsqueeze(1) + mtp.h_proj(mtp.hnorm(h))
         t = mtp.layer_type
         alloc = TorchAllocator(dev)
-        caches = [self._layer_cache(cfg.num_hidden_layers + depth, t, kv_fp8, alloc) for _ in range(B)]
+        caches = [self._layer_cache(cfg.num_hidden_layers + depth, t, kv_fp8, index_fp4, alloc) for _ in range(B)]
         positions = torch.arange(S, device=dev).repeat(B)
         m = self.model
         ctx = StepContext(positions, ids, [(b * S, S, 0) for b in range(B)],

@@ -9,7 +9,8 @@
    rounded through FP4 e2m1 in blocks of 32 with UE8M0 scales (``fp4_act_quant(x, 32, True)``).
 
 The rounding primitives are the codecs of `parity.model.fp_formats` (hand-value tested there). Here:
-how the model applies them, plus the packed FP8 cache row format used by ``kv_cache_dtype="fp8"``.
+how the model applies them, plus the packed cache row formats: FP8 KV rows (``kv_cache_dtype="fp8"``,
+`KVCodec`) and FP4 indexer-key rows (``indexer_dtype="fp4"``, `IndexCodec`).
 Where the head's non-RoPE width is not a multiple of 64 (small test models), the last block is
 shorter (zero padding does not change a block's amax), the official code asserts it never happens.
 The official code runs these steps on bf16 tensors; in a float32 model parity runs them in float32.
@@ -134,3 +135,50 @@ class KVCodec:
         s = rows[:, rb + self.nope:rb + self.nope + self.nblocks].contiguous().view(ff.SCALE_DTYPE)
         nope = ff.dequantize_fp8_lastdim(q.view(torch.float8_e4m3fn), s, self.dtype)[:, :self.nope]
         return torch.cat([nope, rope], dim=-1)
+
+
+class IndexCodec:
+    """How the lightning indexer's compressed keys ([n, index_head_dim]) are stored in the cache.
+
+    ``fp4=False``: stored as is, in the compute dtype (row = index_head_dim values).
+    ``fp4=True``: one uint8 row per key: ``[FP4 e2m1 codes, two per byte (low nibble first, `fp_formats.
+    fp4_pack`) | one UE8M0 scale byte per block of 32]`` - e.g. V4-Flash (index_head_dim 128):
+    64 + 4 = 68 bytes instead of 256 in bf16. ``encode`` takes the Hadamard-rotated keys (official
+    ``rotate_activation``) and does the FP4 rounding itself (``fp4_act_quant(x, 32, True)``);
+    ``decode`` returns exactly `fp4_round` of them (same operations, bit for bit), so the stored keys
+    are the official rounded keys, losslessly packed. Keys that are already rounded encode to the same
+    values (re-rounding an FP4-rounded block is exact in float32/bf16).
+    A last block shorter than 32 (index_head_dim < 32, test models only) is zero padded, as in `fp4_round`.
+    """
+
+    def __init__(self, index_head_dim: int, dtype: torch.dtype, fp4: bool):
+        self.dim, self.dtype, self.fp4 = index_head_dim, dtype, fp4
+        self.nblocks = -(-index_head_dim // FP4_BLOCK)
+        self.code_bytes = -(-index_head_dim // 2)
+        self.row_bytes = self.code_bytes + self.nblocks
+
+    @property
+    def storage(self) -> tuple[int, torch.dtype]:
+        """(row width, storage dtype) of one stored key."""
+        return (self.row_bytes, torch.uint8) if self.fp4 else (self.dim, self.dtype)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Keys [n, index_head_dim] (rotated, when fp4) -> stored rows [n, width]."""
+        if not self.fp4:
+            return x.to(self.dtype)
+        xp, _ = _padded(x, FP4_BLOCK)
+        codes, s = ff.quantize_fp4_lastdim(xp, FP4_BLOCK)
+        return torch.cat([ff.fp4_pack(codes)[:, :self.code_bytes], s.view(torch.uint8)], dim=-1)
+
+    def decode(self, rows: torch.Tensor) -> torch.Tensor:
+        """Stored rows [n, width] -> keys [n, index_head_dim] in the compute dtype."""
+        if not self.fp4:
+            return rows
+        n = rows.shape[0]
+        packed = rows[:, :self.code_bytes]
+        full = self.nblocks * FP4_BLOCK // 2
+        if full > self.code_bytes:
+            packed = torch.nn.functional.pad(packed, (0, full - self.code_bytes))
+        vals = ff.fp4_e2m1_decode(ff.fp4_unpack(packed)).view(n, self.nblocks, FP4_BLOCK)
+        s = ff.ue8m0_decode(rows[:, self.code_bytes:].contiguous())
+        return (vals * s[..., None]).flatten(-2).to(self.dtype)[:, :self.dim]

@@ -105,7 +105,7 @@ class V4Arch:
         b = min(ctx, c.sliding_window) * kv
         if kind == "csa":
             m = c.compress_rates[CSA]
-            ik = P.vector_bytes(c.index_head_dim, min(c.qk_rope_head_dim, c.index_head_dim), kv_dtype)
+            ik = P.index_key_bytes(c.index_head_dim, kv_dtype)
             b += min(ctx / m, c.index_topk) * kv + (ctx / m) * ik
         elif kind == "hca":
             b += ctx / c.compress_rates[HCA] * kv
@@ -117,7 +117,7 @@ class V4Arch:
         c = self.cfg
         kv = P.vector_bytes(c.head_dim, c.qk_rope_head_dim, kv_dtype)
         if kind == "csa":
-            ik = P.vector_bytes(c.index_head_dim, min(c.qk_rope_head_dim, c.index_head_dim), kv_dtype)
+            ik = P.index_key_bytes(c.index_head_dim, kv_dtype)
             return kv + (kv + ik) / c.compress_rates[CSA]
         if kind == "hca":
             return kv + kv / c.compress_rates[HCA]

@@ -23,7 +23,15 @@ Bytes per cached vector of width d with r = qk_rope_head_dim RoPE dims:
 - bf16 cache: 2*d;
 - fp8 cache: (d - r) FP8 e4m3 bytes + (d - r)/64 one-byte UE8M0 scales + 2*r bytes of bf16 RoPE dims
   (official `inference/model.py`: `act_quant(kv[..., :-rd], 64, scale_fmt, ...)` on the non-RoPE part,
-  RoPE dims left in bf16 "for positional precision"). Indexer keys use the same rule.
+  RoPE dims left in bf16 "for positional precision").
+Bytes per cached indexer key of width d (`index_key_bytes`):
+- bf16 cache: 2*d;
+- fp8 cache (the official numerics, which pair the fp8 KV cache with the fp4 indexer): d/2 bytes of
+  packed FP4 e2m1 codes + d/32 one-byte UE8M0 scales. The official code rotates the indexer keys
+  (`rotate_activation`) and rounds them through `fp4_act_quant(x, 32, True)`, so nothing finer than
+  FP4 + a block scale survives (the official code keeps those values in a bf16 buffer); parity's engine
+  stores them packed (`parity.model.numerics.IndexCodec`, e.g. 64 + 4 = 68 bytes for index_head_dim 128),
+  and this figure matches its layout. (The engine's fp8 KV row has one more padding byte than `vector_bytes`.)
 Compressor state stays fp32 in both (it is small and bounded).
 """
 
@@ -35,6 +43,8 @@ from parity.config import CSA, HCA, HASH_MOE, SLIDING, ModelConfig
 
 #: Values per UE8M0 scale in the fp8 KV cache (official inference/model.py: act_quant block 64).
 FP8_CACHE_BLOCK = 64
+#: Values per UE8M0 scale of the FP4 indexer keys (official inference/model.py: fp4_act_quant block 32).
+FP4_INDEX_BLOCK = 32
 
 
 # ----------------------------------------------------------------------------- parameter counts
@@ -202,6 +212,20 @@ def vector_bytes(width: int, rope_dims: int, cache_dtype: str) -> float:
     raise ValueError(f"cache dtype {cache_dtype!r}: expected 'bf16' or 'fp8'")
 
 
+def index_key_bytes(width: int, cache_dtype: str) -> float:
+    """Bytes to cache one lightning-indexer key of `width` values ('fp8' = the official numerics: the
+    key stored as packed FP4 e2m1 codes plus one UE8M0 scale byte per 32 values, as parity's engine does).
+
+    Raises:
+        ValueError: unknown cache_dtype (expected 'bf16' or 'fp8').
+    """
+    if cache_dtype == "bf16":
+        return 2.0 * width
+    if cache_dtype == "fp8":
+        return float(-(-width // 2) + -(-width // FP4_INDEX_BLOCK))
+    raise ValueError(f"cache dtype {cache_dtype!r}: expected 'bf16' or 'fp8'")
+
+
 @dataclass
 class CacheSize:
     """Per-sequence cache of one model for one cache dtype (bytes).
@@ -234,7 +258,7 @@ def cache_size(cfg: ModelConfig, cache_dtype: str = "bf16", include_mtp: bool = 
     """
     r = cfg.qk_rope_head_dim
     kv = vector_bytes(cfg.head_dim, r, cache_dtype)
-    ikey = vector_bytes(cfg.index_head_dim, min(r, cfg.index_head_dim), cache_dtype)
+    ikey = index_key_bytes(cfg.index_head_dim, cache_dtype)
     types = list(cfg.layer_types) + (mtp_layer_types(cfg) if include_mtp else [])
     layers, growth, fixed = [], 0.0, 0.0
     for t in types:
@@ -283,7 +307,8 @@ def model_info(cfg: ModelConfig, context: int = 65536) -> dict:
         "context_tokens": context,
         "kv_cache": caches,
         "kv_cache_formula": (
-            "per layer: min(n, window)*B(head_dim) [all]; + floor(n/4)*(B(head_dim)+B(index_head_dim)) + "
+            "per layer: min(n, window)*B(head_dim) [all]; + floor(n/4)*(B(head_dim)+I(index_head_dim)) + "
             "compressor fp32 state [CSA]; + floor(n/128)*B(head_dim) + state [HCA]; B(d)=2d for bf16, "
-            "(d-r) + ceil((d-r)/64) + 2r for fp8 (e4m3 + UE8M0 scale per 64, RoPE dims r in bf16)"),
+            "(d-r) + ceil((d-r)/64) + 2r for fp8 (e4m3 + UE8M0 scale per 64, RoPE dims r in bf16); "
+            "I(d)=2d for bf16, d/2 + d/32 for fp8 (official fp4 indexer: packed e2m1 + UE8M0 scale per 32)"),
     }
