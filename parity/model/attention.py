@@ -217,9 +217,12 @@ class Attention(nn.Module):
         self.window, self.groups, self.eps = cfg.sliding_window, cfg.o_groups, cfg.rms_norm_eps
         self.ratio = 0 if layer_type == SLIDING else cfg.compress_rates[layer_type]
         self.scale = cfg.head_dim ** -0.5
-        #: queries per attention block in the chunk (prefill) path; bounds the logits to
-        #: [query_block, heads, query_block + window + entries].
-        self.query_block = max(256, cfg.sliding_window)
+        #: queries per band block in the chunk (prefill) path: a block of queries attends to the
+        #: ``query_block + window - 1`` window keys that cover it, not to every key of the chunk.
+        self.query_block = cfg.sliding_window
+        #: bound on the logits/gathered keys of one batched pass of the chunk path, in elements
+        #: (consecutive band blocks are processed together up to this size).
+        self.pass_elements = 1 << 24
         self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
         self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
         self.q_b_proj = nn.Linear(cfg.q_lora_rank, cfg.num_attention_heads * cfg.head_dim, bias=False)
@@ -350,6 +353,85 @@ class Attention(nn.Module):
             o = o + torch.einsum("nhk,nkd->nhd", probs[..., L:L + sel_k.shape[1]], sf)
         return o
 
+    # ------------------------------------------------------------------ chunk path (n_i > 1)
+    def _chunk_attention(self, q: torch.Tensor, kv: torch.Tensor, old: torch.Tensor, p: int,
+                         ent: torch.Tensor | None, ient: torch.Tensor | None, index_in, out: torch.Tensor) -> None:
+        """Attention of one sequence's chunk of n new queries at positions p .. p + n - 1 (writes ``out``).
+
+        q [n, H, D]; kv [n, D] (the chunk's own keys); old [o, D] the window keys of positions
+        [p - o, p), o = min(p, window - 1); ent [E, D] / ient [E, ID] the sequence's compressed entries
+        and indexer keys (None if none); index_in = (iq [n, h, ID], iw [n, h]) on CSA layers.
+
+        Banded: the queries are cut into blocks of ``query_block``; block j only sees the
+        ``query_block + window - 1`` keys ``Kp[j * Bq : j * Bq + L]`` of the key sequence
+        ``Kp = [zero pad | old | kv]`` (aligned so that Kp row W - 1 + i is query i's own key), taken
+        as strided views (``unfold``) and multiplied in one batched GEMM per pass. Masks are the window
+        rule on absolute positions, so results equal attention over all keys with the window mask.
+        """
+        n, H, D = q.shape
+        W, Bq = self.window, self.query_block
+        L = Bq + W - 1
+        nb = -(-n // Bq)
+        Np = nb * Bq
+        dev = q.device
+        kf = kv.float()
+        pad_front = W - 1 - old.shape[0]
+        Kp = torch.cat([kf.new_zeros(pad_front, D), old.float(), kf, kf.new_zeros(Np - n, D)])
+        blocks_t = Kp.unfold(0, L, Bq)  # [nb, D, L] (view): block j = Kp rows [j*Bq, j*Bq + L)
+        qf = q.float()
+        comp = self.compressor
+        ratio = comp.ratio if comp is not None else 0
+        n_ent = 0 if ent is None else ent.shape[0]
+        topk = comp.indexer.topk if comp is not None and comp.indexer is not None else 0
+        per_query = H * (L + n_ent + 1) + min(topk, n_ent) * (D + H + 1)
+        bpp = max(1, self.pass_elements // max(1, per_query * Bq))  # blocks per pass
+        r_ar = torch.arange(Bq, device=dev)
+        k_ar = torch.arange(L, device=dev)
+        for j0 in range(0, nb, bpp):
+            j1 = min(nb, j0 + bpp)
+            a, b = j0 * Bq, min(n, j1 * Bq)  # real queries of this pass: [a, b)
+            g, m = j1 - j0, b - a
+            jj = torch.arange(j0, j1, device=dev)[:, None]
+            qpos = p + jj * Bq + r_ar[None, :]                   # [g, Bq]
+            kpos = p - (W - 1) + jj * Bq + k_ar[None, :]        # [g, L]
+            dk = kpos[:, None, :] - qpos[:, :, None]            # [g, Bq, L]: key pos - query pos
+            allowed = (dk <= 0) & (dk > -W) & (kpos >= 0)[:, None, :]
+            qb = qf[a:b]
+            if m < g * Bq:
+                qb = torch.cat([qb, qb.new_zeros(g * Bq - m, H, D)])
+            logits = torch.bmm(qb.view(g, Bq * H, D), blocks_t[j0:j1]).view(g, Bq, H, L)
+            logits = logits.mul_(self.scale).masked_fill_(~allowed[:, :, None, :], float("-inf"))
+            parts = [logits.view(g * Bq, H, L)[:m]]
+            sel_k = shared = None
+            n_vis = (p + b) // ratio if ent is not None else 0  # entries visible to the pass's last query
+            if n_vis:
+                vis = torch.arange(n_vis, device=dev)[None, :] < ((qpos.flatten()[:m] + 1) // ratio)[:, None]
+                if index_in is not None:
+                    iq, iw = index_in
+                    sc = torch.einsum("nhd,ed->nhe", iq[a:b].float(), ient[:n_vis]).relu()
+                    sc = (sc * iw[a:b, :, None]).sum(dim=1).masked_fill(~vis, float("-inf"))
+                    # top-k with ties broken towards the earlier entry: deterministic whatever the
+                    # chunking (relu makes exact-zero scores common; torch.topk leaves ties unspecified).
+                    top = torch.sort(sc, dim=-1, descending=True, stable=True).indices[:, :min(topk, n_vis)]
+                    sel_k = ent[top].float()
+                    ls = torch.einsum("nhd,nkd->nhk", qb[:m], sel_k) * self.scale
+                    parts.append(ls.masked_fill(~torch.gather(vis, 1, top)[:, None, :], float("-inf")))
+                else:
+                    shared = ent[:n_vis].float()
+                    le = torch.einsum("nhd,ed->nhe", qb[:m], shared) * self.scale
+                    parts.append(le.masked_fill(~vis[:, None, :], float("-inf")))
+            parts.append(self.sinks.float().view(1, -1, 1).expand(m, -1, 1))
+            probs = torch.cat(parts, dim=-1).softmax(dim=-1)
+            pw = probs[..., :L]
+            if m < g * Bq:
+                pw = torch.cat([pw, pw.new_zeros(g * Bq - m, H, L)])
+            o = torch.bmm(pw.reshape(g, Bq * H, L), blocks_t[j0:j1].transpose(1, 2)).view(g * Bq, H, D)[:m]
+            if sel_k is not None:
+                o = o + torch.einsum("nhk,nkd->nhd", probs[..., L:L + sel_k.shape[1]], sel_k)
+            elif shared is not None:
+                o = o + torch.einsum("nhe,ed->nhd", probs[..., L:L + shared.shape[0]], shared)
+            out[a:b] = o.to(out.dtype)
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, ctx: StepContext, caches: list) -> torch.Tensor:
         T = x.shape[0]
@@ -398,37 +480,11 @@ class Attention(nn.Module):
                 if cache.n_entries:
                     ent = cache.entries()
                     ient = cache.index_keys().float() if idx is not None else None
-            old_start = max(0, p - self.window + 1)
-            old = cache.window_read(old_start, p)  # positions [old_start, p)
-            # Query blocks keep memory O(block * (block + window + entries)) instead of O(n^2).
-            for a in range(0, n, self.query_block):
-                b = min(n, a + self.query_block)
-                t0, t1 = p + a, p + b  # absolute positions of the block's queries: [t0, t1)
-                k0 = max(0, t0 - self.window + 1)
-                keys = []
-                if k0 < p:
-                    keys.append(old[k0 - old_start:])
-                keys.append(kv[s + max(0, k0 - p):s + b])
-                key_pos = torch.arange(k0, t1, device=x.device)
-                qpos = ctx.positions[s + a:s + b]
-                allowed = (key_pos[None, :] <= qpos[:, None]) & (key_pos[None, :] > qpos[:, None] - self.window)
-                n_vis = t1 // comp.ratio if comp is not None else 0  # entries visible to the block's last query
-                sel_k = sel_ok = None
-                if ent is not None and n_vis:
-                    vis = torch.arange(n_vis, device=x.device)[None, :] < ((qpos + 1) // comp.ratio)[:, None]
-                    if idx is not None:
-                        sc = torch.einsum("nhd,ed->nhe", iq[s + a:s + b].float(), ient[:n_vis]).relu()
-                        sc = (sc * iw[s + a:s + b, :, None]).sum(dim=1).masked_fill(~vis, float("-inf"))
-                        # top-k with ties broken towards the earlier entry: deterministic whatever the
-                        # chunking (relu makes exact-zero scores common; torch.topk leaves ties unspecified).
-                        top = torch.sort(sc, dim=-1, descending=True, stable=True).indices[:, :min(idx.topk, n_vis)]
-                        sel_ok = torch.gather(vis, 1, top)
-                        sel_k = ent[top]
-                    else:
-                        keys.append(ent[:n_vis])
-                        allowed = torch.cat([allowed, vis], dim=1)
-                o = self._sink_attention(q[s + a:s + b], torch.cat(keys, dim=0), allowed, sel_k, sel_ok)
-                out[s + a:s + b] = o.to(out.dtype)
+            o = min(p, self.window - 1)
+            old = cache.window_read(p - o, p)  # positions [p - o, p)
+            self._chunk_attention(q[s:e], kv[s:e], old, p, ent, ient,
+                                  (iq[s:e], iw[s:e]) if comp is not None and idx is not None else None,
+                                  out[s:e])
             cache.window_write(p, kv[s:e])
 
         out = apply_rope(out, cos, sin, inverse=True)
