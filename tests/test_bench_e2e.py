@@ -349,3 +349,47 @@ def test_cli_end_to_end_with_report(tok, tmp_path, capsys):
     assert "--base-url is required" in capsys.readouterr().err
     assert main(["bench", "--base-url", "http://127.0.0.1:1", "--model", "x", "--workload", "fixed:in=3"]) == 2
     assert "`out` must be an integer" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ --model defaults to the server's first model
+def test_model_defaults_to_first_listed_model(tok, capsys):
+    from parity.cli import main
+
+    with FakeServer(Script(ttft_s=0.002, itl_s=0.001)) as srv:
+        res = run_bench(_cfg(srv.base_url + "/v1", model=None, num_prompts=2), tokenizer=tok)
+        assert res["config"]["model"] == "fake" and res["summary"]["completed"] == 2
+        assert any("--model not given: benchmarked 'fake'" in n for n in res["notes"])
+        # the obvious command, without --model, works (tokenizer: the default V4 one)
+        rc = main(["bench", "--base-url", srv.base_url, "--workload", "fixed:in=4,out=2", "--num-prompts", "1",
+                   "--energy", "none", "--no-progress"])
+    assert rc == 0 and "parity bench - fake @" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("status,body,msg", [
+    (200, {"object": "list", "data": []}, "the server lists no models at http://h:1/v1/models"),
+    (401, {"error": {"message": "bad key"}}, "answered HTTP 401 \\(check --api-key.*bad key"),
+    (200, {"models": ["x"]}, "did not answer an OpenAI model list"),
+    (200, {"data": [{"object": "model"}]}, "first model listed .* has no id"),
+    (200, "not json", "did not answer an OpenAI model list"),
+])
+def test_model_default_errors(status, body, msg):
+    import httpx
+
+    seen = []
+
+    def handler(request):
+        seen.append((request.url.path, request.headers.get("authorization")))
+        return httpx.Response(status, json=body) if not isinstance(body, str) else httpx.Response(status, text=body)
+
+    with pytest.raises(BenchError, match=msg + ".*pass --model NAME"):
+        run_bench(_cfg("http://h:1/v1", model="", api_key="sk-1"), tokenizer=object(),
+                  transport=httpx.MockTransport(handler))
+    assert seen == [("/v1/models", "Bearer sk-1")]
+
+
+def test_model_default_unreachable_server():
+    url = f"http://127.0.0.1:{_free_port()}"
+    with pytest.raises(BenchError, match=f"--model not given and GET {url}/v1/models failed: server unreachable"):
+        run_bench(_cfg(url, model=None), tokenizer=object())
+    with pytest.raises(BenchError, match="--slo: got an empty value"):  # config errors come before any request
+        run_bench(_cfg(url, model=None, slo=""), tokenizer=object())

@@ -49,7 +49,9 @@ def register(sub) -> None:
                                    "workload and report TTFT/TPOT/ITL/E2EL, throughput, goodput and energy.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-url", help="server root, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine)")
-    p.add_argument("--model", help="model name to put in each request")
+    p.add_argument("--model", default=None,
+                   help="model name to put in each request (default: the first model the server lists at "
+                        "GET /v1/models, asked with --api-key)")
     p.add_argument("--endpoint", choices=("chat", "completions"), default="chat",
                    help="/v1/chat/completions or /v1/completions (default chat)")
     p.add_argument("--workload", default="random:in=1024,out=128", metavar="SPEC",
@@ -63,7 +65,8 @@ def register(sub) -> None:
     p.add_argument("--max-concurrency", type=int, default=None, metavar="C", help="cap on requests in flight")
     p.add_argument("--warmup", type=int, default=0, metavar="N", help="warm-up requests before the measured run")
     p.add_argument("--slo", default=None, metavar="ttft_ms=..,tpot_ms=..",
-                   help="SLOs for goodput: any of ttft_ms, tpot_ms, e2el_ms (milliseconds)")
+                   help="SLOs for goodput: comma-separated key=value pairs, keys ttft_ms, tpot_ms, e2el_ms "
+                        "(milliseconds); an empty value or empty item is an error")
     p.add_argument("--ignore-eos", action="store_true", help="ask the server to ignore EOS (vLLM/SGLang extension)")
     p.add_argument("--seed", type=int, default=0, help="seed for prompts, lengths and arrivals (default 0)")
     p.add_argument("--energy", default="auto", metavar="auto|none|nvml,npu-smi,rapl",
@@ -98,8 +101,6 @@ def run(args) -> int:
 
     if not args.base_url:
         raise BenchError("--base-url is required, e.g. --base-url http://127.0.0.1:8000")
-    if not args.model:
-        raise BenchError("--model is required (the model name the server serves)")
     cfg = BenchConfig(base_url=args.base_url, model=args.model, endpoint=args.endpoint, workload=args.workload,
                       num_prompts=args.num_prompts, request_rate=args.request_rate, burstiness=args.burstiness,
                       max_concurrency=args.max_concurrency, warmup=args.warmup, slo=args.slo,

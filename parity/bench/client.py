@@ -32,6 +32,11 @@ def endpoint_url(base_url: str, endpoint: str) -> str:
     """
     if endpoint not in ENDPOINTS:
         raise BenchError(f"--endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
+    return _server_root(base_url) + ENDPOINTS[endpoint]
+
+
+def _server_root(base_url: str) -> str:
+    """`base_url` without a trailing "/" or "/v1". Raises BenchError when it is not an http(s) URL."""
     try:
         u = httpx.URL(base_url)
     except Exception:  # noqa: BLE001 - httpx.InvalidURL and friends
@@ -41,7 +46,55 @@ def endpoint_url(base_url: str, endpoint: str) -> str:
     base = str(u).rstrip("/")
     if base.endswith("/v1"):
         base = base[:-3]
-    return base + ENDPOINTS[endpoint]
+    return base
+
+
+async def fetch_default_model(base_url: str, headers: dict, timeout_s: float = 30.0, transport=None) -> str:
+    """The model to benchmark when ``--model`` is not given: the first entry of the server's ``GET /v1/models``.
+
+    Args:
+        base_url: server root (a trailing /v1 is accepted).
+        headers: sent with the GET (the ``Authorization: Bearer`` API key).
+        timeout_s: limit for the GET, in s.
+        transport: httpx async transport replacing the network (tests).
+    Returns:
+        The ``id`` of ``data[0]`` in the server's answer.
+    Raises:
+        BenchError: the server is unreachable or times out, answers an HTTP error (e.g. 401 for a wrong key), or
+            its answer is not a model list with at least one entry; the message says to pass ``--model``.
+    """
+    url = _server_root(base_url) + "/v1/models"
+    hint = "; pass --model NAME to name the model yourself"
+    try:
+        async with httpx.AsyncClient(transport=transport, timeout=min(timeout_s, 30.0)) as client:
+            resp = await client.get(url, headers=headers)
+    except httpx.ConnectError as e:
+        raise BenchError(f"--model not given and GET {url} failed: server unreachable ({e or type(e).__name__})"
+                         f"{hint}") from None
+    except httpx.TimeoutException as e:
+        raise BenchError(f"--model not given and GET {url} timed out ({type(e).__name__}){hint}") from None
+    except httpx.HTTPError as e:
+        raise BenchError(f"--model not given and GET {url} failed: {type(e).__name__}: {e}{hint}") from None
+    if resp.status_code != 200:
+        try:
+            msg = resp.json()["error"]["message"]
+        except Exception:  # noqa: BLE001 - any non-OpenAI error body
+            msg = resp.text[:200]
+        key = " (check --api-key / $OPENAI_API_KEY)" if resp.status_code in (401, 403) else ""
+        raise BenchError(f"--model not given and GET {url} answered HTTP {resp.status_code}{key}: {msg}{hint}")
+    try:
+        data = resp.json()["data"]
+        if not isinstance(data, list):
+            raise TypeError("data is not a list")
+    except (ValueError, KeyError, TypeError):
+        raise BenchError(f"--model not given and GET {url} did not answer an OpenAI model list "
+                         f"({{\"data\": [{{\"id\": ...}}]}}): {resp.text[:200]!r}{hint}") from None
+    if not data:
+        raise BenchError(f"--model not given and the server lists no models at {url}{hint}")
+    first = data[0].get("id") if isinstance(data[0], dict) else None
+    if not isinstance(first, str) or not first:
+        raise BenchError(f"--model not given and the first model listed at {url} has no id: {data[0]!r}{hint}")
+    return first
 
 
 def build_payload(endpoint: str, model: str, req: BenchRequest, *, ignore_eos: bool = False,

@@ -90,17 +90,23 @@ def parse_slo(text: str | None) -> dict[str, float]:
     """Parse ``--slo ttft_ms=200,tpot_ms=50[,e2el_ms=...]``.
 
     Returns:
-        {key: milliseconds}; empty for None/"".
+        {key: milliseconds}; empty for None (no ``--slo`` given).
     Raises:
-        BenchError: unknown key, missing '=', non-numeric or non-positive value, repeated key.
+        BenchError: an empty or blank string (``--slo ""`` would otherwise silently drop the SLOs), an empty
+            item (``ttft_ms=500,,tpot_ms=5``), unknown key, missing '=', non-numeric or non-positive value,
+            repeated key.
     """
     out: dict[str, float] = {}
-    if not text:
+    if text is None:
         return out
-    for item in text.split(","):
+    if not text.strip():
+        raise BenchError(f"--slo: got an empty value {text!r}; give key=value pairs such as ttft_ms=200,tpot_ms=50 "
+                         "or leave out --slo for no goodput")
+    for pos, item in enumerate(text.split(","), 1):
         item = item.strip()
         if not item:
-            continue
+            raise BenchError(f"--slo {text!r}: item {pos} is empty (stray comma); expected comma-separated "
+                             "key=value pairs such as ttft_ms=200,tpot_ms=50")
         if "=" not in item:
             raise BenchError(f"--slo: {item!r} is not key=value; expected e.g. ttft_ms=200,tpot_ms=50")
         k, v = (s.strip() for s in item.split("=", 1))

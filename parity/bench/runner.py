@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from parity.bench.client import build_payload, endpoint_url, send_request
+from parity.bench.client import build_payload, endpoint_url, fetch_default_model, send_request
 from parity.bench.metrics import RequestRecord, parse_slo, summarize
 from parity.bench.tokenizer import BenchTokenizer, load_bench_tokenizer
 from parity.bench.workloads import BenchRequest, build_requests, parse_workload
@@ -52,7 +52,8 @@ class BenchConfig:
 
     Attributes:
         base_url: server root, e.g. http://127.0.0.1:8000 (a trailing /v1 is accepted).
-        model: model name sent in each request.
+        model: model name sent in each request (None/"": `run_bench` asks the server, the first entry of
+            GET /v1/models).
         endpoint: "chat" | "completions".
         workload: ``--workload`` spec (see parity.bench.workloads).
         num_prompts: requests to send (None: workload default).
@@ -78,7 +79,7 @@ class BenchConfig:
     """
 
     base_url: str
-    model: str
+    model: str | None = None
     endpoint: str = "chat"
     workload: str = "random:in=1024,out=128"
     num_prompts: int | None = None
@@ -100,10 +101,10 @@ class BenchConfig:
     progress: bool = True
     client_workers: int = 1
 
-    def validate(self) -> None:
-        """Raises BenchError naming the flag for out-of-range values."""
+    def validate(self, need_model: bool = True) -> None:
+        """Raises BenchError naming the flag for out-of-range values (a missing model only when `need_model`)."""
         endpoint_url(self.base_url, self.endpoint)
-        if not self.model:
+        if need_model and not self.model:
             raise BenchError("--model is required (the model name the server serves)")
         if not (self.request_rate > 0):
             raise BenchError(f"--request-rate must be > 0 or inf, got {self.request_rate}")
@@ -379,15 +380,24 @@ def run_bench(cfg: BenchConfig, *, tokenizer: BenchTokenizer | None = None, requ
         transport: httpx async transport replacing the network (see `run_requests`).
     Returns:
         The result dict (see `run_requests`).
+    When ``cfg.model`` is empty it is set to the first model the server lists (GET /v1/models, with the API key).
+
     Raises:
-        BenchError: bad configuration or dataset, all warm-up requests failing.
+        BenchError: bad configuration or dataset, no model given and none listed by a reachable server, all
+            warm-up requests failing.
         DeviceError: an explicitly requested energy meter that cannot be read.
     """
+    cfg.validate(need_model=False)
+    notes: list[str] = []
+    if not cfg.model:
+        cfg.model = asyncio.run(fetch_default_model(cfg.base_url, _headers(cfg), cfg.timeout_s, transport))
+        notes.append(f"--model not given: benchmarked {cfg.model!r}, the first model listed by the server's "
+                     "GET /v1/models.")
     cfg.validate()
     tokenizer = tokenizer or load_bench_tokenizer(cfg.tokenizer)
-    notes: list[str] = []
     if requests is None:
-        requests, notes = build_requests(cfg.workload, tokenizer, cfg.num_prompts, cfg.seed)
+        requests, wl_notes = build_requests(cfg.workload, tokenizer, cfg.num_prompts, cfg.seed)
+        notes.extend(wl_notes)
     if meter is None and cfg.energy:
         from parity.devices.energy import open_meters
 
