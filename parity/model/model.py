@@ -431,10 +431,15 @@ def build_model(cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float
         device: anything `parity.devices.resolve` accepts ("cpu", "cuda", "npu", "auto", ...).
         dtype: parameter dtype (mHC, norms, sinks, biases stay fp32).
         seed: seed for the (CPU) generator; None = nondeterministic.
+    Raises:
+        DeviceError: unknown device, or the weights would not fit in its free memory
+            (`parity.model.memory.check_fits`; ``PARITY_SKIP_MEMORY_CHECK=1`` skips that check).
     """
     from parity import devices
+    from parity.model.memory import check_fits
     dev = devices.resolve(device)
     dtype = resolve_dtype(dtype)
+    check_fits(cfg, dev, dtype, quantized=False)  # DeviceError before allocating what cannot fit
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     with torch.device("meta"):
         model = V4ForCausalLM(cfg)
