@@ -140,11 +140,41 @@ def test_plan_cli_text_json_and_compare_html(tmp_path, capsys):
     (["plan", "--hardware", "h800", "--slo-ttft-ms", "-1"], "--slo-ttft-ms"),
     (["plan", "--hardware", "h800", "--target-qps", "0"], "--target-qps"),
     (["compare", "--hardware", "h800,nvl99"], "unknown hardware 'nvl99'"),
+    (["plan", "--hardware", "h800", "--model", "tiny"], "'tiny' (preset:tiny) has 34.4 M parameters"),
+    (["compare", "--hardware", "h800", "--model", "tiny"], "not a real deployment"),
+    # the suffix is checked before any planning (nvl99 is never looked up)
+    (["compare", "--hardware", "nvl99", "--out", "x.txt"], "--out x.txt: the report is written as HTML (.html)"),
+    (["compare", "--hardware", "h800", "--out", "report"], "got no suffix - use a path ending in .html or .png"),
 ])
 def test_bad_input_is_one_clear_line(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
+
+
+def test_checkpoint_dirs_planned_only_when_real_size(tmp_path):
+    from parity.config import PRESET_DIR
+
+    for name in ("v4-flash", "tiny"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text((PRESET_DIR / f"{name}.json").read_text())
+    assert plan(str(tmp_path / "v4-flash"), "h800", Workload(isl=1024, osl=128))["feasible"]
+    with pytest.raises(PlanError, match=r"has 34\.4 M parameters: a miniature for tests.*>= 1 B parameters"):
+        plan(str(tmp_path / "tiny"), "h800", Workload(isl=1024, osl=128))
+
+
+def test_compare_exit_code_and_png(tmp_path, capsys):
+    png = tmp_path / "f.PNG"
+    # no chip meets a 0.5 ms TPOT: exit 1 like `plan`, but the table and the plot are still produced
+    assert main(["compare", "--hardware", "h800", "--isl", "1024", "--osl", "128", "--slo-tpot-ms", "0.5",
+                 "--out", str(png)]) == 1
+    out = capsys.readouterr().out
+    assert "tpot-slo" in out and "no deployment of v4-flash on h800 fits" in out and "report written to" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["compare", "--hardware", "h800", "--isl", "1024", "--osl", "128", "--slo-tpot-ms", "0.5",
+                 "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["any_feasible"] is False
+    assert main(["compare", "--hardware", "h800", "--isl", "1024", "--osl", "128", "--json"]) == 0
 
 
 def test_malformed_data_files_are_refused(tmp_path):

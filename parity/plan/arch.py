@@ -209,12 +209,19 @@ def _mla_models(directory: str) -> dict[str, dict]:
     return out
 
 
+#: Smallest model (total parameters, MTP excluded) the cost model plans. Its efficiency constants are fitted
+#: on published measurements of 284 B-1.6 T parameter deployments; a miniature such as the `tiny` preset
+#: (34 M) would get absurd figures (millions of tok/s per chip) that describe no real deployment.
+MIN_PLAN_PARAMS = 1_000_000_000
+
+
 def load_arch(name: str):
     """`V4Arch` for a parity preset / checkpoint dir, or `MLAArch` for a data-file model id or alias
     (deepseek-v3, deepseek-r1).
 
     Raises:
-        PlanError: unknown model (suggesting close names) or invalid config.
+        PlanError: unknown model (suggesting close names), invalid config, or a model under `MIN_PLAN_PARAMS`
+            parameters (the `tiny` test preset, a toy checkpoint): not a real deployment.
     """
     import difflib
 
@@ -225,7 +232,7 @@ def load_arch(name: str):
     if name in mla:
         return MLAArch(mla[name])
     try:
-        return V4Arch(load_config(name))
+        arch = V4Arch(load_config(name))
     except ConfigError as e:
         known = preset_names() + sorted(mla)
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
@@ -233,3 +240,11 @@ def load_arch(name: str):
         if "unknown model preset" in str(e) or "neither a preset" in str(e):
             raise PlanError(f"unknown model {name!r}: known are {', '.join(known)}{hint}") from None
         raise PlanError(f"model {name!r}: {e}") from None
+    if arch.total_params < MIN_PLAN_PARAMS:
+        real = ", ".join(n for n in preset_names() + sorted(mla) if n != name and n != "tiny")
+        raise PlanError(f"model {name!r} ({arch.name}) has {arch.total_params / 1e6:,.1f} M parameters: a "
+                        f"miniature for tests, not a real deployment; the cost model is calibrated on published "
+                        f"measurements of full-size models and needs >= {MIN_PLAN_PARAMS / 1e9:g} B parameters, "
+                        f"else its figures (millions of tok/s per chip) are meaningless. Plan one of {real}, or "
+                        f"a checkpoint directory whose config.json is real-size")
+    return arch

@@ -5,18 +5,29 @@ from __future__ import annotations
 import json
 
 
+PLAN_EPILOG = """exit codes: 0 a deployment meets the SLOs, 1 none does (the reason names the limiting resource),
+            2 bad input (one-line error)"""
+COMPARE_EPILOG = """exit codes: 0 at least one chip meets the SLOs, 1 no chip does (the table and the report are
+            still written), 2 bad input (one-line error)"""
+
+
 def register(sub) -> None:
-    p = sub.add_parser("plan", help="best deployment of a model on one accelerator under TTFT/TPOT SLOs (modeled)")
+    import argparse
+
+    p = sub.add_parser("plan", help="best deployment of a model on one accelerator under TTFT/TPOT SLOs (modeled)",
+                       epilog=PLAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _workload_args(p)
     p.add_argument("--hardware", required=True, help="catalog id, e.g. 910c, h800, gb200 (see parity/data/hardware)")
     p.add_argument("--target-qps", type=float, default=None, help="load to size the deployment for (requests/s)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run_plan)
 
-    c = sub.add_parser("compare", help="compare accelerators: table + Pareto frontier (HTML report)")
+    c = sub.add_parser("compare", help="compare accelerators: table + Pareto frontier (HTML report)",
+                       epilog=COMPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _workload_args(c)
     c.add_argument("--hardware", required=True, help="comma-separated catalog ids, e.g. 910b3,910c,h20,h800,h200,b200")
-    c.add_argument("--out", default=None, help="write an HTML report with the frontier plot here")
+    c.add_argument("--out", default=None, metavar="report.html|plot.png",
+                   help="write the report here: .html = table + frontier plot, .png = frontier plot only")
     c.add_argument("--json", action="store_true", help="print JSON")
     c.set_defaults(func=run_compare)
 
@@ -27,7 +38,9 @@ def register(sub) -> None:
 
 
 def _workload_args(p) -> None:
-    p.add_argument("--model", default="v4-flash", help="preset (v4-flash, v4-pro), checkpoint dir, or deepseek-v3/r1")
+    p.add_argument("--model", default="v4-flash",
+                   help="preset (v4-flash, v4-pro), checkpoint dir of a real-size config, or deepseek-v3/r1 "
+                        "(default v4-flash; miniatures such as the tiny test preset are refused)")
     p.add_argument("--isl", type=int, default=4096, help="input length (tokens)")
     p.add_argument("--osl", type=int, default=1024, help="output length (tokens)")
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="time-to-first-token SLO (ms)")
@@ -81,6 +94,7 @@ def format_plan(r: dict) -> str:
 
 
 def run_plan(args) -> int:
+    """`parity plan`: 0 when a deployment meets the SLOs, 1 when none does."""
     from parity.plan.search import plan
 
     r = plan(args.model, args.hardware, _workload(args))
@@ -89,6 +103,7 @@ def run_plan(args) -> int:
 
 
 def run_compare(args) -> int:
+    """`parity compare`: 0 when some chip meets the SLOs, 1 when none does (table/report still written)."""
     from parity.errors import PlanError
     from parity.plan.report import compare
 
@@ -102,7 +117,7 @@ def run_compare(args) -> int:
         print(res["table_text"])
         if args.out:
             print(f"report written to {args.out}")
-    return 0
+    return 0 if res["any_feasible"] else 1
 
 
 def run_validate(args) -> int:

@@ -1,6 +1,7 @@
 """`parity compare`: one table over several accelerators and the Pareto frontier of output tok/s per
 chip vs tok/s per user, as text/JSON and as a self-contained HTML report (matplotlib, Agg backend,
-PNG embedded as base64). matplotlib is imported only when a report is written."""
+PNG embedded as base64) or the frontier plot alone as a PNG. matplotlib is imported only when a report
+is written."""
 
 from __future__ import annotations
 
@@ -13,15 +14,26 @@ from parity.errors import PlanError
 from parity.plan.search import Workload, frontier, plan
 
 
+#: Report formats `compare(out=...)` writes, by file suffix (lower case).
+REPORT_SUFFIXES = (".html", ".png")
+
+
 def compare(model: str, hardware: list[str], workload: Workload, out: str | None = None) -> dict:
     """Plan `model` on each of `hardware` and compute each chip's frontier.
 
-    Returns {"rows": [plan results], "frontiers": {hw: [points]}, "table_text": str}; writes the HTML
-    report to `out` when given.
+    Returns {"rows": [plan results], "frontiers": {hw: [points]}, "table_text": str, "any_feasible": bool
+    (some chip meets the SLOs)}; writes the report to `out` when given: a self-contained HTML page
+    (table + frontier plot) for ``.html``, the frontier plot alone for ``.png``.
 
     Raises:
-        PlanError: unknown hardware/model, bad workload, or an unwritable `out` path.
+        PlanError: unknown hardware/model, bad workload, an `out` path not ending in .html or .png (checked
+            before any planning), or an unwritable `out` path.
     """
+    if out is not None:
+        suffix = Path(out).suffix.lower()
+        if suffix not in REPORT_SUFFIXES:
+            raise PlanError(f"--out {out}: the report is written as HTML (.html) or as the frontier plot (.png); "
+                            f"got {'no suffix' if not suffix else repr(suffix)} - use a path ending in .html or .png")
     rows, fronts = [], {}
     for h in hardware:
         r = plan(model, h, workload)
@@ -30,8 +42,13 @@ def compare(model: str, hardware: list[str], workload: Workload, out: str | None
     res = {"model": model, "workload": vars(workload), "rows": rows, "frontiers": fronts,
            "provenance": rows[0]["provenance"] if rows else ""}
     res["table_text"] = _table(rows, res["provenance"])
+    res["any_feasible"] = any(r["feasible"] for r in rows)
     if out:
-        _write_html(res, Path(out))
+        path = Path(out)
+        if path.suffix.lower() == ".png":
+            _write_bytes(path, _plot_png(fronts, _title(res)))
+        else:
+            _write_html(res, path)
     return res
 
 
@@ -80,7 +97,10 @@ def _plot_png(fronts: dict, title: str) -> bytes:
 
     ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    if any(fronts.values()):
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no chip meets the SLOs", ha="center", va="center", transform=ax.transAxes)
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
@@ -88,10 +108,21 @@ def _plot_png(fronts: dict, title: str) -> bytes:
     return buf.getvalue()
 
 
-def _write_html(res: dict, path: Path) -> None:
+def _title(res: dict) -> str:
     w = res["workload"]
-    title = (f"{res['model']}: isl {w['isl']}, osl {w['osl']}, SLO TTFT {w['slo_ttft_ms']:g} ms / "
-             f"TPOT {w['slo_tpot_ms']:g} ms — {res['provenance']}")
+    return (f"{res['model']}: isl {w['isl']}, osl {w['osl']}, SLO TTFT {w['slo_ttft_ms']:g} ms / "
+            f"TPOT {w['slo_tpot_ms']:g} ms — {res['provenance']}")
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as e:
+        raise PlanError(f"--out {path}: cannot write the report: {e}") from None
+
+
+def _write_html(res: dict, path: Path) -> None:
+    title = _title(res)
     png = base64.b64encode(_plot_png(res["frontiers"], title)).decode()
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h in _COLS)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r, k))}</td>" for k, _ in _COLS) + "</tr>"
@@ -107,7 +138,4 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}</style
 <p>Disaggregated serving; prefill at its best TTFT-feasible point, decode swept over batch and
 deployments. Tokens per joule are modeled from TDP. See docs/plan.md for the model and its validated error.</p>
 </body></html>"""
-    try:
-        path.write_text(doc)
-    except OSError as e:
-        raise PlanError(f"--out {path}: cannot write the report: {e}") from None
+    _write_bytes(path, doc.encode())
