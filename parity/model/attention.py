@@ -413,7 +413,7 @@ class Attention(nn.Module):
                     # top-k with ties broken towards the earlier entry: deterministic whatever the
                     # chunking (relu makes exact-zero scores common; torch.topk leaves ties unspecified).
                     top = torch.sort(sc, dim=-1, descending=True, stable=True).indices[:, :min(topk, n_vis)]
-                    sel_k = ent[top].float()
+                    sel_k = ent.index_select(0, top.flatten()).view(*top.shape, D).float()
                     ls = torch.einsum("nhd,nkd->nhk", qb[:m], sel_k) * self.scale
                     parts.append(ls.masked_fill(~torch.gather(vis, 1, top)[:, None, :], float("-inf")))
                 else:

@@ -34,13 +34,14 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
+        xf = xf * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + self.eps)  # x*x: = square(), faster kernel
         return (self.weight.float() * xf).to(dtype)
 
 
 def rms_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) over the last dim, no weight (the per-head query norm of V4 attention)."""
-    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+    xf = x.float()
+    return x * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + eps).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------- RoPE
@@ -150,7 +151,7 @@ class HyperConnection(nn.Module):
 
     def pre(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         flat = streams.flatten(1).float()
-        rs = torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.norm_eps)
+        rs = torch.rsqrt((flat * flat).mean(-1, keepdim=True) + self.norm_eps)
         mixes = F.linear(flat, self.fn.float()) * rs
         pre, post, comb = sinkhorn_split(mixes, self.scale, self.base, self.hc, self.iters, self.hc_eps)
         x = torch.bmm(pre.unsqueeze(1), streams.float()).squeeze(1)  # sum_i pre_i * streams_i
@@ -158,8 +159,9 @@ class HyperConnection(nn.Module):
 
     @staticmethod
     def post(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-        # one fused batched GEMM: post_j * out + sum_i comb[i, j] * streams_i
-        y = torch.baddbmm(post.unsqueeze(-1) * out.float().unsqueeze(1), comb.transpose(1, 2), streams.float())
+        # sum_i comb[i, j] * streams_i as one batched GEMM, then + post_j * out in place
+        y = torch.bmm(comb.transpose(1, 2), streams.float())
+        y.addcmul_(post.unsqueeze(-1), out.float().unsqueeze(1))
         return y.to(out.dtype)
 
 
@@ -176,7 +178,7 @@ class HyperHead(nn.Module):
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
         flat = streams.flatten(1).float()
-        rs = torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.norm_eps)
+        rs = torch.rsqrt((flat * flat).mean(-1, keepdim=True) + self.norm_eps)
         mixes = F.linear(flat, self.hc_fn.float()) * rs
         pre = torch.sigmoid(mixes * self.hc_scale.float() + self.hc_base.float()) + self.hc_eps
         return torch.bmm(pre.unsqueeze(1), streams.float()).squeeze(1).to(streams.dtype)
@@ -235,14 +237,35 @@ class Experts(nn.Module):
         (dequantizing only the experts a step uses); the dispatch in `forward` is shared."""
         return self.gate_up_proj[e].to(dtype), self.down_proj[e].to(dtype)
 
+    #: at most this many token-expert pairs take the vectorised path of `forward` (decode steps);
+    #: larger batches run expert by expert, which keeps each expert's intermediates cache-sized.
+    vectorize_pairs = 128
+
     def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         flat_ids = expert_ids.reshape(-1)
-        order = torch.argsort(flat_ids, stable=True)
+        order = torch.argsort(flat_ids, stable=True)  # pairs sorted by expert, token order within one
         counts = torch.bincount(flat_ids, minlength=self.n_experts).tolist()
-        k = expert_ids.shape[1]
-        tok_sorted = order // k
-        w_sorted = weights.reshape(-1)[order]
+        tok_sorted = order // expert_ids.shape[1]
+        w_sorted = weights.reshape(-1).index_select(0, order)
+        out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        I = self.inter
+        if flat_ids.numel() <= self.vectorize_pairs:
+            # Few pairs: gather, SwiGLU, routing weight and scatter-add once over all pairs; only the
+            # two GEMMs run per expert, each writing its rows of a shared buffer (same per-row math).
+            xs = hidden.index_select(0, tok_sorted)
+            gu = hidden.new_empty((xs.shape[0], 2 * I))
+            used, start = [], 0
+            for e, c in enumerate(counts):
+                if c:
+                    gu_w, dn_w = self.expert_weights(e, hidden.dtype)
+                    torch.mm(xs[start:start + c], gu_w.t(), out=gu[start:start + c])
+                    used.append((start, c, dn_w))
+                start += c
+            h = (swiglu(gu[:, :I], gu[:, I:], self.limit) * w_sorted[:, None]).to(hidden.dtype)
+            y = hidden.new_empty((xs.shape[0], hidden.shape[1]))
+            for start, c, dn_w in used:
+                torch.mm(h[start:start + c], dn_w.t(), out=y[start:start + c])
+            return out.index_add_(0, tok_sorted, y.float())
         start = 0
         for e, c in enumerate(counts):
             if c == 0:
@@ -250,7 +273,7 @@ class Experts(nn.Module):
             tok = tok_sorted[start:start + c]
             gu_w, dn_w = self.expert_weights(e, hidden.dtype)
             gu = F.linear(hidden[tok], gu_w)
-            h = swiglu(gu[:, :self.inter], gu[:, self.inter:], self.limit)
+            h = swiglu(gu[:, :I], gu[:, I:], self.limit)
             h = h * w_sorted[start:start + c, None]
             out.index_add_(0, tok, F.linear(h.to(hidden.dtype), dn_w).float())
             start += c
