@@ -327,3 +327,58 @@ def test_ensure_default_model_unwritable_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PARITY_CACHE_DIR", str(blocker / "cache"))  # a path under a regular file
     with pytest.raises(CheckpointError, match="PARITY_CACHE_DIR"):
         o.ensure_default_model()
+
+
+def test_export_tiny_into_uncreatable_directory_names_it(tmp_path):
+    """`parity export-tiny /proc/nope` (new-user report, item 8): a CheckpointError naming the directory."""
+    from parity.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for bad in (Path("/proc/nope"), blocker / "sub"):
+        with pytest.raises(CheckpointError, match=rf"cannot create the output directory '{bad}'"):
+            o.export_tiny(bad)
+        assert main(["export-tiny", str(bad)]) == 2
+
+
+def test_missing_index_is_named_as_the_cause(small_dir, tmp_path):
+    """Published-layout shards without model.safetensors.index.json (new-user report, item 9): the error
+    names the lost index, not "unexpected tensors"."""
+    from parity.model import from_pretrained
+
+    d = _copy(small_dir, tmp_path / "noindex")
+    (d / o.INDEX_FILE).unlink()
+    with pytest.raises(CheckpointError, match=rf"has no {o.INDEX_FILE}: its shards .* published FP8/FP4 layout "
+                                              r"\(block scales such as '.*\.scale'\).*restore") as e:
+        from_pretrained(d)
+    assert ":;" not in str(e.value)
+    assert o.missing_index_cause(small_dir) is None
+
+
+def test_plain_loader_mismatch_message_format(tmp_path):
+    """The plain loader's mismatch message: 'config.json: N unexpected tensors: ...' (no ':;')."""
+    from safetensors.torch import save_file
+
+    from parity.model import from_pretrained
+
+    d = tmp_path / "plain"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(load_preset("tiny").replace(**SMALL).to_legacy_dict()))
+    save_file({"bogus.weight": torch.zeros(2)}, str(d / "model-1.safetensors"))
+    with pytest.raises(CheckpointError, match=r"does not match its config.json: \d+ missing tensors: .*; "
+                                              r"1 unexpected tensors: bogus.weight$"):
+        from_pretrained(d)
+
+
+def test_load_official_checks_memory_first(small_dir, monkeypatch):
+    from parity import devices
+    from parity.errors import DeviceError
+
+    monkeypatch.delenv("PARITY_SKIP_MEMORY_CHECK", raising=False)
+    monkeypatch.setattr(devices.core, "memory_info", lambda d: (1000, 10**12))
+    with pytest.raises(DeviceError, match=r"needs ~.* \(FP8/FP4 weights kept quantized\) on cpu for loading"):
+        o.load_official(small_dir, progress=False)
+    from parity.model import from_pretrained
+
+    with pytest.raises(DeviceError, match="this device has 0.0 GiB free"):
+        from_pretrained(small_dir)

@@ -138,7 +138,10 @@ def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_c
     Raises:
         ConfigError: config.json missing or invalid (from `parity.config`).
         CheckpointError: no safetensors, unreadable files, missing or unexpected tensors (first names and
-            counts listed), wrong shapes (expected vs got).
+            counts listed), wrong shapes (expected vs got); published-layout shards without their
+            model.safetensors.index.json (the lost index named as the cause).
+        DeviceError: unknown device, or the weights would not fit in its free memory
+            (`parity.model.memory.check_fits`, checked before anything is allocated).
     """
     from safetensors import safe_open
 
@@ -150,9 +153,12 @@ def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_c
     p = Path(path).expanduser()
     if not p.is_dir():
         raise CheckpointError(f"checkpoint path {str(path)!r} is not a directory")
-    from parity.model.official import is_official_checkpoint, load_official
+    from parity.model.official import is_official_checkpoint, load_official, missing_index_cause
     if is_official_checkpoint(p):  # the published FP8/FP4 layout (parity.model.official)
         return load_official(p, device, dtype, kv_cache_dtype=kv_cache_dtype, indexer_dtype=indexer_dtype)
+    cause = missing_index_cause(p)  # published-layout shards whose index was lost
+    if cause:
+        raise CheckpointError(cause)
     cfg = load_config(p)
     files = _list_tensors(p)
     dev = devices.resolve(device)
@@ -201,13 +207,15 @@ def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_c
     if cfg.tie_word_embeddings and "lm_head.weight" in missing:
         missing.remove("lm_head.weight")
     if missing or unexpected:
-        msg = [f"checkpoint {str(p)!r} does not match its config.json:"]
+        msg = []
         if missing:
             names = [s.split("#")[0] + (f" (expert {s.split('#')[1]})" if "#" in s else "") for s in missing]
             msg.append(f"{len(missing)} missing tensors: {_fmt(names)}")
         if unexpected:
             msg.append(f"{len(unexpected)} unexpected tensors: {_fmt(unexpected)}")
-        raise CheckpointError("; ".join(msg))
+        raise CheckpointError(f"checkpoint {str(p)!r} does not match its config.json: " + "; ".join(msg))
+    from parity.model.memory import check_fits
+    check_fits(cfg, dev, dtype, quantized=False, include_mtp=not drop_mtp, what=f"loading {p}")
     if drop_mtp:
         model.model.mtp = torch.nn.ModuleList()
     model.to_empty(device=dev)

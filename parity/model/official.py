@@ -257,6 +257,34 @@ def is_official_checkpoint(path: str | Path) -> bool:
     return official and any(str(n).endswith(".scale") for n in names)
 
 
+def missing_index_cause(path: str | Path) -> str | None:
+    """Why a directory that holds published-layout shards is not recognised as such, or None.
+
+    The published layout is recognised through ``model.safetensors.index.json`` (or a single
+    ``model.safetensors``). When both are absent but ``*.safetensors`` shards in DeepSeek's names with FP8/FP4
+    block scales (``<module>.scale``) are present, the index was lost (deleted, partial download): the
+    returned sentence says so, naming a scale tensor and the shards. Reads only shard headers; never raises.
+    """
+    p = Path(path)
+    if (p / INDEX_FILE).exists() or (p / SINGLE_FILE).exists():
+        return None
+    shards = sorted(p.glob("*.safetensors"))
+    scales = []
+    for f in shards:
+        try:
+            names = _read_header(f)
+        except Exception:
+            continue
+        if "embed.weight" in names or any(n.startswith("layers.") for n in names):
+            scales += sorted(n for n in names if n.endswith(".scale"))
+    if not scales:
+        return None
+    listed = ", ".join(f.name for f in shards[:3]) + (", ..." if len(shards) > 3 else "")
+    return (f"checkpoint {str(p)!r} has no {INDEX_FILE}: its shards ({listed}) hold DeepSeek's published FP8/FP4 "
+            f"layout (block scales such as {scales[0]!r}), which is recognised and loaded through that index "
+            f"(it maps every tensor to its shard); restore {INDEX_FILE} (re-download it, or re-run the export)")
+
+
 def _read_header(path: Path) -> dict[str, dict]:
     """The safetensors header of `path` ({name: {dtype, shape, data_offsets}}), validated against the size.
 
@@ -484,7 +512,8 @@ def load_official(path: str | Path, device: Any = "cpu", dtype=None, *, quantize
         The model (eval mode) with ``model.config`` = the parsed ModelConfig.
     Raises:
         CheckpointError / ConfigError: see `validate_checkpoint`; also a scale holding NaN (UE8M0 byte 255).
-        DeviceError: unknown or unavailable device.
+        DeviceError: unknown or unavailable device; the model would not fit in the device's free memory
+            (`parity.model.memory.check_fits`, checked before anything is allocated).
     """
     import torch
     from tqdm.auto import tqdm
@@ -497,6 +526,8 @@ def load_official(path: str | Path, device: Any = "cpu", dtype=None, *, quantize
     dtype = dtype or torch.float32
     dev = devices.resolve(device)
     cfg, layout, wm, headers = validate_checkpoint(path)
+    from parity.model.memory import check_fits
+    check_fits(cfg, dev, dtype, quantized=quantized, what=f"loading {path}")
     block = _block_size(cfg)
     if native_fp8 is None:
         native_fp8 = devices.has_fp8(dev)
@@ -722,11 +753,12 @@ def write_checkpoint(cfg: ModelConfig, tensors: dict, out_dir: str | Path, shard
 
     Returns:
         out_dir as a Path.
+    Raises:
+        CheckpointError: `out_dir` cannot be created or written (named in the message).
     """
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _prepare_out_dir(out_dir)
     groups: list[list[str]] = [[]]
     size = 0
     for name, t in tensors.items():
@@ -739,17 +771,41 @@ def write_checkpoint(cfg: ModelConfig, tensors: dict, out_dir: str | Path, shard
     n = len(groups)
     weight_map: dict[str, str] = {}
     total = 0
-    for i, names in enumerate(groups):
-        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        save_file({k: tensors[k] for k in names}, str(out / fname), metadata={"format": "pt"})
-        for k in names:
-            weight_map[k] = fname
-            total += tensors[k].numel() * tensors[k].element_size()
-    (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                             indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(cfg.to_legacy_dict(), indent=2) + "\n")
-    if tokenizer:
-        copy_tokenizer_files(out)
+    try:
+        for i, names in enumerate(groups):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            save_file({k: tensors[k] for k in names}, str(out / fname), metadata={"format": "pt"})
+            for k in names:
+                weight_map[k] = fname
+                total += tensors[k].numel() * tensors[k].element_size()
+        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2) + "\n")
+        (out / "config.json").write_text(json.dumps(cfg.to_legacy_dict(), indent=2) + "\n")
+        if tokenizer:
+            copy_tokenizer_files(out)
+    except OSError as e:  # disk full, permissions changed under us, ...
+        raise CheckpointError(f"cannot write the checkpoint into {str(out)!r} ({e.strerror or e}); expected a "
+                              f"writable directory with room for the shards") from None
+    return out
+
+
+def _prepare_out_dir(out_dir: str | Path) -> Path:
+    """Create `out_dir` (and parents) and check it is a writable directory.
+
+    Raises:
+        CheckpointError: it exists and is not a directory, cannot be created (e.g. under /proc or a
+            missing read-only parent) or is not writable -- naming the directory.
+    """
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output path {str(out)!r} exists and is not a directory; expected a directory path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create the output directory {str(out)!r} ({e.strerror or e}); expected a "
+                              f"path under a writable directory") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise CheckpointError(f"output directory {str(out)!r} is not writable; expected a writable directory")
     return out
 
 
@@ -794,17 +850,24 @@ def export_tiny(out_dir: str | Path, seed: int = 0, preset: str = "tiny") -> Pat
     """`parity export-tiny`: the seeded random `tiny` preset in the published layout. Same seed, same bytes.
 
     Raises:
-        ConfigError: unknown preset. CheckpointError: model code or tokenizer package missing.
+        ConfigError: unknown preset. CheckpointError: model code or tokenizer package missing; `out_dir`
+            cannot be created or written. DeviceError: the float model plus its quantized copy would not
+            fit in free RAM (`parity.model.memory.check_fits`; ``PARITY_SKIP_MEMORY_CHECK=1`` skips it).
     """
     import torch
 
     from parity.config import load_preset
+    from parity.model.memory import check_fits, estimate_weight_bytes
 
     try:
         from parity.model import build_model
     except ImportError:
         raise CheckpointError("parity.model.build_model is not available: the model code is missing") from None
     cfg = load_preset(preset)
+    # the float32 model and, at the same time, its quantized published-layout tensors (~bf16 + FP8/FP4)
+    check_fits(cfg, "cpu", torch.float32, quantized=False, what=f"exporting preset {preset!r}",
+               extra_bytes=estimate_weight_bytes(cfg, torch.bfloat16, quantized=True))
+    _prepare_out_dir(out_dir)  # fail before the (slow) model build, naming the directory
     with torch.no_grad():
         model = build_model(cfg, device="cpu", dtype=torch.float32, seed=int(seed))
     return export_model(model, out_dir, seed=int(seed))
