@@ -216,6 +216,12 @@ class SharedExpert(nn.Module):
         return self.down_proj(h.to(x.dtype))
 
 
+#: `Experts.forward`: at most this many token-expert pairs take the vectorised path (decode steps);
+#: larger batches run expert by expert, which keeps each expert's intermediates cache-sized.
+#: (A module constant, not an attribute: `quant.FP4Experts` borrows `Experts.forward`.)
+VECTORIZE_EXPERT_PAIRS = 128
+
+
 class Experts(nn.Module):
     """Routed experts as stacked tensors (transformers layout): ``gate_up_proj`` [E, 2I, H] (rows
     ``[:I]`` = official ``w1`` gate, ``[I:]`` = ``w3`` up) and ``down_proj`` [E, H, I] (``w2``).
@@ -237,10 +243,6 @@ class Experts(nn.Module):
         (dequantizing only the experts a step uses); the dispatch in `forward` is shared."""
         return self.gate_up_proj[e].to(dtype), self.down_proj[e].to(dtype)
 
-    #: at most this many token-expert pairs take the vectorised path of `forward` (decode steps);
-    #: larger batches run expert by expert, which keeps each expert's intermediates cache-sized.
-    vectorize_pairs = 128
-
     def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         flat_ids = expert_ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)  # pairs sorted by expert, token order within one
@@ -249,7 +251,7 @@ class Experts(nn.Module):
         w_sorted = weights.reshape(-1).index_select(0, order)
         out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         I = self.inter
-        if flat_ids.numel() <= self.vectorize_pairs:
+        if flat_ids.numel() <= VECTORIZE_EXPERT_PAIRS:
             # Few pairs: gather, SwiGLU, routing weight and scatter-add once over all pairs; only the
             # two GEMMs run per expert, each writing its rows of a shared buffer (same per-row math).
             xs = hidden.index_select(0, tok_sorted)
@@ -258,13 +260,13 @@ class Experts(nn.Module):
             for e, c in enumerate(counts):
                 if c:
                     gu_w, dn_w = self.expert_weights(e, hidden.dtype)
-                    torch.mm(xs[start:start + c], gu_w.t(), out=gu[start:start + c])
+                    gu[start:start + c] = F.linear(xs[start:start + c], gu_w)
                     used.append((start, c, dn_w))
                 start += c
             h = (swiglu(gu[:, :I], gu[:, I:], self.limit) * w_sorted[:, None]).to(hidden.dtype)
             y = hidden.new_empty((xs.shape[0], hidden.shape[1]))
             for start, c, dn_w in used:
-                torch.mm(h[start:start + c], dn_w.t(), out=y[start:start + c])
+                y[start:start + c] = F.linear(h[start:start + c], dn_w)
             return out.index_add_(0, tok_sorted, y.float())
         start = 0
         for e, c in enumerate(counts):
