@@ -218,8 +218,9 @@ class Attention(nn.Module):
         self.ratio = 0 if layer_type == SLIDING else cfg.compress_rates[layer_type]
         self.scale = cfg.head_dim ** -0.5
         #: queries per band block in the chunk (prefill) path: a block of queries attends to the
-        #: ``query_block + window - 1`` window keys that cover it, not to every key of the chunk.
-        self.query_block = cfg.sliding_window
+        #: ``query_block + window - 1`` window keys that cover it, not to every key of the chunk
+        #: (a quarter of the window: ~80% of the computed logits are inside the window).
+        self.query_block = max(8, cfg.sliding_window // 4)
         #: bound on the logits/gathered keys of one batched pass of the chunk path, in elements
         #: (consecutive band blocks are processed together up to this size).
         self.pass_elements = 1 << 24
