@@ -248,12 +248,27 @@ def test_bad_engine_args(model):
 def test_queue_full(model):
     from parity.engine import EngineQueueFull
 
-    eng = LLMEngine(EngineArgs(device="cpu", cache_memory=1 << 20, max_waiting=2), model=model, tokenizer=None)
+    eng = LLMEngine(EngineArgs(device="cpu", cache_memory=1 << 20, max_waiting=2, max_num_seqs=1), model=model,
+                    tokenizer=None)
+    eng.add_request([2], GREEDY.clone())   # takes the free running slot at the next step: not waiting
+    eng.add_request([3], GREEDY.clone())
+    eng.add_request([4], GREEDY.clone())
+    with pytest.raises(EngineQueueFull, match="max_waiting"):
+        eng.add_request([5], GREEDY.clone())
+    assert isinstance(EngineQueueFull("x"), RequestError)
+
+
+def test_queue_limit_counts_only_truly_waiting(model):
+    """max_num_seqs 1, max_waiting 1: a second request sent before the first is scheduled is the only
+    one really waiting, so it is accepted; a third is refused."""
+    from parity.engine import EngineQueueFull
+
+    eng = LLMEngine(EngineArgs(device="cpu", cache_memory=1 << 20, max_waiting=1, max_num_seqs=1), model=model,
+                    tokenizer=None)
     eng.add_request([2], GREEDY.clone())
     eng.add_request([3], GREEDY.clone())
-    with pytest.raises(EngineQueueFull, match="max_waiting"):
+    with pytest.raises(EngineQueueFull):
         eng.add_request([4], GREEDY.clone())
-    assert isinstance(EngineQueueFull("x"), RequestError)
 
 
 def test_logprobs_end_to_end(model, refs):

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from parity.devices import memory_info
 from parity.errors import RequestError
 
 #: Byte alignment of every slot (covers any dtype's itemsize and typical DMA alignment of accelerators).
@@ -144,7 +145,8 @@ class CachePool:
         page_bytes: page size in bytes (>= the largest slot; aligned to 256).
         device: torch device of the buffer.
     Raises:
-        RequestError: budget smaller than one page (names `cache_memory`).
+        RequestError: budget smaller than one page, larger than the device's free memory, or not
+            allocatable (names `cache_memory`).
     """
 
     def __init__(self, total_bytes: int, page_bytes: int, device: torch.device | str = "cpu"):
@@ -154,7 +156,16 @@ class CachePool:
             raise RequestError(f"engine argument 'cache_memory' ({total_bytes} bytes) is smaller than one cache page "
                                f"({self.page_bytes} bytes): expected at least {self.page_bytes}")
         self.device = torch.device(device)
-        self.buffer = torch.empty(self.num_pages * self.page_bytes, dtype=torch.uint8, device=self.device)
+        nbytes = self.num_pages * self.page_bytes
+        free, _ = memory_info(self.device)
+        if free and nbytes > free:
+            raise RequestError(f"engine argument 'cache_memory' ({nbytes} bytes) exceeds the free memory of "
+                               f"{self.device} ({free} bytes): expected at most {free}, e.g. a smaller --cache-memory")
+        try:
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        except RuntimeError as e:  # allocator out of memory
+            raise RequestError(f"engine argument 'cache_memory' ({nbytes} bytes) could not be allocated on "
+                               f"{self.device}: {str(e).splitlines()[0]}; expected a smaller --cache-memory") from None
         self._free_pages = list(range(self.num_pages - 1, -1, -1))
         self._classes: dict[int, _SizeClass] = {}
         self._live: dict[int, tuple[int, int, int, int]] = {}  # data_ptr -> (slot_bytes, page, slot, nbytes)

@@ -238,8 +238,11 @@ class LLMEngine:
         params.validate(self.vocab_size, self.max_model_len, len(ids))
         if params.stop and self.tokenizer is None:
             raise RequestError("sampling parameter 'stop' needs a tokenizer; use stop_token_ids instead")
-        if enforce_queue_limit and self.scheduler.num_waiting + params.n > self.args.max_waiting:
-            raise EngineQueueFull(f"request queue is full: {self.scheduler.num_waiting} requests waiting "
+        # sequences queued but bound for a free running slot at the next step are not really waiting
+        sched = self.scheduler
+        free_slots = max(0, sched.max_num_seqs - sched.num_running)
+        if enforce_queue_limit and max(0, sched.num_waiting + params.n - free_slots) > self.args.max_waiting:
+            raise EngineQueueFull(f"request queue is full: {sched.num_waiting} requests waiting "
                                   f"(max_waiting = {self.args.max_waiting}); retry later")
         total = len(ids) + (params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids))
         if not self._fits_empty_pool(min(total, self.max_model_len)):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -50,6 +51,21 @@ _SAMPLING_NAMES = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", 
 #: Prompts longer than this (characters) are tokenized on a worker thread.
 _THREAD_TOKENIZE_CHARS = 8192
 
+#: Default request-body limit: this many bytes per token of max_model_len, and at least _MIN_BODY_BYTES.
+#: A prompt that fits the context is far smaller: ~4 UTF-8 bytes per token for ordinary text, ~9 for CJK
+#: written with JSON `\\uXXXX` escapes (Python's json.dumps default), ~8 for a token-id list.
+DEFAULT_BODY_BYTES_PER_TOKEN = 32
+_MIN_BODY_BYTES = 1 << 20
+
+#: Upper bound of characters per token when the tokenizer cannot tell (DeepSeek-V4's longest token
+#: is 128 characters); a text longer than max_model_len * this cannot fit the context.
+_FALLBACK_MAX_TOKEN_CHARS = 128
+
+
+def default_max_request_bytes(max_model_len: int) -> int:
+    """Default limit of an HTTP request body (bytes): max(1 MiB, 32 bytes * max_model_len tokens)."""
+    return max(_MIN_BODY_BYTES, DEFAULT_BODY_BYTES_PER_TOKEN * int(max_model_len))
+
 
 @dataclass
 class ServerSettings:
@@ -64,6 +80,8 @@ class ServerSettings:
         manage_engine: start the engine in the app's lifespan and shut it down at exit.
         model_root: what /v1/models reports as `root` (the checkpoint path or preset).
         model_aliases: other names accepted as `model` but not listed (e.g. the path given to serve).
+        max_request_bytes: largest accepted request body (bytes); larger ones get 413 before they are
+            read in full. None: `default_max_request_bytes(max_model_len)`.
     """
 
     served_model_names: list[str] = field(default_factory=lambda: ["parity"])
@@ -74,6 +92,7 @@ class ServerSettings:
     manage_engine: bool = True
     model_root: str | None = None
     model_aliases: list[str] = field(default_factory=list)
+    max_request_bytes: int | None = None
 
 
 def _now() -> int:
@@ -225,12 +244,72 @@ class OpenAIServer:
             out.append(self.sampling_params(k))
         return out
 
-    async def tokenize(self, text: str) -> list[int]:
+    @property
+    def max_request_bytes(self) -> int:
+        """Largest accepted request body (bytes): the setting, else derived from max_model_len."""
+        limit = self.settings.max_request_bytes
+        return int(limit) if limit else default_max_request_bytes(self.max_model_len)
+
+    async def read_body(self, request: Request) -> bytes:
+        """The request body, refused once it exceeds `max_request_bytes` (checked on Content-Length first,
+        then while reading, so an oversized body is never held in memory or parsed).
+
+        Raises:
+            OpenAIError(413, code "request_too_large").
+        """
+        limit = self.max_request_bytes
+
+        def too_large(size: str) -> OpenAIError:
+            return OpenAIError(413, f"Request body too large: {size} bytes; this server accepts at most {limit} "
+                                    f"bytes (--max-request-bytes)", code="request_too_large")
+
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large(declared)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(f"more than {limit}")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """Upper bound of the characters one token decodes to (byte-level vocabulary: one char per byte,
+        so the longest vocabulary entry bounds it); a fallback of 128 when the tokenizer cannot tell."""
+        try:
+            vocab = self.tokenizer.backend.get_vocab(with_added_tokens=True)
+            return max(len(k) for k in vocab) or _FALLBACK_MAX_TOKEN_CHARS
+        except Exception:
+            return _FALLBACK_MAX_TOKEN_CHARS
+
+    async def tokenize(self, text: str, param: str = "prompt") -> list[int]:
         """Token ids of `text` with the tokenizer's defaults (V4: no BOS added, `add_bos_token: false` in
-        the published tokenizer_config.json; chat prompts carry BOS as text). Long texts are tokenized on
-        a worker thread so the event loop stays responsive."""
+        the published tokenizer_config.json; chat prompts carry BOS as text).
+
+        A text longer than max_model_len * `max_token_chars` characters cannot fit the context and is
+        refused before tokenizing. Long texts are tokenized on a worker thread with `encode_batch`, which
+        releases the GIL (plain `encode` of `tokenizers` holds it), so the event loop stays responsive.
+
+        Raises:
+            OpenAIError(400): no tokenizer loaded (token-ids-only server, code "tokenizer_unavailable"),
+                or a text that is certainly longer than the context (code "context_length_exceeded").
+        """
         tok = self.tokenizer
+        if tok is None:
+            raise bad_request(f"'{param}': this server runs without a tokenizer (--skip-tokenizer-init), so "
+                              f"text prompts are not supported; send token ids as 'prompt' to /v1/completions",
+                              param=param, code="tokenizer_unavailable")
+        mml = self.max_model_len
+        if len(text) > mml * self.max_token_chars:
+            raise bad_request(f"This model's maximum context length is {mml} tokens. However, your prompt has "
+                              f"{len(text)} characters, more than {mml} tokens can hold.",
+                              param=param, code="context_length_exceeded")
         if len(text) > _THREAD_TOKENIZE_CHARS:
+            batch = getattr(tok, "encode_batch", None)
+            if batch is not None:
+                return list((await asyncio.to_thread(batch, [text]))[0])
             return list(await asyncio.to_thread(tok.encode, text))
         return list(tok.encode(text))
 
@@ -451,14 +530,29 @@ class OpenAIServer:
                         "bytes": list(s.encode("utf-8")), "top_logprobs": tops})
         return out
 
+    def _text_piece(self, tid: int, skip_special_tokens: bool) -> str:
+        """What token `tid` contributes to the response text: "" for a special token that
+        `skip_special_tokens` drops, else its string."""
+        if skip_special_tokens:
+            try:
+                return self.tokenizer.decode([int(tid)], skip_special_tokens=True)
+            except Exception:
+                return ""
+        return self._token_str(tid)
+
     def completion_logprobs(self, token_ids: list[int], entries: list[Any], top_n: int,
-                            offset0: int) -> dict[str, Any]:
-        """OpenAI completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset)."""
+                            offset0: int, skip_special_tokens: bool = True) -> dict[str, Any]:
+        """OpenAI completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset).
+
+        `tokens[i]` is what token i contributes to `text`, so `text_offset` (characters) indexes `text`:
+        a special token dropped by `skip_special_tokens` is "" there (vLLM prints its string and so
+        counts characters `text` lacks); `top_logprobs` keys stay the tokens' own strings.
+        """
         tokens, lps, tops, offs = [], [], [], []
         off = offset0
         for tid, entry in zip(token_ids, entries):
             own, pairs = self._lp_entry(entry, tid)
-            s = self._token_str(tid)
+            s = self._text_piece(tid, skip_special_tokens)
             tokens.append(s)
             lps.append(own)
             tops.append({self._token_str(k): lp for k, lp in pairs[:top_n]} if top_n else None)
@@ -569,6 +663,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None, *, chat_forma
     async def lifespan(app: FastAPI):
         if settings.manage_engine:
             await engine.start()
+        await asyncio.to_thread(lambda: srv.max_token_chars)  # ~0.1 s vocabulary scan, off the request path
         try:
             yield
         finally:
@@ -673,7 +768,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None, *, chat_forma
     # ---- chat ---------------------------------------------------------------------------------
     async def chat_handler(request: Request) -> Response:
         arrival = time.perf_counter()
-        req: P.ChatCompletionRequest = P.parse_body(await request.body(), P.ChatCompletionRequest)
+        req: P.ChatCompletionRequest = P.parse_body(await srv.read_body(request), P.ChatCompletionRequest)
         model = srv.check_model(req.model)
         P.unsupported_fields(req)
         P.check_n(req.n)
@@ -694,7 +789,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None, *, chat_forma
             msg = str(e)
             raise bad_request(msg, param=getattr(e, "param", None) or param_from_message(msg, ("reasoning_effort",)),
                               code="invalid_value") from None
-        prompt_ids = await srv.tokenize(prompt)
+        prompt_ids = await srv.tokenize(prompt, "messages")
         if req.max_completion_tokens is not None:
             mt, mt_name = req.max_completion_tokens, "max_completion_tokens"
         else:
@@ -806,7 +901,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None, *, chat_forma
     # ---- completions --------------------------------------------------------------------------
     async def completions_handler(request: Request) -> Response:
         arrival = time.perf_counter()
-        req: P.CompletionRequest = P.parse_body(await request.body(), P.CompletionRequest)
+        req: P.CompletionRequest = P.parse_body(await srv.read_body(request), P.CompletionRequest)
         model = srv.check_model(req.model)
         P.unsupported_fields(req)
         P.check_n(req.n)
@@ -827,6 +922,10 @@ def build_app(engine: Any, settings: ServerSettings | None = None, *, chat_forma
             for ch, sp in zip(srv.new_choices(rid, req.n, len(ids), arrival, base=pi * req.n), params):
                 jobs.append((ch, ids, sp))
                 if req.echo:
+                    if ptext is None and srv.tokenizer is None:
+                        raise bad_request("'echo' of a token-id prompt needs a tokenizer; this server runs "
+                                          "without one (--skip-tokenizer-init)", param="echo",
+                                          code="tokenizer_unavailable")
                     echo_text[ch.index] = ptext if ptext is not None else srv.tokenizer.decode(ids)
         choices = [j[0] for j in jobs]
         prompt_total = sum(len(ids) for _, ids in prompts) * req.n
@@ -836,7 +935,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None, *, chat_forma
         def lp_obj(ch: _Choice, ids: list[int], entries: list[Any], offset0: int) -> dict | None:
             if req.logprobs is None:
                 return None
-            return srv.completion_logprobs(ids, entries, req.logprobs, offset0)
+            return srv.completion_logprobs(ids, entries, req.logprobs, offset0, req.skip_special_tokens)
 
         if not req.stream:
             if not await srv.run_all(request, jobs):
@@ -1017,11 +1116,13 @@ async def _completion_prompts(srv: OpenAIServer, prompt: Any) -> list[tuple[str 
         if isinstance(it, str):
             if not it:
                 raise bad_request(f"'{name}' must not be empty", param=name)
-            out.append((it, await srv.tokenize(it)))
+            out.append((it, await srv.tokenize(it, name)))
         else:
             if not it:
                 raise bad_request(f"'{name}' must not be empty", param=name)
-            bad = next((t for t in it if not 0 <= t < vocab), None)
+            bad = None
+            if min(it) < 0 or max(it) >= vocab:  # C-speed scan first: token-id prompts can be long
+                bad = next((t for t in it if not 0 <= t < vocab), None)
             if bad is not None:
                 raise bad_request(f"'{name}' holds token id {bad}, outside [0, {vocab})", param=name,
                                   code="invalid_value")

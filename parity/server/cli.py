@@ -33,6 +33,61 @@ def parse_bytes(text: str) -> int:
     return int(val * _UNITS[unit])
 
 
+def parse_port(text: str) -> int:
+    """A TCP port number 1..65535 (int). Raises argparse.ArgumentTypeError otherwise."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port number in 1..65535, got {text!r}")
+    return port
+
+
+def parse_nonneg_seconds(text: str) -> float:
+    """A duration in seconds >= 0 (float). Raises argparse.ArgumentTypeError otherwise."""
+    try:
+        val = float(text)
+    except ValueError:
+        val = float("nan")
+    if not val >= 0 or val == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return val
+
+
+def parse_nonempty(text: str) -> str:
+    """A string with at least one non-blank character. Raises argparse.ArgumentTypeError otherwise."""
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError(f"expected a non-empty value, got {text!r}")
+    return str(text)
+
+
+def load_checkpoint_tokenizer(model: str | None, skip: bool = False) -> Any:
+    """The tokenizer of a checkpoint directory, loaded before the model so that a broken
+    `tokenizer.json` stops the command at once with one line naming the file.
+
+    Args:
+        model: the model argument (checkpoint directory, preset name or None for the miniature).
+        skip: token-ids-only mode (`--skip-tokenizer-init`): load no tokenizer.
+    Returns:
+        the tokenizer for a directory; None when `skip`; "auto" (the engine's default: the bundled
+        DeepSeek-V4 vocabulary) for presets and the miniature.
+    Raises:
+        CheckpointError: the directory's tokenizer.json is missing or unreadable (parity.tokenizer).
+    """
+    if skip:
+        return None
+    if model is None or not Path(model).expanduser().is_dir():
+        return "auto"
+    from parity.errors import CheckpointError
+    from parity.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(Path(model).expanduser())
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (pass --skip-tokenizer-init to serve token-id prompts only)") from None
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine flags shared by serve / generate / chat (names follow vLLM's CLI)."""
     g = p.add_argument_group("engine")
@@ -99,20 +154,27 @@ def register(subparsers: Any) -> None:
     s.add_argument("model", nargs="?", default=None,
                    help="checkpoint directory or preset name (default: the bundled miniature)")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=parse_port, default=8000, help="TCP port, 1..65535 (default 8000)")
     s.add_argument("--api-key", default=None, help="require this bearer token (default: env PARITY_API_KEY)")
-    s.add_argument("--served-model-name", default=None, help="model name clients use (default: derived)")
+    s.add_argument("--served-model-name", type=parse_nonempty, default=None,
+                   help="model name clients use (default: derived)")
     s.add_argument("--default-thinking", action="store_true",
                    help="thinking mode for chat requests that do not choose one")
-    s.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds in-flight requests may finish before they are aborted")
+    s.add_argument("--drain-timeout", type=parse_nonneg_seconds, default=30.0,
+                   help="on SIGTERM, seconds (>= 0) in-flight requests may finish before they are aborted")
+    s.add_argument("--max-request-bytes", type=parse_bytes, default=None,
+                   help="largest request body, e.g. 8MiB; larger ones get HTTP 413 "
+                        "(default: max(1 MiB, 32 bytes per token of max_model_len))")
+    s.add_argument("--skip-tokenizer-init", action="store_true",
+                   help="load no tokenizer: only /v1/completions with token-id prompts works; text prompts "
+                        "get HTTP 400 (for a checkpoint without a usable tokenizer.json)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(s)
     s.set_defaults(func=run_serve)
 
     g = subparsers.add_parser("generate", help="one-shot generation with the offline engine")
     g.add_argument("model", nargs="?", default=None, help="checkpoint directory or preset (default: miniature)")
-    g.add_argument("--prompt", required=True, help="prompt text")
+    g.add_argument("--prompt", required=True, type=parse_nonempty, help="prompt text (not empty)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat format)")
     g.add_argument("--thinking", action="store_true", help="chat in thinking mode (implies --chat)")
     g.add_argument("--n", type=int, default=1, help="completions per prompt")
@@ -136,10 +198,15 @@ def register(subparsers: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------- serve
 def build_engine(args: argparse.Namespace):
-    """An AsyncEngine for the parsed flags (loads the model)."""
+    """An AsyncEngine for the parsed flags (loads the tokenizer, then the model).
+
+    Raises:
+        CheckpointError: a checkpoint directory's tokenizer.json is broken (unless --skip-tokenizer-init).
+    """
     from parity.engine import AsyncEngine, EngineArgs
 
-    return AsyncEngine(EngineArgs(**engine_kwargs(args)))
+    tokenizer = load_checkpoint_tokenizer(args.model, getattr(args, "skip_tokenizer_init", False))
+    return AsyncEngine(EngineArgs(**engine_kwargs(args)), **({} if tokenizer == "auto" else {"tokenizer": tokenizer}))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -156,7 +223,8 @@ def run_serve(args: argparse.Namespace) -> int:
           f"{' (API key required)' if api_key else ''}", file=sys.stderr)
     settings = ServerSettings(served_model_names=[name], api_key=api_key, default_thinking=args.default_thinking,
                               drain_timeout_s=args.drain_timeout, model_root=args.model or name,
-                              model_aliases=[args.model] if args.model and args.model != name else [])
+                              model_aliases=[args.model] if args.model and args.model != name else [],
+                              max_request_bytes=args.max_request_bytes)
     app = build_app(engine, settings)
     return serve_forever(app, args.host, args.port, drain_timeout_s=args.drain_timeout, log_level=args.log_level)
 
@@ -168,10 +236,16 @@ def run_generate(args: argparse.Namespace) -> int:
     from parity.engine import LLM, SamplingParams
 
     chat = args.chat or args.thinking
-    llm = LLM(**engine_kwargs(args))
+    tokenizer = load_checkpoint_tokenizer(args.model)
+    llm = LLM(**engine_kwargs(args), **({} if tokenizer == "auto" else {"tokenizer": tokenizer}))
     sp = SamplingParams(n=args.n, logprobs=args.logprobs, **sampling_kwargs(args))
     sp.validate(llm.config.vocab_size, llm.engine.max_model_len)
     tok = llm.tokenizer
+    if tok is None:
+        from parity.errors import CheckpointError
+
+        raise CheckpointError("no tokenizer could be loaded for this model, and --prompt is text; "
+                              "check the checkpoint's tokenizer.json")
     if chat:
         from parity.tokenizer import encode_chat
 

@@ -15,6 +15,7 @@ accepted when empty/default and rejected with a 400 naming them otherwise (see `
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +26,9 @@ from parity.server.errors import bad_request, pydantic_errors_to_openai
 #: chat `top_logprobs` [0, 20], completions `logprobs` [0, 5]. `n` is capped by parity (MAX_N).
 MAX_N = 16
 MAX_STOP = 16
+#: `seed` range: a signed 64-bit integer, as vLLM's protocol (torch.iinfo(torch.long)).
+SEED_MIN = -(2**63)
+SEED_MAX = 2**63 - 1
 
 
 class _Strict(BaseModel):
@@ -169,12 +173,62 @@ def parse_body(raw: bytes, model_cls: type[BaseModel]) -> Any:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f"We could not parse the JSON body of your request: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request(f"The JSON body of your request is nested too deeply (at most {MAX_JSON_DEPTH} levels "
+                          f"are accepted).", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    _check_tree(obj, check_strings=_SURROGATE_ESCAPE.search(raw) is not None)
     try:
         return model_cls.model_validate(obj, strict=True)
     except ValidationError as e:
         raise pydantic_errors_to_openai(e.errors(include_url=False)) from None
+
+
+#: Deepest JSON nesting accepted in a request body (levels); a body nested deeper gets 400.
+MAX_JSON_DEPTH = 64
+
+#: A JSON escape of a UTF-16 surrogate (`\ud800`..`\udfff`): the only way a body that is valid UTF-8
+#: can decode to a str holding a lone surrogate, which no tokenizer accepts.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
+def _check_tree(obj: Any, check_strings: bool) -> None:
+    """Reject a parsed body nested deeper than MAX_JSON_DEPTH and, when `check_strings`, any string (key or
+    value) that is not valid Unicode (a lone surrogate such as "\\ud800").
+
+    Raises:
+        OpenAIError(400) naming the path of the offending value (e.g. "messages.0.content").
+    """
+    stack: list[tuple[Any, tuple, int]] = [(obj, (), 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        if isinstance(node, str):
+            if check_strings:
+                try:
+                    node.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    where = ".".join(map(str, path)) or None
+                    raise bad_request(f"Invalid value for '{where}': the string holds a lone UTF-16 surrogate "
+                                      f"({node[e.start]!r} at character {e.start}); strings must be valid Unicode",
+                                      param=where, code="invalid_value") from None
+            continue
+        if not isinstance(node, (dict, list)):
+            continue
+        if depth >= MAX_JSON_DEPTH:
+            where = ".".join(map(str, path)) or None
+            raise bad_request(f"The JSON body of your request is nested too deeply at '{where}' (at most "
+                              f"{MAX_JSON_DEPTH} levels are accepted).", param=where, code="invalid_json")
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if check_strings:
+                    stack.append((k, path + (k,), depth + 1))
+                stack.append((v, path + (k,), depth + 1))
+        elif not _SCALARS.issuperset(map(type, node)):  # C-speed skip of number lists (token-id prompts)
+            stack.extend((v, path + (i,), depth + 1) for i, v in enumerate(node) if isinstance(v, (str, dict, list)))
 
 
 def unsupported_fields(req: Any) -> None:
@@ -213,7 +267,8 @@ def sampling_kwargs(req: Any, *, max_tokens: int, logprobs: int | None,
     Ranges are checked here (before the engine) so that the 400 names the OpenAI parameter:
     temperature in [0, 2], top_p in (0, 1], presence/frequency penalty in [-2, 2] (OpenAI API reference),
     top_k == -1, 0 or >= 1, min_p in [0, 1], repetition_penalty > 0, min_tokens in [0, max_tokens],
-    stop at most MAX_STOP non-empty strings, stop_token_ids in [0, vocab_size).
+    stop at most MAX_STOP non-empty strings, stop_token_ids in [0, vocab_size), seed + n - 1 within
+    [SEED_MIN, SEED_MAX] (signed 64-bit).
 
     Args:
         req: ChatCompletionRequest or CompletionRequest.
@@ -238,6 +293,10 @@ def sampling_kwargs(req: Any, *, max_tokens: int, logprobs: int | None,
     rng("presence_penalty", req.presence_penalty, -2.0, 2.0)
     rng("frequency_penalty", req.frequency_penalty, -2.0, 2.0)
     rng("min_p", req.min_p, 0.0, 1.0)
+    if req.seed is not None and not SEED_MIN <= req.seed <= SEED_MAX - (req.n - 1):
+        raise bad_request(f"Invalid value for 'seed': {req.seed}; expected an integer in [{SEED_MIN}, "
+                          f"{SEED_MAX - (req.n - 1)}] (a signed 64-bit integer; choice i uses seed + i)",
+                          param="seed", code="invalid_value")
     if req.top_k is not None and req.top_k < -1:
         raise bad_request(f"Invalid value for 'top_k': {req.top_k}; expected -1 or 0 (off) or >= 1",
                           param="top_k", code="invalid_value")
