@@ -16,6 +16,9 @@ Design:
   cancels the body on disconnect. Either way every engine request of the HTTP request is aborted
   (`engine.abort`) and its generator closed, which frees its cache.
 - Errors have OpenAI's shape (see errors.py).
+- Hostile input cannot stall the loop: bodies over `max_request_bytes` get 413 before they are read in full,
+  a text longer than max_model_len tokens can hold is refused before tokenizing, and long texts are
+  tokenized with `encode_batch` on a worker thread (it releases the GIL; `tokenizers`' `encode` does not).
 
 SSE framing follows OpenAI: `data: <json>\\n\\n` per chunk, then `data: [DONE]\\n\\n`.
 """
