@@ -151,7 +151,7 @@ class _Compressing(nn.Module):
             else:
                 pos = (torch.arange(out.shape[0], device=out.device) + first_window) * self.ratio
             cos, sin = rope_cos_sin(pos, inv_freq)
-            out = apply_rope(out, cos, sin)
+            out = apply_rope(out, cos, sin, inplace=True)
         return out
 
 
@@ -439,8 +439,8 @@ class Attention(nn.Module):
         cos, sin = ctx.cos_sin[self.rope_key]
         qr = self.q_a_norm(self.q_a_proj(x))
         q = self.q_b_proj(qr).view(T, self.n_heads, self.head_dim)
-        q = apply_rope(rms_unweighted(q, self.eps), cos, sin)
-        kv = apply_rope(self.kv_norm(self.kv_proj(x)), cos, sin)
+        q = apply_rope(rms_unweighted(q, self.eps), cos, sin, inplace=True)  # fresh tensors: rotate in place
+        kv = apply_rope(self.kv_norm(self.kv_proj(x)), cos, sin, inplace=True)
         kv = self._round_kv(kv, ctx)
 
         comp = self.compressor
@@ -450,7 +450,7 @@ class Attention(nn.Module):
             if idx is not None:
                 ikv, isc = idx.project(x, ctx.positions)
                 iq = idx.q_b_proj(qr).view(T, idx.n_heads, idx.d)
-                iq = self._round_index(apply_rope(iq, cos, sin), ctx)
+                iq = self._round_index(apply_rope(iq, cos, sin, inplace=True), ctx)
                 iw = idx.scorer.weights_proj(x).float() * (idx.n_heads ** -0.5 * idx.d ** -0.5)
 
         out = torch.empty_like(q)
@@ -488,6 +488,6 @@ class Attention(nn.Module):
                                   out[s:e])
             cache.window_write(p, kv[s:e])
 
-        out = apply_rope(out, cos, sin, inverse=True)
+        out = apply_rope(out, cos, sin, inverse=True, inplace=True)
         o = grouped_out_proj(out.reshape(T, self.groups, -1), self.o_a_proj, self.groups)
         return self.o_b_proj(o)

@@ -84,13 +84,15 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch
     return ang.cos(), ang.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False,
+               inplace: bool = False) -> torch.Tensor:
     """Interleaved RoPE on the *last* ``2 * cos.shape[-1]`` channels of x (V4 lays heads out [nope | rope]).
 
     x: [N, ..., D] (N tokens first, any middle dims, e.g. heads); cos/sin: [N, rope_dim // 2].
     Pairs are consecutive channels (2i, 2i+1) like the official ``view_as_complex`` form. ``inverse``
     rotates by -angle (the official ``apply_rotary_emb(..., inverse=True)`` on the attention output).
-    Returns a new tensor in x's dtype; the rotation is computed in fp32.
+    Returns a new tensor in x's dtype; the rotation is computed in fp32. ``inplace`` writes the rotated
+    channels into x itself and returns x (for a fresh x the caller owns: saves a copy of the whole tensor).
     """
     rd = 2 * cos.shape[-1]
     shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
@@ -100,6 +102,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     r = x[..., -rd:].float().unflatten(-1, (-1, 2))
     a, b = r[..., 0], r[..., 1]
     rot = torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2).to(x.dtype)
+    if inplace:
+        x[..., -rd:] = rot
+        return x
     if rd == x.shape[-1]:
         return rot
     return torch.cat([x[..., :-rd], rot], dim=-1)
