@@ -26,23 +26,84 @@ import torch.nn.functional as F
 from torch import nn
 
 from parity.config import CSA, HCA, SLIDING
-from parity.model.layers import RMSNorm, apply_rope, rms_unweighted, rope_cos_sin
+from parity.model.layers import RMSNorm, Rotary, apply_rope, rms_unweighted, rope_cos_sin
 
 
 class StepContext:
-    """What every layer needs about the flat token batch of one step.
+    """What every layer needs about the flat token batch of one step (built once, shared by all layers).
 
     Attributes:
         positions: LongTensor[T] absolute position of each new token.
         token_ids: LongTensor[T].
         segments: list of (start, n, first_position) per sequence, in batch order.
         cos_sin: {"main": (cos, sin), "compress": (cos, sin)} each [T, rope_dim // 2] fp32.
+        rotary: {"main": Rotary, "compress": Rotary}: the same angles as rotation tables.
         kv_fp8: apply the official FP8 rounding to KV (issue 8); index_fp4: FP4 indexer simulation.
     """
 
     def __init__(self, positions, token_ids, segments, cos_sin, kv_fp8=False, index_fp4=False):
         self.positions, self.token_ids, self.segments, self.cos_sin = positions, token_ids, segments, cos_sin
         self.kv_fp8, self.index_fp4 = kv_fp8, index_fp4
+        self.rotary = {k: Rotary(c, s) for k, (c, s) in cos_sin.items()}
+        self._decode: dict = {}
+
+    def decode_batch(self, window: int) -> "DecodeBatch | None":
+        """The step's one-token sequences as a `DecodeBatch` (None if there are none); built on the
+        first call and reused by every later layer of the step."""
+        if window not in self._decode:
+            single = [i for i, seg in enumerate(self.segments) if seg[1] == 1]
+            self._decode[window] = DecodeBatch(self, single, window) if single else None
+        return self._decode[window]
+
+
+class DecodeBatch:
+    """Per-step metadata of the sequences that add exactly one token, shared by all layers (they
+    all see the same positions): row indices, positions, ring-buffer slots, the window mask, and per
+    compression ratio the sequences whose token completes a window and the entry-visibility masks.
+    Everything is derived from host-side positions, so the layers need no ``.tolist()`` / ``nonzero``.
+
+    Attributes:
+        single: indices into ``ctx.segments``; k = len(single).
+        rows: LongTensor[k] flat token rows, or None when every token of the step is one (rows = 0..k-1).
+        pos: list[int] positions; P: LongTensor[k] the same; slots: list[int] ``pos % window``.
+        allowed: BoolTensor[k, window]: ring slot j holds a visible key (position
+            ``p - ((p - j) mod window)`` >= 0).
+    """
+
+    def __init__(self, ctx: StepContext, single: list[int], window: int):
+        dev = ctx.positions.device
+        self.single, self.k, self.window = single, len(single), window
+        segs = ctx.segments
+        self.pos = [segs[i][2] for i in single]
+        if self.k == len(ctx.token_ids):
+            self.rows = None
+            self.P = ctx.positions
+        else:
+            self.rows = torch.tensor([segs[i][0] for i in single], device=dev)
+            self.P = torch.tensor(self.pos, device=dev)
+        self.slots = [p % window for p in self.pos]
+        P = self.P[:, None]
+        self.allowed = (P - (P - torch.arange(window, device=dev)[None, :]) % window) >= 0
+        self._emit: dict = {}
+        self._vis: dict = {}
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """x's rows of the one-token sequences ([k, ...])."""
+        return x if self.rows is None else x.index_select(0, self.rows)
+
+    def emit(self, ratio: int) -> tuple[list[int], torch.Tensor]:
+        """Sequences (indices into 0..k-1, list and LongTensor) whose new token completes a window."""
+        if ratio not in self._emit:
+            e = [i for i, p in enumerate(self.pos) if (p + 1) % ratio == 0]
+            self._emit[ratio] = (e, torch.tensor(e, dtype=torch.long, device=self.P.device))
+        return self._emit[ratio]
+
+    def visible(self, ratio: int, n: int) -> torch.Tensor:
+        """BoolTensor[k, n]: compressed entry w is visible to sequence i (``w < (p_i + 1) // ratio``)."""
+        key = (ratio, n)
+        if key not in self._vis:
+            self._vis[key] = torch.arange(n, device=self.P.device)[None, :] < ((self.P + 1) // ratio)[:, None]
+        return self._vis[key]
 
 
 def compress_windows(state_kv: torch.Tensor, state_sc: torch.Tensor, kv: torch.Tensor, sc: torch.Tensor, pos: int,
@@ -84,20 +145,22 @@ def compress_windows(state_kv: torch.Tensor, state_sc: torch.Tensor, kv: torch.T
 
 
 def compress_step(st_kv: torch.Tensor, st_sc: torch.Tensor, kv: torch.Tensor, sc: torch.Tensor, pos: torch.Tensor,
-                  ratio: int, overlap: bool, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  ratio: int, overlap: bool, d: int, emit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`compress_windows` for k sequences that each add one token (the decode step), vectorised.
 
     st_kv/st_sc: stacked states [k, coff * ratio, coff * d] (updated in place); kv/sc: [k, coff * d];
     pos: LongTensor[k] positions of the new tokens. Returns (emitting sequence indices LongTensor[m],
     their entries fp32 [m, d]) for the sequences whose token completes a window (official
-    ``Compressor.forward`` decode branch).
+    ``Compressor.forward`` decode branch). ``emit``: those indices when the caller already knows them
+    (`DecodeBatch.emit`, from host positions: no device-to-host sync here).
     """
     k = kv.shape[0]
     ar = torch.arange(k, device=kv.device)
     row = (ratio if overlap else 0) + pos % ratio
     st_kv[ar, row] = kv
     st_sc[ar, row] = sc
-    emit = ((pos + 1) % ratio == 0).nonzero().flatten()
+    if emit is None:
+        emit = ((pos + 1) % ratio == 0).nonzero().flatten()
     if emit.numel() == 0:
         return emit, kv.new_empty((0, d))
     sk, ss = st_kv[emit], st_sc[emit]
@@ -265,66 +328,74 @@ class Attention(nn.Module):
         return hadamard(x)
 
     # ------------------------------------------------------------------ decode step (n_i = 1), batched
-    def _decode_step(self, single: list[int], ctx: StepContext, caches: list, q, kv, out, comp_in, idx_in) -> None:
-        """Attention for the sequences that add exactly one token this step, batched over them.
+    def _decode_step(self, db: DecodeBatch, ctx: StepContext, caches: list, q, kv, out, comp_in,
+                     idx_in) -> torch.Tensor:
+        """Attention for the sequences that add exactly one token this step, batched over them: writes
+        their rows of ``out`` and returns it, or (``out`` None: every token of the step is such a
+        sequence's) returns the output [k, H, D] itself.
 
         Same math as the chunk path: keys are the sequence's ring-buffer slots (position
-        ``p - ((p - slot) mod window)``, valid when >= 0) plus its compressed entries; per-sequence
-        work is reduced to cache reads/writes, everything else runs once for all k sequences.
+        ``p - ((p - slot) mod window)``, valid when >= 0) plus its compressed entries. The step
+        metadata (rows, positions, slots, masks, which sequences complete a compression window) comes
+        from ``db``, built once per step; per-sequence work is reduced to writing the new window row
+        (one indexed copy) and reading the compressed entries; everything else runs once for all k
+        sequences. With one sequence its cache tensors are used as views (no stacking or copy-back).
         """
-        dev = q.device
-        cs = [caches[i] for i in single]
-        rows = torch.tensor([ctx.segments[i][0] for i in single], device=dev)
-        pos_list = [ctx.segments[i][2] for i in single]
-        P = torch.tensor(pos_list, device=dev)
-        k, W = len(single), self.window
-        kv_new = kv[rows]
-        for c, p, i in zip(cs, pos_list, range(k)):
-            c.window_write(p, kv_new[i:i + 1])
+        cs = [caches[i] for i in db.single]
+        k, W = db.k, self.window
+        kv_new = db.take(kv)
         codec = cs[0].codec
-        win = torch.stack([c.window for c in cs])
+        enc = codec.encode(kv_new)
+        for c, slot, i in zip(cs, db.slots, range(k)):
+            c.window[slot] = enc[i]
+        win = cs[0].window.unsqueeze(0) if k == 1 else torch.stack([c.window for c in cs])
         win = codec.decode(win.reshape(k * W, -1)).view(k, W, -1)
-        slot = torch.arange(W, device=dev)
-        allowed = (P[:, None] - (P[:, None] - slot[None, :]) % W) >= 0
+        allowed = db.allowed
         keys = [win]
         sel_k = sel_ok = None
         comp = self.compressor
         if comp is not None:
             ckv, csc = comp_in
             d, cw, ratio = comp.d, comp.coff * comp.d, comp.ratio
-            st = torch.stack([c.comp_state for c in cs])
-            emit, ent = compress_step(st[:, 0, :, :cw], st[:, 1, :, :cw], ckv[rows], csc[rows], P, ratio,
-                                      comp.overlap, d)
+            st = cs[0].comp_state.unsqueeze(0) if k == 1 else torch.stack([c.comp_state for c in cs])
+            emit_list, emit = db.emit(ratio)
+            _, ent = compress_step(st[:, 0, :, :cw], st[:, 1, :, :cw], db.take(ckv), db.take(csc), db.P, ratio,
+                                   comp.overlap, d, emit)
             idx = comp.indexer
             if idx is not None:
                 ikv, isc, iq, iw = idx_in
-                _, ient = compress_step(st[:, 0, :, cw:], st[:, 1, :, cw:], ikv[rows], isc[rows], P, idx.ratio,
-                                        True, idx.d)
-            for c, i in zip(cs, range(k)):
-                c.comp_state.copy_(st[i])
-            if emit.numel():
-                wid = P[emit] // ratio
+                _, ient = compress_step(st[:, 0, :, cw:], st[:, 1, :, cw:], db.take(ikv), db.take(isc), db.P,
+                                        idx.ratio, True, idx.d, db.emit(idx.ratio)[1])
+            if k > 1:
+                for c, i in zip(cs, range(k)):
+                    c.comp_state.copy_(st[i])
+            if emit_list:
+                wid = db.P[emit] // ratio
                 ent = self._round_kv(comp.finish(ent, wid, self.inv_freq, kv.dtype), ctx)
                 ient = self._rotate_index_keys(idx.finish(ient, wid, self.inv_freq, kv.dtype), ctx) \
                     if idx is not None else None
-                for j, i in enumerate(emit.tolist()):
+                for j, i in enumerate(emit_list):
                     cs[i].append_entries(ent[j:j + 1], ient[j:j + 1] if ient is not None else None)
             n_max = max(c.n_entries for c in cs)
             if n_max:
-                ents = _pad_stack([c.entries() for c in cs], n_max)
-                vis = torch.arange(n_max, device=dev)[None, :] < ((P + 1) // ratio)[:, None]
+                ents = cs[0].entries().unsqueeze(0) if k == 1 else _pad_stack([c.entries() for c in cs], n_max)
+                vis = db.visible(ratio, n_max)
                 if idx is not None:
-                    ik = _pad_stack([c.index_keys() for c in cs], n_max).float()
-                    sc = torch.einsum("khd,ked->khe", iq[rows].float(), ik).relu()
-                    sc = (sc * iw[rows][:, :, None]).sum(dim=1).masked_fill(~vis, float("-inf"))
+                    ik = cs[0].index_keys().unsqueeze(0) if k == 1 else _pad_stack([c.index_keys() for c in cs], n_max)
+                    sc = torch.einsum("khd,ked->khe", db.take(iq).float(), ik.float()).relu()
+                    sc = (sc * db.take(iw)[:, :, None]).sum(dim=1).masked_fill(~vis, float("-inf"))
                     top = torch.sort(sc, dim=-1, descending=True, stable=True).indices[:, : min(idx.topk, n_max)]
                     sel_ok = torch.gather(vis, 1, top)
                     sel_k = torch.gather(ents, 1, top[:, :, None].expand(-1, -1, ents.shape[-1]))
                 else:
                     keys.append(ents)
                     allowed = torch.cat([allowed, vis], dim=1)
-        kmat = torch.cat(keys, dim=1)
-        out[rows] = self._sink_attention(q[rows], kmat, allowed, sel_k, sel_ok).to(out.dtype)
+        kmat = keys[0] if len(keys) == 1 else torch.cat(keys, dim=1)
+        o = self._sink_attention(db.take(q), kmat, allowed, sel_k, sel_ok).to(q.dtype)
+        if out is None:
+            return o
+        out[db.rows] = o
+        return out
 
     def _sink_attention(self, q: torch.Tensor, kmat: torch.Tensor, allowed: torch.Tensor,
                         sel_k: torch.Tensor | None = None, sel_ok: torch.Tensor | None = None) -> torch.Tensor:
@@ -436,11 +507,11 @@ class Attention(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, ctx: StepContext, caches: list) -> torch.Tensor:
         T = x.shape[0]
-        cos, sin = ctx.cos_sin[self.rope_key]
+        rope = ctx.rotary[self.rope_key]
         qr = self.q_a_norm(self.q_a_proj(x))
         q = self.q_b_proj(qr).view(T, self.n_heads, self.head_dim)
-        q = apply_rope(rms_unweighted(q, self.eps), cos, sin, inplace=True)  # fresh tensors: rotate in place
-        kv = apply_rope(self.kv_norm(self.kv_proj(x)), cos, sin, inplace=True)
+        q = rope.rotate(rms_unweighted(q, self.eps), inplace=True)  # fresh tensors: rotate in place
+        kv = rope.rotate(self.kv_norm(self.kv_proj(x)), inplace=True)
         kv = self._round_kv(kv, ctx)
 
         comp = self.compressor
@@ -450,15 +521,17 @@ class Attention(nn.Module):
             if idx is not None:
                 ikv, isc = idx.project(x, ctx.positions)
                 iq = idx.q_b_proj(qr).view(T, idx.n_heads, idx.d)
-                iq = self._round_index(apply_rope(iq, cos, sin, inplace=True), ctx)
+                iq = self._round_index(rope.rotate(iq, inplace=True), ctx)
                 iw = idx.scorer.weights_proj(x).float() * (idx.n_heads ** -0.5 * idx.d ** -0.5)
 
-        out = torch.empty_like(q)
-        single = [i for i, seg in enumerate(ctx.segments) if seg[1] == 1]
-        if single:
-            self._decode_step(single, ctx, caches, q, kv, out,
-                              (ckv, csc) if comp is not None else None,
-                              (ikv, isc, iq, iw) if comp is not None and comp.indexer is not None else None)
+        db = ctx.decode_batch(self.window)
+        out = None if db is not None and db.rows is None else torch.empty_like(q)
+        if db is not None:
+            o = self._decode_step(db, ctx, caches, q, kv, out,
+                                  (ckv, csc) if comp is not None else None,
+                                  (ikv, isc, iq, iw) if comp is not None and comp.indexer is not None else None)
+            if out is None:  # every sequence of the step added one token: o is the whole output
+                return self._output(o, rope)
         for (s, n, p), cache in zip(ctx.segments, caches):
             if n == 1:
                 continue
@@ -488,6 +561,10 @@ class Attention(nn.Module):
                                   out[s:e])
             cache.window_write(p, kv[s:e])
 
-        out = apply_rope(out, cos, sin, inverse=True, inplace=True)
-        o = grouped_out_proj(out.reshape(T, self.groups, -1), self.o_a_proj, self.groups)
+        return self._output(out, rope)
+
+    def _output(self, out: torch.Tensor, rope: Rotary) -> torch.Tensor:
+        """Inverse RoPE on the attention output [T, H, D] (in place), then the grouped output projection."""
+        out = rope.rotate(out, inverse=True, inplace=True)
+        o = grouped_out_proj(out.reshape(out.shape[0], self.groups, -1), self.o_a_proj, self.groups)
         return self.o_b_proj(o)

@@ -84,6 +84,49 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch
     return ang.cos(), ang.sin()
 
 
+class Rotary:
+    """Interleaved RoPE of one setting at N positions, built once per step and shared by every layer.
+
+    Pair (a, b) = channels (2i, 2i+1) becomes (a c - b s, a s + b c) (``inverse``: s -> -s). The
+    tables hold cos on both channels of a pair (``c2``) and (-s, s) (``s2``), so a rotation is
+    ``x * c2 + swap(x) * s2``: three elementwise ops instead of a dozen, and bit-identical to the
+    textbook form (b * (-s) = -(b * s) exactly, and a * s + b * c = b * c + a * s).
+
+    Attributes: cos, sin [N, rope_dim // 2] fp32 (what `rope_cos_sin` returns).
+    """
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        self.cos, self.sin = cos, sin
+        self.rd = 2 * cos.shape[-1]
+        self.c2 = torch.stack((cos, cos), dim=-1).flatten(-2)
+        self.s2 = torch.stack((-sin, sin), dim=-1).flatten(-2)
+        self._s2_inv = None
+
+    def rotate(self, x: torch.Tensor, inverse: bool = False, inplace: bool = False) -> torch.Tensor:
+        """RoPE on the *last* ``rope_dim`` channels of x [N, ..., D] (see `apply_rope`)."""
+        rd = self.rd
+        if inverse:
+            if self._s2_inv is None:
+                self._s2_inv = -self.s2
+            s2 = self._s2_inv
+        else:
+            s2 = self.s2
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (rd,)
+        c2, s2 = self.c2.view(shape), s2.view(shape)
+        r = x[..., -rd:]
+        swapped = r.float().unflatten(-1, (-1, 2)).flip(-1).flatten(-2).mul_(s2)  # fresh: (b, a) * (-s, s)
+        if inplace and x.dtype == torch.float32:
+            r.mul_(c2).add_(swapped)  # computed in fp32 already: rotate x's channels in place
+            return x
+        rot = r.float().mul(c2).add_(swapped).to(x.dtype)
+        if inplace:
+            r.copy_(rot)
+            return x
+        if rd == x.shape[-1]:
+            return rot
+        return torch.cat([x[..., :-rd], rot], dim=-1)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False,
                inplace: bool = False) -> torch.Tensor:
     """Interleaved RoPE on the *last* ``2 * cos.shape[-1]`` channels of x (V4 lays heads out [nope | rope]).
@@ -93,21 +136,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     rotates by -angle (the official ``apply_rotary_emb(..., inverse=True)`` on the attention output).
     Returns a new tensor in x's dtype; the rotation is computed in fp32. ``inplace`` writes the rotated
     channels into x itself and returns x (for a fresh x the caller owns: saves a copy of the whole tensor).
+    For several tensors at the same positions, build one `Rotary` and call its ``rotate``.
     """
-    rd = 2 * cos.shape[-1]
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
-    c, s = cos.reshape(shape), sin.reshape(shape)
-    if inverse:
-        s = -s
-    r = x[..., -rd:].float().unflatten(-1, (-1, 2))
-    a, b = r[..., 0], r[..., 1]
-    rot = torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2).to(x.dtype)
-    if inplace:
-        x[..., -rd:] = rot
-        return x
-    if rd == x.shape[-1]:
-        return rot
-    return torch.cat([x[..., :-rd], rot], dim=-1)
+    return Rotary(cos, sin).rotate(x, inverse=inverse, inplace=inplace)
 
 
 # ----------------------------------------------------------------------------------------- mHC
