@@ -128,17 +128,26 @@ class LayerCache:
             self._append(self.idx_blocks, "index_keys", self.icodec.encode(index_keys), self.n_entries)
         self.n_entries += m
 
+    @staticmethod
+    def _rows(blocks: list[torch.Tensor], n: int) -> torch.Tensor:
+        """The first n rows of consecutive blocks: a view while they fit in the first block, else a copy.
+        (Callers only read the result.)"""
+        if n <= blocks[0].shape[0]:
+            return blocks[0][:n]
+        return torch.cat(blocks, dim=0)[:n]
+
     def entries(self) -> torch.Tensor:
-        """All compressed entries so far, [n_entries, head_dim]."""
+        """All compressed entries so far, [n_entries, head_dim] (read-only: may be a view of the cache)."""
         if not self.comp_blocks:
             return self.codec.decode(self.window[:0])
-        return self.codec.decode(torch.cat(self.comp_blocks, dim=0)[: self.n_entries])
+        return self.codec.decode(self._rows(self.comp_blocks, self.n_entries))
 
     def index_keys(self) -> torch.Tensor:
-        """All indexer keys so far, [n_entries, index_head_dim] in the model dtype (decoded)."""
+        """All indexer keys so far, [n_entries, index_head_dim] in the model dtype (decoded; read-only:
+        may be a view of the cache)."""
         if not self.idx_blocks:
             return torch.empty((0, self.index_head_dim), dtype=self.icodec.dtype, device=self.window.device)
-        return self.icodec.decode(torch.cat(self.idx_blocks, dim=0)[: self.n_entries])
+        return self.icodec.decode(self._rows(self.idx_blocks, self.n_entries))
 
     # ------------------------------------------------------------------ accounting
     def tensors(self) -> list[torch.Tensor]:
