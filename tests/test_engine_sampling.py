@@ -103,3 +103,14 @@ def test_stop_as_string_normalised():
     assert SamplingParams(stop="x").stop == ["x"]
     with pytest.raises(Exception, match="stop"):
         SamplingParams(stop=[""]).validate()
+
+
+def test_seed_range_is_signed_64_bit_and_named():
+    from parity.engine.sampling_params import SEED_MAX, SEED_MIN
+    from parity.errors import RequestError
+
+    SamplingParams(seed=SEED_MIN).validate()
+    SamplingParams(seed=SEED_MAX).validate()
+    for sp in (SamplingParams(seed=2**70), SamplingParams(seed=SEED_MIN - 1), SamplingParams(seed=SEED_MAX, n=2)):
+        with pytest.raises(RequestError, match="'seed'.*signed 64-bit"):
+            sp.validate()

@@ -76,6 +76,44 @@ def test_chat_loop_streams_reasoning_separately():
     assert "(thinking off)" in out and "(conversation cleared)" in out and "Echo:" in out
 
 
+def test_chat_loop_skips_a_line_that_is_not_utf8_and_carries_on():
+    """Bytes that are not UTF-8 reach input() as lone surrogates (surrogateescape): one-line error, then on."""
+    from rich.console import Console
+
+    from parity.errors import RequestError
+    from parity.server.cli import chat_loop, run_chat
+    from parity.server.client import stream_chat
+
+    eng = FakeEngine(step_s=0.0005)
+    app = build_app(eng, ServerSettings(served_model_names=["tiny"]), chat_format=FakeChatFormat(),
+                    sampling_params_cls=FakeSamplingParams)
+    bad = b"\xff\xfe bad".decode("utf-8", "surrogateescape")
+    lines = iter(["hi", bad, "again", "/exit"])
+    buf = io.StringIO()
+    args = build_parser().parse_args(["chat", "--max-tokens", "4"])
+    with ThreadedServer(app) as srv:
+        rc = chat_loop(srv.base_url, "tiny", api_key=None, args=args, read=lambda _: next(lines),
+                       console=Console(file=buf, width=200, color_system=None))
+        with pytest.raises(RequestError, match="not valid UTF-8"):
+            list(stream_chat(srv.base_url, {"messages": [{"role": "user", "content": bad}]}))
+    out = buf.getvalue()
+    assert rc == 0 and "input is not valid UTF-8" in out and out.count("assistant> Echo") == 2, out
+    with pytest.raises(RequestError, match="--system.*UTF-8"):
+        run_chat(build_parser().parse_args(["chat", "--base-url", "http://127.0.0.1:1", "--system", bad]))
+
+
+def test_sampling_seed_out_of_range_is_one_clear_error_before_loading():
+    from parity.errors import RequestError
+    from parity.server.cli import run_chat, run_generate
+
+    for argv in (["generate", "--prompt", "Hi", "--sampling-seed", "99999999999999999999999"],
+                 ["chat", "--base-url", "http://127.0.0.1:1", "--sampling-seed", "-99999999999999999999999"]):
+        args = build_parser().parse_args(argv)
+        with pytest.raises(RequestError, match="'seed'"):
+            args.func(args)
+    assert run_generate and run_chat
+
+
 def _drain_script(port: int, drain_s: float) -> str:
     return textwrap.dedent(f"""
         import sys

@@ -19,6 +19,10 @@ from parity.errors import RequestError
 SAMPLING_EPS = 1e-5
 #: Upper bound of top-N logprobs a request may ask for (vLLM's default `max_logprobs` is 20).
 MAX_LOGPROBS = 20
+#: `seed` range: a signed 64-bit integer, as vLLM's protocol (torch.iinfo(torch.long)); with n > 1,
+#: choice i uses seed + i, so seed + n - 1 must fit too.
+SEED_MIN = -(2**63)
+SEED_MAX = 2**63 - 1
 
 
 def _is_int(v) -> bool:
@@ -132,6 +136,9 @@ class SamplingParams:
             raise bad("repetition_penalty", "must be a number > 0", self.repetition_penalty)
         if self.seed is not None and not _is_int(self.seed):
             raise bad("seed", "must be an integer or None", self.seed)
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX - (self.n - 1):
+            raise bad("seed", f"must be None or an integer in [{SEED_MIN}, {SEED_MAX - (self.n - 1)}] "
+                              "(a signed 64-bit integer; completion i uses seed + i)", self.seed)
         if self.stop is not None:
             if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
                 raise bad("stop", "must be a list of strings", self.stop)

@@ -236,9 +236,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from parity.engine import LLM, SamplingParams
 
     chat = args.chat or args.thinking
+    sp = SamplingParams(n=args.n, logprobs=args.logprobs, **sampling_kwargs(args))
+    sp.validate()  # fail fast (e.g. --sampling-seed out of range), before the model loads
     tokenizer = load_checkpoint_tokenizer(args.model)
     llm = LLM(**engine_kwargs(args), **({} if tokenizer == "auto" else {"tokenizer": tokenizer}))
-    sp = SamplingParams(n=args.n, logprobs=args.logprobs, **sampling_kwargs(args))
     sp.validate(llm.config.vocab_size, llm.engine.max_model_len)
     tok = llm.tokenizer
     if tok is None:
@@ -291,6 +292,16 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- chat
+def _is_utf8(text: str) -> bool:
+    """False when `text` holds lone surrogates: how Python decodes bytes that are not valid UTF-8 from
+    stdin/argv (errors="surrogateescape"); such a string cannot be sent as JSON."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 _HELP = "commands: /think on|off (thinking mode), /reset (forget the conversation), /exit"
 
 
@@ -323,14 +334,24 @@ def chat_loop(base_url: str, model: str, *, api_key: str | None, args: argparse.
     extra = {k: v for k, v in dict(top_k=sk["top_k"], min_p=sk["min_p"],
                                    repetition_penalty=sk["repetition_penalty"], min_tokens=sk["min_tokens"],
                                    ignore_eos=sk["ignore_eos"]).items()}
+    if read is input and hasattr(sys.stdin, "reconfigure"):
+        # Undecodable input bytes become lone surrogates (caught below per line) instead of an exception
+        # that would lose the rest of the buffered input.
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             line = read("you> ")
         except (EOFError, KeyboardInterrupt):
             con.print()
             return 0
+        except UnicodeDecodeError:
+            con.print("[red]error:[/] input is not valid UTF-8; line ignored")
+            continue
         line = line.strip()
         if not line:
+            continue
+        if not _is_utf8(line):
+            con.print("[red]error:[/] input is not valid UTF-8; line ignored")
             continue
         if line in ("/exit", "/quit"):
             return 0
@@ -387,6 +408,11 @@ def chat_loop(base_url: str, model: str, *, api_key: str | None, args: argparse.
 def run_chat(args: argparse.Namespace) -> int:
     from parity.server.client import first_model
 
+    from parity.engine.sampling_params import SamplingParams
+
+    SamplingParams(**sampling_kwargs(args)).validate()  # bad sampling flags: one clear error, up front
+    if args.system is not None and not _is_utf8(args.system):
+        raise RequestError("--system: the system prompt is not valid UTF-8")
     api_key = args.api_key or os.environ.get("PARITY_API_KEY") or None
     if args.base_url:
         model = args.model_name or first_model(args.base_url, api_key)

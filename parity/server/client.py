@@ -66,8 +66,8 @@ def stream_chat(base_url: str, payload: dict[str, Any], api_key: str | None = No
     Yields:
         Piece objects in arrival order.
     Raises:
-        RequestError: connection failure, an HTTP error answer, or an error event in the stream
-            (the server's message is included).
+        RequestError: connection failure, an HTTP error answer, an error event in the stream
+            (the server's message is included), or a payload that is not valid UTF-8.
     """
     root = _root(base_url)
     body = dict(payload, stream=True, stream_options={"include_usage": True})
@@ -104,3 +104,6 @@ def stream_chat(base_url: str, payload: dict[str, Any], api_key: str | None = No
                     yield Piece("usage", data=obj["usage"])
     except httpx.HTTPError as e:
         raise RequestError(f"chat request to {root} failed: {e}") from None
+    except UnicodeEncodeError:
+        # Lone surrogates (bytes that were not UTF-8, decoded with surrogateescape) cannot become JSON.
+        raise RequestError("the request is not valid UTF-8 (a message holds undecodable bytes)") from None

@@ -20,15 +20,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from parity.engine.sampling_params import SEED_MAX, SEED_MIN
 from parity.server.errors import bad_request, pydantic_errors_to_openai
 
 #: OpenAI's documented ranges (API reference): temperature [0, 2], top_p (0, 1], penalties [-2, 2],
 #: chat `top_logprobs` [0, 20], completions `logprobs` [0, 5]. `n` is capped by parity (MAX_N).
 MAX_N = 16
 MAX_STOP = 16
-#: `seed` range: a signed 64-bit integer, as vLLM's protocol (torch.iinfo(torch.long)).
-SEED_MIN = -(2**63)
-SEED_MAX = 2**63 - 1
+#: `seed` range (SEED_MIN, SEED_MAX): a signed 64-bit integer, as vLLM's protocol; defined once, in
+#: parity.engine.sampling_params, shared with SamplingParams.validate.
 
 
 class _Strict(BaseModel):
