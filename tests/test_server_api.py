@@ -118,6 +118,21 @@ def test_chat_thinking_on_off(client, how):
     off = client.chat.completions.create(model="tiny", messages=msgs, extra_body={"thinking": {"type": "disabled"}},
                                          max_tokens=8)
     assert getattr(off.choices[0].message, "reasoning_content", None) is None
+    both = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, extra_body={
+        "thinking": {"type": "enabled"}, "chat_template_kwargs": {"thinking": True}})  # agreeing sources are fine
+    assert both.choices[0].message.reasoning_content
+
+
+def test_completions_usage_counts_each_prompt_once_whatever_n(client):
+    """OpenAI/vLLM: usage.prompt_tokens counts a prompt once, not once per choice (also in the stream)."""
+    r = client.completions.create(model="tiny", prompt="hello", max_tokens=2, n=3)
+    assert len(r.choices) == 3 and r.usage.prompt_tokens == 5 and r.usage.completion_tokens == 6
+    assert r.usage.total_tokens == 11
+    r = client.completions.create(model="tiny", prompt=["hello", "abc"], max_tokens=2, n=2)
+    assert len(r.choices) == 4 and r.usage.prompt_tokens == 5 + 3
+    st = list(client.completions.create(model="tiny", prompt="hello", max_tokens=2, n=3, stream=True,
+                                        stream_options={"include_usage": True}))
+    assert st[-1].usage.prompt_tokens == 5 and st[-1].usage.completion_tokens == 6
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -244,6 +259,13 @@ BAD = [
     ("thinking kwarg type", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"thinking": "yes"}},
      "chat_template_kwargs.thinking", "invalid_type"),
+    ("thinking conflicts with chat_template_kwargs", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "thinking": {"type": "enabled"},
+      "chat_template_kwargs": {"thinking": False}}, "chat_template_kwargs.thinking", "invalid_value"),
+    ("thinking kwargs conflict", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}],
+      "chat_template_kwargs": {"thinking": True, "enable_thinking": False}},
+     "chat_template_kwargs.enable_thinking", "invalid_value"),
     ("stream_options without stream", "/v1/completions",
      {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options", None),
     ("bad stop token", "/v1/completions", {"prompt": "x", "stop_token_ids": [100000]}, "stop_token_ids",

@@ -931,7 +931,8 @@ def build_app(engine: Any, settings: ServerSettings | None = None, *, chat_forma
                                           code="tokenizer_unavailable")
                     echo_text[ch.index] = ptext if ptext is not None else srv.tokenizer.decode(ids)
         choices = [j[0] for j in jobs]
-        prompt_total = sum(len(ids) for _, ids in prompts) * req.n
+        # usage.prompt_tokens: each prompt once, however many choices (n) it has (as OpenAI and vLLM).
+        prompt_total = sum(len(ids) for _, ids in prompts)
         created = _now()
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 

@@ -351,14 +351,17 @@ def check_n(n: int) -> None:
 def thinking_enabled(req: ChatCompletionRequest, default: bool) -> bool:
     """Whether thinking mode is on for a chat request.
 
-    Sources, most specific first: DeepSeek's `thinking: {"type": "enabled" | "disabled"}`, then
-    `chat_template_kwargs: {"thinking": bool}` (or vLLM's spelling `enable_thinking`), else `default`.
+    Sources: DeepSeek's `thinking: {"type": "enabled" | "disabled"}` and `chat_template_kwargs:
+    {"thinking": bool}` (or vLLM's spelling `enable_thinking`); when none is given, `default`. Sources
+    given together must agree.
 
     Raises:
-        OpenAIError(400) when `chat_template_kwargs.thinking` is not a boolean.
+        OpenAIError(400) when `chat_template_kwargs.thinking` (or `.enable_thinking`) is not a boolean,
+            or when two given sources disagree (the message names both fields).
     """
+    chosen: list[tuple[str, bool]] = []
     if req.thinking is not None:
-        return req.thinking.type == "enabled"
+        chosen.append(("thinking.type", req.thinking.type == "enabled"))
     kw = req.chat_template_kwargs or {}
     for key in ("thinking", "enable_thinking"):
         if key in kw:
@@ -366,6 +369,14 @@ def thinking_enabled(req: ChatCompletionRequest, default: bool) -> bool:
             if not isinstance(v, bool):
                 raise bad_request(f"Invalid value for 'chat_template_kwargs.{key}': expected a boolean",
                                   param=f"chat_template_kwargs.{key}", code="invalid_type")
-            return v
-    return default
+            chosen.append((f"chat_template_kwargs.{key}", v))
+    if not chosen:
+        return default
+    (name0, v0), *rest = chosen
+    for name, v in rest:
+        if v != v0:
+            raise bad_request(f"Conflicting thinking mode: '{name0}' turns thinking {'on' if v0 else 'off'} but "
+                              f"'{name}' turns it {'on' if v else 'off'}; give one of them, or make them agree",
+                              param=name, code="invalid_value")
+    return v0
 
