@@ -145,7 +145,8 @@ def compress_windows(state_kv: torch.Tensor, state_sc: torch.Tensor, kv: torch.T
 
 
 def compress_step(st_kv: torch.Tensor, st_sc: torch.Tensor, kv: torch.Tensor, sc: torch.Tensor, pos: torch.Tensor,
-                  ratio: int, overlap: bool, d: int, emit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  ratio: int, overlap: bool, d: int,
+                  emit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`compress_windows` for k sequences that each add one token (the decode step), vectorised.
 
     st_kv/st_sc: stacked states [k, coff * ratio, coff * d] (updated in place); kv/sc: [k, coff * d];
