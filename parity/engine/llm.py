@@ -35,31 +35,25 @@ class LLM:
     def config(self):
         return self.engine.config
 
-    def generate(self, prompts: str | list[str] | None = None,
+    def generate(self, prompts: str | dict | list[str | dict] | None = None,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  prompt_token_ids: list[int] | list[list[int]] | None = None) -> list[RequestOutput]:
         """Generate completions for every prompt, all batched together; outputs in input order.
 
         Args:
-            prompts: a text prompt or a list of them (tokenized with the model's tokenizer).
+            prompts: one prompt or a list of them. A prompt is, as in vLLM, a text (str, tokenized with the
+                model's tokenizer), a text prompt dict {"prompt": str} or a tokens prompt dict
+                {"prompt_token_ids": list[int]} (an optional "prompt" text there is kept for the output).
             sampling_params: one SamplingParams for all, or one per prompt (default SamplingParams()).
-            prompt_token_ids: instead of prompts: one list of ids or a list of lists.
+            prompt_token_ids: instead of prompts (vLLM's older spelling): one list of ids or a list of lists.
         Returns:
             list[RequestOutput], one per prompt, finished.
         Raises:
-            RequestError: naming the bad parameter (and the prompt index); nothing is run then.
+            RequestError: naming the bad parameter (and the prompt index), e.g. a prompt that is neither a
+                str nor a prompt dict, a dict with unknown keys, or both `prompts` and `prompt_token_ids`;
+                nothing is run then.
         """
-        if prompts is None and prompt_token_ids is None:
-            raise RequestError("parameter 'prompts' is missing: give prompts or prompt_token_ids")
-        items: list[tuple[str | None, list[int] | None]] = []
-        if prompt_token_ids is not None:
-            if prompt_token_ids and isinstance(prompt_token_ids[0], int):
-                prompt_token_ids = [prompt_token_ids]  # type: ignore[list-item]
-            items = [(None, list(p)) for p in prompt_token_ids]  # type: ignore[arg-type]
-        else:
-            if isinstance(prompts, str):
-                prompts = [prompts]
-            items = [(p, None) for p in prompts]  # type: ignore[union-attr]
+        items = _prompt_items(prompts, prompt_token_ids)
         if isinstance(sampling_params, (list, tuple)):
             if len(sampling_params) != len(items):
                 raise RequestError(f"parameter 'sampling_params' has {len(sampling_params)} entries for "
@@ -72,7 +66,7 @@ class LLM:
         try:
             for i, ((text, ids), sp) in enumerate(zip(items, plist)):
                 try:
-                    reqs.append(eng.add_request(ids, sp.clone() if sp is not None else None, prompt=text,
+                    reqs.append(eng.add_request(ids, sp.clone() if isinstance(sp, SamplingParams) else sp, prompt=text,
                                                 enforce_queue_limit=False))
                 except RequestError as e:
                     raise type(e)(f"prompt {i}: {e}") from None
@@ -85,3 +79,57 @@ class LLM:
             eng.step()
         eng._pending.clear()
         return [r.output() for r in reqs]
+
+
+_PROMPT_KEYS = ("prompt", "prompt_token_ids")
+
+
+def _prompt_items(prompts, prompt_token_ids) -> list[tuple[str | None, list[int] | None]]:
+    """(text, token ids) per prompt from `LLM.generate`'s arguments; one of the two is None unless a
+    tokens prompt dict also carries its text.
+
+    Raises:
+        RequestError: no prompts, both arguments, or a prompt of the wrong shape (named, with its index).
+    """
+    if prompts is None and prompt_token_ids is None:
+        raise RequestError("parameter 'prompts' is missing: give prompts or prompt_token_ids")
+    if prompts is not None and prompt_token_ids is not None:
+        raise RequestError("parameters 'prompts' and 'prompt_token_ids' were both given: expected one of them "
+                           "(for token ids in 'prompts', use {'prompt_token_ids': [...]})")
+    if prompt_token_ids is not None:
+        if not isinstance(prompt_token_ids, (list, tuple)):
+            raise RequestError("parameter 'prompt_token_ids' must be a list of ints or a list of lists of ints, "
+                               f"got {type(prompt_token_ids).__name__}")
+        if prompt_token_ids and not isinstance(prompt_token_ids[0], (list, tuple)):
+            prompt_token_ids = [prompt_token_ids]
+        return [(None, p) for p in prompt_token_ids]  # ids are checked by LLMEngine.add_request
+    if isinstance(prompts, (str, dict)):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise RequestError("parameter 'prompts' must be a str, a prompt dict ({'prompt': str} or "
+                           f"{{'prompt_token_ids': list[int]}}) or a list of them, got {type(prompts).__name__}")
+    items: list[tuple[str | None, list[int] | None]] = []
+    for i, p in enumerate(prompts):
+        where = "prompts" if len(prompts) == 1 else f"prompts[{i}]"
+        if isinstance(p, str):
+            items.append((p, None))
+        elif isinstance(p, dict):
+            unknown = sorted(str(k) for k in p if k not in _PROMPT_KEYS)
+            if unknown:
+                raise RequestError(f"parameter {where!r} has unsupported keys {unknown}: expected "
+                                   "{'prompt': str} or {'prompt_token_ids': list[int]}")
+            text = p.get("prompt")
+            if text is not None and not isinstance(text, str):
+                raise RequestError(f"parameter '{where}[\"prompt\"]' must be a string, got {type(text).__name__}")
+            ids = p.get("prompt_token_ids")
+            if ids is None and text is None:
+                raise RequestError(f"parameter {where!r} is an empty prompt dict: expected "
+                                   "{'prompt': str} or {'prompt_token_ids': list[int]}")
+            if ids is not None and not isinstance(ids, (list, tuple)):
+                raise RequestError(f"parameter '{where}[\"prompt_token_ids\"]' must be a list of ints, "
+                                   f"got {type(ids).__name__}")
+            items.append((text, None if ids is None else list(ids)))
+        else:
+            raise RequestError(f"parameter {where!r} must be a str or a prompt dict ({{'prompt': str}} or "
+                               f"{{'prompt_token_ids': list[int]}}), got {type(p).__name__}")
+    return items
