@@ -131,7 +131,7 @@ def test_trace_replay(tok, tmp_path):
     ("{bad\n", "line 1 is not valid JSON"),
     ('{"input_len": 3, "output_len": 2}\n', "line 1 lacks `arrival_s`"),
     ('{"arrival_s": 0, "input_len": 3, "output_len": 2}\n{"arrival_s": -1, "input_len": 3, "output_len": 2}\n',
-     "line 2: arrival time must be a number >= 0"),
+     r"line 2: `arrival_s` \(arrival time\) must be a finite number >= 0, got -1"),
     ('{"arrival_s": 0, "input_len": 0, "output_len": 2}\n', "`input_len` must be an integer >= 1, got 0"),
     ('[1, 2]\n', "line 1 must be a JSON object"),
 ])
@@ -140,6 +140,60 @@ def test_trace_bad_files(tok, tmp_path, content, msg):
     p.write_text(content)
     with pytest.raises(BenchError, match=msg):
         wl.build_requests(f"trace:{p}", tok, None)
+
+
+@pytest.mark.parametrize("line,field,got", [
+    ('{"arrival_s": Infinity, "input_len": 3, "output_len": 2}', "arrival_s", "inf"),  # used to hang the run
+    ('{"arrival_s": NaN, "input_len": 3, "output_len": 2}', "arrival_s", "nan"),  # used to be accepted
+    ('{"arrival_s": -Infinity, "input_len": 3, "output_len": 2}', "arrival_s", "-inf"),
+    ('{"timestamp_ms": NaN, "input_len": 3, "output_len": 2}', "timestamp_ms", "nan"),
+    ('{"timestamp_ms": Infinity, "input_len": 3, "output_len": 2}', "timestamp_ms", "inf"),
+    ('{"arrival_s": true, "input_len": 3, "output_len": 2}', "arrival_s", "True"),
+    ('{"arrival_s": 1, "input_len": NaN, "output_len": 2}', "input_len", "nan"),
+    ('{"arrival_s": 1, "input_len": 3, "output_len": Infinity}', "output_len", "inf"),
+    ('{"arrival_s": 1, "input_len": 3.5, "output_len": 2}', "input_len", "3.5"),
+])
+def test_trace_non_finite_values_rejected(tok, tmp_path, line, field, got):
+    p = tmp_path / "tr.jsonl"
+    p.write_text('{"arrival_s": 0, "input_len": 3, "output_len": 2}\n' + line + "\n")
+    with pytest.raises(BenchError) as e:
+        wl.build_requests(f"trace:{p}", tok, None)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and str(p) in msg and "line 2" in msg and f"`{field}`" in msg
+    assert f"got {got}" in msg
+
+
+@pytest.mark.parametrize("kw,flag", [
+    ({"request_rate": math.nan}, "--request-rate"),
+    ({"request_rate": -math.inf}, "--request-rate"),
+    ({"burstiness": math.nan}, "--burstiness"),
+    ({"burstiness": math.inf}, "--burstiness"),
+    ({"timeout_s": math.nan}, "--timeout"),
+    ({"timeout_s": math.inf}, "--timeout"),
+    ({"temperature": math.nan}, "--temperature"),
+    ({"temperature": math.inf}, "--temperature"),
+    ({"workload": "random:in=8,out=4,ratio=nan"}, "ratio"),
+    ({"workload": "random:in=8,out=4,ratio=inf"}, "ratio"),
+    ({"slo": "ttft_ms=nan"}, "--slo"),
+    ({"slo": "ttft_ms=inf"}, "--slo"),
+])
+def test_config_rejects_non_finite_numbers(kw, flag):
+    from parity.bench.runner import BenchConfig
+
+    BenchConfig(base_url="http://127.0.0.1:8000", model="m", request_rate=math.inf).validate()  # inf rate is fine
+    with pytest.raises(BenchError, match=flag):
+        BenchConfig(base_url="http://127.0.0.1:8000", model="m", **kw).validate()
+
+
+def test_cli_rate_accepts_inf_rejects_nan():
+    import argparse
+
+    from parity.bench.cli import _rate
+
+    assert _rate("inf") == math.inf and _rate("2.5") == 2.5
+    for bad in ("nan", "NaN", "-inf", "0"):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be > 0 or 'inf'"):
+            _rate(bad)
 
 
 def test_tokenizer_path_errors(tmp_path):
@@ -230,3 +284,54 @@ def test_report_png_and_errors(tmp_path):
     with pytest.raises(BenchError, match="not found"):
         load_result(tmp_path / "missing.json")
     assert math.isclose(load_result(paths[0])["summary"]["duration_s"], 10.0)
+
+
+def _failed_result(n=4):
+    from parity.bench.runner import RESULT_SCHEMA, RESULT_VERSION
+
+    recs = [_rec(i, None, None, 0, ok=False, err="HTTP 503: overloaded") for i in range(n)]
+    return {"schema": RESULT_SCHEMA, "version": RESULT_VERSION,
+            "config": {"request_rate": "inf", "max_concurrency": None, "model": "m", "base_url": "u",
+                       "endpoint": "chat", "workload": "random:in=8,out=4"},
+            "summary": summarize(recs, 1.0), "requests": [r.to_dict() for r in recs],
+            "energy": {"meter": "none", "joules": None}, "notes": []}
+
+
+def test_report_all_failed_run_is_named_without_warning(tmp_path):
+    import warnings
+
+    from parity.bench.report import write_report
+    from parity.bench.result import save_result
+
+    ok = save_result(_fake_result(1, 0.05), tmp_path / "good.json")
+    bad = save_result(_failed_result(4), tmp_path / "down.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels" UserWarning would fail here
+        text = write_report([bad], tmp_path / "only_bad.html").read_text()
+        assert "run down (rate inf, conc -): all 4 requests failed (HTTP 503: overloaded: 4)" in text
+        text = write_report([ok, bad], tmp_path / "both.html").read_text()
+        assert "all 4 requests failed" in text and "data:image/png;base64," in text
+        assert write_report([bad], tmp_path / "bad.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_labels_trace_runs_and_cdfs_start_at_zero(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from parity.bench.report import make_figure, run_label
+
+    res = _fake_result(1, 0.05)
+    res["config"]["workload"] = "trace:/data/tr.jsonl"
+    res["config"]["request_rate"] = "inf"
+    label = run_label(res, tmp_path / "run1.json")
+    assert label == "run1 (trace tr.jsonl, conc -)" and "rate" not in label
+    res2 = _fake_result(2, 0.05)
+    assert run_label(res2, "r2.json") == "r2 (rate 2, conc -)"
+    fig = make_figure([(label, res), ("r2", res2)])
+    try:
+        for ax in fig.axes[:3] + fig.axes[3:4]:
+            for line in ax.get_lines():
+                y = line.get_ydata()
+                assert y[0] == 0.0 and y[-1] == 1.0
+            assert ax.get_xlim()[0] == 0
+    finally:
+        plt.close(fig)

@@ -177,6 +177,20 @@ def test_compare_exit_code_and_png(tmp_path, capsys):
     assert main(["compare", "--hardware", "h800", "--isl", "1024", "--osl", "128", "--json"]) == 0
 
 
+def test_compare_dedupes_repeated_hardware(tmp_path, capsys):
+    html = tmp_path / "r.html"
+    assert main(["compare", "--hardware", "910c,h200,910C", "--isl", "1024", "--osl", "128",
+                 "--out", str(html)]) == 0
+    out = capsys.readouterr().out
+    rows = [ln.split()[0] for ln in out.splitlines()[2:] if ln.split() and ln.split()[0] in ("910c", "h200")]
+    assert rows == ["910c", "h200"]  # first-seen order, 910c once
+    assert "note: --hardware lists 910c 2 times ('910c', '910C'); compared once" in out
+    assert "compared once" in html.read_text()
+    assert main(["compare", "--hardware", "h200,h200", "--isl", "1024", "--osl", "128", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [r["hardware"] for r in res["rows"]] == ["h200"] and len(res["notes"]) == 1
+
+
 def test_malformed_data_files_are_refused(tmp_path):
     from parity.plan.hardware import HARDWARE_DIR
 

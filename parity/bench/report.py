@@ -1,7 +1,8 @@
 """`parity bench report results*.json --out report.html|.png`: latency CDFs and throughput vs latency across runs.
 
 Figures (matplotlib, Agg backend, no display needed):
-- CDFs of TTFT, TPOT, ITL (per token) and E2EL, one line per run;
+- CDFs of TTFT, TPOT, ITL (per token) and E2EL, one line per run, each starting at fraction 0 (x axis from 0 ms);
+  a run with no completed request has no line: it is named in a line under the table (and under the figure);
 - throughput vs latency across runs: output tokens/s against median TPOT and against p99 TTFT, one point per run
   (runs sweeping request rate or concurrency draw the usual serving curve).
 HTML embeds the figures as PNG (base64) next to a summary table; ``.png`` writes the figure alone.
@@ -16,13 +17,46 @@ from pathlib import Path
 
 from parity.bench.metrics import RequestRecord
 from parity.bench.result import load_result
+from parity.bench.workloads import parse_workload
 from parity.errors import BenchError
 
 
 def run_label(result: dict, path: str | Path) -> str:
-    """Short label of a run: file stem, rate and concurrency."""
+    """Short label of a run: file stem, arrivals (request rate, or the trace file a trace replay ran) and
+    concurrency cap."""
     c = result["config"]
-    return f"{Path(path).stem} (rate {c.get('request_rate')}, conc {c.get('max_concurrency') or '-'})"
+    workload = str(c.get("workload") or "")
+    if workload.strip().lower().startswith("trace:"):
+        # a trace replay sends at the trace's times: its --request-rate (default inf) was ignored
+        try:
+            trace = parse_workload(workload).path
+        except BenchError:
+            trace = None
+        arrivals = f"trace {Path(trace).name}" if trace else "trace"
+    else:
+        arrivals = f"rate {c.get('request_rate')}"
+    return f"{Path(path).stem} ({arrivals}, conc {c.get('max_concurrency') or '-'})"
+
+
+def no_completed_note(label: str, result: dict) -> str | None:
+    """One line for a run with no completed request (it has nothing to plot), else None.
+
+    Names how many requests failed and the most common failure reason, e.g.
+    "run r1 (rate inf, conc -): all 30 requests failed (connection refused: 30)".
+    """
+    s = result["summary"]
+    if s.get("completed"):
+        return None
+    n = len(result.get("requests") or [])
+    reasons = s.get("failure_reasons") or {}
+    why = "; ".join(f"{k}: {v}" for k, v in list(reasons.items())[:3])
+    if n == 0:
+        what = "no request was sent"
+    elif s.get("failed", 0) == n:
+        what = f"all {n} request{'s' if n != 1 else ''} failed"
+    else:
+        what = f"none of its {n} request{'s' if n != 1 else ''} completed"
+    return f"run {label}: {what}" + (f" ({why})" if why else "") + " - nothing to plot"
 
 
 def _latencies(result: dict) -> dict[str, list[float]]:
@@ -51,7 +85,10 @@ def make_figure(results: list[tuple[str, dict]]):
         for label, res in results:
             v = np.sort(np.asarray(_latencies(res)[metric]))
             if v.size:
-                ax.step(v, np.arange(1, v.size + 1) / v.size, where="post", label=label)
+                # start each curve at fraction 0 at its smallest value, then step up at every sample
+                ax.step(np.concatenate(([v[0]], v)), np.arange(0, v.size + 1) / v.size, where="post", label=label)
+        ax.set_xlim(left=0)
+        ax.set_ylim(0, 1.02)
         ax.set_xlabel(f"{metric} (ms)")
         ax.set_ylabel("fraction of " + ("tokens" if metric == "ITL" else "requests"))
         ax.set_title(f"{metric} CDF")
@@ -69,8 +106,16 @@ def make_figure(results: list[tuple[str, dict]]):
         ax.set_ylabel("output throughput (tok/s)")
         ax.set_title(f"throughput vs {name}")
         ax.grid(alpha=0.3)
-    if len(results) <= 8:
+    if len(results) <= 8 and axes[0, 0].get_legend_handles_labels()[0]:
         axes[0, 0].legend(fontsize=7)
+    empty = [n for label, r in results if (n := no_completed_note(label, r))]
+    if empty:
+        import textwrap
+
+        fig.text(0.5, 0.005, "\n".join(textwrap.shorten(n, 160) for n in empty[:4])
+                 + (f"\n... and {len(empty) - 4} more" if len(empty) > 4 else ""),
+                 ha="center", va="bottom", fontsize=8, color="darkred")
+        fig.subplots_adjust(bottom=0.07 + 0.02 * min(len(empty), 5))
     return fig
 
 
@@ -123,13 +168,17 @@ def write_report(paths: list[str | Path], out: str | Path) -> Path:
         plt.close(fig)
     img = base64.b64encode(buf.getvalue()).decode()
     notes = sorted({n for _, r in results for n in r.get("notes", [])})
+    empty = [n for label, r in results if (n := no_completed_note(label, r))]
+    empty_html = "".join(f'<p class="failed">{html.escape(n)}</p>' for n in empty)
     doc = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>parity bench report</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} th{{background:#eee}}</style></head>
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} th{{background:#eee}}
+.failed{{color:#a00;font-weight:bold}}</style></head>
 <body><h1>parity bench report</h1>
 <p>{len(results)} run(s). Latencies in ms; all figures measured by parity bench (provenance: measured).</p>
 <table>{_summary_rows(results)}</table>
+{empty_html}
 <img alt="latency CDFs and throughput vs latency" src="data:image/png;base64,{img}" style="max-width:100%">
 <h2>Notes</h2><ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>
 </body></html>

@@ -102,13 +102,19 @@ class BenchConfig:
     client_workers: int = 1
 
     def validate(self, need_model: bool = True) -> None:
-        """Raises BenchError naming the flag for out-of-range values (a missing model only when `need_model`)."""
+        """Check every field; NaN is refused everywhere, infinity everywhere but `request_rate`.
+
+        Raises:
+            BenchError: naming the flag, for an out-of-range or non-finite value (a missing model only when
+                `need_model`).
+        """
         endpoint_url(self.base_url, self.endpoint)
         if need_model and not self.model:
             raise BenchError("--model is required (the model name the server serves)")
+        # NaN fails every comparison, so each check below is written to reject it (`not x > 0`, math.isfinite)
         if not (self.request_rate > 0):
-            raise BenchError(f"--request-rate must be > 0 or inf, got {self.request_rate}")
-        if not (self.burstiness > 0) or math.isinf(self.burstiness):
+            raise BenchError(f"--request-rate must be > 0 (requests/s) or inf, got {self.request_rate}")
+        if not (self.burstiness > 0) or not math.isfinite(self.burstiness):
             raise BenchError(f"--burstiness must be a finite number > 0, got {self.burstiness}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise BenchError(f"--max-concurrency must be >= 1, got {self.max_concurrency}")
@@ -116,8 +122,10 @@ class BenchConfig:
             raise BenchError(f"--warmup must be >= 0, got {self.warmup}")
         if not 1 <= self.client_workers <= 256:
             raise BenchError(f"--client-workers must be in [1, 256], got {self.client_workers}")
-        if not self.timeout_s > 0:
-            raise BenchError(f"--timeout must be > 0 s, got {self.timeout_s}")
+        if not self.timeout_s > 0 or not math.isfinite(self.timeout_s):
+            raise BenchError(f"--timeout must be a finite number of seconds > 0, got {self.timeout_s}")
+        if self.temperature is not None and (not math.isfinite(self.temperature) or self.temperature < 0):
+            raise BenchError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         parse_slo(self.slo)
         parse_workload(self.workload)
 

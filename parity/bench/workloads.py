@@ -19,7 +19,8 @@
   ...]}``): prompt = first turn, output length = token count of the second turn (or ``out``). Entries with fewer
   than two turns are skipped. Requests are sampled in a seeded shuffle.
 - ``trace:PATH`` — trace replay, JSONL: one object per line with ``arrival_s`` (seconds from trace start; or
-  ``timestamp_ms``), ``input_len`` and ``output_len`` (tokens; aliases ``input_length``/``output_length``),
+  ``timestamp_ms``; a finite number >= 0, NaN/Infinity refused), ``input_len`` and ``output_len`` (integers >= 1
+  tokens; aliases ``input_length``/``output_length``),
   optionally ``prompt`` (text, then counted with the tokenizer). Arrival times replace ``--request-rate``.
 
 Random and fixed prompts are strings of random whole words taken from the tokenizer's own vocabulary, built so
@@ -255,13 +256,18 @@ def _load_trace(path: Path, spec: str) -> list[dict]:
         if not isinstance(obj, dict):
             raise BenchError(f"--workload {spec!r}: {path} line {ln} must be a JSON object")
         if "arrival_s" in obj:
-            t = obj["arrival_s"]
+            tkey, t = "arrival_s", obj["arrival_s"]
         elif "timestamp_ms" in obj:
-            t = obj["timestamp_ms"] / 1000.0 if isinstance(obj["timestamp_ms"], (int, float)) else None
+            tkey, t = "timestamp_ms", obj["timestamp_ms"]
         else:
             raise BenchError(f"--workload {spec!r}: {path} line {ln} lacks `arrival_s` (seconds) or `timestamp_ms`")
-        if not isinstance(t, (int, float)) or t < 0:
-            raise BenchError(f"--workload {spec!r}: {path} line {ln}: arrival time must be a number >= 0")
+        # json.loads accepts NaN / Infinity: an infinite arrival would make the run wait forever, NaN would
+        # silently scramble the order, so both are refused here
+        if (not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0):
+            raise BenchError(f"--workload {spec!r}: {path} line {ln}: `{tkey}` (arrival time) must be a finite "
+                             f"number >= 0, got {t!r}")
+        if tkey == "timestamp_ms":
+            t = t / 1000.0
         row = {"arrival_s": float(t), "prompt": obj.get("prompt")}
         for key, aliases in (("input_len", ("input_len", "input_length")),
                              ("output_len", ("output_len", "output_length"))):

@@ -34,14 +34,15 @@ def compare(model: str, hardware: list[str], workload: Workload, out: str | None
         if suffix not in REPORT_SUFFIXES:
             raise PlanError(f"--out {out}: the report is written as HTML (.html) or as the frontier plot (.png); "
                             f"got {'no suffix' if not suffix else repr(suffix)} - use a path ending in .html or .png")
+    hardware, notes = dedupe_hardware(hardware)
     rows, fronts = [], {}
     for h in hardware:
         r = plan(model, h, workload)
         rows.append(r)
         fronts[r["hardware"]] = frontier(model, h, workload) if r["feasible"] or r.get("limiting_resource") != "memory" else []
     res = {"model": model, "workload": vars(workload), "rows": rows, "frontiers": fronts,
-           "provenance": rows[0]["provenance"] if rows else ""}
-    res["table_text"] = _table(rows, res["provenance"])
+           "provenance": rows[0]["provenance"] if rows else "", "notes": notes}
+    res["table_text"] = _table(rows, res["provenance"]) + "".join(f"\nnote: {n}" for n in notes)
     res["any_feasible"] = any(r["feasible"] for r in rows)
     if out:
         path = Path(out)
@@ -50,6 +51,32 @@ def compare(model: str, hardware: list[str], workload: Workload, out: str | None
         else:
             _write_html(res, path)
     return res
+
+
+def dedupe_hardware(hardware: list[str]) -> tuple[list[str], list[str]]:
+    """Drop repeated chips from a ``--hardware`` list, keeping the first occurrence and the given order.
+
+    Names are compared by the catalog id they resolve to, so an id, its alias or another spelling of it
+    count as the same chip.
+
+    Returns:
+        (unique names in first-seen order, notes naming each chip that was given more than once).
+    Raises:
+        PlanError: an unknown name (from `get_hardware`; checked before any planning).
+    """
+    from parity.plan.hardware import get_hardware
+
+    seen: dict[str, list[str]] = {}
+    unique = []
+    for name in hardware:
+        hw_id = get_hardware(name).id
+        if hw_id not in seen:
+            seen[hw_id] = []
+            unique.append(name)
+        seen[hw_id].append(name)
+    notes = [f"--hardware lists {hw_id} {len(names)} times ({', '.join(repr(n) for n in names)}); "
+             "compared once" for hw_id, names in seen.items() if len(names) > 1]
+    return unique, notes
 
 
 _COLS = [("hardware", "chip"), ("mode", "mode"), ("output_tok_s_per_chip", "out tok/s/chip"),
@@ -128,6 +155,7 @@ def _write_html(res: dict, path: Path) -> None:
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r, k))}</td>" for k, _ in _COLS) + "</tr>"
                    for r in res["rows"])
     notes = "".join(f"<li>{html.escape(r['reason'])}</li>" for r in res["rows"] if not r["feasible"])
+    notes += "".join(f"<li>{html.escape(n)}</li>" for n in res.get("notes", []))
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>parity compare</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:4px 10px;text-align:right}}
 table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}</style></head><body>
