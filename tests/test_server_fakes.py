@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from parity.engine import SamplingParams
 from parity.errors import RequestError
 
 
@@ -48,30 +49,8 @@ class FakeConfig:
     vocab_size: int = 259
 
 
-@dataclass
-class FakeSamplingParams:
-    n: int = 1
-    max_tokens: int = 16
-    min_tokens: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    logprobs: int | None = None
-    skip_special_tokens: bool = True
-
-    def validate(self, vocab_size: int, max_model_len: int | None = None) -> None:
-        if self.max_tokens <= 0:
-            raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
+# the server's tests use the engine's own parameter object (one definition of the fields and their checks)
+FakeSamplingParams = SamplingParams
 
 
 @dataclass
