@@ -102,6 +102,23 @@ def _now() -> int:
     return int(time.time())
 
 
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    """OpenAI `usage` object (token counts)."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _envelope(rid: str, obj: str, created: int, model: str, choices: list[dict], usage: Any = None,
+              with_usage: bool = True) -> dict:
+    """The OpenAI response / stream-chunk envelope shared by chat and text completions; `usage` is
+    included when `with_usage` (always for whole responses, per `stream_options.include_usage` for chunks)."""
+    out = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
+           "system_fingerprint": None}
+    if with_usage:
+        out["usage"] = usage
+    return out
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
@@ -828,12 +845,8 @@ def build_app(engine: Any, settings: ServerSettings | None = None, *, chat_forma
                 out_choices.append({"index": ch.index, "message": msg, "logprobs": lp, "finish_reason": finish,
                                     "stop_reason": ch.stop_reason})
             completion = sum(c.num_tokens for c in choices)
-            return JSONResponse({
-                "id": rid, "object": "chat.completion", "created": created, "model": model,
-                "choices": out_choices, "system_fingerprint": None,
-                "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
-                          "total_tokens": len(prompt_ids) + completion},
-            })
+            return JSONResponse(_envelope(rid, "chat.completion", created, model, out_choices,
+                                          _usage(len(prompt_ids), completion)))
 
         if not await srv.admit_all(request, jobs):
             return Response(status_code=499)
@@ -842,11 +855,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None, *, chat_forma
 
         async def body() -> AsyncIterator[str]:
             def chunk(choice_list: list[dict], usage: Any = None) -> str:
-                obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "system_fingerprint": None, "choices": choice_list}
-                if include_usage:
-                    obj["usage"] = usage
-                return _sse(obj)
+                return _sse(_envelope(rid, "chat.completion.chunk", created, model, choice_list, usage, include_usage))
 
             parsers = {ch.index: srv.chat_format.stream_parser(thinking, tools_enabled) for ch in choices}
             seen_calls: dict[int, dict[int, str]] = {ch.index: {} for ch in choices}
@@ -952,10 +961,8 @@ def build_app(engine: Any, settings: ServerSettings | None = None, *, chat_forma
                             "logprobs": lp_obj(ch, ch.token_ids, ch.logprobs, len(prefix)),
                             "finish_reason": ch.finish_reason, "stop_reason": ch.stop_reason})
             completion = sum(c.num_tokens for c in choices)
-            return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                                 "choices": out, "system_fingerprint": None,
-                                 "usage": {"prompt_tokens": prompt_total, "completion_tokens": completion,
-                                           "total_tokens": prompt_total + completion}})
+            return JSONResponse(_envelope(rid, "text_completion", created, model, out,
+                                          _usage(prompt_total, completion)))
 
         if not await srv.admit_all(request, jobs):
             return Response(status_code=499)
@@ -964,11 +971,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None, *, chat_forma
 
         async def body() -> AsyncIterator[str]:
             def chunk(choice_list: list[dict], usage: Any = None) -> str:
-                obj = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                       "system_fingerprint": None, "choices": choice_list}
-                if include_usage:
-                    obj["usage"] = usage
-                return _sse(obj)
+                return _sse(_envelope(rid, "text_completion", created, model, choice_list, usage, include_usage))
 
             offsets = {ch.index: 0 for ch in choices}
             for ch in choices:
