@@ -232,3 +232,41 @@ def test_error_param_is_openai_dotted_path():
         encode_chat(bad)
     assert e.value.param == "messages.1.tool_calls.0.function.name"
     assert isinstance(e.value, RequestError)
+
+
+_CALLS = {"role": "assistant", "content": "", "tool_calls": [
+    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}},
+    {"id": "c2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]}
+
+
+@pytest.mark.parametrize("messages, param", [
+    ([{"role": "tool", "tool_call_id": "c1", "content": "r"}], "messages.0.role"),  # first message
+    ([{"role": "user", "content": "q"}, {"role": "tool", "content": "r"}], "messages.1.role"),  # after a user turn
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},  # assistant without tool_calls
+      {"role": "tool", "tool_call_id": "c1", "content": "r"}], "messages.2.role"),
+    ([{"role": "user", "content": "q"}, _CALLS, {"role": "tool", "tool_call_id": "c1", "content": "r"},
+      {"role": "user", "content": "more"}, {"role": "tool", "tool_call_id": "c2", "content": "r"}], "messages.4.role"),
+    ([{"role": "user", "content": "q"}, _CALLS, {"role": "tool", "tool_call_id": "c9", "content": "r"}],
+     "messages.2.tool_call_id"),  # an id no call has
+    ([{"role": "user", "content": "q"}, _CALLS, {"role": "user", "content": "q"},
+      {"role": "assistant", "tool_calls": [{"id": "d1", "function": {"name": "f", "arguments": "{}"}}]},
+      {"role": "tool", "tool_call_id": "c1", "content": "r"}], "messages.4.tool_call_id"),  # an older call's id
+])
+def test_tool_message_must_answer_a_preceding_tool_call(messages, param):
+    """OpenAI answers 400 to a tool message that answers no assistant tool call; so does encode_chat."""
+    from parity.tokenizer import ChatError
+
+    with pytest.raises(ChatError) as e:
+        encode_chat(messages)
+    assert e.value.param == param and str(e.value).startswith(param.replace(".", "[", 1).replace(".", "].", 1))
+
+
+def test_tool_messages_answering_the_calls_are_accepted():
+    ok = [{"role": "user", "content": "q"}, _CALLS, {"role": "tool", "tool_call_id": "c2", "content": "r2"},
+          {"role": "tool", "tool_call_id": "c1", "content": "r1"}]
+    assert encode_chat(ok).count("<tool_result>") == 2
+    # without ids (ours are optional) nothing can be matched: accepted
+    no_ids = [{"role": "user", "content": "q"},
+              {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]},
+              {"role": "tool", "tool_call_id": "anything", "content": "r"}, {"role": "tool", "content": "r"}]
+    assert encode_chat(no_ids).count("<tool_result>") == 2

@@ -485,6 +485,22 @@ def test_v4_format_tool_call_round_trip_stream_and_not(v4_client, thinking):
     assert r2.choices[0].message.content == "It is sunny in Paris." and r2.choices[0].finish_reason == "stop"
 
 
+def test_v4_format_tool_message_without_its_call_is_400(v4_client):
+    """As OpenAI: a tool result must answer a preceding assistant tool call (else 400 naming the field)."""
+    for msgs, param in [
+        ([{"role": "tool", "tool_call_id": "call_1", "content": "r"}, {"role": "user", "content": "q"}],
+         "messages.0.role"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+          {"role": "tool", "tool_call_id": "call_2", "content": "r"}], "messages.2.tool_call_id"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as ei:
+            v4_client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=5)
+        assert ei.value.body["param"] == param, ei.value.body
+    r = v4_client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=50)
+    assert r.choices[0].message.content == "Hello!"
+
+
 def test_model_alias_is_accepted_but_not_listed():
     srv = start(FakeEngine(step_s=0.0005), model_aliases=["/ckpt/DeepSeek-V4-Flash"])
     try:

@@ -253,6 +253,25 @@ def _tool_calls(value: Any, where: str) -> list[tuple[str, str, dict]]:
     return out
 
 
+def _check_tool_answer(where: str, tool_call_id: str | None, answering: tuple[int, list[str]] | None) -> None:
+    """OpenAI's rule for a ``tool`` message at ``where``: it answers the assistant message with
+    ``tool_calls`` right before it (only other tool messages in between), and its ``tool_call_id``, when
+    given, is the id of one of those calls (not checked when the calls carry no ids).
+
+    Raises:
+        ChatError: ``messages[i].role`` when no such assistant message precedes it;
+            ``messages[i].tool_call_id`` when the id matches none of its calls.
+    """
+    if answering is None:
+        raise ChatError(f"{where}.role: a 'tool' message must answer a preceding assistant message with "
+                        "'tool_calls' (directly after it or after other tool messages)")
+    k, ids = answering
+    known = [cid for cid in ids if cid]
+    if tool_call_id and known and tool_call_id not in known:
+        raise ChatError(f"{where}.tool_call_id: {tool_call_id!r} matches no tool call of messages[{k}]; "
+                        f"expected one of {known}")
+
+
 # ---------------------------------------------------------------------------- rendering
 def render_tools(functions: list[dict]) -> str:
     """The "## Tools" section for validated function definitions (one JSON schema per line)."""
@@ -280,7 +299,8 @@ def encode_chat(messages: list[dict], tools: list[dict] | None = None, thinking:
         messages: OpenAI chat messages: ``{"role": "system"|"user"|"assistant"|"tool", "content": str |
             [text parts] | None}``; assistant messages may carry ``reasoning_content`` (str) and
             ``tool_calls`` (``[{"id"?, "type": "function", "function": {"name", "arguments": JSON str
-            or dict}}]``); tool messages may carry ``tool_call_id``. Unknown extra keys are ignored.
+            or dict}}]``); tool messages follow an assistant message with ``tool_calls`` (or another tool
+            message) and may carry ``tool_call_id``, one of its call ids. Unknown extra keys are ignored.
         tools: OpenAI tool definitions (rendered into the leading system message).
         thinking: thinking mode (the prompt ends with ``<think>``) or not (ends with ``</think>``).
         reasoning_effort: one of :data:`REASONING_EFFORTS`; "max" adds the max-effort prefix in
@@ -295,7 +315,9 @@ def encode_chat(messages: list[dict], tools: list[dict] | None = None, thinking:
     Raises:
         ChatError (a RequestError): naming ``messages[i].<field>`` or ``tools[k].<field>`` (unknown role, bad content,
             tool call without name, arguments not a JSON object, malformed tool schema...), or
-            ``reasoning_effort`` / ``thinking`` when invalid.
+            ``reasoning_effort`` / ``thinking`` when invalid; a ``tool`` message that does not answer a
+            preceding assistant message with ``tool_calls`` (``messages[i].role``) or whose
+            ``tool_call_id`` is none of that message's call ids (``messages[i].tool_call_id``), as OpenAI.
     """
     if not isinstance(thinking, bool):
         raise ChatError(f"thinking: expected true or false, got {thinking!r}")
@@ -308,6 +330,9 @@ def encode_chat(messages: list[dict], tools: list[dict] | None = None, thinking:
 
     # 1. validate + normalise; merge user/tool runs into user turns of blocks
     turns: list[dict] = []
+    # the assistant message tool results may answer now: (its index, its call ids), or None when the
+    # previous message is neither an assistant message with tool_calls nor a tool result (OpenAI's rule)
+    answering: tuple[int, list[str]] | None = None
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(msg, Mapping):
@@ -315,10 +340,13 @@ def encode_chat(messages: list[dict], tools: list[dict] | None = None, thinking:
         role = msg.get("role")
         if role not in ROLES:
             raise ChatError(f"{where}.role: unknown role {role!r}; expected one of {list(ROLES)}")
+        if role != "tool":
+            answering = None
         if role == "tool":
             tcid = msg.get("tool_call_id")
             if tcid is not None and not isinstance(tcid, str):
                 raise ChatError(f"{where}.tool_call_id: expected a string, got {type(tcid).__name__}")
+            _check_tool_answer(where, tcid, answering)
             block = ("tool", _text(msg.get("content"), f"{where}.content", "\n\n"), tcid or "")
         elif role == "user":
             block = ("text", _text(msg.get("content"), f"{where}.content"), "")
@@ -336,8 +364,10 @@ def encode_chat(messages: list[dict], tools: list[dict] | None = None, thinking:
         if reasoning is not None and not isinstance(reasoning, str):
             raise ChatError(f"{where}.reasoning_content: expected a string or null, "
                                f"got {type(reasoning).__name__}")
-        turns.append({"role": "assistant", "content": content, "reasoning": reasoning or "",
-                      "calls": _tool_calls(msg.get("tool_calls"), f"{where}.tool_calls")})
+        calls = _tool_calls(msg.get("tool_calls"), f"{where}.tool_calls")
+        turns.append({"role": "assistant", "content": content, "reasoning": reasoning or "", "calls": calls})
+        if calls:
+            answering = (i, [cid for cid, _, _ in calls])
 
     # 2. tool results in the order of the preceding assistant's calls (stable; unknown ids rank 0)
     order: dict[str, int] = {}
