@@ -55,3 +55,48 @@ def test_bad_prompt_shapes_are_named_and_nothing_runs(llm, prompts, kw, match):
     with pytest.raises(RequestError, match=match):
         llm.generate(prompts, SP, **kw)
     assert not llm.engine.has_unfinished()
+
+
+# ---- LLM.chat (vLLM's offline chat) on the bundled default miniature with its real V4 tokenizer
+@pytest.fixture(scope="module")
+def tiny():
+    return LLM(device="cpu")
+
+
+def test_chat_encodes_generates_and_parses_like_the_server(tiny):
+    from parity.tokenizer import encode_chat, parse_output
+
+    conv = [{"role": "user", "content": "Hello"}]
+    sp = SamplingParams(temperature=0.0, max_tokens=4)
+    (out,) = tiny.chat(conv, sp)
+    prompt = encode_chat(conv)
+    assert out.prompt == prompt and out.prompt_token_ids == tiny.tokenizer.encode(prompt)
+    ref = tiny.generate(prompt, sp)[0].outputs[0]
+    c = out.outputs[0]
+    assert c.token_ids == ref.token_ids and c.text == ref.text
+    assert c.message == {"role": "assistant", "content": parse_output(c.text, False).content}
+    assert ref.message is None  # generate leaves it unset
+
+    # a batch, thinking mode, tools, one SamplingParams per conversation
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    outs = tiny.chat([conv, conv + [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "?"}]],
+                     [sp, SamplingParams(temperature=0.0, max_tokens=2)], tools=tools, thinking=True,
+                     reasoning_effort="max")
+    assert len(outs) == 2 and len(outs[1].outputs[0].token_ids) == 2
+    assert outs[0].prompt == encode_chat(conv, tools=tools, thinking=True, reasoning_effort="max")
+    for o in outs:
+        m = o.outputs[0].message
+        assert m["role"] == "assistant" and isinstance(m["reasoning_content"], str)
+
+
+@pytest.mark.parametrize("messages, kw, match", [
+    ([{"role": "robot", "content": "x"}], {}, r"^messages\[0\]\.role: unknown role"),
+    ([[{"role": "user", "content": "x"}], [{"role": "user", "content": 5}]], {}, r"^messages\[1\]\[0\]\.content"),
+    ([[]], {}, r"^messages\[0\]: expected a non-empty list"),
+    ([{"role": "user", "content": "x"}], {"reasoning_effort": "extreme"}, r"^reasoning_effort"),
+    ([{"role": "tool", "content": "r"}], {}, r"^messages\[0\]\.role: a 'tool' message"),
+])
+def test_chat_bad_input_is_a_named_request_error(tiny, messages, kw, match):
+    with pytest.raises(RequestError, match=match):
+        tiny.chat(messages, SamplingParams(max_tokens=2), **kw)
+    assert not tiny.engine.has_unfinished()

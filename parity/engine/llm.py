@@ -80,6 +80,59 @@ class LLM:
         eng._pending.clear()
         return [r.output() for r in reqs]
 
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
+             tools: list[dict] | None = None, thinking: bool = False,
+             reasoning_effort: str | None = None) -> list[RequestOutput]:
+        """Chat completions for one conversation or a batch of them, like vLLM's `LLM.chat`.
+
+        Each conversation is encoded with DeepSeek-V4's chat format (`parity.tokenizer.encode_chat`, BOS
+        included, ending with the assistant prompt), all are generated together (`generate`), and every
+        completion's text is parsed as the server does (`parity.tokenizer.parse_output`).
+
+        Args:
+            messages: one conversation (a list of OpenAI message dicts, `{"role", "content", ...}`) or a
+                list of conversations.
+            sampling_params: one SamplingParams for all, or one per conversation (default SamplingParams()).
+            tools: OpenAI tool definitions offered to every conversation; tool calls in the output are
+                parsed only when tools are given.
+            thinking: thinking mode (the prompt ends with `<think>`; the output's reasoning goes to
+                `reasoning_content`).
+            reasoning_effort: None | "low" | "medium" | "high" | "max" ("max" changes V4's prompt).
+        Returns:
+            list[RequestOutput], one per conversation, in order. As in vLLM, `outputs[k].text` is the raw
+            generated text; parity also sets `outputs[k].message`, the text parsed as an OpenAI assistant
+            message: {"role": "assistant", "content": str, "reasoning_content": str (thinking mode only),
+            "tool_calls": [{"id", "type": "function", "function": {"name", "arguments": JSON str}}] (only
+            when calls were made)} - append it to the conversation to continue it.
+        Raises:
+            RequestError: no tokenizer loaded, or a `parity.tokenizer.ChatError` (a RequestError) naming
+                the bad field, e.g. `messages[1].role`, or `messages[2][0].content` for the first message
+                of the third conversation of a batch; bad sampling parameters as in `generate`. Nothing is
+                run then.
+        """
+        from parity.tokenizer import ChatError, encode_chat, parse_output
+
+        if self.tokenizer is None:
+            raise RequestError("LLM.chat needs a tokenizer; this LLM has none (use generate with token ids)")
+        batch = (isinstance(messages, (list, tuple)) and len(messages) > 0
+                 and all(isinstance(m, (list, tuple)) for m in messages))
+        convs = list(messages) if batch else [messages]
+        prompts = []
+        for i, conv in enumerate(convs):
+            try:
+                prompts.append(encode_chat(conv, tools=tools, thinking=thinking, reasoning_effort=reasoning_effort))
+            except ChatError as e:
+                msg = str(e)
+                if batch and msg.startswith("messages"):
+                    msg = f"messages[{i}]" + msg[len("messages"):]
+                raise ChatError(msg) from None
+        outs = self.generate(prompts, sampling_params)
+        for out in outs:
+            for c in out.outputs:
+                c.message = parse_output(c.text, thinking=thinking, tools_enabled=bool(tools)).to_message()
+        return outs
+
 
 _PROMPT_KEYS = ("prompt", "prompt_token_ids")
 

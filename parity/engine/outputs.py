@@ -46,6 +46,9 @@ class CompletionOutput:
         finish_reason: "stop" | "length" | "abort" | None (still running).
         stop_reason: the stop string or stop token id that ended it (None for EOS / length).
         logprobs: one TokenLogprobs per generated token when requested, else None.
+        message: set by `LLM.chat` only (else None): `text` parsed as an OpenAI assistant message
+            {"role": "assistant", "content": str, "reasoning_content"?: str (thinking mode),
+            "tool_calls"?: [{"id", "type": "function", "function": {"name", "arguments": JSON str}}]}.
     """
 
     index: int
@@ -55,6 +58,7 @@ class CompletionOutput:
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprobs] | None = None
     cumulative_logprob: float | None = None
+    message: dict | None = None
 
     @property
     def finished(self) -> bool:
