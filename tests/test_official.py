@@ -98,6 +98,25 @@ def test_export_tiny_layout(tiny_dir):
         assert f.get_tensor("layers.1.attn.wo_a.weight").dtype == torch.float8_e4m3fn
 
 
+
+def test_export_tiny_shards_get_the_mode_of_the_other_files(tiny_dir):
+    """safetensors writes a private temp file and renames it; the shards still end up like config.json."""
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tiny_dir.iterdir()}
+    assert set(modes.values()) == {modes["config.json"]}, modes
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_write_checkpoint_file_modes_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        d = o.write_checkpoint(load_preset("tiny"), {"a": torch.zeros(4), "b": torch.ones(4)}, tmp_path / "ck",
+                               shard_bytes=16, tokenizer=False)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in d.iterdir()}
+    assert len(modes) == 4 and set(modes.values()) == {0o666 & ~umask}, modes
+
+
 @pytest.fixture(scope="module")
 def tiny_ref(tiny_dir):
     """The exported miniature loaded as a plain model with dequantized weights (the reference)."""

@@ -749,7 +749,8 @@ def write_checkpoint(cfg: ModelConfig, tensors: dict, out_dir: str | Path, shard
                      tokenizer: bool = True) -> Path:
     """Write official-layout `tensors` as ``model-XXXXX-of-YYYYY.safetensors`` shards + index + legacy
     config.json (+ tokenizer files). Tensors are assigned to shards in layout order, a new shard
-    starting when `shard_bytes` would be exceeded. Deterministic: same tensors, same bytes.
+    starting when `shard_bytes` would be exceeded. Deterministic: same tensors, same bytes. Every file
+    gets the mode a plain file write gives (0o666 less the umask), shards included.
 
     Returns:
         out_dir as a Path.
@@ -759,6 +760,7 @@ def write_checkpoint(cfg: ModelConfig, tensors: dict, out_dir: str | Path, shard
     from safetensors.torch import save_file
 
     out = _prepare_out_dir(out_dir)
+    file_mode = 0o666 & ~_current_umask()  # what open() gives the json files next to the shards
     groups: list[list[str]] = [[]]
     size = 0
     for name, t in tensors.items():
@@ -775,6 +777,7 @@ def write_checkpoint(cfg: ModelConfig, tensors: dict, out_dir: str | Path, shard
         for i, names in enumerate(groups):
             fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             save_file({k: tensors[k] for k in names}, str(out / fname), metadata={"format": "pt"})
+            os.chmod(out / fname, file_mode)  # safetensors writes a private temp file and renames it
             for k in names:
                 weight_map[k] = fname
                 total += tensors[k].numel() * tensors[k].element_size()
@@ -787,6 +790,21 @@ def write_checkpoint(cfg: ModelConfig, tensors: dict, out_dir: str | Path, shard
         raise CheckpointError(f"cannot write the checkpoint into {str(out)!r} ({e.strerror or e}); expected a "
                               f"writable directory with room for the shards") from None
     return out
+
+
+def _current_umask() -> int:
+    """The process umask (permission bits), read from /proc/self/status where Linux has it, else by
+    setting and restoring it (the usual idiom; a brief race with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _prepare_out_dir(out_dir: str | Path) -> Path:
