@@ -203,6 +203,9 @@ def test_completions(client, server):
     assert [c.index for c in r3.choices] == [0, 1, 2, 3]
     assert r3.choices[0].text == "Hello" + head(default_respond("Hello"), 4)
     assert r3.choices[2].text.startswith("abc") and r3.choices[0].logprobs.text_offset[0] == 5
+    # documented limitation: with echo, logprobs cover the generated tokens only (no prompt-token entries)
+    assert len(r3.choices[0].logprobs.tokens) == len(r3.choices[0].logprobs.token_logprobs) == 4
+    assert "".join(r3.choices[0].logprobs.tokens) == r3.choices[0].text[5:]
     st = list(client.completions.create(model="tiny", prompt="Hello", max_tokens=6, stream=True,
                                         stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in st if c.choices) == r.choices[0].text

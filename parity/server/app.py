@@ -21,6 +21,10 @@ Design:
   tokenized with `encode_batch` on a worker thread (it releases the GIL; `tokenizers`' `encode` does not).
 
 SSE framing follows OpenAI: `data: <json>\\n\\n` per chunk, then `data: [DONE]\\n\\n`.
+
+Known limitation: `/v1/completions` with `echo: true` and `logprobs: N` returns the prompt in `text`, but
+`logprobs` covers the generated tokens only (its `text_offset` starts at the prompt's length); vLLM also
+lists the prompt tokens (the first with logprob None). The engine does not compute prompt-token logprobs.
 """
 
 from __future__ import annotations
@@ -912,6 +916,8 @@ def build_app(engine: Any, settings: ServerSettings | None = None, *, chat_forma
 
     # ---- completions --------------------------------------------------------------------------
     async def completions_handler(request: Request) -> Response:
+        """`POST /v1/completions`. With `echo`, `text` starts with the prompt; `logprobs` then still covers
+        only the generated tokens (no prompt-token logprobs, unlike vLLM; see the module docstring)."""
         arrival = time.perf_counter()
         req: P.CompletionRequest = P.parse_body(await srv.read_body(request), P.CompletionRequest)
         model = srv.check_model(req.model)
