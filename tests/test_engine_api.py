@@ -100,3 +100,19 @@ def test_chat_bad_input_is_a_named_request_error(tiny, messages, kw, match):
     with pytest.raises(RequestError, match=match):
         tiny.chat(messages, SamplingParams(max_tokens=2), **kw)
     assert not tiny.engine.has_unfinished()
+
+
+def test_tokenizer_larger_than_model_vocab_is_a_clear_checkpoint_error():
+    """A checkpoint without tokenizer.json whose vocabulary is smaller than the bundled V4 tokenizer's
+    (found by a new-user test: ids out of range per request) is refused once, at start-up."""
+    import pytest
+
+    from parity.config import load_preset
+    from parity.engine import LLM
+    from parity.errors import CheckpointError
+    from parity.model import build_model
+
+    cfg = load_preset("tiny").replace(vocab_size=1024)
+    model = build_model(cfg, seed=0)
+    with pytest.raises(CheckpointError, match=r"vocab_size 1024 but its tokenizer has 129280 tokens"):
+        LLM(model_obj=model)

@@ -24,7 +24,7 @@ from parity.engine.sampler import SampleRequest, sample
 from parity.engine.sampling_params import SamplingParams
 from parity.engine.scheduler import Scheduler
 from parity.engine.sequence import Request, Sequence, SeqStatus, make_detokenizer
-from parity.errors import RequestError
+from parity.errors import CheckpointError, RequestError
 
 log = logging.getLogger("parity.engine")
 
@@ -118,6 +118,13 @@ class LLMEngine:
             model.eval()
         self.tokenizer = load_tokenizer_for(model_dir) if tokenizer == "auto" else tokenizer
         self.vocab_size = int(self.config.vocab_size)
+        tok_vocab = getattr(self.tokenizer, "vocab_size", None)
+        if isinstance(tok_vocab, int) and tok_vocab > self.vocab_size:
+            where = f"checkpoint {str(model_dir)!r}" if model_dir is not None else "the model"
+            raise CheckpointError(
+                f"{where} has vocab_size {self.vocab_size} but its tokenizer has {tok_vocab} tokens (with no "
+                f"tokenizer.json in a checkpoint, parity uses the bundled DeepSeek-V4 tokenizer); put the model's "
+                f"own tokenizer.json in the checkpoint directory, or serve token ids only (--skip-tokenizer-init)")
         limit = int(self.config.max_position_embeddings)
         self.max_model_len = int(args.max_model_len or limit)
         if self.max_model_len > limit:
