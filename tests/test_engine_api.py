@@ -3,21 +3,8 @@
 import pytest
 
 from parity.engine import LLM, SamplingParams
-from parity.engine.testing import FakeModel
+from parity.engine.testing import CharTokenizer, FakeModel
 from parity.errors import RequestError
-
-
-class CharTokenizer:
-    """One letter -> one id (a=26 ...); 0 (bos) and 1 (eos) are special."""
-
-    eos_token_id = 1
-    bos_token_id = 0
-
-    def encode(self, text, add_special_tokens=False):
-        return [ord(c) - 97 + 26 for c in text]
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join("" if (skip_special_tokens and i in (0, 1)) else chr(97 + i % 26) for i in ids)
 
 
 SP = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)

@@ -5,21 +5,8 @@ import torch
 
 from parity.engine import LLM, CachePool, CachePoolExhausted, EngineArgs, LLMEngine, SamplingParams
 from parity.engine.cache import SequenceCache, normalize_layout
-from parity.engine.testing import FakeModel, greedy_reference
+from parity.engine.testing import CharTokenizer, FakeModel, greedy_reference
 from parity.errors import RequestError
-
-
-class CharTokenizer:
-    """id i -> one letter; 0 (bos) and 1 (eos) are special."""
-
-    eos_token_id = 1
-    bos_token_id = 0
-
-    def encode(self, text, add_special_tokens=False):
-        return [ord(c) - 97 + 26 for c in text]
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join("" if (skip_special_tokens and i in (0, 1)) else chr(97 + i % 26) for i in ids)
 
 
 PROMPTS = [[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [12, 13], [20] * 17, [40, 41, 42, 43, 44]]

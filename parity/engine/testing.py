@@ -14,6 +14,19 @@ from types import SimpleNamespace
 import torch
 
 
+class CharTokenizer:
+    """id i -> one letter (a = 26, ...); 0 (bos) and 1 (eos) are special. For engine tests with FakeModel."""
+
+    eos_token_id = 1
+    bos_token_id = 0
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) - 97 + 26 for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join("" if (skip_special_tokens and i in (0, 1)) else chr(97 + i % 26) for i in ids)
+
+
 class _FakeState:
     def __init__(self, model: "FakeModel", allocator):
         self.model = model

@@ -437,6 +437,20 @@ class OpenAIServer:
             self._observe(ch)
         return ids, text
 
+    def _fold_stream_delta(self, ch: _Choice, d: Any) -> tuple[list[int], str, str | None]:
+        """Streaming: fold one item of the merged delta stream into `ch`.
+
+        Returns (new token ids, new text, an SSE error event to send instead or None): an engine
+        exception becomes its OpenAI error; a choice that finished with an engine error becomes a 500
+        `engine_error` event."""
+        if isinstance(d, BaseException):
+            return [], "", _sse(self._engine_error(d).body())
+        ids, text = self._apply_delta(ch, d)
+        if ch.error and ch.finished:
+            return ids, text, _sse(OpenAIError(500, f"The engine failed while generating: {ch.error}",
+                                               code="engine_error").body())
+        return ids, text, None
+
     def _observe(self, ch: _Choice) -> None:
         if not ch.observed:
             ch.observed = True
@@ -882,13 +896,9 @@ def build_app(engine: Any, settings: ServerSettings | None = None, *, chat_forma
                 return out
 
             async for ch, d in merger:
-                if isinstance(d, BaseException):
-                    yield _sse(srv._engine_error(d).body())
-                    continue
-                ids, text = srv._apply_delta(ch, d)
-                if ch.error and ch.finished:
-                    yield _sse(OpenAIError(500, f"The engine failed while generating: {ch.error}",
-                                           code="engine_error").body())
+                ids, text, err = srv._fold_stream_delta(ch, d)
+                if err is not None:
+                    yield err
                     continue
                 if top_n is not None and ids:
                     lps = getattr(d, "logprobs", None) or []
@@ -986,13 +996,9 @@ def build_app(engine: Any, settings: ServerSettings | None = None, *, chat_forma
                     yield chunk([{"index": ch.index, "text": echo_text[ch.index], "logprobs": None,
                                   "finish_reason": None}])
             async for ch, d in merger:
-                if isinstance(d, BaseException):
-                    yield _sse(srv._engine_error(d).body())
-                    continue
-                ids, text = srv._apply_delta(ch, d)
-                if ch.error and ch.finished:
-                    yield _sse(OpenAIError(500, f"The engine failed while generating: {ch.error}",
-                                           code="engine_error").body())
+                ids, text, err = srv._fold_stream_delta(ch, d)
+                if err is not None:
+                    yield err
                     continue
                 if not text and not ids and not ch.finished:
                     continue

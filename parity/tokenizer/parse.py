@@ -45,6 +45,11 @@ from parity.tokenizer import special
 
 _INVOKE_ATTRS = re.compile(r'\s+name="([^"]*)"\s*')
 _PARAM_ATTRS = re.compile(r'\s+name="([^"]*)"(?:\s+string="(true|false)")?\s*')
+#: Tags that can end each state inside a DSML tool-call block (shared by the whole-text and streaming parsers).
+_TOOL_MARKERS = {
+    "block": (special.INVOKE_OPEN, special.TOOL_CALLS_CLOSE),
+    "invoke": (special.PARAM_OPEN, special.INVOKE_CLOSE, special.INVOKE_OPEN, special.TOOL_CALLS_CLOSE),
+}
 
 
 def _json_str_body(s: str) -> str:
@@ -151,11 +156,7 @@ def parse_output(text: str, thinking: bool, tools_enabled: bool = True,
             pos = q + len(special.TOOL_CALLS_OPEN)
             state = "block"
         elif state in ("block", "invoke"):
-            if state == "block":
-                markers = (special.INVOKE_OPEN, special.TOOL_CALLS_CLOSE)
-            else:
-                markers = (special.PARAM_OPEN, special.INVOKE_CLOSE, special.INVOKE_OPEN,
-                           special.TOOL_CALLS_CLOSE)
+            markers = _TOOL_MARKERS[state]
             i, m = earliest(pos, markers)
             if m is None:
                 break
@@ -342,11 +343,7 @@ class StreamingOutputParser:
                 self._buf = buf[len(buf) - keep:]
                 return
             if st in ("block", "invoke"):
-                if st == "block":
-                    markers = (special.INVOKE_OPEN, special.TOOL_CALLS_CLOSE)
-                else:
-                    markers = (special.PARAM_OPEN, special.INVOKE_CLOSE, special.INVOKE_OPEN,
-                               special.TOOL_CALLS_CLOSE)
+                markers = _TOOL_MARKERS[st]
                 i, m = _earliest(buf, markers)
                 if m is None:
                     keep = 0 if final else _held_suffix(buf, markers)
