@@ -17,11 +17,11 @@ from parity.errors import ParityError
 #: Modules that register sub-commands, in help order.
 COMMAND_MODULES = (
     "parity.plan.info_cli",     # info
-    "parity.server.cli",        # serve, generate, chat
-    "parity.model.cli",         # export-tiny
-    "parity.bench.cli",         # bench, bench report
-    "parity.plan.cli",          # plan, compare, validate
-    "parity.devices.cli",       # doctor
+    "parity.server.serve_cli",        # serve, generate, chat
+    "parity.model.export_cli",         # export-tiny
+    "parity.bench.bench_cli",         # bench, bench report
+    "parity.plan.plan_cli",          # plan, compare, validate
+    "parity.devices.doctor_cli",       # doctor
 )
 
 

@@ -188,7 +188,7 @@ def test_config_rejects_non_finite_numbers(kw, flag):
 def test_cli_rate_accepts_inf_rejects_nan():
     import argparse
 
-    from parity.bench.cli import _rate
+    from parity.bench.bench_cli import _rate
 
     assert _rate("inf") == math.inf and _rate("2.5") == 2.5
     for bad in ("nan", "NaN", "-inf", "0"):

@@ -12,7 +12,7 @@ import torch
 from parity.config import CSA, HCA, load_preset
 from parity.engine import LLM, SamplingParams
 
-pytest.importorskip("parity.model.model")
+pytest.importorskip("parity.model.deepseek_v4")
 from parity.model import build_model  # noqa: E402
 
 N_OUT = 16

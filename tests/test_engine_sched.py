@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from parity.engine import LLM, CachePool, CachePoolExhausted, EngineArgs, LLMEngine, SamplingParams
-from parity.engine.cache import SequenceCache, normalize_layout
+from parity.engine.cache_pool import SequenceCache, normalize_layout
 from parity.engine.testing import CharTokenizer, FakeModel, greedy_reference
 from parity.errors import RequestError
 

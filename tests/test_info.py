@@ -8,7 +8,7 @@ import pytest
 
 from parity.cli import main
 from parity.config import load_preset
-from parity.plan.params import cache_size, count_params, index_key_bytes, vector_bytes
+from parity.shapes import cache_size, count_params, index_key_bytes, vector_bytes
 
 
 def test_v4_flash_total_is_284b_and_pro_about_1_6t():
@@ -68,8 +68,8 @@ def test_info_cli_json_and_errors(capsys):
 
 
 def test_plan_package_does_not_import_torch():
-    code = ("import sys, argparse, parity.plan, parity.plan.params, parity.plan.info_cli, parity.plan.cli, "
-            "parity.plan.model, parity.plan.validate, parity.plan.search, parity.plan.report\n"
+    code = ("import sys, argparse, parity.plan, parity.shapes, parity.plan.info_cli, parity.plan.plan_cli, "
+            "parity.plan.serving_model, parity.plan.validate, parity.plan.search, parity.plan.report\n"
             "parity.plan.info_cli.run(argparse.Namespace(model='v4-pro', context=4096, json=True))\n"
             "from parity.plan.search import plan, Workload\n"
             "assert plan('v4-flash', 'h800', Workload(isl=1024, osl=256))['feasible']\n"

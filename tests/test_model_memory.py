@@ -24,7 +24,7 @@ def _nbytes(model) -> int:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_estimate_equals_built_model_bytes(dtype):
     """What build_model allocates: the model (meta device here, for speed) cast with `to_dtype`."""
-    from parity.model.model import V4ForCausalLM
+    from parity.model.deepseek_v4 import V4ForCausalLM
 
     cfg = load_preset("tiny")
     with torch.device("meta"):

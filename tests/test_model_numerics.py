@@ -122,7 +122,7 @@ def test_incremental_official_steps(q8, cuts, one_thread):
 
 def test_fp8_cache_halves_bytes(q8, one_thread):
     from parity.config import load_preset
-    from parity.model.model import V4ForCausalLM
+    from parity.model.deepseek_v4 import V4ForCausalLM
 
     model = q8[0]
     b16, f8 = model.new_state(), model.new_state(kv_cache_dtype="fp8")
@@ -150,7 +150,7 @@ def test_fp4_index_keys_stored_packed(q8, one_thread):
     """indexer_dtype="fp4": indexer keys are cached as packed e2m1 codes + one UE8M0 byte per 32 values and
     read back as exactly the official rounded keys (bit for bit, so logits cannot move)."""
     from parity.config import load_preset
-    from parity.model.model import V4ForCausalLM
+    from parity.model.deepseek_v4 import V4ForCausalLM
     from parity.model.numerics import IndexCodec, fp4_round, hadamard
 
     g = torch.Generator().manual_seed(3)

@@ -52,7 +52,7 @@ def test_layout_targets_are_the_model_names():
     """Every official tensor maps onto a tensor of parity's model (= transformers' DeepseekV4ForCausalLM
     names, plus ``model.mtp.N``) and agrees with the plain loader's renaming of official names."""
     from parity.model.loader import canonical_name
-    from parity.model.model import V4ForCausalLM
+    from parity.model.deepseek_v4 import V4ForCausalLM
 
     cfg = load_preset("tiny")
     with torch.device("meta"):

@@ -8,7 +8,7 @@ import pytest
 
 from parity.cli import main
 from parity.errors import PlanError
-from parity.plan import model as M
+from parity.plan import serving_model as M
 from parity.plan.arch import load_arch
 from parity.plan.hardware import catalog, families, get_hardware, load_hardware_file
 from parity.plan.search import Workload, plan

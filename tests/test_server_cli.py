@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from parity.server.app import ServerSettings, build_app
-from parity.server.cli import default_model_name, parse_bytes, register
+from parity.server.serve_cli import default_model_name, parse_bytes, register
 from parity.server.launcher import ThreadedServer, free_port
 from test_server_fakes import FakeChatFormat, FakeEngine, FakeSamplingParams
 
@@ -53,7 +53,7 @@ def test_chat_loop_streams_reasoning_separately():
     from rich.console import Console
 
     from parity.errors import RequestError
-    from parity.server.cli import chat_loop
+    from parity.server.serve_cli import chat_loop
     from parity.server.client import first_model, stream_chat
 
     eng = FakeEngine(step_s=0.0005)
@@ -81,7 +81,7 @@ def test_chat_loop_skips_a_line_that_is_not_utf8_and_carries_on():
     from rich.console import Console
 
     from parity.errors import RequestError
-    from parity.server.cli import chat_loop, run_chat
+    from parity.server.serve_cli import chat_loop, run_chat
     from parity.server.client import stream_chat
 
     eng = FakeEngine(step_s=0.0005)
@@ -104,7 +104,7 @@ def test_chat_loop_skips_a_line_that_is_not_utf8_and_carries_on():
 
 def test_sampling_seed_out_of_range_is_one_clear_error_before_loading():
     from parity.errors import RequestError
-    from parity.server.cli import run_chat, run_generate
+    from parity.server.serve_cli import run_chat, run_generate
 
     for argv in (["generate", "--prompt", "Hi", "--sampling-seed", "99999999999999999999999"],
                  ["chat", "--base-url", "http://127.0.0.1:1", "--sampling-seed", "-99999999999999999999999"]):

@@ -14,7 +14,7 @@ import pytest
 
 from parity.errors import CheckpointError, RequestError
 from parity.server.app import OpenAIServer, ServerSettings, build_app, default_max_request_bytes
-from parity.server.cli import load_checkpoint_tokenizer, register
+from parity.server.serve_cli import load_checkpoint_tokenizer, register
 from parity.server.launcher import ThreadedServer
 from test_server_fakes import FakeChatFormat, FakeEngine, FakeSamplingParams
 
@@ -219,7 +219,7 @@ def test_good_new_flags_parse():
 
 
 def test_cache_memory_beyond_free_memory_is_a_named_error():
-    from parity.engine.cache import CachePool
+    from parity.engine.cache_pool import CachePool
 
     with pytest.raises(RequestError, match="cache_memory.*free memory"):
         CachePool(10 * 2**40, 1 << 20, "cpu")

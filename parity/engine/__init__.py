@@ -6,7 +6,7 @@ Public API (vLLM-shaped): `LLM`, `SamplingParams`, `AsyncEngine`, `EngineArgs`, 
 
 from parity.engine.args import EngineArgs
 from parity.engine.async_engine import AsyncEngine
-from parity.engine.cache import CachePool, CachePoolExhausted, SequenceCache
+from parity.engine.cache_pool import CachePool, CachePoolExhausted, SequenceCache
 from parity.engine.llm import LLM
 from parity.engine.llm_engine import EngineQueueFull, LLMEngine
 from parity.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, StreamDelta

@@ -18,7 +18,7 @@ import torch
 
 from parity import devices
 from parity.engine.args import EngineArgs
-from parity.engine.cache import CachePool, CachePoolExhausted, SequenceCache, normalize_layout, _align
+from parity.engine.cache_pool import CachePool, CachePoolExhausted, SequenceCache, normalize_layout, _align
 from parity.engine.outputs import StreamDelta
 from parity.engine.sampler import SampleRequest, sample
 from parity.engine.sampling_params import SamplingParams

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from parity.engine.cache import CachePool, LayoutEntry, SequenceCache, group_layout, merge_demand
+from parity.engine.cache_pool import CachePool, LayoutEntry, SequenceCache, group_layout, merge_demand
 from parity.engine.sequence import Sequence, SeqStatus
 
 

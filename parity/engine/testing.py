@@ -108,7 +108,7 @@ class FakeModel:
 
     def new_state(self, allocator=None):
         if allocator is None:
-            from parity.engine.cache import SequenceCache
+            from parity.engine.cache_pool import SequenceCache
 
             allocator = SequenceCache(None, self.device)
         return _FakeState(self, allocator)

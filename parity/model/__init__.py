@@ -21,9 +21,9 @@ def __getattr__(name):
         from parity.model.loader import from_pretrained
         return from_pretrained
     if name in ("build_model", "V4ForCausalLM"):
-        from parity.model import model as _m
+        from parity.model import deepseek_v4 as _m
         return getattr(_m, name)
     if name in ("SequenceState", "CacheAllocator", "TorchAllocator"):
-        from parity.model import cache as _c
+        from parity.model import cache_state as _c
         return getattr(_c, name)
     raise AttributeError(f"module 'parity.model' has no attribute {name!r}")

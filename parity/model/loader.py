@@ -146,7 +146,7 @@ def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_c
     from safetensors import safe_open
 
     from parity import devices
-    from parity.model.model import V4ForCausalLM, _reset_rope, resolve_dtype
+    from parity.model.deepseek_v4 import V4ForCausalLM, _reset_rope, resolve_dtype
 
     dtype = resolve_dtype(dtype)
 

@@ -2,19 +2,19 @@
 
 Building DeepSeek-V4-Flash in float32 on a laptop used to grow until the OOM killer ended the process
 (nothing printed), and ``parity export-tiny --preset v4-pro`` died in the allocator with a raw
-traceback. `check_fits` is called before anything is allocated (`parity.model.model.build_model`,
+traceback. `check_fits` is called before anything is allocated (`parity.model.deepseek_v4.build_model`,
 `parity.model.loader.from_pretrained`, `parity.model.official.load_official`, the exporter) and raises
 a `DeviceError` naming the model, the estimate, the dtype, the device and its free memory instead.
 
 The estimate (`estimate_weight_bytes`) is torch-free: it takes the parameter counts of
-`parity.plan.params.count_params` and splits them by the storage dtype parity's model gives each tensor:
+`parity.shapes.count_params` and splits them by the storage dtype parity's model gives each tensor:
 
 - FP8 linears (attention ``q_a/q_b/kv/o_a/o_b``, the indexer ``q_b``, the shared expert, MTP
   ``e_proj/h_proj``): quantized = 1 byte per weight + one UE8M0 byte per ``weight_block_size`` tile
   (`parity.model.quant.QuantLinear`); otherwise the model dtype.
 - routed experts: quantized = FP4 e2m1, 0.5 byte per weight + one UE8M0 byte per 32 weights
   (`parity.model.quant.FP4Experts`); otherwise the model dtype.
-- always fp32 (`parity.model.model._FP32_SUFFIXES`): the LM head (fp32 logits, as the official
+- always fp32 (`parity.model.deepseek_v4._FP32_SUFFIXES`): the LM head (fp32 logits, as the official
   ``ParallelHead``), norms, mHC mixing parameters, attention sinks, compressor position biases; buffers
   ``e_score_correction_bias`` (fp32) and ``tid2eid`` (int64) of the MoE gates.
 - everything else (embedding, router, compressor / indexer projections) in the model dtype.
@@ -29,7 +29,7 @@ import os
 
 from parity.config import CSA, HCA, ModelConfig
 from parity.errors import DeviceError
-from parity.plan.params import hc_head_params, layer_params, mtp_layer_types
+from parity.shapes import hc_head_params, layer_params, mtp_layer_types
 
 #: Environment variable that disables `check_fits` ("1", "true", "yes").
 SKIP_ENV = "PARITY_SKIP_MEMORY_CHECK"

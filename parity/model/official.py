@@ -439,7 +439,7 @@ def _build_skeleton(cfg: ModelConfig, dev, dtype, quantized: bool, block: tuple[
     import torch
 
     from parity.model import quant
-    from parity.model.model import V4ForCausalLM, _reset_rope
+    from parity.model.deepseek_v4 import V4ForCausalLM, _reset_rope
 
     with torch.device("meta"):
         model = V4ForCausalLM(cfg)

@@ -3,7 +3,7 @@ cache bytes read per decode step, cache bytes held per sequence.
 
 Two interpreters of one interface:
 - `V4Arch(ModelConfig)`: DeepSeek-V4 (sliding window / CSA with compressor + lightning indexer / HCA,
-  mHC residual streams, MoE with shared expert, MTP) — shapes as in `parity.plan.params`;
+  mHC residual streams, MoE with shared expert, MTP) — shapes as in `parity.shapes`;
 - `MLAArch`: DeepSeek-V3/R1 (MLA + DeepSeekMoE, first layers dense), described by a data file
   (`parity/data/published/models/deepseek-v3.toml`, sources inside).
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from parity.config import CSA, HCA, SLIDING, ModelConfig
 from parity.errors import PlanError
-from parity.plan import params as P
+from parity import shapes as P
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "data" / "published" / "models"
 

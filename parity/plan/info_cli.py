@@ -30,7 +30,7 @@ def _fmt_b(b: float) -> str:
 def run(args) -> int:
     from parity.config import load_config
     from parity.errors import ConfigError
-    from parity.plan.params import model_info
+    from parity.shapes import model_info
 
     if args.context < 0:
         raise ConfigError(f"--context must be >= 0 tokens, got {args.context}")

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 from parity.errors import PlanError
 from parity.plan.arch import V4Arch, load_arch
 from parity.plan.hardware import Hardware, family_of, get_hardware
-from parity.plan.model import (MODEL_VERSION, Deployment, decode_point, hbm_budget, max_batch, prefill_point,
+from parity.plan.serving_model import (MODEL_VERSION, Deployment, decode_point, hbm_budget, max_batch, prefill_point,
                                weight_bytes_per_device)
 
 #: MTP acceptance per draft token: DeepSeek-V3 report section 5.4.3 (85-90% for the second token); taken

@@ -1,6 +1,6 @@
 """Published measurements (`parity/data/published/*.toml`) and the model's error against them.
 
-`predict(entry, constants)` runs the serving model (`parity.plan.model`) on the published setup with the
+`predict(entry, constants)` runs the serving model (`parity.plan.serving_model`) on the published setup with the
 hardware family's constants; `report()` gives each entry's error, the MAPE over the entries marked for
 validation, and the leave-one-out error (each entry predicted with its family's constants refitted
 without it). `fit()` is how `families.toml` was produced: per family, minimise the squared log error of
@@ -19,7 +19,7 @@ from pathlib import Path
 from parity.errors import PlanError
 from parity.plan.arch import load_arch
 from parity.plan.hardware import CONSTANT_NAMES, families, get_hardware
-from parity.plan.model import MODEL_VERSION, Deployment, step_terms
+from parity.plan.serving_model import MODEL_VERSION, Deployment, step_terms
 
 PUBLISHED_DIR = Path(__file__).resolve().parent.parent / "data" / "published"
 
@@ -139,7 +139,7 @@ def _terms(entry: Entry):
 
 def predict(entry: Entry, consts: dict) -> float:
     """Modeled per-device value of `entry` (input tok/s for prefill, output tok/s for decode); the same
-    numbers as `parity.plan.model.prefill_point` / `decode_point` give for that setup."""
+    numbers as `parity.plan.serving_model.prefill_point` / `decode_point` give for that setup."""
     t, work = _terms(entry)
     return work / t.combine(consts)["step_s"]
 
