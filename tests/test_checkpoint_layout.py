@@ -86,3 +86,26 @@ def test_canonical_names():
     for k in ("model.layers.0.self_attn.kv_norm.weight", "model.layers.2.mlp.experts.gate_up_proj",
               "model.norm.weight", "lm_head.weight"):
         assert canonical_name(k) == k
+
+
+def test_routed_expert_names_map_to_per_expert_slots():
+    """Per-expert official / original-format names map onto one pseudo-name per expert and part, which the
+    float reader packs into ``gate_up_proj`` (w1, w3) / ``down_proj`` (w2)."""
+    lay = layout.official_layout(load_preset("tiny"))
+    for spec in lay.values():
+        if spec.role == layout.FP4:
+            e, part = spec.expert
+            want = f"{spec.target}.{e}.{part}.weight"
+            assert canonical_name(spec.name) == want and canonical_name("model." + spec.name) == want, spec.name
+
+
+def test_model_package_does_not_import_checkpoint():
+    """Layering: parity.checkpoint builds and fills parity.model's classes, never the other way round."""
+    import subprocess
+    import sys
+
+    code = ("import pkgutil, importlib, sys, parity.model as m\n"
+            "for i in pkgutil.iter_modules(m.__path__): importlib.import_module('parity.model.' + i.name)\n"
+            "bad = sorted(k for k in sys.modules if k.startswith('parity.checkpoint'))\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
