@@ -2,7 +2,8 @@
 
 The miniature (~80M parameters: hidden 256, 6 layers, the real 129,280-token vocabulary; sliding, CSA and
 HCA layers, hash and scored MoE) is initialised randomly by transformers 5.23 `DeepseekV4ForCausalLM`,
-saved with `save_pretrained` and loaded by `parity.model.from_pretrained`, so both run identical weights.
+saved with `save_pretrained` and loaded by `parity.checkpoint.reader.from_pretrained`, so both run identical
+weights.
 
 For each batch size B: B prompts of P random tokens, N generated tokens each (greedy, EOS ignored).
 - prefill tokens/s = B*P / prefill time. parity: `LLM.generate` arrival -> first token of the batch
@@ -126,8 +127,8 @@ def main() -> int:
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.float32 if dev.type == "cpu" else torch.bfloat16)
     cfg = bench_config()
 
+    from parity.checkpoint.reader import from_pretrained
     from parity.engine import LLM
-    from parity.model import from_pretrained
 
     with tempfile.TemporaryDirectory() as tmp:
         hf = make_checkpoint(cfg, Path(tmp))

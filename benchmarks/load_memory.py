@@ -1,11 +1,11 @@
 """Peak resident memory of loading + one forward of a ~1B-parameter checkpoint in DeepSeek-V4's published
-FP8/FP4 layout, next to its on-disk size (issue 3).
+FP8/FP4 layout, next to its on-disk size.
 
     .venv/bin/python benchmarks/load_memory.py [--dtype bf16] [--tokens 64] [--keep DIR]
 
 1. writes a synthetic checkpoint (V4-Flash's pattern scaled down: hidden 1024, 8 layers, 48 experts of
-   512, real 129,280-token vocabulary, MTP block; ~1.08B parameters) with `parity.model.official`'s
-   writer: FP8 e4m3 linears + 128x128 UE8M0 scales, FP4 e2m1 experts + 1x32 UE8M0 scales, BF16/F32 rest;
+   512, real 129,280-token vocabulary, MTP block; ~1.08B parameters) with `parity.checkpoint.writer`:
+   FP8 e4m3 linears + 128x128 UE8M0 scales, FP4 e2m1 experts + 1x32 UE8M0 scales, BF16/F32 rest;
 2. in a fresh subprocess, imports parity + torch (baseline RSS), `load_official(dir, dtype)`, runs one
    `forward_logits` over `--tokens` tokens and reports peak RSS (``ru_maxrss``) after each step;
 3. deletes the checkpoint (unless --keep).
@@ -37,7 +37,7 @@ def peak_mib():  # VmHWM: peak RSS of this process image (ru_maxrss would carry 
 def rss_mib():
     return _status('VmRSS')
 import torch
-from parity.model.official import load_official
+from parity.checkpoint.official_reader import load_official
 from parity.model.quant import quantized_nbytes
 torch.set_num_threads(2)
 out = {"baseline_peak_mib": peak_mib()}
@@ -81,8 +81,9 @@ def write_synthetic(cfg, out: Path, seed: int = 0) -> dict:
     written in 256 MiB shards. Returns counts."""
     import torch
 
+    from parity.checkpoint import layout as o
+    from parity.checkpoint import writer
     from parity.model import fp_formats as ff
-    from parity.model import official as o
 
     g = torch.Generator().manual_seed(seed)
     lay = o.official_layout(cfg)
@@ -108,7 +109,7 @@ def write_synthetic(cfg, out: Path, seed: int = 0) -> dict:
             pending[name[:-7] + ".scale"] = torch.full(sc_shape, 127 - 8, dtype=torch.uint8).view(ff.SCALE_DTYPE)
         else:
             tensors[name] = pending.pop(name)
-    o.write_checkpoint(cfg, tensors, out, shard_bytes=256 * 2**20, tokenizer=False)
+    writer.write_checkpoint(cfg, tensors, out, shard_bytes=256 * 2**20, tokenizer=False)
     params = sum(math.prod(s.shape) * (2 if s.role == o.FP4 else 1) for s in lay.values()
                  if s.role not in (o.FP8_SCALE, o.FP4_SCALE))
     return {"tensors": len(lay), "params": params}

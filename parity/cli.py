@@ -18,7 +18,7 @@ from parity.errors import ParityError
 COMMAND_MODULES = (
     "parity.plan.info_cli",     # info
     "parity.server.serve_cli",        # serve, generate, chat
-    "parity.model.export_cli",         # export-tiny
+    "parity.checkpoint.export_cli",    # export-tiny
     "parity.bench.bench_cli",         # bench, bench report
     "parity.plan.plan_cli",          # plan, compare, validate
     "parity.devices.doctor_cli",       # doctor

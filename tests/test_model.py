@@ -55,7 +55,7 @@ def test_indexer_topk_matters(hf_small, parity_small, one_thread):
          rope_parameters=None, routed_scaling_factor=2.5),
 ])
 def test_logits_match_transformers_variant(tmp_path, overrides, one_thread):
-    from parity.model import from_pretrained
+    from parity.checkpoint.reader import from_pretrained
     hf = make_hf_model(1, **overrides)
     d = save_hf(hf, tmp_path / "ck", save_original_format=False)  # transformers' own names this time
     ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(5))

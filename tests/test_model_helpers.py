@@ -67,7 +67,7 @@ def hf_small(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def parity_small(hf_small):
-    from parity.model import from_pretrained
+    from parity.checkpoint.reader import from_pretrained
     return from_pretrained(hf_small[0])
 
 

@@ -35,11 +35,12 @@ def test_estimate_equals_built_model_bytes(dtype):
 def test_estimate_equals_quantized_skeleton_bytes():
     """quantized=True matches the skeleton load_official fills (FP8 linears + scales, FP4 experts + scales,
     fp32 LM head / norms / mHC, dtype rest)."""
-    from parity.model import official as o
+    from parity.checkpoint import official_reader
+    from parity.checkpoint.layout import official_layout
 
     cfg = load_preset("tiny")
-    lay = o.official_layout(cfg)
-    m = o._build_skeleton(cfg, torch.device("cpu"), torch.bfloat16, True, (128, 128), lay, False)
+    lay = official_layout(cfg)
+    m = official_reader._build_skeleton(cfg, torch.device("cpu"), torch.bfloat16, True, (128, 128), lay, False)
     assert memory.estimate_weight_bytes(cfg, "bf16", quantized=True) == _nbytes(m)
     assert memory.estimate_weight_bytes(cfg, "bf16", quantized=True, include_mtp=False) < _nbytes(m)
 

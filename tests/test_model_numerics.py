@@ -74,7 +74,7 @@ def hook_official_steps(hf) -> list:
 
 @pytest.fixture(scope="module")
 def q8(tmp_path_factory):
-    from parity.model import from_pretrained
+    from parity.checkpoint.reader import from_pretrained
     hf = make_hf_model(2, **Q8)
     d = save_hf(hf, tmp_path_factory.mktemp("q8"))
     ids = torch.randint(0, 64, (1, 48), generator=torch.Generator().manual_seed(9))
@@ -188,7 +188,7 @@ def test_fp4_index_keys_stored_packed(q8, one_thread):
 
 # ---------------------------------------------------------------- shared-expert clamp (issue 8 step 3)
 def test_shared_expert_clamp(tmp_path, one_thread):
-    from parity.model import from_pretrained
+    from parity.checkpoint.reader import from_pretrained
     hf = make_hf_model(0)  # swiglu_limit 0.5: the clamp is active
     model = from_pretrained(save_hf(hf, tmp_path / "ck"))
     ids = torch.randint(0, 64, (1, 20), generator=torch.Generator().manual_seed(1))

@@ -17,6 +17,9 @@ from pathlib import Path
 import torch
 
 from parity import devices
+from parity.checkpoint.default_model import ensure_default_model
+from parity.checkpoint.reader import from_pretrained
+from parity.config import load_config
 from parity.engine.args import EngineArgs
 from parity.engine.cache_pool import CachePool, CachePoolExhausted, SequenceCache, normalize_layout, _align
 from parity.engine.outputs import StreamDelta
@@ -25,6 +28,7 @@ from parity.engine.sampling_params import SamplingParams
 from parity.engine.scheduler import Scheduler
 from parity.engine.sequence import Request, Sequence, SeqStatus, make_detokenizer
 from parity.errors import CheckpointError, RequestError
+from parity.model.deepseek_v4 import build_model
 
 log = logging.getLogger("parity.engine")
 
@@ -53,24 +57,12 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 
 def load_model(model: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """(model, checkpoint dir or None) for EngineArgs.model (directory, preset name or None = default)."""
-    from parity.model import build_model, from_pretrained
-
     if model is None:
-        try:
-            from parity.model.official import ensure_default_model  # type: ignore
-        except ImportError:
-            ensure_default_model = None
-        if ensure_default_model is not None:
-            path = Path(ensure_default_model())
-            return from_pretrained(path, device=device, dtype=dtype), path
-        from parity.config import load_preset
-
-        return build_model(load_preset("tiny"), device=device, dtype=dtype, seed=seed), None
+        path = ensure_default_model()
+        return from_pretrained(path, device=device, dtype=dtype), path
     p = Path(str(model)).expanduser()
     if p.is_dir():
         return from_pretrained(p, device=device, dtype=dtype), p
-    from parity.config import load_config
-
     return build_model(load_config(str(model)), device=device, dtype=dtype, seed=seed), None
 
 

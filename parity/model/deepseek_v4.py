@@ -17,6 +17,7 @@ from parity.errors import ConfigError, RequestError
 from parity.model.attention import Attention, StepContext
 from parity.model.cache_state import CacheAllocator, LayerCache, SequenceState, TorchAllocator
 from parity.model.layers import HyperConnection, HyperHead, MoE, RMSNorm, rope_cos_sin, rope_inv_freq
+from parity.model.memory import check_fits
 from parity.model.numerics import IndexCodec, KVCodec
 
 KV_CACHE_DTYPES = ("bf16", "fp8")
@@ -436,7 +437,6 @@ def build_model(cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float
             (`parity.model.memory.check_fits`; ``PARITY_SKIP_MEMORY_CHECK=1`` skips that check).
     """
     from parity import devices
-    from parity.model.memory import check_fits
     dev = devices.resolve(device)
     dtype = resolve_dtype(dtype)
     check_fits(cfg, dev, dtype, quantized=False)  # DeviceError before allocating what cannot fit

@@ -1,10 +1,8 @@
 """How much memory a model's weights need, and a check that refuses to build one that cannot fit.
 
-Building DeepSeek-V4-Flash in float32 on a laptop used to grow until the OOM killer ended the process
-(nothing printed), and ``parity export-tiny --preset v4-pro`` died in the allocator with a raw
-traceback. `check_fits` is called before anything is allocated (`parity.model.deepseek_v4.build_model`,
-`parity.model.loader.from_pretrained`, `parity.model.official.load_official`, the exporter) and raises
-a `DeviceError` naming the model, the estimate, the dtype, the device and its free memory instead.
+`check_fits` is called before anything is allocated (`parity.model.deepseek_v4.build_model` and the
+readers and writer of `parity.checkpoint`) and raises a `DeviceError` naming the model, the estimate,
+the dtype, the device and its free memory.
 
 The estimate (`estimate_weight_bytes`) is torch-free: it takes the parameter counts of
 `parity.shapes.count_params` and splits them by the storage dtype parity's model gives each tensor:
@@ -93,8 +91,8 @@ def estimate_weight_bytes(cfg: ModelConfig, dtype="float32", quantized: bool = F
         cfg: the architecture.
         dtype: the model (compute) dtype, a torch.dtype or a name; fp32-only tensors stay fp32.
         quantized: True = FP8 linears and FP4 routed experts kept quantized, as
-            `parity.model.official.load_official` loads the published checkpoint; False = every weight in
-            `dtype` (`build_model`, `from_pretrained`, ``load_official(quantized=False)``).
+            `parity.checkpoint.official_reader.load_official` loads the published checkpoint; False = every
+            weight in `dtype` (`build_model`, `from_pretrained`, ``load_official(quantized=False)``).
         include_mtp: count the multi-token-prediction blocks (the model builds them when the config has any).
     Returns:
         Bytes (int); activations, caches and allocator overhead are not included.

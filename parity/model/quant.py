@@ -18,7 +18,7 @@ FP4 e2m1 + UE8M0 1x32 scales) and are dequantized on the fly, a block of rows at
   experts that some token was routed to.
 
 Codecs live in `parity.model.fp_formats`; layout facts (names, shapes, dtypes) in
-`parity.model.official`.
+`parity.checkpoint.layout`.
 """
 
 from __future__ import annotations

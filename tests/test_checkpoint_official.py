@@ -1,7 +1,7 @@
-"""The published FP8/FP4 layout: names, exporter, loader, default miniature, bad input (issue 3)."""
+"""The published FP8/FP4 layout on disk: exporter, loader (quantized and dequantized), default miniature,
+bad input."""
 
 import json
-import math
 import os
 import shutil
 import threading
@@ -10,66 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from parity.checkpoint import default_model, layout, writer
+from parity.checkpoint.official_reader import load_official
+from parity.checkpoint.reader import from_pretrained
+from parity.checkpoint.shards import missing_index_cause
 from parity.config import load_preset
 from parity.errors import CheckpointError
 from parity.model import fp_formats as ff
-from parity.model import official as o
-
-
-# ------------------------------------------------------------------------------------------ layout
-def test_layout_matches_release_listing_v4_flash():
-    lay = o.official_layout(load_preset("v4-flash"))
-    want = {  # (dtype, shape) as in the V4-Flash safetensors headers
-        "layers.0.attn.wq_a.weight": ("F8_E4M3", (1024, 4096)),
-        "layers.0.attn.wq_a.scale": ("F8_E8M0", (8, 32)),
-        "layers.2.attn.indexer.wq_b.weight": ("F8_E4M3", (8192, 1024)),
-        "layers.2.attn.indexer.wq_b.scale": ("F8_E8M0", (64, 8)),
-        "layers.2.attn.compressor.wkv.weight": ("BF16", (1024, 4096)),
-        "layers.2.attn.indexer.weights_proj.weight": ("BF16", (64, 4096)),
-        "layers.0.ffn.experts.0.w1.weight": ("I8", (2048, 2048)),
-        "layers.0.ffn.experts.0.w1.scale": ("F8_E8M0", (2048, 128)),
-        "layers.0.ffn.experts.0.w2.weight": ("I8", (4096, 1024)),
-        "layers.0.ffn.experts.0.w2.scale": ("F8_E8M0", (4096, 64)),
-        "layers.0.ffn.shared_experts.w1.weight": ("F8_E4M3", (2048, 4096)),
-        "layers.0.ffn.shared_experts.w1.scale": ("F8_E8M0", (16, 32)),
-        "layers.0.ffn.gate.tid2eid": ("I64", (129280, 6)),
-        "layers.5.ffn.gate.bias": ("F32", (256,)),
-        "layers.0.attn.attn_sink": ("F32", (64,)),
-        "embed.weight": ("BF16", (129280, 4096)),
-        "head.weight": ("BF16", (129280, 4096)),
-        "mtp.0.e_proj.scale": ("F8_E8M0", (32, 32)),
-    }
-    for name, (dt, shape) in want.items():
-        assert (lay[name].dtype, lay[name].shape) == (dt, shape), name
-    assert "layers.0.attn.compressor.wkv.weight" not in lay  # layer 0 is sliding-only in V4-Flash
-    # parameter count without MTP: 284B, the published V4-Flash size (FP4 bytes hold 2 weights)
-    n = sum(math.prod(s.shape) * (2 if s.role == o.FP4 else 1) for s in lay.values()
-            if not s.mtp and s.role not in (o.FP8_SCALE, o.FP4_SCALE))
-    assert round(n / 1e9) == 284
-
-
-def test_layout_targets_are_the_model_names():
-    """Every official tensor maps onto a tensor of parity's model (= transformers' DeepseekV4ForCausalLM
-    names, plus ``model.mtp.N``) and agrees with the plain loader's renaming of official names."""
-    from parity.model.loader import canonical_name
-    from parity.model.deepseek_v4 import V4ForCausalLM
-
-    cfg = load_preset("tiny")
-    with torch.device("meta"):
-        names = set(V4ForCausalLM(cfg).state_dict())
-    lay = o.official_layout(cfg)
-    suffix = {o.PLAIN: "", o.FP8: ".weight", o.FP8_SCALE: ".weight", o.FP4: ".gate_up_proj", o.FP4_SCALE: ".down_proj"}
-    for spec in lay.values():
-        assert spec.target + suffix[spec.role] in names, spec.name
-        if spec.role in (o.PLAIN, o.FP8):
-            assert canonical_name(spec.name) == spec.target + suffix[spec.role], spec.name
-    covered = {s.target + suffix[s.role] for s in lay.values() if s.role in (o.PLAIN, o.FP8)}
-    covered |= {s.target + p for s in lay.values() if s.role == o.FP4 for p in (".gate_up_proj", ".down_proj")}
-    assert names - covered == set()  # nothing the model holds is left out
-    assert o.official_to_hf_name("layers.1.attn.indexer.compressor.ape", cfg) == \
-        "model.layers.1.self_attn.compressor.indexer.position_bias"
-    with pytest.raises(CheckpointError, match="not part"):
-        o.official_to_hf_name("layers.0.attn.bogus", cfg)
 
 
 # ---------------------------------------------------------------------------- export + load (tiny)
@@ -85,12 +32,12 @@ def tiny_dir(tmp_path_factory):
 def test_export_tiny_layout(tiny_dir):
     files = sorted(p.name for p in tiny_dir.iterdir())
     assert files == ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                     o.INDEX_FILE, "tokenizer.json", "tokenizer_config.json"]
+                     layout.INDEX_FILE, "tokenizer.json", "tokenizer_config.json"]
     cfg_json = json.loads((tiny_dir / "config.json").read_text())
     assert cfg_json["quantization_config"]["weight_block_size"] == [128, 128]
     assert cfg_json["expert_dtype"] == "fp4" and cfg_json["compress_ratios"] == [0, 4, 128, 4, 0]
-    idx = json.loads((tiny_dir / o.INDEX_FILE).read_text())
-    assert set(idx["weight_map"]) == set(o.official_layout(load_preset("tiny")))
+    idx = json.loads((tiny_dir / layout.INDEX_FILE).read_text())
+    assert set(idx["weight_map"]) == set(layout.official_layout(load_preset("tiny")))
     from safetensors import safe_open
     with safe_open(str(tiny_dir / idx["weight_map"]["layers.1.ffn.experts.3.w2.weight"]), "pt") as f:
         assert f.get_tensor("layers.1.ffn.experts.3.w2.weight").dtype == torch.int8
@@ -109,7 +56,7 @@ def test_export_tiny_shards_get_the_mode_of_the_other_files(tiny_dir):
 def test_write_checkpoint_file_modes_follow_the_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
-        d = o.write_checkpoint(load_preset("tiny"), {"a": torch.zeros(4), "b": torch.ones(4)}, tmp_path / "ck",
+        d = writer.write_checkpoint(load_preset("tiny"), {"a": torch.zeros(4), "b": torch.ones(4)}, tmp_path / "ck",
                                shard_bytes=16, tokenizer=False)
     finally:
         os.umask(old)
@@ -120,21 +67,20 @@ def test_write_checkpoint_file_modes_follow_the_umask(tmp_path, umask):
 @pytest.fixture(scope="module")
 def tiny_ref(tiny_dir):
     """The exported miniature loaded as a plain model with dequantized weights (the reference)."""
-    return o.load_official(tiny_dir, quantized=False, progress=False)
+    return load_official(tiny_dir, quantized=False, progress=False)
 
 
 def test_loaded_quantized_model_equals_dequantized_plain_model(tiny_dir, tiny_ref):
-    from parity.model import from_pretrained
     from parity.model.quant import FP4Experts, QuantLinear, quantized_nbytes
 
     q = from_pretrained(tiny_dir)  # detects the published layout
     assert isinstance(q.model.layers[0].self_attn.q_a_proj, QuantLinear)
     assert isinstance(q.model.layers[1].mlp.experts, FP4Experts)
-    assert q.kv_cache_dtype == "fp8" and q.indexer_dtype == "fp4"  # official numerics by default (issue 8)
+    assert q.kv_cache_dtype == "fp8" and q.indexer_dtype == "fp4"  # official numerics by default
     ref = tiny_ref
     assert isinstance(ref.model.layers[0].self_attn.q_a_proj, torch.nn.Linear)
     ids = torch.randint(0, q.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
-    for mode in ("fp8", "bf16"):  # official numerics (issue 8), then the pure math
+    for mode in ("fp8", "bf16"):  # official numerics, then the pure math
         q.kv_cache_dtype = ref.kv_cache_dtype = mode
         q.indexer_dtype = ref.indexer_dtype = "fp4" if mode == "fp8" else "bf16"
         a, b = q.forward_logits(ids), ref.forward_logits(ids)  # 40 tokens: past the window, 10 CSA entries
@@ -162,27 +108,27 @@ def small_src():
 def small_dir(tmp_path_factory, small_src):
     """A tiny-architecture checkpoint with a 512-token vocabulary (fast to copy and corrupt)."""
     d = tmp_path_factory.mktemp("small") / "ckpt"
-    o.export_model(small_src, d, seed=1, shard_bytes=200_000, tokenizer=False)
+    writer.export_model(small_src, d, seed=1, shard_bytes=200_000, tokenizer=False)
     return d
 
 
 def test_same_seed_same_bytes(small_dir, tmp_path):
     from parity.model import build_model
 
-    again = o.export_model(build_model(load_preset("tiny").replace(**SMALL), seed=1), tmp_path / "again", seed=1,
+    again = writer.export_model(build_model(load_preset("tiny").replace(**SMALL), seed=1), tmp_path / "again", seed=1,
                            shard_bytes=200_000, tokenizer=False)
     files = sorted(p.name for p in small_dir.iterdir())
     assert files == sorted(p.name for p in again.iterdir()) and len(files) > 4
     for f in files:
         assert (again / f).read_bytes() == (small_dir / f).read_bytes(), f
-    other = o.export_model(build_model(load_preset("tiny").replace(**SMALL), seed=2), tmp_path / "other", seed=2,
+    other = writer.export_model(build_model(load_preset("tiny").replace(**SMALL), seed=2), tmp_path / "other", seed=2,
                            shard_bytes=200_000, tokenizer=False)
     shard = [f for f in files if f.endswith(".safetensors")][0]
     assert (other / shard).read_bytes() != (small_dir / shard).read_bytes()
 
 
 def test_dequantized_weights_follow_the_float_model(small_dir, small_src):
-    ref = o.load_official(small_dir, quantized=False, progress=False)
+    ref = load_official(small_dir, quantized=False, progress=False)
     w0, w1 = small_src.model.layers[0].self_attn.q_b_proj.weight, ref.model.layers[0].self_attn.q_b_proj.weight
     assert ((w1 - w0).abs() <= w0.abs() * 2 ** -4 + 2 ** -22).all()  # FP8 e4m3: 3 mantissa bits
     g0, g1 = small_src.model.layers[0].mlp.experts.gate_up_proj, ref.model.layers[0].mlp.experts.gate_up_proj
@@ -200,13 +146,13 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def _shard_of(d: Path, tensor: str) -> Path:
-    return d / json.loads((d / o.INDEX_FILE).read_text())["weight_map"][tensor]
+    return d / json.loads((d / layout.INDEX_FILE).read_text())["weight_map"][tensor]
 
 
 def test_small_checkpoint_loads(small_dir):
-    m = o.load_official(small_dir, progress=False)
+    m = load_official(small_dir, progress=False)
     assert m.config.vocab_size == 512
-    assert len({f for f in json.loads((small_dir / o.INDEX_FILE).read_text())["weight_map"].values()}) > 2
+    assert len({f for f in json.loads((small_dir / layout.INDEX_FILE).read_text())["weight_map"].values()}) > 2
 
 
 def test_truncated_and_corrupted_shards(small_dir, tmp_path):
@@ -215,10 +161,10 @@ def test_truncated_and_corrupted_shards(small_dir, tmp_path):
     data = shard.read_bytes()
     shard.write_bytes(data[:-100])
     with pytest.raises(CheckpointError, match=rf"shard {shard.name}: not a complete safetensors file"):
-        o.load_official(d, progress=False)
+        load_official(d, progress=False)
     shard.write_bytes(b"\xff" * 16 + data[16:])
     with pytest.raises(CheckpointError, match=shard.name):
-        o.load_official(d, progress=False)
+        load_official(d, progress=False)
 
 
 def test_index_naming_missing_file(small_dir, tmp_path):
@@ -226,10 +172,10 @@ def test_index_naming_missing_file(small_dir, tmp_path):
     shard = _shard_of(d, "embed.weight")
     shard.unlink()
     with pytest.raises(CheckpointError, match=rf"names shard '{shard.name}' which does not exist"):
-        o.load_official(d, progress=False)
-    (d / o.INDEX_FILE).write_text("{not json")
+        load_official(d, progress=False)
+    (d / layout.INDEX_FILE).write_text("{not json")
     with pytest.raises(CheckpointError, match="weight_map"):
-        o.load_official(d, progress=False)
+        load_official(d, progress=False)
 
 
 def _rewrite(d: Path, tensor: str, value: torch.Tensor | None) -> None:
@@ -249,24 +195,24 @@ def test_scale_of_wrong_shape(small_dir, tmp_path):
     _rewrite(d, "layers.1.attn.wq_b.scale", torch.full((3, 1), 127, dtype=torch.uint8).view(ff.SCALE_DTYPE))
     with pytest.raises(CheckpointError, match=r"scale tensor 'layers.1.attn.wq_b.scale' has shape \[3, 1\]; "
                                               r"expected \[2, 1\]"):
-        o.load_official(d, progress=False)
+        load_official(d, progress=False)
     d2 = _copy(small_dir, tmp_path / "scale4")
     _rewrite(d2, "layers.0.ffn.experts.2.w2.scale", torch.full((128, 3), 127, dtype=torch.uint8).view(ff.SCALE_DTYPE))
     with pytest.raises(CheckpointError, match=r"experts.2.w2.scale' has shape \[128, 3\]; expected \[128, 2\]"):
-        o.load_official(d2, progress=False)
+        load_official(d2, progress=False)
 
 
 def test_missing_tensor_wrong_dtype_and_nan_scale(small_dir, tmp_path):
     d = _copy(small_dir, tmp_path / "nan")
     _rewrite(d, "layers.2.attn.wkv.scale", torch.full((1, 1), 255, dtype=torch.uint8).view(ff.SCALE_DTYPE))
     with pytest.raises(CheckpointError, match="wkv.scale' holds NaN"):
-        o.load_official(d, progress=False)
+        load_official(d, progress=False)
     _rewrite(d, "layers.2.attn.wkv.weight", torch.zeros(64, 128, dtype=torch.bfloat16))
     with pytest.raises(CheckpointError, match=r"'layers.2.attn.wkv.weight' has dtype BF16; expected F8_E4M3"):
-        o.load_official(d, progress=False)
+        load_official(d, progress=False)
     _rewrite(d, "layers.2.attn.wkv.weight", None)
     with pytest.raises(CheckpointError, match="wkv.weight' listed in model.safetensors.index.json is not in the file"):
-        o.load_official(d, progress=False)
+        load_official(d, progress=False)
 
 
 def test_unknown_quantization_method(small_dir, tmp_path):
@@ -275,12 +221,12 @@ def test_unknown_quantization_method(small_dir, tmp_path):
     cfg["quantization_config"]["quant_method"] = "awq"
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"quantization_config.quant_method is 'awq': expected 'fp8'"):
-        o.load_official(d, progress=False)
+        load_official(d, progress=False)
     cfg["quantization_config"]["quant_method"] = "fp8"
     cfg["expert_dtype"] = "int4"
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"'expert_dtype' is 'int4'"):
-        o.load_official(d, progress=False)
+        load_official(d, progress=False)
 
 
 # ----------------------------------------------------------------------------- default miniature
@@ -292,15 +238,15 @@ def test_ensure_default_model_concurrent_first_use(tmp_path, monkeypatch):
         calls.append(seed)
         out = Path(out)
         (out / "config.json").write_text("{}")
-        (out / o.INDEX_FILE).write_text(json.dumps({"weight_map": {}, "n": len(calls)}))
+        (out / layout.INDEX_FILE).write_text(json.dumps({"weight_map": {}, "n": len(calls)}))
         return out
 
-    monkeypatch.setattr(o, "export_tiny", fake_export)
+    monkeypatch.setattr(writer, "export_tiny", fake_export)
     results, errors = [], []
 
     def worker():
         try:
-            results.append(o.ensure_default_model())
+            results.append(default_model.ensure_default_model())
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
@@ -310,11 +256,11 @@ def test_ensure_default_model_concurrent_first_use(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert not errors
-    target = tmp_path / "cache" / "models" / f"tiny-seed0-v{o.EXPORT_VERSION}"
-    assert set(results) == {target} and (target / o.INDEX_FILE).is_file()
+    target = tmp_path / "cache" / "models" / f"tiny-seed0-v{default_model.EXPORT_VERSION}"
+    assert set(results) == {target} and (target / layout.INDEX_FILE).is_file()
     assert sorted(os.listdir(target.parent)) == [target.name]  # no temp dirs left behind
     n = len(calls)
-    assert o.ensure_default_model() == target and len(calls) == n  # cached: no second export
+    assert default_model.ensure_default_model() == target and len(calls) == n  # cached: no second export
 
 
 def test_export_tiny_cli_rejects_file_target(tmp_path):
@@ -328,8 +274,8 @@ def test_export_tiny_cli_rejects_file_target(tmp_path):
 def test_incremental_decoding_on_quantized_weights(small_dir):
     """The quantized modules are drop-ins on the engine's path too: chunked incremental forward of a
     quantized model equals the full forward of the dequantized plain model."""
-    q = o.load_official(small_dir, progress=False, kv_cache_dtype="bf16", indexer_dtype="bf16")
-    ref = o.load_official(small_dir, quantized=False, progress=False, kv_cache_dtype="bf16", indexer_dtype="bf16")
+    q = load_official(small_dir, progress=False, kv_cache_dtype="bf16", indexer_dtype="bf16")
+    ref = load_official(small_dir, quantized=False, progress=False, kv_cache_dtype="bf16", indexer_dtype="bf16")
     ids = torch.randint(0, 512, (1, 37), generator=torch.Generator().manual_seed(1))
     full = ref.forward_logits(ids)[0]
     st = q.new_state()
@@ -345,40 +291,36 @@ def test_ensure_default_model_unwritable_cache(tmp_path, monkeypatch):
     blocker.write_text("x")
     monkeypatch.setenv("PARITY_CACHE_DIR", str(blocker / "cache"))  # a path under a regular file
     with pytest.raises(CheckpointError, match="PARITY_CACHE_DIR"):
-        o.ensure_default_model()
+        default_model.ensure_default_model()
 
 
 def test_export_tiny_into_uncreatable_directory_names_it(tmp_path):
-    """`parity export-tiny /proc/nope` (new-user report, item 8): a CheckpointError naming the directory."""
+    """`parity export-tiny /proc/nope`: a CheckpointError naming the directory."""
     from parity.cli import main
 
     blocker = tmp_path / "file"
     blocker.write_text("x")
     for bad in (Path("/proc/nope"), blocker / "sub"):
         with pytest.raises(CheckpointError, match=rf"cannot create the output directory '{bad}'"):
-            o.export_tiny(bad)
+            writer.export_tiny(bad)
         assert main(["export-tiny", str(bad)]) == 2
 
 
 def test_missing_index_is_named_as_the_cause(small_dir, tmp_path):
-    """Published-layout shards without model.safetensors.index.json (new-user report, item 9): the error
-    names the lost index, not "unexpected tensors"."""
-    from parity.model import from_pretrained
-
+    """Published-layout shards without model.safetensors.index.json: the error names the lost index, not
+    "unexpected tensors"."""
     d = _copy(small_dir, tmp_path / "noindex")
-    (d / o.INDEX_FILE).unlink()
-    with pytest.raises(CheckpointError, match=rf"has no {o.INDEX_FILE}: its shards .* published FP8/FP4 layout "
+    (d / layout.INDEX_FILE).unlink()
+    with pytest.raises(CheckpointError, match=rf"has no {layout.INDEX_FILE}: its shards .* published FP8/FP4 layout "
                                               r"\(block scales such as '.*\.scale'\).*restore") as e:
         from_pretrained(d)
     assert ":;" not in str(e.value)
-    assert o.missing_index_cause(small_dir) is None
+    assert missing_index_cause(small_dir) is None
 
 
 def test_plain_loader_mismatch_message_format(tmp_path):
     """The plain loader's mismatch message: 'config.json: N unexpected tensors: ...' (no ':;')."""
     from safetensors.torch import save_file
-
-    from parity.model import from_pretrained
 
     d = tmp_path / "plain"
     d.mkdir()
@@ -396,8 +338,6 @@ def test_load_official_checks_memory_first(small_dir, monkeypatch):
     monkeypatch.delenv("PARITY_SKIP_MEMORY_CHECK", raising=False)
     monkeypatch.setattr(devices.core, "memory_info", lambda d: (1000, 10**12))
     with pytest.raises(DeviceError, match=r"needs ~.* \(FP8/FP4 weights kept quantized\) on cpu for loading"):
-        o.load_official(small_dir, progress=False)
-    from parity.model import from_pretrained
-
+        load_official(small_dir, progress=False)
     with pytest.raises(DeviceError, match="this device has 0.0 GiB free"):
         from_pretrained(small_dir)

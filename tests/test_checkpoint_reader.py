@@ -1,4 +1,5 @@
-"""Checkpoint loading: sharded layouts, both naming schemes, MTP weights optional, clear errors."""
+"""Loading float checkpoints (transformers-saved, official names): sharded layouts, both naming schemes,
+MTP weights optional, clear errors."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_model_helpers import hf_small, one_thread, parity_small, save_hf  # noqa: F401
 
+from parity.checkpoint.reader import from_pretrained
 from parity.errors import CheckpointError, ConfigError, RequestError
-from parity.model import from_pretrained
-from parity.model.loader import canonical_name
 
 
 def _copy(src: str, dst: Path) -> Path:
@@ -30,27 +30,6 @@ def test_sharded_checkpoint(hf_small, tmp_path, one_thread):
     with torch.no_grad():
         ref = hf(ids).logits
     assert (from_pretrained(d).forward_logits(ids) - ref).abs().max().item() <= 1e-4
-
-
-def test_canonical_names():
-    assert canonical_name("head.weight") == "lm_head.weight"
-    assert canonical_name("embed.weight") == "model.embed_tokens.weight"
-    assert canonical_name("hc_head_fn") == "model.hc_head.hc_fn"
-    assert canonical_name("layers.3.attn.indexer.compressor.norm.weight") == \
-        "model.layers.3.self_attn.compressor.indexer.kv_norm.weight"
-    assert canonical_name("model.layers.1.attn.indexer.weights_proj.weight") == \
-        "model.layers.1.self_attn.compressor.indexer.scorer.weights_proj.weight"
-    assert canonical_name("layers.1.attn.compressor.ape") == "model.layers.1.self_attn.compressor.position_bias"
-    assert canonical_name("layers.0.ffn.gate.bias") == "model.layers.0.mlp.gate.e_score_correction_bias"
-    assert canonical_name("layers.0.ffn.shared_experts.w3.weight") == "model.layers.0.mlp.shared_experts.up_proj.weight"
-    assert canonical_name("layers.0.hc_ffn_scale") == "model.layers.0.ffn_hc.scale"
-    assert canonical_name("mtp.0.norm.weight") == "model.mtp.0.norm.weight"
-    assert canonical_name("mtp.0.hc_head_base") == "model.mtp.0.hc_head.hc_base"
-    assert canonical_name("mtp.0.attn.wq_a.weight") == "model.mtp.0.self_attn.q_a_proj.weight"
-    # already canonical names pass through
-    for k in ("model.layers.0.self_attn.kv_norm.weight", "model.layers.2.mlp.experts.gate_up_proj",
-              "model.norm.weight", "lm_head.weight"):
-        assert canonical_name(k) == k
 
 
 def _rewrite(d: Path, fn) -> None:
@@ -111,7 +90,7 @@ def _official_mtp_tensors(model) -> dict[str, torch.Tensor]:
         "position_bias": "ape", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
     }
     out = {}
-    I = model.config.moe_intermediate_size
+    inter = model.config.moe_intermediate_size
     for k, v in model.state_dict().items():
         if not k.startswith("model.mtp."):
             continue
@@ -119,8 +98,8 @@ def _official_mtp_tensors(model) -> dict[str, torch.Tensor]:
         if k.endswith("experts.gate_up_proj"):
             base = k[: -len("gate_up_proj")].replace("mlp", "ffn")
             for e in range(v.shape[0]):
-                out[f"{base}{e}.w1.weight"] = v[e, :I].clone()
-                out[f"{base}{e}.w3.weight"] = v[e, I:].clone()
+                out[f"{base}{e}.w1.weight"] = v[e, :inter].clone()
+                out[f"{base}{e}.w3.weight"] = v[e, inter:].clone()
             continue
         if k.endswith("experts.down_proj"):
             base = k[: -len("down_proj")].replace("mlp", "ffn")
@@ -132,7 +111,8 @@ def _official_mtp_tensors(model) -> dict[str, torch.Tensor]:
                                                                                   "shared_experts.w3")
         k = k.replace("shared_experts.down_proj", "shared_experts.w2").replace("e_score_correction_bias", "bias")
         k = k.replace("indexer.scorer.weights_proj", "indexer.weights_proj")
-        k = k.replace("compressor.indexer.q_b_proj", "indexer.wq_b").replace("compressor.indexer.", "indexer.compressor.")
+        k = k.replace("compressor.indexer.q_b_proj", "indexer.wq_b")
+        k = k.replace("compressor.indexer.", "indexer.compressor.")
         k = ".".join(inv.get(p, p) for p in k.split("."))
         out[k] = v.clone()
     return out
@@ -218,7 +198,7 @@ def test_mtp_matches_transformers_block_oracle(hf_small, one_thread):
             sd["model." + k] = v
         elif k == "norm.weight":
             sd["model.norm.weight"] = v
-        elif not k.split(".")[0] in ("e_proj", "h_proj", "enorm", "hnorm"):
+        elif k.split(".")[0] not in ("e_proj", "h_proj", "enorm", "hnorm"):
             sd["model.layers.0." + k] = v
     sd["lm_head.weight"] = model.lm_head.weight
     sd["model.embed_tokens.weight"] = model.model.embed_tokens.weight

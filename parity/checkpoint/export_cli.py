@@ -2,11 +2,16 @@
 
 The checkpoint (FP8 e4m3 linears with 128x128 UE8M0 scales, FP4 e2m1 routed experts with 1x32 UE8M0
 scales, sharded safetensors + index, legacy config.json, tokenizer files) is what
-`parity.model.official.ensure_default_model` creates on first use; see `parity.model.official`.
-torch is imported only inside the command.
+`parity.checkpoint.default_model.ensure_default_model` creates on first use; see `parity.checkpoint.writer`.
+torch is imported only inside the command, so ``parity --help`` stays fast.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+
+from parity.checkpoint.layout import INDEX_FILE
+from parity.errors import CheckpointError
 
 
 def register(sub) -> None:
@@ -18,10 +23,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from parity.errors import CheckpointError
-    from parity.model.official import INDEX_FILE, export_tiny
+    from parity.checkpoint.writer import export_tiny
 
     out = Path(args.dir).expanduser()
     if out.exists() and not out.is_dir():

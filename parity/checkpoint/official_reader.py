@@ -1,0 +1,210 @@
+"""Load a checkpoint in the published FP8/FP4 layout into parity's `V4ForCausalLM`.
+
+The model is built on the meta device with its FP8 linears swapped for `parity.model.quant` FP8 modules
+and its routed experts for `FP4Experts`, allocated once on the target device, and every shard is read
+once, tensor by tensor, in file order (`parity.checkpoint.tensor_io.read_into`). With
+``quantized=False`` each weight is paired with its scale and dequantized into a plain model instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from parity import devices
+from parity.checkpoint.layout import (
+    FP4,
+    FP4_SCALE,
+    FP4_SCALE_BLOCK,
+    FP8,
+    FP8_SCALE,
+    PLAIN,
+    TensorSpec,
+    block_size,
+    resolve_target,
+)
+from parity.checkpoint.shards import validate_checkpoint
+from parity.checkpoint.tensor_io import read_into, torch_dtype
+from parity.config import ModelConfig
+from parity.errors import CheckpointError
+from parity.model import fp_formats as ff
+from parity.model import quant
+from parity.model.deepseek_v4 import V4ForCausalLM, _reset_rope
+from parity.model.memory import check_fits
+
+
+def load_official(path: str | Path, device: Any = "cpu", dtype=None, *, quantized: bool = True,
+                  kv_cache_dtype: str | None = None, indexer_dtype: str | None = None,
+                  native_fp8: bool | None = None, progress: bool = True) -> V4ForCausalLM:
+    """Load a checkpoint in the published FP8/FP4 layout into parity's model.
+
+    Parameters the model keeps in fp32 stay fp32; the rest are allocated in `dtype`; the high-precision
+    model is never materialised when `quantized`. A tqdm bar counts the bytes read.
+
+    Args:
+        path: checkpoint directory (config.json, model.safetensors.index.json, shards).
+        device: anything `parity.devices.resolve` accepts. dtype: compute dtype (default torch.float32).
+        quantized: False dequantizes every weight into a plain model instead (the reference the
+            quantized modules are tested against; needs the high-precision memory).
+        kv_cache_dtype / indexer_dtype: default numerics of the returned model; checkpoints in the
+            published layout default to the official behaviour, "fp8" / "fp4".
+        native_fp8: use FP8 GEMMs in QuantLinear; None = where `parity.devices.has_fp8(device)`.
+        progress: show the progress bar.
+    Returns:
+        The model (eval mode) with ``model.config`` = the parsed ModelConfig.
+    Raises:
+        CheckpointError / ConfigError: see `parity.checkpoint.shards.validate_checkpoint`; also a scale
+            holding NaN (UE8M0 byte 255), or a shard that cannot be opened or ends early.
+        DeviceError: unknown or unavailable device; the model would not fit in the device's free memory
+            (`parity.model.memory.check_fits`, checked before anything is allocated).
+    """
+    path = Path(path)
+    dtype = dtype or torch.float32
+    dev = devices.resolve(device)
+    cfg, layout, wm, headers = validate_checkpoint(path)
+    check_fits(cfg, dev, dtype, quantized=quantized, what=f"loading {path}")
+    block = block_size(cfg)
+    if native_fp8 is None:
+        native_fp8 = devices.has_fp8(dev)
+    model = _build_skeleton(cfg, dev, dtype, quantized, block, layout, native_fp8)
+    present = ({n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+               | {n for n, _ in model.named_modules()})
+    targets: dict[str, str] = {}  # official name -> model name (MTP skipped if the model has none)
+    for name, spec in layout.items():
+        local = resolve_target(spec.target, present)
+        if local is None:
+            if spec.mtp:
+                continue
+            raise CheckpointError(f"the model has no {spec.target!r} to receive checkpoint tensor {name!r}")
+        targets[name] = local
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    by_file: dict[str, list[str]] = {}
+    for name in targets:
+        by_file.setdefault(wm[name], []).append(name)
+    total = sum(layout[n].nbytes for n in targets)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}", disable=not progress)
+    with torch.no_grad():
+        for fname in sorted(by_file):
+            header, base = headers[fname]
+            names = sorted(by_file[fname], key=lambda n: header[n]["data_offsets"][0])  # sequential reads
+            try:
+                fh = open(path / fname, "rb", buffering=0)
+            except OSError as e:
+                raise CheckpointError(f"shard {fname}: cannot open ({e})") from None
+            with fh:
+                for name in names:
+                    spec, local, meta = layout[name], targets[name], header[name]
+                    direct = quantized or spec.role == PLAIN
+                    dst = (_destination(model, spec, local) if direct else
+                           torch.empty(spec.shape, dtype=torch_dtype(meta["dtype"])))
+                    read_into(fh, base + meta["data_offsets"][0], meta, dst, fname, name)
+                    if spec.role in (FP8_SCALE, FP4_SCALE) and bool((dst.view(torch.uint8) == ff.UE8M0_NAN).any()):
+                        raise CheckpointError(f"shard {fname}: scale tensor {name!r} holds NaN (UE8M0 byte 255); "
+                                              f"expected finite power-of-two scales")
+                    if not direct:
+                        _fill_dequantized(model, spec, local, dst, block, pending)
+                    bar.update(spec.nbytes)
+    bar.close()
+    if pending:
+        raise CheckpointError(f"checkpoint {path}: weight/scale pair incomplete for {sorted(pending)[0]!r}")
+    model.config = cfg
+    model.kv_cache_dtype = kv_cache_dtype or "fp8"
+    model.indexer_dtype = indexer_dtype or "fp4"
+    model._modes(None, None)
+    return model.eval()
+
+
+def _build_skeleton(cfg: ModelConfig, dev, dtype, quantized: bool, block: tuple[int, int], layout: dict,
+                    native_fp8: bool) -> V4ForCausalLM:
+    """parity's `V4ForCausalLM` for `cfg`, built on the meta device, with FP8 linears / routed experts
+    swapped for quantized modules (if `quantized`), then allocated (uninitialised) on `dev` in `dtype`."""
+    with torch.device("meta"):
+        model = V4ForCausalLM(cfg)
+    model.to_dtype(dtype)  # still on meta: allocate each tensor once, in its final dtype
+    present = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_modules()}
+    if quantized:
+        meta = torch.device("meta")
+        for mpath in sorted({s.target for s in layout.values() if s.role == FP8}):
+            local = resolve_target(mpath, present)
+            if local is not None:
+                _set_module(model, local, quant.quantize_linear_(_get_module(model, local), block, meta, dtype))
+        for mpath in sorted({s.target for s in layout.values() if s.role == FP4}):
+            local = resolve_target(mpath, present)
+            if local is None:
+                continue
+            old = _get_module(model, local)
+            e, inter2, h = old.gate_up_proj.shape
+            limit = float(getattr(old, "limit", cfg.swiglu_limit))
+            _set_module(model, local, quant.FP4Experts(e, h, inter2 // 2, limit, device=meta, compute_dtype=dtype))
+    model.to_empty(device=dev)
+    _reset_rope(model)
+    for m in model.modules():
+        if isinstance(m, quant._FP8WeightMixin):
+            m.native_fp8 = bool(native_fp8)
+    return model
+
+
+def _get_module(model, path: str):
+    mod = model
+    for part in path.split("."):
+        mod = getattr(mod, part)
+    return mod
+
+
+def _set_module(model, path: str, new) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(_get_module(model, parent) if parent else model, leaf, new)
+
+
+def _get_tensor(model, name: str) -> torch.Tensor:
+    parent, _, leaf = name.rpartition(".")
+    mod = _get_module(model, parent) if parent else model
+    t = mod._parameters.get(leaf)
+    if t is None:
+        t = mod._buffers.get(leaf)
+    if t is None:
+        raise CheckpointError(f"the model has no parameter or buffer {name!r}")
+    return t
+
+
+def _destination(model, spec: TensorSpec, local: str) -> torch.Tensor:
+    """The model tensor (or slice of it) that official tensor `spec` is read into (quantized model)."""
+    if spec.role == PLAIN:
+        return _get_tensor(model, local)
+    mod = _get_module(model, local)
+    if spec.role == FP8:
+        return mod.qweight
+    if spec.role == FP8_SCALE:
+        return mod.scale
+    e, part = spec.expert  # FP4 routed experts: w1 -> gate_up rows [:I], w3 -> rows [I:], w2 -> down
+    inter = mod.inter
+    if spec.role == FP4:
+        gu, dn = mod.gate_up_qweight, mod.down_qweight
+    else:
+        gu, dn = mod.gate_up_scale, mod.down_scale
+    dst = {"w1": gu[e, :inter], "w3": gu[e, inter:], "w2": dn[e]}[part]
+    return dst.view(torch.int8) if spec.role == FP4 else dst
+
+
+def _fill_dequantized(model, spec: TensorSpec, local: str, t: torch.Tensor, block: tuple[int, int],
+                      pending: dict) -> None:
+    """quantized=False: pair each FP8/FP4 weight with its scale and write the dequantized values."""
+    mod = _get_module(model, local)
+    key = local if spec.expert is None else f"{local}#{spec.expert[0]}.{spec.expert[1]}"
+    slot = pending.setdefault(key, {})
+    slot[spec.role] = t
+    if len(slot) < 2:
+        return
+    del pending[key]
+    if spec.role in (FP8, FP8_SCALE):
+        w = ff.dequantize_fp8_weight(slot[FP8], slot[FP8_SCALE], block, torch.float32)
+        mod.weight.copy_(w.to(mod.weight.dtype))
+        return
+    e, part = spec.expert
+    w = ff.dequantize_fp4_weight(slot[FP4].view(torch.uint8), slot[FP4_SCALE], FP4_SCALE_BLOCK, torch.float32)
+    inter = mod.gate_up_proj.shape[1] // 2
+    dst = {"w1": mod.gate_up_proj[e, :inter], "w3": mod.gate_up_proj[e, inter:], "w2": mod.down_proj[e]}[part]
+    dst.copy_(w.to(dst.dtype))

@@ -1,0 +1,233 @@
+"""`from_pretrained`: load a checkpoint directory into parity's `V4ForCausalLM`.
+
+Published FP8/FP4 layout (DeepSeek's names with ``<module>.scale`` block scales, recognised through
+``model.safetensors.index.json``): `parity.checkpoint.official_reader.load_official`. Otherwise float
+safetensors (single file or sharded) in any naming `parity.checkpoint.layout.canonical_name` maps:
+
+1. transformers' state-dict names (``model.layers.0.self_attn.q_a_proj.weight``,
+   ``model.layers.0.mlp.experts.gate_up_proj``, ``lm_head.weight``) = parity's own names;
+2. the original format transformers 5.23 ``save_pretrained`` writes by default (``save_original_format=True``:
+   its ``conversion_mapping.py`` "deepseek_v4" renames reversed): ``model.layers.0.attn.wq_a.weight``,
+   ``...ffn.experts.3.w1.weight`` (one tensor per expert), ``head.weight``;
+3. DeepSeek's release names without the ``model.`` prefix, bf16 tensors.
+
+The model is built on the meta device and each tensor is copied once into its final place (safetensors
+``safe_open``), so the weights are never held twice. MTP tensors (``mtp.N.*`` / ``model.mtp.N.*``) are
+optional: a checkpoint without any drops the MTP module (transformers never saves it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from parity import devices
+from parity.checkpoint.layout import INDEX_FILE, canonical_name
+from parity.checkpoint.official_reader import load_official
+from parity.checkpoint.shards import is_official_checkpoint, missing_index_cause
+from parity.config import load_config
+from parity.errors import CheckpointError
+from parity.model.deepseek_v4 import V4ForCausalLM, _reset_rope, resolve_dtype
+from parity.model.memory import check_fits
+
+#: The per-expert pseudo-names `canonical_name` gives routed experts.
+_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(w1|w2|w3)\.weight$")
+
+
+def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_cache_dtype: str | None = None,
+                    indexer_dtype: str | None = None) -> V4ForCausalLM:
+    """Load a checkpoint directory (config.json + safetensors, single file or sharded).
+
+    Args:
+        path: directory in the published FP8/FP4 layout, or written by transformers'
+            ``DeepseekV4ForCausalLM.save_pretrained``, or float tensors under DeepSeek's names.
+        device: anything `parity.devices.resolve` accepts.
+        dtype: compute dtype of the parameters, a torch.dtype or a name ("bfloat16", "float32"); mHC,
+            norms, sinks, biases and the LM head stay fp32.
+        kv_cache_dtype / indexer_dtype: default numerics of the returned model; float checkpoints default
+            to the pure math ("bf16" / "bf16"), the published layout to "fp8" / "fp4".
+    Returns:
+        `V4ForCausalLM` in eval mode.
+    Raises:
+        ConfigError: config.json missing or invalid (from `parity.config`).
+        CheckpointError: no safetensors, unreadable files, missing or unexpected tensors (first names and
+            counts listed), wrong shapes (expected vs got); published-layout shards without their
+            model.safetensors.index.json (the lost index named as the cause).
+        DeviceError: unknown device, or the weights would not fit in its free memory
+            (`parity.model.memory.check_fits`, checked before anything is allocated).
+    """
+    dtype = resolve_dtype(dtype)
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint path {str(path)!r} is not a directory")
+    if is_official_checkpoint(p):
+        return load_official(p, device, dtype, kv_cache_dtype=kv_cache_dtype, indexer_dtype=indexer_dtype)
+    cause = missing_index_cause(p)  # published-layout shards whose index was lost
+    if cause:
+        raise CheckpointError(cause)
+    cfg = load_config(p)
+    files = _list_tensors(p)
+    dev = devices.resolve(device)
+    with torch.device("meta"):
+        model = V4ForCausalLM(cfg)
+    expected = dict(model.state_dict())
+    plan, drop_mtp = _plan(p, cfg, files, expected)
+    check_fits(cfg, dev, dtype, quantized=False, include_mtp=not drop_mtp, what=f"loading {p}")
+    if drop_mtp:
+        model.model.mtp = torch.nn.ModuleList()
+    model.to_empty(device=dev)
+    _reset_rope(model)
+    model.to_dtype(dtype)
+    _copy_tensors(model, cfg, files, plan, drop_mtp)
+    if cfg.tie_word_embeddings and not any(v[0] == "lm_head.weight" for v in plan.values()):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if kv_cache_dtype:
+        model.kv_cache_dtype = kv_cache_dtype
+    if indexer_dtype:
+        model.indexer_dtype = indexer_dtype
+    model._modes(None, None)
+    return model.eval()
+
+
+def _list_tensors(path: Path) -> dict[str, Path]:
+    """{checkpoint tensor name: file holding it}, from the index or every ``*.safetensors`` file.
+
+    Raises:
+        CheckpointError: unreadable index, a shard it names is missing, no safetensors file, or a file
+            that is not safetensors.
+    """
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: unreadable index ({e}); expected a JSON object with "
+                                  f"'weight_map'") from None
+        files = {}
+        for k, f in wm.items():
+            fp = path / f
+            if not fp.is_file():
+                raise CheckpointError(f"{index}: shard {f!r} (holding {k!r}) does not exist")
+            files[k] = fp
+        return files
+    singles = sorted(path.glob("*.safetensors"))
+    if not singles:
+        raise CheckpointError(f"checkpoint directory {str(path)!r} has no *.safetensors file and no "
+                              f"{INDEX_FILE}")
+    out = {}
+    for fp in singles:
+        try:
+            with safe_open(str(fp), "pt") as f:
+                for k in f.keys():
+                    out[k] = fp
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{fp}: not a readable safetensors file ({e})") from None
+    return out
+
+
+def _fmt(names: list[str], limit: int = 5) -> str:
+    s = ", ".join(sorted(names)[:limit])
+    return s + (", ..." if len(names) > limit else "")
+
+
+def _stacked(k: str) -> bool:
+    return k.endswith(".mlp.experts.gate_up_proj") or k.endswith(".mlp.experts.down_proj")
+
+
+def _plan(p: Path, cfg, files: dict[str, Path], expected: dict[str, torch.Tensor]
+          ) -> tuple[dict[str, tuple[str, tuple[int, str] | None]], bool]:
+    """({checkpoint name: (model tensor, (expert, "w1" | "w2" | "w3") or None)}, drop the MTP module).
+
+    Every model tensor, and for stacked experts every per-expert part, must be covered once; MTP may be
+    absent as a whole; a tied LM head may be absent.
+
+    Raises:
+        CheckpointError: missing or unexpected tensors, counted and the first names listed.
+    """
+    slots: dict[str, str] = {}  # required slots: every tensor, and every per-expert part of stacked experts
+    for k, t in expected.items():
+        if not _stacked(k):
+            slots[k] = k
+        else:
+            for e in range(t.shape[0]):
+                for w in (("w2",) if k.endswith("down_proj") else ("w1", "w3")):
+                    slots[f"{k}#{e}:{w}"] = k
+    plan: dict[str, tuple] = {}
+    unexpected = []
+    covered: set[str] = set()
+    for name in files:
+        cname = canonical_name(name)
+        m = _EXPERT_RE.match(cname)
+        if m:
+            base, e, w = m.group(1), int(m.group(2)), m.group(3)
+            param = base + (".down_proj" if w == "w2" else ".gate_up_proj")
+            sid = f"{param}#{e}:{w}"
+            if sid in slots:
+                plan[name] = (param, (e, w))
+                covered.add(sid)
+                continue
+            unexpected.append(name)
+        elif cname in expected:
+            plan[name] = (cname, None)
+            covered.update(s for s, k in slots.items() if k == cname)
+        else:
+            unexpected.append(name)
+    missing = [s for s in slots if s not in covered]
+    mtp_missing = [s for s in missing if s.startswith("model.mtp.")]
+    n_mtp_slots = sum(1 for s in slots if s.startswith("model.mtp."))
+    drop_mtp = n_mtp_slots > 0 and len(mtp_missing) == n_mtp_slots
+    if drop_mtp:
+        missing = [s for s in missing if not s.startswith("model.mtp.")]
+    if cfg.tie_word_embeddings and "lm_head.weight" in missing:
+        missing.remove("lm_head.weight")
+    if missing or unexpected:
+        msg = []
+        if missing:
+            names = [s.split("#")[0] + (f" (expert {s.split('#')[1]})" if "#" in s else "") for s in missing]
+            msg.append(f"{len(missing)} missing tensors: {_fmt(names)}")
+        if unexpected:
+            msg.append(f"{len(unexpected)} unexpected tensors: {_fmt(unexpected)}")
+        raise CheckpointError(f"checkpoint {str(p)!r} does not match its config.json: " + "; ".join(msg))
+    return plan, drop_mtp
+
+
+def _copy_tensors(model: V4ForCausalLM, cfg, files: dict[str, Path], plan: dict, drop_mtp: bool) -> None:
+    """Copy every planned tensor into the allocated model, file by file; routed experts into their rows
+    of ``gate_up_proj`` (``w1`` -> ``[:I]``, ``w3`` -> ``[I:]``) or ``down_proj`` (``w2``).
+
+    Raises:
+        CheckpointError: a tensor's shape differs from the model's (expected vs got).
+    """
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    by_file: dict[Path, list[str]] = {}
+    for name in plan:
+        by_file.setdefault(files[name], []).append(name)
+    inter = cfg.moe_intermediate_size
+    with torch.no_grad():
+        for fp, names in by_file.items():
+            with safe_open(str(fp), "pt", device="cpu") as f:
+                for name in names:
+                    param, sel = plan[name]
+                    if param.startswith("model.mtp.") and drop_mtp:
+                        continue
+                    dst = params[param]
+                    shp = tuple(f.get_slice(name).get_shape())
+                    if sel is None:
+                        want = tuple(dst.shape)
+                    else:
+                        want = (inter, cfg.hidden_size) if sel[1] in ("w1", "w3") else (cfg.hidden_size, inter)
+                    if shp != want:
+                        raise CheckpointError(f"tensor {name!r} has shape {list(shp)}: expected {list(want)} "
+                                              f"(for {param})")
+                    t = f.get_tensor(name)
+                    if sel is None:
+                        dst.copy_(t.to(dst.dtype))
+                    else:
+                        e, w = sel
+                        part = {"w1": dst[e, :inter], "w3": dst[e, inter:], "w2": dst[e]}[w]
+                        part.copy_(t.to(dst.dtype))
