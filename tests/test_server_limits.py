@@ -13,7 +13,10 @@ import httpx
 import pytest
 
 from parity.errors import CheckpointError, RequestError
-from parity.server.app import OpenAIServer, ServerSettings, build_app, default_max_request_bytes
+from parity.server.app import ServerSettings, build_app
+from parity.server.logprobs import completion_logprobs
+from parity.server.settings import default_max_request_bytes
+from parity.server.state import OpenAIServer
 from parity.server.serve_cli import load_checkpoint_tokenizer, register
 from parity.server.launcher import ThreadedServer
 from test_server_fakes import FakeChatFormat, FakeEngine, FakeSamplingParams
@@ -179,12 +182,12 @@ def test_completion_logprobs_offsets_match_text_with_special_tokens():
     srv = OpenAIServer(FakeEngine(), ServerSettings())
     ids = [1, 3 + ord("h"), 3 + ord("i")]  # EOS-like special token first (fake: "<eos>" unless skipped)
     entries = [{i: -0.5} for i in ids]
-    lp = srv.completion_logprobs(ids, entries, 1, 0, skip_special_tokens=True)
+    lp = completion_logprobs(srv.tokenizer, ids, entries, 1, 0, skip_special_tokens=True)
     text = srv.tokenizer.decode(ids, skip_special_tokens=True)
     assert text == "hi" and lp["tokens"] == ["", "h", "i"] and lp["text_offset"] == [0, 0, 1]
     assert all(text[o:o + len(t)] == t for t, o in zip(lp["tokens"], lp["text_offset"]))
     assert lp["top_logprobs"][0] == {"<eos>": -0.5}
-    lp = srv.completion_logprobs(ids, entries, 1, 3, skip_special_tokens=False)
+    lp = completion_logprobs(srv.tokenizer, ids, entries, 1, 3, skip_special_tokens=False)
     assert lp["tokens"] == ["<eos>", "h", "i"] and lp["text_offset"] == [3, 8, 9]
 
 

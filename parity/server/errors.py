@@ -57,6 +57,11 @@ class OpenAIError(Exception):
                           "param": self.param, "code": self.code}}
 
 
+#: SamplingParams field names, used to name the parameter of an engine RequestError without `.param`.
+SAMPLING_PARAM_NAMES = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                        "frequency_penalty", "repetition_penalty", "seed", "stop_token_ids", "stop", "logprobs", "n")
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
     """A 400 `invalid_request_error` naming `param`."""
     return OpenAIError(400, message, param=param, code=code)
