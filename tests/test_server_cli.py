@@ -54,7 +54,7 @@ def test_chat_loop_streams_reasoning_separately():
 
     from parity.errors import RequestError
     from parity.server.serve_cli import chat_loop
-    from parity.server.client import first_model, stream_chat
+    from parity.openai_client import first_model, stream_chat
 
     eng = FakeEngine(step_s=0.0005)
     app = build_app(eng, ServerSettings(served_model_names=["tiny"], api_key="k"), chat_format=FakeChatFormat(),
@@ -82,7 +82,7 @@ def test_chat_loop_skips_a_line_that_is_not_utf8_and_carries_on():
 
     from parity.errors import RequestError
     from parity.server.serve_cli import chat_loop, run_chat
-    from parity.server.client import stream_chat
+    from parity.openai_client import stream_chat
 
     eng = FakeEngine(step_s=0.0005)
     app = build_app(eng, ServerSettings(served_model_names=["tiny"]), chat_format=FakeChatFormat(),

@@ -93,7 +93,7 @@ class _Req:
 
 
 class FakeEngine:
-    """Implements the AsyncEngine contract used by parity.server (see the task brief)."""
+    """Implements `parity.server.engine_client.EngineClient` (the AsyncEngine contract the server uses)."""
 
     def __init__(self, *, max_model_len: int = 512, max_num_seqs: int = 8, max_waiting: int = 64,
                  step_s: float = 0.002, respond=default_respond, bytes_per_token: int = 100,

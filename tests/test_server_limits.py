@@ -1,4 +1,4 @@
-"""Server robustness against hostile or odd input (new-user tester findings): body size limit (413), event
+"""Server robustness against hostile or odd input: body size limit (413), event
 loop stays responsive while a long prompt is tokenized, lone surrogates and deep JSON (400), seed range,
 token-ids-only servers, completions logprobs offsets with special tokens, CLI flag validation, cache
 budget larger than memory."""
@@ -13,7 +13,10 @@ import httpx
 import pytest
 
 from parity.errors import CheckpointError, RequestError
-from parity.server.app import OpenAIServer, ServerSettings, build_app, default_max_request_bytes
+from parity.server.app import ServerSettings, build_app
+from parity.server.logprobs import completion_logprobs
+from parity.server.settings import default_max_request_bytes
+from parity.server.state import OpenAIServer
 from parity.server.serve_cli import load_checkpoint_tokenizer, register
 from parity.server.launcher import ThreadedServer
 from test_server_fakes import FakeChatFormat, FakeEngine, FakeSamplingParams
@@ -43,7 +46,7 @@ def err(r: httpx.Response, status: int) -> dict:
     return e
 
 
-# ---------------------------------------------------------------------------------------------- item 1
+# ----------------------------------------------------------------------------- request-body limit
 def test_body_over_limit_is_413_by_header_and_while_streaming(server):
     big = b'{"prompt": "' + b"a" * 200_000 + b'"}'
     e = err(httpx.post(server.base_url + CMPL, content=big), 413)
@@ -104,7 +107,7 @@ def test_health_answers_while_a_long_prompt_is_tokenized():
         srv.stop()
 
 
-# ---------------------------------------------------------------------------------------------- item 3
+# ------------------------------------------------------------------ lone surrogates and deep JSON
 @pytest.mark.parametrize("raw,param", [
     (b'{"messages":[{"role":"user","content":"\\ud800"}]}', "messages.0.content"),
     (b'{"prompt":"ok \\udfff"}', "prompt"),
@@ -131,7 +134,7 @@ def test_deeply_nested_json_is_400(server, depth):
     assert err(httpx.post(server.base_url + CHAT, content=raw), 400)["code"] == "invalid_json"
 
 
-# ---------------------------------------------------------------------------------------------- item 5
+# ------------------------------------------------------------------------------------- seed range
 @pytest.mark.parametrize("seed,n", [(99999999999999999999999, 1), (-(2**63) - 1, 1), (2**63 - 1, 2)])
 def test_seed_out_of_range_names_seed(server, seed, n):
     e = err(httpx.post(server.base_url + CMPL, json={"prompt": "x", "seed": seed, "n": n}), 400)
@@ -144,7 +147,7 @@ def test_seed_at_range_ends_is_accepted(server):
         assert r.status_code == 200, r.text
 
 
-# ---------------------------------------------------------------------------------------------- item 4
+# -------------------------------------------------------------------------- token-ids-only server
 def test_token_ids_only_server_answers_text_requests_with_400():
     eng = FakeEngine()
     eng.tokenizer = None
@@ -174,21 +177,21 @@ def test_broken_tokenizer_json_stops_serve_and_generate_before_loading(tmp_path,
         assert "tokenizer.json" in lines[-1] and "error" in lines[-1] and "Traceback" not in "".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------- item 7
+# ------------------------------------------------------------------- completions logprobs offsets
 def test_completion_logprobs_offsets_match_text_with_special_tokens():
     srv = OpenAIServer(FakeEngine(), ServerSettings())
     ids = [1, 3 + ord("h"), 3 + ord("i")]  # EOS-like special token first (fake: "<eos>" unless skipped)
     entries = [{i: -0.5} for i in ids]
-    lp = srv.completion_logprobs(ids, entries, 1, 0, skip_special_tokens=True)
+    lp = completion_logprobs(srv.tokenizer, ids, entries, 1, 0, skip_special_tokens=True)
     text = srv.tokenizer.decode(ids, skip_special_tokens=True)
     assert text == "hi" and lp["tokens"] == ["", "h", "i"] and lp["text_offset"] == [0, 0, 1]
     assert all(text[o:o + len(t)] == t for t, o in zip(lp["tokens"], lp["text_offset"]))
     assert lp["top_logprobs"][0] == {"<eos>": -0.5}
-    lp = srv.completion_logprobs(ids, entries, 1, 3, skip_special_tokens=False)
+    lp = completion_logprobs(srv.tokenizer, ids, entries, 1, 3, skip_special_tokens=False)
     assert lp["tokens"] == ["<eos>", "h", "i"] and lp["text_offset"] == [3, 8, 9]
 
 
-# ---------------------------------------------------------------------------------------------- items 8, 10
+# --------------------------------------------------------------------- CLI flags and cache budget
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="parity")
     register(p.add_subparsers(dest="command"))

@@ -4,8 +4,8 @@ Endpoints: ``chat`` -> POST {base}/v1/chat/completions, ``completions`` -> POST 
 ``stream: true`` and ``stream_options: {include_usage: true, continuous_usage_stats: true}`` (continuous usage
 stats are a vLLM / SGLang / parity extension: every chunk carries the running ``completion_tokens``, which lets the
 bench count the tokens of each chunk exactly; servers that omit them are handled by counting each chunk's text
-with the tokenizer). The SSE stream is parsed per the WHATWG "server-sent events" rules (``data:`` lines, events
-ended by a blank line, ``:`` comments ignored), ending at ``data: [DONE]``.
+with the tokenizer). URLs, error bodies and SSE parsing come from `parity.openai_client`; this module keeps the
+timing (TTFT, ITL, E2E latency) and token counting.
 """
 
 from __future__ import annotations
@@ -16,37 +16,21 @@ import time
 
 import httpx
 
+from parity import openai_client
 from parity.bench.metrics import RequestRecord
 from parity.bench.tokenizer import BenchTokenizer
 from parity.bench.workloads import BenchRequest
 from parity.errors import BenchError
-
-ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+from parity.openai_client import SSEDecoder, SSEFormatError, error_message
 
 
 def endpoint_url(base_url: str, endpoint: str) -> str:
-    """Full URL of `endpoint` under `base_url` (which may or may not end in /v1).
+    """Full URL of `endpoint` ("chat" or "completions") under `base_url` (which may or may not end in /v1).
 
     Raises:
         BenchError: base_url not http(s)://host[:port][/path], or unknown endpoint.
     """
-    if endpoint not in ENDPOINTS:
-        raise BenchError(f"--endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
-    return _server_root(base_url) + ENDPOINTS[endpoint]
-
-
-def _server_root(base_url: str) -> str:
-    """`base_url` without a trailing "/" or "/v1". Raises BenchError when it is not an http(s) URL."""
-    try:
-        u = httpx.URL(base_url)
-    except Exception:  # noqa: BLE001 - httpx.InvalidURL and friends
-        u = None
-    if u is None or u.scheme not in ("http", "https") or not u.host:
-        raise BenchError(f"--base-url {base_url!r} is not a URL like http://127.0.0.1:8000 (scheme http or https)")
-    base = str(u).rstrip("/")
-    if base.endswith("/v1"):
-        base = base[:-3]
-    return base
+    return openai_client.endpoint_url(base_url, endpoint, BenchError)
 
 
 async def fetch_default_model(base_url: str, headers: dict, timeout_s: float = 30.0, transport=None) -> str:
@@ -63,7 +47,7 @@ async def fetch_default_model(base_url: str, headers: dict, timeout_s: float = 3
         BenchError: the server is unreachable or times out, answers an HTTP error (e.g. 401 for a wrong key), or
             its answer is not a model list with at least one entry; the message says to pass ``--model``.
     """
-    url = _server_root(base_url) + "/v1/models"
+    url = openai_client.server_root(base_url, BenchError) + "/v1/models"
     hint = "; pass --model NAME to name the model yourself"
     try:
         async with httpx.AsyncClient(transport=transport, timeout=min(timeout_s, 30.0)) as client:
@@ -114,19 +98,6 @@ def build_payload(endpoint: str, model: str, req: BenchRequest, *, ignore_eos: b
     if extra:
         body.update(extra)
     return body
-
-
-def _error_text(body: bytes) -> str:
-    try:
-        obj = json.loads(body)
-        if isinstance(obj, dict):
-            err = obj.get("error", obj.get("detail", obj))
-            if isinstance(err, dict):
-                err = err.get("message", err)
-            return str(err)[:200]
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        pass
-    return body[:200].decode("utf-8", errors="replace").strip() or "<empty body>"
 
 
 class _StreamState:
@@ -247,47 +218,30 @@ async def send_request(client: httpx.AsyncClient, url: str, payload: dict, req: 
             rec.status = resp.status_code
             if resp.status_code != 200:
                 body = await resp.aread()
-                rec.ok, rec.error = False, f"HTTP {resp.status_code}: {_error_text(body)}"
+                rec.ok, rec.error = False, f"HTTP {resp.status_code}: {error_message(body)}"
                 return
             ctype = resp.headers.get("content-type", "")
             if ctype and "text/event-stream" not in ctype:
                 body = await resp.aread()
                 rec.ok, rec.error = False, (f"malformed SSE: content-type {ctype!r}, expected text/event-stream "
-                                            f"({_error_text(body)[:80]})")
+                                            f"({error_message(body)[:80]})")
                 return
-            buf = b""
-            data_lines: list[str] = []
+            decoder = SSEDecoder()
             async for raw in resp.aiter_bytes():
                 t = time.perf_counter()
-                buf += raw
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    if line.endswith(b"\r"):
-                        line = line[:-1]
-                    if not line:
-                        if data_lines:
-                            state.feed("\n".join(data_lines), t)
-                            data_lines = []
-                            if state.error:
-                                break
-                        continue
-                    if line.startswith(b"data:"):
-                        v = line[5:]
-                        data_lines.append((v[1:] if v.startswith(b" ") else v).decode("utf-8", errors="replace"))
-                    elif line.startswith(b":") or line.split(b":", 1)[0] in (b"event", b"id", b"retry"):
-                        continue  # comment, event:, id:, retry: fields
-                    else:
-                        state.error = f"malformed SSE: unexpected line {line[:60].decode('utf-8', 'replace')!r}"
-                        break
+                try:
+                    for data in decoder.feed(raw):
+                        state.feed(data, t)
+                        if state.error:
+                            break
+                except SSEFormatError as e:
+                    state.error = str(e)
                 if state.error:
                     break
             if not state.error:
-                rest = buf.strip()
-                if rest.startswith(b"data:"):
-                    v = rest[5:].strip()
-                    data_lines.append(v.decode("utf-8", errors="replace"))
-                if data_lines:
-                    state.feed("\n".join(data_lines), time.perf_counter())
+                last = decoder.flush()
+                if last is not None:
+                    state.feed(last, time.perf_counter())
         end = time.perf_counter()
     except asyncio.CancelledError:
         rec.ok, rec.error = False, "interrupted"

@@ -57,6 +57,11 @@ class OpenAIError(Exception):
                           "param": self.param, "code": self.code}}
 
 
+#: SamplingParams field names, used to name the parameter of an engine RequestError without `.param`.
+SAMPLING_PARAM_NAMES = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                        "frequency_penalty", "repetition_penalty", "seed", "stop_token_ids", "stop", "logprobs", "n")
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
     """A 400 `invalid_request_error` naming `param`."""
     return OpenAIError(400, message, param=param, code=code)
@@ -65,7 +70,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 def param_from_message(message: str, candidates: tuple[str, ...]) -> str | None:
     """Best-effort: the parameter an error message names, as a dotted path.
 
-    Recognised forms (parity's error conventions, DESIGN.md "Conventions"): a leading path such as
+    Recognised forms (parity's error-message conventions, see parity/errors.py): a leading path such as
     `messages[2].content: ...` -> "messages.2.content"; a quoted name `'top_p'` that is one of
     `candidates`; else the longest candidate that appears in the text. Callers prefer an error's
     `param` attribute when it has one.

@@ -94,7 +94,7 @@ class ThreadedServer:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> "ThreadedServer":
+    def start(self) -> ThreadedServer:
         self.thread = threading.Thread(target=self.server.run, name="parity-uvicorn", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + self.start_timeout_s
@@ -112,7 +112,7 @@ class ThreadedServer:
         if self.thread is not None:
             self.thread.join(timeout_s)
 
-    def __enter__(self) -> "ThreadedServer":
+    def __enter__(self) -> ThreadedServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

@@ -14,14 +14,15 @@ one process):
 - `parity_cache_used_bytes`, `parity_cache_total_bytes`, `parity_cache_usage_ratio`  gauges, cache pool usage
 - `parity_http_requests_in_flight`                         gauge, generation requests being served
 
-TTFT/TPOT/E2E follow the definitions in vLLM's `bench serve` (DESIGN.md, "Conventions"), measured here
+TTFT/TPOT/E2E follow the definitions in vLLM's `bench serve` (vllm/benchmarks/serve.py), measured here
 on the server side, so they exclude network time. Histogram buckets (s) are parity's choice: they
 span a CPU miniature (milliseconds) up to a large model under heavy load (minutes).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily

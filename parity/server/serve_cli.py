@@ -318,7 +318,7 @@ def chat_loop(base_url: str, model: str, *, api_key: str | None, args: argparse.
     """
     from rich.console import Console
 
-    from parity.server.client import stream_chat
+    from parity.openai_client import stream_chat
 
     con = console or Console(highlight=False)
     thinking = bool(args.thinking)
@@ -406,9 +406,8 @@ def chat_loop(base_url: str, model: str, *, api_key: str | None, args: argparse.
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from parity.server.client import first_model
-
     from parity.engine.sampling_params import SamplingParams
+    from parity.openai_client import first_model
 
     SamplingParams(**sampling_kwargs(args)).validate()  # bad sampling flags: one clear error, up front
     if args.system is not None and not _is_utf8(args.system):

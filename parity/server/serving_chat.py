@@ -1,0 +1,232 @@
+"""`POST /v1/chat/completions`: `ServingChat` and the OpenAI message / tool / delta shapes it converts."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from parity.errors import ParityError
+from parity.server import protocol as P
+from parity.server.choices import Choice
+from parity.server.engine_client import EngineDelta
+from parity.server.errors import bad_request, param_from_message
+from parity.server.logprobs import chat_logprobs
+from parity.server.serving_base import Generation, OpenAIServing
+
+
+@dataclass
+class ChatGeneration(Generation):
+    """A chat Generation: thinking/tool parsing choices, `top_n` logprobs (None: no logprobs), and the
+    per-choice streaming state (parsers, tool-call ids seen, logprobs not yet sent)."""
+
+    thinking: bool = False
+    tools_enabled: bool = False
+    top_n: int | None = None
+    parsers: dict[int, Any] = field(default_factory=dict)
+    seen_calls: dict[int, dict[int, str]] = field(default_factory=dict)
+    pending_lp: dict[int, list[dict]] = field(default_factory=dict)
+
+
+class ServingChat(OpenAIServing):
+    """Chat completions: messages encoded with the chat format, output parsed into content, reasoning
+    (`reasoning_content`) and tool calls; streams deltas as the parser releases them."""
+
+    endpoint = "chat"
+    request_cls = P.ChatCompletionRequest
+    response_object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+
+    async def prepare(self, req: P.ChatCompletionRequest, arrival_s: float) -> ChatGeneration:
+        srv = self.server
+        model = srv.check_model(req.model)
+        P.unsupported_fields(req)
+        P.check_n(req.n)
+        thinking = P.thinking_enabled(req, srv.settings.default_thinking)
+        tools, tools_enabled = chat_tools(req)
+        if req.top_logprobs is not None:
+            if not 0 <= req.top_logprobs <= 20:
+                raise bad_request(f"Invalid value for 'top_logprobs': {req.top_logprobs}; expected 0..20",
+                                  param="top_logprobs", code="invalid_value")
+            if not req.logprobs:
+                raise bad_request("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
+        top_n = (req.top_logprobs or 0) if req.logprobs else None
+        messages = [message_dict(m, i) for i, m in enumerate(req.messages)]
+        try:
+            prompt = srv.chat_format.encode(messages, tools if tools_enabled else None, thinking,
+                                            req.reasoning_effort)
+        except (ParityError, ValueError, TypeError, KeyError) as e:
+            msg = str(e)
+            raise bad_request(msg, param=getattr(e, "param", None) or param_from_message(msg, ("reasoning_effort",)),
+                              code="invalid_value") from None
+        prompt_ids = await srv.tokenize(prompt, "messages")
+        if req.max_completion_tokens is not None:
+            mt, mt_name = req.max_completion_tokens, "max_completion_tokens"
+        else:
+            mt, mt_name = req.max_tokens, "max_tokens"
+        max_tokens = srv.resolve_max_tokens(mt, len(prompt_ids), mt_name, "messages")
+        kw = P.sampling_kwargs(req, max_tokens=max_tokens, logprobs=top_n, vocab_size=srv.vocab_size)
+        params = srv.per_choice_params(kw, req.n)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        choices = srv.runner.new_choices(rid, req.n, len(prompt_ids), arrival_s)
+        jobs = [(ch, prompt_ids, sp) for ch, sp in zip(choices, params, strict=True)]
+        created = int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        if req.stream_options is not None and not req.stream:
+            raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+        return ChatGeneration(rid=rid, model=model, created=created, choices=choices, jobs=jobs,
+                              prompt_tokens=len(prompt_ids), stream=bool(req.stream), include_usage=include_usage,
+                              thinking=thinking, tools_enabled=tools_enabled, top_n=top_n)
+
+    def full_choices(self, gen: ChatGeneration) -> list[dict]:
+        srv = self.server
+        out = []
+        for ch in gen.choices:
+            text = "".join(ch.text)
+            content, reasoning, calls = srv.chat_format.parse(text, gen.thinking, gen.tools_enabled)
+            finish = ch.finish_reason
+            if calls and finish == "stop":
+                finish = "tool_calls"
+            msg: dict[str, Any] = {"role": "assistant", "content": content if (content or not calls) else None}
+            if reasoning is not None:
+                msg["reasoning_content"] = reasoning
+            if calls:
+                msg["tool_calls"] = calls
+            lp = ({"content": chat_logprobs(srv.tokenizer, ch.token_ids, ch.logprobs, gen.top_n or 0)}
+                  if gen.top_n is not None else None)
+            out.append({"index": ch.index, "message": msg, "logprobs": lp, "finish_reason": finish,
+                        "stop_reason": ch.stop_reason})
+        return out
+
+    def stream_start(self, gen: ChatGeneration) -> Iterable[str]:
+        fmt = self.server.chat_format
+        for ch in gen.choices:
+            gen.parsers[ch.index] = fmt.stream_parser(gen.thinking, gen.tools_enabled)
+            gen.seen_calls[ch.index] = {}
+            gen.pending_lp[ch.index] = []
+        return [self.chunk(gen, [{"index": ch.index, "delta": {"role": "assistant", "content": ""},
+                                  "logprobs": None, "finish_reason": None}]) for ch in gen.choices]
+
+    def _take_logprobs(self, gen: ChatGeneration, c: dict, index: int) -> None:
+        """Attach choice `index`'s logprobs not yet sent to chunk choice `c`."""
+        if gen.pending_lp[index]:
+            c["logprobs"] = {"content": gen.pending_lp[index]}
+            gen.pending_lp[index] = []
+
+    def _delta_chunks(self, gen: ChatGeneration, ch: Choice, parsed: list[dict]) -> list[str]:
+        out = []
+        for item in parsed:
+            delta = chat_delta(item, gen.seen_calls[ch.index])
+            if delta is None:
+                continue
+            c = {"index": ch.index, "delta": delta, "logprobs": None, "finish_reason": None}
+            self._take_logprobs(gen, c, ch.index)
+            out.append(self.chunk(gen, [c]))
+        return out
+
+    def stream_delta(self, gen: ChatGeneration, ch: Choice, d: EngineDelta, ids: list[int],
+                     text: str) -> Iterable[str]:
+        if gen.top_n is not None and ids:
+            lps = getattr(d, "logprobs", None) or []
+            gen.pending_lp[ch.index].extend(chat_logprobs(self.server.tokenizer, ids, lps, gen.top_n))
+        parser = gen.parsers[ch.index]
+        out = self._delta_chunks(gen, ch, parser.feed(text) if text else [])
+        if ch.finished:
+            out += self._delta_chunks(gen, ch, parser.finish())
+            finish = ch.finish_reason
+            if gen.seen_calls[ch.index] and finish == "stop":
+                finish = "tool_calls"
+            c = {"index": ch.index, "delta": {}, "logprobs": None, "finish_reason": finish}
+            self._take_logprobs(gen, c, ch.index)
+            out.append(self.chunk(gen, [c]))
+        return out
+
+
+def chat_tools(req: P.ChatCompletionRequest) -> tuple[list[dict] | None, bool]:
+    """(tool definitions as dicts, whether tool calls are parsed) from `tools` / `tool_choice`.
+
+    `tool_choice` "auto" (default with tools) and "none" (tools hidden from the prompt, as vLLM does) are
+    supported; "required" and a named function need constrained decoding, which parity does not have:
+    400 naming `tool_choice`.
+    """
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    choice = req.tool_choice
+    if choice is None:
+        return tools, bool(tools)
+    if choice == "none":
+        return None, False
+    if choice == "auto":
+        if not tools:
+            raise bad_request("'tool_choice' is set but no 'tools' are given", param="tool_choice")
+        return tools, True
+    if choice == "required" or isinstance(choice, dict):
+        raise bad_request("tool_choice 'required' or a named function is not supported by parity (it needs "
+                          "constrained decoding); use 'auto' or 'none'", param="tool_choice",
+                          code="unsupported_parameter")
+    raise bad_request(f"Invalid value for 'tool_choice': {choice!r}; expected 'auto' or 'none'",
+                      param="tool_choice", code="invalid_value")
+
+
+def message_dict(m: P.ChatMessage, index: int) -> dict[str, Any]:
+    """An OpenAI message as the plain dict `encode_chat` takes; text parts are joined.
+
+    Raises:
+        OpenAIError(400): a content part that is not text, naming `messages.<i>.content.<j>.type`.
+    """
+    content = m.content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if part.type != "text" or part.text is None:
+                raise bad_request(f"messages[{index}].content[{j}]: only 'text' content parts are supported "
+                                  f"(got type {part.type!r})", param=f"messages.{index}.content.{j}.type",
+                                  code="unsupported_parameter")
+            texts.append(part.text)
+        content = "".join(texts)
+    d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+    if m.name is not None:
+        d["name"] = m.name
+    if m.reasoning_content is not None:
+        d["reasoning_content"] = m.reasoning_content
+    if m.tool_call_id is not None:
+        d["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        calls = []
+        for tc in m.tool_calls:
+            args = tc.function.arguments
+            calls.append({"id": tc.id, "type": "function",
+                          "function": {"name": tc.function.name,
+                                       "arguments": args if isinstance(args, str) else json.dumps(args)}})
+        d["tool_calls"] = calls
+    return d
+
+
+def chat_delta(item: dict[str, Any], seen: dict[int, str]) -> dict[str, Any] | None:
+    """An OpenAI chat `delta` from one streaming-parser item; `seen` maps tool-call index -> id."""
+    if "content" in item:
+        return {"content": item["content"]} if item["content"] else None
+    if "reasoning_content" in item:
+        return {"reasoning_content": item["reasoning_content"]} if item["reasoning_content"] else None
+    if "tool_call" in item:
+        tc = item["tool_call"]
+        idx = int(tc.get("index", 0))
+        entry: dict[str, Any] = {"index": idx}
+        fn: dict[str, Any] = {}
+        if idx not in seen:
+            seen[idx] = tc.get("id") or ("call_" + uuid.uuid4().hex[:24])
+            entry["id"] = seen[idx]
+            entry["type"] = "function"
+            fn["name"] = tc.get("name") or ""
+        args = tc.get("arguments")
+        if args:
+            fn["arguments"] = args if isinstance(args, str) else json.dumps(args)
+        elif "name" in fn:
+            fn["arguments"] = ""
+        if not fn:
+            return None
+        entry["function"] = fn
+        return {"tool_calls": [entry]}
+    return None

@@ -1,0 +1,154 @@
+"""`POST /v1/completions`: `ServingCompletion` (text completions of one or more prompts).
+
+Known limitation: with `echo: true` and `logprobs: N` the prompt is returned in `text`, but `logprobs`
+covers the generated tokens only (its `text_offset` starts at the prompt's length); vLLM also lists the
+prompt tokens (the first with logprob None). The engine does not compute prompt-token logprobs.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from parity.server import protocol as P
+from parity.server.choices import Choice, Job
+from parity.server.engine_client import EngineDelta
+from parity.server.errors import bad_request
+from parity.server.logprobs import completion_logprobs
+from parity.server.serving_base import Generation, OpenAIServing
+from parity.server.state import OpenAIServer
+
+
+@dataclass
+class CompletionGeneration(Generation):
+    """A completions Generation: `logprobs` (top-N per token, None: no logprobs), the echoed prompt text
+    per choice index, and each streamed choice's character offset in its `text` so far."""
+
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    echo_text: dict[int, str] = field(default_factory=dict)
+    offsets: dict[int, int] = field(default_factory=dict)
+
+
+class ServingCompletion(OpenAIServing):
+    """Text completions: each prompt (text or token ids) runs `n` choices; choice index = prompt * n + i."""
+
+    endpoint = "completions"
+    request_cls = P.CompletionRequest
+    response_object = "text_completion"
+    chunk_object = "text_completion"
+
+    async def prepare(self, req: P.CompletionRequest, arrival_s: float) -> CompletionGeneration:
+        srv = self.server
+        model = srv.check_model(req.model)
+        P.unsupported_fields(req)
+        P.check_n(req.n)
+        if req.logprobs is not None and not 0 <= req.logprobs <= 5:
+            raise bad_request(f"Invalid value for 'logprobs': {req.logprobs}; expected 0..5", param="logprobs",
+                              code="invalid_value")
+        if req.stream_options is not None and not req.stream:
+            raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+        prompts = await completion_prompts(srv, req.prompt)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        jobs: list[Job] = []
+        echo_text: dict[int, str] = {}
+        for pi, (ptext, ids) in enumerate(prompts):
+            pparam = "prompt" if len(prompts) == 1 else f"prompt.{pi}"
+            max_tokens = srv.resolve_max_tokens(req.max_tokens, len(ids), "max_tokens", pparam)
+            kw = P.sampling_kwargs(req, max_tokens=max_tokens, logprobs=req.logprobs, vocab_size=srv.vocab_size)
+            params = srv.per_choice_params(kw, req.n)
+            new = srv.runner.new_choices(rid, req.n, len(ids), arrival_s, base=pi * req.n)
+            for ch, sp in zip(new, params, strict=True):
+                jobs.append((ch, ids, sp))
+                if req.echo:
+                    if ptext is None and srv.tokenizer is None:
+                        raise bad_request("'echo' of a token-id prompt needs a tokenizer; this server runs "
+                                          "without one (--skip-tokenizer-init)", param="echo",
+                                          code="tokenizer_unavailable")
+                    echo_text[ch.index] = ptext if ptext is not None else srv.tokenizer.decode(ids)
+        # usage.prompt_tokens: each prompt once, however many choices (n) it has (as OpenAI and vLLM).
+        prompt_total = sum(len(ids) for _, ids in prompts)
+        return CompletionGeneration(
+            rid=rid, model=model, created=int(time.time()), choices=[j[0] for j in jobs], jobs=jobs,
+            prompt_tokens=prompt_total, stream=bool(req.stream),
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            logprobs=req.logprobs, skip_special_tokens=req.skip_special_tokens, echo_text=echo_text)
+
+    def _lp_obj(self, gen: CompletionGeneration, ids: list[int], entries: list[Any], offset0: int) -> dict | None:
+        if gen.logprobs is None:
+            return None
+        return completion_logprobs(self.server.tokenizer, ids, entries, gen.logprobs, offset0,
+                                   gen.skip_special_tokens)
+
+    def full_choices(self, gen: CompletionGeneration) -> list[dict]:
+        out = []
+        for ch in gen.choices:
+            prefix = gen.echo_text.get(ch.index, "")
+            out.append({"index": ch.index, "text": prefix + "".join(ch.text),
+                        "logprobs": self._lp_obj(gen, ch.token_ids, ch.logprobs, len(prefix)),
+                        "finish_reason": ch.finish_reason, "stop_reason": ch.stop_reason})
+        return out
+
+    def stream_start(self, gen: CompletionGeneration) -> Iterable[str]:
+        out = []
+        for ch in gen.choices:
+            gen.offsets[ch.index] = 0
+            if ch.index in gen.echo_text:
+                gen.offsets[ch.index] = len(gen.echo_text[ch.index])
+                out.append(self.chunk(gen, [{"index": ch.index, "text": gen.echo_text[ch.index], "logprobs": None,
+                                             "finish_reason": None}]))
+        return out
+
+    def stream_delta(self, gen: CompletionGeneration, ch: Choice, d: EngineDelta, ids: list[int],
+                     text: str) -> Iterable[str]:
+        if not text and not ids and not ch.finished:
+            return ()
+        lps = getattr(d, "logprobs", None) or []
+        c = {"index": ch.index, "text": text,
+             "logprobs": self._lp_obj(gen, ids, lps, gen.offsets[ch.index]) if ids else None,
+             "finish_reason": ch.finish_reason if ch.finished else None}
+        if ch.finished:
+            c["stop_reason"] = ch.stop_reason
+        gen.offsets[ch.index] += len(text)
+        return (self.chunk(gen, [c]),)
+
+
+async def completion_prompts(srv: OpenAIServer, prompt: Any) -> list[tuple[str | None, list[int]]]:
+    """[(prompt text or None, token ids)] for each prompt of a completions request.
+
+    Strings are tokenized as the offline `LLM.generate` does (tokenizer defaults); token-id prompts are
+    taken as given and checked against the vocabulary.
+
+    Raises:
+        OpenAIError(400) naming `prompt` (empty prompt, token id outside [0, vocab_size)).
+    """
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if not items:
+        raise bad_request("'prompt' must not be empty", param="prompt")
+    out = []
+    vocab = srv.vocab_size
+    for i, it in enumerate(items):
+        name = "prompt" if len(items) == 1 else f"prompt.{i}"
+        if isinstance(it, str):
+            if not it:
+                raise bad_request(f"'{name}' must not be empty", param=name)
+            out.append((it, await srv.tokenize(it, name)))
+        else:
+            if not it:
+                raise bad_request(f"'{name}' must not be empty", param=name)
+            bad = None
+            if min(it) < 0 or max(it) >= vocab:  # C-speed scan first: token-id prompts can be long
+                bad = next((t for t in it if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise bad_request(f"'{name}' holds token id {bad}, outside [0, {vocab})", param=name,
+                                  code="invalid_value")
+            out.append((None, list(it)))
+    return out
