@@ -217,7 +217,7 @@ def test_op_costs_per_layer_type():
     v4, hw = load_arch("v4-flash"), get_hardware("h800")
     dep = M.Deployment(n_devices=16, mtp=1, mtp_acceptance=0.85)
     groups = {g["kind"]: g for g in M.op_costs(v4, hw, dep, "decode", 128, 8192, 64)}
-    assert {"sliding", "csa", "hca", "mtp-sliding", "lm_head"} <= set(groups)
+    assert {"sliding", "csa", "hca", "mtp0-sliding", "lm_head"} <= set(groups)
     assert sum(g["count"] for k, g in groups.items() if not k.startswith(("mtp", "lm_head"))) == 43
     assert groups["csa"]["indexer_flops"] > 0 == groups["hca"]["indexer_flops"]
     assert groups["csa"]["cache_read_bytes"] > groups["hca"]["cache_read_bytes"] > 0
