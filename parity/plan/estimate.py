@@ -24,8 +24,14 @@ from dataclasses import asdict, dataclass, fields, replace
 from parity.errors import PlanError
 from parity.plan.arch import load_arch
 from parity.plan.hardware import family_of, get_hardware
-from parity.plan.serving_model import (IMBALANCE, Deployment, groups_terms, mixed_step_groups, op_costs,
-                                       weight_bytes_per_device)
+from parity.plan.serving_model import (
+    IMBALANCE,
+    Deployment,
+    groups_terms,
+    mixed_step_groups,
+    op_costs,
+    weight_bytes_per_device,
+)
 
 #: `--quantization` -> (dense/attention weight format, routed-expert weight format). 'fp4' is V4's native
 #: mixed checkpoint (FP4 experts, FP8 elsewhere: DeepSeek-V4 release notes / recipes); 'w4a8' is INT4
@@ -181,7 +187,8 @@ def build(setup: Setup) -> Evaluator:
         dep = s.deployment(n_pre)
         tok = s.tokens_per_device or isl_u / s.tp
         pdep = replace(dep, mtp=min(dep.mtp, 1))
-        terms["prefill"] = groups_terms(op_costs(arch, hw, pdep, "prefill", tok, s.isl, tok / isl_u), hw, pdep).compact()
+        groups = op_costs(arch, hw, pdep, "prefill", tok, s.isl, tok / isl_u)
+        terms["prefill"] = groups_terms(groups, hw, pdep).compact()
         info["prefill_tokens_per_device"] = tok
     if s.phase in ("decode", "serving"):
         dep = s.deployment(n_dec)

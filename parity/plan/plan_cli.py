@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-
 PLAN_EPILOG = """exit codes: 0 a deployment meets the SLOs, 1 none does (the reason names the limiting resource),
             2 bad input (one-line error)"""
 COMPARE_EPILOG = """exit codes: 0 at least one chip meets the SLOs, 1 no chip does (the table and the report are
@@ -103,7 +102,8 @@ def _estimate_args(p) -> None:
     p.add_argument("--prefill-devices", type=int, default=0, help="prefill pool devices (with --disagg on)")
     p.add_argument("--decode-devices", type=int, default=0, help="decode pool devices (with --disagg on)")
     p.add_argument("--redundant-experts", type=int, default=0, help="extra expert replicas (EPLB)")
-    p.add_argument("--stack", default="", help="software stack: cuda-graphs, ascend-graph, eager (default by vendor)")
+    p.add_argument("--stack", default="",
+                   help="software stack: cuda-graphs, ascend-graph, eager (default by vendor)")
     p.add_argument("--max-num-batched-tokens", type=int, default=MAX_NUM_BATCHED_TOKENS,
                    help="prefill chunk per step in colocated serving (tokens)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -186,7 +186,8 @@ def format_plan(r: dict) -> str:
         f"input tok/s per chip  {_f(r['input_tok_s_per_chip'])}  {pf['output_tok_s_per_chip']}",
         f"output tok/s per chip {_f(r['output_tok_s_per_chip'])}  {pf['output_tok_s_per_chip']}",
         f"TTFT                  {r['ttft_ms']:,.0f} ms  {pf['ttft_ms']}",
-        f"TPOT                  {r['tpot_ms']:.1f} ms ({r['tok_s_per_user']:.1f} tok/s per user)  {pf['tpot_ms']}",
+        f"TPOT                  {r['tpot_ms']:.1f} ms ({r['tok_s_per_user']:.1f} tok/s per user)  "
+        f"{pf['tpot_ms']}",
         f"tokens per joule      {_f(r['tokens_per_joule'], '{:.2f}')} ({r['tokens_per_joule_basis']})",
         f"$ per M output tokens {_f(r['usd_per_m_output_tokens'], '{:.3f}', 'n/a (no public price)')}",
     ]

@@ -13,7 +13,6 @@ from pathlib import Path
 from parity.errors import PlanError
 from parity.plan.search import Workload, frontier, plan
 
-
 #: Report formats `compare(out=...)` writes, by file suffix (lower case).
 REPORT_SUFFIXES = (".html", ".png")
 

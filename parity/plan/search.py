@@ -23,14 +23,21 @@ Definitions (all modeled):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 from parity.errors import PlanError
 from parity.plan.arch import V4Arch, load_arch
-from parity.plan.hardware import Hardware, family_of, get_hardware
 from parity.plan.estimate import MAX_NUM_BATCHED_TOKENS, colocated
-from parity.plan.serving_model import (MODEL_VERSION, Deployment, decode_point, hbm_budget, max_batch,
-                                       mixed_step_terms, prefill_point, weight_bytes_per_device)
+from parity.plan.hardware import Hardware, family_of, get_hardware
+from parity.plan.serving_model import (
+    Deployment,
+    decode_point,
+    hbm_budget,
+    max_batch,
+    mixed_step_terms,
+    prefill_point,
+    weight_bytes_per_device,
+)
 
 #: MTP acceptance per draft token: DeepSeek-V3 report section 5.4.3 (85-90% for the second token); taken
 #: for V4's MTP too (not yet measured by parity).
@@ -255,7 +262,7 @@ def _colocated(arch, hw, fits, consts, workload, ctx_avg, ctx_max):
         cands = [b for b in BATCHES if b <= cap]
         cache: dict = {}
 
-        def point(b, d=d):
+        def point(b, d=d, cache=cache):
             if b not in cache:
                 cache[b] = colocated_point(arch, hw, d, consts, b, workload, ctx_avg)
             return cache[b]
