@@ -41,6 +41,11 @@ def _avg_min(S: float, c: float) -> float:
     return c - c * c / (2.0 * S)
 
 
+def _byte_layout(kv_dtype: str) -> str:
+    """Cache byte layout of a cache dtype: INT8 caches store 1 byte per value plus block scales like FP8."""
+    return "fp8" if kv_dtype == "int8" else kv_dtype
+
+
 class V4Arch:
     """DeepSeek-V4 from a `ModelConfig` (see module docstring)."""
 
@@ -101,6 +106,7 @@ class V4Arch:
     def attn_read_bytes(self, kind: str, ctx: float, kv_dtype: str) -> float:
         """Cache bytes one sequence's decode step reads in a layer of `kind` at context `ctx`."""
         c = self.cfg
+        kv_dtype = _byte_layout(kv_dtype)
         kv = P.vector_bytes(c.head_dim, c.qk_rope_head_dim, kv_dtype)
         b = min(ctx, c.sliding_window) * kv
         if kind == "csa":
@@ -115,6 +121,7 @@ class V4Arch:
         """Cache bytes written per new token in a layer of `kind` (window entry + amortised compressed
         entries)."""
         c = self.cfg
+        kv_dtype = _byte_layout(kv_dtype)
         kv = P.vector_bytes(c.head_dim, c.qk_rope_head_dim, kv_dtype)
         if kind == "csa":
             ik = P.index_key_bytes(c.index_head_dim, kv_dtype)
@@ -125,6 +132,7 @@ class V4Arch:
 
     def cache_bytes_seq(self, ctx: float, kv_dtype: str) -> float:
         """Cache bytes held per sequence at `ctx` tokens (main layers + MTP layers)."""
+        kv_dtype = _byte_layout(kv_dtype)
         cs = self._cache_sizes.get(kv_dtype)
         if cs is None:
             cs = self._cache_sizes[kv_dtype] = P.cache_size(self.cfg, kv_dtype, include_mtp=True)
@@ -174,7 +182,8 @@ class MLAArch:
 
     def attn_read_bytes(self, kind: str, ctx: float, kv_dtype: str) -> float:
         d = self.d
-        return ctx * P.vector_bytes(d["kv_lora_rank"] + d["qk_rope_head_dim"], d["qk_rope_head_dim"], kv_dtype)
+        return ctx * P.vector_bytes(d["kv_lora_rank"] + d["qk_rope_head_dim"], d["qk_rope_head_dim"],
+                                    _byte_layout(kv_dtype))
 
     def cache_write_bytes_token(self, kind: str, kv_dtype: str) -> float:
         return self.attn_read_bytes(kind, 1, kv_dtype)

@@ -19,6 +19,7 @@ from parity.errors import PlanError
 
 HARDWARE_DIR = Path(__file__).resolve().parent.parent / "data" / "hardware"
 FAMILIES_FILE = "families.toml"
+STACKS_FILE = "stacks.toml"
 STATUSES = ("shipping", "announced")
 DTYPES = ("bf16", "fp8", "int8", "fp4")
 
@@ -130,7 +131,7 @@ def load_hardware_file(path: Path) -> Hardware:
 def _catalog(directory: str) -> dict[str, Hardware]:
     out = {}
     for p in sorted(Path(directory).glob("*.toml")):
-        if p.name == FAMILIES_FILE:
+        if p.name in (FAMILIES_FILE, STACKS_FILE):
             continue
         hw = load_hardware_file(p)
         if hw.id in out:
@@ -158,7 +159,8 @@ def get_hardware(name: str, directory: str | Path | None = None) -> Hardware:
     names = sorted(cat) + sorted(a for hw in cat.values() for a in hw.aliases)
     close = difflib.get_close_matches(key, names, n=3, cutoff=0.4)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise PlanError(f"unknown hardware {name!r}: known are {', '.join(sorted(cat))}{hint}")
+    known = ", ".join(f"{i} ({', '.join(cat[i].aliases)})" if cat[i].aliases else i for i in sorted(cat))
+    raise PlanError(f"unknown hardware {name!r}: known are {known}{hint}")
 
 
 @dataclass(frozen=True)
@@ -216,3 +218,35 @@ def family_of(hw: Hardware, directory: str | Path | None = None) -> Family:
     if hw.family not in fams:
         raise PlanError(f"hardware {hw.id!r}: family {hw.family!r} has no calibration constants in {FAMILIES_FILE}")
     return fams[hw.family]
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A software stack's latency floor per decoder layer per step (s), with its source."""
+
+    id: str
+    layer_latency_s: float
+    source: str
+
+
+@lru_cache(maxsize=8)
+def _stacks(directory: str) -> dict[str, Stack]:
+    path = Path(directory) / STACKS_FILE
+    try:
+        d = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise PlanError(f"stack file {path.name} is not readable TOML: {e}") from None
+    out = {}
+    for sid, sec in d.items():
+        v = sec.get("layer_latency_us") if isinstance(sec, dict) else None
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+            raise PlanError(f"stack file {path.name}: [{sid}] layer_latency_us must be a number >= 0, got {v!r}")
+        if not str(sec.get("source", "")).strip():
+            raise PlanError(f"stack file {path.name}: [{sid}] needs a 'source'")
+        out[sid] = Stack(id=sid, layer_latency_s=float(v) * 1e-6, source=sec["source"])
+    return out
+
+
+def stacks(directory: str | Path | None = None) -> dict[str, Stack]:
+    """Latency floor per software stack id (`stacks.toml`). Raises PlanError on a malformed file."""
+    return _stacks(str(directory or HARDWARE_DIR))

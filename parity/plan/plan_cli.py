@@ -1,9 +1,8 @@
-"""`parity plan`, `parity compare`, `parity validate` (torch-free; see docs/plan.md)."""
+"""`parity plan`, `parity estimate`, `parity compare`, `parity validate` (torch-free; see docs/plan.md)."""
 
 from __future__ import annotations
 
 import json
-
 
 PLAN_EPILOG = """exit codes: 0 a deployment meets the SLOs, 1 none does (the reason names the limiting resource),
             2 bad input (one-line error)"""
@@ -31,6 +30,12 @@ def register(sub) -> None:
     c.add_argument("--json", action="store_true", help="print JSON")
     c.set_defaults(func=run_compare)
 
+    e = sub.add_parser("estimate", help="figures of one fixed deployment (no search; modeled, with per-class error)",
+                       epilog="exit codes: 0 ok, 2 bad input (one-line error)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _estimate_args(e)
+    e.set_defaults(func=run_estimate)
+
     v = sub.add_parser("validate", help="model vs every published measurement: errors, MAPE, leave-one-out")
     v.add_argument("--json", action="store_true", help="print JSON")
     v.add_argument("--fit", action="store_true", help="also print the constants a fresh fit would choose")
@@ -45,6 +50,105 @@ def _workload_args(p) -> None:
     p.add_argument("--osl", type=int, default=1024, help="output length (tokens)")
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="time-to-first-token SLO (ms)")
     p.add_argument("--slo-tpot-ms", type=float, default=50.0, help="time-per-output-token SLO (ms)")
+
+
+def _on_off(v: str) -> bool:
+    import argparse
+
+    if v not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {v!r}")
+    return v == "on"
+
+
+def _mtp(v: str) -> int:
+    import argparse
+
+    if v == "off":
+        return 0
+    if not v.isdigit():
+        raise argparse.ArgumentTypeError(f"expected off or a number of draft tokens, got {v!r}")
+    return int(v)
+
+
+def _estimate_args(p) -> None:
+    from parity.plan.estimate import MAX_NUM_BATCHED_TOKENS, PHASES, QUANTIZATION
+
+    p.add_argument("--model", default="v4-flash", help="preset (v4-flash, v4-pro), real-size checkpoint dir, or "
+                                                       "deepseek-v3/r1")
+    p.add_argument("--hardware", required=True, help="catalog id or alias, e.g. 950pr, h200, gb300")
+    p.add_argument("--phase", choices=PHASES, default="serving",
+                   help="prefill instance, decode instance, or end-to-end serving (default)")
+    p.add_argument("--isl", type=int, default=4096, help="input length (tokens)")
+    p.add_argument("--osl", type=int, default=1024, help="output length (tokens)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="attention TP degree")
+    p.add_argument("--data-parallel-size", type=int, default=8, help="attention DP degree (devices = TP x DP)")
+    p.add_argument("--expert-parallel-size", type=int, default=0, help="EP degree; must equal TP x DP (default)")
+    p.add_argument("--batch-per-device", type=float, default=0.0, help="decode sequences per device")
+    p.add_argument("--concurrency", type=float, default=0.0,
+                   help="sequences in flight over the instance (1 = single-stream latency)")
+    p.add_argument("--tokens-per-device", type=float, default=0.0,
+                   help="prefill tokens per device per step (default: one prompt per TP group)")
+    p.add_argument("--decode-context", type=float, default=0.0, help="decode KV length (default isl + osl/2)")
+    p.add_argument("--mtp", type=_mtp, default=0, help="off or K MTP draft tokens per step")
+    p.add_argument("--mtp-acceptance", type=float, default=0.0,
+                   help="acceptance rate per draft (<= 1) or expected accepted length per step (> 1)")
+    p.add_argument("--quantization", choices=list(QUANTIZATION), default="fp4",
+                   help="weights: fp4 = V4's native FP4 experts + FP8 (default), w4a8, w8a8, fp8, bf16")
+    p.add_argument("--kv-cache-dtype", choices=["bf16", "fp8", "int8"], default="bf16", help="cache format")
+    p.add_argument("--prefix-hit-rate", type=float, default=0.0, help="fraction of prompt tokens in the prefix cache")
+    p.add_argument("--eplb", choices=["perfect", "default"], default="default", help="expert load balance")
+    p.add_argument("--tbo", type=_on_off, default=True, help="two-batch overlap on|off")
+    p.add_argument("--disagg", type=_on_off, default=False, help="disaggregated prefill/decode on|off")
+    p.add_argument("--prefill-devices", type=int, default=0, help="prefill pool devices (with --disagg on)")
+    p.add_argument("--decode-devices", type=int, default=0, help="decode pool devices (with --disagg on)")
+    p.add_argument("--redundant-experts", type=int, default=0, help="extra expert replicas (EPLB)")
+    p.add_argument("--stack", default="",
+                   help="software stack: cuda-graphs, ascend-graph, eager (default by vendor)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=MAX_NUM_BATCHED_TOKENS,
+                   help="prefill chunk per step in colocated serving (tokens)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def setup_from_args(args):
+    """`Setup` from parsed `parity estimate` arguments."""
+    from parity.plan.estimate import Setup
+
+    return Setup(model=args.model, hardware=args.hardware, phase=args.phase, isl=args.isl, osl=args.osl,
+                 tp=args.tensor_parallel_size, dp=args.data_parallel_size, ep=args.expert_parallel_size,
+                 batch_per_device=args.batch_per_device, concurrency=args.concurrency,
+                 tokens_per_device=args.tokens_per_device, decode_context=args.decode_context, mtp=args.mtp,
+                 mtp_acceptance=args.mtp_acceptance, quantization=args.quantization,
+                 kv_cache_dtype=args.kv_cache_dtype, prefix_hit_rate=args.prefix_hit_rate, eplb=args.eplb,
+                 tbo=args.tbo, disagg=args.disagg, prefill_devices=args.prefill_devices,
+                 decode_devices=args.decode_devices, redundant_experts=args.redundant_experts, stack=args.stack,
+                 max_num_batched_tokens=args.max_num_batched_tokens)
+
+
+def run_estimate(args) -> int:
+    """`parity estimate`: every figure of one fixed deployment, each with its setup class's error."""
+    from parity.plan.estimate import METRICS, estimate
+    from parity.plan.hardware import get_hardware
+    from parity.plan.validate import error_label, generation
+
+    s = setup_from_args(args)
+    r = estimate(s)
+    fam, gen = get_hardware(s.hardware).family, generation(s.model)
+    phase_of = {"ttft_ms": "prefill" if s.phase != "serving" or s.disagg else "serving",
+                "input_tok_s_per_device": "prefill" if s.phase == "prefill" else s.phase}
+    r["provenance"] = {m: error_label(fam, phase_of.get(m, "decode" if s.phase != "serving" or s.disagg
+                                                        else "serving"), gen) for m in METRICS if m in r}
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"{s.model} on {s.hardware}: phase {s.phase}, isl {s.isl}, osl {s.osl}, TP{s.tp} x DP{s.dp} = "
+          f"{s.n_devices} devices (EP{s.n_devices}), {s.quantization}, cache {s.kv_cache_dtype}, "
+          f"MTP {s.mtp or 'off'}, prefix hits {s.prefix_hit_rate:g}")
+    for m, label in METRICS.items():
+        if m in r:
+            print(f"{label:36s} {r[m]:12,.2f}   {r['provenance'][m]}")
+    for w in r.get("warnings", []):
+        print(f"warning: {w}")
+    return 0
 
 
 def _workload(args):
@@ -66,8 +170,8 @@ def format_plan(r: dict) -> str:
     if not r["feasible"]:
         return f"{head}\n{r['reason']}\nprovenance: {r['provenance']}"
     d, p = r["decode"], r["prefill"]
-    lines = [head, f"provenance of every figure below: {r['provenance']}",
-             f"mode                  {r['mode']}"]
+    pf = r["provenance_by_figure"]
+    lines = [head, f"mode                  {r['mode']}"]
     if r["mode"] == "disaggregated":
         lines.append(f"prefill instance      {p['n_devices']} devices, attention TP{p['attn_tp']} x DP{p['attn_dp']}, "
                      f"EP{p['ep']}, {p['tokens_per_device']:,.0f} tokens per device per batch, weights "
@@ -79,10 +183,11 @@ def format_plan(r: dict) -> str:
     if r["mode"] == "colocated":
         lines.append(f"                      + prefill chunk of {p['tokens_per_device']:,.0f} tokens per device per step")
     lines += [
-        f"input tok/s per chip  {_f(r['input_tok_s_per_chip'])}",
-        f"output tok/s per chip {_f(r['output_tok_s_per_chip'])}",
-        f"TTFT                  {r['ttft_ms']:,.0f} ms",
-        f"TPOT                  {r['tpot_ms']:.1f} ms ({r['tok_s_per_user']:.1f} tok/s per user)",
+        f"input tok/s per chip  {_f(r['input_tok_s_per_chip'])}  {pf['output_tok_s_per_chip']}",
+        f"output tok/s per chip {_f(r['output_tok_s_per_chip'])}  {pf['output_tok_s_per_chip']}",
+        f"TTFT                  {r['ttft_ms']:,.0f} ms  {pf['ttft_ms']}",
+        f"TPOT                  {r['tpot_ms']:.1f} ms ({r['tok_s_per_user']:.1f} tok/s per user)  "
+        f"{pf['tpot_ms']}",
         f"tokens per joule      {_f(r['tokens_per_joule'], '{:.2f}')} ({r['tokens_per_joule_basis']})",
         f"$ per M output tokens {_f(r['usd_per_m_output_tokens'], '{:.3f}', 'n/a (no public price)')}",
     ]
@@ -129,17 +234,19 @@ def run_validate(args) -> int:
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
-    print(f"predicted = modeled:{r['model_version']}; published = published:<source id>; values per device")
-    print(f"{'entry':26s} {'hardware':8s} {'metric':24s} {'published':>10s} {'source id':19s} {'predicted':>10s} "
-          f"{'error':>7s} {'LOO err':>7s}")
+    print(f"predicted = modeled:{r['model_version']}; published = published:<source id>; throughputs per device")
+    print(f"{'entry':32s} {'class':28s} {'metric':24s} {'published':>10s} {'predicted':>10s} {'error':>7s} "
+          f"{'LOO err':>7s}")
     for x in r["rows"]:
         loo = f"{x['loo_error'] * 100:+6.1f}%" if "loo_error" in x else "    n/a"
         flag = "" if x["validate"] else "  (shown, not validated)"
-        print(f"{x['id']:26s} {x['hardware']:8s} {x['metric']:24s} {x['published']:10,.0f} {x['source']:19s} "
-              f"{x['predicted']:10,.0f} "
+        print(f"{x['id']:32s} {x['class']:28s} {x['metric']:24s} {x['published']:10,.1f} {x['predicted']:10,.1f} "
               f"{x['error'] * 100:+6.1f}% {loo}{flag}")
     print(f"MAPE {r['mape'] * 100:.1f}%, max |error| {r['max_abs_error'] * 100:.1f}%; "
           f"leave-one-out MAPE {r['loo_mape'] * 100:.1f}%, max {r['loo_max_abs_error'] * 100:.1f}%")
+    print("leave-one-out error per setup class (hardware family / phase / model generation):")
+    for c, v in r["classes"].items():
+        print(f"  {c:32s} {v['n']:2d} entries  LOO MAPE {v['loo_mape'] * 100:5.1f}%  max {v['loo_max'] * 100:5.1f}%")
     print("sources: " + "; ".join(f"{k}: {v['url']}" for k, v in r["sources"].items()))
     print("calibration constants per hardware family (fractions of peak; parity/data/hardware/families.toml):")
     for f, c in r["constants"].items():

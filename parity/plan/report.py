@@ -13,7 +13,6 @@ from pathlib import Path
 from parity.errors import PlanError
 from parity.plan.search import Workload, frontier, plan
 
-
 #: Report formats `compare(out=...)` writes, by file suffix (lower case).
 REPORT_SUFFIXES = (".html", ".png")
 
@@ -42,7 +41,10 @@ def compare(model: str, hardware: list[str], workload: Workload, out: str | None
         fronts[r["hardware"]] = frontier(model, h, workload) if r["feasible"] or r.get("limiting_resource") != "memory" else []
     res = {"model": model, "workload": vars(workload), "rows": rows, "frontiers": fronts,
            "provenance": rows[0]["provenance"] if rows else "", "notes": notes}
-    res["table_text"] = _table(rows, res["provenance"]) + "".join(f"\nnote: {n}" for n in notes)
+    w = workload
+    head = (f"{model}: isl {w.isl}, osl {w.osl}, SLO TTFT {w.slo_ttft_ms:g} ms, TPOT {w.slo_tpot_ms:g} ms; "
+            "output and input tok/s per chip; the frontier (--out) spans both modes, each point labelled")
+    res["table_text"] = head + "\n" + _table(rows, res["provenance"]) + "".join(f"\nnote: {n}" for n in notes)
     res["any_feasible"] = any(r["feasible"] for r in rows)
     if out:
         path = Path(out)
@@ -98,7 +100,7 @@ def _cell(r, key):
 def _table(rows, provenance) -> str:
     widths = [max(len(h), *(len(_cell(r, k)) for r in rows)) for k, h in _COLS]
     line = "  ".join(h.rjust(w) for (_, h), w in zip(_COLS, widths))
-    out = [f"all figures {provenance}", line]
+    out = [f"output tok/s per chip of the first row: {provenance} (per-figure errors: parity plan)", line]
     for r in rows:
         out.append("  ".join(_cell(r, k).rjust(w) for (k, _), w in zip(_COLS, widths)))
     for r in rows:
@@ -163,7 +165,7 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}</style
 <table><tr>{head}</tr>{body}</table><ul>{notes}</ul>
 <h2>Pareto frontier: output tokens/s per chip vs tokens/s per user</h2>
 <img alt="Pareto frontier" src="data:image/png;base64,{png}">
-<p>Disaggregated serving; prefill at its best TTFT-feasible point, decode swept over batch and
-deployments. Tokens per joule are modeled from TDP. See docs/plan.md for the model and its validated error.</p>
+<p>Both modes: disaggregated (prefill at its best TTFT-feasible point, decode swept over batch and
+deployments) and colocated (swept over batch, TTFT SLO applied); the table row names the chosen mode. Tokens per joule are modeled from TDP. See docs/plan.md for the model and its validated error.</p>
 </body></html>"""
     _write_bytes(path, doc.encode())

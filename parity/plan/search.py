@@ -23,13 +23,21 @@ Definitions (all modeled):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 from parity.errors import PlanError
 from parity.plan.arch import V4Arch, load_arch
+from parity.plan.estimate import MAX_NUM_BATCHED_TOKENS, colocated
 from parity.plan.hardware import Hardware, family_of, get_hardware
-from parity.plan.serving_model import (MODEL_VERSION, Deployment, decode_point, hbm_budget, max_batch, prefill_point,
-                               weight_bytes_per_device)
+from parity.plan.serving_model import (
+    Deployment,
+    decode_point,
+    hbm_budget,
+    max_batch,
+    mixed_step_terms,
+    prefill_point,
+    weight_bytes_per_device,
+)
 
 #: MTP acceptance per draft token: DeepSeek-V3 report section 5.4.3 (85-90% for the second token); taken
 #: for V4's MTP too (not yet measured by parity).
@@ -123,16 +131,17 @@ def _kv_transfer_s(arch, hw, dep, isl) -> float:
 
 
 def _best_prefill(arch, hw, dep, consts, isl, ttft_slo_s):
+    """Prefill at the tokens per device with the most input tok/s meeting TTFT and memory. A prompt is
+    split over its attention-TP group (isl / TP tokens per device at the least), so TP cuts TTFT."""
     budget = hbm_budget(arch, hw, dep)
     if budget <= 0:
         return None, None
     best, ttft_min = None, None
     per_seq = arch.cache_bytes_seq(isl, dep.kv_dtype)
-    for tok in sorted(set(PREFILL_TOKENS) | {isl}):
-        if tok < isl:
-            continue
+    least = isl / dep.attn_tp
+    for tok in sorted({t for t in PREFILL_TOKENS if t > least} | {least}):
         seqs = tok / isl
-        if seqs * per_seq > budget:
+        if seqs * dep.attn_tp * per_seq > budget:
             break
         p = prefill_point(arch, hw, dep, consts, tok, isl)
         ttft = p["step_s"] + _kv_transfer_s(arch, hw, dep, isl)
@@ -194,6 +203,10 @@ def plan(model: str, hardware: str, workload: Workload, consts: dict | None = No
             ttft_min = tmin
         if p and (best_pre is None or p["in_tok_s_per_device"] > best_pre[1]["in_tok_s_per_device"]):
             best_pre = (d, p)
+    colo = _colocated(arch, hw, fits, consts, workload, ctx_avg, ctx_max)
+    if best_dec is None or best_pre is None:
+        if colo:
+            return _finish(model, hw, workload, colo)
     if best_dec is None:
         if best_tpot1 is None:
             return _infeasible(model, hw, workload, "memory",
@@ -218,66 +231,64 @@ def plan(model: str, hardware: str, workload: Workload, consts: dict | None = No
         "prefill_in_tok_s_per_device": P, "decode_out_tok_s_per_device": D,
         "prefill_fraction_of_chips": (workload.isl / P) / (workload.isl / P + workload.osl / D),
     }
-    colo = _colocated(arch, hw, fits, consts, workload, ctx_avg, ctx_max)
     if colo and colo["output_tok_s_per_chip"] > result["output_tok_s_per_chip"]:
         result = colo
     return _finish(model, hw, workload, result)
 
 
+def colocated_point(arch, hw, dep, consts, batch, workload, ctx_avg) -> dict:
+    """Colocated serving at `batch` sequences per device (closed loop of batch x n users): each step
+    decodes the batch and carries a prefill chunk of up to `MAX_NUM_BATCHED_TOKENS` tokens (split over
+    the attention-TP group) in the fraction of steps the arriving prompts need (`estimate.colocated`)."""
+    dp = dep.n_devices // dep.attn_tp
+    chunk = min(workload.isl, MAX_NUM_BATCHED_TOKENS)
+    n_chunks = math.ceil(workload.isl / chunk)
+    dec = decode_point(arch, hw, dep, consts, batch, ctx_avg)
+    mix = mixed_step_terms(arch, hw, dep, batch, ctx_avg, chunk / dep.attn_tp, workload.isl).combine(consts)
+    r = colocated(dec["step_s"], mix["step_s"], dep.tokens_per_step, batch * dep.n_devices, dp, workload.osl,
+                  n_chunks)
+    out = r["req_s"] * workload.osl / dep.n_devices
+    return {"b": batch, "chunk": chunk, "ttft": r["ttft_ms"] / 1e3, "tpot": r["tpot_ms"] / 1e3, "out": out}
+
+
 def _colocated(arch, hw, fits, consts, workload, ctx_avg, ctx_max):
-    """Colocated serving: every decode step also prefills a chunk C = B * isl / osl tokens per device
-    (prefill keeps pace with decode); TPOT = step / accepted tokens, TTFT = ceil(isl / C) steps."""
+    """Best colocated deployment meeting both SLOs (largest such batch per deployment)."""
     best = None
     tpot_slo, ttft_slo = workload.slo_tpot_ms / 1e3, workload.slo_ttft_ms / 1e3
     for d in fits:
+        if d.mtp > 1:
+            continue
         cap = max_batch(arch, hw, d, ctx_max)
+        cands = [b for b in BATCHES if b <= cap]
         cache: dict = {}
 
-        def point(b, d=d):
+        def point(b, d=d, cache=cache):
             if b not in cache:
-                dp = decode_point(arch, hw, d, consts, b, ctx_avg)
-                chunk = max(b * workload.isl / workload.osl / d.tokens_per_step, 1.0)
-                pp = prefill_point(arch, hw, replace(d, mtp=min(d.mtp, 1)), consts, chunk, workload.isl)
-                step = dp["step_s"] + pp["step_s"]
-                cache[b] = {"b": b, "chunk": chunk, "step": step, "tpot": step / d.tokens_per_step,
-                            "ttft": math.ceil(workload.isl / chunk) * step}
+                cache[b] = colocated_point(arch, hw, d, consts, b, workload, ctx_avg)
             return cache[b]
 
-        cands = [b for b in BATCHES if b <= cap]
-        b = _largest(cands, lambda x: point(x)["tpot"] <= tpot_slo)
+        b = _largest(cands, lambda x: point(x)["tpot"] <= tpot_slo and point(x)["ttft"] <= ttft_slo)
         if not b:
             continue
-        i = cands.index(b)
-        for b in reversed(cands[max(0, i - 6): i + 1]):  # largest batch that also meets TTFT
-            q = point(b)
-            if q["ttft"] <= ttft_slo:
-                out = b * d.tokens_per_step / q["step"]
-                if best is None or out > best["output_tok_s_per_chip"]:
-                    best = {"mode": "colocated", "decode": {**_describe(d), "batch_per_device": b},
-                            "prefill": {**_describe(d), "tokens_per_device": q["chunk"]},
-                            "ttft_ms": q["ttft"] * 1e3, "tpot_ms": q["tpot"] * 1e3, "tok_s_per_user": 1 / q["tpot"],
-                            "output_tok_s_per_chip": out, "input_tok_s_per_chip": out * workload.isl / workload.osl,
-                            "prefill_in_tok_s_per_device": None, "decode_out_tok_s_per_device": out,
-                            "prefill_fraction_of_chips": 0.0}
-                break
+        q = point(b)
+        if best is None or q["out"] > best["output_tok_s_per_chip"]:
+            best = {"mode": "colocated", "decode": {**_describe(d), "batch_per_device": b},
+                    "prefill": {**_describe(d), "tokens_per_device": q["chunk"] / d.attn_tp},
+                    "ttft_ms": q["ttft"] * 1e3, "tpot_ms": q["tpot"] * 1e3, "tok_s_per_user": 1 / q["tpot"],
+                    "output_tok_s_per_chip": q["out"], "input_tok_s_per_chip": q["out"] * workload.isl / workload.osl,
+                    "prefill_in_tok_s_per_device": None, "decode_out_tok_s_per_device": q["out"],
+                    "prefill_fraction_of_chips": 0.0}
     return best
 
 
-def _provenance() -> str:
-    r = _validation_summary()
-    return f"modeled:{MODEL_VERSION} (validated MAPE {r[0] * 100:.1f}%, leave-one-out {r[1] * 100:.1f}%)"
+def _provenance(model: str, hw: Hardware, mode: str | None) -> dict:
+    """Error label of each modeled figure: its setup class's leave-one-out error (`validate.error_label`)."""
+    from parity.plan.validate import error_label, generation
 
-
-_SUMMARY: list = []
-
-
-def _validation_summary() -> tuple[float, float]:
-    if not _SUMMARY:
-        from parity.plan.validate import report
-
-        r = report(loo=True)
-        _SUMMARY.append((r["mape"], r["loo_mape"]))
-    return _SUMMARY[0]
+    gen = generation(model)
+    pre, dec = ("serving", "serving") if mode == "colocated" else ("prefill", "decode")
+    return {"ttft_ms": error_label(hw.family, pre, gen), "tpot_ms": error_label(hw.family, dec, gen),
+            "output_tok_s_per_chip": error_label(hw.family, dec, gen)}
 
 
 def _finish(model, hw: Hardware, workload: Workload, r: dict) -> dict:
@@ -295,19 +306,23 @@ def _finish(model, hw: Hardware, workload: Workload, r: dict) -> dict:
             n = r["decode"]["n_devices"]
             tot = math.ceil(workload.target_qps * workload.osl / r["decode_out_tok_s_per_device"] / n) * n
             r["chips_for_target"] = {"total": tot}
+    prov = _provenance(model, hw, r["mode"])
     return {"feasible": True, "model": model, "hardware": hw.id, "hardware_name": hw.name,
-            "hardware_status": hw.status, "workload": asdict(workload), "provenance": _provenance(), **r}
+            "hardware_status": hw.status, "workload": asdict(workload),
+            "provenance": prov["output_tok_s_per_chip"], "provenance_by_figure": prov, **r}
 
 
 def _infeasible(model, hw: Hardware, workload: Workload, limit: str, why: str) -> dict:
     return {"feasible": False, "model": model, "hardware": hw.id, "hardware_name": hw.name,
             "hardware_status": hw.status, "workload": asdict(workload), "limiting_resource": limit,
-            "reason": f"no deployment of {model} on {hw.id} fits: {limit}: {why}", "provenance": _provenance()}
+            "reason": f"no deployment of {model} on {hw.id} fits: {limit}: {why}",
+            "provenance": _provenance(model, hw, None)["output_tok_s_per_chip"]}
 
 
 def frontier(model: str, hardware: str, workload: Workload, consts: dict | None = None) -> list[dict]:
-    """Pareto frontier of output tok/s per chip vs tok/s per user (disaggregated; prefill at its best
-    TTFT-feasible point, decode swept over batch and deployments; TPOT SLO not applied)."""
+    """Pareto frontier of output tok/s per chip vs tok/s per user over both modes (each point names its
+    `mode`): disaggregated (prefill at its best TTFT-feasible point, decode swept over batch and
+    deployments) and colocated (swept over batch, TTFT SLO applied); TPOT SLO not applied."""
     workload.validate()
     arch, hw = load_arch(model), get_hardware(hardware)
     consts = consts or family_of(hw).as_dict()
@@ -318,20 +333,23 @@ def frontier(model: str, hardware: str, workload: Workload, consts: dict | None 
         p, _ = _best_prefill(arch, hw, d, consts, workload.isl, workload.slo_ttft_ms / 1e3)
         if p and (best_P is None or p["in_tok_s_per_device"] > best_P):
             best_P = p["in_tok_s_per_device"]
-    if not best_P:
-        return []
     ctx_avg, ctx_max = workload.isl + workload.osl / 2, workload.isl + workload.osl
     pts = []
     for d in fits:
         cap = max_batch(arch, hw, d, ctx_max)
+        desc = {"n_devices": d.n_devices, "attn_tp": d.attn_tp, "expert_format": d.expert_format, "mtp": d.mtp}
         for b in BATCHES:
             if b > cap:
                 break
-            p = decode_point(arch, hw, d, consts, b, ctx_avg)
-            chip = workload.osl / (workload.isl / best_P + workload.osl / p["out_tok_s_per_device"])
-            pts.append({"tok_s_per_user": p["tok_s_per_user"], "output_tok_s_per_chip": chip,
-                        "n_devices": d.n_devices, "attn_tp": d.attn_tp, "expert_format": d.expert_format,
-                        "mtp": d.mtp, "batch_per_device": b})
+            if best_P:
+                p = decode_point(arch, hw, d, consts, b, ctx_avg)
+                chip = workload.osl / (workload.isl / best_P + workload.osl / p["out_tok_s_per_device"])
+                pts.append({"mode": "disaggregated", "tok_s_per_user": p["tok_s_per_user"],
+                            "output_tok_s_per_chip": chip, **desc, "batch_per_device": b})
+            q = colocated_point(arch, hw, d, consts, b, workload, ctx_avg)
+            if q["ttft"] <= workload.slo_ttft_ms / 1e3:
+                pts.append({"mode": "colocated", "tok_s_per_user": 1 / q["tpot"], "output_tok_s_per_chip": q["out"],
+                            **desc, "batch_per_device": b})
     pts.sort(key=lambda x: (-x["tok_s_per_user"], -x["output_tok_s_per_chip"]))
     front, best = [], -1.0
     for p in pts:

@@ -21,7 +21,10 @@ Model version `MODEL_VERSION`. Physics, per device and per step (all layers, plu
   path bounds the time;
 - attention TP adds two all-reduces of the activations per layer over scale-up;
 - communication is hidden behind compute with two micro-batches (`overlap`): step = max(compute,
-  comm); without overlap step = compute + comm; plus a fixed `LAYER_LATENCY_S` per layer.
+  comm); without overlap step = compute + comm; plus a fixed per-layer latency floor of the software
+  stack (`parity/data/hardware/stacks.toml`: CUDA graphs, Ascend graph mode, eager);
+- colocated serving fuses a prefill chunk into a decode step (`mixed_step_terms`): weights are read and
+  the floor is paid once for both.
 
 Calibration constants (`gemm_eff`, `attn_eff`, `hbm_eff`, `link_eff`) are per hardware family
 (`parity/data/hardware/families.toml`). Nothing here is fitted per published entry.
@@ -35,29 +38,30 @@ from dataclasses import dataclass, field, replace
 from parity.errors import PlanError
 from parity.plan.hardware import Hardware
 
-MODEL_VERSION = "parity-plan-1"
+MODEL_VERSION = "parity-plan-2"
 
 #: Expert load imbalance (max/mean tokens per device) with an expert-parallel load balancer: SGLang
 #: measured 59,337 vs 50,302 tok/s/node prefill with simulated perfect vs default EPLB (lmsys blog
 #: 2025-05-05, "Overall Throughput") -> 1.18; rounded to 1.2.
 EXPERT_IMBALANCE = 1.2
+#: Expert load imbalance per `--eplb` setting: 'perfect' (simulated perfect balance) and 'default'
+#: (SGLang's EPLB as measured; the value above).
+IMBALANCE = {"perfect": 1.0, "default": EXPERT_IMBALANCE}
 #: Fraction of HBM usable for weights + cache (the rest: activations, workspace, fragmentation).
 HBM_USABLE = 0.9
-#: Fixed time per layer per step that no bandwidth or FLOP rate removes: kernel launches and
-#: synchronisation plus the latency (not bandwidth) part of the MoE dispatch and combine. 50 us is an
-#: estimate: DeepEP's README reports low-latency dispatch + combine of ~190 us per layer at EP8 with
-#: 128 tokens/GPU, mostly bandwidth; its latency floor and ~10 CUDA-graph kernels at a few us each give
-#: tens of us. It only matters at small batches (high tok/s per user); not fitted.
-LAYER_LATENCY_S = 50e-6
+#: Default software stack (latency floor per layer, `parity/data/hardware/stacks.toml`) per vendor.
+DEFAULT_STACK = {"nvidia": "cuda-graphs", "huawei": "ascend-graph"}
 
 #: Storage bytes per weight value, scales included (FP8 128x128 block scales and INT8 per-channel
 #: scales are negligible; FP4 e2m1 carries one UE8M0 byte per 32 values: DeepSeek-V4 inference/model.py
 #: `fp4_block_size = 32`).
-WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "int8": 1.0, "fp4": 0.5 + 1 / 32}
-#: Activation bytes per value sent in the MoE dispatch for an expert format.
-DISPATCH_BYTES = {"bf16": 2.0, "fp8": 1.0 + 1 / 128, "int8": 1.0 + 1 / 128, "fp4": 0.5 + 1 / 16}
+#: INT4 (W4A8) carries one bf16 scale per 128-value group (assumed group size, as common W4A8 kernels).
+WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "int8": 1.0, "fp4": 0.5 + 1 / 32, "int4": 0.5 + 2 / 128}
+#: Activation bytes per value sent in the MoE dispatch for an expert format (W4A8 sends INT8 activations).
+DISPATCH_BYTES = {"bf16": 2.0, "fp8": 1.0 + 1 / 128, "int8": 1.0 + 1 / 128, "fp4": 0.5 + 1 / 16,
+                  "int4": 1.0 + 1 / 128}
 FORMATS = tuple(WEIGHT_BYTES)
-KV_DTYPES = ("bf16", "fp8")
+KV_DTYPES = ("bf16", "fp8", "int8")
 
 
 @dataclass(frozen=True)
@@ -68,9 +72,13 @@ class Deployment:
     attn_tp: attention tensor-parallel degree (divides n_devices); DP attention = n_devices / attn_tp.
     dense_format / expert_format: weight formats ('bf16' | 'fp8' | 'int8' | 'fp4').
     kv_dtype: cache format ('bf16' | 'fp8').
-    mtp: MTP draft tokens per decode step (0 = off); mtp_acceptance: acceptance rate per draft.
-    overlap: two micro-batches hide communication behind compute.
+    mtp: MTP draft tokens per decode step (0 = off; K > 1 drafts re-run the MTP block K times);
+    mtp_acceptance: acceptance rate per draft; accept_length: expected accepted tokens per step
+    (1 .. mtp + 1, overrides mtp_acceptance when > 0).
+    overlap: two micro-batches hide communication behind compute (TBO).
     redundant_experts: extra expert replicas across the EP group (EPLB).
+    expert_imbalance: max/mean expert tokens per device (`IMBALANCE`).
+    stack: software stack id in stacks.toml ('' = the vendor default `DEFAULT_STACK`).
     """
 
     n_devices: int = 8
@@ -82,6 +90,9 @@ class Deployment:
     mtp_acceptance: float = 0.0
     overlap: bool = True
     redundant_experts: int = 0
+    accept_length: float = 0.0
+    expert_imbalance: float = EXPERT_IMBALANCE
+    stack: str = ""
 
     def validate(self) -> None:
         """Raises PlanError naming the bad field."""
@@ -97,10 +108,17 @@ class Deployment:
         if self.mtp < 0 or not 0 <= self.mtp_acceptance <= 1:
             raise PlanError(f"deployment mtp must be >= 0 and mtp_acceptance in [0, 1], got "
                             f"{self.mtp}, {self.mtp_acceptance}")
+        if self.accept_length and not 1 <= self.accept_length <= self.mtp + 1:
+            raise PlanError(f"MTP accepted length {self.accept_length:g} must lie in [1, mtp + 1 = {self.mtp + 1}]")
+        if not self.expert_imbalance >= 1:
+            raise PlanError(f"expert imbalance must be >= 1, got {self.expert_imbalance}")
 
     @property
     def tokens_per_step(self) -> float:
-        """Expected accepted tokens per sequence per decode step: sum_{i=0..mtp} a^i (chain drafts)."""
+        """Expected accepted tokens per sequence per decode step: `accept_length` when given, else
+        sum_{i=0..mtp} a^i (chain drafts)."""
+        if self.accept_length:
+            return self.accept_length
         return sum(self.mtp_acceptance ** i for i in range(self.mtp + 1))
 
 
@@ -214,9 +232,9 @@ def op_costs(arch, hw: Hardware, dep: Deployment, phase: str, tokens: float, ctx
              "expert_flops": 0.0, "expert_weight_bytes": 0.0, "a2a_scaleup_bytes": 0.0, "a2a_scaleout_bytes": 0.0,
              "tp_bytes": 0.0}
         if spec.moe:
-            g["expert_flops"] = 2.0 * arch.expert_params * tok * k * EXPERT_IMBALANCE
+            g["expert_flops"] = 2.0 * arch.expert_params * tok * k * dep.expert_imbalance
             g["expert_weight_bytes"] = local * (1.0 - math.exp(-tok * k / local)) * arch.expert_params * we
-            per_copy = D * (DISPATCH_BYTES[dep.expert_format] + 2.0) * EXPERT_IMBALANCE
+            per_copy = D * (DISPATCH_BYTES[dep.expert_format] + 2.0) * dep.expert_imbalance
             if phase == "prefill" and n > hw.scaleup_domain:
                 # hierarchical all-to-all (DeepEP normal kernels): one copy per remote scale-up domain
                 # over scale-out, then forwarded to the experts over scale-up
@@ -242,13 +260,14 @@ def op_costs(arch, hw: Hardware, dep: Deployment, phase: str, tokens: float, ctx
     for spec, cnt in _layer_counts(arch).items():
         layer(spec, tokens, seqs, ctx, cnt, spec.kind + ("" if spec.moe else "-dense"))
     if phase == "decode":
-        for spec in arch.mtp_layers[: dep.mtp]:  # each draft runs the MTP block on one token per sequence
-            layer(spec, seqs, seqs, ctx, 1, "mtp-" + spec.kind)
-        head_tokens = tokens + seqs * min(dep.mtp, len(arch.mtp_layers))
+        for i in range(dep.mtp if arch.mtp_layers else 0):  # each draft runs an MTP block on one token per seq
+            spec = arch.mtp_layers[min(i, len(arch.mtp_layers) - 1)]
+            layer(spec, seqs, seqs, ctx, 1, f"mtp{i}-" + spec.kind)
+        head_tokens = tokens + seqs * (dep.mtp if arch.mtp_layers else 0)
     else:
         if dep.mtp:
             for spec in arch.mtp_layers[:1]:  # the MTP block also prefills the prompt (its own cache)
-                layer(spec, tokens, seqs, ctx, 1, "mtp-" + spec.kind)
+                layer(spec, tokens, seqs, ctx, 1, "mtp0-" + spec.kind)
         head_tokens = seqs
     zero = {key: 0.0 for key in groups[0] if key.endswith(("_flops", "_bytes"))}
     groups.append({**zero, "kind": "lm_head", "count": 1, "dense_flops": 2.0 * arch.head_params * head_tokens,
@@ -259,18 +278,40 @@ def op_costs(arch, hw: Hardware, dep: Deployment, phase: str, tokens: float, ctx
 def step_terms(arch, hw: Hardware, dep: Deployment, phase: str, tokens: float, ctx: float,
                seqs: float) -> Terms:
     """`op_costs` turned into ideal times at 100% of each peak (same arguments)."""
+    return groups_terms(op_costs(arch, hw, dep, phase, tokens, ctx, seqs), hw, dep)
+
+
+def layer_floor_s(hw: Hardware, dep: Deployment) -> float:
+    """Latency floor per layer per step (s) of the deployment's software stack (stacks.toml).
+
+    Raises:
+        PlanError: unknown stack id.
+    """
+    from parity.plan.hardware import stacks
+
+    sid = dep.stack or DEFAULT_STACK.get(hw.vendor, "cuda-graphs")
+    st = stacks()
+    if sid not in st:
+        raise PlanError(f"unknown software stack {sid!r}: known are {', '.join(sorted(st))}")
+    return st[sid].layer_latency_s
+
+
+def groups_terms(groups: list[dict], hw: Hardware, dep: Deployment) -> Terms:
+    """Ideal times of a step from its op-cost groups (`op_costs` or `mixed_step_groups`)."""
     t = Terms(overlap=dep.overlap)
     hbm = hw.hbm_tb_s * 1e12
     pd_ = hw.peak(hw.best_dtype(dep.dense_format))
     pe = hw.peak(hw.best_dtype(dep.expert_format))
-    pa = hw.peak("fp8" if dep.kv_dtype == "fp8" and hw.peak("fp8") else "bf16")
+    kv_dt = dep.kv_dtype if dep.kv_dtype in ("fp8", "int8") and hw.peak(dep.kv_dtype) else "bf16"
+    pa = hw.peak(kv_dt)
     pi = hw.peak(hw.best_dtype("fp8"))  # indexer scores run in low precision (official: fp4/fp8 QAT)
     ph = hw.peak("bf16")
     up_bw, out_bw = hw.scaleup_gb_s * 1e9, hw.scaleout_gb_s * 1e9
-    for g in op_costs(arch, hw, dep, phase, tokens, ctx, seqs):
+    floor = layer_floor_s(hw, dep)
+    for g in groups:
         head = g["kind"] == "lm_head"
         if not head:
-            t.fixed_s += g["count"] * LAYER_LATENCY_S
+            t.fixed_s += g["count"] * floor
         t.gemm.append((g["proj_flops"] / pd_, g["proj_weight_bytes"] / hbm))
         t.attn.append((g["attn_flops"] / pa + g["indexer_flops"] / pi,
                        (g["cache_read_bytes"] + g["cache_write_bytes"]) / hbm))
@@ -283,15 +324,52 @@ def step_terms(arch, hw: Hardware, dep: Deployment, phase: str, tokens: float, c
     return t
 
 
+def mixed_step_groups(arch, hw: Hardware, dep: Deployment, batch: float, ctx: float, chunk: float,
+                      prompt: float) -> list[dict]:
+    """Op-cost groups of one colocated step on one device: a decode of `batch` sequences at context
+    `ctx` fused with a prefill chunk of `chunk` tokens of prompts of `prompt` tokens. FLOPs, cache and
+    network bytes add; dense weights are read once; routed-expert weights once for the union of tokens."""
+    dec = op_costs(arch, hw, dep, "decode", batch * (1 + dep.mtp), ctx, batch)
+    if chunk <= 0:
+        return dec
+    pre = op_costs(arch, hw, replace(dep, mtp=min(dep.mtp, 1)), "prefill", chunk, prompt, chunk / prompt)
+    we = WEIGHT_BYTES[dep.expert_format]
+    local = math.ceil((arch.n_experts + dep.redundant_experts) / dep.n_devices)
+    by_kind = {g["kind"]: dict(g) for g in dec}
+    tok_d = batch * (1 + dep.mtp)
+    for g in pre:
+        m = by_kind.get(g["kind"])
+        if m is None:
+            by_kind[g["kind"]] = dict(g)
+            continue
+        for key, v in g.items():
+            if key.endswith("_flops") or key in ("cache_read_bytes", "cache_write_bytes", "other_bytes",
+                                                  "a2a_scaleup_bytes", "a2a_scaleout_bytes", "tp_bytes"):
+                m[key] += v
+        if g["expert_weight_bytes"]:
+            tok = tok_d + chunk
+            m["expert_weight_bytes"] = (g["count"] * local * (1.0 - math.exp(-tok * arch.topk / local))
+                                        * arch.expert_params * we)
+    return list(by_kind.values())
+
+
+def mixed_step_terms(arch, hw: Hardware, dep: Deployment, batch: float, ctx: float, chunk: float,
+                     prompt: float) -> Terms:
+    """`mixed_step_groups` as ideal times (see there)."""
+    return groups_terms(mixed_step_groups(arch, hw, dep, batch, ctx, chunk, prompt), hw, dep)
+
+
 def hbm_budget(arch, hw: Hardware, dep: Deployment) -> float:
     """Bytes left for the cache on one device after weights (HBM * HBM_USABLE - weights); may be < 0."""
     return hw.hbm_gb * 1e9 * HBM_USABLE - weight_bytes_per_device(arch, dep)["total"]
 
 
 def max_batch(arch, hw: Hardware, dep: Deployment, ctx: float) -> float:
-    """Most sequences per device whose cache at `ctx` tokens fits beside the weights (0 if none)."""
+    """Most sequences per device (batch B) whose caches at `ctx` tokens fit beside the weights (0 if none).
+    With attention TP t every device of a group holds the caches of all t*B sequences of its group
+    (the single shared KV head / latent is not split by head), so B = free / (t * cache per sequence)."""
     free = hbm_budget(arch, hw, dep)
-    per = arch.cache_bytes_seq(ctx, dep.kv_dtype)
+    per = arch.cache_bytes_seq(ctx, dep.kv_dtype) * dep.attn_tp
     return max(0.0, free / per) if per > 0 else float("inf")
 
 
