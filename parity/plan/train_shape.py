@@ -13,8 +13,8 @@ each query sees, averaged over the sequence); recomputation is not counted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from parity import shapes as P
 from parity.errors import PlanError
@@ -76,7 +76,8 @@ def from_v4(arch) -> TrainShape:
     return TrainShape(
         name=arch.name, layers=cfg.num_hidden_layers, mtp_layers=n_mtp, moe_layers=cfg.num_hidden_layers + n_mtp,
         hidden=cfg.hidden_size, vocab=cfg.vocab_size, total_params=float(pc.total_with_mtp),
-        activated_params=float(activated), expert_params_total=float(pc.routed_experts + n_mtp * cfg.n_routed_experts * e),
+        activated_params=float(activated),
+        expert_params_total=float(pc.routed_experts + n_mtp * cfg.n_routed_experts * e),
         embed_head_params=float(pc.embedding + pc.lm_head), n_experts=cfg.n_routed_experts,
         topk=cfg.num_experts_per_tok,
         ffn_act_width=float((cfg.num_experts_per_tok + cfg.n_shared_experts) * cfg.moe_intermediate_size),

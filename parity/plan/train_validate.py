@@ -159,7 +159,7 @@ def _report(directory: str) -> dict:
                      "loo_predicted": loo, "loo_error": loo / r.value - 1, "mfu": pred["mfu"],
                      "limiting": pred["limiting"], "assumed": r.assumed})
     per_family = {}
-    for f, x in fams.items():
+    for f in fams:
         fr = [row for row in rows if row["family"] == f]
         per_family[f] = {"entries": len(fr), "mape": sum(abs(a["error"]) for a in fr) / len(fr),
                          "loo_mape": sum(abs(a["loo_error"]) for a in fr) / len(fr), **consts[f]}
