@@ -13,6 +13,9 @@ import sys
 
 from parity import __version__
 from parity.errors import ParityError
+from parity.plan.train_cli import TWO_WORD_COMMANDS
+
+_COMMAND_WORDS = {name: " ".join(words) for words, name in TWO_WORD_COMMANDS.items()}
 
 #: Modules that register sub-commands, in help order.
 COMMAND_MODULES = (
@@ -21,6 +24,7 @@ COMMAND_MODULES = (
     "parity.checkpoint.export_cli",    # export-tiny
     "parity.bench.bench_cli",         # bench, bench report
     "parity.plan.plan_cli",          # plan, compare, validate
+    "parity.plan.train_cli",         # plan train, compare train
     "parity.devices.doctor_cli",       # doctor
 )
 
@@ -43,16 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _two_word(argv: list[str]) -> list[str]:
+    """`plan train ...` -> `plan-train ...` (parity.plan.train_cli.TWO_WORD_COMMANDS)."""
+    if len(argv) >= 2 and (argv[0], argv[1]) in TWO_WORD_COMMANDS:
+        return [TWO_WORD_COMMANDS[argv[0], argv[1]], *argv[2:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_two_word(list(sys.argv[1:] if argv is None else argv)))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         rc = args.func(args)
     except ParityError as e:
-        print(f"parity {args.command}: error: {e}", file=sys.stderr)
+        print(f"parity {_COMMAND_WORDS.get(args.command, args.command)}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -39,6 +39,7 @@ def register(sub) -> None:
     v = sub.add_parser("validate", help="model vs every published measurement: errors, MAPE, leave-one-out")
     v.add_argument("--json", action="store_true", help="print JSON")
     v.add_argument("--fit", action="store_true", help="also print the constants a fresh fit would choose")
+    v.add_argument("--train", action="store_true", help="validate the training model on published training runs")
     v.set_defaults(func=run_validate)
 
 
@@ -226,6 +227,10 @@ def run_compare(args) -> int:
 
 
 def run_validate(args) -> int:
+    if args.train:
+        from parity.plan.train_cli import run_validate_train
+
+        return run_validate_train(args)
     from parity.plan.validate import fit_all, published, report
 
     r = report(loo=True)
