@@ -183,3 +183,47 @@ def test_chunked_prefill_reproduces_official_prefill(golden):
             outs += model.forward_incremental([ids[0, a:b]], [st], all_logits=True, **kw)[0]
     err = _err(torch.stack(outs), exp["prefill_S130_qat1"])
     assert err.max().item() <= QAT_TOL, (err.argmax().item(), err.max().item())
+
+
+def test_engine_batched_chunked_preempted_equal_forward_logits():
+    """The engine under the official numerics (fp8 KV cache, fp4 indexer keys): greedy outputs alone,
+    batched, with chunked prefill and after preemption are the same tokens, each the argmax of
+    `forward_logits` (same numerics) on its prefix."""
+    from parity.engine import LLM, CachePoolExhausted, SamplingParams
+    from parity.model import from_pretrained
+
+    model = from_pretrained(DATA, kv_cache_dtype="fp8", indexer_dtype="fp4")
+    model.cache_block_entries = 1  # caches grow block by block during decode: preemption happens there
+    ids = load_file(DATA / "expected" / "official_logits.safetensors")["input_ids"][0].tolist()
+    prompts = [ids[:37], ids[40:61], ids[100:150]]
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+    def run(**kw):
+        kw.setdefault("cache_memory", 64 << 20)
+        llm = LLM(model_obj=model, tokenizer=None, device="cpu", **kw)
+        out = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=greedy)]
+        return out
+
+    batched = run()
+    alone = [LLM(model_obj=model, tokenizer=None, device="cpu", cache_memory=64 << 20)
+             .generate(prompt_token_ids=[p], sampling_params=greedy)[0].outputs[0].token_ids for p in prompts]
+    assert alone == batched
+    assert run(max_num_batched_tokens=11) == batched
+    eng = LLM(model_obj=model, tokenizer=None, device="cpu", cache_memory=1 << 20).engine
+    reqs = [eng.add_request(p, greedy.clone()) for p in prompts]
+    eng.step()  # all three prefilled, then every free page taken: decode must preempt
+    hog = []
+    with contextlib.suppress(CachePoolExhausted):
+        while True:
+            hog.append(eng.pool.alloc(0, "hog", (eng.pool.page_bytes,), torch.uint8))
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.stats()["num_preemptions"] > 0
+    assert [r.output().outputs[0].token_ids for r in reqs] == batched
+    with torch.no_grad():
+        for p, out in zip(prompts, batched, strict=True):
+            logits = model.forward_logits(torch.tensor([p + out[:-1]]), kv_cache_dtype="fp8",
+                                          indexer_dtype="fp4")[0, len(p) - 1:]
+            best = logits.argmax(-1)
+            gap = (logits.gather(1, best[:, None]) - logits.gather(1, torch.tensor(out)[:, None])).flatten()
+            assert (gap <= QAT_TOL).all(), gap
