@@ -59,7 +59,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def golden():
-    from parity.model import from_pretrained
+    from parity.checkpoint.reader import from_pretrained
     model = from_pretrained(DATA)
     exp = load_file(DATA / "expected" / "official_logits.safetensors")
     lengths = sorted(int(k.split("_")[1][1:]) for k in exp if k.endswith("_qat1"))
@@ -191,7 +191,7 @@ def test_engine_batched_chunked_preempted_equal_forward_logits():
     batched, with chunked prefill and after preemption are the same tokens, each the argmax of
     `forward_logits` (same numerics) on its prefix."""
     from parity.engine import LLM, CachePoolExhausted, SamplingParams
-    from parity.model import from_pretrained
+    from parity.checkpoint.reader import from_pretrained
 
     model = from_pretrained(DATA, kv_cache_dtype="fp8", indexer_dtype="fp4")
     model.cache_block_entries = 1  # caches grow block by block during decode: preemption happens there
