@@ -12,7 +12,9 @@ import time
 import pytest
 
 from parity.bench.fake_server import FakeServer, Script, ScriptedTransport, VirtualClock
-from parity.bench.runner import BenchConfig, run_bench, run_requests
+from parity.bench.loadgen import arrival_offsets, run_requests
+from parity.bench.run_config import BenchConfig
+from parity.bench.runner import run_bench
 from parity.bench.tokenizer import load_bench_tokenizer
 from parity.bench.workloads import build_requests
 from parity.errors import BenchError
@@ -183,7 +185,6 @@ def test_request_rate_and_trace_schedule(tok, tmp_path):
         _assert_on_schedule([r["send_s"] for r in res["requests"]], [0.0, 0.05, 0.12])
         res = run_bench(_cfg(srv.base_url, num_prompts=6, request_rate=40.0, seed=1, max_concurrency=None),
                         tokenizer=tok)
-    from parity.bench.runner import arrival_offsets
 
     _assert_on_schedule([r["send_s"] for r in res["requests"]], arrival_offsets(6, 40.0, 1.0, 1))
     assert arrival_offsets(3, math.inf, 1.0, 0) == [0.0, 0.0, 0.0]
@@ -200,7 +201,6 @@ def test_client_workers_share_the_load(tok, tmp_path):
     assert (s["completed"], s["failed"], s["not_sent"]) == (10, 0, 0) and s["good_requests"] == 10
     assert [r["index"] for r in res["requests"]] == list(range(10))
     assert s["total_output_tokens"] == 10 * 12 and s["itl_ms"]["count"] == 10 * 11
-    from parity.bench.runner import arrival_offsets
 
     _assert_on_schedule([r["send_s"] for r in res["requests"]], arrival_offsets(10, 100.0, 1.0, 0))
     assert s["ttft_ms"]["min"] >= 10.0

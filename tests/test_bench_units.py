@@ -178,7 +178,7 @@ def test_trace_non_finite_values_rejected(tok, tmp_path, line, field, got):
     ({"slo": "ttft_ms=inf"}, "--slo"),
 ])
 def test_config_rejects_non_finite_numbers(kw, flag):
-    from parity.bench.runner import BenchConfig
+    from parity.bench.run_config import BenchConfig
 
     BenchConfig(base_url="http://127.0.0.1:8000", model="m", request_rate=math.inf).validate()  # inf rate is fine
     with pytest.raises(BenchError, match=flag):
@@ -259,7 +259,7 @@ def test_meets_slo_and_empty_stats():
 
 # ------------------------------------------------------------------ report
 def _fake_result(rate, ttft):
-    from parity.bench.runner import RESULT_SCHEMA, RESULT_VERSION
+    from parity.bench.result_schema import RESULT_SCHEMA, RESULT_VERSION
 
     recs = [_rec(i, ttft + 0.001 * i, 1.0 + 0.01 * i, 20, itl=[0.05] * 19) for i in range(30)]
     return {"schema": RESULT_SCHEMA, "version": RESULT_VERSION,
@@ -287,7 +287,7 @@ def test_report_png_and_errors(tmp_path):
 
 
 def _failed_result(n=4):
-    from parity.bench.runner import RESULT_SCHEMA, RESULT_VERSION
+    from parity.bench.result_schema import RESULT_SCHEMA, RESULT_VERSION
 
     recs = [_rec(i, None, None, 0, ok=False, err="HTTP 503: overloaded") for i in range(n)]
     return {"schema": RESULT_SCHEMA, "version": RESULT_VERSION,
