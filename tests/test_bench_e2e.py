@@ -24,15 +24,9 @@ MS = 1e-3
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
+def tok(word_tokenizer_json):
     """Word-level tokenizer: the fake server's " tok" is exactly one token."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    t = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}, unk_token="[UNK]"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    t.save(str(path))
-    return load_bench_tokenizer(path)
+    return load_bench_tokenizer(word_tokenizer_json(WORDS))
 
 
 def _cfg(url, **kw):
@@ -190,6 +184,7 @@ def test_request_rate_and_trace_schedule(tok, tmp_path):
     assert arrival_offsets(3, math.inf, 1.0, 0) == [0.0, 0.0, 0.0]
 
 
+@pytest.mark.slow
 def test_client_workers_share_the_load(tok, tmp_path):
     """Two client processes: every request is sent once, at its scheduled offset, and measured like in one."""
     with FakeServer(Script(ttft_s=0.010, itl_s=0.002)) as srv:
@@ -311,18 +306,11 @@ def test_energy_figures_per_token(tok, monkeypatch, capsys):
     assert res["energy"]["joules"] is None and res["energy"]["reason"].startswith("meter failed during the run: rapl")
 
 
-def test_cli_end_to_end_with_report(tok, tmp_path, capsys):
+def test_cli_end_to_end_with_report(word_tokenizer_json, tmp_path, capsys):
     from parity.cli import main
 
-    tpath = tmp_path / "tokenizer.json"
+    tpath = word_tokenizer_json(WORDS)
     out1, out2 = tmp_path / "a.json", tmp_path / "b.json"
-    import tokenizers  # noqa: F401 - the module fixture saved it elsewhere; rebuild here for a path
-
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    t = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}, unk_token="[UNK]"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    t.save(str(tpath))
     with FakeServer(Script(ttft_s=0.004, itl_s=0.002)) as srv:
         for out, conc in ((out1, "1"), (out2, "4")):
             rc = main(["bench", "--base-url", srv.base_url + "/v1", "--model", "fake", "--workload",

@@ -16,16 +16,9 @@ WORDS = ["tok", "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf",
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    """A small word-level tokenizer.json (one token per whitespace-separated word)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    t.save(str(path))
-    return load_bench_tokenizer(path)
+def tok(word_tokenizer_json):
+    """A small word-level tokenizer (one token per whitespace-separated word)."""
+    return load_bench_tokenizer(word_tokenizer_json(WORDS))
 
 
 # ------------------------------------------------------------------ workloads
