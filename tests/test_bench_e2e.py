@@ -203,45 +203,65 @@ def test_client_workers_share_the_load(tok, tmp_path):
     assert res["warmup"] == {"requests": 2, "failed": 0}
 
 
-def test_interrupt_saves_partial_results(tok, tmp_path):
+def test_interrupt_saves_partial_results(tok):
     """Stopping mid-run (the interrupt event, as Ctrl-C does) cancels in-flight requests and keeps the rest."""
-    out = tmp_path / "partial.json"
     with FakeServer(Script(ttft_s=0.005, itl_s=0.005)) as srv:
-        cfg = _cfg(srv.base_url, num_prompts=40, max_concurrency=2, output=str(out))
+        cfg = _cfg(srv.base_url, num_prompts=40, max_concurrency=2)
         reqs, _ = build_requests(cfg.workload, tok, cfg.num_prompts)
-        ev = None
 
         async def go():
-            nonlocal ev
-            ev = asyncio.Event()
-            asyncio.get_running_loop().call_later(0.25, ev.set)
-            return await run_requests(cfg, reqs, tok, None, interrupt=ev)
+            ev, ended = asyncio.Event(), []
+
+            def on_done():  # stop once 5 requests have ended
+                ended.append(1)
+                if len(ended) == 5:
+                    ev.set()
+
+            return await run_requests(cfg, reqs, tok, None, interrupt=ev, on_done=on_done)
 
         res = asyncio.run(go())
     s = res["summary"]
     assert res["interrupted"] is True
-    assert s["completed"] >= 2 and s["interrupted"] >= 1 and s["not_sent"] > 0
-    assert s["completed"] + s["interrupted"] + s["failed"] + s["not_sent"] == 40
+    assert s["completed"] >= 5 and s["failed"] == 0 and 1 <= s["interrupted"] <= 2 and s["not_sent"] > 0
+    assert s["completed"] + s["interrupted"] + s["not_sent"] == 40
 
 
 def test_sigint_saves_partial_results(tok, tmp_path, capsys):
-    """A real SIGINT during `parity bench`: exit code 130 and the result is written with interrupted=true."""
+    """A real SIGINT during `parity bench`, sent once 5 requests have completed: exit code 130, and the partial
+    result is written with interrupted=true."""
     from parity.cli import main
 
     out = tmp_path / "sigint.json"
+    completed_before_sigint = 5
     with FakeServer(Script(ttft_s=0.005, itl_s=0.005)) as srv:
-        timer = threading.Timer(0.6, os.kill, (os.getpid(), signal.SIGINT))
-        timer.start()
+        done = threading.Event()
+
+        def interrupt():
+            # at --max-concurrency 2, request n + 2 reaches the server only after n requests have completed
+            while not done.is_set():
+                if srv.wait_for_requests(completed_before_sigint + 2, timeout_s=0.05):
+                    os.kill(os.getpid(), signal.SIGINT)
+                    return
+
+        killer = threading.Thread(target=interrupt, name="sigint-after-5", daemon=True)
+        killer.start()
         try:
             rc = main(["bench", "--base-url", srv.base_url, "--model", "fake", "--workload", "fixed:in=8,out=12",
                        "--num-prompts", "200", "--max-concurrency", "2", "--tokenizer", tok.name.split(":", 1)[1],
                        "--energy", "none", "--no-progress", "--output", str(out)])
         finally:
-            timer.cancel()
+            done.set()
+            killer.join()
     assert rc == 130
     saved = json.loads(out.read_text())
-    assert saved["interrupted"] is True
-    assert saved["summary"]["completed"] >= 1 and saved["summary"]["not_sent"] > 0
+    s = saved["summary"]
+    assert saved["interrupted"] is True and saved["config"]["num_prompts"] == 200
+    assert s["completed"] >= completed_before_sigint and s["failed"] == 0 and s["not_sent"] > 0
+    assert 1 <= s["interrupted"] <= 2 and s["completed"] + s["interrupted"] + s["not_sent"] == 200
+    recs = saved["requests"]
+    assert len(recs) == s["completed"] + s["interrupted"]
+    assert sum(r["ok"] for r in recs) == s["completed"] and all(r["output_tokens"] == 12 for r in recs if r["ok"])
+    assert [r["error"] for r in recs if not r["ok"]] == ["interrupted"] * s["interrupted"]
     assert "INTERRUPTED" in capsys.readouterr().out
 
 
