@@ -165,7 +165,7 @@ def _assert_on_schedule(sends, planned):
     """Never early (1 ms slack); late by at most 40 ms, a margin for other processes on a loaded 2-core box
     (idle, the lateness measured under 1 ms)."""
     assert len(sends) == len(planned)
-    for got, want in zip(sends, planned):
+    for got, want in zip(sends, planned, strict=True):
         assert want - 0.001 <= got <= want + 0.040, (sends, planned)
 
 

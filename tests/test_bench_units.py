@@ -203,7 +203,8 @@ def test_parse_slo():
     assert parse_slo("ttft_ms=200, tpot_ms=50,e2el_ms=1000ms") == {"ttft_ms": 200.0, "tpot_ms": 50.0, "e2el_ms": 1000.0}
     assert parse_slo(None) == {}
     for bad, msg in [("", "empty value ''"), ("  ", "empty value"), ("ttft_ms=500,,tpot_ms=5", "item 2 is empty"),
-                     ("ttft_ms=500,", "item 2 is empty"), ("ttft=200", "unknown key 'ttft'"), ("ttft_ms", "is not key=value"),
+                     ("ttft_ms=500,", "item 2 is empty"), ("ttft=200", "unknown key 'ttft'"),
+                     ("ttft_ms", "is not key=value"),
                      ("ttft_ms=abc", "must be a number of milliseconds"), ("tpot_ms=-1", "> 0 ms"),
                      ("ttft_ms=1,ttft_ms=2", "given twice"), ("ttft_ms=inf", "finite")]:
         with pytest.raises(BenchError, match=msg):

@@ -50,7 +50,7 @@ def test_concurrent_streams_match_reference():
         return res, st
 
     res, st = asyncio.run(main())
-    for (ids, deltas), ref, prompt in zip(res, refs, PROMPTS):
+    for (ids, deltas), ref, prompt in zip(res, refs, PROMPTS, strict=True):
         assert ids == ref
         assert deltas[-1].finished and deltas[-1].request_finished and deltas[-1].finish_reason == "length"
         m = deltas[-1].metrics
@@ -108,7 +108,8 @@ def test_bad_request_raises_and_others_continue():
 
     errors, ids = asyncio.run(main())
     assert ids == ref
-    for e, name in zip(errors, ["prompt", "max_model_len", "top_p", "temperature", "max_tokens", "stop_token_ids"]):
+    names = ["prompt", "max_model_len", "top_p", "temperature", "max_tokens", "stop_token_ids"]
+    for e, name in zip(errors, names, strict=True):
         assert name in e
 
 

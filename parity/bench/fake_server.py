@@ -284,7 +284,7 @@ class FakeServer:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "FakeServer":
+    def start(self) -> FakeServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="parity-fake-sse", daemon=True)
         self._thread.start()
@@ -299,7 +299,7 @@ class FakeServer:
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def __enter__(self) -> "FakeServer":
+    def __enter__(self) -> FakeServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

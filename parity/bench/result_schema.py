@@ -6,7 +6,7 @@ import os
 import platform
 import socket
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from parity import __version__
 from parity.bench.tokenizer import BenchTokenizer
@@ -33,4 +33,4 @@ def environment(tokenizer: BenchTokenizer | None, meter_desc: str) -> dict:
     return {"parity_version": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
             "hostname": socket.gethostname(), "cpu_count": os.cpu_count(), "httpx": httpx.__version__,
             "tokenizer": tokenizer.name if tokenizer else None, "energy_meter": meter_desc,
-            "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "started_utc": datetime.now(UTC).isoformat(timespec="seconds")}
