@@ -1,11 +1,10 @@
-"""Incremental decoding equals the full forward at every position (issue 2 "Done when"), plus the
+"""Incremental decoding equals the full forward at every position, plus the
 cache storage contract (allocator, nbytes, free, cache_layout) and request validation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_model_helpers import hf_small, one_thread, parity_small  # noqa: F401
 
 from parity.errors import RequestError
 
