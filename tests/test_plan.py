@@ -65,8 +65,11 @@ def test_v4_validation_true_numbers_are_pinned(rep):
     assert len(v4) >= 6
     assert {r["family"].split("-")[0] for r in v4} == {"ascend", "nvidia"}
     assert {"prefill", "decode"} <= {r["phase"] for r in v4}
-    assert rep["mape"] <= 0.60 and rep["loo_mape"] <= 0.55
-    assert max(abs(r["error"]) for r in v4) <= 2.5
+    assert rep["mape"] <= 0.33 and rep["loo_mape"] <= 0.37
+    assert max(abs(r["error"]) for r in v4) <= 1.8
+    # single-prompt TTFT is host-bound (eager prefill): both vendors' CUDA entries within 25%
+    ttft = [r for r in v4 if r["metric"] == "ttft_ms"]
+    assert len(ttft) == 2 and all(abs(r["error"]) <= 0.25 for r in ttft)
     assert {c for c in rep["classes"]} >= {"ascend/decode/v4", "nvidia-blackwell/prefill/v4"}
 
 

@@ -135,7 +135,7 @@ class Terms:
     fixed_s: float = 0.0
     host_s: float = 0.0    # host time to launch a step that is not graph-captured (hidden when the device is slower)
 
-    def compact(self) -> "Terms":
+    def compact(self) -> Terms:
         """An equivalent Terms with identical (compute, memory) pairs merged (faster `combine`)."""
         def merge(pairs):
             acc: dict = {}
@@ -172,8 +172,8 @@ def weight_bytes_per_device(arch, dep: Deployment) -> dict:
     attention TP), local routed experts (E + redundant over n devices), embedding + LM head (bf16)."""
     wd, we = WEIGHT_BYTES[dep.dense_format], WEIGHT_BYTES[dep.expert_format]
     layers = list(arch.layers) + list(arch.mtp_layers)
-    dense = sum(l.proj_params + l.dense_params for l in layers) + arch.mtp_extra_params * len(arch.mtp_layers)
-    n_moe = sum(l.moe for l in layers)
+    dense = sum(ly.proj_params + ly.dense_params for ly in layers) + arch.mtp_extra_params * len(arch.mtp_layers)
+    n_moe = sum(ly.moe for ly in layers)
     local = math.ceil((arch.n_experts + dep.redundant_experts) / dep.n_devices)
     experts = n_moe * local * arch.expert_params * we
     emb = (arch.embed_params + arch.head_params) * 2.0
