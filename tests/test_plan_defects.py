@@ -116,7 +116,8 @@ def test_eager_prefill_is_host_bound_at_one_prompt_and_hidden_at_large_batches()
     one = M.step_terms(v4, hw, dep, "prefill", 2048, 8192, 0.25).combine(c)
     assert one["step_s"] >= len(v4.layers) * host
     big = M.step_terms(v4, hw, M.Deployment(n_devices=32), "prefill", 65536, 4096, 16).combine(c)
-    assert big["compute_s"] > big["host_s"] and big["step_s"] < big["compute_s"] + big["fixed_s"] + 1e-9 + big["comm_s"]
+    assert big["compute_s"] > big["host_s"]
+    assert big["step_s"] <= max(big["compute_s"], big["comm_s"]) + big["fixed_s"] + 1e-9
     dec = M.step_terms(v4, hw, dep, "decode", 1, 8192, 1).combine(c)
     assert dec["host_s"] == 0  # decode is graph-captured
 
