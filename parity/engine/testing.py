@@ -138,10 +138,11 @@ class FakeModel:
 class ScriptedModel(FakeModel):
     """A FakeModel whose greedy output is a script: after a prompt, the best token at output position k is
     `respond(prompt ids)[k]`, then EOS (id 1); `runner_up` (when given) is the second best everywhere, so a
-    banned best token (strict thinking's EOS ban) yields it.
+    banned best token (strict thinking's EOS ban) yields it. The margins make sampling at any
+    temperature up to ~2 pick the best token (or the runner-up when the best is banned).
 
     The prompt is what the first forward call of a sequence reads (a prompt prefilled in one chunk, no
-    preemption), which is how the engine runs short prompts. Logits: best 10.0, runner-up 5.0, others 0.
+    preemption), which is how the engine runs short prompts. Logits: best 100, runner-up 50, others 0.
     """
 
     def __init__(self, respond, vocab_size: int, runner_up: int | None = None, **kw):
@@ -169,8 +170,8 @@ class ScriptedModel(FakeModel):
             k = len(st.history) - st.prompt_len
             row = torch.zeros(self.vocab_size)
             if self.runner_up is not None:
-                row[self.runner_up] = 5.0
-            row[st.answer[k] if k < len(st.answer) else 1] = 10.0
+                row[self.runner_up] = 50.0
+            row[st.answer[k] if k < len(st.answer) else 1] = 100.0
             rows.append(row)
         return torch.stack(rows)
 

@@ -33,8 +33,8 @@ model breaks the grammar the parser recovers (docs/chat.md lists each choice):
    end; a call still open when the output ends is dropped when it was cut inside a tag or value or by
    ``length``; ``</｜DSML｜tool_calls>`` returns to content;
 5. ``content`` and ``reasoning_content`` never carry markup: DSML tags, think tags and control tokens
-   (``<｜...｜>``) the model writes anywhere else are dropped; without tools (``tools_enabled`` False)
-   tool-call blocks are parsed and dropped;
+   (``<｜...｜>``) the model writes anywhere else are dropped, and so is whitespace that ends the output
+   after a tool-call block; without tools (``tools_enabled`` False) tool-call blocks are parsed and dropped;
 6. argument values: ``string="false"`` values that are not JSON become JSON strings; a call whose only
    parameter is ``arguments`` or ``input`` holding a JSON object (and whose tool does not declare that
    parameter) gets that object as its arguments.
@@ -249,6 +249,8 @@ class StreamingOutputParser:
         self._out: list[dict] = []
         self._filters = {"content": _MarkupFilter(), "reasoning_content": _MarkupFilter()}
         self._reasoning: list[str] = []
+        self._after_block = False  # a tool-call block was seen: trailing whitespace of content is held
+        self._held_space = ""
         self._call: dict | None = None  # {"name", "params": [(name, is_str, value)]}
         self._param: tuple[str, bool] | None = None
         self._value: list[str] = []
@@ -307,6 +309,11 @@ class StreamingOutputParser:
 
     def _emit(self, kind: str, text: str, final: bool = False) -> None:
         text = self._filters[kind].feed(text, final)
+        if kind == "content" and self._after_block:  # whitespace that ends the output after a block is dropped
+            text = self._held_space + text
+            kept = text.rstrip()
+            self._held_space = "" if final else text[len(kept):]
+            text = kept
         if text:
             if kind == "reasoning_content":
                 self._reasoning.append(text)
@@ -388,6 +395,7 @@ class StreamingOutputParser:
                 if m == special.TOOL_CALLS_CLOSE:
                     self._close_call()
                     self._state = "body"
+                    self._after_block = True
                 elif m == special.INVOKE_CLOSE:
                     self._close_call()
                     self._state = "block"
