@@ -383,7 +383,7 @@ def test_strict_thinking_bans_eos_until_the_reasoning_block_closes(server):
     (dsml_call("get_weather", ("input", "true", '{"city": "Oslo"}')), ("get_weather", {"city": "Oslo"})),
     (dsml_call("run", ("input", "false", '{"cmd": "ls"}')), ("run", {"input": {"cmd": "ls"}})),  # declared
     (dsml_call("get_weather", ("days", "false", "NaN")), ("get_weather", {"days": "NaN"})),
-])
+], ids=["not-json-value", "arguments-wrapper", "input-wrapper-string", "declared-input-kept", "nan-is-a-string"])
 def test_tool_arguments_are_always_valid_json(server, call_text, expected):
     SCRIPTS["args"] = "On it." + call_text + EOS
     got = chat_all_modes(server, {"messages": user("args"), "tools": TOOLS}, False)
