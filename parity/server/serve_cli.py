@@ -276,7 +276,7 @@ def run_generate(args: argparse.Namespace) -> int:
             if chat:
                 from parity.tokenizer import parse_output
 
-                p = parse_output(c.text, thinking=args.thinking)
+                p = parse_output(c.text, thinking=args.thinking, finish_reason=c.finish_reason)
                 item.update(content=p.content, reasoning_content=p.reasoning_content, tool_calls=p.tool_calls)
             res["outputs"].append(item)
         print(json.dumps(res, ensure_ascii=False, indent=1))
@@ -287,7 +287,7 @@ def run_generate(args: argparse.Namespace) -> int:
             if chat:
                 from parity.tokenizer import parse_output
 
-                p = parse_output(c.text, thinking=args.thinking)
+                p = parse_output(c.text, thinking=args.thinking, finish_reason=c.finish_reason)
                 if p.reasoning_content:
                     print(f"[reasoning]\n{p.reasoning_content}\n[answer]")
                 print(p.content)
