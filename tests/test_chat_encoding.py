@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from test_chat_server import PROMPTS, call, start_server
 
 from parity.checkpoint.writer import write_chat_encoding
 from parity.engine.sampler import SampleRequest, sample
@@ -15,7 +16,6 @@ from parity.errors import CheckpointError, RequestError
 from parity.server.chat_format import ChatFormat
 from parity.tokenizer import ChatError, encode_chat, special
 from parity.tokenizer.encoding import REASONING_EFFORT_MAX_PREFIX, load_encoding
-from test_chat_server import PROMPTS, call, start_server
 
 BOS, EOS, U, A = special.BOS, special.EOS, special.USER, special.ASSISTANT
 CHAT, THINK = A + special.THINK_END, A + special.THINK_START
