@@ -90,8 +90,8 @@ def test_thinking_multi_turn_drops_earlier_reasoning():
 
 def test_thinking_final_assistant_turn_keeps_reasoning():
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "r"}]
-    assert encode_chat(msgs, thinking=True) == f"{BOS}{U}q{A}<think>r</think>a{EOS}"
-    assert encode_chat(msgs, thinking=False) == f"{BOS}{U}q{A}</think>a{EOS}"
+    assert encode_chat(msgs, thinking=True, add_generation_prompt=False) == f"{BOS}{U}q{A}<think>r</think>a{EOS}"
+    assert encode_chat(msgs, thinking=False, add_generation_prompt=False) == f"{BOS}{U}q{A}</think>a{EOS}"
 
 
 def test_reasoning_effort():

@@ -261,7 +261,7 @@ class FakeChatFormat:
     """Toy chat format: `<role>content` turns, `<tools>json`, `<assistant>`, then `<think>` in thinking
     mode; the answer is `reasoning</think>content` and tool calls are `<tool>name|{json}</tool>`."""
 
-    def encode(self, messages, tools, thinking, reasoning_effort):
+    def encode(self, messages, tools, thinking, reasoning_effort, **template_kw):
         out = []
         if tools:
             out.append("<tools>" + json.dumps(tools))
@@ -279,7 +279,7 @@ class FakeChatFormat:
             out.append("<think>")
         return "".join(out)
 
-    def parse(self, text, thinking, tools_enabled=True):
+    def parse(self, text, thinking, tools_enabled=True, **parse_kw):
         reasoning = None
         if thinking:
             reasoning, sep, text = text.partition("</think>")
@@ -292,7 +292,7 @@ class FakeChatFormat:
         content = _TOOL_RE.sub("", text)
         return content, reasoning, calls
 
-    def stream_parser(self, thinking, tools_enabled):
+    def stream_parser(self, thinking, tools_enabled, **parse_kw):
         return FakeStreamParser(thinking, tools_enabled)
 
 
@@ -350,7 +350,7 @@ class FakeStreamParser:
             self.buf = self.buf[m.end():]
             self.mode = "content"
 
-    def finish(self) -> list[dict]:
+    def finish(self, finish_reason=None) -> list[dict]:
         rest, self.buf = self.buf, ""
         if not rest:
             return []

@@ -239,3 +239,21 @@ def copy_tokenizer_files(out_dir: str | Path) -> list[Path]:
         shutil.copyfile(src / f, Path(out_dir) / f)
         copied.append(Path(out_dir) / f)
     return copied
+
+
+def write_chat_encoding(out_dir: str | Path, reasoning_efforts: dict[str, str | None], drop_thinking: bool = True,
+                        source: str = "") -> Path:
+    """Write a checkpoint's chat-format variant (``chat_encoding.json``, read by
+    ``parity.tokenizer.encoding.load_encoding``): effort name -> text after BOS (None: no text).
+
+    Raises:
+        CheckpointError: `out_dir` cannot be written (named in the message).
+    """
+    path = Path(out_dir) / "chat_encoding.json"
+    try:
+        path.write_text(json.dumps({"source": source, "reasoning_efforts": reasoning_efforts,
+                                    "drop_thinking": drop_thinking}, ensure_ascii=False, indent=1) + "\n",
+                        encoding="utf-8")
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e}") from None
+    return path

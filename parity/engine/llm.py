@@ -130,7 +130,8 @@ class LLM:
         outs = self.generate(prompts, sampling_params)
         for out in outs:
             for c in out.outputs:
-                c.message = parse_output(c.text, thinking=thinking, tools_enabled=bool(tools)).to_message()
+                c.message = parse_output(c.text, thinking=thinking, tools_enabled=bool(tools),
+                                         finish_reason=c.finish_reason).to_message()
         return outs
 
 

@@ -345,7 +345,10 @@ class LLMEngine:
             if s.completes:
                 rows.append(i)
                 q = s.seq
-                reqs.append(SampleRequest(q.params, q.prompt_ids, q.output_ids, q.generator, tuple(self.eos_ids)))
+                banned = (tuple(self.eos_ids) if q.params.strict_thinking and q.in_reasoning
+                          and not q.params.ignore_eos else ())
+                reqs.append(SampleRequest(q.params, q.prompt_ids, q.output_ids, q.generator, tuple(self.eos_ids),
+                                          banned))
         if not rows:
             return deltas
         sel = logits if len(rows) == len(scheduled) else logits[torch.tensor(rows, device=logits.device)]

@@ -2,8 +2,9 @@
 
 Order of operations (as in vLLM's v1 sampler, vllm/v1/sample/sampler.py, and HF's logits processors):
 raw log-probabilities for `logprobs` (before any processing, vLLM's default "raw_logprobs") ->
-min_tokens masking of EOS/stop ids -> repetition penalty (CTRL, arXiv:1909.05858 §4.1: divide positive
-logits, multiply negative ones, for every token seen in prompt or output) -> frequency and presence
+min_tokens masking of EOS/stop ids and of banned ids (strict thinking) -> repetition penalty (CTRL,
+arXiv:1909.05858 §4.1: divide positive logits, multiply negative ones, for every token seen in prompt or
+output) -> frequency and presence
 penalties (OpenAI API: `logit -= count * frequency + (count > 0) * presence` over generated tokens) ->
 greedy argmax, or temperature -> top_k -> top_p -> min_p -> draw.
 
@@ -47,6 +48,8 @@ class SampleRequest:
         output_ids: generated token ids so far (penalties, min_tokens).
         generator: per-request torch.Generator (seeded requests) or None.
         eos_ids: token ids that count as EOS for min_tokens masking.
+        banned_ids: token ids that cannot be sampled this step (strict thinking: the EOS ids while the
+            reasoning block is open).
     """
 
     params: SamplingParams
@@ -54,6 +57,7 @@ class SampleRequest:
     output_ids: Seq[int]
     generator: torch.Generator | None
     eos_ids: Seq[int] = ()
+    banned_ids: Seq[int] = ()
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[int], reqs: list[SampleRequest]) -> None:
@@ -149,6 +153,9 @@ def sample(logits: torch.Tensor, reqs: list[SampleRequest],
             for t in ids:
                 mt_rows.append(i)
                 mt_cols.append(t)
+        for t in r.banned_ids:
+            mt_rows.append(i)
+            mt_cols.append(t)
     if mt_rows or any(r.params.uses_penalties for r in reqs):
         processed = logits.clone()
     if mt_rows:

@@ -54,6 +54,10 @@ class SamplingParams:
         logprobs: None, or the number N of top log-probabilities to return per generated token
             (the sampled token's log-probability is always included).
         skip_special_tokens: drop special tokens from the detokenized text.
+        reasoning_end_token_id: the output starts inside a reasoning block that this token closes
+            (DeepSeek-V4's ``</think>``); stop strings then match only the text after it.
+        strict_thinking: with `reasoning_end_token_id`, the EOS ids cannot be sampled until the reasoning
+            block closes (SGLang's ``--enable-strict-thinking``); off with `ignore_eos`.
     """
 
     n: int = 1
@@ -72,6 +76,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    reasoning_end_token_id: int | None = None
+    strict_thinking: bool = False
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -157,6 +163,14 @@ class SamplingParams:
             raise bad("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]", self.logprobs)
         if not isinstance(self.skip_special_tokens, bool):
             raise bad("skip_special_tokens", "must be a boolean", self.skip_special_tokens)
+        rid = self.reasoning_end_token_id
+        if rid is not None and (not _is_int(rid) or rid < 0 or (vocab_size is not None and rid >= vocab_size)):
+            raise bad("reasoning_end_token_id", f"must be None or a token id in [0, {vocab_size})", rid)
+        if not isinstance(self.strict_thinking, bool):
+            raise bad("strict_thinking", "must be a boolean", self.strict_thinking)
+        if self.strict_thinking and rid is None:
+            raise bad("strict_thinking", "needs 'reasoning_end_token_id' (the token that closes the reasoning "
+                                         "block)", self.strict_thinking)
         if max_model_len is not None and prompt_len is not None and self.max_tokens is not None:
             if prompt_len + self.max_tokens > max_model_len:
                 raise RequestError(

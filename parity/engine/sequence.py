@@ -98,6 +98,10 @@ class Sequence:
         self.stop_reason: str | int | None = None
         self.error: str | None = None
         self.final_sent = False   # the delta with finished=True was produced
+        # inside the reasoning block the prompt opened (until params.reasoning_end_token_id is sampled);
+        # answer_start: where the answer starts in `text` (stop strings match from there), None before
+        self.in_reasoning = self.params.reasoning_end_token_id is not None
+        self.answer_start: int | None = None if self.in_reasoning else 0
 
     # ------------------------------------------------------------------ tokens
     @property
@@ -134,6 +138,9 @@ class Sequence:
         if self.logprobs is not None and lp is not None:
             self.logprobs.append(lp)
         n_out = len(self.output_ids)
+        closes_reasoning = self.in_reasoning and token == p.reasoning_end_token_id
+        if closes_reasoning:
+            self.in_reasoning = False
         may_stop = n_out >= p.min_tokens
         if may_stop and not p.ignore_eos and token in eos_ids:
             self.finish_reason, self.stop_reason = "stop", None
@@ -148,8 +155,11 @@ class Sequence:
             if new:
                 prev = len(self.text)
                 self.text += new
-                if p.stop and may_stop:
-                    start = max(0, prev - p.max_stop_len + 1)
+            if closes_reasoning:
+                self.answer_start = len(self.text)
+            if new:
+                if p.stop and may_stop and self.answer_start is not None:
+                    start = max(self.answer_start, prev - p.max_stop_len + 1)
                     best = None
                     for s in p.stop:
                         k = self.text.find(s, start)

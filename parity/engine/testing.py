@@ -135,6 +135,47 @@ class FakeModel:
         return torch.stack(out)
 
 
+class ScriptedModel(FakeModel):
+    """A FakeModel whose greedy output is a script: after a prompt, the best token at output position k is
+    `respond(prompt ids)[k]`, then EOS (id 1); `runner_up` (when given) is the second best everywhere, so a
+    banned best token (strict thinking's EOS ban) yields it. The margins make sampling at any
+    temperature up to ~2 pick the best token (or the runner-up when the best is banned).
+
+    The prompt is what the first forward call of a sequence reads (a prompt prefilled in one chunk, no
+    preemption), which is how the engine runs short prompts. Logits: best 100, runner-up 50, others 0.
+    """
+
+    def __init__(self, respond, vocab_size: int, runner_up: int | None = None, **kw):
+        super().__init__(vocab_size=vocab_size, **kw)
+        self.respond = respond
+        self.runner_up = runner_up
+        self.vocab_size = vocab_size
+
+    def new_state(self, allocator=None):
+        st = super().new_state(allocator)
+        st.history, st.answer, st.prompt_len = [], None, None
+        return st
+
+    def forward_incremental(self, tokens, states, all_logits: bool = False):
+        if all_logits:
+            raise NotImplementedError("ScriptedModel scores only the last position")
+        rows = []
+        for toks, st in zip(tokens, states, strict=True):
+            toks = toks.tolist() if isinstance(toks, torch.Tensor) else list(toks)
+            for t in toks:
+                st.push(int(t))
+            st.history.extend(int(t) for t in toks)
+            if st.answer is None:
+                st.prompt_len, st.answer = len(st.history), list(self.respond(list(st.history)))
+            k = len(st.history) - st.prompt_len
+            row = torch.zeros(self.vocab_size)
+            if self.runner_up is not None:
+                row[self.runner_up] = 50.0
+            row[st.answer[k] if k < len(st.answer) else 1] = 100.0
+            rows.append(row)
+        return torch.stack(rows)
+
+
 def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
     """Repeated argmax of `model.forward_logits` on the growing sequence (the engine's ground truth)."""
     seq = list(prompt)
@@ -148,4 +189,4 @@ def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
     return out
 
 
-__all__ = ["FakeModel", "greedy_reference"]
+__all__ = ["FakeModel", "ScriptedModel", "greedy_reference"]

@@ -3,19 +3,41 @@
 Accepted engine entry shapes (one per generated token): {token_id: float | obj.logprob},
 [(token_id, logprob), ...], an object with `.logprob` and `.top_logprobs`, or a bare float (the sampled
 token's logprob). Logprobs are natural-log probabilities.
+
+Token strings: a token whose bytes are valid UTF-8 is that text; a byte-level token holding part of a
+multi-byte character is written ``bytes:\\xe8`` (OpenAI's notation) and its `bytes` are the raw bytes;
+without a tokenizer (token-ids-only server) or with `return_tokens_as_token_ids`, tokens are
+``token_id:123`` (vLLM's notation), so distinct tokens never share a `top_logprobs` key.
 """
 
 from __future__ import annotations
 
+import codecs
 from typing import Any
 
 
-def token_str(tokenizer: Any, tid: int) -> str:
-    """The string of token `tid` (special tokens included); "" when the tokenizer cannot decode it."""
+def token_bytes(tokenizer: Any, tid: int) -> bytes | None:
+    """The raw bytes of token `tid` (special tokens: their text); None when the tokenizer cannot tell."""
+    if tokenizer is None:
+        return None
+    tb = getattr(tokenizer, "token_bytes", None)
     try:
-        return tokenizer.decode([int(tid)], skip_special_tokens=False)
+        if tb is not None:
+            return bytes(tb(int(tid)))
+        return tokenizer.decode([int(tid)], skip_special_tokens=False).encode("utf-8")
     except Exception:
-        return ""
+        return None
+
+
+def token_str(tokenizer: Any, tid: int, as_ids: bool = False) -> str:
+    """The string of token `tid` (see the module docstring for the notations)."""
+    b = None if as_ids else token_bytes(tokenizer, tid)
+    if b is None:
+        return f"token_id:{int(tid)}"
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{x:02x}" for x in b)
 
 
 def _lp_value(v: Any) -> float:
@@ -43,49 +65,64 @@ def lp_entry(entry: Any, tid: int) -> tuple[float | None, list[tuple[int, float]
     return own, pairs
 
 
-def chat_logprobs(tokenizer: Any, token_ids: list[int], entries: list[Any], top_n: int) -> list[dict]:
-    """OpenAI chat `logprobs.content` items (token, logprob, UTF-8 bytes, top_logprobs) for generated tokens;
-    `top_n` alternatives per token, best first."""
+def _chat_item(tokenizer: Any, tid: int, lp: float | None, as_ids: bool) -> dict:
+    b = None if as_ids else token_bytes(tokenizer, tid)
+    return {"token": token_str(tokenizer, tid, as_ids), "logprob": lp,
+            "bytes": list(b) if b is not None else None}
+
+
+def chat_logprobs(tokenizer: Any, token_ids: list[int], entries: list[Any], top_n: int,
+                  as_ids: bool = False) -> list[dict]:
+    """OpenAI chat `logprobs.content` items (token, logprob, the token's raw bytes, top_logprobs) for
+    generated tokens; `top_n` alternatives per token, best first; `as_ids`: ``token_id:N`` tokens."""
     out = []
     for tid, entry in zip(token_ids, entries, strict=False):
         own, pairs = lp_entry(entry, tid)
-        s = token_str(tokenizer, tid)
-        tops = []
-        for k, lp in pairs[:top_n]:
-            ks = token_str(tokenizer, k)
-            tops.append({"token": ks, "logprob": lp, "bytes": list(ks.encode("utf-8"))})
-        out.append({"token": s, "logprob": own,
-                    "bytes": list(s.encode("utf-8")), "top_logprobs": tops})
+        item = _chat_item(tokenizer, tid, own, as_ids)
+        item["top_logprobs"] = [_chat_item(tokenizer, k, lp, as_ids) for k, lp in pairs[:top_n]]
+        out.append(item)
     return out
 
 
-def _text_piece(tokenizer: Any, tid: int, skip_special_tokens: bool) -> str:
-    """What token `tid` contributes to the response text: "" for a special token that
-    `skip_special_tokens` drops, else its string."""
-    if skip_special_tokens:
-        try:
-            return tokenizer.decode([int(tid)], skip_special_tokens=True)
-        except Exception:
-            return ""
-    return token_str(tokenizer, tid)
+def _is_skipped(tokenizer: Any, tid: int, skip_special_tokens: bool) -> bool:
+    if not skip_special_tokens or tokenizer is None:
+        return False
+    is_special = getattr(tokenizer, "is_special", None)
+    if is_special is not None:
+        return bool(is_special(int(tid)))
+    try:
+        return tokenizer.decode([int(tid)], skip_special_tokens=True) == ""
+    except Exception:
+        return False
+
+
+def text_decoder() -> Any:
+    """The UTF-8 decoder that tracks which character of `text` each token's bytes start in; one per
+    choice, kept across the deltas of a stream."""
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")
 
 
 def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: list[Any], top_n: int,
-                        offset0: int, skip_special_tokens: bool = True) -> dict[str, Any]:
+                        offset0: int, skip_special_tokens: bool = True, as_ids: bool = False,
+                        decoder: Any = None) -> dict[str, Any]:
     """OpenAI completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset).
 
-    `tokens[i]` is what token i contributes to `text`, so `text_offset` (characters, starting at `offset0`)
-    indexes `text`: a special token dropped by `skip_special_tokens` is "" there (vLLM prints its string and
-    so counts characters `text` lacks); `top_logprobs` keys stay the tokens' own strings.
+    `tokens[i]` is token i's string (module docstring; "" for a special token that `skip_special_tokens`
+    drops from `text`); `text_offset[i]` is the character of `text` (counted from `offset0`) where token
+    i's bytes begin - the bytes of one character split over several tokens share its offset.
+    `decoder` (from :func:`text_decoder`) carries an unfinished character over from the previous delta.
     """
+    decoder = decoder or text_decoder()
     tokens, lps, tops, offs = [], [], [], []
     off = offset0
     for tid, entry in zip(token_ids, entries, strict=False):
         own, pairs = lp_entry(entry, tid)
-        s = _text_piece(tokenizer, tid, skip_special_tokens)
-        tokens.append(s)
+        skipped = _is_skipped(tokenizer, tid, skip_special_tokens)
+        tokens.append("" if skipped and not as_ids else token_str(tokenizer, tid, as_ids))
         lps.append(own)
-        tops.append({token_str(tokenizer, k): lp for k, lp in pairs[:top_n]} if top_n else None)
+        tops.append({token_str(tokenizer, k, as_ids): lp for k, lp in pairs[:top_n]} if top_n else None)
         offs.append(off)
-        off += len(s)
+        b = None if skipped else token_bytes(tokenizer, tid)
+        if b:
+            off += len(decoder.decode(b))
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}

@@ -78,7 +78,7 @@ class ChatMessage(BaseModel):
     `annotations`, `function_call`) are ignored rather than rejected."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "latest_reminder"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
@@ -129,6 +129,10 @@ class ChatCompletionRequest(_SamplingFields):
     thinking: ThinkingOption | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    # vLLM's chat-template parameters: open the assistant turn / continue the last assistant message
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_tokens_as_token_ids: bool = False
     # accepted and ignored (bookkeeping fields of OpenAI's API)
     metadata: dict[str, Any] | None = None
     store: bool | None = None
@@ -152,6 +156,9 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    # vLLM's: `token_id:N` logprob tokens; each choice's generated ids as `token_ids`
+    return_tokens_as_token_ids: bool = False
+    return_token_ids: bool = False
 
 
 def parse_body(raw: bytes, model_cls: type[BaseModel]) -> Any:

@@ -168,6 +168,9 @@ def register(subparsers: Any) -> None:
     s.add_argument("--skip-tokenizer-init", action="store_true",
                    help="load no tokenizer: only /v1/completions with token-id prompts works; text prompts "
                         "get HTTP 400 (for a checkpoint without a usable tokenizer.json)")
+    s.add_argument("--enable-strict-thinking", action="store_true",
+                   help="thinking-mode chat: the EOS token cannot be sampled until the reasoning block closes "
+                        "(</think>), so an answer never ends inside it (off for requests with ignore_eos)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(s)
     s.set_defaults(func=run_serve)
@@ -224,8 +227,12 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(served_model_names=[name], api_key=api_key, default_thinking=args.default_thinking,
                               drain_timeout_s=args.drain_timeout, model_root=args.model or name,
                               model_aliases=[args.model] if args.model and args.model != name else [],
-                              max_request_bytes=args.max_request_bytes)
-    app = build_app(engine, settings)
+                              max_request_bytes=args.max_request_bytes,
+                              strict_thinking=args.enable_strict_thinking)
+    from parity.server.chat_format import ChatFormat
+    from parity.tokenizer.encoding import load_encoding
+
+    app = build_app(engine, settings, chat_format=ChatFormat(load_encoding(args.model)))
     return serve_forever(app, args.host, args.port, drain_timeout_s=args.drain_timeout, log_level=args.log_level)
 
 
@@ -269,7 +276,7 @@ def run_generate(args: argparse.Namespace) -> int:
             if chat:
                 from parity.tokenizer import parse_output
 
-                p = parse_output(c.text, thinking=args.thinking)
+                p = parse_output(c.text, thinking=args.thinking, finish_reason=c.finish_reason)
                 item.update(content=p.content, reasoning_content=p.reasoning_content, tool_calls=p.tool_calls)
             res["outputs"].append(item)
         print(json.dumps(res, ensure_ascii=False, indent=1))
@@ -280,7 +287,7 @@ def run_generate(args: argparse.Namespace) -> int:
             if chat:
                 from parity.tokenizer import parse_output
 
-                p = parse_output(c.text, thinking=args.thinking)
+                p = parse_output(c.text, thinking=args.thinking, finish_reason=c.finish_reason)
                 if p.reasoning_content:
                     print(f"[reasoning]\n{p.reasoning_content}\n[answer]")
                 print(p.content)

@@ -63,6 +63,10 @@ class Generation:
     def completion_tokens(self) -> int:
         return sum(c.num_tokens for c in self.choices)
 
+    def usage(self) -> dict:
+        """The OpenAI `usage` object of the request so far."""
+        return usage(self.prompt_tokens, self.completion_tokens())
+
 
 class OpenAIServing:
     """Base of one generation endpoint; subclasses fill in the hooks below.
@@ -119,7 +123,7 @@ class OpenAIServing:
             if not await runner.run_all(raw_request, gen.jobs):
                 return Response(status_code=499)
             return JSONResponse(envelope(gen.rid, self.response_object, gen.created, gen.model,
-                                         self.full_choices(gen), usage(gen.prompt_tokens, gen.completion_tokens())))
+                                         self.full_choices(gen), gen.usage()))
         if not await runner.admit_all(raw_request, gen.jobs):
             return Response(status_code=499)
         merger = runner.merged_deltas(gen.choices)
@@ -137,7 +141,7 @@ class OpenAIServing:
             for s in self.stream_delta(gen, ch, d, ids, text):
                 yield s
         if gen.include_usage:
-            yield self.chunk(gen, [], usage(gen.prompt_tokens, gen.completion_tokens()))
+            yield self.chunk(gen, [], gen.usage())
         yield SSE_DONE
 
     def _stream_response(self, body: AsyncIterator[str], merger: ChoiceMerger) -> StreamingResponse:

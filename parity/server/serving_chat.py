@@ -26,9 +26,33 @@ class ChatGeneration(Generation):
     thinking: bool = False
     tools_enabled: bool = False
     top_n: int | None = None
+    as_ids: bool = False
+    think_end_id: int | None = None
+    dsml_id: int | None = None
+    tool_params: dict[str, list[str]] | None = None
     parsers: dict[int, Any] = field(default_factory=dict)
     seen_calls: dict[int, dict[int, str]] = field(default_factory=dict)
     pending_lp: dict[int, list[dict]] = field(default_factory=dict)
+
+    def usage(self) -> dict:
+        """`usage` with `completion_tokens_details.reasoning_tokens`: per choice, the tokens before the
+        ``</think>`` that closes the reasoning block (the tag not counted); a choice that never closed it
+        counts all its tokens when cut (`length`, `abort`) and, when it stopped (its text is the answer),
+        the tokens before a tool-call block it opened, else none. 0 when the output starts outside a
+        reasoning block (thinking off)."""
+        out = super().usage()
+        out["completion_tokens_details"] = {"reasoning_tokens": sum(self._reasoning_tokens(c) for c in self.choices)}
+        return out
+
+    def _reasoning_tokens(self, ch: Choice) -> int:
+        if not self.thinking or self.think_end_id is None:
+            return 0
+        ids = ch.token_ids
+        if self.think_end_id in ids:
+            return ids.index(self.think_end_id)
+        if ch.finish_reason != "stop":
+            return len(ids)
+        return ids.index(self.dsml_id) if self.dsml_id is not None and self.dsml_id in ids else 0
 
 
 class ServingChat(OpenAIServing):
@@ -55,13 +79,21 @@ class ServingChat(OpenAIServing):
                 raise bad_request("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
         top_n = (req.top_logprobs or 0) if req.logprobs else None
         messages = [message_dict(m, i) for i, m in enumerate(req.messages)]
+        fmt = srv.chat_format
+        template_kw = {}
+        if not req.add_generation_prompt or req.continue_final_message:
+            template_kw = {"add_generation_prompt": req.add_generation_prompt,
+                           "continue_final_message": req.continue_final_message}
         try:
-            prompt = srv.chat_format.encode(messages, tools if tools_enabled else None, thinking,
-                                            req.reasoning_effort)
+            prompt = fmt.encode(messages, tools if tools_enabled else None, thinking, req.reasoning_effort,
+                                **template_kw)
         except (ParityError, ValueError, TypeError, KeyError) as e:
             msg = str(e)
-            raise bad_request(msg, param=getattr(e, "param", None) or param_from_message(msg, ("reasoning_effort",)),
-                              code="invalid_value") from None
+            raise bad_request(msg, param=getattr(e, "param", None) or param_from_message(
+                msg, ("reasoning_effort", "continue_final_message")), code="invalid_value") from None
+        # the output starts inside a reasoning block when the prompt leaves one open
+        opens = getattr(fmt, "opens_reasoning", None)
+        thinking = bool(opens(prompt)) if opens is not None else thinking
         prompt_ids = await srv.tokenize(prompt, "messages")
         if req.max_completion_tokens is not None:
             mt, mt_name = req.max_completion_tokens, "max_completion_tokens"
@@ -69,6 +101,11 @@ class ServingChat(OpenAIServing):
             mt, mt_name = req.max_tokens, "max_tokens"
         max_tokens = srv.resolve_max_tokens(mt, len(prompt_ids), mt_name, "messages")
         kw = P.sampling_kwargs(req, max_tokens=max_tokens, logprobs=top_n, vocab_size=srv.vocab_size)
+        think_end_id = _token_id(srv.tokenizer, "think_end_id")
+        if thinking and think_end_id is not None:
+            kw["reasoning_end_token_id"] = think_end_id  # stop strings apply to the answer only
+            if srv.settings.strict_thinking and not req.ignore_eos:
+                kw["strict_thinking"] = True
         params = srv.per_choice_params(kw, req.n)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         choices = srv.runner.new_choices(rid, req.n, len(prompt_ids), arrival_s)
@@ -79,14 +116,18 @@ class ServingChat(OpenAIServing):
             raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
         return ChatGeneration(rid=rid, model=model, created=created, choices=choices, jobs=jobs,
                               prompt_tokens=len(prompt_ids), stream=bool(req.stream), include_usage=include_usage,
-                              thinking=thinking, tools_enabled=tools_enabled, top_n=top_n)
+                              thinking=thinking, tools_enabled=tools_enabled, top_n=top_n,
+                              as_ids=req.return_tokens_as_token_ids, think_end_id=think_end_id,
+                              dsml_id=_token_id(srv.tokenizer, "dsml_token_id"), tool_params=tool_params(tools))
 
     def full_choices(self, gen: ChatGeneration) -> list[dict]:
         srv = self.server
         out = []
         for ch in gen.choices:
             text = "".join(ch.text)
-            content, reasoning, calls = srv.chat_format.parse(text, gen.thinking, gen.tools_enabled)
+            content, reasoning, calls = srv.chat_format.parse(text, gen.thinking, gen.tools_enabled,
+                                                              finish_reason=ch.finish_reason,
+                                                              tool_params=gen.tool_params)
             finish = ch.finish_reason
             if calls and finish == "stop":
                 finish = "tool_calls"
@@ -95,7 +136,7 @@ class ServingChat(OpenAIServing):
                 msg["reasoning_content"] = reasoning
             if calls:
                 msg["tool_calls"] = calls
-            lp = ({"content": chat_logprobs(srv.tokenizer, ch.token_ids, ch.logprobs, gen.top_n or 0)}
+            lp = ({"content": chat_logprobs(srv.tokenizer, ch.token_ids, ch.logprobs, gen.top_n or 0, gen.as_ids)}
                   if gen.top_n is not None else None)
             out.append({"index": ch.index, "message": msg, "logprobs": lp, "finish_reason": finish,
                         "stop_reason": ch.stop_reason})
@@ -104,7 +145,7 @@ class ServingChat(OpenAIServing):
     def stream_start(self, gen: ChatGeneration) -> Iterable[str]:
         fmt = self.server.chat_format
         for ch in gen.choices:
-            gen.parsers[ch.index] = fmt.stream_parser(gen.thinking, gen.tools_enabled)
+            gen.parsers[ch.index] = fmt.stream_parser(gen.thinking, gen.tools_enabled, tool_params=gen.tool_params)
             gen.seen_calls[ch.index] = {}
             gen.pending_lp[ch.index] = []
         return [self.chunk(gen, [{"index": ch.index, "delta": {"role": "assistant", "content": ""},
@@ -131,11 +172,11 @@ class ServingChat(OpenAIServing):
                      text: str) -> Iterable[str]:
         if gen.top_n is not None and ids:
             lps = getattr(d, "logprobs", None) or []
-            gen.pending_lp[ch.index].extend(chat_logprobs(self.server.tokenizer, ids, lps, gen.top_n))
+            gen.pending_lp[ch.index].extend(chat_logprobs(self.server.tokenizer, ids, lps, gen.top_n, gen.as_ids))
         parser = gen.parsers[ch.index]
         out = self._delta_chunks(gen, ch, parser.feed(text) if text else [])
         if ch.finished:
-            out += self._delta_chunks(gen, ch, parser.finish())
+            out += self._delta_chunks(gen, ch, parser.finish(ch.finish_reason))
             finish = ch.finish_reason
             if gen.seen_calls[ch.index] and finish == "stop":
                 finish = "tool_calls"
@@ -143,6 +184,24 @@ class ServingChat(OpenAIServing):
             self._take_logprobs(gen, c, ch.index)
             out.append(self.chunk(gen, [c]))
         return out
+
+
+def _token_id(tokenizer: Any, attr: str) -> int | None:
+    """A named V4 token id of the tokenizer (DeepseekV4Tokenizer's `think_end_id`, `dsml_token_id`), or None."""
+    tid = getattr(tokenizer, attr, None)
+    return int(tid) if isinstance(tid, int) else None
+
+
+def tool_params(tools: list[dict] | None) -> dict[str, list[str]] | None:
+    """Declared parameter names per tool name (None without tools)."""
+    if not tools:
+        return None
+    out = {}
+    for t in tools:
+        fn = t.get("function", t)
+        props = (fn.get("parameters") or {}).get("properties") or {}
+        out[fn.get("name", "")] = list(props)
+    return out
 
 
 def chat_tools(req: P.ChatCompletionRequest) -> tuple[list[dict] | None, bool]:

@@ -1,5 +1,9 @@
 """`POST /v1/completions`: `ServingCompletion` (text completions of one or more prompts).
 
+Each choice carries its generated `token_ids` (and each stream chunk the ids of its delta) when the request
+sets `return_token_ids` or the server runs without a tokenizer (`--skip-tokenizer-init`, where `text` is
+empty); logprob tokens are then ``token_id:N`` strings, as with `return_tokens_as_token_ids` (vLLM's fields).
+
 Known limitation: with `echo: true` and `logprobs: N` the prompt is returned in `text`, but `logprobs`
 covers the generated tokens only (its `text_offset` starts at the prompt's length); vLLM also lists the
 prompt tokens (the first with logprob None). The engine does not compute prompt-token logprobs.
@@ -17,7 +21,7 @@ from parity.server import protocol as P
 from parity.server.choices import Choice, Job
 from parity.server.engine_client import EngineDelta
 from parity.server.errors import bad_request
-from parity.server.logprobs import completion_logprobs
+from parity.server.logprobs import completion_logprobs, text_decoder
 from parity.server.serving_base import Generation, OpenAIServing
 from parity.server.state import OpenAIServer
 
@@ -29,8 +33,11 @@ class CompletionGeneration(Generation):
 
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    as_ids: bool = False
+    token_ids: bool = False
     echo_text: dict[int, str] = field(default_factory=dict)
     offsets: dict[int, int] = field(default_factory=dict)
+    decoders: dict[int, Any] = field(default_factory=dict)
 
 
 class ServingCompletion(OpenAIServing):
@@ -75,27 +82,34 @@ class ServingCompletion(OpenAIServing):
             rid=rid, model=model, created=int(time.time()), choices=[j[0] for j in jobs], jobs=jobs,
             prompt_tokens=prompt_total, stream=bool(req.stream),
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
-            logprobs=req.logprobs, skip_special_tokens=req.skip_special_tokens, echo_text=echo_text)
+            logprobs=req.logprobs, skip_special_tokens=req.skip_special_tokens, echo_text=echo_text,
+            as_ids=req.return_tokens_as_token_ids or srv.tokenizer is None,
+            token_ids=req.return_token_ids or srv.tokenizer is None)
 
-    def _lp_obj(self, gen: CompletionGeneration, ids: list[int], entries: list[Any], offset0: int) -> dict | None:
+    def _lp_obj(self, gen: CompletionGeneration, ids: list[int], entries: list[Any], offset0: int,
+                decoder: Any = None) -> dict | None:
         if gen.logprobs is None:
             return None
         return completion_logprobs(self.server.tokenizer, ids, entries, gen.logprobs, offset0,
-                                   gen.skip_special_tokens)
+                                   gen.skip_special_tokens, gen.as_ids, decoder)
 
     def full_choices(self, gen: CompletionGeneration) -> list[dict]:
         out = []
         for ch in gen.choices:
             prefix = gen.echo_text.get(ch.index, "")
-            out.append({"index": ch.index, "text": prefix + "".join(ch.text),
-                        "logprobs": self._lp_obj(gen, ch.token_ids, ch.logprobs, len(prefix)),
-                        "finish_reason": ch.finish_reason, "stop_reason": ch.stop_reason})
+            c = {"index": ch.index, "text": prefix + "".join(ch.text),
+                 "logprobs": self._lp_obj(gen, ch.token_ids, ch.logprobs, len(prefix)),
+                 "finish_reason": ch.finish_reason, "stop_reason": ch.stop_reason}
+            if gen.token_ids:
+                c["token_ids"] = list(ch.token_ids)
+            out.append(c)
         return out
 
     def stream_start(self, gen: CompletionGeneration) -> Iterable[str]:
         out = []
         for ch in gen.choices:
             gen.offsets[ch.index] = 0
+            gen.decoders[ch.index] = text_decoder()
             if ch.index in gen.echo_text:
                 gen.offsets[ch.index] = len(gen.echo_text[ch.index])
                 out.append(self.chunk(gen, [{"index": ch.index, "text": gen.echo_text[ch.index], "logprobs": None,
@@ -108,8 +122,10 @@ class ServingCompletion(OpenAIServing):
             return ()
         lps = getattr(d, "logprobs", None) or []
         c = {"index": ch.index, "text": text,
-             "logprobs": self._lp_obj(gen, ids, lps, gen.offsets[ch.index]) if ids else None,
+             "logprobs": self._lp_obj(gen, ids, lps, gen.offsets[ch.index], gen.decoders[ch.index]) if ids else None,
              "finish_reason": ch.finish_reason if ch.finished else None}
+        if gen.token_ids:
+            c["token_ids"] = list(ids)
         if ch.finished:
             c["stop_reason"] = ch.stop_reason
         gen.offsets[ch.index] += len(text)

@@ -31,6 +31,8 @@ class ServerSettings:
         model_aliases: other names accepted as `model` but not listed (e.g. the path given to serve).
         max_request_bytes: largest accepted request body (bytes); larger ones get 413 before they are
             read in full. None: `default_max_request_bytes(max_model_len)`.
+        strict_thinking: thinking-mode chat bans the EOS id until the reasoning block closes
+            (`--enable-strict-thinking`).
     """
 
     served_model_names: list[str] = field(default_factory=lambda: ["parity"])
@@ -42,3 +44,4 @@ class ServerSettings:
     model_root: str | None = None
     model_aliases: list[str] = field(default_factory=list)
     max_request_bytes: int | None = None
+    strict_thinking: bool = False

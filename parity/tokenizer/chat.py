@@ -43,27 +43,18 @@ from typing import Any
 
 from parity.errors import RequestError
 from parity.tokenizer import special
+from parity.tokenizer.encoding import REASONING_EFFORT_MAX_PREFIX, ChatEncoding, default_encoding
 
-#: Roles accepted by :func:`encode_chat`. (The reference format also has ``developer`` - used only by
-#: DeepSeek's internal search agent and refused by the official API - and ``latest_reminder``.)
-ROLES = ("system", "user", "assistant", "tool")
+#: Roles accepted by :func:`encode_chat`: OpenAI's, plus the reference encoder's ``developer`` (a user-like
+#: turn, ``<｜User｜>{content}``) and ``latest_reminder`` (``<｜latest_reminder｜>{content}``, e.g. date and
+#: locale, placed after the assistant opening of the turn it precedes).
+ROLES = ("system", "user", "assistant", "tool", "developer", "latest_reminder")
 
-#: Accepted ``reasoning_effort`` values. Only "max" changes V4's prompt; "low"/"medium"/"high" are
-#: accepted for OpenAI-client compatibility and render like None (the reference encoder accepts
-#: None/"high"/"max" and only "max" adds text).
+#: Accepted ``reasoning_effort`` values of V4's published format. Only "max" changes V4's prompt;
+#: "low"/"medium"/"high" are accepted for OpenAI-client compatibility and render like None (the
+#: reference encoder accepts None/"high"/"max" and only "max" adds text). A checkpoint may bring its own
+#: table (:mod:`parity.tokenizer.encoding`).
 REASONING_EFFORTS = (None, "low", "medium", "high", "max")
-
-#: Prefix for ``reasoning_effort="max"`` - the verbatim text of DeepSeek-V4 ``encoding/README.md``,
-#: section "Reasoning Effort" (a prompt string of the published format, quoted as data).
-REASONING_EFFORT_MAX_PREFIX = (
-    "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
-    "You MUST be very thorough in your thinking and comprehensively decompose the problem to resolve "
-    "the root cause, rigorously stress-testing your logic against all potential paths, edge cases, and "
-    "adversarial scenarios.\n"
-    "Explicitly write out your entire deliberation process, documenting every intermediate step, "
-    "considered alternative, and rejected hypothesis to ensure absolutely no assumption is left "
-    "unchecked.\n\n"
-)
 
 #: The "## Tools" section, verbatim from DeepSeek-V4 ``encoding/README.md`` ("Tool Calling (DSML
 #: Format)"); ``{tool_schemas}`` is one JSON object per line.
@@ -292,7 +283,8 @@ def render_tool_calls(calls: list[tuple[str, str, dict]]) -> str:
 
 def encode_chat(messages: list[dict], tools: list[dict] | None = None, thinking: bool = False,
                 reasoning_effort: str | None = None, add_generation_prompt: bool = True, *,
-                drop_thinking: bool = True) -> str:
+                drop_thinking: bool | None = None, continue_final_message: bool = False,
+                encoding: ChatEncoding | None = None) -> str:
     """Encode a conversation into DeepSeek-V4's prompt string (see the module docstring).
 
     Args:
@@ -305,11 +297,16 @@ def encode_chat(messages: list[dict], tools: list[dict] | None = None, thinking:
         thinking: thinking mode (the prompt ends with ``<think>``) or not (ends with ``</think>``).
         reasoning_effort: one of :data:`REASONING_EFFORTS`; "max" adds the max-effort prefix in
             thinking mode.
-        add_generation_prompt: end a conversation whose last turn is user/tool with
-            ``<｜Assistant｜>`` + ``<think>``/``</think>``. (A conversation ending with an assistant turn
-            is rendered complete, EOS included.)
-        drop_thinking: drop reasoning of assistant turns before the last user turn (the published
-            default; ignored - nothing dropped - when tools are given).
+        add_generation_prompt: end the prompt with the assistant transition ``<｜Assistant｜>`` +
+            ``<think>``/``</think>``: after a last user/tool/developer/system turn, and after a complete
+            last assistant turn (a fresh turn opens after its EOS). False: the conversation as it is.
+        drop_thinking: drop reasoning of assistant turns before the last user turn (None: the
+            encoding's default, True in the published format; ignored - nothing dropped - with tools).
+        continue_final_message: the last message is an assistant answer to continue (prefill): it is
+            rendered without EOS (thinking mode with reasoning and no content: without ``</think>``,
+            so the reasoning continues). Exclusive with ``add_generation_prompt``.
+        encoding: the checkpoint's format variant (reasoning-effort tiers, drop_thinking default);
+            None: DeepSeek-V4's published one.
     Returns:
         the prompt string, BOS first; tokenize it with ``tok.encode(prompt)``.
     Raises:
@@ -321,9 +318,16 @@ def encode_chat(messages: list[dict], tools: list[dict] | None = None, thinking:
     """
     if not isinstance(thinking, bool):
         raise ChatError(f"thinking: expected true or false, got {thinking!r}")
-    if reasoning_effort not in REASONING_EFFORTS:
-        raise ChatError(f"reasoning_effort: {reasoning_effort!r} is not supported; expected one of "
-                           f"{[e for e in REASONING_EFFORTS if e]} or null")
+    encoding = encoding or default_encoding()
+    if reasoning_effort is not None and reasoning_effort not in encoding.reasoning_efforts:
+        raise ChatError(f"reasoning_effort: {reasoning_effort!r} is not supported by this model; expected one "
+                        f"of {sorted(encoding.reasoning_efforts)} or null")
+    effort_prefix = encoding.reasoning_efforts.get(reasoning_effort, "") if reasoning_effort else ""
+    if drop_thinking is None:
+        drop_thinking = encoding.drop_thinking
+    if continue_final_message and add_generation_prompt:
+        raise ChatError("continue_final_message: cannot be combined with add_generation_prompt (the first "
+                        "continues the last assistant message, the second opens a new one); set one to false")
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
         raise ChatError("messages: expected a non-empty list of message objects")
     functions = validate_tools(tools)
@@ -350,6 +354,9 @@ def encode_chat(messages: list[dict], tools: list[dict] | None = None, thinking:
             block = ("tool", _text(msg.get("content"), f"{where}.content", "\n\n"), tcid or "")
         elif role == "user":
             block = ("text", _text(msg.get("content"), f"{where}.content"), "")
+        if role in ("developer", "latest_reminder"):
+            turns.append({"role": role, "content": _text(msg.get("content"), f"{where}.content")})
+            continue
         if role in ("tool", "user"):
             if turns and turns[-1]["role"] == "user":
                 turns[-1]["blocks"].append(block)
@@ -387,12 +394,24 @@ def encode_chat(messages: list[dict], tools: list[dict] | None = None, thinking:
         turns[0]["tools"] = functions
 
     keep_all_reasoning = not drop_thinking or bool(functions)
-    last_user = max((n for n, t in enumerate(turns) if t["role"] == "user"), default=-1)
+    last_user = max((n for n, t in enumerate(turns) if t["role"] in ("user", "developer")), default=-1)
+    last = len(turns) - 1
+    if continue_final_message:
+        if turns[last]["role"] != "assistant":
+            raise ChatError(f"messages[{len(messages) - 1}].role: continue_final_message needs an assistant "
+                            f"message last, got {messages[-1].get('role')!r}")
+        if turns[last]["calls"]:
+            raise ChatError(f"messages[{len(messages) - 1}].tool_calls: an assistant message to continue "
+                            "cannot carry tool calls")
+
+    def transition(n: int) -> list[str]:
+        opens = thinking and (keep_all_reasoning or n >= last_user)
+        return [special.ASSISTANT, special.THINK_START if opens else special.THINK_END]
 
     # 4. render
     out = [special.BOS]
-    if thinking and reasoning_effort == "max":
-        out.append(REASONING_EFFORT_MAX_PREFIX)
+    if thinking and effort_prefix:
+        out.append(effort_prefix)
     for n, t in enumerate(turns):
         role = t["role"]
         if role == "system":
@@ -404,18 +423,29 @@ def encode_chat(messages: list[dict], tools: list[dict] | None = None, thinking:
             out.append("\n\n".join(
                 text if kind == "text" else special.TOOL_RESULT_OPEN + text + special.TOOL_RESULT_CLOSE
                 for kind, text, _ in t["blocks"]))
-            is_last = n == len(turns) - 1
-            if (is_last and add_generation_prompt) or (not is_last and turns[n + 1]["role"] == "assistant"):
-                out.append(special.ASSISTANT)
-                opens = thinking and (keep_all_reasoning or n >= last_user)
-                out.append(special.THINK_START if opens else special.THINK_END)
+        elif role == "developer":
+            out.append(special.USER + t["content"])
+        elif role == "latest_reminder":
+            out.append(special.LATEST_REMINDER + t["content"])
         else:
+            partial = continue_final_message and n == last
             if thinking and (keep_all_reasoning or n > last_user):
-                out.append(t["reasoning"] + special.THINK_END)
+                continues_reasoning = partial and not t["content"]
+                out.append(t["reasoning"] + ("" if continues_reasoning else special.THINK_END))
             out.append(t["content"])
             if t["calls"]:
                 out.append("\n\n" + render_tool_calls(t["calls"]))
-            out.append(special.EOS)
+            if not partial:
+                out.append(special.EOS)
+            if n == last and add_generation_prompt:
+                out += transition(n)
+            continue
+        # a non-assistant turn hands over to the assistant when one follows (or it is last): the
+        # reference encoder does this after user/developer turns only, parity after system turns too
+        nxt = turns[n + 1]["role"] if n < last else None
+        if role != "latest_reminder" and (nxt in ("assistant", "latest_reminder")
+                                          or (nxt is None and add_generation_prompt)):
+            out += transition(n)
     return "".join(out)
 
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 import codecs
 import functools
 import hashlib
-import operator
 import importlib.util
+import operator
 import os
-from pathlib import Path
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from parity.errors import CheckpointError, RequestError
@@ -96,7 +96,7 @@ def resolve_tokenizer_path(model_dir: str | os.PathLike | None) -> Path:
     return package_tokenizer_path()
 
 
-def load_tokenizer(model_dir: str | os.PathLike | None = None) -> "DeepseekV4Tokenizer":
+def load_tokenizer(model_dir: str | os.PathLike | None = None) -> DeepseekV4Tokenizer:
     """Load DeepSeek-V4's tokenizer (cached per file: a second call costs microseconds).
 
     Args:
@@ -116,7 +116,7 @@ def load_tokenizer(model_dir: str | os.PathLike | None = None) -> "DeepseekV4Tok
 
 
 @functools.lru_cache(maxsize=16)
-def _load_cached(path: str, mtime_ns: int, size: int) -> "DeepseekV4Tokenizer":
+def _load_cached(path: str, mtime_ns: int, size: int) -> DeepseekV4Tokenizer:
     # identical files (a checkpoint's copy of the package's tokenizer.json) share one object:
     # hashing 6 MiB (~10 ms) is far cheaper than parsing it (~300 ms)
     try:
@@ -129,7 +129,7 @@ def _load_cached(path: str, mtime_ns: int, size: int) -> "DeepseekV4Tokenizer":
     return tok
 
 
-_BY_CONTENT: dict[str, "DeepseekV4Tokenizer"] = {}
+_BY_CONTENT: dict[str, DeepseekV4Tokenizer] = {}
 
 
 class DeepseekV4Tokenizer:
