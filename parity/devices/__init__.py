@@ -17,7 +17,7 @@ KNOWN_TYPES = AUTO_ORDER
 DIST_BACKEND = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl", "xpu": "xccl", "mps": "gloo"}
 
 _LAZY = ("is_available", "resolve", "dist_backend", "supported_dtypes", "has_fp8", "synchronize",
-         "memory_info", "empty_cache", "manual_seed", "DeviceInfo", "describe")
+         "memory_info", "empty_cache", "manual_seed", "DeviceInfo", "describe", "capabilities", "float8_tensors")
 
 __all__ = ["AUTO_ORDER", "KNOWN_TYPES", "DIST_BACKEND", *_LAZY]
 
