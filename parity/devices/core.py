@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from parity.errors import DeviceError
-
 from parity.devices import AUTO_ORDER, DIST_BACKEND, KNOWN_TYPES  # noqa: F401  (single definition)
+from parity.errors import DeviceError
 
 _npu_loaded: bool | None = None
 

@@ -98,7 +98,7 @@ class QuantLinear(_FP8WeightMixin, nn.Module):
         self._init_fp8_storage(out_features, in_features, block, device, compute_dtype)
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, block: tuple[int, int] = ff.FP8_WEIGHT_BLOCK) -> "QuantLinear":
+    def from_float(cls, weight: torch.Tensor, block: tuple[int, int] = ff.FP8_WEIGHT_BLOCK) -> QuantLinear:
         """Quantize a float weight [out, in] (tests, exporters)."""
         q, s = ff.quantize_fp8_weight(weight, block)
         m = cls(weight.shape[1], weight.shape[0], block, weight.device, weight.dtype if weight.is_floating_point()
@@ -219,7 +219,7 @@ class FP4Experts(nn.Module):
         self.register_buffer("down_scale", torch.empty(n_experts, hidden, inter // block, dtype=sd, device=device))
 
     @classmethod
-    def from_float(cls, gate_up: torch.Tensor, down: torch.Tensor, limit: float) -> "FP4Experts":
+    def from_float(cls, gate_up: torch.Tensor, down: torch.Tensor, limit: float) -> FP4Experts:
         """Quantize float stacks gate_up [E, 2I, H], down [E, H, I] (tests, exporters)."""
         e, two_i, h = gate_up.shape
         m = cls(e, h, two_i // 2, limit, device=gate_up.device)
