@@ -6,8 +6,8 @@ with the best kernel the device offers, chosen by `kernel_for`:
 - ``"npu_quant_matmul"``: Ascend, `torch_npu.npu_quant_matmul` (int8 x int8 with per-channel weight
   scale and per-token activation scale fused), the kernel vllm-ascend's W8A8_DYNAMIC linear calls;
 - ``"int_mm"``: `torch._int_mm` (CPU: any shape; CUDA: needs M > 16 and K, N multiples of 8, PyTorch
-  ``_int_mm`` docs), then the two scales applied in fp32;
-- ``"dequant"``: the int8 values converted to fp32 and multiplied (any device, any shape).
+  ``_int_mm`` docs), then the two scales applied in float64 and rounded once;
+- ``"dequant"``: the int8 values converted to float64 and multiplied (any device but NPU, any shape).
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import torch
 from parity.devices.core import _load_torch_npu
 
 KERNELS = ("npu_quant_matmul", "int_mm", "dequant")
+#: dtype of the rescale on the int_mm / dequant paths: the exact int32 sums times both fp32 scales in float64,
+#: rounded once to the output dtype (so the result is the correctly rounded dequantized product).
+_RESCALE = torch.float64
 
 
 def kernel_for(device: torch.device, m: int, k: int, n: int) -> str:
@@ -48,9 +51,9 @@ def int8_linear(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_sca
 
         return torch_npu.npu_quant_matmul(xq, wq.t(), w_scale, pertoken_scale=x_scale, output_dtype=out_dtype)
     if kernel == "int_mm":
-        acc = torch._int_mm(xq, wq.t()).float()
+        acc = torch._int_mm(xq, wq.t())
     elif kernel == "dequant":
-        acc = xq.float() @ wq.float().t()
+        acc = xq.to(_RESCALE) @ wq.to(_RESCALE).t()  # integer-valued and exact in float64 (K * 127**2 < 2**53)
     else:
         raise ValueError(f"unknown INT8 GEMM kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
-    return (acc * x_scale[:, None] * w_scale[None, :]).to(out_dtype)
+    return (acc.to(_RESCALE) * x_scale.to(_RESCALE)[:, None] * w_scale.to(_RESCALE)[None, :]).to(out_dtype)
