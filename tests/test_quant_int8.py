@@ -228,3 +228,24 @@ def test_weight_bytes_per_format():
     assert b["w4a8"] < b["w8a8"] < b["bf16"] and b["fp4"] < b["fp8"] < b["bf16"]
     with pytest.raises(ConfigError):
         estimate_weight_bytes(cfg, weights="int3")
+
+
+def test_quantization_flag_reaches_engine_and_info(published_dir, capsys):
+    import argparse
+
+    from parity.cli import main
+    from parity.engine.args import EngineArgs
+    from parity.errors import RequestError
+    from parity.server.serve_cli import add_engine_args
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    assert p.parse_args(["--quantization", "w8a8"]).quantization == "w8a8"
+    with pytest.raises(RequestError, match="quantization"):
+        EngineArgs(quantization="int3").validate()
+    from parity.engine.llm import LLM
+
+    llm = LLM(str(published_dir), device="cpu", quantization="w8a8", tokenizer=None, cache_memory=1 << 24)
+    assert llm.engine.model.weight_format == "w8a8"
+    assert main(["info", "tiny", "--weights", "w8a8"]) == 0
+    assert "weights w8a8" in capsys.readouterr().out
