@@ -38,11 +38,11 @@ def run(args) -> int:
         raise ConfigError(f"--context must be >= 0 tokens, got {args.context}")
     cfg = load_config(args.model)
     info = model_info(cfg, args.context)
-    if args.weights:
+    weights = getattr(args, "weights", None)
+    if weights:
         from parity.weight_bytes import estimate_weight_bytes
 
-        info["weights"] = {"format": args.weights,
-                           "bytes": estimate_weight_bytes(cfg, "bfloat16", weights=args.weights)}
+        info["weights"] = {"format": weights, "bytes": estimate_weight_bytes(cfg, "bfloat16", weights=weights)}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -67,6 +67,6 @@ def run(args) -> int:
               f"{_fmt_b(c['fixed_bytes'])} fixed (windows + compressor state); "
               f"{_fmt_b(c['total_bytes_at_context'])} per sequence at {info['context_tokens']:,} tokens")
     print(f"formula          {info['kv_cache_formula']}")
-    if args.weights:
-        print(f"weights {args.weights:8s} {_fmt_b(info['weights']['bytes'])} (other tensors bf16 / fp32)")
+    if weights:
+        print(f"weights {weights:8s} {_fmt_b(info['weights']['bytes'])} (other tensors bf16 / fp32)")
     return 0
