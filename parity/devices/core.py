@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from parity.devices import AUTO_ORDER, DIST_BACKEND, KNOWN_TYPES  # noqa: F401  (single definition)
+from parity.devices.capability_table import lookup
 from parity.errors import DeviceError
 
 _npu_loaded: bool | None = None
@@ -129,8 +130,6 @@ def capabilities(device: torch.device | str = "auto"):
     Raises:
         DeviceError: unknown or unavailable device (`resolve`); unreadable capability table.
     """
-    from parity.devices.capability_table import lookup
-
     dev = resolve(device) if isinstance(device, str) else device
     sm = None
     name = ""
