@@ -35,6 +35,7 @@ LAYERS = {
     "parity.shapes": 0,
     "parity.data": 0,
     "parity.openai_client": 0,
+    "parity.weight_bytes": 0,
     "parity.devices": 1,
     "parity.tokenizer": 1,
     "parity.model": 2,
@@ -55,7 +56,7 @@ FORBIDDEN = {
 
 #: Areas whose modules must not load torch when imported (directly or through any module-level import chain).
 TORCH_FREE = ("parity.bench", "parity.plan", "parity.shapes", "parity.config", "parity.errors", "parity.tokenizer",
-              "parity.devices.energy", "parity.openai_client")
+              "parity.devices.energy", "parity.openai_client", "parity.weight_bytes")
 
 #: Modules exempt from the layer rule as importers, with the reason.
 LAYER_EXEMPT = {

@@ -1,4 +1,5 @@
-"""`parity export-tiny DIR [--seed S]`: write the seeded random miniature in the published layout.
+"""`parity export-tiny DIR [--seed S] [--format F]`: write the seeded random miniature in the published layout
+(or, with ``--format msmodelslim-w8a8|msmodelslim-w4a8``, in Ascend's msModelSlim layout).
 
 The checkpoint (FP8 e4m3 linears with 128x128 UE8M0 scales, FP4 e2m1 routed experts with 1x32 UE8M0
 scales, sharded safetensors + index, legacy config.json, tokenizer files) is what
@@ -11,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from parity.checkpoint.layout import INDEX_FILE
+from parity.checkpoint.msmodelslim import FORMATS
 from parity.errors import CheckpointError
 
 
@@ -19,16 +21,23 @@ def register(sub) -> None:
     p.add_argument("dir", help="output directory (created; existing checkpoint files are overwritten)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes; default 0)")
     p.add_argument("--preset", default="tiny", help="model preset to export (default: tiny)")
+    p.add_argument("--format", default="published", choices=["published", *FORMATS],
+                   help="published = DeepSeek's FP8/FP4 layout (default); msmodelslim-w8a8 / msmodelslim-w4a8 = "
+                        "Ascend msModelSlim W8A8_DYNAMIC (int4 W4A8_DYNAMIC experts) with quant_model_description.json")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from parity.checkpoint.msmodelslim_io import export_tiny_msmodelslim
     from parity.checkpoint.writer import export_tiny
 
     out = Path(args.dir).expanduser()
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"export-tiny: {str(out)!r} exists and is not a directory; expected a directory path")
-    d = export_tiny(out, seed=args.seed, preset=args.preset)
+    if args.format == "published":
+        d = export_tiny(out, seed=args.seed, preset=args.preset)
+    else:
+        d = export_tiny_msmodelslim(out, args.format, seed=args.seed, preset=args.preset)
     size = sum(f.stat().st_size for f in d.iterdir() if f.suffix == ".safetensors")
     shards = sum(1 for f in d.iterdir() if f.suffix == ".safetensors")
     print(f"wrote {d} ({shards} shards, {size / 2**20:.1f} MiB of weights, seed {args.seed}); index {INDEX_FILE}")

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from parity import devices
+from parity.checkpoint.conversion import check_quantization, convert_published
 from parity.checkpoint.layout import (
     FP4,
     FP4_SCALE,
@@ -29,6 +30,7 @@ from parity.checkpoint.layout import (
 from parity.checkpoint.shards import validate_checkpoint
 from parity.checkpoint.tensor_io import read_into, torch_dtype
 from parity.config import ModelConfig
+from parity.devices.capability_table import no_fp8_requested
 from parity.errors import CheckpointError
 from parity.model import fp_formats as ff
 from parity.model import quant
@@ -38,7 +40,8 @@ from parity.model.memory import check_fits
 
 def load_official(path: str | Path, device: Any = "cpu", dtype=None, *, quantized: bool = True,
                   kv_cache_dtype: str | None = None, indexer_dtype: str | None = None,
-                  native_fp8: bool | None = None, progress: bool = True) -> V4ForCausalLM:
+                  native_fp8: bool | None = None, progress: bool = True,
+                  quantization: str | None = None) -> V4ForCausalLM:
     """Load a checkpoint in the published FP8/FP4 layout into parity's model.
 
     Parameters the model keeps in fp32 stay fp32; the rest are allocated in `dtype`; the high-precision
@@ -53,6 +56,10 @@ def load_official(path: str | Path, device: Any = "cpu", dtype=None, *, quantize
             published layout default to the official behaviour, "fp8" / "fp4".
         native_fp8: use FP8 GEMMs in QuantLinear; None = where `parity.devices.has_fp8(device)`.
         progress: show the progress bar.
+        quantization: how the FP8/FP4 weights are held (`parity.checkpoint.conversion.QUANTIZATIONS`):
+            "fp8"/"fp4" as published, "w8a8"/"w4a8" converted to int8 linears and int8/int4 experts after
+            loading, "bf16" = ``quantized=False``; None = as published where the device has float8
+            tensors, else "w8a8" (`parity.devices.float8_tensors`; there FP8 bytes are read as uint8).
     Returns:
         The model (eval mode) with ``model.config`` = the parsed ModelConfig.
     Raises:
@@ -64,6 +71,13 @@ def load_official(path: str | Path, device: Any = "cpu", dtype=None, *, quantize
     path = Path(path)
     dtype = dtype or torch.float32
     dev = devices.resolve(device)
+    quantization = check_quantization(quantization)
+    if not devices.float8_tensors(dev) and not no_fp8_requested():
+        ff.set_float8_tensors(False)  # a real device without float8 tensors: for the rest of the process
+    if quantization is None:
+        quantization = "fp8" if ff.float8_tensors() else "w8a8"
+    if quantization == "bf16":
+        quantized = False
     cfg, layout, wm, headers = validate_checkpoint(path)
     check_fits(cfg, dev, dtype, quantized=quantized, what=f"loading {path}")
     block = block_size(cfg)
@@ -114,6 +128,9 @@ def load_official(path: str | Path, device: Any = "cpu", dtype=None, *, quantize
     model.kv_cache_dtype = kv_cache_dtype or "fp8"
     model.indexer_dtype = indexer_dtype or "fp4"
     model._modes(None, None)
+    if quantized:
+        convert_published(model, quantization)
+    model.weight_format = quantization if quantized else "bf16"
     return model.eval()
 
 

@@ -26,7 +26,10 @@ import torch
 from safetensors import safe_open
 
 from parity import devices
+from parity.checkpoint.conversion import check_quantization
 from parity.checkpoint.layout import INDEX_FILE, canonical_name
+from parity.checkpoint.msmodelslim import is_msmodelslim_checkpoint
+from parity.checkpoint.msmodelslim_io import load_msmodelslim
 from parity.checkpoint.official_reader import load_official
 from parity.checkpoint.shards import is_official_checkpoint, missing_index_cause
 from parity.config import load_config
@@ -39,7 +42,7 @@ _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(w1|w2|w3)\.weight$")
 
 
 def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_cache_dtype: str | None = None,
-                    indexer_dtype: str | None = None) -> V4ForCausalLM:
+                    indexer_dtype: str | None = None, quantization: str | None = None) -> V4ForCausalLM:
     """Load a checkpoint directory (config.json + safetensors, single file or sharded).
 
     Args:
@@ -50,6 +53,10 @@ def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_c
             norms, sinks, biases and the LM head stay fp32.
         kv_cache_dtype / indexer_dtype: default numerics of the returned model; float checkpoints default
             to the pure math ("bf16" / "bf16"), the published layout to "fp8" / "fp4".
+        quantization: how published FP8/FP4 weights are held (`parity.checkpoint.conversion.QUANTIZATIONS`;
+            None = as published, or W8A8 on a device without float8 tensors). msModelSlim checkpoints
+            (``quant_model_description.json``) keep their own W8A8 / W4A8 weights and accept only None or
+            their own format; float checkpoints only None / "bf16".
     Returns:
         `V4ForCausalLM` in eval mode.
     Raises:
@@ -64,8 +71,19 @@ def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_c
     p = Path(path).expanduser()
     if not p.is_dir():
         raise CheckpointError(f"checkpoint path {str(path)!r} is not a directory")
+    quantization = check_quantization(quantization)
+    if is_msmodelslim_checkpoint(p):
+        model = load_msmodelslim(p, device, dtype, kv_cache_dtype=kv_cache_dtype, indexer_dtype=indexer_dtype)
+        if quantization not in (None, model.weight_format):
+            raise CheckpointError(f"--quantization {quantization}: {p} is a msModelSlim {model.weight_format} "
+                                  f"checkpoint; expected auto or {model.weight_format}")
+        return model
     if is_official_checkpoint(p):
-        return load_official(p, device, dtype, kv_cache_dtype=kv_cache_dtype, indexer_dtype=indexer_dtype)
+        return load_official(p, device, dtype, kv_cache_dtype=kv_cache_dtype, indexer_dtype=indexer_dtype,
+                             quantization=quantization)
+    if quantization not in (None, "bf16"):
+        raise CheckpointError(f"--quantization {quantization}: {p} holds float weights; converting float "
+                              f"checkpoints is not supported (expected auto or bf16)")
     cause = missing_index_cause(p)  # published-layout shards whose index was lost
     if cause:
         raise CheckpointError(cause)
@@ -90,6 +108,7 @@ def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_c
     if indexer_dtype:
         model.indexer_dtype = indexer_dtype
     model._modes(None, None)
+    model.weight_format = "bf16"
     return model.eval()
 
 

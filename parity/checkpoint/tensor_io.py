@@ -19,14 +19,20 @@ READ_CHUNK_BYTES = 32 * 1024 * 1024
 _TORCH_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": ff.SCALE_DTYPE, "I8": torch.int8, "U8": torch.uint8,
                  "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64,
                  "I32": torch.int32}
+_FLOAT8_ST = ("F8_E4M3", "F8_E8M0")
 
 
 def torch_dtype(st_dtype: str) -> torch.dtype:
     """torch dtype of a safetensors dtype string (F8_E4M3, F8_E8M0, I8, U8, BF16, F16, F32, I64, I32).
 
+    F8 tensors are read as their bytes (uint8) where float8 tensors are forbidden
+    (`parity.model.fp_formats.float8_tensors`).
+
     Raises:
         KeyError: a dtype the published layout does not use.
     """
+    if st_dtype in _FLOAT8_ST and not ff.float8_tensors():
+        return torch.uint8
     return _TORCH_DTYPES[st_dtype]
 
 

@@ -22,7 +22,7 @@ DIST_BACKEND = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl", "xpu": "xccl", "mp
 ATTENTION_BACKEND = {"cpu": "torch", "cuda": "torch", "npu": "torch", "xpu": "torch", "mps": "torch"}
 
 _LAZY = ("is_available", "resolve", "dist_backend", "supported_dtypes", "has_fp8", "synchronize",
-         "memory_info", "empty_cache", "manual_seed", "DeviceInfo", "describe")
+         "memory_info", "empty_cache", "manual_seed", "DeviceInfo", "describe", "capabilities", "float8_tensors")
 
 __all__ = ["AUTO_ORDER", "KNOWN_TYPES", "DIST_BACKEND", "ATTENTION_BACKEND", "attention_backend", *_LAZY]
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from parity.errors import DeviceError
-
 from parity.devices import AUTO_ORDER, DIST_BACKEND, KNOWN_TYPES  # noqa: F401  (single definition)
+from parity.devices.capability_table import lookup
+from parity.errors import DeviceError
 
 _npu_loaded: bool | None = None
 
@@ -116,10 +116,39 @@ def has_fp8(device: torch.device | str) -> bool:
     Ascend 910B/910C have no FP8 units (W8A8 INT8 instead); CPU dequantizes FP8 in software.
     """
     device = resolve(device) if isinstance(device, str) else device
-    if device.type != "cuda":
+    if device.type != "cuda" or not capabilities(device).fp8:
         return False
     major, minor = torch.cuda.get_device_capability(device)
     return (major, minor) >= (8, 9)
+
+
+def capabilities(device: torch.device | str = "auto"):
+    """Number formats `device` supports (`parity.devices.capability_table.Capabilities`: fp8, float8_tensors,
+    fp4, int8, bf16, the table entry and its source), from its name / compute capability and
+    `parity/data/devices/capabilities.toml`; ``PARITY_DEVICE_NO_FP8=1`` turns FP8 off everywhere.
+
+    Raises:
+        DeviceError: unknown or unavailable device (`resolve`); unreadable capability table.
+    """
+    dev = resolve(device) if isinstance(device, str) else device
+    sm = None
+    name = ""
+    if dev.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(dev)
+        sm = major * 10 + minor
+    if dev.type != "cpu":
+        mod = getattr(torch, dev.type, None)
+        try:
+            name = mod.get_device_name(dev) if mod is not None and hasattr(mod, "get_device_name") else ""
+        except Exception:
+            name = ""
+    return lookup(dev.type, name, sm)
+
+
+def float8_tensors(device: torch.device | str = "auto") -> bool:
+    """Whether float8 tensors may be created on `device` (False on Ascend 910B/910C and under
+    ``PARITY_DEVICE_NO_FP8=1``: FP8 data is then kept as uint8 bytes)."""
+    return capabilities(device).float8_tensors
 
 
 def synchronize(device: torch.device | str) -> None:

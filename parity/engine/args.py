@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from parity.errors import RequestError
+from parity.weight_bytes import WEIGHT_FORMATS
 
 
 @dataclass
@@ -26,6 +27,9 @@ class EngineArgs:
         max_waiting: most requests waiting for admission; more -> EngineQueueFull.
         kv_cache_dtype: "bf16" (exact math) | "fp8" (official rounding, issue 8) | None = model default.
         seed: seed of random weights (preset models) and of unseeded sampling.
+        quantization: weight format of a checkpoint after loading (`parity.weight_bytes.WEIGHT_FORMATS`:
+            fp8 / fp4 as published, w8a8 / w4a8 INT8, bf16 dequantized); None / "auto" = as published,
+            W8A8 on a device without FP8 (`parity.checkpoint.official_reader.load_official`).
     """
 
     model: str | None = None
@@ -39,6 +43,7 @@ class EngineArgs:
     max_waiting: int = 256
     kv_cache_dtype: str | None = None
     seed: int = 0
+    quantization: str | None = None
 
     @classmethod
     def from_kwargs(cls, **kw) -> "EngineArgs":
@@ -67,3 +72,6 @@ class EngineArgs:
             raise RequestError(f"engine argument 'cache_memory_fraction' must be in (0, 1], got {f!r}")
         if self.kv_cache_dtype not in (None, "bf16", "fp8", "auto"):
             raise RequestError(f"engine argument 'kv_cache_dtype' must be 'bf16' or 'fp8', got {self.kv_cache_dtype!r}")
+        if self.quantization not in (None, "auto", *WEIGHT_FORMATS):
+            raise RequestError(f"engine argument 'quantization' must be auto or one of {', '.join(WEIGHT_FORMATS)}, "
+                               f"got {self.quantization!r}")

@@ -55,14 +55,23 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def load_model(model: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """(model, checkpoint dir or None) for EngineArgs.model (directory, preset name or None = default)."""
+def load_model(model: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0,
+               quantization: str | None = None):
+    """(model, checkpoint dir or None) for EngineArgs.model (directory, preset name or None = default);
+    `quantization` reaches `from_pretrained` (checkpoints only: a preset is built in `dtype`).
+
+    Raises:
+        RequestError: a quantization other than auto / bf16 for a preset model.
+    """
     if model is None:
         path = ensure_default_model()
-        return from_pretrained(path, device=device, dtype=dtype), path
+        return from_pretrained(path, device=device, dtype=dtype, quantization=quantization), path
     p = Path(str(model)).expanduser()
     if p.is_dir():
-        return from_pretrained(p, device=device, dtype=dtype), p
+        return from_pretrained(p, device=device, dtype=dtype, quantization=quantization), p
+    if quantization not in (None, "auto", "bf16"):
+        raise RequestError(f"engine argument 'quantization' {quantization!r} needs a checkpoint directory; "
+                           f"preset {model!r} is built with random float weights")
     return build_model(load_config(str(model)), device=device, dtype=dtype, seed=seed), None
 
 
@@ -97,7 +106,7 @@ class LLMEngine:
         if model is None:
             self.device = devices.resolve(args.device)
             self.dtype = resolve_dtype(args.dtype, self.device)
-            model, model_dir = load_model(args.model, self.device, self.dtype, args.seed)
+            model, model_dir = load_model(args.model, self.device, self.dtype, args.seed, args.quantization)
         else:
             p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
             dev = getattr(model, "device", None) or (p.device if p is not None else devices.resolve(args.device))

@@ -34,11 +34,19 @@ exactly with `torch.frexp` (no floating-point ``log2``), so a block whose ``amax
 already a power of two keeps that scale.
 
 All functions accept tensors on any device and return tensors on the same device.
+
+Devices without FP8 (Ascend 910B/910C, or any device under ``PARITY_DEVICE_NO_FP8=1``): when
+`float8_tensors` is False, no float8 tensor is ever created here: FP8 e4m3 codes and UE8M0 scales are
+returned as their raw bytes (uint8), encoded with float32 exponent/mantissa arithmetic and decoded with a
+256-entry table, bit-identical to torch's float8 casts (round to nearest even, saturating after the
+clamp to +-448).
 """
 
 from __future__ import annotations
 
 import torch
+
+from parity.devices.capability_table import no_fp8_requested
 
 #: Largest finite FP8 e4m3fn magnitude (OCP 8-bit floating point spec, E4M3: S.1111.110 = 448).
 FP8_E4M3_MAX = 448.0
@@ -70,6 +78,36 @@ FP4_ACT_BLOCK = 32
 FP8_DTYPE = torch.float8_e4m3fn
 SCALE_DTYPE = getattr(torch, "float8_e8m0fnu", torch.uint8)
 
+_FLOAT8_OFF = [False]
+
+
+def set_float8_tensors(enabled: bool) -> None:
+    """Allow (True) or forbid (False) float8 tensors in this process; the checkpoint loaders forbid them
+    when the target device has none (`parity.devices.float8_tensors`). ``PARITY_DEVICE_NO_FP8=1``
+    forbids them regardless."""
+    _FLOAT8_OFF[0] = not enabled
+
+
+def float8_tensors() -> bool:
+    """Whether the codecs may create float8 tensors (else FP8 / UE8M0 data is returned as uint8 bytes)."""
+    return not (_FLOAT8_OFF[0] or no_fp8_requested())
+
+
+def fp8_storage_dtype() -> torch.dtype:
+    """dtype FP8 e4m3 codes are stored in: float8_e4m3fn, or uint8 where float8 tensors are forbidden."""
+    return FP8_DTYPE if float8_tensors() else torch.uint8
+
+
+def scale_dtype() -> torch.dtype:
+    """dtype UE8M0 scales are stored in: float8_e8m0fnu, or uint8 where float8 tensors are forbidden."""
+    return SCALE_DTYPE if float8_tensors() else torch.uint8
+
+
+def _scale_bytes(b: torch.Tensor) -> torch.Tensor:
+    """UE8M0 bytes (uint8) as the scale storage dtype."""
+    return b.view(SCALE_DTYPE) if float8_tensors() else b
+
+
 _FP4_MAG_CACHE: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
 
@@ -89,14 +127,64 @@ def fp8_e4m3_encode(x: torch.Tensor) -> torch.Tensor:
     Args:
         x: any shape, any float dtype (values already divided by their scale).
     Returns:
-        Same shape, dtype `torch.float8_e4m3fn`.
+        Same shape, dtype `torch.float8_e4m3fn`; raw bytes (uint8, `fp8_e4m3_encode_bytes`) where
+        float8 tensors are forbidden (`float8_tensors`).
     """
+    if not float8_tensors():
+        return fp8_e4m3_encode_bytes(x)
     return x.float().clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE)
 
 
+#: Smallest normal FP8 e4m3 exponent (OCP E4M3: bias 7, exponent field 1 -> 2**-6) and mantissa bits.
+_E4M3_MIN_EXP, _E4M3_MANT = -6, 3
+
+
+def fp8_e4m3_encode_bytes(x: torch.Tensor) -> torch.Tensor:
+    """FP8 e4m3fn bytes (uint8) of x, without float8 dtypes; bit-identical to
+    ``x.float().clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)``.
+
+    With |x| = m * 2**E (1 <= m < 2) and E' = max(E, -6), the magnitude code is
+    ``8 * (E' + 6) + round_half_even(|x| * 2**(3 - E'))``: the rounded significand (8..16) carries into
+    the exponent field by itself, and below 2**-6 the same formula gives the subnormal codes.
+    NaN -> 0x7F (0xFF with the sign bit), as torch's cast.
+    """
+    xf = x.float().clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    mag = xf.abs()
+    _, k = torch.frexp(mag)                    # mag = f * 2**k, 0.5 <= f < 1 -> E = k - 1
+    e = torch.where(mag < 2.0 ** _E4M3_MIN_EXP, torch.full_like(k, _E4M3_MIN_EXP), k - 1)  # zero, subnormals
+    sig = torch.round(torch.ldexp(mag, _E4M3_MANT - e))  # exact scaling by a power of two, ties to even
+    code = ((e - _E4M3_MIN_EXP) * 8 + sig.to(torch.int32)).to(torch.int32)
+    code = torch.where(torch.isnan(xf), torch.full_like(code, 0x7F), code)
+    return (code | (torch.signbit(xf).to(torch.int32) << 7)).to(torch.uint8)
+
+
+_E4M3_TABLE: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+def _e4m3_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Decoded value of each of the 256 FP8 e4m3fn bytes (0x7F / 0xFF = NaN), built with integer math."""
+    key = (str(device), dtype)
+    t = _E4M3_TABLE.get(key)
+    if t is None:
+        b = torch.arange(256, dtype=torch.int32)
+        ef, mf = (b >> 3) & 0xF, b & 7
+        sub = torch.ldexp(mf.float(), torch.full_like(b, _E4M3_MIN_EXP - _E4M3_MANT))     # m * 2**-9
+        norm = torch.ldexp((mf + 8).float(), ef - 7 - _E4M3_MANT)                          # (8+m) * 2**(e-10)
+        v = torch.where(ef == 0, sub, norm)
+        v = torch.where((b & 0x7F) == 0x7F, torch.full_like(v, float("nan")), v)
+        v = torch.where(b >= 128, -v, v)
+        t = v.to(device=device, dtype=dtype)
+        _E4M3_TABLE[key] = t
+    return t
+
+
 def fp8_e4m3_decode(q: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """FP8 e4m3fn (dtype float8_e4m3fn, or its raw bytes as uint8/int8) -> `dtype`, exact."""
+    """FP8 e4m3fn (dtype float8_e4m3fn, or its raw bytes as uint8/int8) -> `dtype`, exact.
+
+    Raw bytes are decoded with a 256-entry table where float8 tensors are forbidden."""
     if q.dtype in (torch.uint8, torch.int8):
+        if not float8_tensors():
+            return _e4m3_table(q.device, torch.float32)[q.view(torch.uint8).long()].to(dtype)
         q = q.view(torch.uint8).view(FP8_DTYPE)
     return q.to(dtype)
 
@@ -135,7 +223,7 @@ def ue8m0_encode(scale: torch.Tensor, rounding: str = "ceil") -> torch.Tensor:
             raise ValueError("UE8M0 'exact' encoding needs powers of two; got a value that is not")
     if s.numel() and bool(((e < UE8M0_MIN_EXP) | (e > UE8M0_MAX_EXP)).any()):
         raise ValueError(f"UE8M0 exponent out of range [{UE8M0_MIN_EXP}, {UE8M0_MAX_EXP}]")
-    return (e + UE8M0_BIAS).to(torch.uint8).view(SCALE_DTYPE)
+    return _scale_bytes((e + UE8M0_BIAS).to(torch.uint8))
 
 
 def ue8m0_decode(code: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -241,7 +329,7 @@ def quantize_fp8_weight(w: torch.Tensor, block: tuple[int, int] = FP8_WEIGHT_BLO
     e = block_scale_exponent(amax, FP8_E4M3_MAX, FP8_AMAX_FLOOR)
     s = torch.ldexp(torch.ones_like(amax), e)
     q = fp8_e4m3_encode(tiles / s[:, None, :, None]).view(nb * br, kb * bc)[:n, :k].contiguous()
-    return q, (e + UE8M0_BIAS).to(torch.uint8).view(SCALE_DTYPE)
+    return q, _scale_bytes((e + UE8M0_BIAS).to(torch.uint8))
 
 
 def dequantize_fp8_weight(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = FP8_WEIGHT_BLOCK,
@@ -279,7 +367,7 @@ def quantize_fp4_weight(w: torch.Tensor, block: int = FP4_WEIGHT_BLOCK) -> tuple
     e = block_scale_exponent(amax, FP4_E2M1_MAX, FP4_AMAX_FLOOR)
     s = torch.ldexp(torch.ones_like(amax), e)
     codes = fp4_e2m1_encode(runs / s[..., None]).flatten(-2)
-    return fp4_pack(codes), (e + UE8M0_BIAS).to(torch.uint8).view(SCALE_DTYPE)
+    return fp4_pack(codes), _scale_bytes((e + UE8M0_BIAS).to(torch.uint8))
 
 
 def dequantize_fp4_weight(packed: torch.Tensor, scale: torch.Tensor, block: int = FP4_WEIGHT_BLOCK,
@@ -315,7 +403,7 @@ def quantize_fp8_lastdim(x: torch.Tensor, block: int = FP8_KV_BLOCK) -> tuple[to
     e = block_scale_exponent(runs.abs().amax(dim=-1), FP8_E4M3_MAX, FP8_AMAX_FLOOR)
     s = torch.ldexp(torch.ones(e.shape, dtype=torch.float32, device=x.device), e)
     q = fp8_e4m3_encode(runs / s[..., None]).flatten(-2)
-    return q, (e + UE8M0_BIAS).to(torch.uint8).view(SCALE_DTYPE)
+    return q, _scale_bytes((e + UE8M0_BIAS).to(torch.uint8))
 
 
 def dequantize_fp8_lastdim(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -347,7 +435,7 @@ def quantize_fp4_lastdim(x: torch.Tensor, block: int = FP4_ACT_BLOCK) -> tuple[t
     e = block_scale_exponent(runs.abs().amax(dim=-1), FP4_E2M1_MAX, FP4_AMAX_FLOOR)
     s = torch.ldexp(torch.ones(e.shape, dtype=torch.float32, device=x.device), e)
     codes = fp4_e2m1_encode(runs / s[..., None]).flatten(-2)
-    return codes, (e + UE8M0_BIAS).to(torch.uint8).view(SCALE_DTYPE)
+    return codes, _scale_bytes((e + UE8M0_BIAS).to(torch.uint8))
 
 
 def fp4_round_lastdim(x: torch.Tensor, block: int = FP4_ACT_BLOCK) -> torch.Tensor:

@@ -4,126 +4,26 @@
 readers and writer of `parity.checkpoint`) and raises a `DeviceError` naming the model, the estimate,
 the dtype, the device and its free memory.
 
-The estimate (`estimate_weight_bytes`) is torch-free: it takes the parameter counts of
-`parity.shapes.count_params` and splits them by the storage dtype parity's model gives each tensor:
-
-- FP8 linears (attention ``q_a/q_b/kv/o_a/o_b``, the indexer ``q_b``, the shared expert, MTP
-  ``e_proj/h_proj``): quantized = 1 byte per weight + one UE8M0 byte per ``weight_block_size`` tile
-  (`parity.model.quant.QuantLinear`); otherwise the model dtype.
-- routed experts: quantized = FP4 e2m1, 0.5 byte per weight + one UE8M0 byte per 32 weights
-  (`parity.model.quant.FP4Experts`); otherwise the model dtype.
-- always fp32 (`parity.model.deepseek_v4._FP32_SUFFIXES`): the LM head (fp32 logits, as the official
-  ``ParallelHead``), norms, mHC mixing parameters, attention sinks, compressor position biases; buffers
-  ``e_score_correction_bias`` (fp32) and ``tid2eid`` (int64) of the MoE gates.
-- everything else (embedding, router, compressor / indexer projections) in the model dtype.
+The estimate (`estimate_weight_bytes`, per weight format) lives in the torch-free `parity.weight_bytes`.
 
 Set ``PARITY_SKIP_MEMORY_CHECK=1`` to skip the check (swap, memory overcommit, unified memory).
 """
 
 from __future__ import annotations
 
-import math
 import os
 
-from parity.config import CSA, HCA, ModelConfig
+from parity.config import ModelConfig
 from parity.errors import DeviceError
-from parity.shapes import hc_head_params, layer_params, mtp_layer_types
+from parity.weight_bytes import FP4_BLOCK, WEIGHT_FORMATS, dtype_itemsize, estimate_weight_bytes  # noqa: F401
+
+_GIB = 1024 ** 3
 
 #: Environment variable that disables `check_fits` ("1", "true", "yes").
 SKIP_ENV = "PARITY_SKIP_MEMORY_CHECK"
 #: Default safety margin of `check_fits`: fraction of the weight estimate kept free for activations,
 #: caches and allocator slack.
 DEFAULT_HEADROOM = 0.10
-#: Values per UE8M0 scale of an FP4 routed-expert row (official ``fp4`` weights: 1x32 blocks).
-FP4_BLOCK = 32
-
-_ITEMSIZE = {"float32": 4, "fp32": 4, "float": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2,
-             "float64": 8, "fp64": 8, "double": 8}
-_GIB = 1024 ** 3
-
-
-def dtype_itemsize(dtype) -> int:
-    """Bytes per element of a floating dtype given as a torch.dtype or a name ("bfloat16", "fp32", ...).
-
-    Raises:
-        DeviceError: unknown dtype name.
-    """
-    name = str(dtype).removeprefix("torch.").lower()
-    if name not in _ITEMSIZE:
-        raise DeviceError(f"dtype {dtype!r}: expected one of {', '.join(sorted(_ITEMSIZE))} to estimate memory")
-    return _ITEMSIZE[name]
-
-
-def _block(cfg: ModelConfig) -> tuple[int, int]:
-    b = (cfg.quantization_config or {}).get("weight_block_size", [128, 128])
-    try:
-        return int(b[0]), int(b[1])
-    except (TypeError, ValueError, IndexError):
-        return 128, 128
-
-
-def _layer_split(cfg: ModelConfig, layer_type: str) -> tuple[list[tuple[int, int]], int, int]:
-    """(FP8 linears as (out, in), fp32 elements, model-dtype elements) of one decoder layer, routed
-    experts excluded (they are counted apart)."""
-    D, H, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
-    qlr, olr, g = cfg.q_lora_rank, cfg.o_lora_rank, cfg.o_groups
-    si = cfg.moe_intermediate_size * max(cfg.n_shared_experts, 1)   # the model's single shared expert
-    fp8 = [(qlr, D), (H * hd, qlr), (hd, D), (g * olr, H * hd // g), (D, g * olr),
-           (si, D), (D, si), (si, D)]
-    fp32 = H + qlr + hd                                                 # sinks, q_a_norm, kv_norm
-    if layer_type == CSA:
-        m, ihd = cfg.compress_rates[CSA], cfg.index_head_dim
-        fp8.append((cfg.index_n_heads * ihd, qlr))                      # indexer q_b_proj
-        fp32 += m * 2 * hd + hd + m * 2 * ihd + ihd                     # position biases, compressor norms
-    elif layer_type == HCA:
-        fp32 += cfg.compress_rates[HCA] * hd + hd
-    lp = layer_params(cfg, layer_type)
-    fp32 += lp["other"]                                                 # the two layer norms, the two mHC
-    rest = lp["attention"] + lp["router"] + lp["other"] - fp32 - sum(o * i for o, i in fp8[:5] + fp8[8:])
-    return fp8, fp32, rest
-
-
-def estimate_weight_bytes(cfg: ModelConfig, dtype="float32", quantized: bool = False,
-                          include_mtp: bool = True) -> int:
-    """Bytes of parameters and buffers parity's `V4ForCausalLM` allocates for `cfg`.
-
-    Args:
-        cfg: the architecture.
-        dtype: the model (compute) dtype, a torch.dtype or a name; fp32-only tensors stay fp32.
-        quantized: True = FP8 linears and FP4 routed experts kept quantized, as
-            `parity.checkpoint.official_reader.load_official` loads the published checkpoint; False = every
-            weight in `dtype` (`build_model`, `from_pretrained`, ``load_official(quantized=False)``).
-        include_mtp: count the multi-token-prediction blocks (the model builds them when the config has any).
-    Returns:
-        Bytes (int); activations, caches and allocator overhead are not included.
-    Raises:
-        DeviceError: unknown dtype name.
-    """
-    isz = dtype_itemsize(dtype)
-    br, bc = _block(cfg)
-    D, V = cfg.hidden_size, cfg.vocab_size
-    E, inter = cfg.n_routed_experts, cfg.moe_intermediate_size
-
-    def fp8_bytes(linears) -> int:
-        if not quantized:
-            return sum(o * i for o, i in linears) * isz
-        return sum(o * i + math.ceil(o / br) * math.ceil(i / bc) for o, i in linears)
-
-    expert_elems = E * 3 * D * inter
-    expert_bytes = (expert_elems // 2 + expert_elems // FP4_BLOCK) if quantized else expert_elems * isz
-
-    def layer_bytes(t: str, is_hash: bool) -> int:
-        fp8, fp32, rest = _layer_split(cfg, t)
-        buffers = V * cfg.num_experts_per_tok * 8 if is_hash else E * 4   # tid2eid int64 / gate bias fp32
-        return fp8_bytes(fp8) + fp32 * 4 + rest * isz + expert_bytes + buffers
-
-    total = V * D * isz + V * D * 4                                      # embedding; LM head kept in fp32
-    total += (D + hc_head_params(cfg)) * 4                               # final norm, hc_head
-    total += sum(layer_bytes(t, cfg.is_hash_layer(i)) for i, t in enumerate(cfg.layer_types))
-    if include_mtp:
-        for t in mtp_layer_types(cfg):
-            total += layer_bytes(t, False) + fp8_bytes([(D, D), (D, D)]) + (3 * D + hc_head_params(cfg)) * 4
-    return int(total)
 
 
 def _label(cfg: ModelConfig) -> str:
@@ -142,12 +42,12 @@ def skip_requested() -> bool:
 
 def check_fits(cfg: ModelConfig, device, dtype="float32", quantized: bool = False,
                headroom: float = DEFAULT_HEADROOM, *, include_mtp: bool = True, extra_bytes: int = 0,
-               what: str = "") -> int:
+               what: str = "", weights: str | None = None) -> int:
     """Refuse to build a model whose weights cannot fit in the device's free memory.
 
     Args:
         cfg: the architecture. device: a torch.device or a name ("cpu", "cuda:0"; resolved already).
-        dtype / quantized / include_mtp: as `estimate_weight_bytes`.
+        dtype / quantized / include_mtp / weights: as `estimate_weight_bytes`.
         headroom: extra fraction of the estimate that must be free too (activations, caches, slack).
         extra_bytes: further bytes the caller needs at the same time (the exporter's quantized copy).
         what: what is being done, for the message (default "building the model").
@@ -158,7 +58,8 @@ def check_fits(cfg: ModelConfig, device, dtype="float32", quantized: bool = Fals
             "<model> needs ~X GiB in <dtype> on <device>, this device has Y GiB free" and the ways out.
             Skipped when ``PARITY_SKIP_MEMORY_CHECK=1`` or when the device reports no memory figures.
     """
-    need = int(estimate_weight_bytes(cfg, dtype, quantized, include_mtp) * (1.0 + max(0.0, headroom))) + extra_bytes
+    need = int(estimate_weight_bytes(cfg, dtype, quantized, include_mtp, weights) * (1.0 + max(0.0, headroom)))
+    need += extra_bytes
     if skip_requested():
         return need
     from parity import devices
@@ -167,7 +68,7 @@ def check_fits(cfg: ModelConfig, device, dtype="float32", quantized: bool = Fals
     if total <= 0 or need <= free:  # no figures on this backend: nothing to compare with
         return need
     dt = str(dtype).removeprefix("torch.")
-    form = " (FP8/FP4 weights kept quantized)" if quantized else ""
+    form = f" ({weights} weights)" if weights else " (FP8/FP4 weights kept quantized)" if quantized else ""
     raise DeviceError(
         f"{_label(cfg)} needs ~{_gib(need)} in {dt}{form} on {device}"
         f"{' for ' + what if what else ''}, this device has {_gib(free)} free (of {_gib(total)}); use a "

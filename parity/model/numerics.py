@@ -132,8 +132,8 @@ class KVCodec:
         rope = rows[:, :rb].contiguous().view(self.dtype)
         q = torch.zeros((n, self.nblocks * FP8_BLOCK), dtype=torch.uint8, device=rows.device)
         q[:, :self.nope] = rows[:, rb:rb + self.nope]
-        s = rows[:, rb + self.nope:rb + self.nope + self.nblocks].contiguous().view(ff.SCALE_DTYPE)
-        nope = ff.dequantize_fp8_lastdim(q.view(torch.float8_e4m3fn), s, self.dtype)[:, :self.nope]
+        s = rows[:, rb + self.nope:rb + self.nope + self.nblocks].contiguous().view(ff.scale_dtype())
+        nope = ff.dequantize_fp8_lastdim(q.view(ff.fp8_storage_dtype()), s, self.dtype)[:, :self.nope]
         return torch.cat([nope, rope], dim=-1)
 
 

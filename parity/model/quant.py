@@ -43,7 +43,8 @@ class _FP8WeightMixin:
     """Shared storage + dequantization of an FP8 block-quantized ``[out, in]`` weight.
 
     Buffers: ``qweight`` float8_e4m3fn [out, in]; ``scale`` UE8M0 (float8_e8m0fnu)
-    [ceil(out/128), ceil(in/128)] (release names ``<module>.weight`` / ``<module>.scale``).
+    [ceil(out/128), ceil(in/128)] (release names ``<module>.weight`` / ``<module>.scale``); both uint8
+    (the same bytes) where float8 tensors are forbidden (`fp_formats.float8_tensors`).
     """
 
     block: tuple[int, int]
@@ -54,10 +55,11 @@ class _FP8WeightMixin:
         self.block = (int(block[0]), int(block[1]))
         self.compute_dtype = compute_dtype
         self.native_fp8 = False
-        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=ff.FP8_DTYPE, device=device))
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=ff.fp8_storage_dtype(),
+                                                    device=device))
         self.register_buffer("scale", torch.empty(_n_blocks(out_features, self.block[0]),
                                                   _n_blocks(in_features, self.block[1]),
-                                                  dtype=ff.SCALE_DTYPE, device=device))
+                                                  dtype=ff.scale_dtype(), device=device))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -96,7 +98,7 @@ class QuantLinear(_FP8WeightMixin, nn.Module):
         self._init_fp8_storage(out_features, in_features, block, device, compute_dtype)
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, block: tuple[int, int] = ff.FP8_WEIGHT_BLOCK) -> "QuantLinear":
+    def from_float(cls, weight: torch.Tensor, block: tuple[int, int] = ff.FP8_WEIGHT_BLOCK) -> QuantLinear:
         """Quantize a float weight [out, in] (tests, exporters)."""
         q, s = ff.quantize_fp8_weight(weight, block)
         m = cls(weight.shape[1], weight.shape[0], block, weight.device, weight.dtype if weight.is_floating_point()
@@ -209,7 +211,7 @@ class FP4Experts(nn.Module):
                 raise ValueError(f"FP4 experts need {name} ({v}) to be a multiple of the block size {block}")
         self.n_experts, self.hidden, self.inter, self.limit, self.block = n_experts, hidden, inter, limit, block
         self.compute_dtype = compute_dtype
-        u8, sd = torch.uint8, ff.SCALE_DTYPE
+        u8, sd = torch.uint8, ff.scale_dtype()
         self.register_buffer("gate_up_qweight", torch.empty(n_experts, 2 * inter, hidden // 2, dtype=u8, device=device))
         self.register_buffer("gate_up_scale",
                              torch.empty(n_experts, 2 * inter, hidden // block, dtype=sd, device=device))
@@ -217,7 +219,7 @@ class FP4Experts(nn.Module):
         self.register_buffer("down_scale", torch.empty(n_experts, hidden, inter // block, dtype=sd, device=device))
 
     @classmethod
-    def from_float(cls, gate_up: torch.Tensor, down: torch.Tensor, limit: float) -> "FP4Experts":
+    def from_float(cls, gate_up: torch.Tensor, down: torch.Tensor, limit: float) -> FP4Experts:
         """Quantize float stacks gate_up [E, 2I, H], down [E, H, I] (tests, exporters)."""
         e, two_i, h = gate_up.shape
         m = cls(e, h, two_i // 2, limit, device=gate_up.device)

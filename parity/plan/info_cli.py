@@ -10,6 +10,8 @@ def register(sub) -> None:
     p.add_argument("model", nargs="?", default="tiny", help="preset name (tiny, v4-flash, v4-pro) or checkpoint dir")
     p.add_argument("--context", type=int, default=65536, help="context length N for the total cache size (tokens)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--weights", default=None, choices=["bf16", "fp8", "fp4", "w8a8", "w4a8"],
+                   help="also report the weight bytes in this format (fp4 = the release: FP8 + FP4 experts)")
     p.set_defaults(func=run)
 
 
@@ -36,6 +38,11 @@ def run(args) -> int:
         raise ConfigError(f"--context must be >= 0 tokens, got {args.context}")
     cfg = load_config(args.model)
     info = model_info(cfg, args.context)
+    weights = getattr(args, "weights", None)
+    if weights:
+        from parity.weight_bytes import estimate_weight_bytes
+
+        info["weights"] = {"format": weights, "bytes": estimate_weight_bytes(cfg, "bfloat16", weights=weights)}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -61,4 +68,6 @@ def run(args) -> int:
               f"{_fmt_b(c['fixed_bytes'])} fixed (windows + compressor state); "
               f"{_fmt_b(c['total_bytes_at_context'])} per sequence at {info['context_tokens']:,} tokens")
     print(f"formula          {info['kv_cache_formula']}")
+    if weights:
+        print(f"weights {weights:8s} {_fmt_b(info['weights']['bytes'])} (other tensors bf16 / fp32)")
     return 0

@@ -101,6 +101,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="share of free device memory for the cache pool (when --cache-memory is not given)")
     g.add_argument("--max-waiting", type=int, default=256, help="most waiting requests; more get HTTP 429")
     g.add_argument("--kv-cache-dtype", default=None, choices=["bf16", "fp8"], help="cache precision")
+    g.add_argument("--quantization", "-q", default=None, choices=["auto", "fp8", "fp4", "w8a8", "w4a8", "bf16"],
+                   help="how FP8/FP4 published weights are held: as published (fp8/fp4), converted to INT8 "
+                        "W8A8 / W4A8, or dequantized (bf16); auto = as published, W8A8 on chips without FP8")
     g.add_argument("--seed", type=int, default=0, help="seed of random weights and unseeded sampling")
 
 
@@ -126,7 +129,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                 max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                 cache_memory=args.cache_memory, cache_memory_fraction=args.cache_memory_fraction,
-                max_waiting=args.max_waiting, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed)
+                max_waiting=args.max_waiting, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed,
+                quantization=args.quantization)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,0 +1,251 @@
+"""No-FP8 devices and INT8 weights: capability table, the float8 guard, byte-exact FP8 codecs without
+float8 dtypes, W8A8 / W4A8 modules against a dequantize-and-fake-quantize reference, msModelSlim
+checkpoints, FP8 -> W8A8 conversion at load, weight bytes per format."""
+
+import json
+
+import pytest
+import torch
+
+from parity.checkpoint import writer
+from parity.checkpoint.msmodelslim_io import export_msmodelslim, load_msmodelslim
+from parity.checkpoint.official_reader import load_official
+from parity.checkpoint.reader import from_pretrained
+from parity.config import load_preset
+from parity.devices import int8_gemm
+from parity.devices.capability_table import NO_FP8_ENV, lookup
+from parity.devices.fp8_guard import Float8TensorError, NoFloat8Mode
+from parity.errors import CheckpointError, ConfigError
+from parity.model import fp_formats as ff
+from parity.model import int8_quant as iq
+from parity.model.numerics import IndexCodec, KVCodec
+from parity.weight_bytes import estimate_weight_bytes
+
+SMALL = dict(vocab_size=512)
+
+
+@pytest.fixture
+def no_fp8(monkeypatch):
+    monkeypatch.setenv(NO_FP8_ENV, "1")
+
+
+# ---------------------------------------------------------------------------------- capabilities
+def test_capability_table():
+    assert not lookup("npu", "Ascend910B2").fp8 and lookup("npu", "Ascend910B2").int8
+    c = lookup("npu", "Ascend910_9391")
+    assert c.chip == "ascend-910c" and not c.fp8 and not c.float8_tensors
+    assert lookup("npu", "Ascend950PR").fp8 and lookup("npu", "Ascend950PR").fp4
+    assert lookup("cuda", "NVIDIA H200", 90).fp8 and not lookup("cuda", "NVIDIA H200", 90).fp4
+    assert lookup("cuda", "NVIDIA B200", 100).fp4
+    assert not lookup("cuda", "NVIDIA A100", 80).fp8
+    cpu = lookup("cpu")
+    assert cpu.float8_tensors and not cpu.fp8 and cpu.source
+
+
+def test_no_fp8_env(no_fp8):
+    from parity import devices
+
+    caps = devices.capabilities("cpu")
+    assert not caps.float8_tensors and not caps.fp8 and NO_FP8_ENV in caps.source
+    assert "fp8" not in caps.weight_formats() and "w8a8" in caps.weight_formats()
+    assert not ff.float8_tensors() and ff.scale_dtype() == torch.uint8
+
+
+def test_guard_catches_factories_casts_and_views():
+    with NoFloat8Mode():
+        torch.ones(3) + 1
+        for make in (lambda: torch.empty(2, dtype=torch.float8_e4m3fn), lambda: torch.ones(2).to(torch.float8_e5m2),
+                     lambda: torch.zeros(2, dtype=torch.uint8).view(torch.float8_e8m0fnu)):
+            with pytest.raises(Float8TensorError):
+                make()
+
+
+# ------------------------------------------------------------------------------- byte-exact codecs
+def test_e4m3_bytes_match_torch_cast():
+    allv = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    fin = allv[torch.isfinite(allv)].sort().values
+    mids = (fin[1:] + fin[:-1]) / 2
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([fin, mids, torch.nextafter(mids, torch.tensor(1e9)), torch.nextafter(mids, torch.tensor(-1e9)),
+                   torch.randn(100_000, generator=g) * torch.exp2(torch.randint(-20, 12, (100_000,), generator=g)),
+                   torch.tensor([0.0, -0.0, 448.0, 449.0, 465.0, 1e30, -1e30, float("nan"), float("inf"), 1e-40])])
+    ref = x.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(ff.fp8_e4m3_encode_bytes(x), ref)
+    table = ff._e4m3_table(torch.device("cpu"), torch.float32)
+    assert torch.equal(torch.nan_to_num(table, nan=9.0), torch.nan_to_num(allv, nan=9.0))
+    assert torch.equal(torch.signbit(table), torch.signbit(allv))
+
+
+def test_kv_and_indexer_codecs_bit_identical_without_float8(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    kv = torch.randn(9, 96, generator=g) * 3
+    idx = torch.randn(9, 64, generator=g)
+    kc, ic = KVCodec(96, 32, torch.float32, True), IndexCodec(64, torch.float32, True)
+    rows_ref, irows_ref = kc.encode(kv), ic.encode(idx)
+    dec_ref, idec_ref = kc.decode(rows_ref), ic.decode(irows_ref)
+    monkeypatch.setenv(NO_FP8_ENV, "1")
+    with NoFloat8Mode():
+        rows, irows = kc.encode(kv), ic.encode(idx)
+        dec, idec = kc.decode(rows), ic.decode(irows)
+    assert torch.equal(rows, rows_ref) and torch.equal(irows, irows_ref)
+    assert torch.equal(dec, dec_ref) and torch.equal(idec, idec_ref)
+
+
+# ------------------------------------------------------------------------------ W8A8 / W4A8 modules
+def _reference_linear(xq, xs, wq, ws, out_dtype):
+    """Dequantize both sides (values times their scales) and multiply them, in float64 so nothing is rounded
+    before the one final rounding to `out_dtype`: the reference the INT8 kernels must match."""
+    x, w = xq.double() * xs.double()[:, None], wq.double() * ws.double()[:, None]
+    return (x @ w.t()).to(out_dtype)
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 32), (17, 60, 30), (3, 7, 5)])
+def test_int8_gemm_kernels_agree(shape):
+    m, k, n = shape
+    g = torch.Generator().manual_seed(2)
+    xq = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    wq = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    xs, ws = torch.rand(m, generator=g) + 0.1, torch.rand(n, generator=g) + 0.1
+    exact = ((xq.long() @ wq.long().t()).double() * xs.double()[:, None] * ws.double()[None, :]).float()
+    assert int8_gemm.kernel_for(torch.device("cpu"), m, k, n) == "int_mm"
+    for kern in ("int_mm", "dequant"):
+        assert torch.equal(int8_gemm.int8_linear(xq, xs, wq, ws, torch.float32, kern), exact)
+    torch.testing.assert_close(_reference_linear(xq, xs, wq, ws, torch.float32), exact, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError):
+        int8_gemm.int8_linear(xq, xs, wq, ws, torch.float32, "nope")
+
+
+def test_int4_packing_roundtrip_and_per_token_quant():
+    q = torch.randint(-8, 8, (6, 10), dtype=torch.int8)
+    p = iq.pack_int4_rows(q)
+    assert p.shape == (3, 10) and p.dtype == torch.int8 and torch.equal(iq.unpack_int4_rows(p), q)
+    x = torch.tensor([[0.0, 0.0], [1.0, -127.0]])
+    xq, xs = iq.quantize_act_per_token(x)
+    assert torch.equal(xq[0], torch.zeros(2, dtype=torch.int8)) and xs[1].item() == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def small_src():
+    from parity.model import build_model
+
+    return build_model(load_preset("tiny").replace(**SMALL), seed=1)
+
+
+@pytest.fixture(scope="module")
+def published_dir(tmp_path_factory, small_src):
+    d = tmp_path_factory.mktemp("pub") / "ckpt"
+    writer.export_model(small_src, d, seed=1, shard_bytes=200_000, tokenizer=False)
+    return d
+
+
+@pytest.fixture(scope="module", params=["msmodelslim-w8a8", "msmodelslim-w4a8"])
+def slim_dir(request, tmp_path_factory, small_src):
+    d = tmp_path_factory.mktemp(request.param) / "ckpt"
+    export_msmodelslim(small_src, d, request.param, shard_bytes=200_000, tokenizer=False)
+    return d, request.param
+
+
+IDS = torch.randint(0, 512, (1, 23), generator=torch.Generator().manual_seed(5))
+
+
+def test_msmodelslim_loads_without_float8_and_matches_fake_quant_reference(slim_dir, no_fp8, monkeypatch):
+    d, fmt = slim_dir
+    with NoFloat8Mode():
+        m = from_pretrained(d)
+        logits = m.forward_logits(IDS, "fp8", "fp4")
+    assert m.weight_format == fmt.rpartition("-")[2]
+    q = m.model.layers[0].self_attn.q_a_proj
+    assert isinstance(q, iq.Int8Linear) and q.weight.dtype == torch.int8
+    ex = m.model.layers[0].mlp.experts
+    assert isinstance(ex, iq.Int8Experts) and ex.bits == (4 if fmt.endswith("w4a8") else 8)
+    monkeypatch.setattr(iq, "int8_linear", lambda xq, xs, wq, ws, dt: _reference_linear(xq, xs, wq, ws, dt))
+    ref = m.forward_logits(IDS, "fp8", "fp4")
+    assert torch.equal(logits.argmax(-1), ref.argmax(-1))
+    torch.testing.assert_close(logits, ref, rtol=0, atol=1e-5)
+
+
+def test_msmodelslim_bad_input(slim_dir, tmp_path):
+    import shutil
+
+    d, _ = slim_dir
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    desc = json.loads((bad / "quant_model_description.json").read_text())
+    desc["layers.0.attn.wq_a.weight"] = "W8A16"
+    (bad / "quant_model_description.json").write_text(json.dumps(desc))
+    with pytest.raises(CheckpointError, match=r"layers\.0\.attn\.wq_a\.weight.*W8A16"):
+        load_msmodelslim(bad)
+    desc["layers.0.attn.wq_a.weight"] = "W8A8_DYNAMIC"
+    desc["group_size"] = 64
+    (bad / "quant_model_description.json").write_text(json.dumps(desc))
+    with pytest.raises(CheckpointError, match="group_size"):
+        load_msmodelslim(bad)
+    with pytest.raises(CheckpointError, match="msModelSlim"):
+        from_pretrained(d, quantization="fp8")
+
+
+def test_published_layout_without_float8_is_bit_identical(published_dir, no_fp8, monkeypatch):
+    monkeypatch.delenv(NO_FP8_ENV)
+    ref = load_official(published_dir, progress=False).forward_logits(IDS, "fp8", "fp4")
+    monkeypatch.setenv(NO_FP8_ENV, "1")
+    with NoFloat8Mode():
+        m = load_official(published_dir, progress=False, quantization="fp8")
+        got = m.forward_logits(IDS, "fp8", "fp4")
+    assert m.model.layers[0].self_attn.q_a_proj.qweight.dtype == torch.uint8
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+
+
+def test_published_layout_converts_to_w8a8_by_default_without_float8(published_dir, no_fp8, caplog):
+    with NoFloat8Mode(), caplog.at_level("INFO", logger="parity.checkpoint"):
+        m = load_official(published_dir, progress=False)
+        logits = m.forward_logits(IDS, "fp8", "fp4")
+    assert m.weight_format == "w8a8" and "converted" in caplog.text and "MiB" in caplog.text
+    assert isinstance(m.model.layers[0].self_attn.q_a_proj, iq.Int8Linear)
+    assert torch.isfinite(logits).all()
+    with pytest.raises(ConfigError, match="--quantization"):
+        load_official(published_dir, progress=False, quantization="int3")
+
+
+# ------------------------------------------------------------------------------------ weight bytes
+def test_w8a8_weight_bytes_about_one_byte_per_linear_weight(slim_dir):
+    d, fmt = slim_dir
+    m = load_msmodelslim(d)
+    mods = [x for x in m.modules() if isinstance(x, (iq.Int8Linear, iq.Int8Experts))]
+    n_weights = sum(x.weight.numel() if isinstance(x, iq.Int8Linear) else
+                    x.n_experts * 3 * x.hidden * x.inter for x in mods)
+    per_weight = iq.int8_nbytes(m) / n_weights
+    assert (1.0 if fmt.endswith("w8a8") else 0.5) < per_weight < 1.1  # int8 + per-row scales; int4 experts
+    actual = sum(t.numel() * t.element_size() for t in m.state_dict().values())
+    est = estimate_weight_bytes(m.config, "float32", weights=m.weight_format)
+    assert abs(est - actual) / actual < 0.03  # estimate = what the loaded model holds, within a few %
+
+
+def test_weight_bytes_per_format():
+    cfg = load_preset("v4-flash")
+    b = {w: estimate_weight_bytes(cfg, "bfloat16", weights=w) for w in ("bf16", "fp8", "fp4", "w8a8", "w4a8")}
+    assert b["fp4"] == estimate_weight_bytes(cfg, "bfloat16", quantized=True)
+    assert b["bf16"] == estimate_weight_bytes(cfg, "bfloat16")
+    assert b["w4a8"] < b["w8a8"] < b["bf16"] and b["fp4"] < b["fp8"] < b["bf16"]
+    with pytest.raises(ConfigError):
+        estimate_weight_bytes(cfg, weights="int3")
+
+
+def test_quantization_flag_reaches_engine_and_info(published_dir, capsys):
+    import argparse
+
+    from parity.cli import main
+    from parity.engine.args import EngineArgs
+    from parity.errors import RequestError
+    from parity.server.serve_cli import add_engine_args
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    assert p.parse_args(["--quantization", "w8a8"]).quantization == "w8a8"
+    with pytest.raises(RequestError, match="quantization"):
+        EngineArgs(quantization="int3").validate()
+    from parity.engine.llm import LLM
+
+    llm = LLM(str(published_dir), device="cpu", quantization="w8a8", tokenizer=None, cache_memory=1 << 24)
+    assert llm.engine.model.weight_format == "w8a8"
+    assert main(["info", "tiny", "--weights", "w8a8"]) == 0
+    assert "weights w8a8" in capsys.readouterr().out
