@@ -21,7 +21,7 @@ from parity.devices.energy import open_meters
 
 
 def run_bench(cfg: BenchConfig, *, tokenizer: BenchTokenizer | None = None, requests: list[BenchRequest] | None = None,
-              meter=None, transport=None, probe: bool = True) -> dict:
+              meter=None, transport=None, probe: bool = True, idle: list | None = None) -> dict:
     """Synchronous entry point: build the workload, open the energy meter, run, write ``cfg.output``.
 
     Ctrl-C (SIGINT) stops the run: in-flight requests are cancelled and recorded as "interrupted", the partial
@@ -30,6 +30,8 @@ def run_bench(cfg: BenchConfig, *, tokenizer: BenchTokenizer | None = None, requ
     Args:
         tokenizer, requests, meter: pre-built pieces (tests); None = built from `cfg`.
         transport: httpx async transport replacing the network (see `run_requests`).
+        idle: idle baseline per meter already measured (`parity.bench.metering.measure_idle`; a sweep reads it
+            once); None = measured here for ``cfg.idle_baseline_s`` s.
         probe: ask the server for its model list, `server` header and version before the run (metadata).
     Returns:
         The result dict (see `run_requests`).
@@ -56,7 +58,8 @@ def run_bench(cfg: BenchConfig, *, tokenizer: BenchTokenizer | None = None, requ
     if meter is None and cfg.energy:
         meter = open_meters(cfg.energy, devices=cfg.energy_devices)
     meters = as_meters(meter)
-    idle = measure_idle(meters, cfg.idle_baseline_s) if cfg.idle_baseline_s > 0 else [None] * len(meters)
+    if idle is None:
+        idle = measure_idle(meters, cfg.idle_baseline_s) if cfg.idle_baseline_s > 0 else [None] * len(meters)
     if cfg.client_workers > 1 and transport is None:
         result = run_with_workers(cfg, requests, tokenizer, meter)
     else:
