@@ -13,10 +13,11 @@ from parity.bench.metering import as_meters, measure_idle, steady_state_energy
 from parity.bench.metrics import RequestRecord
 from parity.bench.result import save_result
 from parity.bench.run_config import BenchConfig
+from parity.bench.shared_workloads import build_workload
 from parity.bench.steady_state import steady_state
 from parity.bench.tokenizer import BenchTokenizer, load_bench_tokenizer
 from parity.bench.workers import run_with_workers
-from parity.bench.workloads import BenchRequest, build_requests
+from parity.bench.workloads import BenchRequest
 from parity.devices.energy import open_meters
 
 
@@ -51,7 +52,7 @@ def run_bench(cfg: BenchConfig, *, tokenizer: BenchTokenizer | None = None, requ
     cfg.validate()
     tokenizer = tokenizer or load_bench_tokenizer(cfg.tokenizer)
     if requests is None:
-        requests, wl_notes = build_requests(cfg.workload, tokenizer, cfg.num_prompts, cfg.seed)
+        requests, wl_notes = build_workload(cfg.workload, tokenizer, cfg.num_prompts, cfg.seed)
         notes.extend(wl_notes)
     server = (asyncio.run(probe_server(cfg.base_url, cfg.auth_headers(), cfg.timeout_s, transport)) if probe
               else None)
