@@ -31,7 +31,8 @@ def test_prefix_repetition_shares_prefixes(tok):
 
 
 def test_multiturn_replay_carries_history(tok, tmp_path):
-    conv = [{"conversations": [{"from": "human", "value": "alpha bravo"}, {"from": "gpt", "value": "charlie delta echo"},
+    conv = [{"conversations": [{"from": "human", "value": "alpha bravo"},
+                               {"from": "gpt", "value": "charlie delta echo"},
                                {"from": "human", "value": "golf"}, {"from": "gpt", "value": "hotel"}]},
             {"conversations": [{"from": "human", "value": "kilo lima"}, {"from": "gpt", "value": "mike"}]}]
     p = tmp_path / "conv.json"

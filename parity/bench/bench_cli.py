@@ -13,6 +13,10 @@ EPILOG = """workloads (--workload):
   fixed:in=1024,out=128                               exact lengths
   sharegpt:PATH[,out=N]                               ShareGPT JSON (first turn = prompt)
   trace:PATH                                          JSONL {"arrival_s","input_len","output_len"}
+  prefix:num_prefixes=N,prefix_len=L,suffix_len=S,out=O   N shared prefixes + unique suffixes (prefix caching)
+  multiturn:PATH[,turns=T][,out=N]                    ShareGPT conversations replayed turn by turn with history
+  mooncake:PATH[,block=512]                           Mooncake/AIPerf trace JSONL (timestamp, lengths, hash_ids)
+sweep:   parity bench sweep --concurrency 1,4,16 --isl-osl 1024/128 --out-dir results/ ...
 report:  parity bench report run1.json run2.json --out report.html   (or .png)
 """
 
@@ -70,7 +74,8 @@ def add_run_args(p) -> None:
     p.add_argument("--endpoint", choices=("chat", "completions"), default="chat",
                    help="/v1/chat/completions or /v1/completions (default chat)")
     p.add_argument("--workload", default="random:in=1024,out=128", metavar="SPEC",
-                   help="random|fixed|sharegpt|trace spec, see below (default random:in=1024,out=128)")
+                   help="random|fixed|sharegpt|trace|prefix|multiturn|mooncake spec, see below "
+                        "(default random:in=1024,out=128)")
     p.add_argument("--num-prompts", type=int, default=None, metavar="N",
                    help="requests to send (default 1000 for random/fixed, all entries of a file)")
     p.add_argument("--request-rate", type=_rate, default=math.inf, metavar="R",
@@ -84,7 +89,7 @@ def add_run_args(p) -> None:
                         "(milliseconds); an empty value or empty item is an error")
     p.add_argument("--ignore-eos", action="store_true", help="ask the server to ignore EOS (vLLM/SGLang extension)")
     p.add_argument("--seed", type=int, default=0, help="seed for prompts, lengths and arrivals (default 0)")
-    p.add_argument("--energy", default="auto", metavar="auto|none|nvml,npu-smi,rapl",
+    p.add_argument("--energy", default="auto", metavar="auto|none|nvml,npu-smi,rapl,dcmi",
                    help="energy meters of this machine: auto (accelerator meter + CPU RAPL when readable), none, "
                         "or a comma list (default auto)")
     p.add_argument("--energy-devices", type=_int_list, default=None, metavar="0,1",
