@@ -146,4 +146,5 @@ def test_sweep_cli(word_tokenizer_json, tmp_path, capsys):
     assert "c1-rinf.json" in text and "report written" in text
     assert (tmp_path / "o" / "report.html").is_file() and (tmp_path / "o" / "report.png").is_file()
     meta = json.loads((tmp_path / "o" / "c2-rinf.json").read_text())["metadata"]
-    assert meta["command_line"][:3] == ["parity", "bench", "sweep"] or meta["command_line"][0] == "parity"
+    assert meta["command_line"][:4] == ["parity", "bench", "sweep", "--base-url"]
+    assert "--concurrency" in meta["command_line"] and meta["hardware"]["id"] == "h200"

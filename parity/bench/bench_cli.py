@@ -157,7 +157,8 @@ def config_from_args(args):
                       progress=not args.no_progress, client_workers=args.client_workers, hardware=args.hardware,
                       num_devices=args.num_devices,
                       idle_baseline_s=args.idle_baseline if args.energy.strip().lower() != "none" else 0.0,
-                      plan_model=args.plan_model, command_line=["parity", *sys.argv[1:]])
+                      plan_model=args.plan_model,
+                      command_line=getattr(args, "command_line", None) or ["parity", *sys.argv[1:]])
 
 
 def run_report(args) -> int:
