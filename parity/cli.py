@@ -56,7 +56,9 @@ def _two_word(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_two_word(list(sys.argv[1:] if argv is None else argv)))
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(_two_word(words))
+    args.command_line = ["parity", *words]  # recorded by commands that write results (parity bench)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -345,13 +345,14 @@ def test_cli_end_to_end_with_report(word_tokenizer_json, tmp_path, capsys):
     assert data["config"]["workload"] == "random:in=10,out=6,ratio=0.5" and len(data["requests"]) == 8
     assert {"parity_version", "python", "platform", "tokenizer", "energy_meter"} <= set(data["environment"])
     assert any("Tokens are counted, not chunks" in n for n in data["notes"])
-    assert data["energy"]["meter"] in ("none", "nvml", "npu-smi", "rapl")
+    assert data["energy"]["meter"] in ("none", "nvml", "npu-smi", "rapl", "dcmi")
     if data["energy"]["meter"] == "none":
         assert data["energy"]["reason"].startswith("no energy meter readable")
     report = tmp_path / "report.html"
     assert main(["bench", "report", str(out1), str(out2), "--out", str(report)]) == 0
     html = report.read_text()
-    assert "latency CDFs" in html and "data:image/png;base64," in html and html.count("<tr>") == 3
+    whole_runs = html.split("<h2>Whole runs</h2>")[1].split("<h2>")[0]
+    assert "latency CDFs" in html and "data:image/png;base64," in html and whole_runs.count("<tr>") == 3
     assert "Tokens are counted, not chunks" in html
     assert main(["bench", "--model", "x"]) == 2  # missing --base-url -> clear error, no traceback
     assert "--base-url is required" in capsys.readouterr().err

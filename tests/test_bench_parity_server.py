@@ -56,3 +56,19 @@ def test_bench_against_parity_server(parity_server, endpoint, tmp_path):
     warm = res["requests"][0]["requested_output_tokens"]
     assert _generated_tokens(parity_server.base_url) - before == s["total_output_tokens"] + warm
     assert (tmp_path / "r.json").is_file()
+
+
+def test_sweep_against_parity_server(parity_server, tmp_path):
+    """A two-point sweep against parity's own server gives per-point results, a frontier and the report."""
+    from parity.bench.report import write_report
+    from parity.bench.sweep import run_sweep
+
+    cfg = BenchConfig(base_url=parity_server.base_url, model="tiny", workload="fixed:in=16,out=4", num_prompts=6,
+                      ignore_eos=True, progress=False, energy="none", hardware="h200", num_devices=1)
+    index = run_sweep(cfg, [1, 3], None, None, tmp_path)
+    assert [p["file"] for p in index["points"]] == ["c1-rinf.json", "c3-rinf.json"]
+    assert all(p["output_tok_s_per_device"] > 0 and p["tok_s_per_user"] > 0 for p in index["points"])
+    assert index["frontiers"]["workload"]
+    files = [str(tmp_path / p["file"]) for p in index["points"]]
+    html = write_report(files, tmp_path / "report.html").read_text()
+    assert "throughput-latency frontier" in html and "h200" in html

@@ -13,6 +13,10 @@ EPILOG = """workloads (--workload):
   fixed:in=1024,out=128                               exact lengths
   sharegpt:PATH[,out=N]                               ShareGPT JSON (first turn = prompt)
   trace:PATH                                          JSONL {"arrival_s","input_len","output_len"}
+  prefix:num_prefixes=N,prefix_len=L,suffix_len=S,out=O   N shared prefixes + unique suffixes (prefix caching)
+  multiturn:PATH[,turns=T][,out=N]                    ShareGPT conversations replayed turn by turn with history
+  mooncake:PATH[,block=512]                           Mooncake/AIPerf trace JSONL (timestamp, lengths, hash_ids)
+sweep:   parity bench sweep --concurrency 1,4,16 --isl-osl 1024/128 --out-dir results/ ...
 report:  parity bench report run1.json run2.json --out report.html   (or .png)
 """
 
@@ -48,6 +52,21 @@ def register(sub) -> None:
                        description="Drive an OpenAI-compatible server (parity, vLLM, SGLang, MindIE, ...) with a "
                                    "workload and report TTFT/TPOT/ITL/E2EL, throughput, goodput and energy.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_args(p)
+    p.add_argument("--output", default=None, metavar="results.json", help="write the versioned JSON result here")
+    p.set_defaults(func=run)
+    rsub = p.add_subparsers(dest="bench_command", metavar="{report,sweep}")
+    r = rsub.add_parser("report", help="HTML/PNG report (latency CDFs, throughput vs latency) from result files")
+    r.add_argument("results", nargs="+", metavar="results.json")
+    r.add_argument("--out", required=True, metavar="report.html", help="output file, .html or .png")
+    r.set_defaults(func=run_report)
+    from parity.bench.sweep_cli import register_sweep
+
+    register_sweep(rsub, add_run_args, config_from_args)
+
+
+def add_run_args(p) -> None:
+    """The flags of one run (shared by `parity bench` and `parity bench sweep`)."""
     p.add_argument("--base-url", help="server root, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine)")
     p.add_argument("--model", default=None,
                    help="model name to put in each request (default: the first model the server lists at "
@@ -55,7 +74,8 @@ def register(sub) -> None:
     p.add_argument("--endpoint", choices=("chat", "completions"), default="chat",
                    help="/v1/chat/completions or /v1/completions (default chat)")
     p.add_argument("--workload", default="random:in=1024,out=128", metavar="SPEC",
-                   help="random|fixed|sharegpt|trace spec, see below (default random:in=1024,out=128)")
+                   help="random|fixed|sharegpt|trace|prefix|multiturn|mooncake spec, see below "
+                        "(default random:in=1024,out=128)")
     p.add_argument("--num-prompts", type=int, default=None, metavar="N",
                    help="requests to send (default 1000 for random/fixed, all entries of a file)")
     p.add_argument("--request-rate", type=_rate, default=math.inf, metavar="R",
@@ -69,7 +89,7 @@ def register(sub) -> None:
                         "(milliseconds); an empty value or empty item is an error")
     p.add_argument("--ignore-eos", action="store_true", help="ask the server to ignore EOS (vLLM/SGLang extension)")
     p.add_argument("--seed", type=int, default=0, help="seed for prompts, lengths and arrivals (default 0)")
-    p.add_argument("--energy", default="auto", metavar="auto|none|nvml,npu-smi,rapl",
+    p.add_argument("--energy", default="auto", metavar="auto|none|nvml,npu-smi,rapl,dcmi",
                    help="energy meters of this machine: auto (accelerator meter + CPU RAPL when readable), none, "
                         "or a comma list (default auto)")
     p.add_argument("--energy-devices", type=_int_list, default=None, metavar="0,1",
@@ -84,32 +104,25 @@ def register(sub) -> None:
                         "(for servers rejecting stream_options.continuous_usage_stats)")
     p.add_argument("--client-workers", type=int, default=1, metavar="N",
                    help="client processes sharing the load (default 1; raise it when the client's CPU is the limit)")
-    p.add_argument("--output", default=None, metavar="results.json", help="write the versioned JSON result here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
-    rsub = p.add_subparsers(dest="bench_command", metavar="{report}")
-    r = rsub.add_parser("report", help="HTML/PNG report (latency CDFs, throughput vs latency) from result files")
-    r.add_argument("results", nargs="+", metavar="results.json")
-    r.add_argument("--out", required=True, metavar="report.html", help="output file, .html or .png")
-    r.set_defaults(func=run_report)
+    p.add_argument("--hardware", default=None, metavar="ID",
+                   help="the server's accelerator, a catalog id or alias (910c, h200, ...; see parity/data/hardware), "
+                        "recorded in the metadata for per-device and modeled figures")
+    p.add_argument("--num-devices", type=int, default=None, metavar="N",
+                   help="accelerators serving the endpoint (per-device figures divide by it; default 1)")
+    p.add_argument("--idle-baseline", type=float, default=5.0, metavar="S",
+                   help="seconds of idle power read before the run and subtracted from the steady-state energy "
+                        "(default 5; 0 = none; only when a meter is readable)")
+    p.add_argument("--plan-model", default=None, metavar="PRESET",
+                   help="the planner's preset for the served model (v4-flash, v4-pro) for modeled-vs-measured "
+                        "figures (default: guessed from the model name)")
 
 
 def run(args) -> int:
     """`parity bench`: returns 0 on success, 1 when no request completed, 130 when interrupted (results saved)."""
-    from parity.bench.run_config import BenchConfig
     from parity.bench.runner import run_bench
-    from parity.errors import BenchError
 
-    if not args.base_url:
-        raise BenchError("--base-url is required, e.g. --base-url http://127.0.0.1:8000")
-    cfg = BenchConfig(base_url=args.base_url, model=args.model, endpoint=args.endpoint, workload=args.workload,
-                      num_prompts=args.num_prompts, request_rate=args.request_rate, burstiness=args.burstiness,
-                      max_concurrency=args.max_concurrency, warmup=args.warmup, slo=args.slo,
-                      ignore_eos=args.ignore_eos, seed=args.seed, energy=args.energy,
-                      energy_devices=args.energy_devices, tokenizer=args.tokenizer, api_key=args.api_key,
-                      timeout_s=args.timeout, temperature=args.temperature,
-                      continuous_usage=not args.no_continuous_usage, output=args.output,
-                      progress=not args.no_progress, client_workers=args.client_workers)
+    cfg = config_from_args(args)
     result = run_bench(cfg)
     from parity.bench.result import render_table
 
@@ -119,6 +132,33 @@ def run(args) -> int:
     if result.get("interrupted"):
         return 130
     return 0 if result["summary"]["completed"] > 0 else 1
+
+
+def config_from_args(args):
+    """`BenchConfig` from parsed `add_run_args` flags.
+
+    Raises:
+        BenchError: --base-url missing.
+    """
+    import sys
+
+    from parity.bench.run_config import BenchConfig
+    from parity.errors import BenchError
+
+    if not args.base_url:
+        raise BenchError("--base-url is required, e.g. --base-url http://127.0.0.1:8000")
+    return BenchConfig(base_url=args.base_url, model=args.model, endpoint=args.endpoint, workload=args.workload,
+                      num_prompts=args.num_prompts, request_rate=args.request_rate, burstiness=args.burstiness,
+                      max_concurrency=args.max_concurrency, warmup=args.warmup, slo=args.slo,
+                      ignore_eos=args.ignore_eos, seed=args.seed, energy=args.energy,
+                      energy_devices=args.energy_devices, tokenizer=args.tokenizer, api_key=args.api_key,
+                      timeout_s=args.timeout, temperature=args.temperature,
+                      continuous_usage=not args.no_continuous_usage, output=getattr(args, "output", None),
+                      progress=not args.no_progress, client_workers=args.client_workers, hardware=args.hardware,
+                      num_devices=args.num_devices,
+                      idle_baseline_s=args.idle_baseline if args.energy.strip().lower() != "none" else 0.0,
+                      plan_model=args.plan_model,
+                      command_line=getattr(args, "command_line", None) or ["parity", *sys.argv[1:]])
 
 
 def run_report(args) -> int:

@@ -88,7 +88,7 @@ def build_payload(endpoint: str, model: str, req: BenchRequest, *, ignore_eos: b
     body: dict = {"model": model, "stream": True, "max_tokens": int(req.output_tokens),
                   "stream_options": stream_options}
     if endpoint == "chat":
-        body["messages"] = [{"role": "user", "content": req.prompt}]
+        body["messages"] = req.messages or [{"role": "user", "content": req.prompt}]
     else:
         body["prompt"] = req.prompt
     if temperature is not None:

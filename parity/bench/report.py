@@ -5,7 +5,10 @@ Figures (matplotlib, Agg backend, no display needed):
   a run with no completed request has no line: it is named in a line under the table (and under the figure);
 - throughput vs latency across runs: output tokens/s against median TPOT and against p99 TTFT, one point per run
   (runs sweeping request rate or concurrency draw the usual serving curve).
-HTML embeds the figures as PNG (base64) next to a summary table; ``.png`` writes the figure alone.
+- the throughput-latency frontier (output tok/s per device vs tok/s per user) with the planner's modeled frontier
+  for the declared hardware overlaid, the metadata header, per-point and energy tables (`parity.bench.frontier_report`).
+HTML embeds the figures as PNG (base64) next to the tables; ``.png`` writes the latency figure, and the frontier
+figure next to it as ``<name>.frontier.png``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import html
 import io
 from pathlib import Path
 
+from parity.bench.frontier_report import energy_html, frontier_figure, header_html, points_html
 from parity.bench.metrics import RequestRecord
 from parity.bench.result import load_result
 from parity.bench.workloads import parse_workload
@@ -158,15 +162,20 @@ def write_report(paths: list[str | Path], out: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig = make_figure(results)
+    ffig, fnotes = frontier_figure(results)
     try:
         if out.suffix.lower() == ".png":
             fig.savefig(out, dpi=90)
+            ffig.savefig(out.with_suffix(".frontier.png"), dpi=90)
             return out
-        buf = io.BytesIO()
+        buf, fbuf = io.BytesIO(), io.BytesIO()
         fig.savefig(buf, format="png", dpi=90)
+        ffig.savefig(fbuf, format="png", dpi=90)
     finally:
         plt.close(fig)
+        plt.close(ffig)
     img = base64.b64encode(buf.getvalue()).decode()
+    fimg = base64.b64encode(fbuf.getvalue()).decode()
     notes = sorted({n for _, r in results for n in r.get("notes", [])})
     empty = [n for label, r in results if (n := no_completed_note(label, r))]
     empty_html = "".join(f'<p class="failed">{html.escape(n)}</p>' for n in empty)
@@ -176,9 +185,17 @@ def write_report(paths: list[str | Path], out: str | Path) -> Path:
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} th{{background:#eee}}
 .failed{{color:#a00;font-weight:bold}}</style></head>
 <body><h1>parity bench report</h1>
-<p>{len(results)} run(s). Latencies in ms; all figures measured by parity bench (provenance: measured).</p>
+<p>{len(results)} run(s). Latencies in ms; all figures measured by parity bench (provenance: measured) except the
+dashed modeled frontier.</p>
+<h2>Setup</h2>{header_html(results)}
+<h2>Frontier</h2>
+<img alt="throughput-latency frontier" src="data:image/png;base64,{fimg}" style="max-width:100%">
+<ul>{''.join(f'<li>{html.escape(n)}</li>' for n in fnotes)}</ul>
+<h2>Points (steady-state window: from target concurrency first reached to the last send)</h2>{points_html(results)}
+<h2>Whole runs</h2>
 <table>{_summary_rows(results)}</table>
 {empty_html}
+<h2>Energy (steady-state window, idle baseline subtracted where measured)</h2>{energy_html(results)}
 <img alt="latency CDFs and throughput vs latency" src="data:image/png;base64,{img}" style="max-width:100%">
 <h2>Notes</h2><ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>
 </body></html>

@@ -9,7 +9,20 @@ from dataclasses import asdict, dataclass
 from parity.bench.client import endpoint_url
 from parity.bench.metrics import parse_slo
 from parity.bench.workloads import parse_workload
-from parity.errors import BenchError
+from parity.errors import BenchError, PlanError
+from parity.plan.hardware import Hardware, get_hardware
+
+
+def declared_hardware(name: str) -> Hardware:
+    """The catalog entry of ``--hardware`` (id or alias).
+
+    Raises:
+        BenchError: unknown name (the message lists the known ids and the closest matches).
+    """
+    try:
+        return get_hardware(name)
+    except PlanError as e:
+        raise BenchError(f"--hardware: {e}") from None
 
 
 @dataclass
@@ -42,6 +55,14 @@ class BenchConfig:
         progress: show a progress bar.
         client_workers: client processes sharing the requests (round robin) and the concurrency cap, so that
             the client is not CPU-bound on fast servers; 1 = this process only.
+        hardware: the server's accelerator as declared by the user, a catalog id or alias of
+            `parity.plan.hardware` (None = not declared; per-device figures then assume 1 device).
+        num_devices: accelerators serving the endpoint (per-device figures divide by it; None = 1).
+        idle_baseline_s: seconds of idle power measured before the run and subtracted from the steady-state
+            energy (0 = no baseline).
+        plan_model: the planner's model preset for the served model (e.g. v4-flash) for modeled-vs-measured
+            figures (None: guessed from the model name).
+        command_line: the command that started the run (recorded in the metadata; None = not known).
     """
 
     base_url: str
@@ -66,6 +87,11 @@ class BenchConfig:
     output: str | None = None
     progress: bool = True
     client_workers: int = 1
+    hardware: str | None = None
+    num_devices: int | None = None
+    idle_baseline_s: float = 0.0
+    plan_model: str | None = None
+    command_line: list[str] | None = None
 
     def validate(self, need_model: bool = True) -> None:
         """Check every field; NaN is refused everywhere, infinity everywhere but `request_rate`.
@@ -92,6 +118,12 @@ class BenchConfig:
             raise BenchError(f"--timeout must be a finite number of seconds > 0, got {self.timeout_s}")
         if self.temperature is not None and (not math.isfinite(self.temperature) or self.temperature < 0):
             raise BenchError(f"--temperature must be a finite number >= 0, got {self.temperature}")
+        if self.num_devices is not None and self.num_devices < 1:
+            raise BenchError(f"--num-devices must be >= 1, got {self.num_devices}")
+        if not self.idle_baseline_s >= 0 or not math.isfinite(self.idle_baseline_s):
+            raise BenchError(f"--idle-baseline must be a finite number of seconds >= 0, got {self.idle_baseline_s}")
+        if self.hardware is not None:
+            declared_hardware(self.hardware)
         parse_slo(self.slo)
         parse_workload(self.workload)
 

@@ -43,7 +43,9 @@ from parity.bench.tokenizer import BenchTokenizer
 from parity.errors import BenchError
 
 CONVENTIONS = ("vllm", "sglang")
-KINDS = ("random", "fixed", "sharegpt", "trace")
+KINDS = ("random", "fixed", "sharegpt", "trace", "prefix", "multiturn", "mooncake")
+#: Kinds whose first item may be a file path.
+FILE_KINDS = ("sharegpt", "trace", "multiturn", "mooncake")
 
 
 @dataclass
@@ -56,6 +58,7 @@ class BenchRequest:
         prompt_tokens: tokens of `prompt` counted with the bench tokenizer (no special tokens, no chat template).
         output_tokens: requested output length in tokens (sent as max_tokens).
         arrival_s: trace replay send offset in s from the start of the run (None: from --request-rate).
+        messages: chat messages to send instead of one user message holding `prompt` (multi-turn replay).
     """
 
     index: int
@@ -63,6 +66,7 @@ class BenchRequest:
     prompt_tokens: int
     output_tokens: int
     arrival_s: float | None = None
+    messages: list | None = None
 
 
 @dataclass
@@ -105,7 +109,7 @@ def parse_workload(spec: str) -> WorkloadSpec:
     path = None
     for i, item in enumerate(x for x in rest.split(",") if x.strip()):
         if "=" not in item:
-            if i == 0 and kind in ("sharegpt", "trace"):
+            if i == 0 and kind in FILE_KINDS:
                 path = item.strip()
                 continue
             raise BenchError(f"--workload {spec!r}: item {item!r} is not key=value")
@@ -114,7 +118,9 @@ def parse_workload(spec: str) -> WorkloadSpec:
         k = {"input": "in", "input_len": "in", "output": "out", "output_len": "out", "range_ratio": "ratio"}.get(k, k)
         kv[k] = v.strip()
     allowed = {"random": {"in", "out", "ratio", "convention"}, "fixed": {"in", "out"},
-               "sharegpt": {"path", "out"}, "trace": {"path"}}[kind]
+               "sharegpt": {"path", "out"}, "trace": {"path"},
+               "prefix": {"num_prefixes", "prefix_len", "suffix_len", "out"}, "multiturn": {"path", "out", "turns"},
+               "mooncake": {"path", "block"}}[kind]
     unknown = set(kv) - allowed
     if unknown:
         raise BenchError(f"--workload {spec!r}: unknown key(s) {', '.join(sorted(unknown))} for {kind}; "
@@ -136,10 +142,15 @@ def parse_workload(spec: str) -> WorkloadSpec:
             raise BenchError(f"--workload {spec!r}: ratio for convention=vllm must be in [0, 1), got {ws.ratio}")
         if ws.convention == "sglang" and not 0.0 <= ws.ratio <= 1.0:
             raise BenchError(f"--workload {spec!r}: ratio for convention=sglang must be in [0, 1], got {ws.ratio}")
-    if kind in ("sharegpt", "trace"):
+    if kind == "prefix":
+        ws.extra = {k: _int_field(kv, k, spec) for k in ("num_prefixes", "prefix_len", "suffix_len")}
+        ws.output_len = _int_field(kv, "out", spec)
+    if kind in ("multiturn", "mooncake"):
+        ws.extra = {k: _int_field(kv, k, spec) for k in ("turns", "block") if k in kv}
+    if kind in FILE_KINDS:
         ws.path = kv.get("path", path)
         if not ws.path:
-            example = f"{kind}:data.json{'l' if kind == 'trace' else ''}"
+            example = f"{kind}:data.json{'l' if kind in ('trace', 'mooncake') else ''}"
             raise BenchError(f"--workload {spec!r}: {kind} needs a file path, e.g. {example}")
         if "out" in kv:
             ws.output_len = _int_field(kv, "out", spec)

@@ -19,6 +19,10 @@ def register(sub) -> None:
     p.add_argument("--hardware", required=True, help="catalog id, e.g. 910c, h800, gb200 (see parity/data/hardware)")
     p.add_argument("--target-qps", type=float, default=None, help="load to size the deployment for (requests/s)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--calibrate", nargs="+", default=None, metavar="RESULTS",
+                   help="opt-in: refit the hardware family's constants on these parity bench results (files or "
+                        "directories) first; figures are labelled calibrated:<results>")
+    _measured_setup_args(p)
     p.set_defaults(func=run_plan)
 
     c = sub.add_parser("compare", help="compare accelerators: table + Pareto frontier (HTML report)",
@@ -40,7 +44,23 @@ def register(sub) -> None:
     v.add_argument("--json", action="store_true", help="print JSON")
     v.add_argument("--fit", action="store_true", help="also print the constants a fresh fit would choose")
     v.add_argument("--train", action="store_true", help="validate the training model on published training runs")
+    v.add_argument("--measured", nargs="+", default=None, metavar="RESULTS",
+                   help="parity bench result files or directories: the planner's prediction for each measured "
+                        "point next to the measurement")
+    v.add_argument("--model", default=None, help="with --measured: planner preset of the served model "
+                                                 "(default: from each result)")
+    _measured_setup_args(v)
     v.set_defaults(func=run_validate)
+
+
+def _measured_setup_args(p) -> None:
+    """Deployment flags a bench result does not record (used by --measured and --calibrate)."""
+    from parity.plan.estimate import QUANTIZATION
+
+    p.add_argument("--measured-tp", type=int, default=1, metavar="TP",
+                   help="with --measured/--calibrate: attention TP of the measured deployment (default 1)")
+    p.add_argument("--measured-quantization", choices=tuple(QUANTIZATION), default="fp4",
+                   help="with --measured/--calibrate: weight quantization of the measured deployment (default fp4)")
 
 
 def _workload_args(p) -> None:
@@ -204,8 +224,23 @@ def run_plan(args) -> int:
     """`parity plan`: 0 when a deployment meets the SLOs, 1 when none does."""
     from parity.plan.search import plan
 
-    r = plan(args.model, args.hardware, _workload(args))
+    consts = None
+    if args.calibrate:
+        from parity.plan.calibrate import calibrate
+
+        cal = calibrate(args.calibrate, args.hardware, tp=args.measured_tp, quantization=args.measured_quantization)
+        consts = cal["constants"]
+    r = plan(args.model, args.hardware, _workload(args), consts=consts)
+    if args.calibrate:
+        r["calibration"] = cal
+        r["provenance"] = cal["label"]
+        if "provenance_by_figure" in r:
+            r["provenance_by_figure"] = dict.fromkeys(r["provenance_by_figure"], cal["label"])
     print(json.dumps(r, indent=2) if args.json else format_plan(r))
+    if args.calibrate and not args.json:
+        print("calibrated constants (" + ", ".join(
+            f"{k} {v:.3f}{'' if cal['determined'][k] else ' (not determined by the data: shipped value)'}"
+            for k, v in cal["constants"].items()) + f"); rms log error {cal['rms_log_error']:.3f}")
     return 0 if r["feasible"] else 1
 
 
@@ -228,6 +263,8 @@ def run_compare(args) -> int:
 
 
 def run_validate(args) -> int:
+    if args.measured:
+        return run_validate_measured(args)
     if args.train:
         from parity.plan.train_cli import run_validate_train
 
@@ -262,4 +299,26 @@ def run_validate(args) -> int:
         print("fresh fit (not applied):")
         for f, c in r["fitted_constants"].items():
             print(f"  {f:17s} " + " ".join(f"{k} {v:.3f}" for k, v in c.items()))
+    return 0
+
+
+def run_validate_measured(args) -> int:
+    """`parity validate --measured RESULTS`: prediction vs measurement per point and metric; returns 0."""
+    from parity.plan.measured import compare, load_measured
+
+    pts = load_measured(args.measured, model=args.model, tp=args.measured_tp, quantization=args.measured_quantization)
+    rows = compare(pts)
+    if args.json:
+        print(json.dumps({"rows": rows}, indent=2))
+        return 0
+    print("predicted = modeled with the shipped family constants; measured = parity bench (steady state where "
+          "the result has one)")
+    print(f"{'point':28s} {'hardware':10s} {'isl/osl':>12s} {'conc':>7s} {'metric':24s} {'measured':>10s} "
+          f"{'predicted':>10s} {'error':>7s}")
+    for r in rows:
+        print(f"{r['id']:28s} {r['n_devices']:>3d}x{r['hardware']:6s} {r['isl']:>6d}/{r['osl']:<5d} "
+              f"{r['concurrency']:7.1f} {r['metric']:24s} {r['measured']:10,.2f} {r['predicted']:10,.2f} "
+              f"{r['error'] * 100:+6.1f}%")
+    if rows:
+        print(f"mean |error| {sum(abs(r['error']) for r in rows) / len(rows) * 100:.1f}% over {len(rows)} figures")
     return 0

@@ -29,6 +29,8 @@ class EnergyReading:
         samples: number of reads taken.
         reason: for meter "none", one line saying why nothing could be read.
         per_device_j: joules per device, same order as `devices`.
+        timeline: (time.perf_counter() s, [cumulative J per device since start]) at every read, so that the
+            energy of any sub-interval (a steady-state window) can be taken by interpolation (`energy_between`).
     """
 
     meter: str
@@ -40,9 +42,38 @@ class EnergyReading:
     samples: int = 0
     reason: str | None = None
     per_device_j: list[float] = field(default_factory=list)
+    timeline: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every field but the timeline (kept out of result files: one entry per read)."""
+        d = asdict(self)
+        d.pop("timeline")
+        return d
+
+
+def energy_between(timeline: list, t0: float, t1: float) -> list[float] | None:
+    """Joules per device between perf_counter times `t0` and `t1` (s), linearly interpolated on the cumulative
+    energy of `timeline` (see `EnergyReading`); None when the timeline does not cover [t0, t1] or has < 2 reads."""
+    if len(timeline) < 2 or t1 < t0 or t0 < timeline[0][0] - 1e-6 or t1 > timeline[-1][0] + 1e-6:
+        return None
+    import numpy as np
+
+    ts = np.array([t for t, _ in timeline])
+    cum = np.array([c for _, c in timeline], dtype=float)  # (reads, devices)
+    return [float(np.interp(t1, ts, cum[:, k]) - np.interp(t0, ts, cum[:, k])) for k in range(cum.shape[1])]
+
+
+def cumulative_trapezoid(times_s: list[float], watts: list[list[float]]) -> list:
+    """Timeline [(t, [cumulative J per device])] from power samples (W per device at each time), trapezoid rule."""
+    out, acc = [], None
+    for i, (t, w) in enumerate(zip(times_s, watts, strict=True)):
+        if i == 0:
+            acc = [0.0] * len(w)
+        else:
+            dt = t - times_s[i - 1]
+            acc = [a + dt * (w0 + w1) / 2 for a, w0, w1 in zip(acc, watts[i - 1], w, strict=True)]
+        out.append((t, list(acc)))
+    return out
 
 
 class EnergyMeter:

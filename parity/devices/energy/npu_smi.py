@@ -21,6 +21,7 @@ from parity.devices.energy.meter import (
     EnergyMeter,
     EnergyReading,
     PeriodicSampler,
+    cumulative_trapezoid,
     integrate_trapezoid,
 )
 from parity.errors import DeviceError
@@ -121,6 +122,7 @@ class NpuSmiMeter(EnergyMeter):
         j = sum(per)
         return EnergyReading(meter="npu-smi", joules=j, seconds=dt, avg_watts=j / dt if dt > 0 else None,
                              devices=[f"npu{i}" for i in self.ids], per_device_j=per, samples=len(self._t),
+                             timeline=cumulative_trapezoid(self._t, self._w),
                              method=f"npu-smi board power sampled every {self.interval_s:g} s, trapezoid-integrated")
 
     def describe(self) -> str:

@@ -7,10 +7,11 @@ reference, "Device Queries"). Needs the optional extra ``parity[nvidia]`` (packa
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
-from parity.devices.energy.meter import EnergyMeter, EnergyReading
+from parity.devices.energy.meter import DEFAULT_INTERVAL_S, EnergyMeter, EnergyReading, PeriodicSampler
 from parity.errors import DeviceError
 
 
@@ -28,13 +29,17 @@ class NvmlMeter(EnergyMeter):
     Args:
         devices: GPU indices to meter (NVML order); None = every GPU NVML sees.
         nvml: an object with the pynvml functions (tests pass a fake); None imports `pynvml`.
+        interval_s: seconds between counter reads recorded in the reading's timeline (for sub-interval energy);
+            the total is the counter difference between start and stop either way.
     Raises:
         DeviceError: pynvml missing, NVML init failing (no driver), no GPU, or a GPU without an energy counter.
     """
 
     name = "nvml"
 
-    def __init__(self, devices: list[int] | None = None, nvml: Any = None):
+    def __init__(self, devices: list[int] | None = None, nvml: Any = None, interval_s: float = DEFAULT_INTERVAL_S):
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
         self.nvml = nvml if nvml is not None else _import_pynvml()
         try:
             self.nvml.nvmlInit()
@@ -66,19 +71,32 @@ class NvmlMeter(EnergyMeter):
     def _read(self) -> list[int]:
         return [int(self.nvml.nvmlDeviceGetTotalEnergyConsumption(h)) for h in self.handles]
 
+    def _sample(self) -> list[int]:
+        e = self._read()
+        t = time.perf_counter()
+        with self._lock:
+            self._timeline.append((t, [(b - a) * 1e-3 for a, b in zip(self._e0, e, strict=True)]))
+        return e
+
     def start(self) -> None:
-        self._t0 = time.perf_counter()
         self._e0 = self._read()
+        self._t0 = time.perf_counter()
+        self._timeline = [(self._t0, [0.0] * len(self._e0))]
+        self._sampler = PeriodicSampler(self._sample, self.interval_s)
+        self._sampler.start()
 
     def stop(self) -> EnergyReading:
-        e1 = self._read()
+        self._sampler.stop()
+        e1 = self._sample()
         dt = time.perf_counter() - self._t0
         # mJ -> J; the counter is 64-bit, no wrap in practice
         per = [(b - a) * 1e-3 for a, b in zip(self._e0, e1, strict=True)]
         j = sum(per)
         return EnergyReading(meter="nvml", joules=j, seconds=dt, avg_watts=j / dt if dt > 0 else None,
-                             devices=list(self.names), per_device_j=per, samples=2,
-                             method="NVML nvmlDeviceGetTotalEnergyConsumption counter (mJ), read at start and stop")
+                             devices=list(self.names), per_device_j=per, samples=len(self._timeline),
+                             timeline=list(self._timeline),
+                             method="NVML nvmlDeviceGetTotalEnergyConsumption counter (mJ), read at start and stop "
+                                    f"and every {self.interval_s:g} s")
 
     def describe(self) -> str:
         return f"nvml ({len(self.handles)} GPU(s))"

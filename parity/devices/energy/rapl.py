@@ -109,12 +109,14 @@ class RaplMeter(EnergyMeter):
                 self._acc_uj[i] += counter_delta(self._prev[i], cur[i], d.max_range_uj)
             self._prev = cur
             self._n += 1
+            self._timeline.append((time.perf_counter(), [uj * 1e-6 for uj in self._acc_uj]))
 
     def start(self) -> None:
         self._prev = self._read()
         self._acc_uj = [0] * len(self.domains)
         self._n = 1
         self._t0 = time.perf_counter()
+        self._timeline = [(self._t0, [0.0] * len(self.domains))]
         self._sampler = PeriodicSampler(self._sample, self.interval_s)
         self._sampler.start()
 
@@ -128,6 +130,7 @@ class RaplMeter(EnergyMeter):
         j = sum(per)
         return EnergyReading(meter="rapl", joules=j, seconds=dt, avg_watts=j / dt if dt > 0 else None,
                              devices=[d.name for d in self.domains], per_device_j=per, samples=self._n,
+                             timeline=list(self._timeline),
                              method=f"powercap energy_uj counter read every {self.interval_s:g} s, "
                                     "wrap-around added back")
 
