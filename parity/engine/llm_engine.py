@@ -295,19 +295,49 @@ class LLMEngine:
             req.metrics.finished_time = time.monotonic()
             self.requests.pop(req.request_id, None)
 
+    def _fail_request(self, req: Request, err: Exception) -> None:
+        """Finish every sequence of `req` with finish_reason "abort" and `error` set (frees its cache)."""
+        req.error = f"{type(err).__name__}: {err}"
+        for seq in req.seqs:
+            if not seq.finished:
+                seq.error = req.error
+                self.scheduler.remove(seq)
+                seq.status = SeqStatus.FINISHED
+                seq.finish_reason = "abort"
+        req.metrics.finished_time = time.monotonic()
+        self.requests.pop(req.request_id, None)
+
     def _fail_batch(self, scheduled, err: Exception) -> None:
         """A step failed: abort its requests with the error (others keep running)."""
         for s in scheduled:
-            req = s.seq.request
-            req.error = f"{type(err).__name__}: {err}"
-            for seq in req.seqs:
-                if not seq.finished:
-                    seq.error = req.error
-                    self.scheduler.remove(seq)
-                    seq.status = SeqStatus.FINISHED
-                    seq.finish_reason = "abort"
-            req.metrics.finished_time = time.monotonic()
-            self.requests.pop(req.request_id, None)
+            self._fail_request(s.seq.request, err)
+
+    def _sample_isolated(self, logits: torch.Tensor, reqs: list[SampleRequest]):
+        """`sample` over every row; when the batched call raises, each row is sampled alone so that only
+        the rows whose own parameters fail are lost.
+
+        Args:
+            logits: FloatTensor[b, V]; reqs: b SampleRequest.
+        Returns:
+            (tokens: b ints or None, logprobs: b TokenLogprobs or None, errors: b Exception or None).
+        """
+        try:
+            toks, lps = sample(logits, reqs, self.generator)
+            return toks, lps, [None] * len(reqs)
+        except Exception:
+            log.warning("batched sampling failed; sampling %d rows one by one", len(reqs))
+        toks, lps, errs = [], [], []
+        for j, r in enumerate(reqs):
+            try:
+                t, lp = sample(logits[j:j + 1], [r], self.generator)
+                toks.append(t[0])
+                lps.append(lp[0])
+                errs.append(None)
+            except Exception as e:  # attributable to this request alone
+                toks.append(None)
+                lps.append(None)
+                errs.append(e)
+        return toks, lps, errs
 
     @torch.inference_mode()
     def step(self) -> list[StreamDelta]:
@@ -349,23 +379,39 @@ class LLMEngine:
         if not rows:
             return deltas
         sel = logits if len(rows) == len(scheduled) else logits[torch.tensor(rows, device=logits.device)]
-        toks, lps = sample(sel, reqs, self.generator)
+        toks, lps, errs = self._sample_isolated(sel, reqs)
         now = time.monotonic()
         for j, i in enumerate(rows):
             seq = scheduled[i].seq
+            if seq.finished:  # a sibling choice failed this request earlier in this loop
+                continue
+            if errs[j] is not None:
+                log.warning("request %s failed in sampling: %s", seq.request.request_id, errs[j])
+                self._fail_request(seq.request, errs[j])
+                continue
             m = seq.request.metrics
             if m.first_token_time is None:
                 m.first_token_time = now
             m.last_token_time = now
             m.num_generation_tokens += 1
             self.num_generation_tokens += 1
-            seq.append(toks[j], lps[j], self.eos_ids, self.max_model_len)
+            try:  # detokenizing and stop checks: a failure is this request's alone
+                seq.append(toks[j], lps[j], self.eos_ids, self.max_model_len)
+            except Exception as e:
+                log.warning("request %s failed after sampling: %s", seq.request.request_id, e)
+                self._fail_request(seq.request, e)
+                continue
             if seq.finish_reason is not None:
                 self._finish(seq)
-        for j, i in enumerate(rows):
-            d = scheduled[i].seq.delta()
-            if d is not None:
-                deltas.append(d)
+        seen: set[int] = set()
+        for i in rows:
+            for seq in scheduled[i].seq.request.seqs:
+                if seq.seq_id in seen or not (seq is scheduled[i].seq or seq.error is not None):
+                    continue
+                seen.add(seq.seq_id)
+                d = seq.delta()
+                if d is not None:
+                    deltas.append(d)
         return deltas
 
     def stats(self) -> dict:
