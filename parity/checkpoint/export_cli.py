@@ -8,6 +8,7 @@ torch is imported only inside the command, so ``parity --help`` stays fast.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from parity.checkpoint.layout import INDEX_FILE
@@ -23,12 +24,21 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from rich.console import Console
+
     from parity.checkpoint.writer import export_tiny
 
     out = Path(args.dir).expanduser()
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"export-tiny: {str(out)!r} exists and is not a directory; expected a directory path")
-    d = export_tiny(out, seed=args.seed, preset=args.preset)
+    con = Console(stderr=True, highlight=False)
+    msg = f"export-tiny: building and quantizing the {args.preset!r} weights, then writing {out} ..."
+    if con.is_terminal:
+        with con.status(msg, spinner="dots"):
+            d = export_tiny(out, seed=args.seed, preset=args.preset)
+    else:
+        print(msg, file=sys.stderr, flush=True)
+        d = export_tiny(out, seed=args.seed, preset=args.preset)
     size = sum(f.stat().st_size for f in d.iterdir() if f.suffix == ".safetensors")
     shards = sum(1 for f in d.iterdir() if f.suffix == ".safetensors")
     print(f"wrote {d} ({shards} shards, {size / 2**20:.1f} MiB of weights, seed {args.seed}); index {INDEX_FILE}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import signal
 import socket
 import sys
@@ -90,6 +91,8 @@ class _Server(uvicorn.Server):
         if self.should_exit:
             if sig == signal.SIGINT:
                 print(f"{self.name}: stopping now", file=sys.stderr, flush=True)
+                # uvicorn cancels the open requests and the lifespan: expected now, so not logged as errors
+                logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
                 self.force_exit = True
             return
         count = self.begin_drain()
