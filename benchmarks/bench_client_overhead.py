@@ -28,7 +28,8 @@ import time
 
 import numpy as np
 
-from parity.bench.runner import BenchConfig, arrival_offsets, run_requests
+from parity.bench.loadgen import arrival_offsets, run_requests
+from parity.bench.run_config import BenchConfig
 from parity.bench.tokenizer import load_bench_tokenizer
 from parity.bench.workloads import build_requests
 

@@ -12,7 +12,9 @@ import time
 import pytest
 
 from parity.bench.fake_server import FakeServer, Script, ScriptedTransport, VirtualClock
-from parity.bench.runner import BenchConfig, run_bench, run_requests
+from parity.bench.loadgen import arrival_offsets, run_requests
+from parity.bench.run_config import BenchConfig
+from parity.bench.runner import run_bench
 from parity.bench.tokenizer import load_bench_tokenizer
 from parity.bench.workloads import build_requests
 from parity.errors import BenchError
@@ -22,15 +24,9 @@ MS = 1e-3
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
+def tok(word_tokenizer_json):
     """Word-level tokenizer: the fake server's " tok" is exactly one token."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    t = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}, unk_token="[UNK]"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    t.save(str(path))
-    return load_bench_tokenizer(path)
+    return load_bench_tokenizer(word_tokenizer_json(WORDS))
 
 
 def _cfg(url, **kw):
@@ -169,7 +165,7 @@ def _assert_on_schedule(sends, planned):
     """Never early (1 ms slack); late by at most 40 ms, a margin for other processes on a loaded 2-core box
     (idle, the lateness measured under 1 ms)."""
     assert len(sends) == len(planned)
-    for got, want in zip(sends, planned):
+    for got, want in zip(sends, planned, strict=True):
         assert want - 0.001 <= got <= want + 0.040, (sends, planned)
 
 
@@ -183,12 +179,12 @@ def test_request_rate_and_trace_schedule(tok, tmp_path):
         _assert_on_schedule([r["send_s"] for r in res["requests"]], [0.0, 0.05, 0.12])
         res = run_bench(_cfg(srv.base_url, num_prompts=6, request_rate=40.0, seed=1, max_concurrency=None),
                         tokenizer=tok)
-    from parity.bench.runner import arrival_offsets
 
     _assert_on_schedule([r["send_s"] for r in res["requests"]], arrival_offsets(6, 40.0, 1.0, 1))
     assert arrival_offsets(3, math.inf, 1.0, 0) == [0.0, 0.0, 0.0]
 
 
+@pytest.mark.slow
 def test_client_workers_share_the_load(tok, tmp_path):
     """Two client processes: every request is sent once, at its scheduled offset, and measured like in one."""
     with FakeServer(Script(ttft_s=0.010, itl_s=0.002)) as srv:
@@ -200,7 +196,6 @@ def test_client_workers_share_the_load(tok, tmp_path):
     assert (s["completed"], s["failed"], s["not_sent"]) == (10, 0, 0) and s["good_requests"] == 10
     assert [r["index"] for r in res["requests"]] == list(range(10))
     assert s["total_output_tokens"] == 10 * 12 and s["itl_ms"]["count"] == 10 * 11
-    from parity.bench.runner import arrival_offsets
 
     _assert_on_schedule([r["send_s"] for r in res["requests"]], arrival_offsets(10, 100.0, 1.0, 0))
     assert s["ttft_ms"]["min"] >= 10.0
@@ -208,45 +203,65 @@ def test_client_workers_share_the_load(tok, tmp_path):
     assert res["warmup"] == {"requests": 2, "failed": 0}
 
 
-def test_interrupt_saves_partial_results(tok, tmp_path):
+def test_interrupt_saves_partial_results(tok):
     """Stopping mid-run (the interrupt event, as Ctrl-C does) cancels in-flight requests and keeps the rest."""
-    out = tmp_path / "partial.json"
     with FakeServer(Script(ttft_s=0.005, itl_s=0.005)) as srv:
-        cfg = _cfg(srv.base_url, num_prompts=40, max_concurrency=2, output=str(out))
+        cfg = _cfg(srv.base_url, num_prompts=40, max_concurrency=2)
         reqs, _ = build_requests(cfg.workload, tok, cfg.num_prompts)
-        ev = None
 
         async def go():
-            nonlocal ev
-            ev = asyncio.Event()
-            asyncio.get_running_loop().call_later(0.25, ev.set)
-            return await run_requests(cfg, reqs, tok, None, interrupt=ev)
+            ev, ended = asyncio.Event(), []
+
+            def on_done():  # stop once 5 requests have ended
+                ended.append(1)
+                if len(ended) == 5:
+                    ev.set()
+
+            return await run_requests(cfg, reqs, tok, None, interrupt=ev, on_done=on_done)
 
         res = asyncio.run(go())
     s = res["summary"]
     assert res["interrupted"] is True
-    assert s["completed"] >= 2 and s["interrupted"] >= 1 and s["not_sent"] > 0
-    assert s["completed"] + s["interrupted"] + s["failed"] + s["not_sent"] == 40
+    assert s["completed"] >= 5 and s["failed"] == 0 and 1 <= s["interrupted"] <= 2 and s["not_sent"] > 0
+    assert s["completed"] + s["interrupted"] + s["not_sent"] == 40
 
 
 def test_sigint_saves_partial_results(tok, tmp_path, capsys):
-    """A real SIGINT during `parity bench`: exit code 130 and the result is written with interrupted=true."""
+    """A real SIGINT during `parity bench`, sent once 5 requests have completed: exit code 130, and the partial
+    result is written with interrupted=true."""
     from parity.cli import main
 
     out = tmp_path / "sigint.json"
+    completed_before_sigint = 5
     with FakeServer(Script(ttft_s=0.005, itl_s=0.005)) as srv:
-        timer = threading.Timer(0.6, os.kill, (os.getpid(), signal.SIGINT))
-        timer.start()
+        done = threading.Event()
+
+        def interrupt():
+            # at --max-concurrency 2, request n + 2 reaches the server only after n requests have completed
+            while not done.is_set():
+                if srv.wait_for_requests(completed_before_sigint + 2, timeout_s=0.05):
+                    os.kill(os.getpid(), signal.SIGINT)
+                    return
+
+        killer = threading.Thread(target=interrupt, name="sigint-after-5", daemon=True)
+        killer.start()
         try:
             rc = main(["bench", "--base-url", srv.base_url, "--model", "fake", "--workload", "fixed:in=8,out=12",
                        "--num-prompts", "200", "--max-concurrency", "2", "--tokenizer", tok.name.split(":", 1)[1],
                        "--energy", "none", "--no-progress", "--output", str(out)])
         finally:
-            timer.cancel()
+            done.set()
+            killer.join()
     assert rc == 130
     saved = json.loads(out.read_text())
-    assert saved["interrupted"] is True
-    assert saved["summary"]["completed"] >= 1 and saved["summary"]["not_sent"] > 0
+    s = saved["summary"]
+    assert saved["interrupted"] is True and saved["config"]["num_prompts"] == 200
+    assert s["completed"] >= completed_before_sigint and s["failed"] == 0 and s["not_sent"] > 0
+    assert 1 <= s["interrupted"] <= 2 and s["completed"] + s["interrupted"] + s["not_sent"] == 200
+    recs = saved["requests"]
+    assert len(recs) == s["completed"] + s["interrupted"]
+    assert sum(r["ok"] for r in recs) == s["completed"] and all(r["output_tokens"] == 12 for r in recs if r["ok"])
+    assert [r["error"] for r in recs if not r["ok"]] == ["interrupted"] * s["interrupted"]
     assert "INTERRUPTED" in capsys.readouterr().out
 
 
@@ -311,18 +326,11 @@ def test_energy_figures_per_token(tok, monkeypatch, capsys):
     assert res["energy"]["joules"] is None and res["energy"]["reason"].startswith("meter failed during the run: rapl")
 
 
-def test_cli_end_to_end_with_report(tok, tmp_path, capsys):
+def test_cli_end_to_end_with_report(word_tokenizer_json, tmp_path, capsys):
     from parity.cli import main
 
-    tpath = tmp_path / "tokenizer.json"
+    tpath = word_tokenizer_json(WORDS)
     out1, out2 = tmp_path / "a.json", tmp_path / "b.json"
-    import tokenizers  # noqa: F401 - the module fixture saved it elsewhere; rebuild here for a path
-
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    t = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}, unk_token="[UNK]"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    t.save(str(tpath))
     with FakeServer(Script(ttft_s=0.004, itl_s=0.002)) as srv:
         for out, conc in ((out1, "1"), (out2, "4")):
             rc = main(["bench", "--base-url", srv.base_url + "/v1", "--model", "fake", "--workload",

@@ -10,7 +10,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-from parity.bench.runner import BenchConfig, run_bench  # noqa: E402
+from parity.bench.run_config import BenchConfig  # noqa: E402
+from parity.bench.runner import run_bench  # noqa: E402
 
 
 @pytest.fixture(scope="module")

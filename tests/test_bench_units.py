@@ -16,16 +16,9 @@ WORDS = ["tok", "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf",
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    """A small word-level tokenizer.json (one token per whitespace-separated word)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    t.save(str(path))
-    return load_bench_tokenizer(path)
+def tok(word_tokenizer_json):
+    """A small word-level tokenizer (one token per whitespace-separated word)."""
+    return load_bench_tokenizer(word_tokenizer_json(WORDS))
 
 
 # ------------------------------------------------------------------ workloads
@@ -178,7 +171,7 @@ def test_trace_non_finite_values_rejected(tok, tmp_path, line, field, got):
     ({"slo": "ttft_ms=inf"}, "--slo"),
 ])
 def test_config_rejects_non_finite_numbers(kw, flag):
-    from parity.bench.runner import BenchConfig
+    from parity.bench.run_config import BenchConfig
 
     BenchConfig(base_url="http://127.0.0.1:8000", model="m", request_rate=math.inf).validate()  # inf rate is fine
     with pytest.raises(BenchError, match=flag):
@@ -210,7 +203,8 @@ def test_parse_slo():
     assert parse_slo("ttft_ms=200, tpot_ms=50,e2el_ms=1000ms") == {"ttft_ms": 200.0, "tpot_ms": 50.0, "e2el_ms": 1000.0}
     assert parse_slo(None) == {}
     for bad, msg in [("", "empty value ''"), ("  ", "empty value"), ("ttft_ms=500,,tpot_ms=5", "item 2 is empty"),
-                     ("ttft_ms=500,", "item 2 is empty"), ("ttft=200", "unknown key 'ttft'"), ("ttft_ms", "is not key=value"),
+                     ("ttft_ms=500,", "item 2 is empty"), ("ttft=200", "unknown key 'ttft'"),
+                     ("ttft_ms", "is not key=value"),
                      ("ttft_ms=abc", "must be a number of milliseconds"), ("tpot_ms=-1", "> 0 ms"),
                      ("ttft_ms=1,ttft_ms=2", "given twice"), ("ttft_ms=inf", "finite")]:
         with pytest.raises(BenchError, match=msg):
@@ -259,7 +253,7 @@ def test_meets_slo_and_empty_stats():
 
 # ------------------------------------------------------------------ report
 def _fake_result(rate, ttft):
-    from parity.bench.runner import RESULT_SCHEMA, RESULT_VERSION
+    from parity.bench.result_schema import RESULT_SCHEMA, RESULT_VERSION
 
     recs = [_rec(i, ttft + 0.001 * i, 1.0 + 0.01 * i, 20, itl=[0.05] * 19) for i in range(30)]
     return {"schema": RESULT_SCHEMA, "version": RESULT_VERSION,
@@ -287,7 +281,7 @@ def test_report_png_and_errors(tmp_path):
 
 
 def _failed_result(n=4):
-    from parity.bench.runner import RESULT_SCHEMA, RESULT_VERSION
+    from parity.bench.result_schema import RESULT_SCHEMA, RESULT_VERSION
 
     recs = [_rec(i, None, None, 0, ok=False, err="HTTP 503: overloaded") for i in range(n)]
     return {"schema": RESULT_SCHEMA, "version": RESULT_VERSION,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_model_helpers import hf_small, one_thread, parity_small, save_hf  # noqa: F401
+from test_model_helpers import save_hf
 
 from parity.checkpoint.reader import from_pretrained
 from parity.errors import CheckpointError, ConfigError, RequestError

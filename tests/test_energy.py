@@ -1,6 +1,7 @@
 """Energy meters against fake sysfs / NVML / npu-smi readings (parity.devices.energy)."""
 
 import os
+import threading
 import time
 from types import SimpleNamespace
 
@@ -131,9 +132,14 @@ class FakeNpuSmi:
     def __init__(self, watts):
         self.watts = dict(watts)
         self.calls = 0
+        self.power_calls = 0
+        self.changed = threading.Condition()
 
     def __call__(self, argv):
         self.calls += 1
+        with self.changed:
+            self.power_calls += argv[1:3] == ["info", "-t"]
+            self.changed.notify_all()
         if argv[1:] == ["info", "-l"]:
             return SimpleNamespace(returncode=0, stdout=NPU_LIST)
         i = int(argv[-1])
@@ -157,7 +163,9 @@ def test_npu_smi_meter_integrates_power():
     m = energy.open_meter("npu-smi", npu_smi_run=fake, interval_s=0.01)
     assert m.ids == [0, 1]
     m.start()
-    time.sleep(0.1)
+    time.sleep(0.1)  # the metered interval
+    with fake.changed:  # 2 NPUs x (probe when opened, start sample, >= 1 sample of the sampler thread)
+        assert fake.changed.wait_for(lambda: fake.power_calls >= 2 * 3, timeout=30.0)
     r = m.stop()
     # constant power: energy = P * t for each NPU (trapezoid is exact for constant power)
     assert r.per_device_j[0] == pytest.approx(100.0 * r.seconds, rel=0.05)

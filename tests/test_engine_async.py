@@ -1,6 +1,7 @@
 """AsyncEngine: streaming, concurrency, abort on close, queue limit, shutdown (FakeModel, fast)."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -17,12 +18,23 @@ def engine(**kw):
     return AsyncEngine(EngineArgs(device="cpu", **kw), model=FakeModel(), tokenizer=None)
 
 
-async def collect(eng, prompt, params, rid):
+async def collect(eng, prompt, params, rid, started: asyncio.Event | None = None):
+    """(token ids, deltas) of one request; sets `started` on its first delta (the request is running)."""
     ids, deltas = [], []
     async for d in eng.generate(prompt, params, rid):
         ids += d.new_token_ids
         deltas.append(d)
+        if started is not None:
+            started.set()
     return ids, deltas
+
+
+async def wait_until(condition, timeout_s: float = 30.0) -> None:
+    """Return once `condition()` is true (checked every ms); fail after `timeout_s` s (shared CI cores)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"condition not met within {timeout_s} s"
+        await asyncio.sleep(0.001)
 
 
 def test_concurrent_streams_match_reference():
@@ -38,7 +50,7 @@ def test_concurrent_streams_match_reference():
         return res, st
 
     res, st = asyncio.run(main())
-    for (ids, deltas), ref, prompt in zip(res, refs, PROMPTS):
+    for (ids, deltas), ref, prompt in zip(res, refs, PROMPTS, strict=True):
         assert ids == ref
         assert deltas[-1].finished and deltas[-1].request_finished and deltas[-1].finish_reason == "length"
         m = deltas[-1].metrics
@@ -59,17 +71,15 @@ def test_closing_the_stream_aborts_and_frees():
             if n == 3:
                 break
         await agen.aclose()
-        # cancellation of a consumer task aborts too
-        task = asyncio.create_task(collect(eng, PROMPTS[1], long, "cancelled"))
-        await asyncio.sleep(0.05)
+        # cancellation of a consumer task mid-stream aborts too
+        started = asyncio.Event()
+        task = asyncio.create_task(collect(eng, PROMPTS[1], long, "cancelled", started))
+        await started.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(100):
-            st = eng.stats()
-            if st["num_running"] == 0 and st["cache_used_bytes"] == 0:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: eng.stats()["num_running"] == 0 and eng.stats()["cache_used_bytes"] == 0)
+        st = eng.stats()
         await eng.shutdown(0.5)
         return st
 
@@ -98,7 +108,8 @@ def test_bad_request_raises_and_others_continue():
 
     errors, ids = asyncio.run(main())
     assert ids == ref
-    for e, name in zip(errors, ["prompt", "max_model_len", "top_p", "temperature", "max_tokens", "stop_token_ids"]):
+    names = ["prompt", "max_model_len", "top_p", "temperature", "max_tokens", "stop_token_ids"]
+    for e, name in zip(errors, names, strict=True):
         assert name in e
 
 
@@ -106,11 +117,12 @@ def test_queue_full_and_shutdown():
     async def main():
         eng = engine(max_waiting=1, max_num_seqs=1)
         await eng.start()
-        long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
-        t1 = asyncio.create_task(collect(eng, PROMPTS[0], long, "a"))
-        await asyncio.sleep(0.05)                       # a is running
+        long = SamplingParams(temperature=0.0, max_tokens=4000, ignore_eos=True)
+        a_started = asyncio.Event()
+        t1 = asyncio.create_task(collect(eng, PROMPTS[0], long, "a", a_started))
+        await a_started.wait()                          # a is running
         t2 = asyncio.create_task(collect(eng, PROMPTS[1], long, "b"))
-        await asyncio.sleep(0.02)                       # b is waiting (max_num_seqs 1)
+        await wait_until(lambda: eng.stats()["num_waiting"] == 1)  # b is waiting (max_num_seqs 1)
         with pytest.raises(EngineQueueFull):
             async for _ in eng.generate(PROMPTS[2], long, "c"):
                 pass

@@ -67,6 +67,7 @@ def test_info_cli_json_and_errors(capsys):
     assert "--context" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_plan_package_does_not_import_torch():
     code = ("import sys, argparse, parity.plan, parity.shapes, parity.plan.info_cli, parity.plan.plan_cli, "
             "parity.plan.serving_model, parity.plan.validate, parity.plan.search, parity.plan.report\n"

@@ -1,10 +1,10 @@
-"""parity.model vs transformers 5.23 DeepseekV4ForCausalLM in float32 (issue 2 "Done when")."""
+"""parity.model vs transformers 5.23 DeepseekV4ForCausalLM in float32 (logits and greedy outputs)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_model_helpers import hf_small, make_hf_model, one_thread, parity_small, save_hf  # noqa: F401
+from test_model_helpers import make_hf_model, save_hf
 
 TOL = 1e-4
 

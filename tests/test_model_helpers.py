@@ -1,11 +1,9 @@
 """Shared helpers of the model tests (no tests here): small random DeepseekV4 checkpoints written by
 transformers 5.23 (the test-only oracle), with non-trivial values everywhere (sinks, position biases,
-router biases, tid2eid, norms), and a single-thread fixture (tiny models run faster on one thread,
-and the CI machine has 2 shared cores)."""
+router biases, tid2eid, norms). The fixtures built on them live in conftest.py."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 #: A small V4 covering every layer kind: sliding, CSA (ratio 4 + indexer), HCA (ratio 16), hash and
@@ -55,25 +53,3 @@ def make_hf_model(seed: int = 0, **overrides):
 def save_hf(model, path, **kw) -> str:
     model.save_pretrained(str(path), **kw)
     return str(path)
-
-
-@pytest.fixture(scope="session")
-def hf_small(tmp_path_factory):
-    """(checkpoint_dir, transformers_model) of the SMALL config, saved in transformers' default format."""
-    m = make_hf_model(0)
-    d = tmp_path_factory.mktemp("v4small")
-    return save_hf(m, d), m
-
-
-@pytest.fixture(scope="session")
-def parity_small(hf_small):
-    from parity.checkpoint.reader import from_pretrained
-    return from_pretrained(hf_small[0])
-
-
-@pytest.fixture(autouse=False)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -1,11 +1,10 @@
-"""Incremental decoding equals the full forward at every position (issue 2 "Done when"), plus the
+"""Incremental decoding equals the full forward at every position, plus the
 cache storage contract (allocator, nbytes, free, cache_layout) and request validation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_model_helpers import hf_small, one_thread, parity_small  # noqa: F401
 
 from parity.errors import RequestError
 
@@ -146,13 +145,13 @@ def test_query_blocks(parity_small, seqs_and_ref, block, one_thread):
     logits, prefill from 0 and chunks continuing a cache alike."""
     ids, ref = seqs_and_ref
     attns = [layer.self_attn for layer in parity_small.model.layers]
-    old = [a.query_block for a in attns]
+    old = [a.backend.query_block for a in attns]
     try:
         for a in attns:
-            a.query_block = block
+            a.backend.query_block = block
         assert (parity_small.forward_logits(ids[:1]) - ref[:1]).abs().max().item() <= TOL
         out = _run_chunks(parity_small, ids[1], [0, 20, 21, 45, 50])
         assert (out - ref[1]).abs().max().item() <= TOL
     finally:
         for a, q in zip(attns, old):
-            a.query_block = q
+            a.backend.query_block = q

@@ -93,6 +93,7 @@ def test_cli_generate_and_export_refuse_cleanly(tmp_path, monkeypatch, capsys):
     assert not out.exists()  # refused before creating anything
 
 
+@pytest.mark.slow
 def test_memory_module_imports_no_torch():
     import subprocess
 

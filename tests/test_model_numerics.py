@@ -1,4 +1,4 @@
-"""Issue 8 (FP8 KV cache, FP4 indexer, shared-expert clamp) and the pinned cases where parity follows
+"""Low-precision numerics (FP8 KV cache, FP4 indexer, shared-expert clamp) and the pinned cases where parity follows
 DeepSeek's official inference code rather than transformers (docs/numerics.md)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model_helpers import make_hf_model, one_thread, save_hf  # noqa: F401
+from test_model_helpers import make_hf_model, save_hf
 
 TOL = 1e-4
 
@@ -186,7 +186,7 @@ def test_fp4_index_keys_stored_packed(q8, one_thread):
     assert growth("bf16", "bf16") == 6880 and growth("fp8", "fp4") == 3514.25  # 1.96x the tokens
 
 
-# ---------------------------------------------------------------- shared-expert clamp (issue 8 step 3)
+# ---------------------------------------------------------------- shared-expert clamp
 def test_shared_expert_clamp(tmp_path, one_thread):
     from parity.checkpoint.reader import from_pretrained
     hf = make_hf_model(0)  # swiglu_limit 0.5: the clamp is active

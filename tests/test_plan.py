@@ -65,8 +65,11 @@ def test_v4_validation_true_numbers_are_pinned(rep):
     assert len(v4) >= 6
     assert {r["family"].split("-")[0] for r in v4} == {"ascend", "nvidia"}
     assert {"prefill", "decode"} <= {r["phase"] for r in v4}
-    assert rep["mape"] <= 0.60 and rep["loo_mape"] <= 0.55
-    assert max(abs(r["error"]) for r in v4) <= 2.5
+    assert rep["mape"] <= 0.33 and rep["loo_mape"] <= 0.37
+    assert max(abs(r["error"]) for r in v4) <= 1.8
+    # single-prompt TTFT is host-bound (eager prefill): both vendors' CUDA entries within 25%
+    ttft = [r for r in v4 if r["metric"] == "ttft_ms"]
+    assert len(ttft) == 2 and all(abs(r["error"]) <= 0.25 for r in ttft)
     assert {c for c in rep["classes"]} >= {"ascend/decode/v4", "nvidia-blackwell/prefill/v4"}
 
 
@@ -100,7 +103,8 @@ def test_cost_model_physics():
     v3, v4 = load_arch("deepseek-v3"), load_arch("v4-flash")
     assert abs(v3.total_params / 671e9 - 1) < 0.01
     # V4's compressed caches read far less than MLA at long context, fp8 less than bf16
-    read = lambda a, kind, dt: sum(a.attn_read_bytes(l.kind, 65536, dt) for l in a.layers)
+    def read(a, kind, dt):
+        return sum(a.attn_read_bytes(ly.kind, 65536, dt) for ly in a.layers)
     assert read(v4, None, "bf16") < 0.2 * read(v3, None, "bf16")
     assert read(v4, None, "fp8") < read(v4, None, "bf16")
     hw, c = get_hardware("h800"), families()["nvidia-hopper"].as_dict()
@@ -110,7 +114,8 @@ def test_cost_model_physics():
     mtp = replace(dep, mtp=1, mtp_acceptance=0.85)
     assert M.decode_point(v4, hw, mtp, c, 64, 4096)["tpot_s"] < M.decode_point(v4, hw, dep, c, 64, 4096)["tpot_s"]
     no_overlap = replace(dep, overlap=False)
-    assert M.prefill_point(v4, hw, no_overlap, c, 8192, 4096)["step_s"] > M.prefill_point(v4, hw, dep, c, 8192, 4096)["step_s"]
+    serial = M.prefill_point(v4, hw, no_overlap, c, 8192, 4096)["step_s"]
+    assert serial > M.prefill_point(v4, hw, dep, c, 8192, 4096)["step_s"]
     # crossing the scale-up domain moves all-to-all traffic onto the slower scale-out links
     big = M.step_terms(v4, hw, M.Deployment(n_devices=32), "decode", 64, 4096, 64)
     small = M.step_terms(v4, hw, M.Deployment(n_devices=8), "decode", 64, 4096, 64)

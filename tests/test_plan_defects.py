@@ -101,3 +101,30 @@ def test_latency_floor_is_per_stack():
     # CANN reference on 8 x 950PR: 19.6 ms per step at one sequence per chip (CANN 950PR published entry)
     step = M.decode_point(v4, get_hardware("950pr"), dep, c, 1, 8192)["step_s"]
     assert 0.7 * 19.6e-3 < step < 1.3 * 19.6e-3
+
+
+def test_eager_prefill_is_host_bound_at_one_prompt_and_hidden_at_large_batches():
+    # CUDA graphs capture decode only: a prefill step takes max(host launches, device time)
+    from parity.plan.hardware import stacks
+
+    host = stacks()["cuda-graphs"].eager_layer_host_s
+    assert host > 0 and stacks()["cuda-graphs"].eager_source.strip()
+    v4 = load_arch("v4-flash")
+    hw = get_hardware("h200")
+    c = family_of(hw).as_dict()
+    dep = M.Deployment(n_devices=4, attn_tp=4, expert_format="fp4")
+    one = M.step_terms(v4, hw, dep, "prefill", 2048, 8192, 0.25).combine(c)
+    assert one["step_s"] >= len(v4.layers) * host
+    big = M.step_terms(v4, hw, M.Deployment(n_devices=32), "prefill", 65536, 4096, 16).combine(c)
+    assert big["compute_s"] > big["host_s"]
+    assert big["step_s"] <= max(big["compute_s"], big["comm_s"]) + big["fixed_s"] + 1e-9
+    dec = M.step_terms(v4, hw, dep, "decode", 1, 8192, 1).combine(c)
+    assert dec["host_s"] == 0  # decode is graph-captured
+
+
+def test_fp4_weights_compute_in_bf16_without_fp4_math():
+    # W4A16 (Marlin) on Hopper; native FP4 on Blackwell; INT4 weights with INT8 activations (W4A8)
+    assert get_hardware("h200").weight_compute_dtype("fp4") == "bf16"
+    assert get_hardware("gb300").weight_compute_dtype("fp4") == "fp4"
+    assert get_hardware("910c").weight_compute_dtype("int4") == "int8"
+    assert get_hardware("h200").weight_compute_dtype("fp8") == "fp8"

@@ -178,6 +178,7 @@ def _stream_in_thread(base: str, max_tokens: int, out: dict) -> threading.Thread
     return t
 
 
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_then_exits_cleanly_and_aborts_past_the_timeout(tmp_path):
     """Two server processes (started together to overlap their start-up): one with a 10 s drain limit and a
     request that needs ~0.3 s more (it completes), one with 0.3 s and a request that would need 25 s (it is

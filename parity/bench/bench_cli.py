@@ -1,6 +1,6 @@
 """`parity bench` (run a benchmark against an OpenAI-compatible endpoint) and `parity bench report`.
 
-Heavy imports (httpx, numpy, matplotlib, rich, torch via the energy meters) happen inside the command functions.
+Heavy imports (httpx, numpy, matplotlib, rich) happen inside the command functions.
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     """`parity bench`: returns 0 on success, 1 when no request completed, 130 when interrupted (results saved)."""
-    from parity.bench.runner import BenchConfig, run_bench
+    from parity.bench.run_config import BenchConfig
+    from parity.bench.runner import run_bench
     from parity.errors import BenchError
 
     if not args.base_url:

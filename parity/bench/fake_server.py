@@ -179,6 +179,7 @@ class _Handler(BaseHTTPRequestHandler):
         with srv.lock:
             srv.count += 1
             num = srv.count
+            srv._arrived.notify_all()
         plan = plan_response(srv.script, self.path, raw, num)
         if plan.status != 200:
             self._send_json(plan.status, plan.error or {})
@@ -275,6 +276,7 @@ class FakeServer:
     def __init__(self, script: Script | None = None, port: int = 0):
         self.script = script or Script()
         self.lock = threading.Lock()
+        self._arrived = threading.Condition(self.lock)
         self.count = 0
         self._httpd = _Server(("127.0.0.1", port), _Handler)
         self._httpd.owner = self  # type: ignore[attr-defined]
@@ -282,17 +284,22 @@ class FakeServer:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "FakeServer":
+    def start(self) -> FakeServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="parity-fake-sse", daemon=True)
         self._thread.start()
         return self
 
+    def wait_for_requests(self, n: int, timeout_s: float) -> bool:
+        """Block until `count` >= `n` (True) or `timeout_s` s have passed (False)."""
+        with self._arrived:
+            return self._arrived.wait_for(lambda: self.count >= n, timeout_s)
+
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def __enter__(self) -> "FakeServer":
+    def __enter__(self) -> FakeServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -81,7 +81,7 @@ class RequestRecord:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RequestRecord":
+    def from_dict(cls, d: dict) -> RequestRecord:
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**d)
 

@@ -81,7 +81,7 @@ def make_figure(results: list[tuple[str, dict]]):
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.07, top=0.95, wspace=0.28, hspace=0.32)
     cdf_axes = [axes[0, 0], axes[0, 1], axes[0, 2], axes[1, 0]]
-    for ax, metric in zip(cdf_axes, ("TTFT", "TPOT", "ITL", "E2EL")):
+    for ax, metric in zip(cdf_axes, ("TTFT", "TPOT", "ITL", "E2EL"), strict=True):
         for label, res in results:
             v = np.sort(np.asarray(_latencies(res)[metric]))
             if v.size:
@@ -94,7 +94,7 @@ def make_figure(results: list[tuple[str, dict]]):
         ax.set_title(f"{metric} CDF")
         ax.grid(alpha=0.3)
     for ax, (key, stat, name) in zip((axes[1, 1], axes[1, 2]), (("tpot_ms", "median", "median TPOT"),
-                                                                 ("ttft_ms", "p99", "p99 TTFT"))):
+                                                                 ("ttft_ms", "p99", "p99 TTFT")), strict=True):
         pts = [(r["summary"][key][stat], r["summary"]["output_throughput_tok_s"], label) for label, r in results
                if r["summary"][key][stat] is not None]
         pts.sort(key=lambda p: p[1])  # along increasing throughput: the usual serving curve

@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from parity.bench.runner import RESULT_SCHEMA, RESULT_VERSION
+from parity.bench.result_schema import RESULT_SCHEMA, RESULT_VERSION
 from parity.errors import BenchError
 
 

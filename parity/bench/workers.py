@@ -26,7 +26,13 @@ import subprocess
 import sys
 import time
 
+from parity.bench.loadgen import arrival_offsets, run_requests
+from parity.bench.metering import add_energy, as_meters, describe_meters, stop_meter
 from parity.bench.metrics import RequestRecord, parse_slo, summarize
+from parity.bench.result_schema import NOTES, RESULT_SCHEMA, RESULT_VERSION, environment
+from parity.bench.run_config import BenchConfig
+from parity.bench.tokenizer import load_bench_tokenizer
+from parity.bench.workloads import BenchRequest
 from parity.errors import BenchError
 
 #: Seconds between "all workers ready" and the common start, so that every worker sees the start message first.
@@ -50,10 +56,6 @@ def worker_main() -> int:
     """Worker process (``python -m parity.bench.workers``): reads its job as one JSON line on stdin, reports
     ``{"ready": warmup}``, waits for ``{"go": origin}`` (or ``{"stop": true}``) on stdin, runs, prints
     ``{"tick": 1}`` per finished request and finally ``{"result": ...}`` or ``{"error": message}``."""
-    from parity.bench.runner import BenchConfig, run_requests
-    from parity.bench.tokenizer import load_bench_tokenizer
-    from parity.bench.workloads import BenchRequest
-
     job = json.loads(sys.stdin.readline())
     try:
         cfg = BenchConfig(**job["config"])
@@ -118,15 +120,12 @@ class _Worker:
 
 
 def run_with_workers(cfg, requests, tokenizer, meter) -> dict:
-    """Run `requests` over ``cfg.client_workers`` processes; same result layout as `runner.run_requests`.
+    """Run `requests` over ``cfg.client_workers`` processes; same result layout as `loadgen.run_requests`.
 
     Raises:
         BenchError: a worker failed to start or its warm-up failed entirely.
         KeyboardInterrupt: Ctrl-C before the measured run started.
     """
-    from parity.bench.runner import (NOTES, RESULT_SCHEMA, RESULT_VERSION, add_energy, arrival_offsets, as_meters,
-                                     describe_meters, environment, stop_meter)
-
     meters = as_meters(meter)
 
     n = min(cfg.client_workers, max(len(requests), 1))

@@ -16,10 +16,24 @@ KNOWN_TYPES = AUTO_ORDER
 #: XCCL: Intel's, torch >= 2.8; gloo on CPU).
 DIST_BACKEND = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl", "xpu": "xccl", "mps": "gloo"}
 
+#: Attention backend (a name registered in `parity.model.attention_backends`) per device type. Every
+#: device runs the torch reference today; a fused sparse-attention kernel for a device registers its own
+#: backend there and is named here.
+ATTENTION_BACKEND = {"cpu": "torch", "cuda": "torch", "npu": "torch", "xpu": "torch", "mps": "torch"}
+
 _LAZY = ("is_available", "resolve", "dist_backend", "supported_dtypes", "has_fp8", "synchronize",
          "memory_info", "empty_cache", "manual_seed", "DeviceInfo", "describe")
 
-__all__ = ["AUTO_ORDER", "KNOWN_TYPES", "DIST_BACKEND", *_LAZY]
+__all__ = ["AUTO_ORDER", "KNOWN_TYPES", "DIST_BACKEND", "ATTENTION_BACKEND", "attention_backend", *_LAZY]
+
+
+def attention_backend(device) -> str:
+    """Name of the attention backend for ``device`` (a ``torch.device``, "cuda:1", "cpu", ...).
+
+    Device types without an entry in `ATTENTION_BACKEND` get "torch" (the reference, any device).
+    """
+    kind = getattr(device, "type", None) or str(device).split(":", 1)[0]
+    return ATTENTION_BACKEND.get(kind, "torch")
 
 
 def __getattr__(name):

@@ -14,11 +14,12 @@ from torch import nn
 
 from parity.config import CSA, HCA, SLIDING, ModelConfig
 from parity.errors import ConfigError, RequestError
-from parity.model.attention import Attention, StepContext
+from parity.model.attention import Attention
 from parity.model.cache_state import CacheAllocator, LayerCache, SequenceState, TorchAllocator
 from parity.model.layers import HyperConnection, HyperHead, MoE, RMSNorm, rope_cos_sin, rope_inv_freq
 from parity.model.memory import check_fits
 from parity.model.numerics import IndexCodec, KVCodec
+from parity.model.step_metadata import StepContext
 
 KV_CACHE_DTYPES = ("bf16", "fp8")
 INDEXER_DTYPES = ("bf16", "fp4")

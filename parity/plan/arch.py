@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from parity import shapes as P
 from parity.config import CSA, HCA, SLIDING, ModelConfig
 from parity.errors import PlanError
-from parity import shapes as P
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "data" / "published" / "models"
 
@@ -164,8 +164,9 @@ class MLAArch:
         self.mtp_layers = [LayerSpec("mla", proj, shared, True)] * d["num_nextn_predict_layers"]
         self.mtp_extra_params = 2 * D * D
         self.embed_params = self.head_params = d["vocab_size"] * D
-        self.total_params = (sum(l.proj_params + l.dense_params + (self.n_experts * self.expert_params if l.moe else 0)
-                                 for l in self.layers) + 2 * self.embed_params + D)
+        self.total_params = (sum(ly.proj_params + ly.dense_params
+                                 + (self.n_experts * self.expert_params if ly.moe else 0) for ly in self.layers)
+                             + 2 * self.embed_params + D)
         self.other_bytes_per_token_layer = 4 * D * 2
         #: node-limited routing: each token's experts lie on at most this many nodes (V3 report 2.1.2, M=4)
         self.route_limit_groups = d.get("route_limit_nodes", 0)

@@ -188,7 +188,7 @@ def build(setup: Setup) -> Evaluator:
         tok = s.tokens_per_device or isl_u / s.tp
         pdep = replace(dep, mtp=min(dep.mtp, 1))
         groups = op_costs(arch, hw, pdep, "prefill", tok, s.isl, tok / isl_u)
-        terms["prefill"] = groups_terms(groups, hw, pdep).compact()
+        terms["prefill"] = groups_terms(groups, hw, pdep, eager=True).compact()
         info["prefill_tokens_per_device"] = tok
     if s.phase in ("decode", "serving"):
         dep = s.deployment(n_dec)
@@ -204,7 +204,7 @@ def build(setup: Setup) -> Evaluator:
             chunk = min(isl_u, s.max_num_batched_tokens)
             info["chunk"], info["n_chunks"] = chunk, math.ceil(isl_u / chunk - 1e-9)
             terms["mixed"] = groups_terms(mixed_step_groups(arch, hw, dep, b, ctx, chunk / s.tp, s.isl),
-                                          hw, dep).compact()
+                                          hw, dep, eager=True).compact()
     return Evaluator(setup=s, terms=terms, info=info)
 
 

@@ -70,6 +70,19 @@ class Hardware:
                 return dt
         return "bf16"
 
+    def weight_compute_dtype(self, fmt: str) -> str:
+        """The dtype a GEMM with weights stored in `fmt` computes in on this chip.
+
+        4-bit weights on a chip without FP4 math are dequantized in the kernel and multiplied in BF16
+        (W4A16: vLLM's Marlin MoE, `--moe-backend marlin` in ai-dynamo/dynamo's V4-Pro H200 recipe and
+        SGLang's H200 V4-Flash low-latency cell, sgl-project/sglang#33109); INT4 weights with INT8
+        activations (W4A8) compute in INT8; other formats as `best_dtype`."""
+        if fmt == "fp4":
+            return "fp4" if self.peak_tflops.get("fp4") else "bf16"
+        if fmt == "int4":
+            return self.best_dtype("int8")
+        return self.best_dtype(fmt)
+
 
 def _value(entry: dict, section: str, key: str, path: Path):
     sec = entry.get(section)
@@ -222,11 +235,14 @@ def family_of(hw: Hardware, directory: str | Path | None = None) -> Family:
 
 @dataclass(frozen=True)
 class Stack:
-    """A software stack's latency floor per decoder layer per step (s), with its source."""
+    """A software stack's latency floor per decoder layer per step (s), the host time per decoder layer of
+    a step it does not capture in a graph (s, `eager_layer_host_s`: prefill and mixed steps), with sources."""
 
     id: str
     layer_latency_s: float
     source: str
+    eager_layer_host_s: float = 0.0
+    eager_source: str = ""
 
 
 @lru_cache(maxsize=8)
@@ -243,7 +259,13 @@ def _stacks(directory: str) -> dict[str, Stack]:
             raise PlanError(f"stack file {path.name}: [{sid}] layer_latency_us must be a number >= 0, got {v!r}")
         if not str(sec.get("source", "")).strip():
             raise PlanError(f"stack file {path.name}: [{sid}] needs a 'source'")
-        out[sid] = Stack(id=sid, layer_latency_s=float(v) * 1e-6, source=sec["source"])
+        host = sec.get("eager_layer_host_us", 0.0)
+        if not isinstance(host, (int, float)) or isinstance(host, bool) or host < 0:
+            raise PlanError(f"stack file {path.name}: [{sid}] eager_layer_host_us must be a number >= 0, got {host!r}")
+        if host and not str(sec.get("eager_source", "")).strip():
+            raise PlanError(f"stack file {path.name}: [{sid}] eager_layer_host_us needs an 'eager_source'")
+        out[sid] = Stack(id=sid, layer_latency_s=float(v) * 1e-6, source=sec["source"],
+                         eager_layer_host_s=float(host) * 1e-6, eager_source=sec.get("eager_source", ""))
     return out
 
 

@@ -46,7 +46,8 @@ def run(args) -> int:
     print(f"activated/token  {_fmt_n(p['activated_per_token'])} ({p['activated_per_token']:,})")
     print(f"  attention {_fmt_n(p['attention'])}, routed experts {_fmt_n(p['routed_experts'])}, "
           f"shared {_fmt_n(p['shared_experts'])}, router {_fmt_n(p['router'])}, "
-          f"embedding {_fmt_n(p['embedding'])}, lm_head {_fmt_n(p['lm_head'])}, norms+mHC {_fmt_n(p['other_norms_mhc'])}")
+          f"embedding {_fmt_n(p['embedding'])}, lm_head {_fmt_n(p['lm_head'])}, "
+          f"norms+mHC {_fmt_n(p['other_norms_mhc'])}")
     sched = info["schedule"]
     print("schedule         " + " ".join(
         f"{r['layer']}:{r['attention']}/{r['moe']}{'(mtp)' if r['mtp'] else ''}" for r in sched))

@@ -182,7 +182,8 @@ def format_plan(r: dict) -> str:
                  f"{d['expert_format']}, cache {d['kv_dtype']}, MTP {d['mtp']}"
                  + (f" (acceptance {d['mtp_acceptance']:.2f})" if d["mtp"] else ""))
     if r["mode"] == "colocated":
-        lines.append(f"                      + prefill chunk of {p['tokens_per_device']:,.0f} tokens per device per step")
+        lines.append(f"                      + prefill chunk of {p['tokens_per_device']:,.0f} tokens per device "
+                     "per step")
     lines += [
         f"input tok/s per chip  {_f(r['input_tok_s_per_chip'])}  {pf['output_tok_s_per_chip']}",
         f"output tok/s per chip {_f(r['output_tok_s_per_chip'])}  {pf['output_tok_s_per_chip']}",

@@ -38,7 +38,8 @@ def compare(model: str, hardware: list[str], workload: Workload, out: str | None
     for h in hardware:
         r = plan(model, h, workload)
         rows.append(r)
-        fronts[r["hardware"]] = frontier(model, h, workload) if r["feasible"] or r.get("limiting_resource") != "memory" else []
+        usable = r["feasible"] or r.get("limiting_resource") != "memory"
+        fronts[r["hardware"]] = frontier(model, h, workload) if usable else []
     res = {"model": model, "workload": vars(workload), "rows": rows, "frontiers": fronts,
            "provenance": rows[0]["provenance"] if rows else "", "notes": notes}
     w = workload
@@ -99,10 +100,10 @@ def _cell(r, key):
 
 def _table(rows, provenance) -> str:
     widths = [max(len(h), *(len(_cell(r, k)) for r in rows)) for k, h in _COLS]
-    line = "  ".join(h.rjust(w) for (_, h), w in zip(_COLS, widths))
+    line = "  ".join(h.rjust(w) for (_, h), w in zip(_COLS, widths, strict=True))
     out = [f"output tok/s per chip of the first row: {provenance} (per-figure errors: parity plan)", line]
     for r in rows:
-        out.append("  ".join(_cell(r, k).rjust(w) for (k, _), w in zip(_COLS, widths)))
+        out.append("  ".join(_cell(r, k).rjust(w) for (k, _), w in zip(_COLS, widths, strict=True)))
     for r in rows:
         if not r["feasible"]:
             out.append(r["reason"])
@@ -166,6 +167,7 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}</style
 <h2>Pareto frontier: output tokens/s per chip vs tokens/s per user</h2>
 <img alt="Pareto frontier" src="data:image/png;base64,{png}">
 <p>Both modes: disaggregated (prefill at its best TTFT-feasible point, decode swept over batch and
-deployments) and colocated (swept over batch, TTFT SLO applied); the table row names the chosen mode. Tokens per joule are modeled from TDP. See docs/plan.md for the model and its validated error.</p>
+deployments) and colocated (swept over batch, TTFT SLO applied); the table row names the chosen mode.
+Tokens per joule are modeled from TDP. See docs/plan.md for the model and its validated error.</p>
 </body></html>"""
     _write_bytes(path, doc.encode())

@@ -133,8 +133,9 @@ class Terms:
     comm_out_s: float = 0.0
     overlap: bool = True
     fixed_s: float = 0.0
+    host_s: float = 0.0    # host time to launch a step that is not graph-captured (hidden when the device is slower)
 
-    def compact(self) -> "Terms":
+    def compact(self) -> Terms:
         """An equivalent Terms with identical (compute, memory) pairs merged (faster `combine`)."""
         def merge(pairs):
             acc: dict = {}
@@ -152,7 +153,7 @@ class Terms:
             return [tuple(v) for v in acc.values()]
         return Terms(gemm=merge(self.gemm), attn=merge(self.attn), other_mem_s=self.other_mem_s,
                      comm_up_s=self.comm_up_s, comm_out_s=self.comm_out_s, overlap=self.overlap,
-                     fixed_s=self.fixed_s)
+                     fixed_s=self.fixed_s, host_s=self.host_s)
 
     def combine(self, c: dict) -> dict:
         """Step time (s) under calibration constants `c` (gemm_eff, attn_eff, hbm_eff, link_eff)."""
@@ -161,8 +162,9 @@ class Terms:
         comp += sum(max(f / c["attn_eff"], m / he) for f, m in self.attn)
         comp += self.other_mem_s / he
         comm = max(self.comm_up_s, self.comm_out_s) / c["link_eff"]
-        step = (max(comp, comm) if self.overlap else comp + comm) + self.fixed_s
-        return {"step_s": step, "compute_s": comp, "comm_s": comm, "fixed_s": self.fixed_s}
+        device = max(comp, comm) if self.overlap else comp + comm
+        step = max(device, self.host_s) + self.fixed_s
+        return {"step_s": step, "compute_s": comp, "comm_s": comm, "fixed_s": self.fixed_s, "host_s": self.host_s}
 
 
 def weight_bytes_per_device(arch, dep: Deployment) -> dict:
@@ -170,8 +172,8 @@ def weight_bytes_per_device(arch, dep: Deployment) -> dict:
     attention TP), local routed experts (E + redundant over n devices), embedding + LM head (bf16)."""
     wd, we = WEIGHT_BYTES[dep.dense_format], WEIGHT_BYTES[dep.expert_format]
     layers = list(arch.layers) + list(arch.mtp_layers)
-    dense = sum(l.proj_params + l.dense_params for l in layers) + arch.mtp_extra_params * len(arch.mtp_layers)
-    n_moe = sum(l.moe for l in layers)
+    dense = sum(ly.proj_params + ly.dense_params for ly in layers) + arch.mtp_extra_params * len(arch.mtp_layers)
+    n_moe = sum(ly.moe for ly in layers)
     local = math.ceil((arch.n_experts + dep.redundant_experts) / dep.n_devices)
     experts = n_moe * local * arch.expert_params * we
     emb = (arch.embed_params + arch.head_params) * 2.0
@@ -277,12 +279,13 @@ def op_costs(arch, hw: Hardware, dep: Deployment, phase: str, tokens: float, ctx
 
 def step_terms(arch, hw: Hardware, dep: Deployment, phase: str, tokens: float, ctx: float,
                seqs: float) -> Terms:
-    """`op_costs` turned into ideal times at 100% of each peak (same arguments)."""
-    return groups_terms(op_costs(arch, hw, dep, phase, tokens, ctx, seqs), hw, dep)
+    """`op_costs` turned into ideal times at 100% of each peak (same arguments); prefill steps are eager
+    (`groups_terms`)."""
+    return groups_terms(op_costs(arch, hw, dep, phase, tokens, ctx, seqs), hw, dep, eager=phase == "prefill")
 
 
-def layer_floor_s(hw: Hardware, dep: Deployment) -> float:
-    """Latency floor per layer per step (s) of the deployment's software stack (stacks.toml).
+def stack_of(hw: Hardware, dep: Deployment):
+    """The deployment's software stack (`parity.plan.hardware.Stack` from stacks.toml).
 
     Raises:
         PlanError: unknown stack id.
@@ -293,25 +296,42 @@ def layer_floor_s(hw: Hardware, dep: Deployment) -> float:
     st = stacks()
     if sid not in st:
         raise PlanError(f"unknown software stack {sid!r}: known are {', '.join(sorted(st))}")
-    return st[sid].layer_latency_s
+    return st[sid]
 
 
-def groups_terms(groups: list[dict], hw: Hardware, dep: Deployment) -> Terms:
-    """Ideal times of a step from its op-cost groups (`op_costs` or `mixed_step_groups`)."""
+def layer_floor_s(hw: Hardware, dep: Deployment) -> float:
+    """Latency floor per layer per step (s) of the deployment's software stack (stacks.toml).
+
+    Raises:
+        PlanError: unknown stack id.
+    """
+    return stack_of(hw, dep).layer_latency_s
+
+
+def groups_terms(groups: list[dict], hw: Hardware, dep: Deployment, eager: bool = False) -> Terms:
+    """Ideal times of a step from its op-cost groups (`op_costs` or `mixed_step_groups`).
+
+    eager: the stack runs this step without a captured graph (prefill and prefill+decode steps: CUDA
+    graphs and Ascend graph mode capture decode batches only), so the host must launch every kernel:
+    `host_s` = layers x the stack's `eager_layer_host_s`; the step takes the longer of host and device.
+    """
     t = Terms(overlap=dep.overlap)
+    stack = stack_of(hw, dep)
     hbm = hw.hbm_tb_s * 1e12
-    pd_ = hw.peak(hw.best_dtype(dep.dense_format))
-    pe = hw.peak(hw.best_dtype(dep.expert_format))
+    pd_ = hw.peak(hw.weight_compute_dtype(dep.dense_format))
+    pe = hw.peak(hw.weight_compute_dtype(dep.expert_format))
     kv_dt = dep.kv_dtype if dep.kv_dtype in ("fp8", "int8") and hw.peak(dep.kv_dtype) else "bf16"
     pa = hw.peak(kv_dt)
     pi = hw.peak(hw.best_dtype("fp8"))  # indexer scores run in low precision (official: fp4/fp8 QAT)
     ph = hw.peak("bf16")
     up_bw, out_bw = hw.scaleup_gb_s * 1e9, hw.scaleout_gb_s * 1e9
-    floor = layer_floor_s(hw, dep)
+    floor = stack.layer_latency_s
     for g in groups:
         head = g["kind"] == "lm_head"
         if not head:
             t.fixed_s += g["count"] * floor
+            if eager:
+                t.host_s += g["count"] * stack.eager_layer_host_s
         t.gemm.append((g["proj_flops"] / pd_, g["proj_weight_bytes"] / hbm))
         t.attn.append((g["attn_flops"] / pa + g["indexer_flops"] / pi,
                        (g["cache_read_bytes"] + g["cache_write_bytes"]) / hbm))
@@ -355,8 +375,8 @@ def mixed_step_groups(arch, hw: Hardware, dep: Deployment, batch: float, ctx: fl
 
 def mixed_step_terms(arch, hw: Hardware, dep: Deployment, batch: float, ctx: float, chunk: float,
                      prompt: float) -> Terms:
-    """`mixed_step_groups` as ideal times (see there)."""
-    return groups_terms(mixed_step_groups(arch, hw, dep, batch, ctx, chunk, prompt), hw, dep)
+    """`mixed_step_groups` as ideal times (see there); eager when it carries a prefill chunk."""
+    return groups_terms(mixed_step_groups(arch, hw, dep, batch, ctx, chunk, prompt), hw, dep, eager=chunk > 0)
 
 
 def hbm_budget(arch, hw: Hardware, dep: Deployment) -> float:

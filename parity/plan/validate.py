@@ -4,9 +4,10 @@ Every entry is a `parity estimate` setup (`Setup`) plus the metric it published.
 runs `parity.plan.estimate` on it with the hardware family's constants; `report()` gives each entry's
 error, the MAPE over the entries marked for validation, the leave-one-out error (each entry predicted with
 its family's constants refitted without it) and that error per setup class (hardware family x phase x
-model generation), which labels every modeled figure (`error_label`). `fit()` is how `families.toml` was produced: per family, minimise the squared log error of
-that family's entries plus a weak pull towards physically typical values (`PRIOR`, weight
-`PRIOR_WEIGHT`), so that families with fewer entries than constants stay well defined.
+model generation), which labels every modeled figure (`error_label`). `fit()` is how `families.toml` was
+produced: per family, minimise the squared log error of that family's entries plus a weak pull towards
+physically typical values (`PRIOR`, weight `PRIOR_WEIGHT`), so that families with fewer entries than constants
+stay well defined.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ def fit(entries: list[Entry]) -> dict:
     grid = (0.12, 0.2, 0.3, 0.45, 0.65, 0.9)
     best, c = float("inf"), dict(PRIOR)
     for vals in itertools.product(grid, repeat=len(CONSTANT_NAMES)):
-        cc = dict(zip(CONSTANT_NAMES, vals))
+        cc = dict(zip(CONSTANT_NAMES, vals, strict=True))
         v = loss(cc)
         if v < best:
             best, c = v, cc
