@@ -18,7 +18,7 @@ from parity.server.logprobs import completion_logprobs
 from parity.server.settings import default_max_request_bytes
 from parity.server.state import OpenAIServer
 from parity.server.serve_cli import load_checkpoint_tokenizer, register
-from parity.server.launcher import ThreadedServer
+from parity.server.launcher import ThreadedServer, free_port
 from test_server_fakes import FakeChatFormat, FakeEngine, FakeSamplingParams
 
 CHAT = "/v1/chat/completions"
@@ -172,7 +172,7 @@ def test_broken_tokenizer_json_stops_serve_and_generate_before_loading(tmp_path,
         load_checkpoint_tokenizer(str(tmp_path))
     assert load_checkpoint_tokenizer(str(tmp_path), skip=True) is None
     assert load_checkpoint_tokenizer(None) == "auto"
-    for cmd in (["serve", str(tmp_path)], ["generate", str(tmp_path), "--prompt", "Hi"]):
+    for cmd in (["serve", str(tmp_path), "--port", str(free_port())], ["generate", str(tmp_path), "--prompt", "Hi"]):
         assert main(cmd) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert "tokenizer.json" in lines[-1] and "error" in lines[-1] and "Traceback" not in "".join(lines)
