@@ -21,12 +21,12 @@ from parity.checkpoint.default_model import ensure_default_model
 from parity.checkpoint.reader import from_pretrained
 from parity.config import load_config
 from parity.engine.args import EngineArgs
-from parity.engine.cache_pool import CachePool, CachePoolExhausted, SequenceCache, normalize_layout, _align
+from parity.engine.cache_pool import CachePool, CachePoolExhausted, SequenceCache, _align, normalize_layout
 from parity.engine.outputs import StreamDelta
 from parity.engine.sampler import SampleRequest, sample
 from parity.engine.sampling_params import SamplingParams
 from parity.engine.scheduler import Scheduler
-from parity.engine.sequence import Request, Sequence, SeqStatus, make_detokenizer
+from parity.engine.sequence import Request, SeqStatus, Sequence, make_detokenizer
 from parity.errors import CheckpointError, RequestError
 from parity.model.deepseek_v4 import build_model
 
@@ -224,13 +224,18 @@ class LLMEngine:
         if isinstance(prompt_token_ids, torch.Tensor):
             prompt_token_ids = prompt_token_ids.tolist()
         if not isinstance(prompt_token_ids, (list, tuple)):
-            raise RequestError(f"parameter 'prompt_token_ids' must be a list of ints, got {type(prompt_token_ids).__name__}")
+            raise RequestError(f"parameter 'prompt_token_ids' must be a list of ints, "
+                               f"got {type(prompt_token_ids).__name__}")
         if len(prompt_token_ids) == 0:
             raise RequestError("parameter 'prompt' is empty: expected at least one token")
         ids = list(prompt_token_ids)
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids):
-            bad = next(t for t in ids if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size))
-            raise RequestError(f"parameter 'prompt_token_ids' contains {bad!r}: expected ints in [0, {self.vocab_size})")
+        def ok(t) -> bool:
+            return isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size
+
+        if not all(ok(t) for t in ids):
+            bad = next(t for t in ids if not ok(t))
+            raise RequestError(f"parameter 'prompt_token_ids' contains {bad!r}: expected ints in "
+                               f"[0, {self.vocab_size})")
         if len(ids) >= self.max_model_len:
             raise RequestError(f"parameter 'prompt' has {len(ids)} tokens: expected fewer than max_model_len "
                                f"({self.max_model_len}) to leave room for output")

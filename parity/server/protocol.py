@@ -7,7 +7,8 @@ https://api-docs.deepseek.com/guides/thinking_mode), and vLLM's extra sampling f
 `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`,
 `chat_template_kwargs`), which existing clients send through `extra_body`.
 
-Validation is strict (JSON types are not coerced: `"0.5"` is not a number) and unknown top-level fields
+Validation is strict (JSON types are not coerced: `"0.5"` is not a number; integer fields accept an integral
+float such as `4.0`, as vLLM does) and unknown top-level fields
 are rejected with 400 "Unrecognized request argument supplied: NAME", as OpenAI does. Fields OpenAI
 defines that parity cannot honour (`logit_bias`, `response_format` other than text, audio, ...) are
 accepted when empty/default and rejected with a 400 naming them otherwise (see `unsupported_fields`).
