@@ -54,10 +54,33 @@ def _two_word(argv: list[str]) -> list[str]:
     return argv
 
 
+def subparser_of(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser | None:
+    """The sub-command parser registered as `command`, or None."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(command)
+    return None
+
+
+def reject_unknown(parser: argparse.ArgumentParser, command: str | None, extras: list[str]) -> None:
+    """Exit (status 2) with the sub-command's usage and one line for the first unknown argument: the reason
+    for an unsupported vLLM flag (parity.server.vllm_flags), or the closest known flag."""
+    from parity.server.vllm_flags import VLLM_FLAGS, unknown_flag_message
+
+    sub = subparser_of(parser, command) or parser
+    first = next((x for x in extras if x.startswith("-")), extras[0])
+    if not first.startswith("-"):
+        sub.error(f"unrecognized argument {first!r}")
+    known = sorted(set(sub._option_string_actions) | {f.name for f in VLLM_FLAGS if command == "serve"})
+    sub.error(unknown_flag_message(first, [k for k in known if k.startswith("--")]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     words = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(_two_word(words))
+    args, extras = parser.parse_known_args(_two_word(words))
+    if extras:
+        reject_unknown(parser, getattr(args, "command", None), extras)
     args.command_line = ["parity", *words]  # recorded by commands that write results (parity bench)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -45,6 +45,7 @@ LAYERS = {
     "parity.bench": 5,
     "parity.plan": 5,
     "parity.cli": 6,
+    "parity.__main__": 6,
 }
 
 #: Imports banned outright, per area (each banned name covers its submodules).

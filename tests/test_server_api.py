@@ -65,6 +65,7 @@ def wait_cache_zero(base_url: str, timeout_s: float = 5.0) -> None:
 
 def post(server, path, body=None, content=None, key=KEY):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers["Content-Type"] = "application/json"
     return httpx.post(server.base_url + path, json=body, content=content, headers=headers, timeout=30)
 
 

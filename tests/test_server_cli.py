@@ -121,7 +121,7 @@ def _drain_script(port: int, drain_s: float) -> str:
         from test_server_fakes import FakeChatFormat, FakeEngine, FakeSamplingParams
         from parity.server.app import ServerSettings, build_app
         from parity.server.launcher import serve_forever
-        eng = FakeEngine(step_s=0.005)
+        eng = FakeEngine(step_s=0.005, max_model_len=100_000)
         app = build_app(eng, ServerSettings(drain_timeout_s={drain_s}), chat_format=FakeChatFormat(),
                         sampling_params_cls=FakeSamplingParams)
         rc = serve_forever(app, "127.0.0.1", {port}, drain_timeout_s={drain_s}, log_level="warning")
@@ -182,7 +182,7 @@ def _stream_in_thread(base: str, max_tokens: int, out: dict) -> threading.Thread
 def test_sigterm_drains_in_flight_then_exits_cleanly_and_aborts_past_the_timeout(tmp_path):
     """Two server processes (started together to overlap their start-up): one with a 10 s drain limit and a
     request that needs ~0.3 s more (it completes), one with 0.3 s and a request that would need 25 s (it is
-    cut off). Both exit with status 0, engine shut down, cache empty."""
+    cut off with an OpenAI error chunk and [DONE]). Both exit with status 0, engine shut down, cache empty."""
     procs = {}
     try:
         procs["drain"] = _spawn(tmp_path, drain_s=10.0)
@@ -204,8 +204,33 @@ def test_sigterm_drains_in_flight_then_exits_cleanly_and_aborts_past_the_timeout
         lines = results["drain"]["lines"]
         assert lines[-1] == "data: [DONE]", results["drain"]
         assert json.loads(lines[-2][5:])["choices"][0]["finish_reason"] == "length"
-        assert "data: [DONE]" not in results["cut"].get("lines", [])
+        cut = results["cut"]["lines"]  # cut off by the drain timeout: an error chunk, then [DONE]
+        assert cut[-1] == "data: [DONE]", results["cut"]
+        assert json.loads(cut[-2][5:])["error"]["code"] == "server_shutting_down"
     finally:
         for proc, _ in procs.values():
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_ctrl_c_drains_with_a_message_then_a_second_exits_at_once_without_traceback(tmp_path):
+    proc, base = _spawn(tmp_path, drain_s=30.0)
+    try:
+        _wait_up(proc, base)
+        out: dict = {}
+        t = _stream_in_thread(base, 5000, out)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.poll() is None  # draining, not gone
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(10)
+        log = proc.stdout.read()
+        t.join(5)
+        assert time.monotonic() - t0 < 5
+        assert "draining 1 in-flight request" in log and "Ctrl-C again" in log, log
+        assert "stopping now" in log and "Traceback" not in log, log
+        assert rc == 0, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -18,11 +18,12 @@ from parity.server.logprobs import completion_logprobs
 from parity.server.settings import default_max_request_bytes
 from parity.server.state import OpenAIServer
 from parity.server.serve_cli import load_checkpoint_tokenizer, register
-from parity.server.launcher import ThreadedServer
+from parity.server.launcher import ThreadedServer, free_port
 from test_server_fakes import FakeChatFormat, FakeEngine, FakeSamplingParams
 
 CHAT = "/v1/chat/completions"
 CMPL = "/v1/completions"
+JSON = {"Content-Type": "application/json"}
 
 
 def start(engine: FakeEngine, **settings) -> ThreadedServer:
@@ -49,7 +50,7 @@ def err(r: httpx.Response, status: int) -> dict:
 # ----------------------------------------------------------------------------- request-body limit
 def test_body_over_limit_is_413_by_header_and_while_streaming(server):
     big = b'{"prompt": "' + b"a" * 200_000 + b'"}'
-    e = err(httpx.post(server.base_url + CMPL, content=big), 413)
+    e = err(httpx.post(server.base_url + CMPL, content=big, headers=JSON), 413)
     assert e["code"] == "request_too_large" and "100000" in e["message"]
 
     def chunks():  # no Content-Length: chunked transfer, refused while reading
@@ -58,7 +59,7 @@ def test_body_over_limit_is_413_by_header_and_while_streaming(server):
             yield b"a" * 4096
         yield b'"}'
 
-    e = err(httpx.post(server.base_url + CMPL, content=chunks()), 413)
+    e = err(httpx.post(server.base_url + CMPL, content=chunks(), headers=JSON), 413)
     assert e["code"] == "request_too_large"
     assert httpx.get(server.base_url + "/health").status_code == 200
     r = httpx.post(server.base_url + CMPL, json={"prompt": "hi", "max_tokens": 2})
@@ -115,23 +116,23 @@ def test_health_answers_while_a_long_prompt_is_tokenized():
 ])
 def test_lone_surrogate_is_400_naming_the_field(server, raw, param):
     path = CHAT if b"messages" in raw else CMPL
-    e = err(httpx.post(server.base_url + path, content=raw), 400)
+    e = err(httpx.post(server.base_url + path, content=raw, headers=JSON), 400)
     assert e["param"] == param and "surrogate" in e["message"]
 
 
 def test_surrogate_pair_escape_is_fine(server):
-    r = httpx.post(server.base_url + CMPL, content=b'{"prompt":"smile \\ud83d\\ude00","max_tokens":2}')
+    r = httpx.post(server.base_url + CMPL, content=b'{"prompt":"smile \\ud83d\\ude00","max_tokens":2}', headers=JSON)
     assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("depth", [15_000, 100])
 def test_deeply_nested_json_is_400(server, depth):
     raw = b'{"prompt":"x","user":' + b"[" * depth + b"]" * depth + b"}"
-    e = err(httpx.post(server.base_url + CMPL, content=raw), 400)
+    e = err(httpx.post(server.base_url + CMPL, content=raw, headers=JSON), 400)
     assert e["code"] == "invalid_json" and "nested too deeply" in e["message"]
     tools = b'[{"type":"function","function":{"name":"f","parameters":' + b'{"a":' * depth + b"1" + b"}" * depth
     raw = b'{"messages":[{"role":"user","content":"x"}],"tools":' + tools + b"}}]}"
-    assert err(httpx.post(server.base_url + CHAT, content=raw), 400)["code"] == "invalid_json"
+    assert err(httpx.post(server.base_url + CHAT, content=raw, headers=JSON), 400)["code"] == "invalid_json"
 
 
 # ------------------------------------------------------------------------------------- seed range
@@ -171,7 +172,7 @@ def test_broken_tokenizer_json_stops_serve_and_generate_before_loading(tmp_path,
         load_checkpoint_tokenizer(str(tmp_path))
     assert load_checkpoint_tokenizer(str(tmp_path), skip=True) is None
     assert load_checkpoint_tokenizer(None) == "auto"
-    for cmd in (["serve", str(tmp_path)], ["generate", str(tmp_path), "--prompt", "Hi"]):
+    for cmd in (["serve", str(tmp_path), "--port", str(free_port())], ["generate", str(tmp_path), "--prompt", "Hi"]):
         assert main(cmd) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert "tokenizer.json" in lines[-1] and "error" in lines[-1] and "Traceback" not in "".join(lines)

@@ -6,6 +6,7 @@ Heavy imports (httpx, numpy, matplotlib, rich) happen inside the command functio
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 EPILOG = """workloads (--workload):
   random:in=1024,out=128,ratio=0.5,convention=vllm   lengths uniform in [floor(L(1-r)), ceil(L(1+r))]
@@ -54,6 +55,7 @@ def register(sub) -> None:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(p)
     p.add_argument("--output", default=None, metavar="results.json", help="write the versioned JSON result here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file (default: refuse)")
     p.set_defaults(func=run)
     rsub = p.add_subparsers(dest="bench_command", metavar="{report,sweep}")
     r = rsub.add_parser("report", help="HTML/PNG report (latency CDFs, throughput vs latency) from result files")
@@ -104,6 +106,8 @@ def add_run_args(p) -> None:
                         "(for servers rejecting stream_options.continuous_usage_stats)")
     p.add_argument("--client-workers", type=int, default=1, metavar="N",
                    help="client processes sharing the load (default 1; raise it when the client's CPU is the limit)")
+    p.add_argument("--no-preflight", action="store_true",
+                   help="skip the check that the server answers GET /v1/models and serves --model")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--hardware", default=None, metavar="ID",
                    help="the server's accelerator, a catalog id or alias (910c, h200, ...; see parity/data/hardware), "
@@ -121,8 +125,16 @@ def add_run_args(p) -> None:
 def run(args) -> int:
     """`parity bench`: returns 0 on success, 1 when no request completed, 130 when interrupted (results saved)."""
     from parity.bench.runner import run_bench
+    from parity.bench.workloads import parse_workload
+    from parity.errors import BenchError
 
     cfg = config_from_args(args)
+    if args.output and Path(args.output).exists() and not args.overwrite:
+        raise BenchError(f"--output {args.output} exists; pass --overwrite to replace it, or choose another file")
+    cfg.validate(need_model=False)  # bad flags first: no network for a typo
+    parse_workload(cfg.workload)
+    if cfg.model and not args.no_preflight:
+        preflight(cfg.base_url, cfg.model, cfg.auth_headers(), min(cfg.timeout_s, 10.0))
     result = run_bench(cfg)
     from parity.bench.result import render_table
 
@@ -159,6 +171,41 @@ def config_from_args(args):
                       idle_baseline_s=args.idle_baseline if args.energy.strip().lower() != "none" else 0.0,
                       plan_model=args.plan_model,
                       command_line=getattr(args, "command_line", None) or ["parity", *sys.argv[1:]])
+
+
+def preflight(base_url: str, model: str, headers: dict, timeout_s: float = 10.0) -> None:
+    """Check, before any request is timed, that the server answers `GET /v1/models` and lists `model`.
+
+    A server without that route (404/405) is given the benefit of the doubt.
+
+    Raises:
+        BenchError: the server is unreachable or times out, answers another HTTP error (e.g. 401 for a wrong
+            key), or does not list `model` (the message lists what it serves).
+    """
+    import httpx
+
+    from parity import openai_client
+    from parity.errors import BenchError
+
+    url = openai_client.server_root(base_url, BenchError) + "/v1/models"
+    try:
+        resp = httpx.get(url, headers=headers, timeout=timeout_s)
+    except httpx.ConnectError:
+        raise BenchError(f"cannot reach the server: GET {url} was refused; is it running at --base-url?") from None
+    except httpx.TimeoutException:
+        raise BenchError(f"the server did not answer GET {url} within {timeout_s:g} s") from None
+    except httpx.HTTPError as e:
+        raise BenchError(f"GET {url} failed: {type(e).__name__}: {e}") from None
+    if resp.status_code in (404, 405):
+        return
+    if resp.status_code != 200:
+        raise BenchError(f"GET {url} answered {resp.status_code}: {openai_client.error_message(resp.content)}")
+    try:
+        served = [str(m["id"]) for m in resp.json()["data"]]
+    except Exception:  # noqa: BLE001 - not a model list: nothing to check against
+        return
+    if served and model not in served:
+        raise BenchError(f"--model {model!r} is not served at {base_url}; it serves: {', '.join(served)}")
 
 
 def run_report(args) -> int:

@@ -9,6 +9,7 @@ torch is imported only inside the command, so ``parity --help`` stays fast.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from parity.checkpoint.layout import INDEX_FILE
@@ -28,16 +29,28 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from rich.console import Console
+
     from parity.checkpoint.msmodelslim_io import export_tiny_msmodelslim
     from parity.checkpoint.writer import export_tiny
 
     out = Path(args.dir).expanduser()
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"export-tiny: {str(out)!r} exists and is not a directory; expected a directory path")
-    if args.format == "published":
-        d = export_tiny(out, seed=args.seed, preset=args.preset)
+    con = Console(stderr=True, highlight=False)
+    msg = f"export-tiny: building and quantizing the {args.preset!r} weights, then writing {out} ..."
+
+    def write():
+        if args.format == "published":
+            return export_tiny(out, seed=args.seed, preset=args.preset)
+        return export_tiny_msmodelslim(out, args.format, seed=args.seed, preset=args.preset)
+
+    if con.is_terminal:
+        with con.status(msg, spinner="dots"):
+            d = write()
     else:
-        d = export_tiny_msmodelslim(out, args.format, seed=args.seed, preset=args.preset)
+        print(msg, file=sys.stderr, flush=True)
+        d = write()
     size = sum(f.stat().st_size for f in d.iterdir() if f.suffix == ".safetensors")
     shards = sum(1 for f in d.iterdir() if f.suffix == ".safetensors")
     print(f"wrote {d} ({shards} shards, {size / 2**20:.1f} MiB of weights, seed {args.seed}); index {INDEX_FILE}")

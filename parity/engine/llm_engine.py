@@ -21,12 +21,12 @@ from parity.checkpoint.default_model import ensure_default_model
 from parity.checkpoint.reader import from_pretrained
 from parity.config import load_config
 from parity.engine.args import EngineArgs
-from parity.engine.cache_pool import CachePool, CachePoolExhausted, SequenceCache, normalize_layout, _align
+from parity.engine.cache_pool import CachePool, CachePoolExhausted, SequenceCache, _align, normalize_layout
 from parity.engine.outputs import StreamDelta
 from parity.engine.sampler import SampleRequest, sample
 from parity.engine.sampling_params import SamplingParams
 from parity.engine.scheduler import Scheduler
-from parity.engine.sequence import Request, Sequence, SeqStatus, make_detokenizer
+from parity.engine.sequence import Request, SeqStatus, Sequence, make_detokenizer
 from parity.errors import CheckpointError, RequestError
 from parity.model.deepseek_v4 import build_model
 
@@ -233,13 +233,18 @@ class LLMEngine:
         if isinstance(prompt_token_ids, torch.Tensor):
             prompt_token_ids = prompt_token_ids.tolist()
         if not isinstance(prompt_token_ids, (list, tuple)):
-            raise RequestError(f"parameter 'prompt_token_ids' must be a list of ints, got {type(prompt_token_ids).__name__}")
+            raise RequestError(f"parameter 'prompt_token_ids' must be a list of ints, "
+                               f"got {type(prompt_token_ids).__name__}")
         if len(prompt_token_ids) == 0:
             raise RequestError("parameter 'prompt' is empty: expected at least one token")
         ids = list(prompt_token_ids)
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids):
-            bad = next(t for t in ids if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size))
-            raise RequestError(f"parameter 'prompt_token_ids' contains {bad!r}: expected ints in [0, {self.vocab_size})")
+        def ok(t) -> bool:
+            return isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size
+
+        if not all(ok(t) for t in ids):
+            bad = next(t for t in ids if not ok(t))
+            raise RequestError(f"parameter 'prompt_token_ids' contains {bad!r}: expected ints in "
+                               f"[0, {self.vocab_size})")
         if len(ids) >= self.max_model_len:
             raise RequestError(f"parameter 'prompt' has {len(ids)} tokens: expected fewer than max_model_len "
                                f"({self.max_model_len}) to leave room for output")
@@ -304,19 +309,49 @@ class LLMEngine:
             req.metrics.finished_time = time.monotonic()
             self.requests.pop(req.request_id, None)
 
+    def _fail_request(self, req: Request, err: Exception) -> None:
+        """Finish every sequence of `req` with finish_reason "abort" and `error` set (frees its cache)."""
+        req.error = f"{type(err).__name__}: {err}"
+        for seq in req.seqs:
+            if not seq.finished:
+                seq.error = req.error
+                self.scheduler.remove(seq)
+                seq.status = SeqStatus.FINISHED
+                seq.finish_reason = "abort"
+        req.metrics.finished_time = time.monotonic()
+        self.requests.pop(req.request_id, None)
+
     def _fail_batch(self, scheduled, err: Exception) -> None:
         """A step failed: abort its requests with the error (others keep running)."""
         for s in scheduled:
-            req = s.seq.request
-            req.error = f"{type(err).__name__}: {err}"
-            for seq in req.seqs:
-                if not seq.finished:
-                    seq.error = req.error
-                    self.scheduler.remove(seq)
-                    seq.status = SeqStatus.FINISHED
-                    seq.finish_reason = "abort"
-            req.metrics.finished_time = time.monotonic()
-            self.requests.pop(req.request_id, None)
+            self._fail_request(s.seq.request, err)
+
+    def _sample_isolated(self, logits: torch.Tensor, reqs: list[SampleRequest]):
+        """`sample` over every row; when the batched call raises, each row is sampled alone so that only
+        the rows whose own parameters fail are lost.
+
+        Args:
+            logits: FloatTensor[b, V]; reqs: b SampleRequest.
+        Returns:
+            (tokens: b ints or None, logprobs: b TokenLogprobs or None, errors: b Exception or None).
+        """
+        try:
+            toks, lps = sample(logits, reqs, self.generator)
+            return toks, lps, [None] * len(reqs)
+        except Exception:
+            log.warning("batched sampling failed; sampling %d rows one by one", len(reqs))
+        toks, lps, errs = [], [], []
+        for j, r in enumerate(reqs):
+            try:
+                t, lp = sample(logits[j:j + 1], [r], self.generator)
+                toks.append(t[0])
+                lps.append(lp[0])
+                errs.append(None)
+            except Exception as e:  # attributable to this request alone
+                toks.append(None)
+                lps.append(None)
+                errs.append(e)
+        return toks, lps, errs
 
     @torch.inference_mode()
     def step(self) -> list[StreamDelta]:
@@ -361,23 +396,39 @@ class LLMEngine:
         if not rows:
             return deltas
         sel = logits if len(rows) == len(scheduled) else logits[torch.tensor(rows, device=logits.device)]
-        toks, lps = sample(sel, reqs, self.generator)
+        toks, lps, errs = self._sample_isolated(sel, reqs)
         now = time.monotonic()
         for j, i in enumerate(rows):
             seq = scheduled[i].seq
+            if seq.finished:  # a sibling choice failed this request earlier in this loop
+                continue
+            if errs[j] is not None:
+                log.warning("request %s failed in sampling: %s", seq.request.request_id, errs[j])
+                self._fail_request(seq.request, errs[j])
+                continue
             m = seq.request.metrics
             if m.first_token_time is None:
                 m.first_token_time = now
             m.last_token_time = now
             m.num_generation_tokens += 1
             self.num_generation_tokens += 1
-            seq.append(toks[j], lps[j], self.eos_ids, self.max_model_len)
+            try:  # detokenizing and stop checks: a failure is this request's alone
+                seq.append(toks[j], lps[j], self.eos_ids, self.max_model_len)
+            except Exception as e:
+                log.warning("request %s failed after sampling: %s", seq.request.request_id, e)
+                self._fail_request(seq.request, e)
+                continue
             if seq.finish_reason is not None:
                 self._finish(seq)
-        for j, i in enumerate(rows):
-            d = scheduled[i].seq.delta()
-            if d is not None:
-                deltas.append(d)
+        seen: set[int] = set()
+        for i in rows:
+            for seq in scheduled[i].seq.request.seqs:
+                if seq.seq_id in seen or not (seq is scheduled[i].seq or seq.error is not None):
+                    continue
+                seen.add(seq.seq_id)
+                d = seq.delta()
+                if d is not None:
+                    deltas.append(d)
         return deltas
 
     def stats(self) -> dict:

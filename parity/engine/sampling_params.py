@@ -23,6 +23,17 @@ MAX_LOGPROBS = 20
 #: choice i uses seed + i, so seed + n - 1 must fit too.
 SEED_MIN = -(2**63)
 SEED_MAX = 2**63 - 1
+#: Largest finite float32 (IEEE 754 binary32): the sampler computes in float32, so every float field must fit.
+FLOAT32_MAX = 3.4028234663852886e38
+#: `top_k` upper bound: a signed 32-bit integer; any value >= the vocabulary size means "keep every token",
+#: so the bound only keeps the sampler's integer tensors in range.
+TOP_K_MAX = 2**31 - 1
+#: `repetition_penalty` range [1e-4, 1e4]: CTRL's recommended value is 1.2 (arXiv:1909.05858 §4.1); outside
+#: this range a logit of magnitude 1e35 (float32's) would overflow, and the penalty is meaningless anyway.
+REPETITION_PENALTY_MIN = 1e-4
+REPETITION_PENALTY_MAX = 1e4
+#: `n` upper bound per request in the engine (the OpenAI server caps `n` lower, see parity.server.protocol).
+MAX_N = 1024
 
 
 def _is_int(v) -> bool:
@@ -30,7 +41,9 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite number that float32 can hold (the sampler's dtype)."""
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and abs(v) <= FLOAT32_MAX)
 
 
 @dataclass
@@ -38,14 +51,14 @@ class SamplingParams:
     """Sampling and stopping parameters of one request.
 
     Attributes:
-        n: completions per prompt (each an independent sequence; seeded ones use seed + index).
+        n: completions per prompt, in [1, MAX_N] (each an independent sequence; seeded ones use seed + index).
         max_tokens: most tokens to generate (>= 1); None means up to max_model_len.
         min_tokens: EOS, stop_token_ids and stop strings are ignored until this many tokens exist.
-        temperature: >= 0; 0 means greedy (argmax).
-        top_p: nucleus mass in (0, 1]. top_k: -1 or 0 = off, else >= 1. min_p: [0, 1].
+        temperature: >= 0 and finite in float32; 0 means greedy (argmax).
+        top_p: nucleus mass in (0, 1]. top_k: -1 or 0 = off, else in [1, TOP_K_MAX]. min_p: [0, 1].
         presence_penalty, frequency_penalty: in [-2, 2] (OpenAI API range), subtracted from logits of
             generated tokens (once / per occurrence).
-        repetition_penalty: > 0; logits of tokens seen in prompt or output are divided by it when
+        repetition_penalty: in [1e-4, 1e4]; logits of tokens seen in prompt or output are divided by it when
             positive and multiplied when negative (CTRL).
         seed: per-request seed: the same seed gives the same tokens. None = engine generator.
         stop: strings that end generation; the matched stop string is excluded from the text.
@@ -100,7 +113,7 @@ class SamplingParams:
         """Length in characters of the longest stop string (0 without stop strings)."""
         return max((len(s) for s in self.stop or ()), default=0)
 
-    def clone(self) -> "SamplingParams":
+    def clone(self) -> SamplingParams:
         return copy.deepcopy(self)
 
     # ------------------------------------------------------------------ validation
@@ -118,8 +131,8 @@ class SamplingParams:
         def bad(name: str, expected: str, got) -> RequestError:
             return RequestError(f"sampling parameter {name!r} {expected}, got {got!r}")
 
-        if not _is_int(self.n) or self.n < 1:
-            raise bad("n", "must be an integer >= 1", self.n)
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise bad("n", f"must be an integer in [1, {MAX_N}]", self.n)
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", "must be an integer >= 1", self.max_tokens)
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
@@ -127,19 +140,21 @@ class SamplingParams:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})", self.min_tokens)
         if not _is_num(self.temperature) or self.temperature < 0:
-            raise bad("temperature", "must be a number >= 0", self.temperature)
+            raise bad("temperature", f"must be a number in [0, {FLOAT32_MAX:.4g}]", self.temperature)
         if not _is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "must be in (0, 1]", self.top_p)
-        if not _is_int(self.top_k) or (self.top_k < 1 and self.top_k not in (0, -1)):
-            raise bad("top_k", "must be -1 or 0 (off) or an integer >= 1", self.top_k)
+        if not _is_int(self.top_k) or (self.top_k < 1 and self.top_k not in (0, -1)) or self.top_k > TOP_K_MAX:
+            raise bad("top_k", f"must be -1 or 0 (off) or an integer in [1, {TOP_K_MAX}]", self.top_k)
         if not _is_num(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", "must be in [0, 1]", self.min_p)
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not _is_num(v) or not -2.0 <= v <= 2.0:
                 raise bad(name, "must be in [-2, 2]", v)
-        if not _is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "must be a number > 0", self.repetition_penalty)
+        if (not _is_num(self.repetition_penalty)
+                or not REPETITION_PENALTY_MIN <= self.repetition_penalty <= REPETITION_PENALTY_MAX):
+            raise bad("repetition_penalty", f"must be a number in [{REPETITION_PENALTY_MIN:g}, "
+                                            f"{REPETITION_PENALTY_MAX:g}]", self.repetition_penalty)
         if self.seed is not None and not _is_int(self.seed):
             raise bad("seed", "must be an integer or None", self.seed)
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX - (self.n - 1):
@@ -154,7 +169,7 @@ class SamplingParams:
             if not isinstance(self.stop_token_ids, (list, tuple)) or not all(_is_int(t) for t in self.stop_token_ids):
                 raise bad("stop_token_ids", "must be a list of integers", self.stop_token_ids)
             for t in self.stop_token_ids:
-                if t < 0 or (vocab_size is not None and t >= vocab_size):
+                if t < 0 or t > SEED_MAX or (vocab_size is not None and t >= vocab_size):
                     raise bad("stop_token_ids", f"must contain token ids in [0, {vocab_size}) (unknown token id {t})",
                               self.stop_token_ids)
         if not isinstance(self.ignore_eos, bool):

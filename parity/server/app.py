@@ -2,7 +2,8 @@
 
 Endpoints: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions` (`ServingChat`),
 `POST /v1/completions` (`ServingCompletion`), both streaming with server-sent events and not,
-`GET /health`, `GET /metrics` (Prometheus). Errors have OpenAI's shape (see errors.py).
+`GET /health`, `GET /metrics` (Prometheus). Errors have OpenAI's shape (see errors.py). `/openapi.json`
+publishes the request-body schemas (the pydantic models of protocol.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from parity.server import protocol as P
 from parity.server.engine_client import EngineClient
 from parity.server.errors import OpenAIError, bad_request
 from parity.server.metrics import CONTENT_TYPE
+from parity.server.middleware import AllowedHostsMiddleware, RequestReadTimeoutMiddleware
 from parity.server.serving_base import OpenAIServing
 from parity.server.serving_chat import ServingChat
 from parity.server.serving_completion import ServingCompletion
@@ -54,6 +56,7 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None, *, c
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        srv.loop = asyncio.get_running_loop()
         if settings.manage_engine:
             await engine.start()
         await asyncio.to_thread(lambda: srv.max_token_chars)  # ~0.1 s vocabulary scan, off the request path
@@ -66,6 +69,10 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None, *, c
     app = FastAPI(title="parity", description="OpenAI-compatible DeepSeek-V4 server", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.server = srv
+    if settings.request_read_timeout_s:
+        app.add_middleware(RequestReadTimeoutMiddleware, timeout_s=settings.request_read_timeout_s)
+    if settings.allowed_hosts:
+        app.add_middleware(AllowedHostsMiddleware, allowed_hosts=settings.allowed_hosts)
 
     def error_response(e: OpenAIError, endpoint: str | None = None) -> JSONResponse:
         if endpoint:
@@ -80,7 +87,8 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None, *, c
     async def _http_error(request: Request, e: StarletteHTTPException):
         msg = {404: f"Unknown route {request.method} {request.url.path}",
                405: f"Method {request.method} not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
-        return JSONResponse(OpenAIError(e.status_code, msg).body(), status_code=e.status_code)
+        return JSONResponse(OpenAIError(e.status_code, msg).body(), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
@@ -124,6 +132,8 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None, *, c
         streaming = False
         try:
             srv.check_auth(request)
+            srv.check_accepting()
+            srv.check_content_type(request)
             req = P.parse_body(await srv.read_body(request), serving.request_cls)
             resp = await serving.create(req, request, arrival)
             if isinstance(resp, StreamingResponse):
@@ -142,12 +152,42 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None, *, c
             if not streaming:
                 srv.metrics.in_flight.dec()
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body_schema(P.ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         return await guarded(serving_chat, request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body_schema(P.CompletionRequest))
     async def completions(request: Request) -> Response:
         return await guarded(serving_completion, request)
 
+    publish_schemas(app, [P.ChatCompletionRequest, P.CompletionRequest])
     return app
+
+
+SCHEMA_REF = "#/components/schemas/{model}"
+
+
+def request_body_schema(model: type) -> dict[str, Any]:
+    """`openapi_extra` of a route whose JSON body is `model` (the route parses the body itself, so that
+    errors keep OpenAI's shape), referring to `components.schemas`."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": SCHEMA_REF.format(model=model.__name__)}}}}}
+
+
+def publish_schemas(app: FastAPI, models: list[type]) -> None:
+    """Add the JSON schemas of `models` (and the models they use) to the app's OpenAPI `components`."""
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = base()
+        comps = doc.setdefault("components", {}).setdefault("schemas", {})
+        for m in models:
+            schema = m.model_json_schema(ref_template=SCHEMA_REF)
+            comps.update(schema.pop("$defs", {}))
+            comps[m.__name__] = schema
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]

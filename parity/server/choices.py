@@ -69,6 +69,23 @@ class ChoiceRunner:
         self.engine = engine
         self.metrics = metrics
         self.settings = settings
+        self.live: dict[str, Choice] = {}  # request_id -> running choice
+        self.cut_off = False
+
+    def cut_off_all(self) -> int:
+        """The drain timeout ran out: abort every running choice; each answers 503 `server_shutting_down`
+        (a JSON error, or an error chunk before `[DONE]`). Returns how many were aborted."""
+        self.cut_off = True
+        live = list(self.live.values())
+        for ch in live:
+            self._abort(ch)
+        return len(live)
+
+    def shutdown_error(self) -> OpenAIError:
+        """503 for a request cut off by the end of the drain (or arriving while the server drains)."""
+        return OpenAIError(503, "The server is shutting down: the request was aborted when the drain timeout "
+                                "(--drain-timeout) ran out; retry on another server or later",
+                           code="server_shutting_down", headers={"Retry-After": str(self.settings.retry_after_s)})
 
     @staticmethod
     def new_choices(rid: str, n: int, prompt_len: int, arrival_s: float, base: int = 0) -> list[Choice]:
@@ -85,6 +102,7 @@ class ChoiceRunner:
     async def close(self, ch: Choice) -> None:
         """Abort `ch` unless it finished, and close its delta generator (frees its cache)."""
         self._abort(ch)
+        self.live.pop(ch.request_id, None)
         if ch.agen is not None:
             with contextlib.suppress(BaseException):
                 await ch.agen.aclose()
@@ -110,6 +128,7 @@ class ChoiceRunner:
 
     async def _prime(self, ch: Choice, prompt_ids: list[int], params: Any) -> None:
         """Submit one engine request and wait for its first delta (admission + first token)."""
+        self.live[ch.request_id] = ch
         ch.agen = self.engine.generate(prompt_ids, params, ch.request_id)
         try:
             ch.first = await ch.agen.__anext__()
@@ -174,6 +193,7 @@ class ChoiceRunner:
         if getattr(d, "error", None):
             ch.error = str(d.error)
         if getattr(d, "finished", False):
+            self.live.pop(ch.request_id, None)
             ch.finished = True
             ch.finish_reason = getattr(d, "finish_reason", None) or "stop"
             ch.stop_reason = getattr(d, "stop_reason", None)
@@ -189,6 +209,8 @@ class ChoiceRunner:
         if isinstance(d, BaseException):
             return [], "", sse_event(self.engine_error(d).body())
         ids, text = self._apply_delta(ch, d)
+        if self.cut_off and ch.finished and ch.finish_reason == "abort":
+            return ids, text, sse_event(self.shutdown_error().body())
         if ch.error and ch.finished:
             return ids, text, sse_event(OpenAIError(500, f"The engine failed while generating: {ch.error}",
                                                     code="engine_error").body())
@@ -229,6 +251,8 @@ class ChoiceRunner:
         tasks = [asyncio.ensure_future(self._collect(ch, ids, sp)) for ch, ids, sp in jobs]
         try:
             ok = await self._run_or_disconnect(request, tasks)
+            if self.cut_off and any(ch.finish_reason == "abort" for ch, _, _ in jobs):
+                raise self.shutdown_error()
             failed = next((ch for ch, _, _ in jobs if ch.error), None)
             if failed is not None:
                 raise OpenAIError(500, f"The engine failed while generating: {failed.error}", code="engine_error")

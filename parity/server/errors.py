@@ -22,11 +22,22 @@ ERROR_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable_error",
 }
+
+
+def printable(text: str | None) -> str | None:
+    """`text` with lone UTF-16 surrogates (from JSON escapes such as "\\ud800") written as `\\udXXX`, so that
+    it can be encoded as UTF-8 in a response."""
+    if text is None:
+        return None
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class OpenAIError(Exception):
@@ -43,6 +54,7 @@ class OpenAIError(Exception):
     def __init__(self, status: int, message: str, *, param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None,
                  err_type: str | None = None) -> None:
+        message, param = printable(message), printable(param)
         super().__init__(message)
         self.status = int(status)
         self.message = message

@@ -104,6 +104,10 @@ class ServerMetrics:
             if num_output_tokens > 1:
                 self.tpot.observe(max(0.0, finish_s - first_token_s) / (num_output_tokens - 1))
 
+    def in_flight_count(self) -> int:
+        """Generation requests being served now (the `parity_http_requests_in_flight` gauge)."""
+        return int(self.registry.get_sample_value("parity_http_requests_in_flight") or 0)
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)

@@ -7,7 +7,8 @@ https://api-docs.deepseek.com/guides/thinking_mode), and vLLM's extra sampling f
 `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`,
 `chat_template_kwargs`), which existing clients send through `extra_body`.
 
-Validation is strict (JSON types are not coerced: `"0.5"` is not a number) and unknown top-level fields
+Validation is strict (JSON types are not coerced: `"0.5"` is not a number; integer fields accept an integral
+float such as `4.0`, as vLLM does) and unknown top-level fields
 are rejected with 400 "Unrecognized request argument supplied: NAME", as OpenAI does. Fields OpenAI
 defines that parity cannot honour (`logit_bias`, `response_format` other than text, audio, ...) are
 accepted when empty/default and rejected with a 400 naming them otherwise (see `unsupported_fields`).
@@ -16,9 +17,9 @@ accepted when empty/default and rejected with a 400 naming them otherwise (see `
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from parity.engine.sampling_params import SEED_MAX, SEED_MIN
 from parity.server.errors import bad_request, pydantic_errors_to_openai
@@ -29,6 +30,17 @@ MAX_N = 16
 MAX_STOP = 16
 #: `seed` range (SEED_MIN, SEED_MAX): a signed 64-bit integer, as vLLM's protocol; defined once, in
 #: parity.engine.sampling_params, shared with SamplingParams.validate.
+
+
+def _integral_float(v: Any) -> Any:
+    """4.0 -> 4 for integer fields (as vLLM accepts); anything else is left to strict validation."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+#: An integer field that also accepts an integral JSON float (4.0), never a string or a bool.
+Int = Annotated[int, BeforeValidator(_integral_float)]
 
 
 class _Strict(BaseModel):
@@ -88,40 +100,40 @@ class ChatMessage(BaseModel):
 
 class ThinkingOption(_Strict):
     type: Literal["enabled", "disabled"]
-    budget_tokens: int | None = None
+    budget_tokens: Int | None = None
 
 
 class _SamplingFields(_Strict):
     """Sampling fields shared by both endpoints (OpenAI names + vLLM extras)."""
 
     model: str | None = None
-    n: int = 1
+    n: Int = 1
     temperature: float | None = None
     top_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    seed: int | None = None
+    seed: Int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM-style extras (sent with `extra_body` by the openai client)
-    top_k: int | None = None
+    top_k: Int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    min_tokens: int = 0
+    min_tokens: Int = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int] | None = None
     skip_special_tokens: bool = True
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Int | None = None
+    max_completion_tokens: Int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = None
     tools: list[ToolDef] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -151,11 +163,11 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16  # OpenAI's documented default for /v1/completions
-    logprobs: int | None = None
+    max_tokens: Int | None = 16  # OpenAI's documented default for /v1/completions
+    logprobs: Int | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Int | None = None
     # vLLM's: `token_id:N` logprob tokens; each choice's generated ids as `token_ids`
     return_tokens_as_token_ids: bool = False
     return_token_ids: bool = False

@@ -1,7 +1,7 @@
 """`parity serve`, `parity generate`, `parity chat` (registered by parity/cli.py).
 
 Heavy libraries (torch, FastAPI, uvicorn, httpx) are imported inside the command functions only, so
-`parity --help` stays fast.
+`parity --help` stays fast. Shared flags live in cli_args.py, the chat loop in chat_cli.py.
 """
 
 from __future__ import annotations
@@ -10,144 +10,29 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from parity.errors import RequestError
+from parity.server.chat_cli import chat_loop, run_chat
+from parity.server.cli_args import (
+    add_engine_args,
+    add_sampling_args,
+    build_engine,
+    default_model_name,
+    engine_kwargs,
+    load_checkpoint_tokenizer,
+    loading,
+    parse_bytes,
+    parse_nonempty,
+    parse_nonneg_seconds,
+    parse_port,
+    parse_positive_int,
+    parse_positive_seconds,
+    sampling_kwargs,
+)
+from parity.server.vllm_flags import add_mapped_flags, apply_mapped_flags
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
-
-
-def parse_bytes(text: str) -> int:
-    """"4GiB" / "512MB" / "1000000" -> bytes (int). Raises argparse.ArgumentTypeError on bad input."""
-    s = str(text).strip().lower().replace(" ", "")
-    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(num):]
-    try:
-        val = float(num)
-    except ValueError:
-        val = -1.0
-    if unit not in _UNITS or val <= 0:
-        raise argparse.ArgumentTypeError(f"expected a size in bytes such as 4GiB or 512MB, got {text!r}")
-    return int(val * _UNITS[unit])
-
-
-def parse_port(text: str) -> int:
-    """A TCP port number 1..65535 (int). Raises argparse.ArgumentTypeError otherwise."""
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a TCP port number in 1..65535, got {text!r}")
-    return port
-
-
-def parse_nonneg_seconds(text: str) -> float:
-    """A duration in seconds >= 0 (float). Raises argparse.ArgumentTypeError otherwise."""
-    try:
-        val = float(text)
-    except ValueError:
-        val = float("nan")
-    if not val >= 0 or val == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
-    return val
-
-
-def parse_nonempty(text: str) -> str:
-    """A string with at least one non-blank character. Raises argparse.ArgumentTypeError otherwise."""
-    if not str(text).strip():
-        raise argparse.ArgumentTypeError(f"expected a non-empty value, got {text!r}")
-    return str(text)
-
-
-def load_checkpoint_tokenizer(model: str | None, skip: bool = False) -> Any:
-    """The tokenizer of a checkpoint directory, loaded before the model so that a broken
-    `tokenizer.json` stops the command at once with one line naming the file.
-
-    Args:
-        model: the model argument (checkpoint directory, preset name or None for the miniature).
-        skip: token-ids-only mode (`--skip-tokenizer-init`): load no tokenizer.
-    Returns:
-        the tokenizer for a directory; None when `skip`; "auto" (the engine's default: the bundled
-        DeepSeek-V4 vocabulary) for presets and the miniature.
-    Raises:
-        CheckpointError: the directory's tokenizer.json is missing or unreadable (parity.tokenizer).
-    """
-    if skip:
-        return None
-    if model is None or not Path(model).expanduser().is_dir():
-        return "auto"
-    from parity.errors import CheckpointError
-    from parity.tokenizer import load_tokenizer
-
-    try:
-        return load_tokenizer(Path(model).expanduser())
-    except CheckpointError as e:
-        raise CheckpointError(f"{e} (pass --skip-tokenizer-init to serve token-id prompts only)") from None
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Engine flags shared by serve / generate / chat (names follow vLLM's CLI)."""
-    g = p.add_argument_group("engine")
-    g.add_argument("--device", default="auto", help="auto (npu > cuda > xpu > mps > cpu), cpu, cuda, npu, ...")
-    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: per device)")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in the running batch")
-    g.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens (prompt + output)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
-    g.add_argument("--cache-memory", type=parse_bytes, default=None, help="cache pool size, e.g. 4GiB")
-    g.add_argument("--cache-memory-fraction", type=float, default=0.5,
-                   help="share of free device memory for the cache pool (when --cache-memory is not given)")
-    g.add_argument("--max-waiting", type=int, default=256, help="most waiting requests; more get HTTP 429")
-    g.add_argument("--kv-cache-dtype", default=None, choices=["bf16", "fp8"], help="cache precision")
-    g.add_argument("--quantization", "-q", default=None, choices=["auto", "fp8", "fp4", "w8a8", "w4a8", "bf16"],
-                   help="how FP8/FP4 published weights are held: as published (fp8/fp4), converted to INT8 "
-                        "W8A8 / W4A8, or dequantized (bf16); auto = as published, W8A8 on chips without FP8")
-    g.add_argument("--seed", type=int, default=0, help="seed of random weights and unseeded sampling")
-
-
-def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
-    """Sampling flags (SamplingParams fields)."""
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=max_tokens)
-    g.add_argument("--min-tokens", type=int, default=0)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=-1)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """EngineArgs keyword arguments from parsed flags."""
-    return dict(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
-                cache_memory=args.cache_memory, cache_memory_fraction=args.cache_memory_fraction,
-                max_waiting=args.max_waiting, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed,
-                quantization=args.quantization)
-
-
-def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """SamplingParams keyword arguments from parsed flags."""
-    return dict(max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
-                top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, presence_penalty=args.presence_penalty,
-                frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
-                seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos)
-
-
-def default_model_name(model: str | None) -> str:
-    """The name a model is served under: "tiny" for the bundled default miniature, a directory's base name,
-    else the preset name."""
-    if model is None:
-        return "tiny"
-    p = Path(model)
-    return p.name if p.is_dir() else str(model)
+__all__ = ["build_engine", "chat_loop", "default_model_name", "load_checkpoint_tokenizer", "parse_bytes",
+           "register", "run_chat", "run_generate", "run_serve"]
 
 
 def register(subparsers: Any) -> None:
@@ -175,8 +60,22 @@ def register(subparsers: Any) -> None:
     s.add_argument("--enable-strict-thinking", action="store_true",
                    help="thinking-mode chat: the EOS token cannot be sampled until the reasoning block closes "
                         "(</think>), so an answer never ends inside it (off for requests with ignore_eos)")
+    s.add_argument("--max-seqs-per-request", type=parse_positive_int, default=None,
+                   help="most sequences (prompts x n) one request may start; more get HTTP 400 "
+                        "(default: max(256, 4 x --max-num-seqs))")
+    s.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
+                   help="accept only these Host headers (e.g. localhost 127.0.0.1 '*.example.com'), against "
+                        "DNS rebinding; others get HTTP 400 (default: any)")
+    s.add_argument("--request-read-timeout", type=parse_positive_seconds, default=30.0,
+                   help="seconds a client may take to send the request headers, and again the body; "
+                        "slower ones get HTTP 408 (default 30)")
+    s.add_argument("--timeout-keep-alive", type=parse_positive_seconds, default=5.0,
+                   help="seconds an idle keep-alive connection stays open (default 5)")
+    s.add_argument("--limit-concurrency", type=parse_positive_int, default=1024,
+                   help="most open connections + requests; beyond it new requests get HTTP 503 (default 1024)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(s)
+    add_mapped_flags(s)
     s.set_defaults(func=run_serve)
 
     g = subparsers.add_parser("generate", help="one-shot generation with the offline engine")
@@ -189,6 +88,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--json", action="store_true", help="print the outputs as JSON")
     add_sampling_args(g)
     add_engine_args(g)
+    add_mapped_flags(g)
     g.set_defaults(func=run_generate)
 
     c = subparsers.add_parser("chat", help="interactive terminal chat (local model or --base-url)")
@@ -200,57 +100,73 @@ def register(subparsers: Any) -> None:
     c.add_argument("--thinking", action="store_true", help="start in thinking mode (/think off to leave it)")
     add_sampling_args(c, max_tokens=256)
     add_engine_args(c)
+    add_mapped_flags(c)
     c.set_defaults(func=run_chat)
 
 
 # ---------------------------------------------------------------------------------------------- serve
-def build_engine(args: argparse.Namespace):
-    """An AsyncEngine for the parsed flags (loads the tokenizer, then the model).
+def run_serve(args: argparse.Namespace) -> int:
+    """Bind the port, load the model, serve until SIGTERM/SIGINT (see parity.server.launcher).
 
     Raises:
-        CheckpointError: a checkpoint directory's tokenizer.json is broken (unless --skip-tokenizer-init).
+        PortInUseError: the port is taken (found before the model loads).
     """
-    from parity.engine import AsyncEngine, EngineArgs
-
-    tokenizer = load_checkpoint_tokenizer(args.model, getattr(args, "skip_tokenizer_init", False))
-    return AsyncEngine(EngineArgs(**engine_kwargs(args)), **({} if tokenizer == "auto" else {"tokenizer": tokenizer}))
-
-
-def run_serve(args: argparse.Namespace) -> int:
     from parity.server.app import ServerSettings, build_app
-    from parity.server.launcher import serve_forever
-
-    api_key = args.api_key or os.environ.get("PARITY_API_KEY") or None
-    name = args.served_model_name or default_model_name(args.model)
-    print(f"parity serve: loading {args.model or 'the default miniature'} on {args.device} ...", file=sys.stderr)
-    t0 = time.perf_counter()
-    engine = build_engine(args)
-    print(f"parity serve: model '{name}' ready in {time.perf_counter() - t0:.1f} s "
-          f"(max_model_len {engine.max_model_len}); http://{args.host}:{args.port}/v1"
-          f"{' (API key required)' if api_key else ''}", file=sys.stderr)
-    settings = ServerSettings(served_model_names=[name], api_key=api_key, default_thinking=args.default_thinking,
-                              drain_timeout_s=args.drain_timeout, model_root=args.model or name,
-                              model_aliases=[args.model] if args.model and args.model != name else [],
-                              max_request_bytes=args.max_request_bytes,
-                              strict_thinking=args.enable_strict_thinking)
     from parity.server.chat_format import ChatFormat
+    from parity.server.launcher import bind_socket, serve_forever
+    from parity.server.settings import default_max_seqs_per_request
     from parity.tokenizer.encoding import load_encoding
 
-    app = build_app(engine, settings, chat_format=ChatFormat(load_encoding(args.model)))
-    return serve_forever(app, args.host, args.port, drain_timeout_s=args.drain_timeout, log_level=args.log_level)
+    apply_mapped_flags(args)
+    api_key = args.api_key or os.environ.get("PARITY_API_KEY") or None
+    name = args.served_model_name or default_model_name(args.model)
+    sock = bind_socket(args.host, args.port)  # a taken port is reported before minutes of loading
+    try:
+        t0 = time.perf_counter()
+        with loading(f"parity serve: loading {args.model or 'the default miniature'} on {args.device}"):
+            engine = build_engine(args)
+        load_s = time.perf_counter() - t0
+        settings = ServerSettings(
+            served_model_names=[name], api_key=api_key, default_thinking=args.default_thinking,
+            drain_timeout_s=args.drain_timeout, model_root=args.model or name,
+            model_aliases=[args.model] if args.model and args.model != name else [],
+            max_request_bytes=args.max_request_bytes,
+            max_seqs_per_request=args.max_seqs_per_request or default_max_seqs_per_request(args.max_num_seqs),
+            allowed_hosts=args.allowed_hosts, request_read_timeout_s=args.request_read_timeout,
+            timeout_keep_alive_s=args.timeout_keep_alive, limit_concurrency=args.limit_concurrency,
+            strict_thinking=args.enable_strict_thinking)
+        app = build_app(engine, settings, chat_format=ChatFormat(load_encoding(args.model)))
+    except BaseException:
+        sock.close()
+        raise
+    device = getattr(getattr(engine, "engine", None), "device", args.device)
+
+    def ready(_server: Any) -> None:
+        print(f"parity serve: ready: model '{name}' on {device} (max_model_len {engine.max_model_len}, loaded in "
+              f"{load_s:.1f} s) at http://{args.host}:{args.port}/v1{' (API key required)' if api_key else ''}",
+              file=sys.stderr, flush=True)
+
+    return serve_forever(app, args.host, args.port, drain_timeout_s=args.drain_timeout, log_level=args.log_level,
+                         sock=sock, on_ready=ready)
 
 
 # ---------------------------------------------------------------------------------------------- generate
 def run_generate(args: argparse.Namespace) -> int:
+    """Load the model, generate, print the text (streamed as it is generated for one plain completion) and
+    a timing line that keeps the load time apart from the generation rate (tokens/s after the first token)."""
     import json
 
     from parity.engine import LLM, SamplingParams
 
+    apply_mapped_flags(args)
     chat = args.chat or args.thinking
     sp = SamplingParams(n=args.n, logprobs=args.logprobs, **sampling_kwargs(args))
     sp.validate()  # fail fast (e.g. --sampling-seed out of range), before the model loads
     tokenizer = load_checkpoint_tokenizer(args.model)
-    llm = LLM(**engine_kwargs(args), **({} if tokenizer == "auto" else {"tokenizer": tokenizer}))
+    t_load = time.perf_counter()
+    with loading(f"parity generate: loading {args.model or 'the default miniature'} on {args.device}"):
+        llm = LLM(**engine_kwargs(args), **({} if tokenizer == "auto" else {"tokenizer": tokenizer}))
+    load_s = time.perf_counter() - t_load
     sp.validate(llm.config.vocab_size, llm.engine.max_model_len)
     tok = llm.tokenizer
     if tok is None:
@@ -265,8 +181,9 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         prompt = args.prompt
     ids = tok.encode(prompt)
+    stream = args.n == 1 and not args.json and not chat
     t0 = time.perf_counter()
-    out = llm.generate(prompt_token_ids=ids, sampling_params=sp)[0]
+    out, first_token_s = generate_streaming(llm.engine, ids, sp, echo=sys.stdout if stream else None)
     dt = time.perf_counter() - t0
     n_out = sum(len(c.token_ids) for c in out.outputs)
     if args.json:
@@ -284,6 +201,8 @@ def run_generate(args: argparse.Namespace) -> int:
                 item.update(content=p.content, reasoning_content=p.reasoning_content, tool_calls=p.tool_calls)
             res["outputs"].append(item)
         print(json.dumps(res, ensure_ascii=False, indent=1))
+    elif stream:
+        print()
     else:
         for c in out.outputs:
             if len(out.outputs) > 1:
@@ -297,146 +216,41 @@ def run_generate(args: argparse.Namespace) -> int:
                 print(p.content)
             else:
                 print(c.text)
-    print(f"[{len(ids)} prompt tokens, {n_out} generated in {dt:.2f} s, "
-          f"{n_out / dt if dt > 0 else 0:.1f} tokens/s, measured]", file=sys.stderr)
+    print(timing_line(load_s, len(ids), n_out, dt, first_token_s), file=sys.stderr)
     return 0
 
 
-# ---------------------------------------------------------------------------------------------- chat
-def _is_utf8(text: str) -> bool:
-    """False when `text` holds lone surrogates: how Python decodes bytes that are not valid UTF-8 from
-    stdin/argv (errors="surrogateescape"); such a string cannot be sent as JSON."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+def timing_line(load_s: float, prompt_tokens: int, output_tokens: int, total_s: float,
+                first_token_s: float | None) -> str:
+    """The `parity generate` summary: load time (s), then prefill (time to first token, s) and the decode
+    rate (tokens/s over the tokens after the first), each apart, so a cold start is never read as speed."""
+    parts = [f"model loaded in {load_s:.2f} s", f"{prompt_tokens} prompt tokens"]
+    if first_token_s is not None:
+        parts.append(f"first token after {first_token_s:.2f} s")
+    if output_tokens > 1 and first_token_s is not None and total_s > first_token_s:
+        parts.append(f"{output_tokens} tokens in {total_s:.2f} s, decode "
+                     f"{(output_tokens - 1) / (total_s - first_token_s):.1f} tokens/s")
+    else:
+        parts.append(f"{output_tokens} tokens in {total_s:.2f} s")
+    return "[" + ", ".join(parts) + "]"
 
 
-_HELP = "commands: /think on|off (thinking mode), /reset (forget the conversation), /exit"
+def generate_streaming(engine: Any, prompt_ids: list[int], params: Any, echo: Any = None) -> tuple[Any, float | None]:
+    """Run one request on an LLMEngine, writing completion 0's text to `echo` as it is released.
 
-
-def chat_loop(base_url: str, model: str, *, api_key: str | None, args: argparse.Namespace,
-              read=input, console=None) -> int:
-    """The interactive loop: read a line, stream the answer (reasoning shown dim), keep the history.
-
-    Args:
-        base_url: server root. model: model name to request. api_key: bearer token or None.
-        args: parsed flags (sampling, --system, --thinking).
-        read: line reader (input; tests pass their own). console: a rich Console (default: stdout).
     Returns:
-        0 on /exit or end of input.
+        (the RequestOutput, seconds from the start to the first generated token or None).
     """
-    from rich.console import Console
-
-    from parity.openai_client import stream_chat
-
-    con = console or Console(highlight=False)
-    thinking = bool(args.thinking)
-    history: list[dict[str, Any]] = []
-    if args.system:
-        history.append({"role": "system", "content": args.system})
-    con.print(f"parity chat with [bold]{model}[/] at {base_url}  ({_HELP})")
-    sk = sampling_kwargs(args)
-    body_sampling = {k: v for k, v in dict(max_tokens=sk["max_tokens"], temperature=sk["temperature"],
-                                            top_p=sk["top_p"], presence_penalty=sk["presence_penalty"],
-                                            frequency_penalty=sk["frequency_penalty"], seed=sk["seed"],
-                                            stop=sk["stop"]).items() if v is not None}
-    extra = {k: v for k, v in dict(top_k=sk["top_k"], min_p=sk["min_p"],
-                                   repetition_penalty=sk["repetition_penalty"], min_tokens=sk["min_tokens"],
-                                   ignore_eos=sk["ignore_eos"]).items()}
-    if read is input and hasattr(sys.stdin, "reconfigure"):
-        # Undecodable input bytes become lone surrogates (caught below per line) instead of an exception
-        # that would lose the rest of the buffered input.
-        sys.stdin.reconfigure(errors="surrogateescape")
-    while True:
-        try:
-            line = read("you> ")
-        except (EOFError, KeyboardInterrupt):
-            con.print()
-            return 0
-        except UnicodeDecodeError:
-            con.print("[red]error:[/] input is not valid UTF-8; line ignored")
-            continue
-        line = line.strip()
-        if not line:
-            continue
-        if not _is_utf8(line):
-            con.print("[red]error:[/] input is not valid UTF-8; line ignored")
-            continue
-        if line in ("/exit", "/quit"):
-            return 0
-        if line == "/reset":
-            history = [m for m in history if m["role"] == "system"]
-            con.print("[dim](conversation cleared)[/]")
-            continue
-        if line.startswith("/think"):
-            thinking = not line.endswith("off")
-            con.print(f"[dim](thinking {'on' if thinking else 'off'})[/]")
-            continue
-        if line.startswith("/"):
-            con.print(f"[dim]{_HELP}[/]")
-            continue
-        history.append({"role": "user", "content": line})
-        payload = dict(model=model, messages=history, thinking={"type": "enabled" if thinking else "disabled"},
-                       **body_sampling, **extra)
-        reasoning, content, usage, in_reasoning = [], [], None, False
-        t0 = time.perf_counter()
-        try:
-            for piece in stream_chat(base_url, payload, api_key=api_key):
-                if piece.kind == "reasoning":
-                    if not in_reasoning:
-                        con.print("[dim italic]thinking: [/]", end="")
-                        in_reasoning = True
-                    con.print(piece.text, style="dim italic", end="", markup=False)
-                    reasoning.append(piece.text)
-                elif piece.kind == "content":
-                    if in_reasoning:
-                        con.print()
-                        in_reasoning = False
-                    if not content:
-                        con.print("[bold]assistant>[/] ", end="")
-                    con.print(piece.text, end="", markup=False)
-                    content.append(piece.text)
-                elif piece.kind == "tool_call":
-                    con.print(piece.text, style="cyan", end="", markup=False)
-                elif piece.kind == "usage":
-                    usage = piece.data
-        except RequestError as e:
-            con.print(f"\n[red]error:[/] {e}", markup=True)
-            history.pop()
-            continue
-        dt = time.perf_counter() - t0
-        con.print()
-        if usage:
-            con.print(f"[dim]({usage.get('completion_tokens', 0)} tokens in {dt:.2f} s)[/]")
-        msg: dict[str, Any] = {"role": "assistant", "content": "".join(content)}
-        if reasoning:
-            msg["reasoning_content"] = "".join(reasoning)
-        history.append(msg)
-
-
-def run_chat(args: argparse.Namespace) -> int:
-    from parity.engine.sampling_params import SamplingParams
-    from parity.openai_client import first_model
-
-    SamplingParams(**sampling_kwargs(args)).validate()  # bad sampling flags: one clear error, up front
-    if args.system is not None and not _is_utf8(args.system):
-        raise RequestError("--system: the system prompt is not valid UTF-8")
-    api_key = args.api_key or os.environ.get("PARITY_API_KEY") or None
-    if args.base_url:
-        model = args.model_name or first_model(args.base_url, api_key)
-        return chat_loop(args.base_url, model, api_key=api_key, args=args)
-    # Local model: a private server on a free loopback port, so local and remote chats share one path.
-    import secrets
-
-    from parity.server.app import ServerSettings, build_app
-    from parity.server.launcher import ThreadedServer
-
-    print(f"parity chat: loading {args.model or 'the default miniature'} ...", file=sys.stderr)
-    engine = build_engine(args)
-    name = default_model_name(args.model)
-    key = secrets.token_hex(16)
-    app = build_app(engine, ServerSettings(served_model_names=[name], api_key=key, drain_timeout_s=1.0))
-    with ThreadedServer(app, drain_timeout_s=1.0) as srv:
-        return chat_loop(srv.base_url, name, api_key=key, args=args)
+    t0 = time.perf_counter()
+    req = engine.add_request(prompt_ids, params.clone(), enforce_queue_limit=False)
+    first: float | None = None
+    while engine.has_unfinished() or engine._pending:
+        for d in engine.step():
+            if d.request_id != req.request_id:
+                continue
+            if d.new_token_ids and first is None:
+                first = time.perf_counter() - t0
+            if echo is not None and d.index == 0 and d.new_text:
+                echo.write(d.new_text)
+                echo.flush()
+    return req.output(), first

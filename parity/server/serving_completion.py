@@ -58,6 +58,7 @@ class ServingCompletion(OpenAIServing):
                               code="invalid_value")
         if req.stream_options is not None and not req.stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+        srv.check_num_seqs(prompt_count(req.prompt), req.n)
         prompts = await completion_prompts(srv, req.prompt)
         rid = f"cmpl-{uuid.uuid4().hex}"
         jobs: list[Job] = []
@@ -132,6 +133,13 @@ class ServingCompletion(OpenAIServing):
         return (self.chunk(gen, [c]),)
 
 
+def prompt_count(prompt: Any) -> int:
+    """Number of prompts in a completions `prompt` (a string or one token-id list is one)."""
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt)):
+        return 1
+    return len(prompt)
+
+
 async def completion_prompts(srv: OpenAIServer, prompt: Any) -> list[tuple[str | None, list[int]]]:
     """[(prompt text or None, token ids)] for each prompt of a completions request.
 
@@ -149,14 +157,16 @@ async def completion_prompts(srv: OpenAIServer, prompt: Any) -> list[tuple[str |
         items = list(prompt)
     if not items:
         raise bad_request("'prompt' must not be empty", param="prompt")
-    out = []
+    out: list[Any] = []
     vocab = srv.vocab_size
+    texts: list[tuple[int, str, str]] = []  # (position, text, param name), tokenized together below
     for i, it in enumerate(items):
         name = "prompt" if len(items) == 1 else f"prompt.{i}"
         if isinstance(it, str):
             if not it:
                 raise bad_request(f"'{name}' must not be empty", param=name)
-            out.append((it, await srv.tokenize(it, name)))
+            texts.append((i, it, name))
+            out.append(None)
         else:
             if not it:
                 raise bad_request(f"'{name}' must not be empty", param=name)
@@ -167,4 +177,8 @@ async def completion_prompts(srv: OpenAIServer, prompt: Any) -> list[tuple[str |
                 raise bad_request(f"'{name}' holds token id {bad}, outside [0, {vocab})", param=name,
                                   code="invalid_value")
             out.append((None, list(it)))
+    if texts:
+        ids = await srv.tokenize_many([t for _, t, _ in texts], [n for _, _, n in texts])
+        for (i, t, _), tids in zip(texts, ids, strict=True):
+            out[i] = (t, tids)
     return out

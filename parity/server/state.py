@@ -51,6 +51,30 @@ class OpenAIServer:
         self.metrics = ServerMetrics(self._engine_stats)
         self.runner = ChoiceRunner(engine, self.metrics, settings)
         self.created = int(time.time())
+        self.loop: asyncio.AbstractEventLoop | None = None  # the serving event loop (set by the lifespan)
+        self.draining = False
+
+    # ---- shutdown -----------------------------------------------------------------------------
+    def begin_drain(self) -> int:
+        """Stop taking generation requests (503) and, after `drain_timeout_s`, abort what still runs so
+        that each request ends with an OpenAI-shaped 503 (see `ChoiceRunner.cut_off_all`). Thread-safe,
+        idempotent. Returns the number of generation requests in flight now."""
+        count = self.metrics.in_flight_count()
+        if self.draining:
+            return count
+        self.draining = True
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            timeout = max(0.0, float(self.settings.drain_timeout_s))
+            loop.call_soon_threadsafe(lambda: loop.call_later(timeout, self.runner.cut_off_all))
+        return count
+
+    def check_accepting(self) -> None:
+        """Raises OpenAIError(503 `server_shutting_down`) while the server drains."""
+        if self.draining:
+            raise OpenAIError(503, "The server is shutting down and takes no new requests; retry later",
+                              code="server_shutting_down",
+                              headers={"Retry-After": str(self.settings.retry_after_s)})
 
     # ---- engine facts -------------------------------------------------------------------------
     def _engine_stats(self) -> dict[str, Any]:
@@ -153,6 +177,27 @@ class OpenAIServer:
                               param=param, code="context_length_exceeded")
         return requested
 
+    @staticmethod
+    def check_content_type(request: Request) -> None:
+        """Raises OpenAIError(415) unless the body is declared JSON (`application/json`, any parameters, or a
+        `+json` type). A browser page may send `text/plain` or form bodies to any host without asking it
+        (CORS "simple requests"); refusing them keeps a local server out of such cross-site use."""
+        ctype = request.headers.get("content-type", "")
+        media = ctype.split(";", 1)[0].strip().lower()
+        if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+            return
+        shown = f"'{ctype}'" if ctype else "none"
+        raise OpenAIError(415, f"Unsupported Content-Type {shown}: request bodies must be JSON, sent with "
+                               f"'Content-Type: application/json'", code="unsupported_media_type")
+
+    def check_num_seqs(self, num_prompts: int, n: int) -> None:
+        """Raises OpenAIError(400 `too_many_sequences`) when prompts x n exceeds `max_seqs_per_request`."""
+        limit = int(self.settings.max_seqs_per_request)
+        if num_prompts * n > limit:
+            raise bad_request(f"Too many sequences in one request: {num_prompts} prompt(s) x n={n} = "
+                              f"{num_prompts * n}; this server accepts at most {limit} per request "
+                              f"(--max-seqs-per-request)", param="prompt", code="too_many_sequences")
+
     @property
     def max_request_bytes(self) -> int:
         """Largest accepted request body (bytes): the setting, else derived from max_model_len."""
@@ -221,3 +266,29 @@ class OpenAIServer:
                 return list((await asyncio.to_thread(batch, [text]))[0])
             return list(await asyncio.to_thread(tok.encode, text))
         return list(tok.encode(text))
+
+    async def tokenize_many(self, texts: list[str], params: list[str]) -> list[list[int]]:
+        """Token ids of each text, like `tokenize`; all of them on one worker thread (`encode_batch` when the
+        tokenizer has it), so that many prompts never hold the event loop.
+
+        Raises:
+            OpenAIError(400): as `tokenize`, naming the offending `params[i]`.
+        """
+        if len(texts) == 1:
+            return [await self.tokenize(texts[0], params[0])]
+        tok = self.tokenizer
+        if tok is None or not texts:
+            return [await self.tokenize(t, p) for t, p in zip(texts, params, strict=True)]
+        mml = self.max_model_len
+        for t, p in zip(texts, params, strict=True):
+            if len(t) > mml * self.max_token_chars:
+                raise bad_request(f"This model's maximum context length is {mml} tokens. However, '{p}' has "
+                                  f"{len(t)} characters, more than {mml} tokens can hold.",
+                                  param=p, code="context_length_exceeded")
+        batch = getattr(tok, "encode_batch", None)
+
+        def run() -> list[list[int]]:
+            if batch is not None:
+                return [list(ids) for ids in batch(texts)]
+            return [list(tok.encode(t)) for t in texts]
+        return await asyncio.to_thread(run)

@@ -1,0 +1,187 @@
+"""Flags and helpers shared by `parity serve`, `generate` and `chat`: value parsers, engine and sampling flag
+groups (names follow vLLM's CLI), the tokenizer/engine builders and the loading spinner."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+from typing import Any
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
+
+
+def parse_bytes(text: str) -> int:
+    """"4GiB" / "512MB" / "1000000" -> bytes (int). Raises argparse.ArgumentTypeError on bad input."""
+    s = str(text).strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    try:
+        val = float(num)
+    except ValueError:
+        val = -1.0
+    if unit not in _UNITS or val <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size in bytes such as 4GiB or 512MB, got {text!r}")
+    return int(val * _UNITS[unit])
+
+
+def parse_port(text: str) -> int:
+    """A TCP port number 1..65535 (int). Raises argparse.ArgumentTypeError otherwise."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port number in 1..65535, got {text!r}")
+    return port
+
+
+def parse_nonneg_seconds(text: str) -> float:
+    """A duration in seconds >= 0 (float). Raises argparse.ArgumentTypeError otherwise."""
+    try:
+        val = float(text)
+    except ValueError:
+        val = float("nan")
+    if not val >= 0 or val == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return val
+
+
+def parse_positive_seconds(text: str) -> float:
+    """A duration in seconds > 0 (float). Raises argparse.ArgumentTypeError otherwise."""
+    val = parse_nonneg_seconds(text)
+    if val <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return val
+
+
+def parse_positive_int(text: str) -> int:
+    """An integer >= 1. Raises argparse.ArgumentTypeError otherwise."""
+    try:
+        val = int(text)
+    except ValueError:
+        val = 0
+    if val < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return val
+
+
+def parse_nonempty(text: str) -> str:
+    """A string with at least one non-blank character. Raises argparse.ArgumentTypeError otherwise."""
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError(f"expected a non-empty value, got {text!r}")
+    return str(text)
+
+
+def load_checkpoint_tokenizer(model: str | None, skip: bool = False) -> Any:
+    """The tokenizer of a checkpoint directory, loaded before the model so that a broken
+    `tokenizer.json` stops the command at once with one line naming the file.
+
+    Args:
+        model: the model argument (checkpoint directory, preset name or None for the miniature).
+        skip: token-ids-only mode (`--skip-tokenizer-init`): load no tokenizer.
+    Returns:
+        the tokenizer for a directory; None when `skip`; "auto" (the engine's default: the bundled
+        DeepSeek-V4 vocabulary) for presets and the miniature.
+    Raises:
+        CheckpointError: the directory's tokenizer.json is missing or unreadable (parity.tokenizer).
+    """
+    if skip:
+        return None
+    if model is None or not Path(model).expanduser().is_dir():
+        return "auto"
+    from parity.errors import CheckpointError
+    from parity.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(Path(model).expanduser())
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (pass --skip-tokenizer-init to serve token-id prompts only)") from None
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine flags shared by serve / generate / chat (names follow vLLM's CLI)."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--device", default="auto", help="auto (npu > cuda > xpu > mps > cpu), cpu, cuda, npu, ...")
+    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: per device)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in the running batch")
+    g.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens (prompt + output)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
+    g.add_argument("--cache-memory", type=parse_bytes, default=None, help="cache pool size, e.g. 4GiB")
+    g.add_argument("--cache-memory-fraction", type=float, default=0.5,
+                   help="share of free device memory for the cache pool (when --cache-memory is not given)")
+    g.add_argument("--max-waiting", type=int, default=256, help="most waiting requests; more get HTTP 429")
+    g.add_argument("--kv-cache-dtype", default=None, choices=["bf16", "fp8"], help="cache precision")
+    g.add_argument("--quantization", "-q", default=None, choices=["auto", "fp8", "fp4", "w8a8", "w4a8", "bf16"],
+                   help="how FP8/FP4 published weights are held: as published (fp8/fp4), converted to INT8 "
+                        "W8A8 / W4A8, or dequantized (bf16); auto = as published, W8A8 on chips without FP8")
+    g.add_argument("--seed", type=int, default=0, help="seed of random weights and unseeded sampling")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
+    """Sampling flags (SamplingParams fields)."""
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--min-tokens", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """EngineArgs keyword arguments from parsed flags."""
+    return dict(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
+                cache_memory=args.cache_memory, cache_memory_fraction=args.cache_memory_fraction,
+                max_waiting=args.max_waiting, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed,
+                quantization=args.quantization)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """SamplingParams keyword arguments from parsed flags."""
+    return dict(max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
+                top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, presence_penalty=args.presence_penalty,
+                frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
+                seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos)
+
+
+def default_model_name(model: str | None) -> str:
+    """The name a model is served under: "tiny" for the bundled default miniature, a directory's base name,
+    else the preset name."""
+    if model is None:
+        return "tiny"
+    p = Path(model)
+    return p.name if p.is_dir() else str(model)
+
+
+def build_engine(args: argparse.Namespace):
+    """An AsyncEngine for the parsed flags (loads the tokenizer, then the model).
+
+    Raises:
+        CheckpointError: a checkpoint directory's tokenizer.json is broken (unless --skip-tokenizer-init).
+    """
+    from parity.engine import AsyncEngine, EngineArgs
+
+    tokenizer = load_checkpoint_tokenizer(args.model, getattr(args, "skip_tokenizer_init", False))
+    return AsyncEngine(EngineArgs(**engine_kwargs(args)), **({} if tokenizer == "auto" else {"tokenizer": tokenizer}))
+
+
+def loading(message: str) -> Any:
+    """A context manager showing `message` with a spinner while a model loads (rich; one plain line when
+    stderr is not a terminal)."""
+    from rich.console import Console
+
+    con = Console(stderr=True, highlight=False)
+    if not con.is_terminal:
+        print(f"{message} ...", file=sys.stderr, flush=True)
+        return contextlib.nullcontext()
+    return con.status(f"{message} ...", spinner="dots")

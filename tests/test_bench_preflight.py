@@ -1,0 +1,50 @@
+"""`parity bench` checks the endpoint and the model before it times anything, and never overwrites a results
+file silently."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from test_server_fakes import FakeChatFormat, FakeEngine, FakeSamplingParams
+
+from parity import cli
+from parity.server.app import ServerSettings, build_app
+from parity.server.launcher import ThreadedServer, free_port
+
+
+@pytest.fixture(scope="module")
+def server():
+    app = build_app(FakeEngine(step_s=0.001), ServerSettings(served_model_names=["tiny"]),
+                    chat_format=FakeChatFormat(), sampling_params_cls=FakeSamplingParams)
+    srv = ThreadedServer(app, drain_timeout_s=1.0).start()
+    yield srv
+    srv.stop()
+
+
+def bench(capsys, *argv: str) -> tuple[int, list[str], str]:
+    t0 = time.perf_counter()
+    rc = cli.main(["bench", "--no-progress", "--energy", "none", "--num-prompts", "50", *argv])
+    assert time.perf_counter() - t0 < 10
+    cap = capsys.readouterr()
+    return rc, cap.err.strip().splitlines(), cap.out
+
+
+def test_dead_server_is_one_line(capsys):
+    rc, err, out = bench(capsys, "--base-url", f"http://127.0.0.1:{free_port()}", "--model", "tiny")
+    assert rc == 2 and len(err) == 1 and "cannot reach the server" in err[0] and out == ""
+
+
+def test_wrong_model_is_one_line_listing_the_served_ones(capsys, server):
+    rc, err, out = bench(capsys, "--base-url", server.base_url, "--model", "gpt-9")
+    assert rc == 2 and len(err) == 1 and "'gpt-9' is not served" in err[0] and "tiny" in err[0] and out == ""
+
+
+def test_existing_results_file_is_not_overwritten(capsys, server, tmp_path):
+    out_file = tmp_path / "results.json"
+    out_file.write_text("precious")
+    rc, err, _ = bench(capsys, "--base-url", server.base_url, "--model", "tiny", "--output", str(out_file))
+    assert rc == 2 and "--overwrite" in err[-1] and out_file.read_text() == "precious"
+    rc, _, _ = bench(capsys, "--base-url", server.base_url, "--model", "tiny", "--workload", "fixed:in=4,out=2",
+                     "--num-prompts", "2", "--output", str(out_file), "--overwrite")
+    assert rc == 0 and out_file.read_text() != "precious"
