@@ -65,8 +65,12 @@ def test_v4_validation_true_numbers_are_pinned(rep):
     assert len(v4) >= 6
     assert {r["family"].split("-")[0] for r in v4} == {"ascend", "nvidia"}
     assert {"prefill", "decode"} <= {r["phase"] for r in v4}
-    assert rep["mape"] <= 0.33 and rep["loo_mape"] <= 0.37
-    assert max(abs(r["error"]) for r in v4) <= 1.8
+    assert rep["mape"] <= 0.22 and rep["loo_mape"] <= 0.22
+    assert max(abs(r["error"]) for r in v4) <= 1.0
+    # chunked prefill at vLLM-Ascend's 2,048-token budget: the 950PR entries that were device-bound misses
+    err = {r["id"]: r["error"] for r in v4}
+    assert abs(err["vllm-950pr-v4flash-64k-prefill"]) <= 0.10
+    assert abs(err["sglang-950-v4flash-8k1k-c64"]) <= 0.22
     # single-prompt TTFT is host-bound (eager prefill): both vendors' CUDA entries within 25%
     ttft = [r for r in v4 if r["metric"] == "ttft_ms"]
     assert len(ttft) == 2 and all(abs(r["error"]) <= 0.25 for r in ttft)

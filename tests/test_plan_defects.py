@@ -128,3 +128,19 @@ def test_fp4_weights_compute_in_bf16_without_fp4_math():
     assert get_hardware("gb300").weight_compute_dtype("fp4") == "fp4"
     assert get_hardware("910c").weight_compute_dtype("int4") == "int8"
     assert get_hardware("h200").weight_compute_dtype("fp8") == "fp8"
+
+
+# ------------------------------------------------------------------------------------- chunked prefill
+def test_long_prompt_is_prefilled_in_chunks_of_the_token_budget():
+    from parity.plan.estimate import Setup, estimate
+
+    base = dict(model="v4-flash", hardware="950pr", phase="prefill", isl=65536, tp=1, dp=4)
+    one = estimate(Setup(**base, max_num_batched_tokens=65536))
+    chunked = estimate(Setup(**base, max_num_batched_tokens=2048))
+    assert one["prefill_steps"] == 1 and chunked["prefill_steps"] == 32
+    # each chunk re-reads the weights and pays the floor and host launch again: never faster
+    assert chunked["ttft_ms"] > 1.5 * one["ttft_ms"]
+    # the stack's default budget applies when none is given (ascend-graph: vLLM-Ascend's 2048)
+    assert estimate(Setup(**base))["ttft_ms"] == pytest.approx(chunked["ttft_ms"])
+    with pytest.raises(PlanError, match="max-num-batched-tokens"):
+        Setup(**base, max_num_batched_tokens=-1).validate()

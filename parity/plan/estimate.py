@@ -30,6 +30,7 @@ from parity.plan.serving_model import (
     groups_terms,
     mixed_step_groups,
     op_costs,
+    stack_of,
     weight_bytes_per_device,
 )
 
@@ -39,9 +40,9 @@ from parity.plan.serving_model import (
 QUANTIZATION = {"bf16": ("bf16", "bf16"), "fp8": ("fp8", "fp8"), "w8a8": ("int8", "int8"),
                 "w4a8": ("int8", "int4"), "fp4": ("fp8", "fp4")}
 PHASES = ("prefill", "decode", "serving")
-#: Default prefill chunk per step in colocated serving (tokens): vLLM V1's and SGLang's default
-#: `max_num_batched_tokens` / `chunked_prefill_size` for online serving.
-MAX_NUM_BATCHED_TOKENS = 8192
+#: `--max-num-batched-tokens` default: 0 = the software stack's default token budget per step
+#: (`parity/data/hardware/stacks.toml` `max_num_batched_tokens`, with its source).
+MAX_NUM_BATCHED_TOKENS = 0
 #: Every throughput figure `estimate` reports, with its explicit metric name.
 METRICS = {
     "ttft_ms": "time to first token (ms)",
@@ -94,8 +95,10 @@ class Setup:
             raise PlanError(f"--phase is {self.phase!r}: expected one of {', '.join(PHASES)}")
         for name in ("isl", "osl", "tp", "dp", "max_num_batched_tokens"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise PlanError(f"--{_flag(name)} must be a positive integer, got {v!r}")
+            low = 0 if name == "max_num_batched_tokens" else 1
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise PlanError(f"--{_flag(name)} must be a {'non-negative' if low == 0 else 'positive'} integer, "
+                                f"got {v!r}")
         if self.ep not in (0, self.n_devices):
             raise PlanError(f"--expert-parallel-size {self.ep} must equal --tensor-parallel-size x "
                             f"--data-parallel-size = {self.n_devices} (experts are spread over every device)")
@@ -116,6 +119,12 @@ class Setup:
                                                          or self.decode_devices % self.tp):
             raise PlanError("--disagg on needs --prefill-devices and --decode-devices, each a multiple of "
                             f"--tensor-parallel-size ({self.tp})")
+
+    def token_budget(self) -> int:
+        """Tokens per step per attention-TP group (`max_num_batched_tokens`; 0 = the stack's default)."""
+        if self.max_num_batched_tokens:
+            return self.max_num_batched_tokens
+        return stack_of(get_hardware(self.hardware), self.deployment()).max_num_batched_tokens
 
     def deployment(self, n_devices: int | None = None) -> Deployment:
         """The serving model's `Deployment` of this setup (on `n_devices`, default TP x DP)."""
@@ -187,9 +196,14 @@ def build(setup: Setup) -> Evaluator:
         dep = s.deployment(n_pre)
         tok = s.tokens_per_device or isl_u / s.tp
         pdep = replace(dep, mtp=min(dep.mtp, 1))
-        groups = op_costs(arch, hw, pdep, "prefill", tok, s.isl, tok / isl_u)
+        # chunked prefill: the TP group's tokens go through in steps of at most the token budget; each
+        # step re-reads the weights and pays the floor and host launch again (`prefill_steps` x step time);
+        # attention FLOPs per step are the step's share of the whole prompts' causal attention
+        steps = math.ceil(tok * s.tp / s.token_budget() - 1e-9)
+        groups = op_costs(arch, hw, pdep, "prefill", tok / steps, s.isl, tok / steps / isl_u)
         terms["prefill"] = groups_terms(groups, hw, pdep, eager=True).compact()
         info["prefill_tokens_per_device"] = tok
+        info["prefill_steps"] = steps
     if s.phase in ("decode", "serving"):
         dep = s.deployment(n_dec)
         conc = s.concurrency or s.batch_per_device * n_dec
@@ -201,7 +215,7 @@ def build(setup: Setup) -> Evaluator:
         info.update(concurrency=conc, batch_per_device=b, tokens_per_step=dep.tokens_per_step)
         terms["decode"] = groups_terms(op_costs(arch, hw, dep, "decode", b * (1 + dep.mtp), ctx, b), hw, dep).compact()
         if s.phase == "serving" and not s.disagg:
-            chunk = min(isl_u, s.max_num_batched_tokens)
+            chunk = min(isl_u, s.token_budget())
             info["chunk"], info["n_chunks"] = chunk, math.ceil(isl_u / chunk - 1e-9)
             terms["mixed"] = groups_terms(mixed_step_groups(arch, hw, dep, b, ctx, chunk / s.tp, s.isl),
                                           hw, dep, eager=True).compact()
@@ -214,8 +228,9 @@ def figures(ev: Evaluator, consts: dict) -> dict:
     t = {k: v.combine(consts)["step_s"] for k, v in ev.terms.items()}
     out = {}
     if "prefill" in t:
-        out["prefill_ttft_ms"] = t["prefill"] * 1e3
-        out["prefill_input_tok_s_per_device"] = i["prefill_tokens_per_device"] / t["prefill"]
+        t_pre = t["prefill"] * i["prefill_steps"]
+        out["prefill_ttft_ms"] = t_pre * 1e3
+        out["prefill_input_tok_s_per_device"] = i["prefill_tokens_per_device"] / t_pre
     if "decode" in t:
         tps = i["tokens_per_step"]
         out["decode_tpot_ms"] = t["decode"] / tps * 1e3

@@ -236,13 +236,16 @@ def family_of(hw: Hardware, directory: str | Path | None = None) -> Family:
 @dataclass(frozen=True)
 class Stack:
     """A software stack's latency floor per decoder layer per step (s), the host time per decoder layer of
-    a step it does not capture in a graph (s, `eager_layer_host_s`: prefill and mixed steps), with sources."""
+    a step it does not capture in a graph (s, `eager_layer_host_s`: prefill and mixed steps), its default
+    token budget per step (`max_num_batched_tokens`: a longer prompt is prefilled in chunks), with sources."""
 
     id: str
     layer_latency_s: float
     source: str
     eager_layer_host_s: float = 0.0
     eager_source: str = ""
+    max_num_batched_tokens: int = 8192
+    chunk_source: str = ""
 
 
 @lru_cache(maxsize=8)
@@ -264,8 +267,13 @@ def _stacks(directory: str) -> dict[str, Stack]:
             raise PlanError(f"stack file {path.name}: [{sid}] eager_layer_host_us must be a number >= 0, got {host!r}")
         if host and not str(sec.get("eager_source", "")).strip():
             raise PlanError(f"stack file {path.name}: [{sid}] eager_layer_host_us needs an 'eager_source'")
+        chunk = sec.get("max_num_batched_tokens", 8192)
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            raise PlanError(f"stack file {path.name}: [{sid}] max_num_batched_tokens must be a positive integer, "
+                            f"got {chunk!r}")
         out[sid] = Stack(id=sid, layer_latency_s=float(v) * 1e-6, source=sec["source"],
-                         eager_layer_host_s=float(host) * 1e-6, eager_source=sec.get("eager_source", ""))
+                         eager_layer_host_s=float(host) * 1e-6, eager_source=sec.get("eager_source", ""),
+                         max_num_batched_tokens=chunk, chunk_source=sec.get("chunk_source", ""))
     return out
 
 

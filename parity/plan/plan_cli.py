@@ -126,7 +126,7 @@ def _estimate_args(p) -> None:
     p.add_argument("--stack", default="",
                    help="software stack: cuda-graphs, ascend-graph, eager (default by vendor)")
     p.add_argument("--max-num-batched-tokens", type=int, default=MAX_NUM_BATCHED_TOKENS,
-                   help="prefill chunk per step in colocated serving (tokens)")
+                   help="token budget per step: prefill chunk size (0 = the stack's default)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 

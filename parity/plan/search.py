@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 from parity.errors import PlanError
 from parity.plan.arch import V4Arch, load_arch
-from parity.plan.estimate import MAX_NUM_BATCHED_TOKENS, colocated
+from parity.plan.estimate import colocated
 from parity.plan.hardware import Hardware, family_of, get_hardware
 from parity.plan.serving_model import (
     Deployment,
@@ -36,6 +36,7 @@ from parity.plan.serving_model import (
     max_batch,
     mixed_step_terms,
     prefill_point,
+    stack_of,
     weight_bytes_per_device,
 )
 
@@ -238,10 +239,10 @@ def plan(model: str, hardware: str, workload: Workload, consts: dict | None = No
 
 def colocated_point(arch, hw, dep, consts, batch, workload, ctx_avg) -> dict:
     """Colocated serving at `batch` sequences per device (closed loop of batch x n users): each step
-    decodes the batch and carries a prefill chunk of up to `MAX_NUM_BATCHED_TOKENS` tokens (split over
+    decodes the batch and carries a prefill chunk of up to the stack's token budget (stacks.toml; split over
     the attention-TP group) in the fraction of steps the arriving prompts need (`estimate.colocated`)."""
     dp = dep.n_devices // dep.attn_tp
-    chunk = min(workload.isl, MAX_NUM_BATCHED_TOKENS)
+    chunk = min(workload.isl, stack_of(hw, dep).max_num_batched_tokens)
     n_chunks = math.ceil(workload.isl / chunk)
     dec = decode_point(arch, hw, dep, consts, batch, ctx_avg)
     mix = mixed_step_terms(arch, hw, dep, batch, ctx_avg, chunk / dep.attn_tp, workload.isl).combine(consts)

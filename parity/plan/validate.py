@@ -85,8 +85,10 @@ def _legacy_setup(d: dict, where: str) -> tuple[Setup, str]:
                   kv_cache_dtype=d["kv_dtype"], mtp=d.get("mtp", 0), tbo=d.get("overlap", True),
                   redundant_experts=d.get("redundant_experts", 0), stack=d.get("stack", ""))
     if d["phase"] == "prefill":
-        return Setup(**common, isl=int(d["prompt"]), tokens_per_device=d["tokens_per_device"]), \
-            "input_tok_s_per_device"
+        # the source measured steps of `tokens_per_device` tokens: the token budget holds them
+        budget = math.ceil(d["tokens_per_device"] * tp - 1e-9)
+        return Setup(**common, isl=int(d["prompt"]), tokens_per_device=d["tokens_per_device"],
+                     max_num_batched_tokens=budget), "input_tok_s_per_device"
     ctx = d["context"]
     return Setup(**common, isl=int(ctx), osl=1, decode_context=ctx, batch_per_device=d["batch_per_device"],
                  mtp_acceptance=d.get("mtp_acceptance", 0.0)), "output_tok_s_per_device"
