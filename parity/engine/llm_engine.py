@@ -55,15 +55,17 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def load_model(model: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """(model, checkpoint dir or None) for EngineArgs.model (directory, preset name or None = default)."""
+def load_model(model: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0, parallel=None):
+    """(model, checkpoint dir or None) for EngineArgs.model (directory, preset name or None = default).
+    ``parallel``: a `parity.distributed.context.ParallelContext` to load this rank's part only."""
+    kw = {} if parallel is None else {"parallel": parallel}
     if model is None:
         path = ensure_default_model()
-        return from_pretrained(path, device=device, dtype=dtype), path
+        return from_pretrained(path, device=device, dtype=dtype, **kw), path
     p = Path(str(model)).expanduser()
     if p.is_dir():
-        return from_pretrained(p, device=device, dtype=dtype), p
-    return build_model(load_config(str(model)), device=device, dtype=dtype, seed=seed), None
+        return from_pretrained(p, device=device, dtype=dtype, **kw), p
+    return build_model(load_config(str(model)), device=device, dtype=dtype, seed=seed, **kw), None
 
 
 def load_tokenizer_for(model_dir: Path | None):

@@ -84,8 +84,8 @@ def _layer_split(cfg: ModelConfig, layer_type: str) -> tuple[list[tuple[int, int
 
 
 def estimate_weight_bytes(cfg: ModelConfig, dtype="float32", quantized: bool = False,
-                          include_mtp: bool = True) -> int:
-    """Bytes of parameters and buffers parity's `V4ForCausalLM` allocates for `cfg`.
+                          include_mtp: bool = True, tp: int = 1, ep: int = 1) -> int:
+    """Bytes of parameters and buffers parity's `V4ForCausalLM` allocates for `cfg`, on one device.
 
     Args:
         cfg: the architecture.
@@ -94,8 +94,11 @@ def estimate_weight_bytes(cfg: ModelConfig, dtype="float32", quantized: bool = F
             `parity.checkpoint.official_reader.load_official` loads the published checkpoint; False = every
             weight in `dtype` (`build_model`, `from_pretrained`, ``load_official(quantized=False)``).
         include_mtp: count the multi-token-prediction blocks (the model builds them when the config has any).
+        tp / ep: tensor- and expert-parallel sizes: the bytes of one rank's part
+            (`parity.model.parallel_layers`: query heads, output groups, shared expert, embedding and LM
+            head split over tp; routed experts split over ep, or by intermediate size over tp when ep = 1).
     Returns:
-        Bytes (int); activations, caches and allocator overhead are not included.
+        Bytes (int) per device; activations, caches and allocator overhead are not included.
     Raises:
         DeviceError: unknown dtype name.
     """
@@ -109,15 +112,25 @@ def estimate_weight_bytes(cfg: ModelConfig, dtype="float32", quantized: bool = F
             return sum(o * i for o, i in linears) * isz
         return sum(o * i + math.ceil(o / br) * math.ceil(i / bc) for o, i in linears)
 
-    expert_elems = E * 3 * D * inter
+    def local(linears):
+        # (out, in) of one rank: q_b / o_a / shared gate, up split by rows, o_b / shared down by columns
+        out = list(linears)
+        for j in (1, 3, 5, 7):
+            out[j] = (out[j][0] // tp, out[j][1])
+        for j in (4, 6):
+            out[j] = (out[j][0], out[j][1] // tp)
+        return out
+
+    expert_elems = E * 3 * D * inter // (ep if ep > 1 else tp)
     expert_bytes = (expert_elems // 2 + expert_elems // FP4_BLOCK) if quantized else expert_elems * isz
 
     def layer_bytes(t: str, is_hash: bool) -> int:
         fp8, fp32, rest = _layer_split(cfg, t)
+        fp8, fp32 = local(fp8), fp32 - cfg.num_attention_heads + cfg.num_attention_heads // tp  # sinks split
         buffers = V * cfg.num_experts_per_tok * 8 if is_hash else E * 4   # tid2eid int64 / gate bias fp32
         return fp8_bytes(fp8) + fp32 * 4 + rest * isz + expert_bytes + buffers
 
-    total = V * D * isz + V * D * 4                                      # embedding; LM head kept in fp32
+    total = (V // tp) * D * (isz + 4)                                    # embedding; LM head kept in fp32
     total += (D + hc_head_params(cfg)) * 4                               # final norm, hc_head
     total += sum(layer_bytes(t, cfg.is_hash_layer(i)) for i, t in enumerate(cfg.layer_types))
     if include_mtp:
@@ -142,7 +155,7 @@ def skip_requested() -> bool:
 
 def check_fits(cfg: ModelConfig, device, dtype="float32", quantized: bool = False,
                headroom: float = DEFAULT_HEADROOM, *, include_mtp: bool = True, extra_bytes: int = 0,
-               what: str = "") -> int:
+               what: str = "", parallel=None) -> int:
     """Refuse to build a model whose weights cannot fit in the device's free memory.
 
     Args:
@@ -151,6 +164,7 @@ def check_fits(cfg: ModelConfig, device, dtype="float32", quantized: bool = Fals
         headroom: extra fraction of the estimate that must be free too (activations, caches, slack).
         extra_bytes: further bytes the caller needs at the same time (the exporter's quantized copy).
         what: what is being done, for the message (default "building the model").
+        parallel: a `parity.distributed.ParallelConfig`: check one rank's part (None = the whole model).
     Returns:
         The bytes required (estimate * (1 + headroom) + extra_bytes).
     Raises:
@@ -158,7 +172,9 @@ def check_fits(cfg: ModelConfig, device, dtype="float32", quantized: bool = Fals
             "<model> needs ~X GiB in <dtype> on <device>, this device has Y GiB free" and the ways out.
             Skipped when ``PARITY_SKIP_MEMORY_CHECK=1`` or when the device reports no memory figures.
     """
-    need = int(estimate_weight_bytes(cfg, dtype, quantized, include_mtp) * (1.0 + max(0.0, headroom))) + extra_bytes
+    tp, ep = (parallel.tp, parallel.ep) if parallel is not None else (1, 1)
+    need = int(estimate_weight_bytes(cfg, dtype, quantized, include_mtp, tp=tp, ep=ep) * (1.0 + max(0.0, headroom)))
+    need += extra_bytes
     if skip_requested():
         return need
     from parity import devices
@@ -168,6 +184,8 @@ def check_fits(cfg: ModelConfig, device, dtype="float32", quantized: bool = Fals
         return need
     dt = str(dtype).removeprefix("torch.")
     form = " (FP8/FP4 weights kept quantized)" if quantized else ""
+    if parallel is not None:
+        form += f" per device with {parallel.describe()}"
     raise DeviceError(
         f"{_label(cfg)} needs ~{_gib(need)} in {dt}{form} on {device}"
         f"{' for ' + what if what else ''}, this device has {_gib(free)} free (of {_gib(total)}); use a "
