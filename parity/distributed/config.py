@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 from parity.errors import ParallelError
 
+#: Default seconds a rank waits for the others at start-up and in any collective (gloo / nccl / hccl
+#: timeout) before it fails; bounds how long a hung rank can stall the server.
+DEFAULT_TIMEOUT_S = 120.0
+
 
 @dataclass(frozen=True)
 class ParallelConfig:

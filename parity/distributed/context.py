@@ -18,12 +18,8 @@ import torch
 import torch.distributed as dist
 
 from parity import devices
-from parity.distributed.config import ParallelConfig
+from parity.distributed.config import DEFAULT_TIMEOUT_S, ParallelConfig
 from parity.errors import ParallelError
-
-#: Default seconds a rank waits for the others at start-up and in any collective (gloo / nccl / hccl
-#: timeout) before it fails; bounds how long a hung rank can stall the server.
-DEFAULT_TIMEOUT_S = 120.0
 
 
 @dataclass

@@ -111,6 +111,8 @@ class DistributedModel:
         self._new: list[tuple[int, int, dict]] = []
         self._load = [0] * ctx.dp
         self.failed: BaseException | None = None
+        #: Called with a message naming the failure when a step fails in a collective.
+        self.on_failure = None
 
     def __getattr__(self, name):
         return getattr(self._model, name)
@@ -152,7 +154,7 @@ class DistributedModel:
             RequestError: invalid input (checked on every rank alike).
         """
         if self.failed is not None:
-            raise ParallelError(f"the parallel engine has failed: {self.failed}")
+            raise ParallelError(f"the parallel engine has failed: {self.failed}") from None
         ids = []
         for st in states:
             if id(st) not in self._pid:
@@ -176,8 +178,11 @@ class DistributedModel:
             if self._ctx.dp == 1:
                 out = part[1]
         except (RuntimeError, dist.DistError) as e:
-            self.failed = e
-            raise ParallelError(f"a parallel step failed in a collective (a rank died or hung): {e}") from None
+            msg = f"a parallel step failed in a collective (a rank died or hung): {e}"
+            self.failed = ParallelError(msg)
+            if self.on_failure is not None:
+                self.on_failure(msg)
+            raise self.failed from None
         for j, (t, st) in enumerate(zip(msg["tokens"], states, strict=True)):
             if self._replica.replica_of[ids[j]] != self._ctx.dp_rank:
                 st.num_tokens += len(t)  # run by another replica: keep rank 0's bookkeeping in step

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import torch.multiprocessing as mp
 
 from parity import devices
-from parity.distributed.config import ParallelConfig
+from parity.distributed.config import DEFAULT_TIMEOUT_S, ParallelConfig
 from parity.distributed.context import (
-    DEFAULT_TIMEOUT_S,
     env_rank,
     free_port,
     init_parallel,

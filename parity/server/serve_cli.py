@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from parity.errors import RequestError
+from parity.server.parallel_serve import add_parallel_args
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
@@ -170,6 +171,7 @@ def register(subparsers: Any) -> None:
                         "get HTTP 400 (for a checkpoint without a usable tokenizer.json)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(s)
+    add_parallel_args(s)
     s.set_defaults(func=run_serve)
 
     g = subparsers.add_parser("generate", help="one-shot generation with the offline engine")
@@ -197,8 +199,9 @@ def register(subparsers: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- serve
-def build_engine(args: argparse.Namespace):
-    """An AsyncEngine for the parsed flags (loads the tokenizer, then the model).
+def build_engine(args: argparse.Namespace, model=None):
+    """An AsyncEngine for the parsed flags (loads the tokenizer, then the model unless ``model`` is given:
+    e.g. rank 0's `parity.engine.executor.DistributedModel`).
 
     Raises:
         CheckpointError: a checkpoint directory's tokenizer.json is broken (unless --skip-tokenizer-init).
@@ -206,10 +209,28 @@ def build_engine(args: argparse.Namespace):
     from parity.engine import AsyncEngine, EngineArgs
 
     tokenizer = load_checkpoint_tokenizer(args.model, getattr(args, "skip_tokenizer_init", False))
-    return AsyncEngine(EngineArgs(**engine_kwargs(args)), **({} if tokenizer == "auto" else {"tokenizer": tokenizer}))
+    return AsyncEngine(EngineArgs(**engine_kwargs(args)), model=model,
+                       **({} if tokenizer == "auto" else {"tokenizer": tokenizer}))
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from parity.server.parallel_serve import parallel_config
+
+    config = parallel_config(args)
+    if config.world_size == 1:
+        return _serve(args)
+    from parity.server.parallel_serve import start_parallel
+
+    serving = start_parallel(args, config)
+    if serving is None:  # a torchrun worker rank: rank 0 has stopped it
+        return 0
+    try:
+        return _serve(args, serving)
+    finally:
+        serving.close()
+
+
+def _serve(args: argparse.Namespace, serving=None) -> int:
     from parity.server.app import ServerSettings, build_app
     from parity.server.launcher import serve_forever
 
@@ -217,7 +238,9 @@ def run_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or default_model_name(args.model)
     print(f"parity serve: loading {args.model or 'the default miniature'} on {args.device} ...", file=sys.stderr)
     t0 = time.perf_counter()
-    engine = build_engine(args)
+    engine = build_engine(args, serving.model if serving is not None else None)
+    if serving is not None:
+        serving.engine = engine
     print(f"parity serve: model '{name}' ready in {time.perf_counter() - t0:.1f} s "
           f"(max_model_len {engine.max_model_len}); http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", file=sys.stderr)
