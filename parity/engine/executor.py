@@ -139,7 +139,8 @@ class DistributedModel:
         for pid in freed:
             st = self._live.pop(pid)
             self._pid.pop(id(st), None)
-            self._load[self._replica.replica_of.get(pid, self._new_replica(pid))] -= 1
+            replica = self._replica.replica_of.get(pid)
+            self._load[replica if replica is not None else self._new_replica(pid)] -= 1
         return freed
 
     def _new_replica(self, pid: int) -> int:

@@ -45,10 +45,10 @@ def parallel_config(args: argparse.Namespace) -> ParallelConfig:
 
 class ParallelServing:
     """Rank 0's parallel model, its workers and the failure path. ``engine`` is set by the caller once
-    the AsyncEngine exists."""
+    the AsyncEngine exists; ``exit(code)`` ends the process (default ``os._exit``)."""
 
-    def __init__(self, model, workers):
-        self.model, self.workers = model, workers
+    def __init__(self, model, workers, exit=os._exit):
+        self.model, self.workers, self._exit = model, workers, exit
         self.engine = None
         self._failed = threading.Event()
         model.on_failure = self.fail
@@ -68,7 +68,7 @@ class ParallelServing:
         def _exit():
             if self.workers is not None:
                 self.workers.stop(0.0)
-            os._exit(FAILURE_EXIT_CODE)
+            self._exit(FAILURE_EXIT_CODE)
         threading.Timer(FAILURE_GRACE_S, _exit).start()
 
     def close(self) -> None:
