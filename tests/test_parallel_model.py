@@ -114,3 +114,28 @@ def test_weight_bytes_per_device_equal_the_model_part(tp, dp, ep):
     model.to_dtype(torch.bfloat16)
     persistent = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert persistent == estimate_weight_bytes(cfg, "bfloat16", tp=pc.tp, ep=pc.ep)
+
+
+@pytest.mark.parametrize("argv,fits", [
+    (["v4-flash", "--hardware", "910c", "--tensor-parallel-size", "8", "--enable-expert-parallel"], True),
+    (["v4-flash", "--hardware", "h200", "--tensor-parallel-size", "8", "--enable-expert-parallel"], True),
+    (["v4-pro", "--hardware", "h200", "-tp", "8", "-dp", "4", "--enable-expert-parallel"], True),
+    (["v4-flash", "--hardware", "h200"], False),
+])
+def test_info_reports_per_device_bytes_from_the_load_check(argv, fits, capsys):
+    from parity.cli import main
+    from parity.config import load_config
+    from parity.model.memory import device_fit
+    from parity.plan.hardware import get_hardware
+
+    assert main(["info", *argv]) == 0
+    out = capsys.readouterr().out
+    assert ("-> fits" in out) == fits and ("DOES NOT FIT" in out) == (not fits)
+    tp = int(argv[argv.index("-tp") + 1]) if "-tp" in argv else (8 if "--tensor-parallel-size" in argv else 1)
+    dp = int(argv[argv.index("-dp") + 1]) if "-dp" in argv else 1
+    pc = ParallelConfig(tp, dp, "--enable-expert-parallel" in argv)
+    cfg = load_config(argv[0])
+    fit = device_fit(cfg, get_hardware(argv[2]).hbm_gb * 1e9, tp=pc.tp, ep=pc.ep)
+    assert fit["fits"] == fits
+    assert fit["weight_bytes"] == estimate_weight_bytes(cfg, "bfloat16", True, tp=pc.tp, ep=pc.ep)
+    assert f"{fit['cache_tokens']:,} tokens" in out

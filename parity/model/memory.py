@@ -191,3 +191,29 @@ def check_fits(cfg: ModelConfig, device, dtype="float32", quantized: bool = Fals
         f"{' for ' + what if what else ''}, this device has {_gib(free)} free (of {_gib(total)}); use a "
         f"smaller model (e.g. the 'tiny' preset), a smaller dtype, the quantized published checkpoint or a "
         f"device with more memory, or set {SKIP_ENV}=1 to try anyway (swap, overcommit)")
+
+
+def device_fit(cfg: ModelConfig, hbm_bytes: float, tp: int = 1, ep: int = 1, dtype="bfloat16",
+               quantized: bool = True, cache_dtype: str = "fp8", headroom: float = DEFAULT_HEADROOM) -> dict:
+    """Whether one device of a TP / EP layout holds its weights, and how many cache tokens remain (torch-free;
+    the same estimate `check_fits` applies at load time).
+
+    Args:
+        cfg: the architecture. hbm_bytes: device memory (bytes). tp / ep: as `estimate_weight_bytes`.
+        dtype / quantized: the weights' form (published FP8/FP4 layout: quantized=True).
+        cache_dtype: "bf16" | "fp8" cache (`parity.shapes.cache_size`; replicated over TP ranks).
+        headroom: fraction of the weight bytes kept free, as `check_fits`.
+    Returns:
+        {"weight_bytes", "required_bytes" (weights x (1 + headroom)), "hbm_bytes", "fits" (bool),
+        "cache_bytes" (what is left), "cache_tokens" (tokens of context that fit in it, sliding windows and
+        compressor state of one sequence counted once)}.
+    """
+    from parity.shapes import cache_size
+
+    w = estimate_weight_bytes(cfg, dtype, quantized, tp=tp, ep=ep)
+    need = int(w * (1.0 + max(0.0, headroom)))
+    left = max(0.0, float(hbm_bytes) - need)
+    cs = cache_size(cfg, cache_dtype)
+    tokens = int(max(0.0, left - cs.fixed_bytes) / cs.per_token_growth_bytes) if left > cs.fixed_bytes else 0
+    return {"weight_bytes": w, "required_bytes": need, "hbm_bytes": float(hbm_bytes), "fits": need <= hbm_bytes,
+            "cache_bytes": left, "cache_tokens": tokens}

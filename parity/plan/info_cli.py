@@ -10,6 +10,13 @@ def register(sub) -> None:
     p.add_argument("model", nargs="?", default="tiny", help="preset name (tiny, v4-flash, v4-pro) or checkpoint dir")
     p.add_argument("--context", type=int, default=65536, help="context length N for the total cache size (tokens)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    g = p.add_argument_group("per-device memory (with --hardware)")
+    g.add_argument("--hardware", default=None, help="device (910c, h200, b200, ...): per-device bytes and fit")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="TP ranks per replica")
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=1, help="DP replicas (EP = TP x DP)")
+    g.add_argument("--enable-expert-parallel", action="store_true", help="partition routed experts over ranks")
+    g.add_argument("--weights", choices=["published", "bf16"], default="published",
+                   help="published FP8/FP4 layout (default) or bf16 weights")
     p.set_defaults(func=run)
 
 
@@ -60,4 +67,24 @@ def run(args) -> int:
               f"{_fmt_b(c['fixed_bytes'])} fixed (windows + compressor state); "
               f"{_fmt_b(c['total_bytes_at_context'])} per sequence at {info['context_tokens']:,} tokens")
     print(f"formula          {info['kv_cache_formula']}")
+    if args.hardware:
+        _print_device(cfg, args)
     return 0
+
+
+def _print_device(cfg, args) -> None:
+    """Per-device weights, cache room and fit of a TP / DP / EP layout (`parity.model.memory.device_fit`)."""
+    from parity.distributed.config import ParallelConfig
+    from parity.model.memory import device_fit
+    from parity.plan.hardware import get_hardware
+
+    pc = ParallelConfig(args.tensor_parallel_size, args.data_parallel_size, args.enable_expert_parallel)
+    pc.validate(cfg)
+    hw = get_hardware(args.hardware)
+    quant = args.weights == "published"
+    fit = device_fit(cfg, hw.hbm_gb * 1e9, tp=pc.tp, ep=pc.ep, quantized=quant,
+                     cache_dtype="fp8" if quant else "bf16")
+    print(f"layout           {pc.describe()} on {pc.world_size} x {hw.name} ({_fmt_b(fit['hbm_bytes'])} each)")
+    print(f"weights/device   {_fmt_b(fit['weight_bytes'])} ({'FP8/FP4' if quant else 'bf16'}); "
+          f"{_fmt_b(fit['required_bytes'])} with headroom -> {'fits' if fit['fits'] else 'DOES NOT FIT'}")
+    print(f"cache/device     {_fmt_b(fit['cache_bytes'])} left: {fit['cache_tokens']:,} tokens of context")
