@@ -1,7 +1,5 @@
-"""`python -m parity`: the same command line as `parity`."""
-
-import sys
+"""`python -m parity ...` (torchrun: `torchrun ... -m parity serve ...`): the `parity` command."""
 
 from parity.cli import main
 
-sys.exit(main())
+raise SystemExit(main())

@@ -32,3 +32,7 @@ class BenchError(ParityError):
 
 class PlanError(ParityError):
     """`parity plan/compare/validate` input is invalid (unknown hardware/model, impossible SLOs)."""
+
+
+class ParallelError(ParityError, ValueError):
+    """A parallel layout does not fit the model or the machine (TP/DP/EP sizes), or a rank failed."""

@@ -103,8 +103,8 @@ def _matrix_bytes(fmt: str, out_f: int, in_f: int, isz: int, block: tuple[int, i
 
 
 def estimate_weight_bytes(cfg: ModelConfig, dtype="float32", quantized: bool = False,
-                          include_mtp: bool = True, weights: str | None = None) -> int:
-    """Bytes of parameters and buffers parity's `V4ForCausalLM` allocates for `cfg`.
+                          include_mtp: bool = True, weights: str | None = None, tp: int = 1, ep: int = 1) -> int:
+    """Bytes of parameters and buffers parity's `V4ForCausalLM` allocates for `cfg`, on one device.
 
     Args:
         cfg: the architecture.
@@ -114,8 +114,11 @@ def estimate_weight_bytes(cfg: ModelConfig, dtype="float32", quantized: bool = F
             weight in `dtype` (`build_model`, `from_pretrained`, ``load_official(quantized=False)``).
         include_mtp: count the multi-token-prediction blocks (the model builds them when the config has any).
         weights: a `WEIGHT_FORMATS` name; overrides `quantized` (False = "bf16", True = "fp4").
+        tp / ep: tensor- and expert-parallel sizes: the bytes of one rank's part
+            (`parity.model.parallel_layers`: query heads, output groups, shared expert, embedding and LM
+            head split over tp; routed experts split over ep, or by intermediate size over tp when ep = 1).
     Returns:
-        Bytes (int); activations, caches and allocator overhead are not included.
+        Bytes (int) per device; activations, caches and allocator overhead are not included.
     Raises:
         DeviceError: unknown dtype name. ConfigError: unknown weight format.
     """
@@ -128,15 +131,26 @@ def estimate_weight_bytes(cfg: ModelConfig, dtype="float32", quantized: bool = F
     def fp8_bytes(linears) -> int:
         return sum(_matrix_bytes(dense_fmt, o, i, isz, block) for o, i in linears)
 
-    expert_bytes = E * (2 * _matrix_bytes(expert_fmt, inter, D, isz, block)
-                        + _matrix_bytes(expert_fmt, D, inter, isz, block))
+    def local(linears):
+        # (out, in) of one rank: q_b / o_a / shared gate, up split by rows, o_b / shared down by columns
+        out = list(linears)
+        for j in (1, 3, 5, 7):
+            out[j] = (out[j][0] // tp, out[j][1])
+        for j in (4, 6):
+            out[j] = (out[j][0], out[j][1] // tp)
+        return out
+
+    local_experts, local_inter = (E // ep, inter) if ep > 1 else (E, inter // tp)
+    expert_bytes = local_experts * (2 * _matrix_bytes(expert_fmt, local_inter, D, isz, block)
+                                    + _matrix_bytes(expert_fmt, D, local_inter, isz, block))
 
     def layer_bytes(t: str, is_hash: bool) -> int:
         fp8, fp32, rest = _layer_split(cfg, t)
+        fp8, fp32 = local(fp8), fp32 - cfg.num_attention_heads + cfg.num_attention_heads // tp  # sinks split
         buffers = V * cfg.num_experts_per_tok * 8 if is_hash else E * 4   # tid2eid int64 / gate bias fp32
         return fp8_bytes(fp8) + fp32 * 4 + rest * isz + expert_bytes + buffers
 
-    total = V * D * isz + V * D * 4                                      # embedding; LM head kept in fp32
+    total = (V // tp) * D * (isz + 4)                                    # embedding; LM head kept in fp32
     total += (D + hc_head_params(cfg)) * 4                               # final norm, hc_head
     total += sum(layer_bytes(t, cfg.is_hash_layer(i)) for i, t in enumerate(cfg.layer_types))
     if include_mtp:
@@ -145,3 +159,28 @@ def estimate_weight_bytes(cfg: ModelConfig, dtype="float32", quantized: bool = F
     return int(total)
 
 
+def device_fit(cfg: ModelConfig, hbm_bytes: float, tp: int = 1, ep: int = 1, dtype="bfloat16",
+               quantized: bool = True, cache_dtype: str = "fp8", headroom: float = 0.10,
+               weights: str | None = None) -> dict:
+    """Whether one device of a TP / EP layout holds its weights, and how many cache tokens remain (torch-free;
+    the same estimate `check_fits` applies at load time).
+
+    Args:
+        cfg: the architecture. hbm_bytes: device memory (bytes). tp / ep: as `estimate_weight_bytes`.
+        dtype / quantized: the weights' form (published FP8/FP4 layout: quantized=True).
+        cache_dtype: "bf16" | "fp8" cache (`parity.shapes.cache_size`; replicated over TP ranks).
+        headroom: fraction of the weight bytes kept free, as `check_fits`.
+    Returns:
+        {"weight_bytes", "required_bytes" (weights x (1 + headroom)), "hbm_bytes", "fits" (bool),
+        "cache_bytes" (what is left), "cache_tokens" (tokens of context that fit in it, sliding windows and
+        compressor state of one sequence counted once)}.
+    """
+    from parity.shapes import cache_size
+
+    w = estimate_weight_bytes(cfg, dtype, quantized, weights=weights, tp=tp, ep=ep)
+    need = int(w * (1.0 + max(0.0, headroom)))
+    left = max(0.0, float(hbm_bytes) - need)
+    cs = cache_size(cfg, cache_dtype)
+    tokens = int(max(0.0, left - cs.fixed_bytes) / cs.per_token_growth_bytes) if left > cs.fixed_bytes else 0
+    return {"weight_bytes": w, "required_bytes": need, "hbm_bytes": float(hbm_bytes), "fits": need <= hbm_bytes,
+            "cache_bytes": left, "cache_tokens": tokens}

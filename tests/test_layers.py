@@ -37,6 +37,8 @@ LAYERS = {
     "parity.openai_client": 0,
     "parity.weight_bytes": 0,
     "parity.devices": 1,
+    "parity.distributed": 1.5,
+    "parity.distributed.config": 0,
     "parity.tokenizer": 1,
     "parity.model": 2,
     "parity.checkpoint": 3,

@@ -33,16 +33,18 @@ from parity.checkpoint.msmodelslim_io import load_msmodelslim
 from parity.checkpoint.official_reader import load_official
 from parity.checkpoint.shards import is_official_checkpoint, missing_index_cause
 from parity.config import load_config
-from parity.errors import CheckpointError
+from parity.errors import CheckpointError, ParallelError
 from parity.model.deepseek_v4 import V4ForCausalLM, _reset_rope, resolve_dtype
 from parity.model.memory import check_fits
+from parity.model.parallel_layers import expert_part, parallelize_, shard_spec
 
 #: The per-expert pseudo-names `canonical_name` gives routed experts.
 _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(w1|w2|w3)\.weight$")
 
 
 def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_cache_dtype: str | None = None,
-                    indexer_dtype: str | None = None, quantization: str | None = None) -> V4ForCausalLM:
+                    indexer_dtype: str | None = None, quantization: str | None = None,
+                    parallel=None) -> V4ForCausalLM:
     """Load a checkpoint directory (config.json + safetensors, single file or sharded).
 
     Args:
@@ -57,6 +59,9 @@ def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_c
             None = as published, or W8A8 on a device without float8 tensors). msModelSlim checkpoints
             (``quant_model_description.json``) keep their own W8A8 / W4A8 weights and accept only None or
             their own format; float checkpoints only None / "bf16".
+        parallel: a `parity.distributed.context.ParallelContext` (None = one process): build this rank's
+            part (`parity.model.parallel_layers`) and read only its slices of each tensor (safetensors
+            ``get_slice``: peak memory ~ the shard plus one tensor).
     Returns:
         `V4ForCausalLM` in eval mode.
     Raises:
@@ -66,19 +71,28 @@ def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_c
             model.safetensors.index.json (the lost index named as the cause).
         DeviceError: unknown device, or the weights would not fit in its free memory
             (`parity.model.memory.check_fits`, checked before anything is allocated).
+        ParallelError: the layout does not divide the model, or a parallel load of the published
+            FP8/FP4 layout (not supported: load a float export).
     """
     dtype = resolve_dtype(dtype)
+    sharded = parallel is not None and not parallel.is_single
     p = Path(path).expanduser()
     if not p.is_dir():
         raise CheckpointError(f"checkpoint path {str(path)!r} is not a directory")
     quantization = check_quantization(quantization)
     if is_msmodelslim_checkpoint(p):
+        if sharded:
+            raise ParallelError(f"{p}: tensor / expert parallel loading of msModelSlim checkpoints is not "
+                                f"supported yet; serve it on one device")
         model = load_msmodelslim(p, device, dtype, kv_cache_dtype=kv_cache_dtype, indexer_dtype=indexer_dtype)
         if quantization not in (None, model.weight_format):
             raise CheckpointError(f"--quantization {quantization}: {p} is a msModelSlim {model.weight_format} "
                                   f"checkpoint; expected auto or {model.weight_format}")
         return model
     if is_official_checkpoint(p):
+        if sharded:
+            raise ParallelError(f"{p}: tensor / expert parallel loading of the published FP8/FP4 layout is not "
+                                f"supported; export it to float safetensors first (parity export)")
         return load_official(p, device, dtype, kv_cache_dtype=kv_cache_dtype, indexer_dtype=indexer_dtype,
                              quantization=quantization)
     if quantization not in (None, "bf16"):
@@ -94,13 +108,17 @@ def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_c
         model = V4ForCausalLM(cfg)
     expected = dict(model.state_dict())
     plan, drop_mtp = _plan(p, cfg, files, expected)
-    check_fits(cfg, dev, dtype, quantized=False, include_mtp=not drop_mtp, what=f"loading {p}")
+    check_fits(cfg, dev, dtype, quantized=False, include_mtp=not drop_mtp, what=f"loading {p}",
+               **({"parallel": parallel.config} if sharded else {}))
     if drop_mtp:
         model.model.mtp = torch.nn.ModuleList()
+    if sharded:
+        parallelize_(model, parallel)
     model.to_empty(device=dev)
     _reset_rope(model)
     model.to_dtype(dtype)
-    _copy_tensors(model, cfg, files, plan, drop_mtp)
+    _copy_tensors(model, cfg, files, plan, drop_mtp, {k: tuple(v.shape) for k, v in expected.items()},
+                  parallel if sharded else None)
     if cfg.tie_word_embeddings and not any(v[0] == "lm_head.weight" for v in plan.values()):
         model.lm_head.weight = model.model.embed_tokens.weight
     if kv_cache_dtype:
@@ -214,9 +232,19 @@ def _plan(p: Path, cfg, files: dict[str, Path], expected: dict[str, torch.Tensor
     return plan, drop_mtp
 
 
-def _copy_tensors(model: V4ForCausalLM, cfg, files: dict[str, Path], plan: dict, drop_mtp: bool) -> None:
+def _read_shard(f, name: str, spec):
+    """The part ``spec`` (`parity.model.parallel_layers.Shard`) of tensor ``name``, read by slices."""
+    sl = f.get_slice(name)
+    dim, parts = spec
+    pieces = [sl[(slice(None),) * dim + (slice(a, b),)] for a, b in parts]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+
+
+def _copy_tensors(model: V4ForCausalLM, cfg, files: dict[str, Path], plan: dict, drop_mtp: bool,
+                  full_shapes: dict[str, tuple] | None = None, parallel=None) -> None:
     """Copy every planned tensor into the allocated model, file by file; routed experts into their rows
-    of ``gate_up_proj`` (``w1`` -> ``[:I]``, ``w3`` -> ``[I:]``) or ``down_proj`` (``w2``).
+    of ``gate_up_proj`` (``w1`` -> ``[:I]``, ``w3`` -> ``[I:]``) or ``down_proj`` (``w2``). With
+    ``parallel``, only this rank's slices are read (``full_shapes``: the unsharded shapes).
 
     Raises:
         CheckpointError: a tensor's shape differs from the model's (expected vs got).
@@ -237,12 +265,15 @@ def _copy_tensors(model: V4ForCausalLM, cfg, files: dict[str, Path], plan: dict,
                     dst = params[param]
                     shp = tuple(f.get_slice(name).get_shape())
                     if sel is None:
-                        want = tuple(dst.shape)
+                        want = full_shapes[param] if parallel is not None else tuple(dst.shape)
                     else:
                         want = (inter, cfg.hidden_size) if sel[1] in ("w1", "w3") else (cfg.hidden_size, inter)
                     if shp != want:
                         raise CheckpointError(f"tensor {name!r} has shape {list(shp)}: expected {list(want)} "
                                               f"(for {param})")
+                    if parallel is not None:
+                        _copy_shard(f, name, param, sel, dst, cfg, full_shapes[param], parallel)
+                        continue
                     t = f.get_tensor(name)
                     if sel is None:
                         dst.copy_(t.to(dst.dtype))
@@ -250,3 +281,22 @@ def _copy_tensors(model: V4ForCausalLM, cfg, files: dict[str, Path], plan: dict,
                         e, w = sel
                         part = {"w1": dst[e, :inter], "w3": dst[e, inter:], "w2": dst[e]}[w]
                         part.copy_(t.to(dst.dtype))
+
+
+def _copy_shard(f, name: str, param: str, sel, dst: torch.Tensor, cfg, full_shape: tuple, parallel) -> None:
+    """This rank's part of checkpoint tensor ``name`` into ``dst`` (its local `param`)."""
+    if sel is None:
+        spec = shard_spec(param, full_shape, cfg, parallel)
+        dst.copy_((_read_shard(f, name, spec) if spec is not None else f.get_tensor(name)).to(dst.dtype))
+        return
+    e, w = sel
+    where = expert_part(e, w, cfg, parallel)
+    if where is None:
+        return
+    le, cols = where
+    inter = dst.shape[1] // 2 if w != "w2" else dst.shape[2]
+    if w == "w2":
+        dst[le].copy_(_read_shard(f, name, (1, [(cols.start, cols.stop)])).to(dst.dtype))
+    else:
+        part = dst[le, :inter] if w == "w1" else dst[le, inter:]
+        part.copy_(_read_shard(f, name, (0, [(cols.start, cols.stop)])).to(dst.dtype))

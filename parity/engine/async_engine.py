@@ -207,6 +207,10 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    def stop_accepting(self) -> None:
+        """Refuse new requests from now on ("engine is not running": HTTP 503); in-flight ones continue."""
+        self._accepting = False
+
     def abort(self, request_id: str) -> None:
         """Abort a request (thread-safe, returns at once; its cache is freed by the engine thread)."""
         rid = str(request_id)

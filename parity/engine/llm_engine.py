@@ -56,23 +56,25 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 
 
 def load_model(model: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0,
-               quantization: str | None = None):
+               quantization: str | None = None, parallel=None):
     """(model, checkpoint dir or None) for EngineArgs.model (directory, preset name or None = default);
-    `quantization` reaches `from_pretrained` (checkpoints only: a preset is built in `dtype`).
+    `quantization` reaches `from_pretrained` (checkpoints only: a preset is built in `dtype`); ``parallel``:
+    a `parity.distributed.context.ParallelContext` to load this rank's part only.
 
     Raises:
         RequestError: a quantization other than auto / bf16 for a preset model.
     """
+    kw = {} if parallel is None else {"parallel": parallel}
     if model is None:
         path = ensure_default_model()
-        return from_pretrained(path, device=device, dtype=dtype, quantization=quantization), path
+        return from_pretrained(path, device=device, dtype=dtype, quantization=quantization, **kw), path
     p = Path(str(model)).expanduser()
     if p.is_dir():
-        return from_pretrained(p, device=device, dtype=dtype, quantization=quantization), p
+        return from_pretrained(p, device=device, dtype=dtype, quantization=quantization, **kw), p
     if quantization not in (None, "auto", "bf16"):
         raise RequestError(f"engine argument 'quantization' {quantization!r} needs a checkpoint directory; "
                            f"preset {model!r} is built with random float weights")
-    return build_model(load_config(str(model)), device=device, dtype=dtype, seed=seed), None
+    return build_model(load_config(str(model)), device=device, dtype=dtype, seed=seed, **kw), None
 
 
 def load_tokenizer_for(model_dir: Path | None):

@@ -19,6 +19,7 @@ from parity.model.cache_state import CacheAllocator, LayerCache, SequenceState, 
 from parity.model.layers import HyperConnection, HyperHead, MoE, RMSNorm, rope_cos_sin, rope_inv_freq
 from parity.model.memory import check_fits
 from parity.model.numerics import IndexCodec, KVCodec
+from parity.model.parallel_layers import parallelize_
 from parity.model.step_metadata import StepContext
 
 KV_CACHE_DTYPES = ("bf16", "fp8")
@@ -425,7 +426,7 @@ def resolve_dtype(dtype) -> torch.dtype:
 
 
 def build_model(cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float32,
-                seed: int | None = None) -> V4ForCausalLM:
+                seed: int | None = None, parallel=None) -> V4ForCausalLM:
     """A randomly initialised model (tests, benchmarks).
 
     Args:
@@ -433,6 +434,9 @@ def build_model(cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float
         device: anything `parity.devices.resolve` accepts ("cpu", "cuda", "npu", "auto", ...).
         dtype: parameter dtype (mHC, norms, sinks, biases stay fp32).
         seed: seed for the (CPU) generator; None = nondeterministic.
+        parallel: a `parity.distributed.context.ParallelContext` (None = one process): the full model is
+            initialised (the same weights as one process with the same seed), then cut to this rank's
+            part (`parity.model.parallel_layers.parallelize_`).
     Raises:
         DeviceError: unknown device, or the weights would not fit in its free memory
             (`parity.model.memory.check_fits`; ``PARITY_SKIP_MEMORY_CHECK=1`` skips that check).
@@ -448,6 +452,8 @@ def build_model(cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float
     _reset_rope(model)
     _init_params(model, cfg, gen)
     model.to_dtype(dtype)
+    if parallel is not None:
+        parallelize_(model, parallel)
     return model.eval()
 
 

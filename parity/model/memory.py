@@ -15,7 +15,13 @@ import os
 
 from parity.config import ModelConfig
 from parity.errors import DeviceError
-from parity.weight_bytes import FP4_BLOCK, WEIGHT_FORMATS, dtype_itemsize, estimate_weight_bytes  # noqa: F401
+from parity.weight_bytes import (  # noqa: F401 - re-exported
+    FP4_BLOCK,
+    WEIGHT_FORMATS,
+    device_fit,
+    dtype_itemsize,
+    estimate_weight_bytes,
+)
 
 _GIB = 1024 ** 3
 
@@ -42,7 +48,7 @@ def skip_requested() -> bool:
 
 def check_fits(cfg: ModelConfig, device, dtype="float32", quantized: bool = False,
                headroom: float = DEFAULT_HEADROOM, *, include_mtp: bool = True, extra_bytes: int = 0,
-               what: str = "", weights: str | None = None) -> int:
+               what: str = "", weights: str | None = None, parallel=None) -> int:
     """Refuse to build a model whose weights cannot fit in the device's free memory.
 
     Args:
@@ -51,6 +57,7 @@ def check_fits(cfg: ModelConfig, device, dtype="float32", quantized: bool = Fals
         headroom: extra fraction of the estimate that must be free too (activations, caches, slack).
         extra_bytes: further bytes the caller needs at the same time (the exporter's quantized copy).
         what: what is being done, for the message (default "building the model").
+        parallel: a `parity.distributed.ParallelConfig`: check one rank's part (None = the whole model).
     Returns:
         The bytes required (estimate * (1 + headroom) + extra_bytes).
     Raises:
@@ -58,7 +65,9 @@ def check_fits(cfg: ModelConfig, device, dtype="float32", quantized: bool = Fals
             "<model> needs ~X GiB in <dtype> on <device>, this device has Y GiB free" and the ways out.
             Skipped when ``PARITY_SKIP_MEMORY_CHECK=1`` or when the device reports no memory figures.
     """
-    need = int(estimate_weight_bytes(cfg, dtype, quantized, include_mtp, weights) * (1.0 + max(0.0, headroom)))
+    tp, ep = (parallel.tp, parallel.ep) if parallel is not None else (1, 1)
+    estimate = estimate_weight_bytes(cfg, dtype, quantized, include_mtp, weights, tp=tp, ep=ep)
+    need = int(estimate * (1.0 + max(0.0, headroom)))
     need += extra_bytes
     if skip_requested():
         return need
@@ -69,6 +78,8 @@ def check_fits(cfg: ModelConfig, device, dtype="float32", quantized: bool = Fals
         return need
     dt = str(dtype).removeprefix("torch.")
     form = f" ({weights} weights)" if weights else " (FP8/FP4 weights kept quantized)" if quantized else ""
+    if parallel is not None:
+        form += f" per device with {parallel.describe()}"
     raise DeviceError(
         f"{_label(cfg)} needs ~{_gib(need)} in {dt}{form} on {device}"
         f"{' for ' + what if what else ''}, this device has {_gib(free)} free (of {_gib(total)}); use a "

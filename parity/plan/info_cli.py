@@ -10,8 +10,15 @@ def register(sub) -> None:
     p.add_argument("model", nargs="?", default="tiny", help="preset name (tiny, v4-flash, v4-pro) or checkpoint dir")
     p.add_argument("--context", type=int, default=65536, help="context length N for the total cache size (tokens)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--weights", default=None, choices=["bf16", "fp8", "fp4", "w8a8", "w4a8"],
-                   help="also report the weight bytes in this format (fp4 = the release: FP8 + FP4 experts)")
+    p.add_argument("--weights", default=None, choices=["published", "bf16", "fp8", "fp4", "w8a8", "w4a8"],
+                   help="also report the weight bytes in this format (published = fp4 = the release: FP8 linears "
+                        "+ FP4 experts); with --hardware, the per-device weights are counted in it (default: "
+                        "published)")
+    g = p.add_argument_group("per-device memory (with --hardware)")
+    g.add_argument("--hardware", default=None, help="device (910c, h200, b200, ...): per-device bytes and fit")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="TP ranks per replica")
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=1, help="DP replicas (EP = TP x DP)")
+    g.add_argument("--enable-expert-parallel", action="store_true", help="partition routed experts over ranks")
     p.set_defaults(func=run)
 
 
@@ -42,7 +49,8 @@ def run(args) -> int:
     if weights:
         from parity.weight_bytes import estimate_weight_bytes
 
-        info["weights"] = {"format": weights, "bytes": estimate_weight_bytes(cfg, "bfloat16", weights=weights)}
+        fmt = "fp4" if weights == "published" else weights
+        info["weights"] = {"format": weights, "bytes": estimate_weight_bytes(cfg, "bfloat16", weights=fmt)}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -70,4 +78,24 @@ def run(args) -> int:
     print(f"formula          {info['kv_cache_formula']}")
     if weights:
         print(f"weights {weights:8s} {_fmt_b(info['weights']['bytes'])} (other tensors bf16 / fp32)")
+    if args.hardware:
+        _print_device(cfg, args)
     return 0
+
+
+def _print_device(cfg, args) -> None:
+    """Per-device weights, cache room and fit of a TP / DP / EP layout (`parity.model.memory.device_fit`)."""
+    from parity.distributed.config import ParallelConfig
+    from parity.plan.hardware import get_hardware
+    from parity.weight_bytes import device_fit
+
+    pc = ParallelConfig(args.tensor_parallel_size, args.data_parallel_size, args.enable_expert_parallel)
+    pc.validate(cfg)
+    hw = get_hardware(args.hardware)
+    fmt = "fp4" if args.weights in (None, "published") else args.weights
+    quant = fmt != "bf16"
+    fit = device_fit(cfg, hw.hbm_gb * 1e9, tp=pc.tp, ep=pc.ep, weights=fmt, cache_dtype="fp8" if quant else "bf16")
+    print(f"layout           {pc.describe()} on {pc.world_size} x {hw.name} ({_fmt_b(fit['hbm_bytes'])} each)")
+    print(f"weights/device   {_fmt_b(fit['weight_bytes'])} ({'FP8/FP4 release' if fmt == 'fp4' else fmt}); "
+          f"{_fmt_b(fit['required_bytes'])} with headroom -> {'fits' if fit['fits'] else 'DOES NOT FIT'}")
+    print(f"cache/device     {_fmt_b(fit['cache_bytes'])} left: {fit['cache_tokens']:,} tokens of context")

@@ -163,8 +163,9 @@ def default_model_name(model: str | None) -> str:
     return p.name if p.is_dir() else str(model)
 
 
-def build_engine(args: argparse.Namespace):
-    """An AsyncEngine for the parsed flags (loads the tokenizer, then the model).
+def build_engine(args: argparse.Namespace, model=None):
+    """An AsyncEngine for the parsed flags (loads the tokenizer, then the model unless ``model`` is given:
+    e.g. rank 0's `parity.engine.executor.DistributedModel`).
 
     Raises:
         CheckpointError: a checkpoint directory's tokenizer.json is broken (unless --skip-tokenizer-init).
@@ -172,7 +173,8 @@ def build_engine(args: argparse.Namespace):
     from parity.engine import AsyncEngine, EngineArgs
 
     tokenizer = load_checkpoint_tokenizer(args.model, getattr(args, "skip_tokenizer_init", False))
-    return AsyncEngine(EngineArgs(**engine_kwargs(args)), **({} if tokenizer == "auto" else {"tokenizer": tokenizer}))
+    return AsyncEngine(EngineArgs(**engine_kwargs(args)), model=model,
+                       **({} if tokenizer == "auto" else {"tokenizer": tokenizer}))
 
 
 def loading(message: str) -> Any:

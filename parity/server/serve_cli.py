@@ -30,6 +30,7 @@ from parity.server.cli_args import (
     sampling_kwargs,
 )
 from parity.server.vllm_flags import add_mapped_flags, apply_mapped_flags
+from parity.server.parallel_serve import add_parallel_args
 
 __all__ = ["build_engine", "chat_loop", "default_model_name", "load_checkpoint_tokenizer", "parse_bytes",
            "register", "run_chat", "run_generate", "run_serve"]
@@ -76,6 +77,7 @@ def register(subparsers: Any) -> None:
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(s)
     add_mapped_flags(s)
+    add_parallel_args(s)
     s.set_defaults(func=run_serve)
 
     g = subparsers.add_parser("generate", help="one-shot generation with the offline engine")
@@ -106,11 +108,29 @@ def register(subparsers: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------- serve
 def run_serve(args: argparse.Namespace) -> int:
-    """Bind the port, load the model, serve until SIGTERM/SIGINT (see parity.server.launcher).
+    """Bind the port, load the model (one process, or rank 0 of a TP / DP / EP group it starts), serve until
+    SIGTERM/SIGINT (see parity.server.launcher).
 
     Raises:
         PortInUseError: the port is taken (found before the model loads).
     """
+    from parity.server.parallel_serve import parallel_config
+
+    config = parallel_config(args)
+    if config.world_size == 1:
+        return _serve(args)
+    from parity.server.parallel_serve import start_parallel
+
+    serving = start_parallel(args, config)
+    if serving is None:  # a torchrun worker rank: rank 0 has stopped it
+        return 0
+    try:
+        return _serve(args, serving)
+    finally:
+        serving.close()
+
+
+def _serve(args: argparse.Namespace, serving=None) -> int:
     from parity.server.app import ServerSettings, build_app
     from parity.server.chat_format import ChatFormat
     from parity.server.launcher import bind_socket, serve_forever
@@ -124,7 +144,9 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         t0 = time.perf_counter()
         with loading(f"parity serve: loading {args.model or 'the default miniature'} on {args.device}"):
-            engine = build_engine(args)
+            engine = build_engine(args, serving.model if serving is not None else None)
+        if serving is not None:
+            serving.engine = engine
         load_s = time.perf_counter() - t0
         settings = ServerSettings(
             served_model_names=[name], api_key=api_key, default_thinking=args.default_thinking,

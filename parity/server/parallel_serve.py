@@ -1,0 +1,96 @@
+"""`parity serve --tensor-parallel-size N [--data-parallel-size D] [--enable-expert-parallel]`: the engine
+over several ranks, and what happens when one fails.
+
+Rank 0 (this process) runs the scheduler and the HTTP server; the other ranks are spawned here or, under
+torchrun, started by it. A rank that dies, or a collective that fails or times out
+(``--distributed-timeout``), fails the in-flight requests with the error, makes new requests and
+``/health`` answer 503 and, after `FAILURE_GRACE_S`, ends the server with exit code `FAILURE_EXIT_CODE`
+naming the rank; the remaining workers are terminated first (no orphans).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+
+from parity.distributed.config import DEFAULT_TIMEOUT_S, ParallelConfig
+from parity.errors import ParallelError
+
+#: Seconds between a rank failure and the exit (the failed requests' answers go out meanwhile).
+FAILURE_GRACE_S = 2.0
+#: Exit status of `parity serve` after a rank failure.
+FAILURE_EXIT_CODE = 3
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """--tensor-parallel-size, --data-parallel-size, --enable-expert-parallel, --distributed-timeout."""
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="TP ranks per model replica")
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="attention data-parallel replicas (EP size = TP x DP with --enable-expert-parallel)")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="partition the routed experts over all TP x DP ranks")
+    g.add_argument("--distributed-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help=f"seconds to wait for the other ranks at start-up and in a step (default "
+                        f"{DEFAULT_TIMEOUT_S:.0f})")
+
+
+def parallel_config(args: argparse.Namespace) -> ParallelConfig:
+    """The `ParallelConfig` of the parsed flags (single-process when absent). Raises ParallelError."""
+    return ParallelConfig(getattr(args, "tensor_parallel_size", 1), getattr(args, "data_parallel_size", 1),
+                          bool(getattr(args, "enable_expert_parallel", False)))
+
+
+class ParallelServing:
+    """Rank 0's parallel model, its workers and the failure path. ``engine`` is set by the caller once
+    the AsyncEngine exists; ``exit(code)`` ends the process (default ``os._exit``)."""
+
+    def __init__(self, model, workers, exit=os._exit):
+        self.model, self.workers, self._exit = model, workers, exit
+        self.engine = None
+        self._failed = threading.Event()
+        model.on_failure = self.fail
+        if workers is not None:
+            workers.on_failure = self.fail
+
+    def fail(self, message: str) -> None:
+        """A rank failed: refuse new requests, fail in-flight ones, exit non-zero after a grace period."""
+        if self._failed.is_set():
+            return
+        self._failed.set()
+        self.model.failed = ParallelError(message)
+        if self.engine is not None:
+            self.engine.stop_accepting()
+        print(f"parity serve: {message}; failing in-flight requests and exiting", file=sys.stderr, flush=True)
+
+        def _exit():
+            if self.workers is not None:
+                self.workers.stop(0.0)
+            self._exit(FAILURE_EXIT_CODE)
+        threading.Timer(FAILURE_GRACE_S, _exit).start()
+
+    def close(self) -> None:
+        """Normal shutdown: stop the workers."""
+        self.model.close()
+        if self.workers is not None:
+            self.workers.stop()
+
+
+def start_parallel(args: argparse.Namespace, config: ParallelConfig) -> ParallelServing | None:
+    """Start (or, under torchrun, join) the ranks. Returns None on a torchrun worker rank once rank 0 has
+    stopped it.
+
+    Raises:
+        ParallelError: bad layout for the model, a rank that failed to start, a group that did not form.
+    """
+    from parity.distributed.context import env_rank
+    from parity.engine.worker import ModelSpec, device_type, join_torchrun, launch_local
+
+    spec = ModelSpec(args.model, device_type(args.device), args.dtype, args.seed)
+    if env_rank() is not None:
+        model = join_torchrun(config, spec, args.distributed_timeout)
+        return None if model is None else ParallelServing(model, None)
+    model, workers = launch_local(config, spec, args.distributed_timeout)
+    return ParallelServing(model, workers)
