@@ -34,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- start-up
 def test_port_in_use_is_one_line_before_the_model_loads(monkeypatch, capsys):
-    def no_load(args):
+    def no_load(args, model=None):
         raise AssertionError("the model must not load when the port is taken")
     monkeypatch.setattr(serve_cli, "build_engine", no_load)
     with socket.socket() as busy:
@@ -52,7 +52,7 @@ def test_port_in_use_is_one_line_before_the_model_loads(monkeypatch, capsys):
 def test_ready_is_printed_once_serving_with_the_device(monkeypatch, capsys):
     fake = FakeEngine(step_s=0.001)
     fake.engine = SimpleNamespace(device="cpu")
-    monkeypatch.setattr(serve_cli, "build_engine", lambda args: fake)
+    monkeypatch.setattr(serve_cli, "build_engine", lambda args, model=None: fake)
     import parity.server.launcher as launcher
 
     real = launcher.serve_forever
@@ -80,12 +80,12 @@ def test_ready_is_printed_once_serving_with_the_device(monkeypatch, capsys):
 # ----------------------------------------------------------------------------- vLLM flags
 def test_unsupported_vllm_flag_is_one_line_with_the_reason_and_the_serve_usage(capsys):
     with pytest.raises(SystemExit) as e:
-        cli.main(["serve", "--tensor-parallel-size", "2"])
+        cli.main(["serve", "--pipeline-parallel-size", "2"])
     err = capsys.readouterr().err
     assert e.value.code == 2
     assert err.startswith("usage: parity serve")
     last = err.strip().splitlines()[-1]
-    assert last.startswith("parity serve: error: --tensor-parallel-size (a vLLM flag) is not supported: ")
+    assert last.startswith("parity serve: error: --pipeline-parallel-size (a vLLM flag) is not supported: ")
 
 
 def test_typo_gets_the_closest_flag(capsys):
