@@ -26,6 +26,11 @@ class EngineArgs:
         max_waiting: most requests waiting for admission; more -> EngineQueueFull.
         kv_cache_dtype: "bf16" (exact math) | "fp8" (official rounding, issue 8) | None = model default.
         seed: seed of random weights (preset models) and of unseeded sampling.
+        enable_prefix_caching: keep the state of full prompt blocks in the pool and restore it for later
+            prompts with the same prefix (vLLM's flag, on by default; models without snapshot support and
+            engines without a pool ignore it).
+        prefix_block_tokens: tokens per prefix-cache block; None = the least common multiple of the
+            compression ratios (128 for DeepSeek-V4); must be a multiple of every ratio.
     """
 
     model: str | None = None
@@ -39,6 +44,8 @@ class EngineArgs:
     max_waiting: int = 256
     kv_cache_dtype: str | None = None
     seed: int = 0
+    enable_prefix_caching: bool = True
+    prefix_block_tokens: int | None = None
 
     @classmethod
     def from_kwargs(cls, **kw) -> "EngineArgs":
@@ -62,6 +69,10 @@ class EngineArgs:
         pos_int("max_waiting")
         pos_int("max_model_len", allow_none=True)
         pos_int("cache_memory", allow_none=True)
+        pos_int("prefix_block_tokens", allow_none=True)
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise RequestError(f"engine argument 'enable_prefix_caching' must be true or false, "
+                               f"got {self.enable_prefix_caching!r}")
         f = self.cache_memory_fraction
         if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f <= 1:
             raise RequestError(f"engine argument 'cache_memory_fraction' must be in (0, 1], got {f!r}")
