@@ -164,16 +164,18 @@ class PrefixCache:
                 break
             if parent is not None:
                 parent.refs += 1                     # not evicted to make room for its child
+            blk = None
             try:
                 blk = self._new_block(state, b, key, parent)
             finally:
                 if parent is not None:
                     parent.refs -= 1
+            if parent is not None:
+                if blk is not None:
+                    parent.children += 1
+                self._touch(parent)                  # its LRU entry may have been dropped while pinned
             if blk is None:
                 break
-            if parent is not None:
-                parent.children += 1
-                parent.last_used = next(self._clock)
             self.blocks[key] = blk
             self.nbytes += blk.nbytes
             self._touch(blk)

@@ -102,6 +102,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-waiting", type=int, default=256, help="most waiting requests; more get HTTP 429")
     g.add_argument("--kv-cache-dtype", default=None, choices=["bf16", "fp8"], help="cache precision")
     g.add_argument("--seed", type=int, default=0, help="seed of random weights and unseeded sampling")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the cached state of shared prompt prefixes (default: on)")
+    g.add_argument("--prefix-block-tokens", type=int, default=None,
+                   help="tokens per prefix-cache block (default: lcm of the compression ratios, 128 for V4)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
@@ -126,7 +130,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                 max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                 cache_memory=args.cache_memory, cache_memory_fraction=args.cache_memory_fraction,
-                max_waiting=args.max_waiting, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed)
+                max_waiting=args.max_waiting, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed,
+                enable_prefix_caching=args.enable_prefix_caching, prefix_block_tokens=args.prefix_block_tokens)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

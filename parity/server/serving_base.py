@@ -23,10 +23,12 @@ from parity.server.sse import SSE_DONE, SSEResponse, sse_event
 from parity.server.state import OpenAIServer
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    """OpenAI `usage` object (token counts)."""
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI `usage` object (token counts; `prompt_tokens_details.cached_tokens`: prompt tokens served
+    from the prefix cache)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def envelope(rid: str, obj: str, created: int, model: str, choices: list[dict], usage: Any = None,
@@ -62,6 +64,13 @@ class Generation:
 
     def completion_tokens(self) -> int:
         return sum(c.num_tokens for c in self.choices)
+
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache, each prompt once (the best of its choices)."""
+        best: dict[int, int] = {}
+        for ch, ids, _ in self.jobs:
+            best[id(ids)] = max(best.get(id(ids), 0), ch.cached_tokens)
+        return sum(best.values())
 
 
 class OpenAIServing:
@@ -118,8 +127,8 @@ class OpenAIServing:
         if not gen.stream:
             if not await runner.run_all(raw_request, gen.jobs):
                 return Response(status_code=499)
-            return JSONResponse(envelope(gen.rid, self.response_object, gen.created, gen.model,
-                                         self.full_choices(gen), usage(gen.prompt_tokens, gen.completion_tokens())))
+            return JSONResponse(envelope(gen.rid, self.response_object, gen.created, gen.model, self.full_choices(gen),
+                                         usage(gen.prompt_tokens, gen.completion_tokens(), gen.cached_tokens())))
         if not await runner.admit_all(raw_request, gen.jobs):
             return Response(status_code=499)
         merger = runner.merged_deltas(gen.choices)
@@ -137,7 +146,7 @@ class OpenAIServing:
             for s in self.stream_delta(gen, ch, d, ids, text):
                 yield s
         if gen.include_usage:
-            yield self.chunk(gen, [], usage(gen.prompt_tokens, gen.completion_tokens()))
+            yield self.chunk(gen, [], usage(gen.prompt_tokens, gen.completion_tokens(), gen.cached_tokens()))
         yield SSE_DONE
 
     def _stream_response(self, body: AsyncIterator[str], merger: ChoiceMerger) -> StreamingResponse:
