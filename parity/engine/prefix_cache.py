@@ -62,7 +62,7 @@ class PrefixCache:
         device: where blocks live without a pool.
 
     Counters (tokens, as vLLM's ``prefix_cache_queries`` / ``prefix_cache_hits``): ``queries`` = tokens of
-    the sequences looked up, ``hits`` = tokens restored from the cache.
+    the sequences looked up, ``hits`` = tokens restored from the cache; ``evictions`` = blocks evicted.
     """
 
     def __init__(self, pool: CachePool | None, block_tokens: int, salt: bytes, device="cpu"):
@@ -70,7 +70,7 @@ class PrefixCache:
         self.blocks: dict[bytes, Block] = {}
         self._lru: list[tuple[int, bytes]] = []     # heap of (last_used, key); stale entries skipped
         self._clock = itertools.count(1)
-        self.queries = self.hits = 0
+        self.queries = self.hits = self.evictions = 0
         self.nbytes = 0
 
     # ------------------------------------------------------------------ keys
@@ -96,6 +96,7 @@ class PrefixCache:
             if blk is None or blk.last_used != t or blk.refs or blk.children:
                 continue
             self._drop(blk)
+            self.evictions += 1
             return True
         return False
 
@@ -228,4 +229,5 @@ class PrefixCache:
     def stats(self) -> dict:
         """Counters and sizes for metrics (tokens; bytes)."""
         return {"prefix_cache_queries_total": self.queries, "prefix_cache_hits_total": self.hits,
-                "prefix_cache_blocks": len(self.blocks), "prefix_cache_bytes": self.nbytes}
+                "prefix_cache_blocks": len(self.blocks), "prefix_cache_bytes": self.nbytes,
+                "prefix_cache_evictions_total": self.evictions}
