@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from parity.config import CSA, HCA, SLIDING
+from parity.config import CSA, HCA
 from parity.errors import RequestError
 from parity.model.cache_state import LayerCache, SequenceState
 
@@ -179,11 +179,11 @@ def restore_blocks(state: SequenceState, chain: list[list[LayerBlock]], block_to
         raise ValueError(f"restore_blocks needs a fresh state, this one is at position {state.num_tokens}")
     if not chain:
         return
+    if any(len(blk) != len(state.layers) for blk in chain):
+        raise ValueError(f"a prefix block has other than the state's {len(state.layers)} layers")
     L, k = block_tokens, len(chain)
     h = k * L
     for i, lc in enumerate(state.layers):
-        if len(chain[-1]) != len(state.layers):
-            raise ValueError(f"prefix block has {len(chain[-1])} layers, the state {len(state.layers)}")
         w = lc.window.shape[0]
         m = min(w, L)
         first = max(0, k - math.ceil(w / m))
@@ -200,8 +200,3 @@ def restore_blocks(state: SequenceState, chain: list[list[LayerBlock]], block_to
                 lc.comp_state[:, :lc.ratio].copy_(chain[-1][i].state)
             lc.n_entries = h // lc.ratio
     state.num_tokens = h
-
-
-def supports_prefix_state(layer_types) -> bool:
-    """Every layer kind is one this module snapshots (sliding, CSA, HCA)."""
-    return all(t in (SLIDING, CSA, HCA) for t in layer_types)
