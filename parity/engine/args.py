@@ -30,6 +30,11 @@ class EngineArgs:
         quantization: weight format of a checkpoint after loading (`parity.weight_bytes.WEIGHT_FORMATS`:
             fp8 / fp4 as published, w8a8 / w4a8 INT8, bf16 dequantized); None / "auto" = as published,
             W8A8 on a device without FP8 (`parity.checkpoint.official_reader.load_official`).
+        enable_prefix_caching: keep the state of full prompt blocks in the pool and restore it for later
+            prompts with the same prefix (vLLM's flag, on by default; models without snapshot support and
+            engines without a pool ignore it).
+        prefix_block_tokens: tokens per prefix-cache block; None = the least common multiple of the
+            compression ratios (128 for DeepSeek-V4); must be a multiple of every ratio.
     """
 
     model: str | None = None
@@ -44,6 +49,8 @@ class EngineArgs:
     kv_cache_dtype: str | None = None
     seed: int = 0
     quantization: str | None = None
+    enable_prefix_caching: bool = True
+    prefix_block_tokens: int | None = None
 
     @classmethod
     def from_kwargs(cls, **kw) -> "EngineArgs":
@@ -67,6 +74,10 @@ class EngineArgs:
         pos_int("max_waiting")
         pos_int("max_model_len", allow_none=True)
         pos_int("cache_memory", allow_none=True)
+        pos_int("prefix_block_tokens", allow_none=True)
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise RequestError(f"engine argument 'enable_prefix_caching' must be true or false, "
+                               f"got {self.enable_prefix_caching!r}")
         f = self.cache_memory_fraction
         if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f <= 1:
             raise RequestError(f"engine argument 'cache_memory_fraction' must be in (0, 1], got {f!r}")

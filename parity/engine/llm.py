@@ -35,6 +35,10 @@ class LLM:
     def config(self):
         return self.engine.config
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix block (vLLM's ``LLM.reset_prefix_cache``); True when it is empty."""
+        return self.engine.reset_prefix_cache()
+
     def generate(self, prompts: str | dict | list[str | dict] | None = None,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  prompt_token_ids: list[int] | list[list[int]] | None = None) -> list[RequestOutput]:

@@ -23,12 +23,14 @@ from parity.config import load_config
 from parity.engine.args import EngineArgs
 from parity.engine.cache_pool import CachePool, CachePoolExhausted, SequenceCache, _align, normalize_layout
 from parity.engine.outputs import StreamDelta
+from parity.engine.prefix_cache import PrefixCache, chain_salt
 from parity.engine.sampler import SampleRequest, sample
 from parity.engine.sampling_params import SamplingParams
 from parity.engine.scheduler import Scheduler
 from parity.engine.sequence import Request, SeqStatus, Sequence, make_detokenizer
 from parity.errors import CheckpointError, RequestError
-from parity.model.deepseek_v4 import build_model
+from parity.model.deepseek_v4 import V4ForCausalLM, build_model
+from parity.model.prefix_state import block_tokens_for
 
 log = logging.getLogger("parity.engine")
 
@@ -153,6 +155,11 @@ class LLMEngine:
                 free, _ = devices.memory_info(self.device)
                 budget = int(free * args.cache_memory_fraction)
             page = max(_align(e.nbytes) for e in self.layout)
+            if args.enable_prefix_caching and isinstance(model, V4ForCausalLM):
+                # a prefix block's compressed rows ([block / ratio, width]) must fit in one page too
+                block = block_tokens_for(self.config, args.prefix_block_tokens)
+                page = max([page] + [_align(e.nbytes * (block // e.ratio) // e.block_entries)
+                                     for e in self.layout if e.growing])
             self.pool: CachePool | None = CachePool(budget, page, self.device)
         else:
             self.pool = None
@@ -163,8 +170,9 @@ class LLMEngine:
         def new_state(cache: SequenceCache):
             return model.new_state(allocator=cache, **self._kv_kw)
 
+        self.prefix_cache = self._make_prefix_cache(args, model_dir)
         self.scheduler = Scheduler(self.pool, self.layout, args.max_num_seqs, args.max_num_batched_tokens,
-                                   new_state, self.device)
+                                   new_state, self.device, self.prefix_cache)
         self.generator = devices.manual_seed(self.device, args.seed)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -173,6 +181,26 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self._pending: list[StreamDelta] = []
+
+    def _make_prefix_cache(self, args: EngineArgs, model_dir) -> PrefixCache | None:
+        """The PrefixCache when enabled, the model snapshots its state (V4) and there is a pool; its salt
+        names the model (config, checkpoint or preset + seed), dtype, cache dtypes and block length."""
+        block = args.prefix_block_tokens
+        if not (args.enable_prefix_caching and isinstance(self.model, V4ForCausalLM) and self.pool is not None):
+            return None
+        block = block_tokens_for(self.config, block)
+        kv = self._kv_kw.get("kv_cache_dtype", self.model.kv_cache_dtype)
+        salt = chain_salt(repr(self.config), str(model_dir or args.model), args.seed, id(self.model), str(self.dtype),
+                          kv, self.model.indexer_dtype, block)
+        return PrefixCache(self.pool, block, salt, self.device)
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix block that no request is reading (vLLM's ``reset_prefix_cache``).
+        Returns True when the cache is empty afterwards (or there is none)."""
+        if self.prefix_cache is None:
+            return True
+        self.prefix_cache.clear()
+        return not self.prefix_cache.blocks
 
     # ------------------------------------------------------------------ requests
     def pages_needed(self, num_tokens: int) -> int:
@@ -364,9 +392,12 @@ class LLMEngine:
             return deltas
         tokens = [s.seq.token_slice(s.start, s.start + s.num_tokens) for s in scheduled]
         states = [s.seq.state for s in scheduled]
+        pc = self.prefix_cache
+        plans = [pc.plan_step(s.seq, s.start, s.num_tokens) for s in scheduled] if pc is not None else []
         try:
             logits = self.model.forward_incremental(tokens, states, **self._kv_kw)
         except CachePoolExhausted:
+            self._abandon(scheduled)
             # the layout under-estimated: recompute every sequence of this step later
             log.warning("cache pool exhausted inside a step; preempting %d sequences", len(scheduled))
             for s in scheduled:
@@ -375,6 +406,7 @@ class LLMEngine:
             return deltas
         except Exception as e:  # a failing step fails its requests, never the engine
             log.exception("model step failed")
+            self._abandon(scheduled)
             self._fail_batch(scheduled, e)
             for s in scheduled:
                 d = s.seq.delta()
@@ -382,6 +414,9 @@ class LLMEngine:
                     deltas.append(d)
             return deltas
         self.num_steps += 1
+        for s, ends in zip(scheduled, plans, strict=True) if pc is not None else ():
+            if ends:
+                pc.commit_step(s.seq, ends)
         rows, reqs = [], []
         for i, s in enumerate(scheduled):
             s.seq.num_computed = s.start + s.num_tokens
@@ -433,14 +468,25 @@ class LLMEngine:
                     deltas.append(d)
         return deltas
 
+    def _abandon(self, scheduled) -> None:
+        """A step failed: drop the rows its prefix-cache plan captured."""
+        if self.prefix_cache is not None:
+            for s in scheduled:
+                self.prefix_cache.abandon_step(s.seq)
+
     def stats(self) -> dict:
-        """Engine state for metrics: running/waiting counts, cache pool bytes, token counters."""
+        """Engine state for metrics: running/waiting counts, cache pool bytes (``cache_used_bytes``: held
+        by sequences; ``prefix_cache_bytes``: cached prefix blocks, evictable), token counters,
+        prefix-cache queries/hits (tokens)."""
         out = {"num_running": self.scheduler.num_running, "num_waiting": self.scheduler.num_waiting,
                "num_preemptions": self.scheduler.num_preemptions, "num_steps": self.num_steps,
                "prompt_tokens_total": self.num_prompt_tokens,
                "generation_tokens_total": self.num_generation_tokens}
         if self.pool is not None:
             out.update(self.pool.stats())
+        if self.prefix_cache is not None:
+            out.update(self.prefix_cache.stats())
+            out["cache_used_bytes"] -= self.prefix_cache.nbytes
         else:
             used = sum(s.cache.nbytes for s in self.scheduler.running if s.cache is not None)
             out.update({"cache_used_bytes": used, "cache_total_bytes": 0})

@@ -26,6 +26,8 @@ class RequestMetrics:
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
     num_preemptions: int = 0
+    #: prompt tokens restored from the prefix cache when the request was first scheduled (< num_prompt_tokens)
+    num_cached_tokens: int = 0
 
     @property
     def ttft_s(self) -> float | None:
@@ -77,6 +79,11 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     error: str | None = None
 
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens restored from the prefix cache (vLLM's ``RequestOutput.num_cached_tokens``)."""
+        return self.metrics.num_cached_tokens if self.metrics is not None else 0
+
 
 @dataclass
 class StreamDelta:
@@ -90,7 +97,8 @@ class StreamDelta:
         finished: this completion is done; finish_reason / stop_reason as in CompletionOutput.
         request_finished: every completion of the request is done.
         logprobs: TokenLogprobs of new_token_ids (None unless requested).
-        num_prompt_tokens, num_output_tokens: counts so far (usage).
+        num_prompt_tokens, num_output_tokens: counts so far (usage); num_cached_tokens: prompt tokens
+            restored from the prefix cache (usage.prompt_tokens_details.cached_tokens).
         metrics: the request's RequestMetrics (shared object, updated in place).
         error: set when the engine failed this request (finish_reason "abort").
     """
@@ -109,6 +117,7 @@ class StreamDelta:
     metrics: RequestMetrics | None = None
     error: str | None = None
     prompt_token_ids: list[int] = field(default_factory=list, repr=False)
+    num_cached_tokens: int = 0
 
     # RequestOutput-like conveniences
     @property

@@ -11,7 +11,9 @@ engine/scheduler.py, re-derived here for V4's per-sequence caches):
    preempted: its cache is freed and it goes back to the front of the waiting queue, to be recomputed
    (prompt + tokens generated so far) when memory allows.
 3. Waiting sequences, oldest first, join while `max_num_seqs`, the token budget and the pool allow —
-   no newcomer ever preempts a running sequence (FCFS).
+   no newcomer ever preempts a running sequence (FCFS). With a `PrefixCache`, a joining sequence first
+   restores the longest cached chain of its tokens (never all of them: the last token is computed) and
+   only the rest is scheduled; unpinned cached blocks are evicted before anything is preempted.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from parity.engine.cache_pool import CachePool, LayoutEntry, SequenceCache, group_layout, merge_demand
+from parity.engine.prefix_cache import PrefixCache
 from parity.engine.sequence import Sequence, SeqStatus
 
 
@@ -47,11 +50,13 @@ class Scheduler:
         max_num_seqs: most sequences in the running batch.
         max_num_batched_tokens: token budget per step (prefill chunks + decode tokens).
         new_state: callable(SequenceCache) -> model SequenceState.
+        prefix_cache: the PrefixCache (None = prefix caching off).
     """
 
     def __init__(self, pool: CachePool | None, layout: list[LayoutEntry], max_num_seqs: int,
-                 max_num_batched_tokens: int, new_state, device):
+                 max_num_batched_tokens: int, new_state, device, prefix_cache: PrefixCache | None = None):
         self.pool = pool
+        self.prefix_cache = prefix_cache
         self.layout = layout
         self.groups = group_layout(layout)
         self._empty = SequenceCache(None)
@@ -122,8 +127,27 @@ class Scheduler:
         cache = seq.cache if seq.cache is not None else self._empty
         return cache.demand(self.groups, seq.num_computed + n)
 
+    def _demand_fresh(self, num_tokens: int) -> dict[int, int]:
+        """Slots a new sequence holding `num_tokens` tokens needs."""
+        return {} if self.pool is None else self._empty.demand(self.groups, num_tokens)
+
     def _fits(self, demand: dict[int, int]) -> bool:
-        return self.pool is None or self.pool.fits(demand)
+        """Whether the pool can serve `demand` now, evicting unpinned prefix-cache blocks (LRU) if needed."""
+        if self.pool is None:
+            return True
+        while not self.pool.fits(demand):
+            if self.prefix_cache is None or not self.prefix_cache.evict_one():
+                return False
+        return True
+
+    def _lookup(self, seq: Sequence) -> list:
+        """The pinned cached chain a joining sequence can restore (at most all but its last token)."""
+        pc = self.prefix_cache
+        if pc is None:
+            return []
+        ids = seq.token_slice(0, seq.num_tokens)
+        keys = pc.keys(seq.block_keys, ids, seq.num_tokens)
+        return pc.lookup(keys, (seq.num_tokens - 1) // pc.block_tokens)
 
     def schedule(self) -> list[ScheduledSeq]:
         """Plan one step. Returns the scheduled sequences (running ones first, FCFS)."""
@@ -156,20 +180,37 @@ class Scheduler:
         # newcomers (and preempted sequences, which sit at the front), FCFS, never preempting
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_tokens, budget)
-            d = self._demand(seq, n)
-            total = merge_demand(demand, d)
+            chain = self._lookup(seq)
+            hit = len(chain) * self.prefix_cache.block_tokens if chain else 0
+            n = min(seq.num_tokens - hit, budget)
+            total = merge_demand(demand, self._demand_fresh(hit + n))
+            if chain and not self._fits(total):        # the hit itself may be what does not fit
+                self.prefix_cache.release(chain)
+                chain, hit = [], 0
+                n = min(seq.num_tokens, budget)
+                total = merge_demand(demand, self._demand_fresh(n))
             if not self._fits(total):
+                if chain:
+                    self.prefix_cache.release(chain)
                 break
             self.waiting.popleft()
             demand = total
             seq.cache = SequenceCache(self.pool, self.device)
             seq.state = self.new_state(seq.cache)
-            seq.num_computed = 0
+            if self.prefix_cache is not None:
+                try:
+                    self.prefix_cache.restore(seq.state, chain)
+                finally:
+                    self.prefix_cache.release(chain)
+                self.prefix_cache.queries += seq.num_tokens
+                self.prefix_cache.hits += hit
+            seq.num_computed = hit
             seq.status = SeqStatus.RUNNING
-            if seq.request.metrics.first_scheduled_time is None:
-                seq.request.metrics.first_scheduled_time = time.monotonic()
+            m = seq.request.metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = time.monotonic()
+                m.num_cached_tokens = hit
             self.running.append(seq)
-            out.append(ScheduledSeq(seq, 0, n))
+            out.append(ScheduledSeq(seq, hit, n))
             budget -= n
         return out

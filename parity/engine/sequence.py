@@ -89,6 +89,7 @@ class Sequence:
         self.state = None
         self.cache = None
         self.num_computed = 0
+        self.block_keys: list[bytes] = []   # prefix-cache keys of its full blocks so far (`PrefixCache.keys`)
         self.text = ""
         self.sent_text = 0
         self.sent_tokens = 0
@@ -205,6 +206,7 @@ class Sequence:
                            request_finished=done and all(s.final_sent for s in r.seqs),
                            logprobs=lps, num_prompt_tokens=len(self.prompt_ids),
                            num_output_tokens=len(self.output_ids), metrics=r.metrics, error=self.error,
+                           num_cached_tokens=r.metrics.num_cached_tokens,
                            prompt_token_ids=r.prompt_ids)
 
     def completion(self) -> CompletionOutput:

@@ -189,4 +189,22 @@ def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
     return out
 
 
-__all__ = ["FakeModel", "ScriptedModel", "greedy_reference"]
+def drain_check(engine) -> None:
+    """Assert an engine with no requests left holds nothing: no sequence holds cache, no prefix-cache
+    block is pinned, and once the prefix cache is reset the pool is empty (no bytes, no live tensors).
+
+    Raises:
+        AssertionError: naming what is still held.
+    """
+    st = engine.stats()
+    assert st["cache_used_bytes"] == 0, f"sequences still hold {st['cache_used_bytes']} bytes"
+    pc = getattr(engine, "prefix_cache", None)
+    if pc is not None:
+        assert pc.num_pinned == 0, f"{pc.num_pinned} prefix-cache blocks still pinned"
+        assert engine.reset_prefix_cache() and pc.nbytes == 0, (pc.nbytes, len(pc.blocks))
+    if engine.pool is not None:
+        assert engine.pool.used_bytes == 0, f"the pool still holds {engine.pool.used_bytes} bytes"
+        assert engine.stats()["cache_live_tensors"] == 0
+
+
+__all__ = ["FakeModel", "ScriptedModel", "drain_check", "greedy_reference"]

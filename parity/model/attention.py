@@ -26,6 +26,7 @@ from parity.config import CSA, HCA, SLIDING
 from parity.model.attention_backends import AttentionBackend, AttentionBatch, ChunkKeys, DecodeKeys, create_backend
 from parity.model.compressor import Compressor, compress_step, compress_windows
 from parity.model.layers import RMSNorm, Rotary, rms_unweighted
+from parity.model.prefix_state import capture_chunk
 from parity.model.step_metadata import DecodeBatch, StepContext
 
 
@@ -208,6 +209,9 @@ class Attention(nn.Module):
         e = s + n
         o = min(p, self.window - 1)
         keys = ChunkKeys(s, n, p, cache.window_read(p - o, p), kv[s:e], ratio=self.ratio)  # positions [p - o, p)
+        if cache.capture_at:  # prefix caching: keep the rows of block ends inside this chunk
+            capture_chunk(cache, p, kv[s:e], comp_in and tuple(t[s:e] for t in comp_in),
+                          index_in and tuple(t[s:e] for t in index_in[:2]))
         cache.window_write(p, kv[s:e])
         comp = self.compressor
         if comp is None:

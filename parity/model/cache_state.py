@@ -60,7 +60,8 @@ class LayerCache:
     """Cache of one sequence in one layer (see module docstring). Internal to `parity.model`."""
 
     __slots__ = ("layer", "ratio", "window", "comp_state", "comp_blocks", "idx_blocks", "n_entries", "_alloc",
-                 "block_entries", "head_dim", "index_head_dim", "codec", "icodec")
+                 "block_entries", "head_dim", "index_head_dim", "codec", "icodec",
+                 "capture_every", "capture_at", "captured")
 
     def __init__(self, layer: int, ratio: int, window: int, head_dim: int, index_head_dim: int, csa: bool,
                  block_entries: int, codec, icodec, alloc: CacheAllocator):
@@ -76,6 +77,8 @@ class LayerCache:
         self.comp_blocks: list[torch.Tensor] = []
         self.idx_blocks: list[torch.Tensor] | None = [] if csa else None
         self.n_entries = 0
+        # prefix-block ends whose rows the next chunk keeps aside (`parity.model.prefix_state.capture_chunk`)
+        self.capture_every, self.capture_at, self.captured = 0, frozenset(), {}
         if ratio:
             coff = 2 if csa else 1
             width = coff * (head_dim + (index_head_dim if csa else 0))

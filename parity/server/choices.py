@@ -50,6 +50,7 @@ class Choice:
     stop_reason: Any = None
     error: str | None = None
     observed: bool = False
+    cached_tokens: int = 0
 
 
 #: One engine request to run: (its choice, prompt token ids, its SamplingParams).
@@ -179,6 +180,7 @@ class ChoiceRunner:
         """Fold one engine delta into `ch`; returns (new token ids, new text)."""
         ids = list(getattr(d, "new_token_ids", None) or [])
         text = getattr(d, "new_text", None) or ""
+        ch.cached_tokens = max(ch.cached_tokens, int(getattr(d, "num_cached_tokens", 0) or 0))
         if ids:
             if ch.first_token_s is None:
                 ch.first_token_s = time.perf_counter()

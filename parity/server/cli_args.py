@@ -118,6 +118,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="how FP8/FP4 published weights are held: as published (fp8/fp4), converted to INT8 "
                         "W8A8 / W4A8, or dequantized (bf16); auto = as published, W8A8 on chips without FP8")
     g.add_argument("--seed", type=int, default=0, help="seed of random weights and unseeded sampling")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the cached state of shared prompt prefixes (default: on)")
+    g.add_argument("--prefix-block-tokens", type=int, default=None,
+                   help="tokens per prefix-cache block (default: lcm of the compression ratios, 128 for V4)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
@@ -143,7 +147,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                 cache_memory=args.cache_memory, cache_memory_fraction=args.cache_memory_fraction,
                 max_waiting=args.max_waiting, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed,
-                quantization=args.quantization)
+                quantization=args.quantization, enable_prefix_caching=args.enable_prefix_caching,
+                prefix_block_tokens=args.prefix_block_tokens)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

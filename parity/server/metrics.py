@@ -13,6 +13,9 @@ one process):
 - `parity_num_requests_running`, `parity_num_requests_waiting`    gauges, read from `engine.stats()` at scrape
 - `parity_cache_used_bytes`, `parity_cache_total_bytes`, `parity_cache_usage_ratio`  gauges, cache pool usage
 - `parity_http_requests_in_flight`                         gauge, generation requests being served
+- `parity_prefix_cache_queries_total`, `parity_prefix_cache_hits_total`  counters read from `engine.stats()`:
+                                                           prompt tokens looked up in / served from the prefix
+                                                           cache (tokens; vLLM's `prefix_cache_queries/hits`)
 
 TTFT/TPOT/E2E follow the definitions in vLLM's `bench serve` (vllm/benchmarks/serve.py), measured here
 on the server side, so they exclude network time. Histogram buckets (s) are parity's choice: they
@@ -25,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                   7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -65,6 +68,11 @@ class _EngineCollector:
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], float(val or 0))
             yield g
+        for name, doc in (("parity_prefix_cache_queries", "Prompt tokens looked up in the prefix cache (tokens)."),
+                          ("parity_prefix_cache_hits", "Prompt tokens served from the prefix cache (tokens).")):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], float(s.get(name.removeprefix("parity_") + "_total", 0) or 0))
+            yield c
 
     def describe(self):
         return []

@@ -23,10 +23,12 @@ from parity.server.sse import SSE_DONE, SSEResponse, sse_event
 from parity.server.state import OpenAIServer
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    """OpenAI `usage` object (token counts)."""
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI `usage` object (token counts; `prompt_tokens_details.cached_tokens`: prompt tokens served
+    from the prefix cache)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def envelope(rid: str, obj: str, created: int, model: str, choices: list[dict], usage: Any = None,
@@ -65,7 +67,13 @@ class Generation:
 
     def usage(self) -> dict:
         """The OpenAI `usage` object of the request so far."""
-        return usage(self.prompt_tokens, self.completion_tokens())
+        return usage(self.prompt_tokens, self.completion_tokens(), self.cached_tokens())
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache, each prompt once (the best of its choices)."""
+        best: dict[int, int] = {}
+        for ch, ids, _ in self.jobs:
+            best[id(ids)] = max(best.get(id(ids), 0), ch.cached_tokens)
+        return sum(best.values())
 
 
 class OpenAIServing:
