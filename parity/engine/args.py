@@ -26,6 +26,9 @@ class EngineArgs:
         max_waiting: most requests waiting for admission; more -> EngineQueueFull.
         kv_cache_dtype: "bf16" (exact math) | "fp8" (official rounding, issue 8) | None = model default.
         seed: seed of random weights (preset models) and of unseeded sampling.
+        enforce_eager: True = run the model eagerly; False = its compiled regions (`parity.model.compiled`);
+            None = the ``PARITY_ENFORCE_EAGER`` environment variable, else the device default
+            (`parity.devices.compile_by_default`).
     """
 
     model: str | None = None
@@ -39,6 +42,7 @@ class EngineArgs:
     max_waiting: int = 256
     kv_cache_dtype: str | None = None
     seed: int = 0
+    enforce_eager: bool | None = None
 
     @classmethod
     def from_kwargs(cls, **kw) -> "EngineArgs":
@@ -67,3 +71,5 @@ class EngineArgs:
             raise RequestError(f"engine argument 'cache_memory_fraction' must be in (0, 1], got {f!r}")
         if self.kv_cache_dtype not in (None, "bf16", "fp8", "auto"):
             raise RequestError(f"engine argument 'kv_cache_dtype' must be 'bf16' or 'fp8', got {self.kv_cache_dtype!r}")
+        if self.enforce_eager not in (None, True, False):
+            raise RequestError(f"engine argument 'enforce_eager' must be True, False or None, got {self.enforce_eager!r}")

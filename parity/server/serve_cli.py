@@ -102,6 +102,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-waiting", type=int, default=256, help="most waiting requests; more get HTTP 429")
     g.add_argument("--kv-cache-dtype", default=None, choices=["bf16", "fp8"], help="cache precision")
     g.add_argument("--seed", type=int, default=0, help="seed of random weights and unseeded sampling")
+    g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the model eagerly (--no-enforce-eager: compiled step; default: per device)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
@@ -126,7 +128,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                 max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                 cache_memory=args.cache_memory, cache_memory_fraction=args.cache_memory_fraction,
-                max_waiting=args.max_waiting, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed)
+                max_waiting=args.max_waiting, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed,
+                enforce_eager=args.enforce_eager)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -221,6 +224,9 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"parity serve: model '{name}' ready in {time.perf_counter() - t0:.1f} s "
           f"(max_model_len {engine.max_model_len}); http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", file=sys.stderr)
+    sp = engine.engine.step_path
+    print(f"parity serve: step path {sp.path} on {sp.device}"
+          + (f" ({sp.backend}, compiled in {sp.compile_s:.1f} s)" if sp.path == "compiled" else ""), file=sys.stderr)
     settings = ServerSettings(served_model_names=[name], api_key=api_key, default_thinking=args.default_thinking,
                               drain_timeout_s=args.drain_timeout, model_root=args.model or name,
                               model_aliases=[args.model] if args.model and args.model != name else [],
