@@ -5,7 +5,8 @@ A decode step of a small batch is bound by per-op dispatch, not arithmetic: the 
 sub-block, ~2,000 per step of a 6-layer model. These regions are pure functions of their inputs and
 the module's parameters, so each becomes one compiled function (a few fused kernels), shared by every
 instance (parameters are graph inputs) and symbolic in the token count (one graph serves every batch,
-plus one for a single token). The attention cache updates, expert dispatch and the LM head stay eager.
+plus one for a single token). The head (hc collapse, final norm, LM head GEMV: `fast_linear.decode_linear`)
+is one more region. The attention cache updates and the expert dispatch stay eager.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from parity.model.deepseek_v4 import V4ForCausalLM
 from parity.model.layers import HyperConnection, HyperHead, RMSNorm
 
 #: (class, method name) of each compiled region.
@@ -38,6 +40,9 @@ def compile_regions(model: nn.Module, compile_fn) -> int:
             if type(mod) is cls:
                 setattr(mod, name, partial(fn, mod))  # instance attribute: shadows the eager method
                 n += 1
+    if isinstance(model, V4ForCausalLM):  # final collapse, norm and LM head as one region
+        model._head = partial(compile_fn(V4ForCausalLM._head), model)
+        n += 1
     model.compiled_regions = True
     return n
 
@@ -48,6 +53,7 @@ def remove_compiled_regions(model: nn.Module) -> None:
         for cls, name in REGIONS:
             if type(mod) is cls:
                 mod.__dict__.pop(name, None)
+    model.__dict__.pop("_head", None)
     model.compiled_regions = False
 
 
