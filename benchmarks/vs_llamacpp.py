@@ -4,8 +4,8 @@ Writes the miniature (hidden 256, 6 layers, the real 129,280-token vocabulary, C
 128, index_head_dim 64; random weights, seed 0) in the published FP8/FP4 layout, converts it with the
 given llama.cpp's own ``convert_hf_to_gguf.py`` (which keeps FP8 linears as Q8_0 and experts as MXFP4)
 and requantizes that to F32 (the release weights' exact values) with ``llama-quantize``; parity loads
-the same checkpoint with those values as fp32 weights. Then it runs ``llama-bench`` (batch 1) /
-``llama-batched-bench`` (batch 8) and parity's model interleaved (A B A B, ``--rounds`` rounds) at each
+the same checkpoint with those values as fp32 weights. Then it runs ``llama-batched-bench`` (batch 1 and 8)
+and parity's model interleaved (A B A B, ``--rounds`` rounds) at each
 thread count, and prints tokens/s with the median of the per-round ratios parity / llama.cpp.
 
 llama.cpp variants: "F32" = F32 weights with its defaults (f16 KV cache, flash attention);
@@ -27,7 +27,7 @@ Usage:
         [--rounds 6] [--prompt 256] [--gen 32] [--no-strict] [--work /tmp/vs_llamacpp]
 
 DIR is a llama.cpp source tree (e.g. vendor/llama.cpp of the PyPI sdist llama-cpp-python 0.3.36) built
-with cmake (Release, GGML_NATIVE=ON); ``--bin`` holds llama-bench, llama-batched-bench and llama-quantize. Provenance of
+with cmake (Release, GGML_NATIVE=ON); ``--bin`` holds llama-batched-bench and llama-quantize. Provenance of
 every figure: measured.
 """
 
@@ -108,26 +108,18 @@ def convert(llama_dir: Path, bin_dir: Path, ckpt: Path) -> dict[str, Path]:
     return out
 
 
-def llama_bench(bin_dir: Path, gguf: Path, threads: int, prompt: int, gen: int, strict: bool) -> dict:
-    """Batch 1: llama-bench prefill (pp) and decode (tg) tokens/s."""
-    kv = ["-ctk", "f32", "-ctv", "f32", "-fa", "0"] if strict else ["-fa", "1"]
-    r = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt),
-                        "-n", str(gen), "-r", "1", "-o", "json", *kv], check=True, capture_output=True, text=True)
-    rows = json.loads(r.stdout)
-    pre = next(x["avg_ts"] for x in rows if x["n_gen"] == 0)
-    dec = next(x["avg_ts"] for x in rows if x["n_prompt"] == 0)
-    return {"prefill": pre, "decode": dec}
-
-
-def llama_batched(bin_dir: Path, gguf: Path, threads: int, prompt: int, gen: int, batch: int, strict: bool) -> dict:
-    """Batch ``batch``: llama-batched-bench prefill and decode tokens/s (``batch`` sequences, own prompts)."""
+def llama_batched(bin_dir: Path, gguf: Path, threads: int, prompt: int, gen: int, batches: list[int],
+                  strict: bool) -> dict[int, dict]:
+    """llama-batched-bench prefill and decode tokens/s per batch size (each sequence its own prompt).
+    (llama-bench would do batch 1, but it does not accept an f32 KV cache, so both batch sizes use
+    llama-batched-bench for every variant.)"""
     kv = ["-ctk", "f32", "-ctv", "f32", "-fa", "off"] if strict else ["-fa", "on"]
-    ctx = batch * (prompt + gen) + 64
+    ctx = max(batches) * (prompt + gen) + 64
     r = subprocess.run([str(bin_dir / "llama-batched-bench"), "-m", str(gguf), "-t", str(threads), "-c", str(ctx),
-                        "-npp", str(prompt), "-ntg", str(gen), "-npl", str(batch), "--output-format", "jsonl", *kv],
-                       check=True, capture_output=True, text=True)
-    row = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")][-1]
-    return {"prefill": row["speed_pp"], "decode": row["speed_tg"]}
+                        "-npp", str(prompt), "-ntg", str(gen), "-npl", ",".join(map(str, batches)),
+                        "--output-format", "jsonl", *kv], check=True, capture_output=True, text=True)
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    return {row["pl"]: {"prefill": row["speed_pp"], "decode": row["speed_tg"]} for row in rows}
 
 
 def parity_run(model, threads: int, prompt: int, gen: int, batch: int, seed: int = 0) -> dict:
@@ -205,7 +197,7 @@ def median_ratio(a: list[float], b: list[float]) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-cpp", required=True, type=Path, help="llama.cpp source dir (convert_hf_to_gguf.py)")
-    ap.add_argument("--bin", type=Path, default=None, help="dir with llama-bench, llama-batched-bench")
+    ap.add_argument("--bin", type=Path, default=None, help="dir with llama-batched-bench, llama-quantize")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--prompt", type=int, default=256)
@@ -237,9 +229,8 @@ def main() -> int:
                     one = parity_run(model, t, a.prompt, a.gen, 1)
                     many = parity_run(model, t, a.prompt, a.gen, a.batch)
                 else:
-                    strict = who == "strict"
-                    one = llama_bench(bin_dir, gguf, t, a.prompt, a.gen, strict)
-                    many = llama_batched(bin_dir, gguf, t, a.prompt, a.gen, a.batch, strict)
+                    both = llama_batched(bin_dir, gguf, t, a.prompt, a.gen, [1, a.batch], who == "strict")
+                    one, many = both[1], both[a.batch]
                 for c, v in zip(cells, (one["prefill"], one["decode"], many["prefill"], many["decode"]), strict=True):
                     res[(who, t, c)].append(v)
         print(f"# round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
