@@ -24,7 +24,7 @@ The same run asserts that parity's logits (the path measured) equal the eager fp
 
 Usage:
     .venv/bin/python benchmarks/vs_llamacpp.py --llama-cpp DIR [--bin DIR/build/bin] [--threads 1,2]
-        [--rounds 6] [--prompt 256] [--gen 32] [--no-strict] [--work /tmp/vs_llamacpp]
+        [--rounds 6] [--prompt 256] [--gen 32] [--no-strict] [--compiled] [--work /tmp/vs_llamacpp]
 
 DIR is a llama.cpp source tree (e.g. vendor/llama.cpp of the PyPI sdist llama-cpp-python 0.3.36) built
 with cmake (Release, GGML_NATIVE=ON); ``--bin`` holds llama-batched-bench and llama-quantize. Provenance of
@@ -204,6 +204,7 @@ def main() -> int:
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--no-strict", action="store_true", help="skip llama.cpp's strict fp32 variant")
+    ap.add_argument("--compiled", action="store_true", help="parity with its compiled regions (default: eager)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/vs_llamacpp"))
     a = ap.parse_args()
     bin_dir = a.bin or a.llama_cpp / "build" / "bin"
@@ -214,11 +215,18 @@ def main() -> int:
 
     model = dequantized(from_pretrained(str(ckpt), dtype=torch.float32))  # the values of llama.cpp's F32 GGUF
     gguf = convert(a.llama_cpp, bin_dir, ckpt)["F32"]
+    if a.compiled:
+        from parity import devices
+        from parity.model.compiled import compile_regions, warm_up
+
+        compile_regions(model, devices.compiler("cpu"))
+        print(f"# parity compiled regions: warm-up {warm_up(model):.1f} s", file=sys.stderr)
     err = check_logits(model, a.prompt)
     commit = subprocess.run(["git", "-C", str(a.llama_cpp), "rev-parse", "--short=9", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"
     print(f"# vs_llamacpp: llama.cpp {commit} ({bin_dir}); torch {torch.__version__}; load {os.getloadavg()[0]:.1f}; "
-          f"parity logits vs eager fp32 reference: max |diff| {err:.1e} (<= 1e-5)")
+          f"parity {'compiled' if a.compiled else 'eager'}; logits vs eager fp32 reference: max |diff| {err:.1e} "
+          f"(<= 1e-5)")
     variants = ["F32"] + ([] if a.no_strict else ["strict"])
     cells = ("prefill_1", "decode_1", f"prefill_{a.batch}", f"decode_{a.batch}")
     res = {(who, t, c): [] for who in ["parity", *variants] for t in threads for c in cells}
