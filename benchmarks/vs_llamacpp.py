@@ -143,15 +143,29 @@ def parity_run(model, threads: int, prompt: int, gen: int, batch: int, seed: int
     return {"prefill": batch * prompt / t_pre, "decode": batch * gen / t_dec}
 
 
-def check_logits(model, prompt: int, tol: float = 1e-5) -> float:
-    """Max |logit difference| between the measured path (incremental prefill + 4 decode steps, the model's
-    fast linears) and the eager fp32 reference (`forward_logits` over the whole sequence, ``F.linear``
-    head). Raises AssertionError above ``tol`` or if fp32 matmuls may use lower precision."""
+def logit_check_ids(model, prompt: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, model.config.vocab_size, (prompt + 4,), generator=g)
+
+
+def reference_logits(model, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+    """The eager fp32 reference: `forward_logits` over the whole sequence with the ``F.linear`` head
+    (call before compiling), logits of positions prompt - 1 .. end. Raises AssertionError unless fp32
+    matmuls run at full precision."""
     import parity.model.fast_linear as fl
 
     assert torch.get_float32_matmul_precision() == "highest", "fp32 matmul precision must be 'highest'"
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, model.config.vocab_size, (prompt + 4,), generator=g)
+    saved = fl.ONEDNN_MIN_WEIGHT_BYTES
+    fl.ONEDNN_MIN_WEIGHT_BYTES = 1 << 62
+    try:
+        return model.forward_logits(ids[None])[0, prompt - 1:]
+    finally:
+        fl.ONEDNN_MIN_WEIGHT_BYTES = saved
+
+
+def check_logits(model, ids: torch.Tensor, prompt: int, ref: torch.Tensor, tol: float = 1e-5) -> float:
+    """Max |logit difference| between the measured path (incremental prefill + 4 decode steps) and
+    ``ref`` (`reference_logits`). Raises AssertionError above ``tol``."""
     st = model.new_state()
     try:
         got = [model.forward_incremental([ids[:prompt]], [st])[0]]
@@ -159,12 +173,6 @@ def check_logits(model, prompt: int, tol: float = 1e-5) -> float:
             got.append(model.forward_incremental([ids[i:i + 1]], [st])[0])
     finally:
         st.free()
-    saved = fl.ONEDNN_MIN_WEIGHT_BYTES
-    fl.ONEDNN_MIN_WEIGHT_BYTES = 1 << 62  # the reference: plain F.linear
-    try:
-        ref = model.forward_logits(ids[None])[0, prompt - 1:]
-    finally:
-        fl.ONEDNN_MIN_WEIGHT_BYTES = saved
     err = (torch.stack(got) - ref).abs().max().item()
     assert err <= tol, f"parity logits differ from the eager fp32 reference by {err:.2e} > {tol:.0e}"
     return err
@@ -215,13 +223,15 @@ def main() -> int:
 
     model = dequantized(from_pretrained(str(ckpt), dtype=torch.float32))  # the values of llama.cpp's F32 GGUF
     gguf = convert(a.llama_cpp, bin_dir, ckpt)["F32"]
+    ids = logit_check_ids(model, a.prompt)
+    ref = reference_logits(model, ids, a.prompt)
     if a.compiled:
         from parity import devices
         from parity.model.compiled import compile_regions, warm_up
 
         compile_regions(model, devices.compiler("cpu"))
         print(f"# parity compiled regions: warm-up {warm_up(model):.1f} s", file=sys.stderr)
-    err = check_logits(model, a.prompt)
+    err = check_logits(model, ids, a.prompt, ref)
     commit = subprocess.run(["git", "-C", str(a.llama_cpp), "rev-parse", "--short=9", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"
     print(f"# vs_llamacpp: llama.cpp {commit} ({bin_dir}); torch {torch.__version__}; load {os.getloadavg()[0]:.1f}; "
