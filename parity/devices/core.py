@@ -224,6 +224,11 @@ def compiler(device: torch.device | str):
 
         backend = torchair.get_npu_backend(compiler_config=torchair.CompilerConfig())
 
+    # One region (RMSNorm) sees several static widths x (one token, many, empty): more than dynamo's
+    # default 8 graphs per function; past the limit it would silently run eager.
+    dyn = torch._dynamo.config
+    dyn.recompile_limit = max(dyn.recompile_limit, 64)
+
     def compile_fn(fn):
         return torch.compile(fn, backend=backend, mode=mode, dynamic=True, fullgraph=False)
 
