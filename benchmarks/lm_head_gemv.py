@@ -1,5 +1,6 @@
 """Decode GEMV/small-GEMM formulations on this device: ``F.linear`` (MKL), ``x @ W^T`` with W stored
-transposed, and oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``), for the LM head
+transposed, oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``) and, with ``--compiled``,
+`parity.model.fast_linear.decode_linear` under torch.compile (inductor's reduction), for the LM head
 (vocabulary x hidden) and the decode step's small projections, at 1 and 8 rows.
 
 Each line: median and best of ``--repeat`` calls (wall), the weight read rate (GB/s) and the max abs
@@ -13,10 +14,16 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from parity.model.fast_linear import decode_linear  # noqa: E402
 
 
 def _time(fn, repeat: int) -> tuple[float, float]:
@@ -36,7 +43,12 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=129280)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--compiled", action="store_true", help="also the compiled decode_linear (compiles once)")
     a = ap.parse_args()
+    compiled = None
+    if a.compiled:
+        # as in the model's compiled head: the weight (a parameter) static, several rows symbolic, 1 row specialised
+        compiled = torch.compile(decode_linear, dynamic=None)
     shapes = [(a.vocab, a.hidden), (512, 256), (128, 256)]
     g = torch.Generator().manual_seed(0)
     for nt in (int(x) for x in a.threads.split(",")):
@@ -46,10 +58,14 @@ def main() -> None:
             wt = w.t().contiguous()
             for rows in (1, 8):
                 x = torch.randn(rows, k, generator=g)
+                if rows > 1:
+                    torch._dynamo.mark_dynamic(x, 0)
                 ref = (x.double() @ w.double().T).float()
                 cands = {"F.linear (MKL)": lambda x=x, w=w: F.linear(x, w),
                          "x @ W^T stored": lambda x=x, wt=wt: x @ wt,
                          "oneDNN": lambda x=x, w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")}
+                if compiled is not None:
+                    cands["compiled"] = lambda x=x, w=w: compiled(x, w)
                 for name, fn in cands.items():
                     med, best = _time(fn, a.repeat)
                     err = (fn() - ref).abs().max().item()
