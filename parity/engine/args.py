@@ -25,7 +25,7 @@ class EngineArgs:
         cache_memory: cache pool size in bytes; None = cache_memory_fraction x free device memory.
         cache_memory_fraction: share of the free device memory (parity.devices.memory_info) for the pool.
         max_waiting: most requests waiting for admission; more -> EngineQueueFull.
-        kv_cache_dtype: "bf16" (exact math) | "fp8" (official rounding, issue 8) | None = model default.
+        kv_cache_dtype: "bf16" (exact math) | "fp8" (official FP8 e4m3 rounding) | None = model default.
         seed: seed of random weights (preset models) and of unseeded sampling.
         quantization: weight format of a checkpoint after loading (`parity.weight_bytes.WEIGHT_FORMATS`:
             fp8 / fp4 as published, w8a8 / w4a8 INT8, bf16 dequantized); None / "auto" = as published,

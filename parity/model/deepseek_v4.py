@@ -138,7 +138,7 @@ class V4ForCausalLM(nn.Module):
         config: the `ModelConfig`.
         cache_block_entries: compressed entries per growing cache block (default 64).
         kv_cache_dtype: default KV cache mode, "bf16" (unrounded, in the model dtype) or "fp8"
-            (official FP8 rounding of the non-RoPE part, issue 8).
+            (official FP8 rounding of the non-RoPE part).
         indexer_dtype: default indexer mode, "bf16" or "fp4" (official Hadamard + FP4 simulation).
     """
 
@@ -341,7 +341,7 @@ class V4ForCausalLM(nn.Module):
         Args:
             input_ids: LongTensor[B, S].
             kv_cache_dtype / indexer_dtype: "bf16" (default whatever the model's defaults: the pure math,
-                as transformers) or "fp8" / "fp4" (the official quantization-aware steps, issue 8).
+                as transformers) or "fp8" / "fp4" (the official quantization-aware steps).
             return_hidden: also return the last hidden streams [B, S, hc, H] (input of the MTP module).
         Returns:
             FloatTensor[B, S, vocab] (fp32), or (logits, hidden) when return_hidden.
