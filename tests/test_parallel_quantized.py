@@ -7,6 +7,7 @@ import torch.multiprocessing as mp
 from test_parallel_model import TOL, _prompts, _run
 
 from parity.checkpoint import official_reader
+from parity.checkpoint.conversion import convert_published
 from parity.checkpoint.layout import block_size, official_layout
 from parity.checkpoint.reader import from_pretrained
 from parity.checkpoint.writer import export_model
@@ -43,8 +44,11 @@ def _rank(rank, layouts, path, ports, out):
 
 @pytest.mark.slow
 def test_published_layout_tp2_and_ep2_match_one_process(published, tmp_path):
-    """TP=2 and TP=2 + EP=2 kept quantized (FP8 linears, FP4 experts), TP=2 dequantized at load (bf16)."""
-    layouts = [(ParallelConfig(2), None), (ParallelConfig(2, 1, True), None), (ParallelConfig(2), "bf16")]
+    """TP=2 and TP=2 + EP=2 kept quantized (FP8 linears, FP4 experts), TP=2 dequantized at load (bf16):
+    the tokens and logits of one process. TP=2 converted to W8A8 quantizes each rank's part on its own
+    (row-parallel shards: per-channel scales of their columns), so it is held to the W8A8 error only."""
+    layouts = [(ParallelConfig(2), None), (ParallelConfig(2, 1, True), None), (ParallelConfig(2), "bf16"),
+               (ParallelConfig(2), "w8a8")]
     ports = [free_port() for _ in layouts]
     mp.spawn(_rank, args=(layouts, str(published), ports, str(tmp_path)), nprocs=2)
     refs = {}
@@ -55,6 +59,10 @@ def test_published_layout_tp2_and_ep2_match_one_process(published, tmp_path):
         want = refs[quantization]
         for r in range(pc.world_size):
             full, steps, toks = torch.load(tmp_path / f"{i}-{r}.pt")
+            if quantization == "w8a8":
+                w8a8_error = (want[0] - refs[None][0]).abs().max()
+                assert (full - refs[None][0]).abs().max() < 2 * w8a8_error, r
+                continue
             assert torch.equal(toks, want[2]), (pc.describe(), quantization, r)
             assert (full - want[0]).abs().max() < TOL, (pc.describe(), quantization, r)
             assert (steps - want[1]).abs().max() < TOL, (pc.describe(), quantization, r)
@@ -67,13 +75,14 @@ def _skeleton(cfg, pc, rank, quantized, dtype=torch.bfloat16):
 
 
 @pytest.mark.parametrize("tp,dp,ep", [(1, 1, False), (2, 1, False), (2, 1, True), (2, 2, True), (1, 2, True)])
-@pytest.mark.parametrize("weights", ["fp4", "bf16"])
+@pytest.mark.parametrize("weights", ["fp4", "bf16", "w8a8", "w4a8"])
 def test_weight_bytes_per_device_equal_the_quantized_part(tp, dp, ep, weights):
     """`estimate_weight_bytes(tp=, ep=, weights=)` equals what one rank of the published-layout load holds
-    (FP8 weights + 128x128 scales, FP4 experts + 1x32 scales; or dequantized)."""
+    (FP8 weights + 128x128 scales, FP4 experts + 1x32 scales; dequantized; or converted at load)."""
     cfg = _miniature()
     pc = ParallelConfig(tp, dp, ep)
-    model = _skeleton(cfg, pc, pc.world_size - 1, weights == "fp4")
+    model = _skeleton(cfg, pc, pc.world_size - 1, weights != "bf16")
+    convert_published(model, weights)
     held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert held == estimate_weight_bytes(cfg, "bfloat16", weights=weights, tp=pc.tp, ep=pc.ep)
 
