@@ -106,3 +106,13 @@ def test_tiny_split_off_the_scale_blocks_is_refused():
     """The tiny preset's o_a_proj has 64 rows: TP=2 would split its FP8 128-row scale block."""
     with pytest.raises(ParallelError, match=r"o_a_proj\.weight.*128-value boundary"):
         _skeleton(load_preset("tiny"), ParallelConfig(2), 1, True)
+
+
+def test_v4_flash_tp8_ep_splits_on_scale_blocks_and_bytes_match():
+    """The headline layout: V4-Flash in its published layout, TP=8 with EP=8, splits every FP8 / FP4 tensor
+    on its scale blocks; one rank holds exactly the estimated bytes (meta device: nothing allocated)."""
+    cfg = load_preset("v4-flash")
+    pc = ParallelConfig(8, 1, True)
+    model = _skeleton(cfg, pc, 7, True)
+    held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert held == estimate_weight_bytes(cfg, "bfloat16", weights="fp4", tp=8, ep=8)
