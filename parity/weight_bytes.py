@@ -26,9 +26,12 @@ from parity.shapes import hc_head_params, layer_params, mtp_layer_types
 #: (`parity.model.int8_quant.Int8Linear` / `Int8Experts`); w4a8 = int8 linears, int4 experts (0.5 byte).
 WEIGHT_FORMATS = {"bf16": ("model", "model"), "fp8": ("fp8", "fp8"), "fp4": ("fp8", "fp4"),
                   "w8a8": ("int8", "int8"), "w4a8": ("int8", "int4")}
-#: Bytes per output row of an int8 / int4 weight: fp32 ``weight_scale`` + fp32 ``weight_offset``
-#: (msModelSlim per-channel layout).
+#: Bytes per output row of an int8 linear: fp32 ``weight_scale`` + fp32 ``weight_offset``
+#: (msModelSlim per-channel layout, `parity.model.int8_quant.Int8Linear`).
 INT_ROW_BYTES = 8
+#: Bytes per output row of int8 / int4 routed experts: one fp32 scale (`parity.model.int8_quant.Int8Experts`
+#: ``gate_up_scale`` / ``down_scale``; symmetric, no offset).
+INT_EXPERT_ROW_BYTES = 4
 
 #: Values per UE8M0 scale of an FP4 routed-expert row (official ``fp4`` weights: 1x32 blocks).
 FP4_BLOCK = 32
@@ -89,8 +92,10 @@ def check_weight_format(weights: str) -> str:
     return weights
 
 
-def _matrix_bytes(fmt: str, out_f: int, in_f: int, isz: int, block: tuple[int, int]) -> int:
-    """Bytes of one [out, in] weight in storage `fmt` (model / fp8 / fp4 / int8 / int4)."""
+def _matrix_bytes(fmt: str, out_f: int, in_f: int, isz: int, block: tuple[int, int],
+                  row_bytes: int = INT_ROW_BYTES) -> int:
+    """Bytes of one [out, in] weight in storage `fmt` (model / fp8 / fp4 / int8 / int4); `row_bytes`:
+    scale (+ offset) bytes per output row of int8 / int4."""
     if fmt == "model":
         return out_f * in_f * isz
     if fmt == "fp8":
@@ -98,8 +103,8 @@ def _matrix_bytes(fmt: str, out_f: int, in_f: int, isz: int, block: tuple[int, i
     if fmt == "fp4":
         return out_f * in_f // 2 + out_f * in_f // FP4_BLOCK
     if fmt == "int8":
-        return out_f * in_f + out_f * INT_ROW_BYTES
-    return out_f * in_f // 2 + out_f * INT_ROW_BYTES  # int4
+        return out_f * in_f + out_f * row_bytes
+    return out_f * in_f // 2 + out_f * row_bytes  # int4
 
 
 def estimate_weight_bytes(cfg: ModelConfig, dtype="float32", quantized: bool = False,
@@ -116,7 +121,8 @@ def estimate_weight_bytes(cfg: ModelConfig, dtype="float32", quantized: bool = F
         weights: a `WEIGHT_FORMATS` name; overrides `quantized` (False = "bf16", True = "fp4").
         tp / ep: tensor- and expert-parallel sizes: the bytes of one rank's part
             (`parity.model.parallel_layers`: query heads, output groups, shared expert, embedding and LM
-            head split over tp; routed experts split over ep, or by intermediate size over tp when ep = 1).
+            head split over tp; routed experts split over ep, or by intermediate size over tp when ep = 1),
+            in every weight format (block scales and per-row scales of the local part).
     Returns:
         Bytes (int) per device; activations, caches and allocator overhead are not included.
     Raises:
@@ -141,8 +147,8 @@ def estimate_weight_bytes(cfg: ModelConfig, dtype="float32", quantized: bool = F
         return out
 
     local_experts, local_inter = (E // ep, inter) if ep > 1 else (E, inter // tp)
-    expert_bytes = local_experts * (2 * _matrix_bytes(expert_fmt, local_inter, D, isz, block)
-                                    + _matrix_bytes(expert_fmt, D, local_inter, isz, block))
+    expert_bytes = local_experts * (2 * _matrix_bytes(expert_fmt, local_inter, D, isz, block, INT_EXPERT_ROW_BYTES)
+                                    + _matrix_bytes(expert_fmt, D, local_inter, isz, block, INT_EXPERT_ROW_BYTES))
 
     def layer_bytes(t: str, is_hash: bool) -> int:
         fp8, fp32, rest = _layer_split(cfg, t)

@@ -61,7 +61,8 @@ def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_c
             their own format; float checkpoints only None / "bf16".
         parallel: a `parity.distributed.context.ParallelContext` (None = one process): build this rank's
             part (`parity.model.parallel_layers`) and read only its slices of each tensor (safetensors
-            ``get_slice``: peak memory ~ the shard plus one tensor).
+            ``get_slice``; the published layout: `load_official` with its block scales; peak memory ~ the
+            shard plus one tensor).
     Returns:
         `V4ForCausalLM` in eval mode.
     Raises:
@@ -71,8 +72,8 @@ def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_c
             model.safetensors.index.json (the lost index named as the cause).
         DeviceError: unknown device, or the weights would not fit in its free memory
             (`parity.model.memory.check_fits`, checked before anything is allocated).
-        ParallelError: the layout does not divide the model, or a parallel load of the published
-            FP8/FP4 layout (not supported: load a float export).
+        ParallelError: the layout does not divide the model, or splits a published FP8 / FP4 tensor off
+            its scale blocks (the tensor named); a parallel load of a msModelSlim checkpoint.
     """
     dtype = resolve_dtype(dtype)
     sharded = parallel is not None and not parallel.is_single
@@ -90,11 +91,8 @@ def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_c
                                   f"checkpoint; expected auto or {model.weight_format}")
         return model
     if is_official_checkpoint(p):
-        if sharded:
-            raise ParallelError(f"{p}: tensor / expert parallel loading of the published FP8/FP4 layout is not "
-                                f"supported; export it to float safetensors first (parity export)")
         return load_official(p, device, dtype, kv_cache_dtype=kv_cache_dtype, indexer_dtype=indexer_dtype,
-                             quantization=quantization)
+                             quantization=quantization, parallel=parallel if sharded else None)
     if quantization not in (None, "bf16"):
         raise CheckpointError(f"--quantization {quantization}: {p} holds float weights; converting float "
                               f"checkpoints is not supported (expected auto or bf16)")

@@ -77,3 +77,46 @@ def read_into(fh, offset: int, meta: dict, dst: torch.Tensor, fname: str, name: 
         stage = torch.empty((r1 - r0) * row_elems, dtype=file_dt)
         _readinto(fh, offset + r0 * row_bytes, stage.view(torch.uint8).numpy(), fname, name)
         d2[r0:r1].copy_(stage.view(r1 - r0, row_elems))
+
+
+def read_shard_into(fh, offset: int, meta: dict, dst: torch.Tensor, shard, fname: str, name: str) -> None:
+    """Read part ``shard`` of one tensor from the open shard file `fh` into `dst` (its local shape).
+
+    ``shard`` is a `parity.model.parallel_layers.Shard` ``(dim, [(start, stop), ...])`` (None = the whole
+    tensor, `read_into`). Along dim 0 each range is one positioned read of exactly its bytes; along dim 1
+    of a 2-D tensor (a row-parallel split) rows are read in `READ_CHUNK_BYTES` bands and their columns
+    kept, so at most one band is staged.
+
+    Raises:
+        CheckpointError: the file ends before the tensor's bytes, or a split along a dim other than 0, or
+            1 of a 2-D tensor (naming shard and tensor).
+    """
+    if shard is None:
+        read_into(fh, offset, meta, dst, fname, name)
+        return
+    dim, parts = shard
+    shape = tuple(meta["shape"])
+    file_dt = torch_dtype(meta["dtype"])
+    row_elems = max(1, math.prod(shape[1:]))
+    row_bytes = row_elems * file_dt.itemsize
+    if dim == 0:
+        pos = 0
+        for a, b in parts:
+            sub = {"dtype": meta["dtype"], "shape": [b - a, *shape[1:]]}
+            read_into(fh, offset + a * row_bytes, sub, dst.narrow(0, pos, b - a), fname, name)
+            pos += b - a
+        return
+    if dim != 1 or len(shape) != 2:
+        raise CheckpointError(f"shard {fname}: tensor {name!r} {list(shape)} cannot be read split along dim {dim}; "
+                              f"expected a split along dim 0, or dim 1 of a 2-D tensor")
+    if dst.dtype != file_dt and dst.element_size() == 1 and file_dt.itemsize == 1 and not dst.dtype.is_floating_point:
+        dst = dst.view(file_dt)
+    rows = shape[0]
+    step = max(1, READ_CHUNK_BYTES // row_bytes)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        stage = torch.empty((r1 - r0) * row_elems, dtype=file_dt)
+        _readinto(fh, offset + r0 * row_bytes, stage.view(torch.uint8).numpy(), fname, name)
+        band = stage.view(r1 - r0, row_elems)
+        pieces = [band[:, a:b] for a, b in parts]
+        dst[r0:r1].copy_(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))

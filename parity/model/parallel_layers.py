@@ -15,6 +15,10 @@ Layout (DeepSeek's official ``inference/model.py`` ``world_size`` split; vLLM's 
 - embedding and LM head vocabulary-parallel over TP (masked lookup + all-reduce; logits all-gathered);
 - everything else (norms, mHC, router, MTP projections) replicated.
 
+Quantized modules (`parity.model.quant`) split the same way: an FP8 linear's ``qweight`` like its float
+weight and its 128x128 UE8M0 ``scale`` along the same dim on block boundaries; FP4 experts' packed
+weights and 1x32 scales by expert (EP) or by the intermediate dimension on 32-value scale blocks (TP).
+
 Caches are therefore identical on every TP rank (one KV head), as in the official code.
 """
 
@@ -26,8 +30,10 @@ from torch import nn
 
 from parity.distributed.collectives import all_gather_cat, all_gather_rows, all_reduce
 from parity.distributed.context import ParallelContext
+from parity.errors import ParallelError
 from parity.model.attention import Attention
 from parity.model.layers import MoE
+from parity.model.quant import FP4Experts, _FP8WeightMixin
 
 #: A tensor's shard: (dim, [(start, stop), ...]); the local tensor is the parts concatenated along dim.
 Shard = tuple[int, list[tuple[int, int]]]
@@ -88,6 +94,43 @@ def shard_shape(shape: tuple[int, ...], spec: Shard | None) -> tuple[int, ...]:
     out = list(shape)
     out[dim] = sum(b - a for a, b in parts)
     return tuple(out)
+
+
+def scaled_shard(spec: Shard | None, per: int, full: int, what: str, ctx: ParallelContext) -> Shard | None:
+    """The shard of a tensor holding one entry per ``per`` elements of the sharded dim of ``spec`` (a block
+    scale: ``per`` = the block size; packed FP4: 2 values per byte), for a dim of ``full`` elements.
+
+    Raises:
+        ParallelError: a split point that is not a multiple of ``per`` (the end of the dim excepted),
+            naming ``what`` (the tensor) and the layout.
+    """
+    if spec is None:
+        return None
+    dim, parts = spec
+    out = []
+    for a, b in parts:
+        bad = [x for x in (a, b) if x % per and x != full]
+        if bad:
+            raise ParallelError(f"{what}: {ctx.config.describe()} splits dim {dim} ({full} values) at {bad[0]}, "
+                                f"not on a {per}-value boundary of its quantized storage; choose a "
+                                f"tensor-parallel size that splits it on {per}-value blocks")
+        out.append((a // per, -(-b // per)))
+    return dim, out
+
+
+def fp8_shards(name: str, out_f: int, in_f: int, block: tuple[int, int], cfg, ctx: ParallelContext
+               ) -> tuple[Shard | None, Shard | None]:
+    """(shard of the FP8 weight [out_f, in_f], shard of its UE8M0 block scale [ceil(out/br), ceil(in/bc)])
+    of the linear ``name`` (parity module name) on this rank; (None, None) = replicated.
+
+    Raises:
+        ParallelError: the split does not fall on ``block`` boundaries (`scaled_shard`).
+    """
+    spec = shard_spec(name + ".weight", (out_f, in_f), cfg, ctx)
+    if spec is None:
+        return None, None
+    dim = spec[0]
+    return spec, scaled_shard(spec, block[dim], (out_f, in_f)[dim], name + ".weight", ctx)
 
 
 def expert_part(e: int, part: str, cfg, ctx: ParallelContext) -> tuple[int, slice] | None:
@@ -163,21 +206,62 @@ class ParallelMoE(MoE):
         return y[start:start + x.shape[0]].to(x.dtype)
 
 
-def _reduce_output(group):
-    def hook(module, args, out):
-        return all_reduce(out, group)
-    return hook
+class ParallelAttention(Attention):
+    """`Attention` holding this TP rank's heads and output groups: the row-parallel ``o_b_proj`` output is
+    all-reduced over the TP group (whatever module ``o_b_proj`` is: float, FP8 or int8)."""
+
+    tp_group: object
+
+    def _output(self, out: torch.Tensor, rope) -> torch.Tensor:
+        return all_reduce(super()._output(out, rope), self.tp_group)
+
+
+def _replace_buffer(mod: nn.Module, leaf: str, spec: Shard | None) -> None:
+    if spec is None:
+        return
+    t = mod._buffers[leaf]
+    if t.device.type == "meta":
+        new = torch.empty(shard_shape(tuple(t.shape), spec), dtype=t.dtype, device="meta")
+    else:
+        new = take_shard(t, spec).clone()
+    mod._buffers[leaf] = new
+
+
+def _shard_quantized_(name: str, mod: nn.Module, cfg, ctx: ParallelContext) -> None:
+    """Slice the buffers of an FP8 linear or FP4 experts module ``name`` to this rank's part."""
+    if isinstance(mod, _FP8WeightMixin):
+        out_f, in_f = mod.qweight.shape
+        w, s = fp8_shards(name, out_f, in_f, mod.block, cfg, ctx)
+        if w is not None:
+            _replace_buffer(mod, "qweight", w)
+            _replace_buffer(mod, "scale", s)
+            mod.out_features, mod.in_features = mod.qweight.shape
+        return
+    e, two_i, h = mod.gate_up_qweight.shape[0], mod.gate_up_qweight.shape[1], mod.hidden
+    inter = two_i // 2
+    gu = shard_spec(name + ".gate_up_proj", (e, two_i, h), cfg, ctx)
+    dn = shard_spec(name + ".down_proj", (e, h, inter), cfg, ctx)
+    _replace_buffer(mod, "gate_up_qweight", gu)
+    _replace_buffer(mod, "gate_up_scale", gu)
+    if dn is not None and dn[0] == 2:  # intermediate dim split: 2 FP4 values per byte, one scale per block
+        _replace_buffer(mod, "down_qweight", scaled_shard(dn, 2, inter, name + ".down_qweight", ctx))
+        _replace_buffer(mod, "down_scale", scaled_shard(dn, mod.block, inter, name + ".down_scale", ctx))
+    else:
+        _replace_buffer(mod, "down_qweight", dn)
+        _replace_buffer(mod, "down_scale", dn)
 
 
 def parallelize_(model, ctx: ParallelContext):
     """Turn a full `V4ForCausalLM` into rank ``ctx``'s part, in place, and return it.
 
-    Real tensors are sliced (`shard_spec`; the full tensors are dropped); on the meta device only the
-    shapes change (a loader then reads each rank's slices, `parity.checkpoint.reader`). A single-process
-    context returns the model unchanged.
+    Real tensors are sliced (`shard_spec`; the full tensors are dropped; quantized modules' buffers with
+    their scales, `fp8_shards` / `scaled_shard`); on the meta device only the shapes change (a loader then
+    reads each rank's slices, `parity.checkpoint.reader`). A single-process context returns the model
+    unchanged.
 
     Raises:
-        ParallelError: the layout does not divide the model (`ParallelConfig.validate`).
+        ParallelError: the layout does not divide the model (`ParallelConfig.validate`), or splits a quantized
+            tensor off its scale blocks (the tensor named).
     """
     model.parallel = ctx
     if ctx.is_single:
@@ -197,6 +281,9 @@ def parallelize_(model, ctx: ParallelContext):
             else:
                 new = take_shard(p.data, spec).clone()
             setattr(mod, leaf, nn.Parameter(new, requires_grad=p.requires_grad))
+        for name, mod in list(model.named_modules()):
+            if isinstance(mod, (_FP8WeightMixin, FP4Experts)):
+                _shard_quantized_(name, mod, cfg, ctx)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     tp = ctx.tp
@@ -207,9 +294,10 @@ def parallelize_(model, ctx: ParallelContext):
     model.lm_head.tp_group = ctx.tp_group
     for mod in model.modules():
         if isinstance(mod, Attention) and tp > 1:
+            mod.__class__ = ParallelAttention
+            mod.tp_group = ctx.tp_group
             mod.n_heads //= tp
             mod.groups //= tp
-            mod.o_b_proj.register_forward_hook(_reduce_output(ctx.tp_group))
         elif isinstance(mod, MoE):
             mod.__class__ = ParallelMoE
             mod.parallel = ctx
