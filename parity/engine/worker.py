@@ -44,13 +44,14 @@ class ModelSpec:
     device_type: str
     dtype: object
     seed: int = 0
+    quantization: str | None = None
 
 
 def _load(spec: ModelSpec, ctx):
     from parity.engine.llm_engine import load_model, resolve_dtype  # engine module: heavy import, rank-local
 
     dtype = resolve_dtype(spec.dtype, ctx.device)
-    model, _ = load_model(spec.model, ctx.device, dtype, spec.seed, parallel=ctx)
+    model, _ = load_model(spec.model, ctx.device, dtype, spec.seed, spec.quantization, parallel=ctx)
     return model
 
 

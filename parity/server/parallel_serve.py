@@ -88,7 +88,8 @@ def start_parallel(args: argparse.Namespace, config: ParallelConfig) -> Parallel
     from parity.distributed.context import env_rank
     from parity.engine.worker import ModelSpec, device_type, join_torchrun, launch_local
 
-    spec = ModelSpec(args.model, device_type(args.device), args.dtype, args.seed)
+    spec = ModelSpec(args.model, device_type(args.device), args.dtype, args.seed,
+                     getattr(args, "quantization", None))
     if env_rank() is not None:
         model = join_torchrun(config, spec, args.distributed_timeout)
         return None if model is None else ParallelServing(model, None)
