@@ -191,3 +191,10 @@ def test_python_dash_m_parity_works():
 def test_setup_script_shows_its_steps():
     text = (ROOT / "scripts" / "setup.sh").read_text()
     assert "pip install -q" not in text and text.count("step ") >= 3
+
+
+def test_docs_server_md_holds_the_current_flag_table():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "server.md").read_text(encoding="utf-8")
+    assert markdown_table() in doc, "regenerate the table in docs/server.md from parity.server.vllm_flags"
