@@ -198,3 +198,11 @@ def test_docs_server_md_holds_the_current_flag_table():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "server.md").read_text(encoding="utf-8")
     assert markdown_table() in doc, "regenerate the table in docs/server.md from parity.server.vllm_flags"
+
+
+@pytest.mark.parametrize("argv, msg", [(["serve", "--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
+                                       (["serve", "--model", "tiny", "/tmp/elsewhere"], "given twice")])
+def test_bad_mapped_vllm_flag_is_one_line(argv, msg, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0] and "Traceback" not in err[0]

@@ -16,6 +16,8 @@ import argparse
 import difflib
 from dataclasses import dataclass
 
+from parity.errors import RequestError
+
 
 @dataclass(frozen=True)
 class VllmFlag:
@@ -89,13 +91,13 @@ def apply_mapped_flags(args: argparse.Namespace, parser: argparse.ArgumentParser
     """Fold the vLLM spellings into parity's options (in place).
 
     Raises:
-        SystemExit(2) via `parser.error` (or ValueError without a parser): MODEL given twice, differently;
-            --gpu-memory-utilization outside (0, 1].
+        SystemExit(2) via `parser.error` (or RequestError, a ValueError, without a parser): MODEL given
+            twice, differently; --gpu-memory-utilization outside (0, 1].
     """
     def fail(msg: str) -> None:
         if parser is not None:
             parser.error(msg)
-        raise ValueError(msg)
+        raise RequestError(msg)
 
     model = getattr(args, "vllm_model", None)
     if model is not None:
