@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from parity.bench.result_check import check_result
 from parity.bench.result_schema import RESULT_SCHEMA, RESULT_VERSION
 from parity.errors import BenchError
 
@@ -35,7 +36,8 @@ def load_result(path: str | Path) -> dict:
     """Read a result written by `save_result`.
 
     Raises:
-        BenchError: missing file, invalid JSON, or not a parity bench result of a known version.
+        BenchError: missing file, invalid JSON, not a parity bench result of a known version, or a field of
+            the wrong type (`parity.bench.result_check.check_result`).
     """
     path = Path(path)
     if not path.is_file():
@@ -51,6 +53,7 @@ def load_result(path: str | Path) -> dict:
     for key in ("summary", "requests", "config"):
         if key not in data:
             raise BenchError(f"bench report: {path} lacks the {key!r} section")
+    check_result(data, path)
     return data
 
 
