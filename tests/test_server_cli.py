@@ -234,3 +234,13 @@ def test_ctrl_c_drains_with_a_message_then_a_second_exits_at_once_without_traceb
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("extra", [[], ["--chat"]])
+def test_generate_non_utf8_prompt_is_one_clear_error_before_loading(extra):
+    from parity.errors import RequestError
+
+    bad = b"\xff\xfe".decode("utf-8", "surrogateescape")  # how Python decodes non-UTF-8 argv
+    args = build_parser().parse_args(["generate", "--prompt", bad, "--max-tokens", "2", *extra])
+    with pytest.raises(RequestError, match="^--prompt: the prompt is not valid UTF-8$"):
+        args.func(args)
