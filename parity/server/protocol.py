@@ -29,7 +29,7 @@ from parity.server.errors import bad_request, pydantic_errors_to_openai
 MAX_N = 16
 MAX_STOP = 16
 #: `seed` range (SEED_MIN, SEED_MAX): a signed 64-bit integer, as vLLM's protocol; defined once, in
-#: parity.engine.sampling_params, shared with SamplingParams.validate.
+#: parity.seeds, shared with SamplingParams.validate.
 
 
 def _integral_float(v: Any) -> Any:
