@@ -12,16 +12,34 @@ from parity.bench.result_schema import RESULT_SCHEMA, RESULT_VERSION
 from parity.errors import BenchError
 
 
+def check_output_path(path: str | Path) -> Path:
+    """Check that a result can be written to `path` (run before any request is sent): its directory exists
+    and is writable, and `path` is not a directory.
+
+    Returns:
+        `path` as a Path.
+    Raises:
+        BenchError: naming --output and what is wrong.
+    """
+    path = Path(path)
+    d = path.parent
+    if path.is_dir():
+        raise BenchError(f"--output: {path} is a directory; expected a file name such as {path / 'results.json'}")
+    if not d.is_dir():
+        raise BenchError(f"--output: directory {d} does not exist")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise BenchError(f"--output: directory {d} is not writable")
+    return path
+
+
 def save_result(result: dict, path: str | Path) -> Path:
     """Write `result` as JSON to `path` atomically (temp file + rename; a Ctrl-C never leaves half a file).
 
     Raises:
         BenchError: the directory does not exist or is not writable (message names --output).
     """
-    path = Path(path)
-    d = path.parent if str(path.parent) else Path(".")
-    if not d.is_dir():
-        raise BenchError(f"--output: directory {d} does not exist")
+    path = check_output_path(path)
+    d = path.parent
     try:
         fd, tmp = tempfile.mkstemp(prefix=".bench-", suffix=".json", dir=d)
         with os.fdopen(fd, "w") as f:
