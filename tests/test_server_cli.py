@@ -244,3 +244,19 @@ def test_generate_non_utf8_prompt_is_one_clear_error_before_loading(extra):
     args = build_parser().parse_args(["generate", "--prompt", bad, "--max-tokens", "2", *extra])
     with pytest.raises(RequestError, match="^--prompt: the prompt is not valid UTF-8$"):
         args.func(args)
+
+
+def test_chat_think_command_takes_on_or_off_only():
+    from rich.console import Console
+
+    from parity.server.serve_cli import chat_loop
+
+    lines = iter(["/think maybe", "/think", "/think on", "/think", "/think OFF", "/think on off", "/help", "/exit"])
+    buf = io.StringIO()
+    args = build_parser().parse_args(["chat", "--max-tokens", "4"])
+    rc = chat_loop("http://127.0.0.1:1", "tiny", api_key=None, args=args, read=lambda _: next(lines),
+                   console=Console(file=buf, width=200, color_system=None))
+    out = buf.getvalue().splitlines()[1:]  # after the banner; no request is sent
+    assert rc == 0 and out[0] == out[5] == "error: usage: /think on|off (/think alone shows whether thinking is on)"
+    assert out[1:5] == ["(thinking off)", "(thinking on)", "(thinking on)", "(thinking off)"]
+    assert "/think on|off (thinking mode; /think alone shows it)" in out[6]

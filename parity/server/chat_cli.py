@@ -13,7 +13,9 @@ from parity.errors import RequestError
 from parity.server.cli_args import build_engine, default_model_name, is_utf8, sampling_kwargs
 from parity.server.vllm_flags import apply_mapped_flags
 
-_HELP = "commands: /think on|off (thinking mode), /reset (forget the conversation), /exit"
+_HELP = ("commands: /think on|off (thinking mode; /think alone shows it), /reset (forget the conversation), "
+         "/exit")
+_THINK_USAGE = "usage: /think on|off (/think alone shows whether thinking is on)"
 
 
 def chat_loop(base_url: str, model: str, *, api_key: str | None, args: argparse.Namespace,
@@ -70,8 +72,13 @@ def chat_loop(base_url: str, model: str, *, api_key: str | None, args: argparse.
             history = [m for m in history if m["role"] == "system"]
             con.print("[dim](conversation cleared)[/]")
             continue
-        if line.startswith("/think"):
-            thinking = not line.endswith("off")
+        words = line.split()
+        if words[0] == "/think":
+            if len(words) > 2 or (len(words) == 2 and words[1].lower() not in ("on", "off")):
+                con.print(f"[red]error:[/] {_THINK_USAGE}")
+                continue
+            if len(words) == 2:
+                thinking = words[1].lower() == "on"
             con.print(f"[dim](thinking {'on' if thinking else 'off'})[/]")
             continue
         if line.startswith("/"):
