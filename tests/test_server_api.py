@@ -291,6 +291,17 @@ def test_bad_input_gives_openai_400(server, name, path, body, param, code):
         assert err["code"] == code, err
 
 
+@pytest.mark.parametrize("prompt,got", [([1.5], "a list holding a number"),
+                                        ([True, False], "a list holding a boolean"),
+                                        (["a", 1], "a list holding a string and an integer"), (5, "an integer")])
+def test_completions_prompt_of_wrong_type_names_the_accepted_forms(server, prompt, got):
+    r = post(server, "/v1/completions", {"prompt": prompt})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "prompt" and err["message"] == (
+        "Invalid value for 'prompt': must be a string, a list of strings, a list of token ids (integers) or a list "
+        f"of such lists (got {got})"), err
+
+
 def test_bad_input_is_seen_by_openai_client_and_server_survives(client, server):
     with pytest.raises(openai.BadRequestError) as ei:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=0)
