@@ -224,6 +224,8 @@ BAD = [
      "temperature", "invalid_type"),
     ("wrong type nested", "/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]},
      "messages.0.content", "invalid_type"),
+    ("null content", "/v1/chat/completions", {"messages": [{"role": "user", "content": None}]},
+     "messages.0.content", "invalid_value"),
     ("bad role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", None),
     ("unknown field", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "foo": 1}, "foo",
      "unrecognized_argument"),
