@@ -214,6 +214,23 @@ def test_completions(client, server):
     assert [c.choices[0].finish_reason for c in st if c.choices][-1] == "length"
 
 
+def test_completions_stream_sends_no_empty_text_chunks(server):
+    """Deltas that bring no text yet (multi-byte characters split over tokens here; stop-string matching holds
+    text back the same way) send no chunk: their token ids and logprobs go with the next chunk."""
+    body = {"prompt": "Hello", "max_tokens": 30, "logprobs": 1, "return_token_ids": True}
+    whole = post(server, "/v1/completions", body).json()["choices"][0]
+    chunks = []
+    with httpx.stream("POST", server.base_url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks.extend(json.loads(line[6:])["choices"])
+    assert all(c["text"] for c in chunks[:-1]) and chunks[-1]["finish_reason"] == "length", chunks
+    assert "".join(c["text"] for c in chunks) == whole["text"] and any(ord(x) > 127 for x in whole["text"])
+    assert [t for c in chunks for t in c["token_ids"]] == whole["token_ids"]
+    assert sum(len(c["logprobs"]["tokens"]) for c in chunks) == len(whole["token_ids"]) == 30
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 BAD = [
     ("malformed json", "/v1/chat/completions", b'{"model": "tiny", "messages": [', None, "invalid_json"),
