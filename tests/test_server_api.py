@@ -11,10 +11,10 @@ import time
 import httpx
 import openai
 import pytest
+from test_server_fakes import FakeChatFormat, FakeEngine, FakeSamplingParams, default_respond
 
 from parity.server.app import ServerSettings, build_app
 from parity.server.launcher import ThreadedServer
-from test_server_fakes import FakeChatFormat, FakeEngine, FakeSamplingParams, default_respond
 
 KEY = "sk-test-key"
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
@@ -76,6 +76,11 @@ def test_models_and_health(server, client):
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")
     assert httpx.get(server.base_url + "/health").json() == {"status": "ok"}
+
+
+def test_head_health_is_200_without_a_body(server):
+    r = httpx.head(server.base_url + "/health")
+    assert r.status_code == 200 and r.content == b"" and r.headers["content-type"] == "application/json"
 
 
 def test_chat_non_stream_and_stream_agree(client):

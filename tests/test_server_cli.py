@@ -16,11 +16,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from test_server_fakes import FakeChatFormat, FakeEngine, FakeSamplingParams
 
 from parity.server.app import ServerSettings, build_app
-from parity.server.serve_cli import default_model_name, parse_bytes, register
 from parity.server.launcher import ThreadedServer, free_port
-from test_server_fakes import FakeChatFormat, FakeEngine, FakeSamplingParams
+from parity.server.serve_cli import default_model_name, parse_bytes, register
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -53,8 +53,8 @@ def test_chat_loop_streams_reasoning_separately():
     from rich.console import Console
 
     from parity.errors import RequestError
-    from parity.server.serve_cli import chat_loop
     from parity.openai_client import first_model, stream_chat
+    from parity.server.serve_cli import chat_loop
 
     eng = FakeEngine(step_s=0.0005)
     app = build_app(eng, ServerSettings(served_model_names=["tiny"], api_key="k"), chat_format=FakeChatFormat(),
@@ -81,8 +81,8 @@ def test_chat_loop_skips_a_line_that_is_not_utf8_and_carries_on():
     from rich.console import Console
 
     from parity.errors import RequestError
-    from parity.server.serve_cli import chat_loop, run_chat
     from parity.openai_client import stream_chat
+    from parity.server.serve_cli import chat_loop, run_chat
 
     eng = FakeEngine(step_s=0.0005)
     app = build_app(eng, ServerSettings(served_model_names=["tiny"]), chat_format=FakeChatFormat(),
