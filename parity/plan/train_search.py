@@ -48,7 +48,7 @@ def parse_tokens(text: str | float | int) -> float:
     if isinstance(text, (int, float)):
         v = float(text)
     else:
-        mt = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*", str(text).lower())
+        mt = re.fullmatch(r"\s*([+-]?[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*", str(text).lower())
         if not mt:
             raise PlanError(f"--tokens {text!r}: expected a number with an optional K/M/B/T suffix, e.g. 33T")
         v = float(mt.group(1)) * _SUFFIX[mt.group(2)]
