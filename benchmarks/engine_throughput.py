@@ -17,7 +17,7 @@ Usage:
     .venv/bin/python benchmarks/engine_throughput.py [--quick] [--batches 1,8,32] [--prompt-len 256]
         [--output-len 64] [--device auto] [--dtype float32|bfloat16] [--threads N] [--repeat 2] [--no-hf]
 
-Targets (issue 4): decode >= 2.5x transformers at batch 1 and >= 4x at batch 8 and 32; prefill >= 1.5x.
+Targets: decode >= 2.5x transformers at batch 1 and >= 4x at batch 8 and 32; prefill >= 1.5x.
 """
 
 from __future__ import annotations

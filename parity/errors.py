@@ -1,4 +1,4 @@
-"""One exception type per pillar (see ../shared/DESIGN.md, "Conventions").
+"""One exception type per pillar (config, checkpoint, device, request, bench, plan, parallel).
 
 Every message names the offending field / tensor / parameter and what was expected, so that a
 user can fix the input without reading a traceback.

@@ -10,7 +10,7 @@ Counting convention (matches `sum(p.numel() for p in DeepseekV4ForCausalLM(cfg).
 learned tensors only. Routing buffers are not parameters there and are reported apart:
 `e_score_correction_bias` [E] of scored MoE layers and `tid2eid` [vocab, top_k] (int) of hash layers.
 
-Cache formula (per sequence, per layer; DESIGN.md "Caches of DeepSeek-V4"; official
+Cache formula (per sequence, per layer; docs/numerics.md "Cache layout"; official
 `inference/model.py` `Attention.__init__`/`Compressor`/`Indexer`):
 
 - every layer: a sliding window of `sliding_window` K=V entries of `head_dim` values;

@@ -23,3 +23,18 @@ def test_every_path_in_the_architecture_map_exists():
 def test_named_paths_finds_backticked_paths_only():
     text = "see `parity/model/attention.py`, `parity plan` and `tests/conftest.py`; not parity/x.py"
     assert named_paths(text) == ["parity/model/attention.py", "tests/conftest.py"]
+
+
+def test_no_issue_numbers_or_outside_files_cited():
+    """Code, tests and docs name concepts, not tracker numbers, and point only inside the repository."""
+    cite = re.compile(r"\bissues?\s+#?\d+|\.\./shared/|DESIGN\.md", re.IGNORECASE)
+    offenders = []
+    for path in ROOT.glob("**/*"):
+        if path.suffix not in (".py", ".md", ".toml", ".sh") or ".venv" in path.parts or "data" in path.parts:
+            continue
+        if path.name == "test_architecture_doc.py":
+            continue
+        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if cite.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()[:80]}")
+    assert not offenders, "cite the concept instead:\n" + "\n".join(offenders)

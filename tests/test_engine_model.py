@@ -148,7 +148,7 @@ def test_default_model_text_prompts_stop_strings_and_fp8_batching():
 
 
 def test_fp8_cache_holds_about_twice_the_tokens():
-    """Issue 8: the pool is sized from the chosen cache dtypes; a bf16 model's fp8 cache (1-byte non-RoPE
+    """FP8 cache: the pool is sized from the chosen cache dtypes; a bf16 model's fp8 cache (1-byte non-RoPE
     values + block scales) with the fp4 indexer (keys packed as e2m1 codes + UE8M0 scales) fits about twice
     as many tokens in the same budget; fp8 KV alone (indexer keys in bf16) somewhat fewer."""
     from parity.engine import EngineArgs, LLMEngine

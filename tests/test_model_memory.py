@@ -1,4 +1,4 @@
-"""Weight-memory estimate and the refusal to build a model that cannot fit (new-user report, item 2)."""
+"""Weight-memory estimate and the refusal to build a model that cannot fit ."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""FP8 e4m3 / FP4 e2m1 / UE8M0 codecs against hand-computed values (issues 3 and 8)."""
+"""FP8 e4m3 / FP4 e2m1 / UE8M0 codecs against hand-computed values."""
 
 import math
 

@@ -1,6 +1,6 @@
 """Per-request records and the summary metrics of `parity bench`.
 
-Definitions follow vLLM's ``bench serve`` (vllm/benchmarks/serve.py, ``calculate_metrics``; DESIGN.md):
+Definitions follow vLLM's ``bench serve`` (vllm/benchmarks/serve.py, ``calculate_metrics``):
 
 - TTFT  time to first token: arrival of the first token-carrying chunk - send time.
 - E2EL  end-to-end latency: arrival of ``data: [DONE]`` (the end of the stream if the server sends none) - send.

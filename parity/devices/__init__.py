@@ -21,10 +21,22 @@ DIST_BACKEND = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl", "xpu": "xccl", "mp
 #: backend there and is named here.
 ATTENTION_BACKEND = {"cpu": "torch", "cuda": "torch", "npu": "torch", "xpu": "torch", "mps": "torch"}
 
-_LAZY = ("is_available", "resolve", "dist_backend", "supported_dtypes", "has_fp8", "synchronize",
-         "memory_info", "empty_cache", "manual_seed", "DeviceInfo", "describe", "capabilities", "float8_tensors")
+#: torch.compile (backend, mode) of the compiled decode step per device type: inductor (C++/OpenMP kernels on
+#: the CPU, Triton on GPUs), with CUDA graphs ("reduce-overhead") on NVIDIA; on Ascend the graph mode of
+#: torch_npu ("torchair": `torchair.get_npu_backend`, imported only on an npu).
+COMPILE_BACKEND = {"cpu": ("inductor", None), "cuda": ("inductor", "reduce-overhead"), "npu": ("torchair", None),
+                   "xpu": ("inductor", None), "mps": ("inductor", None)}
 
-__all__ = ["AUTO_ORDER", "KNOWN_TYPES", "DIST_BACKEND", "ATTENTION_BACKEND", "attention_backend", *_LAZY]
+#: Whether the engine runs the compiled step unless told ``enforce_eager``, per device type: only where it
+#: is measured faster than eager (docs/benchmarks.md, "Compiled decode step").
+COMPILE_BY_DEFAULT = {"cpu": False, "cuda": False, "npu": False, "xpu": False, "mps": False}
+
+_LAZY = ("is_available", "resolve", "dist_backend", "supported_dtypes", "has_fp8", "synchronize",
+         "memory_info", "empty_cache", "manual_seed", "DeviceInfo", "describe", "capabilities", "float8_tensors",
+         "compiler")
+
+__all__ = ["AUTO_ORDER", "KNOWN_TYPES", "DIST_BACKEND", "ATTENTION_BACKEND", "COMPILE_BACKEND", "COMPILE_BY_DEFAULT",
+           "attention_backend", "compile_backend", "compile_by_default", *_LAZY]
 
 
 def attention_backend(device) -> str:
@@ -34,6 +46,20 @@ def attention_backend(device) -> str:
     """
     kind = getattr(device, "type", None) or str(device).split(":", 1)[0]
     return ATTENTION_BACKEND.get(kind, "torch")
+
+
+def _kind(device) -> str:
+    return getattr(device, "type", None) or str(device).split(":", 1)[0]
+
+
+def compile_backend(device) -> tuple[str, str | None]:
+    """(torch.compile backend name, mode or None) for ``device``; unknown device types get inductor."""
+    return COMPILE_BACKEND.get(_kind(device), ("inductor", None))
+
+
+def compile_by_default(device) -> bool:
+    """Whether the compiled decode step is the default on ``device`` (see `COMPILE_BY_DEFAULT`)."""
+    return COMPILE_BY_DEFAULT.get(_kind(device), False)
 
 
 def __getattr__(name):

@@ -229,3 +229,37 @@ def describe(device: torch.device | str = "auto") -> DeviceInfo:
         total_memory_bytes=memory_info(dev)[1],
         dtypes=tuple(str(d).removeprefix("torch.") for d in supported_dtypes(dev)),
     )
+
+
+def compiler(device: torch.device | str):
+    """A function ``fn -> compiled fn`` that applies ``torch.compile`` with the backend and mode
+    `parity.devices.compile_backend` names for ``device``, with symbolic shapes (``dynamic=True``: one graph
+    for every size of a dimension, plus one where it is 1). On an npu the backend is torch_npu's graph mode
+    (``torchair.get_npu_backend()``).
+
+    Raises:
+        DeviceError: the device needs a backend that is not installed (torchair on npu).
+    """
+    from parity.devices import compile_backend
+
+    device = torch.device(device)
+    name, mode = compile_backend(device)
+    backend = name
+    if name == "torchair":
+        if importlib.util.find_spec("torchair") is None:
+            raise DeviceError("the compiled step on npu needs torch_npu's graph mode (package 'torchair'); "
+                              "install torch_npu with torchair or run with --enforce-eager")
+        import torchair
+
+        backend = torchair.get_npu_backend(compiler_config=torchair.CompilerConfig())
+
+    # One region (RMSNorm) sees several static widths x (one token, many, empty): more than dynamo's
+    # default 8 graphs per function; past the limit it would silently run eager.
+    dyn = torch._dynamo.config
+    dyn.recompile_limit = max(dyn.recompile_limit, 64)
+
+    def compile_fn(fn):
+        return torch.compile(fn, backend=backend, mode=mode, dynamic=True, fullgraph=False)
+
+    compile_fn.backend_name, compile_fn.mode = name, mode
+    return compile_fn

@@ -1,7 +1,7 @@
 """parity.engine: continuous-batching inference over DeepSeek-V4's compressed caches.
 
 Public API (vLLM-shaped): `LLM`, `SamplingParams`, `AsyncEngine`, `EngineArgs`, `RequestOutput`,
-`CompletionOutput`, `StreamDelta`, `EngineQueueFull`. See issue 4 and DESIGN.md.
+`CompletionOutput`, `StreamDelta`, `EngineQueueFull`; docs/architecture.md maps the modules.
 """
 
 from parity.engine.args import EngineArgs

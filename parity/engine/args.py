@@ -25,7 +25,7 @@ class EngineArgs:
         cache_memory: cache pool size in bytes; None = cache_memory_fraction x free device memory.
         cache_memory_fraction: share of the free device memory (parity.devices.memory_info) for the pool.
         max_waiting: most requests waiting for admission; more -> EngineQueueFull.
-        kv_cache_dtype: "bf16" (exact math) | "fp8" (official rounding, issue 8) | None = model default.
+        kv_cache_dtype: "bf16" (exact math) | "fp8" (official FP8 e4m3 rounding) | None = model default.
         seed: seed of random weights (preset models) and of unseeded sampling.
         quantization: weight format of a checkpoint after loading (`parity.weight_bytes.WEIGHT_FORMATS`:
             fp8 / fp4 as published, w8a8 / w4a8 INT8, bf16 dequantized); None / "auto" = as published,
@@ -35,6 +35,9 @@ class EngineArgs:
             engines without a pool ignore it).
         prefix_block_tokens: tokens per prefix-cache block; None = the least common multiple of the
             compression ratios (128 for DeepSeek-V4); must be a multiple of every ratio.
+        enforce_eager: True = run the model eagerly; False = its compiled regions (`parity.model.compiled`);
+            None = the ``PARITY_ENFORCE_EAGER`` environment variable, else the device default
+            (`parity.devices.compile_by_default`).
     """
 
     model: str | None = None
@@ -51,6 +54,7 @@ class EngineArgs:
     quantization: str | None = None
     enable_prefix_caching: bool = True
     prefix_block_tokens: int | None = None
+    enforce_eager: bool | None = None
 
     @classmethod
     def from_kwargs(cls, **kw) -> "EngineArgs":
@@ -86,3 +90,5 @@ class EngineArgs:
         if self.quantization not in (None, "auto", *WEIGHT_FORMATS):
             raise RequestError(f"engine argument 'quantization' must be auto or one of {', '.join(WEIGHT_FORMATS)}, "
                                f"got {self.quantization!r}")
+        if self.enforce_eager not in (None, True, False):
+            raise RequestError(f"engine argument 'enforce_eager' must be True, False or None, got {self.enforce_eager!r}")

@@ -1,6 +1,6 @@
 """Cache manager: one preallocated pool for every sequence's DeepSeek-V4 cache state.
 
-DeepSeek-V4 keeps, per sequence and layer (paper §2.3; DESIGN.md "Caches of DeepSeek-V4"):
+DeepSeek-V4 keeps, per sequence and layer (paper §2.3; docs/numerics.md, "Cache layout"):
 a sliding-window KV ring buffer (fixed size), the compressor's partial state for the unfinished
 window (fixed size), compressed KV entries (growing, one per `ratio` tokens) and, on CSA layers,
 the lightning indexer's keys (growing). The model describes each component with

@@ -21,7 +21,8 @@ from parity.checkpoint.default_model import ensure_default_model
 from parity.checkpoint.reader import from_pretrained
 from parity.config import load_config
 from parity.engine.args import EngineArgs
-from parity.engine.cache_pool import CachePool, CachePoolExhausted, SequenceCache, _align, normalize_layout
+from parity.engine.cache_pool import CachePool, CachePoolExhausted, SequenceCache, normalize_layout, _align
+from parity.engine.model_runner import prepare_step_path
 from parity.engine.outputs import StreamDelta
 from parity.engine.prefix_cache import PrefixCache, chain_salt
 from parity.engine.sampler import SampleRequest, sample
@@ -121,6 +122,7 @@ class LLMEngine:
         self.config = model.config
         if hasattr(model, "eval"):
             model.eval()
+        self.step_path = prepare_step_path(model, self.device, args.enforce_eager)
         self.tokenizer = load_tokenizer_for(model_dir) if tokenizer == "auto" else tokenizer
         self.vocab_size = int(self.config.vocab_size)
         tok_vocab = getattr(self.tokenizer, "vocab_size", None)

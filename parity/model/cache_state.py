@@ -1,6 +1,6 @@
 """Per-sequence cache state of DeepSeek-V4 and its pluggable storage.
 
-Per sequence and main layer (see ../shared/DESIGN.md "Caches of DeepSeek-V4"):
+Per sequence and main layer (docs/numerics.md, "Cache layout"):
 
 - ``window_kv`` (fixed): ring buffer ``[sliding_window, head_dim]``; token at position t lives in slot
   ``t % sliding_window``.

@@ -16,6 +16,7 @@ from parity.config import CSA, HCA, SLIDING, ModelConfig
 from parity.errors import ConfigError, RequestError
 from parity.model.attention import Attention
 from parity.model.cache_state import CacheAllocator, LayerCache, SequenceState, TorchAllocator
+from parity.model.fast_linear import decode_linear
 from parity.model.layers import HyperConnection, HyperHead, MoE, RMSNorm, rope_cos_sin, rope_inv_freq
 from parity.model.memory import check_fits
 from parity.model.numerics import IndexCodec, KVCodec
@@ -137,7 +138,7 @@ class V4ForCausalLM(nn.Module):
         config: the `ModelConfig`.
         cache_block_entries: compressed entries per growing cache block (default 64).
         kv_cache_dtype: default KV cache mode, "bf16" (unrounded, in the model dtype) or "fp8"
-            (official FP8 rounding of the non-RoPE part, issue 8).
+            (official FP8 rounding of the non-RoPE part).
         indexer_dtype: default indexer mode, "bf16" or "fp4" (official Hadamard + FP4 simulation).
     """
 
@@ -275,7 +276,10 @@ class V4ForCausalLM(nn.Module):
         hc_head = hc_head or self.model.hc_head
         norm = norm or self.model.norm
         x = norm(hc_head(h))
-        return self.lm_head(x.to(self.lm_head.weight.dtype)).float()
+        head = self.lm_head
+        if type(head) is nn.Linear:  # a plain head: the bandwidth-bound formulation (quantized heads: their own)
+            return decode_linear(x.to(head.weight.dtype), head.weight).float()
+        return head(x.to(head.weight.dtype)).float()
 
     @torch.no_grad()
     def forward_incremental(self, tokens, states: list[SequenceState], all_logits: bool = False,
@@ -337,7 +341,7 @@ class V4ForCausalLM(nn.Module):
         Args:
             input_ids: LongTensor[B, S].
             kv_cache_dtype / indexer_dtype: "bf16" (default whatever the model's defaults: the pure math,
-                as transformers) or "fp8" / "fp4" (the official quantization-aware steps, issue 8).
+                as transformers) or "fp8" / "fp4" (the official quantization-aware steps).
             return_hidden: also return the last hidden streams [B, S, hc, H] (input of the MTP module).
         Returns:
             FloatTensor[B, S, vocab] (fp32), or (logits, hidden) when return_hidden.

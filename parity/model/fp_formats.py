@@ -23,8 +23,8 @@ F8_E8M0 [8, 32], and ``layers.0.ffn.experts.0.w1.weight`` I8 [2048, 2048] with `
 
 - FP8 weights: one scale per 128 x 128 tile, scale shape ``[ceil(out / 128), ceil(in / 128)]``;
 - FP4 experts: one scale per 1 x 32 run along the input dimension, scale shape ``[out, in / 32]``;
-- FP8 activation / KV rounding: 1 x 64 blocks along the last dimension (issue 8);
-- FP4 indexer rounding: 1 x 32 blocks along the last dimension (issue 8).
+- FP8 activation / KV rounding: 1 x 64 blocks along the last dimension (official `act_quant(x, 64, "ue8m0")`);
+- FP4 indexer rounding: 1 x 32 blocks along the last dimension (official `fp4_act_quant(x, 32)`).
 
 Scale choice (DeepSeek's ``kernel.py`` ``act_quant`` with ``scale_fmt="ue8m0"`` and ``fp4_act_quant``):
 ``s = 2 ** ceil(log2(amax / fmt_max))`` with ``amax`` clamped below (1e-4 for FP8, ``6 * 2**-126`` for

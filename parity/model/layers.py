@@ -239,8 +239,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
 class SharedExpert(nn.Module):
     """The shared expert: SwiGLU MLP with ``gate_proj``/``up_proj`` [I, H], ``down_proj`` [H, I].
 
-    The current official code clamps it with ``swiglu_limit`` like the routed experts (issue 8 step 3;
-    the first V4-Flash release did not): ``clamp=False`` reproduces that first release.
+    The current official code clamps it with ``swiglu_limit`` like the routed experts (its SwiGLU
+    clamp; the first V4-Flash release did not): ``clamp=False`` reproduces that first release.
     forward(x[T, H]) -> [T, H] in x's dtype.
     """
 

@@ -1,4 +1,4 @@
-"""DeepSeek-V4's quantization-aware inference steps (issue 8), as used by `parity.model`.
+"""DeepSeek-V4's quantization-aware inference steps, as used by `parity.model`.
 
 1. FP8 KV: the non-RoPE part of every KV vector (sliding-window KV and compressed KV) goes through
    FP8 e4m3 in blocks of 64 values with a power-of-two (UE8M0) scale per block; the RoPE part stays in

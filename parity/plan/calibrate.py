@@ -3,8 +3,8 @@
 Opt-in: the shipped constants (`families.toml`, fitted on published entries) stay the default; calibrated ones
 are labelled ``calibrated:<results>``. The fit minimises the squared log error of every measured figure
 (output tok/s per device, median TPOT, median TTFT; `parity.plan.measured`) plus a weak pull towards the
-family's shipped constants (`PRIOR_WEIGHT`), so that a constant the measurements do not constrain stays where it
-was instead of drifting (it is then reported as not determined by the data).
+family's shipped constants (`PRIOR_WEIGHT`) that keeps the fit well posed; a constant the measurements do not
+constrain (`DETERMINED`) is then held at its shipped value and reported as not determined by the data.
 """
 
 from __future__ import annotations
@@ -29,10 +29,13 @@ DETERMINED = 0.01
 
 def fit_constants(points: list[MeasuredPoint], start: dict, prior_weight: float = PRIOR_WEIGHT) -> dict:
     """Least-squares fit (scipy.optimize.least_squares, in log space, bounded by `BOUNDS`) of the constants to
-    `points`, from `start` (also the prior).
+    `points`, from `start` (also the prior). A constant not determined by the data (`DETERMINED`, judged at the
+    fit of all four) is then held at its `start` value and the others are refitted without it.
 
     Returns:
         {"constants": {name: value}, "determined": {name: bool}, "rms_log_error": float, "residuals": n}.
+    Raises:
+        PlanError: the points hold no measured figure.
     """
     from scipy.optimize import least_squares
 
@@ -43,21 +46,37 @@ def fit_constants(points: list[MeasuredPoint], start: dict, prior_weight: float 
     if not pairs:
         raise PlanError("--calibrate: the results hold no measured figure to fit")
 
-    def resid(x):
+    def data_resid(x):
         c = dict(zip(names, np.exp(x), strict=True))
         preds = {p.id: predict_point(p, c, cache) for p in points}
-        r = [math.log(preds[p.id][m] / v) for p, m, v in pairs]
-        return np.array(r + list(math.sqrt(prior_weight) * (x - x0)))
+        return np.array([math.log(preds[p.id][m] / v) for p, m, v in pairs])
 
     lo, hi = math.log(BOUNDS[0]), math.log(BOUNDS[1])
-    sol = least_squares(resid, np.clip(x0, lo, hi - 1e-9), bounds=(lo, hi), x_scale=1.0, xtol=1e-10, ftol=1e-12)
-    c = dict(zip(names, (float(v) for v in np.exp(sol.x)), strict=True))
-    data = resid(sol.x)[: len(pairs)]
+
+    def fit(free):
+        def resid(xf):
+            x = x0.copy()
+            x[free] = xf
+            return np.concatenate([data_resid(x), math.sqrt(prior_weight) * (xf - x0[free])])
+
+        sol = least_squares(resid, np.clip(x0[free], lo, hi - 1e-9), bounds=(lo, hi), x_scale=1.0, xtol=1e-10,
+                            ftol=1e-12)
+        x = x0.copy()
+        x[free] = sol.x
+        return x
+
+    x = fit(np.arange(len(names)))
+    data = data_resid(x)
     determined = {}
     for i, k in enumerate(names):
-        x = sol.x.copy()
-        x[i] += math.log(1.1)
-        determined[k] = bool(np.sqrt(np.sum((resid(x)[: len(pairs)] - data) ** 2)) >= DETERMINED)
+        xi = x.copy()
+        xi[i] += math.log(1.1)
+        determined[k] = bool(np.sqrt(np.sum((data_resid(xi) - data) ** 2)) >= DETERMINED)
+    free = np.array([i for i, k in enumerate(names) if determined[k]], dtype=int)
+    if len(free) < len(names):
+        x = fit(free) if len(free) else x0.copy()
+        data = data_resid(x)
+    c = dict(zip(names, (float(v) for v in np.exp(x)), strict=True))
     return {"constants": c, "determined": determined, "rms_log_error": float(np.sqrt(np.mean(data ** 2))),
             "residuals": len(pairs)}
 

@@ -102,7 +102,10 @@ def _estimate_args(p) -> None:
     p.add_argument("--isl", type=int, default=4096, help="input length (tokens)")
     p.add_argument("--osl", type=int, default=1024, help="output length (tokens)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="attention TP degree")
-    p.add_argument("--data-parallel-size", type=int, default=8, help="attention DP degree (devices = TP x DP)")
+    p.add_argument("--data-parallel-size", type=int, default=None,
+                   help="attention DP degree (devices = TP x DP; default: --num-devices / TP, else 8)")
+    p.add_argument("--num-devices", type=int, default=None,
+                   help="devices of the instance (sets --data-parallel-size = devices / TP)")
     p.add_argument("--expert-parallel-size", type=int, default=0, help="EP degree; must equal TP x DP (default)")
     p.add_argument("--batch-per-device", type=float, default=0.0, help="decode sequences per device")
     p.add_argument("--concurrency", type=float, default=0.0,
@@ -132,10 +135,19 @@ def _estimate_args(p) -> None:
 
 def setup_from_args(args):
     """`Setup` from parsed `parity estimate` arguments."""
+    from parity.errors import PlanError
     from parity.plan.estimate import Setup
 
+    tp, dp, n = args.tensor_parallel_size, args.data_parallel_size, args.num_devices
+    if n is not None:
+        if n < 1 or tp < 1 or n % tp:
+            raise PlanError(f"--num-devices {n} must be a positive multiple of --tensor-parallel-size {tp}")
+        if dp is not None and dp * tp != n:
+            raise PlanError(f"--num-devices {n} != --tensor-parallel-size {tp} x --data-parallel-size {dp}; "
+                            f"give two of the three")
+        dp = n // tp
     return Setup(model=args.model, hardware=args.hardware, phase=args.phase, isl=args.isl, osl=args.osl,
-                 tp=args.tensor_parallel_size, dp=args.data_parallel_size, ep=args.expert_parallel_size,
+                 tp=tp, dp=8 if dp is None else dp, ep=args.expert_parallel_size,
                  batch_per_device=args.batch_per_device, concurrency=args.concurrency,
                  tokens_per_device=args.tokens_per_device, decode_context=args.decode_context, mtp=args.mtp,
                  mtp_acceptance=args.mtp_acceptance, quantization=args.quantization,

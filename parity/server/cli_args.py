@@ -132,6 +132,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="reuse the cached state of shared prompt prefixes (default: on)")
     g.add_argument("--prefix-block-tokens", type=int, default=None,
                    help="tokens per prefix-cache block (default: lcm of the compression ratios, 128 for V4)")
+    g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the model eagerly (--no-enforce-eager: compiled step; default: per device)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
@@ -158,7 +160,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 cache_memory=args.cache_memory, cache_memory_fraction=args.cache_memory_fraction,
                 max_waiting=args.max_waiting, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed,
                 quantization=args.quantization, enable_prefix_caching=args.enable_prefix_caching,
-                prefix_block_tokens=args.prefix_block_tokens)
+                prefix_block_tokens=args.prefix_block_tokens, enforce_eager=args.enforce_eager)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

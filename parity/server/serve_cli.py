@@ -165,10 +165,14 @@ def _serve(args: argparse.Namespace, serving=None) -> int:
         raise
     device = getattr(getattr(engine, "engine", None), "device", args.device)
 
+    sp = getattr(getattr(engine, "engine", None), "step_path", None)
+    path = "" if sp is None else f", {sp.path} step" + (
+        f" ({sp.backend}, compiled in {sp.compile_s:.1f} s)" if sp.path == "compiled" else "")
+
     def ready(_server: Any) -> None:
-        print(f"parity serve: ready: model '{name}' on {device} (max_model_len {engine.max_model_len}, loaded in "
-              f"{load_s:.1f} s) at http://{args.host}:{args.port}/v1{' (API key required)' if api_key else ''}",
-              file=sys.stderr, flush=True)
+        print(f"parity serve: ready: model '{name}' on {device}{path} (max_model_len {engine.max_model_len}, "
+              f"loaded in {load_s:.1f} s) at http://{args.host}:{args.port}/v1"
+              f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
 
     return serve_forever(app, args.host, args.port, drain_timeout_s=args.drain_timeout, log_level=args.log_level,
                          sock=sock, on_ready=ready)

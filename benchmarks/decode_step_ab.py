@@ -1,0 +1,94 @@
+"""A/B of parity decode-step variants on the vs_llamacpp miniature, interleaved in one process.
+
+Variants (each its own copy of the same seeded weights and its own cache states, after a 256-token
+prefill per sequence): "mkl-head" (eager, LM head through ``F.linear``), "eager" (eager, LM head through
+`parity.model.fast_linear`), "compiled" (`parity.model.compiled` regions). Steps alternate between the
+variants (A B C A B C ...), so machine load hits all alike; reported: median and best wall time and
+process CPU time per step (on a shared machine the CPU time of a 1-thread run is the steadier figure),
+the aten op count of one step (torch.profiler) and whether all variants produced the same greedy tokens.
+Provenance of every figure: measured.
+
+Usage:
+    .venv/bin/python benchmarks/decode_step_ab.py [--threads 1] [--batches 1,8] [--steps 40]
+        [--variants mkl-head,eager,compiled]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from vs_llamacpp import miniature_config  # noqa: E402
+
+import parity.model.fast_linear as fl  # noqa: E402
+from parity import devices  # noqa: E402
+from parity.model import build_model  # noqa: E402
+from parity.model.compiled import compile_regions, warm_up  # noqa: E402
+
+ONEDNN_DEFAULT = fl.ONEDNN_MIN_WEIGHT_BYTES
+
+
+def _ops(model, nxt, states) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        model.forward_incremental([[int(t)] for t in nxt], states)
+    return sum(k.count for k in p.key_averages())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--steps", type=int, default=40, help="decode steps per variant")
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--variants", default="mkl-head,eager,compiled")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    cfg = miniature_config()
+    names = a.variants.split(",")
+    models = {n: build_model(cfg, seed=0) for n in names}
+    if "compiled" in models:
+        compile_regions(models["compiled"], devices.compiler("cpu"))
+        print(f"# compiled regions: warm-up (compile or inductor-cache load) {warm_up(models['compiled']):.1f} s")
+    g = torch.Generator().manual_seed(0)
+    for B in (int(b) for b in a.batches.split(",")):
+        prompts = [torch.randint(0, cfg.vocab_size, (a.prompt,), generator=g) for _ in range(B)]
+        states, nxt, toks, res = {}, {}, {}, {n: [] for n in names}
+        for n, m in models.items():
+            states[n] = [m.new_state() for _ in range(B)]
+            nxt[n] = m.forward_incremental(prompts, states[n]).argmax(-1)
+            toks[n] = [nxt[n]]
+        for _ in range(a.steps):
+            for n, m in models.items():
+                fl.ONEDNN_MIN_WEIGHT_BYTES = 1 << 62 if n == "mkl-head" else ONEDNN_DEFAULT
+                t0, c0 = time.perf_counter(), time.process_time()
+                nxt[n] = m.forward_incremental([[int(t)] for t in nxt[n]], states[n]).argmax(-1)
+                res[n].append((time.perf_counter() - t0, time.process_time() - c0))
+                toks[n].append(nxt[n])
+        same = all(torch.equal(torch.stack(toks[n]), torch.stack(toks[names[0]])) for n in names)
+        for n, m in models.items():
+            fl.ONEDNN_MIN_WEIGHT_BYTES = 1 << 62 if n == "mkl-head" else ONEDNN_DEFAULT
+            w = [x[0] * 1e3 for x in res[n][1:]]
+            c = [x[1] * 1e3 for x in res[n][1:]]
+            print(f"batch {B} threads {a.threads} {n:9s}: wall median {statistics.median(w):6.1f} best {min(w):6.1f} ms"
+                  f" | cpu median {statistics.median(c):6.1f} best {min(c):6.1f} ms | "
+                  f"{_ops(m, nxt[n], states[n])} aten ops/step", flush=True)
+            for st in states[n]:
+                st.free()
+        fl.ONEDNN_MIN_WEIGHT_BYTES = ONEDNN_DEFAULT
+        print(f"batch {B}: same greedy tokens in all variants: {same}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

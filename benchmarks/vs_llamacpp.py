@@ -1,0 +1,281 @@
+"""parity vs llama.cpp on the CPU, side by side on the same V4 miniature weights.
+
+Writes the miniature (hidden 256, 6 layers, the real 129,280-token vocabulary, CSA ratio 4, HCA ratio
+128, index_head_dim 64; random weights, seed 0) in the published FP8/FP4 layout, converts it with the
+given llama.cpp's own ``convert_hf_to_gguf.py`` (which keeps FP8 linears as Q8_0 and experts as MXFP4)
+and requantizes that to F32 (the release weights' exact values) with ``llama-quantize``; parity loads
+the same checkpoint with those values as fp32 weights. Then it runs ``llama-batched-bench`` (batch 1 and 8)
+and parity's model interleaved (A B A B, ``--rounds`` rounds) at each
+thread count, and prints tokens/s with the median of the per-round ratios parity / llama.cpp.
+
+llama.cpp variants: "F32" = F32 weights with its defaults (f16 KV cache, flash attention);
+"strict" = F32 weights, f32 KV cache, no flash attention (fp32 math end to end, like parity).
+
+Bandwidth bound (decode): bytes read per token = the bytes of every weight a decode step touches
+(attention, compressors and indexers, mHC, router, shared expert, the activated routed experts -- at
+batch B the distinct experts of B * k picks, at most all of them, counted as min(E, B * k) -- and the
+LM head, in their stored dtype) plus the cache bytes read (window and compressed entries at the
+measured context length), divided by B; bound tokens/s = read bandwidth / that, with the read bandwidth
+of benchmarks/read_bandwidth.py (best of 10 numpy-sum passes over 4x the LLC, 1 and 2 threads).
+
+The same run asserts that parity's logits (the path measured) equal the eager fp32 reference
+(``F.linear`` everywhere, one forward without cache) to 1e-5, with
+``torch.get_float32_matmul_precision() == "highest"``, so no speed comes from lower precision.
+
+Usage:
+    .venv/bin/python benchmarks/vs_llamacpp.py --llama-cpp DIR [--bin DIR/build/bin] [--threads 1,2]
+        [--rounds 6] [--prompt 256] [--gen 32] [--no-strict] [--compiled] [--work /tmp/vs_llamacpp]
+
+DIR is a llama.cpp source tree (e.g. vendor/llama.cpp of the PyPI sdist llama-cpp-python 0.3.36) built
+with cmake (Release, GGML_NATIVE=ON); ``--bin`` holds llama-batched-bench and llama-quantize. Provenance of
+every figure: measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from engine_throughput import bench_config  # noqa: E402
+from read_bandwidth import read_bandwidth  # noqa: E402
+
+from parity.checkpoint.writer import export_model  # noqa: E402
+from parity.model import build_model  # noqa: E402
+
+
+def miniature_config():
+    """The benchmark miniature: engine_throughput's, with index_head_dim 64."""
+    return bench_config().replace(index_head_dim=64)
+
+
+def write_release(out: Path) -> Path:
+    """The seeded miniature in the published layout (FP8 e4m3 linears with 128x128 UE8M0 scales, FP4 e2m1
+    routed experts with 1x32 UE8M0 scales, the rest BF16/F32), as `parity export-tiny` writes it."""
+    if not (out / "config.json").exists():
+        export_model(build_model(miniature_config(), seed=0), out, seed=0)
+    return out
+
+
+def dequantized(model):
+    """The model with every FP8 linear / FP4 expert block replaced by fp32 weights of the same values
+    (what llama.cpp's F32 GGUF of the release holds), and the unrounded cache / indexer modes."""
+    from torch import nn
+
+    from parity.model.layers import Experts
+    from parity.model.quant import FP4Experts
+
+    for name, mod in list(model.named_modules()):
+        parent, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        if hasattr(mod, "qweight") and not isinstance(mod, FP4Experts):
+            w = mod.weight.float()
+            lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+            lin.weight = nn.Parameter(w, requires_grad=False)
+            setattr(owner, leaf, lin)
+        elif isinstance(mod, FP4Experts):
+            ex = Experts(mod.n_experts, mod.down_proj.shape[1], mod.inter, mod.limit)
+            ex.gate_up_proj = nn.Parameter(mod.gate_up_proj.float(), requires_grad=False)
+            ex.down_proj = nn.Parameter(mod.down_proj.float(), requires_grad=False)
+            setattr(owner, leaf, ex)
+    model.kv_cache_dtype, model.indexer_dtype = "bf16", "bf16"
+    return model
+
+
+def convert(llama_dir: Path, bin_dir: Path, ckpt: Path) -> dict[str, Path]:
+    """GGUFs of the release checkpoint: "release" (llama.cpp's own conversion: FP8 linears -> Q8_0,
+    experts -> MXFP4, the rest F32), "F32" and "Q8_0" (llama-quantize --allow-requantize of it)."""
+    out = {"release": ckpt.parent / "mini-release.gguf", "F32": ckpt.parent / "mini-f32.gguf",
+           "Q8_0": ckpt.parent / "mini-q8_0.gguf"}
+    if not out["release"].exists():
+        subprocess.run([sys.executable, str(llama_dir / "convert_hf_to_gguf.py"), str(ckpt), "--outtype", "f32",
+                        "--outfile", str(out["release"])], check=True, stdout=subprocess.DEVNULL)
+    for kind in ("F32", "Q8_0"):
+        if not out[kind].exists():
+            subprocess.run([str(bin_dir / "llama-quantize"), "--allow-requantize", str(out["release"]),
+                            str(out[kind]), kind], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out
+
+
+def llama_batched(bin_dir: Path, gguf: Path, threads: int, prompt: int, gen: int, batches: list[int],
+                  strict: bool) -> dict[int, dict]:
+    """llama-batched-bench prefill and decode tokens/s per batch size (each sequence its own prompt).
+    (llama-bench would do batch 1, but it does not accept an f32 KV cache, so both batch sizes use
+    llama-batched-bench for every variant.)"""
+    kv = ["-ctk", "f32", "-ctv", "f32", "-fa", "off"] if strict else ["-fa", "on"]
+    ctx = max(batches) * (prompt + gen) + 64
+    r = subprocess.run([str(bin_dir / "llama-batched-bench"), "-m", str(gguf), "-t", str(threads), "-c", str(ctx),
+                        "-npp", str(prompt), "-ntg", str(gen), "-npl", ",".join(map(str, batches)),
+                        "--output-format", "jsonl", *kv], check=True, capture_output=True, text=True)
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    return {row["pl"]: {"prefill": row["speed_pp"], "decode": row["speed_tg"]} for row in rows}
+
+
+def parity_run(model, threads: int, prompt: int, gen: int, batch: int, seed: int = 0) -> dict:
+    """parity's model: one prefill of ``batch`` x ``prompt`` tokens, then ``gen`` greedy decode steps."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(seed)
+    V = model.config.vocab_size
+    states = [model.new_state() for _ in range(batch)]
+    try:
+        prompts = [torch.randint(0, V, (prompt,), generator=g) for _ in range(batch)]
+        t0 = time.perf_counter()
+        nxt = model.forward_incremental(prompts, states).argmax(-1)
+        t_pre = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(gen):
+            nxt = model.forward_incremental([[int(t)] for t in nxt], states).argmax(-1)
+        t_dec = time.perf_counter() - t0
+    finally:
+        for st in states:
+            st.free()
+    return {"prefill": batch * prompt / t_pre, "decode": batch * gen / t_dec}
+
+
+def logit_check_ids(model, prompt: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, model.config.vocab_size, (prompt + 4,), generator=g)
+
+
+def reference_logits(model, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+    """The eager fp32 reference: `forward_logits` over the whole sequence with the ``F.linear`` head
+    (call before compiling), logits of positions prompt - 1 .. end. Raises AssertionError unless fp32
+    matmuls run at full precision."""
+    import parity.model.fast_linear as fl
+
+    assert torch.get_float32_matmul_precision() == "highest", "fp32 matmul precision must be 'highest'"
+    saved = fl.ONEDNN_MIN_WEIGHT_BYTES
+    fl.ONEDNN_MIN_WEIGHT_BYTES = 1 << 62
+    try:
+        return model.forward_logits(ids[None])[0, prompt - 1:]
+    finally:
+        fl.ONEDNN_MIN_WEIGHT_BYTES = saved
+
+
+def check_logits(model, ids: torch.Tensor, prompt: int, ref: torch.Tensor, tol: float = 1e-5) -> float:
+    """Max |logit difference| between the measured path (incremental prefill + 4 decode steps) and
+    ``ref`` (`reference_logits`). Raises AssertionError above ``tol``."""
+    st = model.new_state()
+    try:
+        got = [model.forward_incremental([ids[:prompt]], [st])[0]]
+        for i in range(prompt, prompt + 4):
+            got.append(model.forward_incremental([ids[i:i + 1]], [st])[0])
+    finally:
+        st.free()
+    err = (torch.stack(got) - ref).abs().max().item()
+    assert err <= tol, f"parity logits differ from the eager fp32 reference by {err:.2e} > {tol:.0e}"
+    return err
+
+
+def decode_bytes_per_token(model, batch: int, context: int) -> float:
+    """Bytes read per decode token (module docstring): touched weights + cache, divided by the batch."""
+    cfg = model.config
+    total = 0
+    for name, p in model.named_parameters():
+        if name.startswith("model.embed_tokens"):
+            total += batch * p.shape[1] * p.element_size()  # one row per token
+        elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            used = min(cfg.n_routed_experts, batch * cfg.num_experts_per_tok)
+            total += used * p[0].numel() * p.element_size()
+        elif "tid2eid" not in name:
+            total += p.numel() * p.element_size()
+    esize = model.model.embed_tokens.weight.element_size()
+    for layer in model.model.layers:
+        r = layer.self_attn.ratio
+        entries = min(context, cfg.sliding_window) + (context // r if r else 0)
+        total += batch * entries * cfg.head_dim * esize
+    return total / batch
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llama-cpp", required=True, type=Path, help="llama.cpp source dir (convert_hf_to_gguf.py)")
+    ap.add_argument("--bin", type=Path, default=None, help="dir with llama-batched-bench, llama-quantize")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--gen", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--no-strict", action="store_true", help="skip llama.cpp's strict fp32 variant")
+    ap.add_argument("--compiled", action="store_true", help="parity with its compiled regions (default: eager)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/vs_llamacpp"))
+    a = ap.parse_args()
+    bin_dir = a.bin or a.llama_cpp / "build" / "bin"
+    threads = [int(t) for t in a.threads.split(",")]
+    a.work.mkdir(parents=True, exist_ok=True)
+    ckpt = write_release(a.work / "mini-release")
+    from parity.checkpoint.reader import from_pretrained
+
+    model = dequantized(from_pretrained(str(ckpt), dtype=torch.float32))  # the values of llama.cpp's F32 GGUF
+    gguf = convert(a.llama_cpp, bin_dir, ckpt)["F32"]
+    ids = logit_check_ids(model, a.prompt)
+    ref = reference_logits(model, ids, a.prompt)
+    if a.compiled:
+        from parity import devices
+        from parity.model.compiled import compile_regions, warm_up
+
+        compile_regions(model, devices.compiler("cpu"))
+        print(f"# parity compiled regions: warm-up {warm_up(model):.1f} s", file=sys.stderr)
+    err = check_logits(model, ids, a.prompt, ref)
+    commit = subprocess.run(["git", "-C", str(a.llama_cpp), "rev-parse", "--short=9", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    print(f"# vs_llamacpp: llama.cpp {commit} ({bin_dir}); torch {torch.__version__}; load {os.getloadavg()[0]:.1f}; "
+          f"parity {'compiled' if a.compiled else 'eager'}; logits vs eager fp32 reference: max |diff| {err:.1e} "
+          f"(<= 1e-5)")
+    variants = ["F32"] + ([] if a.no_strict else ["strict"])
+    cells = ("prefill_1", "decode_1", f"prefill_{a.batch}", f"decode_{a.batch}")
+    res = {(who, t, c): [] for who in ["parity", *variants] for t in threads for c in cells}
+    for r in range(a.rounds):
+        for t in threads:
+            for who in (["parity", *variants] if r % 2 == 0 else [*variants, "parity"]):  # A B, then B A
+                if who == "parity":
+                    one = parity_run(model, t, a.prompt, a.gen, 1)
+                    many = parity_run(model, t, a.prompt, a.gen, a.batch)
+                else:
+                    both = llama_batched(bin_dir, gguf, t, a.prompt, a.gen, [1, a.batch], who == "strict")
+                    one, many = both[1], both[a.batch]
+                for c, v in zip(cells, (one["prefill"], one["decode"], many["prefill"], many["decode"]), strict=True):
+                    res[(who, t, c)].append(v)
+        print(f"# round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
+    bw = {t: read_bandwidth(t) for t in threads}
+    ctx = a.prompt + a.gen // 2
+    print(f"# read bandwidth: {', '.join(f'{t} thread(s) {bw[t] / 1e9:.1f} GB/s' for t in threads)}; "
+          f"medians of {a.rounds} interleaved rounds; ratio = median over rounds of parity / llama.cpp")
+    tt = " / ".join(str(t) for t in threads)
+    print("| tokens/s | threads | parity | llama.cpp F32 | ratio |"
+          + (" llama.cpp strict | ratio |" if "strict" in variants else "") + " decode bound (bandwidth) |")
+    print("|---|---|---|---|---|" + ("---|---|" if "strict" in variants else "") + "---|")
+    for c in cells:
+        kind, b = c.split("_")
+        row = [f"{kind}{' ' + str(a.prompt) if kind == 'prefill' else ''}, batch {b}", tt]
+        for who in ["parity", *variants]:
+            row.append(" / ".join(f"{statistics.median(res[(who, t, c)]):,.0f}" for t in threads))
+            if who != "parity":
+                row.append(" / ".join(f"{median_ratio(res[('parity', t, c)], res[(who, t, c)]):.2f}"
+                                      for t in threads))
+        if kind == "decode":
+            bpt = decode_bytes_per_token(model, int(b), ctx)
+            row.append(" / ".join(f"{bw[t] / bpt:,.0f}" for t in threads) + f" ({bpt / 1e6:.0f} MB/token)")
+        else:
+            row.append("-")
+        print("| " + " | ".join(row) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
