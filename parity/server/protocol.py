@@ -220,7 +220,9 @@ def _json_kind(value: Any) -> str:
     if not isinstance(value, list):
         return _JSON_NAMES.get(type(value), type(value).__name__)
     kinds = list(dict.fromkeys(_JSON_NAMES.get(type(v), type(v).__name__) for v in value))
-    return "an empty list" if not kinds else "a list holding " + " and ".join(kinds[:3]) + ("..." if len(kinds) > 3 else "")
+    if not kinds:
+        return "an empty list"
+    return "a list holding " + " and ".join(kinds[:3]) + ("..." if len(kinds) > 3 else "")
 
 
 #: Deepest JSON nesting accepted in a request body (levels); a body nested deeper gets 400.
