@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from parity import __version__
@@ -62,12 +63,52 @@ def subparser_of(parser: argparse.ArgumentParser, command: str | None) -> argpar
     return None
 
 
-def reject_unknown(parser: argparse.ArgumentParser, command: str | None, extras: list[str]) -> None:
-    """Exit (status 2) with the sub-command's usage and one line for the first unknown argument: the reason
-    for an unsupported vLLM flag (parity.server.vllm_flags), or the closest known flag."""
+def innermost_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The parser of the most nested sub-command `argv` names (`bench report ...` -> the `report` parser),
+    following the leading words that are sub-command names; `parser` when there is none."""
+    for word in argv:
+        if word.startswith("-"):
+            break
+        sub = subparser_of(parser, word)
+        if sub is None:
+            break
+        parser = sub
+    return parser
+
+
+#: A value that argparse would take for a flag because it starts with "-": a negative number, possibly
+#: with a unit suffix (`-5T`, `-3`, `-0.5`, `-inf`).
+_NEGATIVE_VALUE = re.compile(r"-(\d|\.\d|inf\b|nan\b)", re.IGNORECASE)
+
+
+def join_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--tokens -5T` -> `--tokens=-5T` for every flag of the sub-command that takes a value, so that
+    argparse hands a negative value to the flag's own check ("--tokens must be positive") instead of
+    failing with "expected one argument"."""
+    actions = innermost_parser(parser, argv)._option_string_actions
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        action = actions.get(word)
+        if (action is not None and action.nargs in (None, 1) and word.startswith("--") and i + 1 < len(argv)
+                and _NEGATIVE_VALUE.match(argv[i + 1])):
+            out.append(f"{word}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(word)
+        i += 1
+    return out
+
+
+def reject_unknown(parser: argparse.ArgumentParser, command: str | None, extras: list[str],
+                   argv: list[str] | None = None) -> None:
+    """Exit (status 2) with the (innermost, when `argv` is given) sub-command's usage and one line for the first
+    unknown argument: the reason for an unsupported vLLM flag (parity.server.vllm_flags), or the closest known
+    flag."""
     from parity.server.vllm_flags import VLLM_FLAGS, unknown_flag_message
 
-    sub = subparser_of(parser, command) or parser
+    sub = innermost_parser(parser, argv) if argv is not None else (subparser_of(parser, command) or parser)
     first = next((x for x in extras if x.startswith("-")), extras[0])
     if not first.startswith("-"):
         sub.error(f"unrecognized argument {first!r}")
@@ -78,9 +119,10 @@ def reject_unknown(parser: argparse.ArgumentParser, command: str | None, extras:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     words = list(sys.argv[1:] if argv is None else argv)
-    args, extras = parser.parse_known_args(_two_word(words))
+    argv_in = join_negative_values(parser, _two_word(words))
+    args, extras = parser.parse_known_args(argv_in)
     if extras:
-        reject_unknown(parser, getattr(args, "command", None), extras)
+        reject_unknown(parser, getattr(args, "command", None), extras, argv_in)
     args.command_line = ["parity", *words]  # recorded by commands that write results (parity bench)
     if not getattr(args, "func", None):
         parser.print_help()

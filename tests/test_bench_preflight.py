@@ -48,3 +48,11 @@ def test_existing_results_file_is_not_overwritten(capsys, server, tmp_path):
     rc, _, _ = bench(capsys, "--base-url", server.base_url, "--model", "tiny", "--workload", "fixed:in=4,out=2",
                      "--num-prompts", "2", "--output", str(out_file), "--overwrite")
     assert rc == 0 and out_file.read_text() != "precious"
+
+
+def test_output_path_is_checked_before_any_request(capsys, tmp_path):
+    # a dead server: the --output error must come first, before any connection is tried
+    dead = f"http://127.0.0.1:{free_port()}"
+    for bad, why in ((tmp_path / "nope" / "x.json", "does not exist"), (tmp_path, "is a directory")):
+        rc, err, out = bench(capsys, "--base-url", dead, "--model", "tiny", "--output", str(bad))
+        assert rc == 2 and len(err) == 1 and err[0].startswith("parity bench: error: --output") and why in err[0], err

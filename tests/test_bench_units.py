@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -329,3 +330,19 @@ def test_report_labels_trace_runs_and_cdfs_start_at_zero(tmp_path):
             assert ax.get_xlim()[0] == 0
     finally:
         plt.close(fig)
+
+
+@pytest.mark.parametrize("field,value,named", [
+    ("requests", "oops", "'requests'"), ("energy_meters", "oops", "'energy_meters'"),
+    ("summary", "oops", "'summary'"), ("config", 5, "'config'"), ("requests", [5], "'requests[0]'"),
+    ("requests", [{}], "'requests[0].index'"), ("energy", [1], "'energy'"), ("notes", "x", "'notes'"),
+])
+def test_report_damaged_result_names_file_and_field(tmp_path, field, value, named):
+    from parity.bench.report import write_report
+
+    res = _fake_result(1, 0.05)
+    res[field] = value
+    p = tmp_path / "damaged.json"
+    p.write_text(json.dumps(res))
+    with pytest.raises(BenchError, match=rf"damaged\.json is damaged: field {re.escape(named)} must be"):
+        write_report([p], tmp_path / "r.html")

@@ -341,3 +341,31 @@ def test_load_official_checks_memory_first(small_dir, monkeypatch):
         load_official(small_dir, progress=False)
     with pytest.raises(DeviceError, match="this device has 0.0 GiB free"):
         from_pretrained(small_dir)
+
+
+def test_export_tiny_seed_out_of_range_names_the_range(tmp_path, capsys):
+    from parity.cli import main
+    from parity.seeds import SEED_MAX, SEED_MIN
+
+    with pytest.raises(SystemExit) as e:
+        main(["export-tiny", str(tmp_path / "x"), "--seed", "99999999999999999999999"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"[{SEED_MIN}, {SEED_MAX}]" in err and "--seed" in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_tiny_refuses_empty_path_and_non_empty_directory(tmp_path, monkeypatch, capsys):
+    from parity.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["export-tiny", ""]) == 2
+    assert "output directory is empty ('')" in capsys.readouterr().err and not os.listdir(tmp_path)
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "notes.txt").write_text("keep me")
+    assert main(["export-tiny", str(d)]) == 2
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert os.listdir(d) == ["notes.txt"]
+    calls = []
+    monkeypatch.setattr(writer, "export_tiny", lambda out, seed, preset: calls.append(out) or Path(out))
+    assert main(["export-tiny", str(d), "--overwrite"]) == 0 and calls == [d]

@@ -4,7 +4,7 @@ Imports are read with `ast` from the source files (nothing is imported): module-
 module is imported), function-level ones (run when the function is called) and ``importlib.import_module("...")``
 calls with a literal name. Layers, lowest first::
 
-    0  parity (the package root), parity.errors, parity.config, parity.shapes
+    0  parity (the package root), parity.errors, parity.config, parity.shapes, parity.seeds
     1  parity.devices, parity.tokenizer
     2  parity.model
     3  parity.checkpoint
@@ -33,6 +33,7 @@ LAYERS = {
     "parity.errors": 0,
     "parity.config": 0,
     "parity.shapes": 0,
+    "parity.seeds": 0,
     "parity.data": 0,
     "parity.openai_client": 0,
     "parity.weight_bytes": 0,
@@ -59,7 +60,7 @@ FORBIDDEN = {
 
 #: Areas whose modules must not load torch when imported (directly or through any module-level import chain).
 TORCH_FREE = ("parity.bench", "parity.plan", "parity.shapes", "parity.config", "parity.errors", "parity.tokenizer",
-              "parity.devices.energy", "parity.openai_client", "parity.weight_bytes")
+              "parity.devices.energy", "parity.openai_client", "parity.weight_bytes", "parity.seeds")
 
 #: Modules exempt from the layer rule as importers, with the reason.
 LAYER_EXEMPT = {

@@ -148,6 +148,11 @@ def test_cli_compare_train_and_validate(tmp_path, capsys):
     (["plan", "train", "--hardware", "h800", "--tokens", "0"], "--tokens"),
     (["plan", "train", "--hardware", "h800", "--num-devices", "0"], "--num-devices"),
     (["compare", "train", "--hardware", "h800", "--out", "x.html"], ".png"),
+    (["plan", "train", "--hardware", "910c", "--pue", "nan"], "--pue must be a finite number >= 1"),
+    (["compare", "train", "--hardware", "910c", "--pue", "inf"], "--pue must be a finite number >= 1"),
+    (["plan", "train", "--hardware", "910c", "--num-devices", "99999999999999"],
+     "the cluster is too large for the global batch (each data-parallel replica needs at least one micro-batch of "
+     "4,096 tokens"),
 ])
 def test_bad_input_is_one_clear_line(argv, needle, capsys):
     assert main(argv) == 2

@@ -11,10 +11,10 @@ import time
 import httpx
 import openai
 import pytest
+from test_server_fakes import FakeChatFormat, FakeEngine, FakeSamplingParams, default_respond
 
 from parity.server.app import ServerSettings, build_app
 from parity.server.launcher import ThreadedServer
-from test_server_fakes import FakeChatFormat, FakeEngine, FakeSamplingParams, default_respond
 
 KEY = "sk-test-key"
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
@@ -76,6 +76,11 @@ def test_models_and_health(server, client):
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")
     assert httpx.get(server.base_url + "/health").json() == {"status": "ok"}
+
+
+def test_head_health_is_200_without_a_body(server):
+    r = httpx.head(server.base_url + "/health")
+    assert r.status_code == 200 and r.content == b"" and r.headers["content-type"] == "application/json"
 
 
 def test_chat_non_stream_and_stream_agree(client):
@@ -214,6 +219,23 @@ def test_completions(client, server):
     assert [c.choices[0].finish_reason for c in st if c.choices][-1] == "length"
 
 
+def test_completions_stream_sends_no_empty_text_chunks(server):
+    """Deltas that bring no text yet (multi-byte characters split over tokens here; stop-string matching holds
+    text back the same way) send no chunk: their token ids and logprobs go with the next chunk."""
+    body = {"prompt": "Hello", "max_tokens": 30, "logprobs": 1, "return_token_ids": True}
+    whole = post(server, "/v1/completions", body).json()["choices"][0]
+    chunks = []
+    with httpx.stream("POST", server.base_url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks.extend(json.loads(line[6:])["choices"])
+    assert all(c["text"] for c in chunks[:-1]) and chunks[-1]["finish_reason"] == "length", chunks
+    assert "".join(c["text"] for c in chunks) == whole["text"] and any(ord(x) > 127 for x in whole["text"])
+    assert [t for c in chunks for t in c["token_ids"]] == whole["token_ids"]
+    assert sum(len(c["logprobs"]["tokens"]) for c in chunks) == len(whole["token_ids"]) == 30
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 BAD = [
     ("malformed json", "/v1/chat/completions", b'{"model": "tiny", "messages": [', None, "invalid_json"),
@@ -224,6 +246,8 @@ BAD = [
      "temperature", "invalid_type"),
     ("wrong type nested", "/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]},
      "messages.0.content", "invalid_type"),
+    ("null content", "/v1/chat/completions", {"messages": [{"role": "user", "content": None}]},
+     "messages.0.content", "invalid_value"),
     ("bad role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", None),
     ("unknown field", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "foo": 1}, "foo",
      "unrecognized_argument"),
@@ -289,6 +313,17 @@ def test_bad_input_gives_openai_400(server, name, path, body, param, code):
         assert err["param"] == param, err
     if code is not None:
         assert err["code"] == code, err
+
+
+@pytest.mark.parametrize("prompt,got", [([1.5], "a list holding a number"),
+                                        ([True, False], "a list holding a boolean"),
+                                        (["a", 1], "a list holding a string and an integer"), (5, "an integer")])
+def test_completions_prompt_of_wrong_type_names_the_accepted_forms(server, prompt, got):
+    r = post(server, "/v1/completions", {"prompt": prompt})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "prompt" and err["message"] == (
+        "Invalid value for 'prompt': must be a string, a list of strings, a list of token ids (integers) or a list "
+        f"of such lists (got {got})"), err
 
 
 def test_bad_input_is_seen_by_openai_client_and_server_survives(client, server):

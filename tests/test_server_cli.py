@@ -16,11 +16,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from test_server_fakes import FakeChatFormat, FakeEngine, FakeSamplingParams
 
 from parity.server.app import ServerSettings, build_app
-from parity.server.serve_cli import default_model_name, parse_bytes, register
 from parity.server.launcher import ThreadedServer, free_port
-from test_server_fakes import FakeChatFormat, FakeEngine, FakeSamplingParams
+from parity.server.serve_cli import default_model_name, parse_bytes, register
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -53,8 +53,8 @@ def test_chat_loop_streams_reasoning_separately():
     from rich.console import Console
 
     from parity.errors import RequestError
-    from parity.server.serve_cli import chat_loop
     from parity.openai_client import first_model, stream_chat
+    from parity.server.serve_cli import chat_loop
 
     eng = FakeEngine(step_s=0.0005)
     app = build_app(eng, ServerSettings(served_model_names=["tiny"], api_key="k"), chat_format=FakeChatFormat(),
@@ -81,8 +81,8 @@ def test_chat_loop_skips_a_line_that_is_not_utf8_and_carries_on():
     from rich.console import Console
 
     from parity.errors import RequestError
-    from parity.server.serve_cli import chat_loop, run_chat
     from parity.openai_client import stream_chat
+    from parity.server.serve_cli import chat_loop, run_chat
 
     eng = FakeEngine(step_s=0.0005)
     app = build_app(eng, ServerSettings(served_model_names=["tiny"]), chat_format=FakeChatFormat(),
@@ -234,3 +234,29 @@ def test_ctrl_c_drains_with_a_message_then_a_second_exits_at_once_without_traceb
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("extra", [[], ["--chat"]])
+def test_generate_non_utf8_prompt_is_one_clear_error_before_loading(extra):
+    from parity.errors import RequestError
+
+    bad = b"\xff\xfe".decode("utf-8", "surrogateescape")  # how Python decodes non-UTF-8 argv
+    args = build_parser().parse_args(["generate", "--prompt", bad, "--max-tokens", "2", *extra])
+    with pytest.raises(RequestError, match="^--prompt: the prompt is not valid UTF-8$"):
+        args.func(args)
+
+
+def test_chat_think_command_takes_on_or_off_only():
+    from rich.console import Console
+
+    from parity.server.serve_cli import chat_loop
+
+    lines = iter(["/think maybe", "/think", "/think on", "/think", "/think OFF", "/think on off", "/help", "/exit"])
+    buf = io.StringIO()
+    args = build_parser().parse_args(["chat", "--max-tokens", "4"])
+    rc = chat_loop("http://127.0.0.1:1", "tiny", api_key=None, args=args, read=lambda _: next(lines),
+                   console=Console(file=buf, width=200, color_system=None))
+    out = buf.getvalue().splitlines()[1:]  # after the banner; no request is sent
+    assert rc == 0 and out[0] == out[5] == "error: usage: /think on|off (/think alone shows whether thinking is on)"
+    assert out[1:5] == ["(thinking off)", "(thinking on)", "(thinking on)", "(thinking off)"]
+    assert "/think on|off (thinking mode; /think alone shows it)" in out[6]

@@ -124,11 +124,14 @@ def add_run_args(p) -> None:
 
 def run(args) -> int:
     """`parity bench`: returns 0 on success, 1 when no request completed, 130 when interrupted (results saved)."""
+    from parity.bench.result import check_output_path
     from parity.bench.runner import run_bench
     from parity.bench.workloads import parse_workload
     from parity.errors import BenchError
 
     cfg = config_from_args(args)
+    if args.output:
+        check_output_path(args.output)  # before any request: a run is not lost to a typo in the path
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise BenchError(f"--output {args.output} exists; pass --overwrite to replace it, or choose another file")
     cfg.validate(need_model=False)  # bad flags first: no network for a typo

@@ -7,8 +7,29 @@ import os
 import tempfile
 from pathlib import Path
 
+from parity.bench.result_check import check_result
 from parity.bench.result_schema import RESULT_SCHEMA, RESULT_VERSION
 from parity.errors import BenchError
+
+
+def check_output_path(path: str | Path) -> Path:
+    """Check that a result can be written to `path` (run before any request is sent): its directory exists
+    and is writable, and `path` is not a directory.
+
+    Returns:
+        `path` as a Path.
+    Raises:
+        BenchError: naming --output and what is wrong.
+    """
+    path = Path(path)
+    d = path.parent
+    if path.is_dir():
+        raise BenchError(f"--output: {path} is a directory; expected a file name such as {path / 'results.json'}")
+    if not d.is_dir():
+        raise BenchError(f"--output: directory {d} does not exist")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise BenchError(f"--output: directory {d} is not writable")
+    return path
 
 
 def save_result(result: dict, path: str | Path) -> Path:
@@ -17,10 +38,8 @@ def save_result(result: dict, path: str | Path) -> Path:
     Raises:
         BenchError: the directory does not exist or is not writable (message names --output).
     """
-    path = Path(path)
-    d = path.parent if str(path.parent) else Path(".")
-    if not d.is_dir():
-        raise BenchError(f"--output: directory {d} does not exist")
+    path = check_output_path(path)
+    d = path.parent
     try:
         fd, tmp = tempfile.mkstemp(prefix=".bench-", suffix=".json", dir=d)
         with os.fdopen(fd, "w") as f:
@@ -35,7 +54,8 @@ def load_result(path: str | Path) -> dict:
     """Read a result written by `save_result`.
 
     Raises:
-        BenchError: missing file, invalid JSON, or not a parity bench result of a known version.
+        BenchError: missing file, invalid JSON, not a parity bench result of a known version, or a field of
+            the wrong type (`parity.bench.result_check.check_result`).
     """
     path = Path(path)
     if not path.is_file():
@@ -51,6 +71,7 @@ def load_result(path: str | Path) -> dict:
     for key in ("summary", "requests", "config"):
         if key not in data:
             raise BenchError(f"bench report: {path} lacks the {key!r} section")
+    check_result(data, path)
     return data
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 from parity.bench.frontier import pareto_frontier, point_figures
@@ -115,6 +116,8 @@ def run_sweep(cfg: BenchConfig, concurrencies: list[int] | None, rates: list[flo
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BenchError(f"bench sweep: cannot create --out-dir {out}: {e}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise BenchError(f"bench sweep: --out-dir {out} is not writable")
     tokenizer = tokenizer or load_bench_tokenizer(cfg.tokenizer)
     if meter is None and cfg.energy and transport is None:
         meter = open_meters(cfg.energy, devices=cfg.energy_devices)

@@ -14,15 +14,14 @@ import math
 from dataclasses import dataclass, field
 
 from parity.errors import RequestError
+from parity.seeds import SEED_MAX, SEED_MIN
 
 #: Sampling with a temperature below this is treated as greedy (vLLM's `_SAMPLING_EPS`, 1e-5).
 SAMPLING_EPS = 1e-5
 #: Upper bound of top-N logprobs a request may ask for (vLLM's default `max_logprobs` is 20).
 MAX_LOGPROBS = 20
-#: `seed` range: a signed 64-bit integer, as vLLM's protocol (torch.iinfo(torch.long)); with n > 1,
-#: choice i uses seed + i, so seed + n - 1 must fit too.
-SEED_MIN = -(2**63)
-SEED_MAX = 2**63 - 1
+#: `seed` range (SEED_MIN, SEED_MAX, defined in parity.seeds): with n > 1, choice i uses seed + i, so
+#: seed + n - 1 must fit too.
 #: Largest finite float32 (IEEE 754 binary32): the sampler computes in float32, so every float field must fit.
 FLOAT32_MAX = 3.4028234663852886e38
 #: `top_k` upper bound: a signed 32-bit integer; any value >= the vocabulary size means "keep every token",

@@ -21,13 +21,16 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
-from parity.errors import PlanError
+from parity.distributed.config import ParallelConfig
+from parity.errors import ParallelError, PlanError
 from parity.plan.arch import load_arch
 from parity.plan.hardware import family_of, get_hardware
 from parity.plan.serving_model import (
     IMBALANCE,
     Deployment,
     groups_terms,
+    hbm_budget,
+    max_batch,
     mixed_step_groups,
     op_costs,
     stack_of,
@@ -108,9 +111,12 @@ class Setup:
             raise PlanError(f"--eplb is {self.eplb!r}: expected one of {', '.join(IMBALANCE)}")
         if not 0 <= self.prefix_hit_rate < 1:
             raise PlanError(f"--prefix-hit-rate must be in [0, 1), got {self.prefix_hit_rate}")
-        for name in ("batch_per_device", "concurrency", "tokens_per_device", "decode_context"):
-            if getattr(self, name) < 0:
-                raise PlanError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_per_device", "concurrency", "tokens_per_device", "decode_context", "mtp_acceptance"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise PlanError(f"--{_flag(name)} must be a finite number >= 0, got {v}")
+        if not isinstance(self.redundant_experts, int) or self.redundant_experts < 0:
+            raise PlanError(f"--redundant-experts must be an integer >= 0, got {self.redundant_experts!r}")
         if self.mtp < 0 or self.mtp_acceptance < 0 or self.mtp_acceptance > self.mtp + 1:
             raise PlanError(f"--mtp {self.mtp} / --mtp-acceptance {self.mtp_acceptance}: acceptance must be a rate "
                             f"in [0, 1] or an accepted length in (1, mtp + 1]")
@@ -180,6 +186,7 @@ def build(setup: Setup) -> Evaluator:
     setup.validate()
     arch, hw = load_arch(setup.model), get_hardware(setup.hardware)
     s = setup
+    check_layout(arch, s)
     isl_u = max(1.0, s.isl * (1 - s.prefix_hit_rate))   # tokens actually prefilled per request
     ctx = s.decode_context or s.isl + s.osl / 2
     info = {"isl_uncached": isl_u, "n_devices": s.n_devices}
@@ -213,6 +220,7 @@ def build(setup: Setup) -> Evaluator:
         dp = n_dec // s.tp
         b = math.ceil(conc / dp - 1e-9) / s.tp
         info.update(concurrency=conc, batch_per_device=b, tokens_per_step=dep.tokens_per_step)
+        _warn_cache_fit(info, arch, hw, dep, b, s.decode_context or s.isl + s.osl)
         terms["decode"] = groups_terms(op_costs(arch, hw, dep, "decode", b * (1 + dep.mtp), ctx, b), hw, dep).compact()
         if s.phase == "serving" and not s.disagg:
             chunk = min(isl_u, s.token_budget())
@@ -220,6 +228,48 @@ def build(setup: Setup) -> Evaluator:
             terms["mixed"] = groups_terms(mixed_step_groups(arch, hw, dep, b, ctx, chunk / s.tp, s.isl),
                                           hw, dep, eager=True).compact()
     return Evaluator(setup=s, terms=terms, info=info)
+
+
+def check_layout(arch, s: Setup) -> None:
+    """Refuse a layout the model cannot be split into: attention TP must divide the query heads and output
+    groups (and the other TP-split sizes `parity serve` checks: `parity.distributed.config.ParallelConfig`),
+    and EP over every device (TP x DP, or each disaggregated pool) needs at least one expert per device.
+
+    Raises:
+        PlanError: naming --tensor-parallel-size or the device count and the limit.
+    """
+    cfg = getattr(arch, "cfg", None)
+    if cfg is not None:
+        try:
+            ParallelConfig(tensor_parallel_size=s.tp).validate(cfg)
+        except ParallelError as e:
+            raise PlanError(f"--tensor-parallel-size {s.tp}: {e}") from None
+    elif getattr(arch, "d", {}).get("num_attention_heads", 1) % s.tp:
+        raise PlanError(f"--tensor-parallel-size {s.tp} does not divide the {arch.d['num_attention_heads']} "
+                        f"attention heads of {s.model}; choose a size that divides it")
+    experts = arch.n_experts + s.redundant_experts
+    pools = [s.prefill_devices, s.decode_devices] if s.disagg and s.phase == "serving" else [s.n_devices]
+    for n in pools:
+        if n > experts:
+            raise PlanError(f"{n} devices hold more than the {experts} experts of {s.model} ({arch.n_experts} "
+                            f"routed + {s.redundant_experts} redundant): experts are spread over every device "
+                            f"(EP = TP x DP), one at least on each; use at most {experts} devices")
+
+
+def _warn_cache_fit(info: dict, arch, hw, dep: Deployment, batch: float, ctx: float) -> None:
+    """Add a warning to `info` when `batch` sequences per device at `ctx` tokens do not fit their caches
+    beside the weights (`serving_model.max_batch`; weights over HBM are warned about on their own)."""
+    if hbm_budget(arch, hw, dep) <= 0:
+        return
+    cap = max_batch(arch, hw, dep, ctx)
+    if batch > cap:
+        need = batch * dep.attn_tp * arch.cache_bytes_seq(ctx, dep.kv_dtype)
+        seqs = f"{batch:,.0f}" if batch >= 10 else f"{batch:g}"
+        info.setdefault("warnings", []).append(
+            f"the caches of {seqs} sequences per device at {ctx:,.0f} tokens need {need / 1e9:,.0f} GB per "
+            f"device beside the weights, {hbm_budget(arch, hw, dep) / 1e9:,.0f} GB free on {hw.id} (HBM "
+            f"{hw.hbm_gb:.0f} GB): at most {math.floor(cap):,} sequences per device fit; the figures assume "
+            f"they all do")
 
 
 def figures(ev: Evaluator, consts: dict) -> dict:

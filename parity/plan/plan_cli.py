@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 PLAN_EPILOG = """exit codes: 0 a deployment meets the SLOs, 1 none does (the reason names the limiting resource),
             2 bad input (one-line error)"""
@@ -107,12 +108,13 @@ def _estimate_args(p) -> None:
     p.add_argument("--num-devices", type=int, default=None,
                    help="devices of the instance (sets --data-parallel-size = devices / TP)")
     p.add_argument("--expert-parallel-size", type=int, default=0, help="EP degree; must equal TP x DP (default)")
-    p.add_argument("--batch-per-device", type=float, default=0.0, help="decode sequences per device")
-    p.add_argument("--concurrency", type=float, default=0.0,
-                   help="sequences in flight over the instance (1 = single-stream latency)")
-    p.add_argument("--tokens-per-device", type=float, default=0.0,
-                   help="prefill tokens per device per step (default: one prompt per TP group)")
-    p.add_argument("--decode-context", type=float, default=0.0, help="decode KV length (default isl + osl/2)")
+    p.add_argument("--batch-per-device", type=float, default=None, help="decode sequences per device (> 0)")
+    p.add_argument("--concurrency", type=float, default=None,
+                   help="sequences in flight over the instance (> 0; 1 = single-stream latency)")
+    p.add_argument("--tokens-per-device", type=float, default=None,
+                   help="prefill tokens per device per step (> 0; default: one prompt per TP group)")
+    p.add_argument("--decode-context", type=float, default=None,
+                   help="decode KV length in tokens (> 0; default isl + osl/2)")
     p.add_argument("--mtp", type=_mtp, default=0, help="off or K MTP draft tokens per step")
     p.add_argument("--mtp-acceptance", type=float, default=0.0,
                    help="acceptance rate per draft (<= 1) or expected accepted length per step (> 1)")
@@ -139,6 +141,12 @@ def setup_from_args(args):
     from parity.plan.estimate import Setup
 
     tp, dp, n = args.tensor_parallel_size, args.data_parallel_size, args.num_devices
+    given = {}
+    for name in ("batch_per_device", "concurrency", "tokens_per_device", "decode_context"):
+        v = getattr(args, name)
+        if v is not None and not (v > 0 and math.isfinite(v)):  # left out = derived; given = a real amount
+            raise PlanError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v:g}")
+        given[name] = v or 0.0
     if n is not None:
         if n < 1 or tp < 1 or n % tp:
             raise PlanError(f"--num-devices {n} must be a positive multiple of --tensor-parallel-size {tp}")
@@ -148,8 +156,7 @@ def setup_from_args(args):
         dp = n // tp
     return Setup(model=args.model, hardware=args.hardware, phase=args.phase, isl=args.isl, osl=args.osl,
                  tp=tp, dp=8 if dp is None else dp, ep=args.expert_parallel_size,
-                 batch_per_device=args.batch_per_device, concurrency=args.concurrency,
-                 tokens_per_device=args.tokens_per_device, decode_context=args.decode_context, mtp=args.mtp,
+                 **given, mtp=args.mtp,
                  mtp_acceptance=args.mtp_acceptance, quantization=args.quantization,
                  kv_cache_dtype=args.kv_cache_dtype, prefix_hit_rate=args.prefix_hit_rate, eplb=args.eplb,
                  tbo=args.tbo, disagg=args.disagg, prefill_devices=args.prefill_devices,

@@ -48,7 +48,7 @@ def parse_tokens(text: str | float | int) -> float:
     if isinstance(text, (int, float)):
         v = float(text)
     else:
-        mt = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*", str(text).lower())
+        mt = re.fullmatch(r"\s*([+-]?[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*", str(text).lower())
         if not mt:
             raise PlanError(f"--tokens {text!r}: expected a number with an optional K/M/B/T suffix, e.g. 33T")
         v = float(mt.group(1)) * _SUFFIX[mt.group(2)]
@@ -106,8 +106,8 @@ def plan_train(model: str, hardware: str, n_devices: int, tokens, seq_len: int =
         raise PlanError(f"--num-devices must be a positive integer, got {n_devices!r}")
     if seq_len < 1:
         raise PlanError(f"--seq-len must be a positive number of tokens, got {seq_len}")
-    if pue < 1:
-        raise PlanError(f"--pue must be >= 1 (facility power / IT power), got {pue}")
+    if not (math.isfinite(pue) and pue >= 1):
+        raise PlanError(f"--pue must be a finite number >= 1 (facility power / IT power), got {pue}")
     gbt = DEFAULT_GLOBAL_BATCH_TOKENS if global_batch_tokens is None else parse_tokens(global_batch_tokens)
     hw = get_hardware(hardware)
     shape = load_shape(model)
@@ -120,9 +120,10 @@ def plan_train(model: str, hardware: str, n_devices: int, tokens, seq_len: int =
                         f"gradients and AdamW state = {shape.total_params * 18 / 1e12:,.1f} TB, sharded over every "
                         f"chip, plus activations, in {usable:,.0f} GB usable of {hw.hbm_gb:,.0f} GB per chip)")
     fp8 = hw.peak("fp8") is not None
-    best, smallest = None, None
+    best, smallest, min_dp = None, None, n_devices
     options = [(rc, z) for rc in RECOMPUTE for z in (1, 2, 3)]
     for base in _layouts(shape, hw, n_devices, seq_len, fp8):
+        min_dp = min(min_dp, base.dp)
         if gbt < base.dp * base.micro_batch * seq_len / 2:
             continue
         m = max(1, round(gbt / (base.dp * base.micro_batch * seq_len)))
@@ -137,11 +138,15 @@ def plan_train(model: str, hardware: str, n_devices: int, tokens, seq_len: int =
             if best is None or r["tokens_per_s_per_chip"] > best["tokens_per_s_per_chip"]:
                 best = r
     if best is None:
-        why = (f"the smallest layout needs {smallest / 1e9:,.0f} GB per chip" if smallest else
-               f"global batch {gbt:,.0f} tokens is smaller than one micro-batch per data-parallel replica")
-        raise PlanError(f"no TP/PP/EP/CP layout of {n_devices} x {hw.id} trains {shape.name} at seq {seq_len} with a "
-                        f"global batch of {gbt:,.0f} tokens: {why} of {usable:,.0f} GB usable (memory); "
-                        f"use more chips or a larger --global-batch-tokens")
+        head = (f"no TP/PP/EP/CP layout of {n_devices} x {hw.id} trains {shape.name} at seq {seq_len} with a "
+                f"global batch of {gbt:,.0f} tokens: ")
+        if smallest is None:  # every layout has more data-parallel replicas than the batch has sequences
+            raise PlanError(head + f"the cluster is too large for the global batch (each data-parallel replica "
+                            f"needs at least one micro-batch of {seq_len:,} tokens, and every layout of "
+                            f"{n_devices:,} chips has at least {min_dp:,} replicas); use fewer chips or "
+                            f"--global-batch-tokens of at least {min_dp * seq_len:,}")
+        raise PlanError(head + f"the smallest layout needs {smallest / 1e9:,.0f} GB per chip of {usable:,.0f} GB "
+                        f"usable (memory); use more chips or a larger --global-batch-tokens")
     return _result(shape, hw, best, tok, seq_len, pue, _provenance(fam, summary, hw.family), consts, fam)
 
 

@@ -2,7 +2,7 @@
 
 Endpoints: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions` (`ServingChat`),
 `POST /v1/completions` (`ServingCompletion`), both streaming with server-sent events and not,
-`GET /health`, `GET /metrics` (Prometheus). Errors have OpenAI's shape (see errors.py). `/openapi.json`
+`GET|HEAD /health`, `GET /metrics` (Prometheus). Errors have OpenAI's shape (see errors.py). `/openapi.json`
 publishes the request-body schemas (the pydantic models of protocol.py).
 """
 
@@ -95,9 +95,11 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None, *, c
         return JSONResponse(OpenAIError(500, f"Internal server error: {type(e).__name__}: {e}").body(),
                             status_code=500)
 
+    @app.head("/health", include_in_schema=False)
     @app.get("/health")
     async def health() -> Response:
-        """200 {"status": "ok"} while the engine runs; 503 when its loop has stopped or it reports an error."""
+        """200 {"status": "ok"} while the engine runs; 503 when its loop has stopped or it reports an error.
+        HEAD gets the same status and headers without the body (load balancers probe with either)."""
         if getattr(engine, "errored", False):
             return JSONResponse({"status": "error"}, status_code=503)
         if settings.manage_engine and getattr(engine, "running", True) is False:

@@ -10,21 +10,12 @@ import time
 from typing import Any
 
 from parity.errors import RequestError
-from parity.server.cli_args import build_engine, default_model_name, sampling_kwargs
+from parity.server.cli_args import build_engine, default_model_name, is_utf8, sampling_kwargs
 from parity.server.vllm_flags import apply_mapped_flags
 
-
-def _is_utf8(text: str) -> bool:
-    """False when `text` holds lone surrogates: how Python decodes bytes that are not valid UTF-8 from
-    stdin/argv (errors="surrogateescape"); such a string cannot be sent as JSON."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-_HELP = "commands: /think on|off (thinking mode), /reset (forget the conversation), /exit"
+_HELP = ("commands: /think on|off (thinking mode; /think alone shows it), /reset (forget the conversation), "
+         "/exit")
+_THINK_USAGE = "usage: /think on|off (/think alone shows whether thinking is on)"
 
 
 def chat_loop(base_url: str, model: str, *, api_key: str | None, args: argparse.Namespace,
@@ -72,7 +63,7 @@ def chat_loop(base_url: str, model: str, *, api_key: str | None, args: argparse.
         line = line.strip()
         if not line:
             continue
-        if not _is_utf8(line):
+        if not is_utf8(line):
             con.print("[red]error:[/] input is not valid UTF-8; line ignored")
             continue
         if line in ("/exit", "/quit"):
@@ -81,8 +72,13 @@ def chat_loop(base_url: str, model: str, *, api_key: str | None, args: argparse.
             history = [m for m in history if m["role"] == "system"]
             con.print("[dim](conversation cleared)[/]")
             continue
-        if line.startswith("/think"):
-            thinking = not line.endswith("off")
+        words = line.split()
+        if words[0] == "/think":
+            if len(words) > 2 or (len(words) == 2 and words[1].lower() not in ("on", "off")):
+                con.print(f"[red]error:[/] {_THINK_USAGE}")
+                continue
+            if len(words) == 2:
+                thinking = words[1].lower() == "on"
             con.print(f"[dim](thinking {'on' if thinking else 'off'})[/]")
             continue
         if line.startswith("/"):
@@ -147,7 +143,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
     apply_mapped_flags(args)
     SamplingParams(**sampling_kwargs(args)).validate()  # bad sampling flags: one clear error, up front
-    if args.system is not None and not _is_utf8(args.system):
+    if args.system is not None and not is_utf8(args.system):
         raise RequestError("--system: the system prompt is not valid UTF-8")
     api_key = args.api_key or os.environ.get("PARITY_API_KEY") or None
     if args.base_url:

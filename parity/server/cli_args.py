@@ -75,6 +75,16 @@ def parse_nonempty(text: str) -> str:
     return str(text)
 
 
+def is_utf8(text: str) -> bool:
+    """False when `text` holds lone surrogates: how Python decodes bytes that are not valid UTF-8 from
+    stdin/argv (errors="surrogateescape"); such a string can be neither tokenized nor sent as JSON."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def load_checkpoint_tokenizer(model: str | None, skip: bool = False) -> Any:
     """The tokenizer of a checkpoint directory, loaded before the model so that a broken
     `tokenizer.json` stops the command at once with one line naming the file.

@@ -29,7 +29,7 @@ from parity.server.errors import bad_request, pydantic_errors_to_openai
 MAX_N = 16
 MAX_STOP = 16
 #: `seed` range (SEED_MIN, SEED_MAX): a signed 64-bit integer, as vLLM's protocol; defined once, in
-#: parity.engine.sampling_params, shared with SamplingParams.validate.
+#: parity.seeds, shared with SamplingParams.validate.
 
 
 def _integral_float(v: Any) -> Any:
@@ -201,7 +201,28 @@ def parse_body(raw: bytes, model_cls: type[BaseModel]) -> Any:
     try:
         return model_cls.model_validate(obj, strict=True)
     except ValidationError as e:
-        raise pydantic_errors_to_openai(e.errors(include_url=False)) from None
+        errors = e.errors(include_url=False)
+        if (model_cls is CompletionRequest and errors and errors[0].get("loc", ())[:1] == ("prompt",)
+                and errors[0].get("type") != "missing"
+                and not any(x.get("type") == "extra_forbidden" for x in errors)):
+            raise bad_request("Invalid value for 'prompt': must be a string, a list of strings, a list of token ids "
+                              f"(integers) or a list of such lists (got {_json_kind(obj['prompt'])})",
+                              param="prompt", code="invalid_type") from None
+        raise pydantic_errors_to_openai(errors) from None
+
+
+_JSON_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+               dict: "an object", type(None): "null"}
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in JSON's terms: "a number", "a list holding a string and an integer", ..."""
+    if not isinstance(value, list):
+        return _JSON_NAMES.get(type(value), type(value).__name__)
+    kinds = list(dict.fromkeys(_JSON_NAMES.get(type(v), type(v).__name__) for v in value))
+    if not kinds:
+        return "an empty list"
+    return "a list holding " + " and ".join(kinds[:3]) + ("..." if len(kinds) > 3 else "")
 
 
 #: Deepest JSON nesting accepted in a request body (levels); a body nested deeper gets 400.

@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Any
 
+from parity.errors import RequestError
 from parity.server.chat_cli import chat_loop, run_chat
 from parity.server.cli_args import (
     add_engine_args,
@@ -19,6 +20,7 @@ from parity.server.cli_args import (
     build_engine,
     default_model_name,
     engine_kwargs,
+    is_utf8,
     load_checkpoint_tokenizer,
     loading,
     parse_bytes,
@@ -29,8 +31,8 @@ from parity.server.cli_args import (
     parse_positive_seconds,
     sampling_kwargs,
 )
-from parity.server.vllm_flags import add_mapped_flags, apply_mapped_flags
 from parity.server.parallel_serve import add_parallel_args
+from parity.server.vllm_flags import add_mapped_flags, apply_mapped_flags
 
 __all__ = ["build_engine", "chat_loop", "default_model_name", "load_checkpoint_tokenizer", "parse_bytes",
            "register", "run_chat", "run_generate", "run_serve"]
@@ -185,6 +187,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from parity.engine import LLM, SamplingParams
 
     apply_mapped_flags(args)
+    if not is_utf8(args.prompt):
+        raise RequestError("--prompt: the prompt is not valid UTF-8")
     chat = args.chat or args.thinking
     sp = SamplingParams(n=args.n, logprobs=args.logprobs, **sampling_kwargs(args))
     sp.validate()  # fail fast (e.g. --sampling-seed out of range), before the model loads

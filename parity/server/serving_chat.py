@@ -233,9 +233,15 @@ def message_dict(m: P.ChatMessage, index: int) -> dict[str, Any]:
     """An OpenAI message as the plain dict `encode_chat` takes; text parts are joined.
 
     Raises:
-        OpenAIError(400): a content part that is not text, naming `messages.<i>.content.<j>.type`.
+        OpenAIError(400): a content part that is not text, naming `messages.<i>.content.<j>.type`; a null or
+            missing content, naming `messages.<i>.content`, except in an assistant message that carries
+            tool_calls (as OpenAI allows) or reasoning_content.
     """
     content = m.content
+    if content is None and not (m.role == "assistant" and (m.tool_calls or m.reasoning_content is not None)):
+        raise bad_request(f"messages[{index}].content: a {m.role} message needs content (a string or a list of "
+                          "text parts); only an assistant message with tool_calls may leave it null",
+                          param=f"messages.{index}.content", code="invalid_value")
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):

@@ -29,7 +29,8 @@ from parity.server.state import OpenAIServer
 @dataclass
 class CompletionGeneration(Generation):
     """A completions Generation: `logprobs` (top-N per token, None: no logprobs), the echoed prompt text
-    per choice index, and each streamed choice's character offset in its `text` so far."""
+    per choice index, each streamed choice's character offset in its `text` so far, and the token ids and logprobs
+of its deltas that brought no text yet (`held`: sent with its next chunk)."""
 
     logprobs: int | None = None
     skip_special_tokens: bool = True
@@ -38,6 +39,7 @@ class CompletionGeneration(Generation):
     echo_text: dict[int, str] = field(default_factory=dict)
     offsets: dict[int, int] = field(default_factory=dict)
     decoders: dict[int, Any] = field(default_factory=dict)
+    held: dict[int, tuple[list[int], list[Any]]] = field(default_factory=dict)
 
 
 class ServingCompletion(OpenAIServing):
@@ -119,9 +121,18 @@ class ServingCompletion(OpenAIServing):
 
     def stream_delta(self, gen: CompletionGeneration, ch: Choice, d: EngineDelta, ids: list[int],
                      text: str) -> Iterable[str]:
-        if not text and not ids and not ch.finished:
+        lps = list(getattr(d, "logprobs", None) or [])
+        if not text and not ch.finished and (not ids or self.server.tokenizer is not None):
+            # no text yet (held back by stop-string matching, or part of a UTF-8 character): no empty chunk;
+            # the ids and logprobs go with the next chunk (without a tokenizer text is always empty: ids go now)
+            if ids:
+                held_ids, held_lps = gen.held.setdefault(ch.index, ([], []))
+                held_ids.extend(ids)
+                held_lps.extend(lps)
             return ()
-        lps = getattr(d, "logprobs", None) or []
+        if ch.index in gen.held:
+            held_ids, held_lps = gen.held.pop(ch.index)
+            ids, lps = held_ids + list(ids), held_lps + lps
         c = {"index": ch.index, "text": text,
              "logprobs": self._lp_obj(gen, ids, lps, gen.offsets[ch.index], gen.decoders[ch.index]) if ids else None,
              "finish_reason": ch.finish_reason if ch.finished else None}
