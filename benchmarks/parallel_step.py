@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from parity.config import load_preset
 from parity.distributed import ParallelConfig
 from parity.distributed.context import free_port, init_parallel, shutdown_parallel
-from parity.model.deepseek_v4 import build_model
+from parity.model.build import build_model
 
 
 def measure(model, batch: int, prompt: int, steps: int) -> tuple[float, float]:

@@ -12,9 +12,7 @@ Hugging Face `config.json` of a DeepSeek-V4 checkpoint in every form transformer
   `quantization_config`, `expert_dtype`;
 
 and writes the modern form back (`to_dict`) so that `transformers.DeepseekV4Config(**d)` accepts it.
-Unknown keys are kept in `extra` and written back unchanged.
-
-This module must not import torch: `parity.plan` runs anywhere.
+Unknown keys are kept in `extra` and written back unchanged. Torch-free (`parity.plan` reads it).
 """
 
 from __future__ import annotations

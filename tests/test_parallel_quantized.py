@@ -15,7 +15,7 @@ from parity.config import load_preset
 from parity.distributed import ParallelConfig
 from parity.distributed.context import ParallelContext, free_port, init_parallel, shutdown_parallel
 from parity.errors import ParallelError
-from parity.model.deepseek_v4 import build_model
+from parity.model.build import build_model
 from parity.weight_bytes import estimate_weight_bytes
 
 

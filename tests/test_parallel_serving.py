@@ -11,7 +11,7 @@ from parity.config import load_preset
 from parity.distributed import ParallelConfig
 from parity.engine import LLM, AsyncEngine, EngineArgs, SamplingParams
 from parity.engine.worker import ModelSpec, launch_local
-from parity.model.deepseek_v4 import build_model
+from parity.model.build import build_model
 from parity.server.app import ServerSettings, build_app
 from parity.server.launcher import ThreadedServer
 from parity.server.parallel_serve import FAILURE_EXIT_CODE, ParallelServing

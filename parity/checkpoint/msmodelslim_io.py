@@ -30,7 +30,8 @@ from parity.checkpoint.msmodelslim import (
 from parity.checkpoint.tensor_io import torch_dtype
 from parity.config import load_config, load_preset
 from parity.errors import CheckpointError
-from parity.model.deepseek_v4 import V4ForCausalLM, _reset_rope, build_model
+from parity.model.deepseek_v4 import V4ForCausalLM
+from parity.model.build import reset_rope, build_model
 from parity.model.int8_quant import Int8Experts, Int8Linear, pack_int4_rows, quantize_weight_per_channel
 from parity.model.memory import check_fits, estimate_weight_bytes
 
@@ -129,7 +130,7 @@ def load_msmodelslim(path: str | Path, device="cpu", dtype: torch.dtype = torch.
         _set(model, name, Int8Experts(e, h, two_i // 2, float(getattr(old, "limit", cfg.swiglu_limit)), bits,
                                       device=meta))
     model.to_empty(device=dev)
-    _reset_rope(model)
+    reset_rope(model)
     _fill(model, cfg, files, routes)
     model.config = cfg
     model.kv_cache_dtype = kv_cache_dtype or "bf16"

@@ -38,7 +38,8 @@ from parity.devices.capability_table import no_fp8_requested
 from parity.errors import CheckpointError
 from parity.model import fp_formats as ff
 from parity.model import quant
-from parity.model.deepseek_v4 import V4ForCausalLM, _reset_rope
+from parity.model.deepseek_v4 import V4ForCausalLM
+from parity.model.build import reset_rope
 from parity.model.memory import check_fits
 from parity.model.parallel_layers import (
     Shard,
@@ -194,7 +195,7 @@ def _build_skeleton(cfg: ModelConfig, dev, dtype, quantized: bool, block: tuple[
     if parallel is not None:
         parallelize_(model, parallel)
     model.to_empty(device=dev)
-    _reset_rope(model)
+    reset_rope(model)
     for m in model.modules():
         if isinstance(m, quant._FP8WeightMixin):
             m.native_fp8 = bool(native_fp8)

@@ -34,7 +34,8 @@ from parity.checkpoint.official_reader import load_official
 from parity.checkpoint.shards import is_official_checkpoint, missing_index_cause
 from parity.config import load_config
 from parity.errors import CheckpointError, ParallelError
-from parity.model.deepseek_v4 import V4ForCausalLM, _reset_rope, resolve_dtype
+from parity.model.deepseek_v4 import V4ForCausalLM
+from parity.model.build import reset_rope, resolve_dtype
 from parity.model.memory import check_fits
 from parity.model.parallel_layers import expert_part, parallelize_, shard_spec
 
@@ -113,7 +114,7 @@ def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_c
     if sharded:
         parallelize_(model, parallel)
     model.to_empty(device=dev)
-    _reset_rope(model)
+    reset_rope(model)
     model.to_dtype(dtype)
     _copy_tensors(model, cfg, files, plan, drop_mtp, {k: tuple(v.shape) for k, v in expected.items()},
                   parallel if sharded else None)

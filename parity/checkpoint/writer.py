@@ -33,7 +33,7 @@ from parity.checkpoint.tensor_io import torch_dtype
 from parity.config import ModelConfig, load_preset
 from parity.errors import CheckpointError
 from parity.model import fp_formats as ff
-from parity.model.deepseek_v4 import build_model
+from parity.model.build import build_model
 from parity.model.memory import check_fits, estimate_weight_bytes
 
 #: Shard size of the exporter (bytes); the release uses ~4-5 GB shards, the miniature a few tens of MB

@@ -38,7 +38,7 @@ POLL_S = 0.2
 
 @dataclass
 class ModelSpec:
-    """What every rank loads: `parity.engine.llm_engine.load_model` arguments (picklable)."""
+    """What every rank loads: `parity.engine.model_loading.load_model` arguments (picklable)."""
 
     model: str | None
     device_type: str
@@ -48,7 +48,7 @@ class ModelSpec:
 
 
 def _load(spec: ModelSpec, ctx):
-    from parity.engine.llm_engine import load_model, resolve_dtype  # engine module: heavy import, rank-local
+    from parity.engine.model_loading import load_model, resolve_dtype  # heavy import, rank-local
 
     dtype = resolve_dtype(spec.dtype, ctx.device)
     model, _ = load_model(spec.model, ctx.device, dtype, spec.seed, spec.quantization, parallel=ctx)

@@ -18,7 +18,7 @@ __all__ = ["build_model", "V4ForCausalLM", "SequenceState", "CacheAllocator", "T
 
 def __getattr__(name):
     if name in ("build_model", "V4ForCausalLM"):
-        from parity.model import deepseek_v4 as _m
+        from parity.model import build as _m
         return getattr(_m, name)
     if name in ("SequenceState", "CacheAllocator", "TorchAllocator"):
         from parity.model import cache_state as _c

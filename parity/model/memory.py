@@ -1,6 +1,6 @@
 """How much memory a model's weights need, and a check that refuses to build one that cannot fit.
 
-`check_fits` is called before anything is allocated (`parity.model.deepseek_v4.build_model` and the
+`check_fits` is called before anything is allocated (`parity.model.build.build_model` and the
 readers and writer of `parity.checkpoint`) and raises a `DeviceError` naming the model, the estimate,
 the dtype, the device and its free memory.
 

@@ -1,0 +1,70 @@
+"""Loading the model and tokenizer an engine serves: a checkpoint directory, a preset or the bundled default."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from parity import devices
+from parity.checkpoint.default_model import ensure_default_model
+from parity.checkpoint.reader import from_pretrained
+from parity.config import load_config
+from parity.errors import RequestError
+from parity.model.build import build_model
+
+log = logging.getLogger("parity.engine")
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """Model dtype: explicit (torch.dtype or name), else float32 on CPU and bfloat16 where supported."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return torch.bfloat16 if torch.bfloat16 in devices.supported_dtypes(device) else torch.float32
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise RequestError(f"engine argument 'dtype' is {dtype!r}: expected one of {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[name]
+
+
+def load_model(model: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0,
+               quantization: str | None = None, parallel=None):
+    """(model, checkpoint dir or None) for EngineArgs.model (directory, preset name or None = default);
+    `quantization` reaches `from_pretrained` (checkpoints only: a preset is built in `dtype`); ``parallel``:
+    a `parity.distributed.context.ParallelContext` to load this rank's part only.
+
+    Raises:
+        RequestError: a quantization other than auto / bf16 for a preset model.
+    """
+    kw = {} if parallel is None else {"parallel": parallel}
+    if model is None:
+        path = ensure_default_model()
+        return from_pretrained(path, device=device, dtype=dtype, quantization=quantization, **kw), path
+    p = Path(str(model)).expanduser()
+    if p.is_dir():
+        return from_pretrained(p, device=device, dtype=dtype, quantization=quantization, **kw), p
+    if quantization not in (None, "auto", "bf16"):
+        raise RequestError(f"engine argument 'quantization' {quantization!r} needs a checkpoint directory; "
+                           f"preset {model!r} is built with random float weights")
+    return build_model(load_config(str(model)), device=device, dtype=dtype, seed=seed, **kw), None
+
+
+def load_tokenizer_for(model_dir: Path | None):
+    """parity.tokenizer's tokenizer for a checkpoint (or the bundled V4 vocabulary); None if unavailable."""
+    try:
+        from parity.tokenizer import load_tokenizer  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    try:
+        return load_tokenizer(model_dir)
+    except Exception as e:  # tokenizer trouble must not stop token-id generation
+        log.warning("no tokenizer available (%s); text prompts and stop strings are disabled", e)
+        return None
