@@ -35,8 +35,11 @@ from parity.bench.workloads import build_requests
 
 
 def start_server(ttft_ms: float, itl_ms: float) -> tuple[subprocess.Popen, str]:
-    p = subprocess.Popen([sys.executable, "-m", "parity.bench.fake_server", "--ttft-ms", str(ttft_ms),
-                          "--itl-ms", str(itl_ms)], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "parity.bench.fake_server", "--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     line = p.stdout.readline().split()
     assert line and line[0] == "READY", line
     return p, line[1]
@@ -85,8 +88,17 @@ def concurrency_256(tok, n: int, out: int, ttft_ms: float, itl_ms: float, burst:
     try:
         reqs, _ = build_requests(f"fixed:in=64,out={out}", tok, n, seed=0)
         # 256 warm-up requests open the 256 connections (and server threads) before the measured run
-        cfg = BenchConfig(base_url=url, model="fake", workload=f"fixed:in=64,out={out}", num_prompts=n,
-                          max_concurrency=256, warmup=256, request_rate=rate, progress=False, energy="none")
+        cfg = BenchConfig(
+            base_url=url,
+            model="fake",
+            workload=f"fixed:in=64,out={out}",
+            num_prompts=n,
+            max_concurrency=256,
+            warmup=256,
+            request_rate=rate,
+            progress=False,
+            energy="none",
+        )
         res, cpu_s, wall_s = run(cfg, reqs, tok)
         lag = lags(res, url)
     finally:
@@ -97,37 +109,57 @@ def concurrency_256(tok, n: int, out: int, ttft_ms: float, itl_ms: float, burst:
     dur = s["duration_s"]
     how = "all sent at once (burst)" if burst else f"Poisson arrivals at {rate:.1f} req/s (steady state)"
     print(f"## 256 concurrent streams, {how}: {n} requests x {out} tokens, script TTFT {ttft_ms} ms, ITL {itl_ms} ms")
-    print(f"completed {s['completed']}, failed {s['failed']}, peak in flight {s['max_concurrent_requests']}, "
-          f"run {dur:.2f} s, {n * events / dur:,.0f} SSE events/s received")
-    print(f"client CPU: {cpu_s / n * 1e3:.2f} ms per request, {cpu_s / (n * events) * 1e6:.1f} us per SSE event "
-          f"({cpu_s / dur * 100:.0f}% of one core)")
+    print(
+        f"completed {s['completed']}, failed {s['failed']}, peak in flight {s['max_concurrent_requests']}, "
+        f"run {dur:.2f} s, {n * events / dur:,.0f} SSE events/s received"
+    )
+    print(
+        f"client CPU: {cpu_s / n * 1e3:.2f} ms per request, {cpu_s / (n * events) * 1e6:.1f} us per SSE event "
+        f"({cpu_s / dur * 100:.0f}% of one core)"
+    )
     print("latency added on each side, median / p99 ms (joined with the server's own log):")
     print(f"  send lag (client send path + server accept/parse): {_ms(lag['send'])}")
     print(f"  first-token receive lag (loopback + client):      {_ms(lag['first'])}")
     print(f"  end-of-stream receive lag (loopback + client):    {_ms(lag['end'])}")
-    print(f"measured - script, median / p99 ms: TTFT {s['ttft_ms']['median'] - ttft_ms:+.2f} / "
-          f"{s['ttft_ms']['p99'] - ttft_ms:+.2f}, ITL {s['itl_ms']['median'] - itl_ms:+.2f} / "
-          f"{s['itl_ms']['p99'] - itl_ms:+.2f}")
+    print(
+        f"measured - script, median / p99 ms: TTFT {s['ttft_ms']['median'] - ttft_ms:+.2f} / "
+        f"{s['ttft_ms']['p99'] - ttft_ms:+.2f}, ITL {s['itl_ms']['median'] - itl_ms:+.2f} / "
+        f"{s['itl_ms']['p99'] - itl_ms:+.2f}"
+    )
 
 
-def rate_sweep(tok, rates: list[float], seconds: float, out: int, ttft_ms: float, itl_ms: float,
-               workers: int = 1) -> None:
+def rate_sweep(
+    tok, rates: list[float], seconds: float, out: int, ttft_ms: float, itl_ms: float, workers: int = 1
+) -> None:
     from parity.bench.runner import run_bench
 
     proc, url = start_server(ttft_ms, itl_ms)
     best, fails = None, 0
-    print(f"## rate sweep, {workers} client process(es): Poisson arrivals, {seconds:g} s per rate, {out} tokens "
-          f"per request, script TTFT {ttft_ms} ms, ITL {itl_ms} ms")
-    print("| offered req/s | completed/duration req/s | p99 send lateness ms | TTFT inflation median/p99 ms "
-          "| client CPU % of one core | sustained |")
+    print(
+        f"## rate sweep, {workers} client process(es): Poisson arrivals, {seconds:g} s per rate, {out} tokens "
+        f"per request, script TTFT {ttft_ms} ms, ITL {itl_ms} ms"
+    )
+    print(
+        "| offered req/s | completed/duration req/s | p99 send lateness ms | TTFT inflation median/p99 ms "
+        "| client CPU % of one core | sustained |"
+    )
     print("|---|---|---|---|---|---|")
     try:
         for rate in rates:
             n = max(8, int(rate * seconds))
             reqs, _ = build_requests(f"fixed:in=32,out={out}", tok, n, seed=1)
-            cfg = BenchConfig(base_url=url, model="fake", workload=f"fixed:in=32,out={out}", num_prompts=n,
-                              request_rate=rate, seed=1, progress=False, energy="none", client_workers=workers,
-                              warmup=workers)
+            cfg = BenchConfig(
+                base_url=url,
+                model="fake",
+                workload=f"fixed:in=32,out={out}",
+                num_prompts=n,
+                request_rate=rate,
+                seed=1,
+                progress=False,
+                energy="none",
+                client_workers=workers,
+                warmup=workers,
+            )
             res = run_bench(cfg, tokenizer=tok, requests=reqs, meter=None)
             cpu_s = res["clock"]["client_cpu_s"]  # measured phase only, summed over client processes
             s = res["summary"]
@@ -138,8 +170,11 @@ def rate_sweep(tok, rates: list[float], seconds: float, out: int, ttft_ms: float
             infl_p99 = s["ttft_ms"]["p99"] - ttft_ms
             achieved = s["completed"] / s["duration_s"]  # includes the last request's own length
             ok = s["failed"] == 0 and p99_late <= 10 and infl_med <= 5
-            print(f"| {rate:g} | {achieved:.1f} | {p99_late:.2f} | {infl_med:.2f} / {infl_p99:.2f} | "
-                  f"{cpu_s / s['duration_s'] * 100:.0f} | {'yes' if ok else 'no'} |", flush=True)
+            print(
+                f"| {rate:g} | {achieved:.1f} | {p99_late:.2f} | {infl_med:.2f} / {infl_p99:.2f} | "
+                f"{cpu_s / s['duration_s'] * 100:.0f} | {'yes' if ok else 'no'} |",
+                flush=True,
+            )
             if ok and fails == 0:
                 best = rate
             fails = 0 if ok else fails + 1
@@ -148,16 +183,20 @@ def rate_sweep(tok, rates: list[float], seconds: float, out: int, ttft_ms: float
     finally:
         proc.terminate()
         proc.wait()
-    print(f"highest sustained request rate ({workers} client process(es)): {best} req/s "
-          "(p99 send lateness <= 10 ms, median TTFT inflation <= 5 ms, no failure, at this and every lower rate)")
+    print(
+        f"highest sustained request rate ({workers} client process(es)): {best} req/s "
+        "(p99 send lateness <= 10 ms, median TTFT inflation <= 5 ms, no failure, at this and every lower rate)"
+    )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller run (smoke test)")
     a = ap.parse_args()
-    print(f"machine: {os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.2f}, "
-          f"python {sys.version.split()[0]}")
+    print(
+        f"machine: {os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.2f}, "
+        f"python {sys.version.split()[0]}"
+    )
     tok = load_bench_tokenizer(None)
     if a.quick:
         concurrency_256(tok, n=256, out=16, ttft_ms=50, itl_ms=40, burst=True)

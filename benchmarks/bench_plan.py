@@ -40,8 +40,23 @@ def main() -> None:
         t = time.perf_counter()
         compare("v4-flash", hw, w, out=str(Path(d) / "r.html"))
         t_cmp = time.perf_counter() - t
-        cli_plan = _cli(["plan", "--model", "v4-flash", "--hardware", "910c", "--isl", "4096", "--osl", "1024",
-                         "--slo-ttft-ms", "2000", "--slo-tpot-ms", "50"])
+        cli_plan = _cli(
+            [
+                "plan",
+                "--model",
+                "v4-flash",
+                "--hardware",
+                "910c",
+                "--isl",
+                "4096",
+                "--osl",
+                "1024",
+                "--slo-ttft-ms",
+                "2000",
+                "--slo-tpot-ms",
+                "50",
+            ]
+        )
         cli_cmp = _cli(["compare", "--model", "v4-flash", "--hardware", ",".join(hw), "--out", str(Path(d) / "c.html")])
     print(f"imports + validation warm-up     {t_import:6.2f} s")
     print(f"plan v4-flash on 910c (in-proc)  {t_plan:6.2f} s   target < 2 s")

@@ -32,8 +32,22 @@ def main() -> None:
     t = time.perf_counter()
     plan_train("v4-pro", "h800", 8192, "33T", 4096)
     t_pro = time.perf_counter() - t
-    cli = _cli(["plan", "train", "--model", "v4-flash", "--hardware", "910c", "--num-devices", "8192", "--tokens",
-                "33T", "--seq-len", "4096"])
+    cli = _cli(
+        [
+            "plan",
+            "train",
+            "--model",
+            "v4-flash",
+            "--hardware",
+            "910c",
+            "--num-devices",
+            "8192",
+            "--tokens",
+            "33T",
+            "--seq-len",
+            "4096",
+        ]
+    )
     cli_cmp = _cli(["compare", "train", "--hardware", "910b3,910c,h800,h100,b200"])
     print(f"imports + fit/LOO warm-up               {t_warm:6.2f} s")
     print(f"plan train v4-flash on 8192 x 910c      {t_flash:6.2f} s   target < 2 s")

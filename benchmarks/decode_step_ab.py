@@ -80,9 +80,12 @@ def main() -> int:
             fl.ONEDNN_MIN_WEIGHT_BYTES = 1 << 62 if n == "mkl-head" else ONEDNN_DEFAULT
             w = [x[0] * 1e3 for x in res[n][1:]]
             c = [x[1] * 1e3 for x in res[n][1:]]
-            print(f"batch {B} threads {a.threads} {n:9s}: wall median {statistics.median(w):6.1f} best {min(w):6.1f} ms"
-                  f" | cpu median {statistics.median(c):6.1f} best {min(c):6.1f} ms | "
-                  f"{_ops(m, nxt[n], states[n])} aten ops/step", flush=True)
+            print(
+                f"batch {B} threads {a.threads} {n:9s}: wall median {statistics.median(w):6.1f} best {min(w):6.1f} ms"
+                f" | cpu median {statistics.median(c):6.1f} best {min(c):6.1f} ms | "
+                f"{_ops(m, nxt[n], states[n])} aten ops/step",
+                flush=True,
+            )
             for st in states[n]:
                 st.free()
         fl.ONEDNN_MIN_WEIGHT_BYTES = ONEDNN_DEFAULT

@@ -42,12 +42,29 @@ from parity.config import CSA, HASH_MOE, HCA, MOE, SLIDING, load_preset  # noqa:
 def bench_config():
     """The ~80M-parameter miniature (hidden 256, 6 layers, real vocabulary)."""
     cfg = load_preset("tiny").replace(
-        hidden_size=256, num_hidden_layers=6, num_attention_heads=8, head_dim=64, qk_rope_head_dim=16,
-        q_lora_rank=128, o_groups=2, o_lora_rank=64, n_routed_experts=16, num_experts_per_tok=2,
-        moe_intermediate_size=256, index_n_heads=16, index_head_dim=32, index_topk=32, sliding_window=64,
-        layer_types=[SLIDING, CSA, HCA, CSA, HCA, CSA], mlp_layer_types=[HASH_MOE] + [MOE] * 5,
-        compress_rates={CSA: 4, HCA: 128}, quantization_config=None, expert_dtype=None,
-        num_nextn_predict_layers=0, torch_dtype="float32")
+        hidden_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        head_dim=64,
+        qk_rope_head_dim=16,
+        q_lora_rank=128,
+        o_groups=2,
+        o_lora_rank=64,
+        n_routed_experts=16,
+        num_experts_per_tok=2,
+        moe_intermediate_size=256,
+        index_n_heads=16,
+        index_head_dim=32,
+        index_topk=32,
+        sliding_window=64,
+        layer_types=[SLIDING, CSA, HCA, CSA, HCA, CSA],
+        mlp_layer_types=[HASH_MOE] + [MOE] * 5,
+        compress_rates={CSA: 4, HCA: 128},
+        quantization_config=None,
+        expert_dtype=None,
+        num_nextn_predict_layers=0,
+        torch_dtype="float32",
+    )
     return cfg
 
 
@@ -99,10 +116,17 @@ def run_hf(model, ids, n_out: int, dev):
         res = {}
 
         def gen():
-            res["out"] = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_out,
-                                        min_new_tokens=n_out, do_sample=False, pad_token_id=0)
+            res["out"] = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n_out,
+                min_new_tokens=n_out,
+                do_sample=False,
+                pad_token_id=0,
+            )
+
         t_gen = timed(gen, dev)
-    return t_pre, max(t_gen - t_pre, 1e-9), res["out"][:, ids.shape[1]:].tolist()
+    return t_pre, max(t_gen - t_pre, 1e-9), res["out"][:, ids.shape[1] :].tolist()
 
 
 def main() -> int:
@@ -136,20 +160,29 @@ def main() -> int:
     n_params = sum(p.numel() for p in hf.parameters())
     hf = None if a.no_hf else hf.to(device=dev, dtype=dtype)
     batches = [int(b) for b in a.batches.split(",")]
-    print(f"# engine_throughput: {n_params / 1e6:.1f}M params, device {dev} ({devices.describe(dev).name}), "
-          f"{dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}, python {platform.python_version()}")
+    print(
+        f"# engine_throughput: {n_params / 1e6:.1f}M params, device {dev} ({devices.describe(dev).name}), "
+        f"{dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}, python {platform.python_version()}"
+    )
     print(f"# prompts {a.prompt_len} tokens, {a.output_len} output tokens, greedy; best of {a.repeat}; measured")
     g = torch.Generator().manual_seed(0)
     rows = []
-    hdr = (f"{'batch':>5} | {'prefill parity':>15} {'prefill HF':>12} {'ratio':>6} | {'decode parity':>14} "
-           f"{'decode HF':>10} {'ratio':>6} | {'same tokens':>11}")
+    hdr = (
+        f"{'batch':>5} | {'prefill parity':>15} {'prefill HF':>12} {'ratio':>6} | {'decode parity':>14} "
+        f"{'decode HF':>10} {'ratio':>6} | {'same tokens':>11}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for B in batches:
         ids = torch.randint(2, cfg.vocab_size, (B, a.prompt_len), generator=g)
         prompts = ids.tolist()
-        llm = LLM(model_obj=model, tokenizer=None, max_num_seqs=max(B, 1),
-                  max_num_batched_tokens=max(2048, B * a.prompt_len), cache_memory=1 << 30)
+        llm = LLM(
+            model_obj=model,
+            tokenizer=None,
+            max_num_seqs=max(B, 1),
+            max_num_batched_tokens=max(2048, B * a.prompt_len),
+            cache_memory=1 << 30,
+        )
         run_parity(llm, prompts[:1], 2)  # warm-up
         best_p = (float("inf"), float("inf"))
         p_out = None
@@ -166,8 +199,11 @@ def main() -> int:
             pr.disable()
             print(f"## profile, parity, batch {B}")
             pstats.Stats(pr).sort_stats("tottime").print_stats(15)
-        row = {"batch": B, "prefill_parity_tok_s": B * a.prompt_len / best_p[0],
-               "decode_parity_tok_s": B * (a.output_len - 1) / best_p[1]}
+        row = {
+            "batch": B,
+            "prefill_parity_tok_s": B * a.prompt_len / best_p[0],
+            "decode_parity_tok_s": B * (a.output_len - 1) / best_p[1],
+        }
         if hf is not None:
             hid = ids.to(dev)
             run_hf(hf, hid[:1, :8], 2, dev)  # warm-up
@@ -185,9 +221,12 @@ def main() -> int:
         rows.append(row)
         f = lambda k, w: f"{row[k]:>{w},.0f}" if k in row else f"{'-':>{w}}"  # noqa: E731
         r = lambda k: f"{row[k]:>5.2f}x" if k in row else f"{'-':>6}"  # noqa: E731
-        print(f"{B:>5} | {f('prefill_parity_tok_s', 15)} {f('prefill_hf_tok_s', 12)} {r('prefill_ratio')} | "
-              f"{f('decode_parity_tok_s', 14)} {f('decode_hf_tok_s', 10)} {r('decode_ratio')} | "
-              f"{row.get('same_outputs', '-'):>11}", flush=True)
+        print(
+            f"{B:>5} | {f('prefill_parity_tok_s', 15)} {f('prefill_hf_tok_s', 12)} {r('prefill_ratio')} | "
+            f"{f('decode_parity_tok_s', 14)} {f('decode_hf_tok_s', 10)} {r('decode_ratio')} | "
+            f"{row.get('same_outputs', '-'):>11}",
+            flush=True,
+        )
     print("# tokens/s; ratio = parity / transformers; 'same tokens' = sequences with identical greedy outputs")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))

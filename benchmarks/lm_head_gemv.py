@@ -61,17 +61,21 @@ def main() -> None:
                 if rows > 1:
                     torch._dynamo.mark_dynamic(x, 0)
                 ref = (x.double() @ w.double().T).float()
-                cands = {"F.linear (MKL)": lambda x=x, w=w: F.linear(x, w),
-                         "x @ W^T stored": lambda x=x, wt=wt: x @ wt,
-                         "oneDNN": lambda x=x, w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")}
+                cands = {
+                    "F.linear (MKL)": lambda x=x, w=w: F.linear(x, w),
+                    "x @ W^T stored": lambda x=x, wt=wt: x @ wt,
+                    "oneDNN": lambda x=x, w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
+                }
                 if compiled is not None:
                     cands["compiled"] = lambda x=x, w=w: compiled(x, w)
                 for name, fn in cands.items():
                     med, best = _time(fn, a.repeat)
                     err = (fn() - ref).abs().max().item()
-                    print(f"threads {nt} W {n}x{k} rows {rows}: {name:16s} median {med * 1e3:8.3f} ms "
-                          f"best {best * 1e3:8.3f} ms = {w.nbytes / best / 1e9:5.1f} GB/s  err {err:.1e}",
-                          flush=True)
+                    print(
+                        f"threads {nt} W {n}x{k} rows {rows}: {name:16s} median {med * 1e3:8.3f} ms "
+                        f"best {best * 1e3:8.3f} ms = {w.nbytes / best / 1e9:5.1f} GB/s  err {err:.1e}",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

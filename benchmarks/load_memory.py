@@ -70,9 +70,21 @@ def synthetic_config():
     n = 8
     layer_types = [SLIDING, SLIDING] + [CSA if i % 2 == 0 else HCA for i in range(n - 3)] + [SLIDING]
     return load_preset("v4-flash").replace(
-        hidden_size=1024, num_hidden_layers=n, layer_types=layer_types, mlp_layer_types=[HASH_MOE] + [MOE] * (n - 1),
-        num_attention_heads=16, head_dim=512, q_lora_rank=512, o_groups=4, o_lora_rank=512, n_routed_experts=48,
-        moe_intermediate_size=512, index_n_heads=16, mtp_compress_ratios=[0], source="benchmark:load_memory")
+        hidden_size=1024,
+        num_hidden_layers=n,
+        layer_types=layer_types,
+        mlp_layer_types=[HASH_MOE] + [MOE] * (n - 1),
+        num_attention_heads=16,
+        head_dim=512,
+        q_lora_rank=512,
+        o_groups=4,
+        o_lora_rank=512,
+        n_routed_experts=48,
+        moe_intermediate_size=512,
+        index_n_heads=16,
+        mtp_compress_ratios=[0],
+        source="benchmark:load_memory",
+    )
 
 
 def write_synthetic(cfg, out: Path, seed: int = 0) -> dict:
@@ -110,8 +122,11 @@ def write_synthetic(cfg, out: Path, seed: int = 0) -> dict:
         else:
             tensors[name] = pending.pop(name)
     writer.write_checkpoint(cfg, tensors, out, shard_bytes=256 * 2**20, tokenizer=False)
-    params = sum(math.prod(s.shape) * (2 if s.role == o.FP4 else 1) for s in lay.values()
-                 if s.role not in (o.FP8_SCALE, o.FP4_SCALE))
+    params = sum(
+        math.prod(s.shape) * (2 if s.role == o.FP4 else 1)
+        for s in lay.values()
+        if s.role not in (o.FP8_SCALE, o.FP4_SCALE)
+    )
     return {"tensors": len(lay), "params": params}
 
 
@@ -129,8 +144,13 @@ def main() -> int:
         gen_s = time.perf_counter() - t
         disk = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
         root = Path(__file__).resolve().parents[1]
-        r = subprocess.run([sys.executable, "-c", MEASURE, str(tmp), args.dtype, str(args.tokens)], cwd=root,
-                           capture_output=True, text=True, timeout=900)
+        r = subprocess.run(
+            [sys.executable, "-c", MEASURE, str(tmp), args.dtype, str(args.tokens)],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if r.returncode:
             print(r.stderr, file=sys.stderr)
             return 1
@@ -138,10 +158,17 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
-    res = {"params_b": info["params"] / 1e9, "tensors": info["tensors"], "disk_mib": disk / 2**20,
-           "generate_s": gen_s, "dtype": args.dtype, "tokens": args.tokens, **m,
-           "load_plus_forward_over_baseline_mib": m["after_forward_peak_mib"] - m["baseline_peak_mib"],
-           "bf16_equivalent_mib": info["params"] * 2 / 2**20}
+    res = {
+        "params_b": info["params"] / 1e9,
+        "tensors": info["tensors"],
+        "disk_mib": disk / 2**20,
+        "generate_s": gen_s,
+        "dtype": args.dtype,
+        "tokens": args.tokens,
+        **m,
+        "load_plus_forward_over_baseline_mib": m["after_forward_peak_mib"] - m["baseline_peak_mib"],
+        "bf16_equivalent_mib": info["params"] * 2 / 2**20,
+    }
     print(json.dumps(res, indent=2))
     return 0
 

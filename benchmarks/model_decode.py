@@ -57,10 +57,12 @@ def main() -> None:
             devices.synchronize(dev)
             step_s.append(time.perf_counter() - t0)
         med = sorted(step_s)[len(step_s) // 2]
-        cache_mib = sum(s.nbytes() for s in states) / 2 ** 20
-        print(f"batch {bs}: prefill {bs * a.prompt} tokens in {t_prefill:.2f} s = {bs * a.prompt / t_prefill:,.0f} "
-              f"tokens/s; decode step median {med * 1e3:.1f} ms (first {step_s[0] * 1e3:.1f}, last "
-              f"{step_s[-1] * 1e3:.1f}) = {bs / med:,.0f} tokens/s; cache {cache_mib:.1f} MiB  [measured]")
+        cache_mib = sum(s.nbytes() for s in states) / 2**20
+        print(
+            f"batch {bs}: prefill {bs * a.prompt} tokens in {t_prefill:.2f} s = {bs * a.prompt / t_prefill:,.0f} "
+            f"tokens/s; decode step median {med * 1e3:.1f} ms (first {step_s[0] * 1e3:.1f}, last "
+            f"{step_s[-1] * 1e3:.1f}) = {bs / med:,.0f} tokens/s; cache {cache_mib:.1f} MiB  [measured]"
+        )
         for s in states:
             s.free()
 

@@ -36,9 +36,17 @@ from parity.model import build_model  # noqa: E402
 
 
 def run_mode(model, prompts: list[list[int]], args, enable: bool) -> dict:
-    eng = LLMEngine(EngineArgs(device=args.device, cache_memory=args.cache_memory, enable_prefix_caching=enable,
-                               max_num_batched_tokens=args.max_num_batched_tokens,
-                               prefix_block_tokens=args.block_tokens), model=model, tokenizer=None)
+    eng = LLMEngine(
+        EngineArgs(
+            device=args.device,
+            cache_memory=args.cache_memory,
+            enable_prefix_caching=enable,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            prefix_block_tokens=args.block_tokens,
+        ),
+        model=model,
+        tokenizer=None,
+    )
     sp = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     ttft, computed, tokens = [], 0, []
     for p in prompts:
@@ -52,11 +60,16 @@ def run_mode(model, prompts: list[list[int]], args, enable: bool) -> dict:
     st = eng.stats()
     warm = ttft[1:] or ttft
     queries = st.get("prefix_cache_queries_total", 0)
-    return {"prefix_caching": enable, "ttft_first_s": ttft[0], "ttft_median_s": statistics.median(warm),
-            "ttft_mean_s": statistics.fmean(warm), "prefill_tokens_computed": computed,
-            "prompt_tokens": sum(map(len, prompts)),
-            "hit_rate": (st.get("prefix_cache_hits_total", 0) / queries) if queries else 0.0,
-            "tokens": tokens}
+    return {
+        "prefix_caching": enable,
+        "ttft_first_s": ttft[0],
+        "ttft_median_s": statistics.median(warm),
+        "ttft_mean_s": statistics.fmean(warm),
+        "prefill_tokens_computed": computed,
+        "prompt_tokens": sum(map(len, prompts)),
+        "hit_rate": (st.get("prefix_cache_hits_total", 0) / queries) if queries else 0.0,
+        "tokens": tokens,
+    }
 
 
 def main(argv=None) -> int:
@@ -80,22 +93,36 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     V = model.config.vocab_size
     system = torch.randint(2, V, (args.system_len,), generator=g).tolist()
-    prompts = [system + torch.randint(2, V, (args.question_len,), generator=g).tolist()
-               for _ in range(args.questions)]
+    prompts = [system + torch.randint(2, V, (args.question_len,), generator=g).tolist() for _ in range(args.questions)]
     off = run_mode(model, prompts, args, False)
     on = run_mode(model, prompts, args, True)
     same = on.pop("tokens") == off.pop("tokens")
-    res = {"preset": args.preset, "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
-           "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-           "system_len": args.system_len, "question_len": args.question_len, "questions": args.questions,
-           "output_len": args.output_len, "greedy_tokens_equal": same, "off": off, "on": on,
-           "ttft_speedup": off["ttft_median_s"] / on["ttft_median_s"]}
-    print(f"{'mode':<6} {'TTFT first (ms)':>16} {'TTFT median (ms)':>17} {'TTFT mean (ms)':>15} "
-          f"{'prefill tokens':>15} {'hit rate':>9}")
+    res = {
+        "preset": args.preset,
+        "device": args.device,
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "system_len": args.system_len,
+        "question_len": args.question_len,
+        "questions": args.questions,
+        "output_len": args.output_len,
+        "greedy_tokens_equal": same,
+        "off": off,
+        "on": on,
+        "ttft_speedup": off["ttft_median_s"] / on["ttft_median_s"],
+    }
+    print(
+        f"{'mode':<6} {'TTFT first (ms)':>16} {'TTFT median (ms)':>17} {'TTFT mean (ms)':>15} "
+        f"{'prefill tokens':>15} {'hit rate':>9}"
+    )
     for name, r in (("off", off), ("on", on)):
-        print(f"{name:<6} {r['ttft_first_s'] * 1e3:16.1f} {r['ttft_median_s'] * 1e3:17.1f} "
-              f"{r['ttft_mean_s'] * 1e3:15.1f} {r['prefill_tokens_computed']:>8}/{r['prompt_tokens']:<6} "
-              f"{r['hit_rate']:9.3f}")
+        print(
+            f"{name:<6} {r['ttft_first_s'] * 1e3:16.1f} {r['ttft_median_s'] * 1e3:17.1f} "
+            f"{r['ttft_mean_s'] * 1e3:15.1f} {r['prefill_tokens_computed']:>8}/{r['prompt_tokens']:<6} "
+            f"{r['hit_rate']:9.3f}"
+        )
     print(f"median TTFT speedup {res['ttft_speedup']:.2f}x; greedy tokens equal: {same}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

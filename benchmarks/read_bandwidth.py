@@ -55,8 +55,10 @@ def main() -> None:
     a = ap.parse_args()
     llc = last_level_cache_bytes()
     for t in (int(x) for x in a.threads.split(",")):
-        print(f"read bandwidth, {t} thread(s), {4 * llc >> 20} MiB buffer: "
-              f"{read_bandwidth(t, a.passes) / 1e9:.1f} GB/s  [measured]")
+        print(
+            f"read bandwidth, {t} thread(s), {4 * llc >> 20} MiB buffer: "
+            f"{read_bandwidth(t, a.passes) / 1e9:.1f} GB/s  [measured]"
+        )
 
 
 if __name__ == "__main__":

@@ -56,8 +56,15 @@ class InstantEngine:
         n = params.max_tokens
         for i in range(n):
             last = i == n - 1
-            yield NS(new_token_ids=[self.word], new_text=" hello", finished=last,
-                     finish_reason="length" if last else None, stop_reason=None, logprobs=None, error=None)
+            yield NS(
+                new_token_ids=[self.word],
+                new_text=" hello",
+                finished=last,
+                finish_reason="length" if last else None,
+                stop_reason=None,
+                logprobs=None,
+                error=None,
+            )
             await asyncio.sleep(0)
 
 
@@ -72,11 +79,12 @@ def serve(port: int) -> None:
 async def client(base: str, n_requests: int, n_streams: int, n_tokens: int) -> dict:
     import httpx
 
-    msgs = [{"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": "Summarise the plot of Hamlet in one sentence."}]
+    msgs = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Summarise the plot of Hamlet in one sentence."},
+    ]
     out: dict = {}
-    async with httpx.AsyncClient(base_url=base, timeout=60,
-                                 limits=httpx.Limits(max_connections=n_streams + 4)) as c:
+    async with httpx.AsyncClient(base_url=base, timeout=60, limits=httpx.Limits(max_connections=n_streams + 4)) as c:
         body = {"model": "instant", "messages": msgs, "max_tokens": 1}
         for _ in range(20):  # warm-up
             (await c.post("/v1/chat/completions", json=body)).raise_for_status()
@@ -87,8 +95,12 @@ async def client(base: str, n_requests: int, n_streams: int, n_tokens: int) -> d
             lat.append((time.perf_counter() - t0) * 1e3)
             r.raise_for_status()
         lat.sort()
-        out["latency_ms"] = {"p50": statistics.median(lat), "p90": lat[int(0.9 * len(lat))],
-                             "p99": lat[int(0.99 * len(lat))], "mean": statistics.fmean(lat)}
+        out["latency_ms"] = {
+            "p50": statistics.median(lat),
+            "p90": lat[int(0.9 * len(lat))],
+            "p99": lat[int(0.99 * len(lat))],
+            "mean": statistics.fmean(lat),
+        }
 
         async def stream() -> int:
             n = 0
@@ -104,8 +116,13 @@ async def client(base: str, n_requests: int, n_streams: int, n_tokens: int) -> d
         dt = time.perf_counter() - t0
         total = sum(counts)
         assert total == n_streams * n_tokens, (total, n_streams * n_tokens)
-        out["stream"] = {"streams": n_streams, "tokens_each": n_tokens, "seconds": dt, "tokens_per_s": total / dt,
-                         "us_per_chunk": dt / total * 1e6}
+        out["stream"] = {
+            "streams": n_streams,
+            "tokens_each": n_tokens,
+            "seconds": dt,
+            "tokens_per_s": total / dt,
+            "us_per_chunk": dt / total * 1e6,
+        }
     return out
 
 
@@ -141,10 +158,14 @@ def main() -> int:
         proc.terminate()
         proc.wait(10)
     lat, st = res["latency_ms"], res["stream"]
-    print(f"non-streaming chat, 1 output token, {a.requests} sequential requests: "
-          f"p50 {lat['p50']:.2f} ms, p90 {lat['p90']:.2f} ms, p99 {lat['p99']:.2f} ms (measured)")
-    print(f"streaming: {st['streams']} concurrent x {st['tokens_each']} tokens in {st['seconds']:.2f} s = "
-          f"{st['tokens_per_s']:.0f} tokens/s, {st['us_per_chunk']:.1f} us per chunk (measured)")
+    print(
+        f"non-streaming chat, 1 output token, {a.requests} sequential requests: "
+        f"p50 {lat['p50']:.2f} ms, p90 {lat['p90']:.2f} ms, p99 {lat['p99']:.2f} ms (measured)"
+    )
+    print(
+        f"streaming: {st['streams']} concurrent x {st['tokens_each']} tokens in {st['seconds']:.2f} s = "
+        f"{st['tokens_per_s']:.0f} tokens/s, {st['us_per_chunk']:.1f} us per chunk (measured)"
+    )
     return 0
 
 

@@ -20,8 +20,7 @@ import json
 import platform
 import time
 
-from parity.tokenizer import (IncrementalDetokenizer, StreamingOutputParser, encode_chat, load_tokenizer,
-                              parse_output)
+from parity.tokenizer import IncrementalDetokenizer, StreamingOutputParser, encode_chat, load_tokenizer, parse_output
 from parity.tokenizer.tokenizer import _BY_CONTENT, _load_cached
 
 
@@ -43,12 +42,12 @@ class WindowDetokenizer:
 
     def add(self, ids):
         self.ids.extend(ids)
-        head = self.tok.decode(self.ids[self.prefix:self.read])
-        full = self.tok.decode(self.ids[self.prefix:])
+        head = self.tok.decode(self.ids[self.prefix : self.read])
+        full = self.tok.decode(self.ids[self.prefix :])
         if full.endswith("\ufffd") or len(full) <= len(head):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
-        return full[len(head):]
+        return full[len(head) :]
 
 
 def main() -> None:
@@ -59,7 +58,7 @@ def main() -> None:
     cold_s = time.perf_counter() - t0
     cached_s = best(lambda: load_tokenizer(None), 50)
 
-    text = ("DeepSeek-V4 深度求索 supports a million-token context 🚀. def f(x): return x**2  # 平方\n" * 400)
+    text = "DeepSeek-V4 深度求索 supports a million-token context 🚀. def f(x): return x**2  # 平方\n" * 400
     ids = tok.encode(text)
     enc_s = best(lambda: tok.encode(text))
 
@@ -74,10 +73,12 @@ def main() -> None:
     assert run_incr() == text and run_window() == text
     incr_s, window_s = best(run_incr, 3), best(run_window, 3)
 
-    out = ("Let me think about the weather.</think>Checking.\n\n<｜DSML｜tool_calls>\n"
-           '<｜DSML｜invoke name="get_weather">\n'
-           '<｜DSML｜parameter name="city" string="true">' + "Paris 巴黎 " * 200 + "</｜DSML｜parameter>\n"
-           "</｜DSML｜invoke>\n</｜DSML｜tool_calls><｜end▁of▁sentence｜>")
+    out = (
+        "Let me think about the weather.</think>Checking.\n\n<｜DSML｜tool_calls>\n"
+        '<｜DSML｜invoke name="get_weather">\n'
+        '<｜DSML｜parameter name="city" string="true">' + "Paris 巴黎 " * 200 + "</｜DSML｜parameter>\n"
+        "</｜DSML｜invoke>\n</｜DSML｜tool_calls><｜end▁of▁sentence｜>"
+    )
     out_ids = tok.encode(out)
     d = IncrementalDetokenizer(tok, skip_special_tokens=False)
     chunks = [d.add([i]) for i in out_ids]
@@ -92,12 +93,23 @@ def main() -> None:
     stream_s = best(run_stream)
     whole_s = best(lambda: parse_output(out, thinking=True))
 
-    tools = [{"type": "function", "function": {"name": f"tool_{k}", "description": "does things",
-              "parameters": {"type": "object", "properties": {"a": {"type": "string"}}}}} for k in range(8)]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": f"tool_{k}",
+                "description": "does things",
+                "parameters": {"type": "object", "properties": {"a": {"type": "string"}}},
+            },
+        }
+        for k in range(8)
+    ]
     msgs = [{"role": "system", "content": "You are helpful."}]
     for k in range(10):
-        msgs += [{"role": "user", "content": f"question {k} " * 20},
-                 {"role": "assistant", "content": f"answer {k} " * 30, "reasoning_content": "r " * 30}]
+        msgs += [
+            {"role": "user", "content": f"question {k} " * 20},
+            {"role": "assistant", "content": f"answer {k} " * 30, "reasoning_content": "r " * 30},
+        ]
     msgs.append({"role": "user", "content": "last"})
     chat_s = best(lambda: tok.encode(encode_chat(msgs, tools=tools, thinking=True)))
     n_prompt = len(tok.encode(encode_chat(msgs, tools=tools, thinking=True)))

@@ -96,28 +96,67 @@ def dequantized(model):
 def convert(llama_dir: Path, bin_dir: Path, ckpt: Path) -> dict[str, Path]:
     """GGUFs of the release checkpoint: "release" (llama.cpp's own conversion: FP8 linears -> Q8_0,
     experts -> MXFP4, the rest F32), "F32" and "Q8_0" (llama-quantize --allow-requantize of it)."""
-    out = {"release": ckpt.parent / "mini-release.gguf", "F32": ckpt.parent / "mini-f32.gguf",
-           "Q8_0": ckpt.parent / "mini-q8_0.gguf"}
+    out = {
+        "release": ckpt.parent / "mini-release.gguf",
+        "F32": ckpt.parent / "mini-f32.gguf",
+        "Q8_0": ckpt.parent / "mini-q8_0.gguf",
+    }
     if not out["release"].exists():
-        subprocess.run([sys.executable, str(llama_dir / "convert_hf_to_gguf.py"), str(ckpt), "--outtype", "f32",
-                        "--outfile", str(out["release"])], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                str(llama_dir / "convert_hf_to_gguf.py"),
+                str(ckpt),
+                "--outtype",
+                "f32",
+                "--outfile",
+                str(out["release"]),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     for kind in ("F32", "Q8_0"):
         if not out[kind].exists():
-            subprocess.run([str(bin_dir / "llama-quantize"), "--allow-requantize", str(out["release"]),
-                            str(out[kind]), kind], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [str(bin_dir / "llama-quantize"), "--allow-requantize", str(out["release"]), str(out[kind]), kind],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
     return out
 
 
-def llama_batched(bin_dir: Path, gguf: Path, threads: int, prompt: int, gen: int, batches: list[int],
-                  strict: bool) -> dict[int, dict]:
+def llama_batched(
+    bin_dir: Path, gguf: Path, threads: int, prompt: int, gen: int, batches: list[int], strict: bool
+) -> dict[int, dict]:
     """llama-batched-bench prefill and decode tokens/s per batch size (each sequence its own prompt).
     (llama-bench would do batch 1, but it does not accept an f32 KV cache, so both batch sizes use
     llama-batched-bench for every variant.)"""
     kv = ["-ctk", "f32", "-ctv", "f32", "-fa", "off"] if strict else ["-fa", "on"]
     ctx = max(batches) * (prompt + gen) + 64
-    r = subprocess.run([str(bin_dir / "llama-batched-bench"), "-m", str(gguf), "-t", str(threads), "-c", str(ctx),
-                        "-npp", str(prompt), "-ntg", str(gen), "-npl", ",".join(map(str, batches)),
-                        "--output-format", "jsonl", *kv], check=True, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            str(bin_dir / "llama-batched-bench"),
+            "-m",
+            str(gguf),
+            "-t",
+            str(threads),
+            "-c",
+            str(ctx),
+            "-npp",
+            str(prompt),
+            "-ntg",
+            str(gen),
+            "-npl",
+            ",".join(map(str, batches)),
+            "--output-format",
+            "jsonl",
+            *kv,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     return {row["pl"]: {"prefill": row["speed_pp"], "decode": row["speed_tg"]} for row in rows}
 
@@ -158,7 +197,7 @@ def reference_logits(model, ids: torch.Tensor, prompt: int) -> torch.Tensor:
     saved = fl.ONEDNN_MIN_WEIGHT_BYTES
     fl.ONEDNN_MIN_WEIGHT_BYTES = 1 << 62
     try:
-        return model.forward_logits(ids[None])[0, prompt - 1:]
+        return model.forward_logits(ids[None])[0, prompt - 1 :]
     finally:
         fl.ONEDNN_MIN_WEIGHT_BYTES = saved
 
@@ -170,7 +209,7 @@ def check_logits(model, ids: torch.Tensor, prompt: int, ref: torch.Tensor, tol: 
     try:
         got = [model.forward_incremental([ids[:prompt]], [st])[0]]
         for i in range(prompt, prompt + 4):
-            got.append(model.forward_incremental([ids[i:i + 1]], [st])[0])
+            got.append(model.forward_incremental([ids[i : i + 1]], [st])[0])
     finally:
         st.free()
     err = (torch.stack(got) - ref).abs().max().item()
@@ -232,17 +271,23 @@ def main() -> int:
         compile_regions(model, devices.compiler("cpu"))
         print(f"# parity compiled regions: warm-up {warm_up(model):.1f} s", file=sys.stderr)
     err = check_logits(model, ids, a.prompt, ref)
-    commit = subprocess.run(["git", "-C", str(a.llama_cpp), "rev-parse", "--short=9", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    print(f"# vs_llamacpp: llama.cpp {commit} ({bin_dir}); torch {torch.__version__}; load {os.getloadavg()[0]:.1f}; "
-          f"parity {'compiled' if a.compiled else 'eager'}; logits vs eager fp32 reference: max |diff| {err:.1e} "
-          f"(<= 1e-5)")
+    commit = (
+        subprocess.run(
+            ["git", "-C", str(a.llama_cpp), "rev-parse", "--short=9", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        or "unknown"
+    )
+    print(
+        f"# vs_llamacpp: llama.cpp {commit} ({bin_dir}); torch {torch.__version__}; load {os.getloadavg()[0]:.1f}; "
+        f"parity {'compiled' if a.compiled else 'eager'}; logits vs eager fp32 reference: max |diff| {err:.1e} "
+        f"(<= 1e-5)"
+    )
     variants = ["F32"] + ([] if a.no_strict else ["strict"])
     cells = ("prefill_1", "decode_1", f"prefill_{a.batch}", f"decode_{a.batch}")
     res = {(who, t, c): [] for who in ["parity", *variants] for t in threads for c in cells}
     for r in range(a.rounds):
         for t in threads:
-            for who in (["parity", *variants] if r % 2 == 0 else [*variants, "parity"]):  # A B, then B A
+            for who in ["parity", *variants] if r % 2 == 0 else [*variants, "parity"]:  # A B, then B A
                 if who == "parity":
                     one = parity_run(model, t, a.prompt, a.gen, 1)
                     many = parity_run(model, t, a.prompt, a.gen, a.batch)
@@ -254,11 +299,16 @@ def main() -> int:
         print(f"# round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
     bw = {t: read_bandwidth(t) for t in threads}
     ctx = a.prompt + a.gen // 2
-    print(f"# read bandwidth: {', '.join(f'{t} thread(s) {bw[t] / 1e9:.1f} GB/s' for t in threads)}; "
-          f"medians of {a.rounds} interleaved rounds; ratio = median over rounds of parity / llama.cpp")
+    print(
+        f"# read bandwidth: {', '.join(f'{t} thread(s) {bw[t] / 1e9:.1f} GB/s' for t in threads)}; "
+        f"medians of {a.rounds} interleaved rounds; ratio = median over rounds of parity / llama.cpp"
+    )
     tt = " / ".join(str(t) for t in threads)
-    print("| tokens/s | threads | parity | llama.cpp F32 | ratio |"
-          + (" llama.cpp strict | ratio |" if "strict" in variants else "") + " decode bound (bandwidth) |")
+    print(
+        "| tokens/s | threads | parity | llama.cpp F32 | ratio |"
+        + (" llama.cpp strict | ratio |" if "strict" in variants else "")
+        + " decode bound (bandwidth) |"
+    )
     print("|---|---|---|---|---|" + ("---|---|" if "strict" in variants else "") + "---|")
     for c in cells:
         kind, b = c.split("_")
@@ -266,8 +316,7 @@ def main() -> int:
         for who in ["parity", *variants]:
             row.append(" / ".join(f"{statistics.median(res[(who, t, c)]):,.0f}" for t in threads))
             if who != "parity":
-                row.append(" / ".join(f"{median_ratio(res[('parity', t, c)], res[(who, t, c)]):.2f}"
-                                      for t in threads))
+                row.append(" / ".join(f"{median_ratio(res[('parity', t, c)], res[(who, t, c)]):.2f}" for t in threads))
         if kind == "decode":
             bpt = decode_bytes_per_token(model, int(b), ctx)
             row.append(" / ".join(f"{bw[t] / bpt:,.0f}" for t in threads) + f" ({bpt / 1e6:.0f} MB/token)")

@@ -54,20 +54,25 @@ def main() -> None:
         export_tiny(d, seed=0, preset=a.preset)
         res = {}
         for fmt in ("bf16", "w8a8"):
-            m = load_official(d, dtype=torch.bfloat16, quantization=fmt, progress=False,
-                              kv_cache_dtype="bf16", indexer_dtype="bf16")
+            m = load_official(
+                d, dtype=torch.bfloat16, quantization=fmt, progress=False, kv_cache_dtype="bf16", indexer_dtype="bf16"
+            )
             wbytes = sum(t.numel() * t.element_size() for t in m.state_dict().values())
             res[fmt] = (decode_tokens_per_s(m, a.batch, a.prompt, a.steps, a.repeats), wbytes)
             del m
         err = conversion_error(d, a.prompt)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {a.preset}, batch {a.batch}, "
-          f"prompt {a.prompt}, {a.steps} decode steps, best of {a.repeats}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {a.preset}, batch {a.batch}, "
+        f"prompt {a.prompt}, {a.steps} decode steps, best of {a.repeats}"
+    )
     for fmt, (tps, wb) in res.items():
         print(f"{fmt:5s} decode {tps:8.1f} tokens/s   all weights {wb / 2**20:7.1f} MiB")
     print(f"w8a8 / bf16 decode speed: {res['w8a8'][0] / res['bf16'][0]:.2f}x")
     for fmt, (mx, rel, top1) in err.items():
-        print(f"published FP8/FP4 -> {fmt}: logits max |diff| {mx:.4f}, relative RMS {rel:.4f}, "
-              f"top-1 agreement {top1:.1%} ({a.prompt} positions, fp32 compute)")
+        print(
+            f"published FP8/FP4 -> {fmt}: logits max |diff| {mx:.4f}, relative RMS {rel:.4f}, "
+            f"top-1 agreement {top1:.1%} ({a.prompt} positions, fp32 compute)"
+        )
 
 
 def conversion_error(d: str, n: int) -> dict:
@@ -81,8 +86,11 @@ def conversion_error(d: str, n: int) -> dict:
     for fmt in ("w8a8", "w4a8"):
         got = load_official(d, quantization=fmt, progress=False).forward_logits(ids, "fp8", "fp4")[0]
         diff = got - ref
-        out[fmt] = (diff.abs().max().item(), (diff.pow(2).mean() / ref.pow(2).mean()).sqrt().item(),
-                    (got.argmax(-1) == ref.argmax(-1)).float().mean().item())
+        out[fmt] = (
+            diff.abs().max().item(),
+            (diff.pow(2).mean() / ref.pow(2).mean()).sqrt().item(),
+            (got.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+        )
     return out
 
 

@@ -20,13 +20,13 @@ _COMMAND_WORDS = {name: " ".join(words) for words, name in TWO_WORD_COMMANDS.ite
 
 #: Modules that register sub-commands, in help order.
 COMMAND_MODULES = (
-    "parity.plan.info_cli",     # info
-    "parity.server.serve_cli",        # serve, generate, chat
-    "parity.checkpoint.export_cli",    # export-tiny
-    "parity.bench.bench_cli",         # bench, bench report
-    "parity.plan.plan_cli",          # plan, compare, validate
-    "parity.plan.train_cli",         # plan train, compare train
-    "parity.devices.doctor_cli",       # doctor
+    "parity.plan.info_cli",  # info
+    "parity.server.serve_cli",  # serve, generate, chat
+    "parity.checkpoint.export_cli",  # export-tiny
+    "parity.bench.bench_cli",  # bench, bench report
+    "parity.plan.plan_cli",  # plan, compare, validate
+    "parity.plan.train_cli",  # plan train, compare train
+    "parity.devices.doctor_cli",  # doctor
 )
 
 
@@ -91,8 +91,13 @@ def join_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> li
     while i < len(argv):
         word = argv[i]
         action = actions.get(word)
-        if (action is not None and action.nargs in (None, 1) and word.startswith("--") and i + 1 < len(argv)
-                and _NEGATIVE_VALUE.match(argv[i + 1])):
+        if (
+            action is not None
+            and action.nargs in (None, 1)
+            and word.startswith("--")
+            and i + 1 < len(argv)
+            and _NEGATIVE_VALUE.match(argv[i + 1])
+        ):
             out.append(f"{word}={argv[i + 1]}")
             i += 2
             continue
@@ -101,8 +106,9 @@ def join_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> li
     return out
 
 
-def reject_unknown(parser: argparse.ArgumentParser, command: str | None, extras: list[str],
-                   argv: list[str] | None = None) -> None:
+def reject_unknown(
+    parser: argparse.ArgumentParser, command: str | None, extras: list[str], argv: list[str] | None = None
+) -> None:
     """Exit (status 2) with the (innermost, when `argv` is given) sub-command's usage and one line for the first
     unknown argument: the reason for an unsupported vLLM flag (parity.server.vllm_flags), or the closest known
     flag."""

@@ -1,18 +1,16 @@
 """`ModelConfig`: the one description of a DeepSeek-V4 model.
 
-The engine turns it into tensors, the cost model (`parity.plan`) into FLOPs and bytes. It reads a
-Hugging Face `config.json` of a DeepSeek-V4 checkpoint in every form transformers' `DeepseekV4Config`
-(5.23) understands:
+The engine turns it into tensors, the cost model (`parity.plan`) into FLOPs and bytes. It reads a Hugging Face
+`config.json` of a DeepSeek-V4 checkpoint in every form transformers' `DeepseekV4Config` (5.23) understands:
 
 - modern: `layer_types`, `mlp_layer_types`, `compress_rates`, nested `rope_parameters`
   (`{"main": {...}, "compress": {...}}`) and `partial_rotary_factor`;
-- legacy, as the published checkpoints ship it (deepseek-ai/DeepSeek-V4-Flash `config.json`):
-  `compress_ratios` per layer with 0 (sliding only) / 4 (CSA) / 128 (HCA), `compress_rate_csa`,
-  `compress_rate_hca`, `num_hash_layers`, `qk_rope_head_dim`, YaRN in `rope_scaling`,
-  `quantization_config`, `expert_dtype`;
+- legacy, as the published checkpoints ship it (deepseek-ai/DeepSeek-V4-Flash `config.json`): `compress_ratios`
+  per layer with 0 (sliding only) / 4 (CSA) / 128 (HCA), `compress_rate_csa`, `compress_rate_hca`,
+  `num_hash_layers`, `qk_rope_head_dim`, YaRN in `rope_scaling`, `quantization_config`, `expert_dtype`;
 
-and writes the modern form back (`to_dict`) so that `transformers.DeepseekV4Config(**d)` accepts it.
-Unknown keys are kept in `extra` and written back unchanged. Torch-free (`parity.plan` reads it).
+and writes the modern form back (`to_dict`) so that `transformers.DeepseekV4Config(**d)` accepts it. Unknown
+keys are kept in `extra` and written back unchanged. Torch-free (`parity.plan` reads it).
 """
 
 from __future__ import annotations
@@ -42,8 +40,14 @@ DEFAULT_COMPRESS_RATES = {CSA: 4, HCA: 128}
 PRESET_DIR = Path(__file__).parent / "data" / "presets"
 
 # Keys that from_dict consumes; everything else goes to `extra`.
-_LEGACY_KEYS = ("compress_ratios", "compress_rate_csa", "compress_rate_hca", "num_hash_layers",
-                "qk_rope_head_dim", "rope_scaling")
+_LEGACY_KEYS = (
+    "compress_ratios",
+    "compress_rate_csa",
+    "compress_rate_hca",
+    "num_hash_layers",
+    "qk_rope_head_dim",
+    "rope_scaling",
+)
 
 
 @dataclass
@@ -197,14 +201,16 @@ class ModelConfig:
         if layer_types is None and legacy_ratios is not None:
             if not isinstance(legacy_ratios, list) or len(legacy_ratios) < n:
                 raise ConfigError(
-                    f"config field 'compress_ratios' must list one ratio per layer ({n}), got {legacy_ratios!r}")
+                    f"config field 'compress_ratios' must list one ratio per layer ({n}), got {legacy_ratios!r}"
+                )
             ratio_to_type = {0: SLIDING, rates[CSA]: CSA, rates[HCA]: HCA}
             layer_types = []
             for i, r in enumerate(legacy_ratios[:n]):
                 if r not in ratio_to_type:
                     raise ConfigError(
                         f"config field 'compress_ratios[{i}]' is {r!r}: expected 0 (sliding), {rates[CSA]} (CSA) "
-                        f"or {rates[HCA]} (HCA)")
+                        f"or {rates[HCA]} (HCA)"
+                    )
                 layer_types.append(ratio_to_type[r])
             mtp_ratios = list(legacy_ratios[n:])
         if legacy_ratios is not None and not mtp_ratios and isinstance(legacy_ratios, list):
@@ -212,11 +218,15 @@ class ModelConfig:
         if layer_types is None:
             layer_types = [HCA] * min(n, 2) + [CSA if i % 2 else HCA for i in range(max(n - 2, 0))]
         if not isinstance(layer_types, list) or len(layer_types) != n:
-            raise ConfigError(f"config field 'layer_types' must list {n} entries (num_hidden_layers), "
-                              f"got {len(layer_types) if isinstance(layer_types, list) else layer_types!r}")
+            raise ConfigError(
+                f"config field 'layer_types' must list {n} entries (num_hidden_layers), "
+                f"got {len(layer_types) if isinstance(layer_types, list) else layer_types!r}"
+            )
         bad = [t for t in layer_types if t not in LAYER_TYPES]
         if bad:
-            raise ConfigError(f"config field 'layer_types' has unknown entries {bad[:3]}: expected one of {LAYER_TYPES}")
+            raise ConfigError(
+                f"config field 'layer_types' has unknown entries {bad[:3]}: expected one of {LAYER_TYPES}"
+            )
         kw["layer_types"] = list(layer_types)
         kw["mtp_compress_ratios"] = mtp_ratios
 
@@ -232,7 +242,9 @@ class ModelConfig:
             raise ConfigError(f"config field 'mlp_layer_types' must list {n} entries (num_hidden_layers)")
         bad = [t for t in mlp_types if t not in MLP_LAYER_TYPES]
         if bad:
-            raise ConfigError(f"config field 'mlp_layer_types' has unknown entries {bad[:3]}: expected one of {MLP_LAYER_TYPES}")
+            raise ConfigError(
+                f"config field 'mlp_layer_types' has unknown entries {bad[:3]}: expected one of {MLP_LAYER_TYPES}"
+            )
         kw["mlp_layer_types"] = list(mlp_types)
 
         # -- RoPE: partial rotary, thetas, scaling
@@ -271,8 +283,10 @@ class ModelConfig:
             if scaling.get("rope_type") == "yarn":
                 for key in ("factor", "original_max_position_embeddings"):
                     if not isinstance(scaling.get(key), (int, float)) or scaling[key] <= 0:
-                        raise ConfigError(f"config field 'rope_scaling.{key}' must be a positive number for YaRN, "
-                                          f"got {scaling.get(key)!r}")
+                        raise ConfigError(
+                            f"config field 'rope_scaling.{key}' must be a positive number for YaRN, "
+                            f"got {scaling.get(key)!r}"
+                        )
                 scaling.setdefault("beta_fast", 32)
                 scaling.setdefault("beta_slow", 1)
                 # DeepSeek's reference applies no YaRN mscale to cos/sin; transformers forces 1.0 too.
@@ -298,10 +312,27 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Check types and consistency. Raises ConfigError naming the field."""
-        pos_int = ["vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
-                   "num_key_value_heads", "head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "n_routed_experts",
-                   "num_experts_per_tok", "max_position_embeddings", "hc_mult", "hc_sinkhorn_iters",
-                   "sliding_window", "index_n_heads", "index_head_dim", "index_topk"]
+        pos_int = [
+            "vocab_size",
+            "hidden_size",
+            "moe_intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "q_lora_rank",
+            "o_groups",
+            "o_lora_rank",
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "max_position_embeddings",
+            "hc_mult",
+            "hc_sinkhorn_iters",
+            "sliding_window",
+            "index_n_heads",
+            "index_head_dim",
+            "index_topk",
+        ]
         for name in pos_int:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -310,23 +341,37 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"config field {name!r} must be a non-negative integer, got {v!r}")
-        for name in ("routed_scaling_factor", "swiglu_limit", "rope_theta", "compress_rope_theta", "rms_norm_eps",
-                     "hc_eps"):
+        for name in (
+            "routed_scaling_factor",
+            "swiglu_limit",
+            "rope_theta",
+            "compress_rope_theta",
+            "rms_norm_eps",
+            "hc_eps",
+        ):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"config field {name!r} must be a positive number, got {v!r}")
         if self.num_key_value_heads != 1:
-            raise ConfigError(f"config field 'num_key_value_heads' must be 1 (DeepSeek-V4 shares one K=V head), "
-                              f"got {self.num_key_value_heads}")
+            raise ConfigError(
+                f"config field 'num_key_value_heads' must be 1 (DeepSeek-V4 shares one K=V head), "
+                f"got {self.num_key_value_heads}"
+            )
         if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim > self.head_dim:
-            raise ConfigError(f"config field 'qk_rope_head_dim' must be even and <= head_dim ({self.head_dim}), "
-                              f"got {self.qk_rope_head_dim}")
+            raise ConfigError(
+                f"config field 'qk_rope_head_dim' must be even and <= head_dim ({self.head_dim}), "
+                f"got {self.qk_rope_head_dim}"
+            )
         if self.num_attention_heads % self.o_groups:
-            raise ConfigError(f"config field 'o_groups' ({self.o_groups}) must divide num_attention_heads "
-                              f"({self.num_attention_heads})")
+            raise ConfigError(
+                f"config field 'o_groups' ({self.o_groups}) must divide num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
         if self.num_experts_per_tok > self.n_routed_experts:
-            raise ConfigError(f"config field 'num_experts_per_tok' ({self.num_experts_per_tok}) must be <= "
-                              f"n_routed_experts ({self.n_routed_experts})")
+            raise ConfigError(
+                f"config field 'num_experts_per_tok' ({self.num_experts_per_tok}) must be <= "
+                f"n_routed_experts ({self.n_routed_experts})"
+            )
         if self.scoring_func not in SCORING_FUNCS:
             raise ConfigError(f"config field 'scoring_func' is {self.scoring_func!r}: expected one of {SCORING_FUNCS}")
         if self.hidden_act != "silu":
@@ -342,17 +387,32 @@ class ModelConfig:
     def to_dict(self) -> dict:
         """The modern HF form, accepted by `transformers.DeepseekV4Config(**d)` and by `from_dict`."""
         out: dict[str, Any] = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4"}
-        skip = {"extra", "source", "rope_scaling", "compress_rates", "mtp_compress_ratios", "qk_rope_head_dim",
-                "quantization_config", "expert_dtype"}
+        skip = {
+            "extra",
+            "source",
+            "rope_scaling",
+            "compress_rates",
+            "mtp_compress_ratios",
+            "qk_rope_head_dim",
+            "quantization_config",
+            "expert_dtype",
+        }
         for f in dataclasses.fields(self):
             if f.name not in skip:
                 out[f.name] = copy.deepcopy(getattr(self, f.name))
         out["compress_rates"] = dict(self.compress_rates)
         out["partial_rotary_factor"] = self.partial_rotary_factor
-        main = {"rope_type": "default", "rope_theta": self.rope_theta,
-                "partial_rotary_factor": self.partial_rotary_factor}
-        comp = {"rope_type": "default", **copy.deepcopy(self.rope_scaling or {}),
-                "rope_theta": self.compress_rope_theta, "partial_rotary_factor": self.partial_rotary_factor}
+        main = {
+            "rope_type": "default",
+            "rope_theta": self.rope_theta,
+            "partial_rotary_factor": self.partial_rotary_factor,
+        }
+        comp = {
+            "rope_type": "default",
+            **copy.deepcopy(self.rope_scaling or {}),
+            "rope_theta": self.compress_rope_theta,
+            "partial_rotary_factor": self.partial_rotary_factor,
+        }
         out["rope_parameters"] = {"main": main, "compress": comp}
         if self.quantization_config is not None:
             out["quantization_config"] = copy.deepcopy(self.quantization_config)
@@ -370,7 +430,8 @@ class ModelConfig:
         for k in ("layer_types", "mlp_layer_types", "rope_parameters", "partial_rotary_factor", "compress_rates"):
             d.pop(k, None)
         if self.mlp_layer_types != [HASH_MOE] * self.num_hash_layers + [MOE] * (
-                self.num_hidden_layers - self.num_hash_layers):
+            self.num_hidden_layers - self.num_hash_layers
+        ):
             raise ConfigError("config field 'mlp_layer_types': hash layers must come first to write the legacy form")
         d["compress_ratios"] = self.compress_ratios + list(self.mtp_compress_ratios)
         d["compress_rate_csa"] = self.compress_rates[CSA]

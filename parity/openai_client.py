@@ -172,8 +172,9 @@ def _chat_pieces(obj: dict[str, Any]) -> Iterator[Piece]:
         yield Piece("usage", data=obj["usage"])
 
 
-def stream_chat(base_url: str, payload: dict[str, Any], api_key: str | None = None,
-                timeout_s: float = 600.0) -> Iterator[Piece]:
+def stream_chat(
+    base_url: str, payload: dict[str, Any], api_key: str | None = None, timeout_s: float = 600.0
+) -> Iterator[Piece]:
     """Stream one chat completion.
 
     Args:
@@ -192,8 +193,13 @@ def stream_chat(base_url: str, payload: dict[str, Any], api_key: str | None = No
     body = dict(payload, stream=True, stream_options={"include_usage": True})
     decoder = SSEDecoder()
     try:
-        with httpx.stream("POST", endpoint_url(root, "chat"), json=body, headers=auth_headers(api_key),
-                          timeout=httpx.Timeout(timeout_s, connect=10.0)) as r:
+        with httpx.stream(
+            "POST",
+            endpoint_url(root, "chat"),
+            json=body,
+            headers=auth_headers(api_key),
+            timeout=httpx.Timeout(timeout_s, connect=10.0),
+        ) as r:
             if r.status_code != 200:
                 raise RequestError(f"server answered {r.status_code}: {error_message(r.read(), 300)}")
             for raw in r.iter_bytes():

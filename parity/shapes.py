@@ -55,21 +55,25 @@ def _rmsnorm(d: int) -> int:
 def attention_params(cfg: ModelConfig, layer_type: str) -> int:
     """Learned parameters of one `DeepseekV4Attention` (with its compressor/indexer) of `layer_type`."""
     D, H, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
-    n = (D * cfg.q_lora_rank + _rmsnorm(cfg.q_lora_rank)          # q_a_proj, q_a_norm
-         + cfg.q_lora_rank * H * hd                                 # q_b_proj
-         + D * hd + _rmsnorm(hd)                                    # kv_proj, kv_norm
-         + H * hd * cfg.o_lora_rank                                 # o_a_proj (grouped: g x [olr, H*hd/g])
-         + cfg.o_groups * cfg.o_lora_rank * D                       # o_b_proj
-         + H)                                                       # sinks
+    n = (
+        D * cfg.q_lora_rank
+        + _rmsnorm(cfg.q_lora_rank)  # q_a_proj, q_a_norm
+        + cfg.q_lora_rank * H * hd  # q_b_proj
+        + D * hd
+        + _rmsnorm(hd)  # kv_proj, kv_norm
+        + H * hd * cfg.o_lora_rank  # o_a_proj (grouped: g x [olr, H*hd/g])
+        + cfg.o_groups * cfg.o_lora_rank * D  # o_b_proj
+        + H
+    )  # sinks
     if layer_type == CSA:
         m = cfg.compress_rates[CSA]
-        n += 2 * (D * 2 * hd) + m * 2 * hd + hd                     # DeepseekV4CSACompressor
+        n += 2 * (D * 2 * hd) + m * 2 * hd + hd  # DeepseekV4CSACompressor
         ih, ihd = cfg.index_n_heads, cfg.index_head_dim
-        n += 2 * (D * 2 * ihd) + m * 2 * ihd + ihd                  # DeepseekV4Indexer compressor part
-        n += cfg.q_lora_rank * ih * ihd + D * ih                    # indexer q_b_proj, scorer weights_proj
+        n += 2 * (D * 2 * ihd) + m * 2 * ihd + ihd  # DeepseekV4Indexer compressor part
+        n += cfg.q_lora_rank * ih * ihd + D * ih  # indexer q_b_proj, scorer weights_proj
     elif layer_type == HCA:
         m = cfg.compress_rates[HCA]
-        n += 2 * (D * hd) + m * hd + hd                             # DeepseekV4HCACompressor
+        n += 2 * (D * hd) + m * hd + hd  # DeepseekV4HCACompressor
     return n
 
 
@@ -80,9 +84,11 @@ def expert_params(cfg: ModelConfig) -> int:
 
 def moe_params(cfg: ModelConfig) -> dict[str, int]:
     """One `DeepseekV4SparseMoeBlock`: router [E, D], routed experts, shared expert(s)."""
-    return {"router": cfg.n_routed_experts * cfg.hidden_size,
-            "routed": cfg.n_routed_experts * expert_params(cfg),
-            "shared": cfg.n_shared_experts * expert_params(cfg)}
+    return {
+        "router": cfg.n_routed_experts * cfg.hidden_size,
+        "routed": cfg.n_routed_experts * expert_params(cfg),
+        "shared": cfg.n_shared_experts * expert_params(cfg),
+    }
 
 
 def hc_params(cfg: ModelConfig) -> int:
@@ -99,9 +105,13 @@ def hc_head_params(cfg: ModelConfig) -> int:
 def layer_params(cfg: ModelConfig, layer_type: str) -> dict[str, int]:
     """One decoder layer, split into attention / moe parts (norms and mHC go to `other`)."""
     moe = moe_params(cfg)
-    return {"attention": attention_params(cfg, layer_type),
-            "router": moe["router"], "routed": moe["routed"], "shared": moe["shared"],
-            "other": 2 * cfg.hidden_size + 2 * hc_params(cfg)}
+    return {
+        "attention": attention_params(cfg, layer_type),
+        "router": moe["router"],
+        "routed": moe["routed"],
+        "shared": moe["shared"],
+        "other": 2 * cfg.hidden_size + 2 * hc_params(cfg),
+    }
 
 
 def mtp_layer_types(cfg: ModelConfig) -> list[str]:
@@ -144,8 +154,15 @@ class ParamCount:
 
     @property
     def total(self) -> int:
-        return (self.embedding + self.lm_head + self.attention + self.routed_experts + self.shared_experts
-                + self.router + self.other)
+        return (
+            self.embedding
+            + self.lm_head
+            + self.attention
+            + self.routed_experts
+            + self.shared_experts
+            + self.router
+            + self.other
+        )
 
     @property
     def total_with_mtp(self) -> int:
@@ -173,11 +190,22 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     active_routed = cfg.num_hidden_layers * cfg.num_experts_per_tok * expert_params(cfg)
     activated = att + shared + router + other + active_routed + (head or emb)
     n_scored = sum(not cfg.is_hash_layer(i) for i in range(cfg.num_hidden_layers))
-    buffers = {"e_score_correction_bias": n_scored * cfg.n_routed_experts,
-               "tid2eid": cfg.num_hash_layers * V * cfg.num_experts_per_tok}
-    return ParamCount(embedding=emb, lm_head=head, attention=att, routed_experts=routed, shared_experts=shared,
-                      router=router, other=other, mtp=mtp_params(cfg), activated_per_token=activated,
-                      buffers=buffers)
+    buffers = {
+        "e_score_correction_bias": n_scored * cfg.n_routed_experts,
+        "tid2eid": cfg.num_hash_layers * V * cfg.num_experts_per_tok,
+    }
+    return ParamCount(
+        embedding=emb,
+        lm_head=head,
+        attention=att,
+        routed_experts=routed,
+        shared_experts=shared,
+        router=router,
+        other=other,
+        mtp=mtp_params(cfg),
+        activated_per_token=activated,
+        buffers=buffers,
+    )
 
 
 def layer_schedule(cfg: ModelConfig) -> list[dict]:
@@ -185,11 +213,25 @@ def layer_schedule(cfg: ModelConfig) -> list[dict]:
     (hash/scored); MTP blocks appended with `mtp=True`."""
     rows = []
     for i, t in enumerate(cfg.layer_types):
-        rows.append({"layer": i, "attention": _short(t), "compress_ratio": cfg.compress_ratio(i),
-                     "moe": "hash" if cfg.mlp_layer_types[i] == HASH_MOE else "scored", "mtp": False})
+        rows.append(
+            {
+                "layer": i,
+                "attention": _short(t),
+                "compress_ratio": cfg.compress_ratio(i),
+                "moe": "hash" if cfg.mlp_layer_types[i] == HASH_MOE else "scored",
+                "mtp": False,
+            }
+        )
     for j, t in enumerate(mtp_layer_types(cfg)):
-        rows.append({"layer": cfg.num_hidden_layers + j, "attention": _short(t),
-                     "compress_ratio": 0 if t == SLIDING else cfg.compress_rates[t], "moe": "scored", "mtp": True})
+        rows.append(
+            {
+                "layer": cfg.num_hidden_layers + j,
+                "attention": _short(t),
+                "compress_ratio": 0 if t == SLIDING else cfg.compress_rates[t],
+                "moe": "scored",
+                "mtp": True,
+            }
+        )
     return rows
 
 
@@ -262,8 +304,14 @@ def cache_size(cfg: ModelConfig, cache_dtype: str = "bf16", include_mtp: bool = 
     types = list(cfg.layer_types) + (mtp_layer_types(cfg) if include_mtp else [])
     layers, growth, fixed = [], 0.0, 0.0
     for t in types:
-        lay = {"type": _short(t), "window": cfg.sliding_window, "window_entry_bytes": kv, "ratio": 0,
-               "compressed_entry_bytes": 0.0, "state_bytes": 0.0}
+        lay = {
+            "type": _short(t),
+            "window": cfg.sliding_window,
+            "window_entry_bytes": kv,
+            "ratio": 0,
+            "compressed_entry_bytes": 0.0,
+            "state_bytes": 0.0,
+        }
         if t == CSA:
             m = cfg.compress_rates[CSA]
             lay["ratio"] = m
@@ -294,15 +342,27 @@ def model_info(cfg: ModelConfig, context: int = 65536) -> dict:
     caches = {}
     for dt in ("bf16", "fp8"):
         cs = cache_size(cfg, dt)
-        caches[dt] = {"per_token_growth_bytes": cs.per_token_growth_bytes, "fixed_bytes": cs.fixed_bytes,
-                      "total_bytes_at_context": cs.total_bytes(context)}
+        caches[dt] = {
+            "per_token_growth_bytes": cs.per_token_growth_bytes,
+            "fixed_bytes": cs.fixed_bytes,
+            "total_bytes_at_context": cs.total_bytes(context),
+        }
     return {
         "model": cfg.source or "config",
-        "params": {"total": pc.total, "total_with_mtp": pc.total_with_mtp, "mtp": pc.mtp,
-                   "activated_per_token": pc.activated_per_token, "embedding": pc.embedding,
-                   "lm_head": pc.lm_head, "attention": pc.attention, "routed_experts": pc.routed_experts,
-                   "shared_experts": pc.shared_experts, "router": pc.router, "other_norms_mhc": pc.other,
-                   "buffers_not_counted": pc.buffers},
+        "params": {
+            "total": pc.total,
+            "total_with_mtp": pc.total_with_mtp,
+            "mtp": pc.mtp,
+            "activated_per_token": pc.activated_per_token,
+            "embedding": pc.embedding,
+            "lm_head": pc.lm_head,
+            "attention": pc.attention,
+            "routed_experts": pc.routed_experts,
+            "shared_experts": pc.shared_experts,
+            "router": pc.router,
+            "other_norms_mhc": pc.other,
+            "buffers_not_counted": pc.buffers,
+        },
         "schedule": layer_schedule(cfg),
         "context_tokens": context,
         "kv_cache": caches,
@@ -310,5 +370,6 @@ def model_info(cfg: ModelConfig, context: int = 65536) -> dict:
             "per layer: min(n, window)*B(head_dim) [all]; + floor(n/4)*(B(head_dim)+I(index_head_dim)) + "
             "compressor fp32 state [CSA]; + floor(n/128)*B(head_dim) + state [HCA]; B(d)=2d for bf16, "
             "(d-r) + ceil((d-r)/64) + 2r for fp8 (e4m3 + UE8M0 scale per 64, RoPE dims r in bf16); "
-            "I(d)=2d for bf16, d/2 + d/32 for fp8 (official fp4 indexer: packed e2m1 + UE8M0 scale per 32)"),
+            "I(d)=2d for bf16, d/2 + d/32 for fp8 (official fp4 indexer: packed e2m1 + UE8M0 scale per 32)"
+        ),
     }

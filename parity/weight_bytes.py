@@ -24,8 +24,13 @@ from parity.shapes import hc_head_params, layer_params, mtp_layer_types
 #: fp4 = the release (FP8 linears, FP4 e2m1 experts: 0.5 byte + one UE8M0 byte per 32,
 #: `parity.model.quant.FP4Experts`); w8a8 = int8 + fp32 scale and offset per output row
 #: (`parity.model.int8_quant.Int8Linear` / `Int8Experts`); w4a8 = int8 linears, int4 experts (0.5 byte).
-WEIGHT_FORMATS = {"bf16": ("model", "model"), "fp8": ("fp8", "fp8"), "fp4": ("fp8", "fp4"),
-                  "w8a8": ("int8", "int8"), "w4a8": ("int8", "int4")}
+WEIGHT_FORMATS = {
+    "bf16": ("model", "model"),
+    "fp8": ("fp8", "fp8"),
+    "fp4": ("fp8", "fp4"),
+    "w8a8": ("int8", "int8"),
+    "w4a8": ("int8", "int4"),
+}
 #: Bytes per output row of an int8 linear: fp32 ``weight_scale`` + fp32 ``weight_offset``
 #: (msModelSlim per-channel layout, `parity.model.int8_quant.Int8Linear`).
 INT_ROW_BYTES = 8
@@ -36,8 +41,19 @@ INT_EXPERT_ROW_BYTES = 4
 #: Values per UE8M0 scale of an FP4 routed-expert row (official ``fp4`` weights: 1x32 blocks).
 FP4_BLOCK = 32
 
-_ITEMSIZE = {"float32": 4, "fp32": 4, "float": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2,
-             "float64": 8, "fp64": 8, "double": 8}
+_ITEMSIZE = {
+    "float32": 4,
+    "fp32": 4,
+    "float": 4,
+    "bfloat16": 2,
+    "bf16": 2,
+    "float16": 2,
+    "fp16": 2,
+    "half": 2,
+    "float64": 8,
+    "fp64": 8,
+    "double": 8,
+}
 
 
 def dtype_itemsize(dtype) -> int:
@@ -65,18 +81,17 @@ def _layer_split(cfg: ModelConfig, layer_type: str) -> tuple[list[tuple[int, int
     experts excluded (they are counted apart)."""
     D, H, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
     qlr, olr, g = cfg.q_lora_rank, cfg.o_lora_rank, cfg.o_groups
-    si = cfg.moe_intermediate_size * max(cfg.n_shared_experts, 1)   # the model's single shared expert
-    fp8 = [(qlr, D), (H * hd, qlr), (hd, D), (g * olr, H * hd // g), (D, g * olr),
-           (si, D), (D, si), (si, D)]
-    fp32 = H + qlr + hd                                                 # sinks, q_a_norm, kv_norm
+    si = cfg.moe_intermediate_size * max(cfg.n_shared_experts, 1)  # the model's single shared expert
+    fp8 = [(qlr, D), (H * hd, qlr), (hd, D), (g * olr, H * hd // g), (D, g * olr), (si, D), (D, si), (si, D)]
+    fp32 = H + qlr + hd  # sinks, q_a_norm, kv_norm
     if layer_type == CSA:
         m, ihd = cfg.compress_rates[CSA], cfg.index_head_dim
-        fp8.append((cfg.index_n_heads * ihd, qlr))                      # indexer q_b_proj
-        fp32 += m * 2 * hd + hd + m * 2 * ihd + ihd                     # position biases, compressor norms
+        fp8.append((cfg.index_n_heads * ihd, qlr))  # indexer q_b_proj
+        fp32 += m * 2 * hd + hd + m * 2 * ihd + ihd  # position biases, compressor norms
     elif layer_type == HCA:
         fp32 += cfg.compress_rates[HCA] * hd + hd
     lp = layer_params(cfg, layer_type)
-    fp32 += lp["other"]                                                 # the two layer norms, the two mHC
+    fp32 += lp["other"]  # the two layer norms, the two mHC
     rest = lp["attention"] + lp["router"] + lp["other"] - fp32 - sum(o * i for o, i in fp8[:5] + fp8[8:])
     return fp8, fp32, rest
 
@@ -92,8 +107,9 @@ def check_weight_format(weights: str) -> str:
     return weights
 
 
-def _matrix_bytes(fmt: str, out_f: int, in_f: int, isz: int, block: tuple[int, int],
-                  row_bytes: int = INT_ROW_BYTES) -> int:
+def _matrix_bytes(
+    fmt: str, out_f: int, in_f: int, isz: int, block: tuple[int, int], row_bytes: int = INT_ROW_BYTES
+) -> int:
     """Bytes of one [out, in] weight in storage `fmt` (model / fp8 / fp4 / int8 / int4); `row_bytes`:
     scale (+ offset) bytes per output row of int8 / int4."""
     if fmt == "model":
@@ -107,8 +123,15 @@ def _matrix_bytes(fmt: str, out_f: int, in_f: int, isz: int, block: tuple[int, i
     return out_f * in_f // 2 + out_f * row_bytes  # int4
 
 
-def estimate_weight_bytes(cfg: ModelConfig, dtype="float32", quantized: bool = False,
-                          include_mtp: bool = True, weights: str | None = None, tp: int = 1, ep: int = 1) -> int:
+def estimate_weight_bytes(
+    cfg: ModelConfig,
+    dtype="float32",
+    quantized: bool = False,
+    include_mtp: bool = True,
+    weights: str | None = None,
+    tp: int = 1,
+    ep: int = 1,
+) -> int:
     """Bytes of parameters and buffers parity's `V4ForCausalLM` allocates for `cfg`, on one device.
 
     Args:
@@ -147,17 +170,19 @@ def estimate_weight_bytes(cfg: ModelConfig, dtype="float32", quantized: bool = F
         return out
 
     local_experts, local_inter = (E // ep, inter) if ep > 1 else (E, inter // tp)
-    expert_bytes = local_experts * (2 * _matrix_bytes(expert_fmt, local_inter, D, isz, block, INT_EXPERT_ROW_BYTES)
-                                    + _matrix_bytes(expert_fmt, D, local_inter, isz, block, INT_EXPERT_ROW_BYTES))
+    expert_bytes = local_experts * (
+        2 * _matrix_bytes(expert_fmt, local_inter, D, isz, block, INT_EXPERT_ROW_BYTES)
+        + _matrix_bytes(expert_fmt, D, local_inter, isz, block, INT_EXPERT_ROW_BYTES)
+    )
 
     def layer_bytes(t: str, is_hash: bool) -> int:
         fp8, fp32, rest = _layer_split(cfg, t)
         fp8, fp32 = local(fp8), fp32 - cfg.num_attention_heads + cfg.num_attention_heads // tp  # sinks split
-        buffers = V * cfg.num_experts_per_tok * 8 if is_hash else E * 4   # tid2eid int64 / gate bias fp32
+        buffers = V * cfg.num_experts_per_tok * 8 if is_hash else E * 4  # tid2eid int64 / gate bias fp32
         return fp8_bytes(fp8) + fp32 * 4 + rest * isz + expert_bytes + buffers
 
-    total = (V // tp) * D * (isz + 4)                                    # embedding; LM head kept in fp32
-    total += (D + hc_head_params(cfg)) * 4                               # final norm, hc_head
+    total = (V // tp) * D * (isz + 4)  # embedding; LM head kept in fp32
+    total += (D + hc_head_params(cfg)) * 4  # final norm, hc_head
     total += sum(layer_bytes(t, cfg.is_hash_layer(i)) for i, t in enumerate(cfg.layer_types))
     if include_mtp:
         for t in mtp_layer_types(cfg):
@@ -165,9 +190,17 @@ def estimate_weight_bytes(cfg: ModelConfig, dtype="float32", quantized: bool = F
     return int(total)
 
 
-def device_fit(cfg: ModelConfig, hbm_bytes: float, tp: int = 1, ep: int = 1, dtype="bfloat16",
-               quantized: bool = True, cache_dtype: str = "fp8", headroom: float = 0.10,
-               weights: str | None = None) -> dict:
+def device_fit(
+    cfg: ModelConfig,
+    hbm_bytes: float,
+    tp: int = 1,
+    ep: int = 1,
+    dtype="bfloat16",
+    quantized: bool = True,
+    cache_dtype: str = "fp8",
+    headroom: float = 0.10,
+    weights: str | None = None,
+) -> dict:
     """Whether one device of a TP / EP layout holds its weights, and how many cache tokens remain (torch-free;
     the same estimate `check_fits` applies at load time).
 
@@ -188,5 +221,11 @@ def device_fit(cfg: ModelConfig, hbm_bytes: float, tp: int = 1, ep: int = 1, dty
     left = max(0.0, float(hbm_bytes) - need)
     cs = cache_size(cfg, cache_dtype)
     tokens = int(max(0.0, left - cs.fixed_bytes) / cs.per_token_growth_bytes) if left > cs.fixed_bytes else 0
-    return {"weight_bytes": w, "required_bytes": need, "hbm_bytes": float(hbm_bytes), "fits": need <= hbm_bytes,
-            "cache_bytes": left, "cache_tokens": tokens}
+    return {
+        "weight_bytes": w,
+        "required_bytes": need,
+        "hbm_bytes": float(hbm_bytes),
+        "fits": need <= hbm_bytes,
+        "cache_bytes": left,
+        "cache_tokens": tokens,
+    }

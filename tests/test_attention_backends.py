@@ -70,8 +70,13 @@ def test_banded_chunk_path_equals_reference(ratio, topk, pos, n):
         ch.entries = torch.randn(E, D, generator=g)
         if topk:
             vis = torch.arange(E)[None, :] < ((torch.arange(pos, pos + n) + 1) // ratio)[:, None]
-            ch.topk = Indexer.select_topk(torch.randn(n, 2, 4, generator=g), torch.rand(n, 2, generator=g),
-                                          torch.randn(E, 4, generator=g), vis, min(topk, E))
+            ch.topk = Indexer.select_topk(
+                torch.randn(n, 2, 4, generator=g),
+                torch.rand(n, 2, generator=g),
+                torch.randn(E, 4, generator=g),
+                vis,
+                min(topk, E),
+            )
     q = torch.randn(n, H, D, generator=g)
     sink = torch.randn(H, generator=g)
     out = be.forward(q, AttentionBatch(chunks=[ch]), sink, 0.3)
@@ -84,8 +89,13 @@ def test_banded_chunk_path_equals_reference(ratio, topk, pos, n):
 def test_decode_path_equals_reference(topk):
     g = torch.Generator().manual_seed(2)
     k, W, E = 3, 6, 5
-    dec = DecodeKeys(None, torch.randn(k, W, D, generator=g), torch.rand(k, W, generator=g) > 0.3,
-                     torch.randn(k, E, D, generator=g), torch.rand(k, E, generator=g) > 0.4)
+    dec = DecodeKeys(
+        None,
+        torch.randn(k, W, D, generator=g),
+        torch.rand(k, W, generator=g) > 0.3,
+        torch.randn(k, E, D, generator=g),
+        torch.rand(k, E, generator=g) > 0.4,
+    )
     if topk:
         dec.topk = torch.stack([torch.randperm(E, generator=g)[:3] for _ in range(k)])
     q = torch.randn(k, H, D, generator=g)

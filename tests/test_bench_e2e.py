@@ -30,8 +30,15 @@ def tok(word_tokenizer_json):
 
 
 def _cfg(url, **kw):
-    base = dict(base_url=url, model="fake", workload="fixed:in=8,out=12", num_prompts=8, max_concurrency=2,
-                progress=False, energy="none")
+    base = dict(
+        base_url=url,
+        model="fake",
+        workload="fixed:in=8,out=12",
+        num_prompts=8,
+        max_concurrency=2,
+        progress=False,
+        energy="none",
+    )
     base.update(kw)
     return BenchConfig(**base)
 
@@ -44,8 +51,10 @@ def _free_port():
     return port
 
 
-@pytest.mark.parametrize("endpoint,k,usage", [("chat", 1, "continuous"), ("completions", 4, "continuous"),
-                                              ("chat", 3, "none"), ("completions", 2, "final")])
+@pytest.mark.parametrize(
+    "endpoint,k,usage",
+    [("chat", 1, "continuous"), ("completions", 4, "continuous"), ("chat", 3, "none"), ("completions", 2, "final")],
+)
 def test_exact_timings_with_scripted_clock(tok, monkeypatch, endpoint, k, usage):
     """TTFT / TPOT / ITL / E2EL / throughput / goodput equal the script's known values (well within 1 ms).
 
@@ -61,9 +70,18 @@ def test_exact_timings_with_scripted_clock(tok, monkeypatch, endpoint, k, usage)
     clock = VirtualClock()
     monkeypatch.setattr(time, "perf_counter", clock.perf_counter)
     transport = ScriptedTransport(Script(ttft_s=ttft, itl_s=itl, tokens_per_chunk=k, usage=usage), clock)
-    res = run_bench(_cfg("http://127.0.0.1:9", endpoint=endpoint, warmup=1, max_concurrency=1, num_prompts=reqs,
-                         slo=f"ttft_ms={ttft / MS + 1e-6},tpot_ms={tpot / MS + 1e-6}"),
-                    tokenizer=tok, transport=transport)
+    res = run_bench(
+        _cfg(
+            "http://127.0.0.1:9",
+            endpoint=endpoint,
+            warmup=1,
+            max_concurrency=1,
+            num_prompts=reqs,
+            slo=f"ttft_ms={ttft / MS + 1e-6},tpot_ms={tpot / MS + 1e-6}",
+        ),
+        tokenizer=tok,
+        transport=transport,
+    )
     s = res["summary"]
     assert (s["completed"], s["failed"]) == (reqs, 0)
     assert s["total_output_tokens"] == reqs * n
@@ -82,10 +100,17 @@ def test_exact_timings_with_scripted_clock(tok, monkeypatch, endpoint, k, usage)
     # tighter SLOs just below the known values: no request is good
     clock2 = VirtualClock()
     monkeypatch.setattr(time, "perf_counter", clock2.perf_counter)
-    res = run_bench(_cfg("http://127.0.0.1:9", endpoint=endpoint, max_concurrency=1, num_prompts=reqs,
-                         slo=f"ttft_ms={ttft / MS - 0.01:g}"), tokenizer=tok,
-                    transport=ScriptedTransport(Script(ttft_s=ttft, itl_s=itl, tokens_per_chunk=k, usage=usage),
-                                                clock2))
+    res = run_bench(
+        _cfg(
+            "http://127.0.0.1:9",
+            endpoint=endpoint,
+            max_concurrency=1,
+            num_prompts=reqs,
+            slo=f"ttft_ms={ttft / MS - 0.01:g}",
+        ),
+        tokenizer=tok,
+        transport=ScriptedTransport(Script(ttft_s=ttft, itl_s=itl, tokens_per_chunk=k, usage=usage), clock2),
+    )
     assert res["summary"]["good_requests"] == 0 and res["summary"]["goodput_req_s"] == 0.0
 
 
@@ -118,8 +143,9 @@ def test_goodput_counts_slo_misses(tok):
 def test_failures_counted_with_reasons(tok):
     sc = Script(ttft_s=0.002, itl_s=0.001, fail_every=3, fail_status=503, malformed_every=4, drop_every=5)
     with FakeServer(sc) as srv:
-        res = run_bench(_cfg(srv.base_url, num_prompts=12, max_concurrency=1, workload="fixed:in=4,out=3"),
-                        tokenizer=tok)
+        res = run_bench(
+            _cfg(srv.base_url, num_prompts=12, max_concurrency=1, workload="fixed:in=4,out=3"), tokenizer=tok
+        )
     s = res["summary"]
     # 1-based request numbers: 3,6,9,12 -> 503; 4,8 -> malformed; 5,10 -> dropped (15 would be 503 first)
     assert s["failed"] == 8 and s["completed"] == 4
@@ -143,16 +169,19 @@ def test_unreachable_url_and_404(tok):
     assert list(res["summary"]["failure_reasons"]) == ["HTTP 404: no route /v2/v1/chat/completions"]
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(base_url="ftp://x"), "--base-url 'ftp://x' is not a URL"),
-    (dict(model=""), "--model is required"),
-    (dict(request_rate=0), "--request-rate must be > 0"),
-    (dict(burstiness=0), "--burstiness must be a finite number > 0"),
-    (dict(max_concurrency=0), "--max-concurrency must be >= 1"),
-    (dict(slo="ttft=3"), "--slo: unknown key 'ttft'"),
-    (dict(workload="random:in=5"), "`out` must be an integer"),
-    (dict(endpoint="embeddings"), "--endpoint must be one of chat, completions"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(base_url="ftp://x"), "--base-url 'ftp://x' is not a URL"),
+        (dict(model=""), "--model is required"),
+        (dict(request_rate=0), "--request-rate must be > 0"),
+        (dict(burstiness=0), "--burstiness must be a finite number > 0"),
+        (dict(max_concurrency=0), "--max-concurrency must be >= 1"),
+        (dict(slo="ttft=3"), "--slo: unknown key 'ttft'"),
+        (dict(workload="random:in=5"), "`out` must be an integer"),
+        (dict(endpoint="embeddings"), "--endpoint must be one of chat, completions"),
+    ],
+)
 def test_config_errors(kw, msg):
     cfg = _cfg("http://127.0.0.1:1")
     for k, v in kw.items():
@@ -172,13 +201,15 @@ def _assert_on_schedule(sends, planned):
 def test_request_rate_and_trace_schedule(tok, tmp_path):
     """Sends follow the schedule: rate 40 req/s Poisson for 6 requests; a trace's arrival offsets exactly."""
     trace = tmp_path / "t.jsonl"
-    trace.write_text("".join(json.dumps({"arrival_s": 5 + t, "input_len": 4, "output_len": 2}) + "\n"
-                             for t in (0.0, 0.05, 0.12)))
+    trace.write_text(
+        "".join(json.dumps({"arrival_s": 5 + t, "input_len": 4, "output_len": 2}) + "\n" for t in (0.0, 0.05, 0.12))
+    )
     with FakeServer(Script(ttft_s=0.001, itl_s=0.001)) as srv:
         res = run_bench(_cfg(srv.base_url, workload=f"trace:{trace}", max_concurrency=None), tokenizer=tok)
         _assert_on_schedule([r["send_s"] for r in res["requests"]], [0.0, 0.05, 0.12])
-        res = run_bench(_cfg(srv.base_url, num_prompts=6, request_rate=40.0, seed=1, max_concurrency=None),
-                        tokenizer=tok)
+        res = run_bench(
+            _cfg(srv.base_url, num_prompts=6, request_rate=40.0, seed=1, max_concurrency=None), tokenizer=tok
+        )
 
     _assert_on_schedule([r["send_s"] for r in res["requests"]], arrival_offsets(6, 40.0, 1.0, 1))
     assert arrival_offsets(3, math.inf, 1.0, 0) == [0.0, 0.0, 0.0]
@@ -188,9 +219,19 @@ def test_request_rate_and_trace_schedule(tok, tmp_path):
 def test_client_workers_share_the_load(tok, tmp_path):
     """Two client processes: every request is sent once, at its scheduled offset, and measured like in one."""
     with FakeServer(Script(ttft_s=0.010, itl_s=0.002)) as srv:
-        res = run_bench(_cfg(srv.base_url, num_prompts=10, max_concurrency=3, warmup=2, request_rate=100.0,
-                             client_workers=2, slo="ttft_ms=1000", tokenizer=tok.name.split(":", 1)[1]),
-                        tokenizer=tok)
+        res = run_bench(
+            _cfg(
+                srv.base_url,
+                num_prompts=10,
+                max_concurrency=3,
+                warmup=2,
+                request_rate=100.0,
+                client_workers=2,
+                slo="ttft_ms=1000",
+                tokenizer=tok.name.split(":", 1)[1],
+            ),
+            tokenizer=tok,
+        )
         assert srv.count == 12  # 10 + 2 warm-up, each sent exactly once
     s = res["summary"]
     assert (s["completed"], s["failed"], s["not_sent"]) == (10, 0, 0) and s["good_requests"] == 10
@@ -246,9 +287,28 @@ def test_sigint_saves_partial_results(tok, tmp_path, capsys):
         killer = threading.Thread(target=interrupt, name="sigint-after-5", daemon=True)
         killer.start()
         try:
-            rc = main(["bench", "--base-url", srv.base_url, "--model", "fake", "--workload", "fixed:in=8,out=12",
-                       "--num-prompts", "200", "--max-concurrency", "2", "--tokenizer", tok.name.split(":", 1)[1],
-                       "--energy", "none", "--no-progress", "--output", str(out)])
+            rc = main(
+                [
+                    "bench",
+                    "--base-url",
+                    srv.base_url,
+                    "--model",
+                    "fake",
+                    "--workload",
+                    "fixed:in=8,out=12",
+                    "--num-prompts",
+                    "200",
+                    "--max-concurrency",
+                    "2",
+                    "--tokenizer",
+                    tok.name.split(":", 1)[1],
+                    "--energy",
+                    "none",
+                    "--no-progress",
+                    "--output",
+                    str(out),
+                ]
+            )
         finally:
             done.set()
             killer.join()
@@ -280,8 +340,16 @@ class StubMeter:
         from parity.devices.energy import EnergyReading
 
         dt = time.perf_counter() - self.t0
-        return EnergyReading(meter="rapl", joules=12.5, seconds=dt, avg_watts=12.5 / dt, devices=["package-0"],
-                             per_device_j=[12.5], method="stub", samples=2)
+        return EnergyReading(
+            meter="rapl",
+            joules=12.5,
+            seconds=dt,
+            avg_watts=12.5 / dt,
+            devices=["package-0"],
+            per_device_j=[12.5],
+            method="stub",
+            samples=2,
+        )
 
 
 def test_energy_figures_per_token(tok, monkeypatch, capsys):
@@ -289,8 +357,12 @@ def test_energy_figures_per_token(tok, monkeypatch, capsys):
 
     clock = VirtualClock()
     monkeypatch.setattr(time, "perf_counter", clock.perf_counter)
-    res = run_bench(_cfg("http://127.0.0.1:9", num_prompts=4, max_concurrency=1), tokenizer=tok, meter=StubMeter(),
-                    transport=ScriptedTransport(Script(ttft_s=0.03, itl_s=0.01), clock))
+    res = run_bench(
+        _cfg("http://127.0.0.1:9", num_prompts=4, max_concurrency=1),
+        tokenizer=tok,
+        meter=StubMeter(),
+        transport=ScriptedTransport(Script(ttft_s=0.03, itl_s=0.01), clock),
+    )
     e = res["energy"]
     assert e["meter"] == "rapl" and e["provenance"] == "measured:rapl" and e["joules"] == 12.5
     assert e["seconds"] == pytest.approx(4 * (0.03 + 11 * 0.01))
@@ -308,8 +380,12 @@ def test_energy_figures_per_token(tok, monkeypatch, capsys):
             r.meter, r.joules, r.devices = "nvml", 100.0, ["gpu0: stub"]
             return r
 
-    res = run_bench(_cfg("http://127.0.0.1:9", num_prompts=2, max_concurrency=1), tokenizer=tok,
-                    meter=[GpuStub(), StubMeter()], transport=ScriptedTransport(Script(ttft_s=0.03, itl_s=0.01), clock))
+    res = run_bench(
+        _cfg("http://127.0.0.1:9", num_prompts=2, max_concurrency=1),
+        tokenizer=tok,
+        meter=[GpuStub(), StubMeter()],
+        transport=ScriptedTransport(Script(ttft_s=0.03, itl_s=0.01), clock),
+    )
     assert [e["meter"] for e in res["energy_meters"]] == ["nvml", "rapl"] and res["energy"]["meter"] == "nvml"
     assert res["energy_meters"][0]["joules_per_output_token"] == pytest.approx(100.0 / 24)
     assert res["environment"]["energy_meter"] == "rapl (stub); rapl (stub)"
@@ -320,8 +396,12 @@ def test_energy_figures_per_token(tok, monkeypatch, capsys):
 
             raise DeviceError("rapl: reading energy_uj failed during the run: EIO")
 
-    res = run_bench(_cfg("http://127.0.0.1:9", num_prompts=2, max_concurrency=1), tokenizer=tok, meter=FailingMeter(),
-                    transport=ScriptedTransport(Script(ttft_s=0.03, itl_s=0.01), clock))
+    res = run_bench(
+        _cfg("http://127.0.0.1:9", num_prompts=2, max_concurrency=1),
+        tokenizer=tok,
+        meter=FailingMeter(),
+        transport=ScriptedTransport(Script(ttft_s=0.03, itl_s=0.01), clock),
+    )
     assert res["summary"]["completed"] == 2  # latency results survive a failing meter
     assert res["energy"]["joules"] is None and res["energy"]["reason"].startswith("meter failed during the run: rapl")
 
@@ -333,10 +413,30 @@ def test_cli_end_to_end_with_report(word_tokenizer_json, tmp_path, capsys):
     out1, out2 = tmp_path / "a.json", tmp_path / "b.json"
     with FakeServer(Script(ttft_s=0.004, itl_s=0.002)) as srv:
         for out, conc in ((out1, "1"), (out2, "4")):
-            rc = main(["bench", "--base-url", srv.base_url + "/v1", "--model", "fake", "--workload",
-                       "random:in=10,out=6,ratio=0.5", "--num-prompts", "8", "--max-concurrency", conc,
-                       "--tokenizer", str(tpath), "--slo", "ttft_ms=500", "--energy", "auto", "--no-progress",
-                       "--output", str(out)])
+            rc = main(
+                [
+                    "bench",
+                    "--base-url",
+                    srv.base_url + "/v1",
+                    "--model",
+                    "fake",
+                    "--workload",
+                    "random:in=10,out=6,ratio=0.5",
+                    "--num-prompts",
+                    "8",
+                    "--max-concurrency",
+                    conc,
+                    "--tokenizer",
+                    str(tpath),
+                    "--slo",
+                    "ttft_ms=500",
+                    "--energy",
+                    "auto",
+                    "--no-progress",
+                    "--output",
+                    str(out),
+                ]
+            )
             assert rc == 0
     text = capsys.readouterr().out
     assert "TTFT median (ms)" in text and "goodput" in text and "energy" in text and "none: " in text
@@ -369,18 +469,33 @@ def test_model_defaults_to_first_listed_model(tok, capsys):
         assert res["config"]["model"] == "fake" and res["summary"]["completed"] == 2
         assert any("--model not given: benchmarked 'fake'" in n for n in res["notes"])
         # the obvious command, without --model, works (tokenizer: the default V4 one)
-        rc = main(["bench", "--base-url", srv.base_url, "--workload", "fixed:in=4,out=2", "--num-prompts", "1",
-                   "--energy", "none", "--no-progress"])
+        rc = main(
+            [
+                "bench",
+                "--base-url",
+                srv.base_url,
+                "--workload",
+                "fixed:in=4,out=2",
+                "--num-prompts",
+                "1",
+                "--energy",
+                "none",
+                "--no-progress",
+            ]
+        )
     assert rc == 0 and "parity bench - fake @" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("status,body,msg", [
-    (200, {"object": "list", "data": []}, "the server lists no models at http://h:1/v1/models"),
-    (401, {"error": {"message": "bad key"}}, "answered HTTP 401 \\(check --api-key.*bad key"),
-    (200, {"models": ["x"]}, "did not answer an OpenAI model list"),
-    (200, {"data": [{"object": "model"}]}, "first model listed .* has no id"),
-    (200, "not json", "did not answer an OpenAI model list"),
-])
+@pytest.mark.parametrize(
+    "status,body,msg",
+    [
+        (200, {"object": "list", "data": []}, "the server lists no models at http://h:1/v1/models"),
+        (401, {"error": {"message": "bad key"}}, "answered HTTP 401 \\(check --api-key.*bad key"),
+        (200, {"models": ["x"]}, "did not answer an OpenAI model list"),
+        (200, {"data": [{"object": "model"}]}, "first model listed .* has no id"),
+        (200, "not json", "did not answer an OpenAI model list"),
+    ],
+)
 def test_model_default_errors(status, body, msg):
     import httpx
 
@@ -391,8 +506,9 @@ def test_model_default_errors(status, body, msg):
         return httpx.Response(status, json=body) if not isinstance(body, str) else httpx.Response(status, text=body)
 
     with pytest.raises(BenchError, match=msg + ".*pass --model NAME"):
-        run_bench(_cfg("http://h:1/v1", model="", api_key="sk-1"), tokenizer=object(),
-                  transport=httpx.MockTransport(handler))
+        run_bench(
+            _cfg("http://h:1/v1", model="", api_key="sk-1"), tokenizer=object(), transport=httpx.MockTransport(handler)
+        )
     assert seen == [("/v1/models", "Bearer sk-1")]
 
 

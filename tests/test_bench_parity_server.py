@@ -20,10 +20,12 @@ def parity_server():
     from parity.server.app import ServerSettings, build_app
     from parity.server.launcher import ThreadedServer
 
-    engine = AsyncEngine(EngineArgs(device="cpu", max_model_len=256, cache_memory=16 << 20, max_num_seqs=8,
-                                    max_num_batched_tokens=512))
-    srv = ThreadedServer(build_app(engine, ServerSettings(served_model_names=["tiny"], drain_timeout_s=2.0)),
-                         drain_timeout_s=2.0).start()
+    engine = AsyncEngine(
+        EngineArgs(device="cpu", max_model_len=256, cache_memory=16 << 20, max_num_seqs=8, max_num_batched_tokens=512)
+    )
+    srv = ThreadedServer(
+        build_app(engine, ServerSettings(served_model_names=["tiny"], drain_timeout_s=2.0)), drain_timeout_s=2.0
+    ).start()
     yield srv
     srv.stop()
 
@@ -38,10 +40,20 @@ def _generated_tokens(base_url: str) -> float:
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 def test_bench_against_parity_server(parity_server, endpoint, tmp_path):
     before = _generated_tokens(parity_server.base_url)
-    cfg = BenchConfig(base_url=parity_server.base_url + "/v1", model="tiny", endpoint=endpoint,
-                      workload="random:in=24,out=6,ratio=0.5,convention=vllm", num_prompts=6, max_concurrency=3,
-                      warmup=1, ignore_eos=True, slo="ttft_ms=60000", progress=False, energy="auto",
-                      output=str(tmp_path / "r.json"))
+    cfg = BenchConfig(
+        base_url=parity_server.base_url + "/v1",
+        model="tiny",
+        endpoint=endpoint,
+        workload="random:in=24,out=6,ratio=0.5,convention=vllm",
+        num_prompts=6,
+        max_concurrency=3,
+        warmup=1,
+        ignore_eos=True,
+        slo="ttft_ms=60000",
+        progress=False,
+        energy="auto",
+        output=str(tmp_path / "r.json"),
+    )
     res = run_bench(cfg)
     s = res["summary"]
     assert s["failed"] == 0, s["failure_reasons"]
@@ -63,8 +75,17 @@ def test_sweep_against_parity_server(parity_server, tmp_path):
     from parity.bench.report import write_report
     from parity.bench.sweep import run_sweep
 
-    cfg = BenchConfig(base_url=parity_server.base_url, model="tiny", workload="fixed:in=16,out=4", num_prompts=6,
-                      ignore_eos=True, progress=False, energy="none", hardware="h200", num_devices=1)
+    cfg = BenchConfig(
+        base_url=parity_server.base_url,
+        model="tiny",
+        workload="fixed:in=16,out=4",
+        num_prompts=6,
+        ignore_eos=True,
+        progress=False,
+        energy="none",
+        hardware="h200",
+        num_devices=1,
+    )
     index = run_sweep(cfg, [1, 3], None, None, tmp_path)
     assert [p["file"] for p in index["points"]] == ["c1-rinf.json", "c3-rinf.json"]
     assert all(p["output_tok_s_per_device"] > 0 and p["tok_s_per_user"] > 0 for p in index["points"])

@@ -15,8 +15,12 @@ from parity.server.launcher import ThreadedServer, free_port
 
 @pytest.fixture(scope="module")
 def server():
-    app = build_app(FakeEngine(step_s=0.001), ServerSettings(served_model_names=["tiny"]),
-                    chat_format=FakeChatFormat(), sampling_params_cls=FakeSamplingParams)
+    app = build_app(
+        FakeEngine(step_s=0.001),
+        ServerSettings(served_model_names=["tiny"]),
+        chat_format=FakeChatFormat(),
+        sampling_params_cls=FakeSamplingParams,
+    )
     srv = ThreadedServer(app, drain_timeout_s=1.0).start()
     yield srv
     srv.stop()
@@ -45,8 +49,20 @@ def test_existing_results_file_is_not_overwritten(capsys, server, tmp_path):
     out_file.write_text("precious")
     rc, err, _ = bench(capsys, "--base-url", server.base_url, "--model", "tiny", "--output", str(out_file))
     assert rc == 2 and "--overwrite" in err[-1] and out_file.read_text() == "precious"
-    rc, _, _ = bench(capsys, "--base-url", server.base_url, "--model", "tiny", "--workload", "fixed:in=4,out=2",
-                     "--num-prompts", "2", "--output", str(out_file), "--overwrite")
+    rc, _, _ = bench(
+        capsys,
+        "--base-url",
+        server.base_url,
+        "--model",
+        "tiny",
+        "--workload",
+        "fixed:in=4,out=2",
+        "--num-prompts",
+        "2",
+        "--output",
+        str(out_file),
+        "--overwrite",
+    )
     assert rc == 0 and out_file.read_text() != "precious"
 
 

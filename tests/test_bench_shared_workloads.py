@@ -9,8 +9,29 @@ from parity.bench.shared_workloads import build_workload
 from parity.bench.tokenizer import load_bench_tokenizer
 from parity.errors import BenchError
 
-WORDS = ["tok", "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet",
-         "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango"]
+WORDS = [
+    "tok",
+    "alpha",
+    "bravo",
+    "charlie",
+    "delta",
+    "echo",
+    "foxtrot",
+    "golf",
+    "hotel",
+    "india",
+    "juliet",
+    "kilo",
+    "lima",
+    "mike",
+    "november",
+    "oscar",
+    "papa",
+    "quebec",
+    "romeo",
+    "sierra",
+    "tango",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +52,26 @@ def test_prefix_repetition_shares_prefixes(tok):
 
 
 def test_multiturn_replay_carries_history(tok, tmp_path):
-    conv = [{"conversations": [{"from": "human", "value": "alpha bravo"},
-                               {"from": "gpt", "value": "charlie delta echo"},
-                               {"from": "human", "value": "golf"}, {"from": "gpt", "value": "hotel"}]},
-            {"conversations": [{"from": "human", "value": "kilo lima"}, {"from": "gpt", "value": "mike"}]}]
+    conv = [
+        {
+            "conversations": [
+                {"from": "human", "value": "alpha bravo"},
+                {"from": "gpt", "value": "charlie delta echo"},
+                {"from": "human", "value": "golf"},
+                {"from": "gpt", "value": "hotel"},
+            ]
+        },
+        {"conversations": [{"from": "human", "value": "kilo lima"}, {"from": "gpt", "value": "mike"}]},
+    ]
     p = tmp_path / "conv.json"
     p.write_text(json.dumps(conv))
     reqs, notes = build_workload(f"multiturn:{p}", tok, None)
     assert len(reqs) == 3 and "3 turns of 2 conversations" in notes[0]
-    assert reqs[1].messages == [{"role": "user", "content": "alpha bravo"},
-                                {"role": "assistant", "content": "charlie delta echo"},
-                                {"role": "user", "content": "golf"}]
+    assert reqs[1].messages == [
+        {"role": "user", "content": "alpha bravo"},
+        {"role": "assistant", "content": "charlie delta echo"},
+        {"role": "user", "content": "golf"},
+    ]
     assert [r.output_tokens for r in reqs] == [3, 1, 1]
     body = build_payload("chat", "m", reqs[1])
     assert body["messages"] == reqs[1].messages
@@ -52,9 +82,11 @@ def test_multiturn_replay_carries_history(tok, tmp_path):
 
 
 def test_mooncake_trace_shares_hash_blocks(tok, tmp_path):
-    lines = [{"timestamp": 1000, "input_length": 20, "output_length": 4, "hash_ids": [0, 1]},
-             {"timestamp": 1500, "input_length": 25, "output_length": 6, "hash_ids": [0, 1, 2]},
-             {"timestamp": 3000, "input_length": 15, "output_length": 2, "hash_ids": [7, 8]}]
+    lines = [
+        {"timestamp": 1000, "input_length": 20, "output_length": 4, "hash_ids": [0, 1]},
+        {"timestamp": 1500, "input_length": 25, "output_length": 6, "hash_ids": [0, 1, 2]},
+        {"timestamp": 3000, "input_length": 15, "output_length": 2, "hash_ids": [7, 8]},
+    ]
     p = tmp_path / "mooncake.jsonl"
     p.write_text("\n".join(json.dumps(x) for x in lines))
     reqs, notes = build_workload(f"mooncake:{p},block=10", tok, None)

@@ -50,11 +50,13 @@ def test_steady_state_window_and_figures_exact():
 
 
 def test_pareto_frontier():
-    pts = [{"n": "a", "tok_s_per_user": 100, "output_tok_s_per_device": 50},
-           {"n": "b", "tok_s_per_user": 50, "output_tok_s_per_device": 200},
-           {"n": "c", "tok_s_per_user": 40, "output_tok_s_per_device": 150},   # dominated by b
-           {"n": "d", "tok_s_per_user": 20, "output_tok_s_per_device": 400},
-           {"n": "e", "tok_s_per_user": None, "output_tok_s_per_device": 900}]
+    pts = [
+        {"n": "a", "tok_s_per_user": 100, "output_tok_s_per_device": 50},
+        {"n": "b", "tok_s_per_user": 50, "output_tok_s_per_device": 200},
+        {"n": "c", "tok_s_per_user": 40, "output_tok_s_per_device": 150},  # dominated by b
+        {"n": "d", "tok_s_per_user": 20, "output_tok_s_per_device": 400},
+        {"n": "e", "tok_s_per_user": None, "output_tok_s_per_device": 900},
+    ]
     assert [p["n"] for p in pareto_frontier(pts)] == ["a", "b", "d"]
 
 
@@ -65,8 +67,17 @@ def test_scripted_sequential_run_steady_state(tok, monkeypatch):
     e2el = ttft + (n - 1) * itl
     clock = VirtualClock()
     monkeypatch.setattr(time, "perf_counter", clock.perf_counter)
-    cfg = BenchConfig(base_url="http://127.0.0.1:9", model="fake", workload=f"fixed:in=8,out={n}", num_prompts=N,
-                      max_concurrency=1, progress=False, energy="none", hardware="h200", num_devices=8)
+    cfg = BenchConfig(
+        base_url="http://127.0.0.1:9",
+        model="fake",
+        workload=f"fixed:in=8,out={n}",
+        num_prompts=N,
+        max_concurrency=1,
+        progress=False,
+        energy="none",
+        hardware="h200",
+        num_devices=8,
+    )
     res = run_bench(cfg, tokenizer=tok, transport=ScriptedTransport(Script(ttft_s=ttft, itl_s=itl), clock))
     ss = res["steady_state"]
     assert ss["start_s"] == pytest.approx(0.0) and ss["end_s"] == pytest.approx((N - 1) * e2el)
@@ -97,8 +108,10 @@ def test_load_points_and_workload_lengths():
 
 
 def test_stop_rule():
-    res = {"steady_state": {"duration_s": 1.0, "ttft_ms_median": 50.0, "tpot_ms_median": 21.0},
-           "summary": {"ttft_ms": {"median": 10.0}, "tpot_ms": {"median": 5.0}}}
+    res = {
+        "steady_state": {"duration_s": 1.0, "ttft_ms_median": 50.0, "tpot_ms_median": 21.0},
+        "summary": {"ttft_ms": {"median": 10.0}, "tpot_ms": {"median": 5.0}},
+    }
     assert past_slo(res, {"ttft_ms": 100, "tpot_ms": 20}) is None  # 21 <= 2 x 20
     assert "TPOT 21.0 ms > 2 x SLO 10 ms" in past_slo(res, {"tpot_ms": 10})
 
@@ -110,12 +123,24 @@ def test_sweep_against_scripted_server_with_report(tok, tmp_path):
 
     sc = Script(ttft_s=0.004, itl_s=0.002)
     with FakeServer(sc) as srv:
-        cfg = BenchConfig(base_url=srv.base_url, model="fake", workload="fixed:in=8,out=8", num_prompts=8,
-                          progress=False, energy="none", hardware="910c", num_devices=2, slo="tpot_ms=1000",
-                          plan_model="v4-flash")
+        cfg = BenchConfig(
+            base_url=srv.base_url,
+            model="fake",
+            workload="fixed:in=8,out=8",
+            num_prompts=8,
+            progress=False,
+            energy="none",
+            hardware="910c",
+            num_devices=2,
+            slo="tpot_ms=1000",
+            plan_model="v4-flash",
+        )
         index = run_sweep(cfg, [1, 2, 4], None, [(8, 8), (16, 6)], tmp_path / "s", tokenizer=tok)
-        assert [p["file"] for p in index["points"]][:3] == ["isl8-osl8-c1-rinf.json", "isl8-osl8-c2-rinf.json",
-                                                            "isl8-osl8-c4-rinf.json"]
+        assert [p["file"] for p in index["points"]][:3] == [
+            "isl8-osl8-c1-rinf.json",
+            "isl8-osl8-c2-rinf.json",
+            "isl8-osl8-c4-rinf.json",
+        ]
         assert len(index["points"]) == 6 and not index["stopped"]
         assert set(index["frontiers"]) == {"8/8", "16/6"} and index["frontiers"]["8/8"]
         cfg2 = BenchConfig(**{**cfg.__dict__, "slo": "tpot_ms=0.1"})
@@ -138,9 +163,31 @@ def test_sweep_cli(word_tokenizer_json, tmp_path, capsys):
     from parity.cli import main
 
     with FakeServer(Script(ttft_s=0.003, itl_s=0.001)) as srv:
-        rc = main(["bench", "sweep", "--base-url", srv.base_url, "--model", "fake", "--workload", "fixed:in=4,out=4",
-                   "--num-prompts", "6", "--concurrency", "1,2", "--tokenizer", str(word_tokenizer_json(WORDS)),
-                   "--energy", "none", "--no-progress", "--out-dir", str(tmp_path / "o"), "--hardware", "h200"])
+        rc = main(
+            [
+                "bench",
+                "sweep",
+                "--base-url",
+                srv.base_url,
+                "--model",
+                "fake",
+                "--workload",
+                "fixed:in=4,out=4",
+                "--num-prompts",
+                "6",
+                "--concurrency",
+                "1,2",
+                "--tokenizer",
+                str(word_tokenizer_json(WORDS)),
+                "--energy",
+                "none",
+                "--no-progress",
+                "--out-dir",
+                str(tmp_path / "o"),
+                "--hardware",
+                "h200",
+            ]
+        )
     assert rc == 0
     text = capsys.readouterr().out
     assert "c1-rinf.json" in text and "report written" in text

@@ -12,8 +12,29 @@ from parity.bench.metrics import RequestRecord, meets_slo, parse_slo, stats_ms, 
 from parity.bench.tokenizer import load_bench_tokenizer
 from parity.errors import BenchError
 
-WORDS = ["tok", "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet",
-         "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango"]
+WORDS = [
+    "tok",
+    "alpha",
+    "bravo",
+    "charlie",
+    "delta",
+    "echo",
+    "foxtrot",
+    "golf",
+    "hotel",
+    "india",
+    "juliet",
+    "kilo",
+    "lima",
+    "mike",
+    "november",
+    "oscar",
+    "papa",
+    "quebec",
+    "romeo",
+    "sierra",
+    "tango",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +60,20 @@ def test_range_conventions_differ_and_match_reference_definitions():
     assert min(s) == 50 and max(s) == 100 and abs(np.mean(s) - 75) < 2
 
 
-@pytest.mark.parametrize("spec,msg", [
-    ("zipf:in=3", "unknown kind 'zipf'"),
-    ("random:in=10", "`out` must be an integer"),
-    ("random:in=10,out=0", "`out` must be an integer >= 1, got 0"),
-    ("random:in=10,out=5,ratio=1.0", r"ratio for convention=vllm must be in \[0, 1\)"),
-    ("random:in=10,out=5,ratio=1.5,convention=sglang", r"convention=sglang must be in \[0, 1\]"),
-    ("random:in=10,out=5,convention=trt", "convention must be one of vllm, sglang"),
-    ("fixed:in=10,out=5,ratio=0.1", "unknown key"),
-    ("sharegpt:", "needs a file path"),
-    ("fixed:in=10,5", "is not key=value"),
-])
+@pytest.mark.parametrize(
+    "spec,msg",
+    [
+        ("zipf:in=3", "unknown kind 'zipf'"),
+        ("random:in=10", "`out` must be an integer"),
+        ("random:in=10,out=0", "`out` must be an integer >= 1, got 0"),
+        ("random:in=10,out=5,ratio=1.0", r"ratio for convention=vllm must be in \[0, 1\)"),
+        ("random:in=10,out=5,ratio=1.5,convention=sglang", r"convention=sglang must be in \[0, 1\]"),
+        ("random:in=10,out=5,convention=trt", "convention must be one of vllm, sglang"),
+        ("fixed:in=10,out=5,ratio=0.1", "unknown key"),
+        ("sharegpt:", "needs a file path"),
+        ("fixed:in=10,5", "is not key=value"),
+    ],
+)
 def test_workload_spec_errors(spec, msg):
     with pytest.raises(BenchError, match=msg):
         wl.parse_workload(spec)
@@ -78,11 +102,11 @@ def test_default_v4_tokenizer_builds_exact_prompts():
 
 
 def test_sharegpt_dataset(tok, tmp_path):
-    data = [{"conversations": [{"from": "human", "value": "alpha bravo charlie"},
-                               {"from": "gpt", "value": "delta echo"}]},
-            {"conversations": [{"from": "human", "value": "only one turn"}]},
-            {"conversations": [{"from": "human", "value": "golf"},
-                               {"from": "gpt", "value": "hotel india juliet kilo"}]}]
+    data = [
+        {"conversations": [{"from": "human", "value": "alpha bravo charlie"}, {"from": "gpt", "value": "delta echo"}]},
+        {"conversations": [{"from": "human", "value": "only one turn"}]},
+        {"conversations": [{"from": "human", "value": "golf"}, {"from": "gpt", "value": "hotel india juliet kilo"}]},
+    ]
     p = tmp_path / "sg.json"
     p.write_text(json.dumps(data))
     reqs, notes = wl.build_requests(f"sharegpt:{p}", tok, 5, seed=0)
@@ -92,14 +116,17 @@ def test_sharegpt_dataset(tok, tmp_path):
     assert {r.output_tokens for r in reqs} == {7}
 
 
-@pytest.mark.parametrize("content,msg", [
-    ("", "not valid JSON"),
-    ("{not json", "not valid JSON"),
-    ('{"a": 1}', "must hold a JSON list"),
-    ("[]", "no conversation with at least two turns"),
-    ('[{"x": 1}]', "entry 0 has no `conversations` list"),
-    ('[{"conversations": [{"from": "human"}, {"from": "gpt"}]}]', "each turn needs a `value`"),
-])
+@pytest.mark.parametrize(
+    "content,msg",
+    [
+        ("", "not valid JSON"),
+        ("{not json", "not valid JSON"),
+        ('{"a": 1}', "must hold a JSON list"),
+        ("[]", "no conversation with at least two turns"),
+        ('[{"x": 1}]', "entry 0 has no `conversations` list"),
+        ('[{"conversations": [{"from": "human"}, {"from": "gpt"}]}]', "each turn needs a `value`"),
+    ],
+)
 def test_sharegpt_bad_files(tok, tmp_path, content, msg):
     p = tmp_path / "bad.json"
     p.write_text(content)
@@ -111,24 +138,31 @@ def test_sharegpt_bad_files(tok, tmp_path, content, msg):
 
 def test_trace_replay(tok, tmp_path):
     p = tmp_path / "trace.jsonl"
-    p.write_text('{"arrival_s": 10.5, "input_len": 12, "output_len": 3}\n\n'
-                 '{"arrival_s": 10.0, "input_len": 5, "output_len": 2}\n'
-                 '{"timestamp_ms": 12000, "prompt": "alpha bravo", "output_length": 4}\n')
+    p.write_text(
+        '{"arrival_s": 10.5, "input_len": 12, "output_len": 3}\n\n'
+        '{"arrival_s": 10.0, "input_len": 5, "output_len": 2}\n'
+        '{"timestamp_ms": 12000, "prompt": "alpha bravo", "output_length": 4}\n'
+    )
     reqs, notes = wl.build_requests(f"trace:{p}", tok, None)
     assert [r.arrival_s for r in reqs] == [0.0, 0.5, 2.0]
     assert [(r.prompt_tokens, r.output_tokens) for r in reqs] == [(5, 2), (12, 3), (2, 4)]
     assert any("trace replay" in n for n in notes)
 
 
-@pytest.mark.parametrize("content,msg", [
-    ("", "is empty"),
-    ("{bad\n", "line 1 is not valid JSON"),
-    ('{"input_len": 3, "output_len": 2}\n', "line 1 lacks `arrival_s`"),
-    ('{"arrival_s": 0, "input_len": 3, "output_len": 2}\n{"arrival_s": -1, "input_len": 3, "output_len": 2}\n',
-     r"line 2: `arrival_s` \(arrival time\) must be a finite number >= 0, got -1"),
-    ('{"arrival_s": 0, "input_len": 0, "output_len": 2}\n', "`input_len` must be an integer >= 1, got 0"),
-    ('[1, 2]\n', "line 1 must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "content,msg",
+    [
+        ("", "is empty"),
+        ("{bad\n", "line 1 is not valid JSON"),
+        ('{"input_len": 3, "output_len": 2}\n', "line 1 lacks `arrival_s`"),
+        (
+            '{"arrival_s": 0, "input_len": 3, "output_len": 2}\n{"arrival_s": -1, "input_len": 3, "output_len": 2}\n',
+            r"line 2: `arrival_s` \(arrival time\) must be a finite number >= 0, got -1",
+        ),
+        ('{"arrival_s": 0, "input_len": 0, "output_len": 2}\n', "`input_len` must be an integer >= 1, got 0"),
+        ("[1, 2]\n", "line 1 must be a JSON object"),
+    ],
+)
 def test_trace_bad_files(tok, tmp_path, content, msg):
     p = tmp_path / "t.jsonl"
     p.write_text(content)
@@ -136,17 +170,20 @@ def test_trace_bad_files(tok, tmp_path, content, msg):
         wl.build_requests(f"trace:{p}", tok, None)
 
 
-@pytest.mark.parametrize("line,field,got", [
-    ('{"arrival_s": Infinity, "input_len": 3, "output_len": 2}', "arrival_s", "inf"),  # used to hang the run
-    ('{"arrival_s": NaN, "input_len": 3, "output_len": 2}', "arrival_s", "nan"),  # used to be accepted
-    ('{"arrival_s": -Infinity, "input_len": 3, "output_len": 2}', "arrival_s", "-inf"),
-    ('{"timestamp_ms": NaN, "input_len": 3, "output_len": 2}', "timestamp_ms", "nan"),
-    ('{"timestamp_ms": Infinity, "input_len": 3, "output_len": 2}', "timestamp_ms", "inf"),
-    ('{"arrival_s": true, "input_len": 3, "output_len": 2}', "arrival_s", "True"),
-    ('{"arrival_s": 1, "input_len": NaN, "output_len": 2}', "input_len", "nan"),
-    ('{"arrival_s": 1, "input_len": 3, "output_len": Infinity}', "output_len", "inf"),
-    ('{"arrival_s": 1, "input_len": 3.5, "output_len": 2}', "input_len", "3.5"),
-])
+@pytest.mark.parametrize(
+    "line,field,got",
+    [
+        ('{"arrival_s": Infinity, "input_len": 3, "output_len": 2}', "arrival_s", "inf"),  # used to hang the run
+        ('{"arrival_s": NaN, "input_len": 3, "output_len": 2}', "arrival_s", "nan"),  # used to be accepted
+        ('{"arrival_s": -Infinity, "input_len": 3, "output_len": 2}', "arrival_s", "-inf"),
+        ('{"timestamp_ms": NaN, "input_len": 3, "output_len": 2}', "timestamp_ms", "nan"),
+        ('{"timestamp_ms": Infinity, "input_len": 3, "output_len": 2}', "timestamp_ms", "inf"),
+        ('{"arrival_s": true, "input_len": 3, "output_len": 2}', "arrival_s", "True"),
+        ('{"arrival_s": 1, "input_len": NaN, "output_len": 2}', "input_len", "nan"),
+        ('{"arrival_s": 1, "input_len": 3, "output_len": Infinity}', "output_len", "inf"),
+        ('{"arrival_s": 1, "input_len": 3.5, "output_len": 2}', "input_len", "3.5"),
+    ],
+)
 def test_trace_non_finite_values_rejected(tok, tmp_path, line, field, got):
     p = tmp_path / "tr.jsonl"
     p.write_text('{"arrival_s": 0, "input_len": 3, "output_len": 2}\n' + line + "\n")
@@ -157,20 +194,23 @@ def test_trace_non_finite_values_rejected(tok, tmp_path, line, field, got):
     assert f"got {got}" in msg
 
 
-@pytest.mark.parametrize("kw,flag", [
-    ({"request_rate": math.nan}, "--request-rate"),
-    ({"request_rate": -math.inf}, "--request-rate"),
-    ({"burstiness": math.nan}, "--burstiness"),
-    ({"burstiness": math.inf}, "--burstiness"),
-    ({"timeout_s": math.nan}, "--timeout"),
-    ({"timeout_s": math.inf}, "--timeout"),
-    ({"temperature": math.nan}, "--temperature"),
-    ({"temperature": math.inf}, "--temperature"),
-    ({"workload": "random:in=8,out=4,ratio=nan"}, "ratio"),
-    ({"workload": "random:in=8,out=4,ratio=inf"}, "ratio"),
-    ({"slo": "ttft_ms=nan"}, "--slo"),
-    ({"slo": "ttft_ms=inf"}, "--slo"),
-])
+@pytest.mark.parametrize(
+    "kw,flag",
+    [
+        ({"request_rate": math.nan}, "--request-rate"),
+        ({"request_rate": -math.inf}, "--request-rate"),
+        ({"burstiness": math.nan}, "--burstiness"),
+        ({"burstiness": math.inf}, "--burstiness"),
+        ({"timeout_s": math.nan}, "--timeout"),
+        ({"timeout_s": math.inf}, "--timeout"),
+        ({"temperature": math.nan}, "--temperature"),
+        ({"temperature": math.inf}, "--temperature"),
+        ({"workload": "random:in=8,out=4,ratio=nan"}, "ratio"),
+        ({"workload": "random:in=8,out=4,ratio=inf"}, "ratio"),
+        ({"slo": "ttft_ms=nan"}, "--slo"),
+        ({"slo": "ttft_ms=inf"}, "--slo"),
+    ],
+)
 def test_config_rejects_non_finite_numbers(kw, flag):
     from parity.bench.run_config import BenchConfig
 
@@ -203,26 +243,43 @@ def test_tokenizer_path_errors(tmp_path):
 def test_parse_slo():
     assert parse_slo("ttft_ms=200, tpot_ms=50,e2el_ms=1000ms") == {"ttft_ms": 200.0, "tpot_ms": 50.0, "e2el_ms": 1000.0}
     assert parse_slo(None) == {}
-    for bad, msg in [("", "empty value ''"), ("  ", "empty value"), ("ttft_ms=500,,tpot_ms=5", "item 2 is empty"),
-                     ("ttft_ms=500,", "item 2 is empty"), ("ttft=200", "unknown key 'ttft'"),
-                     ("ttft_ms", "is not key=value"),
-                     ("ttft_ms=abc", "must be a number of milliseconds"), ("tpot_ms=-1", "> 0 ms"),
-                     ("ttft_ms=1,ttft_ms=2", "given twice"), ("ttft_ms=inf", "finite")]:
+    for bad, msg in [
+        ("", "empty value ''"),
+        ("  ", "empty value"),
+        ("ttft_ms=500,,tpot_ms=5", "item 2 is empty"),
+        ("ttft_ms=500,", "item 2 is empty"),
+        ("ttft=200", "unknown key 'ttft'"),
+        ("ttft_ms", "is not key=value"),
+        ("ttft_ms=abc", "must be a number of milliseconds"),
+        ("tpot_ms=-1", "> 0 ms"),
+        ("ttft_ms=1,ttft_ms=2", "given twice"),
+        ("ttft_ms=inf", "finite"),
+    ]:
         with pytest.raises(BenchError, match=msg):
             parse_slo(bad)
 
 
 def _rec(i, ttft, e2el, n, ok=True, itl=None, send=0.0, err=None):
-    return RequestRecord(index=i, ok=ok, error=err, send_s=send, ttft_s=ttft, e2el_s=e2el, output_tokens=n,
-                         prompt_tokens=10, itl_s=itl or [], count_source="usage")
+    return RequestRecord(
+        index=i,
+        ok=ok,
+        error=err,
+        send_s=send,
+        ttft_s=ttft,
+        e2el_s=e2el,
+        output_tokens=n,
+        prompt_tokens=10,
+        itl_s=itl or [],
+        count_source="usage",
+    )
 
 
 def test_summary_metrics_exact():
     recs = [
-        _rec(0, 0.100, 1.000, 10, itl=[0.1] * 9, send=0.0),       # TPOT 0.1
-        _rec(1, 0.200, 0.600, 5, itl=[0.1] * 4, send=0.5),        # TPOT 0.1
-        _rec(2, 0.050, 0.050, 1, send=1.0),                       # single token: no TPOT
-        _rec(3, 0.400, 2.400, 11, itl=[0.2] * 10, send=1.5),      # TPOT 0.2
+        _rec(0, 0.100, 1.000, 10, itl=[0.1] * 9, send=0.0),  # TPOT 0.1
+        _rec(1, 0.200, 0.600, 5, itl=[0.1] * 4, send=0.5),  # TPOT 0.1
+        _rec(2, 0.050, 0.050, 1, send=1.0),  # single token: no TPOT
+        _rec(3, 0.400, 2.400, 11, itl=[0.2] * 10, send=1.5),  # TPOT 0.2
         _rec(4, None, None, 0, ok=False, err="HTTP 500: boom", send=2.0),
         _rec(5, None, None, 0, ok=False, err="HTTP 500: boom", send=2.0),
         _rec(6, None, None, 0, ok=False, err="interrupted", send=2.0),
@@ -257,11 +314,15 @@ def _fake_result(rate, ttft):
     from parity.bench.result_schema import RESULT_SCHEMA, RESULT_VERSION
 
     recs = [_rec(i, ttft + 0.001 * i, 1.0 + 0.01 * i, 20, itl=[0.05] * 19) for i in range(30)]
-    return {"schema": RESULT_SCHEMA, "version": RESULT_VERSION,
-            "config": {"request_rate": rate, "max_concurrency": None, "model": "m", "base_url": "u",
-                       "endpoint": "chat"},
-            "summary": summarize(recs, 10.0 / rate), "requests": [r.to_dict() for r in recs],
-            "energy": {"meter": "none", "joules": None}, "notes": ["a note"]}
+    return {
+        "schema": RESULT_SCHEMA,
+        "version": RESULT_VERSION,
+        "config": {"request_rate": rate, "max_concurrency": None, "model": "m", "base_url": "u", "endpoint": "chat"},
+        "summary": summarize(recs, 10.0 / rate),
+        "requests": [r.to_dict() for r in recs],
+        "energy": {"meter": "none", "joules": None},
+        "notes": ["a note"],
+    }
 
 
 def test_report_png_and_errors(tmp_path):
@@ -285,11 +346,22 @@ def _failed_result(n=4):
     from parity.bench.result_schema import RESULT_SCHEMA, RESULT_VERSION
 
     recs = [_rec(i, None, None, 0, ok=False, err="HTTP 503: overloaded") for i in range(n)]
-    return {"schema": RESULT_SCHEMA, "version": RESULT_VERSION,
-            "config": {"request_rate": "inf", "max_concurrency": None, "model": "m", "base_url": "u",
-                       "endpoint": "chat", "workload": "random:in=8,out=4"},
-            "summary": summarize(recs, 1.0), "requests": [r.to_dict() for r in recs],
-            "energy": {"meter": "none", "joules": None}, "notes": []}
+    return {
+        "schema": RESULT_SCHEMA,
+        "version": RESULT_VERSION,
+        "config": {
+            "request_rate": "inf",
+            "max_concurrency": None,
+            "model": "m",
+            "base_url": "u",
+            "endpoint": "chat",
+            "workload": "random:in=8,out=4",
+        },
+        "summary": summarize(recs, 1.0),
+        "requests": [r.to_dict() for r in recs],
+        "energy": {"meter": "none", "joules": None},
+        "notes": [],
+    }
 
 
 def test_report_all_failed_run_is_named_without_warning(tmp_path):
@@ -332,11 +404,19 @@ def test_report_labels_trace_runs_and_cdfs_start_at_zero(tmp_path):
         plt.close(fig)
 
 
-@pytest.mark.parametrize("field,value,named", [
-    ("requests", "oops", "'requests'"), ("energy_meters", "oops", "'energy_meters'"),
-    ("summary", "oops", "'summary'"), ("config", 5, "'config'"), ("requests", [5], "'requests[0]'"),
-    ("requests", [{}], "'requests[0].index'"), ("energy", [1], "'energy'"), ("notes", "x", "'notes'"),
-])
+@pytest.mark.parametrize(
+    "field,value,named",
+    [
+        ("requests", "oops", "'requests'"),
+        ("energy_meters", "oops", "'energy_meters'"),
+        ("summary", "oops", "'summary'"),
+        ("config", 5, "'config'"),
+        ("requests", [5], "'requests[0]'"),
+        ("requests", [{}], "'requests[0].index'"),
+        ("energy", [1], "'energy'"),
+        ("notes", "x", "'notes'"),
+    ],
+)
 def test_report_damaged_result_names_file_and_field(tmp_path, field, value, named):
     from parity.bench.report import write_report
 

@@ -22,13 +22,20 @@ CHAT, THINK = A + special.THINK_END, A + special.THINK_START
 
 
 def test_trailing_system_message_gets_the_transition():
-    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
-            {"role": "system", "content": "Reminder: be brief."}]
+    msgs = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Hi"},
+        {"role": "system", "content": "Reminder: be brief."},
+    ]
     assert encode_chat(msgs) == f"{BOS}S{U}HiReminder: be brief.{CHAT}"
     assert encode_chat(msgs, thinking=True).endswith(f"Reminder: be brief.{THINK}")
     assert encode_chat(msgs, add_generation_prompt=False) == f"{BOS}S{U}HiReminder: be brief."
-    mid = [{"role": "user", "content": "q"}, {"role": "system", "content": "m"},
-           {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}]
+    mid = [
+        {"role": "user", "content": "q"},
+        {"role": "system", "content": "m"},
+        {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "q2"},
+    ]
     assert encode_chat(mid) == f"{BOS}{U}qm{CHAT}a{EOS}{U}q2{CHAT}"
 
 
@@ -37,13 +44,16 @@ def test_generation_prompt_and_continue_final_message():
     assert encode_chat(msgs) == f"{BOS}{U}q{CHAT}The answer is{EOS}{CHAT}"
     assert encode_chat(msgs, add_generation_prompt=False) == f"{BOS}{U}q{CHAT}The answer is{EOS}"
     assert encode_chat(msgs, add_generation_prompt=False, continue_final_message=True) == (
-        f"{BOS}{U}q{CHAT}The answer is")
+        f"{BOS}{U}q{CHAT}The answer is"
+    )
     thinking = [msgs[0], {"role": "assistant", "content": "", "reasoning_content": "Let me"}]
     assert encode_chat(thinking, thinking=True, add_generation_prompt=False, continue_final_message=True) == (
-        f"{BOS}{U}q{THINK}Let me")
+        f"{BOS}{U}q{THINK}Let me"
+    )
     thinking[1]["content"] = "It is"
     assert encode_chat(thinking, thinking=True, add_generation_prompt=False, continue_final_message=True) == (
-        f"{BOS}{U}q{THINK}Let me</think>It is")
+        f"{BOS}{U}q{THINK}Let me</think>It is"
+    )
     with pytest.raises(ChatError, match="^continue_final_message:") as ei:
         encode_chat(msgs, continue_final_message=True)
     assert ei.value.param == "continue_final_message"
@@ -52,17 +62,22 @@ def test_generation_prompt_and_continue_final_message():
 
 
 def test_reference_roles_developer_and_latest_reminder():
-    msgs = [{"role": "system", "content": "S"}, {"role": "developer", "content": "D"},
-            {"role": "latest_reminder", "content": "2026-08-01"}]
+    msgs = [
+        {"role": "system", "content": "S"},
+        {"role": "developer", "content": "D"},
+        {"role": "latest_reminder", "content": "2026-08-01"},
+    ]
     assert encode_chat(msgs, thinking=True) == f"{BOS}S{U}D{THINK}{special.LATEST_REMINDER}2026-08-01"
     assert encode_chat([{"role": "user", "content": "q"}, {"role": "developer", "content": "D"}]) == (
-        f"{BOS}{U}q{U}D{CHAT}")
+        f"{BOS}{U}q{U}D{CHAT}"
+    )
 
 
 @pytest.fixture()
 def variant_dir(tmp_path):
-    write_chat_encoding(tmp_path, {"low": None, "high": "Think hard.\n\n", "max": "Think hardest.\n\n"},
-                        source="test variant")
+    write_chat_encoding(
+        tmp_path, {"low": None, "high": "Think hard.\n\n", "max": "Think hardest.\n\n"}, source="test variant"
+    )
     return tmp_path
 
 
@@ -86,14 +101,20 @@ def test_reasoning_effort_tiers_from_the_checkpoint(variant_dir):
 def test_reasoning_effort_tiers_over_http(variant_dir):
     srv, _ = start_server(chat_format=ChatFormat(load_encoding(variant_dir)))
     try:
-        body = {"messages": [{"role": "user", "content": "q [case:default]"}], "thinking": {"type": "enabled"},
-                "max_tokens": 5}
+        body = {
+            "messages": [{"role": "user", "content": "q [case:default]"}],
+            "thinking": {"type": "enabled"},
+            "max_tokens": 5,
+        }
         res = call(srv, "/v1/chat/completions", {**body, "reasoning_effort": "high"})
         assert res["status"] == 200 and PROMPTS[-1].startswith(BOS + "Think hard.")
         res = call(srv, "/v1/chat/completions", {**body, "reasoning_effort": "medium"})
         assert res["status"] == 400 and res["error"]["param"] == "reasoning_effort", res
-        res = call(srv, "/v1/chat/completions", {**body, "messages": body["messages"] + [
-            {"role": "latest_reminder", "content": "Today is Monday."}]})
+        res = call(
+            srv,
+            "/v1/chat/completions",
+            {**body, "messages": body["messages"] + [{"role": "latest_reminder", "content": "Today is Monday."}]},
+        )
         assert res["status"] == 200 and PROMPTS[-1].endswith(f"{THINK}{special.LATEST_REMINDER}Today is Monday.")
     finally:
         srv.stop()
@@ -104,8 +125,9 @@ def test_sampler_bans_exactly_the_given_ids():
     logits[:, 1] = 9.0  # EOS best
     logits[:, 4] = 5.0
     p = SamplingParams(temperature=0.0)
-    toks, _ = sample(logits, [SampleRequest(p, [], [], None, (1,), banned_ids=(1,)),
-                              SampleRequest(p, [], [], None, (1,))])
+    toks, _ = sample(
+        logits, [SampleRequest(p, [], [], None, (1,), banned_ids=(1,)), SampleRequest(p, [], [], None, (1,))]
+    )
     assert toks == [4, 1]
     with pytest.raises(RequestError, match="'strict_thinking' needs 'reasoning_end_token_id'"):
         SamplingParams(strict_thinking=True).validate(10)

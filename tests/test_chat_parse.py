@@ -18,7 +18,7 @@ from parity.tokenizer import IncrementalDetokenizer, StreamingOutputParser, load
 EOS = "<｜end▁of▁sentence｜>"
 
 TOOL_OUTPUT = (
-    "The user wants weather; call the tool.</think>Checking \"now\".\n\n<｜DSML｜tool_calls>\n"
+    'The user wants weather; call the tool.</think>Checking "now".\n\n<｜DSML｜tool_calls>\n'
     '<｜DSML｜invoke name="get_weather">\n'
     '<｜DSML｜parameter name="city" string="true">São "Paulo"\n😀</｜DSML｜parameter>\n'
     '<｜DSML｜parameter name="days" string="false">3</｜DSML｜parameter>\n'
@@ -33,14 +33,29 @@ SAMPLES = [
     ("readme_thinking", "Simple arithmetic.</think>2 + 2 = 4." + EOS, True, True),
     ("tool_calls", TOOL_OUTPUT, True, True),
     ("chat_plain", "Hello <b>world</b> 深度求索 \n\n still content <｜DSML｜tool_ca", False, True),
-    ("chat_tool_no_content", "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n"
-     "<｜DSML｜parameter name=\"q\" string=\"true\">a</b>\\n</｜DSML｜parameter>\n</｜DSML｜invoke>\n"
-     "</｜DSML｜tool_calls>" + EOS + "ignored after EOS", False, True),
-    ("truncated_in_param", "<think>r</think>x\n\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n"
-     "<｜DSML｜parameter name=\"q\" string=\"true\">partial </｜DSML", True, True),
-    ("malformed", "c1<｜DSML｜tool_calls>junk<｜DSML｜invoke oops>\n<｜DSML｜invoke name=\"g\">"
-     "<｜DSML｜parameter bad>v</｜DSML｜parameter><｜DSML｜parameter name=\"k\">v2</｜DSML｜parameter>"
-     "<｜DSML｜invoke name=\"h\"></｜DSML｜tool_calls> after <｜DSML｜tool_calls><｜DSML｜invoke name=\"i\"><｜DSML｜invoke name=\"j\"", False, True),
+    (
+        "chat_tool_no_content",
+        '\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n'
+        '<｜DSML｜parameter name="q" string="true">a</b>\\n</｜DSML｜parameter>\n</｜DSML｜invoke>\n'
+        "</｜DSML｜tool_calls>" + EOS + "ignored after EOS",
+        False,
+        True,
+    ),
+    (
+        "truncated_in_param",
+        '<think>r</think>x\n\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n'
+        '<｜DSML｜parameter name="q" string="true">partial </｜DSML',
+        True,
+        True,
+    ),
+    (
+        "malformed",
+        'c1<｜DSML｜tool_calls>junk<｜DSML｜invoke oops>\n<｜DSML｜invoke name="g">'
+        '<｜DSML｜parameter bad>v</｜DSML｜parameter><｜DSML｜parameter name="k">v2</｜DSML｜parameter>'
+        '<｜DSML｜invoke name="h"></｜DSML｜tool_calls> after <｜DSML｜tool_calls><｜DSML｜invoke name="i"><｜DSML｜invoke name="j"',
+        False,
+        True,
+    ),
     ("thinking_truncated", "<think>still thinking <｜end▁of▁sen", True, True),
     ("tools_disabled", "a</think>b\n\n<｜DSML｜tool_calls>x</｜DSML｜tool_calls>", True, False),
 ]
@@ -61,8 +76,11 @@ def accumulate(deltas, thinking):
             if tc["index"] not in calls:
                 assert tc["id"] and tc["name"] is not None  # first delta of a call names it
                 assert tc["index"] == len(calls)
-                calls[tc["index"]] = {"id": tc["id"], "type": "function",
-                                      "function": {"name": tc["name"], "arguments": ""}}
+                calls[tc["index"]] = {
+                    "id": tc["id"],
+                    "type": "function",
+                    "function": {"name": tc["name"], "arguments": ""},
+                }
             else:
                 assert tc["id"] is None and tc["name"] is None
             calls[tc["index"]]["function"]["arguments"] += tc["arguments"]
@@ -112,7 +130,10 @@ def test_lenient_cases():
     assert r.content == "c1 after"  # whitespace ending the output after a block is dropped
     assert parse_output(SAMPLES[2][1], thinking=False).content == "Hello <b>world</b> 深度求索 \n\n still content "
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in r.tool_calls] == [
-        ("g", '{"k": "v2"}'), ("h", "{}"), ("i", "{}")]  # "j": unfinished tag, dropped
+        ("g", '{"k": "v2"}'),
+        ("h", "{}"),
+        ("i", "{}"),
+    ]  # "j": unfinished tag, dropped
     r = parse_output(SAMPLES[6][1], thinking=True)  # cut by max_tokens while thinking
     assert (r.content, r.reasoning_content) == ("", "still thinking <｜end▁of▁sen")
     r = parse_output(SAMPLES[7][1], thinking=True, tools_enabled=False)  # tools off: block dropped
@@ -148,10 +169,11 @@ def test_stream_deltas_are_prompt_and_merged():
     p = StreamingOutputParser(thinking=True, tools_enabled=True, call_id_prefix="call_")
     assert p.feed("abc</th") == [{"reasoning_content": "abc"}]
     assert p.feed("ink>Hi\n") == [{"content": "Hi"}]  # "\n" held: it may start the tool block
-    assert p.feed("\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n") == []
+    assert p.feed('\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n') == []
     assert p.feed('<｜DSML｜parameter name="a" string="true">x') == []  # a call is sent once complete
     assert p.feed("y</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>") == [
-        {"tool_call": {"index": 0, "id": "call_0", "name": "f", "arguments": '{"a": "xy"}'}}]
+        {"tool_call": {"index": 0, "id": "call_0", "name": "f", "arguments": '{"a": "xy"}'}}
+    ]
     assert p.feed(EOS) == [] and p.finish() == [] and p.tool_call_count == 1
     assert p.feed("more") == []
 
@@ -175,6 +197,7 @@ def test_held_suffix_matches_brute_force():
     rng = random.Random(7)
     for _ in range(2000):
         buf = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
-        brute = max((k for k in range(1, len(buf) + 1) for m in markers
-                     if len(m) > k and m.startswith(buf[-k:])), default=0)
+        brute = max(
+            (k for k in range(1, len(buf) + 1) for m in markers if len(m) > k and m.startswith(buf[-k:])), default=0
+        )
         assert _held_suffix(buf, markers) == brute, buf

@@ -29,10 +29,19 @@ EOS = special.EOS
 SCRIPTS: dict[str, str | list[int]] = {"default": "Hello!"}
 #: prompt texts the model saw, latest last
 PROMPTS: list[str] = []
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}}}},
-         {"type": "function", "function": {"name": "run", "parameters": {
-             "type": "object", "properties": {"input": {"type": "object"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    },
+    {
+        "type": "function",
+        "function": {"name": "run", "parameters": {"type": "object", "properties": {"input": {"type": "object"}}}},
+    },
+]
 
 
 def dsml_call(name: str, *params: tuple[str, str, str], close: bool = True) -> str:
@@ -77,16 +86,25 @@ class GroupedEngine:
 def merge(ds: list) -> SimpleNamespace:
     last = ds[-1]
     lps = [x for d in ds for x in (d.logprobs or [])]
-    return SimpleNamespace(request_id=last.request_id, new_token_ids=[t for d in ds for t in d.new_token_ids],
-                           new_text="".join(d.new_text for d in ds), finished=last.finished,
-                           finish_reason=last.finish_reason, stop_reason=last.stop_reason,
-                           logprobs=lps if any(d.logprobs is not None for d in ds) else None, error=last.error)
+    return SimpleNamespace(
+        request_id=last.request_id,
+        new_token_ids=[t for d in ds for t in d.new_token_ids],
+        new_text="".join(d.new_text for d in ds),
+        finished=last.finished,
+        finish_reason=last.finish_reason,
+        stop_reason=last.stop_reason,
+        logprobs=lps if any(d.logprobs is not None for d in ds) else None,
+        error=last.error,
+    )
 
 
 def start_server(tokenizer=TOK, chat_format=None, **settings) -> tuple[ThreadedServer, GroupedEngine]:
     model = ScriptedModel(respond, vocab_size=TOK.vocab_size, runner_up=TOK.think_end_id)
-    eng = GroupedEngine(AsyncEngine(EngineArgs(device="cpu", cache_memory=1 << 24, max_model_len=4096),
-                                    model=model, tokenizer=tokenizer))
+    eng = GroupedEngine(
+        AsyncEngine(
+            EngineArgs(device="cpu", cache_memory=1 << 24, max_model_len=4096), model=model, tokenizer=tokenizer
+        )
+    )
     app = build_app(eng, ServerSettings(served_model_names=["v4"], **settings), chat_format=chat_format)
     srv = ThreadedServer(app, drain_timeout_s=1.0).start()
     srv.engine, srv.app = eng, app
@@ -126,15 +144,26 @@ def fold(chunks: list[dict]) -> list[dict]:
     out: dict[int, dict] = {}
     for ch in chunks:
         for c in ch["choices"]:
-            o = out.setdefault(c["index"], {"index": c["index"], "message": {"content": "", "reasoning_content": ""},
-                                            "text": "", "calls": {}, "logprobs": [], "token_ids": []})
+            o = out.setdefault(
+                c["index"],
+                {
+                    "index": c["index"],
+                    "message": {"content": "", "reasoning_content": ""},
+                    "text": "",
+                    "calls": {},
+                    "logprobs": [],
+                    "token_ids": [],
+                },
+            )
             d = c.get("delta")
             if d is not None:
                 o["message"]["content"] += d.get("content") or ""
                 o["message"]["reasoning_content"] += d.get("reasoning_content") or ""
                 for t in d.get("tool_calls") or []:
-                    cur = o["calls"].setdefault(t["index"], {"id": t.get("id"), "function": {
-                        "name": t["function"].get("name"), "arguments": ""}})
+                    cur = o["calls"].setdefault(
+                        t["index"],
+                        {"id": t.get("id"), "function": {"name": t["function"].get("name"), "arguments": ""}},
+                    )
                     cur["function"]["arguments"] += t["function"].get("arguments") or ""
             o["text"] += c.get("text") or ""
             o["token_ids"] += c.get("token_ids") or []
@@ -193,8 +222,9 @@ def test_logprobs_bytes_of_byte_level_tokens(server):
     assert len(ids) == 4
     SCRIPTS["bytes"] = ids
     for mode in MODES:
-        res = call(server, "/v1/chat/completions", {"messages": user("bytes"), "logprobs": True, "top_logprobs": 2},
-                   mode)
+        res = call(
+            server, "/v1/chat/completions", {"messages": user("bytes"), "logprobs": True, "top_logprobs": 2}, mode
+        )
         c = res["choices"][0]
         assert (c["message"]["content"] or "") == "赋!"
         items = c["logprobs"]["content"] if mode == "full" else c["logprobs"]
@@ -234,8 +264,17 @@ def test_skip_tokenizer_init_returns_token_ids_and_distinct_top_logprobs():
 
 def test_return_token_ids_and_token_id_logprobs_with_a_tokenizer(server):
     SCRIPTS["ids2"] = "Yes."
-    res = call(server, "/v1/completions", {"prompt": "[case:ids2]", "max_tokens": 10, "return_token_ids": True,
-                                           "logprobs": 1, "return_tokens_as_token_ids": True})
+    res = call(
+        server,
+        "/v1/completions",
+        {
+            "prompt": "[case:ids2]",
+            "max_tokens": 10,
+            "return_token_ids": True,
+            "logprobs": 1,
+            "return_tokens_as_token_ids": True,
+        },
+    )
     c = res["choices"][0]
     assert c["text"] == "Yes." and c["token_ids"] == TOK.encode("Yes.") + [TOK.eos_token_id]
     assert c["logprobs"]["tokens"][0] == f"token_id:{TOK.encode('Yes.')[0]}"
@@ -252,14 +291,21 @@ def last_prompt_of(srv, body: dict) -> str:
 
 
 def test_trailing_and_mid_system_messages_get_the_assistant_transition(server):
-    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi [case:default]"},
-            {"role": "system", "content": "Reminder: be brief."}]
+    msgs = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Hi [case:default]"},
+        {"role": "system", "content": "Reminder: be brief."},
+    ]
     p = last_prompt_of(server, {"messages": msgs})
     assert p.endswith("Reminder: be brief." + A_CHAT), p
     p = last_prompt_of(server, {"messages": msgs, "thinking": {"type": "enabled"}})
     assert p.endswith("Reminder: be brief." + special.ASSISTANT + special.THINK_START)
-    msgs = [{"role": "user", "content": "q [case:default]"}, {"role": "system", "content": "mid"},
-            {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}]
+    msgs = [
+        {"role": "user", "content": "q [case:default]"},
+        {"role": "system", "content": "mid"},
+        {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "q2"},
+    ]
     p = last_prompt_of(server, {"messages": msgs})
     assert f"mid{A_CHAT}a{EOS}" in p and f"q [case:default]{special.USER}" not in p
 
@@ -277,8 +323,9 @@ def test_add_generation_prompt_and_continue_final_message(server):
     # thinking: continuing an answer starts outside the reasoning block; continuing reasoning inside it
     SCRIPTS["cont"] = " 4.</think>"
     msgs = user("cont") + [{"role": "assistant", "content": "", "reasoning_content": "2+2 is"}]
-    for got in chat_all_modes(server, {"messages": msgs, "add_generation_prompt": False,
-                                       "continue_final_message": True}, thinking=True):
+    for got in chat_all_modes(
+        server, {"messages": msgs, "add_generation_prompt": False, "continue_final_message": True}, thinking=True
+    ):
         assert got == ("", " 4.", [], "stop")
     assert PROMPTS[-1].endswith(special.THINK_START + "2+2 is")
 
@@ -287,18 +334,31 @@ def test_add_generation_prompt_and_continue_final_message(server):
 CALL = dsml_call("get_weather", ("city", "true", "Paris"))
 
 
-@pytest.mark.parametrize("script, thinking, expected", [
-    # a tool block opened inside the reasoning block; the stray close tag after it is absorbed
-    ("Need weather." + CALL + "</think>" + EOS, True, ("", "Need weather.", [("get_weather", {"city": "Paris"})],
-                                                       "tool_calls")),
-    # redundant closing tags after a complete block
-    ("Sure." + CALL + "</｜DSML｜tool_calls></｜DSML｜invoke>\n" + EOS, False,
-     ("Sure.", None, [("get_weather", {"city": "Paris"})], "tool_calls")),
-    # control tokens sampled mid-output
-    ("Let<｜User｜> me<think> see.</think>Hi<｜Assistant｜> there<｜latest_reminder｜>!" + EOS, True,
-     ("Hi there!", "Let me see.", [], "stop")),
-    ("Hi<｜User｜> there｜DSML｜!</think>" + EOS, False, ("Hi there!", None, [], "stop")),
-], ids=["call-in-reasoning", "redundant-close", "control-thinking", "control-chat"])
+@pytest.mark.parametrize(
+    "script, thinking, expected",
+    [
+        # a tool block opened inside the reasoning block; the stray close tag after it is absorbed
+        (
+            "Need weather." + CALL + "</think>" + EOS,
+            True,
+            ("", "Need weather.", [("get_weather", {"city": "Paris"})], "tool_calls"),
+        ),
+        # redundant closing tags after a complete block
+        (
+            "Sure." + CALL + "</｜DSML｜tool_calls></｜DSML｜invoke>\n" + EOS,
+            False,
+            ("Sure.", None, [("get_weather", {"city": "Paris"})], "tool_calls"),
+        ),
+        # control tokens sampled mid-output
+        (
+            "Let<｜User｜> me<think> see.</think>Hi<｜Assistant｜> there<｜latest_reminder｜>!" + EOS,
+            True,
+            ("Hi there!", "Let me see.", [], "stop"),
+        ),
+        ("Hi<｜User｜> there｜DSML｜!</think>" + EOS, False, ("Hi there!", None, [], "stop")),
+    ],
+    ids=["call-in-reasoning", "redundant-close", "control-thinking", "control-chat"],
+)
 def test_grammar_breaks_recovered_identically(server, script, thinking, expected):
     SCRIPTS["broken"] = script
     got = chat_all_modes(server, {"messages": user("broken"), "tools": TOOLS[:1]}, thinking)
@@ -367,8 +427,11 @@ def test_strict_thinking_bans_eos_until_the_reasoning_block_closes(server):
         assert got == [("", "Thinking </thi nk> <｜end▁of▁sen", [], "stop")] * 3
         got = chat_all_modes(server, {"messages": user("strict")}, thinking=False)  # off without thinking
         assert got == [("Thinking </thi nk> <｜end▁of▁sen", None, [], "stop")] * 3
-        res = call(server, "/v1/chat/completions", {"messages": user("strict"), "ignore_eos": True, "max_tokens": 20,
-                                                    "thinking": {"type": "enabled"}})
+        res = call(
+            server,
+            "/v1/chat/completions",
+            {"messages": user("strict"), "ignore_eos": True, "max_tokens": 20, "thinking": {"type": "enabled"}},
+        )
         assert res["choices"][0]["finish_reason"] == "length"
     finally:
         settings.strict_thinking = False
@@ -377,13 +440,17 @@ def test_strict_thinking_bans_eos_until_the_reasoning_block_closes(server):
 
 
 # ---------------------------------------------------------------- tool arguments
-@pytest.mark.parametrize("call_text, expected", [
-    (dsml_call("get_weather", ("city", "false", "Paris, France")), ("get_weather", {"city": "Paris, France"})),
-    (dsml_call("get_weather", ("arguments", "false", '{"city": "Rome"}')), ("get_weather", {"city": "Rome"})),
-    (dsml_call("get_weather", ("input", "true", '{"city": "Oslo"}')), ("get_weather", {"city": "Oslo"})),
-    (dsml_call("run", ("input", "false", '{"cmd": "ls"}')), ("run", {"input": {"cmd": "ls"}})),  # declared
-    (dsml_call("get_weather", ("days", "false", "NaN")), ("get_weather", {"days": "NaN"})),
-], ids=["not-json-value", "arguments-wrapper", "input-wrapper-string", "declared-input-kept", "nan-is-a-string"])
+@pytest.mark.parametrize(
+    "call_text, expected",
+    [
+        (dsml_call("get_weather", ("city", "false", "Paris, France")), ("get_weather", {"city": "Paris, France"})),
+        (dsml_call("get_weather", ("arguments", "false", '{"city": "Rome"}')), ("get_weather", {"city": "Rome"})),
+        (dsml_call("get_weather", ("input", "true", '{"city": "Oslo"}')), ("get_weather", {"city": "Oslo"})),
+        (dsml_call("run", ("input", "false", '{"cmd": "ls"}')), ("run", {"input": {"cmd": "ls"}})),  # declared
+        (dsml_call("get_weather", ("days", "false", "NaN")), ("get_weather", {"days": "NaN"})),
+    ],
+    ids=["not-json-value", "arguments-wrapper", "input-wrapper-string", "declared-input-kept", "nan-is-a-string"],
+)
 def test_tool_arguments_are_always_valid_json(server, call_text, expected):
     SCRIPTS["args"] = "On it." + call_text + EOS
     got = chat_all_modes(server, {"messages": user("args"), "tools": TOOLS}, False)

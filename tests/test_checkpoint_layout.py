@@ -38,8 +38,11 @@ def test_layout_matches_release_listing_v4_flash():
         assert (lay[name].dtype, lay[name].shape) == (dt, shape), name
     assert "layers.0.attn.compressor.wkv.weight" not in lay  # layer 0 is sliding-only in V4-Flash
     # parameter count without MTP: 284B, the published V4-Flash size (FP4 bytes hold 2 weights)
-    n = sum(math.prod(s.shape) * (2 if s.role == layout.FP4 else 1) for s in lay.values()
-            if not s.mtp and s.role not in (layout.FP8_SCALE, layout.FP4_SCALE))
+    n = sum(
+        math.prod(s.shape) * (2 if s.role == layout.FP4 else 1)
+        for s in lay.values()
+        if not s.mtp and s.role not in (layout.FP8_SCALE, layout.FP4_SCALE)
+    )
     assert round(n / 1e9) == 284
 
 
@@ -52,8 +55,13 @@ def test_layout_targets_are_the_model_names():
     with torch.device("meta"):
         names = set(V4ForCausalLM(cfg).state_dict())
     lay = layout.official_layout(cfg)
-    suffix = {layout.PLAIN: "", layout.FP8: ".weight", layout.FP8_SCALE: ".weight", layout.FP4: ".gate_up_proj",
-              layout.FP4_SCALE: ".down_proj"}
+    suffix = {
+        layout.PLAIN: "",
+        layout.FP8: ".weight",
+        layout.FP8_SCALE: ".weight",
+        layout.FP4: ".gate_up_proj",
+        layout.FP4_SCALE: ".down_proj",
+    }
     for spec in lay.values():
         assert spec.target + suffix[spec.role] in names, spec.name
         if spec.role in (layout.PLAIN, layout.FP8):
@@ -61,8 +69,10 @@ def test_layout_targets_are_the_model_names():
     covered = {s.target + suffix[s.role] for s in lay.values() if s.role in (layout.PLAIN, layout.FP8)}
     covered |= {s.target + p for s in lay.values() if s.role == layout.FP4 for p in (".gate_up_proj", ".down_proj")}
     assert names - covered == set()  # nothing the model holds is left out
-    assert layout.official_to_hf_name("layers.1.attn.indexer.compressor.ape", cfg) == \
-        "model.layers.1.self_attn.compressor.indexer.position_bias"
+    assert (
+        layout.official_to_hf_name("layers.1.attn.indexer.compressor.ape", cfg)
+        == "model.layers.1.self_attn.compressor.indexer.position_bias"
+    )
     with pytest.raises(CheckpointError, match="not part"):
         layout.official_to_hf_name("layers.0.attn.bogus", cfg)
 
@@ -71,10 +81,14 @@ def test_canonical_names():
     assert canonical_name("head.weight") == "lm_head.weight"
     assert canonical_name("embed.weight") == "model.embed_tokens.weight"
     assert canonical_name("hc_head_fn") == "model.hc_head.hc_fn"
-    assert canonical_name("layers.3.attn.indexer.compressor.norm.weight") == \
-        "model.layers.3.self_attn.compressor.indexer.kv_norm.weight"
-    assert canonical_name("model.layers.1.attn.indexer.weights_proj.weight") == \
-        "model.layers.1.self_attn.compressor.indexer.scorer.weights_proj.weight"
+    assert (
+        canonical_name("layers.3.attn.indexer.compressor.norm.weight")
+        == "model.layers.3.self_attn.compressor.indexer.kv_norm.weight"
+    )
+    assert (
+        canonical_name("model.layers.1.attn.indexer.weights_proj.weight")
+        == "model.layers.1.self_attn.compressor.indexer.scorer.weights_proj.weight"
+    )
     assert canonical_name("layers.1.attn.compressor.ape") == "model.layers.1.self_attn.compressor.position_bias"
     assert canonical_name("layers.0.ffn.gate.bias") == "model.layers.0.mlp.gate.e_score_correction_bias"
     assert canonical_name("layers.0.ffn.shared_experts.w3.weight") == "model.layers.0.mlp.shared_experts.up_proj.weight"
@@ -83,8 +97,12 @@ def test_canonical_names():
     assert canonical_name("mtp.0.hc_head_base") == "model.mtp.0.hc_head.hc_base"
     assert canonical_name("mtp.0.attn.wq_a.weight") == "model.mtp.0.self_attn.q_a_proj.weight"
     # already canonical names pass through
-    for k in ("model.layers.0.self_attn.kv_norm.weight", "model.layers.2.mlp.experts.gate_up_proj",
-              "model.norm.weight", "lm_head.weight"):
+    for k in (
+        "model.layers.0.self_attn.kv_norm.weight",
+        "model.layers.2.mlp.experts.gate_up_proj",
+        "model.norm.weight",
+        "lm_head.weight",
+    ):
         assert canonical_name(k) == k
 
 
@@ -104,8 +122,10 @@ def test_model_package_does_not_import_checkpoint():
     import subprocess
     import sys
 
-    code = ("import pkgutil, importlib, sys, parity.model as m\n"
-            "for i in pkgutil.iter_modules(m.__path__): importlib.import_module('parity.model.' + i.name)\n"
-            "bad = sorted(k for k in sys.modules if k.startswith('parity.checkpoint'))\n"
-            "assert not bad, bad\n")
+    code = (
+        "import pkgutil, importlib, sys, parity.model as m\n"
+        "for i in pkgutil.iter_modules(m.__path__): importlib.import_module('parity.model.' + i.name)\n"
+        "bad = sorted(k for k in sys.modules if k.startswith('parity.checkpoint'))\n"
+        "assert not bad, bad\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -31,19 +31,25 @@ def tiny_dir(tmp_path_factory):
 
 def test_export_tiny_layout(tiny_dir):
     files = sorted(p.name for p in tiny_dir.iterdir())
-    assert files == ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                     layout.INDEX_FILE, "tokenizer.json", "tokenizer_config.json"]
+    assert files == [
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        layout.INDEX_FILE,
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     cfg_json = json.loads((tiny_dir / "config.json").read_text())
     assert cfg_json["quantization_config"]["weight_block_size"] == [128, 128]
     assert cfg_json["expert_dtype"] == "fp4" and cfg_json["compress_ratios"] == [0, 4, 128, 4, 0]
     idx = json.loads((tiny_dir / layout.INDEX_FILE).read_text())
     assert set(idx["weight_map"]) == set(layout.official_layout(load_preset("tiny")))
     from safetensors import safe_open
+
     with safe_open(str(tiny_dir / idx["weight_map"]["layers.1.ffn.experts.3.w2.weight"]), "pt") as f:
         assert f.get_tensor("layers.1.ffn.experts.3.w2.weight").dtype == torch.int8
         assert f.get_tensor("layers.1.ffn.experts.3.w2.scale").dtype == torch.float8_e8m0fnu
         assert f.get_tensor("layers.1.attn.wo_a.weight").dtype == torch.float8_e4m3fn
-
 
 
 def test_export_tiny_shards_get_the_mode_of_the_other_files(tiny_dir):
@@ -56,8 +62,13 @@ def test_export_tiny_shards_get_the_mode_of_the_other_files(tiny_dir):
 def test_write_checkpoint_file_modes_follow_the_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
-        d = writer.write_checkpoint(load_preset("tiny"), {"a": torch.zeros(4), "b": torch.ones(4)}, tmp_path / "ck",
-                               shard_bytes=16, tokenizer=False)
+        d = writer.write_checkpoint(
+            load_preset("tiny"),
+            {"a": torch.zeros(4), "b": torch.ones(4)},
+            tmp_path / "ck",
+            shard_bytes=16,
+            tokenizer=False,
+        )
     finally:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in d.iterdir()}
@@ -115,14 +126,24 @@ def small_dir(tmp_path_factory, small_src):
 def test_same_seed_same_bytes(small_dir, tmp_path):
     from parity.model import build_model
 
-    again = writer.export_model(build_model(load_preset("tiny").replace(**SMALL), seed=1), tmp_path / "again", seed=1,
-                           shard_bytes=200_000, tokenizer=False)
+    again = writer.export_model(
+        build_model(load_preset("tiny").replace(**SMALL), seed=1),
+        tmp_path / "again",
+        seed=1,
+        shard_bytes=200_000,
+        tokenizer=False,
+    )
     files = sorted(p.name for p in small_dir.iterdir())
     assert files == sorted(p.name for p in again.iterdir()) and len(files) > 4
     for f in files:
         assert (again / f).read_bytes() == (small_dir / f).read_bytes(), f
-    other = writer.export_model(build_model(load_preset("tiny").replace(**SMALL), seed=2), tmp_path / "other", seed=2,
-                           shard_bytes=200_000, tokenizer=False)
+    other = writer.export_model(
+        build_model(load_preset("tiny").replace(**SMALL), seed=2),
+        tmp_path / "other",
+        seed=2,
+        shard_bytes=200_000,
+        tokenizer=False,
+    )
     shard = [f for f in files if f.endswith(".safetensors")][0]
     assert (other / shard).read_bytes() != (small_dir / shard).read_bytes()
 
@@ -130,14 +151,15 @@ def test_same_seed_same_bytes(small_dir, tmp_path):
 def test_dequantized_weights_follow_the_float_model(small_dir, small_src):
     ref = load_official(small_dir, quantized=False, progress=False)
     w0, w1 = small_src.model.layers[0].self_attn.q_b_proj.weight, ref.model.layers[0].self_attn.q_b_proj.weight
-    assert ((w1 - w0).abs() <= w0.abs() * 2 ** -4 + 2 ** -22).all()  # FP8 e4m3: 3 mantissa bits
+    assert ((w1 - w0).abs() <= w0.abs() * 2**-4 + 2**-22).all()  # FP8 e4m3: 3 mantissa bits
     g0, g1 = small_src.model.layers[0].mlp.experts.gate_up_proj, ref.model.layers[0].mlp.experts.gate_up_proj
     # FP4 e2m1: the widest gap (4 -> 6) is one scale step and the scale is <= amax/3 of its 1x32 block
     amax = g0.abs().unflatten(-1, (-1, 32)).amax(-1, keepdim=True)
     assert ((g1 - g0).abs().unflatten(-1, (-1, 32)) <= amax / 3 + 1e-12).all()
     torch.testing.assert_close(ref.model.embed_tokens.weight, small_src.model.embed_tokens.weight.bfloat16().float())
-    torch.testing.assert_close(ref.model.mtp[0].e_proj.weight, small_src.model.mtp[0].e_proj.weight, rtol=2 ** -4,
-                               atol=1e-6)
+    torch.testing.assert_close(
+        ref.model.mtp[0].e_proj.weight, small_src.model.mtp[0].e_proj.weight, rtol=2**-4, atol=1e-6
+    )
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -193,8 +215,11 @@ def _rewrite(d: Path, tensor: str, value: torch.Tensor | None) -> None:
 def test_scale_of_wrong_shape(small_dir, tmp_path):
     d = _copy(small_dir, tmp_path / "scale")
     _rewrite(d, "layers.1.attn.wq_b.scale", torch.full((3, 1), 127, dtype=torch.uint8).view(ff.SCALE_DTYPE))
-    with pytest.raises(CheckpointError, match=r"scale tensor 'layers.1.attn.wq_b.scale' has shape \[3, 1\]; "
-                                              r"expected \[2, 1\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"scale tensor 'layers.1.attn.wq_b.scale' has shape \[3, 1\]; "
+        r"expected \[2, 1\]",
+    ):
         load_official(d, progress=False)
     d2 = _copy(small_dir, tmp_path / "scale4")
     _rewrite(d2, "layers.0.ffn.experts.2.w2.scale", torch.full((128, 3), 127, dtype=torch.uint8).view(ff.SCALE_DTYPE))
@@ -311,8 +336,11 @@ def test_missing_index_is_named_as_the_cause(small_dir, tmp_path):
     "unexpected tensors"."""
     d = _copy(small_dir, tmp_path / "noindex")
     (d / layout.INDEX_FILE).unlink()
-    with pytest.raises(CheckpointError, match=rf"has no {layout.INDEX_FILE}: its shards .* published FP8/FP4 layout "
-                                              r"\(block scales such as '.*\.scale'\).*restore") as e:
+    with pytest.raises(
+        CheckpointError,
+        match=rf"has no {layout.INDEX_FILE}: its shards .* published FP8/FP4 layout "
+        r"\(block scales such as '.*\.scale'\).*restore",
+    ) as e:
         from_pretrained(d)
     assert ":;" not in str(e.value)
     assert missing_index_cause(small_dir) is None
@@ -326,8 +354,11 @@ def test_plain_loader_mismatch_message_format(tmp_path):
     d.mkdir()
     (d / "config.json").write_text(json.dumps(load_preset("tiny").replace(**SMALL).to_legacy_dict()))
     save_file({"bogus.weight": torch.zeros(2)}, str(d / "model-1.safetensors"))
-    with pytest.raises(CheckpointError, match=r"does not match its config.json: \d+ missing tensors: .*; "
-                                              r"1 unexpected tensors: bogus.weight$"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not match its config.json: \d+ missing tensors: .*; "
+        r"1 unexpected tensors: bogus.weight$",
+    ):
         from_pretrained(d)
 
 

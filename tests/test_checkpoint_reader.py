@@ -45,6 +45,7 @@ def test_missing_tensors(hf_small, tmp_path):
     def drop(sd):
         del sd["model.layers.1.attn.wq_a.weight"]
         del sd["model.layers.2.ffn.experts.3.w2.weight"]
+
     _rewrite(d, drop)
     with pytest.raises(CheckpointError) as e:
         from_pretrained(d)
@@ -55,18 +56,28 @@ def test_missing_tensors(hf_small, tmp_path):
 
 def test_unexpected_tensors(hf_small, tmp_path):
     d = _copy(hf_small[0], tmp_path / "ck")
-    _rewrite(d, lambda sd: sd.update({"model.layers.0.attn.bogus.weight": torch.zeros(2),
-                                      "model.layers.9.attn.wq_a.weight": torch.zeros(2)}))
-    with pytest.raises(CheckpointError, match=r"2 unexpected tensors: model.layers.0.attn.bogus.weight, "
-                                              r"model.layers.9.attn.wq_a.weight"):
+    _rewrite(
+        d,
+        lambda sd: sd.update(
+            {"model.layers.0.attn.bogus.weight": torch.zeros(2), "model.layers.9.attn.wq_a.weight": torch.zeros(2)}
+        ),
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"2 unexpected tensors: model.layers.0.attn.bogus.weight, "
+        r"model.layers.9.attn.wq_a.weight",
+    ):
         from_pretrained(d)
 
 
 def test_wrong_shape(hf_small, tmp_path):
     d = _copy(hf_small[0], tmp_path / "ck")
     _rewrite(d, lambda sd: sd.update({"model.layers.0.attn.wkv.weight": torch.zeros(32, 31)}))
-    with pytest.raises(CheckpointError, match=r"'model.layers.0.attn.wkv.weight' has shape \[32, 31\]: "
-                                              r"expected \[32, 32\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'model.layers.0.attn.wkv.weight' has shape \[32, 31\]: "
+        r"expected \[32, 32\]",
+    ):
         from_pretrained(d)
 
 
@@ -85,16 +96,26 @@ def test_bad_directories(tmp_path):
 def _official_mtp_tensors(model) -> dict[str, torch.Tensor]:
     """The MTP weights of `model` under the official release names (``mtp.0.attn.wq_a.weight`` ...)."""
     inv = {
-        "self_attn": "attn", "mlp": "ffn", "q_a_proj": "wq_a", "q_b_proj": "wq_b", "kv_proj": "wkv",
-        "gate_proj": "wgate", "o_a_proj": "wo_a", "o_b_proj": "wo_b", "q_a_norm": "q_norm", "sinks": "attn_sink",
-        "position_bias": "ape", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+        "self_attn": "attn",
+        "mlp": "ffn",
+        "q_a_proj": "wq_a",
+        "q_b_proj": "wq_b",
+        "kv_proj": "wkv",
+        "gate_proj": "wgate",
+        "o_a_proj": "wo_a",
+        "o_b_proj": "wo_b",
+        "q_a_norm": "q_norm",
+        "sinks": "attn_sink",
+        "position_bias": "ape",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
     }
     out = {}
     inter = model.config.moe_intermediate_size
     for k, v in model.state_dict().items():
         if not k.startswith("model.mtp."):
             continue
-        k = k[len("model."):]
+        k = k[len("model.") :]
         if k.endswith("experts.gate_up_proj"):
             base = k[: -len("gate_up_proj")].replace("mlp", "ffn")
             for e in range(v.shape[0]):
@@ -107,8 +128,9 @@ def _official_mtp_tensors(model) -> dict[str, torch.Tensor]:
                 out[f"{base}{e}.w2.weight"] = v[e].clone()
             continue
         k = k.replace("attn_hc.", "hc_attn_").replace("ffn_hc.", "hc_ffn_").replace("hc_head.hc_", "hc_head_")
-        k = k.replace("shared_experts.gate_proj", "shared_experts.w1").replace("shared_experts.up_proj",
-                                                                                  "shared_experts.w3")
+        k = k.replace("shared_experts.gate_proj", "shared_experts.w1").replace(
+            "shared_experts.up_proj", "shared_experts.w3"
+        )
         k = k.replace("shared_experts.down_proj", "shared_experts.w2").replace("e_score_correction_bias", "bias")
         k = k.replace("indexer.scorer.weights_proj", "indexer.weights_proj")
         k = k.replace("compressor.indexer.q_b_proj", "indexer.wq_b")
@@ -134,6 +156,7 @@ def test_mtp_optional_and_loaded(hf_small, tmp_path, one_thread):
     assert "mtp.0.attn.wq_a.weight" in mtp and "mtp.0.e_proj.weight" in mtp and "mtp.0.hc_head_fn" in mtp
     save_file(mtp, str(ck / "mtp.safetensors"))
     from safetensors import safe_open
+
     with safe_open(str(ck / "model.safetensors"), "pt") as f:
         wm = {k: "model.safetensors" for k in f.keys()}
     wm.update({k: "mtp.safetensors" for k in mtp})

@@ -7,14 +7,23 @@ import pytest
 from parity import cli
 
 
-@pytest.mark.parametrize("argv,usage,line", [
-    (["validate", "--bogus"], "parity validate", "parity validate: error: unrecognized argument --bogus"),
-    (["doctor", "--bogus"], "parity doctor", "parity doctor: error: unrecognized argument --bogus"),
-    (["bench", "report", "x.json", "--out", "r.html", "--bogus"], "parity bench report",
-     "parity bench report: error: unrecognized argument --bogus"),
-    (["plan", "train", "--hardware", "910c", "--tokens", "-5T"], None,  # the flag's own check, not argparse's
-     "parity plan train: error: --tokens must be a positive number of tokens, got '-5T'"),
-])
+@pytest.mark.parametrize(
+    "argv,usage,line",
+    [
+        (["validate", "--bogus"], "parity validate", "parity validate: error: unrecognized argument --bogus"),
+        (["doctor", "--bogus"], "parity doctor", "parity doctor: error: unrecognized argument --bogus"),
+        (
+            ["bench", "report", "x.json", "--out", "r.html", "--bogus"],
+            "parity bench report",
+            "parity bench report: error: unrecognized argument --bogus",
+        ),
+        (
+            ["plan", "train", "--hardware", "910c", "--tokens", "-5T"],
+            None,  # the flag's own check, not argparse's
+            "parity plan train: error: --tokens must be a positive number of tokens, got '-5T'",
+        ),
+    ],
+)
 def test_errors_name_the_sub_command_and_the_problem(capsys, argv, usage, line):
     try:
         rc = cli.main(argv)

@@ -15,9 +15,18 @@ def _small_model():
     from parity.model import build_model
 
     cfg = load_preset("tiny").replace(
-        vocab_size=512, hidden_size=64, num_hidden_layers=3, layer_types=[SLIDING, CSA, HCA],
-        mlp_layer_types=[HASH_MOE, MOE, MOE], compress_rates={CSA: 4, HCA: 16}, sliding_window=8,
-        num_nextn_predict_layers=0, quantization_config=None, expert_dtype=None, torch_dtype="float32")
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=3,
+        layer_types=[SLIDING, CSA, HCA],
+        mlp_layer_types=[HASH_MOE, MOE, MOE],
+        compress_rates={CSA: 4, HCA: 16},
+        sliding_window=8,
+        num_nextn_predict_layers=0,
+        quantization_config=None,
+        expert_dtype=None,
+        torch_dtype="float32",
+    )
     return build_model(cfg, seed=0)
 
 

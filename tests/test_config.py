@@ -74,7 +74,10 @@ def test_legacy_small_ratios_and_unknown_keys_kept(tmp_path):
         ({"num_experts_per_tok": 99}, "num_experts_per_tok"),
         ({"scoring_func": "relu"}, "scoring_func"),
         ({"num_key_value_heads": 4}, "num_key_value_heads"),
-        ({"rope_scaling": {"type": "yarn", "factor": -2, "original_max_position_embeddings": 10}}, "rope_scaling.factor"),
+        (
+            {"rope_scaling": {"type": "yarn", "factor": -2, "original_max_position_embeddings": 10}},
+            "rope_scaling.factor",
+        ),
     ],
 )
 def test_bad_config_names_field(change, field):

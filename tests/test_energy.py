@@ -143,8 +143,10 @@ class FakeNpuSmi:
         if argv[1:] == ["info", "-l"]:
             return SimpleNamespace(returncode=0, stdout=NPU_LIST)
         i = int(argv[-1])
-        out = f"        NPU ID                         : {i}\n        Power Limit(W)                 : 400\n" \
-              f"        Power Dissipation(W)           : {self.watts[i]}\n"
+        out = (
+            f"        NPU ID                         : {i}\n        Power Limit(W)                 : 400\n"
+            f"        Power Dissipation(W)           : {self.watts[i]}\n"
+        )
         return SimpleNamespace(returncode=0, stdout=out)
 
 
@@ -188,8 +190,9 @@ def test_auto_picks_first_readable_and_none_with_reason(tmp_path):
     root = _rapl_tree(tmp_path / "pc", [(0, 1000)])
     m = energy.open_meter("auto", nvml=FakeNvml(fail_init=True), npu_smi="no-such-npu-smi", powercap_root=root)
     assert m.name == "rapl"
-    m = energy.open_meter("auto", nvml=FakeNvml(fail_init=True), npu_smi="no-such-npu-smi",
-                          powercap_root=tmp_path / "none")
+    m = energy.open_meter(
+        "auto", nvml=FakeNvml(fail_init=True), npu_smi="no-such-npu-smi", powercap_root=tmp_path / "none"
+    )
     assert m.name == "none"
     assert "nvml:" in m.reason and "npu-smi:" in m.reason and "rapl:" in m.reason and "\n" not in m.reason
     m.start()
@@ -212,8 +215,9 @@ def test_open_meters_accelerator_plus_cpu(tmp_path):
     assert [m.name for m in ms] == ["nvml", "rapl"]
     ms = energy.open_meters("auto", nvml=FakeNvml(fail_init=True), npu_smi="no-such-npu-smi", powercap_root=root)
     assert [m.name for m in ms] == ["rapl"]
-    (m,) = energy.open_meters("auto", nvml=FakeNvml(fail_init=True), npu_smi="no-such-npu-smi",
-                              powercap_root=tmp_path / "none")
+    (m,) = energy.open_meters(
+        "auto", nvml=FakeNvml(fail_init=True), npu_smi="no-such-npu-smi", powercap_root=tmp_path / "none"
+    )
     assert m.name == "none" and "nvml:" in m.reason and "rapl:" in m.reason
     assert [m.name for m in energy.open_meters("rapl,nvml", nvml=FakeNvml(1), powercap_root=root)] == ["rapl", "nvml"]
     for bad, msg in [("", "is empty"), ("nvml,nvml", "distinct"), ("auto,rapl", "distinct"), ("gpu", "unknown")]:

@@ -38,15 +38,25 @@ def test_energy_between_interpolates_cumulative_timeline():
     assert energy_between(tl, 10.5, 12.0) == pytest.approx([450.0, 150.0])
     assert energy_between(tl, 9.0, 12.0) is None  # outside the metered interval
     assert energy.cumulative_trapezoid([0.0, 1.0, 3.0], [[100.0], [300.0], [300.0]]) == [
-        (0.0, [0.0]), (1.0, [200.0]), (3.0, [800.0])]
+        (0.0, [0.0]),
+        (1.0, [200.0]),
+        (3.0, [800.0]),
+    ]
 
 
 def test_steady_state_energy_subtracts_idle():
     """2 devices at 300 W each over a 10 s window with 2,000 output tokens, idle 100 W each: gross 6,000 J,
     idle 2,000 J, net 4,000 J -> 2 J/token, 0.5 token/J, 300 W per device."""
     tl = [(0.0, [0.0, 0.0]), (20.0, [6000.0, 6000.0])]
-    r = EnergyReading(meter="nvml", joules=12000.0, seconds=20.0, avg_watts=600.0, devices=["gpu0", "gpu1"],
-                      per_device_j=[6000.0, 6000.0], timeline=tl)
+    r = EnergyReading(
+        meter="nvml",
+        joules=12000.0,
+        seconds=20.0,
+        avg_watts=600.0,
+        devices=["gpu0", "gpu1"],
+        per_device_j=[6000.0, 6000.0],
+        timeline=tl,
+    )
     idle = {"seconds": 5.0, "watts_per_device": [100.0, 100.0], "watts": 200.0}
     e = steady_state_energy(r, idle, 5.0, 15.0, 2000, 4000)
     assert e["basis"] == "steady-state window" and e["window_s"] == 10.0
@@ -133,9 +143,15 @@ class LinearMeter(EnergyMeter):
     def stop(self):
         t1 = time.perf_counter()
         per = [w * (t1 - self.t0) for w in self.watts]
-        return EnergyReading(meter="nvml", joules=sum(per), seconds=t1 - self.t0, avg_watts=sum(self.watts),
-                             devices=[f"gpu{i}" for i in range(len(per))], per_device_j=per,
-                             timeline=[(self.t0, [0.0] * len(per)), (t1, per)])
+        return EnergyReading(
+            meter="nvml",
+            joules=sum(per),
+            seconds=t1 - self.t0,
+            avg_watts=sum(self.watts),
+            devices=[f"gpu{i}" for i in range(len(per))],
+            per_device_j=per,
+            timeline=[(self.t0, [0.0] * len(per)), (t1, per)],
+        )
 
 
 def test_bench_run_energy_per_token_over_window(word_tokenizer_json, monkeypatch):
@@ -147,11 +163,24 @@ def test_bench_run_energy_per_token_over_window(word_tokenizer_json, monkeypatch
     e2el = ttft + (n - 1) * itl
     clock = VirtualClock()
     monkeypatch.setattr(time, "perf_counter", clock.perf_counter)
-    cfg = BenchConfig(base_url="http://127.0.0.1:9", model="fake", workload=f"fixed:in=8,out={n}", num_prompts=N,
-                      max_concurrency=1, progress=False, energy="none", num_devices=2)
+    cfg = BenchConfig(
+        base_url="http://127.0.0.1:9",
+        model="fake",
+        workload=f"fixed:in=8,out={n}",
+        num_prompts=N,
+        max_concurrency=1,
+        progress=False,
+        energy="none",
+        num_devices=2,
+    )
     idle = [{"seconds": 5.0, "watts_per_device": [100.0, 100.0], "watts": 200.0}]
-    res = run_bench(cfg, tokenizer=tok, meter=LinearMeter([300.0, 300.0]), idle=idle,
-                    transport=ScriptedTransport(Script(ttft_s=ttft, itl_s=itl), clock))
+    res = run_bench(
+        cfg,
+        tokenizer=tok,
+        meter=LinearMeter([300.0, 300.0]),
+        idle=idle,
+        transport=ScriptedTransport(Script(ttft_s=ttft, itl_s=itl), clock),
+    )
     st = res["energy"]["steady_state"]
     window = (N - 1) * e2el
     assert st["basis"] == "steady-state window" and st["window_s"] == pytest.approx(window)

@@ -27,17 +27,20 @@ def test_prompt_dicts_like_vllm(llm):
     assert outs[1].outputs[0].token_ids == ref.outputs[0].token_ids
 
 
-@pytest.mark.parametrize("prompts,kw,match", [
-    ({"prompt_ids": [1, 2]}, {}, "unsupported keys"),
-    ({}, {}, "empty prompt dict"),
-    ({"prompt": 5}, {}, "must be a string"),
-    ({"prompt_token_ids": "123"}, {}, "must be a list of ints"),
-    ([1, 2, 3], {}, r"'prompts\[0\]' must be a str or a prompt dict"),
-    (42, {}, "'prompts' must be a str"),
-    ("hi", {"prompt_token_ids": [1, 2]}, "both given"),
-    (None, {}, "'prompts' is missing"),
-    ({"prompt_token_ids": [2, 10**6]}, {}, "prompt_token_ids"),
-])
+@pytest.mark.parametrize(
+    "prompts,kw,match",
+    [
+        ({"prompt_ids": [1, 2]}, {}, "unsupported keys"),
+        ({}, {}, "empty prompt dict"),
+        ({"prompt": 5}, {}, "must be a string"),
+        ({"prompt_token_ids": "123"}, {}, "must be a list of ints"),
+        ([1, 2, 3], {}, r"'prompts\[0\]' must be a str or a prompt dict"),
+        (42, {}, "'prompts' must be a str"),
+        ("hi", {"prompt_token_ids": [1, 2]}, "both given"),
+        (None, {}, "'prompts' is missing"),
+        ({"prompt_token_ids": [2, 10**6]}, {}, "prompt_token_ids"),
+    ],
+)
 def test_bad_prompt_shapes_are_named_and_nothing_runs(llm, prompts, kw, match):
     with pytest.raises(RequestError, match=match):
         llm.generate(prompts, SP, **kw)
@@ -66,9 +69,13 @@ def test_chat_encodes_generates_and_parses_like_the_server(tiny):
 
     # a batch, thinking mode, tools, one SamplingParams per conversation
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    outs = tiny.chat([conv, conv + [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "?"}]],
-                     [sp, SamplingParams(temperature=0.0, max_tokens=2)], tools=tools, thinking=True,
-                     reasoning_effort="max")
+    outs = tiny.chat(
+        [conv, conv + [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "?"}]],
+        [sp, SamplingParams(temperature=0.0, max_tokens=2)],
+        tools=tools,
+        thinking=True,
+        reasoning_effort="max",
+    )
     assert len(outs) == 2 and len(outs[1].outputs[0].token_ids) == 2
     assert outs[0].prompt == encode_chat(conv, tools=tools, thinking=True, reasoning_effort="max")
     for o in outs:
@@ -76,13 +83,16 @@ def test_chat_encodes_generates_and_parses_like_the_server(tiny):
         assert m["role"] == "assistant" and isinstance(m["reasoning_content"], str)
 
 
-@pytest.mark.parametrize("messages, kw, match", [
-    ([{"role": "robot", "content": "x"}], {}, r"^messages\[0\]\.role: unknown role"),
-    ([[{"role": "user", "content": "x"}], [{"role": "user", "content": 5}]], {}, r"^messages\[1\]\[0\]\.content"),
-    ([[]], {}, r"^messages\[0\]: expected a non-empty list"),
-    ([{"role": "user", "content": "x"}], {"reasoning_effort": "extreme"}, r"^reasoning_effort"),
-    ([{"role": "tool", "content": "r"}], {}, r"^messages\[0\]\.role: a 'tool' message"),
-])
+@pytest.mark.parametrize(
+    "messages, kw, match",
+    [
+        ([{"role": "robot", "content": "x"}], {}, r"^messages\[0\]\.role: unknown role"),
+        ([[{"role": "user", "content": "x"}], [{"role": "user", "content": 5}]], {}, r"^messages\[1\]\[0\]\.content"),
+        ([[]], {}, r"^messages\[0\]: expected a non-empty list"),
+        ([{"role": "user", "content": "x"}], {"reasoning_effort": "extreme"}, r"^reasoning_effort"),
+        ([{"role": "tool", "content": "r"}], {}, r"^messages\[0\]\.role: a 'tool' message"),
+    ],
+)
 def test_chat_bad_input_is_a_named_request_error(tiny, messages, kw, match):
     with pytest.raises(RequestError, match=match):
         tiny.chat(messages, SamplingParams(max_tokens=2), **kw)

@@ -95,9 +95,14 @@ def test_bad_request_raises_and_others_continue():
         await eng.start()
         good = asyncio.create_task(collect(eng, PROMPTS[2], GREEDY, "good"))
         errors = []
-        for prompt, params in [([], GREEDY), ([2] * 70, GREEDY), ([2], SamplingParams(top_p=0.0)),
-                               ([2], SamplingParams(temperature=-1.0)), ([2], SamplingParams(max_tokens=0)),
-                               ([2], SamplingParams(stop_token_ids=[1000]))]:
+        for prompt, params in [
+            ([], GREEDY),
+            ([2] * 70, GREEDY),
+            ([2], SamplingParams(top_p=0.0)),
+            ([2], SamplingParams(temperature=-1.0)),
+            ([2], SamplingParams(max_tokens=0)),
+            ([2], SamplingParams(stop_token_ids=[1000])),
+        ]:
             with pytest.raises(RequestError) as ei:
                 async for _ in eng.generate(prompt, params, None):
                     pass
@@ -120,13 +125,13 @@ def test_queue_full_and_shutdown():
         long = SamplingParams(temperature=0.0, max_tokens=4000, ignore_eos=True)
         a_started = asyncio.Event()
         t1 = asyncio.create_task(collect(eng, PROMPTS[0], long, "a", a_started))
-        await a_started.wait()                          # a is running
+        await a_started.wait()  # a is running
         t2 = asyncio.create_task(collect(eng, PROMPTS[1], long, "b"))
         await wait_until(lambda: eng.stats()["num_waiting"] == 1)  # b is waiting (max_num_seqs 1)
         with pytest.raises(EngineQueueFull):
             async for _ in eng.generate(PROMPTS[2], long, "c"):
                 pass
-        await eng.shutdown(0.0)                         # no drain: both aborted
+        await eng.shutdown(0.0)  # no drain: both aborted
         r1, r2 = await t1, await t2
         with pytest.raises(RequestError, match="not running"):
             async for _ in eng.generate(PROMPTS[2], long, "d"):

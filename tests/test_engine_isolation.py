@@ -12,14 +12,17 @@ from parity.errors import RequestError
 GREEDY = dict(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 
-@pytest.mark.parametrize("kw,name", [
-    (dict(repetition_penalty=3.5e38), "repetition_penalty"),
-    (dict(repetition_penalty=1e-300), "repetition_penalty"),
-    (dict(top_k=2**63), "top_k"),
-    (dict(temperature=1e39), "temperature"),
-    (dict(stop_token_ids=[2**70]), "stop_token_ids"),
-    (dict(n=10**9), "n"),
-])
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        (dict(repetition_penalty=3.5e38), "repetition_penalty"),
+        (dict(repetition_penalty=1e-300), "repetition_penalty"),
+        (dict(top_k=2**63), "top_k"),
+        (dict(temperature=1e39), "temperature"),
+        (dict(stop_token_ids=[2**70]), "stop_token_ids"),
+        (dict(n=10**9), "n"),
+    ],
+)
 def test_out_of_range_sampling_fields_are_refused(kw, name):
     with pytest.raises(RequestError, match=name):
         SamplingParams(**kw).validate()
@@ -80,6 +83,7 @@ def test_detokenizer_failure_fails_that_request_alone():
 
     def broken(ids):
         raise RuntimeError("detokenizer exploded")
+
     eng.requests["bad"].seqs[0].detok.add = broken
     errors, texts = {}, {}
     for _ in range(50):

@@ -33,7 +33,7 @@ def one_thread():
 def model():
     cfg = load_preset("tiny").replace(sliding_window=8, compress_rates={CSA: 4, HCA: 16}, index_topk=2)
     m = build_model(cfg, device="cpu", dtype=torch.float32, seed=0)
-    m.cache_block_entries = 1   # one entry per growing block: caches grow during decode (preemption happens there)
+    m.cache_block_entries = 1  # one entry per growing block: caches grow during decode (preemption happens there)
     return m
 
 
@@ -47,7 +47,7 @@ def check_greedy(model, prompt, out):
     """Teacher-forced check: every generated token is the argmax of forward_logits on its prefix
     (equivalent to repeated argmax on the growing sequence); ties closer than 1e-4 are accepted."""
     seq = torch.tensor([prompt + out[:-1]])
-    logits = model.forward_logits(seq)[0, len(prompt) - 1:]
+    logits = model.forward_logits(seq)[0, len(prompt) - 1 :]
     for i, t in enumerate(out):
         row = logits[i]
         best = int(row.argmax())
@@ -86,10 +86,10 @@ def test_preemption_identical_and_cache_returns_to_zero(model, prompts, batched)
     eng = make(model, cache_memory=4 << 20).engine
     pool = eng.pool
     reqs = [eng.add_request(p, GREEDY.clone()) for p in prompts]
-    eng.step()                                     # all three prefilled in one step
+    eng.step()  # all three prefilled in one step
     assert eng.scheduler.num_running == 3
-    eng.reset_prefix_cache()                       # the blocks cached so far would give the hog's pages back
-    hog = []                                       # memory pressure: take every free page
+    eng.reset_prefix_cache()  # the blocks cached so far would give the hog's pages back
+    hog = []  # memory pressure: take every free page
     while True:
         try:
             hog.append(pool.alloc(0, "hog", (pool.page_bytes,), torch.uint8))
@@ -140,7 +140,7 @@ def test_default_model_text_prompts_stop_strings_and_fp8_batching():
     pieces = [eng.tokenizer.decode([t]) for t in out.token_ids]
     k = next(i for i in range(2, 9) if pieces[i] and pieces[i + 1])
     stop = pieces[k][-1] + pieces[k + 1][:1]
-    expect = out.text[:out.text.find(stop)]
+    expect = out.text[: out.text.find(stop)]
     res = llm.generate(prompts[1], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, stop=[stop]))[0]
     assert res.outputs[0].text == expect and res.outputs[0].finish_reason == "stop"
     assert res.outputs[0].stop_reason == stop
@@ -153,14 +153,16 @@ def test_fp8_cache_holds_about_twice_the_tokens():
     as many tokens in the same budget; fp8 KV alone (indexer keys in bf16) somewhat fewer."""
     from parity.engine import EngineArgs, LLMEngine
 
-    cfg = load_preset("tiny").replace(vocab_size=512, sliding_window=8, compress_rates={CSA: 4, HCA: 16},
-                                      index_topk=2)
+    cfg = load_preset("tiny").replace(vocab_size=512, sliding_window=8, compress_rates={CSA: 4, HCA: 16}, index_topk=2)
     m = build_model(cfg, device="cpu", dtype=torch.bfloat16, seed=0)
     caps, growth = {}, {}
     for kv, ix in (("bf16", "bf16"), ("fp8", "bf16"), ("fp8", "fp4")):
         m.indexer_dtype = ix  # the engine follows the model's indexer mode (layout and states alike)
-        eng = LLMEngine(EngineArgs(device="cpu", cache_memory=2 << 20, kv_cache_dtype=kv, max_model_len=65536),
-                        model=m, tokenizer=None)
+        eng = LLMEngine(
+            EngineArgs(device="cpu", cache_memory=2 << 20, kv_cache_dtype=kv, max_model_len=65536),
+            model=m,
+            tokenizer=None,
+        )
         caps[kv, ix] = eng.token_capacity()
         assert 0 < caps[kv, ix] < 65536
         growth[kv, ix] = sum(e.nbytes / e.block_entries / e.ratio for e in eng.layout if e.growing)
@@ -176,6 +178,7 @@ def test_seeded_sampling_reproducible_in_any_batch(model, prompts):
     sp = SamplingParams(temperature=0.8, top_p=0.95, top_k=50, max_tokens=8, seed=11, ignore_eos=True)
     other = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
     alone = make(model).generate(prompt_token_ids=[prompts[0]], sampling_params=sp)[0].outputs[0].token_ids
-    mixed = make(model, max_num_batched_tokens=13).generate(prompt_token_ids=[prompts[1], prompts[0]],
-                                                            sampling_params=[other, sp])
+    mixed = make(model, max_num_batched_tokens=13).generate(
+        prompt_token_ids=[prompts[1], prompts[0]], sampling_params=[other, sp]
+    )
     assert mixed[1].outputs[0].token_ids == alone

@@ -18,8 +18,12 @@ LOGITS = torch.tensor([[0.0, 2.0, 1.0, -1.0, 3.0, 0.5]])
 
 
 def test_greedy_and_degenerate_filters_pick_argmax():
-    for kw in (dict(temperature=0.0), dict(temperature=1.0, top_k=1), dict(temperature=1.0, top_p=1e-6),
-               dict(temperature=1.0, min_p=1.0)):
+    for kw in (
+        dict(temperature=0.0),
+        dict(temperature=1.0, top_k=1),
+        dict(temperature=1.0, top_p=1e-6),
+        dict(temperature=1.0, min_p=1.0),
+    ):
         toks, _ = sample(LOGITS, [req(**kw)], manual_seed("cpu", 0))
         assert toks == [4], kw
 

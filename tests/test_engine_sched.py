@@ -81,7 +81,7 @@ def test_abort_frees_cache(model):
 
 def test_pool_slab_exact():
     pool = CachePool(4 * 1024, 1024, "cpu")
-    a = pool.alloc(0, "x", (256,), torch.float32)          # 1024 B: one page
+    a = pool.alloc(0, "x", (256,), torch.float32)  # 1024 B: one page
     b = [pool.alloc(0, "y", (32,), torch.float32) for _ in range(4)]  # 128 B -> 256 B slots, 4 per page
     assert pool.used_bytes == 1024 + 4 * 128 and pool.free_pages == 2
     assert pool.fits({256: 8}) and not pool.fits({256: 9}) and not pool.fits({1024: 3})
@@ -105,7 +105,7 @@ def test_sequence_cache_demand_matches_allocation(model):
         st = model.new_state(sc)
         model.forward_incremental([list(range(2, 2 + n))], [st])
         need = SequenceCache(None).demand(layout, n)
-        assert sum(need.values()) >= len(sc._held)   # an upper bound of what the model allocated
+        assert sum(need.values()) >= len(sc._held)  # an upper bound of what the model allocated
         st.free()
         assert sc.nbytes == 0
 
@@ -116,23 +116,26 @@ def test_stop_strings_stop_ids_min_tokens_eos(model):
     base = llm.generate(prompt_token_ids=[PROMPTS[0]], sampling_params=GREEDY)[0].outputs[0]
     text = base.text
     assert len(text) == 14
-    stop = text[4:7]                                    # spans three tokens
+    stop = text[4:7]  # spans three tokens
     first = text.find(stop)
-    out = llm.generate(prompt_token_ids=[PROMPTS[0]],
-                       sampling_params=SamplingParams(temperature=0, max_tokens=14, ignore_eos=True,
-                                                      stop=[stop, "zzzzzz"]))[0].outputs[0]
+    out = llm.generate(
+        prompt_token_ids=[PROMPTS[0]],
+        sampling_params=SamplingParams(temperature=0, max_tokens=14, ignore_eos=True, stop=[stop, "zzzzzz"]),
+    )[0].outputs[0]
     assert out.text == text[:first] and out.finish_reason == "stop" and out.stop_reason == stop
     # stop token id: included in token_ids, generation ends there
     sid = base.token_ids[5]
     k = base.token_ids.index(sid)
-    out = llm.generate(prompt_token_ids=[PROMPTS[0]],
-                       sampling_params=SamplingParams(temperature=0, max_tokens=14, ignore_eos=True,
-                                                      stop_token_ids=[sid]))[0].outputs[0]
-    assert out.token_ids == base.token_ids[:k + 1] and out.stop_reason == sid and out.finish_reason == "stop"
+    out = llm.generate(
+        prompt_token_ids=[PROMPTS[0]],
+        sampling_params=SamplingParams(temperature=0, max_tokens=14, ignore_eos=True, stop_token_ids=[sid]),
+    )[0].outputs[0]
+    assert out.token_ids == base.token_ids[: k + 1] and out.stop_reason == sid and out.finish_reason == "stop"
     # min_tokens masks stop ids
-    out = llm.generate(prompt_token_ids=[PROMPTS[0]],
-                       sampling_params=SamplingParams(temperature=0, max_tokens=14, min_tokens=14,
-                                                      stop_token_ids=[sid]))[0].outputs[0]
+    out = llm.generate(
+        prompt_token_ids=[PROMPTS[0]],
+        sampling_params=SamplingParams(temperature=0, max_tokens=14, min_tokens=14, stop_token_ids=[sid]),
+    )[0].outputs[0]
     assert len(out.token_ids) == 14 and sid not in out.token_ids and out.finish_reason == "length"
     # eos (id 1) stops unless ignore_eos
     p = PROMPTS[1]
@@ -140,14 +143,18 @@ def test_stop_strings_stop_ids_min_tokens_eos(model):
     assert 1 in ref
     out = llm.generate(prompt_token_ids=[p], sampling_params=SamplingParams(temperature=0, max_tokens=14))[0]
     c = out.outputs[0]
-    assert c.token_ids == ref[:ref.index(1) + 1] and c.finish_reason == "stop" and c.stop_reason is None
+    assert c.token_ids == ref[: ref.index(1) + 1] and c.finish_reason == "stop" and c.stop_reason is None
 
 
 def test_streaming_text_holds_back_stop_prefix(model):
     tok = CharTokenizer()
     eng = make(model, tokenizer=tok).engine
-    base = LLM(model_obj=model, tokenizer=tok, device="cpu", cache_memory=1 << 20).generate(
-        prompt_token_ids=[PROMPTS[2]], sampling_params=GREEDY)[0].outputs[0].text
+    base = (
+        LLM(model_obj=model, tokenizer=tok, device="cpu", cache_memory=1 << 20)
+        .generate(prompt_token_ids=[PROMPTS[2]], sampling_params=GREEDY)[0]
+        .outputs[0]
+        .text
+    )
     stop = base[6:9]
     req = eng.add_request(PROMPTS[2], SamplingParams(temperature=0, max_tokens=14, ignore_eos=True, stop=[stop]))
     streamed = ""
@@ -155,38 +162,62 @@ def test_streaming_text_holds_back_stop_prefix(model):
         for d in eng.step():
             streamed += d.new_text
             assert stop not in streamed
-    assert streamed == req.output().outputs[0].text == base[:base.find(stop)]
+    assert streamed == req.output().outputs[0].text == base[: base.find(stop)]
 
 
 def test_seeded_sampling_reproducible(model):
     sp = SamplingParams(temperature=0.9, top_p=0.9, top_k=20, max_tokens=12, seed=1234, ignore_eos=True)
     a = make(model).generate(prompt_token_ids=[PROMPTS[0]], sampling_params=sp)[0].outputs[0].token_ids
-    b = make(model, max_num_batched_tokens=4).generate(prompt_token_ids=PROMPTS, sampling_params=[
-        SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True), sp,
-        SamplingParams(temperature=0.5, max_tokens=12, seed=7, ignore_eos=True), sp])
+    b = make(model, max_num_batched_tokens=4).generate(
+        prompt_token_ids=PROMPTS,
+        sampling_params=[
+            SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True),
+            sp,
+            SamplingParams(temperature=0.5, max_tokens=12, seed=7, ignore_eos=True),
+            sp,
+        ],
+    )
     assert b[1].outputs[0].token_ids != a or True  # different prompt
-    c = make(model, max_num_batched_tokens=4).generate(prompt_token_ids=[PROMPTS[1], PROMPTS[0]],
-                                                       sampling_params=[sp, sp])
+    c = make(model, max_num_batched_tokens=4).generate(
+        prompt_token_ids=[PROMPTS[1], PROMPTS[0]], sampling_params=[sp, sp]
+    )
     assert c[1].outputs[0].token_ids == a
     d = make(model, cache_memory=12 * 256).generate(prompt_token_ids=PROMPTS[:1] * 3, sampling_params=sp)
     assert all(o.outputs[0].token_ids == a for o in d)
-    other = make(model).generate(prompt_token_ids=[PROMPTS[0]],
-                                 sampling_params=SamplingParams(temperature=0.9, top_p=0.9, top_k=20, max_tokens=12,
-                                                                seed=99, ignore_eos=True))
+    other = make(model).generate(
+        prompt_token_ids=[PROMPTS[0]],
+        sampling_params=SamplingParams(temperature=0.9, top_p=0.9, top_k=20, max_tokens=12, seed=99, ignore_eos=True),
+    )
     assert other[0].outputs[0].token_ids != a
-    n2 = make(model).generate(prompt_token_ids=[PROMPTS[0]], sampling_params=SamplingParams(
-        n=2, temperature=0.9, top_p=0.9, top_k=20, max_tokens=12, seed=1234, ignore_eos=True))[0]
+    n2 = make(model).generate(
+        prompt_token_ids=[PROMPTS[0]],
+        sampling_params=SamplingParams(
+            n=2, temperature=0.9, top_p=0.9, top_k=20, max_tokens=12, seed=1234, ignore_eos=True
+        ),
+    )[0]
     assert [c.index for c in n2.outputs] == [0, 1] and n2.outputs[0].token_ids == a
 
 
-@pytest.mark.parametrize("kwargs,param", [
-    (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=-3), "max_tokens"), (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"), (dict(temperature=-0.1), "temperature"), (dict(stop_token_ids=[97]), "stop_token_ids"),
-    (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(top_k=-2), "top_k"), (dict(min_p=2.0), "min_p"),
-    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(presence_penalty=3.0), "presence_penalty"),
-    (dict(logprobs=-1), "logprobs"), (dict(n=0), "n"), (dict(min_tokens=20, max_tokens=5), "min_tokens"),
-    (dict(max_tokens=200), "max_tokens"),
-])
+@pytest.mark.parametrize(
+    "kwargs,param",
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=-3), "max_tokens"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(stop_token_ids=[97]), "stop_token_ids"),
+        (dict(stop_token_ids=[-1]), "stop_token_ids"),
+        (dict(top_k=-2), "top_k"),
+        (dict(min_p=2.0), "min_p"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(presence_penalty=3.0), "presence_penalty"),
+        (dict(logprobs=-1), "logprobs"),
+        (dict(n=0), "n"),
+        (dict(min_tokens=20, max_tokens=5), "min_tokens"),
+        (dict(max_tokens=200), "max_tokens"),
+    ],
+)
 def test_bad_sampling_params(model, kwargs, param):
     eng = make(model, max_model_len=64).engine
     with pytest.raises(RequestError, match=param):
@@ -235,9 +266,10 @@ def test_bad_engine_args(model):
 def test_queue_full(model):
     from parity.engine import EngineQueueFull
 
-    eng = LLMEngine(EngineArgs(device="cpu", cache_memory=1 << 20, max_waiting=2, max_num_seqs=1), model=model,
-                    tokenizer=None)
-    eng.add_request([2], GREEDY.clone())   # takes the free running slot at the next step: not waiting
+    eng = LLMEngine(
+        EngineArgs(device="cpu", cache_memory=1 << 20, max_waiting=2, max_num_seqs=1), model=model, tokenizer=None
+    )
+    eng.add_request([2], GREEDY.clone())  # takes the free running slot at the next step: not waiting
     eng.add_request([3], GREEDY.clone())
     eng.add_request([4], GREEDY.clone())
     with pytest.raises(EngineQueueFull, match="max_waiting"):
@@ -250,8 +282,9 @@ def test_queue_limit_counts_only_truly_waiting(model):
     one really waiting, so it is accepted; a third is refused."""
     from parity.engine import EngineQueueFull
 
-    eng = LLMEngine(EngineArgs(device="cpu", cache_memory=1 << 20, max_waiting=1, max_num_seqs=1), model=model,
-                    tokenizer=None)
+    eng = LLMEngine(
+        EngineArgs(device="cpu", cache_memory=1 << 20, max_waiting=1, max_num_seqs=1), model=model, tokenizer=None
+    )
     eng.add_request([2], GREEDY.clone())
     eng.add_request([3], GREEDY.clone())
     with pytest.raises(EngineQueueFull):
@@ -259,8 +292,14 @@ def test_queue_limit_counts_only_truly_waiting(model):
 
 
 def test_logprobs_end_to_end(model, refs):
-    out = make(model).generate(prompt_token_ids=[PROMPTS[0]], sampling_params=SamplingParams(
-        temperature=0.0, max_tokens=14, ignore_eos=True, logprobs=2))[0].outputs[0]
+    out = (
+        make(model)
+        .generate(
+            prompt_token_ids=[PROMPTS[0]],
+            sampling_params=SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, logprobs=2),
+        )[0]
+        .outputs[0]
+    )
     assert out.token_ids == refs[0] and len(out.logprobs) == 14
     assert [lp.token_id for lp in out.logprobs] == out.token_ids
     assert all(lp.rank == 1 and len(lp.top) == 2 and lp.top[0][0] == lp.token_id for lp in out.logprobs)

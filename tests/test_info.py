@@ -15,19 +15,27 @@ def test_v4_flash_total_is_284b_and_pro_about_1_6t():
     flash = count_params(load_preset("v4-flash"))
     assert abs(flash.total / 284e9 - 1) < 0.01
     assert flash.total_with_mtp > flash.total
-    assert 12e9 < flash.activated_per_token < 14e9          # release notes: 13B activated
+    assert 12e9 < flash.activated_per_token < 14e9  # release notes: 13B activated
     pro = count_params(load_preset("v4-pro"))
     assert abs(pro.total / 1.6e12 - 1) < 0.03
-    assert 47e9 < pro.activated_per_token < 51e9            # release notes: 49B activated
+    assert 47e9 < pro.activated_per_token < 51e9  # release notes: 49B activated
 
 
 def test_count_matches_transformers_exactly():
     torch = pytest.importorskip("torch")
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
-    cfg = load_preset("tiny").replace(vocab_size=512, hidden_size=64, moe_intermediate_size=32, q_lora_rank=32,
-                                      o_lora_rank=16, index_head_dim=16, index_n_heads=2, head_dim=32,
-                                      qk_rope_head_dim=8)
+    cfg = load_preset("tiny").replace(
+        vocab_size=512,
+        hidden_size=64,
+        moe_intermediate_size=32,
+        q_lora_rank=32,
+        o_lora_rank=16,
+        index_head_dim=16,
+        index_n_heads=2,
+        head_dim=32,
+        qk_rope_head_dim=8,
+    )
     torch.manual_seed(0)
     model = DeepseekV4ForCausalLM(DeepseekV4Config(**cfg.to_dict()))
     assert sum(p.numel() for p in model.parameters()) == count_params(cfg).total
@@ -69,12 +77,14 @@ def test_info_cli_json_and_errors(capsys):
 
 @pytest.mark.slow
 def test_plan_package_does_not_import_torch():
-    code = ("import sys, argparse, parity.plan, parity.shapes, parity.plan.info_cli, parity.plan.plan_cli, "
-            "parity.plan.serving_model, parity.plan.validate, parity.plan.search, parity.plan.report\n"
-            "parity.plan.info_cli.run(argparse.Namespace(model='v4-pro', context=4096, json=True))\n"
-            "from parity.plan.search import plan, Workload\n"
-            "assert plan('v4-flash', 'h800', Workload(isl=1024, osl=256))['feasible']\n"
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, argparse, parity.plan, parity.shapes, parity.plan.info_cli, parity.plan.plan_cli, "
+        "parity.plan.serving_model, parity.plan.validate, parity.plan.search, parity.plan.report\n"
+        "parity.plan.info_cli.run(argparse.Namespace(model='v4-pro', context=4096, json=True))\n"
+        "from parity.plan.search import plan, Workload\n"
+        "assert plan('v4-flash', 'h800', Workload(isl=1024, osl=256))['feasible']\n"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 

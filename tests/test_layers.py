@@ -59,8 +59,18 @@ FORBIDDEN = {
 }
 
 #: Areas whose modules must not load torch when imported (directly or through any module-level import chain).
-TORCH_FREE = ("parity.bench", "parity.plan", "parity.shapes", "parity.config", "parity.errors", "parity.tokenizer",
-              "parity.devices.energy", "parity.openai_client", "parity.weight_bytes", "parity.seeds")
+TORCH_FREE = (
+    "parity.bench",
+    "parity.plan",
+    "parity.shapes",
+    "parity.config",
+    "parity.errors",
+    "parity.tokenizer",
+    "parity.devices.energy",
+    "parity.openai_client",
+    "parity.weight_bytes",
+    "parity.seeds",
+)
 
 #: Modules exempt from the layer rule as importers, with the reason.
 LAYER_EXEMPT = {
@@ -91,11 +101,13 @@ def _in_area(module: str, area: str) -> bool:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
-def parse_imports(text: str, module: str, *, is_package: bool = False, known: set[str] = frozenset(),
-                  path: str = "<string>") -> list[Import]:
+def parse_imports(
+    text: str, module: str, *, is_package: bool = False, known: set[str] = frozenset(), path: str = "<string>"
+) -> list[Import]:
     """Every import in the source `text` of `module`.
 
     ``from pkg import name`` is an edge to ``pkg.name`` when that is a module in `known`, else to ``pkg``.
@@ -120,10 +132,16 @@ def parse_imports(text: str, module: str, *, is_package: bool = False, known: se
             for alias in node.names:
                 sub = f"{base}.{alias.name}"
                 add(sub if sub in known else base, node, module_level, type_only)
-        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
-              and isinstance(node.args[0].value, str)
-              and ((isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
-                   or (isinstance(node.func, ast.Name) and node.func.id == "import_module"))):
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and (
+                (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+                or (isinstance(node.func, ast.Name) and node.func.id == "import_module")
+            )
+        ):
             add(node.args[0].value, node, module_level, type_only)
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
             module_level = False
@@ -156,8 +174,9 @@ def package_imports(root: Path = PACKAGE_DIR) -> list[Import]:
     known = set(mods)
     out = []
     for name, p in mods.items():
-        out += parse_imports(p.read_text(), name, is_package=p.name == "__init__.py", known=known,
-                             path=str(p.relative_to(root.parent)))
+        out += parse_imports(
+            p.read_text(), name, is_package=p.name == "__init__.py", known=known, path=str(p.relative_to(root.parent))
+        )
     return out
 
 
@@ -224,8 +243,13 @@ def import_cycles(imports: list[Import], *, module_level_only: bool) -> list[set
 
 
 def _cycle_text(c: set[str], imports: list[Import]) -> str:
-    edges = sorted({f"{i.source} -> {i.target} ({i.path}:{i.line}{'' if i.module_level else ', lazy'})"
-                    for i in imports if i.source in c and i.target in c and not i.type_only})
+    edges = sorted(
+        {
+            f"{i.source} -> {i.target} ({i.path}:{i.line}{'' if i.module_level else ', lazy'})"
+            for i in imports
+            if i.source in c and i.target in c and not i.type_only
+        }
+    )
     return "import cycle among " + ", ".join(sorted(c)) + ":\n    " + "\n    ".join(edges)
 
 
@@ -255,8 +279,9 @@ def test_no_module_over_the_size_limit():
     root = PACKAGE_DIR.parent
     sizes = {str(p.relative_to(root)): len(p.read_text().splitlines()) for p in PACKAGE_DIR.rglob("*.py")}
     over = {p: n for p, n in sizes.items() if n > MAX_MODULE_LINES and p not in KNOWN_OVERSIZE}
-    assert not over, "\n".join(f"{p} has {n} lines (max {MAX_MODULE_LINES}): split it by concept"
-                               for p, n in sorted(over.items()))
+    assert not over, "\n".join(
+        f"{p} has {n} lines (max {MAX_MODULE_LINES}): split it by concept" for p, n in sorted(over.items())
+    )
     stale = sorted(p for p in KNOWN_OVERSIZE if sizes.get(p, 0) <= MAX_MODULE_LINES)
     assert not stale, f"within the limit or gone, remove from KNOWN_OVERSIZE: {stale}"
 
@@ -267,8 +292,16 @@ def test_every_area_has_a_layer():
 
 
 # ----------------------------------------------------------------------------------- the checker itself
-KNOWN = {"parity.engine", "parity.engine.llm", "parity.bench", "parity.bench.runner", "parity.tokenizer",
-         "parity.tokenizer.special", "parity.model", "parity.model.layers"}
+KNOWN = {
+    "parity.engine",
+    "parity.engine.llm",
+    "parity.bench",
+    "parity.bench.runner",
+    "parity.tokenizer",
+    "parity.tokenizer.special",
+    "parity.model",
+    "parity.model.layers",
+}
 
 
 def _check(text: str, module: str) -> list[str]:
@@ -278,8 +311,10 @@ def _check(text: str, module: str) -> list[str]:
 def test_checker_catches_a_forbidden_import_at_any_level():
     assert _check("import json\nfrom parity.tokenizer import special\n", "parity.bench.fake") == []
     (msg,) = _check("import json\n\ndef f():\n    from parity.engine.llm import LLM\n", "parity.bench.fake")
-    assert msg == ("parity.bench.fake (parity/bench/fake.py:4) imports parity.engine.llm: "
-                   "parity.bench must not import parity.engine")
+    assert msg == (
+        "parity.bench.fake (parity/bench/fake.py:4) imports parity.engine.llm: "
+        "parity.bench must not import parity.engine"
+    )
     (msg,) = _check("class A:\n    def f(self):\n        import torch.nn\n", "parity.plan.fake")
     assert "parity.plan.fake (parity/plan/fake.py:3) imports torch.nn: parity.plan must not import torch" == msg
     (msg,) = _check("import importlib\nm = importlib.import_module('torch')\n", "parity.shapes")
@@ -288,15 +323,20 @@ def test_checker_catches_a_forbidden_import_at_any_level():
 
 def test_checker_catches_an_import_up_a_layer():
     (msg,) = _check("from parity.engine import llm\n", "parity.model.fake")
-    assert msg.startswith("parity.model.fake (parity/model/fake.py:1) imports parity.engine.llm: layer 2 "
-                          "(parity.model) must not import layer 4 (parity.engine)")
+    assert msg.startswith(
+        "parity.model.fake (parity/model/fake.py:1) imports parity.engine.llm: layer 2 "
+        "(parity.model) must not import layer 4 (parity.engine)"
+    )
     assert _check("from parity.model import layers\n", "parity.engine.fake") == []
-    assert "parity.checkpoint.fake" in _check("from . import x\n\ndef f():\n    from parity.server import app\n",
-                                               "parity.checkpoint.fake")[0]
+    assert (
+        "parity.checkpoint.fake"
+        in _check("from . import x\n\ndef f():\n    from parity.server import app\n", "parity.checkpoint.fake")[0]
+    )
     assert "parity.newarea belongs to no layer" in _check("import parity.newarea\n", "parity.model.fake")[0]
     # type-only imports are still imports of that layer
-    assert _check("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from parity.engine import llm\n",
-                  "parity.model.fake")
+    assert _check(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from parity.engine import llm\n", "parity.model.fake"
+    )
 
 
 def test_checker_resolves_relative_imports():
@@ -311,11 +351,14 @@ def test_checker_finds_cycles_and_torch_chains():
     b = parse_imports("def g():\n    from parity.x import h\n", "parity.y")
     assert import_cycles(a + b, module_level_only=True) == []
     assert import_cycles(a + b, module_level_only=False) == [{"parity.x", "parity.y"}]
-    lazy_facade = parse_imports("def __getattr__(n):\n    from parity.x import core\n", "parity.x", is_package=True,
-                                known={"parity.x.core"})
+    lazy_facade = parse_imports(
+        "def __getattr__(n):\n    from parity.x import core\n", "parity.x", is_package=True, known={"parity.x.core"}
+    )
     core = parse_imports("from parity.x import CONST\n", "parity.x.core", known={"parity.x.core"})
     assert import_cycles(lazy_facade + core, module_level_only=False) == []
     chain = parse_imports("import parity.model.layers\n", "parity.bench.fake") + parse_imports(
-        "import torch\n", "parity.model.layers")
-    assert torch_loaders(chain) == ["parity.bench.fake loads torch when imported: "
-                                    "parity.bench.fake -> parity.model.layers -> torch"]
+        "import torch\n", "parity.model.layers"
+    )
+    assert torch_loaders(chain) == [
+        "parity.bench.fake loads torch when imported: parity.bench.fake -> parity.model.layers -> torch"
+    ]

@@ -35,8 +35,11 @@ def test_indexer_topk_matters(hf_small, parity_small, one_thread):
     """Sanity check that the test above exercises top-k: selecting every entry changes the logits."""
     ids = torch.randint(0, 64, (1, 50), generator=torch.Generator().manual_seed(3))
     base = parity_small.forward_logits(ids)
-    idx = [layer.self_attn.compressor.indexer for layer in parity_small.model.layers
-           if layer.self_attn.compressor is not None and layer.self_attn.compressor.indexer is not None]
+    idx = [
+        layer.self_attn.compressor.indexer
+        for layer in parity_small.model.layers
+        if layer.self_attn.compressor is not None and layer.self_attn.compressor.indexer is not None
+    ]
     old = [i.topk for i in idx]
     try:
         for i in idx:
@@ -47,15 +50,28 @@ def test_indexer_topk_matters(hf_small, parity_small, one_thread):
             i.topk = k
 
 
-@pytest.mark.parametrize("overrides", [
-    # HCA-first schedule (V4-Pro style), sigmoid-free sqrtsoftplus, short window, plain RoPE, 2 hash layers
-    dict(layer_types=["heavily_compressed_attention", "compressed_sparse_attention", "sliding_attention",
-                      "heavily_compressed_attention"],
-         mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"], sliding_window=5, index_topk=2,
-         rope_parameters=None, routed_scaling_factor=2.5),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # HCA-first schedule (V4-Pro style), sigmoid-free sqrtsoftplus, short window, plain RoPE, 2 hash layers
+        dict(
+            layer_types=[
+                "heavily_compressed_attention",
+                "compressed_sparse_attention",
+                "sliding_attention",
+                "heavily_compressed_attention",
+            ],
+            mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"],
+            sliding_window=5,
+            index_topk=2,
+            rope_parameters=None,
+            routed_scaling_factor=2.5,
+        ),
+    ],
+)
 def test_logits_match_transformers_variant(tmp_path, overrides, one_thread):
     from parity.checkpoint.reader import from_pretrained
+
     hf = make_hf_model(1, **overrides)
     d = save_hf(hf, tmp_path / "ck", save_original_format=False)  # transformers' own names this time
     ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(5))

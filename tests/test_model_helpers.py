@@ -9,16 +9,39 @@ import torch
 #: A small V4 covering every layer kind: sliding, CSA (ratio 4 + indexer), HCA (ratio 16), hash and
 #: scored MoE, YaRN on the compressed layers. index_n_heads=16 makes exact-zero indexer scores (all heads relu 0, ties) improbable.
 SMALL = dict(
-    vocab_size=64, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=4, num_attention_heads=4,
-    head_dim=32, q_lora_rank=16, o_groups=2, o_lora_rank=8, n_routed_experts=4, num_experts_per_tok=2,
-    index_n_heads=16, index_head_dim=16, index_topk=3, sliding_window=8, swiglu_limit=0.5,
-    layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
-                 "compressed_sparse_attention"],
+    vocab_size=64,
+    hidden_size=32,
+    moe_intermediate_size=16,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    head_dim=32,
+    q_lora_rank=16,
+    o_groups=2,
+    o_lora_rank=8,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    index_n_heads=16,
+    index_head_dim=16,
+    index_topk=3,
+    sliding_window=8,
+    swiglu_limit=0.5,
+    layer_types=[
+        "sliding_attention",
+        "compressed_sparse_attention",
+        "heavily_compressed_attention",
+        "compressed_sparse_attention",
+    ],
     mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
     compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
-    partial_rotary_factor=0.25, max_position_embeddings=128,
-    rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
-                     "beta_fast": 32, "beta_slow": 1},
+    partial_rotary_factor=0.25,
+    max_position_embeddings=128,
+    rope_parameters={
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 32,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    },
 )
 
 

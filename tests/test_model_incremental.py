@@ -51,14 +51,14 @@ def test_batched_mixed_lengths(parity_small, seqs_and_ref, one_thread):
     pos = [0, 0, 0]
     plan = [[9, 1, 20], [1, 3, 1], [1, 1, 1], [17, 1, 2], [1, 11, 1], [1, 1, 8], [1, 1, 1]]
     for step in plan:
-        toks = [ids[i, pos[i]:pos[i] + n] for i, n in enumerate(step)]
+        toks = [ids[i, pos[i] : pos[i] + n] for i, n in enumerate(step)]
         outs = parity_small.forward_incremental(toks, states, all_logits=True)
         for i, n in enumerate(step):
-            assert (outs[i] - ref[i, pos[i]:pos[i] + n]).abs().max().item() <= TOL, (step, i)
+            assert (outs[i] - ref[i, pos[i] : pos[i] + n]).abs().max().item() <= TOL, (step, i)
             pos[i] += n
     assert [s.num_tokens for s in states] == pos
     # last-token logits form
-    out = parity_small.forward_incremental([ids[i, pos[i]:pos[i] + 1] for i in range(3)], states)
+    out = parity_small.forward_incremental([ids[i, pos[i] : pos[i] + 1] for i in range(3)], states)
     assert out.shape == (3, 64)
     for i in range(3):
         assert (out[i] - ref[i, pos[i]]).abs().max().item() <= TOL
@@ -135,6 +135,7 @@ def test_bad_requests(parity_small):
     with pytest.raises(RequestError, match="max_position_embeddings is 128"):
         m.forward_logits(torch.zeros(1, 129, dtype=torch.long))
     from parity.model import build_model
+
     with pytest.raises(RequestError, match="dtype is 'float8'"):
         build_model(m.config, dtype="float8")
 

@@ -59,8 +59,11 @@ def test_refuses_v4_flash_with_a_clear_message(monkeypatch):
     from parity.model import build_model
 
     monkeypatch.delenv(memory.SKIP_ENV, raising=False)
-    with pytest.raises(DeviceError, match=r"v4-flash needs ~\d+\.\d GiB in float32 on cpu, this device has "
-                                          r"\d+\.\d GiB free.*PARITY_SKIP_MEMORY_CHECK=1"):
+    with pytest.raises(
+        DeviceError,
+        match=r"v4-flash needs ~\d+\.\d GiB in float32 on cpu, this device has "
+        r"\d+\.\d GiB free.*PARITY_SKIP_MEMORY_CHECK=1",
+    ):
         build_model(load_preset("v4-flash"))
 
 
@@ -97,7 +100,9 @@ def test_cli_generate_and_export_refuse_cleanly(tmp_path, monkeypatch, capsys):
 def test_memory_module_imports_no_torch():
     import subprocess
 
-    code = ("import sys; from parity.config import load_preset; from parity.model import memory; "
-            "memory.estimate_weight_bytes(load_preset('v4-pro'), 'bf16', True); print('torch' in sys.modules)")
+    code = (
+        "import sys; from parity.config import load_preset; from parity.model import memory; "
+        "memory.estimate_weight_bytes(load_preset('v4-pro'), 'bf16', True); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -34,7 +34,7 @@ _GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 def ref_fp4(x: torch.Tensor) -> torch.Tensor:
     """FP4 e2m1 in blocks of 32: nearest grid value, ties to the even code (0, 1, 2, 4)."""
     b = x.float().unflatten(-1, (-1, 32))
-    s = _pow2_scale(b.abs().amax(-1, keepdim=True), 6.0, 6 * 2.0 ** -126)
+    s = _pow2_scale(b.abs().amax(-1, keepdim=True), 6.0, 6 * 2.0**-126)
     v = (b / s).clamp(-6, 6)
     dist = (v.abs().unsqueeze(-1) - _GRID).abs() + 1e-7 * (torch.arange(8) % 2)
     q = _GRID[dist.argmin(-1)] * torch.sign(v)
@@ -75,6 +75,7 @@ def hook_official_steps(hf) -> list:
 @pytest.fixture(scope="module")
 def q8(tmp_path_factory):
     from parity.checkpoint.reader import from_pretrained
+
     hf = make_hf_model(2, **Q8)
     d = save_hf(hf, tmp_path_factory.mktemp("q8"))
     ids = torch.randint(0, 64, (1, 48), generator=torch.Generator().manual_seed(9))
@@ -112,10 +113,12 @@ def test_incremental_official_steps(q8, cuts, one_thread):
     st = model.new_state(kv_cache_dtype="fp8", indexer_dtype="fp4")
     outs = []
     for a, b in zip(cuts[:-1], cuts[1:]):
-        outs += model.forward_incremental([ids[0, a:b]], [st], all_logits=True, kv_cache_dtype="fp8",
-                                          indexer_dtype="fp4")[0]
-    assert (torch.stack(outs) - ref[0, :cuts[-1]]).abs().max().item() <= TOL
+        outs += model.forward_incremental(
+            [ids[0, a:b]], [st], all_logits=True, kv_cache_dtype="fp8", indexer_dtype="fp4"
+        )[0]
+    assert (torch.stack(outs) - ref[0, : cuts[-1]]).abs().max().item() <= TOL
     from parity.errors import RequestError
+
     with pytest.raises(RequestError, match="other numerics"):
         model.forward_incremental([[1]], [st])  # model defaults are bf16/bf16
 
@@ -132,16 +135,25 @@ def test_fp8_cache_halves_bytes(q8, one_thread):
 
     def per_token(kv):  # bytes per token of context growth, summed over layers
         lay = flash.cache_layout(kv)
-        return sum(e["bytes"] / e["entries"] / e["tokens_per_entry"] for e in lay
-                   if e["component"] in ("compressed_kv", "index_keys"))
+        return sum(
+            e["bytes"] / e["entries"] / e["tokens_per_entry"]
+            for e in lay
+            if e["component"] in ("compressed_kv", "index_keys")
+        )
 
     win16 = [e for e in flash.cache_layout("bf16") if e["component"] == "window_kv"][0]
     win8 = [e for e in flash.cache_layout("fp8") if e["component"] == "window_kv"][0]
     assert win16["bytes"] == 128 * 1024 and win8["bytes"] == 128 * 584  # 512 bf16 vs 448 fp8 + 7 + 64 bf16 (+1)
-    kv16 = sum(e["bytes"] / e["entries"] / e["tokens_per_entry"] for e in flash.cache_layout("bf16")
-               if e["component"] == "compressed_kv")
-    kv8 = sum(e["bytes"] / e["entries"] / e["tokens_per_entry"] for e in flash.cache_layout("fp8")
-              if e["component"] == "compressed_kv")
+    kv16 = sum(
+        e["bytes"] / e["entries"] / e["tokens_per_entry"]
+        for e in flash.cache_layout("bf16")
+        if e["component"] == "compressed_kv"
+    )
+    kv8 = sum(
+        e["bytes"] / e["entries"] / e["tokens_per_entry"]
+        for e in flash.cache_layout("fp8")
+        if e["component"] == "compressed_kv"
+    )
     assert 0.55 < kv8 / kv16 < 0.6
     assert per_token("fp8") < 0.7 * per_token("bf16")
 
@@ -171,8 +183,10 @@ def test_fp4_index_keys_stored_packed(q8, one_thread):
     ids = q8[1][0]
     model.forward_incremental([ids], [st16], kv_cache_dtype="fp8")
     model.forward_incremental([ids], [st4], kv_cache_dtype="fp8", indexer_dtype="fp4")
-    ik4, ik16 = ({e["layer"]: e["bytes"] for e in model.cache_layout("fp8", ix) if e["component"] == "index_keys"}
-                 for ix in ("fp4", "bf16"))
+    ik4, ik16 = (
+        {e["layer"]: e["bytes"] for e in model.cache_layout("fp8", ix) if e["component"] == "index_keys"}
+        for ix in ("fp4", "bf16")
+    )
     blocks = {i: len(st4.layers[i].idx_blocks) for i in ik4}  # the layout's block bytes are what is allocated
     assert st16.nbytes() - st4.nbytes() == sum(blocks[i] * (ik16[i] - ik4[i]) for i in ik4) > 0
     with torch.device("meta"):
@@ -181,14 +195,19 @@ def test_fp4_index_keys_stored_packed(q8, one_thread):
     assert ik["dtype"] == "uint8" and ik["bytes"] == 64 * 68  # 128 codes / 2 + 4 scales vs 256 in bf16
 
     def growth(kv, ix):  # bytes per token of context growth, summed over layers
-        return sum(e["bytes"] / e["entries"] / e["tokens_per_entry"] for e in flash.cache_layout(kv, ix)
-                   if e["kind"] == "growing")
+        return sum(
+            e["bytes"] / e["entries"] / e["tokens_per_entry"]
+            for e in flash.cache_layout(kv, ix)
+            if e["kind"] == "growing"
+        )
+
     assert growth("bf16", "bf16") == 6880 and growth("fp8", "fp4") == 3514.25  # 1.96x the tokens
 
 
 # ---------------------------------------------------------------- shared-expert clamp
 def test_shared_expert_clamp(tmp_path, one_thread):
     from parity.checkpoint.reader import from_pretrained
+
     hf = make_hf_model(0)  # swiglu_limit 0.5: the clamp is active
     model = from_pretrained(save_hf(hf, tmp_path / "ck"))
     ids = torch.randint(0, 64, (1, 20), generator=torch.Generator().manual_seed(1))
@@ -205,6 +224,7 @@ def test_softmax_routing_weights_not_renormalised():
     """Official Gate: top-k weights are renormalised only for non-softmax scoring (transformers always
     renormalises)."""
     from parity.model.layers import Router
+
     torch.manual_seed(0)
     r = Router(8, 16, 2, 10, False, "softmax", 2.0)
     r.weight.data.normal_()
@@ -240,7 +260,7 @@ def test_bf16_runs_official_precision(one_thread):
     post = torch.rand(3, cfg.hc_mult)
     comb = torch.rand(3, cfg.hc_mult, cfg.hc_mult)
     y = HyperConnection.post(out, streams, post, comb)
-    exact = (post[..., None] * out.float()[:, None] + torch.einsum("tij,tid->tjd", comb, streams.float()))
+    exact = post[..., None] * out.float()[:, None] + torch.einsum("tij,tid->tjd", comb, streams.float())
     assert torch.equal(y, exact.to(torch.bfloat16))
     logits = m.forward_logits(torch.tensor([[1, 2, 3, 4, 5]]))
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()

@@ -60,6 +60,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def golden():
     from parity.checkpoint.reader import from_pretrained
+
     model = from_pretrained(DATA)
     exp = load_file(DATA / "expected" / "official_logits.safetensors")
     lengths = sorted(int(k.split("_")[1][1:]) for k in exp if k.endswith("_qat1"))
@@ -69,7 +70,7 @@ def golden():
 def _fp8_neighbours(y: torch.Tensor) -> tuple[float, float]:
     """The two FP8 e4m3 magnitudes around |y| (|y| <= 448): (lower, upper)."""
     a = float(y.abs())
-    e = max(torch.floor(torch.log2(torch.tensor(max(a, 2.0 ** -6)))).item(), -6.0)
+    e = max(torch.floor(torch.log2(torch.tensor(max(a, 2.0**-6)))).item(), -6.0)
     step = 2.0 ** (e - 3)
     lo = (a // step) * step
     return lo, lo + step
@@ -88,12 +89,12 @@ def pinned(model, ties):
         def f(mod, inp, out):
             p0 = counters.get(layer, 0)
             counters[layer] = p0 + out.shape[0]
-            for (lay, pos, ch, way) in ties:
+            for lay, pos, ch, way in ties:
                 if lay != layer or not p0 <= pos < p0 + out.shape[0]:
                     continue
                 r = pos - p0
                 b0 = ch // FP8_BLOCK * FP8_BLOCK
-                blk = out[r, b0:b0 + FP8_BLOCK].float()
+                blk = out[r, b0 : b0 + FP8_BLOCK].float()
                 assert int(blk.abs().argmax()) != ch - b0, "a pinned value must not set its block scale"
                 s = 2.0 ** torch.ceil(torch.log2(blk.abs().max().clamp_min(1e-4) / FP8_MAX)).item()
                 y = out[r, ch].float() / s
@@ -105,6 +106,7 @@ def pinned(model, ties):
                 out = out.clone()
                 out[r, ch] = torch.sign(y) * (hi if way == "up" else lo) * s
             return out
+
         return f
 
     handles = [layer.self_attn.kv_norm.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
@@ -162,13 +164,12 @@ def test_token_by_token_decode_reproduces_official_prefill(golden, S, qat):
     """The official decode path rounds the same values at the same points as its prefill, so decoding
     the prompt one token at a time gives the prefill logits of every prefix (ties pinned as above)."""
     model, ids, exp, _ = golden
-    kw = dict(kv_cache_dtype="fp8", indexer_dtype="fp4") if qat else dict(kv_cache_dtype="bf16",
-                                                                          indexer_dtype="bf16")
+    kw = dict(kv_cache_dtype="fp8", indexer_dtype="fp4") if qat else dict(kv_cache_dtype="bf16", indexer_dtype="bf16")
     st = model.new_state(**kw)
     outs = []
     with torch.no_grad(), pinned(model, official_ties(S) if qat else []):
         for t in range(S):
-            outs.append(model.forward_incremental([ids[0, t:t + 1]], [st], **kw)[0])
+            outs.append(model.forward_incremental([ids[0, t : t + 1]], [st], **kw)[0])
     err = _err(torch.stack(outs), exp[f"prefill_S{S}_qat{int(qat)}"])
     assert err.max().item() <= (QAT_TOL if qat else PURE_TOL), (err.argmax().item(), err.max().item())
 
@@ -206,8 +207,13 @@ def test_engine_batched_chunked_preempted_equal_forward_logits():
         return out
 
     batched = run()
-    alone = [LLM(model_obj=model, tokenizer=None, device="cpu", cache_memory=64 << 20)
-             .generate(prompt_token_ids=[p], sampling_params=greedy)[0].outputs[0].token_ids for p in prompts]
+    alone = [
+        LLM(model_obj=model, tokenizer=None, device="cpu", cache_memory=64 << 20)
+        .generate(prompt_token_ids=[p], sampling_params=greedy)[0]
+        .outputs[0]
+        .token_ids
+        for p in prompts
+    ]
     assert alone == batched
     assert run(max_num_batched_tokens=11) == batched
     eng = LLM(model_obj=model, tokenizer=None, device="cpu", cache_memory=1 << 20).engine
@@ -224,8 +230,9 @@ def test_engine_batched_chunked_preempted_equal_forward_logits():
     assert [r.output().outputs[0].token_ids for r in reqs] == batched
     with torch.no_grad():
         for p, out in zip(prompts, batched, strict=True):
-            logits = model.forward_logits(torch.tensor([p + out[:-1]]), kv_cache_dtype="fp8",
-                                          indexer_dtype="fp4")[0, len(p) - 1:]
+            logits = model.forward_logits(torch.tensor([p + out[:-1]]), kv_cache_dtype="fp8", indexer_dtype="fp4")[
+                0, len(p) - 1 :
+            ]
             best = logits.argmax(-1)
             gap = (logits.gather(1, best[:, None]) - logits.gather(1, torch.tensor(out)[:, None])).flatten()
             assert (gap <= QAT_TOL).all(), gap

@@ -24,10 +24,10 @@ def test_error_message_shapes():
 
 def test_sse_decoder_events_split_across_chunks():
     d = SSEDecoder()
-    stream = b': comment\r\nevent: x\ndata: {"a":\ndata:1}\n\ndata: [DO' + b'NE]\n\ndata: tail'
+    stream = b': comment\r\nevent: x\ndata: {"a":\ndata:1}\n\ndata: [DO' + b"NE]\n\ndata: tail"
     out = []
     for i in range(0, len(stream), 5):
-        out += list(d.feed(stream[i:i + 5]))
+        out += list(d.feed(stream[i : i + 5]))
     assert out == ['{"a":\n1}', "[DONE]"]
     assert d.flush() == "tail" and d.flush() is None
 

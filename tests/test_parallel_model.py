@@ -89,11 +89,14 @@ def test_tp2_dp2_ep4_matches_one_process(tmp_path):
     _check([ParallelConfig(2, 2, True)], _miniature(), tmp_path)
 
 
-@pytest.mark.parametrize("pc,match", [
-    (ParallelConfig(8), "num_attention_heads"),
-    (ParallelConfig(4), "o_groups"),
-    (ParallelConfig(1, 3, True), "n_routed_experts"),
-])
+@pytest.mark.parametrize(
+    "pc,match",
+    [
+        (ParallelConfig(8), "num_attention_heads"),
+        (ParallelConfig(4), "o_groups"),
+        (ParallelConfig(1, 3, True), "n_routed_experts"),
+    ],
+)
 def test_layout_errors_name_the_field(pc, match):
     with pytest.raises(ParallelError, match=match):
         pc.validate(load_preset("tiny"))
@@ -117,12 +120,15 @@ def test_weight_bytes_per_device_equal_the_model_part(tp, dp, ep):
     assert persistent == estimate_weight_bytes(cfg, "bfloat16", tp=pc.tp, ep=pc.ep)
 
 
-@pytest.mark.parametrize("argv,fits", [
-    (["v4-flash", "--hardware", "910c", "--tensor-parallel-size", "8", "--enable-expert-parallel"], True),
-    (["v4-flash", "--hardware", "h200", "--tensor-parallel-size", "8", "--enable-expert-parallel"], True),
-    (["v4-pro", "--hardware", "h200", "-tp", "8", "-dp", "4", "--enable-expert-parallel"], True),
-    (["v4-flash", "--hardware", "h200"], False),
-])
+@pytest.mark.parametrize(
+    "argv,fits",
+    [
+        (["v4-flash", "--hardware", "910c", "--tensor-parallel-size", "8", "--enable-expert-parallel"], True),
+        (["v4-flash", "--hardware", "h200", "--tensor-parallel-size", "8", "--enable-expert-parallel"], True),
+        (["v4-pro", "--hardware", "h200", "-tp", "8", "-dp", "4", "--enable-expert-parallel"], True),
+        (["v4-flash", "--hardware", "h200"], False),
+    ],
+)
 def test_info_reports_per_device_bytes_from_the_load_check(argv, fits, capsys):
     from parity.cli import main
     from parity.config import load_config

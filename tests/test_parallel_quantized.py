@@ -47,8 +47,12 @@ def test_published_layout_tp2_and_ep2_match_one_process(published, tmp_path):
     """TP=2 and TP=2 + EP=2 kept quantized (FP8 linears, FP4 experts), TP=2 dequantized at load (bf16):
     the tokens and logits of one process. TP=2 converted to W8A8 quantizes each rank's part on its own
     (row-parallel shards: per-channel scales of their columns), so it is held to the W8A8 error only."""
-    layouts = [(ParallelConfig(2), None), (ParallelConfig(2, 1, True), None), (ParallelConfig(2), "bf16"),
-               (ParallelConfig(2), "w8a8")]
+    layouts = [
+        (ParallelConfig(2), None),
+        (ParallelConfig(2, 1, True), None),
+        (ParallelConfig(2), "bf16"),
+        (ParallelConfig(2), "w8a8"),
+    ]
     ports = [free_port() for _ in layouts]
     mp.spawn(_rank, args=(layouts, str(published), ports, str(tmp_path)), nprocs=2)
     refs = {}
@@ -70,8 +74,9 @@ def test_published_layout_tp2_and_ep2_match_one_process(published, tmp_path):
 
 def _skeleton(cfg, pc, rank, quantized, dtype=torch.bfloat16):
     ctx = ParallelContext(pc, rank=rank, world_size=pc.world_size)
-    return official_reader._build_skeleton(cfg, torch.device("meta"), dtype, quantized, block_size(cfg),
-                                           official_layout(cfg), False, ctx)
+    return official_reader._build_skeleton(
+        cfg, torch.device("meta"), dtype, quantized, block_size(cfg), official_layout(cfg), False, ctx
+    )
 
 
 @pytest.mark.parametrize("tp,dp,ep", [(1, 1, False), (2, 1, False), (2, 1, True), (2, 2, True), (1, 2, True)])

@@ -50,15 +50,17 @@ def test_tp2_engine_greedy_matches_one_process(tp2, reference):
 
 
 def test_tp2_server_api_then_killed_worker(tp2, reference):
-    engine = AsyncEngine(EngineArgs(device="cpu", cache_memory=1 << 28, max_num_batched_tokens=64),
-                         model=tp2.model, tokenizer=None)
+    engine = AsyncEngine(
+        EngineArgs(device="cpu", cache_memory=1 << 28, max_num_batched_tokens=64), model=tp2.model, tokenizer=None
+    )
     tp2.engine = engine
     srv = ThreadedServer(build_app(engine, ServerSettings(served_model_names=["tiny"])), drain_timeout_s=1.0).start()
     try:
         client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == ["tiny"]
-        r = client.completions.create(model="tiny", prompt=_prompts()[1], max_tokens=5, temperature=0.0,
-                                      extra_body={"ignore_eos": True})
+        r = client.completions.create(
+            model="tiny", prompt=_prompts()[1], max_tokens=5, temperature=0.0, extra_body={"ignore_eos": True}
+        )
         assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
         tp2.workers.procs[0].kill()
         deadline = time.monotonic() + 10

@@ -14,8 +14,21 @@ from parity.plan.hardware import catalog, families, get_hardware, load_hardware_
 from parity.plan.search import Workload, plan
 from parity.plan.validate import published, report
 
-REQUIRED_HW = {"910b2", "910b3", "910b4", "910c", "950pr", "950dt", "h20", "h800", "h100", "h200", "b200", "gb200",
-               "gb300"}
+REQUIRED_HW = {
+    "910b2",
+    "910b3",
+    "910b4",
+    "910c",
+    "950pr",
+    "950dt",
+    "h20",
+    "h800",
+    "h100",
+    "h200",
+    "b200",
+    "gb200",
+    "gb300",
+}
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +119,11 @@ def test_constants_are_per_family_fractions():
 def test_cost_model_physics():
     v3, v4 = load_arch("deepseek-v3"), load_arch("v4-flash")
     assert abs(v3.total_params / 671e9 - 1) < 0.01
+
     # V4's compressed caches read far less than MLA at long context, fp8 less than bf16
     def read(a, kind, dt):
         return sum(a.attn_read_bytes(ly.kind, 65536, dt) for ly in a.layers)
+
     assert read(v4, None, "bf16") < 0.2 * read(v3, None, "bf16")
     assert read(v4, None, "fp8") < read(v4, None, "bf16")
     hw, c = get_hardware("h800"), families()["nvidia-hopper"].as_dict()
@@ -155,15 +170,51 @@ def test_plan_says_why_nothing_fits(monkeypatch):
 
 
 def test_plan_cli_text_json_and_compare_html(tmp_path, capsys):
-    assert main(["plan", "--model", "v4-flash", "--hardware", "910c", "--isl", "4096", "--osl", "1024",
-                 "--slo-ttft-ms", "2000", "--slo-tpot-ms", "50", "--target-qps", "5"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "v4-flash",
+                "--hardware",
+                "910c",
+                "--isl",
+                "4096",
+                "--osl",
+                "1024",
+                "--slo-ttft-ms",
+                "2000",
+                "--slo-tpot-ms",
+                "50",
+                "--target-qps",
+                "5",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "modeled:parity-plan-2" in out and "tokens per joule" in out and "chips for 5 req/s" in out
     assert main(["plan", "--hardware", "h800", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["feasible"]
     html = tmp_path / "r.html"
-    assert main(["compare", "--model", "v4-flash", "--hardware", "910c,h20", "--isl", "1024", "--osl", "256",
-                 "--out", str(html)]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--model",
+                "v4-flash",
+                "--hardware",
+                "910c,h20",
+                "--isl",
+                "1024",
+                "--osl",
+                "256",
+                "--out",
+                str(html),
+            ]
+        )
+        == 0
+    )
     text = html.read_text()
     assert "data:image/png;base64," in text and "910c" in text and "h20" in text and "Pareto" in text
     assert main(["validate"]) == 0
@@ -171,20 +222,23 @@ def test_plan_cli_text_json_and_compare_html(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("argv, needle", [
-    (["plan", "--hardware", "h10"], "did you mean"),
-    (["plan", "--hardware", "h800", "--model", "v4-flsh"], "did you mean v4-flash"),
-    (["plan", "--hardware", "h800", "--isl", "0"], "--isl"),
-    (["plan", "--hardware", "h800", "--osl", "-5"], "--osl"),
-    (["plan", "--hardware", "h800", "--slo-ttft-ms", "-1"], "--slo-ttft-ms"),
-    (["plan", "--hardware", "h800", "--target-qps", "0"], "--target-qps"),
-    (["compare", "--hardware", "h800,nvl99"], "unknown hardware 'nvl99'"),
-    (["plan", "--hardware", "h800", "--model", "tiny"], "'tiny' (preset:tiny) has 34.4 M parameters"),
-    (["compare", "--hardware", "h800", "--model", "tiny"], "not a real deployment"),
-    # the suffix is checked before any planning (nvl99 is never looked up)
-    (["compare", "--hardware", "nvl99", "--out", "x.txt"], "--out x.txt: the report is written as HTML (.html)"),
-    (["compare", "--hardware", "h800", "--out", "report"], "got no suffix - use a path ending in .html or .png"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["plan", "--hardware", "h10"], "did you mean"),
+        (["plan", "--hardware", "h800", "--model", "v4-flsh"], "did you mean v4-flash"),
+        (["plan", "--hardware", "h800", "--isl", "0"], "--isl"),
+        (["plan", "--hardware", "h800", "--osl", "-5"], "--osl"),
+        (["plan", "--hardware", "h800", "--slo-ttft-ms", "-1"], "--slo-ttft-ms"),
+        (["plan", "--hardware", "h800", "--target-qps", "0"], "--target-qps"),
+        (["compare", "--hardware", "h800,nvl99"], "unknown hardware 'nvl99'"),
+        (["plan", "--hardware", "h800", "--model", "tiny"], "'tiny' (preset:tiny) has 34.4 M parameters"),
+        (["compare", "--hardware", "h800", "--model", "tiny"], "not a real deployment"),
+        # the suffix is checked before any planning (nvl99 is never looked up)
+        (["compare", "--hardware", "nvl99", "--out", "x.txt"], "--out x.txt: the report is written as HTML (.html)"),
+        (["compare", "--hardware", "h800", "--out", "report"], "got no suffix - use a path ending in .html or .png"),
+    ],
+)
 def test_bad_input_is_one_clear_line(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -205,21 +259,37 @@ def test_checkpoint_dirs_planned_only_when_real_size(tmp_path):
 def test_compare_exit_code_and_png(tmp_path, capsys):
     png = tmp_path / "f.PNG"
     # no chip meets a 0.5 ms TPOT: exit 1 like `plan`, but the table and the plot are still produced
-    assert main(["compare", "--hardware", "h800", "--isl", "1024", "--osl", "128", "--slo-tpot-ms", "0.5",
-                 "--out", str(png)]) == 1
+    assert (
+        main(
+            [
+                "compare",
+                "--hardware",
+                "h800",
+                "--isl",
+                "1024",
+                "--osl",
+                "128",
+                "--slo-tpot-ms",
+                "0.5",
+                "--out",
+                str(png),
+            ]
+        )
+        == 1
+    )
     out = capsys.readouterr().out
     assert "tpot-slo" in out and "no deployment of v4-flash on h800 fits" in out and "report written to" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert main(["compare", "--hardware", "h800", "--isl", "1024", "--osl", "128", "--slo-tpot-ms", "0.5",
-                 "--json"]) == 1
+    assert (
+        main(["compare", "--hardware", "h800", "--isl", "1024", "--osl", "128", "--slo-tpot-ms", "0.5", "--json"]) == 1
+    )
     assert json.loads(capsys.readouterr().out)["any_feasible"] is False
     assert main(["compare", "--hardware", "h800", "--isl", "1024", "--osl", "128", "--json"]) == 0
 
 
 def test_compare_dedupes_repeated_hardware(tmp_path, capsys):
     html = tmp_path / "r.html"
-    assert main(["compare", "--hardware", "910c,h200,910C", "--isl", "1024", "--osl", "128",
-                 "--out", str(html)]) == 0
+    assert main(["compare", "--hardware", "910c,h200,910C", "--isl", "1024", "--osl", "128", "--out", str(html)]) == 0
     out = capsys.readouterr().out
     rows = [ln.split()[0] for ln in out.splitlines()[2:] if ln.split() and ln.split()[0] in ("910c", "h200")]
     assert rows == ["910c", "h200"]  # first-seen order, 910c once
@@ -235,8 +305,9 @@ def test_malformed_data_files_are_refused(tmp_path):
 
     text = (HARDWARE_DIR / "h800.toml").read_text()
     bad = tmp_path / "bad.toml"
-    bad.write_text(text.replace('hbm_gb = { value = 80, source = "H800 product brief: 80 GB HBM3" }',
-                                "hbm_gb = { value = 80 }"))
+    bad.write_text(
+        text.replace('hbm_gb = { value = 80, source = "H800 product brief: 80 GB HBM3" }', "hbm_gb = { value = 80 }")
+    )
     with pytest.raises(PlanError, match=r"bad.toml.*hbm_gb.*source"):
         load_hardware_file(bad)
     bad.write_text("id = [unclosed")

@@ -48,10 +48,16 @@ def test_plans_never_exceed_hbm(model):
         r = plan(model, hw_id, W)
         if r["feasible"]:
             d = r["decode"]
-            dep = M.Deployment(n_devices=d["n_devices"], attn_tp=d["attn_tp"], dense_format=d["dense_format"],
-                               expert_format=d["expert_format"], kv_dtype=d["kv_dtype"])
-            need = (M.weight_bytes_per_device(arch, dep)["total"]
-                    + d["batch_per_device"] * d["attn_tp"] * arch.cache_bytes_seq(ctx, d["kv_dtype"]))
+            dep = M.Deployment(
+                n_devices=d["n_devices"],
+                attn_tp=d["attn_tp"],
+                dense_format=d["dense_format"],
+                expert_format=d["expert_format"],
+                kv_dtype=d["kv_dtype"],
+            )
+            need = M.weight_bytes_per_device(arch, dep)["total"] + d["batch_per_device"] * d[
+                "attn_tp"
+            ] * arch.cache_bytes_seq(ctx, d["kv_dtype"])
             assert need <= hw.hbm_gb * 1e9 * M.HBM_USABLE * (1 + 1e-9), hw_id
 
 

@@ -16,10 +16,26 @@ TRUE = {"gemm_eff": 0.42, "attn_eff": 0.33, "hbm_eff": 0.66, "link_eff": 0.45}
 #: (devices, ISL, OSL, concurrency) per chip. On 910c every prefill chunk (2,048 tokens, ascend-graph) is
 #: host-bound, so gemm_eff shows only in decode at large batches (the last three points: 256-512 sequences per
 #: device) and attn_eff nowhere. On H200 the 8,192-token chunks of long prompts are device-bound.
-POINTS = {"910c": [(8, 1024, 1024, 8), (8, 1024, 1024, 256), (8, 8192, 1024, 64), (16, 32768, 256, 32),
-                   (8, 131072, 128, 8), (8, 2048, 2048, 2048), (16, 1024, 1024, 4096), (8, 512, 4096, 4096)],
-          "h200": [(8, 1024, 1024, 8), (8, 8192, 1024, 64), (16, 32768, 256, 32), (8, 131072, 128, 8),
-                   (8, 8192, 64, 512), (8, 2048, 2048, 2048)]}
+POINTS = {
+    "910c": [
+        (8, 1024, 1024, 8),
+        (8, 1024, 1024, 256),
+        (8, 8192, 1024, 64),
+        (16, 32768, 256, 32),
+        (8, 131072, 128, 8),
+        (8, 2048, 2048, 2048),
+        (16, 1024, 1024, 4096),
+        (8, 512, 4096, 4096),
+    ],
+    "h200": [
+        (8, 1024, 1024, 8),
+        (8, 8192, 1024, 64),
+        (16, 32768, 256, 32),
+        (8, 131072, 128, 8),
+        (8, 8192, 64, 512),
+        (8, 2048, 2048, 2048),
+    ],
+}
 SMALL_BATCH_910C = POINTS["910c"][:5]
 
 
@@ -30,14 +46,21 @@ def _setup(hw, n, isl, osl, conc):
 def _synthetic_result(hw, n, isl, osl, conc, consts):
     """A bench result whose steady-state figures are the planner's prediction under `consts`."""
     f = predict_point(MeasuredPoint(id="x", file="", setup=_setup(hw, n, isl, osl, conc)), consts)
-    return {"schema": "parity.bench.result", "version": 1,
-            "config": {"max_concurrency": conc, "workload": f"fixed:in={isl},out={osl}"},
-            "metadata": {"model": "deepseek-ai/DeepSeek-V4-Flash", "hardware": {"id": hw}, "num_devices": n},
-            "summary": {"output_throughput_tok_s": 0.0, "tpot_ms": {"median": None}, "ttft_ms": {"median": None}},
-            "steady_state": {"duration_s": 60.0, "mean_concurrency": float(conc),
-                             "output_tok_s_per_device": f["output_tok_s_per_device"],
-                             "tpot_ms_median": f["tpot_ms"], "ttft_ms_median": f["ttft_ms"]},
-            "requests": [{"ok": True, "prompt_tokens": isl, "output_tokens": osl}]}
+    return {
+        "schema": "parity.bench.result",
+        "version": 1,
+        "config": {"max_concurrency": conc, "workload": f"fixed:in={isl},out={osl}"},
+        "metadata": {"model": "deepseek-ai/DeepSeek-V4-Flash", "hardware": {"id": hw}, "num_devices": n},
+        "summary": {"output_throughput_tok_s": 0.0, "tpot_ms": {"median": None}, "ttft_ms": {"median": None}},
+        "steady_state": {
+            "duration_s": 60.0,
+            "mean_concurrency": float(conc),
+            "output_tok_s_per_device": f["output_tok_s_per_device"],
+            "tpot_ms_median": f["tpot_ms"],
+            "ttft_ms_median": f["ttft_ms"],
+        },
+        "requests": [{"ok": True, "prompt_tokens": isl, "output_tokens": osl}],
+    }
 
 
 def _write(d, hw, points):
@@ -83,7 +106,8 @@ def test_ascend_prefill_chunks_are_host_bound():
     for p in POINTS["910c"]:
         mixed = build(_setup("910c", *p)).terms["mixed"].combine(TRUE)
         assert mixed["compute_s"] < mixed["host_s"] and mixed["step_s"] == pytest.approx(
-            mixed["host_s"] + mixed["fixed_s"]), p
+            mixed["host_s"] + mixed["fixed_s"]
+        ), p
 
 
 def test_calibrate_ascend_reports_undetermined_constants(results_dir):
@@ -127,8 +151,9 @@ def test_cli_validate_measured_and_plan_calibrate(results_dir, capsys):
     assert main(["validate", "--measured", str(results_dir)]) == 0
     out = capsys.readouterr().out
     assert "p0" in out and "output_tok_s_per_device" in out and "mean |error|" in out
-    rc = main(["plan", "--hardware", "910c", "--isl", "1024", "--osl", "1024", "--calibrate", str(results_dir),
-               "--json"])
+    rc = main(
+        ["plan", "--hardware", "910c", "--isl", "1024", "--osl", "1024", "--calibrate", str(results_dir), "--json"]
+    )
     assert rc in (0, 1)
     r = json.loads(capsys.readouterr().out)
     assert r["provenance"].startswith("calibrated:") and r["calibration"]["family"] == "ascend"

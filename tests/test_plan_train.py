@@ -119,11 +119,36 @@ def test_too_small_cluster_names_the_minimum_and_memory():
 
 # ------------------------------------------------------------------------------------------------ CLI
 def test_cli_plan_train_text_json(capsys):
-    assert main(["plan", "train", "--model", "v4-flash", "--hardware", "910c", "--num-devices", "8192", "--tokens",
-                 "33T", "--seq-len", "4096"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "train",
+                "--model",
+                "v4-flash",
+                "--hardware",
+                "910c",
+                "--num-devices",
+                "8192",
+                "--tokens",
+                "33T",
+                "--seq-len",
+                "4096",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    for k in ("tokens/s per chip", "MFU", "days to train", "chip-hours", "energy", "cost", "limiting resource",
-              "modeled:parity-train-1"):
+    for k in (
+        "tokens/s per chip",
+        "MFU",
+        "days to train",
+        "chip-hours",
+        "energy",
+        "cost",
+        "limiting resource",
+        "modeled:parity-train-1",
+    ):
         assert k in out
     assert main(["plan", "train", "--hardware", "h800", "--num-devices", "2048", "--tokens", "14.8T", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
@@ -142,18 +167,23 @@ def test_cli_compare_train_and_validate(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["loo_mape"] <= 0.25
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["plan", "train", "--hardware", "h9000"], "unknown hardware"),
-    (["plan", "train", "--hardware", "h800", "--num-devices", "8"], "needs at least"),
-    (["plan", "train", "--hardware", "h800", "--tokens", "0"], "--tokens"),
-    (["plan", "train", "--hardware", "h800", "--num-devices", "0"], "--num-devices"),
-    (["compare", "train", "--hardware", "h800", "--out", "x.html"], ".png"),
-    (["plan", "train", "--hardware", "910c", "--pue", "nan"], "--pue must be a finite number >= 1"),
-    (["compare", "train", "--hardware", "910c", "--pue", "inf"], "--pue must be a finite number >= 1"),
-    (["plan", "train", "--hardware", "910c", "--num-devices", "99999999999999"],
-     "the cluster is too large for the global batch (each data-parallel replica needs at least one micro-batch of "
-     "4,096 tokens"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["plan", "train", "--hardware", "h9000"], "unknown hardware"),
+        (["plan", "train", "--hardware", "h800", "--num-devices", "8"], "needs at least"),
+        (["plan", "train", "--hardware", "h800", "--tokens", "0"], "--tokens"),
+        (["plan", "train", "--hardware", "h800", "--num-devices", "0"], "--num-devices"),
+        (["compare", "train", "--hardware", "h800", "--out", "x.html"], ".png"),
+        (["plan", "train", "--hardware", "910c", "--pue", "nan"], "--pue must be a finite number >= 1"),
+        (["compare", "train", "--hardware", "910c", "--pue", "inf"], "--pue must be a finite number >= 1"),
+        (
+            ["plan", "train", "--hardware", "910c", "--num-devices", "99999999999999"],
+            "the cluster is too large for the global batch (each data-parallel replica needs at least one micro-batch of "
+            "4,096 tokens",
+        ),
+    ],
+)
 def test_bad_input_is_one_clear_line(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -161,7 +191,9 @@ def test_bad_input_is_one_clear_line(argv, needle, capsys):
 
 
 def test_plan_train_is_torch_free():
-    code = ("import sys; from parity.plan.train_search import plan_train; plan_train('v4-flash', '910c', 8192, '33T');"
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys; from parity.plan.train_search import plan_train; plan_train('v4-flash', '910c', 8192, '33T');"
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

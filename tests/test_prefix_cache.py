@@ -58,8 +58,7 @@ def make(model, **kw):
 
 
 def results(outs):
-    return [(o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs], o.num_cached_tokens)
-            for o in outs]
+    return [(o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs], o.num_cached_tokens) for o in outs]
 
 
 def assert_same(got, ref, tol=1e-5):
@@ -70,7 +69,7 @@ def assert_same(got, ref, tol=1e-5):
 
 def test_same_prompt_twice_and_never_the_whole_prompt(model):
     on, off = make(model), make(model, enable_prefix_caching=False)
-    for n in (50, 48, 17):                      # 48 = three whole blocks: only 32 may come from the cache
+    for n in (50, 48, 17):  # 48 = three whole blocks: only 32 may come from the cache
         p = rand_ids(n, n)
         ref = results(off.generate(prompt_token_ids=[p], sampling_params=SP))
         first = results(on.generate(prompt_token_ids=[p], sampling_params=SP))
@@ -108,7 +107,7 @@ def test_concurrent_requests_sharing_a_prefix(model):
     ref = results(make(model, enable_prefix_caching=False).generate(prompt_token_ids=prompts, sampling_params=SP))
     eng = make(model).engine
     reqs = [eng.add_request(prompts[0], SP.clone())]
-    eng.step()                                           # the first prompt's blocks are cached now
+    eng.step()  # the first prompt's blocks are cached now
     reqs += [eng.add_request(p, SP.clone()) for p in prompts[1:3]]
     eng.step()
     reqs.append(eng.add_request(prompts[3], SP.clone()))  # joins while the others decode
@@ -124,14 +123,14 @@ def test_after_eviction(model):
     prompts = [rand_ids(60, 40 + i) for i in range(4)]
     ref = results(make(model, enable_prefix_caching=False).generate(prompt_token_ids=prompts, sampling_params=SP))
     probe = make(model).engine
-    pages = probe.pages_needed(64) + 12                  # room for one sequence and a few cached blocks
+    pages = probe.pages_needed(64) + 12  # room for one sequence and a few cached blocks
     llm = make(model, cache_memory=pages * probe.pool.page_bytes)
     eng = llm.engine
-    for p, r in zip(prompts, ref, strict=True):          # each request evicts blocks of the previous ones
+    for p, r in zip(prompts, ref, strict=True):  # each request evicts blocks of the previous ones
         assert_same(results(llm.generate(prompt_token_ids=[p], sampling_params=SP)), [r])
         assert eng.stats()["cache_used_bytes"] == 0 and eng.prefix_cache.num_pinned == 0
     assert eng.prefix_cache.evictions > 0
-    got = results(llm.generate(prompt_token_ids=prompts, sampling_params=SP))   # all at once
+    got = results(llm.generate(prompt_token_ids=prompts, sampling_params=SP))  # all at once
     assert_same(got, ref)
     llm.generate(prompt_token_ids=[prompts[3]], sampling_params=SP)
     again = results(llm.generate(prompt_token_ids=[prompts[3]], sampling_params=SP))
@@ -144,7 +143,7 @@ def test_preemption_evicts_cached_blocks_first_and_recomputes_exactly():
     from parity.engine import CachePoolExhausted
 
     model = tiny(40)
-    model.cache_block_entries = 1                        # caches grow during decode: preemption happens there
+    model.cache_block_entries = 1  # caches grow during decode: preemption happens there
     sp = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0)
     prompts = [rand_ids(60, 50 + i) for i in range(3)]
     ref = results(make(model, enable_prefix_caching=False).generate(prompt_token_ids=prompts, sampling_params=sp))
@@ -153,9 +152,9 @@ def test_preemption_evicts_cached_blocks_first_and_recomputes_exactly():
         reqs = [eng.add_request(p, sp.clone()) for p in prompts]
         eng.step()
         assert eng.prefix_cache.blocks
-        if reset:                                        # nothing left to evict: running sequences are preempted
+        if reset:  # nothing left to evict: running sequences are preempted
             eng.reset_prefix_cache()
-        hog = []                                         # memory pressure: take every free page
+        hog = []  # memory pressure: take every free page
         while True:
             try:
                 hog.append(eng.pool.alloc(0, "hog", (eng.pool.page_bytes,), torch.uint8))
@@ -166,7 +165,7 @@ def test_preemption_evicts_cached_blocks_first_and_recomputes_exactly():
         st = eng.stats()
         if reset:
             assert st["num_preemptions"] > 0
-        else:                                            # the cached blocks made room: nobody was preempted
+        else:  # the cached blocks made room: nobody was preempted
             assert st["num_preemptions"] == 0 and st["prefix_cache_evictions_total"] > 0
         assert_same(results([r.output() for r in reqs]), ref)
         for t in hog:
@@ -224,8 +223,8 @@ def test_lru_evicts_leaves_first_and_never_pinned_blocks(model):
             eng.step()
     ka, kb = pc.keys([], a, 48), pc.keys([], b, 32)
     assert all(k in pc.blocks for k in ka + kb) and len(pc.blocks) == 5
-    chain = pc.lookup(kb, 2)                            # pin b's chain
-    assert pc.evict_one() and ka[2] not in pc.blocks    # a's tail (a leaf, least recently used) goes first
+    chain = pc.lookup(kb, 2)  # pin b's chain
+    assert pc.evict_one() and ka[2] not in pc.blocks  # a's tail (a leaf, least recently used) goes first
     assert pc.evict_one() and ka[1] not in pc.blocks
     assert pc.evict_one() and ka[0] not in pc.blocks
     assert not pc.evict_one() and all(k in pc.blocks for k in kb)

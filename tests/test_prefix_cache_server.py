@@ -30,8 +30,9 @@ def metric(base_url: str, name: str) -> float:
 
 
 def stream_usage(url: str, body: dict) -> dict:
-    with httpx.stream("POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}},
-                      timeout=60) as r:
+    with httpx.stream(
+        "POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}}, timeout=60
+    ) as r:
         lines = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ") and ln != "data: [DONE]"]
     return json.loads(lines[-1])["usage"]
 
@@ -45,7 +46,7 @@ def on():
 
 def test_cached_tokens_in_usage_chat_and_completions(on):
     base = on.base_url + "/v1"
-    prompt = list(range(1000, 1300))                         # 300 tokens: two whole 128-token blocks
+    prompt = list(range(1000, 1300))  # 300 tokens: two whole 128-token blocks
     comp = {"model": "tiny", "prompt": prompt, "max_tokens": 2, "temperature": 0}
     first = httpx.post(base + "/completions", json=comp, timeout=60).json()["usage"]
     again = httpx.post(base + "/completions", json=comp, timeout=60).json()["usage"]
@@ -55,8 +56,12 @@ def test_cached_tokens_in_usage_chat_and_completions(on):
     assert streamed["prompt_tokens_details"]["cached_tokens"] == 256 and streamed["prompt_tokens"] == 300
 
     def chat(q: str) -> dict:
-        return {"model": "tiny", "max_tokens": 2, "temperature": 0,
-                "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]}
+        return {
+            "model": "tiny",
+            "max_tokens": 2,
+            "temperature": 0,
+            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
+        }
 
     a = httpx.post(base + "/chat/completions", json=chat("What is 2 + 2?"), timeout=60).json()["usage"]
     b = httpx.post(base + "/chat/completions", json=chat("Name a color."), timeout=60).json()["usage"]

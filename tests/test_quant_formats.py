@@ -11,11 +11,11 @@ from parity.model import fp_formats as ff
 # ------------------------------------------------------------------------------------------- FP8
 def test_fp8_e4m3_hand_values():
     # e4m3fn: 1.0 = 0x38, 448 = 0x7E (S.1111.110), smallest subnormal 2**-9 = 0x01, -2 = 0xC0
-    x = torch.tensor([1.0, 448.0, 2.0 ** -9, -2.0, 0.0, -0.0])
+    x = torch.tensor([1.0, 448.0, 2.0**-9, -2.0, 0.0, -0.0])
     q = ff.fp8_e4m3_encode(x)
     assert q.dtype == torch.float8_e4m3fn
     assert q.view(torch.uint8).tolist() == [0x38, 0x7E, 0x01, 0xC0, 0x00, 0x80]
-    assert ff.fp8_e4m3_decode(q).tolist() == [1.0, 448.0, 2.0 ** -9, -2.0, 0.0, -0.0]
+    assert ff.fp8_e4m3_decode(q).tolist() == [1.0, 448.0, 2.0**-9, -2.0, 0.0, -0.0]
 
 
 def test_fp8_e4m3_saturates_and_rounds_to_nearest_even():
@@ -30,7 +30,7 @@ def test_fp8_e4m3_saturates_and_rounds_to_nearest_even():
 
 # ----------------------------------------------------------------------------------------- UE8M0
 def test_ue8m0_encode_decode_hand_values():
-    s = torch.tensor([1.0, 2.0, 0.25, 2.0 ** -127, 2.0 ** 127])
+    s = torch.tensor([1.0, 2.0, 0.25, 2.0**-127, 2.0**127])
     code = ff.ue8m0_encode(s, rounding="exact")
     assert code.view(torch.uint8).tolist() == [127, 128, 125, 0, 254]
     assert ff.ue8m0_decode(code).tolist() == s.tolist()
@@ -46,13 +46,13 @@ def test_ue8m0_ceil_rounding_and_errors():
     with pytest.raises(ValueError, match="positive"):
         ff.ue8m0_encode(torch.tensor([0.0]))
     with pytest.raises(ValueError, match="out of range"):
-        ff.ue8m0_encode(torch.tensor([2.0 ** -130]))
+        ff.ue8m0_encode(torch.tensor([2.0**-130]))
     with pytest.raises(ValueError, match="rounding"):
         ff.ue8m0_encode(torch.tensor([1.0]), rounding="nearest")
 
 
 def test_pow2_ceil_exponent_exact():
-    x = torch.tensor([1.0, 1.5, 2.0, 0.5, 0.75, 2.0 ** -130, 448.0])
+    x = torch.tensor([1.0, 1.5, 2.0, 0.5, 0.75, 2.0**-130, 448.0])
     assert ff.pow2_ceil_exponent(x).tolist() == [0, 1, 1, -1, 0, -130, 9]
 
 
@@ -99,14 +99,14 @@ def test_fp4_pack_nibble_order():
 # ------------------------------------------------------------------------------------ block quant
 def test_fp8_weight_blocks_hand_values():
     w = torch.zeros(130, 200)
-    w[0, 0] = 3.0          # tile (0,0): amax 3 -> scale 2**ceil(log2(3/448)) = 2**-7
-    w[129, 199] = -448.0   # tile (1,1): scale 1
+    w[0, 0] = 3.0  # tile (0,0): amax 3 -> scale 2**ceil(log2(3/448)) = 2**-7
+    w[129, 199] = -448.0  # tile (1,1): scale 1
     # tile (0,1) and (1,0) all zero -> floor scale 2**-22, decode exact zeros
     q, s = ff.quantize_fp8_weight(w)
     assert q.shape == (130, 200) and q.dtype == torch.float8_e4m3fn
     assert s.shape == (2, 2) and s.dtype == ff.SCALE_DTYPE
     assert s.view(torch.uint8).tolist() == [[127 - 7, 127 - 22], [127 - 22, 127]]
-    assert ff.fp8_e4m3_decode(q)[0, 0].item() == 3.0 * 2 ** 7 == 384.0
+    assert ff.fp8_e4m3_decode(q)[0, 0].item() == 3.0 * 2**7 == 384.0
     deq = ff.dequantize_fp8_weight(q, s)
     assert torch.equal(deq, w)
     with pytest.raises(ValueError, match=r"expected \(2, 2\)"):
@@ -120,7 +120,7 @@ def test_fp8_weight_roundtrip_error_bound():
     deq = ff.dequantize_fp8_weight(q, s)
     # e4m3 has 3 mantissa bits: relative error <= 2**-4 for normal values
     rel = ((deq - w).abs() / w.abs().clamp_min(1e-3)).max().item()
-    assert rel <= 2 ** -4 + 1e-6
+    assert rel <= 2**-4 + 1e-6
     # re-quantizing the dequantized weight is lossless (idempotent)
     q2, s2 = ff.quantize_fp8_weight(deq)
     assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8))
@@ -130,13 +130,13 @@ def test_fp8_weight_roundtrip_error_bound():
 def test_fp4_weight_blocks_hand_values():
     w = torch.zeros(2, 64)
     w[0, :4] = torch.tensor([6.0, -3.0, 1.25, 0.25])  # amax 6 -> scale 1
-    w[0, 32] = 12.0                                      # amax 12 -> scale 2: 12/2 = 6
-    w[1, 32:34] = torch.tensor([0.75, -0.375])           # amax .75 -> scale 2**ceil(log2(.125)) = 1/8
+    w[0, 32] = 12.0  # amax 12 -> scale 2: 12/2 = 6
+    w[1, 32:34] = torch.tensor([0.75, -0.375])  # amax .75 -> scale 2**ceil(log2(.125)) = 1/8
     packed, s = ff.quantize_fp4_weight(w)
     assert packed.shape == (2, 32) and packed.dtype == torch.uint8
     assert s.view(torch.uint8).tolist() == [[127, 128], [127 - 126, 124]]  # row 1 block 0 all zero
-    assert packed[0, 0].item() == 0x7 | (0xD << 4)   # 6 -> code 7, -3 -> code 13
-    assert packed[0, 1].item() == 0x2 | (0x0 << 4)   # 1.25 -> 1 (code 2), 0.25 -> 0 (code 0)
+    assert packed[0, 0].item() == 0x7 | (0xD << 4)  # 6 -> code 7, -3 -> code 13
+    assert packed[0, 1].item() == 0x2 | (0x0 << 4)  # 1.25 -> 1 (code 2), 0.25 -> 0 (code 0)
     deq = ff.dequantize_fp4_weight(packed, s)
     expect = w.clone()
     expect[0, 2], expect[0, 3] = 1.0, 0.0
@@ -153,12 +153,12 @@ def test_fp4_weight_blocks_hand_values():
 
 def test_activation_rounding_fp8_64_and_fp4_32():
     x = torch.zeros(2, 128)
-    x[0, 0], x[0, 1] = 1.0, 1.0 + 2 ** -5     # amax 1.03 -> scale 2**-8; 1.03 * 256 = 264 -> 256
-    x[0, 64] = 1000.0                          # second block scale 2**ceil(log2(1000/448)) = 4
+    x[0, 0], x[0, 1] = 1.0, 1.0 + 2**-5  # amax 1.03 -> scale 2**-8; 1.03 * 256 = 264 -> 256
+    x[0, 64] = 1000.0  # second block scale 2**ceil(log2(1000/448)) = 4
     y = ff.fp8_round_lastdim(x, 64)
     assert y[0, 0].item() == 1.0 and y[0, 1].item() == 1.0  # 1.03125 -> 1.0 (mantissa step 1/8)
-    assert y[0, 64].item() == 1024.0                         # 1000/4 = 250 -> 256 (step 16 in [128, 256))
-    assert torch.equal(y[1], torch.zeros(128))               # all-zero block stays zero
+    assert y[0, 64].item() == 1024.0  # 1000/4 = 250 -> 256 (step 16 in [128, 256))
+    assert torch.equal(y[1], torch.zeros(128))  # all-zero block stays zero
     z = ff.fp4_round_lastdim(torch.tensor([[6.0, 5.0, 0.74] + [0.0] * 29]), 32)
     assert z[0, :3].tolist() == [6.0, 4.0, 0.5]
     with pytest.raises(ValueError, match="multiple"):

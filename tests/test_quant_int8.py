@@ -54,8 +54,11 @@ def test_no_fp8_env(no_fp8):
 def test_guard_catches_factories_casts_and_views():
     with NoFloat8Mode():
         torch.ones(3) + 1
-        for make in (lambda: torch.empty(2, dtype=torch.float8_e4m3fn), lambda: torch.ones(2).to(torch.float8_e5m2),
-                     lambda: torch.zeros(2, dtype=torch.uint8).view(torch.float8_e8m0fnu)):
+        for make in (
+            lambda: torch.empty(2, dtype=torch.float8_e4m3fn),
+            lambda: torch.ones(2).to(torch.float8_e5m2),
+            lambda: torch.zeros(2, dtype=torch.uint8).view(torch.float8_e8m0fnu),
+        ):
             with pytest.raises(Float8TensorError):
                 make()
 
@@ -66,9 +69,16 @@ def test_e4m3_bytes_match_torch_cast():
     fin = allv[torch.isfinite(allv)].sort().values
     mids = (fin[1:] + fin[:-1]) / 2
     g = torch.Generator().manual_seed(0)
-    x = torch.cat([fin, mids, torch.nextafter(mids, torch.tensor(1e9)), torch.nextafter(mids, torch.tensor(-1e9)),
-                   torch.randn(100_000, generator=g) * torch.exp2(torch.randint(-20, 12, (100_000,), generator=g)),
-                   torch.tensor([0.0, -0.0, 448.0, 449.0, 465.0, 1e30, -1e30, float("nan"), float("inf"), 1e-40])])
+    x = torch.cat(
+        [
+            fin,
+            mids,
+            torch.nextafter(mids, torch.tensor(1e9)),
+            torch.nextafter(mids, torch.tensor(-1e9)),
+            torch.randn(100_000, generator=g) * torch.exp2(torch.randint(-20, 12, (100_000,), generator=g)),
+            torch.tensor([0.0, -0.0, 448.0, 449.0, 465.0, 1e30, -1e30, float("nan"), float("inf"), 1e-40]),
+        ]
+    )
     ref = x.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
     assert torch.equal(ff.fp8_e4m3_encode_bytes(x), ref)
     table = ff._e4m3_table(torch.device("cpu"), torch.float32)
@@ -211,8 +221,9 @@ def test_w8a8_weight_bytes_about_one_byte_per_linear_weight(slim_dir):
     d, fmt = slim_dir
     m = load_msmodelslim(d)
     mods = [x for x in m.modules() if isinstance(x, (iq.Int8Linear, iq.Int8Experts))]
-    n_weights = sum(x.weight.numel() if isinstance(x, iq.Int8Linear) else
-                    x.n_experts * 3 * x.hidden * x.inter for x in mods)
+    n_weights = sum(
+        x.weight.numel() if isinstance(x, iq.Int8Linear) else x.n_experts * 3 * x.hidden * x.inter for x in mods
+    )
     per_weight = iq.int8_nbytes(m) / n_weights
     assert (1.0 if fmt.endswith("w8a8") else 0.5) < per_weight < 1.1  # int8 + per-row scales; int4 experts
     actual = sum(t.numel() * t.element_size() for t in m.state_dict().values())

@@ -121,6 +121,7 @@ def test_fp4_experts_reject_bad_sizes():
 def test_native_fp8_path_math(monkeypatch):
     """The FP8-GEMM path (used where parity.devices.has_fp8) checked on CPU with a reference
     `_scaled_mm`: activations quantized per 1x128 with UE8M0 scales, weight scales per output column."""
+
     def fake_scaled_mm(a, b, scale_a, scale_b, out_dtype):
         assert a.dtype == b.dtype == torch.float8_e4m3fn and b.stride(0) == 1  # b column-major
         return ((a.float() * scale_a) @ (b.float() * scale_b)).to(out_dtype)
@@ -137,6 +138,6 @@ def test_native_fp8_path_math(monkeypatch):
     assert ((got - ref).norm() / ref.norm()).item() < 0.03
     xq = ff.dequantize_fp8_lastdim(*ff.quantize_fp8_lastdim(x, 128))  # exact w.r.t. quantized activations
     exact = F.linear(xq, ql.weight)  # same up to the bf16 rounding of each K block's partial product
-    assert ((got - exact).abs() <= 2 ** -8 * 3 * exact.abs().max()).all()
+    assert ((got - exact).abs() <= 2**-8 * 3 * exact.abs().max()).all()
     with pytest.raises(ValueError, match="in_features % block"):
         quant._fp8_native_linear(torch.randn(2, 200), *ff.quantize_fp8_weight(torch.randn(32, 200)), (128, 128))

@@ -17,9 +17,16 @@ from parity.server.app import ServerSettings, build_app
 from parity.server.launcher import ThreadedServer
 
 KEY = "sk-test-key"
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
-                                           "parameters": {"type": "object",
-                                                          "properties": {"city": {"type": "string"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
 
 
 def head(text: str, n_tokens: int) -> str:
@@ -29,8 +36,9 @@ def head(text: str, n_tokens: int) -> str:
 
 def start(engine: FakeEngine, **settings) -> ThreadedServer:
     settings.setdefault("served_model_names", ["tiny"])
-    app = build_app(engine, ServerSettings(**settings), chat_format=FakeChatFormat(),
-                    sampling_params_cls=FakeSamplingParams)
+    app = build_app(
+        engine, ServerSettings(**settings), chat_format=FakeChatFormat(), sampling_params_cls=FakeSamplingParams
+    )
     return ThreadedServer(app, drain_timeout_s=2.0).start()
 
 
@@ -93,8 +101,11 @@ def test_chat_non_stream_and_stream_agree(client):
     assert r.usage.total_tokens == r.usage.prompt_tokens + 40 and r.object == "chat.completion"
     assert getattr(c.message, "reasoning_content", None) is None
 
-    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=40, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=msgs, max_tokens=40, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == c.message.content
@@ -121,11 +132,16 @@ def test_chat_thinking_on_off(client, how):
     reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
     content = "".join(d.content or "" for d in deltas)
     assert (reasoning, content) == (m.reasoning_content, m.content)
-    off = client.chat.completions.create(model="tiny", messages=msgs, extra_body={"thinking": {"type": "disabled"}},
-                                         max_tokens=8)
+    off = client.chat.completions.create(
+        model="tiny", messages=msgs, extra_body={"thinking": {"type": "disabled"}}, max_tokens=8
+    )
     assert getattr(off.choices[0].message, "reasoning_content", None) is None
-    both = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, extra_body={
-        "thinking": {"type": "enabled"}, "chat_template_kwargs": {"thinking": True}})  # agreeing sources are fine
+    both = client.chat.completions.create(
+        model="tiny",
+        messages=msgs,
+        max_tokens=8,
+        extra_body={"thinking": {"type": "enabled"}, "chat_template_kwargs": {"thinking": True}},
+    )  # agreeing sources are fine
     assert both.choices[0].message.reasoning_content
 
 
@@ -136,8 +152,11 @@ def test_completions_usage_counts_each_prompt_once_whatever_n(client):
     assert r.usage.total_tokens == 11
     r = client.completions.create(model="tiny", prompt=["hello", "abc"], max_tokens=2, n=2)
     assert len(r.choices) == 4 and r.usage.prompt_tokens == 5 + 3
-    st = list(client.completions.create(model="tiny", prompt="hello", max_tokens=2, n=3, stream=True,
-                                        stream_options={"include_usage": True}))
+    st = list(
+        client.completions.create(
+            model="tiny", prompt="hello", max_tokens=2, n=3, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert st[-1].usage.prompt_tokens == 5 and st[-1].usage.completion_tokens == 6
 
 
@@ -157,8 +176,17 @@ def test_tool_call_round_trip(client, stream):
         assert finish == "tool_calls" and list(calls) == [0]
         call = calls[0]
         assert call["id"] and call["name"] == "get_weather" and json.loads(call["arguments"]) == {"city": "Paris"}
-        assistant = {"role": "assistant", "content": None, "tool_calls": [
-            {"id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": call["arguments"]}}]}
+        assistant = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": call["name"], "arguments": call["arguments"]},
+                }
+            ],
+        }
     else:
         r = client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, tool_choice="auto")
         c = r.choices[0]
@@ -173,29 +201,51 @@ def test_tool_call_round_trip(client, stream):
 
 
 def test_tool_choice_none_hides_tools(client):
-    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "weather?"}],
-                                       tools=TOOLS, tool_choice="none", max_tokens=10)
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "weather?"}], tools=TOOLS, tool_choice="none", max_tokens=10
+    )
     assert r.choices[0].message.tool_calls is None
 
 
 def test_chat_n_logprobs_stop_and_params_reach_engine(server, client):
     eng = server.engine
-    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hey"}], n=3,
-                                       max_tokens=12, logprobs=True, top_logprobs=2, seed=7, temperature=0.5,
-                                       top_p=0.9, presence_penalty=0.1, frequency_penalty=0.2, stop=["zzz"],
-                                       extra_body={"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.1,
-                                                   "min_tokens": 2})
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hey"}],
+        n=3,
+        max_tokens=12,
+        logprobs=True,
+        top_logprobs=2,
+        seed=7,
+        temperature=0.5,
+        top_p=0.9,
+        presence_penalty=0.1,
+        frequency_penalty=0.2,
+        stop=["zzz"],
+        extra_body={"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.1, "min_tokens": 2},
+    )
     assert [c.index for c in r.choices] == [0, 1, 2] and r.usage.completion_tokens == 36
     lp = r.choices[0].logprobs.content
     assert len(lp) == 12 and lp[0].token == "E" and lp[0].logprob == -0.25 and len(lp[0].top_logprobs) == 2
     sp = eng.seen_params[-3:]
     assert sorted(p.seed for p in sp) == [7, 8, 9]
     p = sp[0]
-    assert (p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty, p.min_tokens, p.stop, p.logprobs,
-            p.max_tokens, p.presence_penalty, p.frequency_penalty) == (0.5, 0.9, 5, 0.05, 1.1, 2, ["zzz"], 2, 12,
-                                                                       0.1, 0.2)
-    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hey"}], stop="—",
-                                       max_tokens=100)
+    assert (
+        p.temperature,
+        p.top_p,
+        p.top_k,
+        p.min_p,
+        p.repetition_penalty,
+        p.min_tokens,
+        p.stop,
+        p.logprobs,
+        p.max_tokens,
+        p.presence_penalty,
+        p.frequency_penalty,
+    ) == (0.5, 0.9, 5, 0.05, 1.1, 2, ["zzz"], 2, 12, 0.1, 0.2)
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hey"}], stop="—", max_tokens=100
+    )
     assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == "Echo: yassistant "
 
 
@@ -212,8 +262,11 @@ def test_completions(client, server):
     # documented limitation: with echo, logprobs cover the generated tokens only (no prompt-token entries)
     assert len(r3.choices[0].logprobs.tokens) == len(r3.choices[0].logprobs.token_logprobs) == 4
     assert "".join(r3.choices[0].logprobs.tokens) == r3.choices[0].text[5:]
-    st = list(client.completions.create(model="tiny", prompt="Hello", max_tokens=6, stream=True,
-                                        stream_options={"include_usage": True}))
+    st = list(
+        client.completions.create(
+            model="tiny", prompt="Hello", max_tokens=6, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert "".join(c.choices[0].text for c in st if c.choices) == r.choices[0].text
     assert st[-1].usage.completion_tokens == 6
     assert [c.choices[0].finish_reason for c in st if c.choices][-1] == "length"
@@ -225,8 +278,12 @@ def test_completions_stream_sends_no_empty_text_chunks(server):
     body = {"prompt": "Hello", "max_tokens": 30, "logprobs": 1, "return_token_ids": True}
     whole = post(server, "/v1/completions", body).json()["choices"][0]
     chunks = []
-    with httpx.stream("POST", server.base_url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+    with httpx.stream(
+        "POST",
+        server.base_url + "/v1/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={**body, "stream": True, "stream_options": {"include_usage": True}},
+    ) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 chunks.extend(json.loads(line[6:])["choices"])
@@ -242,62 +299,162 @@ BAD = [
     ("not an object", "/v1/chat/completions", b"[1, 2]", None, "invalid_json"),
     ("no messages", "/v1/chat/completions", {"model": "tiny"}, "messages", None),
     ("empty messages", "/v1/chat/completions", {"messages": []}, "messages", None),
-    ("wrong type", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
-     "temperature", "invalid_type"),
-    ("wrong type nested", "/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]},
-     "messages.0.content", "invalid_type"),
-    ("null content", "/v1/chat/completions", {"messages": [{"role": "user", "content": None}]},
-     "messages.0.content", "invalid_value"),
+    (
+        "wrong type",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
+        "temperature",
+        "invalid_type",
+    ),
+    (
+        "wrong type nested",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": 5}]},
+        "messages.0.content",
+        "invalid_type",
+    ),
+    (
+        "null content",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": None}]},
+        "messages.0.content",
+        "invalid_value",
+    ),
     ("bad role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", None),
-    ("unknown field", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "foo": 1}, "foo",
-     "unrecognized_argument"),
-    ("unknown model", "/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]},
-     "model", "model_not_found"),
-    ("max_tokens 0", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
-     "max_tokens", "invalid_value"),
+    (
+        "unknown field",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "foo": 1},
+        "foo",
+        "unrecognized_argument",
+    ),
+    (
+        "unknown model",
+        "/v1/chat/completions",
+        {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]},
+        "model",
+        "model_not_found",
+    ),
+    (
+        "max_tokens 0",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+        "max_tokens",
+        "invalid_value",
+    ),
     ("max_tokens negative", "/v1/completions", {"prompt": "x", "max_tokens": -3}, "max_tokens", "invalid_value"),
-    ("max_tokens beyond context", "/v1/chat/completions",
-     {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 10_000}, "max_completion_tokens",
-     "context_length_exceeded"),
+    (
+        "max_tokens beyond context",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 10_000},
+        "max_completion_tokens",
+        "context_length_exceeded",
+    ),
     ("prompt too long", "/v1/completions", {"prompt": "x" * 600}, "prompt", "context_length_exceeded"),
-    ("chat prompt too long", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 600}]},
-     "messages", "context_length_exceeded"),
-    ("temperature high", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": 2.5},
-     "temperature", "invalid_value"),
+    (
+        "chat prompt too long",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x" * 600}]},
+        "messages",
+        "context_length_exceeded",
+    ),
+    (
+        "temperature high",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "temperature": 2.5},
+        "temperature",
+        "invalid_value",
+    ),
     ("temperature negative", "/v1/completions", {"prompt": "x", "temperature": -1}, "temperature", "invalid_value"),
-    ("top_p zero", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_p": 0},
-     "top_p", "invalid_value"),
+    (
+        "top_p zero",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "top_p": 0},
+        "top_p",
+        "invalid_value",
+    ),
     ("top_p above one", "/v1/completions", {"prompt": "x", "top_p": 1.5}, "top_p", "invalid_value"),
     ("n zero", "/v1/completions", {"prompt": "x", "n": 0}, "n", "invalid_value"),
-    ("n too many", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 1000}, "n",
-     "invalid_value"),
+    (
+        "n too many",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "n": 1000},
+        "n",
+        "invalid_value",
+    ),
     ("bad token id", "/v1/completions", {"prompt": [5, 99999]}, "prompt", "invalid_value"),
     ("empty prompt", "/v1/completions", {"prompt": ""}, "prompt", None),
     ("logprobs too many", "/v1/completions", {"prompt": "x", "logprobs": 9}, "logprobs", "invalid_value"),
-    ("top_logprobs without logprobs", "/v1/chat/completions",
-     {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs", None),
-    ("tool_choice required", "/v1/chat/completions",
-     {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS, "tool_choice": "required"}, "tool_choice",
-     "unsupported_parameter"),
-    ("logit_bias", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 1}},
-     "logit_bias", "unsupported_parameter"),
-    ("image part", "/v1/chat/completions",
-     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages.0.content.0.type", "unsupported_parameter"),
-    ("thinking kwarg type", "/v1/chat/completions",
-     {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"thinking": "yes"}},
-     "chat_template_kwargs.thinking", "invalid_type"),
-    ("thinking conflicts with chat_template_kwargs", "/v1/chat/completions",
-     {"messages": [{"role": "user", "content": "x"}], "thinking": {"type": "enabled"},
-      "chat_template_kwargs": {"thinking": False}}, "chat_template_kwargs.thinking", "invalid_value"),
-    ("thinking kwargs conflict", "/v1/chat/completions",
-     {"messages": [{"role": "user", "content": "x"}],
-      "chat_template_kwargs": {"thinking": True, "enable_thinking": False}},
-     "chat_template_kwargs.enable_thinking", "invalid_value"),
-    ("stream_options without stream", "/v1/completions",
-     {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options", None),
-    ("bad stop token", "/v1/completions", {"prompt": "x", "stop_token_ids": [100000]}, "stop_token_ids",
-     "invalid_value"),
+    (
+        "top_logprobs without logprobs",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+        "top_logprobs",
+        None,
+    ),
+    (
+        "tool_choice required",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS, "tool_choice": "required"},
+        "tool_choice",
+        "unsupported_parameter",
+    ),
+    (
+        "logit_bias",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 1}},
+        "logit_bias",
+        "unsupported_parameter",
+    ),
+    (
+        "image part",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages.0.content.0.type",
+        "unsupported_parameter",
+    ),
+    (
+        "thinking kwarg type",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"thinking": "yes"}},
+        "chat_template_kwargs.thinking",
+        "invalid_type",
+    ),
+    (
+        "thinking conflicts with chat_template_kwargs",
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "thinking": {"type": "enabled"},
+            "chat_template_kwargs": {"thinking": False},
+        },
+        "chat_template_kwargs.thinking",
+        "invalid_value",
+    ),
+    (
+        "thinking kwargs conflict",
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "chat_template_kwargs": {"thinking": True, "enable_thinking": False},
+        },
+        "chat_template_kwargs.enable_thinking",
+        "invalid_value",
+    ),
+    (
+        "stream_options without stream",
+        "/v1/completions",
+        {"prompt": "x", "stream_options": {"include_usage": True}},
+        "stream_options",
+        None,
+    ),
+    (
+        "bad stop token",
+        "/v1/completions",
+        {"prompt": "x", "stop_token_ids": [100000]},
+        "stop_token_ids",
+        "invalid_value",
+    ),
     ("engine-side validation", "/v1/completions", {"prompt": "x", "min_tokens": 99}, "min_tokens", "invalid_value"),
 ]
 
@@ -315,23 +472,39 @@ def test_bad_input_gives_openai_400(server, name, path, body, param, code):
         assert err["code"] == code, err
 
 
-@pytest.mark.parametrize("prompt,got", [([1.5], "a list holding a number"),
-                                        ([True, False], "a list holding a boolean"),
-                                        (["a", 1], "a list holding a string and an integer"), (5, "an integer")])
+@pytest.mark.parametrize(
+    "prompt,got",
+    [
+        ([1.5], "a list holding a number"),
+        ([True, False], "a list holding a boolean"),
+        (["a", 1], "a list holding a string and an integer"),
+        (5, "an integer"),
+    ],
+)
 def test_completions_prompt_of_wrong_type_names_the_accepted_forms(server, prompt, got):
     r = post(server, "/v1/completions", {"prompt": prompt})
     err = r.json()["error"]
-    assert r.status_code == 400 and err["param"] == "prompt" and err["message"] == (
-        "Invalid value for 'prompt': must be a string, a list of strings, a list of token ids (integers) or a list "
-        f"of such lists (got {got})"), err
+    assert (
+        r.status_code == 400
+        and err["param"] == "prompt"
+        and err["message"]
+        == (
+            "Invalid value for 'prompt': must be a string, a list of strings, a list of token ids (integers) or a list "
+            f"of such lists (got {got})"
+        )
+    ), err
 
 
 def test_bad_input_is_seen_by_openai_client_and_server_survives(client, server):
     with pytest.raises(openai.BadRequestError) as ei:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=0)
     assert ei.value.body["param"] == "max_tokens"
-    assert post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                                 "max_tokens": 2}).status_code == 200
+    assert (
+        post(
+            server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+        ).status_code
+        == 200
+    )
 
 
 def test_auth(server):
@@ -352,10 +525,19 @@ def test_auth(server):
 def test_metrics_exposition(server, client):
     client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "m"}], max_tokens=3)
     text = httpx.get(server.base_url + "/metrics").text
-    for name in ("parity_requests_total", "parity_request_ttft_seconds_bucket", "parity_request_tpot_seconds_count",
-                 "parity_request_e2e_seconds_sum", "parity_prompt_tokens_total", "parity_generation_tokens_total",
-                 "parity_num_requests_running", "parity_num_requests_waiting", "parity_cache_used_bytes",
-                 "parity_cache_total_bytes", "parity_cache_usage_ratio"):
+    for name in (
+        "parity_requests_total",
+        "parity_request_ttft_seconds_bucket",
+        "parity_request_tpot_seconds_count",
+        "parity_request_e2e_seconds_sum",
+        "parity_prompt_tokens_total",
+        "parity_generation_tokens_total",
+        "parity_num_requests_running",
+        "parity_num_requests_waiting",
+        "parity_cache_used_bytes",
+        "parity_cache_total_bytes",
+        "parity_cache_usage_ratio",
+    ):
         assert name in text, name
     assert re.search(r'parity_requests_total\{endpoint="chat",status="200"\} [1-9]', text)
     assert re.search(r'parity_requests_total\{endpoint="chat",status="400"\} [1-9]', text) or True
@@ -364,8 +546,9 @@ def test_metrics_exposition(server, client):
 
 # ---------------------------------------------------------------------------------------------- disconnects
 def _stream_then_drop(base_url: str, body: dict, n_lines: int) -> None:
-    with httpx.stream("POST", base_url + "/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=10) as r:
+    with httpx.stream(
+        "POST", base_url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=10
+    ) as r:
         assert r.status_code == 200
         got = 0
         for line in r.iter_lines():
@@ -377,8 +560,12 @@ def _stream_then_drop(base_url: str, body: dict, n_lines: int) -> None:
 
 def test_client_disconnect_mid_stream_aborts_and_frees_cache(server):
     eng = server.engine
-    body = {"messages": [{"role": "user", "content": "long one"}], "max_tokens": 400, "stream": True,
-            "ignore_eos": True}
+    body = {
+        "messages": [{"role": "user", "content": "long one"}],
+        "max_tokens": 400,
+        "stream": True,
+        "ignore_eos": True,
+    }
     before = len(eng.aborts)
     _stream_then_drop(server.base_url, body, 3)
     wait_cache_zero(server.base_url)
@@ -390,12 +577,21 @@ def test_client_disconnect_before_first_token_aborts():
     eng = FakeEngine(step_s=0.001, first_token_delay_s=0.3)
     srv = start(eng, api_key=None)
     try:
+
         async def go(stream: bool):
             async with httpx.AsyncClient(base_url=srv.base_url, timeout=5) as c:
                 with pytest.raises(httpx.ReadTimeout):
-                    await c.post("/v1/chat/completions", timeout=0.1,
-                                 json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 300,
-                                       "ignore_eos": True, "stream": stream})
+                    await c.post(
+                        "/v1/chat/completions",
+                        timeout=0.1,
+                        json={
+                            "messages": [{"role": "user", "content": "x"}],
+                            "max_tokens": 300,
+                            "ignore_eos": True,
+                            "stream": stream,
+                        },
+                    )
+
         for stream in (True, False):
             n = len(eng.aborts)
             asyncio.run(go(stream))
@@ -412,10 +608,12 @@ def test_queue_full_gives_429_with_retry_after():
     eng = FakeEngine(step_s=0.005, max_num_seqs=1, max_waiting=1)
     srv = start(eng, api_key=None, retry_after_s=2)
     try:
+
         async def go():
             async with httpx.AsyncClient(base_url=srv.base_url, timeout=20) as c:
                 body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 30, "ignore_eos": True}
                 return await asyncio.gather(*[c.post("/v1/chat/completions", json=body) for _ in range(6)])
+
         rs = asyncio.run(go())
         codes = sorted(r.status_code for r in rs)
         assert 200 in codes and 429 in codes and set(codes) <= {200, 429}, codes
@@ -428,8 +626,9 @@ def test_queue_full_gives_429_with_retry_after():
 
 def test_load_64_concurrent_streams(server):
     async def one(c: openai.AsyncOpenAI, i: int) -> tuple[str, str | None]:
-        st = await c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"load {i}"}],
-                                             max_tokens=24, stream=True)
+        st = await c.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"load {i}"}], max_tokens=24, stream=True
+        )
         text, fin = "", None
         async for ch in st:
             if ch.choices:
@@ -438,9 +637,15 @@ def test_load_64_concurrent_streams(server):
         return text, fin
 
     async def go():
-        c = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key=KEY, max_retries=0, timeout=60,
-                               http_client=openai.DefaultAsyncHttpxClient(
-                                   limits=httpx.Limits(max_connections=64, max_keepalive_connections=64)))
+        c = openai.AsyncOpenAI(
+            base_url=server.base_url + "/v1",
+            api_key=KEY,
+            max_retries=0,
+            timeout=60,
+            http_client=openai.DefaultAsyncHttpxClient(
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=64)
+            ),
+        )
         try:
             return await asyncio.gather(*[one(c, i) for i in range(64)])
         finally:
@@ -459,8 +664,12 @@ def test_engine_failure_is_a_500_or_an_error_event(server, client):
     with pytest.raises(openai.InternalServerError) as e:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "FAIL"}])
     assert "boom" in e.value.body["message"] and e.value.body["code"] == "engine_error"
-    with httpx.stream("POST", server.base_url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                      json={"prompt": "FAIL", "stream": True, "max_tokens": 20}) as r:
+    with httpx.stream(
+        "POST",
+        server.base_url + "/v1/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"prompt": "FAIL", "stream": True, "max_tokens": 20},
+    ) as r:
         events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
     assert "boom" in events[-1]["error"]["message"]
     wait_cache_zero(server.base_url)
@@ -493,8 +702,7 @@ def v4_client():
 def test_v4_format_tool_call_round_trip_stream_and_not(v4_client, thinking):
     msgs = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
     extra = {"thinking": {"type": "enabled" if thinking else "disabled"}}
-    r = v4_client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, extra_body=extra,
-                                          max_tokens=1000)
+    r = v4_client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, extra_body=extra, max_tokens=1000)
     c = r.choices[0]
     assert c.finish_reason == "tool_calls" and c.message.content == "Let me check."
     assert getattr(c.message, "reasoning_content", None) == ("Need the weather." if thinking else None)
@@ -505,8 +713,9 @@ def test_v4_format_tool_call_round_trip_stream_and_not(v4_client, thinking):
     calls: dict[int, dict] = {}
     content = reasoning = ""
     finish = None
-    for ch in v4_client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, extra_body=extra,
-                                                max_tokens=1000, stream=True):
+    for ch in v4_client.chat.completions.create(
+        model="tiny", messages=msgs, tools=TOOLS, extra_body=extra, max_tokens=1000, stream=True
+    ):
         d = ch.choices[0].delta
         content += d.content or ""
         reasoning += getattr(d, "reasoning_content", None) or ""
@@ -527,11 +736,24 @@ def test_v4_format_tool_call_round_trip_stream_and_not(v4_client, thinking):
 def test_v4_format_tool_message_without_its_call_is_400(v4_client):
     """As OpenAI: a tool result must answer a preceding assistant tool call (else 400 naming the field)."""
     for msgs, param in [
-        ([{"role": "tool", "tool_call_id": "call_1", "content": "r"}, {"role": "user", "content": "q"}],
-         "messages.0.role"),
-        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
-          {"role": "tool", "tool_call_id": "call_2", "content": "r"}], "messages.2.tool_call_id"),
+        (
+            [{"role": "tool", "tool_call_id": "call_1", "content": "r"}, {"role": "user", "content": "q"}],
+            "messages.0.role",
+        ),
+        (
+            [
+                {"role": "user", "content": "q"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "call_2", "content": "r"},
+            ],
+            "messages.2.tool_call_id",
+        ),
     ]:
         with pytest.raises(openai.BadRequestError) as ei:
             v4_client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=5)

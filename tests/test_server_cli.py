@@ -35,10 +35,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def test_flags_parse():
     p = build_parser()
-    a = p.parse_args(["serve", "--port", "9001", "--api-key", "k", "--max-num-seqs", "8", "--cache-memory", "2GiB",
-                      "--served-model-name", "v4", "--drain-timeout", "5"])
-    assert (a.model, a.port, a.api_key, a.max_num_seqs, a.cache_memory, a.served_model_name, a.drain_timeout,
-            a.host) == (None, 9001, "k", 8, 2 << 30, "v4", 5.0, "127.0.0.1")
+    a = p.parse_args(
+        [
+            "serve",
+            "--port",
+            "9001",
+            "--api-key",
+            "k",
+            "--max-num-seqs",
+            "8",
+            "--cache-memory",
+            "2GiB",
+            "--served-model-name",
+            "v4",
+            "--drain-timeout",
+            "5",
+        ]
+    )
+    assert (
+        a.model,
+        a.port,
+        a.api_key,
+        a.max_num_seqs,
+        a.cache_memory,
+        a.served_model_name,
+        a.drain_timeout,
+        a.host,
+    ) == (None, 9001, "k", 8, 2 << 30, "v4", 5.0, "127.0.0.1")
     a = p.parse_args(["generate", "tiny", "--prompt", "hi", "--temperature", "0.7", "--stop", "x", "--stop", "y"])
     assert (a.model, a.prompt, a.temperature, a.stop) == ("tiny", "hi", 0.7, ["x", "y"])
     a = p.parse_args(["chat", "--base-url", "http://127.0.0.1:1", "--thinking"])
@@ -57,14 +80,24 @@ def test_chat_loop_streams_reasoning_separately():
     from parity.server.serve_cli import chat_loop
 
     eng = FakeEngine(step_s=0.0005)
-    app = build_app(eng, ServerSettings(served_model_names=["tiny"], api_key="k"), chat_format=FakeChatFormat(),
-                    sampling_params_cls=FakeSamplingParams)
+    app = build_app(
+        eng,
+        ServerSettings(served_model_names=["tiny"], api_key="k"),
+        chat_format=FakeChatFormat(),
+        sampling_params_cls=FakeSamplingParams,
+    )
     lines = iter(["what is 2+2?", "/think off", "/reset", "hello", "/exit"])
     buf = io.StringIO()
     args = build_parser().parse_args(["chat", "--thinking", "--system", "be brief", "--max-tokens", "64"])
     with ThreadedServer(app) as srv:
-        rc = chat_loop(srv.base_url, "tiny", api_key="k", args=args, read=lambda _: next(lines),
-                       console=Console(file=buf, width=200, color_system=None))
+        rc = chat_loop(
+            srv.base_url,
+            "tiny",
+            api_key="k",
+            args=args,
+            read=lambda _: next(lines),
+            console=Console(file=buf, width=200, color_system=None),
+        )
         assert first_model(srv.base_url + "/v1", "k") == "tiny"
         with pytest.raises(RequestError, match="401"):
             list(stream_chat(srv.base_url, {"messages": [{"role": "user", "content": "x"}]}, api_key="bad"))
@@ -85,15 +118,25 @@ def test_chat_loop_skips_a_line_that_is_not_utf8_and_carries_on():
     from parity.server.serve_cli import chat_loop, run_chat
 
     eng = FakeEngine(step_s=0.0005)
-    app = build_app(eng, ServerSettings(served_model_names=["tiny"]), chat_format=FakeChatFormat(),
-                    sampling_params_cls=FakeSamplingParams)
+    app = build_app(
+        eng,
+        ServerSettings(served_model_names=["tiny"]),
+        chat_format=FakeChatFormat(),
+        sampling_params_cls=FakeSamplingParams,
+    )
     bad = b"\xff\xfe bad".decode("utf-8", "surrogateescape")
     lines = iter(["hi", bad, "again", "/exit"])
     buf = io.StringIO()
     args = build_parser().parse_args(["chat", "--max-tokens", "4"])
     with ThreadedServer(app) as srv:
-        rc = chat_loop(srv.base_url, "tiny", api_key=None, args=args, read=lambda _: next(lines),
-                       console=Console(file=buf, width=200, color_system=None))
+        rc = chat_loop(
+            srv.base_url,
+            "tiny",
+            api_key=None,
+            args=args,
+            read=lambda _: next(lines),
+            console=Console(file=buf, width=200, color_system=None),
+        )
         with pytest.raises(RequestError, match="not valid UTF-8"):
             list(stream_chat(srv.base_url, {"messages": [{"role": "user", "content": bad}]}))
     out = buf.getvalue()
@@ -106,8 +149,10 @@ def test_sampling_seed_out_of_range_is_one_clear_error_before_loading():
     from parity.errors import RequestError
     from parity.server.serve_cli import run_chat, run_generate
 
-    for argv in (["generate", "--prompt", "Hi", "--sampling-seed", "99999999999999999999999"],
-                 ["chat", "--base-url", "http://127.0.0.1:1", "--sampling-seed", "-99999999999999999999999"]):
+    for argv in (
+        ["generate", "--prompt", "Hi", "--sampling-seed", "99999999999999999999999"],
+        ["chat", "--base-url", "http://127.0.0.1:1", "--sampling-seed", "-99999999999999999999999"],
+    ):
         args = build_parser().parse_args(argv)
         with pytest.raises(RequestError, match="'seed'"):
             args.func(args)
@@ -135,8 +180,9 @@ def _spawn(tmp_path: Path, drain_s: float):
     script = tmp_path / f"serve_{port}.py"
     script.write_text(_drain_script(port, drain_s))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -159,9 +205,12 @@ def _stream_in_thread(base: str, max_tokens: int, out: dict) -> threading.Thread
     def run():
         lines = []
         try:
-            with httpx.stream("POST", base + "/v1/completions", timeout=30,
-                              json={"prompt": "drain me", "max_tokens": max_tokens, "ignore_eos": True,
-                                    "stream": True}) as r:
+            with httpx.stream(
+                "POST",
+                base + "/v1/completions",
+                timeout=30,
+                json={"prompt": "drain me", "max_tokens": max_tokens, "ignore_eos": True, "stream": True},
+            ) as r:
                 for line in r.iter_lines():
                     if line.startswith("data:"):
                         lines.append(line)
@@ -189,8 +238,10 @@ def test_sigterm_drains_in_flight_then_exits_cleanly_and_aborts_past_the_timeout
         procs["cut"] = _spawn(tmp_path, drain_s=0.3)
         bases = {k: _wait_up(*v) for k, v in procs.items()}
         results = {"drain": {}, "cut": {}}
-        threads = {"drain": _stream_in_thread(bases["drain"], 60, results["drain"]),
-                   "cut": _stream_in_thread(bases["cut"], 5000, results["cut"])}
+        threads = {
+            "drain": _stream_in_thread(bases["drain"], 60, results["drain"]),
+            "cut": _stream_in_thread(bases["cut"], 5000, results["cut"]),
+        }
         t0 = time.monotonic()
         for proc, _ in procs.values():
             proc.send_signal(signal.SIGTERM)
@@ -254,8 +305,14 @@ def test_chat_think_command_takes_on_or_off_only():
     lines = iter(["/think maybe", "/think", "/think on", "/think", "/think OFF", "/think on off", "/help", "/exit"])
     buf = io.StringIO()
     args = build_parser().parse_args(["chat", "--max-tokens", "4"])
-    rc = chat_loop("http://127.0.0.1:1", "tiny", api_key=None, args=args, read=lambda _: next(lines),
-                   console=Console(file=buf, width=200, color_system=None))
+    rc = chat_loop(
+        "http://127.0.0.1:1",
+        "tiny",
+        api_key=None,
+        args=args,
+        read=lambda _: next(lines),
+        console=Console(file=buf, width=200, color_system=None),
+    )
     out = buf.getvalue().splitlines()[1:]  # after the banner; no request is sent
     assert rc == 0 and out[0] == out[5] == "error: usage: /think on|off (/think alone shows whether thinking is on)"
     assert out[1:5] == ["(thinking off)", "(thinking on)", "(thinking on)", "(thinking off)"]

@@ -36,6 +36,7 @@ def parser() -> argparse.ArgumentParser:
 def test_port_in_use_is_one_line_before_the_model_loads(monkeypatch, capsys):
     def no_load(args, model=None):
         raise AssertionError("the model must not load when the port is taken")
+
     monkeypatch.setattr(serve_cli, "build_engine", no_load)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -66,8 +67,11 @@ def test_ready_is_printed_once_serving_with_the_device(monkeypatch, capsys):
             def check():
                 seen["health"] = httpx.get(f"http://{host}:{port}/health", timeout=5).status_code
                 server.should_exit = True
+
             threading.Thread(target=check, daemon=True).start()
+
         return real(app, host, port, on_ready=ready, **kw)
+
     monkeypatch.setattr(launcher, "serve_forever", serve)
     port = free_port()
     args = parser().parse_args(["serve", "--port", str(port), "--log-level", "warning", "--drain-timeout", "0"])
@@ -99,8 +103,19 @@ def test_typo_gets_the_closest_flag(capsys):
 
 
 def test_mapped_vllm_flags():
-    a = parser().parse_args(["serve", "--model", "v4-flash", "--gpu-memory-utilization", "0.8",
-                             "--max-model-len", "4096", "--served-model-name", "v4"])
+    a = parser().parse_args(
+        [
+            "serve",
+            "--model",
+            "v4-flash",
+            "--gpu-memory-utilization",
+            "0.8",
+            "--max-model-len",
+            "4096",
+            "--served-model-name",
+            "v4",
+        ]
+    )
     apply_mapped_flags(a)
     assert (a.model, a.cache_memory_fraction, a.max_model_len, a.served_model_name) == ("v4-flash", 0.8, 4096, "v4")
     a = parser().parse_args(["serve", "a", "--model", "b"])
@@ -119,8 +134,16 @@ def test_flag_table_agrees_with_the_serve_parser():
             assert f.name in flags and f.note, f
         else:
             assert f.name not in flags and f.note, f
-    for name in ("--model", "--gpu-memory-utilization", "--max-model-len", "--served-model-name",
-                 "--tensor-parallel-size", "--enable-prefix-caching", "--enforce-eager", "--quantization"):
+    for name in (
+        "--model",
+        "--gpu-memory-utilization",
+        "--max-model-len",
+        "--served-model-name",
+        "--tensor-parallel-size",
+        "--enable-prefix-caching",
+        "--enforce-eager",
+        "--quantization",
+    ):
         assert name in BY_NAME
     assert "| `--enforce-eager` | supported |" in markdown_table()
 
@@ -138,6 +161,7 @@ def test_chat_ctrl_c_stops_the_reply_and_keeps_the_conversation(monkeypatch):
         yield oc.Piece("content", "Once upon", None) if len(calls) == 1 else oc.Piece("content", "Sure.", None)
         if len(calls) == 1:
             raise KeyboardInterrupt
+
     monkeypatch.setattr(oc, "stream_chat", fake_stream)
     lines = iter(["tell me a story", "shorter please"])
 
@@ -146,14 +170,18 @@ def test_chat_ctrl_c_stops_the_reply_and_keeps_the_conversation(monkeypatch):
             return next(lines)
         except StopIteration:
             raise EOFError from None
+
     buf = io.StringIO()
     args = parser().parse_args(["chat", "--base-url", "http://x"])
-    rc = serve_cli.chat_loop("http://x", "tiny", api_key=None, args=args, read=read,
-                             console=Console(file=buf, width=200))
+    rc = serve_cli.chat_loop(
+        "http://x", "tiny", api_key=None, args=args, read=read, console=Console(file=buf, width=200)
+    )
     assert rc == 0 and "reply stopped" in buf.getvalue()
-    assert calls[1] == [{"role": "user", "content": "tell me a story"},
-                        {"role": "assistant", "content": "Once upon"},
-                        {"role": "user", "content": "shorter please"}]
+    assert calls[1] == [
+        {"role": "user", "content": "tell me a story"},
+        {"role": "assistant", "content": "Once upon"},
+        {"role": "user", "content": "shorter please"},
+    ]
 
 
 # ----------------------------------------------------------------------------- generate, doctor, -m
@@ -163,8 +191,9 @@ def test_generate_streams_and_reports_load_and_decode_apart():
 
     eng = LLMEngine(EngineArgs(device="cpu", cache_memory=1 << 20), model=FakeModel(), tokenizer=CharTokenizer())
     echo = io.StringIO()
-    out, first = serve_cli.generate_streaming(eng, [26, 27], SamplingParams(temperature=0.0, max_tokens=8,
-                                                                            ignore_eos=True), echo=echo)
+    out, first = serve_cli.generate_streaming(
+        eng, [26, 27], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), echo=echo
+    )
     assert echo.getvalue() == out.outputs[0].text and len(out.outputs[0].token_ids) == 8
     assert first is not None and first >= 0
     line = serve_cli.timing_line(12.5, 2, 8, 1.0, 0.2)
@@ -183,8 +212,9 @@ def test_doctor_prints_human_units(capsys):
 
 
 def test_python_dash_m_parity_works():
-    r = subprocess.run([sys.executable, "-m", "parity", "--version"], capture_output=True, text=True, cwd=ROOT,
-                       timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "parity", "--version"], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
     assert r.returncode == 0 and r.stdout.startswith("parity "), r.stderr
 
 
@@ -200,8 +230,13 @@ def test_docs_server_md_holds_the_current_flag_table():
     assert markdown_table() in doc, "regenerate the table in docs/server.md from parity.server.vllm_flags"
 
 
-@pytest.mark.parametrize("argv, msg", [(["serve", "--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
-                                       (["serve", "--model", "tiny", "/tmp/elsewhere"], "given twice")])
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["serve", "--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
+        (["serve", "--model", "tiny", "/tmp/elsewhere"], "given twice"),
+    ],
+)
 def test_bad_mapped_vllm_flag_is_one_line(argv, msg, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

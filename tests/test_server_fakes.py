@@ -95,9 +95,18 @@ class _Req:
 class FakeEngine:
     """Implements `parity.server.engine_client.EngineClient` (the AsyncEngine contract the server uses)."""
 
-    def __init__(self, *, max_model_len: int = 512, max_num_seqs: int = 8, max_waiting: int = 64,
-                 step_s: float = 0.002, respond=default_respond, bytes_per_token: int = 100,
-                 cache_total_bytes: int = 10_000_000, first_token_delay_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        max_model_len: int = 512,
+        max_num_seqs: int = 8,
+        max_waiting: int = 64,
+        step_s: float = 0.002,
+        respond=default_respond,
+        bytes_per_token: int = 100,
+        cache_total_bytes: int = 10_000_000,
+        first_token_delay_s: float = 0.0,
+    ) -> None:
         self.tokenizer = FakeTokenizer()
         self.config = FakeConfig()
         self.max_model_len = max_model_len
@@ -147,8 +156,12 @@ class FakeEngine:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             used = sum((len(r.prompt) + r.pos) * self.bytes_per_token for r in self._running.values())
-            return {"num_running": len(self._running), "num_waiting": len(self._waiting),
-                    "cache_used_bytes": used, "cache_total_bytes": self.cache_total_bytes}
+            return {
+                "num_running": len(self._running),
+                "num_waiting": len(self._waiting),
+                "cache_used_bytes": used,
+                "cache_total_bytes": self.cache_total_bytes,
+            }
 
     # -- requests
     def abort(self, request_id: str) -> None:
@@ -240,7 +253,7 @@ class FakeEngine:
             hit = [(full.find(s), s) for s in p.stop if s in full]
             if hit:
                 at, s = min(hit)
-                text = full[:at][len(r.text):]
+                text = full[:at][len(r.text) :]
                 finished, reason, stop_reason = True, "stop", s
         r.text += text
         if not finished and (r.pos >= p.max_tokens or len(r.prompt) + r.pos >= self.max_model_len):
@@ -287,8 +300,10 @@ class FakeChatFormat:
                 reasoning, text = reasoning, ""
         if not tools_enabled:
             return text, reasoning, []
-        calls = [{"id": f"call_{i}", "type": "function", "function": {"name": m.group(1), "arguments": m.group(2)}}
-                 for i, m in enumerate(_TOOL_RE.finditer(text))]
+        calls = [
+            {"id": f"call_{i}", "type": "function", "function": {"name": m.group(1), "arguments": m.group(2)}}
+            for i, m in enumerate(_TOOL_RE.finditer(text))
+        ]
         content = _TOOL_RE.sub("", text)
         return content, reasoning, calls
 
@@ -319,13 +334,13 @@ class FakeStreamParser:
                 if i >= 0:
                     if i:
                         out.append({"reasoning_content": self.buf[:i]})
-                    self.buf = self.buf[i + len("</think>"):]
+                    self.buf = self.buf[i + len("</think>") :]
                     self.mode = "content"
                     continue
                 k = self._hold("</think>")
                 if len(self.buf) > k:
-                    out.append({"reasoning_content": self.buf[:len(self.buf) - k]})
-                    self.buf = self.buf[len(self.buf) - k:]
+                    out.append({"reasoning_content": self.buf[: len(self.buf) - k]})
+                    self.buf = self.buf[len(self.buf) - k :]
                 return out
             if self.mode == "content":
                 i = self.buf.find("<tool>") if self.tools else -1
@@ -337,17 +352,18 @@ class FakeStreamParser:
                     continue
                 k = self._hold("<tool>") if self.tools else 0
                 if len(self.buf) > k:
-                    out.append({"content": self.buf[:len(self.buf) - k]})
-                    self.buf = self.buf[len(self.buf) - k:]
+                    out.append({"content": self.buf[: len(self.buf) - k]})
+                    self.buf = self.buf[len(self.buf) - k :]
                 return out
             m = _TOOL_RE.match(self.buf)
             if not m:
                 return out
-            out.append({"tool_call": {"index": self.ncalls, "id": f"call_{self.ncalls}", "name": m.group(1),
-                                      "arguments": ""}})
+            out.append(
+                {"tool_call": {"index": self.ncalls, "id": f"call_{self.ncalls}", "name": m.group(1), "arguments": ""}}
+            )
             out.append({"tool_call": {"index": self.ncalls, "arguments": m.group(2)}})
             self.ncalls += 1
-            self.buf = self.buf[m.end():]
+            self.buf = self.buf[m.end() :]
             self.mode = "content"
 
     def finish(self, finish_reason=None) -> list[dict]:

@@ -28,8 +28,9 @@ JSON = {"Content-Type": "application/json"}
 
 def start(engine: FakeEngine, **settings) -> ThreadedServer:
     settings.setdefault("served_model_names", ["tiny"])
-    app = build_app(engine, ServerSettings(**settings), chat_format=FakeChatFormat(),
-                    sampling_params_cls=FakeSamplingParams)
+    app = build_app(
+        engine, ServerSettings(**settings), chat_format=FakeChatFormat(), sampling_params_cls=FakeSamplingParams
+    )
     return ThreadedServer(app, drain_timeout_s=1.0).start()
 
 
@@ -92,8 +93,9 @@ def test_health_answers_while_a_long_prompt_is_tokenized():
     try:
         text = "hello world " * 200_000  # 2.4 MB, ~400k tokens: ~1.3 s to tokenize, > max_model_len
         res = {}
-        t = threading.Thread(target=lambda: res.update(r=httpx.post(srv.base_url + CMPL, json={"prompt": text},
-                                                                    timeout=60)))
+        t = threading.Thread(
+            target=lambda: res.update(r=httpx.post(srv.base_url + CMPL, json={"prompt": text}, timeout=60))
+        )
         t.start()
         # server and client share this process (and its GIL): a stall shows as a long gap between polls
         worst_s, last = 0.0, time.perf_counter()
@@ -109,11 +111,14 @@ def test_health_answers_while_a_long_prompt_is_tokenized():
 
 
 # ------------------------------------------------------------------ lone surrogates and deep JSON
-@pytest.mark.parametrize("raw,param", [
-    (b'{"messages":[{"role":"user","content":"\\ud800"}]}', "messages.0.content"),
-    (b'{"prompt":"ok \\udfff"}', "prompt"),
-    (b'{"prompt":"x","stop":["\\ud83d"]}', "stop.0"),
-])
+@pytest.mark.parametrize(
+    "raw,param",
+    [
+        (b'{"messages":[{"role":"user","content":"\\ud800"}]}', "messages.0.content"),
+        (b'{"prompt":"ok \\udfff"}', "prompt"),
+        (b'{"prompt":"x","stop":["\\ud83d"]}', "stop.0"),
+    ],
+)
 def test_lone_surrogate_is_400_naming_the_field(server, raw, param):
     path = CHAT if b"messages" in raw else CMPL
     e = err(httpx.post(server.base_url + path, content=raw, headers=JSON), 400)
@@ -186,7 +191,7 @@ def test_completion_logprobs_offsets_match_text_with_special_tokens():
     lp = completion_logprobs(srv.tokenizer, ids, entries, 1, 0, skip_special_tokens=True)
     text = srv.tokenizer.decode(ids, skip_special_tokens=True)
     assert text == "hi" and lp["tokens"] == ["", "h", "i"] and lp["text_offset"] == [0, 0, 1]
-    assert all(text[o:o + len(t)] == t for t, o in zip(lp["tokens"], lp["text_offset"]))
+    assert all(text[o : o + len(t)] == t for t, o in zip(lp["tokens"], lp["text_offset"]))
     assert lp["top_logprobs"][0] == {"<eos>": -0.5}
     lp = completion_logprobs(srv.tokenizer, ids, entries, 1, 3, skip_special_tokens=False)
     assert lp["tokens"] == ["<eos>", "h", "i"] and lp["text_offset"] == [3, 8, 9]
@@ -199,16 +204,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-@pytest.mark.parametrize("argv,flag", [
-    (["serve", "--port", "99999"], "--port"),
-    (["serve", "--port", "-1"], "--port"),
-    (["serve", "--port", "0"], "--port"),
-    (["serve", "--drain-timeout", "-1"], "--drain-timeout"),
-    (["serve", "--drain-timeout", "nan"], "--drain-timeout"),
-    (["serve", "--served-model-name", ""], "--served-model-name"),
-    (["serve", "--max-request-bytes", "0"], "--max-request-bytes"),
-    (["generate", "--prompt", ""], "--prompt"),
-])
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["serve", "--port", "99999"], "--port"),
+        (["serve", "--port", "-1"], "--port"),
+        (["serve", "--port", "0"], "--port"),
+        (["serve", "--drain-timeout", "-1"], "--drain-timeout"),
+        (["serve", "--drain-timeout", "nan"], "--drain-timeout"),
+        (["serve", "--served-model-name", ""], "--served-model-name"),
+        (["serve", "--max-request-bytes", "0"], "--max-request-bytes"),
+        (["generate", "--prompt", ""], "--prompt"),
+    ],
+)
 def test_bad_flags_are_refused_before_loading(argv, flag, capsys):
     with pytest.raises(SystemExit) as ei:
         _parser().parse_args(argv)
@@ -217,8 +225,9 @@ def test_bad_flags_are_refused_before_loading(argv, flag, capsys):
 
 
 def test_good_new_flags_parse():
-    a = _parser().parse_args(["serve", "--port", "65535", "--drain-timeout", "0", "--max-request-bytes", "8MiB",
-                              "--skip-tokenizer-init"])
+    a = _parser().parse_args(
+        ["serve", "--port", "65535", "--drain-timeout", "0", "--max-request-bytes", "8MiB", "--skip-tokenizer-init"]
+    )
     assert (a.port, a.drain_timeout, a.max_request_bytes, a.skip_tokenizer_init) == (65535, 0.0, 8 << 20, True)
 
 

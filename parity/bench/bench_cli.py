@@ -49,10 +49,14 @@ def register(sub) -> None:
     """Add `bench` (with its `report` sub-command) to the parity CLI."""
     import argparse
 
-    p = sub.add_parser("bench", help="benchmark an OpenAI-compatible endpoint (latency, throughput, goodput, energy)",
-                       description="Drive an OpenAI-compatible server (parity, vLLM, SGLang, MindIE, ...) with a "
-                                   "workload and report TTFT/TPOT/ITL/E2EL, throughput, goodput and energy.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "bench",
+        help="benchmark an OpenAI-compatible endpoint (latency, throughput, goodput, energy)",
+        description="Drive an OpenAI-compatible server (parity, vLLM, SGLang, MindIE, ...) with a "
+        "workload and report TTFT/TPOT/ITL/E2EL, throughput, goodput and energy.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_run_args(p)
     p.add_argument("--output", default=None, metavar="results.json", help="write the versioned JSON result here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file (default: refuse)")
@@ -70,56 +74,126 @@ def register(sub) -> None:
 def add_run_args(p) -> None:
     """The flags of one run (shared by `parity bench` and `parity bench sweep`)."""
     p.add_argument("--base-url", help="server root, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine)")
-    p.add_argument("--model", default=None,
-                   help="model name to put in each request (default: the first model the server lists at "
-                        "GET /v1/models, asked with --api-key)")
-    p.add_argument("--endpoint", choices=("chat", "completions"), default="chat",
-                   help="/v1/chat/completions or /v1/completions (default chat)")
-    p.add_argument("--workload", default="random:in=1024,out=128", metavar="SPEC",
-                   help="random|fixed|sharegpt|trace|prefix|multiturn|mooncake spec, see below "
-                        "(default random:in=1024,out=128)")
-    p.add_argument("--num-prompts", type=int, default=None, metavar="N",
-                   help="requests to send (default 1000 for random/fixed, all entries of a file)")
-    p.add_argument("--request-rate", type=_rate, default=math.inf, metavar="R",
-                   help="mean requests/s (gamma arrivals) or 'inf' to send all at once (default inf)")
-    p.add_argument("--burstiness", type=float, default=1.0, metavar="B",
-                   help="gamma shape of inter-arrival gaps: 1 = Poisson, <1 burstier, >1 steadier (default 1)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model name to put in each request (default: the first model the server lists at "
+        "GET /v1/models, asked with --api-key)",
+    )
+    p.add_argument(
+        "--endpoint",
+        choices=("chat", "completions"),
+        default="chat",
+        help="/v1/chat/completions or /v1/completions (default chat)",
+    )
+    p.add_argument(
+        "--workload",
+        default="random:in=1024,out=128",
+        metavar="SPEC",
+        help="random|fixed|sharegpt|trace|prefix|multiturn|mooncake spec, see below (default random:in=1024,out=128)",
+    )
+    p.add_argument(
+        "--num-prompts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="requests to send (default 1000 for random/fixed, all entries of a file)",
+    )
+    p.add_argument(
+        "--request-rate",
+        type=_rate,
+        default=math.inf,
+        metavar="R",
+        help="mean requests/s (gamma arrivals) or 'inf' to send all at once (default inf)",
+    )
+    p.add_argument(
+        "--burstiness",
+        type=float,
+        default=1.0,
+        metavar="B",
+        help="gamma shape of inter-arrival gaps: 1 = Poisson, <1 burstier, >1 steadier (default 1)",
+    )
     p.add_argument("--max-concurrency", type=int, default=None, metavar="C", help="cap on requests in flight")
     p.add_argument("--warmup", type=int, default=0, metavar="N", help="warm-up requests before the measured run")
-    p.add_argument("--slo", default=None, metavar="ttft_ms=..,tpot_ms=..",
-                   help="SLOs for goodput: comma-separated key=value pairs, keys ttft_ms, tpot_ms, e2el_ms "
-                        "(milliseconds); an empty value or empty item is an error")
+    p.add_argument(
+        "--slo",
+        default=None,
+        metavar="ttft_ms=..,tpot_ms=..",
+        help="SLOs for goodput: comma-separated key=value pairs, keys ttft_ms, tpot_ms, e2el_ms "
+        "(milliseconds); an empty value or empty item is an error",
+    )
     p.add_argument("--ignore-eos", action="store_true", help="ask the server to ignore EOS (vLLM/SGLang extension)")
     p.add_argument("--seed", type=int, default=0, help="seed for prompts, lengths and arrivals (default 0)")
-    p.add_argument("--energy", default="auto", metavar="auto|none|nvml,npu-smi,rapl,dcmi",
-                   help="energy meters of this machine: auto (accelerator meter + CPU RAPL when readable), none, "
-                        "or a comma list (default auto)")
-    p.add_argument("--energy-devices", type=_int_list, default=None, metavar="0,1",
-                   help="accelerator indices to meter (default all)")
-    p.add_argument("--tokenizer", default=None, metavar="PATH",
-                   help="tokenizer.json to build/count prompts (default parity's DeepSeek-V4 tokenizer)")
+    p.add_argument(
+        "--energy",
+        default="auto",
+        metavar="auto|none|nvml,npu-smi,rapl,dcmi",
+        help="energy meters of this machine: auto (accelerator meter + CPU RAPL when readable), none, "
+        "or a comma list (default auto)",
+    )
+    p.add_argument(
+        "--energy-devices",
+        type=_int_list,
+        default=None,
+        metavar="0,1",
+        help="accelerator indices to meter (default all)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="PATH",
+        help="tokenizer.json to build/count prompts (default parity's DeepSeek-V4 tokenizer)",
+    )
     p.add_argument("--api-key", default=None, help="bearer token (default $OPENAI_API_KEY if set)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="per-request timeout in s (default 600)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature sent (default 0)")
-    p.add_argument("--no-continuous-usage", action="store_true",
-                   help="do not ask for usage in every chunk "
-                        "(for servers rejecting stream_options.continuous_usage_stats)")
-    p.add_argument("--client-workers", type=int, default=1, metavar="N",
-                   help="client processes sharing the load (default 1; raise it when the client's CPU is the limit)")
-    p.add_argument("--no-preflight", action="store_true",
-                   help="skip the check that the server answers GET /v1/models and serves --model")
+    p.add_argument(
+        "--no-continuous-usage",
+        action="store_true",
+        help="do not ask for usage in every chunk (for servers rejecting stream_options.continuous_usage_stats)",
+    )
+    p.add_argument(
+        "--client-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="client processes sharing the load (default 1; raise it when the client's CPU is the limit)",
+    )
+    p.add_argument(
+        "--no-preflight",
+        action="store_true",
+        help="skip the check that the server answers GET /v1/models and serves --model",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--hardware", default=None, metavar="ID",
-                   help="the server's accelerator, a catalog id or alias (910c, h200, ...; see parity/data/hardware), "
-                        "recorded in the metadata for per-device and modeled figures")
-    p.add_argument("--num-devices", type=int, default=None, metavar="N",
-                   help="accelerators serving the endpoint (per-device figures divide by it; default 1)")
-    p.add_argument("--idle-baseline", type=float, default=5.0, metavar="S",
-                   help="seconds of idle power read before the run and subtracted from the steady-state energy "
-                        "(default 5; 0 = none; only when a meter is readable)")
-    p.add_argument("--plan-model", default=None, metavar="PRESET",
-                   help="the planner's preset for the served model (v4-flash, v4-pro) for modeled-vs-measured "
-                        "figures (default: guessed from the model name)")
+    p.add_argument(
+        "--hardware",
+        default=None,
+        metavar="ID",
+        help="the server's accelerator, a catalog id or alias (910c, h200, ...; see parity/data/hardware), "
+        "recorded in the metadata for per-device and modeled figures",
+    )
+    p.add_argument(
+        "--num-devices",
+        type=int,
+        default=None,
+        metavar="N",
+        help="accelerators serving the endpoint (per-device figures divide by it; default 1)",
+    )
+    p.add_argument(
+        "--idle-baseline",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds of idle power read before the run and subtracted from the steady-state energy "
+        "(default 5; 0 = none; only when a meter is readable)",
+    )
+    p.add_argument(
+        "--plan-model",
+        default=None,
+        metavar="PRESET",
+        help="the planner's preset for the served model (v4-flash, v4-pro) for modeled-vs-measured "
+        "figures (default: guessed from the model name)",
+    )
 
 
 def run(args) -> int:
@@ -162,18 +236,35 @@ def config_from_args(args):
 
     if not args.base_url:
         raise BenchError("--base-url is required, e.g. --base-url http://127.0.0.1:8000")
-    return BenchConfig(base_url=args.base_url, model=args.model, endpoint=args.endpoint, workload=args.workload,
-                      num_prompts=args.num_prompts, request_rate=args.request_rate, burstiness=args.burstiness,
-                      max_concurrency=args.max_concurrency, warmup=args.warmup, slo=args.slo,
-                      ignore_eos=args.ignore_eos, seed=args.seed, energy=args.energy,
-                      energy_devices=args.energy_devices, tokenizer=args.tokenizer, api_key=args.api_key,
-                      timeout_s=args.timeout, temperature=args.temperature,
-                      continuous_usage=not args.no_continuous_usage, output=getattr(args, "output", None),
-                      progress=not args.no_progress, client_workers=args.client_workers, hardware=args.hardware,
-                      num_devices=args.num_devices,
-                      idle_baseline_s=args.idle_baseline if args.energy.strip().lower() != "none" else 0.0,
-                      plan_model=args.plan_model,
-                      command_line=getattr(args, "command_line", None) or ["parity", *sys.argv[1:]])
+    return BenchConfig(
+        base_url=args.base_url,
+        model=args.model,
+        endpoint=args.endpoint,
+        workload=args.workload,
+        num_prompts=args.num_prompts,
+        request_rate=args.request_rate,
+        burstiness=args.burstiness,
+        max_concurrency=args.max_concurrency,
+        warmup=args.warmup,
+        slo=args.slo,
+        ignore_eos=args.ignore_eos,
+        seed=args.seed,
+        energy=args.energy,
+        energy_devices=args.energy_devices,
+        tokenizer=args.tokenizer,
+        api_key=args.api_key,
+        timeout_s=args.timeout,
+        temperature=args.temperature,
+        continuous_usage=not args.no_continuous_usage,
+        output=getattr(args, "output", None),
+        progress=not args.no_progress,
+        client_workers=args.client_workers,
+        hardware=args.hardware,
+        num_devices=args.num_devices,
+        idle_baseline_s=args.idle_baseline if args.energy.strip().lower() != "none" else 0.0,
+        plan_model=args.plan_model,
+        command_line=getattr(args, "command_line", None) or ["parity", *sys.argv[1:]],
+    )
 
 
 def preflight(base_url: str, model: str, headers: dict, timeout_s: float = 10.0) -> None:

@@ -53,8 +53,9 @@ async def fetch_default_model(base_url: str, headers: dict, timeout_s: float = 3
         async with httpx.AsyncClient(transport=transport, timeout=min(timeout_s, 30.0)) as client:
             resp = await client.get(url, headers=headers)
     except httpx.ConnectError as e:
-        raise BenchError(f"--model not given and GET {url} failed: server unreachable ({e or type(e).__name__})"
-                         f"{hint}") from None
+        raise BenchError(
+            f"--model not given and GET {url} failed: server unreachable ({e or type(e).__name__}){hint}"
+        ) from None
     except httpx.TimeoutException as e:
         raise BenchError(f"--model not given and GET {url} timed out ({type(e).__name__}){hint}") from None
     except httpx.HTTPError as e:
@@ -71,8 +72,10 @@ async def fetch_default_model(base_url: str, headers: dict, timeout_s: float = 3
         if not isinstance(data, list):
             raise TypeError("data is not a list")
     except (ValueError, KeyError, TypeError):
-        raise BenchError(f"--model not given and GET {url} did not answer an OpenAI model list "
-                         f"({{\"data\": [{{\"id\": ...}}]}}): {resp.text[:200]!r}{hint}") from None
+        raise BenchError(
+            f"--model not given and GET {url} did not answer an OpenAI model list "
+            f'({{"data": [{{"id": ...}}]}}): {resp.text[:200]!r}{hint}'
+        ) from None
     if not data:
         raise BenchError(f"--model not given and the server lists no models at {url}{hint}")
     first = data[0].get("id") if isinstance(data[0], dict) else None
@@ -81,12 +84,24 @@ async def fetch_default_model(base_url: str, headers: dict, timeout_s: float = 3
     return first
 
 
-def build_payload(endpoint: str, model: str, req: BenchRequest, *, ignore_eos: bool = False,
-                  temperature: float | None = 0.0, continuous_usage: bool = True, extra: dict | None = None) -> dict:
+def build_payload(
+    endpoint: str,
+    model: str,
+    req: BenchRequest,
+    *,
+    ignore_eos: bool = False,
+    temperature: float | None = 0.0,
+    continuous_usage: bool = True,
+    extra: dict | None = None,
+) -> dict:
     """JSON body for one request: the prompt, ``max_tokens`` = requested output length, streaming with usage."""
     stream_options = {"include_usage": True, **({"continuous_usage_stats": True} if continuous_usage else {})}
-    body: dict = {"model": model, "stream": True, "max_tokens": int(req.output_tokens),
-                  "stream_options": stream_options}
+    body: dict = {
+        "model": model,
+        "stream": True,
+        "max_tokens": int(req.output_tokens),
+        "stream_options": stream_options,
+    }
     if endpoint == "chat":
         body["messages"] = req.messages or [{"role": "user", "content": req.prompt}]
     else:
@@ -103,8 +118,24 @@ def build_payload(endpoint: str, model: str, req: BenchRequest, *, ignore_eos: b
 class _StreamState:
     """Accumulates one response stream; `feed(event_data, t)` handles one SSE event."""
 
-    __slots__ = ("chat", "tok", "st", "ttft", "last_t", "itl", "chunks", "stream_tokens", "usage_ct", "usage_pt",
-                 "text", "done", "done_t", "finished", "error", "events")
+    __slots__ = (
+        "chat",
+        "tok",
+        "st",
+        "ttft",
+        "last_t",
+        "itl",
+        "chunks",
+        "stream_tokens",
+        "usage_ct",
+        "usage_pt",
+        "text",
+        "done",
+        "done_t",
+        "finished",
+        "error",
+        "events",
+    )
 
     def __init__(self, chat: bool, tok: BenchTokenizer, st: float):
         self.chat, self.tok, self.st = chat, tok, st
@@ -193,9 +224,18 @@ class _StreamState:
         self.last_t = t
 
 
-async def send_request(client: httpx.AsyncClient, url: str, payload: dict, req: BenchRequest, rec: RequestRecord,
-                       tokenizer: BenchTokenizer, origin_s: float, chat: bool, headers: dict | None = None,
-                       request_id: str | None = None) -> None:
+async def send_request(
+    client: httpx.AsyncClient,
+    url: str,
+    payload: dict,
+    req: BenchRequest,
+    rec: RequestRecord,
+    tokenizer: BenchTokenizer,
+    origin_s: float,
+    chat: bool,
+    headers: dict | None = None,
+    request_id: str | None = None,
+) -> None:
     """Send one streamed request and fill `rec` (RequestRecord) in place.
 
     Args:
@@ -223,8 +263,10 @@ async def send_request(client: httpx.AsyncClient, url: str, payload: dict, req: 
             ctype = resp.headers.get("content-type", "")
             if ctype and "text/event-stream" not in ctype:
                 body = await resp.aread()
-                rec.ok, rec.error = False, (f"malformed SSE: content-type {ctype!r}, expected text/event-stream "
-                                            f"({error_message(body)[:80]})")
+                rec.ok, rec.error = (
+                    False,
+                    (f"malformed SSE: content-type {ctype!r}, expected text/event-stream ({error_message(body)[:80]})"),
+                )
                 return
             decoder = SSEDecoder()
             async for raw in resp.aiter_bytes():

@@ -99,8 +99,12 @@ def plan_response(sc: Script, path: str, raw_body: bytes, num: int) -> Plan:
     final_usage = sc.usage != "none" and bool(so.get("include_usage"))
     prompt = body.get("prompt") if not chat else " ".join(str(m.get("content", "")) for m in body.get("messages", []))
     pt = len(str(prompt).split())
-    base = {"id": f"cmpl-{num}", "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()), "model": body.get("model", "fake")}
+    base = {
+        "id": f"cmpl-{num}",
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": body.get("model", "fake"),
+    }
 
     def usage(ct: int) -> dict:
         return {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
@@ -118,8 +122,11 @@ def plan_response(sc: Script, path: str, raw_body: bytes, num: int) -> Plan:
         t = sc.ttft_s + j * sc.itl_s
         sent += k
         fin = "length" if sent >= n else None
-        choice = ({"index": 0, "delta": {"content": sc.word * k}, "finish_reason": fin} if chat
-                  else {"index": 0, "text": sc.word * k, "finish_reason": fin})
+        choice = (
+            {"index": 0, "delta": {"content": sc.word * k}, "finish_reason": fin}
+            if chat
+            else {"index": 0, "text": sc.word * k, "finish_reason": fin}
+        )
         ev = {**base, "choices": [choice]}
         if continuous:
             ev["usage"] = usage(sent)
@@ -207,8 +214,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         with srv.lock:
-            srv.script.log.append({"num": num, "id": self.headers.get("X-Request-Id"), "arrival_s": t_arrival,
-                                   "sent_at_s": sent_at})
+            srv.script.log.append(
+                {"num": num, "id": self.headers.get("X-Request-Id"), "arrival_s": t_arrival, "sent_at_s": sent_at}
+            )
 
 
 class VirtualClock:
@@ -251,8 +259,9 @@ class ScriptedTransport(httpx.AsyncBaseTransport):
         plan = plan_response(self.script, request.url.path, await request.aread(), self.count)
         if plan.status != 200:
             return httpx.Response(plan.status, json=plan.error or {})
-        return httpx.Response(200, headers={"content-type": "text/event-stream"},
-                              stream=_ScriptedStream(self.clock, self.clock.now, plan))
+        return httpx.Response(
+            200, headers={"content-type": "text/event-stream"}, stream=_ScriptedStream(self.clock, self.clock.now, plan)
+        )
 
 
 class _Server(ThreadingHTTPServer):
@@ -285,8 +294,9 @@ class FakeServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> FakeServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="parity-fake-sse", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="parity-fake-sse", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -314,8 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens-per-chunk", type=int, default=1)
     p.add_argument("--usage", choices=("continuous", "final", "none"), default="continuous")
     a = p.parse_args(argv)
-    srv = FakeServer(Script(ttft_s=a.ttft_ms / 1e3, itl_s=a.itl_ms / 1e3, tokens_per_chunk=a.tokens_per_chunk,
-                            usage=a.usage), port=a.port)
+    srv = FakeServer(
+        Script(ttft_s=a.ttft_ms / 1e3, itl_s=a.itl_ms / 1e3, tokens_per_chunk=a.tokens_per_chunk, usage=a.usage),
+        port=a.port,
+    )
     print(f"READY {srv.base_url}", flush=True)
     try:
         srv._httpd.serve_forever(poll_interval=0.05)

@@ -14,19 +14,24 @@ def point_figures(result: dict) -> dict:
     n_dev = (result.get("metadata") or {}).get("num_devices") or 1
     ss = result.get("steady_state") or {}
     if ss.get("duration_s") and ss.get("tok_s_per_user") and ss.get("output_tok_s_per_device") is not None:
-        return {"tok_s_per_user": ss["tok_s_per_user"], "output_tok_s_per_device": ss["output_tok_s_per_device"],
-                "basis": "steady state"}
+        return {
+            "tok_s_per_user": ss["tok_s_per_user"],
+            "output_tok_s_per_device": ss["output_tok_s_per_device"],
+            "basis": "steady state",
+        }
     s = result["summary"]
     tpot = s["tpot_ms"].get("median")
-    return {"tok_s_per_user": (1e3 / tpot) if tpot else None,
-            "output_tok_s_per_device": s["output_throughput_tok_s"] / n_dev, "basis": "whole run"}
+    return {
+        "tok_s_per_user": (1e3 / tpot) if tpot else None,
+        "output_tok_s_per_device": s["output_throughput_tok_s"] / n_dev,
+        "basis": "whole run",
+    }
 
 
 def pareto_frontier(points: list[dict], x: str = "tok_s_per_user", y: str = "output_tok_s_per_device") -> list[dict]:
     """The points not dominated in (`x`, `y`), both to maximise, sorted by `x` descending (points lacking either
     value are left out)."""
-    pts = sorted((p for p in points if p.get(x) is not None and p.get(y) is not None),
-                 key=lambda p: (-p[x], -p[y]))
+    pts = sorted((p for p in points if p.get(x) is not None and p.get(y) is not None), key=lambda p: (-p[x], -p[y]))
     front, best = [], float("-inf")
     for p in pts:
         if p[y] > best:

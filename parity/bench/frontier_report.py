@@ -20,8 +20,10 @@ def group_key(result: dict) -> str:
 
 def _isl_osl(result: dict) -> tuple[int, int]:
     ok = [r for r in result.get("requests", []) if r.get("ok")] or [{"prompt_tokens": 1, "output_tokens": 1}]
-    return (max(1, round(sum(r["prompt_tokens"] for r in ok) / len(ok))),
-            max(1, round(sum(r["output_tokens"] for r in ok) / len(ok))))
+    return (
+        max(1, round(sum(r["prompt_tokens"] for r in ok) / len(ok))),
+        max(1, round(sum(r["output_tokens"] for r in ok) / len(ok))),
+    )
 
 
 def modeled_frontier(result: dict) -> tuple[list[dict], str]:
@@ -42,8 +44,11 @@ def modeled_frontier(result: dict) -> tuple[list[dict], str]:
     isl, osl = _isl_osl(result)
     slo = (result.get("summary") or {}).get("slo_ms") or {}
     try:
-        pts = frontier(model, hw, Workload(isl=isl, osl=osl, slo_ttft_ms=slo.get("ttft_ms", 2000.0),
-                                           slo_tpot_ms=slo.get("tpot_ms", 50.0)))
+        pts = frontier(
+            model,
+            hw,
+            Workload(isl=isl, osl=osl, slo_ttft_ms=slo.get("ttft_ms", 2000.0), slo_tpot_ms=slo.get("tpot_ms", 50.0)),
+        )
     except ParityError as e:
         return [], f"no modeled frontier: {e}"
     return pts, f"modeled:{MODEL_VERSION} {model} on {hw}, ISL {isl} / OSL {osl}"
@@ -66,15 +71,20 @@ def frontier_figure(results: list[tuple[str, dict]]):
         pts = [{**point_figures(r), "label": label} for label, r in items]
         pts = [p for p in pts if p["tok_s_per_user"] is not None]
         if pts:
-            line = ax.plot([p["tok_s_per_user"] for p in pts], [p["output_tok_s_per_device"] for p in pts], "o",
-                           alpha=0.5)[0]
+            line = ax.plot(
+                [p["tok_s_per_user"] for p in pts], [p["output_tok_s_per_device"] for p in pts], "o", alpha=0.5
+            )[0]
             front = pareto_frontier(pts)
-            ax.plot([p["tok_s_per_user"] for p in front], [p["output_tok_s_per_device"] for p in front], "-",
-                    color=line.get_color(), label=f"measured {g}")
+            ax.plot(
+                [p["tok_s_per_user"] for p in front],
+                [p["output_tok_s_per_device"] for p in front],
+                "-",
+                color=line.get_color(),
+                label=f"measured {g}",
+            )
         mpts, mlabel = modeled_frontier(items[0][1])
         if mpts:
-            ax.plot([p["tok_s_per_user"] for p in mpts], [p["output_tok_s_per_chip"] for p in mpts], "--",
-                    label=mlabel)
+            ax.plot([p["tok_s_per_user"] for p in mpts], [p["output_tok_s_per_chip"] for p in mpts], "--", label=mlabel)
         notes.append(f"{g}: {mlabel}")
     ax.set_xlabel("tok/s per user (1 / median TPOT)")
     ax.set_ylabel("output tok/s per device")
@@ -103,21 +113,43 @@ def header_html(results: list[tuple[str, dict]]) -> str:
         if key in seen:
             continue
         seen.add(key)
-        out.append("<table class='meta'>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
-                                                    for k, v in lines) + "</table>")
+        out.append(
+            "<table class='meta'>"
+            + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in lines)
+            + "</table>"
+        )
     return "\n".join(out)
 
 
 def points_html(results: list[tuple[str, dict]]) -> str:
     """Per-point table: steady-state window, figures, whole-run figures."""
-    cols = ["run", "group", "window (s)", "mean in flight", "out tok/s/device (window)", "tok/s/user (window)",
-            "TTFT p50 (window)", "TPOT p50 (window)", "out tok/s (whole run)", "window note"]
+    cols = [
+        "run",
+        "group",
+        "window (s)",
+        "mean in flight",
+        "out tok/s/device (window)",
+        "tok/s/user (window)",
+        "TTFT p50 (window)",
+        "TPOT p50 (window)",
+        "out tok/s (whole run)",
+        "window note",
+    ]
     rows = ["<tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"]
     for label, r in results:
         ss = r.get("steady_state") or {}
-        vals = [label, group_key(r), _f(ss.get("duration_s")), _f(ss.get("mean_concurrency")),
-                _f(ss.get("output_tok_s_per_device")), _f(ss.get("tok_s_per_user")), _f(ss.get("ttft_ms_median")),
-                _f(ss.get("tpot_ms_median")), _f(r["summary"]["output_throughput_tok_s"]), ss.get("note") or ""]
+        vals = [
+            label,
+            group_key(r),
+            _f(ss.get("duration_s")),
+            _f(ss.get("mean_concurrency")),
+            _f(ss.get("output_tok_s_per_device")),
+            _f(ss.get("tok_s_per_user")),
+            _f(ss.get("ttft_ms_median")),
+            _f(ss.get("tpot_ms_median")),
+            _f(r["summary"]["output_throughput_tok_s"]),
+            ss.get("note") or "",
+        ]
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in vals) + "</tr>")
     return "<table>" + "\n".join(rows) + "</table>"
 
@@ -130,11 +162,26 @@ def energy_html(results: list[tuple[str, dict]]) -> str:
         for e in r.get("energy_meters") or [r.get("energy") or {}]:
             st = e.get("steady_state")
             if st and st.get("net_joules") is not None:
-                vals = [label, e["meter"], st["basis"], _f(st["joules_per_output_token"], 4),
-                        _f(st["output_tokens_per_joule"], 3), _f(st["avg_watts_per_device"], 1),
-                        _f(st["idle_watts"], 1), st["baseline"]]
+                vals = [
+                    label,
+                    e["meter"],
+                    st["basis"],
+                    _f(st["joules_per_output_token"], 4),
+                    _f(st["output_tokens_per_joule"], 3),
+                    _f(st["avg_watts_per_device"], 1),
+                    _f(st["idle_watts"], 1),
+                    st["baseline"],
+                ]
             else:
-                vals = [label, e.get("meter") or "none", "-", "-", "-", "-", "-",
-                        f"not available: {e.get('reason') or (st or {}).get('reason') or 'not measured'}"]
+                vals = [
+                    label,
+                    e.get("meter") or "none",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    f"not available: {e.get('reason') or (st or {}).get('reason') or 'not measured'}",
+                ]
             rows.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in vals) + "</tr>")
     return "<table>" + "\n".join(rows) + "</table>"

@@ -43,9 +43,18 @@ def arrival_offsets(n: int, rate: float, burstiness: float, seed: int) -> list[f
     return [0.0, *np.cumsum(gaps).tolist()][:n]
 
 
-async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer: BenchTokenizer,
-                       meter=None, interrupt: asyncio.Event | None = None, transport=None, *,
-                       offsets: list[float] | None = None, start_gate=None, on_done=None) -> dict:
+async def run_requests(
+    cfg: BenchConfig,
+    requests: list[BenchRequest],
+    tokenizer: BenchTokenizer,
+    meter=None,
+    interrupt: asyncio.Event | None = None,
+    transport=None,
+    *,
+    offsets: list[float] | None = None,
+    start_gate=None,
+    on_done=None,
+) -> dict:
     """Run warm-up then the measured requests; returns the result dict (without writing it).
 
     Args:
@@ -77,8 +86,17 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
     limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
     timeout = httpx.Timeout(cfg.timeout_s, connect=min(cfg.timeout_s, 30.0))
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
-    payloads = [build_payload(cfg.endpoint, cfg.model, r, ignore_eos=cfg.ignore_eos, temperature=cfg.temperature,
-                              continuous_usage=cfg.continuous_usage) for r in requests]
+    payloads = [
+        build_payload(
+            cfg.endpoint,
+            cfg.model,
+            r,
+            ignore_eos=cfg.ignore_eos,
+            temperature=cfg.temperature,
+            continuous_usage=cfg.continuous_usage,
+        )
+        for r in requests
+    ]
 
     async def one(clients, i, origin, sink, tag="bench"):
         client = clients[i % len(clients)]
@@ -89,32 +107,51 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
         try:
             rec = RequestRecord(index=requests[i].index, ok=False)
             sink.append(rec)
-            await send_request(client, url, payloads[i], requests[i], rec, tokenizer, origin, chat, headers,
-                               request_id=f"{tag}-{requests[i].index if tag == 'bench' else len(sink)}")
+            await send_request(
+                client,
+                url,
+                payloads[i],
+                requests[i],
+                rec,
+                tokenizer,
+                origin,
+                chat,
+                headers,
+                request_id=f"{tag}-{requests[i].index if tag == 'bench' else len(sink)}",
+            )
         finally:
             if sem is not None:
                 sem.release()
 
     meters = as_meters(meter)
-    result: dict = {"schema": RESULT_SCHEMA, "version": RESULT_VERSION, "config": cfg.to_dict(),
-                    "environment": environment(tokenizer, describe_meters(meters)),
-                    "notes": list(NOTES), "interrupted": False}
+    result: dict = {
+        "schema": RESULT_SCHEMA,
+        "version": RESULT_VERSION,
+        "config": cfg.to_dict(),
+        "environment": environment(tokenizer, describe_meters(meters)),
+        "notes": list(NOTES),
+        "interrupted": False,
+    }
     # Several small connection pools instead of one big one: httpcore's pool scans every connection on each
     # request start/finish (cost ~ connections x in-flight requests), which made one 256-connection pool use
     # most of a core at 256 concurrent streams (measured with cProfile, benchmarks/bench_client_overhead.py).
     n_pools = 1 if transport is not None else max(1, min(128, math.ceil(limit / POOL_SIZE)))
     ssl_ctx = httpx.create_ssl_context(trust_env=not local) if httpx.URL(url).scheme == "https" else False
     async with contextlib.AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(
-            httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=not local, transport=transport, verify=ssl_ctx))
-            for _ in range(n_pools)]
+        clients = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(
+                    limits=limits, timeout=timeout, trust_env=not local, transport=transport, verify=ssl_ctx
+                )
+            )
+            for _ in range(n_pools)
+        ]
         # --- warm-up
         warm = []
         if cfg.warmup:
             wreqs = [requests[i % len(requests)] for i in range(cfg.warmup)]
             origin = time.perf_counter()
-            await asyncio.gather(*(one(clients, i % len(requests), origin, warm, "warmup")
-                                   for i in range(len(wreqs))))
+            await asyncio.gather(*(one(clients, i % len(requests), origin, warm, "warmup") for i in range(len(wreqs))))
             if not any(r.ok for r in warm):
                 raise BenchError(f"all {cfg.warmup} warm-up request(s) to {url} failed: {warm[0].error}")
         result["warmup"] = {"requests": cfg.warmup, "failed": sum(not r.ok for r in warm)}
@@ -196,9 +233,13 @@ async def run_requests(cfg: BenchConfig, requests: list[BenchRequest], tokenizer
     summary = summarize(records, duration, slo)
     summary["not_sent"] = len(requests) - len(records)
     result["interrupted"] = interrupted
-    result["clock"] = {"origin_perf_counter_s": origin, "end_perf_counter_s": end, "client_cpu_s": cpu_s,
-                       "note": "send_s of each record is relative to this time.perf_counter() value "
-                               "(CLOCK_MONOTONIC on Linux, comparable with other processes' on this machine)"}
+    result["clock"] = {
+        "origin_perf_counter_s": origin,
+        "end_perf_counter_s": end,
+        "client_cpu_s": cpu_s,
+        "note": "send_s of each record is relative to this time.perf_counter() value "
+        "(CLOCK_MONOTONIC on Linux, comparable with other processes' on this machine)",
+    }
     result["summary"] = summary
     add_energy(result, readings, summary)
     result["requests"] = [r.to_dict() for r in records]

@@ -37,9 +37,11 @@ async def probe_server(base_url: str, headers: dict, timeout_s: float = 10.0, tr
             r = await client.get(root + "/v1/models", headers=headers)
             out["server_header"] = r.headers.get("server")
             if r.status_code == 200 and isinstance(r.json().get("data"), list):
-                out["models"] = [{"id": m.get("id"), "owned_by": m.get("owned_by"),
-                                  "max_model_len": m.get("max_model_len")}
-                                 for m in r.json()["data"] if isinstance(m, dict)]
+                out["models"] = [
+                    {"id": m.get("id"), "owned_by": m.get("owned_by"), "max_model_len": m.get("max_model_len")}
+                    for m in r.json()["data"]
+                    if isinstance(m, dict)
+                ]
             else:
                 out["missing"].append(f"GET /v1/models answered HTTP {r.status_code}")
         except (httpx.HTTPError, ValueError, AttributeError) as e:
@@ -68,25 +70,44 @@ def build_metadata(cfg, server: dict | None) -> dict:
     if cfg.hardware:
         h = declared_hardware(cfg.hardware)
         hw = {"id": h.id, "name": h.name, "vendor": h.vendor, "family": h.family, "declared_as": cfg.hardware}
-    return {"server": server or {"missing": ["server not asked"]}, "base_url": cfg.base_url, "model": cfg.model,
-            "plan_model": cfg.plan_model, "hardware": hw, "num_devices": cfg.num_devices or 1,
-            "num_devices_declared": cfg.num_devices is not None,
-            "date_utc": datetime.now(UTC).isoformat(timespec="seconds"), "parity_version": __version__,
-            "command_line": cfg.command_line if cfg.command_line is not None else list(sys.argv),
-            "workload": cfg.workload, "endpoint": cfg.endpoint}
+    return {
+        "server": server or {"missing": ["server not asked"]},
+        "base_url": cfg.base_url,
+        "model": cfg.model,
+        "plan_model": cfg.plan_model,
+        "hardware": hw,
+        "num_devices": cfg.num_devices or 1,
+        "num_devices_declared": cfg.num_devices is not None,
+        "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "parity_version": __version__,
+        "command_line": cfg.command_line if cfg.command_line is not None else list(sys.argv),
+        "workload": cfg.workload,
+        "endpoint": cfg.endpoint,
+    }
 
 
 def header_lines(meta: dict) -> list[tuple[str, str]]:
     """(label, value) pairs describing `meta` for the report header and the console."""
     srv = meta.get("server") or {}
     models = ", ".join(str(m.get("id")) for m in (srv.get("models") or [])) or "-"
-    version = (f"{srv['version']} (GET {srv['version_endpoint']})" if srv.get("version") else "not reported")
+    version = f"{srv['version']} (GET {srv['version_endpoint']})" if srv.get("version") else "not reported"
     hw = meta.get("hardware")
     n = meta.get("num_devices") or 1
-    hw_s = (f"{n} x {hw['name']} [{hw['id']}, family {hw['family']}] (declared)" if hw
-            else f"not declared (--hardware); per-device figures assume {n} device(s)")
-    return [("model", str(meta.get("model"))), ("server", f"{meta.get('base_url')}, `server` header "
-             f"{srv.get('server_header') or '-'}, version {version}, models {models}"),
-            ("hardware", hw_s), ("date (UTC)", str(meta.get("date_utc"))),
-            ("parity version", str(meta.get("parity_version"))), ("workload", str(meta.get("workload"))),
-            ("command line", " ".join(meta.get("command_line") or []))]
+    hw_s = (
+        f"{n} x {hw['name']} [{hw['id']}, family {hw['family']}] (declared)"
+        if hw
+        else f"not declared (--hardware); per-device figures assume {n} device(s)"
+    )
+    return [
+        ("model", str(meta.get("model"))),
+        (
+            "server",
+            f"{meta.get('base_url')}, `server` header "
+            f"{srv.get('server_header') or '-'}, version {version}, models {models}",
+        ),
+        ("hardware", hw_s),
+        ("date (UTC)", str(meta.get("date_utc"))),
+        ("parity version", str(meta.get("parity_version"))),
+        ("workload", str(meta.get("workload"))),
+        ("command line", " ".join(meta.get("command_line") or [])),
+    ]

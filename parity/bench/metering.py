@@ -36,8 +36,9 @@ def stop_meter(meter):
     try:
         reading = meter.stop()
     except DeviceError as e:
-        reading = EnergyReading(meter=meter.name, joules=None, seconds=0.0, avg_watts=None,
-                                reason=f"meter failed during the run: {e}")
+        reading = EnergyReading(
+            meter=meter.name, joules=None, seconds=0.0, avg_watts=None, reason=f"meter failed during the run: {e}"
+        )
     meter.last_reading = reading  # kept for the steady-state window (parity.bench.runner)
     return reading
 
@@ -69,8 +70,9 @@ def measure_idle(meters: list, seconds: float, sleep=time.sleep) -> list[dict | 
     return out
 
 
-def steady_state_energy(reading, idle: dict | None, t0: float | None, t1: float | None, output_tokens: int | None,
-                        whole_run_tokens: int) -> dict:
+def steady_state_energy(
+    reading, idle: dict | None, t0: float | None, t1: float | None, output_tokens: int | None, whole_run_tokens: int
+) -> dict:
     """Energy over the steady-state window [t0, t1] (perf_counter s) minus the idle baseline.
 
     gross J = the meter's energy inside the window (interpolated on its timeline); idle J = idle W x window s;
@@ -95,19 +97,30 @@ def steady_state_energy(reading, idle: dict | None, t0: float | None, t1: float 
     n = max(len(per), 1)
     if idle and "watts" in idle:
         idle_w = idle["watts"]
-        baseline = (f"idle baseline {idle_w:.1f} W measured over {idle['seconds']:.1f} s before the run, "
-                    "subtracted")
+        baseline = f"idle baseline {idle_w:.1f} W measured over {idle['seconds']:.1f} s before the run, subtracted"
     else:
         idle_w = 0.0
-        baseline = ("no idle baseline subtracted (--idle-baseline 0)" if not idle
-                    else f"no idle baseline subtracted ({idle['reason']})")
+        baseline = (
+            "no idle baseline subtracted (--idle-baseline 0)"
+            if not idle
+            else f"no idle baseline subtracted ({idle['reason']})"
+        )
     net = gross - idle_w * dt
-    return {"basis": basis, "window_s": dt, "gross_joules": gross, "idle_watts": idle_w if idle_w else None,
-            "idle_joules": idle_w * dt, "net_joules": net, "output_tokens": tokens,
-            "joules_per_output_token": net / tokens if tokens else None,
-            "output_tokens_per_joule": tokens / net if tokens and net > 0 else None,
-            "gross_joules_per_output_token": gross / tokens if tokens else None,
-            "avg_watts_per_device": gross / dt / n if dt > 0 else None, "metered_devices": n, "baseline": baseline}
+    return {
+        "basis": basis,
+        "window_s": dt,
+        "gross_joules": gross,
+        "idle_watts": idle_w if idle_w else None,
+        "idle_joules": idle_w * dt,
+        "net_joules": net,
+        "output_tokens": tokens,
+        "joules_per_output_token": net / tokens if tokens else None,
+        "output_tokens_per_joule": tokens / net if tokens and net > 0 else None,
+        "gross_joules_per_output_token": gross / tokens if tokens else None,
+        "avg_watts_per_device": gross / dt / n if dt > 0 else None,
+        "metered_devices": n,
+        "baseline": baseline,
+    }
 
 
 def energy_section(reading, summary: dict) -> dict:

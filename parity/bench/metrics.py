@@ -100,13 +100,17 @@ def parse_slo(text: str | None) -> dict[str, float]:
     if text is None:
         return out
     if not text.strip():
-        raise BenchError(f"--slo: got an empty value {text!r}; give key=value pairs such as ttft_ms=200,tpot_ms=50 "
-                         "or leave out --slo for no goodput")
+        raise BenchError(
+            f"--slo: got an empty value {text!r}; give key=value pairs such as ttft_ms=200,tpot_ms=50 "
+            "or leave out --slo for no goodput"
+        )
     for pos, item in enumerate(text.split(","), 1):
         item = item.strip()
         if not item:
-            raise BenchError(f"--slo {text!r}: item {pos} is empty (stray comma); expected comma-separated "
-                             "key=value pairs such as ttft_ms=200,tpot_ms=50")
+            raise BenchError(
+                f"--slo {text!r}: item {pos} is empty (stray comma); expected comma-separated "
+                "key=value pairs such as ttft_ms=200,tpot_ms=50"
+            )
         if "=" not in item:
             raise BenchError(f"--slo: {item!r} is not key=value; expected e.g. ttft_ms=200,tpot_ms=50")
         k, v = (s.strip() for s in item.split("=", 1))

@@ -97,10 +97,14 @@ def make_figure(results: list[tuple[str, dict]]):
         ax.set_ylabel("fraction of " + ("tokens" if metric == "ITL" else "requests"))
         ax.set_title(f"{metric} CDF")
         ax.grid(alpha=0.3)
-    for ax, (key, stat, name) in zip((axes[1, 1], axes[1, 2]), (("tpot_ms", "median", "median TPOT"),
-                                                                 ("ttft_ms", "p99", "p99 TTFT")), strict=True):
-        pts = [(r["summary"][key][stat], r["summary"]["output_throughput_tok_s"], label) for label, r in results
-               if r["summary"][key][stat] is not None]
+    for ax, (key, stat, name) in zip(
+        (axes[1, 1], axes[1, 2]), (("tpot_ms", "median", "median TPOT"), ("ttft_ms", "p99", "p99 TTFT")), strict=True
+    ):
+        pts = [
+            (r["summary"][key][stat], r["summary"]["output_throughput_tok_s"], label)
+            for label, r in results
+            if r["summary"][key][stat] is not None
+        ]
         pts.sort(key=lambda p: p[1])  # along increasing throughput: the usual serving curve
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
@@ -116,16 +120,35 @@ def make_figure(results: list[tuple[str, dict]]):
     if empty:
         import textwrap
 
-        fig.text(0.5, 0.005, "\n".join(textwrap.shorten(n, 160) for n in empty[:4])
-                 + (f"\n... and {len(empty) - 4} more" if len(empty) > 4 else ""),
-                 ha="center", va="bottom", fontsize=8, color="darkred")
+        fig.text(
+            0.5,
+            0.005,
+            "\n".join(textwrap.shorten(n, 160) for n in empty[:4])
+            + (f"\n... and {len(empty) - 4} more" if len(empty) > 4 else ""),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="darkred",
+        )
         fig.subplots_adjust(bottom=0.07 + 0.02 * min(len(empty), 5))
     return fig
 
 
 def _summary_rows(results: list[tuple[str, dict]]) -> str:
-    cols = ["run", "completed", "failed", "req/s", "out tok/s", "goodput req/s", "TTFT p50", "TTFT p99",
-            "TPOT p50", "ITL p50", "E2EL p50", "J/out tok"]
+    cols = [
+        "run",
+        "completed",
+        "failed",
+        "req/s",
+        "out tok/s",
+        "goodput req/s",
+        "TTFT p50",
+        "TTFT p99",
+        "TPOT p50",
+        "ITL p50",
+        "E2EL p50",
+        "J/out tok",
+    ]
     out = ["<tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"]
     for label, r in results:
         s = r["summary"]
@@ -134,12 +157,25 @@ def _summary_rows(results: list[tuple[str, dict]]) -> str:
         def f(v, nd=2):
             return "-" if v is None else f"{v:,.{nd}f}"
 
-        jpt_all = [f"{m['joules_per_output_token']:.4f} ({m['meter']})" for m in (r.get("energy_meters") or [e])
-                   if m.get("joules_per_output_token") is not None]
-        vals = [label, s["completed"], s["failed"], f(s["request_throughput_req_s"]), f(s["output_throughput_tok_s"]),
-                f(s.get("goodput_req_s")), f(s["ttft_ms"]["median"]), f(s["ttft_ms"]["p99"]), f(s["tpot_ms"]["median"]),
-                f(s["itl_ms"]["median"]), f(s["e2el_ms"]["median"]),
-                ("; ".join(jpt_all) or "-")]
+        jpt_all = [
+            f"{m['joules_per_output_token']:.4f} ({m['meter']})"
+            for m in (r.get("energy_meters") or [e])
+            if m.get("joules_per_output_token") is not None
+        ]
+        vals = [
+            label,
+            s["completed"],
+            s["failed"],
+            f(s["request_throughput_req_s"]),
+            f(s["output_throughput_tok_s"]),
+            f(s.get("goodput_req_s")),
+            f(s["ttft_ms"]["median"]),
+            f(s["ttft_ms"]["p99"]),
+            f(s["tpot_ms"]["median"]),
+            f(s["itl_ms"]["median"]),
+            f(s["e2el_ms"]["median"]),
+            ("; ".join(jpt_all) or "-"),
+        ]
         out.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in vals) + "</tr>")
     return "\n".join(out)
 
@@ -190,14 +226,14 @@ dashed modeled frontier.</p>
 <h2>Setup</h2>{header_html(results)}
 <h2>Frontier</h2>
 <img alt="throughput-latency frontier" src="data:image/png;base64,{fimg}" style="max-width:100%">
-<ul>{''.join(f'<li>{html.escape(n)}</li>' for n in fnotes)}</ul>
+<ul>{"".join(f"<li>{html.escape(n)}</li>" for n in fnotes)}</ul>
 <h2>Points (steady-state window: from target concurrency first reached to the last send)</h2>{points_html(results)}
 <h2>Whole runs</h2>
 <table>{_summary_rows(results)}</table>
 {empty_html}
 <h2>Energy (steady-state window, idle baseline subtracted where measured)</h2>{energy_html(results)}
 <img alt="latency CDFs and throughput vs latency" src="data:image/png;base64,{img}" style="max-width:100%">
-<h2>Notes</h2><ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>
+<h2>Notes</h2><ul>{"".join(f"<li>{html.escape(n)}</li>" for n in notes)}</ul>
 </body></html>
 """
     try:

@@ -96,8 +96,10 @@ def render_table(result: dict, console=None) -> None:
     rows = [
         ("workload", str(cfg.get("workload"))),
         ("request rate (req/s) / max concurrency", f"{cfg.get('request_rate')} / {cfg.get('max_concurrency') or '-'}"),
-        ("completed / failed / interrupted / not sent",
-         f"{s['completed']} / {s['failed']} / {s['interrupted']} / {s.get('not_sent', 0)}"),
+        (
+            "completed / failed / interrupted / not sent",
+            f"{s['completed']} / {s['failed']} / {s['interrupted']} / {s.get('not_sent', 0)}",
+        ),
         ("duration (s)", _f(s["duration_s"])),
         ("total input / output tokens", f"{s['total_input_tokens']:,} / {s['total_output_tokens']:,}"),
         ("request throughput (req/s)", _f(s["request_throughput_req_s"])),

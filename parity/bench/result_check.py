@@ -9,14 +9,39 @@ from parity.errors import BenchError
 
 _STATS = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
 _SUMMARY_INTS = ("completed", "failed", "interrupted")
-_SUMMARY_NUMS = ("duration_s", "total_input_tokens", "total_output_tokens", "request_throughput_req_s",
-                 "output_throughput_tok_s", "total_token_throughput_tok_s")
+_SUMMARY_NUMS = (
+    "duration_s",
+    "total_input_tokens",
+    "total_output_tokens",
+    "request_throughput_req_s",
+    "output_throughput_tok_s",
+    "total_token_throughput_tok_s",
+)
 #: RequestRecord fields (parity.bench.metrics) and their kinds; index and ok are required.
-_RECORD = {"index": "int", "ok": "bool", "error": "str?", "send_s": "num", "ttft_s": "num?", "e2el_s": "num?",
-           "itl_s": "nums", "prompt_tokens": "int", "output_tokens": "int", "requested_output_tokens": "int",
-           "chunks": "int", "count_source": "str", "status": "int?"}
-_KIND_TEXT = {"int": "an integer", "num": "a number", "str": "a string", "bool": "true or false",
-              "dict": "an object", "list": "a list", "nums": "a list of numbers"}
+_RECORD = {
+    "index": "int",
+    "ok": "bool",
+    "error": "str?",
+    "send_s": "num",
+    "ttft_s": "num?",
+    "e2el_s": "num?",
+    "itl_s": "nums",
+    "prompt_tokens": "int",
+    "output_tokens": "int",
+    "requested_output_tokens": "int",
+    "chunks": "int",
+    "count_source": "str",
+    "status": "int?",
+}
+_KIND_TEXT = {
+    "int": "an integer",
+    "num": "a number",
+    "str": "a string",
+    "bool": "true or false",
+    "dict": "an object",
+    "list": "a list",
+    "nums": "a list of numbers",
+}
 
 
 class _Checker:
@@ -36,11 +61,16 @@ class _Checker:
         if value is None and kind.endswith("?"):
             return value
         is_num = isinstance(value, int | float) and not isinstance(value, bool)
-        ok = {"int": isinstance(value, int) and not isinstance(value, bool), "num": is_num,
-              "str": isinstance(value, str), "bool": isinstance(value, bool), "dict": isinstance(value, dict),
-              "list": isinstance(value, list),
-              "nums": isinstance(value, list) and all(isinstance(x, int | float) and not isinstance(x, bool)
-                                                      for x in value)}[base]
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "num": is_num,
+            "str": isinstance(value, str),
+            "bool": isinstance(value, bool),
+            "dict": isinstance(value, dict),
+            "list": isinstance(value, list),
+            "nums": isinstance(value, list)
+            and all(isinstance(x, int | float) and not isinstance(x, bool) for x in value),
+        }[base]
         if not ok:
             self.fail(where, kind, value)
         return value

@@ -30,7 +30,14 @@ def environment(tokenizer: BenchTokenizer | None, meter_desc: str) -> dict:
     """Where the client ran (the server's hardware is the user's to record in the run label)."""
     import httpx
 
-    return {"parity_version": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
-            "hostname": socket.gethostname(), "cpu_count": os.cpu_count(), "httpx": httpx.__version__,
-            "tokenizer": tokenizer.name if tokenizer else None, "energy_meter": meter_desc,
-            "started_utc": datetime.now(UTC).isoformat(timespec="seconds")}
+    return {
+        "parity_version": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "cpu_count": os.cpu_count(),
+        "httpx": httpx.__version__,
+        "tokenizer": tokenizer.name if tokenizer else None,
+        "energy_meter": meter_desc,
+        "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+    }

@@ -21,8 +21,16 @@ from parity.bench.workloads import BenchRequest
 from parity.devices.energy import open_meters
 
 
-def run_bench(cfg: BenchConfig, *, tokenizer: BenchTokenizer | None = None, requests: list[BenchRequest] | None = None,
-              meter=None, transport=None, probe: bool = True, idle: list | None = None) -> dict:
+def run_bench(
+    cfg: BenchConfig,
+    *,
+    tokenizer: BenchTokenizer | None = None,
+    requests: list[BenchRequest] | None = None,
+    meter=None,
+    transport=None,
+    probe: bool = True,
+    idle: list | None = None,
+) -> dict:
     """Synchronous entry point: build the workload, open the energy meter, run, write ``cfg.output``.
 
     Ctrl-C (SIGINT) stops the run: in-flight requests are cancelled and recorded as "interrupted", the partial
@@ -47,15 +55,15 @@ def run_bench(cfg: BenchConfig, *, tokenizer: BenchTokenizer | None = None, requ
     notes: list[str] = []
     if not cfg.model:
         cfg.model = asyncio.run(fetch_default_model(cfg.base_url, cfg.auth_headers(), cfg.timeout_s, transport))
-        notes.append(f"--model not given: benchmarked {cfg.model!r}, the first model listed by the server's "
-                     "GET /v1/models.")
+        notes.append(
+            f"--model not given: benchmarked {cfg.model!r}, the first model listed by the server's GET /v1/models."
+        )
     cfg.validate()
     tokenizer = tokenizer or load_bench_tokenizer(cfg.tokenizer)
     if requests is None:
         requests, wl_notes = build_workload(cfg.workload, tokenizer, cfg.num_prompts, cfg.seed)
         notes.extend(wl_notes)
-    server = (asyncio.run(probe_server(cfg.base_url, cfg.auth_headers(), cfg.timeout_s, transport)) if probe
-              else None)
+    server = asyncio.run(probe_server(cfg.base_url, cfg.auth_headers(), cfg.timeout_s, transport)) if probe else None
     if meter is None and cfg.energy:
         meter = open_meters(cfg.energy, devices=cfg.energy_devices)
     meters = as_meters(meter)
@@ -86,7 +94,8 @@ def add_v2_sections(result: dict, cfg: BenchConfig, server: dict | None, meters:
     for m, base, sec in zip(meters, idle, sections, strict=False):
         reading = getattr(m, "last_reading", None)
         if reading is not None and reading.meter == sec.get("meter"):
-            sec["steady_state"] = steady_state_energy(reading, base, t0, t1, ss.get("output_tokens"),
-                                                      result["summary"]["total_output_tokens"])
+            sec["steady_state"] = steady_state_energy(
+                reading, base, t0, t1, ss.get("output_tokens"), result["summary"]["total_output_tokens"]
+            )
             if base:
                 sec["idle_baseline"] = base

@@ -34,8 +34,9 @@ MOONCAKE_BLOCK = 512
 SHARED_KINDS = ("prefix", "multiturn", "mooncake")
 
 
-def build_workload(spec: WorkloadSpec | str, tokenizer: BenchTokenizer, num_prompts: int | None,
-                   seed: int = 0) -> tuple[list[BenchRequest], list[str]]:
+def build_workload(
+    spec: WorkloadSpec | str, tokenizer: BenchTokenizer, num_prompts: int | None, seed: int = 0
+) -> tuple[list[BenchRequest], list[str]]:
     """Every ``--workload`` kind: the shared-context ones here, the others via `build_requests`.
 
     Raises:
@@ -62,8 +63,10 @@ def _prefix(ws, pb, n, rng):
     for i in range(n):
         text = prefixes[i % e["num_prefixes"]] + pb.build(e["suffix_len"], rng)[0]
         reqs.append(BenchRequest(i, text, pb.tok.count(text), ws.output_len))
-    note = (f"prefix repetition: {e['num_prefixes']} shared prefixes of {e['prefix_len']} tokens, unique suffixes of "
-            f"{e['suffix_len']} tokens, request i uses prefix i mod {e['num_prefixes']}")
+    note = (
+        f"prefix repetition: {e['num_prefixes']} shared prefixes of {e['prefix_len']} tokens, unique suffixes of "
+        f"{e['suffix_len']} tokens, request i uses prefix i mod {e['num_prefixes']}"
+    )
     return reqs, [note]
 
 
@@ -76,7 +79,7 @@ def _multiturn(ws, tok, num_prompts):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BenchError(f"--workload {ws.raw!r}: {path} is not valid JSON ({e})") from None
     if not isinstance(data, list):
-        raise BenchError(f"--workload {ws.raw!r}: {path} must hold a JSON list of {{\"conversations\": [...]}}")
+        raise BenchError(f'--workload {ws.raw!r}: {path} must hold a JSON list of {{"conversations": [...]}}')
     max_turns = ws.extra.get("turns")
     reqs: list[BenchRequest] = []
     n_conv = 0
@@ -93,8 +96,11 @@ def _multiturn(ws, tok, num_prompts):
                 raise BenchError(f"--workload {ws.raw!r}: {path} entry {ci}: each turn needs a `value`") from None
             msgs = [*msgs, {"role": "user", "content": user}]
             text = "\n".join(m["content"] for m in msgs)
-            reqs.append(BenchRequest(len(reqs), text, tok.count(text), ws.output_len or max(1, tok.count(answer)),
-                                     messages=msgs))
+            reqs.append(
+                BenchRequest(
+                    len(reqs), text, tok.count(text), ws.output_len or max(1, tok.count(answer)), messages=msgs
+                )
+            )
             msgs = [*msgs, {"role": "assistant", "content": answer}]
             turns += 1
             if (max_turns and turns >= max_turns) or (num_prompts and len(reqs) >= num_prompts):
@@ -104,8 +110,10 @@ def _multiturn(ws, tok, num_prompts):
             break
     if not reqs:
         raise BenchError(f"--workload {ws.raw!r}: {path} has no conversation with a user and an assistant turn")
-    note = (f"multi-turn replay: {len(reqs)} turns of {n_conv} conversations, each turn carrying the conversation so "
-            "far with the recorded assistant answers")
+    note = (
+        f"multi-turn replay: {len(reqs)} turns of {n_conv} conversations, each turn carrying the conversation so "
+        "far with the recorded assistant answers"
+    )
     return reqs, [note]
 
 
@@ -129,8 +137,9 @@ def load_mooncake(path: Path, spec: str) -> list[dict]:
             raise BenchError(f"--workload {spec!r}: {path} line {ln} must be a JSON object")
         t = obj.get("timestamp")
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
-            raise BenchError(f"--workload {spec!r}: {path} line {ln}: `timestamp` (ms) must be a finite number >= 0, "
-                             f"got {t!r}")
+            raise BenchError(
+                f"--workload {spec!r}: {path} line {ln}: `timestamp` (ms) must be a finite number >= 0, got {t!r}"
+            )
         for key in ("input_length", "output_length"):
             v = obj.get(key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -138,11 +147,19 @@ def load_mooncake(path: Path, spec: str) -> list[dict]:
         h = obj.get("hash_ids", [])
         if not isinstance(h, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in h):
             raise BenchError(f"--workload {spec!r}: {path} line {ln}: `hash_ids` must be a list of integers")
-        rows.append({"arrival_s": t / 1000.0, "input_len": obj["input_length"], "output_len": obj["output_length"],
-                     "hash_ids": h})
+        rows.append(
+            {
+                "arrival_s": t / 1000.0,
+                "input_len": obj["input_length"],
+                "output_len": obj["output_length"],
+                "hash_ids": h,
+            }
+        )
     if not rows:
-        raise BenchError(f"--workload {spec!r}: {path} is empty; expected JSONL lines like "
-                         '{"timestamp": 0, "input_length": 1024, "output_length": 64, "hash_ids": [0, 1]}')
+        raise BenchError(
+            f"--workload {spec!r}: {path} is empty; expected JSONL lines like "
+            '{"timestamp": 0, "input_length": 1024, "output_length": 64, "hash_ids": [0, 1]}'
+        )
     rows.sort(key=lambda r: r["arrival_s"])
     return rows
 
@@ -170,8 +187,10 @@ def _mooncake(ws, pb, tok, num_prompts, seed):
             words = text.split(" ")
             text = " ".join(words[: len(words) - (have - row["input_len"])])
         reqs.append(BenchRequest(i, text, tok.count(text), row["output_len"], arrival_s=row["arrival_s"] - t0))
-    notes = [f"mooncake trace: {n} requests sent at the trace's times; prompts built from {len(blocks)} shared "
-             f"blocks of {block} tokens (one text per hash id)"]
+    notes = [
+        f"mooncake trace: {n} requests sent at the trace's times; prompts built from {len(blocks)} shared "
+        f"blocks of {block} tokens (one text per hash id)"
+    ]
     if num_prompts and num_prompts > len(rows):
         notes.append(f"{Path(ws.path).name}: {len(rows)} trace lines, fewer than --num-prompts {num_prompts}")
     return reqs, notes

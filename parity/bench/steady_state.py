@@ -45,8 +45,15 @@ def steady_state_window(records: list[RequestRecord], target_concurrency: int | 
         "note"}; ``duration_s`` is 0 and ``note`` says why when the window is empty (e.g. every request sent at
         once, or the target never reached before the last send).
     """
-    out = {"start_s": None, "end_s": None, "duration_s": 0.0, "target_concurrency": target_concurrency,
-           "reached_concurrency": None, "mean_concurrency": None, "note": None}
+    out = {
+        "start_s": None,
+        "end_s": None,
+        "duration_s": 0.0,
+        "target_concurrency": target_concurrency,
+        "reached_concurrency": None,
+        "mean_concurrency": None,
+        "note": None,
+    }
     if not records:
         out["note"] = "no request was sent"
         return out
@@ -60,24 +67,30 @@ def steady_state_window(records: list[RequestRecord], target_concurrency: int | 
     else:
         hit = np.nonzero(n >= min(target_concurrency, len(records)))[0]
         if target_concurrency > len(records):
-            out["note"] = (f"only {len(records)} requests for a target concurrency of {target_concurrency}: "
-                           "window starts when all are in flight")
+            out["note"] = (
+                f"only {len(records)} requests for a target concurrency of {target_concurrency}: "
+                "window starts when all are in flight"
+            )
         if hit.size == 0:
             start = float(t[int(np.argmax(n))])
-            out["note"] = (f"target concurrency {target_concurrency} never reached (peak {peak} in flight): "
-                           "window starts at the peak")
+            out["note"] = (
+                f"target concurrency {target_concurrency} never reached (peak {peak} in flight): "
+                "window starts at the peak"
+            )
         else:
             start = float(t[hit[0]])
     out["start_s"], out["end_s"] = float(start), float(end)
     if end <= start:
-        out["note"] = out["note"] or ("the target concurrency was first reached when the last request was sent: "
-                                      "no steady state (raise --num-prompts)")
+        out["note"] = out["note"] or (
+            "the target concurrency was first reached when the last request was sent: "
+            "no steady state (raise --num-prompts)"
+        )
         return out
     out["duration_s"] = float(end - start)
     # time-averaged number in flight over the window
     idx = np.searchsorted(t, [start, end], side="right")
-    times = np.concatenate(([start], t[idx[0]:idx[1]], [end]))
-    counts = np.concatenate(([n[idx[0] - 1] if idx[0] > 0 else 0], n[idx[0]:idx[1]]))
+    times = np.concatenate(([start], t[idx[0] : idx[1]], [end]))
+    counts = np.concatenate(([n[idx[0] - 1] if idx[0] > 0 else 0], n[idx[0] : idx[1]]))
     out["mean_concurrency"] = float(np.sum(np.diff(times) * counts) / (end - start))
     return out
 
@@ -104,8 +117,16 @@ def window_figures(records: list[RequestRecord], window: dict, num_devices: int 
         window over its length; latencies are those of the requests sent inside it; tok/s per user = 1000 /
         median TPOT (ms). All None when the window is empty.
     """
-    keys = ("output_tokens", "output_throughput_tok_s", "output_tok_s_per_device", "requests_sent", "completed",
-            "ttft_ms_median", "tpot_ms_median", "tok_s_per_user")
+    keys = (
+        "output_tokens",
+        "output_throughput_tok_s",
+        "output_tok_s_per_device",
+        "requests_sent",
+        "completed",
+        "ttft_ms_median",
+        "tpot_ms_median",
+        "tok_s_per_user",
+    )
     dur = window.get("duration_s") or 0.0
     if dur <= 0:
         return dict.fromkeys(keys)
@@ -119,10 +140,16 @@ def window_figures(records: list[RequestRecord], window: dict, num_devices: int 
     ok = [r for r in sent if r.ok]
     tpot = _median([x * 1e3 for r in ok if (x := r.tpot_s) is not None])
     thr = ntok / dur
-    return {"output_tokens": ntok, "output_throughput_tok_s": thr, "output_tok_s_per_device": thr / num_devices,
-            "requests_sent": len(sent), "completed": len(ok),
-            "ttft_ms_median": _median([r.ttft_s * 1e3 for r in ok if r.ttft_s is not None]),
-            "tpot_ms_median": tpot, "tok_s_per_user": (1e3 / tpot) if tpot else None}
+    return {
+        "output_tokens": ntok,
+        "output_throughput_tok_s": thr,
+        "output_tok_s_per_device": thr / num_devices,
+        "requests_sent": len(sent),
+        "completed": len(ok),
+        "ttft_ms_median": _median([r.ttft_s * 1e3 for r in ok if r.ttft_s is not None]),
+        "tpot_ms_median": tpot,
+        "tok_s_per_user": (1e3 / tpot) if tpot else None,
+    }
 
 
 def steady_state(records: list[RequestRecord], target_concurrency: int | None, num_devices: int = 1) -> dict:

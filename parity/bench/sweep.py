@@ -66,14 +66,18 @@ def past_slo(result: dict, slo: dict[str, float]) -> str | None:
     """Why the sweep stops after `result` (median TTFT or TPOT > STOP_FACTOR x its SLO), else None."""
     ss = result.get("steady_state") or {}
     s = result["summary"]
-    med = {"ttft_ms": ss.get("ttft_ms_median") if ss.get("duration_s") else None,
-           "tpot_ms": ss.get("tpot_ms_median") if ss.get("duration_s") else None}
+    med = {
+        "ttft_ms": ss.get("ttft_ms_median") if ss.get("duration_s") else None,
+        "tpot_ms": ss.get("tpot_ms_median") if ss.get("duration_s") else None,
+    }
     for key in ("ttft_ms", "tpot_ms"):
         if med[key] is None:
             med[key] = s[key].get("median")
         if key in slo and med[key] is not None and med[key] > STOP_FACTOR * slo[key]:
-            return (f"median {key[:4].upper()} {med[key]:.1f} ms > {STOP_FACTOR:g} x SLO {slo[key]:g} ms: "
-                    "higher loads skipped")
+            return (
+                f"median {key[:4].upper()} {med[key]:.1f} ms > {STOP_FACTOR:g} x SLO {slo[key]:g} ms: "
+                "higher loads skipped"
+            )
     return None
 
 
@@ -83,9 +87,19 @@ def _name(isl, osl, conc, rate) -> str:
     return f"{pair}c{conc if conc is not None else 'inf'}-r{r}.json"
 
 
-def run_sweep(cfg: BenchConfig, concurrencies: list[int] | None, rates: list[float] | None,
-              isl_osl: list[tuple[int, int]] | None, out_dir: str | Path, *, run=None, tokenizer=None, meter=None,
-              transport=None, prompts_per_concurrency: int = 10) -> dict:
+def run_sweep(
+    cfg: BenchConfig,
+    concurrencies: list[int] | None,
+    rates: list[float] | None,
+    isl_osl: list[tuple[int, int]] | None,
+    out_dir: str | Path,
+    *,
+    run=None,
+    tokenizer=None,
+    meter=None,
+    transport=None,
+    prompts_per_concurrency: int = 10,
+) -> dict:
     """Run every point, write one result per point and ``sweep.json`` into `out_dir`.
 
     Args:
@@ -123,29 +137,57 @@ def run_sweep(cfg: BenchConfig, concurrencies: list[int] | None, rates: list[flo
         meter = open_meters(cfg.energy, devices=cfg.energy_devices)
     meters = as_meters(meter)
     idle = measure_idle(meters, cfg.idle_baseline_s) if cfg.idle_baseline_s > 0 else [None] * len(meters)
-    index: dict = {"schema": SWEEP_SCHEMA, "version": SWEEP_VERSION, "slo_ms": slo, "stop_factor": STOP_FACTOR,
-                   "points": [], "stopped": {}, "frontiers": {}}
+    index: dict = {
+        "schema": SWEEP_SCHEMA,
+        "version": SWEEP_VERSION,
+        "slo_ms": slo,
+        "stop_factor": STOP_FACTOR,
+        "points": [],
+        "stopped": {},
+        "frontiers": {},
+    }
     for pair in pairs:
         key = f"{pair[0]}/{pair[1]}" if pair[0] else "workload"
         for conc, rate in points:
             n = cfg.num_prompts or (max(prompts_per_concurrency * conc, 20) if conc else 200)
             name = _name(pair[0], pair[1], conc, rate)
-            pcfg = dataclasses.replace(cfg, max_concurrency=conc, request_rate=rate, workload=workloads[pair],
-                                       num_prompts=n, output=str(out / name), idle_baseline_s=0.0)
+            pcfg = dataclasses.replace(
+                cfg,
+                max_concurrency=conc,
+                request_rate=rate,
+                workload=workloads[pair],
+                num_prompts=n,
+                output=str(out / name),
+                idle_baseline_s=0.0,
+            )
             res = run(pcfg, tokenizer=tokenizer, meter=meter, transport=transport, idle=idle)
-            res.setdefault("sweep", {}).update({"isl": pair[0], "osl": pair[1], "concurrency": conc,
-                                                "request_rate": "inf" if math.isinf(rate) else rate,
-                                                "idle_baseline_s": cfg.idle_baseline_s})
+            res.setdefault("sweep", {}).update(
+                {
+                    "isl": pair[0],
+                    "osl": pair[1],
+                    "concurrency": conc,
+                    "request_rate": "inf" if math.isinf(rate) else rate,
+                    "idle_baseline_s": cfg.idle_baseline_s,
+                }
+            )
             save_result(res, out / name)
-            index["points"].append({"file": name, "pair": key, "isl": pair[0], "osl": pair[1], "concurrency": conc,
-                                    "request_rate": "inf" if math.isinf(rate) else rate, **point_figures(res),
-                                    "ttft_ms_median": res["summary"]["ttft_ms"]["median"],
-                                    "tpot_ms_median": res["summary"]["tpot_ms"]["median"]})
+            index["points"].append(
+                {
+                    "file": name,
+                    "pair": key,
+                    "isl": pair[0],
+                    "osl": pair[1],
+                    "concurrency": conc,
+                    "request_rate": "inf" if math.isinf(rate) else rate,
+                    **point_figures(res),
+                    "ttft_ms_median": res["summary"]["ttft_ms"]["median"],
+                    "tpot_ms_median": res["summary"]["tpot_ms"]["median"],
+                }
+            )
             why = past_slo(res, slo)
             if why:
                 index["stopped"][key] = f"after {name}: {why}"
                 break
-        index["frontiers"][key] = [p["file"] for p in pareto_frontier([p for p in index["points"]
-                                                                       if p["pair"] == key])]
+        index["frontiers"][key] = [p["file"] for p in pareto_frontier([p for p in index["points"] if p["pair"] == key])]
     (out / "sweep.json").write_text(json.dumps(index, indent=1))
     return index

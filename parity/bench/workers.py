@@ -75,16 +75,27 @@ def worker_main() -> int:
         return float(msg["go"])
 
     try:
-        res = asyncio.run(run_requests(cfg, reqs, tok, None, offsets=job["offsets"], start_gate=gate,
-                                       on_done=lambda: _send({"tick": 1})))
+        res = asyncio.run(
+            run_requests(
+                cfg, reqs, tok, None, offsets=job["offsets"], start_gate=gate, on_done=lambda: _send({"tick": 1})
+            )
+        )
     except BenchError as e:
         _send({"error": str(e)})
         return 1
     except KeyboardInterrupt:
         return 130
-    _send({"result": {"requests": res["requests"], "interrupted": res["interrupted"],
-                      "end": res["clock"]["end_perf_counter_s"], "cpu_s": res["clock"]["client_cpu_s"],
-                      "warmup": res["warmup"]}})
+    _send(
+        {
+            "result": {
+                "requests": res["requests"],
+                "interrupted": res["interrupted"],
+                "end": res["clock"]["end_perf_counter_s"],
+                "cpu_s": res["clock"]["client_cpu_s"],
+                "warmup": res["warmup"],
+            }
+        }
+    )
     return 0
 
 
@@ -93,8 +104,9 @@ class _Worker:
 
     def __init__(self, w: int, job: dict):
         self.w = w
-        self.proc = subprocess.Popen([sys.executable, "-m", "parity.bench.workers"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, bufsize=0)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "parity.bench.workers"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+        )
         self.buf = b""
         self.eof = False
         self.write(job)
@@ -137,10 +149,14 @@ def run_with_workers(cfg, requests, tokenizer, meter) -> dict:
     workers = []
     for w in range(n):
         idx = list(range(w, len(requests), n))
-        wcfg = dataclasses.replace(cfg, max_concurrency=concs[w], warmup=warms[w], progress=False, output=None,
-                                   client_workers=1, energy="none")
-        job = {"config": dataclasses.asdict(wcfg), "requests": [dataclasses.asdict(requests[i]) for i in idx],
-               "offsets": [offsets[i] for i in idx]}
+        wcfg = dataclasses.replace(
+            cfg, max_concurrency=concs[w], warmup=warms[w], progress=False, output=None, client_workers=1, energy="none"
+        )
+        job = {
+            "config": dataclasses.asdict(wcfg),
+            "requests": [dataclasses.asdict(requests[i]) for i in idx],
+            "offsets": [offsets[i] for i in idx],
+        }
         if job["config"]["request_rate"] == math.inf:
             job["config"]["request_rate"] = 1e308  # JSON has no inf; offsets are explicit anyway
         workers.append(_Worker(w, job))
@@ -223,16 +239,31 @@ def run_with_workers(cfg, requests, tokenizer, meter) -> dict:
     interrupted = interrupted or any(res["interrupted"] for res in results.values())
     summary = summarize(records, end - origin, parse_slo(cfg.slo))
     summary["not_sent"] = len(requests) - len(records)
-    notes = list(NOTES) + [f"{n} client worker processes (--client-workers); requests dealt round robin; "
-                           f"--max-concurrency split as {concs}"] + errors
-    result = {"schema": RESULT_SCHEMA, "version": RESULT_VERSION, "config": cfg.to_dict(),
-            "environment": environment(tokenizer, describe_meters(meters)),
-            "notes": notes, "interrupted": interrupted,
-            "warmup": {"requests": cfg.warmup, "failed": sum(w["failed"] for w in warm_stats.values())},
-            "clock": {"origin_perf_counter_s": origin, "end_perf_counter_s": end,
-                      "client_cpu_s": sum(res["cpu_s"] for res in results.values()),
-                      "note": "send_s of each record is relative to this time.perf_counter() value (all workers)"},
-            "summary": summary, "requests": [r.to_dict() for r in records]}
+    notes = (
+        list(NOTES)
+        + [
+            f"{n} client worker processes (--client-workers); requests dealt round robin; "
+            f"--max-concurrency split as {concs}"
+        ]
+        + errors
+    )
+    result = {
+        "schema": RESULT_SCHEMA,
+        "version": RESULT_VERSION,
+        "config": cfg.to_dict(),
+        "environment": environment(tokenizer, describe_meters(meters)),
+        "notes": notes,
+        "interrupted": interrupted,
+        "warmup": {"requests": cfg.warmup, "failed": sum(w["failed"] for w in warm_stats.values())},
+        "clock": {
+            "origin_perf_counter_s": origin,
+            "end_perf_counter_s": end,
+            "client_cpu_s": sum(res["cpu_s"] for res in results.values()),
+            "note": "send_s of each record is relative to this time.perf_counter() value (all workers)",
+        },
+        "summary": summary,
+        "requests": [r.to_dict() for r in records],
+    }
     add_energy(result, readings, summary)
     return result
 

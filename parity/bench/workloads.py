@@ -103,8 +103,10 @@ def parse_workload(spec: str) -> WorkloadSpec:
     kind, _, rest = spec.partition(":")
     kind = kind.strip().lower()
     if kind not in KINDS:
-        raise BenchError(f"--workload {spec!r}: unknown kind {kind!r}; expected one of {', '.join(KINDS)} "
-                         "(e.g. random:in=1024,out=128,ratio=0.5,convention=vllm)")
+        raise BenchError(
+            f"--workload {spec!r}: unknown kind {kind!r}; expected one of {', '.join(KINDS)} "
+            "(e.g. random:in=1024,out=128,ratio=0.5,convention=vllm)"
+        )
     kv: dict[str, str] = {}
     path = None
     for i, item in enumerate(x for x in rest.split(",") if x.strip()):
@@ -117,14 +119,21 @@ def parse_workload(spec: str) -> WorkloadSpec:
         k = k.strip().lower()
         k = {"input": "in", "input_len": "in", "output": "out", "output_len": "out", "range_ratio": "ratio"}.get(k, k)
         kv[k] = v.strip()
-    allowed = {"random": {"in", "out", "ratio", "convention"}, "fixed": {"in", "out"},
-               "sharegpt": {"path", "out"}, "trace": {"path"},
-               "prefix": {"num_prefixes", "prefix_len", "suffix_len", "out"}, "multiturn": {"path", "out", "turns"},
-               "mooncake": {"path", "block"}}[kind]
+    allowed = {
+        "random": {"in", "out", "ratio", "convention"},
+        "fixed": {"in", "out"},
+        "sharegpt": {"path", "out"},
+        "trace": {"path"},
+        "prefix": {"num_prefixes", "prefix_len", "suffix_len", "out"},
+        "multiturn": {"path", "out", "turns"},
+        "mooncake": {"path", "block"},
+    }[kind]
     unknown = set(kv) - allowed
     if unknown:
-        raise BenchError(f"--workload {spec!r}: unknown key(s) {', '.join(sorted(unknown))} for {kind}; "
-                         f"expected {', '.join(sorted(allowed))}")
+        raise BenchError(
+            f"--workload {spec!r}: unknown key(s) {', '.join(sorted(unknown))} for {kind}; "
+            f"expected {', '.join(sorted(allowed))}"
+        )
     ws = WorkloadSpec(kind=kind, raw=spec)
     if kind in ("random", "fixed"):
         ws.input_len = _int_field(kv, "in", spec)
@@ -132,8 +141,9 @@ def parse_workload(spec: str) -> WorkloadSpec:
     if kind == "random":
         ws.convention = kv.get("convention", "vllm").lower()
         if ws.convention not in CONVENTIONS:
-            raise BenchError(f"--workload {spec!r}: convention must be one of {', '.join(CONVENTIONS)}, "
-                             f"got {ws.convention!r}")
+            raise BenchError(
+                f"--workload {spec!r}: convention must be one of {', '.join(CONVENTIONS)}, got {ws.convention!r}"
+            )
         try:
             ws.ratio = float(kv.get("ratio", "0"))
         except ValueError:
@@ -236,7 +246,7 @@ def _load_sharegpt(path: Path, spec: str) -> list[tuple[str, str]]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BenchError(f"--workload {spec!r}: {path} is not valid JSON ({e})") from None
     if not isinstance(data, list):
-        raise BenchError(f"--workload {spec!r}: {path} must hold a JSON list of {{\"conversations\": [...]}} entries")
+        raise BenchError(f'--workload {spec!r}: {path} must hold a JSON list of {{"conversations": [...]}} entries')
     pairs = []
     for i, item in enumerate(data):
         conv = item.get("conversations", item.get("conversation")) if isinstance(item, dict) else None
@@ -274,14 +284,18 @@ def _load_trace(path: Path, spec: str) -> list[dict]:
             raise BenchError(f"--workload {spec!r}: {path} line {ln} lacks `arrival_s` (seconds) or `timestamp_ms`")
         # json.loads accepts NaN / Infinity: an infinite arrival would make the run wait forever, NaN would
         # silently scramble the order, so both are refused here
-        if (not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0):
-            raise BenchError(f"--workload {spec!r}: {path} line {ln}: `{tkey}` (arrival time) must be a finite "
-                             f"number >= 0, got {t!r}")
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
+            raise BenchError(
+                f"--workload {spec!r}: {path} line {ln}: `{tkey}` (arrival time) must be a finite "
+                f"number >= 0, got {t!r}"
+            )
         if tkey == "timestamp_ms":
             t = t / 1000.0
         row = {"arrival_s": float(t), "prompt": obj.get("prompt")}
-        for key, aliases in (("input_len", ("input_len", "input_length")),
-                             ("output_len", ("output_len", "output_length"))):
+        for key, aliases in (
+            ("input_len", ("input_len", "input_length")),
+            ("output_len", ("output_len", "output_length")),
+        ):
             v = next((obj[a] for a in aliases if a in obj), None)
             if key == "input_len" and v is None and isinstance(row["prompt"], str):
                 row[key] = None
@@ -291,14 +305,17 @@ def _load_trace(path: Path, spec: str) -> list[dict]:
             row[key] = v
         rows.append(row)
     if not rows:
-        raise BenchError(f"--workload {spec!r}: {path} is empty; expected JSONL lines like "
-                         '{"arrival_s": 0.0, "input_len": 512, "output_len": 128}')
+        raise BenchError(
+            f"--workload {spec!r}: {path} is empty; expected JSONL lines like "
+            '{"arrival_s": 0.0, "input_len": 512, "output_len": 128}'
+        )
     rows.sort(key=lambda r: r["arrival_s"])
     return rows
 
 
-def build_requests(spec: WorkloadSpec | str, tokenizer: BenchTokenizer, num_prompts: int | None,
-                   seed: int = 0) -> tuple[list[BenchRequest], list[str]]:
+def build_requests(
+    spec: WorkloadSpec | str, tokenizer: BenchTokenizer, num_prompts: int | None, seed: int = 0
+) -> tuple[list[BenchRequest], list[str]]:
     """Materialise a workload.
 
     Args:
@@ -325,8 +342,10 @@ def build_requests(spec: WorkloadSpec | str, tokenizer: BenchTokenizer, num_prom
             outs = sample_lengths(ws.output_len, ws.ratio, ws.convention, n, rng)
             lo_i, hi_i = length_range(ws.input_len, ws.ratio, ws.convention)
             lo_o, hi_o = length_range(ws.output_len, ws.ratio, ws.convention)
-            notes.append(f"random lengths ({ws.convention} range convention, ratio {ws.ratio:g}): input uniform in "
-                         f"[{lo_i}, {hi_i}], output uniform in [{lo_o}, {hi_o}] tokens")
+            notes.append(
+                f"random lengths ({ws.convention} range convention, ratio {ws.ratio:g}): input uniform in "
+                f"[{lo_i}, {hi_i}], output uniform in [{lo_o}, {hi_o}] tokens"
+            )
         pb = PromptBuilder(tokenizer, seed)
         reqs = []
         for i in range(n):
@@ -342,8 +361,9 @@ def build_requests(spec: WorkloadSpec | str, tokenizer: BenchTokenizer, num_prom
         order = rng.permutation(len(pairs))
         n = num_prompts or len(pairs)
         if n > len(pairs):
-            notes.append(f"{path.name}: {len(pairs)} usable conversations, fewer than --num-prompts {n}; "
-                         f"using {len(pairs)}")
+            notes.append(
+                f"{path.name}: {len(pairs)} usable conversations, fewer than --num-prompts {n}; using {len(pairs)}"
+            )
             n = len(pairs)
         reqs = []
         for i, j in enumerate(order[:n]):
@@ -366,6 +386,8 @@ def build_requests(spec: WorkloadSpec | str, tokenizer: BenchTokenizer, num_prom
             pb = pb or PromptBuilder(tokenizer, seed)
             text, cnt = pb.build(row["input_len"], rng)
         reqs.append(BenchRequest(i, text, cnt, row["output_len"], arrival_s=row["arrival_s"] - t0))
-    notes.append("trace replay: requests sent at the trace's arrival times (relative to its first line); "
-                 "--request-rate and --burstiness are ignored")
+    notes.append(
+        "trace replay: requests sent at the trace's arrival times (relative to its first line); "
+        "--request-rate and --burstiness are ignored"
+    )
     return reqs, notes

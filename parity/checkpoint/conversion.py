@@ -68,8 +68,9 @@ def convert_published(model: nn.Module, quantization: str) -> dict:
                 _set(model, name, new)
                 stats["linears"] += 1
             elif isinstance(mod, quant.FP4Experts):
-                new = Int8Experts(mod.n_experts, mod.hidden, mod.inter, mod.limit, bits,
-                                  device=mod.gate_up_qweight.device)
+                new = Int8Experts(
+                    mod.n_experts, mod.hidden, mod.inter, mod.limit, bits, device=mod.gate_up_qweight.device
+                )
                 for e in range(mod.n_experts):
                     gu, dn = mod.expert_weights(e, torch.float32)
                     one = Int8Experts.from_float(gu[None], dn[None], mod.limit, bits)
@@ -78,7 +79,13 @@ def convert_published(model: nn.Module, quantization: str) -> dict:
                 _set(model, name, new)
                 stats["experts"] += 1
     stats["bytes_after"] = quant.quantized_nbytes(model) + int8_nbytes(model)
-    log.info("converted %d FP8 linears to W8A8 (int8 per output channel) and %d FP4 expert stacks to int%d: "
-             "quantized weights %.1f MiB (were %.1f MiB)", stats["linears"], stats["experts"], bits,
-             stats["bytes_after"] / 2**20, before / 2**20)
+    log.info(
+        "converted %d FP8 linears to W8A8 (int8 per output channel) and %d FP4 expert stacks to int%d: "
+        "quantized weights %.1f MiB (were %.1f MiB)",
+        stats["linears"],
+        stats["experts"],
+        bits,
+        stats["bytes_after"] / 2**20,
+        before / 2**20,
+    )
     return stats

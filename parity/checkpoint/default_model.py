@@ -40,8 +40,9 @@ def ensure_default_model(seed: int = 0) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     except OSError as e:
-        raise CheckpointError(f"cannot create the default model under {target.parent} ({e}); set "
-                              f"PARITY_CACHE_DIR to a writable directory") from None
+        raise CheckpointError(
+            f"cannot create the default model under {target.parent} ({e}); set PARITY_CACHE_DIR to a writable directory"
+        ) from None
     try:
         writer.export_tiny(tmp, seed=seed)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared

@@ -26,22 +26,34 @@ def parse_seed(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if not SEED_MIN <= seed <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"{seed} is out of range; expected an integer in [{SEED_MIN}, {SEED_MAX}] "
-                                         "(a signed 64-bit integer)")
+        raise argparse.ArgumentTypeError(
+            f"{seed} is out of range; expected an integer in [{SEED_MIN}, {SEED_MAX}] (a signed 64-bit integer)"
+        )
     return seed
 
 
 def register(sub) -> None:
     p = sub.add_parser("export-tiny", help="write the seeded random 'tiny' model in DeepSeek-V4's FP8/FP4 layout")
     p.add_argument("dir", help="output directory (created; an existing non-empty one only with --overwrite)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into an existing non-empty directory, replacing checkpoint files of the same names")
-    p.add_argument("--seed", type=parse_seed, default=0,
-                   help=f"random seed in [{SEED_MIN}, {SEED_MAX}] (same seed, same bytes; default 0)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an existing non-empty directory, replacing checkpoint files of the same names",
+    )
+    p.add_argument(
+        "--seed",
+        type=parse_seed,
+        default=0,
+        help=f"random seed in [{SEED_MIN}, {SEED_MAX}] (same seed, same bytes; default 0)",
+    )
     p.add_argument("--preset", default="tiny", help="model preset to export (default: tiny)")
-    p.add_argument("--format", default="published", choices=["published", *FORMATS],
-                   help="published = DeepSeek's FP8/FP4 layout (default); msmodelslim-w8a8 / msmodelslim-w4a8 = "
-                        "Ascend msModelSlim W8A8_DYNAMIC (int4 W4A8_DYNAMIC experts) with quant_model_description.json")
+    p.add_argument(
+        "--format",
+        default="published",
+        choices=["published", *FORMATS],
+        help="published = DeepSeek's FP8/FP4 layout (default); msmodelslim-w8a8 / msmodelslim-w4a8 = "
+        "Ascend msModelSlim W8A8_DYNAMIC (int4 W4A8_DYNAMIC experts) with quant_model_description.json",
+    )
     p.set_defaults(func=run)
 
 
@@ -59,11 +71,14 @@ def run(args) -> int:
     try:
         non_empty = out.is_dir() and next(out.iterdir(), None) is not None
     except OSError as e:
-        raise CheckpointError(f"export-tiny: cannot read the output directory {str(out)!r} "
-                              f"({e.strerror or e})") from None
+        raise CheckpointError(
+            f"export-tiny: cannot read the output directory {str(out)!r} ({e.strerror or e})"
+        ) from None
     if non_empty and not args.overwrite:
-        raise CheckpointError(f"export-tiny: {str(out)!r} exists and is not empty; pass --overwrite to write the "
-                              "checkpoint into it (files of the same names are replaced) or give a new directory")
+        raise CheckpointError(
+            f"export-tiny: {str(out)!r} exists and is not empty; pass --overwrite to write the "
+            "checkpoint into it (files of the same names are replaced) or give a new directory"
+        )
     con = Console(stderr=True, highlight=False)
     msg = f"export-tiny: building and quantizing the {args.preset!r} weights, then writing {out} ..."
 

@@ -34,9 +34,9 @@ SUPPORTED_EXPERT_DTYPES = ("fp4",)
 FP4_SCALE_BLOCK = 32
 
 # Roles of a tensor: one plain tensor, or a quantized weight / its block scale.
-FP8 = "fp8"          # F8_E4M3 weight, sibling .scale
+FP8 = "fp8"  # F8_E4M3 weight, sibling .scale
 FP8_SCALE = "fp8_scale"
-FP4 = "fp4"          # I8 packed e2m1 weight, sibling .scale
+FP4 = "fp4"  # I8 packed e2m1 weight, sibling .scale
 FP4_SCALE = "fp4_scale"
 PLAIN = "plain"
 
@@ -99,32 +99,118 @@ TABLE: tuple[Row, ...] = (
     _r(BLOCK, ALL, "attn.q_norm.weight", "self_attn.q_a_norm.weight", PLAIN, "BF16", "q_rank"),
     _r(BLOCK, ALL, "attn.wq_b", "self_attn.q_b_proj", FP8, "", "heads*head_dim", "q_rank"),
     _r(BLOCK, ALL, "attn.wkv", "self_attn.kv_proj", FP8, "", "head_dim", "hidden"),
-    _r(BLOCK, ALL, "attn.kv_norm.weight", "self_attn.kv_norm.weight", PLAIN, "BF16", "head_dim",
-       aliases=("attn.norm.weight",)),
+    _r(
+        BLOCK,
+        ALL,
+        "attn.kv_norm.weight",
+        "self_attn.kv_norm.weight",
+        PLAIN,
+        "BF16",
+        "head_dim",
+        aliases=("attn.norm.weight",),
+    ),
     _r(BLOCK, ALL, "attn.wo_a", "self_attn.o_a_proj", FP8, "", "o_rank", "group_in"),
     _r(BLOCK, ALL, "attn.wo_b", "self_attn.o_b_proj", FP8, "", "hidden", "o_rank"),
     # Block: the KV compressor (CSA and HCA layers)
-    _r(BLOCK, COMPRESSED, "attn.compressor.wkv.weight", "self_attn.compressor.kv_proj.weight", PLAIN, "BF16",
-       "kv_width", "hidden"),
-    _r(BLOCK, COMPRESSED, "attn.compressor.wgate.weight", "self_attn.compressor.gate_proj.weight", PLAIN, "BF16",
-       "kv_width", "hidden"),
-    _r(BLOCK, COMPRESSED, "attn.compressor.ape", "self_attn.compressor.position_bias", PLAIN, "F32",
-       "ratio", "kv_width"),
-    _r(BLOCK, COMPRESSED, "attn.compressor.norm.weight", "self_attn.compressor.kv_norm.weight", PLAIN, "BF16",
-       "head_dim"),
+    _r(
+        BLOCK,
+        COMPRESSED,
+        "attn.compressor.wkv.weight",
+        "self_attn.compressor.kv_proj.weight",
+        PLAIN,
+        "BF16",
+        "kv_width",
+        "hidden",
+    ),
+    _r(
+        BLOCK,
+        COMPRESSED,
+        "attn.compressor.wgate.weight",
+        "self_attn.compressor.gate_proj.weight",
+        PLAIN,
+        "BF16",
+        "kv_width",
+        "hidden",
+    ),
+    _r(
+        BLOCK,
+        COMPRESSED,
+        "attn.compressor.ape",
+        "self_attn.compressor.position_bias",
+        PLAIN,
+        "F32",
+        "ratio",
+        "kv_width",
+    ),
+    _r(
+        BLOCK,
+        COMPRESSED,
+        "attn.compressor.norm.weight",
+        "self_attn.compressor.kv_norm.weight",
+        PLAIN,
+        "BF16",
+        "head_dim",
+    ),
     # Block: the lightning indexer and its compressor (CSA layers)
-    _r(BLOCK, CSA_ONLY, "attn.indexer.wq_b", "self_attn.compressor.indexer.q_b_proj", FP8, "",
-       "index_heads*index_dim", "q_rank"),
-    _r(BLOCK, CSA_ONLY, "attn.indexer.weights_proj.weight", "self_attn.compressor.indexer.scorer.weights_proj.weight",
-       PLAIN, "BF16", "index_heads", "hidden"),
-    _r(BLOCK, CSA_ONLY, "attn.indexer.compressor.wkv.weight", "self_attn.compressor.indexer.kv_proj.weight", PLAIN,
-       "BF16", "index_kv_width", "hidden"),
-    _r(BLOCK, CSA_ONLY, "attn.indexer.compressor.wgate.weight", "self_attn.compressor.indexer.gate_proj.weight",
-       PLAIN, "BF16", "index_kv_width", "hidden"),
-    _r(BLOCK, CSA_ONLY, "attn.indexer.compressor.ape", "self_attn.compressor.indexer.position_bias", PLAIN, "F32",
-       "ratio", "index_kv_width"),
-    _r(BLOCK, CSA_ONLY, "attn.indexer.compressor.norm.weight", "self_attn.compressor.indexer.kv_norm.weight", PLAIN,
-       "BF16", "index_dim"),
+    _r(
+        BLOCK,
+        CSA_ONLY,
+        "attn.indexer.wq_b",
+        "self_attn.compressor.indexer.q_b_proj",
+        FP8,
+        "",
+        "index_heads*index_dim",
+        "q_rank",
+    ),
+    _r(
+        BLOCK,
+        CSA_ONLY,
+        "attn.indexer.weights_proj.weight",
+        "self_attn.compressor.indexer.scorer.weights_proj.weight",
+        PLAIN,
+        "BF16",
+        "index_heads",
+        "hidden",
+    ),
+    _r(
+        BLOCK,
+        CSA_ONLY,
+        "attn.indexer.compressor.wkv.weight",
+        "self_attn.compressor.indexer.kv_proj.weight",
+        PLAIN,
+        "BF16",
+        "index_kv_width",
+        "hidden",
+    ),
+    _r(
+        BLOCK,
+        CSA_ONLY,
+        "attn.indexer.compressor.wgate.weight",
+        "self_attn.compressor.indexer.gate_proj.weight",
+        PLAIN,
+        "BF16",
+        "index_kv_width",
+        "hidden",
+    ),
+    _r(
+        BLOCK,
+        CSA_ONLY,
+        "attn.indexer.compressor.ape",
+        "self_attn.compressor.indexer.position_bias",
+        PLAIN,
+        "F32",
+        "ratio",
+        "index_kv_width",
+    ),
+    _r(
+        BLOCK,
+        CSA_ONLY,
+        "attn.indexer.compressor.norm.weight",
+        "self_attn.compressor.indexer.kv_norm.weight",
+        PLAIN,
+        "BF16",
+        "index_dim",
+    ),
     # Block: MoE (gate, routed experts, shared expert)
     _r(BLOCK, ALL, "ffn.gate.weight", "mlp.gate.weight", PLAIN, "BF16", "experts", "hidden"),
     _r(BLOCK, HASH, "ffn.gate.tid2eid", "mlp.gate.tid2eid", PLAIN, "I64", "vocab", "topk"),
@@ -197,14 +283,27 @@ def _dims(cfg: ModelConfig, ratio: int) -> dict[str, int]:
     c = cfg
     overlap = 2 if ratio == c.compress_rates[CSA] else 1
     return {
-        "vocab": c.vocab_size, "hidden": c.hidden_size, "hc": c.hc_mult, "hc*hidden": c.hc_mult * c.hidden_size,
-        "mix": (2 + c.hc_mult) * c.hc_mult, "heads": c.num_attention_heads, "head_dim": c.head_dim,
-        "heads*head_dim": c.num_attention_heads * c.head_dim, "q_rank": c.q_lora_rank,
-        "o_rank": c.o_groups * c.o_lora_rank, "group_in": c.num_attention_heads * c.head_dim // c.o_groups,
-        "ratio": ratio, "kv_width": overlap * c.head_dim, "index_heads": c.index_n_heads,
-        "index_dim": c.index_head_dim, "index_heads*index_dim": c.index_n_heads * c.index_head_dim,
-        "index_kv_width": 2 * c.index_head_dim, "experts": c.n_routed_experts, "inter": c.moe_intermediate_size,
-        "shared_inter": c.moe_intermediate_size * max(c.n_shared_experts, 1), "topk": c.num_experts_per_tok,
+        "vocab": c.vocab_size,
+        "hidden": c.hidden_size,
+        "hc": c.hc_mult,
+        "hc*hidden": c.hc_mult * c.hidden_size,
+        "mix": (2 + c.hc_mult) * c.hc_mult,
+        "heads": c.num_attention_heads,
+        "head_dim": c.head_dim,
+        "heads*head_dim": c.num_attention_heads * c.head_dim,
+        "q_rank": c.q_lora_rank,
+        "o_rank": c.o_groups * c.o_lora_rank,
+        "group_in": c.num_attention_heads * c.head_dim // c.o_groups,
+        "ratio": ratio,
+        "kv_width": overlap * c.head_dim,
+        "index_heads": c.index_n_heads,
+        "index_dim": c.index_head_dim,
+        "index_heads*index_dim": c.index_n_heads * c.index_head_dim,
+        "index_kv_width": 2 * c.index_head_dim,
+        "experts": c.n_routed_experts,
+        "inter": c.moe_intermediate_size,
+        "shared_inter": c.moe_intermediate_size * max(c.n_shared_experts, 1),
+        "topk": c.num_experts_per_tok,
     }
 
 
@@ -213,21 +312,31 @@ def _has(part: str, cfg: ModelConfig, ratio: int, is_hash: bool) -> bool:
     return {ALL: True, EXPERT: True, COMPRESSED: bool(ratio), CSA_ONLY: csa, HASH: is_hash, SCORED: not is_hash}[part]
 
 
-def _emit(out: dict[str, TensorSpec], row: Row, official: str, target: str, dims: dict[str, int],
-          block: tuple[int, int], mtp: bool, expert: tuple[int, str] | None = None) -> None:
+def _emit(
+    out: dict[str, TensorSpec],
+    row: Row,
+    official: str,
+    target: str,
+    dims: dict[str, int],
+    block: tuple[int, int],
+    mtp: bool,
+    expert: tuple[int, str] | None = None,
+) -> None:
     shape = tuple(d if isinstance(d, int) else dims[d] for d in row.shape)
     if row.kind == PLAIN:
         out[official] = TensorSpec(official, shape, row.dtype, PLAIN, target, None, mtp)
     elif row.kind == FP8:
         (o, i), (br, bc) = shape, block
         out[f"{official}.weight"] = TensorSpec(f"{official}.weight", (o, i), "F8_E4M3", FP8, target, None, mtp)
-        out[f"{official}.scale"] = TensorSpec(f"{official}.scale", (_cdiv(o, br), _cdiv(i, bc)), "F8_E8M0", FP8_SCALE,
-                                              target, None, mtp)
+        out[f"{official}.scale"] = TensorSpec(
+            f"{official}.scale", (_cdiv(o, br), _cdiv(i, bc)), "F8_E8M0", FP8_SCALE, target, None, mtp
+        )
     else:
         o, i = shape
         out[f"{official}.weight"] = TensorSpec(f"{official}.weight", (o, i // 2), "I8", FP4, target, expert, mtp)
-        out[f"{official}.scale"] = TensorSpec(f"{official}.scale", (o, i // FP4_SCALE_BLOCK), "F8_E8M0", FP4_SCALE,
-                                              target, expert, mtp)
+        out[f"{official}.scale"] = TensorSpec(
+            f"{official}.scale", (o, i // FP4_SCALE_BLOCK), "F8_E8M0", FP4_SCALE, target, expert, mtp
+        )
 
 
 def _block(out: dict, cfg: ModelConfig, off: str, mod: str, ratio: int, is_hash: bool, mtp: bool) -> None:
@@ -240,8 +349,16 @@ def _block(out: dict, cfg: ModelConfig, off: str, mod: str, ratio: int, is_hash:
         elif row is experts[0]:  # all routed experts at the first expert row, expert by expert
             for e in range(cfg.n_routed_experts):
                 for xr in experts:
-                    _emit(out, xr, f"{off}.{xr.official.format(e=e)}", f"{mod}.{xr.module}", dims, block, mtp,
-                          (e, xr.official.rpartition(".")[2]))
+                    _emit(
+                        out,
+                        xr,
+                        f"{off}.{xr.official.format(e=e)}",
+                        f"{mod}.{xr.module}",
+                        dims,
+                        block,
+                        mtp,
+                        (e, xr.official.rpartition(".")[2]),
+                    )
     if mtp:
         for row in TABLE:
             if row.scope == MTP:
@@ -261,8 +378,15 @@ def official_layout(cfg: ModelConfig) -> dict[str, TensorSpec]:
         if row.scope == EMBED:
             _emit(out, row, row.official, row.module, dims, block, False)
     for i in range(cfg.num_hidden_layers):
-        _block(out, cfg, f"layers.{i}", f"model.layers.{i}", cfg.compress_ratio(i),
-               cfg.mlp_layer_types[i] == HASH_MOE, False)
+        _block(
+            out,
+            cfg,
+            f"layers.{i}",
+            f"model.layers.{i}",
+            cfg.compress_ratio(i),
+            cfg.mlp_layer_types[i] == HASH_MOE,
+            False,
+        )
     for k in range(cfg.num_nextn_predict_layers):
         ratio = cfg.mtp_compress_ratios[k] if k < len(cfg.mtp_compress_ratios) else 0
         _block(out, cfg, f"mtp.{k}", f"model.mtp.{k}", ratio, False, True)
@@ -313,9 +437,14 @@ _MODEL_LEVEL = _name_pairs(r for r in TABLE if r.scope in (EMBED, FINAL))
 _IN_BLOCK = _name_pairs(r for r in TABLE if r.scope in (BLOCK, MTP))
 #: Routed experts, one tensor per expert: ``ffn.experts.{e}.w1.weight`` -> ``mlp.experts.{e}.w1.weight``
 #: (``.scale`` likewise).
-_EXPERT_NAMES = [(re.compile("^" + r"(\d+)".join(map(re.escape, r.official.split("{e}"))) + r"\.(weight|scale)$"),
-                  r.module + ".{e}." + r.official.rpartition(".")[2] + ".{suffix}")
-                 for r in TABLE if r.part == EXPERT]
+_EXPERT_NAMES = [
+    (
+        re.compile("^" + r"(\d+)".join(map(re.escape, r.official.split("{e}"))) + r"\.(weight|scale)$"),
+        r.module + ".{e}." + r.official.rpartition(".")[2] + ".{suffix}",
+    )
+    for r in TABLE
+    if r.part == EXPERT
+]
 _BLOCK_RE = re.compile(r"^(layers|mtp)\.(\d+)\.(.*)$")
 
 
@@ -333,7 +462,7 @@ def canonical_name(name: str) -> str:
         return _MODEL_LEVEL[name]
     if name in _MODEL_LEVEL.values() and not name.startswith("model."):  # the LM head: outside `model.`
         return name
-    n = name[len("model."):] if name.startswith("model.") else name
+    n = name[len("model.") :] if name.startswith("model.") else name
     if _MODEL_LEVEL.get(n, "").startswith("model."):
         return _MODEL_LEVEL[n]
     m = _BLOCK_RE.match(n)

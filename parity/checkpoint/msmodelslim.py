@@ -55,18 +55,23 @@ def read_description(path: str | Path) -> dict[str, str]:
         if not isinstance(d, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{f}: unreadable msModelSlim description ({e}); expected a JSON object "
-                              f"{{tensor name: scheme}}") from None
+        raise CheckpointError(
+            f"{f}: unreadable msModelSlim description ({e}); expected a JSON object {{tensor name: scheme}}"
+        ) from None
     if int(d.get("group_size", 0) or 0) > 0:
-        raise CheckpointError(f"{f}: group_size {d['group_size']} (per-group quantization) is not supported; "
-                              f"expected per-channel weights (group_size 0)")
+        raise CheckpointError(
+            f"{f}: group_size {d['group_size']} (per-group quantization) is not supported; "
+            f"expected per-channel weights (group_size 0)"
+        )
     out = {}
     for k, v in d.items():
         if k in META_KEYS:
             continue
         if v not in SUPPORTED_SCHEMES:
-            raise CheckpointError(f"{f}: tensor {k!r} uses scheme {v!r}, which parity does not support; expected "
-                                  f"one of {', '.join(SUPPORTED_SCHEMES)}")
+            raise CheckpointError(
+                f"{f}: tensor {k!r} uses scheme {v!r}, which parity does not support; expected "
+                f"one of {', '.join(SUPPORTED_SCHEMES)}"
+            )
         out[k] = v
     return out
 

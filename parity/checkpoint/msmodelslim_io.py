@@ -45,8 +45,9 @@ def _list_tensors(path: Path) -> dict[str, Path]:
         try:
             return {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: unreadable index ({e}); expected a JSON object with "
-                                  f"'weight_map'") from None
+            raise CheckpointError(
+                f"{index}: unreadable index ({e}); expected a JSON object with 'weight_map'"
+            ) from None
     out = {}
     for fp in sorted(path.glob("*.safetensors")):
         with safe_open(str(fp), "pt") as f:
@@ -65,15 +66,21 @@ def _route(name: str, desc: dict[str, str]) -> tuple[str, str, str]:
     mod, suffix = split_name(name)
     scheme = desc.get(name) or (desc.get(mod + ".weight") if suffix else None)
     if scheme is None:
-        raise CheckpointError(f"tensor {name!r} is not listed in {DESCRIPTION_FILE}; expected a scheme for every "
-                              f"tensor")
+        raise CheckpointError(
+            f"tensor {name!r} is not listed in {DESCRIPTION_FILE}; expected a scheme for every tensor"
+        )
     if scheme == FLOAT:
         return scheme, canonical_name(name), ""
     return scheme, canonical_name(mod + ".weight"), suffix
 
 
-def load_msmodelslim(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32,
-                     kv_cache_dtype: str | None = None, indexer_dtype: str | None = None) -> V4ForCausalLM:
+def load_msmodelslim(
+    path: str | Path,
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+    kv_cache_dtype: str | None = None,
+    indexer_dtype: str | None = None,
+) -> V4ForCausalLM:
     """Load a msModelSlim W8A8_DYNAMIC / W4A8_DYNAMIC checkpoint directory into parity's model.
 
     Args:
@@ -102,8 +109,9 @@ def load_msmodelslim(path: str | Path, device="cpu", dtype: torch.dtype = torch.
         if m:
             bits = 8 if scheme == W8A8_DYNAMIC else 4
             if experts.setdefault(m.group(1), bits) != bits:
-                raise CheckpointError(f"tensor {n!r}: routed experts of {m.group(1)} mix W8A8 and W4A8; expected one "
-                                      f"scheme per layer")
+                raise CheckpointError(
+                    f"tensor {n!r}: routed experts of {m.group(1)} mix W8A8 and W4A8; expected one scheme per layer"
+                )
         elif scheme == W4A8_DYNAMIC:
             raise CheckpointError(f"tensor {n!r} uses {W4A8_DYNAMIC}: parity runs W4A8 for routed experts only")
         else:
@@ -127,8 +135,11 @@ def load_msmodelslim(path: str | Path, device="cpu", dtype: torch.dtype = torch.
     for name, bits in sorted(experts.items()):
         old = model.get_submodule(name)
         e, two_i, h = old.gate_up_proj.shape
-        _set(model, name, Int8Experts(e, h, two_i // 2, float(getattr(old, "limit", cfg.swiglu_limit)), bits,
-                                      device=meta))
+        _set(
+            model,
+            name,
+            Int8Experts(e, h, two_i // 2, float(getattr(old, "limit", cfg.swiglu_limit)), bits, device=meta),
+        )
     model.to_empty(device=dev)
     reset_rope(model)
     _fill(model, cfg, files, routes)
@@ -178,8 +189,10 @@ def _fill(model: V4ForCausalLM, cfg, files: dict[str, Path], routes: dict) -> No
                         dst_name = target.removesuffix(".weight") + ".weight_scale"
                     elif suffix == "weight_offset":
                         if bool((t != 0).any()):
-                            raise CheckpointError(f"tensor {n!r} has non-zero offsets: asymmetric weights are not "
-                                                  f"supported; expected symmetric {scheme} (offset 0)")
+                            raise CheckpointError(
+                                f"tensor {n!r} has non-zero offsets: asymmetric weights are not "
+                                f"supported; expected symmetric {scheme} (offset 0)"
+                            )
                         continue
                     else:  # scale_bias: derived by vllm-ascend's fused kernel, not needed here
                         continue
@@ -204,8 +217,10 @@ def _fill(model: V4ForCausalLM, cfg, files: dict[str, Path], routes: dict) -> No
         missing.remove("lm_head.weight")
         model.lm_head.weight = model.model.embed_tokens.weight
     if missing:
-        raise CheckpointError(f"msModelSlim checkpoint lacks {len(missing)} tensors for its config.json: "
-                              f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
+        raise CheckpointError(
+            f"msModelSlim checkpoint lacks {len(missing)} tensors for its config.json: "
+            f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}"
+        )
 
 
 def _expert_slot(mod, e: int, w: str, suffix: str, inter: int):
@@ -292,8 +307,9 @@ def _emit(out: dict, desc: dict, mod: str, q: torch.Tensor, s: torch.Tensor, sch
         desc[f"{mod}.{suffix}"] = scheme
 
 
-def export_msmodelslim(model, out_dir: str | Path, fmt: str, shard_bytes: int | None = None,
-                       tokenizer: bool = True) -> Path:
+def export_msmodelslim(
+    model, out_dir: str | Path, fmt: str, shard_bytes: int | None = None, tokenizer: bool = True
+) -> Path:
     """Write a float parity model (``model.config``) as a msModelSlim checkpoint in format `fmt`:
     shards + index + config.json (no ``quantization_config``) + ``quant_model_description.json``.
 
@@ -318,8 +334,13 @@ def export_tiny_msmodelslim(out_dir: str | Path, fmt: str, seed: int = 0, preset
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown msModelSlim format {fmt!r}: expected one of {', '.join(FORMATS)}")
     cfg = load_preset(preset)
-    check_fits(cfg, "cpu", torch.float32, what=f"exporting preset {preset!r}",
-               extra_bytes=estimate_weight_bytes(cfg, torch.bfloat16, weights=fmt.rpartition("-")[2]))
+    check_fits(
+        cfg,
+        "cpu",
+        torch.float32,
+        what=f"exporting preset {preset!r}",
+        extra_bytes=estimate_weight_bytes(cfg, torch.bfloat16, weights=fmt.rpartition("-")[2]),
+    )
     with torch.no_grad():
         model = build_model(cfg, device="cpu", dtype=torch.float32, seed=int(seed))
     return export_msmodelslim(model, out_dir, fmt)

@@ -52,10 +52,19 @@ from parity.model.parallel_layers import (
 )
 
 
-def load_official(path: str | Path, device: Any = "cpu", dtype=None, *, quantized: bool = True,
-                  kv_cache_dtype: str | None = None, indexer_dtype: str | None = None,
-                  native_fp8: bool | None = None, progress: bool = True,
-                  quantization: str | None = None, parallel=None) -> V4ForCausalLM:
+def load_official(
+    path: str | Path,
+    device: Any = "cpu",
+    dtype=None,
+    *,
+    quantized: bool = True,
+    kv_cache_dtype: str | None = None,
+    indexer_dtype: str | None = None,
+    native_fp8: bool | None = None,
+    progress: bool = True,
+    quantization: str | None = None,
+    parallel=None,
+) -> V4ForCausalLM:
     """Load a checkpoint in the published FP8/FP4 layout into parity's model.
 
     Parameters the model keeps in fp32 stay fp32; the rest are allocated in `dtype`; the high-precision
@@ -103,14 +112,23 @@ def load_official(path: str | Path, device: Any = "cpu", dtype=None, *, quantize
         quantized = False
     cfg, layout, wm, headers = validate_checkpoint(path)
     ctx = parallel if parallel is not None and not parallel.is_single else None
-    check_fits(cfg, dev, dtype, quantized=quantized, what=f"loading {path}",
-               **({"parallel": ctx.config} if ctx is not None else {}))
+    check_fits(
+        cfg,
+        dev,
+        dtype,
+        quantized=quantized,
+        what=f"loading {path}",
+        **({"parallel": ctx.config} if ctx is not None else {}),
+    )
     block = block_size(cfg)
     if native_fp8 is None:
         native_fp8 = devices.has_fp8(dev)
     model = _build_skeleton(cfg, dev, dtype, quantized, block, layout, native_fp8, ctx)
-    present = ({n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-               | {n for n, _ in model.named_modules()})
+    present = (
+        {n for n, _ in model.named_parameters()}
+        | {n for n, _ in model.named_buffers()}
+        | {n for n, _ in model.named_modules()}
+    )
     targets: dict[str, str] = {}  # official name -> model name (MTP skipped if the model has none)
     parts: dict[str, tuple[Shard | None, int | None]] = {}  # official name -> (slice read, local expert)
     for name, spec in layout.items():
@@ -143,12 +161,17 @@ def load_official(path: str | Path, device: Any = "cpu", dtype=None, *, quantize
                     spec, local, meta = layout[name], targets[name], header[name]
                     shard, le = parts[name]
                     direct = quantized or spec.role == PLAIN
-                    dst = (_destination(model, spec, local, le) if direct else
-                           torch.empty(shapes[name], dtype=torch_dtype(meta["dtype"])))
+                    dst = (
+                        _destination(model, spec, local, le)
+                        if direct
+                        else torch.empty(shapes[name], dtype=torch_dtype(meta["dtype"]))
+                    )
                     read_shard_into(fh, base + meta["data_offsets"][0], meta, dst, shard, fname, name)
                     if spec.role in (FP8_SCALE, FP4_SCALE) and bool((dst.view(torch.uint8) == ff.UE8M0_NAN).any()):
-                        raise CheckpointError(f"shard {fname}: scale tensor {name!r} holds NaN (UE8M0 byte 255); "
-                                              f"expected finite power-of-two scales")
+                        raise CheckpointError(
+                            f"shard {fname}: scale tensor {name!r} holds NaN (UE8M0 byte 255); "
+                            f"expected finite power-of-two scales"
+                        )
                     if not direct:
                         _fill_dequantized(model, spec, local, dst, block, pending, le)
                     bar.update(dst.numel() * ST_ITEMSIZE[spec.dtype])
@@ -165,8 +188,9 @@ def load_official(path: str | Path, device: Any = "cpu", dtype=None, *, quantize
     return model.eval()
 
 
-def _build_skeleton(cfg: ModelConfig, dev, dtype, quantized: bool, block: tuple[int, int], layout: dict,
-                    native_fp8: bool, parallel=None) -> V4ForCausalLM:
+def _build_skeleton(
+    cfg: ModelConfig, dev, dtype, quantized: bool, block: tuple[int, int], layout: dict, native_fp8: bool, parallel=None
+) -> V4ForCausalLM:
     """parity's `V4ForCausalLM` for `cfg`, built on the meta device, with FP8 linears / routed experts
     swapped for quantized modules (if `quantized`), cut to rank ``parallel``'s part (if given; a
     `ParallelContext`), then allocated (uninitialised) on `dev` in `dtype`.
@@ -225,8 +249,9 @@ def _get_tensor(model, name: str) -> torch.Tensor:
     return t
 
 
-def _rank_part(name: str, spec: TensorSpec, local: str, layout: dict, cfg: ModelConfig, block: tuple[int, int],
-               ctx) -> tuple[Shard | None, int | None] | None:
+def _rank_part(
+    name: str, spec: TensorSpec, local: str, layout: dict, cfg: ModelConfig, block: tuple[int, int], ctx
+) -> tuple[Shard | None, int | None] | None:
     """(the part of official tensor ``name`` this rank reads, None = all of it; the local index of its
     routed expert or None), or None when the tensor is a routed expert another rank holds.
 
@@ -275,8 +300,15 @@ def _destination(model, spec: TensorSpec, local: str, expert: int | None = None)
     return dst.view(torch.int8) if spec.role == FP4 else dst
 
 
-def _fill_dequantized(model, spec: TensorSpec, local: str, t: torch.Tensor, block: tuple[int, int],
-                      pending: dict, expert: int | None = None) -> None:
+def _fill_dequantized(
+    model,
+    spec: TensorSpec,
+    local: str,
+    t: torch.Tensor,
+    block: tuple[int, int],
+    pending: dict,
+    expert: int | None = None,
+) -> None:
     """quantized=False: pair each FP8/FP4 weight (this rank's part) with its scale and write the
     dequantized values; ``expert``: the routed expert's local index."""
     mod = _get_module(model, local)

@@ -43,9 +43,15 @@ from parity.model.parallel_layers import expert_part, parallelize_, shard_spec
 _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(w1|w2|w3)\.weight$")
 
 
-def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_cache_dtype: str | None = None,
-                    indexer_dtype: str | None = None, quantization: str | None = None,
-                    parallel=None) -> V4ForCausalLM:
+def from_pretrained(
+    path,
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+    kv_cache_dtype: str | None = None,
+    indexer_dtype: str | None = None,
+    quantization: str | None = None,
+    parallel=None,
+) -> V4ForCausalLM:
     """Load a checkpoint directory (config.json + safetensors, single file or sharded).
 
     Args:
@@ -84,19 +90,32 @@ def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_c
     quantization = check_quantization(quantization)
     if is_msmodelslim_checkpoint(p):
         if sharded:
-            raise ParallelError(f"{p}: tensor / expert parallel loading of msModelSlim checkpoints is not "
-                                f"supported yet; serve it on one device")
+            raise ParallelError(
+                f"{p}: tensor / expert parallel loading of msModelSlim checkpoints is not "
+                f"supported yet; serve it on one device"
+            )
         model = load_msmodelslim(p, device, dtype, kv_cache_dtype=kv_cache_dtype, indexer_dtype=indexer_dtype)
         if quantization not in (None, model.weight_format):
-            raise CheckpointError(f"--quantization {quantization}: {p} is a msModelSlim {model.weight_format} "
-                                  f"checkpoint; expected auto or {model.weight_format}")
+            raise CheckpointError(
+                f"--quantization {quantization}: {p} is a msModelSlim {model.weight_format} "
+                f"checkpoint; expected auto or {model.weight_format}"
+            )
         return model
     if is_official_checkpoint(p):
-        return load_official(p, device, dtype, kv_cache_dtype=kv_cache_dtype, indexer_dtype=indexer_dtype,
-                             quantization=quantization, parallel=parallel if sharded else None)
+        return load_official(
+            p,
+            device,
+            dtype,
+            kv_cache_dtype=kv_cache_dtype,
+            indexer_dtype=indexer_dtype,
+            quantization=quantization,
+            parallel=parallel if sharded else None,
+        )
     if quantization not in (None, "bf16"):
-        raise CheckpointError(f"--quantization {quantization}: {p} holds float weights; converting float "
-                              f"checkpoints is not supported (expected auto or bf16)")
+        raise CheckpointError(
+            f"--quantization {quantization}: {p} holds float weights; converting float "
+            f"checkpoints is not supported (expected auto or bf16)"
+        )
     cause = missing_index_cause(p)  # published-layout shards whose index was lost
     if cause:
         raise CheckpointError(cause)
@@ -107,8 +126,15 @@ def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_c
         model = V4ForCausalLM(cfg)
     expected = dict(model.state_dict())
     plan, drop_mtp = _plan(p, cfg, files, expected)
-    check_fits(cfg, dev, dtype, quantized=False, include_mtp=not drop_mtp, what=f"loading {p}",
-               **({"parallel": parallel.config} if sharded else {}))
+    check_fits(
+        cfg,
+        dev,
+        dtype,
+        quantized=False,
+        include_mtp=not drop_mtp,
+        what=f"loading {p}",
+        **({"parallel": parallel.config} if sharded else {}),
+    )
     if drop_mtp:
         model.model.mtp = torch.nn.ModuleList()
     if sharded:
@@ -116,8 +142,15 @@ def from_pretrained(path, device="cpu", dtype: torch.dtype = torch.float32, kv_c
     model.to_empty(device=dev)
     reset_rope(model)
     model.to_dtype(dtype)
-    _copy_tensors(model, cfg, files, plan, drop_mtp, {k: tuple(v.shape) for k, v in expected.items()},
-                  parallel if sharded else None)
+    _copy_tensors(
+        model,
+        cfg,
+        files,
+        plan,
+        drop_mtp,
+        {k: tuple(v.shape) for k, v in expected.items()},
+        parallel if sharded else None,
+    )
     if cfg.tie_word_embeddings and not any(v[0] == "lm_head.weight" for v in plan.values()):
         model.lm_head.weight = model.model.embed_tokens.weight
     if kv_cache_dtype:
@@ -141,8 +174,9 @@ def _list_tensors(path: Path) -> dict[str, Path]:
         try:
             wm = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: unreadable index ({e}); expected a JSON object with "
-                                  f"'weight_map'") from None
+            raise CheckpointError(
+                f"{index}: unreadable index ({e}); expected a JSON object with 'weight_map'"
+            ) from None
         files = {}
         for k, f in wm.items():
             fp = path / f
@@ -152,8 +186,7 @@ def _list_tensors(path: Path) -> dict[str, Path]:
         return files
     singles = sorted(path.glob("*.safetensors"))
     if not singles:
-        raise CheckpointError(f"checkpoint directory {str(path)!r} has no *.safetensors file and no "
-                              f"{INDEX_FILE}")
+        raise CheckpointError(f"checkpoint directory {str(path)!r} has no *.safetensors file and no {INDEX_FILE}")
     out = {}
     for fp in singles:
         try:
@@ -174,8 +207,9 @@ def _stacked(k: str) -> bool:
     return k.endswith(".mlp.experts.gate_up_proj") or k.endswith(".mlp.experts.down_proj")
 
 
-def _plan(p: Path, cfg, files: dict[str, Path], expected: dict[str, torch.Tensor]
-          ) -> tuple[dict[str, tuple[str, tuple[int, str] | None]], bool]:
+def _plan(
+    p: Path, cfg, files: dict[str, Path], expected: dict[str, torch.Tensor]
+) -> tuple[dict[str, tuple[str, tuple[int, str] | None]], bool]:
     """({checkpoint name: (model tensor, (expert, "w1" | "w2" | "w3") or None)}, drop the MTP module).
 
     Every model tensor, and for stacked experts every per-expert part, must be covered once; MTP may be
@@ -190,7 +224,7 @@ def _plan(p: Path, cfg, files: dict[str, Path], expected: dict[str, torch.Tensor
             slots[k] = k
         else:
             for e in range(t.shape[0]):
-                for w in (("w2",) if k.endswith("down_proj") else ("w1", "w3")):
+                for w in ("w2",) if k.endswith("down_proj") else ("w1", "w3"):
                     slots[f"{k}#{e}:{w}"] = k
     plan: dict[str, tuple] = {}
     unexpected = []
@@ -239,8 +273,15 @@ def _read_shard(f, name: str, spec):
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
 
-def _copy_tensors(model: V4ForCausalLM, cfg, files: dict[str, Path], plan: dict, drop_mtp: bool,
-                  full_shapes: dict[str, tuple] | None = None, parallel=None) -> None:
+def _copy_tensors(
+    model: V4ForCausalLM,
+    cfg,
+    files: dict[str, Path],
+    plan: dict,
+    drop_mtp: bool,
+    full_shapes: dict[str, tuple] | None = None,
+    parallel=None,
+) -> None:
     """Copy every planned tensor into the allocated model, file by file; routed experts into their rows
     of ``gate_up_proj`` (``w1`` -> ``[:I]``, ``w3`` -> ``[I:]``) or ``down_proj`` (``w2``). With
     ``parallel``, only this rank's slices are read (``full_shapes``: the unsharded shapes).
@@ -268,8 +309,9 @@ def _copy_tensors(model: V4ForCausalLM, cfg, files: dict[str, Path], plan: dict,
                     else:
                         want = (inter, cfg.hidden_size) if sel[1] in ("w1", "w3") else (cfg.hidden_size, inter)
                     if shp != want:
-                        raise CheckpointError(f"tensor {name!r} has shape {list(shp)}: expected {list(want)} "
-                                              f"(for {param})")
+                        raise CheckpointError(
+                            f"tensor {name!r} has shape {list(shp)}: expected {list(want)} (for {param})"
+                        )
                     if parallel is not None:
                         _copy_shard(f, name, param, sel, dst, cfg, full_shapes[param], parallel)
                         continue

@@ -74,9 +74,11 @@ def missing_index_cause(path: str | Path) -> str | None:
     if not scales:
         return None
     listed = ", ".join(f.name for f in shards[:3]) + (", ..." if len(shards) > 3 else "")
-    return (f"checkpoint {str(p)!r} has no {INDEX_FILE}: its shards ({listed}) hold DeepSeek's published FP8/FP4 "
-            f"layout (block scales such as {scales[0]!r}), which is recognised and loaded through that index "
-            f"(it maps every tensor to its shard); restore {INDEX_FILE} (re-download it, or re-run the export)")
+    return (
+        f"checkpoint {str(p)!r} has no {INDEX_FILE}: its shards ({listed}) hold DeepSeek's published FP8/FP4 "
+        f"layout (block scales such as {scales[0]!r}), which is recognised and loaded through that index "
+        f"(it maps every tensor to its shard); restore {INDEX_FILE} (re-download it, or re-run the export)"
+    )
 
 
 def read_header(path: Path) -> dict[str, dict]:
@@ -124,8 +126,9 @@ def read_header_and_base(path: Path) -> tuple[dict[str, dict], int]:
     except CheckpointError:
         raise
     except Exception as e:  # OSError, JSON, KeyError, ValueError...
-        raise CheckpointError(f"shard {path.name}: not a complete safetensors file ({e}); expected an intact "
-                              f"shard -- re-download it") from None
+        raise CheckpointError(
+            f"shard {path.name}: not a complete safetensors file ({e}); expected an intact shard -- re-download it"
+        ) from None
     return header, 8 + n
 
 
@@ -144,12 +147,16 @@ def weight_map(path: Path) -> dict[str, str]:
             if not isinstance(wm, dict):
                 raise TypeError("'weight_map' is not an object")
         except Exception as e:
-            raise CheckpointError(f"{INDEX_FILE} in {path}: unreadable ({e}); expected JSON with a 'weight_map' "
-                                  f"object mapping tensor names to shard files") from None
+            raise CheckpointError(
+                f"{INDEX_FILE} in {path}: unreadable ({e}); expected JSON with a 'weight_map' "
+                f"object mapping tensor names to shard files"
+            ) from None
         missing = sorted({f for f in wm.values() if not (path / f).is_file()})
         if missing:
-            raise CheckpointError(f"{INDEX_FILE} names shard {missing[0]!r} which does not exist in {path}"
-                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise CheckpointError(
+                f"{INDEX_FILE} names shard {missing[0]!r} which does not exist in {path}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
         return {str(k): str(v) for k, v in wm.items()}
     if (path / SINGLE_FILE).is_file():
         return {k: SINGLE_FILE for k in read_header(path / SINGLE_FILE)}
@@ -165,24 +172,31 @@ def check_quantization_config(cfg: ModelConfig, where: str = "config.json") -> N
     """
     q = cfg.quantization_config
     if not isinstance(q, dict):
-        raise CheckpointError(f"{where}: 'quantization_config' is missing: expected {SUPPORTED_QUANT} for the "
-                              f"published FP8 layout")
+        raise CheckpointError(
+            f"{where}: 'quantization_config' is missing: expected {SUPPORTED_QUANT} for the published FP8 layout"
+        )
     for key, want in SUPPORTED_QUANT.items():
         got = q.get(key, "e4m3" if key == "fmt" else None)
         if str(got).lower() != want:
-            raise CheckpointError(f"{where}: quantization_config.{key} is {got!r}: expected {want!r} "
-                                  f"(unknown quantization method)")
+            raise CheckpointError(
+                f"{where}: quantization_config.{key} is {got!r}: expected {want!r} (unknown quantization method)"
+            )
     b = q.get("weight_block_size", [128, 128])
     if not (isinstance(b, (list, tuple)) and len(b) == 2 and all(isinstance(x, int) and x > 0 for x in b)):
-        raise CheckpointError(f"{where}: quantization_config.weight_block_size is {b!r}: expected two positive "
-                              f"integers such as [128, 128]")
+        raise CheckpointError(
+            f"{where}: quantization_config.weight_block_size is {b!r}: expected two positive "
+            f"integers such as [128, 128]"
+        )
     if cfg.expert_dtype not in SUPPORTED_EXPERT_DTYPES:
-        raise CheckpointError(f"{where}: 'expert_dtype' is {cfg.expert_dtype!r}: expected one of "
-                              f"{SUPPORTED_EXPERT_DTYPES} (routed experts in FP4 e2m1)")
+        raise CheckpointError(
+            f"{where}: 'expert_dtype' is {cfg.expert_dtype!r}: expected one of "
+            f"{SUPPORTED_EXPERT_DTYPES} (routed experts in FP4 e2m1)"
+        )
 
 
-def validate_checkpoint(path: str | Path, cfg: ModelConfig | None = None
-                        ) -> tuple[ModelConfig, dict[str, TensorSpec], dict[str, str], dict[str, tuple[dict, int]]]:
+def validate_checkpoint(
+    path: str | Path, cfg: ModelConfig | None = None
+) -> tuple[ModelConfig, dict[str, TensorSpec], dict[str, str], dict[str, tuple[dict, int]]]:
     """Check a published-layout checkpoint without reading tensor data.
 
     Returns:
@@ -202,34 +216,42 @@ def validate_checkpoint(path: str | Path, cfg: ModelConfig | None = None
     headers = {f: read_header_and_base(path / f) for f in sorted(set(wm.values()))}
     missing = [n for n in layout if n not in wm]
     if missing:
-        raise CheckpointError(f"checkpoint {path}: tensor {missing[0]!r} is missing"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                              + "; expected every tensor of the DeepSeek-V4 published layout for this config.json")
+        raise CheckpointError(
+            f"checkpoint {path}: tensor {missing[0]!r} is missing"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + "; expected every tensor of the DeepSeek-V4 published layout for this config.json"
+        )
     unexpected = [n for n in wm if n not in layout]
     if unexpected:
-        raise CheckpointError(f"checkpoint {path}: unexpected tensor {unexpected[0]!r}"
-                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
-                              + ": not part of the published layout for this config.json")
+        raise CheckpointError(
+            f"checkpoint {path}: unexpected tensor {unexpected[0]!r}"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+            + ": not part of the published layout for this config.json"
+        )
     for name, spec in layout.items():
         f = wm[name]
         meta = headers[f][0].get(name)
         if meta is None:
             raise CheckpointError(f"shard {f}: tensor {name!r} listed in {INDEX_FILE} is not in the file")
         dt, shape = meta.get("dtype"), tuple(meta.get("shape", ()))
-        ok_dt = (dt == spec.dtype or (spec.role == PLAIN and spec.dtype in FLOAT_DTYPES and dt in FLOAT_DTYPES)
-                 or (spec.role == PLAIN and spec.dtype in INT_DTYPES and dt in INT_DTYPES))
+        ok_dt = (
+            dt == spec.dtype
+            or (spec.role == PLAIN and spec.dtype in FLOAT_DTYPES and dt in FLOAT_DTYPES)
+            or (spec.role == PLAIN and spec.dtype in INT_DTYPES and dt in INT_DTYPES)
+        )
         if not ok_dt:
             raise CheckpointError(f"shard {f}: tensor {name!r} has dtype {dt}; expected {spec.dtype}")
         if shape != spec.shape:
             what = ""
             if spec.role == FP8_SCALE:
-                w = layout[name[:-len('.scale')] + ".weight"]
+                w = layout[name[: -len(".scale")] + ".weight"]
                 br, bc = block_size(cfg)
                 what = f" (ceil(out/{br}), ceil(in/{bc})) for weight {list(w.shape)}"
             elif spec.role == FP4_SCALE:
-                w = layout[name[:-len('.scale')] + ".weight"]
+                w = layout[name[: -len(".scale")] + ".weight"]
                 what = f" (out, in/32) for packed FP4 weight {list(w.shape)}"
             kind = "scale tensor" if spec.role in (FP8_SCALE, FP4_SCALE) else "tensor"
-            raise CheckpointError(f"shard {f}: {kind} {name!r} has shape {list(shape)}; expected "
-                                  f"{list(spec.shape)}{what}")
+            raise CheckpointError(
+                f"shard {f}: {kind} {name!r} has shape {list(shape)}; expected {list(spec.shape)}{what}"
+            )
     return cfg, layout, wm, headers

@@ -16,9 +16,17 @@ from parity.model import fp_formats as ff
 #: Staging chunk when a tensor must be converted or moved to an accelerator (bytes).
 READ_CHUNK_BYTES = 32 * 1024 * 1024
 
-_TORCH_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": ff.SCALE_DTYPE, "I8": torch.int8, "U8": torch.uint8,
-                 "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64,
-                 "I32": torch.int32}
+_TORCH_DTYPES = {
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E8M0": ff.SCALE_DTYPE,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "I64": torch.int64,
+    "I32": torch.int32,
+}
 _FLOAT8_ST = ("F8_E4M3", "F8_E8M0")
 
 
@@ -43,8 +51,9 @@ def _readinto(fh, offset: int, buf, fname: str, name: str) -> None:
     while got < len(mv):
         k = fh.readinto(mv[got:])
         if not k:
-            raise CheckpointError(f"shard {fname}: tensor {name!r} is cut short ({got} of {len(mv)} bytes); "
-                                  f"expected an intact shard")
+            raise CheckpointError(
+                f"shard {fname}: tensor {name!r} is cut short ({got} of {len(mv)} bytes); expected an intact shard"
+            )
         got += k
 
 
@@ -107,8 +116,10 @@ def read_shard_into(fh, offset: int, meta: dict, dst: torch.Tensor, shard, fname
             pos += b - a
         return
     if dim != 1 or len(shape) != 2:
-        raise CheckpointError(f"shard {fname}: tensor {name!r} {list(shape)} cannot be read split along dim {dim}; "
-                              f"expected a split along dim 0, or dim 1 of a 2-D tensor")
+        raise CheckpointError(
+            f"shard {fname}: tensor {name!r} {list(shape)} cannot be read split along dim {dim}; "
+            f"expected a split along dim 0, or dim 1 of a 2-D tensor"
+        )
     if dst.dtype != file_dt and dst.element_size() == 1 and file_dt.itemsize == 1 and not dst.dtype.is_floating_point:
         dst = dst.view(file_dt)
     rows = shape[0]

@@ -55,16 +55,23 @@ def export_tiny(out_dir: str | Path, seed: int = 0, preset: str = "tiny") -> Pat
     """
     cfg = load_preset(preset)
     # the float32 model and, at the same time, its quantized published-layout tensors (~bf16 + FP8/FP4)
-    check_fits(cfg, "cpu", torch.float32, quantized=False, what=f"exporting preset {preset!r}",
-               extra_bytes=estimate_weight_bytes(cfg, torch.bfloat16, quantized=True))
+    check_fits(
+        cfg,
+        "cpu",
+        torch.float32,
+        quantized=False,
+        what=f"exporting preset {preset!r}",
+        extra_bytes=estimate_weight_bytes(cfg, torch.bfloat16, quantized=True),
+    )
     _prepare_out_dir(out_dir)  # fail before the (slow) model build, naming the directory
     with torch.no_grad():
         model = build_model(cfg, device="cpu", dtype=torch.float32, seed=int(seed))
     return export_model(model, out_dir, seed=int(seed))
 
 
-def export_model(model, out_dir: str | Path, seed: int = 0, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 tokenizer: bool = True) -> Path:
+def export_model(
+    model, out_dir: str | Path, seed: int = 0, shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer: bool = True
+) -> Path:
     """Write a float parity model (``model.config``) in the published FP8/FP4 layout.
 
     Quantizes FP8 linears (128x128 UE8M0 tiles) and routed experts (FP4, 1x32 UE8M0), keeps the rest in
@@ -75,9 +82,16 @@ def export_model(model, out_dir: str | Path, seed: int = 0, shard_bytes: int = D
         CheckpointError: the model state lacks a non-MTP tensor of the layout; see `write_checkpoint`.
     """
     cfg = model.config
-    cfg = cfg.replace(quantization_config={"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
-                                           "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
-                      expert_dtype="fp4")
+    cfg = cfg.replace(
+        quantization_config={
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "scale_fmt": "ue8m0",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+        },
+        expert_dtype="fp4",
+    )
     tensors = _official_tensors(cfg, model.state_dict(), seed)
     return write_checkpoint(cfg, tensors, out_dir, shard_bytes, tokenizer)
 
@@ -120,7 +134,7 @@ def _official_tensors(cfg: ModelConfig, state: dict, seed: int) -> dict[str, tor
             w = source(spec, (out_f, in_f)).float()
             q, s = ff.quantize_fp8_weight(w, block_size(cfg))
             out[name] = q.contiguous()
-            pending[name[:-len(".weight")] + ".scale"] = s.contiguous()
+            pending[name[: -len(".weight")] + ".scale"] = s.contiguous()
         elif spec.role == FP4:
             e, part = spec.expert
             gu_name = resolve_target(spec.target + ".gate_up_proj", present)
@@ -135,14 +149,15 @@ def _official_tensors(cfg: ModelConfig, state: dict, seed: int) -> dict[str, tor
                 raise CheckpointError(f"model state has no {spec.target}.gate_up_proj/down_proj for {name!r}")
             q, s = ff.quantize_fp4_weight(w)
             out[name] = q.view(torch.int8).contiguous()
-            pending[name[:-len(".weight")] + ".scale"] = s.contiguous()
+            pending[name[: -len(".weight")] + ".scale"] = s.contiguous()
         else:  # scales: produced with their weight
             out[name] = pending.pop(name)
     return out
 
 
-def write_checkpoint(cfg: ModelConfig, tensors: dict, out_dir: str | Path, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                     tokenizer: bool = True) -> Path:
+def write_checkpoint(
+    cfg: ModelConfig, tensors: dict, out_dir: str | Path, shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer: bool = True
+) -> Path:
     """Write official-layout `tensors` as ``model-XXXXX-of-YYYYY.safetensors`` shards + index + legacy
     config.json (+ tokenizer files). Tensors are assigned to shards in the order given, a new shard
     starting when `shard_bytes` would be exceeded. Deterministic: same tensors, same bytes. Every file
@@ -176,14 +191,17 @@ def write_checkpoint(cfg: ModelConfig, tensors: dict, out_dir: str | Path, shard
             for k in names:
                 weight_map[k] = fname
                 total += tensors[k].numel() * tensors[k].element_size()
-        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=2) + "\n")
+        (out / INDEX_FILE).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+        )
         (out / "config.json").write_text(json.dumps(cfg.to_legacy_dict(), indent=2) + "\n")
         if tokenizer:
             copy_tokenizer_files(out)
     except OSError as e:  # disk full, permissions changed under us, ...
-        raise CheckpointError(f"cannot write the checkpoint into {str(out)!r} ({e.strerror or e}); expected a "
-                              f"writable directory with room for the shards") from None
+        raise CheckpointError(
+            f"cannot write the checkpoint into {str(out)!r} ({e.strerror or e}); expected a "
+            f"writable directory with room for the shards"
+        ) from None
     return out
 
 
@@ -215,8 +233,10 @@ def _prepare_out_dir(out_dir: str | Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CheckpointError(f"cannot create the output directory {str(out)!r} ({e.strerror or e}); expected a "
-                              f"path under a writable directory") from None
+        raise CheckpointError(
+            f"cannot create the output directory {str(out)!r} ({e.strerror or e}); expected a "
+            f"path under a writable directory"
+        ) from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise CheckpointError(f"output directory {str(out)!r} is not writable; expected a writable directory")
     return out
@@ -241,8 +261,9 @@ def copy_tokenizer_files(out_dir: str | Path) -> list[Path]:
     return copied
 
 
-def write_chat_encoding(out_dir: str | Path, reasoning_efforts: dict[str, str | None], drop_thinking: bool = True,
-                        source: str = "") -> Path:
+def write_chat_encoding(
+    out_dir: str | Path, reasoning_efforts: dict[str, str | None], drop_thinking: bool = True, source: str = ""
+) -> Path:
     """Write a checkpoint's chat-format variant (``chat_encoding.json``, read by
     ``parity.tokenizer.encoding.load_encoding``): effort name -> text after BOS (None: no text).
 
@@ -251,9 +272,15 @@ def write_chat_encoding(out_dir: str | Path, reasoning_efforts: dict[str, str | 
     """
     path = Path(out_dir) / "chat_encoding.json"
     try:
-        path.write_text(json.dumps({"source": source, "reasoning_efforts": reasoning_efforts,
-                                    "drop_thinking": drop_thinking}, ensure_ascii=False, indent=1) + "\n",
-                        encoding="utf-8")
+        path.write_text(
+            json.dumps(
+                {"source": source, "reasoning_efforts": reasoning_efforts, "drop_thinking": drop_thinking},
+                ensure_ascii=False,
+                indent=1,
+            )
+            + "\n",
+            encoding="utf-8",
+        )
     except OSError as e:
         raise CheckpointError(f"cannot write {path}: {e}") from None
     return path

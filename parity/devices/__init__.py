@@ -24,19 +24,47 @@ ATTENTION_BACKEND = {"cpu": "torch", "cuda": "torch", "npu": "torch", "xpu": "to
 #: torch.compile (backend, mode) of the compiled decode step per device type: inductor (C++/OpenMP kernels on
 #: the CPU, Triton on GPUs), with CUDA graphs ("reduce-overhead") on NVIDIA; on Ascend the graph mode of
 #: torch_npu ("torchair": `torchair.get_npu_backend`, imported only on an npu).
-COMPILE_BACKEND = {"cpu": ("inductor", None), "cuda": ("inductor", "reduce-overhead"), "npu": ("torchair", None),
-                   "xpu": ("inductor", None), "mps": ("inductor", None)}
+COMPILE_BACKEND = {
+    "cpu": ("inductor", None),
+    "cuda": ("inductor", "reduce-overhead"),
+    "npu": ("torchair", None),
+    "xpu": ("inductor", None),
+    "mps": ("inductor", None),
+}
 
 #: Whether the engine runs the compiled step unless told ``enforce_eager``, per device type: only where it
 #: is measured faster than eager (docs/benchmarks.md, "Compiled decode step").
 COMPILE_BY_DEFAULT = {"cpu": False, "cuda": False, "npu": False, "xpu": False, "mps": False}
 
-_LAZY = ("is_available", "resolve", "dist_backend", "supported_dtypes", "has_fp8", "synchronize",
-         "memory_info", "empty_cache", "manual_seed", "DeviceInfo", "describe", "capabilities", "float8_tensors",
-         "compiler")
+_LAZY = (
+    "is_available",
+    "resolve",
+    "dist_backend",
+    "supported_dtypes",
+    "has_fp8",
+    "synchronize",
+    "memory_info",
+    "empty_cache",
+    "manual_seed",
+    "DeviceInfo",
+    "describe",
+    "capabilities",
+    "float8_tensors",
+    "compiler",
+)
 
-__all__ = ["AUTO_ORDER", "KNOWN_TYPES", "DIST_BACKEND", "ATTENTION_BACKEND", "COMPILE_BACKEND", "COMPILE_BY_DEFAULT",
-           "attention_backend", "compile_backend", "compile_by_default", *_LAZY]
+__all__ = [
+    "AUTO_ORDER",
+    "KNOWN_TYPES",
+    "DIST_BACKEND",
+    "ATTENTION_BACKEND",
+    "COMPILE_BACKEND",
+    "COMPILE_BY_DEFAULT",
+    "attention_backend",
+    "compile_backend",
+    "compile_by_default",
+    *_LAZY,
+]
 
 
 def attention_backend(device) -> str:

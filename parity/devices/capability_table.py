@@ -91,6 +91,7 @@ def lookup(device_type: str, name: str = "", sm: int | None = None) -> Capabilit
     else:
         caps = Capabilities(hit["id"], *(bool(hit[k]) for k in _FIELDS), hit["source"])
     if no_fp8_requested():
-        caps = dataclasses.replace(caps, fp8=False, float8_tensors=False,
-                                   source=f"{caps.source}; FP8 disabled by {NO_FP8_ENV}=1")
+        caps = dataclasses.replace(
+            caps, fp8=False, float8_tensors=False, source=f"{caps.source}; FP8 disabled by {NO_FP8_ENV}=1"
+        )
     return caps

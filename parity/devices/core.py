@@ -247,8 +247,10 @@ def compiler(device: torch.device | str):
     backend = name
     if name == "torchair":
         if importlib.util.find_spec("torchair") is None:
-            raise DeviceError("the compiled step on npu needs torch_npu's graph mode (package 'torchair'); "
-                              "install torch_npu with torchair or run with --enforce-eager")
+            raise DeviceError(
+                "the compiled step on npu needs torch_npu's graph mode (package 'torchair'); "
+                "install torch_npu with torchair or run with --enforce-eager"
+            )
         import torchair
 
         backend = torchair.get_npu_backend(compiler_config=torchair.CompilerConfig())

@@ -53,10 +53,12 @@ def run(args) -> int:
     from parity import devices
 
     info = devices.describe("auto")
-    out = {"torch": torch.__version__,
-           "auto_device": f"{info.type}" + (f":{info.index}" if info.index is not None else ""),
-           **dataclasses.asdict(info),
-           "available": [t for t in devices.KNOWN_TYPES if devices.is_available(t)]}
+    out = {
+        "torch": torch.__version__,
+        "auto_device": f"{info.type}" + (f":{info.index}" if info.index is not None else ""),
+        **dataclasses.asdict(info),
+        "available": [t for t in devices.KNOWN_TYPES if devices.is_available(t)],
+    }
     if args.json:
         print(json.dumps(out, indent=2))
     else:

@@ -15,8 +15,9 @@ from torch.utils._pytree import tree_flatten
 from parity.errors import DeviceError
 
 #: Every float8 dtype this torch build has (e4m3fn, e4m3fnuz, e5m2, e5m2fnuz, e8m0fnu).
-FLOAT8_DTYPES = frozenset(getattr(torch, n) for n in dir(torch) if n.startswith("float8_")
-                          and isinstance(getattr(torch, n), torch.dtype))
+FLOAT8_DTYPES = frozenset(
+    getattr(torch, n) for n in dir(torch) if n.startswith("float8_") and isinstance(getattr(torch, n), torch.dtype)
+)
 
 
 class Float8TensorError(DeviceError):

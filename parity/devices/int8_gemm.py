@@ -33,8 +33,14 @@ def kernel_for(device: torch.device, m: int, k: int, n: int) -> str:
     return "dequant"
 
 
-def int8_linear(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
-                out_dtype: torch.dtype, kernel: str | None = None) -> torch.Tensor:
+def int8_linear(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    kernel: str | None = None,
+) -> torch.Tensor:
     """Quantized linear: int8 xq [M, K] (per-row scale x_scale fp32 [M]) x int8 wq [N, K] (per-row
     scale w_scale fp32 [N]) -> [M, N] in `out_dtype`.
 

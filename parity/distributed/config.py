@@ -58,7 +58,7 @@ class ParallelConfig:
         return self.world_size if self.enable_expert_parallel else 1
 
     def describe(self) -> str:
-        """"TP=2 x DP=2, EP=4" style label."""
+        """ "TP=2 x DP=2, EP=4" style label."""
         s = f"TP={self.tp}"
         if self.dp > 1:
             s += f" x DP={self.dp}"
@@ -74,15 +74,23 @@ class ParallelConfig:
                 vocabulary, expert or shared-expert intermediate size by TP; routed experts by EP).
         """
         tp, ep = self.tp, self.ep
-        checks = [("num_attention_heads", cfg.num_attention_heads, tp, "tensor_parallel_size"),
-                  ("o_groups", cfg.o_groups, tp, "tensor_parallel_size"),
-                  ("vocab_size", cfg.vocab_size, tp, "tensor_parallel_size"),
-                  ("moe_intermediate_size * n_shared_experts",
-                   cfg.moe_intermediate_size * max(cfg.n_shared_experts, 1), tp, "tensor_parallel_size"),
-                  ("n_routed_experts", cfg.n_routed_experts, ep, "expert-parallel size (TP x DP)")]
+        checks = [
+            ("num_attention_heads", cfg.num_attention_heads, tp, "tensor_parallel_size"),
+            ("o_groups", cfg.o_groups, tp, "tensor_parallel_size"),
+            ("vocab_size", cfg.vocab_size, tp, "tensor_parallel_size"),
+            (
+                "moe_intermediate_size * n_shared_experts",
+                cfg.moe_intermediate_size * max(cfg.n_shared_experts, 1),
+                tp,
+                "tensor_parallel_size",
+            ),
+            ("n_routed_experts", cfg.n_routed_experts, ep, "expert-parallel size (TP x DP)"),
+        ]
         if not self.enable_expert_parallel:
             checks.append(("moe_intermediate_size", cfg.moe_intermediate_size, tp, "tensor_parallel_size"))
         for field, value, size, what in checks:
             if size > 1 and value % size:
-                raise ParallelError(f"model field {field!r} is {value}, not divisible by the {what} {size} "
-                                    f"({self.describe()}); choose a size that divides it")
+                raise ParallelError(
+                    f"model field {field!r} is {value}, not divisible by the {what} {size} "
+                    f"({self.describe()}); choose a size that divides it"
+                )

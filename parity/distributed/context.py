@@ -100,8 +100,9 @@ def rank_device(device_type: str, local_rank: int) -> torch.device:
     return devices.resolve(f"{device_type}:{local_rank}")
 
 
-def init_parallel(config: ParallelConfig, rank: int, device, init_method: str,
-                  timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelContext:
+def init_parallel(
+    config: ParallelConfig, rank: int, device, init_method: str, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> ParallelContext:
     """Join the process group of ``config.world_size`` ranks and create the TP / DP / control groups.
 
     Args:
@@ -120,8 +121,10 @@ def init_parallel(config: ParallelConfig, rank: int, device, init_method: str,
     try:
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
     except (RuntimeError, dist.DistError) as e:
-        raise ParallelError(f"rank {rank} of {world}: process group ({backend}, {init_method}) did not form within "
-                            f"{timeout_s:.0f} s: {e}") from None
+        raise ParallelError(
+            f"rank {rank} of {world}: process group ({backend}, {init_method}) did not form within "
+            f"{timeout_s:.0f} s: {e}"
+        ) from None
     ctx = ParallelContext(config, rank=rank, world_size=world, world_group=dist.group.WORLD, device=device)
     tp = config.tp
     for d in range(config.dp):  # every rank creates every group, in the same order
@@ -132,8 +135,9 @@ def init_parallel(config: ParallelConfig, rank: int, device, init_method: str,
         g = dist.new_group(list(range(t, world, tp)), timeout=timeout)
         if ctx.tp_rank == t:
             ctx.dp_group = g
-    ctx.control_group = dist.new_group(list(range(world)), backend="gloo", timeout=timeout) \
-        if backend != "gloo" else dist.group.WORLD
+    ctx.control_group = (
+        dist.new_group(list(range(world)), backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    )
     return ctx
 
 

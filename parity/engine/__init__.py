@@ -13,6 +13,19 @@ from parity.engine.outputs import CompletionOutput, RequestMetrics, RequestOutpu
 from parity.engine.sampler import TokenLogprobs
 from parity.engine.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "AsyncEngine", "EngineArgs", "RequestOutput", "CompletionOutput",
-           "StreamDelta", "RequestMetrics", "EngineQueueFull", "LLMEngine", "CachePool", "CachePoolExhausted",
-           "SequenceCache", "TokenLogprobs"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "AsyncEngine",
+    "EngineArgs",
+    "RequestOutput",
+    "CompletionOutput",
+    "StreamDelta",
+    "RequestMetrics",
+    "EngineQueueFull",
+    "LLMEngine",
+    "CachePool",
+    "CachePoolExhausted",
+    "SequenceCache",
+    "TokenLogprobs",
+]

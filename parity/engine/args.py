@@ -67,12 +67,14 @@ class EngineArgs:
 
     def validate(self) -> None:
         """Raises RequestError naming the argument and the expected value."""
+
         def pos_int(name, allow_none=False):
             v = getattr(self, name)
             if v is None and allow_none:
                 return
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise RequestError(f"engine argument {name!r} must be a positive integer, got {v!r}")
+
         pos_int("max_num_seqs")
         pos_int("max_num_batched_tokens")
         pos_int("max_waiting")
@@ -80,15 +82,20 @@ class EngineArgs:
         pos_int("cache_memory", allow_none=True)
         pos_int("prefix_block_tokens", allow_none=True)
         if not isinstance(self.enable_prefix_caching, bool):
-            raise RequestError(f"engine argument 'enable_prefix_caching' must be true or false, "
-                               f"got {self.enable_prefix_caching!r}")
+            raise RequestError(
+                f"engine argument 'enable_prefix_caching' must be true or false, got {self.enable_prefix_caching!r}"
+            )
         f = self.cache_memory_fraction
         if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f <= 1:
             raise RequestError(f"engine argument 'cache_memory_fraction' must be in (0, 1], got {f!r}")
         if self.kv_cache_dtype not in (None, "bf16", "fp8", "auto"):
             raise RequestError(f"engine argument 'kv_cache_dtype' must be 'bf16' or 'fp8', got {self.kv_cache_dtype!r}")
         if self.quantization not in (None, "auto", *WEIGHT_FORMATS):
-            raise RequestError(f"engine argument 'quantization' must be auto or one of {', '.join(WEIGHT_FORMATS)}, "
-                               f"got {self.quantization!r}")
+            raise RequestError(
+                f"engine argument 'quantization' must be auto or one of {', '.join(WEIGHT_FORMATS)}, "
+                f"got {self.quantization!r}"
+            )
         if self.enforce_eager not in (None, True, False):
-            raise RequestError(f"engine argument 'enforce_eager' must be True, False or None, got {self.enforce_eager!r}")
+            raise RequestError(
+                f"engine argument 'enforce_eager' must be True, False or None, got {self.enforce_eager!r}"
+            )

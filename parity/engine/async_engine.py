@@ -160,8 +160,13 @@ class AsyncEngine:
         self._post(run)
         return await fut
 
-    async def generate(self, prompt_token_ids: list[int] | None, params: SamplingParams | None = None,
-                       request_id: str | None = None, prompt: str | None = None) -> AsyncIterator[StreamDelta]:
+    async def generate(
+        self,
+        prompt_token_ids: list[int] | None,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        prompt: str | None = None,
+    ) -> AsyncIterator[StreamDelta]:
         """Stream the deltas of one request.
 
         Args:
@@ -186,8 +191,11 @@ class AsyncEngine:
         arrival = time.monotonic()
         params = (params or SamplingParams()).clone()
         try:
-            await self._call(lambda: self.engine.add_request(prompt_token_ids, params, request_id, prompt=prompt,
-                                                             arrival_time=arrival))
+            await self._call(
+                lambda: self.engine.add_request(
+                    prompt_token_ids, params, request_id, prompt=prompt, arrival_time=arrival
+                )
+            )
         except BaseException:
             self._streams.pop(request_id, None)
             raise
@@ -217,6 +225,7 @@ class AsyncEngine:
 
         def run():
             self.engine.abort(rid)
+
         self._post(run)
 
 

@@ -46,8 +46,14 @@ def _dtype_of(v) -> torch.dtype:
     if isinstance(v, torch.dtype):
         return v
     name = str(v).removeprefix("torch.")
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "float8_e4m3fn",
-               "float8": "float8_e4m3fn", "e4m3": "float8_e4m3fn"}
+    aliases = {
+        "bf16": "bfloat16",
+        "fp16": "float16",
+        "fp32": "float32",
+        "fp8": "float8_e4m3fn",
+        "float8": "float8_e4m3fn",
+        "e4m3": "float8_e4m3fn",
+    }
     name = aliases.get(name, name)
     dt = getattr(torch, name, None)
     if not isinstance(dt, torch.dtype):
@@ -129,8 +135,8 @@ class _SizeClass:
     def __init__(self, slot_bytes: int, page_bytes: int):
         self.slot_bytes = slot_bytes
         self.per_page = page_bytes // slot_bytes
-        self.free: dict[int, list[int]] = {}     # page -> free slot indices (pages with >= 1 free slot)
-        self.pages: dict[int, int] = {}          # page -> used slots
+        self.free: dict[int, list[int]] = {}  # page -> free slot indices (pages with >= 1 free slot)
+        self.pages: dict[int, int] = {}  # page -> used slots
 
     @property
     def free_slots(self) -> int:
@@ -153,23 +159,29 @@ class CachePool:
         self.page_bytes = _align(int(page_bytes))
         self.num_pages = int(total_bytes) // self.page_bytes
         if self.num_pages < 1:
-            raise RequestError(f"engine argument 'cache_memory' ({total_bytes} bytes) is smaller than one cache page "
-                               f"({self.page_bytes} bytes): expected at least {self.page_bytes}")
+            raise RequestError(
+                f"engine argument 'cache_memory' ({total_bytes} bytes) is smaller than one cache page "
+                f"({self.page_bytes} bytes): expected at least {self.page_bytes}"
+            )
         self.device = torch.device(device)
         nbytes = self.num_pages * self.page_bytes
         free, _ = memory_info(self.device)
         if free and nbytes > free:
-            raise RequestError(f"engine argument 'cache_memory' ({nbytes} bytes) exceeds the free memory of "
-                               f"{self.device} ({free} bytes): expected at most {free}, e.g. a smaller --cache-memory")
+            raise RequestError(
+                f"engine argument 'cache_memory' ({nbytes} bytes) exceeds the free memory of "
+                f"{self.device} ({free} bytes): expected at most {free}, e.g. a smaller --cache-memory"
+            )
         try:
             self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         except RuntimeError as e:  # allocator out of memory
-            raise RequestError(f"engine argument 'cache_memory' ({nbytes} bytes) could not be allocated on "
-                               f"{self.device}: {str(e).splitlines()[0]}; expected a smaller --cache-memory") from None
+            raise RequestError(
+                f"engine argument 'cache_memory' ({nbytes} bytes) could not be allocated on "
+                f"{self.device}: {str(e).splitlines()[0]}; expected a smaller --cache-memory"
+            ) from None
         self._free_pages = list(range(self.num_pages - 1, -1, -1))
         self._classes: dict[int, _SizeClass] = {}
         self._live: dict[int, tuple[int, int, int, int]] = {}  # data_ptr -> (slot_bytes, page, slot, nbytes)
-        self.used_bytes = 0                                      # exact bytes of live tensors
+        self.used_bytes = 0  # exact bytes of live tensors
 
     # ------------------------------------------------------------------ capacity
     @property
@@ -226,7 +238,8 @@ class CachePool:
             if not self._free_pages:
                 raise CachePoolExhausted(
                     f"cache pool exhausted: {self.total_bytes} bytes in {self.num_pages} pages all in use "
-                    f"(layer {layer}, component {component!r}, {nbytes} bytes)")
+                    f"(layer {layer}, component {component!r}, {nbytes} bytes)"
+                )
             page = self._free_pages.pop()
             c.free[page] = list(range(c.per_page - 1, -1, -1))
             c.pages[page] = 0
@@ -237,7 +250,7 @@ class CachePool:
             del c.free[page]
         c.pages[page] += 1
         off = page * self.page_bytes + slot * c.slot_bytes
-        t = self.buffer[off:off + nbytes].view(dtype).view(shape)
+        t = self.buffer[off : off + nbytes].view(dtype).view(shape)
         self._live[t.data_ptr()] = (c.slot_bytes, page, slot, nbytes)
         self.used_bytes += nbytes
         return t
@@ -259,9 +272,14 @@ class CachePool:
 
     def stats(self) -> dict:
         """Pool usage for metrics: bytes (exact), reserved page bytes, total, live tensors."""
-        return {"cache_used_bytes": self.used_bytes, "cache_reserved_bytes": self.reserved_bytes,
-                "cache_total_bytes": self.total_bytes, "cache_free_pages": len(self._free_pages),
-                "cache_pages": self.num_pages, "cache_live_tensors": len(self._live)}
+        return {
+            "cache_used_bytes": self.used_bytes,
+            "cache_reserved_bytes": self.reserved_bytes,
+            "cache_total_bytes": self.total_bytes,
+            "cache_free_pages": len(self._free_pages),
+            "cache_pages": self.num_pages,
+            "cache_live_tensors": len(self._live),
+        }
 
 
 class SequenceCache:
@@ -274,7 +292,7 @@ class SequenceCache:
         self.pool = pool
         self.device = torch.device(device)
         self.nbytes = 0
-        self._held: dict[int, tuple[torch.Tensor, int, str]] = {}   # data_ptr -> (tensor, layer, component)
+        self._held: dict[int, tuple[torch.Tensor, int, str]] = {}  # data_ptr -> (tensor, layer, component)
         self.counts: dict[tuple[int, str], int] = defaultdict(int)
 
     def alloc(self, layer: int, component: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

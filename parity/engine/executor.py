@@ -62,9 +62,12 @@ class _Replica:
         rows = [j for j, pid in enumerate(msg["ids"]) if self.replica_of[pid] == ctx.dp_rank]
         kw = msg["kw"]
         if rows:
-            logits = self.model.forward_incremental([msg["tokens"][j] for j in rows],
-                                                    [self.states[msg["ids"][j]] for j in rows],
-                                                    all_logits=msg["all_logits"], **kw)
+            logits = self.model.forward_incremental(
+                [msg["tokens"][j] for j in rows],
+                [self.states[msg["ids"][j]] for j in rows],
+                all_logits=msg["all_logits"],
+                **kw,
+            )
             return rows, logits
         if ctx.dp > 1 and ctx.config.enable_expert_parallel:
             # The MoE layers of every replica exchange tokens: an idle replica still runs one token.
@@ -106,8 +109,8 @@ class DistributedModel:
         self._model, self._ctx = model, ctx
         self._replica = _Replica(model, ctx)
         self._ids = itertools.count()
-        self._live: dict[int, object] = {}      # pid -> rank 0's state
-        self._pid: dict[int, int] = {}          # id(state) -> pid
+        self._live: dict[int, object] = {}  # pid -> rank 0's state
+        self._pid: dict[int, int] = {}  # id(state) -> pid
         self._new: list[tuple[int, int, dict]] = []
         self._load = [0] * ctx.dp
         self.failed: BaseException | None = None
@@ -146,8 +149,14 @@ class DistributedModel:
     def _new_replica(self, pid: int) -> int:
         return next(r for p, r, _ in self._new if p == pid)
 
-    def forward_incremental(self, tokens, states, all_logits: bool = False, kv_cache_dtype: str | None = None,
-                            indexer_dtype: str | None = None):
+    def forward_incremental(
+        self,
+        tokens,
+        states,
+        all_logits: bool = False,
+        kv_cache_dtype: str | None = None,
+        indexer_dtype: str | None = None,
+    ):
         """As `V4ForCausalLM.forward_incremental`, over every rank.
 
         Raises:
@@ -162,8 +171,15 @@ class DistributedModel:
                 raise RequestError("states: a SequenceState not created by this engine's new_state")
             ids.append(self._pid[id(st)])
         kw = {k: v for k, v in (("kv_cache_dtype", kv_cache_dtype), ("indexer_dtype", indexer_dtype)) if v}
-        msg = {"op": "step", "tokens": [_as_list(t) for t in tokens], "ids": ids, "new": self._new,
-               "freed": self._collect_freed(), "all_logits": all_logits, "kw": kw}
+        msg = {
+            "op": "step",
+            "tokens": [_as_list(t) for t in tokens],
+            "ids": ids,
+            "new": self._new,
+            "freed": self._collect_freed(),
+            "all_logits": all_logits,
+            "kw": kw,
+        }
         self._new = []
         try:
             broadcast_object(msg, self._ctx.control_group)

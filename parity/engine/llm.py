@@ -39,9 +39,12 @@ class LLM:
         """Drop every cached prefix block (vLLM's ``LLM.reset_prefix_cache``); True when it is empty."""
         return self.engine.reset_prefix_cache()
 
-    def generate(self, prompts: str | dict | list[str | dict] | None = None,
-                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 prompt_token_ids: list[int] | list[list[int]] | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: str | dict | list[str | dict] | None = None,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        prompt_token_ids: list[int] | list[list[int]] | None = None,
+    ) -> list[RequestOutput]:
         """Generate completions for every prompt, all batched together; outputs in input order.
 
         Args:
@@ -60,8 +63,10 @@ class LLM:
         items = _prompt_items(prompts, prompt_token_ids)
         if isinstance(sampling_params, (list, tuple)):
             if len(sampling_params) != len(items):
-                raise RequestError(f"parameter 'sampling_params' has {len(sampling_params)} entries for "
-                                   f"{len(items)} prompts: expected one or {len(items)}")
+                raise RequestError(
+                    f"parameter 'sampling_params' has {len(sampling_params)} entries for "
+                    f"{len(items)} prompts: expected one or {len(items)}"
+                )
             plist = list(sampling_params)
         else:
             plist = [sampling_params or SamplingParams()] * len(items)
@@ -70,8 +75,14 @@ class LLM:
         try:
             for i, ((text, ids), sp) in enumerate(zip(items, plist)):
                 try:
-                    reqs.append(eng.add_request(ids, sp.clone() if isinstance(sp, SamplingParams) else sp, prompt=text,
-                                                enforce_queue_limit=False))
+                    reqs.append(
+                        eng.add_request(
+                            ids,
+                            sp.clone() if isinstance(sp, SamplingParams) else sp,
+                            prompt=text,
+                            enforce_queue_limit=False,
+                        )
+                    )
                 except RequestError as e:
                     raise type(e)(f"prompt {i}: {e}") from None
         except RequestError:
@@ -84,10 +95,15 @@ class LLM:
         eng._pending.clear()
         return [r.output() for r in reqs]
 
-    def chat(self, messages: list[dict] | list[list[dict]],
-             sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
-             tools: list[dict] | None = None, thinking: bool = False,
-             reasoning_effort: str | None = None) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        tools: list[dict] | None = None,
+        thinking: bool = False,
+        reasoning_effort: str | None = None,
+    ) -> list[RequestOutput]:
         """Chat completions for one conversation or a batch of them, like vLLM's `LLM.chat`.
 
         Each conversation is encoded with DeepSeek-V4's chat format (`parity.tokenizer.encode_chat`, BOS
@@ -119,8 +135,11 @@ class LLM:
 
         if self.tokenizer is None:
             raise RequestError("LLM.chat needs a tokenizer; this LLM has none (use generate with token ids)")
-        batch = (isinstance(messages, (list, tuple)) and len(messages) > 0
-                 and all(isinstance(m, (list, tuple)) for m in messages))
+        batch = (
+            isinstance(messages, (list, tuple))
+            and len(messages) > 0
+            and all(isinstance(m, (list, tuple)) for m in messages)
+        )
         convs = list(messages) if batch else [messages]
         prompts = []
         for i, conv in enumerate(convs):
@@ -129,13 +148,14 @@ class LLM:
             except ChatError as e:
                 msg = str(e)
                 if batch and msg.startswith("messages"):
-                    msg = f"messages[{i}]" + msg[len("messages"):]
+                    msg = f"messages[{i}]" + msg[len("messages") :]
                 raise ChatError(msg) from None
         outs = self.generate(prompts, sampling_params)
         for out in outs:
             for c in out.outputs:
-                c.message = parse_output(c.text, thinking=thinking, tools_enabled=bool(tools),
-                                         finish_reason=c.finish_reason).to_message()
+                c.message = parse_output(
+                    c.text, thinking=thinking, tools_enabled=bool(tools), finish_reason=c.finish_reason
+                ).to_message()
         return outs
 
 
@@ -152,20 +172,26 @@ def _prompt_items(prompts, prompt_token_ids) -> list[tuple[str | None, list[int]
     if prompts is None and prompt_token_ids is None:
         raise RequestError("parameter 'prompts' is missing: give prompts or prompt_token_ids")
     if prompts is not None and prompt_token_ids is not None:
-        raise RequestError("parameters 'prompts' and 'prompt_token_ids' were both given: expected one of them "
-                           "(for token ids in 'prompts', use {'prompt_token_ids': [...]})")
+        raise RequestError(
+            "parameters 'prompts' and 'prompt_token_ids' were both given: expected one of them "
+            "(for token ids in 'prompts', use {'prompt_token_ids': [...]})"
+        )
     if prompt_token_ids is not None:
         if not isinstance(prompt_token_ids, (list, tuple)):
-            raise RequestError("parameter 'prompt_token_ids' must be a list of ints or a list of lists of ints, "
-                               f"got {type(prompt_token_ids).__name__}")
+            raise RequestError(
+                "parameter 'prompt_token_ids' must be a list of ints or a list of lists of ints, "
+                f"got {type(prompt_token_ids).__name__}"
+            )
         if prompt_token_ids and not isinstance(prompt_token_ids[0], (list, tuple)):
             prompt_token_ids = [prompt_token_ids]
         return [(None, p) for p in prompt_token_ids]  # ids are checked by LLMEngine.add_request
     if isinstance(prompts, (str, dict)):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)):
-        raise RequestError("parameter 'prompts' must be a str, a prompt dict ({'prompt': str} or "
-                           f"{{'prompt_token_ids': list[int]}}) or a list of them, got {type(prompts).__name__}")
+        raise RequestError(
+            "parameter 'prompts' must be a str, a prompt dict ({'prompt': str} or "
+            f"{{'prompt_token_ids': list[int]}}) or a list of them, got {type(prompts).__name__}"
+        )
     items: list[tuple[str | None, list[int] | None]] = []
     for i, p in enumerate(prompts):
         where = "prompts" if len(prompts) == 1 else f"prompts[{i}]"
@@ -174,20 +200,27 @@ def _prompt_items(prompts, prompt_token_ids) -> list[tuple[str | None, list[int]
         elif isinstance(p, dict):
             unknown = sorted(str(k) for k in p if k not in _PROMPT_KEYS)
             if unknown:
-                raise RequestError(f"parameter {where!r} has unsupported keys {unknown}: expected "
-                                   "{'prompt': str} or {'prompt_token_ids': list[int]}")
+                raise RequestError(
+                    f"parameter {where!r} has unsupported keys {unknown}: expected "
+                    "{'prompt': str} or {'prompt_token_ids': list[int]}"
+                )
             text = p.get("prompt")
             if text is not None and not isinstance(text, str):
                 raise RequestError(f"parameter '{where}[\"prompt\"]' must be a string, got {type(text).__name__}")
             ids = p.get("prompt_token_ids")
             if ids is None and text is None:
-                raise RequestError(f"parameter {where!r} is an empty prompt dict: expected "
-                                   "{'prompt': str} or {'prompt_token_ids': list[int]}")
+                raise RequestError(
+                    f"parameter {where!r} is an empty prompt dict: expected "
+                    "{'prompt': str} or {'prompt_token_ids': list[int]}"
+                )
             if ids is not None and not isinstance(ids, (list, tuple)):
-                raise RequestError(f"parameter '{where}[\"prompt_token_ids\"]' must be a list of ints, "
-                                   f"got {type(ids).__name__}")
+                raise RequestError(
+                    f"parameter '{where}[\"prompt_token_ids\"]' must be a list of ints, got {type(ids).__name__}"
+                )
             items.append((text, None if ids is None else list(ids)))
         else:
-            raise RequestError(f"parameter {where!r} must be a str or a prompt dict ({{'prompt': str}} or "
-                               f"{{'prompt_token_ids': list[int]}}), got {type(p).__name__}")
+            raise RequestError(
+                f"parameter {where!r} must be a str or a prompt dict ({{'prompt': str}} or "
+                f"{{'prompt_token_ids': list[int]}}), got {type(p).__name__}"
+            )
     return items

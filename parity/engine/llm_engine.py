@@ -76,12 +76,15 @@ class LLMEngine:
             raise CheckpointError(
                 f"{where} has vocab_size {self.vocab_size} but its tokenizer has {tok_vocab} tokens (with no "
                 f"tokenizer.json in a checkpoint, parity uses the bundled DeepSeek-V4 tokenizer); put the model's "
-                f"own tokenizer.json in the checkpoint directory, or serve token ids only (--skip-tokenizer-init)")
+                f"own tokenizer.json in the checkpoint directory, or serve token ids only (--skip-tokenizer-init)"
+            )
         limit = int(self.config.max_position_embeddings)
         self.max_model_len = int(args.max_model_len or limit)
         if self.max_model_len > limit:
-            raise RequestError(f"engine argument 'max_model_len' ({self.max_model_len}) exceeds the model's "
-                               f"max_position_embeddings ({limit})")
+            raise RequestError(
+                f"engine argument 'max_model_len' ({self.max_model_len}) exceeds the model's "
+                f"max_position_embeddings ({limit})"
+            )
         eos = self.config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
@@ -105,8 +108,10 @@ class LLMEngine:
             if args.enable_prefix_caching and isinstance(model, V4ForCausalLM):
                 # a prefix block's compressed rows ([block / ratio, width]) must fit in one page too
                 block = block_tokens_for(self.config, args.prefix_block_tokens)
-                page = max([page] + [_align(e.nbytes * (block // e.ratio) // e.block_entries)
-                                     for e in self.layout if e.growing])
+                page = max(
+                    [page]
+                    + [_align(e.nbytes * (block // e.ratio) // e.block_entries) for e in self.layout if e.growing]
+                )
             self.pool: CachePool | None = CachePool(budget, page, self.device)
         else:
             self.pool = None
@@ -118,8 +123,15 @@ class LLMEngine:
             return model.new_state(allocator=cache, **self._kv_kw)
 
         self.prefix_cache = self._make_prefix_cache(args, model_dir)
-        self.scheduler = Scheduler(self.pool, self.layout, args.max_num_seqs, args.max_num_batched_tokens,
-                                   new_state, self.device, self.prefix_cache)
+        self.scheduler = Scheduler(
+            self.pool,
+            self.layout,
+            args.max_num_seqs,
+            args.max_num_batched_tokens,
+            new_state,
+            self.device,
+            self.prefix_cache,
+        )
         self.generator = devices.manual_seed(self.device, args.seed)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -137,8 +149,16 @@ class LLMEngine:
             return None
         block = block_tokens_for(self.config, block)
         kv = self._kv_kw.get("kv_cache_dtype", self.model.kv_cache_dtype)
-        salt = chain_salt(repr(self.config), str(model_dir or args.model), args.seed, id(self.model), str(self.dtype),
-                          kv, self.model.indexer_dtype, block)
+        salt = chain_salt(
+            repr(self.config),
+            str(model_dir or args.model),
+            args.seed,
+            id(self.model),
+            str(self.dtype),
+            kv,
+            self.model.indexer_dtype,
+            block,
+        )
         return PrefixCache(self.pool, block, salt, self.device)
 
     def reset_prefix_cache(self) -> bool:
@@ -180,9 +200,15 @@ class LLMEngine:
             raise RequestError("parameter 'prompt': text prompts need a tokenizer; pass prompt_token_ids instead")
         return list(self.tokenizer.encode(prompt))
 
-    def add_request(self, prompt_token_ids: list[int] | None, params: SamplingParams | None = None,
-                    request_id: str | None = None, prompt: str | None = None,
-                    arrival_time: float | None = None, enforce_queue_limit: bool = True) -> Request:
+    def add_request(
+        self,
+        prompt_token_ids: list[int] | None,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        prompt: str | None = None,
+        arrival_time: float | None = None,
+        enforce_queue_limit: bool = True,
+    ) -> Request:
         """Validate and queue a request.
 
         Args:
@@ -210,21 +236,26 @@ class LLMEngine:
         if isinstance(prompt_token_ids, torch.Tensor):
             prompt_token_ids = prompt_token_ids.tolist()
         if not isinstance(prompt_token_ids, (list, tuple)):
-            raise RequestError(f"parameter 'prompt_token_ids' must be a list of ints, "
-                               f"got {type(prompt_token_ids).__name__}")
+            raise RequestError(
+                f"parameter 'prompt_token_ids' must be a list of ints, got {type(prompt_token_ids).__name__}"
+            )
         if len(prompt_token_ids) == 0:
             raise RequestError("parameter 'prompt' is empty: expected at least one token")
         ids = list(prompt_token_ids)
+
         def ok(t) -> bool:
             return isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size
 
         if not all(ok(t) for t in ids):
             bad = next(t for t in ids if not ok(t))
-            raise RequestError(f"parameter 'prompt_token_ids' contains {bad!r}: expected ints in "
-                               f"[0, {self.vocab_size})")
+            raise RequestError(
+                f"parameter 'prompt_token_ids' contains {bad!r}: expected ints in [0, {self.vocab_size})"
+            )
         if len(ids) >= self.max_model_len:
-            raise RequestError(f"parameter 'prompt' has {len(ids)} tokens: expected fewer than max_model_len "
-                               f"({self.max_model_len}) to leave room for output")
+            raise RequestError(
+                f"parameter 'prompt' has {len(ids)} tokens: expected fewer than max_model_len "
+                f"({self.max_model_len}) to leave room for output"
+            )
         params.validate(self.vocab_size, self.max_model_len, len(ids))
         if params.stop and self.tokenizer is None:
             raise RequestError("sampling parameter 'stop' needs a tokenizer; use stop_token_ids instead")
@@ -232,12 +263,16 @@ class LLMEngine:
         sched = self.scheduler
         free_slots = max(0, sched.max_num_seqs - sched.num_running)
         if enforce_queue_limit and max(0, sched.num_waiting + params.n - free_slots) > self.args.max_waiting:
-            raise EngineQueueFull(f"request queue is full: {sched.num_waiting} requests waiting "
-                                  f"(max_waiting = {self.args.max_waiting}); retry later")
+            raise EngineQueueFull(
+                f"request queue is full: {sched.num_waiting} requests waiting "
+                f"(max_waiting = {self.args.max_waiting}); retry later"
+            )
         total = len(ids) + (params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids))
         if not self._fits_empty_pool(min(total, self.max_model_len)):
-            raise RequestError(f"sampling parameter 'max_tokens': prompt + max_tokens ({total} tokens) needs more "
-                               f"cache than the whole pool ({self.pool.total_bytes if self.pool else 0} bytes)")
+            raise RequestError(
+                f"sampling parameter 'max_tokens': prompt + max_tokens ({total} tokens) needs more "
+                f"cache than the whole pool ({self.pool.total_bytes if self.pool else 0} bytes)"
+            )
         if request_id is None:
             request_id = f"req-{next(self._req_ids)}"
         request_id = str(request_id)
@@ -248,8 +283,9 @@ class LLMEngine:
             gen = None
             if params.seed is not None:
                 gen = devices.manual_seed(self.device, params.seed + i)
-            seq = Sequence(next(self._seq_ids), req, i, gen,
-                           make_detokenizer(self.tokenizer, params.skip_special_tokens))
+            seq = Sequence(
+                next(self._seq_ids), req, i, gen, make_detokenizer(self.tokenizer, params.skip_special_tokens)
+            )
             req.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req
@@ -320,7 +356,7 @@ class LLMEngine:
         toks, lps, errs = [], [], []
         for j, r in enumerate(reqs):
             try:
-                t, lp = sample(logits[j:j + 1], [r], self.generator)
+                t, lp = sample(logits[j : j + 1], [r], self.generator)
                 toks.append(t[0])
                 lps.append(lp[0])
                 errs.append(None)
@@ -369,14 +405,18 @@ class LLMEngine:
             s.seq.num_computed = s.start + s.num_tokens
             n_prompt = len(s.seq.prompt_ids)
             if not s.seq.output_ids and s.start < n_prompt <= s.start + s.num_tokens:
-                self.num_prompt_tokens += n_prompt   # prompt fully read (recomputation not counted)
+                self.num_prompt_tokens += n_prompt  # prompt fully read (recomputation not counted)
             if s.completes:
                 rows.append(i)
                 q = s.seq
-                banned = (tuple(self.eos_ids) if q.params.strict_thinking and q.in_reasoning
-                          and not q.params.ignore_eos else ())
-                reqs.append(SampleRequest(q.params, q.prompt_ids, q.output_ids, q.generator, tuple(self.eos_ids),
-                                          banned))
+                banned = (
+                    tuple(self.eos_ids)
+                    if q.params.strict_thinking and q.in_reasoning and not q.params.ignore_eos
+                    else ()
+                )
+                reqs.append(
+                    SampleRequest(q.params, q.prompt_ids, q.output_ids, q.generator, tuple(self.eos_ids), banned)
+                )
         if not rows:
             return deltas
         sel = logits if len(rows) == len(scheduled) else logits[torch.tensor(rows, device=logits.device)]
@@ -425,10 +465,14 @@ class LLMEngine:
         """Engine state for metrics: running/waiting counts, cache pool bytes (``cache_used_bytes``: held
         by sequences; ``prefix_cache_bytes``: cached prefix blocks, evictable), token counters,
         prefix-cache queries/hits (tokens)."""
-        out = {"num_running": self.scheduler.num_running, "num_waiting": self.scheduler.num_waiting,
-               "num_preemptions": self.scheduler.num_preemptions, "num_steps": self.num_steps,
-               "prompt_tokens_total": self.num_prompt_tokens,
-               "generation_tokens_total": self.num_generation_tokens}
+        out = {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_steps": self.num_steps,
+            "prompt_tokens_total": self.num_prompt_tokens,
+            "generation_tokens_total": self.num_generation_tokens,
+        }
         if self.pool is not None:
             out.update(self.pool.stats())
         if self.prefix_cache is not None:

@@ -17,8 +17,15 @@ from parity.model.build import build_model
 log = logging.getLogger("parity.engine")
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -35,8 +42,14 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def load_model(model: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0,
-               quantization: str | None = None, parallel=None):
+def load_model(
+    model: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    quantization: str | None = None,
+    parallel=None,
+):
     """(model, checkpoint dir or None) for EngineArgs.model (directory, preset name or None = default);
     `quantization` reaches `from_pretrained` (checkpoints only: a preset is built in `dtype`); ``parallel``:
     a `parity.distributed.context.ParallelContext` to load this rank's part only.
@@ -52,8 +65,10 @@ def load_model(model: str | None, device: torch.device, dtype: torch.dtype, seed
     if p.is_dir():
         return from_pretrained(p, device=device, dtype=dtype, quantization=quantization, **kw), p
     if quantization not in (None, "auto", "bf16"):
-        raise RequestError(f"engine argument 'quantization' {quantization!r} needs a checkpoint directory; "
-                           f"preset {model!r} is built with random float weights")
+        raise RequestError(
+            f"engine argument 'quantization' {quantization!r} needs a checkpoint directory; "
+            f"preset {model!r} is built with random float weights"
+        )
     return build_model(load_config(str(model)), device=device, dtype=dtype, seed=seed, **kw), None
 
 

@@ -59,6 +59,11 @@ def prepare_step_path(model, device: torch.device, enforce_eager: bool | None) -
     compile_regions(model, fn)
     seconds = warm_up(model)
     sp = StepPath("compiled", str(device), fn.backend_name, fn.mode, seconds)
-    log.info("engine step path: compiled (%s%s) on %s; compiled and warmed up in %.1f s", sp.backend,
-             f", mode {sp.mode}" if sp.mode else "", device, seconds)
+    log.info(
+        "engine step path: compiled (%s%s) on %s; compiled and warmed up in %.1f s",
+        sp.backend,
+        f", mode {sp.mode}" if sp.mode else "",
+        device,
+        seconds,
+    )
     return sp

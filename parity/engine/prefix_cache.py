@@ -33,7 +33,7 @@ def block_keys(prev: bytes, token_ids: list[int], block_tokens: int, first_block
     (the key of block first_block - 1, or the salt)."""
     out = []
     for i in range(first_block, first_block + num_blocks):
-        toks = token_ids[i * block_tokens:(i + 1) * block_tokens]
+        toks = token_ids[i * block_tokens : (i + 1) * block_tokens]
         h = hashlib.blake2b(prev, digest_size=16)
         h.update(struct.pack(f"<{len(toks)}q", *toks))
         prev = h.digest()
@@ -68,7 +68,7 @@ class PrefixCache:
     def __init__(self, pool: CachePool | None, block_tokens: int, salt: bytes, device="cpu"):
         self.pool, self.block_tokens, self.salt, self.device = pool, block_tokens, salt, device
         self.blocks: dict[bytes, Block] = {}
-        self._lru: list[tuple[int, bytes]] = []     # heap of (last_used, key); stale entries skipped
+        self._lru: list[tuple[int, bytes]] = []  # heap of (last_used, key); stale entries skipped
         self._clock = itertools.count(1)
         self.queries = self.hits = self.evictions = 0
         self.nbytes = 0
@@ -125,7 +125,7 @@ class PrefixCache:
     def lookup(self, keys: list[bytes], max_blocks: int) -> list[Block]:
         """The longest cached chain among the first ``max_blocks`` keys, pinned (call `release`)."""
         chain = []
-        for key in keys[:max(0, max_blocks)]:
+        for key in keys[: max(0, max_blocks)]:
             blk = self.blocks.get(key)
             if blk is None:
                 break
@@ -164,7 +164,7 @@ class PrefixCache:
             if i > 0 and parent is None:
                 break
             if parent is not None:
-                parent.refs += 1                     # not evicted to make room for its child
+                parent.refs += 1  # not evicted to make room for its child
             blk = None
             try:
                 blk = self._new_block(state, b, key, parent)
@@ -174,7 +174,7 @@ class PrefixCache:
             if parent is not None:
                 if blk is not None:
                     parent.children += 1
-                self._touch(parent)                  # its LRU entry may have been dropped while pinned
+                self._touch(parent)  # its LRU entry may have been dropped while pinned
             if blk is None:
                 break
             self.blocks[key] = blk
@@ -193,7 +193,7 @@ class PrefixCache:
                 if not self.evict_one():
                     return None
                 continue
-            except ValueError:                      # that end's rows were not kept by the step
+            except ValueError:  # that end's rows were not kept by the step
                 owner.free_all()
                 return None
             return Block(key, parent.key if parent is not None else None, layers, owner)
@@ -228,6 +228,10 @@ class PrefixCache:
 
     def stats(self) -> dict:
         """Counters and sizes for metrics (tokens; bytes)."""
-        return {"prefix_cache_queries_total": self.queries, "prefix_cache_hits_total": self.hits,
-                "prefix_cache_blocks": len(self.blocks), "prefix_cache_bytes": self.nbytes,
-                "prefix_cache_evictions_total": self.evictions}
+        return {
+            "prefix_cache_queries_total": self.queries,
+            "prefix_cache_hits_total": self.hits,
+            "prefix_cache_blocks": len(self.blocks),
+            "prefix_cache_bytes": self.nbytes,
+            "prefix_cache_evictions_total": self.evictions,
+        }

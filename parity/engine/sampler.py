@@ -64,7 +64,7 @@ def _apply_penalties(logits: torch.Tensor, rows: list[int], reqs: list[SampleReq
     """In place on `logits` [B, V] for the listed rows."""
     dev = logits.device
     vocab = logits.shape[1]
-    sub = logits[rows]                                          # [b, V]
+    sub = logits[rows]  # [b, V]
     b = len(rows)
     counts = torch.zeros(b, vocab, device=dev, dtype=logits.dtype)
     seen = torch.zeros(b, vocab, device=dev, dtype=torch.bool)
@@ -107,9 +107,9 @@ def _filter(logits: torch.Tensor, reqs: list[SampleRequest]) -> torch.Tensor:
             mask |= pos >= torch.tensor(ks, device=dev).unsqueeze(1)
         if need_p:
             probs = torch.softmax(sorted_logits.masked_fill(mask, float("-inf")), dim=-1)
-            before = torch.cumsum(probs, dim=-1) - probs          # mass strictly before each token
+            before = torch.cumsum(probs, dim=-1) - probs  # mass strictly before each token
             mask |= before > torch.tensor(ps, device=dev, dtype=probs.dtype).unsqueeze(1)
-        mask[:, 0] = False                                         # always keep the best token
+        mask[:, 0] = False  # always keep the best token
         sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     mins = [r.params.min_p for r in reqs]
@@ -120,8 +120,9 @@ def _filter(logits: torch.Tensor, reqs: list[SampleRequest]) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, reqs: list[SampleRequest],
-           generator: torch.Generator | None = None) -> tuple[list[int], list[TokenLogprobs | None]]:
+def sample(
+    logits: torch.Tensor, reqs: list[SampleRequest], generator: torch.Generator | None = None
+) -> tuple[list[int], list[TokenLogprobs | None]]:
     """Choose the next token of each row.
 
     Args:

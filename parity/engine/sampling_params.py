@@ -41,8 +41,7 @@ def _is_int(v) -> bool:
 
 def _is_num(v) -> bool:
     """A finite number that float32 can hold (the sampler's dtype)."""
-    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            and abs(v) <= FLOAT32_MAX)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= FLOAT32_MAX
 
 
 @dataclass
@@ -104,8 +103,7 @@ class SamplingParams:
 
     @property
     def uses_penalties(self) -> bool:
-        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-                or self.repetition_penalty != 1.0)
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
     def max_stop_len(self) -> int:
@@ -116,8 +114,9 @@ class SamplingParams:
         return copy.deepcopy(self)
 
     # ------------------------------------------------------------------ validation
-    def validate(self, vocab_size: int | None = None, max_model_len: int | None = None,
-                 prompt_len: int | None = None) -> None:
+    def validate(
+        self, vocab_size: int | None = None, max_model_len: int | None = None, prompt_len: int | None = None
+    ) -> None:
         """Check every field.
 
         Args:
@@ -127,6 +126,7 @@ class SamplingParams:
         Raises:
             RequestError: naming the parameter and the expected value.
         """
+
         def bad(name: str, expected: str, got) -> RequestError:
             return RequestError(f"sampling parameter {name!r} {expected}, got {got!r}")
 
@@ -150,15 +150,24 @@ class SamplingParams:
             v = getattr(self, name)
             if not _is_num(v) or not -2.0 <= v <= 2.0:
                 raise bad(name, "must be in [-2, 2]", v)
-        if (not _is_num(self.repetition_penalty)
-                or not REPETITION_PENALTY_MIN <= self.repetition_penalty <= REPETITION_PENALTY_MAX):
-            raise bad("repetition_penalty", f"must be a number in [{REPETITION_PENALTY_MIN:g}, "
-                                            f"{REPETITION_PENALTY_MAX:g}]", self.repetition_penalty)
+        if (
+            not _is_num(self.repetition_penalty)
+            or not REPETITION_PENALTY_MIN <= self.repetition_penalty <= REPETITION_PENALTY_MAX
+        ):
+            raise bad(
+                "repetition_penalty",
+                f"must be a number in [{REPETITION_PENALTY_MIN:g}, {REPETITION_PENALTY_MAX:g}]",
+                self.repetition_penalty,
+            )
         if self.seed is not None and not _is_int(self.seed):
             raise bad("seed", "must be an integer or None", self.seed)
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX - (self.n - 1):
-            raise bad("seed", f"must be None or an integer in [{SEED_MIN}, {SEED_MAX - (self.n - 1)}] "
-                              "(a signed 64-bit integer; completion i uses seed + i)", self.seed)
+            raise bad(
+                "seed",
+                f"must be None or an integer in [{SEED_MIN}, {SEED_MAX - (self.n - 1)}] "
+                "(a signed 64-bit integer; completion i uses seed + i)",
+                self.seed,
+            )
         if self.stop is not None:
             if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
                 raise bad("stop", "must be a list of strings", self.stop)
@@ -169,8 +178,11 @@ class SamplingParams:
                 raise bad("stop_token_ids", "must be a list of integers", self.stop_token_ids)
             for t in self.stop_token_ids:
                 if t < 0 or t > SEED_MAX or (vocab_size is not None and t >= vocab_size):
-                    raise bad("stop_token_ids", f"must contain token ids in [0, {vocab_size}) (unknown token id {t})",
-                              self.stop_token_ids)
+                    raise bad(
+                        "stop_token_ids",
+                        f"must contain token ids in [0, {vocab_size}) (unknown token id {t})",
+                        self.stop_token_ids,
+                    )
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", "must be a boolean", self.ignore_eos)
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
@@ -183,10 +195,14 @@ class SamplingParams:
         if not isinstance(self.strict_thinking, bool):
             raise bad("strict_thinking", "must be a boolean", self.strict_thinking)
         if self.strict_thinking and rid is None:
-            raise bad("strict_thinking", "needs 'reasoning_end_token_id' (the token that closes the reasoning "
-                                         "block)", self.strict_thinking)
+            raise bad(
+                "strict_thinking",
+                "needs 'reasoning_end_token_id' (the token that closes the reasoning block)",
+                self.strict_thinking,
+            )
         if max_model_len is not None and prompt_len is not None and self.max_tokens is not None:
             if prompt_len + self.max_tokens > max_model_len:
                 raise RequestError(
                     f"sampling parameter 'max_tokens' ({self.max_tokens}) plus the prompt ({prompt_len} tokens) "
-                    f"exceeds max_model_len ({max_model_len}): expected max_tokens <= {max_model_len - prompt_len}")
+                    f"exceeds max_model_len ({max_model_len}): expected max_tokens <= {max_model_len - prompt_len}"
+                )

@@ -53,8 +53,16 @@ class Scheduler:
         prefix_cache: the PrefixCache (None = prefix caching off).
     """
 
-    def __init__(self, pool: CachePool | None, layout: list[LayoutEntry], max_num_seqs: int,
-                 max_num_batched_tokens: int, new_state, device, prefix_cache: PrefixCache | None = None):
+    def __init__(
+        self,
+        pool: CachePool | None,
+        layout: list[LayoutEntry],
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        new_state,
+        device,
+        prefix_cache: PrefixCache | None = None,
+    ):
         self.pool = pool
         self.prefix_cache = prefix_cache
         self.layout = layout
@@ -184,7 +192,7 @@ class Scheduler:
             hit = len(chain) * self.prefix_cache.block_tokens if chain else 0
             n = min(seq.num_tokens - hit, budget)
             total = merge_demand(demand, self._demand_fresh(hit + n))
-            if chain and not self._fits(total):        # the hit itself may be what does not fit
+            if chain and not self._fits(total):  # the hit itself may be what does not fit
                 self.prefix_cache.release(chain)
                 chain, hit = [], 0
                 n = min(seq.num_tokens, budget)

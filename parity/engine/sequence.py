@@ -41,11 +41,11 @@ class _FallbackDetokenizer:
 
     def add(self, token_ids: list[int]) -> str:
         self.ids.extend(token_ids)
-        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip)
-        full = self.tok.decode(self.ids[self.prefix_offset:], skip_special_tokens=self.skip)
+        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=self.skip)
+        full = self.tok.decode(self.ids[self.prefix_offset :], skip_special_tokens=self.skip)
         if full.endswith("\ufffd") or len(full) <= len(prefix):
             return ""
-        new = full[len(prefix):]
+        new = full[len(prefix) :]
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.ids)
         return new
@@ -75,8 +75,9 @@ class Sequence:
         text: detokenized output so far (stop string excluded once matched); sent_text: chars streamed.
     """
 
-    def __init__(self, seq_id: int, request: "Request", index: int, generator: torch.Generator | None,
-                 detokenizer: Any):
+    def __init__(
+        self, seq_id: int, request: "Request", index: int, generator: torch.Generator | None, detokenizer: Any
+    ):
         self.seq_id = seq_id
         self.request = request
         self.index = index
@@ -89,7 +90,7 @@ class Sequence:
         self.state = None
         self.cache = None
         self.num_computed = 0
-        self.block_keys: list[bytes] = []   # prefix-cache keys of its full blocks so far (`PrefixCache.keys`)
+        self.block_keys: list[bytes] = []  # prefix-cache keys of its full blocks so far (`PrefixCache.keys`)
         self.text = ""
         self.sent_text = 0
         self.sent_tokens = 0
@@ -98,7 +99,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.error: str | None = None
-        self.final_sent = False   # the delta with finished=True was produced
+        self.final_sent = False  # the delta with finished=True was produced
         # inside the reasoning block the prompt opened (until params.reasoning_end_token_id is sampled);
         # answer_start: where the answer starts in `text` (stop strings match from there), None before
         self.in_reasoning = self.params.reasoning_end_token_id is not None
@@ -115,8 +116,8 @@ class Sequence:
         if end <= p:
             return list(self.prompt_ids[start:end])
         if start >= p:
-            return self.output_ids[start - p:end - p]
-        return list(self.prompt_ids[start:]) + self.output_ids[:end - p]
+            return self.output_ids[start - p : end - p]
+        return list(self.prompt_ids[start:]) + self.output_ids[: end - p]
 
     @property
     def num_uncomputed(self) -> int:
@@ -167,7 +168,7 @@ class Sequence:
                         if k >= 0 and (best is None or k < best[0]):
                             best = (k, s)
                     if best is not None:
-                        self.text = self.text[:best[0]]
+                        self.text = self.text[: best[0]]
                         self.finish_reason, self.stop_reason = "stop", best[1]
                         return
         max_tokens = p.max_tokens if p.max_tokens is not None else max_model_len
@@ -187,49 +188,71 @@ class Sequence:
         upto = len(self.text)
         if not done and self.params.stop:
             upto = max(self.sent_text, len(self.text) - self.params.max_stop_len + 1)
-        new_text = self.text[self.sent_text:upto]
-        new_ids = self.output_ids[self.sent_tokens:]
+        new_text = self.text[self.sent_text : upto]
+        new_ids = self.output_ids[self.sent_tokens :]
         if not new_ids and not new_text and not done:
             return None
         lps = None
         if self.logprobs is not None:
-            lps = self.logprobs[self.sent_logprobs:]
+            lps = self.logprobs[self.sent_logprobs :]
             self.sent_logprobs = len(self.logprobs)
         self.sent_text = upto
         self.sent_tokens = len(self.output_ids)
         r = self.request
         if done:
             self.final_sent = True
-        return StreamDelta(request_id=r.request_id, index=self.index, new_token_ids=list(new_ids),
-                           new_text=new_text, finished=done, finish_reason=self.finish_reason,
-                           stop_reason=self.stop_reason,
-                           request_finished=done and all(s.final_sent for s in r.seqs),
-                           logprobs=lps, num_prompt_tokens=len(self.prompt_ids),
-                           num_output_tokens=len(self.output_ids), metrics=r.metrics, error=self.error,
-                           num_cached_tokens=r.metrics.num_cached_tokens,
-                           prompt_token_ids=r.prompt_ids)
+        return StreamDelta(
+            request_id=r.request_id,
+            index=self.index,
+            new_token_ids=list(new_ids),
+            new_text=new_text,
+            finished=done,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+            request_finished=done and all(s.final_sent for s in r.seqs),
+            logprobs=lps,
+            num_prompt_tokens=len(self.prompt_ids),
+            num_output_tokens=len(self.output_ids),
+            metrics=r.metrics,
+            error=self.error,
+            num_cached_tokens=r.metrics.num_cached_tokens,
+            prompt_token_ids=r.prompt_ids,
+        )
 
     def completion(self) -> CompletionOutput:
         cum = None
         if self.logprobs is not None:
             cum = float(sum(lp.logprob for lp in self.logprobs))
-        return CompletionOutput(index=self.index, text=self.text, token_ids=list(self.output_ids),
-                                finish_reason=self.finish_reason, stop_reason=self.stop_reason,
-                                logprobs=list(self.logprobs) if self.logprobs is not None else None,
-                                cumulative_logprob=cum)
+        return CompletionOutput(
+            index=self.index,
+            text=self.text,
+            token_ids=list(self.output_ids),
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            cumulative_logprob=cum,
+        )
 
 
 class Request:
     """One prompt with its SamplingParams and its n sequences."""
 
-    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
-                 arrival_time: float | None = None):
+    def __init__(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_ids = list(prompt_ids)
         self.params = params
-        self.metrics = RequestMetrics(arrival_time=time.monotonic() if arrival_time is None else arrival_time,
-                                      num_prompt_tokens=len(self.prompt_ids))
+        self.metrics = RequestMetrics(
+            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+            num_prompt_tokens=len(self.prompt_ids),
+        )
         self.seqs: list[Sequence] = []
         self.error: str | None = None
 
@@ -238,6 +261,12 @@ class Request:
         return all(s.finished for s in self.seqs)
 
     def output(self) -> RequestOutput:
-        return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=list(self.prompt_ids),
-                             outputs=[s.completion() for s in self.seqs], finished=self.finished,
-                             metrics=self.metrics, error=self.error)
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=list(self.prompt_ids),
+            outputs=[s.completion() for s in self.seqs],
+            finished=self.finished,
+            metrics=self.metrics,
+            error=self.error,
+        )

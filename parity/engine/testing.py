@@ -81,12 +81,20 @@ class _FakeState:
 class FakeModel:
     """Contract-shaped fake (see module docstring). vocab 97 by default; eos id 1."""
 
-    def __init__(self, vocab_size: int = 97, window: int = 5, ratio: int = 3, block_entries: int = 2,
-                 max_len: int = 4096, device: str = "cpu"):
+    def __init__(
+        self,
+        vocab_size: int = 97,
+        window: int = 5,
+        ratio: int = 3,
+        block_entries: int = 2,
+        max_len: int = 4096,
+        device: str = "cpu",
+    ):
         self.window, self.ratio, self.cache_block_entries = window, ratio, block_entries
         self.device = torch.device(device)
-        self.config = SimpleNamespace(vocab_size=vocab_size, max_position_embeddings=max_len, eos_token_id=1,
-                                      bos_token_id=0)
+        self.config = SimpleNamespace(
+            vocab_size=vocab_size, max_position_embeddings=max_len, eos_token_id=1, bos_token_id=0
+        )
         self._freqs = torch.arange(vocab_size, dtype=torch.float64) * 0.7
 
     def parameters(self):
@@ -97,10 +105,23 @@ class FakeModel:
 
     def cache_layout(self, kv_cache_dtype: str = "bf16") -> list[dict]:
         return [
-            {"layer": 0, "component": "window_kv", "shape": (self.window, 1), "dtype": torch.float32,
-             "kind": "fixed", "ratio": 1},
-            {"layer": 0, "component": "compressed_kv", "shape": (self.cache_block_entries, 1),
-             "dtype": torch.float32, "kind": "growing", "ratio": self.ratio, "block_entries": self.cache_block_entries},
+            {
+                "layer": 0,
+                "component": "window_kv",
+                "shape": (self.window, 1),
+                "dtype": torch.float32,
+                "kind": "fixed",
+                "ratio": 1,
+            },
+            {
+                "layer": 0,
+                "component": "compressed_kv",
+                "shape": (self.cache_block_entries, 1),
+                "dtype": torch.float32,
+                "kind": "growing",
+                "ratio": self.ratio,
+                "block_entries": self.cache_block_entries,
+            },
         ]
 
     def _logits(self, h: float) -> torch.Tensor:

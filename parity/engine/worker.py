@@ -55,8 +55,9 @@ def _load(spec: ModelSpec, ctx):
     return model
 
 
-def _worker_main(rank: int, config: ParallelConfig, init_method: str, spec: ModelSpec, timeout_s: float,
-                 local_rank: int) -> None:
+def _worker_main(
+    rank: int, config: ParallelConfig, init_method: str, spec: ModelSpec, timeout_s: float, local_rank: int
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 owns Ctrl-C and the drain
     ctx = init_parallel(config, rank, rank_device(spec.device_type, local_rank), init_method, timeout_s)
     try:
@@ -118,8 +119,9 @@ class WorkerGroup:
                 p.join(1.0)
 
 
-def launch_local(config: ParallelConfig, spec: ModelSpec, timeout_s: float = DEFAULT_TIMEOUT_S
-                 ) -> tuple[DistributedModel, WorkerGroup]:
+def launch_local(
+    config: ParallelConfig, spec: ModelSpec, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> tuple[DistributedModel, WorkerGroup]:
     """Spawn ranks 1..N-1 on this machine, join as rank 0, load rank 0's part.
 
     Raises:
@@ -131,8 +133,12 @@ def launch_local(config: ParallelConfig, spec: ModelSpec, timeout_s: float = DEF
     ctx_mp = mp.get_context("spawn")
     procs = []
     for local in range(config.world_size - 1):
-        p = ctx_mp.Process(target=_spawned, args=(local, config, init_method, spec, timeout_s),
-                           name=f"parity-rank{local + 1}", daemon=True)
+        p = ctx_mp.Process(
+            target=_spawned,
+            args=(local, config, init_method, spec, timeout_s),
+            name=f"parity-rank{local + 1}",
+            daemon=True,
+        )
         p.start()
         procs.append(p)
     group = WorkerGroup(procs)
@@ -148,8 +154,9 @@ def launch_local(config: ParallelConfig, spec: ModelSpec, timeout_s: float = DEF
     return DistributedModel(model, ctx), group
 
 
-def join_torchrun(config: ParallelConfig, spec: ModelSpec, timeout_s: float = DEFAULT_TIMEOUT_S
-                  ) -> DistributedModel | None:
+def join_torchrun(
+    config: ParallelConfig, spec: ModelSpec, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> DistributedModel | None:
     """Join a torchrun job (``env://`` rendezvous): rank 0 returns its `DistributedModel`; other ranks
     serve steps until rank 0 stops them and return None.
 
@@ -158,8 +165,10 @@ def join_torchrun(config: ParallelConfig, spec: ModelSpec, timeout_s: float = DE
     """
     rank, local_rank, world = env_rank()
     if world != config.world_size:
-        raise ParallelError(f"torchrun started {world} ranks (WORLD_SIZE) but {config.describe()} needs "
-                            f"{config.world_size}: set --nnodes x --nproc-per-node = TP x DP")
+        raise ParallelError(
+            f"torchrun started {world} ranks (WORLD_SIZE) but {config.describe()} needs "
+            f"{config.world_size}: set --nnodes x --nproc-per-node = TP x DP"
+        )
     if rank != 0:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctx = init_parallel(config, rank, rank_device(spec.device_type, local_rank), "env://", timeout_s)

@@ -19,8 +19,10 @@ __all__ = ["build_model", "V4ForCausalLM", "SequenceState", "CacheAllocator", "T
 def __getattr__(name):
     if name in ("build_model", "V4ForCausalLM"):
         from parity.model import build as _m
+
         return getattr(_m, name)
     if name in ("SequenceState", "CacheAllocator", "TorchAllocator"):
         from parity.model import cache_state as _c
+
         return getattr(_c, name)
     raise AttributeError(f"module 'parity.model' has no attribute {name!r}")

@@ -69,20 +69,22 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim, self.rd = cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim
         self.window, self.groups, self.eps = cfg.sliding_window, cfg.o_groups, cfg.rms_norm_eps
         self.ratio = 0 if layer_type == SLIDING else cfg.compress_rates[layer_type]
-        self.scale = cfg.head_dim ** -0.5
+        self.scale = cfg.head_dim**-0.5
         self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
         self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
         self.q_b_proj = nn.Linear(cfg.q_lora_rank, cfg.num_attention_heads * cfg.head_dim, bias=False)
         self.kv_proj = nn.Linear(cfg.hidden_size, cfg.head_dim, bias=False)
         self.kv_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.o_a_proj = nn.Linear(cfg.num_attention_heads * cfg.head_dim // cfg.o_groups,
-                                  cfg.o_groups * cfg.o_lora_rank, bias=False)
+        self.o_a_proj = nn.Linear(
+            cfg.num_attention_heads * cfg.head_dim // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False
+        )
         self.o_b_proj = nn.Linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size, bias=False)
         self.sinks = nn.Parameter(torch.empty(cfg.num_attention_heads, dtype=torch.float32))
         self.compressor = Compressor(cfg, layer_type) if layer_type in (CSA, HCA) else None
         # RoPE inverse frequencies of this layer's setting (not in the state dict).
-        self.register_buffer("inv_freq", (inv_freq_main if layer_type == SLIDING else inv_freq_compress).clone(),
-                             persistent=False)
+        self.register_buffer(
+            "inv_freq", (inv_freq_main if layer_type == SLIDING else inv_freq_compress).clone(), persistent=False
+        )
 
         self._backend: AttentionBackend | None = None
 
@@ -101,6 +103,7 @@ class Attention(nn.Module):
         if not ctx.kv_fp8:
             return kv
         from parity.model.numerics import fp8_round_kv
+
         return fp8_round_kv(kv, self.rd)
 
     @staticmethod
@@ -109,6 +112,7 @@ class Attention(nn.Module):
         if not ctx.index_fp4:
             return x
         from parity.model.numerics import fp4_round_index
+
         return fp4_round_index(x)
 
     @staticmethod
@@ -119,6 +123,7 @@ class Attention(nn.Module):
         if not ctx.index_fp4:
             return x
         from parity.model.numerics import hadamard
+
         return hadamard(x)
 
     # ------------------------------------------------------------------ forward
@@ -139,7 +144,7 @@ class Attention(nn.Module):
                 ikv, isc = idx.project(x, ctx.positions)
                 iq = idx.q_b_proj(qr).view(T, idx.n_heads, idx.d)
                 iq = self._round_index(rope.rotate(iq, inplace=True), ctx)
-                iw = idx.scorer.weights_proj(x).float() * (idx.n_heads ** -0.5 * idx.d ** -0.5)
+                iw = idx.scorer.weights_proj(x).float() * (idx.n_heads**-0.5 * idx.d**-0.5)
                 index_in = (ikv, isc, iq, iw)
 
         batch = AttentionBatch()
@@ -176,23 +181,36 @@ class Attention(nn.Module):
         d, cw, ratio = comp.d, comp.coff * comp.d, comp.ratio
         st = cs[0].comp_state.unsqueeze(0) if k == 1 else torch.stack([c.comp_state for c in cs])
         emit_list, emit = db.emit(ratio)
-        _, ent = compress_step(st[:, 0, :, :cw], st[:, 1, :, :cw], db.take(ckv), db.take(csc), db.P, ratio,
-                               comp.overlap, d, emit)
+        _, ent = compress_step(
+            st[:, 0, :, :cw], st[:, 1, :, :cw], db.take(ckv), db.take(csc), db.P, ratio, comp.overlap, d, emit
+        )
         idx = comp.indexer
         if idx is not None:
             ikv, isc, iq, iw = index_in
-            _, ient = compress_step(st[:, 0, :, cw:], st[:, 1, :, cw:], db.take(ikv), db.take(isc), db.P,
-                                    idx.ratio, True, idx.d, db.emit(idx.ratio)[1])
+            _, ient = compress_step(
+                st[:, 0, :, cw:],
+                st[:, 1, :, cw:],
+                db.take(ikv),
+                db.take(isc),
+                db.P,
+                idx.ratio,
+                True,
+                idx.d,
+                db.emit(idx.ratio)[1],
+            )
         if k > 1:
             for c, i in zip(cs, range(k), strict=True):
                 c.comp_state.copy_(st[i])
         if emit_list:
             wid = db.P[emit] // ratio
             ent = self._round_kv(comp.finish(ent, wid, self.inv_freq, kv.dtype), ctx)
-            ient = self._rotate_index_keys(idx.finish(ient, wid, self.inv_freq, kv.dtype), ctx) \
-                if idx is not None else None
+            ient = (
+                self._rotate_index_keys(idx.finish(ient, wid, self.inv_freq, kv.dtype), ctx)
+                if idx is not None
+                else None
+            )
             for j, i in enumerate(emit_list):
-                cs[i].append_entries(ent[j:j + 1], ient[j:j + 1] if ient is not None else None)
+                cs[i].append_entries(ent[j : j + 1], ient[j : j + 1] if ient is not None else None)
         n_max = max(c.n_entries for c in cs)
         if n_max:
             keys.entries = cs[0].entries().unsqueeze(0) if k == 1 else _pad_stack([c.entries() for c in cs], n_max)
@@ -210,8 +228,13 @@ class Attention(nn.Module):
         o = min(p, self.window - 1)
         keys = ChunkKeys(s, n, p, cache.window_read(p - o, p), kv[s:e], ratio=self.ratio)  # positions [p - o, p)
         if cache.capture_at:  # prefix caching: keep the rows of block ends inside this chunk
-            capture_chunk(cache, p, kv[s:e], comp_in and tuple(t[s:e] for t in comp_in),
-                          index_in and tuple(t[s:e] for t in index_in[:2]))
+            capture_chunk(
+                cache,
+                p,
+                kv[s:e],
+                comp_in and tuple(t[s:e] for t in comp_in),
+                index_in and tuple(t[s:e] for t in index_in[:2]),
+            )
         cache.window_write(p, kv[s:e])
         comp = self.compressor
         if comp is None:

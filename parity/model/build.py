@@ -44,8 +44,14 @@ def _init_params(model: nn.Module, cfg: ModelConfig, generator: torch.Generator 
             p.copy_(cpu.to(p.dtype))
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_dtype(dtype) -> torch.dtype:
@@ -61,8 +67,9 @@ def resolve_dtype(dtype) -> torch.dtype:
     raise RequestError(f"dtype is {dtype!r}: expected one of {sorted(_DTYPES)} or a torch.dtype")
 
 
-def build_model(cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float32,
-                seed: int | None = None, parallel=None) -> V4ForCausalLM:
+def build_model(
+    cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float32, seed: int | None = None, parallel=None
+) -> V4ForCausalLM:
     """A randomly initialised model (tests, benchmarks).
 
     Args:
@@ -78,6 +85,7 @@ def build_model(cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float
             (`parity.model.memory.check_fits`; ``PARITY_SKIP_MEMORY_CHECK=1`` skips that check).
     """
     from parity import devices
+
     dev = devices.resolve(device)
     dtype = resolve_dtype(dtype)
     check_fits(cfg, dev, dtype, quantized=False)  # DeviceError before allocating what cannot fit

@@ -59,12 +59,38 @@ def _nbytes(t: torch.Tensor) -> int:
 class LayerCache:
     """Cache of one sequence in one layer (see module docstring). Internal to `parity.model`."""
 
-    __slots__ = ("layer", "ratio", "window", "comp_state", "comp_blocks", "idx_blocks", "n_entries", "_alloc",
-                 "block_entries", "head_dim", "index_head_dim", "codec", "icodec",
-                 "capture_every", "capture_at", "captured")
+    __slots__ = (
+        "layer",
+        "ratio",
+        "window",
+        "comp_state",
+        "comp_blocks",
+        "idx_blocks",
+        "n_entries",
+        "_alloc",
+        "block_entries",
+        "head_dim",
+        "index_head_dim",
+        "codec",
+        "icodec",
+        "capture_every",
+        "capture_at",
+        "captured",
+    )
 
-    def __init__(self, layer: int, ratio: int, window: int, head_dim: int, index_head_dim: int, csa: bool,
-                 block_entries: int, codec, icodec, alloc: CacheAllocator):
+    def __init__(
+        self,
+        layer: int,
+        ratio: int,
+        window: int,
+        head_dim: int,
+        index_head_dim: int,
+        csa: bool,
+        block_entries: int,
+        codec,
+        icodec,
+        alloc: CacheAllocator,
+    ):
         """codec: a `parity.model.numerics.KVCodec` (how window / compressed KV rows are stored);
         icodec: a `parity.model.numerics.IndexCodec` (how indexer keys are stored)."""
         self.layer, self.ratio, self._alloc = layer, ratio, alloc
@@ -100,7 +126,7 @@ class LayerCache:
         w = self.window.shape[0]
         n = kv.shape[0]
         if n > w:
-            kv, pos = kv[n - w:], pos + n - w
+            kv, pos = kv[n - w :], pos + n - w
             n = w
         idx = torch.arange(pos, pos + n, device=self.window.device) % w
         self.window.index_copy_(0, idx, self.codec.encode(kv))
@@ -117,7 +143,7 @@ class LayerCache:
             while blk >= len(blocks):
                 blocks.append(self._alloc.alloc(self.layer, component, (b, entries.shape[1]), entries.dtype))
             take = min(b - off, n - i)
-            blocks[blk][off:off + take] = entries[i:i + take]
+            blocks[blk][off : off + take] = entries[i : i + take]
             i += take
 
     def append_entries(self, kv: torch.Tensor, index_keys: torch.Tensor | None) -> None:

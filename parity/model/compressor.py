@@ -17,8 +17,16 @@ from parity.config import CSA
 from parity.model.layers import RMSNorm, apply_rope, rope_cos_sin
 
 
-def compress_windows(state_kv: torch.Tensor, state_sc: torch.Tensor, kv: torch.Tensor, sc: torch.Tensor, pos: int,
-                     ratio: int, overlap: bool, d: int) -> torch.Tensor:
+def compress_windows(
+    state_kv: torch.Tensor,
+    state_sc: torch.Tensor,
+    kv: torch.Tensor,
+    sc: torch.Tensor,
+    pos: int,
+    ratio: int,
+    overlap: bool,
+    d: int,
+) -> torch.Tensor:
     """Advance one compressor by n tokens and return the entries of the windows they complete.
 
     state_kv/state_sc: the sequence's fp32 state views [coff * ratio, coff * d] (updated in place);
@@ -30,8 +38,8 @@ def compress_windows(state_kv: torch.Tensor, state_sc: torch.Tensor, kv: torch.T
     """
     r0 = pos % ratio
     cur = ratio if overlap else 0
-    buf_kv = torch.cat([state_kv[cur:cur + r0], kv], dim=0)
-    buf_sc = torch.cat([state_sc[cur:cur + r0], sc], dim=0)
+    buf_kv = torch.cat([state_kv[cur : cur + r0], kv], dim=0)
+    buf_sc = torch.cat([state_sc[cur : cur + r0], sc], dim=0)
     nwin = buf_kv.shape[0] // ratio
     used = nwin * ratio
     entries = kv.new_empty((0, d))
@@ -50,14 +58,22 @@ def compress_windows(state_kv: torch.Tensor, state_sc: torch.Tensor, kv: torch.T
         entries = (cat_kv * cat_sc.softmax(dim=1)).sum(dim=1)
     rest = buf_kv.shape[0] - used
     if rest:
-        state_kv[cur:cur + rest] = buf_kv[used:]
-        state_sc[cur:cur + rest] = buf_sc[used:]
+        state_kv[cur : cur + rest] = buf_kv[used:]
+        state_sc[cur : cur + rest] = buf_sc[used:]
     return entries
 
 
-def compress_step(st_kv: torch.Tensor, st_sc: torch.Tensor, kv: torch.Tensor, sc: torch.Tensor, pos: torch.Tensor,
-                  ratio: int, overlap: bool, d: int,
-                  emit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def compress_step(
+    st_kv: torch.Tensor,
+    st_sc: torch.Tensor,
+    kv: torch.Tensor,
+    sc: torch.Tensor,
+    pos: torch.Tensor,
+    ratio: int,
+    overlap: bool,
+    d: int,
+    emit: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`compress_windows` for k sequences that each add one token (the decode step), vectorised.
 
     st_kv/st_sc: stacked states [k, coff * ratio, coff * d] (updated in place); kv/sc: [k, coff * d];
@@ -143,8 +159,9 @@ class Indexer(_Compressing):
         self.scorer = IndexerScorer(cfg.hidden_size, cfg.index_n_heads)
 
     @staticmethod
-    def select_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor,
-             k: int) -> torch.Tensor:
+    def select_topk(
+        q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, k: int
+    ) -> torch.Tensor:
         """Indices of the ``k`` best-scoring compressed entries per query (official ``Indexer.forward``).
 
         q [n, h, ID] indexer queries (RoPE'd, FP4-rounded when simulated); weights fp32 [n, h] (already

@@ -80,9 +80,12 @@ class V4Model(nn.Module):
         self.register_buffer("inv_freq_main", inv_main, persistent=False)
         self.register_buffer("inv_freq_compress", inv_comp, persistent=False)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([
-            DecoderLayer(cfg, cfg.layer_types[i], cfg.is_hash_layer(i), inv_main, inv_comp)
-            for i in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList(
+            [
+                DecoderLayer(cfg, cfg.layer_types[i], cfg.is_hash_layer(i), inv_main, inv_comp)
+                for i in range(cfg.num_hidden_layers)
+            ]
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hc_head = HyperHead(cfg.hc_mult, cfg.hidden_size, cfg.hc_eps, cfg.rms_norm_eps)
         ratio_to_type = {0: SLIDING, cfg.compress_rates[CSA]: CSA, cfg.compress_rates[HCA]: HCA}
@@ -90,8 +93,10 @@ class V4Model(nn.Module):
         for i in range(cfg.num_nextn_predict_layers):
             r = cfg.mtp_compress_ratios[i] if i < len(cfg.mtp_compress_ratios) else 0
             if r not in ratio_to_type:
-                raise ConfigError(f"config field 'compress_ratios[{cfg.num_hidden_layers + i}]' (MTP layer) is {r!r}: "
-                                  f"expected one of {sorted(ratio_to_type)}")
+                raise ConfigError(
+                    f"config field 'compress_ratios[{cfg.num_hidden_layers + i}]' (MTP layer) is {r!r}: "
+                    f"expected one of {sorted(ratio_to_type)}"
+                )
             mtp.append(MTPLayer(cfg, ratio_to_type[r], inv_main, inv_comp))
         self.mtp = nn.ModuleList(mtp)
 
@@ -99,8 +104,19 @@ class V4Model(nn.Module):
 #: Parameters kept in fp32 whatever the model dtype (official code / transformers
 #: ``_keep_in_fp32_modules_strict``): mHC, sinks, position biases, router bias, norms.
 #: ``lm_head.weight`` too: the official ``ParallelHead`` keeps the head in fp32 and computes fp32 logits.
-_FP32_SUFFIXES = ("_hc.fn", "_hc.base", "_hc.scale", "hc_head.hc_fn", "hc_head.hc_base", "hc_head.hc_scale",
-                  "sinks", "position_bias", "e_score_correction_bias", "norm.weight", "lm_head.weight")
+_FP32_SUFFIXES = (
+    "_hc.fn",
+    "_hc.base",
+    "_hc.scale",
+    "hc_head.hc_fn",
+    "hc_head.hc_base",
+    "hc_head.hc_scale",
+    "sinks",
+    "position_bias",
+    "e_score_correction_bias",
+    "norm.weight",
+    "lm_head.weight",
+)
 
 
 class V4ForCausalLM(nn.Module):
@@ -153,8 +169,12 @@ class V4ForCausalLM(nn.Module):
         return kv == "fp8", ix == "fp4"
 
     # ------------------------------------------------------------------ cache
-    def new_state(self, allocator: CacheAllocator | None = None, kv_cache_dtype: str | None = None,
-                  indexer_dtype: str | None = None) -> SequenceState:
+    def new_state(
+        self,
+        allocator: CacheAllocator | None = None,
+        kv_cache_dtype: str | None = None,
+        indexer_dtype: str | None = None,
+    ) -> SequenceState:
         """An empty `SequenceState` (position 0) whose fixed components are allocated now.
 
         Args:
@@ -169,8 +189,10 @@ class V4ForCausalLM(nn.Module):
         """
         fp8, fp4 = self._modes(kv_cache_dtype, indexer_dtype)
         alloc = allocator if allocator is not None else TorchAllocator(self.device)
-        st = SequenceState([self._layer_cache(i, layer.layer_type, fp8, fp4, alloc)
-                            for i, layer in enumerate(self.model.layers)], alloc)
+        st = SequenceState(
+            [self._layer_cache(i, layer.layer_type, fp8, fp4, alloc) for i, layer in enumerate(self.model.layers)],
+            alloc,
+        )
         st.kv_fp8, st.index_fp4 = fp8, fp4
         return st
 
@@ -184,8 +206,18 @@ class V4ForCausalLM(nn.Module):
     def _layer_cache(self, index: int, layer_type: str, fp8: bool, fp4: bool, alloc) -> LayerCache:
         cfg = self.config
         ratio = 0 if layer_type == SLIDING else cfg.compress_rates[layer_type]
-        return LayerCache(index, ratio, cfg.sliding_window, cfg.head_dim, cfg.index_head_dim, layer_type == CSA,
-                          self.cache_block_entries, self._codec(fp8), self._index_codec(fp4), alloc)
+        return LayerCache(
+            index,
+            ratio,
+            cfg.sliding_window,
+            cfg.head_dim,
+            cfg.index_head_dim,
+            layer_type == CSA,
+            self.cache_block_entries,
+            self._codec(fp8),
+            self._index_codec(fp4),
+            alloc,
+        )
 
     def cache_layout(self, kv_cache_dtype: str = "bf16", indexer_dtype: str | None = None) -> list[dict]:
         """Per layer and component: what one sequence's cache needs (as `new_state` with the same modes
@@ -214,9 +246,18 @@ class V4ForCausalLM(nn.Module):
                 n = 1
                 for s in shape:
                     n *= s
-                out.append({"layer": i, "component": comp, "kind": kind, "shape": tuple(shape),
-                            "dtype": str(dtype).replace("torch.", ""), "bytes": n * size,
-                            "tokens_per_entry": tpe, "entries": shape[-2] if len(shape) > 1 else 1})
+                out.append(
+                    {
+                        "layer": i,
+                        "component": comp,
+                        "kind": kind,
+                        "shape": tuple(shape),
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "bytes": n * size,
+                        "tokens_per_entry": tpe,
+                        "entries": shape[-2] if len(shape) > 1 else 1,
+                    }
+                )
 
             add("window_kv", "fixed", (W, width), kvd, esize, 1)
             if t != SLIDING:
@@ -235,8 +276,10 @@ class V4ForCausalLM(nn.Module):
         dev = self.device
         positions = torch.cat([torch.arange(p, p + n, device=dev) for (_, n, p) in segments])
         m = self.model
-        cos_sin = {"main": rope_cos_sin(positions, m.inv_freq_main),
-                   "compress": rope_cos_sin(positions, m.inv_freq_compress)}
+        cos_sin = {
+            "main": rope_cos_sin(positions, m.inv_freq_main),
+            "compress": rope_cos_sin(positions, m.inv_freq_compress),
+        }
         ctx = StepContext(positions, ids, segments, cos_sin, kv_fp8, index_fp4)
         x = m.embed_tokens(ids)
         h = x.unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
@@ -254,8 +297,14 @@ class V4ForCausalLM(nn.Module):
         return head(x.to(head.weight.dtype)).float()
 
     @torch.no_grad()
-    def forward_incremental(self, tokens, states: list[SequenceState], all_logits: bool = False,
-                            kv_cache_dtype: str | None = None, indexer_dtype: str | None = None):
+    def forward_incremental(
+        self,
+        tokens,
+        states: list[SequenceState],
+        all_logits: bool = False,
+        kv_cache_dtype: str | None = None,
+        indexer_dtype: str | None = None,
+    ):
         """Extend each sequence by its new tokens (one batched step) and return logits.
 
         Args:
@@ -281,14 +330,17 @@ class V4ForCausalLM(nn.Module):
         for i, (t, st) in enumerate(zip(tokens, states)):
             st.check_usable()
             if (st.kv_fp8, st.index_fp4) != (kv_fp8, index_fp4):
-                raise RequestError(f"states[{i}] was created with other numerics (kv_cache_dtype / indexer_dtype) "
-                                   f"than this call uses")
+                raise RequestError(
+                    f"states[{i}] was created with other numerics (kv_cache_dtype / indexer_dtype) than this call uses"
+                )
             t = torch.as_tensor(t, dtype=torch.long, device=dev).reshape(-1)
             if t.numel() == 0:
                 raise RequestError(f"tokens[{i}] is empty: expected at least one new token")
             if st.num_tokens + t.numel() > limit:
-                raise RequestError(f"sequence {i} would reach {st.num_tokens + t.numel()} tokens: the model's "
-                                   f"max_position_embeddings is {limit}")
+                raise RequestError(
+                    f"sequence {i} would reach {st.num_tokens + t.numel()} tokens: the model's "
+                    f"max_position_embeddings is {limit}"
+                )
             seqs.append(t)
             segments.append((s, t.numel(), st.num_tokens))
             s += t.numel()
@@ -301,13 +353,18 @@ class V4ForCausalLM(nn.Module):
             st.num_tokens += n
         if all_logits:
             logits = self._head(h)
-            return [logits[a:a + n] for (a, n, _) in segments]
+            return [logits[a : a + n] for (a, n, _) in segments]
         last = torch.tensor([a + n - 1 for (a, n, _) in segments], device=dev)
         return self._head(h[last])
 
     @torch.no_grad()
-    def forward_logits(self, input_ids: torch.Tensor, kv_cache_dtype: str = "bf16", indexer_dtype: str = "bf16",
-                       return_hidden: bool = False):
+    def forward_logits(
+        self,
+        input_ids: torch.Tensor,
+        kv_cache_dtype: str = "bf16",
+        indexer_dtype: str = "bf16",
+        return_hidden: bool = False,
+    ):
         """Full causal forward without a persistent cache.
 
         Args:
@@ -321,13 +378,17 @@ class V4ForCausalLM(nn.Module):
             RequestError: input_ids not 2-D / empty / out of vocabulary.
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise RequestError("input_ids must be a LongTensor[B, S] with S >= 1, got "
-                               f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+            raise RequestError(
+                "input_ids must be a LongTensor[B, S] with S >= 1, got "
+                f"{getattr(input_ids, 'shape', type(input_ids).__name__)}"
+            )
         kv_fp8, index_fp4 = self._modes(kv_cache_dtype, indexer_dtype)
         B, S = input_ids.shape
         if S > self.config.max_position_embeddings:
-            raise RequestError(f"input_ids has {S} positions: the model's max_position_embeddings is "
-                               f"{self.config.max_position_embeddings}")
+            raise RequestError(
+                f"input_ids has {S} positions: the model's max_position_embeddings is "
+                f"{self.config.max_position_embeddings}"
+            )
         states = [self.new_state(kv_cache_dtype=kv_cache_dtype, indexer_dtype=indexer_dtype) for _ in range(B)]
         try:
             ids = input_ids.to(self.device, torch.long).reshape(-1)
@@ -345,8 +406,14 @@ class V4ForCausalLM(nn.Module):
         return logits
 
     @torch.no_grad()
-    def mtp_logits(self, hidden: torch.Tensor, next_ids: torch.Tensor, depth: int = 0,
-                   kv_cache_dtype: str | None = None, indexer_dtype: str | None = None) -> torch.Tensor:
+    def mtp_logits(
+        self,
+        hidden: torch.Tensor,
+        next_ids: torch.Tensor,
+        depth: int = 0,
+        kv_cache_dtype: str | None = None,
+        indexer_dtype: str | None = None,
+    ) -> torch.Tensor:
         """MTP prediction (official ``MTPBlock.forward``), full causal, no persistent cache.
 
         Args:
@@ -361,8 +428,9 @@ class V4ForCausalLM(nn.Module):
         if depth >= len(self.model.mtp):
             raise RequestError(f"depth is {depth}: the model has {len(self.model.mtp)} MTP layers")
         if next_ids.shape != hidden.shape[:2]:
-            raise RequestError(f"next_ids shape {tuple(next_ids.shape)} must equal hidden.shape[:2] "
-                               f"{tuple(hidden.shape[:2])}")
+            raise RequestError(
+                f"next_ids shape {tuple(next_ids.shape)} must equal hidden.shape[:2] {tuple(hidden.shape[:2])}"
+            )
         kv_fp8, index_fp4 = self._modes(kv_cache_dtype, indexer_dtype)
         mtp = self.model.mtp[depth]
         cfg = self.config
@@ -377,8 +445,16 @@ class V4ForCausalLM(nn.Module):
         caches = [self._layer_cache(cfg.num_hidden_layers + depth, t, kv_fp8, index_fp4, alloc) for _ in range(B)]
         positions = torch.arange(S, device=dev).repeat(B)
         m = self.model
-        ctx = StepContext(positions, ids, [(b * S, S, 0) for b in range(B)],
-                          {"main": rope_cos_sin(positions, m.inv_freq_main),
-                           "compress": rope_cos_sin(positions, m.inv_freq_compress)}, kv_fp8, index_fp4)
+        ctx = StepContext(
+            positions,
+            ids,
+            [(b * S, S, 0) for b in range(B)],
+            {
+                "main": rope_cos_sin(positions, m.inv_freq_main),
+                "compress": rope_cos_sin(positions, m.inv_freq_compress),
+            },
+            kv_fp8,
+            index_fp4,
+        )
         x = mtp(x, ctx, caches)
         return self._head(x, mtp.hc_head, mtp.norm).view(B, S, -1)

@@ -24,10 +24,16 @@ ONEDNN_MIN_WEIGHT_BYTES = 4 << 20
 
 
 def _onednn_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and weight.dtype == torch.float32 and x.dtype == torch.float32
-            and weight.dim() == 2 and weight.is_contiguous() and torch.backends.mkldnn.is_available()
-            and torch.get_float32_matmul_precision() == "highest"
-            and weight.numel() * weight.element_size() >= ONEDNN_MIN_WEIGHT_BYTES)
+    return (
+        x.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and x.dtype == torch.float32
+        and weight.dim() == 2
+        and weight.is_contiguous()
+        and torch.backends.mkldnn.is_available()
+        and torch.get_float32_matmul_precision() == "highest"
+        and weight.numel() * weight.element_size() >= ONEDNN_MIN_WEIGHT_BYTES
+    )
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

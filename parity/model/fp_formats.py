@@ -64,7 +64,7 @@ UE8M0_MAX_EXP = 127
 #: amax floor of FP8 block scales (DeepSeek kernel.py act_quant: ``amax = max(|x|, 1e-4)``).
 FP8_AMAX_FLOOR = 1e-4
 #: amax floor of FP4 block scales (DeepSeek kernel.py fp4_act_quant: ``max(|x|, 6 * 2**-126)``).
-FP4_AMAX_FLOOR = 6.0 * 2.0 ** -126
+FP4_AMAX_FLOOR = 6.0 * 2.0**-126
 
 #: Block shape of the release's FP8 weights (config.json quantization_config.weight_block_size).
 FP8_WEIGHT_BLOCK = (128, 128)
@@ -150,8 +150,8 @@ def fp8_e4m3_encode_bytes(x: torch.Tensor) -> torch.Tensor:
     """
     xf = x.float().clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
     mag = xf.abs()
-    _, k = torch.frexp(mag)                    # mag = f * 2**k, 0.5 <= f < 1 -> E = k - 1
-    e = torch.where(mag < 2.0 ** _E4M3_MIN_EXP, torch.full_like(k, _E4M3_MIN_EXP), k - 1)  # zero, subnormals
+    _, k = torch.frexp(mag)  # mag = f * 2**k, 0.5 <= f < 1 -> E = k - 1
+    e = torch.where(mag < 2.0**_E4M3_MIN_EXP, torch.full_like(k, _E4M3_MIN_EXP), k - 1)  # zero, subnormals
     sig = torch.round(torch.ldexp(mag, _E4M3_MANT - e))  # exact scaling by a power of two, ties to even
     code = ((e - _E4M3_MIN_EXP) * 8 + sig.to(torch.int32)).to(torch.int32)
     code = torch.where(torch.isnan(xf), torch.full_like(code, 0x7F), code)
@@ -168,8 +168,8 @@ def _e4m3_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     if t is None:
         b = torch.arange(256, dtype=torch.int32)
         ef, mf = (b >> 3) & 0xF, b & 7
-        sub = torch.ldexp(mf.float(), torch.full_like(b, _E4M3_MIN_EXP - _E4M3_MANT))     # m * 2**-9
-        norm = torch.ldexp((mf + 8).float(), ef - 7 - _E4M3_MANT)                          # (8+m) * 2**(e-10)
+        sub = torch.ldexp(mf.float(), torch.full_like(b, _E4M3_MIN_EXP - _E4M3_MANT))  # m * 2**-9
+        norm = torch.ldexp((mf + 8).float(), ef - 7 - _E4M3_MANT)  # (8+m) * 2**(e-10)
         v = torch.where(ef == 0, sub, norm)
         v = torch.where((b & 0x7F) == 0x7F, torch.full_like(v, float("nan")), v)
         v = torch.where(b >= 128, -v, v)
@@ -308,8 +308,9 @@ def _check_block(name: str, size: int, block: int) -> None:
         raise ValueError(f"{name} ({size}) must be a multiple of the block size {block}")
 
 
-def quantize_fp8_weight(w: torch.Tensor, block: tuple[int, int] = FP8_WEIGHT_BLOCK
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_weight(
+    w: torch.Tensor, block: tuple[int, int] = FP8_WEIGHT_BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a weight to FP8 e4m3 with one UE8M0 scale per ``block`` tile (release layout).
 
     Args:
@@ -332,8 +333,9 @@ def quantize_fp8_weight(w: torch.Tensor, block: tuple[int, int] = FP8_WEIGHT_BLO
     return q, _scale_bytes((e + UE8M0_BIAS).to(torch.uint8))
 
 
-def dequantize_fp8_weight(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = FP8_WEIGHT_BLOCK,
-                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_fp8_weight(
+    q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = FP8_WEIGHT_BLOCK, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """FP8 weight [out, in] + UE8M0 tile scales [ceil(out/br), ceil(in/bc)] -> `dtype` [out, in].
 
     Raises:
@@ -343,8 +345,10 @@ def dequantize_fp8_weight(q: torch.Tensor, scale: torch.Tensor, block: tuple[int
     n, k = q.shape[-2], q.shape[-1]
     want = (-(-n // br), -(-k // bc))
     if tuple(scale.shape[-2:]) != want:
-        raise ValueError(f"FP8 scale shape {tuple(scale.shape)} does not match weight {tuple(q.shape)} "
-                         f"with block {block}: expected {want}")
+        raise ValueError(
+            f"FP8 scale shape {tuple(scale.shape)} does not match weight {tuple(q.shape)} "
+            f"with block {block}: expected {want}"
+        )
     s = ue8m0_decode(scale).repeat_interleave(br, dim=-2).repeat_interleave(bc, dim=-1)[..., :n, :k]
     return (fp8_e4m3_decode(q) * s).to(dtype)
 
@@ -370,8 +374,9 @@ def quantize_fp4_weight(w: torch.Tensor, block: int = FP4_WEIGHT_BLOCK) -> tuple
     return fp4_pack(codes), _scale_bytes((e + UE8M0_BIAS).to(torch.uint8))
 
 
-def dequantize_fp4_weight(packed: torch.Tensor, scale: torch.Tensor, block: int = FP4_WEIGHT_BLOCK,
-                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_fp4_weight(
+    packed: torch.Tensor, scale: torch.Tensor, block: int = FP4_WEIGHT_BLOCK, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Packed FP4 [..., out, in/2] + UE8M0 scales [..., out, in/block] -> `dtype` [..., out, in].
 
     Raises:
@@ -380,8 +385,10 @@ def dequantize_fp4_weight(packed: torch.Tensor, scale: torch.Tensor, block: int 
     k = packed.shape[-1] * 2
     want = tuple(packed.shape[:-1]) + (k // block,)
     if k % block or tuple(scale.shape) != want:
-        raise ValueError(f"FP4 scale shape {tuple(scale.shape)} does not match packed weight "
-                         f"{tuple(packed.shape)} with 1x{block} blocks: expected {want}")
+        raise ValueError(
+            f"FP4 scale shape {tuple(scale.shape)} does not match packed weight "
+            f"{tuple(packed.shape)} with 1x{block} blocks: expected {want}"
+        )
     vals = fp4_e2m1_decode(fp4_unpack(packed)).unflatten(-1, (k // block, block))
     return (vals * ue8m0_decode(scale)[..., None]).flatten(-2).to(dtype)
 

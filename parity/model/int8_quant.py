@@ -133,8 +133,13 @@ class Int8Linear(nn.Module):
         """Grouped projection: o [T, G, in_g] -> [T, G, r], group g using weight rows [g*r, (g+1)*r)."""
         g = o.shape[1]
         r = self.out_features // g
-        return torch.stack([w8a8_linear(o[:, i], self.weight[i * r:(i + 1) * r],
-                                        self.weight_scale[i * r:(i + 1) * r]) for i in range(g)], dim=1)
+        return torch.stack(
+            [
+                w8a8_linear(o[:, i], self.weight[i * r : (i + 1) * r], self.weight_scale[i * r : (i + 1) * r])
+                for i in range(g)
+            ],
+            dim=1,
+        )
 
     def weight_nbytes(self) -> int:
         """Bytes held by the int8 weight and its scales/offsets."""
@@ -161,8 +166,9 @@ class Int8Experts(nn.Module):
         self.n_experts, self.hidden, self.inter, self.limit, self.bits = n_experts, hidden, inter, limit, bits
         div = 2 if bits == 4 else 1
         i8, f32 = torch.int8, torch.float32
-        self.register_buffer("gate_up_weight",
-                             torch.empty(n_experts, 2 * inter // div, hidden, dtype=i8, device=device))
+        self.register_buffer(
+            "gate_up_weight", torch.empty(n_experts, 2 * inter // div, hidden, dtype=i8, device=device)
+        )
         self.register_buffer("gate_up_scale", torch.empty(n_experts, 2 * inter, dtype=f32, device=device))
         self.register_buffer("down_weight", torch.empty(n_experts, hidden // div, inter, dtype=i8, device=device))
         self.register_buffer("down_scale", torch.empty(n_experts, hidden, dtype=f32, device=device))
@@ -191,8 +197,10 @@ class Int8Experts(nn.Module):
             getattr(self, f"{name}_scale").copy_(s)
 
     def extra_repr(self) -> str:
-        return (f"n_experts={self.n_experts}, hidden={self.hidden}, inter={self.inter}, "
-                f"w{self.bits}a8 per-channel / per-token")
+        return (
+            f"n_experts={self.n_experts}, hidden={self.hidden}, inter={self.inter}, "
+            f"w{self.bits}a8 per-channel / per-token"
+        )
 
     def expert_int8(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """int8 values of expert `e`: (gate_up [2I, H], down [H, I]) (int4 experts unpacked)."""
@@ -206,8 +214,10 @@ class Int8Experts(nn.Module):
     def expert_weights(self, e: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized (gate_up [2I, H], down [H, I]) of expert `e` in `dtype`."""
         gu, dn = self.expert_int8(e)
-        return ((gu.float() * self.gate_up_scale[e][:, None]).to(dtype),
-                (dn.float() * self.down_scale[e][:, None]).to(dtype))
+        return (
+            (gu.float() * self.gate_up_scale[e][:, None]).to(dtype),
+            (dn.float() * self.down_scale[e][:, None]).to(dtype),
+        )
 
     def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         flat_ids = expert_ids.reshape(-1)
@@ -220,10 +230,10 @@ class Int8Experts(nn.Module):
         for e, c in enumerate(counts):
             if c == 0:
                 continue
-            tok = tok_sorted[start:start + c]
+            tok = tok_sorted[start : start + c]
             gu_q, dn_q = self.expert_int8(e)
             gu = w8a8_linear(hidden[tok], gu_q, self.gate_up_scale[e])
-            h = swiglu(gu[:, :inter], gu[:, inter:], self.limit) * w_sorted[start:start + c, None]
+            h = swiglu(gu[:, :inter], gu[:, inter:], self.limit) * w_sorted[start : start + c, None]
             out.index_add_(0, tok, w8a8_linear(h.to(hidden.dtype), dn_q, self.down_scale[e]).float())
             start += c
         return out
@@ -238,5 +248,14 @@ def int8_nbytes(model: nn.Module) -> int:
     return sum(m.weight_nbytes() for m in model.modules() if isinstance(m, (Int8Linear, Int8Experts)))
 
 
-__all__ = ["Int8Linear", "Int8Experts", "quantize_act_per_token", "fake_quant_act", "quantize_weight_per_channel",
-           "pack_int4_rows", "unpack_int4_rows", "w8a8_linear", "int8_nbytes"]
+__all__ = [
+    "Int8Linear",
+    "Int8Experts",
+    "quantize_act_per_token",
+    "fake_quant_act",
+    "quantize_weight_per_channel",
+    "pack_int4_rows",
+    "unpack_int4_rows",
+    "w8a8_linear",
+    "int8_nbytes",
+]

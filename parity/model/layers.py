@@ -73,8 +73,10 @@ def rope_inv_freq(rope_dim: int, theta: float, scaling: dict | None) -> torch.Te
         freqs = freqs / factor * (1 - keep) + freqs * keep
     elif scaling and scaling.get("rope_type", "default") not in ("default", "yarn"):
         from parity.errors import ConfigError
-        raise ConfigError(f"config field 'rope_scaling.rope_type' is {scaling.get('rope_type')!r}: "
-                          f"expected 'yarn' or 'default'")
+
+        raise ConfigError(
+            f"config field 'rope_scaling.rope_type' is {scaling.get('rope_type')!r}: expected 'yarn' or 'default'"
+        )
     return freqs
 
 
@@ -129,8 +131,9 @@ class Rotary:
         return torch.cat([x[..., :-rd], rot], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False,
-               inplace: bool = False) -> torch.Tensor:
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False, inplace: bool = False
+) -> torch.Tensor:
     """Interleaved RoPE on the *last* ``2 * cos.shape[-1]`` channels of x (V4 lays heads out [nope | rope]).
 
     x: [N, ..., D] (N tokens first, any middle dims, e.g. heads); cos/sin: [N, rope_dim // 2].
@@ -144,8 +147,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
 
 
 # ----------------------------------------------------------------------------------------- mHC
-def sinkhorn_split(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sinkhorn_split(
+    mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split mHC mixes [T, (2 + hc) * hc] into pre [T, hc], post [T, hc], comb [T, hc, hc] (fp32).
 
     Official ``kernel.hc_split_sinkhorn``: pre = sigmoid(.) + eps, post = 2 sigmoid(.),
@@ -155,8 +159,8 @@ def sinkhorn_split(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
     scale = scale.float()
     base = base.float()
     pre = torch.sigmoid(mixes[:, :hc] * scale[0] + base[:hc]) + eps
-    post = 2 * torch.sigmoid(mixes[:, hc:2 * hc] * scale[1] + base[hc:2 * hc])
-    comb = mixes[:, 2 * hc:].view(-1, hc, hc) * scale[2] + base[2 * hc:].view(1, hc, hc)
+    post = 2 * torch.sigmoid(mixes[:, hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
+    comb = mixes[:, 2 * hc :].view(-1, hc, hc) * scale[2] + base[2 * hc :].view(1, hc, hc)
     # The normalisation rounds run on a [hc(i), hc(j), T] copy: each sum over i or j then adds hc
     # contiguous length-T rows (vectorised) instead of reducing hc-element runs per token; the values
     # are the same, ~3x faster for prefill-sized T. In-place division avoids a temporary per round.
@@ -301,23 +305,23 @@ class Experts(nn.Module):
             for e, c in enumerate(counts):
                 if c:
                     gu_w, dn_w = self.expert_weights(e, hidden.dtype)
-                    gu[start:start + c] = F.linear(xs[start:start + c], gu_w)
+                    gu[start : start + c] = F.linear(xs[start : start + c], gu_w)
                     used.append((start, c, dn_w))
                 start += c
             h = (swiglu(gu[:, :I], gu[:, I:], self.limit) * w_sorted[:, None]).to(hidden.dtype)
             y = hidden.new_empty((xs.shape[0], hidden.shape[1]))
             for start, c, dn_w in used:
-                y[start:start + c] = F.linear(h[start:start + c], dn_w)
+                y[start : start + c] = F.linear(h[start : start + c], dn_w)
             return out.index_add_(0, tok_sorted, y.float())
         start = 0
         for e, c in enumerate(counts):
             if c == 0:
                 continue
-            tok = tok_sorted[start:start + c]
+            tok = tok_sorted[start : start + c]
             gu_w, dn_w = self.expert_weights(e, hidden.dtype)
             gu = F.linear(hidden[tok], gu_w)
             h = swiglu(gu[:, :I], gu[:, I:], self.limit)
-            h = h * w_sorted[start:start + c, None]
+            h = h * w_sorted[start : start + c, None]
             out.index_add_(0, tok, F.linear(h.to(hidden.dtype), dn_w).float())
             start += c
         return out
@@ -333,8 +337,9 @@ class Router(nn.Module):
     unless scoring is softmax (official; transformers always normalises), times ``routed_scaling_factor``.
     """
 
-    def __init__(self, n_experts: int, hidden: int, top_k: int, vocab: int, is_hash: bool, scoring: str,
-                 route_scale: float):
+    def __init__(
+        self, n_experts: int, hidden: int, top_k: int, vocab: int, is_hash: bool, scoring: str, route_scale: float
+    ):
         super().__init__()
         self.top_k, self.is_hash, self.scoring, self.route_scale = top_k, is_hash, scoring, route_scale
         self.weight = nn.Parameter(torch.empty(n_experts, hidden))
@@ -369,11 +374,19 @@ class MoE(nn.Module):
 
     def __init__(self, cfg, layer: int, is_hash: bool):
         super().__init__()
-        self.gate = Router(cfg.n_routed_experts, cfg.hidden_size, cfg.num_experts_per_tok, cfg.vocab_size,
-                           is_hash, cfg.scoring_func, cfg.routed_scaling_factor)
+        self.gate = Router(
+            cfg.n_routed_experts,
+            cfg.hidden_size,
+            cfg.num_experts_per_tok,
+            cfg.vocab_size,
+            is_hash,
+            cfg.scoring_func,
+            cfg.routed_scaling_factor,
+        )
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit)
-        self.shared_experts = SharedExpert(cfg.hidden_size, cfg.moe_intermediate_size * max(cfg.n_shared_experts, 1),
-                                           cfg.swiglu_limit)
+        self.shared_experts = SharedExpert(
+            cfg.hidden_size, cfg.moe_intermediate_size * max(cfg.n_shared_experts, 1), cfg.swiglu_limit
+        )
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         w, ids = self.gate(x, token_ids)

@@ -23,7 +23,7 @@ from parity.weight_bytes import (  # noqa: F401 - re-exported
     estimate_weight_bytes,
 )
 
-_GIB = 1024 ** 3
+_GIB = 1024**3
 
 #: Environment variable that disables `check_fits` ("1", "true", "yes").
 SKIP_ENV = "PARITY_SKIP_MEMORY_CHECK"
@@ -46,9 +46,19 @@ def skip_requested() -> bool:
     return os.environ.get(SKIP_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def check_fits(cfg: ModelConfig, device, dtype="float32", quantized: bool = False,
-               headroom: float = DEFAULT_HEADROOM, *, include_mtp: bool = True, extra_bytes: int = 0,
-               what: str = "", weights: str | None = None, parallel=None) -> int:
+def check_fits(
+    cfg: ModelConfig,
+    device,
+    dtype="float32",
+    quantized: bool = False,
+    headroom: float = DEFAULT_HEADROOM,
+    *,
+    include_mtp: bool = True,
+    extra_bytes: int = 0,
+    what: str = "",
+    weights: str | None = None,
+    parallel=None,
+) -> int:
     """Refuse to build a model whose weights cannot fit in the device's free memory.
 
     Args:
@@ -84,4 +94,5 @@ def check_fits(cfg: ModelConfig, device, dtype="float32", quantized: bool = Fals
         f"{_label(cfg)} needs ~{_gib(need)} in {dt}{form} on {device}"
         f"{' for ' + what if what else ''}, this device has {_gib(free)} free (of {_gib(total)}); use a "
         f"smaller model (e.g. the 'tiny' preset), a smaller dtype, the quantized published checkpoint or a "
-        f"device with more memory, or set {SKIP_ENV}=1 to try anyway (swap, overcommit)")
+        f"device with more memory, or set {SKIP_ENV}=1 to try anyway (swap, overcommit)"
+    )

@@ -67,15 +67,16 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     """
     d = x.shape[-1]
     if d & (d - 1):
-        raise ConfigError(f"config field 'index_head_dim' ({d}) must be a power of two for the FP4 indexer "
-                          f"(Hadamard rotation)")
+        raise ConfigError(
+            f"config field 'index_head_dim' ({d}) must be a power of two for the FP4 indexer (Hadamard rotation)"
+        )
     key = (d, x.device, torch.float32)
     h = _HADAMARD.get(key)
     if h is None:
         h = torch.ones(1, 1, dtype=torch.float32, device=x.device)
         while h.shape[0] < d:
             h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        h = h * d ** -0.5
+        h = h * d**-0.5
         _HADAMARD[key] = h
     return (x.float() @ h).to(x.dtype)
 
@@ -116,11 +117,11 @@ class KVCodec:
         n = kv.shape[0]
         rb = self.rope_dim * self.esize
         out = torch.zeros((n, self.row_bytes), dtype=torch.uint8, device=kv.device)
-        out[:, :rb] = kv[:, self.nope:].to(self.dtype).contiguous().view(torch.uint8)
-        nope, _ = _padded(kv[:, :self.nope], FP8_BLOCK)
+        out[:, :rb] = kv[:, self.nope :].to(self.dtype).contiguous().view(torch.uint8)
+        nope, _ = _padded(kv[:, : self.nope], FP8_BLOCK)
         q, s = ff.quantize_fp8_lastdim(nope, FP8_BLOCK)
-        out[:, rb:rb + self.nope] = q[:, :self.nope].view(torch.uint8)
-        out[:, rb + self.nope:rb + self.nope + self.nblocks] = s.view(torch.uint8)
+        out[:, rb : rb + self.nope] = q[:, : self.nope].view(torch.uint8)
+        out[:, rb + self.nope : rb + self.nope + self.nblocks] = s.view(torch.uint8)
         return out
 
     def decode(self, rows: torch.Tensor) -> torch.Tensor:
@@ -131,9 +132,9 @@ class KVCodec:
         rb = self.rope_dim * self.esize
         rope = rows[:, :rb].contiguous().view(self.dtype)
         q = torch.zeros((n, self.nblocks * FP8_BLOCK), dtype=torch.uint8, device=rows.device)
-        q[:, :self.nope] = rows[:, rb:rb + self.nope]
-        s = rows[:, rb + self.nope:rb + self.nope + self.nblocks].contiguous().view(ff.scale_dtype())
-        nope = ff.dequantize_fp8_lastdim(q.view(ff.fp8_storage_dtype()), s, self.dtype)[:, :self.nope]
+        q[:, : self.nope] = rows[:, rb : rb + self.nope]
+        s = rows[:, rb + self.nope : rb + self.nope + self.nblocks].contiguous().view(ff.scale_dtype())
+        nope = ff.dequantize_fp8_lastdim(q.view(ff.fp8_storage_dtype()), s, self.dtype)[:, : self.nope]
         return torch.cat([nope, rope], dim=-1)
 
 
@@ -168,17 +169,17 @@ class IndexCodec:
             return x.to(self.dtype)
         xp, _ = _padded(x, FP4_BLOCK)
         codes, s = ff.quantize_fp4_lastdim(xp, FP4_BLOCK)
-        return torch.cat([ff.fp4_pack(codes)[:, :self.code_bytes], s.view(torch.uint8)], dim=-1)
+        return torch.cat([ff.fp4_pack(codes)[:, : self.code_bytes], s.view(torch.uint8)], dim=-1)
 
     def decode(self, rows: torch.Tensor) -> torch.Tensor:
         """Stored rows [n, width] -> keys [n, index_head_dim] in the compute dtype."""
         if not self.fp4:
             return rows
         n = rows.shape[0]
-        packed = rows[:, :self.code_bytes]
+        packed = rows[:, : self.code_bytes]
         full = self.nblocks * FP4_BLOCK // 2
         if full > self.code_bytes:
             packed = torch.nn.functional.pad(packed, (0, full - self.code_bytes))
         vals = ff.fp4_e2m1_decode(ff.fp4_unpack(packed)).view(n, self.nblocks, FP4_BLOCK)
-        s = ff.ue8m0_decode(rows[:, self.code_bytes:].contiguous())
-        return (vals * s[..., None]).flatten(-2).to(self.dtype)[:, :self.dim]
+        s = ff.ue8m0_decode(rows[:, self.code_bytes :].contiguous())
+        return (vals * s[..., None]).flatten(-2).to(self.dtype)[:, : self.dim]

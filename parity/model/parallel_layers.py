@@ -111,15 +111,18 @@ def scaled_shard(spec: Shard | None, per: int, full: int, what: str, ctx: Parall
     for a, b in parts:
         bad = [x for x in (a, b) if x % per and x != full]
         if bad:
-            raise ParallelError(f"{what}: {ctx.config.describe()} splits dim {dim} ({full} values) at {bad[0]}, "
-                                f"not on a {per}-value boundary of its quantized storage; choose a "
-                                f"tensor-parallel size that splits it on {per}-value blocks")
+            raise ParallelError(
+                f"{what}: {ctx.config.describe()} splits dim {dim} ({full} values) at {bad[0]}, "
+                f"not on a {per}-value boundary of its quantized storage; choose a "
+                f"tensor-parallel size that splits it on {per}-value blocks"
+            )
         out.append((a // per, -(-b // per)))
     return dim, out
 
 
-def fp8_shards(name: str, out_f: int, in_f: int, block: tuple[int, int], cfg, ctx: ParallelContext
-               ) -> tuple[Shard | None, Shard | None]:
+def fp8_shards(
+    name: str, out_f: int, in_f: int, block: tuple[int, int], cfg, ctx: ParallelContext
+) -> tuple[Shard | None, Shard | None]:
     """(shard of the FP8 weight [out_f, in_f], shard of its UE8M0 block scale [ceil(out/br), ceil(in/bc)])
     of the linear ``name`` (parity module name) on this rank; (None, None) = replicated.
 
@@ -200,10 +203,10 @@ class ParallelMoE(MoE):
         w, ids = self.gate(x_all, ids_all)
         y = self._local_routed(x_all, ids, w)
         start = sum(counts[: ctx.dp_rank])
-        rows = y[start:start + x.shape[0]]
+        rows = y[start : start + x.shape[0]]
         rows += self.shared_experts(x).float()
         all_reduce(y, ctx.world_group)
-        return y[start:start + x.shape[0]].to(x.dtype)
+        return y[start : start + x.shape[0]].to(x.dtype)
 
 
 class ParallelAttention(Attention):

@@ -56,10 +56,11 @@ def block_tokens_for(cfg, block_tokens: int | None = None) -> int:
     need = math.lcm(*ratios) if ratios else 1
     if block_tokens is None:
         return need
-    if not isinstance(block_tokens, int) or isinstance(block_tokens, bool) or block_tokens < 1 \
-            or block_tokens % need:
-        raise RequestError(f"engine argument 'prefix_block_tokens' is {block_tokens!r}: expected a positive multiple "
-                          f"of every compression ratio in use {ratios} (e.g. {need})")
+    if not isinstance(block_tokens, int) or isinstance(block_tokens, bool) or block_tokens < 1 or block_tokens % need:
+        raise RequestError(
+            f"engine argument 'prefix_block_tokens' is {block_tokens!r}: expected a positive multiple "
+            f"of every compression ratio in use {ratios} (e.g. {need})"
+        )
     return block_tokens
 
 
@@ -91,16 +92,16 @@ def capture_chunk(lc: LayerCache, p: int, kv: torch.Tensor, comp: tuple | None, 
         parts = []
         if lo < p:
             parts.append(_window_rows(lc, lo, p))
-        parts.append(enc[max(lo, p) - p:b - p])
+        parts.append(enc[max(lo, p) - p : b - p])
         state = None
         if csa:
             r = lc.ratio
-            r0 = p % r                      # rows of the window containing p already in the state
+            r0 = p % r  # rows of the window containing p already in the state
             planes = []
             for plane, (a, c) in enumerate(((comp[0], index[0]), (comp[1], index[1]))):
                 rows = torch.cat([a, c], dim=1)[: b - p]
                 if b - r < p:
-                    rows = torch.cat([lc.comp_state[plane, r:r + r0], rows], dim=0)
+                    rows = torch.cat([lc.comp_state[plane, r : r + r0], rows], dim=0)
                 planes.append(rows[-r:])
             state = torch.stack(planes).clone()
         lc.captured[b] = (torch.cat(parts, dim=0).clone(), state)
@@ -126,7 +127,7 @@ def _stored_rows(blocks: list[torch.Tensor], start: int, end: int) -> torch.Tens
     while e < end:
         blk, off = divmod(e, b)
         take = min(b - off, end - e)
-        parts.append(blocks[blk][off:off + take])
+        parts.append(blocks[blk][off : off + take])
         e += take
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
@@ -162,7 +163,7 @@ def snapshot_block(state: SequenceState, b: int, block_tokens: int, alloc) -> li
                 src = _stored_rows(lc.idx_blocks, lo, hi)
                 blk.index = alloc.alloc(lc.layer, "prefix_index", tuple(src.shape), src.dtype)
                 blk.index.copy_(src)
-                st_src = got[1] if got is not None else lc.comp_state[:, :lc.ratio]
+                st_src = got[1] if got is not None else lc.comp_state[:, : lc.ratio]
                 blk.state = alloc.alloc(lc.layer, "prefix_state", tuple(st_src.shape), st_src.dtype)
                 blk.state.copy_(st_src)
     return out
@@ -197,6 +198,6 @@ def restore_blocks(state: SequenceState, chain: list[list[LayerBlock]], block_to
             lc._append(lc.comp_blocks, "compressed_kv", torch.cat([blk[i].entries for blk in chain]), 0)
             if lc.idx_blocks is not None:
                 lc._append(lc.idx_blocks, "index_keys", torch.cat([blk[i].index for blk in chain]), 0)
-                lc.comp_state[:, :lc.ratio].copy_(chain[-1][i].state)
+                lc.comp_state[:, : lc.ratio].copy_(chain[-1][i].state)
             lc.n_entries = h // lc.ratio
     state.num_tokens = h

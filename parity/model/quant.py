@@ -50,16 +50,29 @@ class _FP8WeightMixin:
     block: tuple[int, int]
     compute_dtype: torch.dtype
 
-    def _init_fp8_storage(self, out_features: int, in_features: int, block: tuple[int, int],
-                          device: torch.device | str | None, compute_dtype: torch.dtype) -> None:
+    def _init_fp8_storage(
+        self,
+        out_features: int,
+        in_features: int,
+        block: tuple[int, int],
+        device: torch.device | str | None,
+        compute_dtype: torch.dtype,
+    ) -> None:
         self.block = (int(block[0]), int(block[1]))
         self.compute_dtype = compute_dtype
         self.native_fp8 = False
-        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=ff.fp8_storage_dtype(),
-                                                    device=device))
-        self.register_buffer("scale", torch.empty(_n_blocks(out_features, self.block[0]),
-                                                  _n_blocks(in_features, self.block[1]),
-                                                  dtype=ff.scale_dtype(), device=device))
+        self.register_buffer(
+            "qweight", torch.empty(out_features, in_features, dtype=ff.fp8_storage_dtype(), device=device)
+        )
+        self.register_buffer(
+            "scale",
+            torch.empty(
+                _n_blocks(out_features, self.block[0]),
+                _n_blocks(in_features, self.block[1]),
+                dtype=ff.scale_dtype(),
+                device=device,
+            ),
+        )
 
     @property
     def weight(self) -> torch.Tensor:
@@ -69,7 +82,7 @@ class _FP8WeightMixin:
     def dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows [r0, r1) of the weight, dequantized to `dtype`; r0 must be a multiple of block[0]."""
         br = self.block[0]
-        s = self.scale[r0 // br:_n_blocks(r1, br)]
+        s = self.scale[r0 // br : _n_blocks(r1, br)]
         return ff.dequantize_fp8_weight(self.qweight[r0:r1], s, self.block, dtype)
 
     def weight_nbytes(self) -> int:
@@ -91,8 +104,14 @@ class QuantLinear(_FP8WeightMixin, nn.Module):
         device: where the buffers live. compute_dtype: dtype of `weight` (the property).
     """
 
-    def __init__(self, in_features: int, out_features: int, block: tuple[int, int] = ff.FP8_WEIGHT_BLOCK,
-                 device: torch.device | str | None = None, compute_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        block: tuple[int, int] = ff.FP8_WEIGHT_BLOCK,
+        device: torch.device | str | None = None,
+        compute_dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self._init_fp8_storage(out_features, in_features, block, device, compute_dtype)
@@ -101,8 +120,13 @@ class QuantLinear(_FP8WeightMixin, nn.Module):
     def from_float(cls, weight: torch.Tensor, block: tuple[int, int] = ff.FP8_WEIGHT_BLOCK) -> QuantLinear:
         """Quantize a float weight [out, in] (tests, exporters)."""
         q, s = ff.quantize_fp8_weight(weight, block)
-        m = cls(weight.shape[1], weight.shape[0], block, weight.device, weight.dtype if weight.is_floating_point()
-                else torch.float32)
+        m = cls(
+            weight.shape[1],
+            weight.shape[0],
+            block,
+            weight.device,
+            weight.dtype if weight.is_floating_point() else torch.float32,
+        )
         m.qweight.copy_(q)
         m.scale.copy_(s)
         return m
@@ -125,8 +149,9 @@ class QuantLinear(_FP8WeightMixin, nn.Module):
         return torch.cat(outs, dim=-1)
 
 
-def _fp8_native_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                       block: tuple[int, int]) -> torch.Tensor:
+def _fp8_native_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]
+) -> torch.Tensor:
     """x[..., K] @ dequant(qweight)[N, K]^T with FP8 GEMMs: activations quantized per 1 x block[1]
     with UE8M0 scales (DeepSeek kernel.py act_quant), one `torch._scaled_mm` per K block with row-wise
     scales (activation scale per row, weight scale per output column), accumulated in fp32.
@@ -143,15 +168,20 @@ def _fp8_native_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     xq, xs = ff.quantize_fp8_lastdim(x2, bc)
-    xs = ff.ue8m0_decode(xs)                                        # [M, K/bc]
-    ws = ff.ue8m0_decode(scale).repeat_interleave(br, dim=0)[:n]    # [N, K/bc]
+    xs = ff.ue8m0_decode(xs)  # [M, K/bc]
+    ws = ff.ue8m0_decode(scale).repeat_interleave(br, dim=0)[:n]  # [N, K/bc]
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     for j in range(k // bc):
-        a = xq[:, j * bc:(j + 1) * bc].contiguous()
-        b = qweight[:, j * bc:(j + 1) * bc].contiguous().t()
+        a = xq[:, j * bc : (j + 1) * bc].contiguous()
+        b = qweight[:, j * bc : (j + 1) * bc].contiguous().t()
         # row-wise scaled FP8 GEMM; bf16 output is what every FP8-capable cuBLAS path accepts
-        out += torch._scaled_mm(a, b, scale_a=xs[:, j:j + 1].contiguous(), scale_b=ws[:, j].reshape(1, n).contiguous(),
-                                out_dtype=torch.bfloat16).float()
+        out += torch._scaled_mm(
+            a,
+            b,
+            scale_a=xs[:, j : j + 1].contiguous(),
+            scale_b=ws[:, j].reshape(1, n).contiguous(),
+            out_dtype=torch.bfloat16,
+        ).float()
     return out.to(x.dtype).reshape(*shape[:-1], n)
 
 
@@ -165,8 +195,12 @@ def _quantized_class(cls: type) -> type:
     return _QUANT_CLASSES[cls]
 
 
-def quantize_linear_(module: nn.Linear, block: tuple[int, int] = ff.FP8_WEIGHT_BLOCK,
-                     device: torch.device | str | None = None, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+def quantize_linear_(
+    module: nn.Linear,
+    block: tuple[int, int] = ff.FP8_WEIGHT_BLOCK,
+    device: torch.device | str | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> nn.Module:
     """An FP8 replacement for `module` with empty ``qweight``/``scale`` buffers on `device`.
 
     A plain ``nn.Linear`` becomes a new `QuantLinear`; a subclass with its own ``forward`` is re-classed
@@ -203,8 +237,16 @@ class FP4Experts(nn.Module):
         ValueError: H or I not a multiple of the block size (32).
     """
 
-    def __init__(self, n_experts: int, hidden: int, inter: int, limit: float, block: int = ff.FP4_WEIGHT_BLOCK,
-                 device: torch.device | str | None = None, compute_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        n_experts: int,
+        hidden: int,
+        inter: int,
+        limit: float,
+        block: int = ff.FP4_WEIGHT_BLOCK,
+        device: torch.device | str | None = None,
+        compute_dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         for name, v in (("hidden_size", hidden), ("moe_intermediate_size", inter)):
             if v % block:
@@ -213,8 +255,9 @@ class FP4Experts(nn.Module):
         self.compute_dtype = compute_dtype
         u8, sd = torch.uint8, ff.scale_dtype()
         self.register_buffer("gate_up_qweight", torch.empty(n_experts, 2 * inter, hidden // 2, dtype=u8, device=device))
-        self.register_buffer("gate_up_scale",
-                             torch.empty(n_experts, 2 * inter, hidden // block, dtype=sd, device=device))
+        self.register_buffer(
+            "gate_up_scale", torch.empty(n_experts, 2 * inter, hidden // block, dtype=sd, device=device)
+        )
         self.register_buffer("down_qweight", torch.empty(n_experts, hidden, inter // 2, dtype=u8, device=device))
         self.register_buffer("down_scale", torch.empty(n_experts, hidden, inter // block, dtype=sd, device=device))
 
@@ -223,8 +266,10 @@ class FP4Experts(nn.Module):
         """Quantize float stacks gate_up [E, 2I, H], down [E, H, I] (tests, exporters)."""
         e, two_i, h = gate_up.shape
         m = cls(e, h, two_i // 2, limit, device=gate_up.device)
-        for (q, s), (bq, bs) in ((ff.quantize_fp4_weight(gate_up), (m.gate_up_qweight, m.gate_up_scale)),
-                                 (ff.quantize_fp4_weight(down), (m.down_qweight, m.down_scale))):
+        for (q, s), (bq, bs) in (
+            (ff.quantize_fp4_weight(gate_up), (m.gate_up_qweight, m.gate_up_scale)),
+            (ff.quantize_fp4_weight(down), (m.down_qweight, m.down_scale)),
+        ):
             bq.copy_(q)
             bs.copy_(s)
         return m

@@ -28,10 +28,10 @@ MODELS_DIR = Path(__file__).resolve().parent.parent / "data" / "published" / "mo
 class LayerSpec:
     """One decoder layer for the cost model (counts of parameters, not bytes)."""
 
-    kind: str              # 'sliding' | 'csa' | 'hca' | 'mla'
-    proj_params: int       # attention-side GEMM weights every token passes through
-    dense_params: int      # shared expert(s) + router, or the dense FFN of a dense layer
-    moe: bool              # has routed experts
+    kind: str  # 'sliding' | 'csa' | 'hca' | 'mla'
+    proj_params: int  # attention-side GEMM weights every token passes through
+    dense_params: int  # shared expert(s) + router, or the dense FFN of a dense layer
+    moe: bool  # has routed experts
 
 
 def _avg_min(S: float, c: float) -> float:
@@ -68,7 +68,7 @@ class V4Arch:
 
         self.layers = [spec(t) for t in cfg.layer_types]
         self.mtp_layers = [spec(t) for t in P.mtp_layer_types(cfg)]
-        self.mtp_extra_params = 2 * cfg.hidden_size ** 2  # e_proj, h_proj
+        self.mtp_extra_params = 2 * cfg.hidden_size**2  # e_proj, h_proj
         pc = P.count_params(cfg)
         self.total_params = pc.total
         self.embed_params = pc.embedding
@@ -152,21 +152,33 @@ class MLAArch:
         self.n_experts, self.topk = d["n_routed_experts"], d["num_experts_per_tok"]
         self.expert_params = 3 * D * d["moe_intermediate_size"]
         qk = d["qk_nope_head_dim"] + d["qk_rope_head_dim"]
-        proj = (D * d["q_lora_rank"] + d["q_lora_rank"] + d["q_lora_rank"] * H * qk
-                + D * (d["kv_lora_rank"] + d["qk_rope_head_dim"]) + d["kv_lora_rank"]
-                + d["kv_lora_rank"] * H * (d["qk_nope_head_dim"] + d["v_head_dim"])
-                + H * d["v_head_dim"] * D + 2 * D)
+        proj = (
+            D * d["q_lora_rank"]
+            + d["q_lora_rank"]
+            + d["q_lora_rank"] * H * qk
+            + D * (d["kv_lora_rank"] + d["qk_rope_head_dim"])
+            + d["kv_lora_rank"]
+            + d["kv_lora_rank"] * H * (d["qk_nope_head_dim"] + d["v_head_dim"])
+            + H * d["v_head_dim"] * D
+            + 2 * D
+        )
         shared = d["n_shared_experts"] * self.expert_params + self.n_experts * D
         dense = 3 * D * d["intermediate_size"]
         k = d["first_k_dense_replace"]
-        self.layers = [LayerSpec("mla", proj, dense if i < k else shared, i >= k)
-                       for i in range(d["num_hidden_layers"])]
+        self.layers = [
+            LayerSpec("mla", proj, dense if i < k else shared, i >= k) for i in range(d["num_hidden_layers"])
+        ]
         self.mtp_layers = [LayerSpec("mla", proj, shared, True)] * d["num_nextn_predict_layers"]
         self.mtp_extra_params = 2 * D * D
         self.embed_params = self.head_params = d["vocab_size"] * D
-        self.total_params = (sum(ly.proj_params + ly.dense_params
-                                 + (self.n_experts * self.expert_params if ly.moe else 0) for ly in self.layers)
-                             + 2 * self.embed_params + D)
+        self.total_params = (
+            sum(
+                ly.proj_params + ly.dense_params + (self.n_experts * self.expert_params if ly.moe else 0)
+                for ly in self.layers
+            )
+            + 2 * self.embed_params
+            + D
+        )
         self.other_bytes_per_token_layer = 4 * D * 2
         #: node-limited routing: each token's experts lie on at most this many nodes (V3 report 2.1.2, M=4)
         self.route_limit_groups = d.get("route_limit_nodes", 0)
@@ -183,8 +195,9 @@ class MLAArch:
 
     def attn_read_bytes(self, kind: str, ctx: float, kv_dtype: str) -> float:
         d = self.d
-        return ctx * P.vector_bytes(d["kv_lora_rank"] + d["qk_rope_head_dim"], d["qk_rope_head_dim"],
-                                    _byte_layout(kv_dtype))
+        return ctx * P.vector_bytes(
+            d["kv_lora_rank"] + d["qk_rope_head_dim"], d["qk_rope_head_dim"], _byte_layout(kv_dtype)
+        )
 
     def cache_write_bytes_token(self, kind: str, kv_dtype: str) -> float:
         return self.attn_read_bytes(kind, 1, kv_dtype)
@@ -193,10 +206,24 @@ class MLAArch:
         return (len(self.layers) + len(self.mtp_layers)) * self.attn_read_bytes("mla", ctx, kv_dtype)
 
 
-_MLA_INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "first_k_dense_replace", "intermediate_size",
-                   "moe_intermediate_size", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
-                   "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                   "v_head_dim", "num_nextn_predict_layers")
+_MLA_INT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "first_k_dense_replace",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "n_routed_experts",
+    "n_shared_experts",
+    "num_experts_per_tok",
+    "num_attention_heads",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "num_nextn_predict_layers",
+)
 
 
 @lru_cache(maxsize=8)
@@ -252,9 +279,11 @@ def load_arch(name: str):
         raise PlanError(f"model {name!r}: {e}") from None
     if arch.total_params < MIN_PLAN_PARAMS:
         real = ", ".join(n for n in preset_names() + sorted(mla) if n != name and n != "tiny")
-        raise PlanError(f"model {name!r} ({arch.name}) has {arch.total_params / 1e6:,.1f} M parameters: a "
-                        f"miniature for tests, not a real deployment; the cost model is calibrated on published "
-                        f"measurements of full-size models and needs >= {MIN_PLAN_PARAMS / 1e9:g} B parameters, "
-                        f"else its figures (millions of tok/s per chip) are meaningless. Plan one of {real}, or "
-                        f"a checkpoint directory whose config.json is real-size")
+        raise PlanError(
+            f"model {name!r} ({arch.name}) has {arch.total_params / 1e6:,.1f} M parameters: a "
+            f"miniature for tests, not a real deployment; the cost model is calibrated on published "
+            f"measurements of full-size models and needs >= {MIN_PLAN_PARAMS / 1e9:g} B parameters, "
+            f"else its figures (millions of tok/s per chip) are meaningless. Plan one of {real}, or "
+            f"a checkpoint directory whose config.json is real-size"
+        )
     return arch

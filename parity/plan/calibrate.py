@@ -59,8 +59,9 @@ def fit_constants(points: list[MeasuredPoint], start: dict, prior_weight: float 
             x[free] = xf
             return np.concatenate([data_resid(x), math.sqrt(prior_weight) * (xf - x0[free])])
 
-        sol = least_squares(resid, np.clip(x0[free], lo, hi - 1e-9), bounds=(lo, hi), x_scale=1.0, xtol=1e-10,
-                            ftol=1e-12)
+        sol = least_squares(
+            resid, np.clip(x0[free], lo, hi - 1e-9), bounds=(lo, hi), x_scale=1.0, xtol=1e-10, ftol=1e-12
+        )
         x = x0.copy()
         x[free] = sol.x
         return x
@@ -77,8 +78,12 @@ def fit_constants(points: list[MeasuredPoint], start: dict, prior_weight: float 
         x = fit(free) if len(free) else x0.copy()
         data = data_resid(x)
     c = dict(zip(names, (float(v) for v in np.exp(x)), strict=True))
-    return {"constants": c, "determined": determined, "rms_log_error": float(np.sqrt(np.mean(data ** 2))),
-            "residuals": len(pairs)}
+    return {
+        "constants": c,
+        "determined": determined,
+        "rms_log_error": float(np.sqrt(np.mean(data**2))),
+        "residuals": len(pairs),
+    }
 
 
 def calibrate(paths: list[str], hardware: str, **kw) -> dict:
@@ -94,8 +99,10 @@ def calibrate(paths: list[str], hardware: str, **kw) -> dict:
     fam = family_of(get_hardware(hardware))
     pts = [p for p in load_measured(paths, **kw) if get_hardware(p.setup.hardware).family == fam.id]
     if not pts:
-        raise PlanError(f"--calibrate {' '.join(map(str, paths))}: no result measured on a {fam.id} chip "
-                        f"(results declare their chip with parity bench --hardware)")
+        raise PlanError(
+            f"--calibrate {' '.join(map(str, paths))}: no result measured on a {fam.id} chip "
+            f"(results declare their chip with parity bench --hardware)"
+        )
     fit = fit_constants(pts, fam.as_dict())
     label = f"calibrated:{','.join(map(str, paths))} ({len(pts)} points, family {fam.id})"
     return {"family": fam.id, "shipped": fam.as_dict(), **fit, "points": [p.id for p in pts], "label": label}

@@ -40,8 +40,13 @@ from parity.plan.serving_model import (
 #: `--quantization` -> (dense/attention weight format, routed-expert weight format). 'fp4' is V4's native
 #: mixed checkpoint (FP4 experts, FP8 elsewhere: DeepSeek-V4 release notes / recipes); 'w4a8' is INT4
 #: experts with INT8 activations and W8A8 elsewhere (vllm-ascend V4-Pro W4A8 tutorial).
-QUANTIZATION = {"bf16": ("bf16", "bf16"), "fp8": ("fp8", "fp8"), "w8a8": ("int8", "int8"),
-                "w4a8": ("int8", "int4"), "fp4": ("fp8", "fp4")}
+QUANTIZATION = {
+    "bf16": ("bf16", "bf16"),
+    "fp8": ("fp8", "fp8"),
+    "w8a8": ("int8", "int8"),
+    "w4a8": ("int8", "int4"),
+    "fp4": ("fp8", "fp4"),
+}
 PHASES = ("prefill", "decode", "serving")
 #: `--max-num-batched-tokens` default: 0 = the software stack's default token budget per step
 #: (`parity/data/hardware/stacks.toml` `max_num_batched_tokens`, with its source).
@@ -69,13 +74,13 @@ class Setup:
     osl: int = 1024
     tp: int = 1
     dp: int = 8
-    ep: int = 0                       # 0 = TP x DP (the only EP the model describes)
-    batch_per_device: float = 0.0     # decode sequences per device (0 = from concurrency)
-    concurrency: float = 0.0          # sequences in flight over the instance (0 = from batch)
-    tokens_per_device: float = 0.0    # prefill tokens per device per step (0 = one prompt per TP group)
-    decode_context: float = 0.0       # decode KV length (0 = isl + osl / 2)
+    ep: int = 0  # 0 = TP x DP (the only EP the model describes)
+    batch_per_device: float = 0.0  # decode sequences per device (0 = from concurrency)
+    concurrency: float = 0.0  # sequences in flight over the instance (0 = from batch)
+    tokens_per_device: float = 0.0  # prefill tokens per device per step (0 = one prompt per TP group)
+    decode_context: float = 0.0  # decode KV length (0 = isl + osl / 2)
     mtp: int = 0
-    mtp_acceptance: float = 0.0       # <= 1: acceptance rate per draft; > 1: accepted length per step
+    mtp_acceptance: float = 0.0  # <= 1: acceptance rate per draft; > 1: accepted length per step
     quantization: str = "fp4"
     kv_cache_dtype: str = "bf16"
     prefix_hit_rate: float = 0.0
@@ -100,11 +105,14 @@ class Setup:
             v = getattr(self, name)
             low = 0 if name == "max_num_batched_tokens" else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise PlanError(f"--{_flag(name)} must be a {'non-negative' if low == 0 else 'positive'} integer, "
-                                f"got {v!r}")
+                raise PlanError(
+                    f"--{_flag(name)} must be a {'non-negative' if low == 0 else 'positive'} integer, got {v!r}"
+                )
         if self.ep not in (0, self.n_devices):
-            raise PlanError(f"--expert-parallel-size {self.ep} must equal --tensor-parallel-size x "
-                            f"--data-parallel-size = {self.n_devices} (experts are spread over every device)")
+            raise PlanError(
+                f"--expert-parallel-size {self.ep} must equal --tensor-parallel-size x "
+                f"--data-parallel-size = {self.n_devices} (experts are spread over every device)"
+            )
         if self.quantization not in QUANTIZATION:
             raise PlanError(f"--quantization is {self.quantization!r}: expected one of {', '.join(QUANTIZATION)}")
         if self.eplb not in IMBALANCE:
@@ -118,13 +126,24 @@ class Setup:
         if not isinstance(self.redundant_experts, int) or self.redundant_experts < 0:
             raise PlanError(f"--redundant-experts must be an integer >= 0, got {self.redundant_experts!r}")
         if self.mtp < 0 or self.mtp_acceptance < 0 or self.mtp_acceptance > self.mtp + 1:
-            raise PlanError(f"--mtp {self.mtp} / --mtp-acceptance {self.mtp_acceptance}: acceptance must be a rate "
-                            f"in [0, 1] or an accepted length in (1, mtp + 1]")
-        if self.disagg and self.phase == "serving" and (self.prefill_devices < self.tp or self.decode_devices < self.tp
-                                                         or self.prefill_devices % self.tp
-                                                         or self.decode_devices % self.tp):
-            raise PlanError("--disagg on needs --prefill-devices and --decode-devices, each a multiple of "
-                            f"--tensor-parallel-size ({self.tp})")
+            raise PlanError(
+                f"--mtp {self.mtp} / --mtp-acceptance {self.mtp_acceptance}: acceptance must be a rate "
+                f"in [0, 1] or an accepted length in (1, mtp + 1]"
+            )
+        if (
+            self.disagg
+            and self.phase == "serving"
+            and (
+                self.prefill_devices < self.tp
+                or self.decode_devices < self.tp
+                or self.prefill_devices % self.tp
+                or self.decode_devices % self.tp
+            )
+        ):
+            raise PlanError(
+                "--disagg on needs --prefill-devices and --decode-devices, each a multiple of "
+                f"--tensor-parallel-size ({self.tp})"
+            )
 
     def token_budget(self) -> int:
         """Tokens per step per attention-TP group (`max_num_batched_tokens`; 0 = the stack's default)."""
@@ -136,11 +155,20 @@ class Setup:
         """The serving model's `Deployment` of this setup (on `n_devices`, default TP x DP)."""
         dense, experts = QUANTIZATION[self.quantization]
         acc = self.mtp_acceptance
-        dep = Deployment(n_devices=n_devices or self.n_devices, attn_tp=self.tp, dense_format=dense,
-                         expert_format=experts, kv_dtype=self.kv_cache_dtype, mtp=self.mtp,
-                         mtp_acceptance=acc if acc <= 1 else 0.0, accept_length=acc if acc > 1 else 0.0,
-                         overlap=self.tbo, redundant_experts=self.redundant_experts,
-                         expert_imbalance=IMBALANCE[self.eplb], stack=self.stack)
+        dep = Deployment(
+            n_devices=n_devices or self.n_devices,
+            attn_tp=self.tp,
+            dense_format=dense,
+            expert_format=experts,
+            kv_dtype=self.kv_cache_dtype,
+            mtp=self.mtp,
+            mtp_acceptance=acc if acc <= 1 else 0.0,
+            accept_length=acc if acc > 1 else 0.0,
+            overlap=self.tbo,
+            redundant_experts=self.redundant_experts,
+            expert_imbalance=IMBALANCE[self.eplb],
+            stack=self.stack,
+        )
         dep.validate()
         return dep
 
@@ -160,8 +188,12 @@ class Setup:
         return out
 
 
-_FLAG = {"tp": "tensor-parallel-size", "dp": "data-parallel-size", "ep": "expert-parallel-size",
-         "kv_cache_dtype": "kv-cache-dtype"}
+_FLAG = {
+    "tp": "tensor-parallel-size",
+    "dp": "data-parallel-size",
+    "ep": "expert-parallel-size",
+    "kv_cache_dtype": "kv-cache-dtype",
+}
 
 
 def _flag(name: str) -> str:
@@ -187,7 +219,7 @@ def build(setup: Setup) -> Evaluator:
     arch, hw = load_arch(setup.model), get_hardware(setup.hardware)
     s = setup
     check_layout(arch, s)
-    isl_u = max(1.0, s.isl * (1 - s.prefix_hit_rate))   # tokens actually prefilled per request
+    isl_u = max(1.0, s.isl * (1 - s.prefix_hit_rate))  # tokens actually prefilled per request
     ctx = s.decode_context or s.isl + s.osl / 2
     info = {"isl_uncached": isl_u, "n_devices": s.n_devices}
     terms = {}
@@ -198,7 +230,8 @@ def build(setup: Setup) -> Evaluator:
         if w > hw.hbm_gb * 1e9:
             info.setdefault("warnings", []).append(
                 f"weights need {w / 1e9:.0f} GB per device on {n} x {hw.id} (HBM {hw.hbm_gb:.0f} GB): the "
-                f"figures assume they fit (e.g. offloaded to host memory, which is not modeled)")
+                f"figures assume they fit (e.g. offloaded to host memory, which is not modeled)"
+            )
     if s.phase in ("prefill", "serving"):
         dep = s.deployment(n_pre)
         tok = s.tokens_per_device or isl_u / s.tp
@@ -225,8 +258,9 @@ def build(setup: Setup) -> Evaluator:
         if s.phase == "serving" and not s.disagg:
             chunk = min(isl_u, s.token_budget())
             info["chunk"], info["n_chunks"] = chunk, math.ceil(isl_u / chunk - 1e-9)
-            terms["mixed"] = groups_terms(mixed_step_groups(arch, hw, dep, b, ctx, chunk / s.tp, s.isl),
-                                          hw, dep, eager=True).compact()
+            terms["mixed"] = groups_terms(
+                mixed_step_groups(arch, hw, dep, b, ctx, chunk / s.tp, s.isl), hw, dep, eager=True
+            ).compact()
     return Evaluator(setup=s, terms=terms, info=info)
 
 
@@ -245,15 +279,19 @@ def check_layout(arch, s: Setup) -> None:
         except ParallelError as e:
             raise PlanError(f"--tensor-parallel-size {s.tp}: {e}") from None
     elif getattr(arch, "d", {}).get("num_attention_heads", 1) % s.tp:
-        raise PlanError(f"--tensor-parallel-size {s.tp} does not divide the {arch.d['num_attention_heads']} "
-                        f"attention heads of {s.model}; choose a size that divides it")
+        raise PlanError(
+            f"--tensor-parallel-size {s.tp} does not divide the {arch.d['num_attention_heads']} "
+            f"attention heads of {s.model}; choose a size that divides it"
+        )
     experts = arch.n_experts + s.redundant_experts
     pools = [s.prefill_devices, s.decode_devices] if s.disagg and s.phase == "serving" else [s.n_devices]
     for n in pools:
         if n > experts:
-            raise PlanError(f"{n} devices hold more than the {experts} experts of {s.model} ({arch.n_experts} "
-                            f"routed + {s.redundant_experts} redundant): experts are spread over every device "
-                            f"(EP = TP x DP), one at least on each; use at most {experts} devices")
+            raise PlanError(
+                f"{n} devices hold more than the {experts} experts of {s.model} ({arch.n_experts} "
+                f"routed + {s.redundant_experts} redundant): experts are spread over every device "
+                f"(EP = TP x DP), one at least on each; use at most {experts} devices"
+            )
 
 
 def _warn_cache_fit(info: dict, arch, hw, dep: Deployment, batch: float, ctx: float) -> None:
@@ -269,7 +307,8 @@ def _warn_cache_fit(info: dict, arch, hw, dep: Deployment, batch: float, ctx: fl
             f"the caches of {seqs} sequences per device at {ctx:,.0f} tokens need {need / 1e9:,.0f} GB per "
             f"device beside the weights, {hbm_budget(arch, hw, dep) / 1e9:,.0f} GB free on {hw.id} (HBM "
             f"{hw.hbm_gb:.0f} GB): at most {math.floor(cap):,} sequences per device fit; the figures assume "
-            f"they all do")
+            f"they all do"
+        )
 
 
 def figures(ev: Evaluator, consts: dict) -> dict:
@@ -284,8 +323,12 @@ def figures(ev: Evaluator, consts: dict) -> dict:
     if "decode" in t:
         tps = i["tokens_per_step"]
         out["decode_tpot_ms"] = t["decode"] / tps * 1e3
-        out["decode_output_tok_s_per_device"] = i["concurrency"] * tps / t["decode"] / (
-            s.decode_devices if s.disagg and s.phase == "serving" else s.n_devices)
+        out["decode_output_tok_s_per_device"] = (
+            i["concurrency"]
+            * tps
+            / t["decode"]
+            / (s.decode_devices if s.disagg and s.phase == "serving" else s.n_devices)
+        )
     if s.phase == "prefill":
         out["ttft_ms"] = out["prefill_ttft_ms"]
         out["input_tok_s_per_device"] = out["prefill_input_tok_s_per_device"]
@@ -295,19 +338,29 @@ def figures(ev: Evaluator, consts: dict) -> dict:
         out["output_tok_s_per_user"] = 1e3 / out["tpot_ms"]
     elif s.disagg:
         n_p, n_d = s.prefill_devices, s.decode_devices
-        req_s = min(n_p * out["prefill_input_tok_s_per_device"] / i["isl_uncached"],
-                    n_d * out["decode_output_tok_s_per_device"] / s.osl)
+        req_s = min(
+            n_p * out["prefill_input_tok_s_per_device"] / i["isl_uncached"],
+            n_d * out["decode_output_tok_s_per_device"] / s.osl,
+        )
         out["ttft_ms"], out["tpot_ms"] = out["prefill_ttft_ms"], out["decode_tpot_ms"]
         _serving(out, s, req_s, n_p + n_d)
     else:
-        out.update(colocated(t["decode"], t["mixed"], i["tokens_per_step"], i["concurrency"], s.n_devices // s.tp,
-                             s.osl, i["n_chunks"]))
+        out.update(
+            colocated(
+                t["decode"],
+                t["mixed"],
+                i["tokens_per_step"],
+                i["concurrency"],
+                s.n_devices // s.tp,
+                s.osl,
+                i["n_chunks"],
+            )
+        )
         _serving(out, s, out.pop("req_s"), s.n_devices)
     return out
 
 
-def colocated(t_dec: float, t_mix: float, tps: float, concurrency: float, dp: int, osl: int,
-              n_chunks: int) -> dict:
+def colocated(t_dec: float, t_mix: float, tps: float, concurrency: float, dp: int, osl: int, n_chunks: int) -> dict:
     """Closed-loop colocated serving of `concurrency` users over `dp` attention groups.
 
     Each request needs `n_chunks` steps that carry one of its prefill chunks (step time `t_mix`) and

@@ -53,8 +53,8 @@ class Hardware:
     usd_per_hour: float | None
     dies: int = 1
     aliases: tuple = ()
-    sources: dict = field(default_factory=dict)   # "section.key" -> source text
-    estimates: tuple = ()                         # "section.key" whose status is estimate
+    sources: dict = field(default_factory=dict)  # "section.key" -> source text
+    estimates: tuple = ()  # "section.key" whose status is estimate
 
     def peak(self, dtype: str) -> float | None:
         """Dense peak in FLOP/s for `dtype` (None when the chip lacks it)."""
@@ -65,7 +65,7 @@ class Hardware:
         """The compute dtype actually used for a format: `wanted` if supported, else the next wider one
         the chip has (fp4 -> fp8 -> int8 -> bf16)."""
         order = ["fp4", "fp8", "int8", "bf16"]
-        for dt in order[order.index(wanted):]:
+        for dt in order[order.index(wanted) :]:
             if self.peak_tflops.get(dt):
                 return dt
         return "bf16"
@@ -87,18 +87,23 @@ class Hardware:
 def _value(entry: dict, section: str, key: str, path: Path):
     sec = entry.get(section)
     if not isinstance(sec, dict) or key not in sec:
-        raise PlanError(f"hardware file {path.name}: missing field [{section}] {key} (expected "
-                        f"{{ value = ..., source = \"...\" }})")
+        raise PlanError(
+            f'hardware file {path.name}: missing field [{section}] {key} (expected {{ value = ..., source = "..." }})'
+        )
     item = sec[key]
     if not isinstance(item, dict) or "value" not in item or not str(item.get("source", "")).strip():
-        raise PlanError(f"hardware file {path.name}: field [{section}] {key} must be "
-                        f"{{ value = ..., source = \"...\" }} with a non-empty source, got {item!r}")
+        raise PlanError(
+            f"hardware file {path.name}: field [{section}] {key} must be "
+            f'{{ value = ..., source = "..." }} with a non-empty source, got {item!r}'
+        )
     v = item["value"]
     if v == "null":
         return None, item
     if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-        raise PlanError(f"hardware file {path.name}: field [{section}] {key} value must be a non-negative "
-                        f"number or \"null\", got {v!r}")
+        raise PlanError(
+            f"hardware file {path.name}: field [{section}] {key} value must be a non-negative "
+            f'number or "null", got {v!r}'
+        )
     return float(v), item
 
 
@@ -125,19 +130,37 @@ def load_hardware_file(path: Path) -> Hardware:
             sources[f"{section}.{key}"] = item["source"]
             if item.get("status") == "estimate":
                 estimates.append(f"{section}.{key}")
-    for key in ("memory.hbm_gb", "memory.hbm_tb_s", "links.scaleup_domain", "links.scaleup_gb_s",
-                "links.scaleout_gb_s", "peak_tflops.bf16"):
+    for key in (
+        "memory.hbm_gb",
+        "memory.hbm_tb_s",
+        "links.scaleup_domain",
+        "links.scaleup_gb_s",
+        "links.scaleout_gb_s",
+        "peak_tflops.bf16",
+    ):
         if not vals[key]:
             raise PlanError(f"hardware file {path.name}: field {key} must be a positive number")
     return Hardware(
-        id=d["id"], name=d["name"], vendor=d["vendor"], family=d["family"], status=d["status"],
-        unit=d.get("unit", "per device"), source=d["source"],
+        id=d["id"],
+        name=d["name"],
+        vendor=d["vendor"],
+        family=d["family"],
+        status=d["status"],
+        unit=d.get("unit", "per device"),
+        source=d["source"],
         peak_tflops={dt: vals[f"peak_tflops.{dt}"] for dt in DTYPES},
-        hbm_gb=vals["memory.hbm_gb"], hbm_tb_s=vals["memory.hbm_tb_s"],
-        scaleup_domain=int(vals["links.scaleup_domain"]), scaleup_gb_s=vals["links.scaleup_gb_s"],
-        scaleout_gb_s=vals["links.scaleout_gb_s"], tdp_w=vals["power.tdp_w"],
-        usd_per_hour=vals["price.usd_per_hour"], dies=int(d.get("dies", 1)),
-        aliases=tuple(d.get("aliases", ())), sources=sources, estimates=tuple(estimates))
+        hbm_gb=vals["memory.hbm_gb"],
+        hbm_tb_s=vals["memory.hbm_tb_s"],
+        scaleup_domain=int(vals["links.scaleup_domain"]),
+        scaleup_gb_s=vals["links.scaleup_gb_s"],
+        scaleout_gb_s=vals["links.scaleout_gb_s"],
+        tdp_w=vals["power.tdp_w"],
+        usd_per_hour=vals["price.usd_per_hour"],
+        dies=int(d.get("dies", 1)),
+        aliases=tuple(d.get("aliases", ())),
+        sources=sources,
+        estimates=tuple(estimates),
+    )
 
 
 @lru_cache(maxsize=8)
@@ -190,8 +213,12 @@ class Family:
     source: str
 
     def as_dict(self) -> dict:
-        return {"gemm_eff": self.gemm_eff, "attn_eff": self.attn_eff, "hbm_eff": self.hbm_eff,
-                "link_eff": self.link_eff}
+        return {
+            "gemm_eff": self.gemm_eff,
+            "attn_eff": self.attn_eff,
+            "hbm_eff": self.hbm_eff,
+            "link_eff": self.link_eff,
+        }
 
 
 CONSTANT_NAMES = ("gemm_eff", "attn_eff", "hbm_eff", "link_eff")
@@ -269,11 +296,18 @@ def _stacks(directory: str) -> dict[str, Stack]:
             raise PlanError(f"stack file {path.name}: [{sid}] eager_layer_host_us needs an 'eager_source'")
         chunk = sec.get("max_num_batched_tokens", 8192)
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-            raise PlanError(f"stack file {path.name}: [{sid}] max_num_batched_tokens must be a positive integer, "
-                            f"got {chunk!r}")
-        out[sid] = Stack(id=sid, layer_latency_s=float(v) * 1e-6, source=sec["source"],
-                         eager_layer_host_s=float(host) * 1e-6, eager_source=sec.get("eager_source", ""),
-                         max_num_batched_tokens=chunk, chunk_source=sec.get("chunk_source", ""))
+            raise PlanError(
+                f"stack file {path.name}: [{sid}] max_num_batched_tokens must be a positive integer, got {chunk!r}"
+            )
+        out[sid] = Stack(
+            id=sid,
+            layer_latency_s=float(v) * 1e-6,
+            source=sec["source"],
+            eager_layer_host_s=float(host) * 1e-6,
+            eager_source=sec.get("eager_source", ""),
+            max_num_batched_tokens=chunk,
+            chunk_source=sec.get("chunk_source", ""),
+        )
     return out
 
 

@@ -10,10 +10,14 @@ def register(sub) -> None:
     p.add_argument("model", nargs="?", default="tiny", help="preset name (tiny, v4-flash, v4-pro) or checkpoint dir")
     p.add_argument("--context", type=int, default=65536, help="context length N for the total cache size (tokens)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--weights", default=None, choices=["published", "bf16", "fp8", "fp4", "w8a8", "w4a8"],
-                   help="also report the weight bytes in this format (published = fp4 = the release: FP8 linears "
-                        "+ FP4 experts); with --hardware, the per-device weights are counted in it (default: "
-                        "published)")
+    p.add_argument(
+        "--weights",
+        default=None,
+        choices=["published", "bf16", "fp8", "fp4", "w8a8", "w4a8"],
+        help="also report the weight bytes in this format (published = fp4 = the release: FP8 linears "
+        "+ FP4 experts); with --hardware, the per-device weights are counted in it (default: "
+        "published)",
+    )
     g = p.add_argument_group("per-device memory (with --hardware)")
     g.add_argument("--hardware", default=None, help="device (910c, h200, b200, ...): per-device bytes and fit")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="TP ranks per replica")
@@ -56,25 +60,33 @@ def run(args) -> int:
         return 0
     p = info["params"]
     print(f"model            {info['model']}")
-    print(f"parameters       {_fmt_n(p['total'])} ({p['total']:,}) without MTP; "
-          f"{_fmt_n(p['total_with_mtp'])} ({p['total_with_mtp']:,}) with MTP")
+    print(
+        f"parameters       {_fmt_n(p['total'])} ({p['total']:,}) without MTP; "
+        f"{_fmt_n(p['total_with_mtp'])} ({p['total_with_mtp']:,}) with MTP"
+    )
     print(f"activated/token  {_fmt_n(p['activated_per_token'])} ({p['activated_per_token']:,})")
-    print(f"  attention {_fmt_n(p['attention'])}, routed experts {_fmt_n(p['routed_experts'])}, "
-          f"shared {_fmt_n(p['shared_experts'])}, router {_fmt_n(p['router'])}, "
-          f"embedding {_fmt_n(p['embedding'])}, lm_head {_fmt_n(p['lm_head'])}, "
-          f"norms+mHC {_fmt_n(p['other_norms_mhc'])}")
+    print(
+        f"  attention {_fmt_n(p['attention'])}, routed experts {_fmt_n(p['routed_experts'])}, "
+        f"shared {_fmt_n(p['shared_experts'])}, router {_fmt_n(p['router'])}, "
+        f"embedding {_fmt_n(p['embedding'])}, lm_head {_fmt_n(p['lm_head'])}, "
+        f"norms+mHC {_fmt_n(p['other_norms_mhc'])}"
+    )
     sched = info["schedule"]
-    print("schedule         " + " ".join(
-        f"{r['layer']}:{r['attention']}/{r['moe']}{'(mtp)' if r['mtp'] else ''}" for r in sched))
+    print(
+        "schedule         "
+        + " ".join(f"{r['layer']}:{r['attention']}/{r['moe']}{'(mtp)' if r['mtp'] else ''}" for r in sched)
+    )
     counts = {}
     for r in sched:
         if not r["mtp"]:
             counts[r["attention"]] = counts.get(r["attention"], 0) + 1
     print("                 " + ", ".join(f"{k} x{v}" for k, v in counts.items()))
     for dt, c in info["kv_cache"].items():
-        print(f"cache {dt:4s}       {c['per_token_growth_bytes']:.1f} B per token of growth; "
-              f"{_fmt_b(c['fixed_bytes'])} fixed (windows + compressor state); "
-              f"{_fmt_b(c['total_bytes_at_context'])} per sequence at {info['context_tokens']:,} tokens")
+        print(
+            f"cache {dt:4s}       {c['per_token_growth_bytes']:.1f} B per token of growth; "
+            f"{_fmt_b(c['fixed_bytes'])} fixed (windows + compressor state); "
+            f"{_fmt_b(c['total_bytes_at_context'])} per sequence at {info['context_tokens']:,} tokens"
+        )
     print(f"formula          {info['kv_cache_formula']}")
     if weights:
         print(f"weights {weights:8s} {_fmt_b(info['weights']['bytes'])} (other tensors bf16 / fp32)")
@@ -96,6 +108,8 @@ def _print_device(cfg, args) -> None:
     quant = fmt != "bf16"
     fit = device_fit(cfg, hw.hbm_gb * 1e9, tp=pc.tp, ep=pc.ep, weights=fmt, cache_dtype="fp8" if quant else "bf16")
     print(f"layout           {pc.describe()} on {pc.world_size} x {hw.name} ({_fmt_b(fit['hbm_bytes'])} each)")
-    print(f"weights/device   {_fmt_b(fit['weight_bytes'])} ({'FP8/FP4 release' if fmt == 'fp4' else fmt}); "
-          f"{_fmt_b(fit['required_bytes'])} with headroom -> {'fits' if fit['fits'] else 'DOES NOT FIT'}")
+    print(
+        f"weights/device   {_fmt_b(fit['weight_bytes'])} ({'FP8/FP4 release' if fmt == 'fp4' else fmt}); "
+        f"{_fmt_b(fit['required_bytes'])} with headroom -> {'fits' if fit['fits'] else 'DOES NOT FIT'}"
+    )
     print(f"cache/device     {_fmt_b(fit['cache_bytes'])} left: {fit['cache_tokens']:,} tokens of context")

@@ -66,8 +66,9 @@ def _median(s: dict, key: str):
     return (s.get(key) or {}).get("median")
 
 
-def measured_point(result: dict, path: str | Path, *, model: str | None = None, tp: int = 1,
-                   quantization: str = "fp4") -> MeasuredPoint:
+def measured_point(
+    result: dict, path: str | Path, *, model: str | None = None, tp: int = 1, quantization: str = "fp4"
+) -> MeasuredPoint:
     """The planner's view of one bench result.
 
     Raises:
@@ -97,18 +98,34 @@ def measured_point(result: dict, path: str | Path, *, model: str | None = None, 
     s = result["summary"]
     if ss.get("duration_s") and ss.get("tpot_ms_median"):
         basis = "steady state"
-        meas = {"output_tok_s_per_device": ss["output_tok_s_per_device"], "tpot_ms": ss["tpot_ms_median"],
-                "ttft_ms": ss["ttft_ms_median"]}
+        meas = {
+            "output_tok_s_per_device": ss["output_tok_s_per_device"],
+            "tpot_ms": ss["tpot_ms_median"],
+            "ttft_ms": ss["ttft_ms_median"],
+        }
         conc = ss.get("mean_concurrency") or result["config"].get("max_concurrency")
     else:
         basis = "whole run"
-        meas = {"output_tok_s_per_device": s["output_throughput_tok_s"] / n, "tpot_ms": _median(s, "tpot_ms"),
-                "ttft_ms": _median(s, "ttft_ms")}
+        meas = {
+            "output_tok_s_per_device": s["output_throughput_tok_s"] / n,
+            "tpot_ms": _median(s, "tpot_ms"),
+            "ttft_ms": _median(s, "ttft_ms"),
+        }
         conc = result["config"].get("max_concurrency") or len(ok)
-    setup = Setup(model=preset, hardware=hw, phase="serving", isl=isl, osl=osl, tp=tp, dp=n // tp,
-                  concurrency=float(conc), quantization=quantization)
-    return MeasuredPoint(id=Path(path).stem, file=str(path), setup=setup,
-                         measured={k: v for k, v in meas.items() if v}, basis=basis)
+    setup = Setup(
+        model=preset,
+        hardware=hw,
+        phase="serving",
+        isl=isl,
+        osl=osl,
+        tp=tp,
+        dp=n // tp,
+        concurrency=float(conc),
+        quantization=quantization,
+    )
+    return MeasuredPoint(
+        id=Path(path).stem, file=str(path), setup=setup, measured={k: v for k, v in meas.items() if v}, basis=basis
+    )
 
 
 def load_measured(paths: list[str | Path], **kw) -> list[MeasuredPoint]:
@@ -146,8 +163,19 @@ def compare(points: list[MeasuredPoint], consts: dict | None = None) -> list[dic
     for p in points:
         pred = predict_point(p, consts)
         for m, v in p.measured.items():
-            rows.append({"id": p.id, "hardware": p.setup.hardware, "n_devices": p.setup.n_devices,
-                         "isl": p.setup.isl, "osl": p.setup.osl, "concurrency": p.setup.concurrency,
-                         "basis": p.basis, "metric": m, "measured": v, "predicted": pred[m],
-                         "error": pred[m] / v - 1})
+            rows.append(
+                {
+                    "id": p.id,
+                    "hardware": p.setup.hardware,
+                    "n_devices": p.setup.n_devices,
+                    "isl": p.setup.isl,
+                    "osl": p.setup.osl,
+                    "concurrency": p.setup.concurrency,
+                    "basis": p.basis,
+                    "metric": m,
+                    "measured": v,
+                    "predicted": pred[m],
+                    "error": pred[m] / v - 1,
+                }
+            )
     return rows

@@ -31,8 +31,10 @@ def compare(model: str, hardware: list[str], workload: Workload, out: str | None
     if out is not None:
         suffix = Path(out).suffix.lower()
         if suffix not in REPORT_SUFFIXES:
-            raise PlanError(f"--out {out}: the report is written as HTML (.html) or as the frontier plot (.png); "
-                            f"got {'no suffix' if not suffix else repr(suffix)} - use a path ending in .html or .png")
+            raise PlanError(
+                f"--out {out}: the report is written as HTML (.html) or as the frontier plot (.png); "
+                f"got {'no suffix' if not suffix else repr(suffix)} - use a path ending in .html or .png"
+            )
     hardware, notes = dedupe_hardware(hardware)
     rows, fronts = [], {}
     for h in hardware:
@@ -40,11 +42,19 @@ def compare(model: str, hardware: list[str], workload: Workload, out: str | None
         rows.append(r)
         usable = r["feasible"] or r.get("limiting_resource") != "memory"
         fronts[r["hardware"]] = frontier(model, h, workload) if usable else []
-    res = {"model": model, "workload": vars(workload), "rows": rows, "frontiers": fronts,
-           "provenance": rows[0]["provenance"] if rows else "", "notes": notes}
+    res = {
+        "model": model,
+        "workload": vars(workload),
+        "rows": rows,
+        "frontiers": fronts,
+        "provenance": rows[0]["provenance"] if rows else "",
+        "notes": notes,
+    }
     w = workload
-    head = (f"{model}: isl {w.isl}, osl {w.osl}, SLO TTFT {w.slo_ttft_ms:g} ms, TPOT {w.slo_tpot_ms:g} ms; "
-            "output and input tok/s per chip; the frontier (--out) spans both modes, each point labelled")
+    head = (
+        f"{model}: isl {w.isl}, osl {w.osl}, SLO TTFT {w.slo_ttft_ms:g} ms, TPOT {w.slo_tpot_ms:g} ms; "
+        "output and input tok/s per chip; the frontier (--out) spans both modes, each point labelled"
+    )
     res["table_text"] = head + "\n" + _table(rows, res["provenance"]) + "".join(f"\nnote: {n}" for n in notes)
     res["any_feasible"] = any(r["feasible"] for r in rows)
     if out:
@@ -77,14 +87,24 @@ def dedupe_hardware(hardware: list[str]) -> tuple[list[str], list[str]]:
             seen[hw_id] = []
             unique.append(name)
         seen[hw_id].append(name)
-    notes = [f"--hardware lists {hw_id} {len(names)} times ({', '.join(repr(n) for n in names)}); "
-             "compared once" for hw_id, names in seen.items() if len(names) > 1]
+    notes = [
+        f"--hardware lists {hw_id} {len(names)} times ({', '.join(repr(n) for n in names)}); compared once"
+        for hw_id, names in seen.items()
+        if len(names) > 1
+    ]
     return unique, notes
 
 
-_COLS = [("hardware", "chip"), ("mode", "mode"), ("output_tok_s_per_chip", "out tok/s/chip"),
-         ("input_tok_s_per_chip", "in tok/s/chip"), ("ttft_ms", "TTFT ms"), ("tpot_ms", "TPOT ms"),
-         ("tokens_per_joule", "tok/J (TDP)"), ("usd_per_m_output_tokens", "$/M out")]
+_COLS = [
+    ("hardware", "chip"),
+    ("mode", "mode"),
+    ("output_tok_s_per_chip", "out tok/s/chip"),
+    ("input_tok_s_per_chip", "in tok/s/chip"),
+    ("ttft_ms", "TTFT ms"),
+    ("tpot_ms", "TPOT ms"),
+    ("tokens_per_joule", "tok/J (TDP)"),
+    ("usd_per_m_output_tokens", "$/M out"),
+]
 
 
 def _cell(r, key):
@@ -119,8 +139,13 @@ def _plot_png(fronts: dict, title: str) -> bytes:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for hw, pts in fronts.items():
         if pts:
-            ax.plot([p["tok_s_per_user"] for p in pts], [p["output_tok_s_per_chip"] for p in pts], marker="o",
-                    markersize=3, label=hw)
+            ax.plot(
+                [p["tok_s_per_user"] for p in pts],
+                [p["output_tok_s_per_chip"] for p in pts],
+                marker="o",
+                markersize=3,
+                label=hw,
+            )
     ax.set_xlabel("output tokens/s per user (1 / TPOT)")
     ax.set_ylabel("output tokens/s per chip")
     import textwrap
@@ -140,8 +165,10 @@ def _plot_png(fronts: dict, title: str) -> bytes:
 
 def _title(res: dict) -> str:
     w = res["workload"]
-    return (f"{res['model']}: isl {w['isl']}, osl {w['osl']}, SLO TTFT {w['slo_ttft_ms']:g} ms / "
-            f"TPOT {w['slo_tpot_ms']:g} ms — {res['provenance']}")
+    return (
+        f"{res['model']}: isl {w['isl']}, osl {w['osl']}, SLO TTFT {w['slo_ttft_ms']:g} ms / "
+        f"TPOT {w['slo_tpot_ms']:g} ms — {res['provenance']}"
+    )
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -155,8 +182,9 @@ def _write_html(res: dict, path: Path) -> None:
     title = _title(res)
     png = base64.b64encode(_plot_png(res["frontiers"], title)).decode()
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h in _COLS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r, k))}</td>" for k, _ in _COLS) + "</tr>"
-                   for r in res["rows"])
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_cell(r, k))}</td>" for k, _ in _COLS) + "</tr>" for r in res["rows"]
+    )
     notes = "".join(f"<li>{html.escape(r['reason'])}</li>" for r in res["rows"] if not r["feasible"])
     notes += "".join(f"<li>{html.escape(n)}</li>" for n in res.get("notes", []))
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>parity compare</title>

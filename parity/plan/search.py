@@ -91,8 +91,17 @@ def _deployments(arch, hw: Hardware, mtp_options) -> list[Deployment]:
                 continue
             for dense, experts, kv in _formats(arch, hw):
                 for m in mtp_options:
-                    out.append(Deployment(n_devices=n, attn_tp=tp, dense_format=dense, expert_format=experts,
-                                          kv_dtype=kv, mtp=m, mtp_acceptance=MTP_ACCEPTANCE if m else 0.0))
+                    out.append(
+                        Deployment(
+                            n_devices=n,
+                            attn_tp=tp,
+                            dense_format=dense,
+                            expert_format=experts,
+                            kv_dtype=kv,
+                            mtp=m,
+                            mtp_acceptance=MTP_ACCEPTANCE if m else 0.0,
+                        )
+                    )
     return out
 
 
@@ -185,9 +194,14 @@ def plan(model: str, hardware: str, workload: Workload, consts: dict | None = No
     fits = [d for d in deps if hbm_budget(arch, hw, d) > 0]
     if not fits:
         need = min(weight_bytes_per_device(arch, d)["total"] for d in deps)
-        return _infeasible(model, hw, workload, "memory",
-                           f"weights need at least {need / 1e9:.0f} GB per device even at n={max(SIZES)} "
-                           f"(HBM {hw.hbm_gb:.0f} GB, {int(0.9 * 100)}% usable)")
+        return _infeasible(
+            model,
+            hw,
+            workload,
+            "memory",
+            f"weights need at least {need / 1e9:.0f} GB per device even at n={max(SIZES)} "
+            f"(HBM {hw.hbm_gb:.0f} GB, {int(0.9 * 100)}% usable)",
+        )
     best_dec, best_tpot1 = None, None
     for d in fits:
         p, t1 = _best_decode(arch, hw, d, consts, ctx_avg, ctx_max, tpot_slo)
@@ -210,26 +224,51 @@ def plan(model: str, hardware: str, workload: Workload, consts: dict | None = No
             return _finish(model, hw, workload, colo)
     if best_dec is None:
         if best_tpot1 is None:
-            return _infeasible(model, hw, workload, "memory",
-                               f"no instance holds the weights plus one sequence's cache at {ctx_max} tokens")
-        return _infeasible(model, hw, workload, "tpot-slo",
-                           f"best TPOT at batch 1 is {best_tpot1 * 1e3:.1f} ms > SLO {workload.slo_tpot_ms:g} ms")
+            return _infeasible(
+                model,
+                hw,
+                workload,
+                "memory",
+                f"no instance holds the weights plus one sequence's cache at {ctx_max} tokens",
+            )
+        return _infeasible(
+            model,
+            hw,
+            workload,
+            "tpot-slo",
+            f"best TPOT at batch 1 is {best_tpot1 * 1e3:.1f} ms > SLO {workload.slo_tpot_ms:g} ms",
+        )
     if best_pre is None:
         if ttft_min is None:
-            return _infeasible(model, hw, workload, "memory",
-                               f"no prefill instance holds the weights plus a {workload.isl}-token prompt's cache")
-        return _infeasible(model, hw, workload, "ttft-slo",
-                           f"fastest prefill of a {workload.isl}-token prompt takes {ttft_min * 1e3:.0f} ms > "
-                           f"SLO {workload.slo_ttft_ms:g} ms")
+            return _infeasible(
+                model,
+                hw,
+                workload,
+                "memory",
+                f"no prefill instance holds the weights plus a {workload.isl}-token prompt's cache",
+            )
+        return _infeasible(
+            model,
+            hw,
+            workload,
+            "ttft-slo",
+            f"fastest prefill of a {workload.isl}-token prompt takes {ttft_min * 1e3:.0f} ms > "
+            f"SLO {workload.slo_ttft_ms:g} ms",
+        )
     (dd, dp), (pd_, pp) = best_dec, best_pre
     P, D = pp["in_tok_s_per_device"], dp["out_tok_s_per_device"]
     out_chip = workload.osl / (workload.isl / P + workload.osl / D)
     result = {
-        "mode": "disaggregated", "decode": {**_describe(dd), "batch_per_device": dp["batch"]},
+        "mode": "disaggregated",
+        "decode": {**_describe(dd), "batch_per_device": dp["batch"]},
         "prefill": {**_describe(pd_), "tokens_per_device": pp["tokens"]},
-        "ttft_ms": pp["ttft_s"] * 1e3, "tpot_ms": dp["tpot_s"] * 1e3, "tok_s_per_user": dp["tok_s_per_user"],
-        "output_tok_s_per_chip": out_chip, "input_tok_s_per_chip": out_chip * workload.isl / workload.osl,
-        "prefill_in_tok_s_per_device": P, "decode_out_tok_s_per_device": D,
+        "ttft_ms": pp["ttft_s"] * 1e3,
+        "tpot_ms": dp["tpot_s"] * 1e3,
+        "tok_s_per_user": dp["tok_s_per_user"],
+        "output_tok_s_per_chip": out_chip,
+        "input_tok_s_per_chip": out_chip * workload.isl / workload.osl,
+        "prefill_in_tok_s_per_device": P,
+        "decode_out_tok_s_per_device": D,
         "prefill_fraction_of_chips": (workload.isl / P) / (workload.isl / P + workload.osl / D),
     }
     if colo and colo["output_tok_s_per_chip"] > result["output_tok_s_per_chip"]:
@@ -246,8 +285,7 @@ def colocated_point(arch, hw, dep, consts, batch, workload, ctx_avg) -> dict:
     n_chunks = math.ceil(workload.isl / chunk)
     dec = decode_point(arch, hw, dep, consts, batch, ctx_avg)
     mix = mixed_step_terms(arch, hw, dep, batch, ctx_avg, chunk / dep.attn_tp, workload.isl).combine(consts)
-    r = colocated(dec["step_s"], mix["step_s"], dep.tokens_per_step, batch * dep.n_devices, dp, workload.osl,
-                  n_chunks)
+    r = colocated(dec["step_s"], mix["step_s"], dep.tokens_per_step, batch * dep.n_devices, dp, workload.osl, n_chunks)
     out = r["req_s"] * workload.osl / dep.n_devices
     return {"b": batch, "chunk": chunk, "ttft": r["ttft_ms"] / 1e3, "tpot": r["tpot_ms"] / 1e3, "out": out}
 
@@ -273,12 +311,19 @@ def _colocated(arch, hw, fits, consts, workload, ctx_avg, ctx_max):
             continue
         q = point(b)
         if best is None or q["out"] > best["output_tok_s_per_chip"]:
-            best = {"mode": "colocated", "decode": {**_describe(d), "batch_per_device": b},
-                    "prefill": {**_describe(d), "tokens_per_device": q["chunk"] / d.attn_tp},
-                    "ttft_ms": q["ttft"] * 1e3, "tpot_ms": q["tpot"] * 1e3, "tok_s_per_user": 1 / q["tpot"],
-                    "output_tok_s_per_chip": q["out"], "input_tok_s_per_chip": q["out"] * workload.isl / workload.osl,
-                    "prefill_in_tok_s_per_device": None, "decode_out_tok_s_per_device": q["out"],
-                    "prefill_fraction_of_chips": 0.0}
+            best = {
+                "mode": "colocated",
+                "decode": {**_describe(d), "batch_per_device": b},
+                "prefill": {**_describe(d), "tokens_per_device": q["chunk"] / d.attn_tp},
+                "ttft_ms": q["ttft"] * 1e3,
+                "tpot_ms": q["tpot"] * 1e3,
+                "tok_s_per_user": 1 / q["tpot"],
+                "output_tok_s_per_chip": q["out"],
+                "input_tok_s_per_chip": q["out"] * workload.isl / workload.osl,
+                "prefill_in_tok_s_per_device": None,
+                "decode_out_tok_s_per_device": q["out"],
+                "prefill_fraction_of_chips": 0.0,
+            }
     return best
 
 
@@ -288,8 +333,11 @@ def _provenance(model: str, hw: Hardware, mode: str | None) -> dict:
 
     gen = generation(model)
     pre, dec = ("serving", "serving") if mode == "colocated" else ("prefill", "decode")
-    return {"ttft_ms": error_label(hw.family, pre, gen), "tpot_ms": error_label(hw.family, dec, gen),
-            "output_tok_s_per_chip": error_label(hw.family, dec, gen)}
+    return {
+        "ttft_ms": error_label(hw.family, pre, gen),
+        "tpot_ms": error_label(hw.family, dec, gen),
+        "output_tok_s_per_chip": error_label(hw.family, dec, gen),
+    }
 
 
 def _finish(model, hw: Hardware, workload: Workload, r: dict) -> dict:
@@ -308,16 +356,31 @@ def _finish(model, hw: Hardware, workload: Workload, r: dict) -> dict:
             tot = math.ceil(workload.target_qps * workload.osl / r["decode_out_tok_s_per_device"] / n) * n
             r["chips_for_target"] = {"total": tot}
     prov = _provenance(model, hw, r["mode"])
-    return {"feasible": True, "model": model, "hardware": hw.id, "hardware_name": hw.name,
-            "hardware_status": hw.status, "workload": asdict(workload),
-            "provenance": prov["output_tok_s_per_chip"], "provenance_by_figure": prov, **r}
+    return {
+        "feasible": True,
+        "model": model,
+        "hardware": hw.id,
+        "hardware_name": hw.name,
+        "hardware_status": hw.status,
+        "workload": asdict(workload),
+        "provenance": prov["output_tok_s_per_chip"],
+        "provenance_by_figure": prov,
+        **r,
+    }
 
 
 def _infeasible(model, hw: Hardware, workload: Workload, limit: str, why: str) -> dict:
-    return {"feasible": False, "model": model, "hardware": hw.id, "hardware_name": hw.name,
-            "hardware_status": hw.status, "workload": asdict(workload), "limiting_resource": limit,
-            "reason": f"no deployment of {model} on {hw.id} fits: {limit}: {why}",
-            "provenance": _provenance(model, hw, None)["output_tok_s_per_chip"]}
+    return {
+        "feasible": False,
+        "model": model,
+        "hardware": hw.id,
+        "hardware_name": hw.name,
+        "hardware_status": hw.status,
+        "workload": asdict(workload),
+        "limiting_resource": limit,
+        "reason": f"no deployment of {model} on {hw.id} fits: {limit}: {why}",
+        "provenance": _provenance(model, hw, None)["output_tok_s_per_chip"],
+    }
 
 
 def frontier(model: str, hardware: str, workload: Workload, consts: dict | None = None) -> list[dict]:
@@ -345,12 +408,26 @@ def frontier(model: str, hardware: str, workload: Workload, consts: dict | None 
             if best_P:
                 p = decode_point(arch, hw, d, consts, b, ctx_avg)
                 chip = workload.osl / (workload.isl / best_P + workload.osl / p["out_tok_s_per_device"])
-                pts.append({"mode": "disaggregated", "tok_s_per_user": p["tok_s_per_user"],
-                            "output_tok_s_per_chip": chip, **desc, "batch_per_device": b})
+                pts.append(
+                    {
+                        "mode": "disaggregated",
+                        "tok_s_per_user": p["tok_s_per_user"],
+                        "output_tok_s_per_chip": chip,
+                        **desc,
+                        "batch_per_device": b,
+                    }
+                )
             q = colocated_point(arch, hw, d, consts, b, workload, ctx_avg)
             if q["ttft"] <= workload.slo_ttft_ms / 1e3:
-                pts.append({"mode": "colocated", "tok_s_per_user": 1 / q["tpot"], "output_tok_s_per_chip": q["out"],
-                            **desc, "batch_per_device": b})
+                pts.append(
+                    {
+                        "mode": "colocated",
+                        "tok_s_per_user": 1 / q["tpot"],
+                        "output_tok_s_per_chip": q["out"],
+                        **desc,
+                        "batch_per_device": b,
+                    }
+                )
     pts.sort(key=lambda x: (-x["tok_s_per_user"], -x["output_tok_s_per_chip"]))
     front, best = [], -1.0
     for p in pts:

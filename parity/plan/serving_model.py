@@ -58,8 +58,7 @@ DEFAULT_STACK = {"nvidia": "cuda-graphs", "huawei": "ascend-graph"}
 #: INT4 (W4A8) carries one bf16 scale per 128-value group (assumed group size, as common W4A8 kernels).
 WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "int8": 1.0, "fp4": 0.5 + 1 / 32, "int4": 0.5 + 2 / 128}
 #: Activation bytes per value sent in the MoE dispatch for an expert format (W4A8 sends INT8 activations).
-DISPATCH_BYTES = {"bf16": 2.0, "fp8": 1.0 + 1 / 128, "int8": 1.0 + 1 / 128, "fp4": 0.5 + 1 / 16,
-                  "int4": 1.0 + 1 / 128}
+DISPATCH_BYTES = {"bf16": 2.0, "fp8": 1.0 + 1 / 128, "int8": 1.0 + 1 / 128, "fp4": 0.5 + 1 / 16, "int4": 1.0 + 1 / 128}
 FORMATS = tuple(WEIGHT_BYTES)
 KV_DTYPES = ("bf16", "fp8", "int8")
 
@@ -106,8 +105,9 @@ class Deployment:
         if self.kv_dtype not in KV_DTYPES:
             raise PlanError(f"deployment kv_dtype is {self.kv_dtype!r}: expected one of {KV_DTYPES}")
         if self.mtp < 0 or not 0 <= self.mtp_acceptance <= 1:
-            raise PlanError(f"deployment mtp must be >= 0 and mtp_acceptance in [0, 1], got "
-                            f"{self.mtp}, {self.mtp_acceptance}")
+            raise PlanError(
+                f"deployment mtp must be >= 0 and mtp_acceptance in [0, 1], got {self.mtp}, {self.mtp_acceptance}"
+            )
         if self.accept_length and not 1 <= self.accept_length <= self.mtp + 1:
             raise PlanError(f"MTP accepted length {self.accept_length:g} must lie in [1, mtp + 1 = {self.mtp + 1}]")
         if not self.expert_imbalance >= 1:
@@ -119,28 +119,29 @@ class Deployment:
         sum_{i=0..mtp} a^i (chain drafts)."""
         if self.accept_length:
             return self.accept_length
-        return sum(self.mtp_acceptance ** i for i in range(self.mtp + 1))
+        return sum(self.mtp_acceptance**i for i in range(self.mtp + 1))
 
 
 @dataclass
 class Terms:
     """Ideal times (s) of one step at 100% of every peak; `combine` applies the constants."""
 
-    gemm: list = field(default_factory=list)    # (compute_s, memory_s)
-    attn: list = field(default_factory=list)    # (compute_s, memory_s)
+    gemm: list = field(default_factory=list)  # (compute_s, memory_s)
+    attn: list = field(default_factory=list)  # (compute_s, memory_s)
     other_mem_s: float = 0.0
     comm_up_s: float = 0.0
     comm_out_s: float = 0.0
     overlap: bool = True
     fixed_s: float = 0.0
-    host_s: float = 0.0    # host time to launch a step that is not graph-captured (hidden when the device is slower)
+    host_s: float = 0.0  # host time to launch a step that is not graph-captured (hidden when the device is slower)
 
     def compact(self) -> Terms:
         """An equivalent Terms with identical (compute, memory) pairs merged (faster `combine`)."""
+
         def merge(pairs):
             acc: dict = {}
             for f, m in pairs:
-                key = (round(f / m, 9) if m else None) if f else ("m", )
+                key = (round(f / m, 9) if m else None) if f else ("m",)
                 if f and m:
                     key = ("r", round(f / m, 9))
                 elif f:
@@ -151,9 +152,17 @@ class Terms:
                 a[0] += f
                 a[1] += m
             return [tuple(v) for v in acc.values()]
-        return Terms(gemm=merge(self.gemm), attn=merge(self.attn), other_mem_s=self.other_mem_s,
-                     comm_up_s=self.comm_up_s, comm_out_s=self.comm_out_s, overlap=self.overlap,
-                     fixed_s=self.fixed_s, host_s=self.host_s)
+
+        return Terms(
+            gemm=merge(self.gemm),
+            attn=merge(self.attn),
+            other_mem_s=self.other_mem_s,
+            comm_up_s=self.comm_up_s,
+            comm_out_s=self.comm_out_s,
+            overlap=self.overlap,
+            fixed_s=self.fixed_s,
+            host_s=self.host_s,
+        )
 
     def combine(self, c: dict) -> dict:
         """Step time (s) under calibration constants `c` (gemm_eff, attn_eff, hbm_eff, link_eff)."""
@@ -177,8 +186,12 @@ def weight_bytes_per_device(arch, dep: Deployment) -> dict:
     local = math.ceil((arch.n_experts + dep.redundant_experts) / dep.n_devices)
     experts = n_moe * local * arch.expert_params * we
     emb = (arch.embed_params + arch.head_params) * 2.0
-    return {"dense": dense * wd / dep.attn_tp, "experts": experts, "embedding": emb,
-            "total": dense * wd / dep.attn_tp + experts + emb}
+    return {
+        "dense": dense * wd / dep.attn_tp,
+        "experts": experts,
+        "embedding": emb,
+        "total": dense * wd / dep.attn_tp + experts + emb,
+    }
 
 
 def _layer_counts(arch) -> dict:
@@ -192,8 +205,7 @@ def _layer_counts(arch) -> dict:
     return lc
 
 
-def op_costs(arch, hw: Hardware, dep: Deployment, phase: str, tokens: float, ctx: float,
-             seqs: float) -> list[dict]:
+def op_costs(arch, hw: Hardware, dep: Deployment, phase: str, tokens: float, ctx: float, seqs: float) -> list[dict]:
     """Op-level cost of one step on one device, per layer type (physical units, no efficiencies).
 
     Args:
@@ -220,19 +232,29 @@ def op_costs(arch, hw: Hardware, dep: Deployment, phase: str, tokens: float, ctx
 
     def layer(spec, tok, sq, c, cnt, label):
         fl, idx = arch.attn_flops_token(spec.kind, c, phase)
-        g = {"kind": label, "count": cnt,
-             # attention-side projections (and V4's compressor / indexer projections)
-             "proj_flops": 2.0 * spec.proj_params * tok, "proj_weight_bytes": spec.proj_params * wd / dep.attn_tp,
-             # core attention (+ lightning indexer scores)
-             "attn_flops": fl * tok, "indexer_flops": idx * tok,
-             "cache_read_bytes": (arch.attn_read_bytes(spec.kind, c, dep.kv_dtype) * sq * dep.attn_tp
-                                  if phase == "decode" else 0.0),
-             "cache_write_bytes": arch.cache_write_bytes_token(spec.kind, dep.kv_dtype) * tok,
-             # dense FFN, or shared expert + router
-             "dense_flops": 2.0 * spec.dense_params * tok, "dense_weight_bytes": spec.dense_params * wd / dep.attn_tp,
-             "other_bytes": arch.other_bytes_per_token_layer * tok,
-             "expert_flops": 0.0, "expert_weight_bytes": 0.0, "a2a_scaleup_bytes": 0.0, "a2a_scaleout_bytes": 0.0,
-             "tp_bytes": 0.0}
+        g = {
+            "kind": label,
+            "count": cnt,
+            # attention-side projections (and V4's compressor / indexer projections)
+            "proj_flops": 2.0 * spec.proj_params * tok,
+            "proj_weight_bytes": spec.proj_params * wd / dep.attn_tp,
+            # core attention (+ lightning indexer scores)
+            "attn_flops": fl * tok,
+            "indexer_flops": idx * tok,
+            "cache_read_bytes": (
+                arch.attn_read_bytes(spec.kind, c, dep.kv_dtype) * sq * dep.attn_tp if phase == "decode" else 0.0
+            ),
+            "cache_write_bytes": arch.cache_write_bytes_token(spec.kind, dep.kv_dtype) * tok,
+            # dense FFN, or shared expert + router
+            "dense_flops": 2.0 * spec.dense_params * tok,
+            "dense_weight_bytes": spec.dense_params * wd / dep.attn_tp,
+            "other_bytes": arch.other_bytes_per_token_layer * tok,
+            "expert_flops": 0.0,
+            "expert_weight_bytes": 0.0,
+            "a2a_scaleup_bytes": 0.0,
+            "a2a_scaleout_bytes": 0.0,
+            "tp_bytes": 0.0,
+        }
         if spec.moe:
             g["expert_flops"] = 2.0 * arch.expert_params * tok * k * dep.expert_imbalance
             g["expert_weight_bytes"] = local * (1.0 - math.exp(-tok * k / local)) * arch.expert_params * we
@@ -272,13 +294,19 @@ def op_costs(arch, hw: Hardware, dep: Deployment, phase: str, tokens: float, ctx
                 layer(spec, tokens, seqs, ctx, 1, "mtp0-" + spec.kind)
         head_tokens = seqs
     zero = {key: 0.0 for key in groups[0] if key.endswith(("_flops", "_bytes"))}
-    groups.append({**zero, "kind": "lm_head", "count": 1, "dense_flops": 2.0 * arch.head_params * head_tokens,
-                   "dense_weight_bytes": arch.head_params * 2.0})
+    groups.append(
+        {
+            **zero,
+            "kind": "lm_head",
+            "count": 1,
+            "dense_flops": 2.0 * arch.head_params * head_tokens,
+            "dense_weight_bytes": arch.head_params * 2.0,
+        }
+    )
     return groups
 
 
-def step_terms(arch, hw: Hardware, dep: Deployment, phase: str, tokens: float, ctx: float,
-               seqs: float) -> Terms:
+def step_terms(arch, hw: Hardware, dep: Deployment, phase: str, tokens: float, ctx: float, seqs: float) -> Terms:
     """`op_costs` turned into ideal times at 100% of each peak (same arguments); prefill steps are eager
     (`groups_terms`)."""
     return groups_terms(op_costs(arch, hw, dep, phase, tokens, ctx, seqs), hw, dep, eager=phase == "prefill")
@@ -333,8 +361,9 @@ def groups_terms(groups: list[dict], hw: Hardware, dep: Deployment, eager: bool 
             if eager:
                 t.host_s += g["count"] * stack.eager_layer_host_s
         t.gemm.append((g["proj_flops"] / pd_, g["proj_weight_bytes"] / hbm))
-        t.attn.append((g["attn_flops"] / pa + g["indexer_flops"] / pi,
-                       (g["cache_read_bytes"] + g["cache_write_bytes"]) / hbm))
+        t.attn.append(
+            (g["attn_flops"] / pa + g["indexer_flops"] / pi, (g["cache_read_bytes"] + g["cache_write_bytes"]) / hbm)
+        )
         t.gemm.append((g["dense_flops"] / (ph if head else pd_), g["dense_weight_bytes"] / hbm))
         if g["expert_flops"]:
             t.gemm.append((g["expert_flops"] / pe, g["expert_weight_bytes"] / hbm))
@@ -344,8 +373,9 @@ def groups_terms(groups: list[dict], hw: Hardware, dep: Deployment, eager: bool 
     return t
 
 
-def mixed_step_groups(arch, hw: Hardware, dep: Deployment, batch: float, ctx: float, chunk: float,
-                      prompt: float) -> list[dict]:
+def mixed_step_groups(
+    arch, hw: Hardware, dep: Deployment, batch: float, ctx: float, chunk: float, prompt: float
+) -> list[dict]:
     """Op-cost groups of one colocated step on one device: a decode of `batch` sequences at context
     `ctx` fused with a prefill chunk of `chunk` tokens of prompts of `prompt` tokens. FLOPs, cache and
     network bytes add; dense weights are read once; routed-expert weights once for the union of tokens."""
@@ -363,18 +393,26 @@ def mixed_step_groups(arch, hw: Hardware, dep: Deployment, batch: float, ctx: fl
             by_kind[g["kind"]] = dict(g)
             continue
         for key, v in g.items():
-            if key.endswith("_flops") or key in ("cache_read_bytes", "cache_write_bytes", "other_bytes",
-                                                  "a2a_scaleup_bytes", "a2a_scaleout_bytes", "tp_bytes"):
+            if key.endswith("_flops") or key in (
+                "cache_read_bytes",
+                "cache_write_bytes",
+                "other_bytes",
+                "a2a_scaleup_bytes",
+                "a2a_scaleout_bytes",
+                "tp_bytes",
+            ):
                 m[key] += v
         if g["expert_weight_bytes"]:
             tok = tok_d + chunk
-            m["expert_weight_bytes"] = (g["count"] * local * (1.0 - math.exp(-tok * arch.topk / local))
-                                        * arch.expert_params * we)
+            m["expert_weight_bytes"] = (
+                g["count"] * local * (1.0 - math.exp(-tok * arch.topk / local)) * arch.expert_params * we
+            )
     return list(by_kind.values())
 
 
-def mixed_step_terms(arch, hw: Hardware, dep: Deployment, batch: float, ctx: float, chunk: float,
-                     prompt: float) -> Terms:
+def mixed_step_terms(
+    arch, hw: Hardware, dep: Deployment, batch: float, ctx: float, chunk: float, prompt: float
+) -> Terms:
     """`mixed_step_groups` as ideal times (see there); eager when it carries a prefill chunk."""
     return groups_terms(mixed_step_groups(arch, hw, dep, batch, ctx, chunk, prompt), hw, dep, eager=chunk > 0)
 
@@ -400,8 +438,13 @@ def decode_point(arch, hw, dep: Deployment, consts: dict, batch: float, ctx: flo
     r = step_terms(arch, hw, dep, "decode", tokens, ctx, batch).combine(consts)
     acc = dep.tokens_per_step
     tpot = r["step_s"] / acc
-    return {**r, "tpot_s": tpot, "out_tok_s_per_device": batch * acc / r["step_s"], "tok_s_per_user": 1.0 / tpot,
-            "batch": batch}
+    return {
+        **r,
+        "tpot_s": tpot,
+        "out_tok_s_per_device": batch * acc / r["step_s"],
+        "tok_s_per_user": 1.0 / tpot,
+        "batch": batch,
+    }
 
 
 def prefill_point(arch, hw, dep: Deployment, consts: dict, tokens: float, prompt: float) -> dict:

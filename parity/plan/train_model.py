@@ -71,7 +71,7 @@ class TrainLayout:
     recompute: str = "none"
     zero: int = 1
     fp8: bool = False
-    ep_overlap: bool | None = None   # None: as the schedule (DualPipe overlaps EP traffic)
+    ep_overlap: bool | None = None  # None: as the schedule (DualPipe overlaps EP traffic)
 
     @property
     def dp(self) -> int:
@@ -83,11 +83,15 @@ class TrainLayout:
             if getattr(self, k) < 1:
                 raise PlanError(f"training layout: {k} must be >= 1, got {getattr(self, k)}")
         if self.n_devices % (self.tp * self.pp * self.cp):
-            raise PlanError(f"training layout: {self.n_devices} devices are not a multiple of TP{self.tp} x "
-                            f"PP{self.pp} x CP{self.cp}")
+            raise PlanError(
+                f"training layout: {self.n_devices} devices are not a multiple of TP{self.tp} x "
+                f"PP{self.pp} x CP{self.cp}"
+            )
         if (self.dp * self.tp * self.cp) % self.ep:
-            raise PlanError(f"training layout: EP{self.ep} does not divide the DP x TP x CP = "
-                            f"{self.dp * self.tp * self.cp} ranks of a pipeline stage")
+            raise PlanError(
+                f"training layout: EP{self.ep} does not divide the DP x TP x CP = "
+                f"{self.dp * self.tp * self.cp} ranks of a pipeline stage"
+            )
         if self.schedule not in SCHEDULES:
             raise PlanError(f"training layout: schedule {self.schedule!r}: expected one of {SCHEDULES}")
         if self.recompute not in RECOMPUTE:
@@ -169,7 +173,7 @@ def min_devices_for_memory(shape: TrainShape, hw: Hardware, seq: int) -> int:
     act = seq * act_bytes_token_layer(shape, "full") * (shape.layers + shape.mtp_layers)
     state = shape.total_params * sum(STATE_BYTES)
     if act >= usable:
-        return 2 ** 62
+        return 2**62
     return max(1, math.ceil(state / (usable - act)))
 
 
@@ -179,8 +183,7 @@ def _links(hw: Hardware, group: int, consts: dict) -> float:
     return bw * 1e9 * consts["link_eff"]
 
 
-def step(shape: TrainShape, hw: Hardware, lay: TrainLayout, seq: int, global_batch_tokens: float,
-         consts: dict) -> dict:
+def step(shape: TrainShape, hw: Hardware, lay: TrainLayout, seq: int, global_batch_tokens: float, consts: dict) -> dict:
     """Time of one optimizer step (s) and its parts; tokens/s per chip; MFU; memory per device.
 
     Args:
@@ -200,19 +203,31 @@ def step(shape: TrainShape, hw: Hardware, lay: TrainLayout, seq: int, global_bat
     peak_mm, peak_bf16 = hw.peak(mm_dtype), hw.peak("bf16")
     eff = consts["gemm_eff"]
     rc_mm = fl["matmul"] / 3 if lay.recompute == "full" else 0.0
-    rc_at = fl["attention"] / 3 if lay.recompute == "full" else (fl["attention"] / 9 if lay.recompute == "selective"
-                                                                else 0.0)
-    expert_mm = 6.0 * shape.topk * shape.expert_params_total / max(shape.moe_layers * shape.n_experts, 1) \
-        * shape.moe_layers * (EXPERT_IMBALANCE - 1) if shape.moe and lay.ep > 1 else 0.0
+    rc_at = (
+        fl["attention"] / 3
+        if lay.recompute == "full"
+        else (fl["attention"] / 9 if lay.recompute == "selective" else 0.0)
+    )
+    expert_mm = (
+        6.0
+        * shape.topk
+        * shape.expert_params_total
+        / max(shape.moe_layers * shape.n_experts, 1)
+        * shape.moe_layers
+        * (EXPERT_IMBALANCE - 1)
+        if shape.moe and lay.ep > 1
+        else 0.0
+    )
     overlap = lay.ep_overlap if lay.ep_overlap is not None else lay.schedule == "dualpipe"
     tax = 1 / (1 - OVERLAP_COMPUTE_TAX) if overlap and shape.moe and lay.ep > 1 else 1.0
-    t_comp = gbt / D * ((fl["matmul"] + rc_mm + expert_mm) / peak_mm + (fl["attention"] + rc_at) / peak_bf16) \
-        / eff * tax
+    t_comp = (
+        gbt / D * ((fl["matmul"] + rc_mm + expert_mm) / peak_mm + (fl["attention"] + rc_at) / peak_bf16) / eff * tax
+    )
     t_bubble = t_comp * _bubble(lay, m)
 
     layers_stage = (shape.layers + shape.mtp_layers) / lay.pp
-    tok_dev = mb_tokens / (lay.tp * lay.cp)            # tokens per device per micro-batch (sequence parallel)
-    n_fwd_bwd = 3 if lay.recompute == "full" else 2    # passes that move activations (forward again if full)
+    tok_dev = mb_tokens / (lay.tp * lay.cp)  # tokens per device per micro-batch (sequence parallel)
+    n_fwd_bwd = 3 if lay.recompute == "full" else 2  # passes that move activations (forward again if full)
     t_tp = 0.0
     if lay.tp > 1:
         size = mb_tokens / lay.cp * shape.hidden * 2.0
@@ -225,7 +240,7 @@ def step(shape: TrainShape, hw: Hardware, lay: TrainLayout, seq: int, global_bat
         span = lay.ep * (lay.tp if lay.tp * lay.ep <= hw.scaleup_domain else 1)
         remote = 1 - hw.scaleup_domain / span if span > hw.scaleup_domain else 0.0
         copies_out = min(shape.topk, shape.route_limit_groups or shape.topk) * remote
-        per_val = shape.hidden * (disp_b + 2.0)        # dispatch + combine bytes per token copy
+        per_val = shape.hidden * (disp_b + 2.0)  # dispatch + combine bytes per token copy
         su = tok_dev * shape.topk * (lay.ep - 1) / lay.ep * per_val
         so = tok_dev * copies_out * per_val
         per_mb = moe_stage * n_fwd_bwd * max(su / (hw.scaleup_gb_s * 1e9), so / (hw.scaleout_gb_s * 1e9))
@@ -238,8 +253,9 @@ def step(shape: TrainShape, hw: Hardware, lay: TrainLayout, seq: int, global_bat
     dense_dev = mem["params_per_device"] - shape.expert_params_total / (lay.ep * lay.pp)
     exp_dev = shape.expert_params_total / (lay.ep * lay.pp)
     dp_exp = max(D // (lay.ep * lay.pp), 1)
-    vol = (dense_dev * 2 * (dp_group - 1) / dp_group if dp_group > 1 else 0.0) + \
-          (exp_dev * 2 * (dp_exp - 1) / dp_exp if dp_exp > 1 else 0.0)
+    vol = (dense_dev * 2 * (dp_group - 1) / dp_group if dp_group > 1 else 0.0) + (
+        exp_dev * 2 * (dp_exp - 1) / dp_exp if dp_exp > 1 else 0.0
+    )
     t_dp_all = vol * DP_BYTES / (hw.scaleout_gb_s * 1e9 * consts["link_eff"])
     if lay.zero == 3:
         t_dp_all *= 1 + m  # parameters gathered again for every micro-batch's forward and backward
@@ -254,10 +270,21 @@ def step(shape: TrainShape, hw: Hardware, lay: TrainLayout, seq: int, global_bat
     step_s = (max(busy, t_ep) if overlap else busy + t_ep) + exposed
     terms = {"compute": t_comp, "bubble": t_bubble, "tp": t_tp, "ep": t_ep, "pp": t_pp, "dp": t_dp, "cp": t_cp}
     tok_s = gbt / step_s / D
-    return {"step_s": step_s, "global_batch_tokens": gbt, "micro_batches": m, "tokens_per_s_per_chip": tok_s,
-            "mfu": tok_s * fl["total"] / peak_mm, "mfu_bf16": tok_s * fl["total"] / peak_bf16,
-            "compute_dtype": mm_dtype, "ep_overlapped": bool(overlap), "terms": terms, "memory": mem,
-            "limiting": max(terms, key=terms.get), "model_flops_per_token": fl["total"], "layout": asdict(lay)}
+    return {
+        "step_s": step_s,
+        "global_batch_tokens": gbt,
+        "micro_batches": m,
+        "tokens_per_s_per_chip": tok_s,
+        "mfu": tok_s * fl["total"] / peak_mm,
+        "mfu_bf16": tok_s * fl["total"] / peak_bf16,
+        "compute_dtype": mm_dtype,
+        "ep_overlapped": bool(overlap),
+        "terms": terms,
+        "memory": mem,
+        "limiting": max(terms, key=terms.get),
+        "model_flops_per_token": fl["total"],
+        "layout": asdict(lay),
+    }
 
 
 def fits(mem: dict, hw: Hardware) -> bool:

@@ -34,9 +34,15 @@ DEFAULT_GLOBAL_BATCH_TOKENS = 16384 * 4096
 #: 1.1-1.4). Energy = chips x TDP x hours x PUE: an upper-bound model, not a measurement.
 DEFAULT_PUE = 1.2
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
-TERM_NAMES = {"compute": "compute (GEMM + attention FLOPs)", "bubble": "pipeline bubble",
-              "tp": "TP all-reduce (scale-up)", "ep": "EP all-to-all", "pp": "PP point-to-point",
-              "dp": "DP gradient reduce / parameter gather", "cp": "CP K/V exchange"}
+TERM_NAMES = {
+    "compute": "compute (GEMM + attention FLOPs)",
+    "bubble": "pipeline bubble",
+    "tp": "TP all-reduce (scale-up)",
+    "ep": "EP all-to-all",
+    "pp": "PP point-to-point",
+    "dp": "DP gradient reduce / parameter gather",
+    "cp": "CP K/V exchange",
+}
 
 
 def parse_tokens(text: str | float | int) -> float:
@@ -76,25 +82,49 @@ def _layouts(shape: TrainShape, hw, n: int, seq: int, fp8: bool):
                 if n % (tp * pp * cp):
                     continue
                 ranks = n // pp
-                eps = [e for e in _pow2(min(shape.n_experts, ranks)) if shape.n_experts % e == 0 and ranks % e == 0] \
-                    if shape.moe else [1]
-                scheds = ["1f1b"] if pp == 1 else ["1f1b", "interleaved", "zb"] + (
-                    ["dualpipe"] if shape.moe and pp % 2 == 0 else [])
+                eps = (
+                    [e for e in _pow2(min(shape.n_experts, ranks)) if shape.n_experts % e == 0 and ranks % e == 0]
+                    if shape.moe
+                    else [1]
+                )
+                scheds = (
+                    ["1f1b"]
+                    if pp == 1
+                    else ["1f1b", "interleaved", "zb"] + (["dualpipe"] if shape.moe and pp % 2 == 0 else [])
+                )
                 for ep in eps:
                     for sc in scheds:
                         for mb in (1, 2):
-                            yield TrainLayout(n_devices=n, tp=tp, pp=pp, ep=ep, cp=cp, micro_batch=mb, schedule=sc,
-                                              vpp=2 if sc == "interleaved" else 1, fp8=fp8)
+                            yield TrainLayout(
+                                n_devices=n,
+                                tp=tp,
+                                pp=pp,
+                                ep=ep,
+                                cp=cp,
+                                micro_batch=mb,
+                                schedule=sc,
+                                vpp=2 if sc == "interleaved" else 1,
+                                fp8=fp8,
+                            )
 
 
 def _provenance(fam: str, summary: dict, hw_family: str) -> str:
     note = "" if fam == hw_family else f"; constants of {fam}: no published training run on {hw_family}"
-    return (f"modeled:{TRAIN_MODEL_VERSION} (+-{summary['loo_mape'] * 100:.0f}%, LOO over {summary['entries']} "
-            f"entries{note})")
+    return (
+        f"modeled:{TRAIN_MODEL_VERSION} (+-{summary['loo_mape'] * 100:.0f}%, LOO over {summary['entries']} "
+        f"entries{note})"
+    )
 
 
-def plan_train(model: str, hardware: str, n_devices: int, tokens, seq_len: int = 4096,
-               global_batch_tokens: float | None = None, pue: float = DEFAULT_PUE) -> dict:
+def plan_train(
+    model: str,
+    hardware: str,
+    n_devices: int,
+    tokens,
+    seq_len: int = 4096,
+    global_batch_tokens: float | None = None,
+    pue: float = DEFAULT_PUE,
+) -> dict:
     """Best layout and the run's time, chip-hours, energy and cost (JSON-ready dict).
 
     Raises:
@@ -115,10 +145,12 @@ def plan_train(model: str, hardware: str, n_devices: int, tokens, seq_len: int =
     usable = hw.hbm_gb * HBM_USABLE
     need = min_devices_for_memory(shape, hw, seq_len)
     if n_devices < need:
-        raise PlanError(f"{n_devices} x {hw.id} cannot hold {shape.name} for training: needs at least {need:,} chips "
-                        f"(memory: {shape.total_params / 1e9:,.0f} B parameters x 18 bytes of bf16 weights, fp32 "
-                        f"gradients and AdamW state = {shape.total_params * 18 / 1e12:,.1f} TB, sharded over every "
-                        f"chip, plus activations, in {usable:,.0f} GB usable of {hw.hbm_gb:,.0f} GB per chip)")
+        raise PlanError(
+            f"{n_devices} x {hw.id} cannot hold {shape.name} for training: needs at least {need:,} chips "
+            f"(memory: {shape.total_params / 1e9:,.0f} B parameters x 18 bytes of bf16 weights, fp32 "
+            f"gradients and AdamW state = {shape.total_params * 18 / 1e12:,.1f} TB, sharded over every "
+            f"chip, plus activations, in {usable:,.0f} GB usable of {hw.hbm_gb:,.0f} GB per chip)"
+        )
     fp8 = hw.peak("fp8") is not None
     best, smallest, min_dp = None, None, n_devices
     options = [(rc, z) for rc in RECOMPUTE for z in (1, 2, 3)]
@@ -138,15 +170,21 @@ def plan_train(model: str, hardware: str, n_devices: int, tokens, seq_len: int =
             if best is None or r["tokens_per_s_per_chip"] > best["tokens_per_s_per_chip"]:
                 best = r
     if best is None:
-        head = (f"no TP/PP/EP/CP layout of {n_devices} x {hw.id} trains {shape.name} at seq {seq_len} with a "
-                f"global batch of {gbt:,.0f} tokens: ")
+        head = (
+            f"no TP/PP/EP/CP layout of {n_devices} x {hw.id} trains {shape.name} at seq {seq_len} with a "
+            f"global batch of {gbt:,.0f} tokens: "
+        )
         if smallest is None:  # every layout has more data-parallel replicas than the batch has sequences
-            raise PlanError(head + f"the cluster is too large for the global batch (each data-parallel replica "
-                            f"needs at least one micro-batch of {seq_len:,} tokens, and every layout of "
-                            f"{n_devices:,} chips has at least {min_dp:,} replicas); use fewer chips or "
-                            f"--global-batch-tokens of at least {min_dp * seq_len:,}")
-        raise PlanError(head + f"the smallest layout needs {smallest / 1e9:,.0f} GB per chip of {usable:,.0f} GB "
-                        f"usable (memory); use more chips or a larger --global-batch-tokens")
+            raise PlanError(
+                head + f"the cluster is too large for the global batch (each data-parallel replica "
+                f"needs at least one micro-batch of {seq_len:,} tokens, and every layout of "
+                f"{n_devices:,} chips has at least {min_dp:,} replicas); use fewer chips or "
+                f"--global-batch-tokens of at least {min_dp * seq_len:,}"
+            )
+        raise PlanError(
+            head + f"the smallest layout needs {smallest / 1e9:,.0f} GB per chip of {usable:,.0f} GB "
+            f"usable (memory); use more chips or a larger --global-batch-tokens"
+        )
     return _result(shape, hw, best, tok, seq_len, pue, _provenance(fam, summary, hw.family), consts, fam)
 
 
@@ -159,20 +197,43 @@ def _result(shape, hw, r, tok, seq_len, pue, prov, consts, fam) -> dict:
     cost = None if hw.usd_per_hour is None else chip_h * hw.usd_per_hour
     lim = r["limiting"]
     terms = r["terms"]
-    return {"model": shape.name, "hardware": hw.id, "hardware_name": hw.name, "hardware_status": hw.status,
-            "n_devices": n, "tokens": tok, "seq_len": seq_len, "global_batch_tokens": r["global_batch_tokens"],
-            "layout": r["layout"], "dp": n // (r["layout"]["tp"] * r["layout"]["pp"] * r["layout"]["cp"]),
-            "micro_batches": r["micro_batches"], "compute_dtype": r["compute_dtype"],
-            "ep_overlapped": r["ep_overlapped"], "step_s": r["step_s"],
-            "tokens_per_s_per_chip": r["tokens_per_s_per_chip"], "tokens_per_s_cluster": cluster,
-            "mfu": r["mfu"], "mfu_bf16": r["mfu_bf16"], "model_flops_per_token": r["model_flops_per_token"],
-            "mfu_convention": ("model FLOPs = 6 x activated matmul parameters (LM head and MTP in, embedding out) "
-                               "+ 3 x causal attention forward FLOPs, recomputation not counted; / dense peak of "
-                               f"the matmul compute dtype ({r['compute_dtype']})"),
-            "days": seconds / 86400, "chip_hours": chip_h, "energy_mwh": energy, "pue": pue,
-            "energy_basis": f"modeled: chips x TDP {hw.tdp_w} W x hours x PUE {pue:g} (catalog TDP)",
-            "usd": cost, "usd_per_chip_hour": hw.usd_per_hour,
-            "price_source": hw.sources.get("price.usd_per_hour", ""),
-            "memory_gb_per_chip": r["memory"]["total"] / 1e9, "hbm_gb": hw.hbm_gb,
-            "terms_s": terms, "limiting_resource": TERM_NAMES[lim],
-            "constants": {**consts, "family": fam}, "provenance": prov}
+    return {
+        "model": shape.name,
+        "hardware": hw.id,
+        "hardware_name": hw.name,
+        "hardware_status": hw.status,
+        "n_devices": n,
+        "tokens": tok,
+        "seq_len": seq_len,
+        "global_batch_tokens": r["global_batch_tokens"],
+        "layout": r["layout"],
+        "dp": n // (r["layout"]["tp"] * r["layout"]["pp"] * r["layout"]["cp"]),
+        "micro_batches": r["micro_batches"],
+        "compute_dtype": r["compute_dtype"],
+        "ep_overlapped": r["ep_overlapped"],
+        "step_s": r["step_s"],
+        "tokens_per_s_per_chip": r["tokens_per_s_per_chip"],
+        "tokens_per_s_cluster": cluster,
+        "mfu": r["mfu"],
+        "mfu_bf16": r["mfu_bf16"],
+        "model_flops_per_token": r["model_flops_per_token"],
+        "mfu_convention": (
+            "model FLOPs = 6 x activated matmul parameters (LM head and MTP in, embedding out) "
+            "+ 3 x causal attention forward FLOPs, recomputation not counted; / dense peak of "
+            f"the matmul compute dtype ({r['compute_dtype']})"
+        ),
+        "days": seconds / 86400,
+        "chip_hours": chip_h,
+        "energy_mwh": energy,
+        "pue": pue,
+        "energy_basis": f"modeled: chips x TDP {hw.tdp_w} W x hours x PUE {pue:g} (catalog TDP)",
+        "usd": cost,
+        "usd_per_chip_hour": hw.usd_per_hour,
+        "price_source": hw.sources.get("price.usd_per_hour", ""),
+        "memory_gb_per_chip": r["memory"]["total"] / 1e9,
+        "hbm_gb": hw.hbm_gb,
+        "terms_s": terms,
+        "limiting_resource": TERM_NAMES[lim],
+        "constants": {**consts, "family": fam},
+        "provenance": prov,
+    }

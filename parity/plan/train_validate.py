@@ -70,13 +70,26 @@ def _run(d: dict, shape: TrainShape, source_id: str, path: Path) -> Run:
         raise PlanError(f"{where}: {e}") from None
     fl = shape.model_flops_per_token(d["seq_len"])["total"]
     pub = float(d["published"])
-    value = {"chip_hours_per_trillion_tokens": lambda: 1e12 / (pub * 3600.0),
-             "tflops_per_chip": lambda: pub * 1e12 / fl,
-             "mfu": lambda: pub * hw.peak("bf16") / fl}[d["metric"]]()
-    return Run(id=d["id"], source_id=source_id, hardware=hw.id, family=hw.family, metric=d["metric"], published=pub,
-               value=value, shape=shape, layout=lay, seq_len=int(d["seq_len"]),
-               global_batch_tokens=float(d["global_batch_tokens"]), assumed=list(d.get("assumed", [])),
-               note=d.get("note", ""))
+    value = {
+        "chip_hours_per_trillion_tokens": lambda: 1e12 / (pub * 3600.0),
+        "tflops_per_chip": lambda: pub * 1e12 / fl,
+        "mfu": lambda: pub * hw.peak("bf16") / fl,
+    }[d["metric"]]()
+    return Run(
+        id=d["id"],
+        source_id=source_id,
+        hardware=hw.id,
+        family=hw.family,
+        metric=d["metric"],
+        published=pub,
+        value=value,
+        shape=shape,
+        layout=lay,
+        seq_len=int(d["seq_len"]),
+        global_batch_tokens=float(d["global_batch_tokens"]),
+        assumed=list(d.get("assumed", [])),
+        note=d.get("note", ""),
+    )
 
 
 @lru_cache(maxsize=4)
@@ -118,13 +131,13 @@ def predict(run: Run, consts: dict) -> dict:
 def fit(rs: list[Run]) -> dict:
     """Constants minimising the squared log error over `rs` plus the prior pull (grid, then coordinate
     refinement in log space). Returns {name: value in (0, 1]}."""
+
     def loss(c):
         s = sum(math.log(predict(r, c)["tokens_per_s_per_chip"] / r.value) ** 2 for r in rs)
         return s + PRIOR_WEIGHT * sum(math.log(c[k] / PRIOR[k]) ** 2 for k in CONSTANTS)
 
     grid = (0.15, 0.25, 0.35, 0.45, 0.6, 0.8, 1.0)
-    best, c = min((loss({"gemm_eff": g, "link_eff": lk}), {"gemm_eff": g, "link_eff": lk})
-                  for g in grid for lk in grid)
+    best, c = min((loss({"gemm_eff": g, "link_eff": lk}), {"gemm_eff": g, "link_eff": lk}) for g in grid for lk in grid)
     stepv = 0.2
     while stepv > 0.003:
         improved = False
@@ -152,23 +165,46 @@ def _report(directory: str) -> dict:
         pred = predict(r, consts[r.family])
         rest = [x for x in fams[r.family] if x.id != r.id]
         loo = predict(r, fit(rest) if rest else dict(PRIOR))["tokens_per_s_per_chip"]
-        rows.append({"id": r.id, "source": r.source_id, "hardware": r.hardware, "family": r.family,
-                     "model": r.shape.name, "n_devices": r.layout.n_devices, "metric": r.metric,
-                     "published_as": r.published, "published": r.value,
-                     "predicted": pred["tokens_per_s_per_chip"], "error": pred["tokens_per_s_per_chip"] / r.value - 1,
-                     "loo_predicted": loo, "loo_error": loo / r.value - 1, "mfu": pred["mfu"],
-                     "limiting": pred["limiting"], "assumed": r.assumed})
+        rows.append(
+            {
+                "id": r.id,
+                "source": r.source_id,
+                "hardware": r.hardware,
+                "family": r.family,
+                "model": r.shape.name,
+                "n_devices": r.layout.n_devices,
+                "metric": r.metric,
+                "published_as": r.published,
+                "published": r.value,
+                "predicted": pred["tokens_per_s_per_chip"],
+                "error": pred["tokens_per_s_per_chip"] / r.value - 1,
+                "loo_predicted": loo,
+                "loo_error": loo / r.value - 1,
+                "mfu": pred["mfu"],
+                "limiting": pred["limiting"],
+                "assumed": r.assumed,
+            }
+        )
     per_family = {}
     for f in fams:
         fr = [row for row in rows if row["family"] == f]
-        per_family[f] = {"entries": len(fr), "mape": sum(abs(a["error"]) for a in fr) / len(fr),
-                         "loo_mape": sum(abs(a["loo_error"]) for a in fr) / len(fr), **consts[f]}
-    return {"model_version": TRAIN_MODEL_VERSION, "rows": rows, "constants": consts, "families": per_family,
-            "mape": sum(abs(a["error"]) for a in rows) / len(rows),
-            "max_abs_error": max(abs(a["error"]) for a in rows),
-            "loo_mape": sum(abs(a["loo_error"]) for a in rows) / len(rows),
-            "loo_max_abs_error": max(abs(a["loo_error"]) for a in rows),
-            "sources": {k: {"title": v["title"], "url": v["url"], "where": v["where"]} for k, v in sources.items()}}
+        per_family[f] = {
+            "entries": len(fr),
+            "mape": sum(abs(a["error"]) for a in fr) / len(fr),
+            "loo_mape": sum(abs(a["loo_error"]) for a in fr) / len(fr),
+            **consts[f],
+        }
+    return {
+        "model_version": TRAIN_MODEL_VERSION,
+        "rows": rows,
+        "constants": consts,
+        "families": per_family,
+        "mape": sum(abs(a["error"]) for a in rows) / len(rows),
+        "max_abs_error": max(abs(a["error"]) for a in rows),
+        "loo_mape": sum(abs(a["loo_error"]) for a in rows) / len(rows),
+        "loo_max_abs_error": max(abs(a["loo_error"]) for a in rows),
+        "sources": {k: {"title": v["title"], "url": v["url"], "where": v["where"]} for k, v in sources.items()},
+    }
 
 
 def report(directory: str | Path | None = None) -> dict:
@@ -192,5 +228,6 @@ def constants_for(hw_family: str, vendor: str) -> tuple[dict, str, dict]:
     for f in rep["constants"]:
         if any(h.family == f and h.vendor == vendor for h in catalog().values()):
             return rep["constants"][f], f, rep["families"][f]
-    raise PlanError(f"no published training run on a {vendor} chip: the training model has no constants for "
-                    f"family {hw_family!r}")
+    raise PlanError(
+        f"no published training run on a {vendor} chip: the training model has no constants for family {hw_family!r}"
+    )

@@ -32,8 +32,18 @@ PUBLISHED_DIR = Path(__file__).resolve().parent.parent / "data" / "published"
 PRIOR = {"gemm_eff": 0.6, "attn_eff": 0.5, "hbm_eff": 0.8, "link_eff": 0.6}
 PRIOR_WEIGHT = 0.05
 
-_ENTRY_REQUIRED = {"id": str, "model": str, "hardware": str, "phase": str, "published": (int, float),
-                   "per": str, "n_devices": int, "dense_format": str, "expert_format": str, "kv_dtype": str}
+_ENTRY_REQUIRED = {
+    "id": str,
+    "model": str,
+    "hardware": str,
+    "phase": str,
+    "published": (int, float),
+    "per": str,
+    "n_devices": int,
+    "dense_format": str,
+    "expert_format": str,
+    "kv_dtype": str,
+}
 _SETUP_REQUIRED = {"id": str, "phase": str, "published": (int, float), "per": str, "metric": str, "setup": dict}
 PHASES = ("prefill", "decode", "serving")
 #: Divisor of a published figure to get it per device, by `per` ('node' = 8 devices unless
@@ -80,18 +90,34 @@ def _legacy_setup(d: dict, where: str) -> tuple[Setup, str]:
     n, tp = d["n_devices"], d.get("attn_tp", 1)
     if tp < 1 or n % tp:
         raise PlanError(f"{where}: deployment attn_tp ({tp}) must divide n_devices ({n})")
-    common = dict(model=d["model"], hardware=d["hardware"], phase=d["phase"], tp=tp, dp=n // tp,
-                  quantization=_formats_quantization(d["dense_format"], d["expert_format"], where),
-                  kv_cache_dtype=d["kv_dtype"], mtp=d.get("mtp", 0), tbo=d.get("overlap", True),
-                  redundant_experts=d.get("redundant_experts", 0), stack=d.get("stack", ""))
+    common = dict(
+        model=d["model"],
+        hardware=d["hardware"],
+        phase=d["phase"],
+        tp=tp,
+        dp=n // tp,
+        quantization=_formats_quantization(d["dense_format"], d["expert_format"], where),
+        kv_cache_dtype=d["kv_dtype"],
+        mtp=d.get("mtp", 0),
+        tbo=d.get("overlap", True),
+        redundant_experts=d.get("redundant_experts", 0),
+        stack=d.get("stack", ""),
+    )
     if d["phase"] == "prefill":
         # the source measured steps of `tokens_per_device` tokens: the token budget holds them
         budget = math.ceil(d["tokens_per_device"] * tp - 1e-9)
-        return Setup(**common, isl=int(d["prompt"]), tokens_per_device=d["tokens_per_device"],
-                     max_num_batched_tokens=budget), "input_tok_s_per_device"
+        return Setup(
+            **common, isl=int(d["prompt"]), tokens_per_device=d["tokens_per_device"], max_num_batched_tokens=budget
+        ), "input_tok_s_per_device"
     ctx = d["context"]
-    return Setup(**common, isl=int(ctx), osl=1, decode_context=ctx, batch_per_device=d["batch_per_device"],
-                 mtp_acceptance=d.get("mtp_acceptance", 0.0)), "output_tok_s_per_device"
+    return Setup(
+        **common,
+        isl=int(ctx),
+        osl=1,
+        decode_context=ctx,
+        batch_per_device=d["batch_per_device"],
+        mtp_acceptance=d.get("mtp_acceptance", 0.0),
+    ), "output_tok_s_per_device"
 
 
 def _entry(d: dict, source_id: str, path: Path) -> Entry:
@@ -131,9 +157,20 @@ def _entry(d: dict, source_id: str, path: Path) -> Entry:
         per_unit = setup.n_devices
     else:
         per_unit = d.get("devices_per_unit", 8)
-    return Entry(id=d["id"], source_id=source_id, phase=d["phase"], metric=metric, value=d["published"] / per_unit,
-                 published=d["published"], per=d["per"], setup=setup, validate=d.get("validate", True),
-                 assumed=list(d.get("assumed", [])), note=d.get("note", ""), file=path.name)
+    return Entry(
+        id=d["id"],
+        source_id=source_id,
+        phase=d["phase"],
+        metric=metric,
+        value=d["published"] / per_unit,
+        published=d["published"],
+        per=d["per"],
+        setup=setup,
+        validate=d.get("validate", True),
+        assumed=list(d.get("assumed", [])),
+        note=d.get("note", ""),
+        file=path.name,
+    )
 
 
 @lru_cache(maxsize=4)
@@ -248,16 +285,34 @@ def report(directory: str | Path | None = None, loo: bool = True) -> dict:
         if fam not in fams:
             raise PlanError(f"published entry {e.id!r}: hardware family {fam!r} has no calibration constants")
         pred = predict(e, fams[fam].as_dict())
-        rows.append({"id": e.id, "source": e.source_id, "model": e.model, "hardware": e.hardware, "family": fam,
-                     "phase": e.phase, "class": setup_class(fam, e.phase, generation(e.model)), "metric": e.metric,
-                     "published": e.value, "predicted": pred, "error": pred / e.value - 1, "validate": e.validate,
-                     "assumed": e.assumed, "note": e.note, "flags": e.setup.flags()})
+        rows.append(
+            {
+                "id": e.id,
+                "source": e.source_id,
+                "model": e.model,
+                "hardware": e.hardware,
+                "family": fam,
+                "phase": e.phase,
+                "class": setup_class(fam, e.phase, generation(e.model)),
+                "metric": e.metric,
+                "published": e.value,
+                "predicted": pred,
+                "error": pred / e.value - 1,
+                "validate": e.validate,
+                "assumed": e.assumed,
+                "note": e.note,
+                "flags": e.setup.flags(),
+            }
+        )
     vrows = [r for r in rows if r["validate"]]
-    out = {"model_version": MODEL_VERSION, "rows": rows,
-           "mape": sum(abs(r["error"]) for r in vrows) / len(vrows),
-           "max_abs_error": max(abs(r["error"]) for r in vrows),
-           "constants": {f: {**fam.as_dict(), "source": fam.source} for f, fam in fams.items()},
-           "sources": {k: {"title": v["title"], "url": v["url"]} for k, v in sources.items()}}
+    out = {
+        "model_version": MODEL_VERSION,
+        "rows": rows,
+        "mape": sum(abs(r["error"]) for r in vrows) / len(vrows),
+        "max_abs_error": max(abs(r["error"]) for r in vrows),
+        "constants": {f: {**fam.as_dict(), "source": fam.source} for f, fam in fams.items()},
+        "sources": {k: {"title": v["title"], "url": v["url"]} for k, v in sources.items()},
+    }
     if loo:
         val = [e for e in entries if e.validate]
         for e in val:
@@ -272,8 +327,9 @@ def report(directory: str | Path | None = None, loo: bool = True) -> dict:
         classes: dict = {}
         for r in vrows:
             classes.setdefault(r["class"], []).append(abs(r["loo_error"]))
-        out["classes"] = {c: {"n": len(v), "loo_mape": sum(v) / len(v), "loo_max": max(v)}
-                          for c, v in sorted(classes.items())}
+        out["classes"] = {
+            c: {"n": len(v), "loo_mape": sum(v) / len(v), "loo_max": max(v)} for c, v in sorted(classes.items())
+        }
     return out
 
 
@@ -295,5 +351,7 @@ def error_label(family: str, phase: str, gen: str) -> str:
     if not c:
         return f"modeled:{MODEL_VERSION} (unvalidated: no validated {gname} {phase} entry on {family})"
     plural = "entry" if c["n"] == 1 else "entries"
-    return (f"modeled:{MODEL_VERSION} (+-{c['loo_mape'] * 100:.0f}%, LOO over {c['n']} {gname} {phase} "
-            f"{plural} on {family})")
+    return (
+        f"modeled:{MODEL_VERSION} (+-{c['loo_mape'] * 100:.0f}%, LOO over {c['n']} {gname} {phase} "
+        f"{plural} on {family})"
+    )

@@ -36,8 +36,13 @@ __all__ = ["OpenAIServer", "ServerSettings", "build_app", "default_max_request_b
 log = logging.getLogger("parity.server")
 
 
-def build_app(engine: EngineClient, settings: ServerSettings | None = None, *, chat_format: Any = None,
-              sampling_params_cls: Callable[..., Any] | None = None) -> FastAPI:
+def build_app(
+    engine: EngineClient,
+    settings: ServerSettings | None = None,
+    *,
+    chat_format: Any = None,
+    sampling_params_cls: Callable[..., Any] | None = None,
+) -> FastAPI:
     """The FastAPI app serving `engine` with OpenAI's API.
 
     Args:
@@ -66,8 +71,13 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None, *, c
             if settings.manage_engine:
                 await engine.shutdown(drain_timeout_s=settings.drain_timeout_s)
 
-    app = FastAPI(title="parity", description="OpenAI-compatible DeepSeek-V4 server", lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="parity",
+        description="OpenAI-compatible DeepSeek-V4 server",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.server = srv
     if settings.request_read_timeout_s:
         app.add_middleware(RequestReadTimeoutMiddleware, timeout_s=settings.request_read_timeout_s)
@@ -85,15 +95,17 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None, *, c
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        msg = {404: f"Unknown route {request.method} {request.url.path}",
-               405: f"Method {request.method} not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
-        return JSONResponse(OpenAIError(e.status_code, msg).body(), status_code=e.status_code,
-                            headers=getattr(e, "headers", None))
+        msg = {
+            404: f"Unknown route {request.method} {request.url.path}",
+            405: f"Method {request.method} not allowed on {request.url.path}",
+        }.get(e.status_code, str(e.detail))
+        return JSONResponse(
+            OpenAIError(e.status_code, msg).body(), status_code=e.status_code, headers=getattr(e, "headers", None)
+        )
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
-        return JSONResponse(OpenAIError(500, f"Internal server error: {type(e).__name__}: {e}").body(),
-                            status_code=500)
+        return JSONResponse(OpenAIError(500, f"Internal server error: {type(e).__name__}: {e}").body(), status_code=500)
 
     @app.head("/health", include_in_schema=False)
     @app.get("/health")
@@ -111,8 +123,15 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None, *, c
         return Response(srv.metrics.render(), media_type=CONTENT_TYPE)
 
     def model_card(name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": srv.created, "owned_by": "parity",
-                "root": settings.model_root or name, "parent": None, "max_model_len": srv.max_model_len}
+        return {
+            "id": name,
+            "object": "model",
+            "created": srv.created,
+            "owned_by": "parity",
+            "root": settings.model_root or name,
+            "parent": None,
+            "max_model_len": srv.max_model_len,
+        }
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
@@ -172,8 +191,12 @@ SCHEMA_REF = "#/components/schemas/{model}"
 def request_body_schema(model: type) -> dict[str, Any]:
     """`openapi_extra` of a route whose JSON body is `model` (the route parses the body itself, so that
     errors keep OpenAI's shape), referring to `components.schemas`."""
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": SCHEMA_REF.format(model=model.__name__)}}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": SCHEMA_REF.format(model=model.__name__)}}},
+        }
+    }
 
 
 def publish_schemas(app: FastAPI, models: list[type]) -> None:

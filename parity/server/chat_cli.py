@@ -13,13 +13,13 @@ from parity.errors import RequestError
 from parity.server.cli_args import build_engine, default_model_name, is_utf8, sampling_kwargs
 from parity.server.vllm_flags import apply_mapped_flags
 
-_HELP = ("commands: /think on|off (thinking mode; /think alone shows it), /reset (forget the conversation), "
-         "/exit")
+_HELP = "commands: /think on|off (thinking mode; /think alone shows it), /reset (forget the conversation), /exit"
 _THINK_USAGE = "usage: /think on|off (/think alone shows whether thinking is on)"
 
 
-def chat_loop(base_url: str, model: str, *, api_key: str | None, args: argparse.Namespace,
-              read=input, console=None) -> int:
+def chat_loop(
+    base_url: str, model: str, *, api_key: str | None, args: argparse.Namespace, read=input, console=None
+) -> int:
     """The interactive loop: read a line, stream the answer (reasoning shown dim), keep the history.
 
     Args:
@@ -40,13 +40,29 @@ def chat_loop(base_url: str, model: str, *, api_key: str | None, args: argparse.
         history.append({"role": "system", "content": args.system})
     con.print(f"parity chat with [bold]{model}[/] at {base_url}  ({_HELP})")
     sk = sampling_kwargs(args)
-    body_sampling = {k: v for k, v in dict(max_tokens=sk["max_tokens"], temperature=sk["temperature"],
-                                            top_p=sk["top_p"], presence_penalty=sk["presence_penalty"],
-                                            frequency_penalty=sk["frequency_penalty"], seed=sk["seed"],
-                                            stop=sk["stop"]).items() if v is not None}
-    extra = {k: v for k, v in dict(top_k=sk["top_k"], min_p=sk["min_p"],
-                                   repetition_penalty=sk["repetition_penalty"], min_tokens=sk["min_tokens"],
-                                   ignore_eos=sk["ignore_eos"]).items()}
+    body_sampling = {
+        k: v
+        for k, v in dict(
+            max_tokens=sk["max_tokens"],
+            temperature=sk["temperature"],
+            top_p=sk["top_p"],
+            presence_penalty=sk["presence_penalty"],
+            frequency_penalty=sk["frequency_penalty"],
+            seed=sk["seed"],
+            stop=sk["stop"],
+        ).items()
+        if v is not None
+    }
+    extra = {
+        k: v
+        for k, v in dict(
+            top_k=sk["top_k"],
+            min_p=sk["min_p"],
+            repetition_penalty=sk["repetition_penalty"],
+            min_tokens=sk["min_tokens"],
+            ignore_eos=sk["ignore_eos"],
+        ).items()
+    }
     if read is input and hasattr(sys.stdin, "reconfigure"):
         # Undecodable input bytes become lone surrogates (caught below per line) instead of an exception
         # that would lose the rest of the buffered input.
@@ -85,8 +101,13 @@ def chat_loop(base_url: str, model: str, *, api_key: str | None, args: argparse.
             con.print(f"[dim]{_HELP}[/]")
             continue
         history.append({"role": "user", "content": line})
-        payload = dict(model=model, messages=history, thinking={"type": "enabled" if thinking else "disabled"},
-                       **body_sampling, **extra)
+        payload = dict(
+            model=model,
+            messages=history,
+            thinking={"type": "enabled" if thinking else "disabled"},
+            **body_sampling,
+            **extra,
+        )
         reasoning, content, usage, in_reasoning = [], [], None, False
         t0 = time.perf_counter()
         stream = stream_chat(base_url, payload, api_key=api_key)

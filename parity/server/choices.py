@@ -84,15 +84,21 @@ class ChoiceRunner:
 
     def shutdown_error(self) -> OpenAIError:
         """503 for a request cut off by the end of the drain (or arriving while the server drains)."""
-        return OpenAIError(503, "The server is shutting down: the request was aborted when the drain timeout "
-                                "(--drain-timeout) ran out; retry on another server or later",
-                           code="server_shutting_down", headers={"Retry-After": str(self.settings.retry_after_s)})
+        return OpenAIError(
+            503,
+            "The server is shutting down: the request was aborted when the drain timeout "
+            "(--drain-timeout) ran out; retry on another server or later",
+            code="server_shutting_down",
+            headers={"Retry-After": str(self.settings.retry_after_s)},
+        )
 
     @staticmethod
     def new_choices(rid: str, n: int, prompt_len: int, arrival_s: float, base: int = 0) -> list[Choice]:
         """`n` choices with indices base..base+n-1 and engine request ids "<rid>-<index>"."""
-        return [Choice(index=base + i, request_id=f"{rid}-{base + i}", prompt_len=prompt_len, arrival_s=arrival_s)
-                for i in range(n)]
+        return [
+            Choice(index=base + i, request_id=f"{rid}-{base + i}", prompt_len=prompt_len, arrival_s=arrival_s)
+            for i in range(n)
+        ]
 
     # ---- engine plumbing ----------------------------------------------------------------------
     def _abort(self, ch: Choice) -> None:
@@ -115,17 +121,29 @@ class ChoiceRunner:
             return e
         if any(c.__name__ == "EngineQueueFull" for c in type(e).__mro__) or getattr(e, "status", None) == 429:
             ra = str(self.settings.retry_after_s)
-            return OpenAIError(429, f"The server's waiting queue is full; retry after {ra} s. ({e})",
-                               code="queue_full", headers={"Retry-After": ra})
+            return OpenAIError(
+                429,
+                f"The server's waiting queue is full; retry after {ra} s. ({e})",
+                code="queue_full",
+                headers={"Retry-After": ra},
+            )
         msg = str(e)
         if "not running" in msg or "shutting down" in msg:
-            return OpenAIError(503, f"The server is shutting down or the engine is not running: {msg}",
-                               code="engine_unavailable", headers={"Retry-After": str(self.settings.retry_after_s)})
+            return OpenAIError(
+                503,
+                f"The server is shutting down or the engine is not running: {msg}",
+                code="engine_unavailable",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
         if isinstance(e, (RequestError, ValueError)) and not msg.startswith("engine failed"):
-            return bad_request(msg, param=getattr(e, "param", None) or param_from_message(msg, SAMPLING_PARAM_NAMES),
-                               code="invalid_value")
-        return OpenAIError(500, f"The engine failed while processing the request: {type(e).__name__}: {e}",
-                           code="engine_error")
+            return bad_request(
+                msg,
+                param=getattr(e, "param", None) or param_from_message(msg, SAMPLING_PARAM_NAMES),
+                code="invalid_value",
+            )
+        return OpenAIError(
+            500, f"The engine failed while processing the request: {type(e).__name__}: {e}", code="engine_error"
+        )
 
     async def _prime(self, ch: Choice, prompt_ids: list[int], params: Any) -> None:
         """Submit one engine request and wait for its first delta (admission + first token)."""
@@ -214,16 +232,25 @@ class ChoiceRunner:
         if self.cut_off and ch.finished and ch.finish_reason == "abort":
             return ids, text, sse_event(self.shutdown_error().body())
         if ch.error and ch.finished:
-            return ids, text, sse_event(OpenAIError(500, f"The engine failed while generating: {ch.error}",
-                                                    code="engine_error").body())
+            return (
+                ids,
+                text,
+                sse_event(
+                    OpenAIError(500, f"The engine failed while generating: {ch.error}", code="engine_error").body()
+                ),
+            )
         return ids, text, None
 
     def observe(self, ch: Choice) -> None:
         """Record `ch`'s latencies in the metrics, once."""
         if not ch.observed:
             ch.observed = True
-            self.metrics.observe_request(arrival_s=ch.arrival_s, first_token_s=ch.first_token_s,
-                                         finish_s=time.perf_counter(), num_output_tokens=ch.num_tokens)
+            self.metrics.observe_request(
+                arrival_s=ch.arrival_s,
+                first_token_s=ch.first_token_s,
+                finish_s=time.perf_counter(),
+                num_output_tokens=ch.num_tokens,
+            )
 
     async def _collect(self, ch: Choice, prompt_ids: list[int], params: Any) -> None:
         """Run one engine request to its end (non-streaming)."""

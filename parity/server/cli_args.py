@@ -9,15 +9,29 @@ import sys
 from pathlib import Path
 from typing import Any
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "t": 10**12,
+    "tb": 10**12,
+}
 
 
 def parse_bytes(text: str) -> int:
-    """"4GiB" / "512MB" / "1000000" -> bytes (int). Raises argparse.ArgumentTypeError on bad input."""
+    """ "4GiB" / "512MB" / "1000000" -> bytes (int). Raises argparse.ArgumentTypeError on bad input."""
     s = str(text).strip().lower().replace(" ", "")
     num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(num):]
+    unit = s[len(num) :]
     try:
         val = float(num)
     except ValueError:
@@ -120,20 +134,41 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens (prompt + output)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
     g.add_argument("--cache-memory", type=parse_bytes, default=None, help="cache pool size, e.g. 4GiB")
-    g.add_argument("--cache-memory-fraction", type=float, default=0.5,
-                   help="share of free device memory for the cache pool (when --cache-memory is not given)")
+    g.add_argument(
+        "--cache-memory-fraction",
+        type=float,
+        default=0.5,
+        help="share of free device memory for the cache pool (when --cache-memory is not given)",
+    )
     g.add_argument("--max-waiting", type=int, default=256, help="most waiting requests; more get HTTP 429")
     g.add_argument("--kv-cache-dtype", default=None, choices=["bf16", "fp8"], help="cache precision")
-    g.add_argument("--quantization", "-q", default=None, choices=["auto", "fp8", "fp4", "w8a8", "w4a8", "bf16"],
-                   help="how FP8/FP4 published weights are held: as published (fp8/fp4), converted to INT8 "
-                        "W8A8 / W4A8, or dequantized (bf16); auto = as published, W8A8 on chips without FP8")
+    g.add_argument(
+        "--quantization",
+        "-q",
+        default=None,
+        choices=["auto", "fp8", "fp4", "w8a8", "w4a8", "bf16"],
+        help="how FP8/FP4 published weights are held: as published (fp8/fp4), converted to INT8 "
+        "W8A8 / W4A8, or dequantized (bf16); auto = as published, W8A8 on chips without FP8",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of random weights and unseeded sampling")
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse the cached state of shared prompt prefixes (default: on)")
-    g.add_argument("--prefix-block-tokens", type=int, default=None,
-                   help="tokens per prefix-cache block (default: lcm of the compression ratios, 128 for V4)")
-    g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the model eagerly (--no-enforce-eager: compiled step; default: per device)")
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the cached state of shared prompt prefixes (default: on)",
+    )
+    g.add_argument(
+        "--prefix-block-tokens",
+        type=int,
+        default=None,
+        help="tokens per prefix-cache block (default: lcm of the compression ratios, 128 for V4)",
+    )
+    g.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the model eagerly (--no-enforce-eager: compiled step; default: per device)",
+    )
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
@@ -155,20 +190,41 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """EngineArgs keyword arguments from parsed flags."""
-    return dict(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
-                cache_memory=args.cache_memory, cache_memory_fraction=args.cache_memory_fraction,
-                max_waiting=args.max_waiting, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed,
-                quantization=args.quantization, enable_prefix_caching=args.enable_prefix_caching,
-                prefix_block_tokens=args.prefix_block_tokens, enforce_eager=args.enforce_eager)
+    return dict(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        cache_memory=args.cache_memory,
+        cache_memory_fraction=args.cache_memory_fraction,
+        max_waiting=args.max_waiting,
+        kv_cache_dtype=args.kv_cache_dtype,
+        seed=args.seed,
+        quantization=args.quantization,
+        enable_prefix_caching=args.enable_prefix_caching,
+        prefix_block_tokens=args.prefix_block_tokens,
+        enforce_eager=args.enforce_eager,
+    )
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """SamplingParams keyword arguments from parsed flags."""
-    return dict(max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
-                top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, presence_penalty=args.presence_penalty,
-                frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
-                seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos)
+    return dict(
+        max_tokens=args.max_tokens,
+        min_tokens=args.min_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.sampling_seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
 
 
 def default_model_name(model: str | None) -> str:
@@ -190,8 +246,9 @@ def build_engine(args: argparse.Namespace, model=None):
     from parity.engine import AsyncEngine, EngineArgs
 
     tokenizer = load_checkpoint_tokenizer(args.model, getattr(args, "skip_tokenizer_init", False))
-    return AsyncEngine(EngineArgs(**engine_kwargs(args)), model=model,
-                       **({} if tokenizer == "auto" else {"tokenizer": tokenizer}))
+    return AsyncEngine(
+        EngineArgs(**engine_kwargs(args)), model=model, **({} if tokenizer == "auto" else {"tokenizer": tokenizer})
+    )
 
 
 def loading(message: str) -> Any:

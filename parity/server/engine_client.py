@@ -59,8 +59,9 @@ class EngineClient(Protocol):
     async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
         """Let running requests finish for up to `drain_timeout_s` seconds, abort the rest, stop."""
 
-    def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                 request_id: str) -> AsyncIterator[EngineDelta]:
+    def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[EngineDelta]:
         """Stream the deltas of one request; the last one has `finished`.
 
         Raises (from the first `__anext__`): `EngineQueueFull` (or an error with `status` 429) when the

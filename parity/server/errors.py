@@ -51,9 +51,16 @@ class OpenAIError(Exception):
         headers: extra response headers (e.g. {"Retry-After": "1"} on 429).
     """
 
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None,
-                 err_type: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        err_type: str | None = None,
+    ) -> None:
         message, param = printable(message), printable(param)
         super().__init__(message)
         self.status = int(status)
@@ -65,13 +72,26 @@ class OpenAIError(Exception):
 
     def body(self) -> dict[str, Any]:
         """The JSON body: {"error": {"message", "type", "param", "code"}}."""
-        return {"error": {"message": self.message, "type": self.err_type,
-                          "param": self.param, "code": self.code}}
+        return {"error": {"message": self.message, "type": self.err_type, "param": self.param, "code": self.code}}
 
 
 #: SamplingParams field names, used to name the parameter of an engine RequestError without `.param`.
-SAMPLING_PARAM_NAMES = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
-                        "frequency_penalty", "repetition_penalty", "seed", "stop_token_ids", "stop", "logprobs", "n")
+SAMPLING_PARAM_NAMES = (
+    "max_tokens",
+    "min_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "seed",
+    "stop_token_ids",
+    "stop",
+    "logprobs",
+    "n",
+)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
@@ -110,8 +130,7 @@ def loc_to_param(loc: tuple | list) -> str | None:
     for p in loc:
         if p == "body":
             continue
-        if isinstance(p, str) and (p in _PYDANTIC_TAGS or any(c in p for c in "[]()-'\"")
-                                   or p[:1].isupper()):
+        if isinstance(p, str) and (p in _PYDANTIC_TAGS or any(c in p for c in "[]()-'\"") or p[:1].isupper()):
             continue
         parts.append(str(p))
     return ".".join(parts) or None
@@ -130,8 +149,9 @@ def pydantic_errors_to_openai(errors: list[dict[str, Any]]) -> OpenAIError:
     param = loc_to_param(first.get("loc", ()))
     if first.get("type") == "extra_forbidden":
         names = ", ".join(loc_to_param(e.get("loc", ())) or "?" for e in unknown)
-        return bad_request(f"Unrecognized request argument supplied: {names}", param=param,
-                           code="unrecognized_argument")
+        return bad_request(
+            f"Unrecognized request argument supplied: {names}", param=param, code="unrecognized_argument"
+        )
     msg = first.get("msg", "invalid value")
     got = first.get("input", None)
     if first.get("type") == "missing":
@@ -141,6 +161,10 @@ def pydantic_errors_to_openai(errors: list[dict[str, Any]]) -> OpenAIError:
         got_txt = f" (got {got!r})"
     elif got is not None:
         got_txt = f" (got a {type(got).__name__})"
-    return bad_request(f"Invalid value for '{param}': {msg}{got_txt}", param=param,
-                       code="invalid_type" if "type" in first.get("type", "") or "parsing" in first.get("type", "")
-                       else "invalid_value")
+    return bad_request(
+        f"Invalid value for '{param}': {msg}{got_txt}",
+        param=param,
+        code="invalid_type"
+        if "type" in first.get("type", "") or "parsing" in first.get("type", "")
+        else "invalid_value",
+    )

@@ -50,8 +50,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
-            raise PortInUseError(f"port {port} on {host} is already in use; stop the other server or pass "
-                                 f"--port with a free port") from None
+            raise PortInUseError(
+                f"port {port} on {host} is already in use; stop the other server or pass --port with a free port"
+            ) from None
         raise PortInUseError(f"cannot serve on {host}:{port}: {e.strerror}") from None
     sock.set_inheritable(True)
     return sock
@@ -72,8 +73,13 @@ class _Server(uvicorn.Server):
         on_ready: called once the server accepts connections.
     """
 
-    def __init__(self, config: uvicorn.Config, app: Any = None, name: str = "parity serve",
-                 on_ready: Callable[[_Server], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        app: Any = None,
+        name: str = "parity serve",
+        on_ready: Callable[[_Server], None] | None = None,
+    ) -> None:
         super().__init__(config)
         self.parity_app = app
         self.name = name
@@ -97,8 +103,12 @@ class _Server(uvicorn.Server):
             return
         count = self.begin_drain()
         drain = _settings_of(self.parity_app).drain_timeout_s
-        print(f"{self.name}: shutting down; draining {count} in-flight request{'s' if count != 1 else ''} "
-              f"for up to {drain:g} s (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+        print(
+            f"{self.name}: shutting down; draining {count} in-flight request{'s' if count != 1 else ''} "
+            f"for up to {drain:g} s (Ctrl-C again to stop now)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -119,23 +129,36 @@ class _Server(uvicorn.Server):
             self.on_ready(self)
 
 
-def make_config(app: Any, host: str, port: int, *, drain_timeout_s: float,
-                log_level: str = "info") -> uvicorn.Config:
+def make_config(app: Any, host: str, port: int, *, drain_timeout_s: float, log_level: str = "info") -> uvicorn.Config:
     """uvicorn settings for parity: h11 with a request-header read timeout, uvicorn's access log at debug/info
     only, keep-alive timeout and concurrency limit from the app's ServerSettings, and a graceful-shutdown
     limit of the drain timeout plus `drain_grace_s` (so the 503 answers of aborted requests go out)."""
     st = _settings_of(app)
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                          timeout_graceful_shutdown=drain_timeout_s + st.drain_grace_s,
-                          access_log=log_level in ("debug", "info"),
-                          http=h11_protocol(st.request_read_timeout_s) if st.request_read_timeout_s else "h11",
-                          timeout_keep_alive=st.timeout_keep_alive_s, limit_concurrency=st.limit_concurrency,
-                          h11_max_incomplete_event_size=H11_MAX_INCOMPLETE_EVENT_BYTES)
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=drain_timeout_s + st.drain_grace_s,
+        access_log=log_level in ("debug", "info"),
+        http=h11_protocol(st.request_read_timeout_s) if st.request_read_timeout_s else "h11",
+        timeout_keep_alive=st.timeout_keep_alive_s,
+        limit_concurrency=st.limit_concurrency,
+        h11_max_incomplete_event_size=H11_MAX_INCOMPLETE_EVENT_BYTES,
+    )
 
 
-def serve_forever(app: Any, host: str = "127.0.0.1", port: int = 8000, *, drain_timeout_s: float = 30.0,
-                  log_level: str = "info", sock: socket.socket | None = None,
-                  on_ready: Callable[[Any], None] | None = None) -> int:
+def serve_forever(
+    app: Any,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    drain_timeout_s: float = 30.0,
+    log_level: str = "info",
+    sock: socket.socket | None = None,
+    on_ready: Callable[[Any], None] | None = None,
+) -> int:
     """Serve `app` until SIGTERM/SIGINT, then drain for up to `drain_timeout_s` seconds.
 
     Args:
@@ -144,8 +167,9 @@ def serve_forever(app: Any, host: str = "127.0.0.1", port: int = 8000, *, drain_
     Returns:
         0 after a clean shutdown; 1 when the server could not start (e.g. the port is taken).
     """
-    server = _Server(make_config(app, host, port, drain_timeout_s=drain_timeout_s, log_level=log_level), app,
-                     on_ready=on_ready)
+    server = _Server(
+        make_config(app, host, port, drain_timeout_s=drain_timeout_s, log_level=log_level), app, on_ready=on_ready
+    )
     try:
         server.run(sockets=[sock] if sock is not None else None)
     except KeyboardInterrupt:  # a SIGINT outside the serving loop (start-up, or after the drain)
@@ -178,12 +202,21 @@ class ThreadedServer:
         RuntimeError: the server did not come up within `start_timeout_s`.
     """
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, *, drain_timeout_s: float = 5.0,
-                 start_timeout_s: float = 120.0, log_level: str = "warning") -> None:
+    def __init__(
+        self,
+        app: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        drain_timeout_s: float = 5.0,
+        start_timeout_s: float = 120.0,
+        log_level: str = "warning",
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
-        self.server = _Server(make_config(app, self.host, self.port, drain_timeout_s=drain_timeout_s,
-                                          log_level=log_level), app)
+        self.server = _Server(
+            make_config(app, self.host, self.port, drain_timeout_s=drain_timeout_s, log_level=log_level), app
+        )
         self.start_timeout_s = start_timeout_s
         self.thread: threading.Thread | None = None
 

@@ -67,12 +67,12 @@ def lp_entry(entry: Any, tid: int) -> tuple[float | None, list[tuple[int, float]
 
 def _chat_item(tokenizer: Any, tid: int, lp: float | None, as_ids: bool) -> dict:
     b = None if as_ids else token_bytes(tokenizer, tid)
-    return {"token": token_str(tokenizer, tid, as_ids), "logprob": lp,
-            "bytes": list(b) if b is not None else None}
+    return {"token": token_str(tokenizer, tid, as_ids), "logprob": lp, "bytes": list(b) if b is not None else None}
 
 
-def chat_logprobs(tokenizer: Any, token_ids: list[int], entries: list[Any], top_n: int,
-                  as_ids: bool = False) -> list[dict]:
+def chat_logprobs(
+    tokenizer: Any, token_ids: list[int], entries: list[Any], top_n: int, as_ids: bool = False
+) -> list[dict]:
     """OpenAI chat `logprobs.content` items (token, logprob, the token's raw bytes, top_logprobs) for
     generated tokens; `top_n` alternatives per token, best first; `as_ids`: ``token_id:N`` tokens."""
     out = []
@@ -102,9 +102,16 @@ def text_decoder() -> Any:
     return codecs.getincrementaldecoder("utf-8")(errors="replace")
 
 
-def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: list[Any], top_n: int,
-                        offset0: int, skip_special_tokens: bool = True, as_ids: bool = False,
-                        decoder: Any = None) -> dict[str, Any]:
+def completion_logprobs(
+    tokenizer: Any,
+    token_ids: list[int],
+    entries: list[Any],
+    top_n: int,
+    offset0: int,
+    skip_special_tokens: bool = True,
+    as_ids: bool = False,
+    decoder: Any = None,
+) -> dict[str, Any]:
     """OpenAI completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset).
 
     `tokens[i]` is token i's string (module docstring; "" for a special token that `skip_special_tokens`

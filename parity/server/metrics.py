@@ -30,12 +30,79 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                  7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-TPOT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
-                  2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-E2E_BUCKETS_S = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
-                 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TTFT_BUCKETS_S = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+TPOT_BUCKETS_S = (
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+E2E_BUCKETS_S = (
+    0.01,
+    0.05,
+    0.1,
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -68,8 +135,10 @@ class _EngineCollector:
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], float(val or 0))
             yield g
-        for name, doc in (("parity_prefix_cache_queries", "Prompt tokens looked up in the prefix cache (tokens)."),
-                          ("parity_prefix_cache_hits", "Prompt tokens served from the prefix cache (tokens).")):
+        for name, doc in (
+            ("parity_prefix_cache_queries", "Prompt tokens looked up in the prefix cache (tokens)."),
+            ("parity_prefix_cache_hits", "Prompt tokens served from the prefix cache (tokens)."),
+        ):
             c = CounterMetricFamily(name, doc)
             c.add_metric([], float(s.get(name.removeprefix("parity_") + "_total", 0) or 0))
             yield c
@@ -88,22 +157,32 @@ class ServerMetrics:
     def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("parity_requests", "Finished HTTP requests by endpoint and status code.",
-                                ["endpoint", "status"], registry=r)
-        self.ttft = Histogram("parity_request_ttft_seconds", "Time to first token (s), server side.",
-                              buckets=TTFT_BUCKETS_S, registry=r)
-        self.tpot = Histogram("parity_request_tpot_seconds",
-                              "Time per output token after the first (s), server side.",
-                              buckets=TPOT_BUCKETS_S, registry=r)
-        self.e2e = Histogram("parity_request_e2e_seconds", "End-to-end request latency (s), server side.",
-                             buckets=E2E_BUCKETS_S, registry=r)
+        self.requests = Counter(
+            "parity_requests", "Finished HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=r
+        )
+        self.ttft = Histogram(
+            "parity_request_ttft_seconds", "Time to first token (s), server side.", buckets=TTFT_BUCKETS_S, registry=r
+        )
+        self.tpot = Histogram(
+            "parity_request_tpot_seconds",
+            "Time per output token after the first (s), server side.",
+            buckets=TPOT_BUCKETS_S,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "parity_request_e2e_seconds",
+            "End-to-end request latency (s), server side.",
+            buckets=E2E_BUCKETS_S,
+            registry=r,
+        )
         self.prompt_tokens = Counter("parity_prompt_tokens", "Prompt tokens processed (tokens).", registry=r)
         self.generation_tokens = Counter("parity_generation_tokens", "Tokens generated (tokens).", registry=r)
         self.in_flight = Gauge("parity_http_requests_in_flight", "Generation requests being served.", registry=r)
         r.register(_EngineCollector(stats))
 
-    def observe_request(self, *, arrival_s: float, first_token_s: float | None, finish_s: float,
-                        num_output_tokens: int) -> None:
+    def observe_request(
+        self, *, arrival_s: float, first_token_s: float | None, finish_s: float, num_output_tokens: int
+    ) -> None:
         """Record the latencies of one finished engine request (times from `time.perf_counter`, s)."""
         self.e2e.observe(max(0.0, finish_s - arrival_s))
         if first_token_s is not None:

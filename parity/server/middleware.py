@@ -25,8 +25,11 @@ def _json_response_bytes(err: OpenAIError) -> bytes:
 async def send_error(send: Any, err: OpenAIError) -> None:
     """Send `err` as a complete ASGI HTTP response (status, JSON body, `Connection: close`)."""
     body = _json_response_bytes(err)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
     headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in err.headers.items()]
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -63,17 +66,27 @@ class AllowedHostsMiddleware:
         if scope["type"] == "http":
             host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
             if not host_matches(host, self.allowed_hosts):
-                await send_error(send, OpenAIError(
-                    400, f"Host header {host!r} is not allowed; this server accepts "
-                         f"{', '.join(self.allowed_hosts)} (--allowed-hosts)", code="host_not_allowed"))
+                await send_error(
+                    send,
+                    OpenAIError(
+                        400,
+                        f"Host header {host!r} is not allowed; this server accepts "
+                        f"{', '.join(self.allowed_hosts)} (--allowed-hosts)",
+                        code="host_not_allowed",
+                    ),
+                )
                 return
         await self.app(scope, receive, send)
 
 
 def read_timeout_error(timeout_s: float, what: str) -> OpenAIError:
     """The 408 answer when the request `what` ("headers", "body") did not arrive within `timeout_s` s."""
-    return OpenAIError(408, f"Request timeout: the request {what} did not arrive within {timeout_s:g} s "
-                            f"(--request-read-timeout)", code="request_timeout", err_type="invalid_request_error")
+    return OpenAIError(
+        408,
+        f"Request timeout: the request {what} did not arrive within {timeout_s:g} s (--request-read-timeout)",
+        code="request_timeout",
+        err_type="invalid_request_error",
+    )
 
 
 class RequestReadTimeoutMiddleware:
@@ -140,8 +153,10 @@ def h11_protocol(header_timeout_s: float) -> type[H11Protocol]:
             if self.cycle is not None and not self.conn.trailing_data[0]:
                 return  # idle between requests: the keep-alive timeout governs
             body = _json_response_bytes(read_timeout_error(header_timeout_s, "headers"))
-            head = (f"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                    f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode("latin-1")
+            head = (
+                f"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+            ).encode("latin-1")
             self.transport.write(head + body)
             self.transport.close()
 

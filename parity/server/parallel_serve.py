@@ -28,19 +28,31 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     """--tensor-parallel-size, --data-parallel-size, --enable-expert-parallel, --distributed-timeout."""
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="TP ranks per model replica")
-    g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
-                   help="attention data-parallel replicas (EP size = TP x DP with --enable-expert-parallel)")
-    g.add_argument("--enable-expert-parallel", action="store_true",
-                   help="partition the routed experts over all TP x DP ranks")
-    g.add_argument("--distributed-timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                   help=f"seconds to wait for the other ranks at start-up and in a step (default "
-                        f"{DEFAULT_TIMEOUT_S:.0f})")
+    g.add_argument(
+        "--data-parallel-size",
+        "-dp",
+        type=int,
+        default=1,
+        help="attention data-parallel replicas (EP size = TP x DP with --enable-expert-parallel)",
+    )
+    g.add_argument(
+        "--enable-expert-parallel", action="store_true", help="partition the routed experts over all TP x DP ranks"
+    )
+    g.add_argument(
+        "--distributed-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds to wait for the other ranks at start-up and in a step (default {DEFAULT_TIMEOUT_S:.0f})",
+    )
 
 
 def parallel_config(args: argparse.Namespace) -> ParallelConfig:
     """The `ParallelConfig` of the parsed flags (single-process when absent). Raises ParallelError."""
-    return ParallelConfig(getattr(args, "tensor_parallel_size", 1), getattr(args, "data_parallel_size", 1),
-                          bool(getattr(args, "enable_expert_parallel", False)))
+    return ParallelConfig(
+        getattr(args, "tensor_parallel_size", 1),
+        getattr(args, "data_parallel_size", 1),
+        bool(getattr(args, "enable_expert_parallel", False)),
+    )
 
 
 class ParallelServing:
@@ -69,6 +81,7 @@ class ParallelServing:
             if self.workers is not None:
                 self.workers.stop(0.0)
             self._exit(FAILURE_EXIT_CODE)
+
         threading.Timer(FAILURE_GRACE_S, _exit).start()
 
     def close(self) -> None:
@@ -88,8 +101,7 @@ def start_parallel(args: argparse.Namespace, config: ParallelConfig) -> Parallel
     from parity.distributed.context import env_rank
     from parity.engine.worker import ModelSpec, device_type, join_torchrun, launch_local
 
-    spec = ModelSpec(args.model, device_type(args.device), args.dtype, args.seed,
-                     getattr(args, "quantization", None))
+    spec = ModelSpec(args.model, device_type(args.device), args.dtype, args.seed, getattr(args, "quantization", None))
     if env_rank() is not None:
         model = join_torchrun(config, spec, args.distributed_timeout)
         return None if model is None else ParallelServing(model, None)

@@ -193,8 +193,10 @@ def parse_body(raw: bytes, model_cls: type[BaseModel]) -> Any:
     except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f"We could not parse the JSON body of your request: {e}", code="invalid_json") from None
     except RecursionError:
-        raise bad_request(f"The JSON body of your request is nested too deeply (at most {MAX_JSON_DEPTH} levels "
-                          f"are accepted).", code="invalid_json") from None
+        raise bad_request(
+            f"The JSON body of your request is nested too deeply (at most {MAX_JSON_DEPTH} levels are accepted).",
+            code="invalid_json",
+        ) from None
     if not isinstance(obj, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
     _check_tree(obj, check_strings=_SURROGATE_ESCAPE.search(raw) is not None)
@@ -202,17 +204,31 @@ def parse_body(raw: bytes, model_cls: type[BaseModel]) -> Any:
         return model_cls.model_validate(obj, strict=True)
     except ValidationError as e:
         errors = e.errors(include_url=False)
-        if (model_cls is CompletionRequest and errors and errors[0].get("loc", ())[:1] == ("prompt",)
-                and errors[0].get("type") != "missing"
-                and not any(x.get("type") == "extra_forbidden" for x in errors)):
-            raise bad_request("Invalid value for 'prompt': must be a string, a list of strings, a list of token ids "
-                              f"(integers) or a list of such lists (got {_json_kind(obj['prompt'])})",
-                              param="prompt", code="invalid_type") from None
+        if (
+            model_cls is CompletionRequest
+            and errors
+            and errors[0].get("loc", ())[:1] == ("prompt",)
+            and errors[0].get("type") != "missing"
+            and not any(x.get("type") == "extra_forbidden" for x in errors)
+        ):
+            raise bad_request(
+                "Invalid value for 'prompt': must be a string, a list of strings, a list of token ids "
+                f"(integers) or a list of such lists (got {_json_kind(obj['prompt'])})",
+                param="prompt",
+                code="invalid_type",
+            ) from None
         raise pydantic_errors_to_openai(errors) from None
 
 
-_JSON_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-               dict: "an object", type(None): "null"}
+_JSON_NAMES = {
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+    type(None): "null",
+}
 
 
 def _json_kind(value: Any) -> str:
@@ -252,16 +268,23 @@ def _check_tree(obj: Any, check_strings: bool) -> None:
                     node.encode("utf-8")
                 except UnicodeEncodeError as e:
                     where = ".".join(map(str, path)) or None
-                    raise bad_request(f"Invalid value for '{where}': the string holds a lone UTF-16 surrogate "
-                                      f"({node[e.start]!r} at character {e.start}); strings must be valid Unicode",
-                                      param=where, code="invalid_value") from None
+                    raise bad_request(
+                        f"Invalid value for '{where}': the string holds a lone UTF-16 surrogate "
+                        f"({node[e.start]!r} at character {e.start}); strings must be valid Unicode",
+                        param=where,
+                        code="invalid_value",
+                    ) from None
             continue
         if not isinstance(node, (dict, list)):
             continue
         if depth >= MAX_JSON_DEPTH:
             where = ".".join(map(str, path)) or None
-            raise bad_request(f"The JSON body of your request is nested too deeply at '{where}' (at most "
-                              f"{MAX_JSON_DEPTH} levels are accepted).", param=where, code="invalid_json")
+            raise bad_request(
+                f"The JSON body of your request is nested too deeply at '{where}' (at most "
+                f"{MAX_JSON_DEPTH} levels are accepted).",
+                param=where,
+                code="invalid_json",
+            )
         if isinstance(node, dict):
             for k, v in node.items():
                 if check_strings:
@@ -282,26 +305,29 @@ def unsupported_fields(req: Any) -> None:
     if isinstance(req, ChatCompletionRequest):
         rf = req.response_format
         if rf is not None and rf.get("type", "text") != "text":
-            raise bad_request(f"response_format type {rf.get('type')!r} is not supported; only 'text'",
-                              param="response_format", code="unsupported_parameter")
+            raise bad_request(
+                f"response_format type {rf.get('type')!r} is not supported; only 'text'",
+                param="response_format",
+                code="unsupported_parameter",
+            )
         if req.modalities is not None and any(m != "text" for m in req.modalities):
-            raise bad_request("only the 'text' modality is supported", param="modalities",
-                              code="unsupported_parameter")
+            raise bad_request("only the 'text' modality is supported", param="modalities", code="unsupported_parameter")
         for name in ("audio", "prediction", "web_search_options", "functions", "function_call"):
             if getattr(req, name):
                 hint = "; use 'tools' instead" if name.startswith("function") else ""
-                raise bad_request(f"'{name}' is not supported by parity{hint}", param=name,
-                                  code="unsupported_parameter")
+                raise bad_request(
+                    f"'{name}' is not supported by parity{hint}", param=name, code="unsupported_parameter"
+                )
     else:
         if req.suffix:
             raise bad_request("'suffix' is not supported by parity", param="suffix", code="unsupported_parameter")
         if req.best_of is not None and req.best_of != req.n:
-            raise bad_request("'best_of' other than n is not supported by parity", param="best_of",
-                              code="unsupported_parameter")
+            raise bad_request(
+                "'best_of' other than n is not supported by parity", param="best_of", code="unsupported_parameter"
+            )
 
 
-def sampling_kwargs(req: Any, *, max_tokens: int, logprobs: int | None,
-                    vocab_size: int) -> dict[str, Any]:
+def sampling_kwargs(req: Any, *, max_tokens: int, logprobs: int | None, vocab_size: int) -> dict[str, Any]:
     """SamplingParams keyword arguments for one choice of a validated request.
 
     Ranges are checked here (before the engine) so that the 400 names the OpenAI parameter:
@@ -320,13 +346,15 @@ def sampling_kwargs(req: Any, *, max_tokens: int, logprobs: int | None,
     Raises:
         OpenAIError(400) naming the parameter.
     """
+
     def rng(name: str, v: float | None, lo: float, hi: float, lo_open: bool = False) -> None:
         if v is None:
             return
         if v != v or v < lo or v > hi or (lo_open and v == lo):
             interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
-            raise bad_request(f"Invalid value for '{name}': {v!r}; expected a number in {interval}",
-                              param=name, code="invalid_value")
+            raise bad_request(
+                f"Invalid value for '{name}': {v!r}; expected a number in {interval}", param=name, code="invalid_value"
+            )
 
     rng("temperature", req.temperature, 0.0, 2.0)
     rng("top_p", req.top_p, 0.0, 1.0, lo_open=True)
@@ -334,32 +362,50 @@ def sampling_kwargs(req: Any, *, max_tokens: int, logprobs: int | None,
     rng("frequency_penalty", req.frequency_penalty, -2.0, 2.0)
     rng("min_p", req.min_p, 0.0, 1.0)
     if req.seed is not None and not SEED_MIN <= req.seed <= SEED_MAX - (req.n - 1):
-        raise bad_request(f"Invalid value for 'seed': {req.seed}; expected an integer in [{SEED_MIN}, "
-                          f"{SEED_MAX - (req.n - 1)}] (a signed 64-bit integer; choice i uses seed + i)",
-                          param="seed", code="invalid_value")
+        raise bad_request(
+            f"Invalid value for 'seed': {req.seed}; expected an integer in [{SEED_MIN}, "
+            f"{SEED_MAX - (req.n - 1)}] (a signed 64-bit integer; choice i uses seed + i)",
+            param="seed",
+            code="invalid_value",
+        )
     if req.top_k is not None and req.top_k < -1:
-        raise bad_request(f"Invalid value for 'top_k': {req.top_k}; expected -1 or 0 (off) or >= 1",
-                          param="top_k", code="invalid_value")
+        raise bad_request(
+            f"Invalid value for 'top_k': {req.top_k}; expected -1 or 0 (off) or >= 1",
+            param="top_k",
+            code="invalid_value",
+        )
     if req.repetition_penalty is not None and not req.repetition_penalty > 0:
-        raise bad_request(f"Invalid value for 'repetition_penalty': {req.repetition_penalty}; expected > 0",
-                          param="repetition_penalty", code="invalid_value")
+        raise bad_request(
+            f"Invalid value for 'repetition_penalty': {req.repetition_penalty}; expected > 0",
+            param="repetition_penalty",
+            code="invalid_value",
+        )
     if req.min_tokens < 0 or req.min_tokens > max_tokens:
-        raise bad_request(f"Invalid value for 'min_tokens': {req.min_tokens}; expected 0 <= min_tokens <= "
-                          f"max_tokens ({max_tokens})", param="min_tokens", code="invalid_value")
+        raise bad_request(
+            f"Invalid value for 'min_tokens': {req.min_tokens}; expected 0 <= min_tokens <= max_tokens ({max_tokens})",
+            param="min_tokens",
+            code="invalid_value",
+        )
     stop: list[str] | None
     if req.stop is None:
         stop = None
     else:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop)
         if len(stop) > MAX_STOP or any(s == "" for s in stop):
-            raise bad_request(f"Invalid value for 'stop': expected at most {MAX_STOP} non-empty strings",
-                              param="stop", code="invalid_value")
+            raise bad_request(
+                f"Invalid value for 'stop': expected at most {MAX_STOP} non-empty strings",
+                param="stop",
+                code="invalid_value",
+            )
         stop = stop or None
     if req.stop_token_ids:
         for t in req.stop_token_ids:
             if not 0 <= t < vocab_size:
-                raise bad_request(f"Invalid value for 'stop_token_ids': {t} is not a token id in "
-                                  f"[0, {vocab_size})", param="stop_token_ids", code="invalid_value")
+                raise bad_request(
+                    f"Invalid value for 'stop_token_ids': {t} is not a token id in [0, {vocab_size})",
+                    param="stop_token_ids",
+                    code="invalid_value",
+                )
     kw: dict[str, Any] = dict(
         n=1,
         max_tokens=int(max_tokens),
@@ -384,8 +430,7 @@ def sampling_kwargs(req: Any, *, max_tokens: int, logprobs: int | None,
 def check_n(n: int) -> None:
     """Raises OpenAIError(400) unless 1 <= n <= MAX_N."""
     if n < 1 or n > MAX_N:
-        raise bad_request(f"Invalid value for 'n': {n}; expected 1 <= n <= {MAX_N}", param="n",
-                          code="invalid_value")
+        raise bad_request(f"Invalid value for 'n': {n}; expected 1 <= n <= {MAX_N}", param="n", code="invalid_value")
 
 
 def thinking_enabled(req: ChatCompletionRequest, default: bool) -> bool:
@@ -407,16 +452,21 @@ def thinking_enabled(req: ChatCompletionRequest, default: bool) -> bool:
         if key in kw:
             v = kw[key]
             if not isinstance(v, bool):
-                raise bad_request(f"Invalid value for 'chat_template_kwargs.{key}': expected a boolean",
-                                  param=f"chat_template_kwargs.{key}", code="invalid_type")
+                raise bad_request(
+                    f"Invalid value for 'chat_template_kwargs.{key}': expected a boolean",
+                    param=f"chat_template_kwargs.{key}",
+                    code="invalid_type",
+                )
             chosen.append((f"chat_template_kwargs.{key}", v))
     if not chosen:
         return default
     (name0, v0), *rest = chosen
     for name, v in rest:
         if v != v0:
-            raise bad_request(f"Conflicting thinking mode: '{name0}' turns thinking {'on' if v0 else 'off'} but "
-                              f"'{name}' turns it {'on' if v else 'off'}; give one of them, or make them agree",
-                              param=name, code="invalid_value")
+            raise bad_request(
+                f"Conflicting thinking mode: '{name0}' turns thinking {'on' if v0 else 'off'} but "
+                f"'{name}' turns it {'on' if v else 'off'}; give one of them, or make them agree",
+                param=name,
+                code="invalid_value",
+            )
     return v0
-

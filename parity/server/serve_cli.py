@@ -34,48 +34,98 @@ from parity.server.cli_args import (
 from parity.server.parallel_serve import add_parallel_args
 from parity.server.vllm_flags import add_mapped_flags, apply_mapped_flags
 
-__all__ = ["build_engine", "chat_loop", "default_model_name", "load_checkpoint_tokenizer", "parse_bytes",
-           "register", "run_chat", "run_generate", "run_serve"]
+__all__ = [
+    "build_engine",
+    "chat_loop",
+    "default_model_name",
+    "load_checkpoint_tokenizer",
+    "parse_bytes",
+    "register",
+    "run_chat",
+    "run_generate",
+    "run_serve",
+]
 
 
 def register(subparsers: Any) -> None:
     """Add `serve`, `generate` and `chat` to the `parity` command line."""
-    s = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (default: the bundled miniature)",
-                              description="Serve a DeepSeek-V4 model with OpenAI's API: /v1/chat/completions, "
-                                          "/v1/completions, /v1/models, /health, /metrics.")
-    s.add_argument("model", nargs="?", default=None,
-                   help="checkpoint directory or preset name (default: the bundled miniature)")
+    s = subparsers.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (default: the bundled miniature)",
+        description="Serve a DeepSeek-V4 model with OpenAI's API: /v1/chat/completions, "
+        "/v1/completions, /v1/models, /health, /metrics.",
+    )
+    s.add_argument(
+        "model", nargs="?", default=None, help="checkpoint directory or preset name (default: the bundled miniature)"
+    )
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=parse_port, default=8000, help="TCP port, 1..65535 (default 8000)")
     s.add_argument("--api-key", default=None, help="require this bearer token (default: env PARITY_API_KEY)")
-    s.add_argument("--served-model-name", type=parse_nonempty, default=None,
-                   help="model name clients use (default: derived)")
-    s.add_argument("--default-thinking", action="store_true",
-                   help="thinking mode for chat requests that do not choose one")
-    s.add_argument("--drain-timeout", type=parse_nonneg_seconds, default=30.0,
-                   help="on SIGTERM, seconds (>= 0) in-flight requests may finish before they are aborted")
-    s.add_argument("--max-request-bytes", type=parse_bytes, default=None,
-                   help="largest request body, e.g. 8MiB; larger ones get HTTP 413 "
-                        "(default: max(1 MiB, 32 bytes per token of max_model_len))")
-    s.add_argument("--skip-tokenizer-init", action="store_true",
-                   help="load no tokenizer: only /v1/completions with token-id prompts works; text prompts "
-                        "get HTTP 400 (for a checkpoint without a usable tokenizer.json)")
-    s.add_argument("--enable-strict-thinking", action="store_true",
-                   help="thinking-mode chat: the EOS token cannot be sampled until the reasoning block closes "
-                        "(</think>), so an answer never ends inside it (off for requests with ignore_eos)")
-    s.add_argument("--max-seqs-per-request", type=parse_positive_int, default=None,
-                   help="most sequences (prompts x n) one request may start; more get HTTP 400 "
-                        "(default: max(256, 4 x --max-num-seqs))")
-    s.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
-                   help="accept only these Host headers (e.g. localhost 127.0.0.1 '*.example.com'), against "
-                        "DNS rebinding; others get HTTP 400 (default: any)")
-    s.add_argument("--request-read-timeout", type=parse_positive_seconds, default=30.0,
-                   help="seconds a client may take to send the request headers, and again the body; "
-                        "slower ones get HTTP 408 (default 30)")
-    s.add_argument("--timeout-keep-alive", type=parse_positive_seconds, default=5.0,
-                   help="seconds an idle keep-alive connection stays open (default 5)")
-    s.add_argument("--limit-concurrency", type=parse_positive_int, default=1024,
-                   help="most open connections + requests; beyond it new requests get HTTP 503 (default 1024)")
+    s.add_argument(
+        "--served-model-name", type=parse_nonempty, default=None, help="model name clients use (default: derived)"
+    )
+    s.add_argument(
+        "--default-thinking", action="store_true", help="thinking mode for chat requests that do not choose one"
+    )
+    s.add_argument(
+        "--drain-timeout",
+        type=parse_nonneg_seconds,
+        default=30.0,
+        help="on SIGTERM, seconds (>= 0) in-flight requests may finish before they are aborted",
+    )
+    s.add_argument(
+        "--max-request-bytes",
+        type=parse_bytes,
+        default=None,
+        help="largest request body, e.g. 8MiB; larger ones get HTTP 413 "
+        "(default: max(1 MiB, 32 bytes per token of max_model_len))",
+    )
+    s.add_argument(
+        "--skip-tokenizer-init",
+        action="store_true",
+        help="load no tokenizer: only /v1/completions with token-id prompts works; text prompts "
+        "get HTTP 400 (for a checkpoint without a usable tokenizer.json)",
+    )
+    s.add_argument(
+        "--enable-strict-thinking",
+        action="store_true",
+        help="thinking-mode chat: the EOS token cannot be sampled until the reasoning block closes "
+        "(</think>), so an answer never ends inside it (off for requests with ignore_eos)",
+    )
+    s.add_argument(
+        "--max-seqs-per-request",
+        type=parse_positive_int,
+        default=None,
+        help="most sequences (prompts x n) one request may start; more get HTTP 400 "
+        "(default: max(256, 4 x --max-num-seqs))",
+    )
+    s.add_argument(
+        "--allowed-hosts",
+        nargs="+",
+        default=None,
+        metavar="HOST",
+        help="accept only these Host headers (e.g. localhost 127.0.0.1 '*.example.com'), against "
+        "DNS rebinding; others get HTTP 400 (default: any)",
+    )
+    s.add_argument(
+        "--request-read-timeout",
+        type=parse_positive_seconds,
+        default=30.0,
+        help="seconds a client may take to send the request headers, and again the body; "
+        "slower ones get HTTP 408 (default 30)",
+    )
+    s.add_argument(
+        "--timeout-keep-alive",
+        type=parse_positive_seconds,
+        default=5.0,
+        help="seconds an idle keep-alive connection stays open (default 5)",
+    )
+    s.add_argument(
+        "--limit-concurrency",
+        type=parse_positive_int,
+        default=1024,
+        help="most open connections + requests; beyond it new requests get HTTP 503 (default 1024)",
+    )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(s)
     add_mapped_flags(s)
@@ -151,14 +201,20 @@ def _serve(args: argparse.Namespace, serving=None) -> int:
             serving.engine = engine
         load_s = time.perf_counter() - t0
         settings = ServerSettings(
-            served_model_names=[name], api_key=api_key, default_thinking=args.default_thinking,
-            drain_timeout_s=args.drain_timeout, model_root=args.model or name,
+            served_model_names=[name],
+            api_key=api_key,
+            default_thinking=args.default_thinking,
+            drain_timeout_s=args.drain_timeout,
+            model_root=args.model or name,
             model_aliases=[args.model] if args.model and args.model != name else [],
             max_request_bytes=args.max_request_bytes,
             max_seqs_per_request=args.max_seqs_per_request or default_max_seqs_per_request(args.max_num_seqs),
-            allowed_hosts=args.allowed_hosts, request_read_timeout_s=args.request_read_timeout,
-            timeout_keep_alive_s=args.timeout_keep_alive, limit_concurrency=args.limit_concurrency,
-            strict_thinking=args.enable_strict_thinking)
+            allowed_hosts=args.allowed_hosts,
+            request_read_timeout_s=args.request_read_timeout,
+            timeout_keep_alive_s=args.timeout_keep_alive,
+            limit_concurrency=args.limit_concurrency,
+            strict_thinking=args.enable_strict_thinking,
+        )
         app = build_app(engine, settings, chat_format=ChatFormat(load_encoding(args.model)))
     except BaseException:
         sock.close()
@@ -166,16 +222,31 @@ def _serve(args: argparse.Namespace, serving=None) -> int:
     device = getattr(getattr(engine, "engine", None), "device", args.device)
 
     sp = getattr(getattr(engine, "engine", None), "step_path", None)
-    path = "" if sp is None else f", {sp.path} step" + (
-        f" ({sp.backend}, compiled in {sp.compile_s:.1f} s)" if sp.path == "compiled" else "")
+    path = (
+        ""
+        if sp is None
+        else f", {sp.path} step"
+        + (f" ({sp.backend}, compiled in {sp.compile_s:.1f} s)" if sp.path == "compiled" else "")
+    )
 
     def ready(_server: Any) -> None:
-        print(f"parity serve: ready: model '{name}' on {device}{path} (max_model_len {engine.max_model_len}, "
-              f"loaded in {load_s:.1f} s) at http://{args.host}:{args.port}/v1"
-              f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
+        print(
+            f"parity serve: ready: model '{name}' on {device}{path} (max_model_len {engine.max_model_len}, "
+            f"loaded in {load_s:.1f} s) at http://{args.host}:{args.port}/v1"
+            f"{' (API key required)' if api_key else ''}",
+            file=sys.stderr,
+            flush=True,
+        )
 
-    return serve_forever(app, args.host, args.port, drain_timeout_s=args.drain_timeout, log_level=args.log_level,
-                         sock=sock, on_ready=ready)
+    return serve_forever(
+        app,
+        args.host,
+        args.port,
+        drain_timeout_s=args.drain_timeout,
+        log_level=args.log_level,
+        sock=sock,
+        on_ready=ready,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- generate
@@ -202,8 +273,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if tok is None:
         from parity.errors import CheckpointError
 
-        raise CheckpointError("no tokenizer could be loaded for this model, and --prompt is text; "
-                              "check the checkpoint's tokenizer.json")
+        raise CheckpointError(
+            "no tokenizer could be loaded for this model, and --prompt is text; check the checkpoint's tokenizer.json"
+        )
     if chat:
         from parity.tokenizer import encode_chat
 
@@ -219,11 +291,16 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.json:
         res = {"prompt": args.prompt, "prompt_tokens": len(ids), "outputs": []}
         for c in out.outputs:
-            item: dict[str, Any] = {"index": c.index, "text": c.text, "token_ids": c.token_ids,
-                                    "finish_reason": c.finish_reason}
+            item: dict[str, Any] = {
+                "index": c.index,
+                "text": c.text,
+                "token_ids": c.token_ids,
+                "finish_reason": c.finish_reason,
+            }
             if c.logprobs:
-                item["logprobs"] = [{"token_id": lp.token_id, "logprob": lp.logprob, "top": lp.top}
-                                    for lp in c.logprobs]
+                item["logprobs"] = [
+                    {"token_id": lp.token_id, "logprob": lp.logprob, "top": lp.top} for lp in c.logprobs
+                ]
             if chat:
                 from parity.tokenizer import parse_output
 
@@ -250,16 +327,19 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def timing_line(load_s: float, prompt_tokens: int, output_tokens: int, total_s: float,
-                first_token_s: float | None) -> str:
+def timing_line(
+    load_s: float, prompt_tokens: int, output_tokens: int, total_s: float, first_token_s: float | None
+) -> str:
     """The `parity generate` summary: load time (s), then prefill (time to first token, s) and the decode
     rate (tokens/s over the tokens after the first), each apart, so a cold start is never read as speed."""
     parts = [f"model loaded in {load_s:.2f} s", f"{prompt_tokens} prompt tokens"]
     if first_token_s is not None:
         parts.append(f"first token after {first_token_s:.2f} s")
     if output_tokens > 1 and first_token_s is not None and total_s > first_token_s:
-        parts.append(f"{output_tokens} tokens in {total_s:.2f} s, decode "
-                     f"{(output_tokens - 1) / (total_s - first_token_s):.1f} tokens/s")
+        parts.append(
+            f"{output_tokens} tokens in {total_s:.2f} s, decode "
+            f"{(output_tokens - 1) / (total_s - first_token_s):.1f} tokens/s"
+        )
     else:
         parts.append(f"{output_tokens} tokens in {total_s:.2f} s")
     return "[" + ", ".join(parts) + "]"

@@ -26,17 +26,20 @@ from parity.server.state import OpenAIServer
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     """OpenAI `usage` object (token counts; `prompt_tokens_details.cached_tokens`: prompt tokens served
     from the prefix cache)."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
 
 
-def envelope(rid: str, obj: str, created: int, model: str, choices: list[dict], usage: Any = None,
-             with_usage: bool = True) -> dict:
+def envelope(
+    rid: str, obj: str, created: int, model: str, choices: list[dict], usage: Any = None, with_usage: bool = True
+) -> dict:
     """The OpenAI response / stream-chunk envelope shared by chat and text completions; `usage` is
     included when `with_usage` (always for whole responses, per `stream_options.include_usage` for chunks)."""
-    out = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
-           "system_fingerprint": None}
+    out = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices, "system_fingerprint": None}
     if with_usage:
         out["usage"] = usage
     return out
@@ -68,6 +71,7 @@ class Generation:
     def usage(self) -> dict:
         """The OpenAI `usage` object of the request so far."""
         return usage(self.prompt_tokens, self.completion_tokens(), self.cached_tokens())
+
     def cached_tokens(self) -> int:
         """Prompt tokens served from the prefix cache, each prompt once (the best of its choices)."""
         best: dict[int, int] = {}
@@ -113,8 +117,9 @@ class OpenAIServing:
     # ---- the skeleton -------------------------------------------------------------------------
     def chunk(self, gen: Generation, choices: list[dict], usage: Any = None) -> str:
         """One stream chunk as an SSE event."""
-        return sse_event(envelope(gen.rid, self.chunk_object, gen.created, gen.model, choices, usage,
-                                  gen.include_usage))
+        return sse_event(
+            envelope(gen.rid, self.chunk_object, gen.created, gen.model, choices, usage, gen.include_usage)
+        )
 
     async def create(self, request: Any, raw_request: Request, arrival_s: float | None = None) -> Response:
         """Answer one parsed request (`request_cls`): a JSONResponse, an SSE StreamingResponse, or 499.
@@ -130,8 +135,9 @@ class OpenAIServing:
         if not gen.stream:
             if not await runner.run_all(raw_request, gen.jobs):
                 return Response(status_code=499)
-            return JSONResponse(envelope(gen.rid, self.response_object, gen.created, gen.model,
-                                         self.full_choices(gen), gen.usage()))
+            return JSONResponse(
+                envelope(gen.rid, self.response_object, gen.created, gen.model, self.full_choices(gen), gen.usage())
+            )
         if not await runner.admit_all(raw_request, gen.jobs):
             return Response(status_code=499)
         merger = runner.merged_deltas(gen.choices)

@@ -73,8 +73,11 @@ class ServingChat(OpenAIServing):
         tools, tools_enabled = chat_tools(req)
         if req.top_logprobs is not None:
             if not 0 <= req.top_logprobs <= 20:
-                raise bad_request(f"Invalid value for 'top_logprobs': {req.top_logprobs}; expected 0..20",
-                                  param="top_logprobs", code="invalid_value")
+                raise bad_request(
+                    f"Invalid value for 'top_logprobs': {req.top_logprobs}; expected 0..20",
+                    param="top_logprobs",
+                    code="invalid_value",
+                )
             if not req.logprobs:
                 raise bad_request("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
         top_n = (req.top_logprobs or 0) if req.logprobs else None
@@ -82,15 +85,22 @@ class ServingChat(OpenAIServing):
         fmt = srv.chat_format
         template_kw = {}
         if not req.add_generation_prompt or req.continue_final_message:
-            template_kw = {"add_generation_prompt": req.add_generation_prompt,
-                           "continue_final_message": req.continue_final_message}
+            template_kw = {
+                "add_generation_prompt": req.add_generation_prompt,
+                "continue_final_message": req.continue_final_message,
+            }
         try:
-            prompt = fmt.encode(messages, tools if tools_enabled else None, thinking, req.reasoning_effort,
-                                **template_kw)
+            prompt = fmt.encode(
+                messages, tools if tools_enabled else None, thinking, req.reasoning_effort, **template_kw
+            )
         except (ParityError, ValueError, TypeError, KeyError) as e:
             msg = str(e)
-            raise bad_request(msg, param=getattr(e, "param", None) or param_from_message(
-                msg, ("reasoning_effort", "continue_final_message")), code="invalid_value") from None
+            raise bad_request(
+                msg,
+                param=getattr(e, "param", None)
+                or param_from_message(msg, ("reasoning_effort", "continue_final_message")),
+                code="invalid_value",
+            ) from None
         # the output starts inside a reasoning block when the prompt leaves one open
         opens = getattr(fmt, "opens_reasoning", None)
         thinking = bool(opens(prompt)) if opens is not None else thinking
@@ -114,20 +124,32 @@ class ServingChat(OpenAIServing):
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream_options is not None and not req.stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
-        return ChatGeneration(rid=rid, model=model, created=created, choices=choices, jobs=jobs,
-                              prompt_tokens=len(prompt_ids), stream=bool(req.stream), include_usage=include_usage,
-                              thinking=thinking, tools_enabled=tools_enabled, top_n=top_n,
-                              as_ids=req.return_tokens_as_token_ids, think_end_id=think_end_id,
-                              dsml_id=_token_id(srv.tokenizer, "dsml_token_id"), tool_params=tool_params(tools))
+        return ChatGeneration(
+            rid=rid,
+            model=model,
+            created=created,
+            choices=choices,
+            jobs=jobs,
+            prompt_tokens=len(prompt_ids),
+            stream=bool(req.stream),
+            include_usage=include_usage,
+            thinking=thinking,
+            tools_enabled=tools_enabled,
+            top_n=top_n,
+            as_ids=req.return_tokens_as_token_ids,
+            think_end_id=think_end_id,
+            dsml_id=_token_id(srv.tokenizer, "dsml_token_id"),
+            tool_params=tool_params(tools),
+        )
 
     def full_choices(self, gen: ChatGeneration) -> list[dict]:
         srv = self.server
         out = []
         for ch in gen.choices:
             text = "".join(ch.text)
-            content, reasoning, calls = srv.chat_format.parse(text, gen.thinking, gen.tools_enabled,
-                                                              finish_reason=ch.finish_reason,
-                                                              tool_params=gen.tool_params)
+            content, reasoning, calls = srv.chat_format.parse(
+                text, gen.thinking, gen.tools_enabled, finish_reason=ch.finish_reason, tool_params=gen.tool_params
+            )
             finish = ch.finish_reason
             if calls and finish == "stop":
                 finish = "tool_calls"
@@ -136,10 +158,20 @@ class ServingChat(OpenAIServing):
                 msg["reasoning_content"] = reasoning
             if calls:
                 msg["tool_calls"] = calls
-            lp = ({"content": chat_logprobs(srv.tokenizer, ch.token_ids, ch.logprobs, gen.top_n or 0, gen.as_ids)}
-                  if gen.top_n is not None else None)
-            out.append({"index": ch.index, "message": msg, "logprobs": lp, "finish_reason": finish,
-                        "stop_reason": ch.stop_reason})
+            lp = (
+                {"content": chat_logprobs(srv.tokenizer, ch.token_ids, ch.logprobs, gen.top_n or 0, gen.as_ids)}
+                if gen.top_n is not None
+                else None
+            )
+            out.append(
+                {
+                    "index": ch.index,
+                    "message": msg,
+                    "logprobs": lp,
+                    "finish_reason": finish,
+                    "stop_reason": ch.stop_reason,
+                }
+            )
         return out
 
     def stream_start(self, gen: ChatGeneration) -> Iterable[str]:
@@ -148,8 +180,20 @@ class ServingChat(OpenAIServing):
             gen.parsers[ch.index] = fmt.stream_parser(gen.thinking, gen.tools_enabled, tool_params=gen.tool_params)
             gen.seen_calls[ch.index] = {}
             gen.pending_lp[ch.index] = []
-        return [self.chunk(gen, [{"index": ch.index, "delta": {"role": "assistant", "content": ""},
-                                  "logprobs": None, "finish_reason": None}]) for ch in gen.choices]
+        return [
+            self.chunk(
+                gen,
+                [
+                    {
+                        "index": ch.index,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ],
+            )
+            for ch in gen.choices
+        ]
 
     def _take_logprobs(self, gen: ChatGeneration, c: dict, index: int) -> None:
         """Attach choice `index`'s logprobs not yet sent to chunk choice `c`."""
@@ -168,8 +212,7 @@ class ServingChat(OpenAIServing):
             out.append(self.chunk(gen, [c]))
         return out
 
-    def stream_delta(self, gen: ChatGeneration, ch: Choice, d: EngineDelta, ids: list[int],
-                     text: str) -> Iterable[str]:
+    def stream_delta(self, gen: ChatGeneration, ch: Choice, d: EngineDelta, ids: list[int], text: str) -> Iterable[str]:
         if gen.top_n is not None and ids:
             lps = getattr(d, "logprobs", None) or []
             gen.pending_lp[ch.index].extend(chat_logprobs(self.server.tokenizer, ids, lps, gen.top_n, gen.as_ids))
@@ -222,11 +265,17 @@ def chat_tools(req: P.ChatCompletionRequest) -> tuple[list[dict] | None, bool]:
             raise bad_request("'tool_choice' is set but no 'tools' are given", param="tool_choice")
         return tools, True
     if choice == "required" or isinstance(choice, dict):
-        raise bad_request("tool_choice 'required' or a named function is not supported by parity (it needs "
-                          "constrained decoding); use 'auto' or 'none'", param="tool_choice",
-                          code="unsupported_parameter")
-    raise bad_request(f"Invalid value for 'tool_choice': {choice!r}; expected 'auto' or 'none'",
-                      param="tool_choice", code="invalid_value")
+        raise bad_request(
+            "tool_choice 'required' or a named function is not supported by parity (it needs "
+            "constrained decoding); use 'auto' or 'none'",
+            param="tool_choice",
+            code="unsupported_parameter",
+        )
+    raise bad_request(
+        f"Invalid value for 'tool_choice': {choice!r}; expected 'auto' or 'none'",
+        param="tool_choice",
+        code="invalid_value",
+    )
 
 
 def message_dict(m: P.ChatMessage, index: int) -> dict[str, Any]:
@@ -239,16 +288,21 @@ def message_dict(m: P.ChatMessage, index: int) -> dict[str, Any]:
     """
     content = m.content
     if content is None and not (m.role == "assistant" and (m.tool_calls or m.reasoning_content is not None)):
-        raise bad_request(f"messages[{index}].content: a {m.role} message needs content (a string or a list of "
-                          "text parts); only an assistant message with tool_calls may leave it null",
-                          param=f"messages.{index}.content", code="invalid_value")
+        raise bad_request(
+            f"messages[{index}].content: a {m.role} message needs content (a string or a list of "
+            "text parts); only an assistant message with tool_calls may leave it null",
+            param=f"messages.{index}.content",
+            code="invalid_value",
+        )
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
             if part.type != "text" or part.text is None:
-                raise bad_request(f"messages[{index}].content[{j}]: only 'text' content parts are supported "
-                                  f"(got type {part.type!r})", param=f"messages.{index}.content.{j}.type",
-                                  code="unsupported_parameter")
+                raise bad_request(
+                    f"messages[{index}].content[{j}]: only 'text' content parts are supported (got type {part.type!r})",
+                    param=f"messages.{index}.content.{j}.type",
+                    code="unsupported_parameter",
+                )
             texts.append(part.text)
         content = "".join(texts)
     d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
@@ -262,9 +316,16 @@ def message_dict(m: P.ChatMessage, index: int) -> dict[str, Any]:
         calls = []
         for tc in m.tool_calls:
             args = tc.function.arguments
-            calls.append({"id": tc.id, "type": "function",
-                          "function": {"name": tc.function.name,
-                                       "arguments": args if isinstance(args, str) else json.dumps(args)}})
+            calls.append(
+                {
+                    "id": tc.id,
+                    "type": "function",
+                    "function": {
+                        "name": tc.function.name,
+                        "arguments": args if isinstance(args, str) else json.dumps(args),
+                    },
+                }
+            )
         d["tool_calls"] = calls
     return d
 

@@ -29,8 +29,8 @@ from parity.server.state import OpenAIServer
 @dataclass
 class CompletionGeneration(Generation):
     """A completions Generation: `logprobs` (top-N per token, None: no logprobs), the echoed prompt text
-    per choice index, each streamed choice's character offset in its `text` so far, and the token ids and logprobs
-of its deltas that brought no text yet (`held`: sent with its next chunk)."""
+        per choice index, each streamed choice's character offset in its `text` so far, and the token ids and logprobs
+    of its deltas that brought no text yet (`held`: sent with its next chunk)."""
 
     logprobs: int | None = None
     skip_special_tokens: bool = True
@@ -56,8 +56,9 @@ class ServingCompletion(OpenAIServing):
         P.unsupported_fields(req)
         P.check_n(req.n)
         if req.logprobs is not None and not 0 <= req.logprobs <= 5:
-            raise bad_request(f"Invalid value for 'logprobs': {req.logprobs}; expected 0..5", param="logprobs",
-                              code="invalid_value")
+            raise bad_request(
+                f"Invalid value for 'logprobs': {req.logprobs}; expected 0..5", param="logprobs", code="invalid_value"
+            )
         if req.stream_options is not None and not req.stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
         srv.check_num_seqs(prompt_count(req.prompt), req.n)
@@ -75,34 +76,51 @@ class ServingCompletion(OpenAIServing):
                 jobs.append((ch, ids, sp))
                 if req.echo:
                     if ptext is None and srv.tokenizer is None:
-                        raise bad_request("'echo' of a token-id prompt needs a tokenizer; this server runs "
-                                          "without one (--skip-tokenizer-init)", param="echo",
-                                          code="tokenizer_unavailable")
+                        raise bad_request(
+                            "'echo' of a token-id prompt needs a tokenizer; this server runs "
+                            "without one (--skip-tokenizer-init)",
+                            param="echo",
+                            code="tokenizer_unavailable",
+                        )
                     echo_text[ch.index] = ptext if ptext is not None else srv.tokenizer.decode(ids)
         # usage.prompt_tokens: each prompt once, however many choices (n) it has (as OpenAI and vLLM).
         prompt_total = sum(len(ids) for _, ids in prompts)
         return CompletionGeneration(
-            rid=rid, model=model, created=int(time.time()), choices=[j[0] for j in jobs], jobs=jobs,
-            prompt_tokens=prompt_total, stream=bool(req.stream),
+            rid=rid,
+            model=model,
+            created=int(time.time()),
+            choices=[j[0] for j in jobs],
+            jobs=jobs,
+            prompt_tokens=prompt_total,
+            stream=bool(req.stream),
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
-            logprobs=req.logprobs, skip_special_tokens=req.skip_special_tokens, echo_text=echo_text,
+            logprobs=req.logprobs,
+            skip_special_tokens=req.skip_special_tokens,
+            echo_text=echo_text,
             as_ids=req.return_tokens_as_token_ids or srv.tokenizer is None,
-            token_ids=req.return_token_ids or srv.tokenizer is None)
+            token_ids=req.return_token_ids or srv.tokenizer is None,
+        )
 
-    def _lp_obj(self, gen: CompletionGeneration, ids: list[int], entries: list[Any], offset0: int,
-                decoder: Any = None) -> dict | None:
+    def _lp_obj(
+        self, gen: CompletionGeneration, ids: list[int], entries: list[Any], offset0: int, decoder: Any = None
+    ) -> dict | None:
         if gen.logprobs is None:
             return None
-        return completion_logprobs(self.server.tokenizer, ids, entries, gen.logprobs, offset0,
-                                   gen.skip_special_tokens, gen.as_ids, decoder)
+        return completion_logprobs(
+            self.server.tokenizer, ids, entries, gen.logprobs, offset0, gen.skip_special_tokens, gen.as_ids, decoder
+        )
 
     def full_choices(self, gen: CompletionGeneration) -> list[dict]:
         out = []
         for ch in gen.choices:
             prefix = gen.echo_text.get(ch.index, "")
-            c = {"index": ch.index, "text": prefix + "".join(ch.text),
-                 "logprobs": self._lp_obj(gen, ch.token_ids, ch.logprobs, len(prefix)),
-                 "finish_reason": ch.finish_reason, "stop_reason": ch.stop_reason}
+            c = {
+                "index": ch.index,
+                "text": prefix + "".join(ch.text),
+                "logprobs": self._lp_obj(gen, ch.token_ids, ch.logprobs, len(prefix)),
+                "finish_reason": ch.finish_reason,
+                "stop_reason": ch.stop_reason,
+            }
             if gen.token_ids:
                 c["token_ids"] = list(ch.token_ids)
             out.append(c)
@@ -115,12 +133,17 @@ class ServingCompletion(OpenAIServing):
             gen.decoders[ch.index] = text_decoder()
             if ch.index in gen.echo_text:
                 gen.offsets[ch.index] = len(gen.echo_text[ch.index])
-                out.append(self.chunk(gen, [{"index": ch.index, "text": gen.echo_text[ch.index], "logprobs": None,
-                                             "finish_reason": None}]))
+                out.append(
+                    self.chunk(
+                        gen,
+                        [{"index": ch.index, "text": gen.echo_text[ch.index], "logprobs": None, "finish_reason": None}],
+                    )
+                )
         return out
 
-    def stream_delta(self, gen: CompletionGeneration, ch: Choice, d: EngineDelta, ids: list[int],
-                     text: str) -> Iterable[str]:
+    def stream_delta(
+        self, gen: CompletionGeneration, ch: Choice, d: EngineDelta, ids: list[int], text: str
+    ) -> Iterable[str]:
         lps = list(getattr(d, "logprobs", None) or [])
         if not text and not ch.finished and (not ids or self.server.tokenizer is not None):
             # no text yet (held back by stop-string matching, or part of a UTF-8 character): no empty chunk;
@@ -133,9 +156,12 @@ class ServingCompletion(OpenAIServing):
         if ch.index in gen.held:
             held_ids, held_lps = gen.held.pop(ch.index)
             ids, lps = held_ids + list(ids), held_lps + lps
-        c = {"index": ch.index, "text": text,
-             "logprobs": self._lp_obj(gen, ids, lps, gen.offsets[ch.index], gen.decoders[ch.index]) if ids else None,
-             "finish_reason": ch.finish_reason if ch.finished else None}
+        c = {
+            "index": ch.index,
+            "text": text,
+            "logprobs": self._lp_obj(gen, ids, lps, gen.offsets[ch.index], gen.decoders[ch.index]) if ids else None,
+            "finish_reason": ch.finish_reason if ch.finished else None,
+        }
         if gen.token_ids:
             c["token_ids"] = list(ids)
         if ch.finished:
@@ -185,8 +211,9 @@ async def completion_prompts(srv: OpenAIServer, prompt: Any) -> list[tuple[str |
             if min(it) < 0 or max(it) >= vocab:  # C-speed scan first: token-id prompts can be long
                 bad = next((t for t in it if not 0 <= t < vocab), None)
             if bad is not None:
-                raise bad_request(f"'{name}' holds token id {bad}, outside [0, {vocab})", param=name,
-                                  code="invalid_value")
+                raise bad_request(
+                    f"'{name}' holds token id {bad}, outside [0, {vocab})", param=name, code="invalid_value"
+                )
             out.append((None, list(it)))
     if texts:
         ids = await srv.tokenize_many([t for _, t, _ in texts], [n for _, _, n in texts])

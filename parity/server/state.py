@@ -42,8 +42,13 @@ class OpenAIServer:
         sampling_params_cls: SamplingParams class (default: `parity.engine.SamplingParams`).
     """
 
-    def __init__(self, engine: EngineClient, settings: ServerSettings, chat_format: Any = None,
-                 sampling_params_cls: Callable[..., Any] | None = None) -> None:
+    def __init__(
+        self,
+        engine: EngineClient,
+        settings: ServerSettings,
+        chat_format: Any = None,
+        sampling_params_cls: Callable[..., Any] | None = None,
+    ) -> None:
         self.engine = engine
         self.settings = settings
         self._chat_format = chat_format
@@ -72,9 +77,12 @@ class OpenAIServer:
     def check_accepting(self) -> None:
         """Raises OpenAIError(503 `server_shutting_down`) while the server drains."""
         if self.draining:
-            raise OpenAIError(503, "The server is shutting down and takes no new requests; retry later",
-                              code="server_shutting_down",
-                              headers={"Retry-After": str(self.settings.retry_after_s)})
+            raise OpenAIError(
+                503,
+                "The server is shutting down and takes no new requests; retry later",
+                code="server_shutting_down",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
 
     # ---- engine facts -------------------------------------------------------------------------
     def _engine_stats(self) -> dict[str, Any]:
@@ -148,12 +156,14 @@ class OpenAIServer:
         if model is None:
             return names[0]
         if model not in names and model not in self.settings.model_aliases:
-            raise bad_request(f"The model '{model}' does not exist; this server serves {names[0]!r}.",
-                              param="model", code="model_not_found")
+            raise bad_request(
+                f"The model '{model}' does not exist; this server serves {names[0]!r}.",
+                param="model",
+                code="model_not_found",
+            )
         return model
 
-    def resolve_max_tokens(self, requested: int | None, prompt_len: int, param: str,
-                           prompt_param: str) -> int:
+    def resolve_max_tokens(self, requested: int | None, prompt_len: int, param: str, prompt_param: str) -> int:
         """Output-token limit for a prompt of `prompt_len` tokens.
 
         Raises:
@@ -162,19 +172,26 @@ class OpenAIServer:
         """
         mml = self.max_model_len
         if prompt_len >= mml:
-            raise bad_request(f"This model's maximum context length is {mml} tokens. However, your prompt is "
-                              f"{prompt_len} tokens, which leaves no room for completion tokens.",
-                              param=prompt_param, code="context_length_exceeded")
+            raise bad_request(
+                f"This model's maximum context length is {mml} tokens. However, your prompt is "
+                f"{prompt_len} tokens, which leaves no room for completion tokens.",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
         if requested is None:
             return mml - prompt_len
         if requested <= 0:
-            raise bad_request(f"Invalid value for '{param}': {requested}; expected an integer >= 1",
-                              param=param, code="invalid_value")
+            raise bad_request(
+                f"Invalid value for '{param}': {requested}; expected an integer >= 1", param=param, code="invalid_value"
+            )
         if prompt_len + requested > mml:
-            raise bad_request(f"This model's maximum context length is {mml} tokens. However, you requested "
-                              f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
-                              f"completion). Please reduce the prompt or '{param}'.",
-                              param=param, code="context_length_exceeded")
+            raise bad_request(
+                f"This model's maximum context length is {mml} tokens. However, you requested "
+                f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
+                f"completion). Please reduce the prompt or '{param}'.",
+                param=param,
+                code="context_length_exceeded",
+            )
         return requested
 
     @staticmethod
@@ -187,16 +204,24 @@ class OpenAIServer:
         if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
             return
         shown = f"'{ctype}'" if ctype else "none"
-        raise OpenAIError(415, f"Unsupported Content-Type {shown}: request bodies must be JSON, sent with "
-                               f"'Content-Type: application/json'", code="unsupported_media_type")
+        raise OpenAIError(
+            415,
+            f"Unsupported Content-Type {shown}: request bodies must be JSON, sent with "
+            f"'Content-Type: application/json'",
+            code="unsupported_media_type",
+        )
 
     def check_num_seqs(self, num_prompts: int, n: int) -> None:
         """Raises OpenAIError(400 `too_many_sequences`) when prompts x n exceeds `max_seqs_per_request`."""
         limit = int(self.settings.max_seqs_per_request)
         if num_prompts * n > limit:
-            raise bad_request(f"Too many sequences in one request: {num_prompts} prompt(s) x n={n} = "
-                              f"{num_prompts * n}; this server accepts at most {limit} per request "
-                              f"(--max-seqs-per-request)", param="prompt", code="too_many_sequences")
+            raise bad_request(
+                f"Too many sequences in one request: {num_prompts} prompt(s) x n={n} = "
+                f"{num_prompts * n}; this server accepts at most {limit} per request "
+                f"(--max-seqs-per-request)",
+                param="prompt",
+                code="too_many_sequences",
+            )
 
     @property
     def max_request_bytes(self) -> int:
@@ -214,8 +239,12 @@ class OpenAIServer:
         limit = self.max_request_bytes
 
         def too_large(size: str) -> OpenAIError:
-            return OpenAIError(413, f"Request body too large: {size} bytes; this server accepts at most {limit} "
-                                    f"bytes (--max-request-bytes)", code="request_too_large")
+            return OpenAIError(
+                413,
+                f"Request body too large: {size} bytes; this server accepts at most {limit} "
+                f"bytes (--max-request-bytes)",
+                code="request_too_large",
+            )
 
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -252,14 +281,20 @@ class OpenAIServer:
         """
         tok = self.tokenizer
         if tok is None:
-            raise bad_request(f"'{param}': this server runs without a tokenizer (--skip-tokenizer-init), so "
-                              f"text prompts are not supported; send token ids as 'prompt' to /v1/completions",
-                              param=param, code="tokenizer_unavailable")
+            raise bad_request(
+                f"'{param}': this server runs without a tokenizer (--skip-tokenizer-init), so "
+                f"text prompts are not supported; send token ids as 'prompt' to /v1/completions",
+                param=param,
+                code="tokenizer_unavailable",
+            )
         mml = self.max_model_len
         if len(text) > mml * self.max_token_chars:
-            raise bad_request(f"This model's maximum context length is {mml} tokens. However, your prompt has "
-                              f"{len(text)} characters, more than {mml} tokens can hold.",
-                              param=param, code="context_length_exceeded")
+            raise bad_request(
+                f"This model's maximum context length is {mml} tokens. However, your prompt has "
+                f"{len(text)} characters, more than {mml} tokens can hold.",
+                param=param,
+                code="context_length_exceeded",
+            )
         if len(text) > THREAD_TOKENIZE_CHARS:
             batch = getattr(tok, "encode_batch", None)
             if batch is not None:
@@ -282,13 +317,17 @@ class OpenAIServer:
         mml = self.max_model_len
         for t, p in zip(texts, params, strict=True):
             if len(t) > mml * self.max_token_chars:
-                raise bad_request(f"This model's maximum context length is {mml} tokens. However, '{p}' has "
-                                  f"{len(t)} characters, more than {mml} tokens can hold.",
-                                  param=p, code="context_length_exceeded")
+                raise bad_request(
+                    f"This model's maximum context length is {mml} tokens. However, '{p}' has "
+                    f"{len(t)} characters, more than {mml} tokens can hold.",
+                    param=p,
+                    code="context_length_exceeded",
+                )
         batch = getattr(tok, "encode_batch", None)
 
         def run() -> list[list[int]]:
             if batch is not None:
                 return [list(ids) for ids in batch(texts)]
             return [list(tok.encode(t)) for t in texts]
+
         return await asyncio.to_thread(run)

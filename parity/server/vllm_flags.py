@@ -43,28 +43,65 @@ VLLM_FLAGS: tuple[VllmFlag, ...] = (
     VllmFlag("--api-key", "supported", "--api-key"),
     VllmFlag("--device", "supported", "--device"),
     VllmFlag("--skip-tokenizer-init", "supported", "--skip-tokenizer-init"),
-    VllmFlag("--gpu-memory-utilization", "mapped", "--cache-memory-fraction",
-             "vLLM: share of the whole device memory for weights, activations and cache; parity: share of the "
-             "memory left free after the weights load, for the cache pool"),
-    VllmFlag("--tensor-parallel-size", "supported", "--tensor-parallel-size",
-             "query heads, output groups, shared expert, embedding and LM head split; one worker process per device"),
-    VllmFlag("--data-parallel-size", "supported", "--data-parallel-size",
-             "attention data parallelism; with --enable-expert-parallel, EP = TP x DP"),
-    VllmFlag("--enable-expert-parallel", "supported", "--enable-expert-parallel",
-             "routed experts partitioned over the TP x DP ranks"),
-    VllmFlag("--pipeline-parallel-size", "unsupported", None,
-             "parity splits a model by tensor and expert parallelism only; use --tensor-parallel-size"),
-    VllmFlag("--enable-prefix-caching", "supported", "--enable-prefix-caching",
-             "on by default; 128-token blocks of V4's compressed state and sliding window"),
-    VllmFlag("--enforce-eager", "supported", "--enforce-eager",
-             "eager is the default on every device today (measured faster here); --no-enforce-eager compiles"),
-    VllmFlag("--quantization", "supported", "--quantization",
-             "parity: auto | fp8 | fp4 (as published) | w8a8 | w4a8 (INT8 conversion) | bf16"),
+    VllmFlag(
+        "--gpu-memory-utilization",
+        "mapped",
+        "--cache-memory-fraction",
+        "vLLM: share of the whole device memory for weights, activations and cache; parity: share of the "
+        "memory left free after the weights load, for the cache pool",
+    ),
+    VllmFlag(
+        "--tensor-parallel-size",
+        "supported",
+        "--tensor-parallel-size",
+        "query heads, output groups, shared expert, embedding and LM head split; one worker process per device",
+    ),
+    VllmFlag(
+        "--data-parallel-size",
+        "supported",
+        "--data-parallel-size",
+        "attention data parallelism; with --enable-expert-parallel, EP = TP x DP",
+    ),
+    VllmFlag(
+        "--enable-expert-parallel",
+        "supported",
+        "--enable-expert-parallel",
+        "routed experts partitioned over the TP x DP ranks",
+    ),
+    VllmFlag(
+        "--pipeline-parallel-size",
+        "unsupported",
+        None,
+        "parity splits a model by tensor and expert parallelism only; use --tensor-parallel-size",
+    ),
+    VllmFlag(
+        "--enable-prefix-caching",
+        "supported",
+        "--enable-prefix-caching",
+        "on by default; 128-token blocks of V4's compressed state and sliding window",
+    ),
+    VllmFlag(
+        "--enforce-eager",
+        "supported",
+        "--enforce-eager",
+        "eager is the default on every device today (measured faster here); --no-enforce-eager compiles",
+    ),
+    VllmFlag(
+        "--quantization",
+        "supported",
+        "--quantization",
+        "parity: auto | fp8 | fp4 (as published) | w8a8 | w4a8 (INT8 conversion) | bf16",
+    ),
     VllmFlag("--trust-remote-code", "unsupported", None, "parity never runs code from a checkpoint"),
-    VllmFlag("--tokenizer", "unsupported", None,
-             "parity reads tokenizer.json from the checkpoint directory; put the tokenizer there"),
-    VllmFlag("--chat-template", "unsupported", None,
-             "parity uses DeepSeek-V4's own chat encoding, not a Jinja template"),
+    VllmFlag(
+        "--tokenizer",
+        "unsupported",
+        None,
+        "parity reads tokenizer.json from the checkpoint directory; put the tokenizer there",
+    ),
+    VllmFlag(
+        "--chat-template", "unsupported", None, "parity uses DeepSeek-V4's own chat encoding, not a Jinja template"
+    ),
     VllmFlag("--speculative-config", "unsupported", None, "speculative decoding (MTP) is not available"),
     VllmFlag("--swap-space", "unsupported", None, "parity recomputes preempted sequences; it does not swap"),
     VllmFlag("--block-size", "unsupported", None, "parity's cache pool sets its own page size"),
@@ -81,10 +118,15 @@ def add_mapped_flags(parser: argparse.ArgumentParser) -> None:
     """Add the vLLM spellings parity maps (`--model`, `--gpu-memory-utilization`) to a serve/generate/chat
     parser; `apply_mapped_flags` folds them into parity's own options after parsing."""
     g = parser.add_argument_group("vLLM spellings")
-    g.add_argument("--model", dest="vllm_model", default=None, metavar="MODEL",
-                   help="same as the positional MODEL")
-    g.add_argument("--gpu-memory-utilization", dest="vllm_gpu_memory_utilization", type=float, default=None,
-                   metavar="FRACTION", help="sets --cache-memory-fraction: " + BY_NAME["--gpu-memory-utilization"].note)
+    g.add_argument("--model", dest="vllm_model", default=None, metavar="MODEL", help="same as the positional MODEL")
+    g.add_argument(
+        "--gpu-memory-utilization",
+        dest="vllm_gpu_memory_utilization",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="sets --cache-memory-fraction: " + BY_NAME["--gpu-memory-utilization"].note,
+    )
 
 
 def apply_mapped_flags(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> None:
@@ -94,6 +136,7 @@ def apply_mapped_flags(args: argparse.Namespace, parser: argparse.ArgumentParser
         SystemExit(2) via `parser.error` (or RequestError, a ValueError, without a parser): MODEL given
             twice, differently; --gpu-memory-utilization outside (0, 1].
     """
+
     def fail(msg: str) -> None:
         if parser is not None:
             parser.error(msg)

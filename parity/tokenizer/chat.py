@@ -61,19 +61,19 @@ REASONING_EFFORTS = (None, "low", "medium", "high", "max")
 TOOLS_SECTION = (
     "## Tools\n\n"
     "You have access to a set of tools to help answer the user's question. You can invoke tools by "
-    f"writing a \"{special.TOOL_CALLS_OPEN}\" block like the following:\n\n"
+    f'writing a "{special.TOOL_CALLS_OPEN}" block like the following:\n\n'
     f"{special.TOOL_CALLS_OPEN}\n"
-    f"{special.INVOKE_OPEN} name=\"$TOOL_NAME\">\n"
-    f"{special.PARAM_OPEN} name=\"$PARAMETER_NAME\" string=\"true|false\">$PARAMETER_VALUE"
+    f'{special.INVOKE_OPEN} name="$TOOL_NAME">\n'
+    f'{special.PARAM_OPEN} name="$PARAMETER_NAME" string="true|false">$PARAMETER_VALUE'
     f"{special.PARAM_CLOSE}\n"
     "...\n"
     f"{special.INVOKE_CLOSE}\n"
-    f"{special.INVOKE_OPEN} name=\"$TOOL_NAME2\">\n"
+    f'{special.INVOKE_OPEN} name="$TOOL_NAME2">\n'
     "...\n"
     f"{special.INVOKE_CLOSE}\n"
     f"{special.TOOL_CALLS_CLOSE}\n\n"
-    "String parameters should be specified as is and set `string=\"true\"`. For all other types "
-    "(numbers, booleans, arrays, objects), pass the value in JSON format and set `string=\"false\"`.\n\n"
+    'String parameters should be specified as is and set `string="true"`. For all other types '
+    '(numbers, booleans, arrays, objects), pass the value in JSON format and set `string="false"`.\n\n'
     f"If thinking_mode is enabled (triggered by {special.THINK_START}), you MUST output your complete "
     f"reasoning inside {special.THINK_START}...{special.THINK_END} BEFORE any tool calls or final "
     "response.\n\n"
@@ -115,8 +115,10 @@ def _text(value: Any, where: str, joiner: str = "") -> str:
             if not isinstance(part, Mapping):
                 raise ChatError(f"{where}[{j}]: expected a content part object, got {type(part).__name__}")
             if part.get("type", "text") != "text":
-                raise ChatError(f"{where}[{j}].type: unsupported content part {part.get('type')!r}; "
-                                   "expected 'text' (DeepSeek-V4 is text-only)")
+                raise ChatError(
+                    f"{where}[{j}].type: unsupported content part {part.get('type')!r}; "
+                    "expected 'text' (DeepSeek-V4 is text-only)"
+                )
             text = part.get("text")
             if not isinstance(text, str):
                 raise ChatError(f"{where}[{j}].text: expected a string, got {type(text).__name__}")
@@ -158,8 +160,10 @@ def validate_tools(tools: Any) -> list[dict]:
         if not isinstance(name, str) or not name.strip():
             raise ChatError(f"{where}.name: expected a non-empty string, got {name!r}")
         if '"' in name or "<" in name or ">" in name:
-            raise ChatError(f"{where}.name: {name!r} contains '\"', '<' or '>'; expected a plain "
-                               "identifier (it is written inside a DSML tag)")
+            raise ChatError(
+                f"{where}.name: {name!r} contains '\"', '<' or '>'; expected a plain "
+                "identifier (it is written inside a DSML tag)"
+            )
         if name in seen:
             raise ChatError(f"{where}.name: duplicate tool name {name!r}; expected unique names")
         seen.add(name)
@@ -177,17 +181,16 @@ def _check_schema(schema: Any, where: str) -> None:
     if not isinstance(schema, Mapping):
         raise ChatError(f"{where}: expected a JSON Schema object, got {type(schema).__name__}")
     if "type" in schema and schema["type"] != "object":
-        raise ChatError(f"{where}.type: expected 'object' (function parameters are an object), "
-                           f"got {schema['type']!r}")
+        raise ChatError(f"{where}.type: expected 'object' (function parameters are an object), got {schema['type']!r}")
     props = schema.get("properties")
     if props is not None:
         if not isinstance(props, Mapping):
-            raise ChatError(f"{where}.properties: expected an object mapping names to schemas, "
-                               f"got {type(props).__name__}")
+            raise ChatError(
+                f"{where}.properties: expected an object mapping names to schemas, got {type(props).__name__}"
+            )
         for pname, psch in props.items():
             if not isinstance(psch, Mapping):
-                raise ChatError(f"{where}.properties.{pname}: expected a JSON Schema object, "
-                                   f"got {type(psch).__name__}")
+                raise ChatError(f"{where}.properties.{pname}: expected a JSON Schema object, got {type(psch).__name__}")
     req = schema.get("required")
     if req is not None:
         if not isinstance(req, Sequence) or isinstance(req, str) or not all(isinstance(r, str) for r in req):
@@ -254,13 +257,16 @@ def _check_tool_answer(where: str, tool_call_id: str | None, answering: tuple[in
             ``messages[i].tool_call_id`` when the id matches none of its calls.
     """
     if answering is None:
-        raise ChatError(f"{where}.role: a 'tool' message must answer a preceding assistant message with "
-                        "'tool_calls' (directly after it or after other tool messages)")
+        raise ChatError(
+            f"{where}.role: a 'tool' message must answer a preceding assistant message with "
+            "'tool_calls' (directly after it or after other tool messages)"
+        )
     k, ids = answering
     known = [cid for cid in ids if cid]
     if tool_call_id and known and tool_call_id not in known:
-        raise ChatError(f"{where}.tool_call_id: {tool_call_id!r} matches no tool call of messages[{k}]; "
-                        f"expected one of {known}")
+        raise ChatError(
+            f"{where}.tool_call_id: {tool_call_id!r} matches no tool call of messages[{k}]; expected one of {known}"
+        )
 
 
 # ---------------------------------------------------------------------------- rendering
@@ -276,15 +282,23 @@ def render_tool_calls(calls: list[tuple[str, str, dict]]) -> str:
         params = "\n".join(
             f'{special.PARAM_OPEN} name="{k}" string="{"true" if isinstance(v, str) else "false"}">'
             f"{v if isinstance(v, str) else _to_json(v)}{special.PARAM_CLOSE}"
-            for k, v in args.items())
+            for k, v in args.items()
+        )
         invokes.append(f'{special.INVOKE_OPEN} name="{name}">\n{params}\n{special.INVOKE_CLOSE}')
     return f"{special.TOOL_CALLS_OPEN}\n" + "\n".join(invokes) + f"\n{special.TOOL_CALLS_CLOSE}"
 
 
-def encode_chat(messages: list[dict], tools: list[dict] | None = None, thinking: bool = False,
-                reasoning_effort: str | None = None, add_generation_prompt: bool = True, *,
-                drop_thinking: bool | None = None, continue_final_message: bool = False,
-                encoding: ChatEncoding | None = None) -> str:
+def encode_chat(
+    messages: list[dict],
+    tools: list[dict] | None = None,
+    thinking: bool = False,
+    reasoning_effort: str | None = None,
+    add_generation_prompt: bool = True,
+    *,
+    drop_thinking: bool | None = None,
+    continue_final_message: bool = False,
+    encoding: ChatEncoding | None = None,
+) -> str:
     """Encode a conversation into DeepSeek-V4's prompt string (see the module docstring).
 
     Args:
@@ -320,14 +334,18 @@ def encode_chat(messages: list[dict], tools: list[dict] | None = None, thinking:
         raise ChatError(f"thinking: expected true or false, got {thinking!r}")
     encoding = encoding or default_encoding()
     if reasoning_effort is not None and reasoning_effort not in encoding.reasoning_efforts:
-        raise ChatError(f"reasoning_effort: {reasoning_effort!r} is not supported by this model; expected one "
-                        f"of {sorted(encoding.reasoning_efforts)} or null")
+        raise ChatError(
+            f"reasoning_effort: {reasoning_effort!r} is not supported by this model; expected one "
+            f"of {sorted(encoding.reasoning_efforts)} or null"
+        )
     effort_prefix = encoding.reasoning_efforts.get(reasoning_effort, "") if reasoning_effort else ""
     if drop_thinking is None:
         drop_thinking = encoding.drop_thinking
     if continue_final_message and add_generation_prompt:
-        raise ChatError("continue_final_message: cannot be combined with add_generation_prompt (the first "
-                        "continues the last assistant message, the second opens a new one); set one to false")
+        raise ChatError(
+            "continue_final_message: cannot be combined with add_generation_prompt (the first "
+            "continues the last assistant message, the second opens a new one); set one to false"
+        )
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
         raise ChatError("messages: expected a non-empty list of message objects")
     functions = validate_tools(tools)
@@ -369,8 +387,7 @@ def encode_chat(messages: list[dict], tools: list[dict] | None = None, thinking:
             continue
         reasoning = msg.get("reasoning_content")
         if reasoning is not None and not isinstance(reasoning, str):
-            raise ChatError(f"{where}.reasoning_content: expected a string or null, "
-                               f"got {type(reasoning).__name__}")
+            raise ChatError(f"{where}.reasoning_content: expected a string or null, got {type(reasoning).__name__}")
         calls = _tool_calls(msg.get("tool_calls"), f"{where}.tool_calls")
         turns.append({"role": "assistant", "content": content, "reasoning": reasoning or "", "calls": calls})
         if calls:
@@ -398,11 +415,14 @@ def encode_chat(messages: list[dict], tools: list[dict] | None = None, thinking:
     last = len(turns) - 1
     if continue_final_message:
         if turns[last]["role"] != "assistant":
-            raise ChatError(f"messages[{len(messages) - 1}].role: continue_final_message needs an assistant "
-                            f"message last, got {messages[-1].get('role')!r}")
+            raise ChatError(
+                f"messages[{len(messages) - 1}].role: continue_final_message needs an assistant "
+                f"message last, got {messages[-1].get('role')!r}"
+            )
         if turns[last]["calls"]:
-            raise ChatError(f"messages[{len(messages) - 1}].tool_calls: an assistant message to continue "
-                            "cannot carry tool calls")
+            raise ChatError(
+                f"messages[{len(messages) - 1}].tool_calls: an assistant message to continue cannot carry tool calls"
+            )
 
     def transition(n: int) -> list[str]:
         opens = thinking and (keep_all_reasoning or n >= last_user)
@@ -420,9 +440,12 @@ def encode_chat(messages: list[dict], tools: list[dict] | None = None, thinking:
                 out.append("\n\n" + render_tools(t["tools"]))
         elif role == "user":
             out.append(special.USER)
-            out.append("\n\n".join(
-                text if kind == "text" else special.TOOL_RESULT_OPEN + text + special.TOOL_RESULT_CLOSE
-                for kind, text, _ in t["blocks"]))
+            out.append(
+                "\n\n".join(
+                    text if kind == "text" else special.TOOL_RESULT_OPEN + text + special.TOOL_RESULT_CLOSE
+                    for kind, text, _ in t["blocks"]
+                )
+            )
         elif role == "developer":
             out.append(special.USER + t["content"])
         elif role == "latest_reminder":
@@ -443,11 +466,21 @@ def encode_chat(messages: list[dict], tools: list[dict] | None = None, thinking:
         # a non-assistant turn hands over to the assistant when one follows (or it is last): the
         # reference encoder does this after user/developer turns only, parity after system turns too
         nxt = turns[n + 1]["role"] if n < last else None
-        if role != "latest_reminder" and (nxt in ("assistant", "latest_reminder")
-                                          or (nxt is None and add_generation_prompt)):
+        if role != "latest_reminder" and (
+            nxt in ("assistant", "latest_reminder") or (nxt is None and add_generation_prompt)
+        ):
             out += transition(n)
     return "".join(out)
 
 
-__all__ = ["ChatError", "encode_chat", "validate_tools", "render_tools", "render_tool_calls", "ROLES",
-           "REASONING_EFFORTS", "REASONING_EFFORT_MAX_PREFIX", "TOOLS_SECTION"]
+__all__ = [
+    "ChatError",
+    "encode_chat",
+    "validate_tools",
+    "render_tools",
+    "render_tool_calls",
+    "ROLES",
+    "REASONING_EFFORTS",
+    "REASONING_EFFORT_MAX_PREFIX",
+    "TOOLS_SECTION",
+]

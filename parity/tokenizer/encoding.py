@@ -57,8 +57,10 @@ class ChatEncoding:
 
 def default_encoding() -> ChatEncoding:
     """DeepSeek-V4's published table (``encoding/README.md``, "Reasoning Effort"): only "max" adds text."""
-    return ChatEncoding({"low": "", "medium": "", "high": "", "max": REASONING_EFFORT_MAX_PREFIX},
-                        source="DeepSeek-V4 encoding/README.md")
+    return ChatEncoding(
+        {"low": "", "medium": "", "high": "", "max": REASONING_EFFORT_MAX_PREFIX},
+        source="DeepSeek-V4 encoding/README.md",
+    )
 
 
 def load_encoding(model_dir: str | os.PathLike | None) -> ChatEncoding:
@@ -77,8 +79,9 @@ def load_encoding(model_dir: str | os.PathLike | None) -> ChatEncoding:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not readable JSON ({e})") from None
     efforts = data.get("reasoning_efforts") if isinstance(data, dict) else None
-    if not isinstance(efforts, dict) or not all(isinstance(k, str) and (v is None or isinstance(v, str))
-                                                for k, v in efforts.items()):
+    if not isinstance(efforts, dict) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in efforts.items()
+    ):
         raise CheckpointError(f"{path}: 'reasoning_efforts' must map effort names to a text or null")
     drop = data.get("drop_thinking", True)
     if not isinstance(drop, bool):

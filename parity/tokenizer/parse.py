@@ -65,8 +65,10 @@ _REASONING_HELD = (special.THINK_END, special.TOOL_CALLS_START, special.TOOL_CAL
 #: ``<｜latest_reminder｜>``, placeholders...), any DSML tag and the bare ``｜DSML｜`` token.
 _MARKUP = re.compile(r"</?think>|<\|EOT\|>|<｜[^｜<>\n]{1,64}｜>|</?｜DSML｜[^<>\n]{0,512}>|｜DSML｜")
 #: Every prefix of a :data:`_MARKUP` match (and a few more) fully matches one of these.
-_MARKUP_PREFIX = re.compile(r"</?t?h?i?n?k?|<\|E?O?T?\|?|<(?:｜[^｜<>\n]{0,64}｜?)?"
-                            r"|</?(?:｜(?:D(?:S(?:M(?:L(?:｜[^<>\n]{0,512})?)?)?)?)?)?|｜(?:D(?:S(?:M(?:L)?)?)?)?")
+_MARKUP_PREFIX = re.compile(
+    r"</?t?h?i?n?k?|<\|E?O?T?\|?|<(?:｜[^｜<>\n]{0,64}｜?)?"
+    r"|</?(?:｜(?:D(?:S(?:M(?:L(?:｜[^<>\n]{0,512})?)?)?)?)?)?|｜(?:D(?:S(?:M(?:L)?)?)?)?"
+)
 _MARKUP_START = re.compile("[<｜]")
 #: Parameters a model wraps all arguments in (vLLM's DeepSeek tool parsers unwrap them too).
 _WRAPPER_PARAMS = ("arguments", "input")
@@ -178,9 +180,14 @@ class ParsedOutput:
         return msg
 
 
-def parse_output(text: str, thinking: bool, tools_enabled: bool = True, call_id_prefix: str | None = None,
-                 finish_reason: str | None = None, tool_params: Mapping[str, Collection[str]] | None = None
-                 ) -> ParsedOutput:
+def parse_output(
+    text: str,
+    thinking: bool,
+    tools_enabled: bool = True,
+    call_id_prefix: str | None = None,
+    finish_reason: str | None = None,
+    tool_params: Mapping[str, Collection[str]] | None = None,
+) -> ParsedOutput:
     """Parse a whole generated text (see the module docstring for the grammar and the recoveries).
 
     Args:
@@ -205,9 +212,15 @@ def parse_output(text: str, thinking: bool, tools_enabled: bool = True, call_id_
     reasoning = "".join(d.get("reasoning_content", "") for d in items) if thinking else None
     if p.answer_recovered:
         reasoning = ""
-    calls = [{"id": d["tool_call"]["id"], "type": "function",
-              "function": {"name": d["tool_call"]["name"], "arguments": d["tool_call"]["arguments"]}}
-             for d in items if "tool_call" in d]
+    calls = [
+        {
+            "id": d["tool_call"]["id"],
+            "type": "function",
+            "function": {"name": d["tool_call"]["name"], "arguments": d["tool_call"]["arguments"]},
+        }
+        for d in items
+        if "tool_call" in d
+    ]
     return ParsedOutput(content, reasoning, calls)
 
 
@@ -235,8 +248,13 @@ class StreamingOutputParser:
         tool_call_count: calls sent so far.
     """
 
-    def __init__(self, thinking: bool, tools_enabled: bool = True, call_id_prefix: str | None = None,
-                 tool_params: Mapping[str, Collection[str]] | None = None):
+    def __init__(
+        self,
+        thinking: bool,
+        tools_enabled: bool = True,
+        call_id_prefix: str | None = None,
+        tool_params: Mapping[str, Collection[str]] | None = None,
+    ):
         self.thinking = thinking
         self.tools_enabled = tools_enabled
         self.call_id_prefix = call_id_prefix
@@ -270,8 +288,8 @@ class StreamingOutputParser:
             self._end("stop")
         else:
             keep = _held_suffix(raw, (special.EOS,))
-            self._raw = raw[len(raw) - keep:] if keep else ""
-            self._buf += raw[:len(raw) - keep]
+            self._raw = raw[len(raw) - keep :] if keep else ""
+            self._buf += raw[: len(raw) - keep]
             self._run(final=False)
         return self._take()
 
@@ -312,7 +330,7 @@ class StreamingOutputParser:
         if kind == "content" and self._after_block:  # whitespace that ends the output after a block is dropped
             text = self._held_space + text
             kept = text.rstrip()
-            self._held_space = "" if final else text[len(kept):]
+            self._held_space = "" if final else text[len(kept) :]
             text = kept
         if text:
             if kind == "reasoning_content":
@@ -326,9 +344,16 @@ class StreamingOutputParser:
         declared = self.tool_params.get(call["name"]) if self.tool_params is not None else None
         index = self.tool_call_count
         self.tool_call_count += 1
-        self._out.append({"tool_call": {"index": index, "id": _new_call_id(self.call_id_prefix, index),
-                                        "name": call["name"],
-                                        "arguments": tool_arguments(call["params"], declared)}})
+        self._out.append(
+            {
+                "tool_call": {
+                    "index": index,
+                    "id": _new_call_id(self.call_id_prefix, index),
+                    "name": call["name"],
+                    "arguments": tool_arguments(call["params"], declared),
+                }
+            }
+        )
 
     def _take(self) -> list[dict]:
         merged: list[dict] = []
@@ -349,7 +374,7 @@ class StreamingOutputParser:
             buf = self._buf
             if st == "start":
                 if buf.startswith(special.THINK_START):
-                    self._buf = buf[len(special.THINK_START):]
+                    self._buf = buf[len(special.THINK_START) :]
                     self._state = "reasoning"
                     continue
                 if special.THINK_START.startswith(buf) and not final:
@@ -366,32 +391,32 @@ class StreamingOutputParser:
                     else:
                         self._state = "body"
                     self._emit("reasoning_content", seg)
-                    self._buf = buf[i + len(m):]
+                    self._buf = buf[i + len(m) :]
                     continue
                 keep = 0 if final else _held_suffix(buf, _REASONING_HELD)
-                self._emit("reasoning_content", buf[:len(buf) - keep])
-                self._buf = buf[len(buf) - keep:]
+                self._emit("reasoning_content", buf[: len(buf) - keep])
+                self._buf = buf[len(buf) - keep :]
                 return
             if st == "body":
                 i = buf.find(special.TOOL_CALLS_OPEN)
                 if i >= 0:
                     seg = buf[:i]
                     self._emit("content", seg[:-2] if seg.endswith("\n\n") else seg)
-                    self._buf = buf[i + len(special.TOOL_CALLS_OPEN):]
+                    self._buf = buf[i + len(special.TOOL_CALLS_OPEN) :]
                     self._state = "block"
                     continue
                 keep = 0 if final else _held_suffix(buf, (special.TOOL_CALLS_START, special.TOOL_CALLS_OPEN))
-                self._emit("content", buf[:len(buf) - keep])
-                self._buf = buf[len(buf) - keep:]
+                self._emit("content", buf[: len(buf) - keep])
+                self._buf = buf[len(buf) - keep :]
                 return
             if st in ("block", "invoke"):
                 markers = _TOOL_MARKERS[st]
                 i, m = _earliest(buf, markers)
                 if m is None:
                     keep = 0 if final else _held_suffix(buf, markers)
-                    self._buf = buf[len(buf) - keep:]  # text between tags is ignored
+                    self._buf = buf[len(buf) - keep :]  # text between tags is ignored
                     return
-                self._buf = buf[i + len(m):]
+                self._buf = buf[i + len(m) :]
                 if m == special.TOOL_CALLS_CLOSE:
                     self._close_call()
                     self._state = "body"
@@ -410,7 +435,7 @@ class StreamingOutputParser:
                 if gt < 0:
                     return  # at the end: a tag cut short, its call is dropped by _end
                 attrs = buf[:gt]
-                self._buf = buf[gt + 1:]
+                self._buf = buf[gt + 1 :]
                 if st == "invoke_tag":
                     mm = _INVOKE_ATTRS.fullmatch(attrs)
                     if mm:
@@ -431,14 +456,14 @@ class StreamingOutputParser:
                 i = buf.find(special.PARAM_CLOSE)
                 if i < 0:
                     keep = 0 if final else _held_suffix(buf, (special.PARAM_CLOSE,))
-                    self._value.append(buf[:len(buf) - keep])
-                    self._buf = buf[len(buf) - keep:]
+                    self._value.append(buf[: len(buf) - keep])
+                    self._buf = buf[len(buf) - keep :]
                     return  # at the end: a value cut short, its call is dropped by _end
                 self._value.append(buf[:i])
                 if self._call is not None and self._param is not None:
                     self._call["params"].append((self._param[0], self._param[1], "".join(self._value)))
                 self._param, self._value = None, []
-                self._buf = buf[i + len(special.PARAM_CLOSE):]
+                self._buf = buf[i + len(special.PARAM_CLOSE) :]
                 self._state = "invoke"
                 continue
             raise AssertionError(f"unknown parser state {st!r}")  # pragma: no cover

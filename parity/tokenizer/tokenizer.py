@@ -88,8 +88,10 @@ def resolve_tokenizer_path(model_dir: str | os.PathLike | None) -> Path:
     if p.is_file():
         return p.resolve()
     if not p.is_dir():
-        raise CheckpointError(f"tokenizer: model_dir {str(p)!r} does not exist; expected a checkpoint "
-                              f"directory or a path to {TOKENIZER_FILE}")
+        raise CheckpointError(
+            f"tokenizer: model_dir {str(p)!r} does not exist; expected a checkpoint "
+            f"directory or a path to {TOKENIZER_FILE}"
+        )
     cand = p / TOKENIZER_FILE
     if cand.is_file():
         return cand.resolve()
@@ -163,8 +165,10 @@ class DeepseekV4Tokenizer:
             ids[key] = self.backend.token_to_id(text)
         for key in ("bos", "eos"):
             if ids[key] is None:
-                raise CheckpointError(f"tokenizer: {self.path} has no token {special.NAMED_TOKENS[key]!r} "
-                                      f"({key.upper()}); expected DeepSeek-V4's tokenizer.json")
+                raise CheckpointError(
+                    f"tokenizer: {self.path} has no token {special.NAMED_TOKENS[key]!r} "
+                    f"({key.upper()}); expected DeepSeek-V4's tokenizer.json"
+                )
         self.bos_token = special.BOS
         self.eos_token = special.EOS
         self.bos_token_id: int = ids["bos"]
@@ -275,9 +279,16 @@ class DeepseekV4Tokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
-    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None, *,
-                            thinking: bool = False, reasoning_effort: str | None = None,
-                            add_generation_prompt: bool = True, tokenize: bool = True) -> list[int] | str:
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        tools: list[dict] | None = None,
+        *,
+        thinking: bool = False,
+        reasoning_effort: str | None = None,
+        add_generation_prompt: bool = True,
+        tokenize: bool = True,
+    ) -> list[int] | str:
         """:func:`parity.tokenizer.encode_chat` then (by default) :meth:`encode`.
 
         Returns:
@@ -287,8 +298,13 @@ class DeepseekV4Tokenizer:
         """
         from parity.tokenizer.chat import encode_chat
 
-        prompt = encode_chat(messages, tools=tools, thinking=thinking, reasoning_effort=reasoning_effort,
-                             add_generation_prompt=add_generation_prompt)
+        prompt = encode_chat(
+            messages,
+            tools=tools,
+            thinking=thinking,
+            reasoning_effort=reasoning_effort,
+            add_generation_prompt=add_generation_prompt,
+        )
         return self.encode(prompt) if tokenize else prompt
 
     def __repr__(self) -> str:
@@ -364,5 +380,11 @@ class IncrementalDetokenizer:
         return self._parts[0] if self._parts else ""
 
 
-__all__ = ["DeepseekV4Tokenizer", "IncrementalDetokenizer", "load_tokenizer", "package_tokenizer_path",
-           "resolve_tokenizer_path", "TOKENIZER_FILE"]
+__all__ = [
+    "DeepseekV4Tokenizer",
+    "IncrementalDetokenizer",
+    "load_tokenizer",
+    "package_tokenizer_path",
+    "resolve_tokenizer_path",
+    "TOKENIZER_FILE",
+]

@@ -45,9 +45,16 @@ from parity.errors import DeviceError
 METERS = ("auto", "none", "nvml", "npu-smi", "rapl", "dcmi")
 
 
-def _makers(devices=None, powercap_root: str | Path = POWERCAP_ROOT, nvml: Any = None, npu_smi: str = "npu-smi",
-            npu_smi_run: Callable[..., Any] | None = None, interval_s: float = DEFAULT_INTERVAL_S,
-            ipmitool: str = "ipmitool", ipmitool_run: Callable[..., Any] | None = None) -> dict:
+def _makers(
+    devices=None,
+    powercap_root: str | Path = POWERCAP_ROOT,
+    nvml: Any = None,
+    npu_smi: str = "npu-smi",
+    npu_smi_run: Callable[..., Any] | None = None,
+    interval_s: float = DEFAULT_INTERVAL_S,
+    ipmitool: str = "ipmitool",
+    ipmitool_run: Callable[..., Any] | None = None,
+) -> dict:
     return {
         "nvml": lambda: NvmlMeter(devices=devices, nvml=nvml, interval_s=interval_s),
         "npu-smi": lambda: NpuSmiMeter(devices=devices, npu_smi=npu_smi, run=npu_smi_run, interval_s=interval_s),
@@ -66,10 +73,18 @@ def _first_readable(names: tuple[str, ...], makers: dict) -> tuple[EnergyMeter |
     return None, reasons
 
 
-def open_meter(spec: str = "auto", *, devices: list[int] | None = None, powercap_root: str | Path = POWERCAP_ROOT,
-               nvml: Any = None, npu_smi: str = "npu-smi", npu_smi_run: Callable[..., Any] | None = None,
-               interval_s: float = DEFAULT_INTERVAL_S, ipmitool: str = "ipmitool",
-               ipmitool_run: Callable[..., Any] | None = None) -> EnergyMeter:
+def open_meter(
+    spec: str = "auto",
+    *,
+    devices: list[int] | None = None,
+    powercap_root: str | Path = POWERCAP_ROOT,
+    nvml: Any = None,
+    npu_smi: str = "npu-smi",
+    npu_smi_run: Callable[..., Any] | None = None,
+    interval_s: float = DEFAULT_INTERVAL_S,
+    ipmitool: str = "ipmitool",
+    ipmitool_run: Callable[..., Any] | None = None,
+) -> EnergyMeter:
     """Open an energy meter.
 
     Args:
@@ -125,7 +140,25 @@ def open_meters(spec: str = "auto", **kw) -> list[EnergyMeter]:
     return out or [NoneMeter("no energy meter readable: " + "; ".join(r1 + r2 + r3))]
 
 
-__all__ = ["METERS", "open_meters", "open_meter", "EnergyReading", "EnergyMeter", "NoneMeter", "RaplMeter",
-           "NvmlMeter", "NpuSmiMeter", "DcmiMeter", "parse_dcmi_power", "energy_between", "cumulative_trapezoid",
-           "counter_delta", "find_rapl_domains", "parse_npu_smi_power",
-           "parse_npu_smi_ids", "integrate_trapezoid", "DEFAULT_INTERVAL_S", "POWERCAP_ROOT"]
+__all__ = [
+    "METERS",
+    "open_meters",
+    "open_meter",
+    "EnergyReading",
+    "EnergyMeter",
+    "NoneMeter",
+    "RaplMeter",
+    "NvmlMeter",
+    "NpuSmiMeter",
+    "DcmiMeter",
+    "parse_dcmi_power",
+    "energy_between",
+    "cumulative_trapezoid",
+    "counter_delta",
+    "find_rapl_domains",
+    "parse_npu_smi_power",
+    "parse_npu_smi_ids",
+    "integrate_trapezoid",
+    "DEFAULT_INTERVAL_S",
+    "POWERCAP_ROOT",
+]

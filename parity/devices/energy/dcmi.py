@@ -57,8 +57,9 @@ class DcmiMeter(EnergyMeter):
 
     name = "dcmi"
 
-    def __init__(self, ipmitool: str = "ipmitool", run: Callable[..., Any] | None = None,
-                 interval_s: float = DEFAULT_INTERVAL_S):
+    def __init__(
+        self, ipmitool: str = "ipmitool", run: Callable[..., Any] | None = None, interval_s: float = DEFAULT_INTERVAL_S
+    ):
         self.run = run
         if run is None:
             if shutil.which(ipmitool) is None:
@@ -100,10 +101,17 @@ class DcmiMeter(EnergyMeter):
         dt = time.perf_counter() - self._t0
         tl = cumulative_trapezoid(self._t, self._w)
         j = tl[-1][1][0]
-        return EnergyReading(meter="dcmi", joules=j, seconds=dt, avg_watts=j / dt if dt > 0 else None,
-                             devices=["node (BMC)"], per_device_j=[j], samples=len(self._t), timeline=tl,
-                             method=f"IPMI DCMI instantaneous node power sampled every {self.interval_s:g} s, "
-                                    "trapezoid-integrated")
+        return EnergyReading(
+            meter="dcmi",
+            joules=j,
+            seconds=dt,
+            avg_watts=j / dt if dt > 0 else None,
+            devices=["node (BMC)"],
+            per_device_j=[j],
+            samples=len(self._t),
+            timeline=tl,
+            method=f"IPMI DCMI instantaneous node power sampled every {self.interval_s:g} s, trapezoid-integrated",
+        )
 
     def describe(self) -> str:
         return "dcmi (node power via BMC)"

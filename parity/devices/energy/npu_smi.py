@@ -67,8 +67,13 @@ class NpuSmiMeter(EnergyMeter):
 
     name = "npu-smi"
 
-    def __init__(self, devices: list[int] | None = None, npu_smi: str = "npu-smi",
-                 run: Callable[..., Any] | None = None, interval_s: float = DEFAULT_INTERVAL_S):
+    def __init__(
+        self,
+        devices: list[int] | None = None,
+        npu_smi: str = "npu-smi",
+        run: Callable[..., Any] | None = None,
+        interval_s: float = DEFAULT_INTERVAL_S,
+    ):
         self.run = run
         if run is None:
             if shutil.which(npu_smi) is None:
@@ -120,10 +125,17 @@ class NpuSmiMeter(EnergyMeter):
         dt = time.perf_counter() - self._t0
         per = [integrate_trapezoid(self._t, [w[k] for w in self._w]) for k in range(len(self.ids))]
         j = sum(per)
-        return EnergyReading(meter="npu-smi", joules=j, seconds=dt, avg_watts=j / dt if dt > 0 else None,
-                             devices=[f"npu{i}" for i in self.ids], per_device_j=per, samples=len(self._t),
-                             timeline=cumulative_trapezoid(self._t, self._w),
-                             method=f"npu-smi board power sampled every {self.interval_s:g} s, trapezoid-integrated")
+        return EnergyReading(
+            meter="npu-smi",
+            joules=j,
+            seconds=dt,
+            avg_watts=j / dt if dt > 0 else None,
+            devices=[f"npu{i}" for i in self.ids],
+            per_device_j=per,
+            samples=len(self._t),
+            timeline=cumulative_trapezoid(self._t, self._w),
+            method=f"npu-smi board power sampled every {self.interval_s:g} s, trapezoid-integrated",
+        )
 
     def describe(self) -> str:
         return f"npu-smi ({len(self.ids)} NPU(s))"

@@ -92,11 +92,18 @@ class NvmlMeter(EnergyMeter):
         # mJ -> J; the counter is 64-bit, no wrap in practice
         per = [(b - a) * 1e-3 for a, b in zip(self._e0, e1, strict=True)]
         j = sum(per)
-        return EnergyReading(meter="nvml", joules=j, seconds=dt, avg_watts=j / dt if dt > 0 else None,
-                             devices=list(self.names), per_device_j=per, samples=len(self._timeline),
-                             timeline=list(self._timeline),
-                             method="NVML nvmlDeviceGetTotalEnergyConsumption counter (mJ), read at start and stop "
-                                    f"and every {self.interval_s:g} s")
+        return EnergyReading(
+            meter="nvml",
+            joules=j,
+            seconds=dt,
+            avg_watts=j / dt if dt > 0 else None,
+            devices=list(self.names),
+            per_device_j=per,
+            samples=len(self._timeline),
+            timeline=list(self._timeline),
+            method="NVML nvmlDeviceGetTotalEnergyConsumption counter (mJ), read at start and stop "
+            f"and every {self.interval_s:g} s",
+        )
 
     def describe(self) -> str:
         return f"nvml ({len(self.handles)} GPU(s))"

@@ -60,8 +60,9 @@ def find_rapl_domains(root: str | Path = POWERCAP_ROOT) -> list[RaplDomain]:
             max_range = int((d / "max_energy_range_uj").read_text().strip())
             int((d / "energy_uj").read_text().strip())
         except PermissionError as e:
-            raise DeviceError(f"rapl: permission denied reading {e.filename} "
-                              "(root only since Linux 5.10, CVE-2020-8694)") from None
+            raise DeviceError(
+                f"rapl: permission denied reading {e.filename} (root only since Linux 5.10, CVE-2020-8694)"
+            ) from None
         except (OSError, ValueError) as e:
             raise DeviceError(f"rapl: cannot read {d}/energy_uj or max_energy_range_uj: {e}") from None
         out.append(RaplDomain(name=name, path=d, max_range_uj=max_range))
@@ -128,11 +129,17 @@ class RaplMeter(EnergyMeter):
         dt = time.perf_counter() - self._t0
         per = [uj * 1e-6 for uj in self._acc_uj]
         j = sum(per)
-        return EnergyReading(meter="rapl", joules=j, seconds=dt, avg_watts=j / dt if dt > 0 else None,
-                             devices=[d.name for d in self.domains], per_device_j=per, samples=self._n,
-                             timeline=list(self._timeline),
-                             method=f"powercap energy_uj counter read every {self.interval_s:g} s, "
-                                    "wrap-around added back")
+        return EnergyReading(
+            meter="rapl",
+            joules=j,
+            seconds=dt,
+            avg_watts=j / dt if dt > 0 else None,
+            devices=[d.name for d in self.domains],
+            per_device_j=per,
+            samples=self._n,
+            timeline=list(self._timeline),
+            method=f"powercap energy_uj counter read every {self.interval_s:g} s, wrap-around added back",
+        )
 
     def describe(self) -> str:
         return f"rapl ({', '.join(d.name for d in self.domains)})"

@@ -28,13 +28,14 @@ def sink_softmax(logits: list[torch.Tensor], sink: torch.Tensor) -> list[torch.T
     probs = torch.cat([*logits, s], dim=-1).softmax(dim=-1)
     out, a = [], 0
     for lg in logits:
-        out.append(probs[..., a:a + lg.shape[-1]])
+        out.append(probs[..., a : a + lg.shape[-1]])
         a += lg.shape[-1]
     return out
 
 
-def sparse_sink_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, topk_idxs: torch.Tensor,
-                          scale: float) -> torch.Tensor:
+def sparse_sink_attention(
+    q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, topk_idxs: torch.Tensor, scale: float
+) -> torch.Tensor:
     """Sink attention over gathered keys, K = V (the math of the official ``sparse_attn``).
 
     Args:
@@ -50,7 +51,7 @@ def sparse_sink_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor,
     B, S, K = topk_idxs.shape
     valid = topk_idxs >= 0
     rows = torch.arange(B, device=kv.device)[:, None, None]
-    g = kv[rows, topk_idxs.clamp(min=0)].float()                               # [B, S, K, D]
+    g = kv[rows, topk_idxs.clamp(min=0)].float()  # [B, S, K, D]
     logits = torch.einsum("bshd,bskd->bshk", q.float(), g) * scale
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
     (probs,) = sink_softmax([logits], sink)
@@ -85,7 +86,7 @@ class TorchBackend(AttentionBackend):
                 return o
             out[dec.rows] = o
         for ch in batch.chunks:
-            self._chunk(q[ch.start:ch.start + ch.n], ch, sink, scale, out[ch.start:ch.start + ch.n])
+            self._chunk(q[ch.start : ch.start + ch.n], ch, sink, scale, out[ch.start : ch.start + ch.n])
         return out
 
     def _decode(self, q: torch.Tensor, dec: DecodeKeys, sink: torch.Tensor, scale: float) -> torch.Tensor:
@@ -145,9 +146,9 @@ class TorchBackend(AttentionBackend):
             a, b = j0 * Bq, min(n, j1 * Bq)  # real queries of this pass: [a, b)
             g, m = j1 - j0, b - a
             jj = torch.arange(j0, j1, device=dev)[:, None]
-            qpos = p + jj * Bq + r_ar[None, :]                   # [g, Bq]
-            kpos = p - (W - 1) + jj * Bq + k_ar[None, :]        # [g, L]
-            dk = kpos[:, None, :] - qpos[:, :, None]            # [g, Bq, L]: key pos - query pos
+            qpos = p + jj * Bq + r_ar[None, :]  # [g, Bq]
+            kpos = p - (W - 1) + jj * Bq + k_ar[None, :]  # [g, L]
+            dk = kpos[:, None, :] - qpos[:, :, None]  # [g, Bq, L]: key pos - query pos
             allowed = (dk <= 0) & (dk > -W) & (kpos >= 0)[:, None, :]
             qb = qf[a:b]
             if m < g * Bq:
@@ -162,7 +163,7 @@ class TorchBackend(AttentionBackend):
                 if ch.topk is not None:
                     # the chunk's selection cut to the entries this pass can see (ties went to the earlier
                     # entry, so the first min(K, n_vis) indices are all < n_vis)
-                    top = ch.topk[a:b, :min(n_top, n_vis)]
+                    top = ch.topk[a:b, : min(n_top, n_vis)]
                     sel_k = ent.index_select(0, top.flatten()).view(*top.shape, D).float()
                     ls = torch.einsum("nhd,nkd->nhk", qb[:m], sel_k) * scale
                     parts.append(ls.masked_fill(~torch.gather(vis, 1, top)[:, None, :], float("-inf")))
