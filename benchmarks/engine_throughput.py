@@ -216,11 +216,11 @@ def main() -> int:
             row["decode_hf_tok_s"] = B * (a.output_len - 1) / best_h[1]
             row["prefill_ratio"] = row["prefill_parity_tok_s"] / row["prefill_hf_tok_s"]
             row["decode_ratio"] = row["decode_parity_tok_s"] / row["decode_hf_tok_s"]
-            same = sum(x == y for x, y in zip(p_out, h_out))
+            same = sum(x == y for x, y in zip(p_out, h_out, strict=False))
             row["same_outputs"] = f"{same}/{B}"
         rows.append(row)
-        f = lambda k, w: f"{row[k]:>{w},.0f}" if k in row else f"{'-':>{w}}"  # noqa: E731
-        r = lambda k: f"{row[k]:>5.2f}x" if k in row else f"{'-':>6}"  # noqa: E731
+        f = lambda k, w, row=row: f"{row[k]:>{w},.0f}" if k in row else f"{'-':>{w}}"  # noqa: E731
+        r = lambda k, row=row: f"{row[k]:>5.2f}x" if k in row else f"{'-':>6}"  # noqa: E731
         print(
             f"{B:>5} | {f('prefill_parity_tok_s', 15)} {f('prefill_hf_tok_s', 12)} {r('prefill_ratio')} | "
             f"{f('decode_parity_tok_s', 14)} {f('decode_hf_tok_s', 10)} {r('decode_ratio')} | "

@@ -154,7 +154,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ parsing
     @classmethod
-    def from_dict(cls, d: dict, source: str = "") -> "ModelConfig":
+    def from_dict(cls, d: dict, source: str = "") -> ModelConfig:
         """Parse a DeepSeek-V4 `config.json` dict (modern or legacy form).
 
         Raises:
@@ -297,7 +297,7 @@ class ModelConfig:
         kw["qk_rope_head_dim"] = rope_dim
 
         # -- remaining plain fields
-        for name, f in fields.items():
+        for name in fields:
             if name in kw or name in ("extra", "source"):
                 continue
             if name in d:
@@ -452,7 +452,7 @@ class ModelConfig:
         f.write_text(json.dumps(self.to_legacy_dict() if legacy else self.to_dict(), indent=2) + "\n")
         return f
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         """A validated copy with some fields changed."""
         new = dataclasses.replace(copy.deepcopy(self), **changes)
         new.validate()

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from parity.config import CSA, HCA, HASH_MOE, SLIDING, ModelConfig
+from parity.config import CSA, HASH_MOE, HCA, SLIDING, ModelConfig
 
 #: Values per UE8M0 scale in the fp8 KV cache (official inference/model.py: act_quant block 64).
 FP8_CACHE_BLOCK = 64

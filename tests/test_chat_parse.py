@@ -52,7 +52,8 @@ SAMPLES = [
         "malformed",
         'c1<｜DSML｜tool_calls>junk<｜DSML｜invoke oops>\n<｜DSML｜invoke name="g">'
         '<｜DSML｜parameter bad>v</｜DSML｜parameter><｜DSML｜parameter name="k">v2</｜DSML｜parameter>'
-        '<｜DSML｜invoke name="h"></｜DSML｜tool_calls> after <｜DSML｜tool_calls><｜DSML｜invoke name="i"><｜DSML｜invoke name="j"',
+        '<｜DSML｜invoke name="h"></｜DSML｜tool_calls> after '
+        '<｜DSML｜tool_calls><｜DSML｜invoke name="i"><｜DSML｜invoke name="j"',
         False,
         True,
     ),
@@ -150,7 +151,7 @@ def test_streaming_equals_whole_for_every_split(name, text, thinking, tools):
     rng = random.Random(name)
     for _ in range(40):  # random multi-way splits
         cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randrange(2, 12))))
-        chunks = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+        chunks = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)], strict=False)]
         assert stream(chunks, thinking, tools) == expected, cuts
 
 

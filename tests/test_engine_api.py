@@ -6,7 +6,6 @@ from parity.engine import LLM, SamplingParams
 from parity.engine.testing import CharTokenizer, FakeModel
 from parity.errors import RequestError
 
-
 SP = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
 
 

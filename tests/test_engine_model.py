@@ -68,7 +68,7 @@ def batched(model, prompts):
 
 
 def test_batched_equals_forward_logits_argmax(model, prompts, batched):
-    for p, o in zip(prompts, batched):
+    for p, o in zip(prompts, batched, strict=False):
         assert len(o) == N_OUT
         check_greedy(model, p, o)
 

@@ -8,7 +8,6 @@ from parity.engine.cache_pool import SequenceCache, normalize_layout
 from parity.engine.testing import CharTokenizer, FakeModel, greedy_reference
 from parity.errors import RequestError
 
-
 PROMPTS = [[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [12, 13], [20] * 17, [40, 41, 42, 43, 44]]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
 

@@ -46,7 +46,7 @@ def test_indexer_topk_matters(hf_small, parity_small, one_thread):
             i.topk = 1000
         assert (parity_small.forward_logits(ids) - base).abs().max().item() > 1e-3
     finally:
-        for i, k in zip(idx, old):
+        for i, k in zip(idx, old, strict=False):
             i.topk = k
 
 

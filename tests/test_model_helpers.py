@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 #: A small V4 covering every layer kind: sliding, CSA (ratio 4 + indexer), HCA (ratio 16), hash and
-#: scored MoE, YaRN on the compressed layers. index_n_heads=16 makes exact-zero indexer scores (all heads relu 0, ties) improbable.
+#: scored MoE, YaRN on the compressed layers. index_n_heads=16 makes exact-zero indexer scores
+#: (all heads relu 0, ties) improbable.
 SMALL = dict(
     vocab_size=64,
     hidden_size=32,

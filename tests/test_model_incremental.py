@@ -21,7 +21,7 @@ def seqs_and_ref(parity_small):
 def _run_chunks(model, ids_row, cuts):
     st = model.new_state()
     outs = []
-    for a, b in zip(cuts[:-1], cuts[1:]):
+    for a, b in zip(cuts[:-1], cuts[1:], strict=False):
         outs += model.forward_incremental([ids_row[a:b]], [st], all_logits=True)[0]
     assert st.num_tokens == cuts[-1]
     return torch.stack(outs)
@@ -154,5 +154,5 @@ def test_query_blocks(parity_small, seqs_and_ref, block, one_thread):
         out = _run_chunks(parity_small, ids[1], [0, 20, 21, 45, 50])
         assert (out - ref[1]).abs().max().item() <= TOL
     finally:
-        for a, q in zip(attns, old):
+        for a, q in zip(attns, old, strict=False):
             a.backend.query_block = q

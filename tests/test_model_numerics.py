@@ -112,7 +112,7 @@ def test_incremental_official_steps(q8, cuts, one_thread):
     ref = model.forward_logits(ids, kv_cache_dtype="fp8", indexer_dtype="fp4")
     st = model.new_state(kv_cache_dtype="fp8", indexer_dtype="fp4")
     outs = []
-    for a, b in zip(cuts[:-1], cuts[1:]):
+    for a, b in zip(cuts[:-1], cuts[1:], strict=False):
         outs += model.forward_incremental(
             [ids[0, a:b]], [st], all_logits=True, kv_cache_dtype="fp8", indexer_dtype="fp4"
         )[0]

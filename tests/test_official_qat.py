@@ -191,8 +191,8 @@ def test_engine_batched_chunked_preempted_equal_forward_logits():
     """The engine under the official numerics (fp8 KV cache, fp4 indexer keys): greedy outputs alone,
     batched, with chunked prefill and after preemption are the same tokens, each the argmax of
     `forward_logits` (same numerics) on its prefix."""
-    from parity.engine import LLM, CachePoolExhausted, SamplingParams
     from parity.checkpoint.reader import from_pretrained
+    from parity.engine import LLM, CachePoolExhausted, SamplingParams
 
     model = from_pretrained(DATA, kv_cache_dtype="fp8", indexer_dtype="fp4")
     model.cache_block_entries = 1  # caches grow block by block during decode: preemption happens there

@@ -8,8 +8,8 @@ from parity.config import load_preset
 from parity.distributed import ParallelConfig
 from parity.distributed.context import ParallelContext, free_port, init_parallel, shutdown_parallel
 from parity.errors import ParallelError
-from parity.model.deepseek_v4 import V4ForCausalLM
 from parity.model.build import build_model
+from parity.model.deepseek_v4 import V4ForCausalLM
 from parity.model.memory import estimate_weight_bytes
 from parity.model.parallel_layers import parallelize_
 

@@ -179,7 +179,8 @@ def test_cli_compare_train_and_validate(tmp_path, capsys):
         (["compare", "train", "--hardware", "910c", "--pue", "inf"], "--pue must be a finite number >= 1"),
         (
             ["plan", "train", "--hardware", "910c", "--num-devices", "99999999999999"],
-            "the cluster is too large for the global batch (each data-parallel replica needs at least one micro-batch of "
+            "the cluster is too large for the global batch (each data-parallel replica needs at least one "
+            "micro-batch of "
             "4,096 tokens",
         ),
     ],

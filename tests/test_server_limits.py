@@ -11,15 +11,15 @@ import time
 
 import httpx
 import pytest
+from test_server_fakes import FakeChatFormat, FakeEngine, FakeSamplingParams
 
 from parity.errors import CheckpointError, RequestError
 from parity.server.app import ServerSettings, build_app
+from parity.server.launcher import ThreadedServer, free_port
 from parity.server.logprobs import completion_logprobs
+from parity.server.serve_cli import load_checkpoint_tokenizer, register
 from parity.server.settings import default_max_request_bytes
 from parity.server.state import OpenAIServer
-from parity.server.serve_cli import load_checkpoint_tokenizer, register
-from parity.server.launcher import ThreadedServer, free_port
-from test_server_fakes import FakeChatFormat, FakeEngine, FakeSamplingParams
 
 CHAT = "/v1/chat/completions"
 CMPL = "/v1/completions"
@@ -191,7 +191,7 @@ def test_completion_logprobs_offsets_match_text_with_special_tokens():
     lp = completion_logprobs(srv.tokenizer, ids, entries, 1, 0, skip_special_tokens=True)
     text = srv.tokenizer.decode(ids, skip_special_tokens=True)
     assert text == "hi" and lp["tokens"] == ["", "h", "i"] and lp["text_offset"] == [0, 0, 1]
-    assert all(text[o : o + len(t)] == t for t, o in zip(lp["tokens"], lp["text_offset"]))
+    assert all(text[o : o + len(t)] == t for t, o in zip(lp["tokens"], lp["text_offset"], strict=False))
     assert lp["top_logprobs"][0] == {"<eos>": -0.5}
     lp = completion_logprobs(srv.tokenizer, ids, entries, 1, 3, skip_special_tokens=False)
     assert lp["tokens"] == ["<eos>", "h", "i"] and lp["text_offset"] == [3, 8, 9]

@@ -30,8 +30,8 @@ from parity.checkpoint.msmodelslim import (
 from parity.checkpoint.tensor_io import torch_dtype
 from parity.config import load_config, load_preset
 from parity.errors import CheckpointError
+from parity.model.build import build_model, reset_rope
 from parity.model.deepseek_v4 import V4ForCausalLM
-from parity.model.build import reset_rope, build_model
 from parity.model.int8_quant import Int8Experts, Int8Linear, pack_int4_rows, quantize_weight_per_channel
 from parity.model.memory import check_fits, estimate_weight_bytes
 

@@ -38,8 +38,8 @@ from parity.devices.capability_table import no_fp8_requested
 from parity.errors import CheckpointError
 from parity.model import fp_formats as ff
 from parity.model import quant
-from parity.model.deepseek_v4 import V4ForCausalLM
 from parity.model.build import reset_rope
+from parity.model.deepseek_v4 import V4ForCausalLM
 from parity.model.memory import check_fits
 from parity.model.parallel_layers import (
     Shard,

@@ -34,8 +34,8 @@ from parity.checkpoint.official_reader import load_official
 from parity.checkpoint.shards import is_official_checkpoint, missing_index_cause
 from parity.config import load_config
 from parity.errors import CheckpointError, ParallelError
-from parity.model.deepseek_v4 import V4ForCausalLM
 from parity.model.build import reset_rope, resolve_dtype
+from parity.model.deepseek_v4 import V4ForCausalLM
 from parity.model.memory import check_fits
 from parity.model.parallel_layers import expert_part, parallelize_, shard_spec
 

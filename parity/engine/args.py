@@ -57,7 +57,7 @@ class EngineArgs:
     enforce_eager: bool | None = None
 
     @classmethod
-    def from_kwargs(cls, **kw) -> "EngineArgs":
+    def from_kwargs(cls, **kw) -> EngineArgs:
         """Build from keyword arguments. Raises RequestError naming an unknown argument."""
         names = {f.name for f in fields(cls)}
         bad = sorted(set(kw) - names)

@@ -13,8 +13,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
-from typing import Any, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from parity.engine.args import EngineArgs
 from parity.engine.llm_engine import EngineQueueFull, LLMEngine

@@ -320,7 +320,7 @@ class SequenceCache:
         for t, _, _ in list(self._held.values()):
             self.release(t)
 
-    def demand(self, layout: "list[LayoutEntry] | LayoutGroups", num_tokens_after: int) -> dict[int, int]:
+    def demand(self, layout: list[LayoutEntry] | LayoutGroups, num_tokens_after: int) -> dict[int, int]:
         """New slots (slot bytes -> count) needed to hold `num_tokens_after` tokens, an upper bound.
 
         Fixed components count as needed while this sequence holds none of that (layer, component);

@@ -73,7 +73,7 @@ class LLM:
         eng = self.engine
         reqs = []
         try:
-            for i, ((text, ids), sp) in enumerate(zip(items, plist)):
+            for i, ((text, ids), sp) in enumerate(zip(items, plist, strict=False)):
                 try:
                     reqs.append(
                         eng.add_request(

@@ -12,7 +12,6 @@ import itertools
 import logging
 import math
 import time
-from pathlib import Path
 
 import torch
 

@@ -15,8 +15,8 @@ exactly one vocabulary-sized draw per token, independent of the batch it shares.
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Sequence as Seq
 
 import torch
 
@@ -201,6 +201,6 @@ def sample(
         chosen_l, ranks_l = chosen.tolist(), ranks.tolist()
         for j, i in enumerate(lp_rows):
             n = reqs[i].params.logprobs or 0
-            top = list(zip(top_i[j][:n], top_v[j][:n])) if n > 0 else []
+            top = list(zip(top_i[j][:n], top_v[j][:n], strict=False)) if n > 0 else []
             out_lp[i] = TokenLogprobs(token_list[i], chosen_l[j], int(ranks_l[j]), top)
     return token_list, out_lp

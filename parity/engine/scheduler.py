@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from parity.engine.cache_pool import CachePool, LayoutEntry, SequenceCache, group_layout, merge_demand
 from parity.engine.prefix_cache import PrefixCache
-from parity.engine.sequence import Sequence, SeqStatus
+from parity.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass

@@ -75,9 +75,7 @@ class Sequence:
         text: detokenized output so far (stop string excluded once matched); sent_text: chars streamed.
     """
 
-    def __init__(
-        self, seq_id: int, request: "Request", index: int, generator: torch.Generator | None, detokenizer: Any
-    ):
+    def __init__(self, seq_id: int, request: Request, index: int, generator: torch.Generator | None, detokenizer: Any):
         self.seq_id = seq_id
         self.request = request
         self.index = index

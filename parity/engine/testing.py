@@ -28,7 +28,7 @@ class CharTokenizer:
 
 
 class _FakeState:
-    def __init__(self, model: "FakeModel", allocator):
+    def __init__(self, model: FakeModel, allocator):
         self.model = model
         self.alloc = allocator
         self.num_tokens = 0
@@ -136,7 +136,7 @@ class FakeModel:
 
     def forward_incremental(self, tokens, states, all_logits: bool = False):
         outs = []
-        for toks, st in zip(tokens, states):
+        for toks, st in zip(tokens, states, strict=False):
             toks = toks.tolist() if isinstance(toks, torch.Tensor) else list(toks)
             rows = []
             for t in toks:

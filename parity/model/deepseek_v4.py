@@ -149,7 +149,7 @@ class V4ForCausalLM(nn.Module):
         """Compute dtype (that of the embedding)."""
         return self.model.embed_tokens.weight.dtype
 
-    def to_dtype(self, dtype: torch.dtype) -> "V4ForCausalLM":
+    def to_dtype(self, dtype: torch.dtype) -> V4ForCausalLM:
         """Cast floating parameters to dtype, keeping the fp32-only ones (see `_FP32_SUFFIXES`) in fp32."""
         with torch.no_grad():
             for name, p in self.named_parameters():
@@ -242,13 +242,13 @@ class V4ForCausalLM(nn.Module):
             t = layer.layer_type
             W, D, ID, B = cfg.sliding_window, cfg.head_dim, cfg.index_head_dim, self.cache_block_entries
 
-            def add(comp, kind, shape, dtype, size, tpe):
+            def add(comp, kind, shape, dtype, size, tpe, layer_index=i):
                 n = 1
                 for s in shape:
                     n *= s
                 out.append(
                     {
-                        "layer": i,
+                        "layer": layer_index,
                         "component": comp,
                         "kind": kind,
                         "shape": tuple(shape),
@@ -327,7 +327,7 @@ class V4ForCausalLM(nn.Module):
         dev = self.device
         seqs, segments, s = [], [], 0
         limit = self.config.max_position_embeddings
-        for i, (t, st) in enumerate(zip(tokens, states)):
+        for i, (t, st) in enumerate(zip(tokens, states, strict=False)):
             st.check_usable()
             if (st.kv_fp8, st.index_fp4) != (kv_fp8, index_fp4):
                 raise RequestError(
@@ -349,7 +349,7 @@ class V4ForCausalLM(nn.Module):
         if int(ids.min()) < 0 or int(ids.max()) >= V:
             raise RequestError(f"token ids must be in [0, {V}), got min {int(ids.min())} max {int(ids.max())}")
         h = self._run(ids, segments, states, kv_fp8, index_fp4)
-        for (_, n, _), st in zip(segments, states):
+        for (_, n, _), st in zip(segments, states, strict=False):
             st.num_tokens += n
         if all_logits:
             logits = self._head(h)

@@ -295,12 +295,12 @@ class Experts(nn.Module):
         tok_sorted = order // expert_ids.shape[1]
         w_sorted = weights.reshape(-1).index_select(0, order)
         out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        I = self.inter
+        inter = self.inter
         if flat_ids.numel() <= VECTORIZE_EXPERT_PAIRS:
             # Few pairs: gather, SwiGLU, routing weight and scatter-add once over all pairs; only the
             # two GEMMs run per expert, each writing its rows of a shared buffer (same per-row math).
             xs = hidden.index_select(0, tok_sorted)
-            gu = hidden.new_empty((xs.shape[0], 2 * I))
+            gu = hidden.new_empty((xs.shape[0], 2 * inter))
             used, start = [], 0
             for e, c in enumerate(counts):
                 if c:
@@ -308,7 +308,7 @@ class Experts(nn.Module):
                     gu[start : start + c] = F.linear(xs[start : start + c], gu_w)
                     used.append((start, c, dn_w))
                 start += c
-            h = (swiglu(gu[:, :I], gu[:, I:], self.limit) * w_sorted[:, None]).to(hidden.dtype)
+            h = (swiglu(gu[:, :inter], gu[:, inter:], self.limit) * w_sorted[:, None]).to(hidden.dtype)
             y = hidden.new_empty((xs.shape[0], hidden.shape[1]))
             for start, c, dn_w in used:
                 y[start : start + c] = F.linear(h[start : start + c], dn_w)
@@ -320,7 +320,7 @@ class Experts(nn.Module):
             tok = tok_sorted[start : start + c]
             gu_w, dn_w = self.expert_weights(e, hidden.dtype)
             gu = F.linear(hidden[tok], gu_w)
-            h = swiglu(gu[:, :I], gu[:, I:], self.limit)
+            h = swiglu(gu[:, :inter], gu[:, inter:], self.limit)
             h = h * w_sorted[start : start + c, None]
             out.index_add_(0, tok, F.linear(h.to(hidden.dtype), dn_w).float())
             start += c
