@@ -32,3 +32,23 @@ def test_nonpositive_distributed_timeout_is_one_line(no_spawn, capsys, value):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
     assert "--distributed-timeout must be a positive number of seconds" in err[0]
+
+
+def test_rank_failure_marks_the_engine_failed_even_when_it_is_attached_later():
+    from types import SimpleNamespace
+
+    from parity.server.parallel_serve import ParallelServing
+
+    class Engine:
+        failure = None
+
+        def mark_failed(self, e):
+            self.failure = e
+
+    exits = []
+    model = SimpleNamespace(failed=None, close=lambda: None)
+    serving = ParallelServing(model, None, exit=exits.append)
+    serving.fail("rank 1 exited with code -9")
+    late = Engine()
+    serving.engine = late  # the failure came while the engine was being built
+    assert "rank 1 exited with code -9" in str(late.failure)

@@ -26,7 +26,7 @@ from parity.engine.sampler import SampleRequest, sample
 from parity.engine.sampling_params import SamplingParams
 from parity.engine.scheduler import Scheduler
 from parity.engine.sequence import Request, SeqStatus, Sequence, make_detokenizer
-from parity.errors import CheckpointError, RequestError
+from parity.errors import CheckpointError, ParallelError, RequestError
 from parity.model.deepseek_v4 import V4ForCausalLM
 from parity.model.prefix_state import block_tokens_for
 
@@ -387,7 +387,10 @@ class LLMEngine:
                     self.scheduler.preempt(s.seq)
             return deltas
         except Exception as e:  # a failing step fails its requests, never the engine
-            log.exception("model step failed")
+            if isinstance(e, ParallelError):  # a dead or hung rank: expected, its message names it
+                log.error("model step failed: %s", e)
+            else:
+                log.exception("model step failed")
             self._abandon(scheduled)
             self._fail_batch(scheduled, e)
             for s in scheduled:

@@ -70,20 +70,39 @@ class ParallelServing:
 
     def __init__(self, model, workers, exit=os._exit):
         self.model, self.workers, self._exit = model, workers, exit
-        self.engine = None
+        self._engine = None
         self._failed = threading.Event()
         model.on_failure = self.fail
         if workers is not None:
             workers.on_failure = self.fail
+            model.failure_cause = workers.wait_failed_rank
+
+    @property
+    def engine(self):
+        """The AsyncEngine over ``model`` (set by the caller); one set after a failure is marked failed."""
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine) -> None:
+        self._engine = engine
+        if engine is not None and self._failed.is_set():
+            self._mark(engine)
+
+    def _mark(self, engine) -> None:
+        if hasattr(engine, "mark_failed"):
+            engine.mark_failed(self.model.failed)  # /health 503 and new requests refused from now on
+        else:
+            engine.stop_accepting()
 
     def fail(self, message: str) -> None:
         """A rank failed: refuse new requests, fail in-flight ones, exit non-zero after a grace period."""
         if self._failed.is_set():
             return
+        if self.model.failed is None:
+            self.model.failed = ParallelError(message)
         self._failed.set()
-        self.model.failed = ParallelError(message)
-        if self.engine is not None:
-            self.engine.stop_accepting()
+        if self._engine is not None:
+            self._mark(self._engine)
         print(f"parity serve: {message}; failing in-flight requests and exiting", file=sys.stderr, flush=True)
 
         def _exit():
