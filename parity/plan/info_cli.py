@@ -106,9 +106,14 @@ def _device_layout(cfg, args):
     from parity.distributed.config import ParallelConfig
     from parity.plan.hardware import get_hardware
 
-    pc = ParallelConfig(args.tensor_parallel_size, args.data_parallel_size, args.enable_expert_parallel)
+    pc = ParallelConfig(
+        getattr(args, "tensor_parallel_size", 1),
+        getattr(args, "data_parallel_size", 1),
+        bool(getattr(args, "enable_expert_parallel", False)),
+    )
     pc.validate(cfg)
-    return None if not args.hardware else (pc, get_hardware(args.hardware))
+    hardware = getattr(args, "hardware", None)
+    return None if not hardware else (pc, get_hardware(hardware))
 
 
 def _print_device(cfg, args, pc, hw) -> None:
