@@ -106,7 +106,7 @@ class LLMEngine:
             page = max(_align(e.nbytes) for e in self.layout)
             if args.enable_prefix_caching and isinstance(model, V4ForCausalLM):
                 # a prefix block's compressed rows ([block / ratio, width]) must fit in one page too
-                block = block_tokens_for(self.config, args.prefix_block_tokens)
+                block = block_tokens_for(self.config, args.prefix_block_tokens, self.max_model_len)
                 page = max(
                     [page]
                     + [_align(e.nbytes * (block // e.ratio) // e.block_entries) for e in self.layout if e.growing]
@@ -146,7 +146,7 @@ class LLMEngine:
         block = args.prefix_block_tokens
         if not (args.enable_prefix_caching and isinstance(self.model, V4ForCausalLM) and self.pool is not None):
             return None
-        block = block_tokens_for(self.config, block)
+        block = block_tokens_for(self.config, block, self.max_model_len)
         kv = self._kv_kw.get("kv_cache_dtype", self.model.kv_cache_dtype)
         salt = chain_salt(
             repr(self.config),
