@@ -195,3 +195,35 @@ def test_sweep_cli(word_tokenizer_json, tmp_path, capsys):
     meta = json.loads((tmp_path / "o" / "c2-rinf.json").read_text())["metadata"]
     assert meta["command_line"][:4] == ["parity", "bench", "sweep", "--base-url"]
     assert "--concurrency" in meta["command_line"] and meta["hardware"]["id"] == "h200"
+
+
+def test_sweep_refuses_zero_prompts(tok, tmp_path):
+    cfg = BenchConfig(base_url="http://127.0.0.1:9", model="m", num_prompts=0, progress=False, energy="none")
+    with pytest.raises(BenchError, match="--num-prompts must be >= 1, got 0"):
+        run_sweep(cfg, [1], None, None, tmp_path / "s", tokenizer=tok)
+    with pytest.raises(BenchError, match="--num-prompts must be >= 1"):
+        cfg.validate()
+
+
+def test_report_reads_a_sweep_directory_its_glob_and_its_index(tok, tmp_path):
+    from parity.bench.report import write_report
+    from parity.bench.result import result_files
+
+    with FakeServer(Script(ttft_s=0.002, itl_s=0.001)) as srv:
+        cfg = BenchConfig(
+            base_url=srv.base_url,
+            model="fake",
+            workload="fixed:in=4,out=4",
+            num_prompts=3,
+            progress=False,
+            energy="none",
+        )
+        run_sweep(cfg, [1, 2], None, None, tmp_path / "s", tokenizer=tok)
+    d = tmp_path / "s"
+    points = [d / "c1-rinf.json", d / "c2-rinf.json"]
+    assert result_files([d]) == points  # a directory: its results, the index read as its points
+    assert result_files(sorted(d.glob("*.json"))) == points  # the shell's DIR/*.json, sweep.json included
+    assert result_files([d / "sweep.json"]) == points
+    assert write_report([d], tmp_path / "r.html").is_file()
+    with pytest.raises(BenchError, match="not found"):
+        result_files([tmp_path / "nope"])

@@ -47,3 +47,26 @@ def test_no_cuda_outside_devices():
             if pat.search(line):
                 bad.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
     assert not bad, "torch.cuda / .cuda( outside parity/devices:\n" + "\n".join(bad)
+
+
+def test_compiled_region_raises_dynamos_recompile_limit_in_the_thread_that_runs_it(monkeypatch, caplog):
+    """dynamo's config overrides are per thread: the server compiles on the main thread and runs the regions
+    on its engine thread, where the default limit (8) would make dynamo warn and fall back to eager."""
+    import threading
+
+    from parity.devices import core
+
+    monkeypatch.setattr(devices, "compile_backend", lambda d: ("eager", None))  # no code generation: fast
+    fn = devices.compiler("cpu")(lambda x, n: x.reshape(n, -1).sum(0))
+    seen = []
+
+    def engine_thread():
+        for n in range(1, 13):  # one graph per static reshape size at most
+            fn(torch.ones(n * 4), n)
+        seen.append(torch._dynamo.config.recompile_limit)
+
+    t = threading.Thread(target=engine_thread)
+    t.start()
+    t.join()
+    assert seen == [core.RECOMPILE_LIMIT]
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]

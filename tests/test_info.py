@@ -95,3 +95,18 @@ def test_info_reads_a_checkpoint_directory(tmp_path, capsys):
     assert main(["info", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["params"]["total"] == count_params(cfg).total
     assert main(["info", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["-tp", "3", "--hardware", "910c"], "num_attention_heads"),
+        (["-tp", "0", "--hardware", "910c"], "tensor_parallel_size must be a positive integer"),
+        (["--hardware", "nonsense"], "unknown hardware 'nonsense'"),
+    ],
+)
+def test_info_checks_layout_flags_before_printing_the_report(capsys, flags, needle):
+    assert main(["info", "v4-flash", *flags]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # nothing of the report before the error
+    assert needle in err and len(err.strip().splitlines()) == 1

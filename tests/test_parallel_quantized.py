@@ -109,8 +109,10 @@ def test_rank_part_shapes_follow_the_split():
 
 def test_tiny_split_off_the_scale_blocks_is_refused():
     """The tiny preset's o_a_proj has 64 rows: TP=2 would split its FP8 128-row scale block."""
-    with pytest.raises(ParallelError, match=r"o_a_proj\.weight.*128-value boundary"):
+    with pytest.raises(ParallelError, match=r"o_a_proj\.weight.*128-value boundary") as e:
         _skeleton(load_preset("tiny"), ParallelConfig(2), 1, True)
+    assert "`parity serve tiny -tp 2`" in str(e.value)  # what to do instead
+    assert "multiples of 128 x the tensor-parallel size" in str(e.value)
 
 
 def test_v4_flash_tp8_ep_splits_on_scale_blocks_and_bytes_match():

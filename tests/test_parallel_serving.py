@@ -49,7 +49,7 @@ def test_tp2_engine_greedy_matches_one_process(tp2, reference):
     assert out == reference
 
 
-def test_tp2_server_api_then_killed_worker(tp2, reference):
+def test_tp2_server_api_then_killed_worker(tp2, reference, caplog):
     engine = AsyncEngine(
         EngineArgs(device="cpu", cache_memory=1 << 28, max_num_batched_tokens=64), model=tp2.model, tokenizer=None
     )
@@ -62,12 +62,16 @@ def test_tp2_server_api_then_killed_worker(tp2, reference):
             model="tiny", prompt=_prompts()[1], max_tokens=5, temperature=0.0, extra_body={"ignore_eos": True}
         )
         assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
-        tp2.workers.procs[0].kill()
-        deadline = time.monotonic() + 10
-        while not tp2.model.failed and time.monotonic() < deadline:
-            time.sleep(0.05)
+        body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4000, "ignore_eos": True, "stream": True}
+        text = ""
+        with httpx.stream("POST", srv.base_url + "/v1/completions", json=body, timeout=60) as resp:
+            lines = resp.iter_lines()
+            text += next(line for line in lines if line.startswith("data:"))  # streaming has begun
+            tp2.workers.procs[0].kill()
+            text += "\n".join(lines)
+        assert "rank 1 exited" in text, text[-500:]  # the in-flight stream's error names the rank
         assert "rank 1 exited" in str(tp2.model.failed)
-        assert httpx.get(srv.base_url + "/health").status_code in (200, 503)
+        assert httpx.get(srv.base_url + "/health").status_code == 503  # at once, not after the grace period
         with pytest.raises(openai.APIStatusError) as e:
             client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=2)
         assert e.value.status_code == 503
@@ -76,5 +80,6 @@ def test_tp2_server_api_then_killed_worker(tp2, reference):
             time.sleep(0.05)
         assert tp2.exits == [FAILURE_EXIT_CODE]
         assert not tp2.workers.procs[0].is_alive()
+        assert not [r for r in caplog.records if r.exc_info], "an expected rank failure logs one line, no traceback"
     finally:
         srv.stop()

@@ -157,3 +157,28 @@ def test_cli_validate_measured_and_plan_calibrate(results_dir, capsys):
     assert rc in (0, 1)
     r = json.loads(capsys.readouterr().out)
     assert r["provenance"].startswith("calibrated:") and r["calibration"]["family"] == "ascend"
+
+
+@pytest.mark.parametrize("tp, needle", [("0", "--measured-tp must be a positive integer"), ("3", "--measured-tp 3")])
+def test_validate_measured_tp_errors_name_the_flag(results_dir, capsys, tp, needle):
+    from parity.cli import main
+
+    assert main(["validate", "--measured", str(results_dir), "--model", "v4-flash", "--measured-tp", tp]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+
+
+def test_plan_calibrate_model_names_the_preset_of_results_that_record_none(tmp_path, capsys):
+    from parity.cli import main
+
+    for i, p in enumerate(SMALL_BATCH_910C):
+        r = _synthetic_result("910c", *p, TRUE)
+        r["metadata"]["model"] = "tiny"  # a served name that is no planner preset
+        (tmp_path / f"p{i}.json").write_text(json.dumps(r))
+    base = ["plan", "--hardware", "910c", "--isl", "1024", "--osl", "1024", "--calibrate", str(tmp_path), "--json"]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "pass --model v4-flash|v4-pro" in err and "--plan-model" in err
+    assert main([*base, "--model", "v4-flash"]) in (0, 1)  # the hint works
+    r = json.loads(capsys.readouterr().out)
+    assert r["calibration"]["points"] and r["provenance"].startswith("calibrated:")

@@ -204,6 +204,8 @@ def test_chunked_prefill_across_block_ends(model):
 def test_block_length_is_validated_and_configurable(model):
     with pytest.raises(RequestError, match="prefix_block_tokens"):
         make(model, prefix_block_tokens=24)
+    with pytest.raises(RequestError, match=r"'prefix_block_tokens' is 1280000000: expected at most max_model_len"):
+        make(model, prefix_block_tokens=1_280_000_000)  # blamed on this flag, not on cache_memory
     llm = make(model, prefix_block_tokens=32)
     p = rand_ids(70, 12)
     llm.generate(prompt_token_ids=[p], sampling_params=SP)

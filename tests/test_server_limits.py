@@ -165,6 +165,9 @@ def test_token_ids_only_server_answers_text_requests_with_400():
         assert e["code"] == "tokenizer_unavailable" and e["param"] == "prompt"
         e = err(httpx.post(srv.base_url + CMPL, json={"prompt": [5, 6], "echo": True}), 400)
         assert e["param"] == "echo"
+        e = err(httpx.post(srv.base_url + CMPL, json={"prompt": [1.5, 2]}), 400)  # not token ids
+        assert e["param"] == "prompt" and "a list of token ids (integers)" in e["message"]
+        assert "got a list holding a number and an integer" in e["message"]
     finally:
         srv.stop()
 

@@ -63,7 +63,12 @@ def register(sub) -> None:
     p.set_defaults(func=run)
     rsub = p.add_subparsers(dest="bench_command", metavar="{report,sweep}")
     r = rsub.add_parser("report", help="HTML/PNG report (latency CDFs, throughput vs latency) from result files")
-    r.add_argument("results", nargs="+", metavar="results.json")
+    r.add_argument(
+        "results",
+        nargs="+",
+        metavar="results.json",
+        help="result files, directories of them, or a sweep's sweep.json (its point files)",
+    )
     r.add_argument("--out", required=True, metavar="report.html", help="output file, .html or .png")
     r.set_defaults(func=run_report)
     from parity.bench.sweep_cli import register_sweep

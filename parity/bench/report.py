@@ -20,7 +20,7 @@ from pathlib import Path
 
 from parity.bench.frontier_report import energy_html, frontier_figure, header_html, points_html
 from parity.bench.metrics import RequestRecord
-from parity.bench.result import load_result
+from parity.bench.result import load_result, result_files
 from parity.bench.workloads import parse_workload
 from parity.errors import BenchError
 
@@ -181,17 +181,18 @@ def _summary_rows(results: list[tuple[str, dict]]) -> str:
 
 
 def write_report(paths: list[str | Path], out: str | Path) -> Path:
-    """Render results to `out` (.html or .png).
+    """Render results to `out` (.html or .png). `paths`: result files, directories of them, sweep indexes
+    (`parity.bench.result.result_files`).
 
     Raises:
-        BenchError: no input, unreadable result, unsupported output suffix.
+        BenchError: no input, a missing path, unreadable result, unsupported output suffix.
     """
     if not paths:
         raise BenchError("bench report: give at least one results JSON file")
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm", ".png"):
         raise BenchError(f"bench report: --out {out} must end in .html or .png")
-    results = [(run_label(r, p), r) for p in paths for r in [load_result(p)]]
+    results = [(run_label(r, p), r) for p in result_files(paths) for r in [load_result(p)]]
     import matplotlib
 
     matplotlib.use("Agg")

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from parity.bench.result_check import check_result
-from parity.bench.result_schema import RESULT_SCHEMA, RESULT_VERSION
+from parity.bench.result_schema import RESULT_SCHEMA, RESULT_VERSION, SWEEP_SCHEMA
 from parity.errors import BenchError
 
 
@@ -73,6 +73,43 @@ def load_result(path: str | Path) -> dict:
             raise BenchError(f"bench report: {path} lacks the {key!r} section")
     check_result(data, path)
     return data
+
+
+def _sweep_points(path: Path) -> list[Path] | None:
+    """The point files a sweep index lists (beside it), or None when `path` is no sweep index."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None  # load_result names the problem
+    if not isinstance(data, dict) or data.get("schema") != SWEEP_SCHEMA:
+        return None
+    return [path.parent / p["file"] for p in data.get("points", []) if isinstance(p, dict) and p.get("file")]
+
+
+def result_files(paths: list[str | Path]) -> list[Path]:
+    """The result files of `paths`: a directory gives its ``*.json`` files, a sweep index (``sweep.json``)
+    the point files it lists; each file once, in order.
+
+    Raises:
+        BenchError: a path that does not exist, or a directory without any JSON file.
+    """
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.glob("*.json"))
+            if not found:
+                raise BenchError(f"bench report: directory {p} holds no result (*.json) file")
+        elif p.is_file():
+            found = [p]
+        else:
+            raise BenchError(f"bench report: {p} not found")
+        for f in found:
+            points = _sweep_points(f)
+            out += [f] if points is None else points
+    unique: dict[Path, Path] = {}
+    for f in out:
+        unique.setdefault(f.resolve(), f)
+    return list(unique.values())
 
 
 def _f(v, nd=2) -> str:

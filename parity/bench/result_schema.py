@@ -14,6 +14,8 @@ from parity.bench.tokenizer import BenchTokenizer
 #: Version of the JSON result layout written by `parity bench --output` (bump on incompatible change).
 RESULT_SCHEMA = "parity.bench.result"
 RESULT_VERSION = 1
+#: The ``schema`` field of a sweep index (``sweep.json`` of `parity bench sweep`).
+SWEEP_SCHEMA = "parity.bench.sweep"
 
 NOTES = [
     "TTFT = first token-carrying chunk - send (vLLM also counts a role-only first chunk; we do not).",

@@ -108,6 +108,8 @@ class BenchConfig:
             raise BenchError(f"--request-rate must be > 0 (requests/s) or inf, got {self.request_rate}")
         if not (self.burstiness > 0) or not math.isfinite(self.burstiness):
             raise BenchError(f"--burstiness must be a finite number > 0, got {self.burstiness}")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise BenchError(f"--num-prompts must be >= 1, got {self.num_prompts}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise BenchError(f"--max-concurrency must be >= 1, got {self.max_concurrency}")
         if self.warmup < 0:

@@ -19,11 +19,11 @@ from parity.bench.frontier import pareto_frontier, point_figures
 from parity.bench.metering import as_meters, measure_idle
 from parity.bench.metrics import parse_slo
 from parity.bench.result import save_result
+from parity.bench.result_schema import SWEEP_SCHEMA
 from parity.bench.run_config import BenchConfig
 from parity.bench.workloads import parse_workload
 from parity.errors import BenchError
 
-SWEEP_SCHEMA = "parity.bench.sweep"
 SWEEP_VERSION = 1
 #: A sweep stops once a median latency exceeds this multiple of its SLO.
 STOP_FACTOR = 2.0
@@ -114,13 +114,15 @@ def run_sweep(
     Returns:
         The sweep index: {"schema", "version", "points": [...], "stopped": {pair: reason}, "frontiers": {pair: [...]}}.
     Raises:
-        BenchError: bad lists or workload, an unwritable `out_dir`.
+        BenchError: bad lists or workload, ``cfg.num_prompts`` below 1, an unwritable `out_dir`.
     """
     from parity.bench.runner import run_bench
     from parity.bench.tokenizer import load_bench_tokenizer
     from parity.devices.energy import open_meters
 
     run = run or run_bench
+    if cfg.num_prompts is not None and cfg.num_prompts < 1:
+        raise BenchError(f"bench sweep: --num-prompts must be >= 1, got {cfg.num_prompts}")
     points = load_points(concurrencies, rates)
     pairs = isl_osl or [(None, None)]
     workloads = {p: (workload_for(cfg.workload, *p) if p[0] else cfg.workload) for p in pairs}
@@ -149,7 +151,11 @@ def run_sweep(
     for pair in pairs:
         key = f"{pair[0]}/{pair[1]}" if pair[0] else "workload"
         for conc, rate in points:
-            n = cfg.num_prompts or (max(prompts_per_concurrency * conc, 20) if conc else 200)
+            n = (
+                cfg.num_prompts
+                if cfg.num_prompts is not None
+                else (max(prompts_per_concurrency * conc, 20) if conc else 200)
+            )
             name = _name(pair[0], pair[1], conc, rate)
             pcfg = dataclasses.replace(
                 cfg,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -231,6 +232,11 @@ def describe(device: torch.device | str = "auto") -> DeviceInfo:
     )
 
 
+#: Graphs dynamo may keep per compiled region (its default is 8): one region (RMSNorm) sees several static
+#: widths x (one token, many, empty); past the limit dynamo warns and runs the region eager.
+RECOMPILE_LIMIT = 64
+
+
 def compiler(device: torch.device | str):
     """A function ``fn -> compiled fn`` that applies ``torch.compile`` with the backend and mode
     `parity.devices.compile_backend` names for ``device``, with symbolic shapes (``dynamic=True``: one graph
@@ -255,13 +261,20 @@ def compiler(device: torch.device | str):
 
         backend = torchair.get_npu_backend(compiler_config=torchair.CompilerConfig())
 
-    # One region (RMSNorm) sees several static widths x (one token, many, empty): more than dynamo's
-    # default 8 graphs per function; past the limit it would silently run eager.
     dyn = torch._dynamo.config
-    dyn.recompile_limit = max(dyn.recompile_limit, 64)
 
     def compile_fn(fn):
-        return torch.compile(fn, backend=backend, mode=mode, dynamic=True, fullgraph=False)
+        compiled = torch.compile(fn, backend=backend, mode=mode, dynamic=True, fullgraph=False)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            # dynamo's config overrides are per thread (ContextVars): the limit is raised in the thread
+            # that runs the region (the server's engine thread), not only in the one that compiled it
+            if not torch.compiler.is_compiling() and dyn.recompile_limit < RECOMPILE_LIMIT:
+                dyn.recompile_limit = RECOMPILE_LIMIT
+            return compiled(*args, **kwargs)
+
+        return call
 
     compile_fn.backend_name, compile_fn.mode = name, mode
     return compile_fn

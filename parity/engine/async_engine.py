@@ -48,6 +48,7 @@ class AsyncEngine:
         self._stop = False
         self._accepting = False
         self._error: BaseException | None = None
+        self._failure: BaseException | None = None  # unrecoverable (mark_failed)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -65,6 +66,18 @@ class AsyncEngine:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def errored(self) -> bool:
+        """True once `mark_failed` was called (``/health`` answers 503)."""
+        return self._failure is not None
+
+    def mark_failed(self, error: BaseException) -> None:
+        """Record a failure found outside the engine thread (a dead rank): `errored` from now on and new
+        requests refused; in-flight ones fail at their next step. Thread-safe."""
+        if self._failure is None:
+            self._failure = error
+        self._accepting = False
 
     def stats(self) -> dict:
         """num_running, num_waiting, cache_used_bytes, cache_total_bytes, token counters, ..."""
@@ -178,6 +191,8 @@ class AsyncEngine:
             RequestError: invalid request (named parameter), engine not started / shutting down;
             EngineQueueFull: max_waiting requests already waiting.
         """
+        if self._failure is not None:
+            raise RequestError(f"engine is not running: {self._failure}")
         if not self._accepting or not self.running:
             raise RequestError("engine is not running (not started or shutting down): retry later")
         loop = asyncio.get_running_loop()

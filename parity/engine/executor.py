@@ -116,6 +116,9 @@ class DistributedModel:
         self.failed: BaseException | None = None
         #: Called with a message naming the failure when a step fails in a collective.
         self.on_failure = None
+        #: Called after a collective failed: a message naming the rank that failed, or None when unknown
+        #: (rank 0's watchdog of the spawned workers knows which process exited; gloo's text does not).
+        self.failure_cause = None
 
     def __getattr__(self, name):
         return getattr(self._model, name)
@@ -195,15 +198,21 @@ class DistributedModel:
             if self._ctx.dp == 1:
                 out = part[1]
         except (RuntimeError, dist.DistError) as e:
-            msg = f"a parallel step failed in a collective (a rank died or hung): {e}"
-            self.failed = ParallelError(msg)
-            if self.on_failure is not None:
-                self.on_failure(msg)
-            raise self.failed from None
+            raise self._collective_failed(e) from None
         for j, (t, st) in enumerate(zip(msg["tokens"], states, strict=True)):
             if self._replica.replica_of[ids[j]] != self._ctx.dp_rank:
                 st.num_tokens += len(t)  # run by another replica: keep rank 0's bookkeeping in step
         return out
+
+    def _collective_failed(self, e: BaseException) -> ParallelError:
+        """Mark the executor failed after a collective raised ``e``; the error names the failed rank when
+        it is known (an earlier `failed` set by the watchdog, or `failure_cause`), else gloo's text."""
+        if self.failed is None:
+            cause = self.failure_cause() if self.failure_cause is not None else None
+            self.failed = ParallelError(cause or f"a parallel step failed in a collective (a rank died or hung): {e}")
+        if self.on_failure is not None:
+            self.on_failure(str(self.failed))
+        return ParallelError(f"a parallel step failed: {self.failed}")
 
     def forward_logits(self, *a, **k):
         raise ParallelError("forward_logits is not available on a parallel engine: use forward_incremental")

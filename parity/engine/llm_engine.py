@@ -26,7 +26,7 @@ from parity.engine.sampler import SampleRequest, sample
 from parity.engine.sampling_params import SamplingParams
 from parity.engine.scheduler import Scheduler
 from parity.engine.sequence import Request, SeqStatus, Sequence, make_detokenizer
-from parity.errors import CheckpointError, RequestError
+from parity.errors import CheckpointError, ParallelError, RequestError
 from parity.model.deepseek_v4 import V4ForCausalLM
 from parity.model.prefix_state import block_tokens_for
 
@@ -106,7 +106,7 @@ class LLMEngine:
             page = max(_align(e.nbytes) for e in self.layout)
             if args.enable_prefix_caching and isinstance(model, V4ForCausalLM):
                 # a prefix block's compressed rows ([block / ratio, width]) must fit in one page too
-                block = block_tokens_for(self.config, args.prefix_block_tokens)
+                block = block_tokens_for(self.config, args.prefix_block_tokens, self.max_model_len)
                 page = max(
                     [page]
                     + [_align(e.nbytes * (block // e.ratio) // e.block_entries) for e in self.layout if e.growing]
@@ -146,7 +146,7 @@ class LLMEngine:
         block = args.prefix_block_tokens
         if not (args.enable_prefix_caching and isinstance(self.model, V4ForCausalLM) and self.pool is not None):
             return None
-        block = block_tokens_for(self.config, block)
+        block = block_tokens_for(self.config, block, self.max_model_len)
         kv = self._kv_kw.get("kv_cache_dtype", self.model.kv_cache_dtype)
         salt = chain_salt(
             repr(self.config),
@@ -387,7 +387,10 @@ class LLMEngine:
                     self.scheduler.preempt(s.seq)
             return deltas
         except Exception as e:  # a failing step fails its requests, never the engine
-            log.exception("model step failed")
+            if isinstance(e, ParallelError):  # a dead or hung rank: expected, its message names it
+                log.error("model step failed: %s", e)
+            else:
+                log.exception("model step failed")
             self._abandon(scheduled)
             self._fail_batch(scheduled, e)
             for s in scheduled:

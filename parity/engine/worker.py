@@ -95,6 +95,18 @@ class WorkerGroup:
                 return i + 1, p.exitcode
         return None
 
+    def wait_failed_rank(self, timeout_s: float = 1.0) -> str | None:
+        """ "rank R exited with code C" for the first worker that has exited or exits within
+        ``timeout_s`` (a collective can fail a moment before the dead process is reaped), else None."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            dead = self.failed_rank()
+            if dead is not None:
+                return f"rank {dead[0]} exited with code {dead[1]}"
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(POLL_S / 4)
+
     def _watch(self) -> None:
         while not self._stopping:
             dead = self.failed_rank()

@@ -113,8 +113,10 @@ def scaled_shard(spec: Shard | None, per: int, full: int, what: str, ctx: Parall
         if bad:
             raise ParallelError(
                 f"{what}: {ctx.config.describe()} splits dim {dim} ({full} values) at {bad[0]}, "
-                f"not on a {per}-value boundary of its quantized storage; choose a "
-                f"tensor-parallel size that splits it on {per}-value blocks"
+                f"not on a {per}-value boundary of its quantized storage; choose a tensor-parallel size "
+                f"that splits it on {per}-value blocks, or export a checkpoint whose dims are multiples of "
+                f"{per} x the tensor-parallel size (for the default miniature: serve its float preset, "
+                f"`parity serve tiny -tp {ctx.config.tp}`)"
             )
         out.append((a // per, -(-b // per)))
     return dim, out

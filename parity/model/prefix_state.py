@@ -45,12 +45,13 @@ class LayerBlock:
         return [t for t in (self.window, self.entries, self.index, self.state) if t is not None]
 
 
-def block_tokens_for(cfg, block_tokens: int | None = None) -> int:
+def block_tokens_for(cfg, block_tokens: int | None = None, max_model_len: int | None = None) -> int:
     """Prefix-block length in tokens: ``block_tokens`` if given, else the least common multiple of the
     layers' compression ratios (128 = the HCA ratio for DeepSeek-V4, paper §2.3.2).
 
     Raises:
-        RequestError: ``block_tokens`` is not a positive multiple of every compression ratio in use.
+        RequestError: ``block_tokens`` is not a positive multiple of every compression ratio in use, or is
+            longer than ``max_model_len`` (tokens; no sequence could fill one block).
     """
     ratios = sorted({int(cfg.compress_rates[t]) for t in cfg.layer_types if t in (CSA, HCA)})
     need = math.lcm(*ratios) if ratios else 1
@@ -60,6 +61,11 @@ def block_tokens_for(cfg, block_tokens: int | None = None) -> int:
         raise RequestError(
             f"engine argument 'prefix_block_tokens' is {block_tokens!r}: expected a positive multiple "
             f"of every compression ratio in use {ratios} (e.g. {need})"
+        )
+    if max_model_len is not None and block_tokens > max_model_len:
+        raise RequestError(
+            f"engine argument 'prefix_block_tokens' is {block_tokens}: expected at most max_model_len "
+            f"({max_model_len}), a multiple of {need} (e.g. {need})"
         )
     return block_tokens
 

@@ -48,6 +48,7 @@ def run(args) -> int:
     if args.context < 0:
         raise ConfigError(f"--context must be >= 0 tokens, got {args.context}")
     cfg = load_config(args.model)
+    device = _device_layout(cfg, args)  # every flag checked before anything is printed
     info = model_info(cfg, args.context)
     weights = getattr(args, "weights", None)
     if weights:
@@ -90,20 +91,35 @@ def run(args) -> int:
     print(f"formula          {info['kv_cache_formula']}")
     if weights:
         print(f"weights {weights:8s} {_fmt_b(info['weights']['bytes'])} (other tensors bf16 / fp32)")
-    if args.hardware:
-        _print_device(cfg, args)
+    if device is not None:
+        _print_device(cfg, args, *device)
     return 0
 
 
-def _print_device(cfg, args) -> None:
-    """Per-device weights, cache room and fit of a TP / DP / EP layout (`parity.model.memory.device_fit`)."""
+def _device_layout(cfg, args):
+    """(ParallelConfig, Hardware) of the layout flags, or None without --hardware.
+
+    Raises:
+        ParallelError: a size below 1 or a layout that does not divide the model (field named).
+        PlanError: unknown --hardware.
+    """
     from parity.distributed.config import ParallelConfig
     from parity.plan.hardware import get_hardware
+
+    pc = ParallelConfig(
+        getattr(args, "tensor_parallel_size", 1),
+        getattr(args, "data_parallel_size", 1),
+        bool(getattr(args, "enable_expert_parallel", False)),
+    )
+    pc.validate(cfg)
+    hardware = getattr(args, "hardware", None)
+    return None if not hardware else (pc, get_hardware(hardware))
+
+
+def _print_device(cfg, args, pc, hw) -> None:
+    """Per-device weights, cache room and fit of a TP / DP / EP layout (`parity.model.memory.device_fit`)."""
     from parity.weight_bytes import device_fit
 
-    pc = ParallelConfig(args.tensor_parallel_size, args.data_parallel_size, args.enable_expert_parallel)
-    pc.validate(cfg)
-    hw = get_hardware(args.hardware)
     fmt = "fp4" if args.weights in (None, "published") else args.weights
     quant = fmt != "bf16"
     fit = device_fit(cfg, hw.hbm_gb * 1e9, tp=pc.tp, ep=pc.ep, weights=fmt, cache_dtype="fp8" if quant else "bf16")

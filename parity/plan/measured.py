@@ -67,14 +67,27 @@ def _median(s: dict, key: str):
 
 
 def measured_point(
-    result: dict, path: str | Path, *, model: str | None = None, tp: int = 1, quantization: str = "fp4"
+    result: dict,
+    path: str | Path,
+    *,
+    model: str | None = None,
+    default_model: str | None = None,
+    tp: int = 1,
+    quantization: str = "fp4",
 ) -> MeasuredPoint:
     """The planner's view of one bench result.
 
+    Args:
+        model: planner preset of every result (overrides what the result records).
+        default_model: planner preset of a result that records none (its served model name is no preset
+            and it has no ``plan_model``, `parity bench --plan-model`).
+        tp: attention TP of the measured deployment (``--measured-tp``).
     Raises:
-        PlanError: not a bench result, no declared hardware, no planner model known, device count not a multiple
-            of `tp`, or no completed request.
+        PlanError: `tp` below 1, not a bench result, no declared hardware, no planner model known, device count
+            not a multiple of `tp`, or no completed request.
     """
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise PlanError(f"--measured-tp must be a positive integer, got {tp!r}")
     where = f"result {Path(path).name}"
     if not isinstance(result, dict) or result.get("schema") != RESULT_SCHEMA:
         raise PlanError(f"{where} is not a parity bench result (schema != {RESULT_SCHEMA!r})")
@@ -83,12 +96,15 @@ def measured_point(
     if not hw:
         raise PlanError(f"{where} declares no hardware: rerun parity bench with --hardware ID --num-devices N")
     get_hardware(hw)
-    preset = model or meta.get("plan_model") or plan_preset(meta.get("model"))
+    preset = model or meta.get("plan_model") or plan_preset(meta.get("model")) or default_model
     if not preset:
-        raise PlanError(f"{where}: model {meta.get('model')!r} names no planner preset; pass --model v4-flash|v4-pro")
+        raise PlanError(
+            f"{where}: model {meta.get('model')!r} names no planner preset; pass --model v4-flash|v4-pro "
+            f"(or record it when measuring: parity bench --plan-model)"
+        )
     n = int(meta.get("num_devices") or 1)
     if n % tp:
-        raise PlanError(f"{where}: {n} devices is not a multiple of --tp {tp}")
+        raise PlanError(f"{where}: {n} devices is not a multiple of --measured-tp {tp}")
     ok = [r for r in result.get("requests", []) if r.get("ok")]
     if not ok:
         raise PlanError(f"{where} has no completed request")

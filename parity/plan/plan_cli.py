@@ -99,12 +99,17 @@ def _measured_setup_args(p) -> None:
     )
 
 
+#: Planner model of `parity plan` / `compare` without --model.
+DEFAULT_PLAN_MODEL = "v4-flash"
+
+
 def _workload_args(p) -> None:
     p.add_argument(
         "--model",
-        default="v4-flash",
+        default=None,
         help="preset (v4-flash, v4-pro), checkpoint dir of a real-size config, or deepseek-v3/r1 "
-        "(default v4-flash; miniatures such as the tiny test preset are refused)",
+        f"(default {DEFAULT_PLAN_MODEL}; miniatures such as the tiny test preset are refused); with "
+        "--calibrate, also the planner preset of results that record none",
     )
     p.add_argument("--isl", type=int, default=4096, help="input length (tokens)")
     p.add_argument("--osl", type=int, default=1024, help="output length (tokens)")
@@ -353,9 +358,15 @@ def run_plan(args) -> int:
     if args.calibrate:
         from parity.plan.calibrate import calibrate
 
-        cal = calibrate(args.calibrate, args.hardware, tp=args.measured_tp, quantization=args.measured_quantization)
+        cal = calibrate(
+            args.calibrate,
+            args.hardware,
+            default_model=args.model,
+            tp=args.measured_tp,
+            quantization=args.measured_quantization,
+        )
         consts = cal["constants"]
-    r = plan(args.model, args.hardware, _workload(args), consts=consts)
+    r = plan(args.model or DEFAULT_PLAN_MODEL, args.hardware, _workload(args), consts=consts)
     if args.calibrate:
         r["calibration"] = cal
         r["provenance"] = cal["label"]
@@ -382,7 +393,7 @@ def run_compare(args) -> int:
     names = [h.strip() for h in args.hardware.split(",") if h.strip()]
     if not names:
         raise PlanError("--hardware needs at least one catalog id")
-    res = compare(args.model, names, _workload(args), out=args.out)
+    res = compare(args.model or DEFAULT_PLAN_MODEL, names, _workload(args), out=args.out)
     if args.json:
         print(json.dumps(res, indent=2))
     else:

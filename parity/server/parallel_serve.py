@@ -11,10 +11,12 @@ naming the rank; the remaining workers are terminated first (no orphans).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import threading
 
+from parity.config import load_config
 from parity.distributed.config import DEFAULT_TIMEOUT_S, ParallelConfig
 from parity.errors import ParallelError
 
@@ -47,7 +49,14 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
 
 
 def parallel_config(args: argparse.Namespace) -> ParallelConfig:
-    """The `ParallelConfig` of the parsed flags (single-process when absent). Raises ParallelError."""
+    """The `ParallelConfig` of the parsed flags (single-process when absent).
+
+    Raises:
+        ParallelError: a size below 1, or a --distributed-timeout that is not a positive number of seconds.
+    """
+    timeout_s = getattr(args, "distributed_timeout", DEFAULT_TIMEOUT_S)
+    if not (isinstance(timeout_s, int | float) and math.isfinite(timeout_s) and timeout_s > 0):
+        raise ParallelError(f"--distributed-timeout must be a positive number of seconds, got {timeout_s!r}")
     return ParallelConfig(
         getattr(args, "tensor_parallel_size", 1),
         getattr(args, "data_parallel_size", 1),
@@ -61,20 +70,39 @@ class ParallelServing:
 
     def __init__(self, model, workers, exit=os._exit):
         self.model, self.workers, self._exit = model, workers, exit
-        self.engine = None
+        self._engine = None
         self._failed = threading.Event()
         model.on_failure = self.fail
         if workers is not None:
             workers.on_failure = self.fail
+            model.failure_cause = workers.wait_failed_rank
+
+    @property
+    def engine(self):
+        """The AsyncEngine over ``model`` (set by the caller); one set after a failure is marked failed."""
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine) -> None:
+        self._engine = engine
+        if engine is not None and self._failed.is_set():
+            self._mark(engine)
+
+    def _mark(self, engine) -> None:
+        if hasattr(engine, "mark_failed"):
+            engine.mark_failed(self.model.failed)  # /health 503 and new requests refused from now on
+        else:
+            engine.stop_accepting()
 
     def fail(self, message: str) -> None:
         """A rank failed: refuse new requests, fail in-flight ones, exit non-zero after a grace period."""
         if self._failed.is_set():
             return
+        if self.model.failed is None:
+            self.model.failed = ParallelError(message)
         self._failed.set()
-        self.model.failed = ParallelError(message)
-        if self.engine is not None:
-            self.engine.stop_accepting()
+        if self._engine is not None:
+            self._mark(self._engine)
         print(f"parity serve: {message}; failing in-flight requests and exiting", file=sys.stderr, flush=True)
 
         def _exit():
@@ -91,6 +119,24 @@ class ParallelServing:
             self.workers.stop()
 
 
+def check_layout(config: ParallelConfig, model: str | None) -> None:
+    """Check ``config`` against the model's config (read torch-free) before any rank is started.
+
+    Args:
+        config: the layout. model: checkpoint directory or preset name (None: the default miniature,
+            exported here on first use, as `parity.engine.model_loading.load_model` does, so that every
+            rank finds it).
+    Raises:
+        ParallelError: the layout does not divide the model (`ParallelConfig.validate`, the field named).
+        ConfigError: no model config under that name.
+    """
+    if model is None:
+        from parity.checkpoint.default_model import ensure_default_model
+
+        model = str(ensure_default_model())
+    config.validate(load_config(model))
+
+
 def start_parallel(args: argparse.Namespace, config: ParallelConfig) -> ParallelServing | None:
     """Start (or, under torchrun, join) the ranks. Returns None on a torchrun worker rank once rank 0 has
     stopped it.
@@ -102,6 +148,7 @@ def start_parallel(args: argparse.Namespace, config: ParallelConfig) -> Parallel
     from parity.engine.worker import ModelSpec, device_type, join_torchrun, launch_local
 
     spec = ModelSpec(args.model, device_type(args.device), args.dtype, args.seed, getattr(args, "quantization", None))
+    check_layout(config, spec.model)
     if env_rank() is not None:
         model = join_torchrun(config, spec, args.distributed_timeout)
         return None if model is None else ParallelServing(model, None)
