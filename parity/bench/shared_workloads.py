@@ -26,7 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from parity.bench.tokenizer import BenchTokenizer
-from parity.bench.workloads import BenchRequest, PromptBuilder, WorkloadSpec, build_requests, parse_workload
+from parity.bench.workloads import (
+    BenchRequest,
+    PromptBuilder,
+    WorkloadSpec,
+    build_requests,
+    jsonl_objects,
+    parse_workload,
+)
 from parity.errors import BenchError
 
 #: Tokens per hash block in the published Mooncake traces (kvcache-ai/Mooncake FAST25-release/traces README).
@@ -123,18 +130,8 @@ def load_mooncake(path: Path, spec: str) -> list[dict]:
     Raises:
         BenchError: missing file, bad JSON line, missing / invalid field (names the line).
     """
-    if not path.is_file():
-        raise BenchError(f"--workload {spec!r}: file {path} not found")
     rows = []
-    for ln, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BenchError(f"--workload {spec!r}: {path} line {ln} is not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise BenchError(f"--workload {spec!r}: {path} line {ln} must be a JSON object")
+    for ln, obj in jsonl_objects(path, spec):
         t = obj.get("timestamp")
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
             raise BenchError(

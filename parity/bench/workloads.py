@@ -263,10 +263,14 @@ def _load_sharegpt(path: Path, spec: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _load_trace(path: Path, spec: str) -> list[dict]:
+def jsonl_objects(path: Path, spec: str):
+    """(line number, object) of every non-blank line of a JSON-lines workload file.
+
+    Raises:
+        BenchError: missing file, a line that is not valid JSON or not a JSON object (names the line).
+    """
     if not path.is_file():
         raise BenchError(f"--workload {spec!r}: file {path} not found")
-    rows = []
     for ln, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -276,6 +280,12 @@ def _load_trace(path: Path, spec: str) -> list[dict]:
             raise BenchError(f"--workload {spec!r}: {path} line {ln} is not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
             raise BenchError(f"--workload {spec!r}: {path} line {ln} must be a JSON object")
+        yield ln, obj
+
+
+def _load_trace(path: Path, spec: str) -> list[dict]:
+    rows = []
+    for ln, obj in jsonl_objects(path, spec):
         if "arrival_s" in obj:
             tkey, t = "arrival_s", obj["arrival_s"]
         elif "timestamp_ms" in obj:

@@ -12,20 +12,9 @@ from parity.checkpoint.default_model import ensure_default_model
 from parity.checkpoint.reader import from_pretrained
 from parity.config import load_config
 from parity.errors import RequestError
-from parity.model.build import build_model
+from parity.model.build import DTYPES, build_model
 
 log = logging.getLogger("parity.engine")
-
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -37,9 +26,9 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
             return torch.float32
         return torch.bfloat16 if torch.bfloat16 in devices.supported_dtypes(device) else torch.float32
     name = str(dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise RequestError(f"engine argument 'dtype' is {dtype!r}: expected one of {', '.join(sorted(_DTYPES))}")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise RequestError(f"engine argument 'dtype' is {dtype!r}: expected one of {', '.join(sorted(DTYPES))}")
+    return DTYPES[name]
 
 
 def load_model(

@@ -44,13 +44,15 @@ def _init_params(model: nn.Module, cfg: ModelConfig, generator: torch.Generator 
             p.copy_(cpu.to(p.dtype))
 
 
-_DTYPES = {
+#: Model dtype names (torch's and the short forms).
+DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
     "float16": torch.float16,
     "fp16": torch.float16,
+    "half": torch.float16,
 }
 
 
@@ -62,9 +64,9 @@ def resolve_dtype(dtype) -> torch.dtype:
     """
     if isinstance(dtype, torch.dtype):
         return dtype
-    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    raise RequestError(f"dtype is {dtype!r}: expected one of {sorted(_DTYPES)} or a torch.dtype")
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise RequestError(f"dtype is {dtype!r}: expected one of {sorted(DTYPES)} or a torch.dtype")
 
 
 def build_model(
