@@ -52,3 +52,24 @@ def word_tokenizer_json(tmp_path_factory):
         return path
 
     return make
+
+
+#: Vocabulary of the bench tests' word-level tokenizer; the scripted servers stream " tok" (one token).
+BENCH_WORDS = (
+    "tok alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar "
+    "papa quebec romeo sierra tango"
+).split()
+
+
+@pytest.fixture(scope="session")
+def bench_tokenizer_json(word_tokenizer_json):
+    """Factory ``make(n=None) -> Path``: a word-level tokenizer.json over the first ``n`` (None: all) of `BENCH_WORDS`."""
+    return lambda n=None: word_tokenizer_json(BENCH_WORDS[:n])
+
+
+@pytest.fixture(scope="session")
+def tok(bench_tokenizer_json):
+    """The bench tokenizer over all of `BENCH_WORDS` (test modules may override it with a smaller vocabulary)."""
+    from parity.bench.tokenizer import load_bench_tokenizer
+
+    return load_bench_tokenizer(bench_tokenizer_json())

@@ -19,14 +19,13 @@ from parity.bench.tokenizer import load_bench_tokenizer
 from parity.bench.workloads import build_requests
 from parity.errors import BenchError
 
-WORDS = ["tok", "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
 MS = 1e-3
 
 
 @pytest.fixture(scope="module")
-def tok(word_tokenizer_json):
+def tok(bench_tokenizer_json):
     """Word-level tokenizer: the fake server's " tok" is exactly one token."""
-    return load_bench_tokenizer(word_tokenizer_json(WORDS))
+    return load_bench_tokenizer(bench_tokenizer_json(11))
 
 
 def _cfg(url, **kw):
@@ -406,10 +405,10 @@ def test_energy_figures_per_token(tok, monkeypatch, capsys):
     assert res["energy"]["joules"] is None and res["energy"]["reason"].startswith("meter failed during the run: rapl")
 
 
-def test_cli_end_to_end_with_report(word_tokenizer_json, tmp_path, capsys):
+def test_cli_end_to_end_with_report(bench_tokenizer_json, tmp_path, capsys):
     from parity.cli import main
 
-    tpath = word_tokenizer_json(WORDS)
+    tpath = bench_tokenizer_json(11)
     out1, out2 = tmp_path / "a.json", tmp_path / "b.json"
     with FakeServer(Script(ttft_s=0.004, itl_s=0.002)) as srv:
         for out, conc in ((out1, "1"), (out2, "4")):

@@ -6,37 +6,7 @@ import pytest
 
 from parity.bench.client import build_payload
 from parity.bench.shared_workloads import build_workload
-from parity.bench.tokenizer import load_bench_tokenizer
 from parity.errors import BenchError
-
-WORDS = [
-    "tok",
-    "alpha",
-    "bravo",
-    "charlie",
-    "delta",
-    "echo",
-    "foxtrot",
-    "golf",
-    "hotel",
-    "india",
-    "juliet",
-    "kilo",
-    "lima",
-    "mike",
-    "november",
-    "oscar",
-    "papa",
-    "quebec",
-    "romeo",
-    "sierra",
-    "tango",
-]
-
-
-@pytest.fixture(scope="module")
-def tok(word_tokenizer_json):
-    return load_bench_tokenizer(word_tokenizer_json(WORDS))
 
 
 def test_prefix_repetition_shares_prefixes(tok):

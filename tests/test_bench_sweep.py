@@ -15,12 +15,10 @@ from parity.bench.sweep import load_points, past_slo, run_sweep, workload_for
 from parity.bench.tokenizer import load_bench_tokenizer
 from parity.errors import BenchError
 
-WORDS = ["tok", "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
-
 
 @pytest.fixture(scope="module")
-def tok(word_tokenizer_json):
-    return load_bench_tokenizer(word_tokenizer_json(WORDS))
+def tok(bench_tokenizer_json):
+    return load_bench_tokenizer(bench_tokenizer_json(11))
 
 
 def _rec(i, send):
@@ -159,7 +157,7 @@ def test_sweep_against_scripted_server_with_report(tok, tmp_path):
     assert write_report(files, tmp_path / "r.png").stat().st_size > 1000
 
 
-def test_sweep_cli(word_tokenizer_json, tmp_path, capsys):
+def test_sweep_cli(bench_tokenizer_json, tmp_path, capsys):
     from parity.cli import main
 
     with FakeServer(Script(ttft_s=0.003, itl_s=0.001)) as srv:
@@ -178,7 +176,7 @@ def test_sweep_cli(word_tokenizer_json, tmp_path, capsys):
                 "--concurrency",
                 "1,2",
                 "--tokenizer",
-                str(word_tokenizer_json(WORDS)),
+                str(bench_tokenizer_json(11)),
                 "--energy",
                 "none",
                 "--no-progress",

@@ -12,36 +12,6 @@ from parity.bench.metrics import RequestRecord, meets_slo, parse_slo, stats_ms, 
 from parity.bench.tokenizer import load_bench_tokenizer
 from parity.errors import BenchError
 
-WORDS = [
-    "tok",
-    "alpha",
-    "bravo",
-    "charlie",
-    "delta",
-    "echo",
-    "foxtrot",
-    "golf",
-    "hotel",
-    "india",
-    "juliet",
-    "kilo",
-    "lima",
-    "mike",
-    "november",
-    "oscar",
-    "papa",
-    "quebec",
-    "romeo",
-    "sierra",
-    "tango",
-]
-
-
-@pytest.fixture(scope="module")
-def tok(word_tokenizer_json):
-    """A small word-level tokenizer (one token per whitespace-separated word)."""
-    return load_bench_tokenizer(word_tokenizer_json(WORDS))
-
 
 # ------------------------------------------------------------------ workloads
 def test_range_conventions_differ_and_match_reference_definitions():
