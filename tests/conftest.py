@@ -63,7 +63,7 @@ BENCH_WORDS = (
 
 @pytest.fixture(scope="session")
 def bench_tokenizer_json(word_tokenizer_json):
-    """Factory ``make(n=None) -> Path``: a word-level tokenizer.json over the first ``n`` (None: all) of `BENCH_WORDS`."""
+    """Factory ``make(n=None) -> Path``: a word-level tokenizer.json of the first ``n`` bench words (None: all)."""
     return lambda n=None: word_tokenizer_json(BENCH_WORDS[:n])
 
 
