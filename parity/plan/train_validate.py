@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from parity.errors import PlanError
+from parity.plan.fitting import refine_log_coordinates
 from parity.plan.hardware import get_hardware
 from parity.plan.train_model import TRAIN_MODEL_VERSION, TrainLayout, step
 from parity.plan.train_shape import TrainShape, from_table, load_shape
@@ -138,19 +139,7 @@ def fit(rs: list[Run]) -> dict:
 
     grid = (0.15, 0.25, 0.35, 0.45, 0.6, 0.8, 1.0)
     best, c = min((loss({"gemm_eff": g, "link_eff": lk}), {"gemm_eff": g, "link_eff": lk}) for g in grid for lk in grid)
-    stepv = 0.2
-    while stepv > 0.003:
-        improved = False
-        for k in CONSTANTS:
-            for sgn in (1, -1):
-                t = dict(c)
-                t[k] = min(1.0, max(0.02, c[k] * math.exp(sgn * stepv)))
-                v = loss(t)
-                if v < best - 1e-12:
-                    c, best, improved = t, v, True
-        if not improved:
-            stepv /= 2
-    return c
+    return refine_log_coordinates(loss, c, best, CONSTANTS, min_step=0.003)
 
 
 @lru_cache(maxsize=4)

@@ -21,6 +21,7 @@ from pathlib import Path
 from parity.errors import PlanError
 from parity.plan.arch import V4Arch, load_arch
 from parity.plan.estimate import METRICS, QUANTIZATION, Setup, build, figures
+from parity.plan.fitting import refine_log_coordinates
 from parity.plan.hardware import CONSTANT_NAMES, families, get_hardware
 from parity.plan.serving_model import MODEL_VERSION
 
@@ -249,19 +250,7 @@ def fit(entries: list[Entry]) -> dict:
         v = loss(cc)
         if v < best:
             best, c = v, cc
-    step = 0.2
-    while step > 0.004:
-        improved = False
-        for k in CONSTANT_NAMES:
-            for sgn in (1, -1):
-                trial = dict(c)
-                trial[k] = min(1.0, max(0.02, c[k] * math.exp(sgn * step)))
-                v = loss(trial)
-                if v < best - 1e-12:
-                    c, best, improved = trial, v, True
-        if not improved:
-            step /= 2
-    return c
+    return refine_log_coordinates(loss, c, best, CONSTANT_NAMES, min_step=0.004)
 
 
 def fit_all(entries: list[Entry]) -> dict[str, dict]:
