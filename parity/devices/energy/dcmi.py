@@ -11,18 +11,10 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
-from parity.devices.energy.meter import (
-    DEFAULT_INTERVAL_S,
-    EnergyMeter,
-    EnergyReading,
-    PeriodicSampler,
-    cumulative_trapezoid,
-)
+from parity.devices.energy.meter import DEFAULT_INTERVAL_S, SampledPowerMeter
 from parity.errors import DeviceError
 
 _INSTANT = re.compile(r"^\s*Instantaneous power reading\s*:\s*([0-9]+(?:\.[0-9]+)?)\s*Watts", re.IGNORECASE | re.M)
@@ -44,7 +36,7 @@ def parse_dcmi_power(text: str) -> float:
     return float(m.group(1))
 
 
-class DcmiMeter(EnergyMeter):
+class DcmiMeter(SampledPowerMeter):
     """Node power from ``ipmitool dcmi power reading`` sampled every `interval_s`, trapezoid-integrated.
 
     Args:
@@ -66,8 +58,7 @@ class DcmiMeter(EnergyMeter):
                 raise DeviceError(f"dcmi: {ipmitool!r} not found on PATH")
             self.run = lambda argv: subprocess.run(argv, capture_output=True, text=True, timeout=10)
         self.argv = [ipmitool, "dcmi", "power", "reading"]
-        self.interval_s = interval_s
-        self._lock = threading.Lock()
+        super().__init__(interval_s)
         self._power()  # fail now, not mid-run
 
     def _power(self) -> float:
@@ -79,39 +70,14 @@ class DcmiMeter(EnergyMeter):
             raise DeviceError(f"dcmi: {' '.join(self.argv)!r} exited with {r.returncode} (needs root and a BMC)")
         return parse_dcmi_power(r.stdout if isinstance(r.stdout, str) else r.stdout.decode(errors="replace"))
 
-    def _sample(self) -> None:
-        w = self._power()
-        t = time.perf_counter()
-        with self._lock:
-            self._t.append(t)
-            self._w.append([w])
+    def _watts(self) -> list[float]:
+        return [self._power()]
 
-    def start(self) -> None:
-        self._t, self._w = [], []
-        self._t0 = time.perf_counter()
-        self._sample()
-        self._sampler = PeriodicSampler(self._sample, self.interval_s)
-        self._sampler.start()
+    def _device_names(self) -> list[str]:
+        return ["node (BMC)"]
 
-    def stop(self) -> EnergyReading:
-        self._sampler.stop()
-        if self._sampler.error is not None:
-            raise DeviceError(f"dcmi: sampling failed during the run: {self._sampler.error}")
-        self._sample()
-        dt = time.perf_counter() - self._t0
-        tl = cumulative_trapezoid(self._t, self._w)
-        j = tl[-1][1][0]
-        return EnergyReading(
-            meter="dcmi",
-            joules=j,
-            seconds=dt,
-            avg_watts=j / dt if dt > 0 else None,
-            devices=["node (BMC)"],
-            per_device_j=[j],
-            samples=len(self._t),
-            timeline=tl,
-            method=f"IPMI DCMI instantaneous node power sampled every {self.interval_s:g} s, trapezoid-integrated",
-        )
+    def _method(self) -> str:
+        return f"IPMI DCMI instantaneous node power sampled every {self.interval_s:g} s, trapezoid-integrated"
 
     def describe(self) -> str:
         return "dcmi (node power via BMC)"

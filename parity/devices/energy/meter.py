@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from parity.errors import DeviceError
+
 #: Default sampling interval in seconds for sampled meters (npu-smi power, RAPL wrap detection).
 #: A design choice: each npu-smi call is a process start, so sampling much faster would cost CPU on the
 #: machine under test; a RAPL package counter (wrapping at max_energy_range_uj, typically about 262 kJ,
@@ -142,3 +144,63 @@ def integrate_trapezoid(times_s: list[float], watts: list[float]) -> float:
     """Energy in J from power samples (W) at times (s) by the trapezoid rule; 0 for fewer than 2 samples."""
     steps = zip(times_s, times_s[1:], watts, watts[1:], strict=False)  # consecutive pairs
     return sum((t1 - t0) * (w0 + w1) / 2 for t0, t1, w0, w1 in steps)
+
+
+class SampledPowerMeter(EnergyMeter):
+    """A meter that samples instantaneous power (W) per device every `interval_s` and integrates it by the
+    trapezoid rule. Subclasses set `name`, `interval_s` and implement `_watts()` (one value per device),
+    `_device_names()` and `_method()`.
+
+    Raises (from `stop`):
+        DeviceError: a sample failed while the run was going on.
+    """
+
+    interval_s: float
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+
+    def _watts(self) -> list[float]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _device_names(self) -> list[str]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _method(self) -> str:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _sample(self) -> None:
+        t = time.perf_counter()
+        w = self._watts()
+        with self._lock:
+            self._t.append(t)
+            self._w.append(w)
+
+    def start(self) -> None:
+        self._t, self._w = [], []
+        self._t0 = time.perf_counter()
+        self._sample()
+        self._sampler = PeriodicSampler(self._sample, self.interval_s)
+        self._sampler.start()
+
+    def stop(self) -> EnergyReading:
+        self._sampler.stop()
+        if self._sampler.error is not None:
+            raise DeviceError(f"{self.name}: sampling failed during the run: {self._sampler.error}")
+        self._sample()
+        dt = time.perf_counter() - self._t0
+        names = self._device_names()
+        per = [integrate_trapezoid(self._t, [w[k] for w in self._w]) for k in range(len(names))]
+        j = sum(per)
+        return EnergyReading(
+            meter=self.name,
+            joules=j,
+            seconds=dt,
+            avg_watts=j / dt if dt > 0 else None,
+            devices=names,
+            per_device_j=per,
+            samples=len(self._t),
+            timeline=cumulative_trapezoid(self._t, self._w),
+            method=self._method(),
+        )

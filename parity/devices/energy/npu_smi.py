@@ -11,19 +11,10 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
-from parity.devices.energy.meter import (
-    DEFAULT_INTERVAL_S,
-    EnergyMeter,
-    EnergyReading,
-    PeriodicSampler,
-    cumulative_trapezoid,
-    integrate_trapezoid,
-)
+from parity.devices.energy.meter import DEFAULT_INTERVAL_S, SampledPowerMeter
 from parity.errors import DeviceError
 
 _POWER_LINE = re.compile(r"^\s*([^:]*?power[^:]*?)\(W\)\s*:\s*([0-9]+(?:\.[0-9]+)?)", re.IGNORECASE)
@@ -52,7 +43,7 @@ def parse_npu_smi_ids(text: str) -> list[int]:
     return [int(m.group(1)) for line in text.splitlines() if (m := _NPU_ID.match(line))]
 
 
-class NpuSmiMeter(EnergyMeter):
+class NpuSmiMeter(SampledPowerMeter):
     """Ascend NPU energy: board power from `npu-smi` sampled every `interval_s`, integrated over time.
 
     Args:
@@ -80,7 +71,7 @@ class NpuSmiMeter(EnergyMeter):
                 raise DeviceError(f"npu-smi: {npu_smi!r} not found on PATH")
             self.run = lambda argv: subprocess.run(argv, capture_output=True, text=True, timeout=10)
         self.npu_smi = npu_smi
-        self.interval_s = interval_s
+        super().__init__(interval_s)
         if devices is None:
             devices = parse_npu_smi_ids(self._call("info", "-l"))
             if not devices:
@@ -88,7 +79,6 @@ class NpuSmiMeter(EnergyMeter):
         self.ids = list(devices)
         for i in self.ids:
             self._power(i)  # fail now, not mid-run
-        self._lock = threading.Lock()
 
     def _call(self, *args: str) -> str:
         argv = [self.npu_smi, *args]
@@ -103,39 +93,14 @@ class NpuSmiMeter(EnergyMeter):
     def _power(self, npu_id: int) -> float:
         return parse_npu_smi_power(self._call("info", "-t", "power", "-i", str(npu_id)))
 
-    def _sample(self) -> None:
-        t = time.perf_counter()
-        w = [self._power(i) for i in self.ids]
-        with self._lock:
-            self._t.append(t)
-            self._w.append(w)
+    def _watts(self) -> list[float]:
+        return [self._power(i) for i in self.ids]
 
-    def start(self) -> None:
-        self._t, self._w = [], []
-        self._t0 = time.perf_counter()
-        self._sample()
-        self._sampler = PeriodicSampler(self._sample, self.interval_s)
-        self._sampler.start()
+    def _device_names(self) -> list[str]:
+        return [f"npu{i}" for i in self.ids]
 
-    def stop(self) -> EnergyReading:
-        self._sampler.stop()
-        if self._sampler.error is not None:
-            raise DeviceError(f"npu-smi: sampling failed during the run: {self._sampler.error}")
-        self._sample()
-        dt = time.perf_counter() - self._t0
-        per = [integrate_trapezoid(self._t, [w[k] for w in self._w]) for k in range(len(self.ids))]
-        j = sum(per)
-        return EnergyReading(
-            meter="npu-smi",
-            joules=j,
-            seconds=dt,
-            avg_watts=j / dt if dt > 0 else None,
-            devices=[f"npu{i}" for i in self.ids],
-            per_device_j=per,
-            samples=len(self._t),
-            timeline=cumulative_trapezoid(self._t, self._w),
-            method=f"npu-smi board power sampled every {self.interval_s:g} s, trapezoid-integrated",
-        )
+    def _method(self) -> str:
+        return f"npu-smi board power sampled every {self.interval_s:g} s, trapezoid-integrated"
 
     def describe(self) -> str:
         return f"npu-smi ({len(self.ids)} NPU(s))"
