@@ -17,6 +17,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
+from parity.server import protocol as P
 from parity.server.choices import Choice, ChoiceMerger, Job
 from parity.server.engine_client import EngineDelta
 from parity.server.sse import SSE_DONE, SSEResponse, sse_event
@@ -96,6 +97,19 @@ class OpenAIServing:
 
     def __init__(self, server: OpenAIServer) -> None:
         self.server = server
+
+    def check_common(self, request: Any) -> str:
+        """The checks every generation endpoint makes first: served model, unsupported fields, `n`.
+
+        Returns:
+            The served model name the request asked for.
+        Raises:
+            OpenAIError: 404 unknown model, 400 unsupported field or bad `n`.
+        """
+        model = self.server.check_model(request.model)
+        P.unsupported_fields(request)
+        P.check_n(request.n)
+        return model
 
     # ---- hooks --------------------------------------------------------------------------------
     async def prepare(self, request: Any, arrival_s: float) -> Generation:

@@ -66,9 +66,7 @@ class ServingChat(OpenAIServing):
 
     async def prepare(self, req: P.ChatCompletionRequest, arrival_s: float) -> ChatGeneration:
         srv = self.server
-        model = srv.check_model(req.model)
-        P.unsupported_fields(req)
-        P.check_n(req.n)
+        model = self.check_common(req)
         thinking = P.thinking_enabled(req, srv.settings.default_thinking)
         tools, tools_enabled = chat_tools(req)
         if req.top_logprobs is not None:

@@ -52,9 +52,7 @@ class ServingCompletion(OpenAIServing):
 
     async def prepare(self, req: P.CompletionRequest, arrival_s: float) -> CompletionGeneration:
         srv = self.server
-        model = srv.check_model(req.model)
-        P.unsupported_fields(req)
-        P.check_n(req.n)
+        model = self.check_common(req)
         if req.logprobs is not None and not 0 <= req.logprobs <= 5:
             raise bad_request(
                 f"Invalid value for 'logprobs': {req.logprobs}; expected 0..5", param="logprobs", code="invalid_value"
