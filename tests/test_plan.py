@@ -105,7 +105,7 @@ def test_estimate_reproduces_every_validated_entry_from_its_flags(rep, capsys):
 def test_unvalidated_class_is_labelled():
     from parity.plan.validate import error_label
 
-    assert "unvalidated" in error_label("nvidia-blackwell", "serving", "v4")
+    assert "unvalidated" in error_label("nvidia-blackwell", "serving", "v3")
     assert "LOO over" in error_label("ascend", "decode", "v4")
 
 

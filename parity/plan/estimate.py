@@ -366,7 +366,8 @@ def colocated(t_dec: float, t_mix: float, tps: float, concurrency: float, dp: in
     Each request needs `n_chunks` steps that carry one of its prefill chunks (step time `t_mix`) and
     osl / tps decode steps (`t_dec`); a user is in exactly one of them per step, so the fraction of
     mixed steps in a group is f = (C/dp) * n_chunks / (osl/tps + n_chunks). f > 1 means prefill-bound:
-    every step carries a chunk and requests queue for prefill.
+    every step carries a chunk and requests queue for prefill. A user's own chunks make its TTFT; its
+    decode steps carry the other users' chunks (fraction f * (users - 1) / users), which is its TPOT.
 
     Returns: ttft_ms, tpot_ms, req_s (requests/s over the instance).
     """
@@ -374,9 +375,10 @@ def colocated(t_dec: float, t_mix: float, tps: float, concurrency: float, dp: in
     dec_steps = osl / tps
     f = users * n_chunks / (dec_steps + n_chunks)
     if f <= 1:
-        step = t_dec + f * (t_mix - t_dec)
-        cycle = (dec_steps + n_chunks) * step
+        f_others = f * max(0.0, users - 1) / users
+        step = t_dec + f_others * (t_mix - t_dec)
         ttft = n_chunks * t_mix
+        cycle = ttft + dec_steps * step
     else:
         step = t_mix
         cycle = users * n_chunks * t_mix

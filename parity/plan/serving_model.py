@@ -254,6 +254,9 @@ def op_costs(arch, hw: Hardware, dep: Deployment, phase: str, tokens: float, ctx
             "a2a_scaleup_bytes": 0.0,
             "a2a_scaleout_bytes": 0.0,
             "tp_bytes": 0.0,
+            "arch": arch.kind,
+            # small-message all-reduces of the attention-TP group (attention output and FFN output)
+            "allreduces": 2 * cnt if dep.attn_tp > 1 else 0,
         }
         if spec.moe:
             g["expert_flops"] = 2.0 * arch.expert_params * tok * k * dep.expert_imbalance
@@ -327,13 +330,15 @@ def stack_of(hw: Hardware, dep: Deployment):
     return st[sid]
 
 
-def layer_floor_s(hw: Hardware, dep: Deployment) -> float:
-    """Latency floor per layer per step (s) of the deployment's software stack (stacks.toml).
+def layer_floor_s(hw: Hardware, dep: Deployment, arch_kind: str = "mla") -> float:
+    """Latency floor per layer per step (s) of the deployment's software stack (stacks.toml) for an
+    architecture ('v4' or 'mla'), plus the latency of the attention-TP group's two all-reduces.
 
     Raises:
         PlanError: unknown stack id.
     """
-    return stack_of(hw, dep).layer_latency_s
+    st = stack_of(hw, dep)
+    return st.layer_latency(arch_kind) + (2 * st.allreduce_latency(dep.attn_tp) if dep.attn_tp > 1 else 0.0)
 
 
 def groups_terms(groups: list[dict], hw: Hardware, dep: Deployment, eager: bool = False) -> Terms:
@@ -353,11 +358,11 @@ def groups_terms(groups: list[dict], hw: Hardware, dep: Deployment, eager: bool 
     pi = hw.peak(hw.best_dtype("fp8"))  # indexer scores run in low precision (official: fp4/fp8 QAT)
     ph = hw.peak("bf16")
     up_bw, out_bw = hw.scaleup_gb_s * 1e9, hw.scaleout_gb_s * 1e9
-    floor = stack.layer_latency_s
+    allreduce = stack.allreduce_latency(dep.attn_tp)
     for g in groups:
         head = g["kind"] == "lm_head"
         if not head:
-            t.fixed_s += g["count"] * floor
+            t.fixed_s += g["count"] * stack.layer_latency(g.get("arch", "mla")) + g.get("allreduces", 0) * allreduce
             if eager:
                 t.host_s += g["count"] * stack.eager_layer_host_s
         t.gemm.append((g["proj_flops"] / pd_, g["proj_weight_bytes"] / hbm))
