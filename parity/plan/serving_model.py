@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from parity.errors import PlanError
 from parity.plan.hardware import Hardware
 
-MODEL_VERSION = "parity-plan-2"
+MODEL_VERSION = "parity-plan-3"
 
 #: Expert load imbalance (max/mean tokens per device) with an expert-parallel load balancer: SGLang
 #: measured 59,337 vs 50,302 tok/s/node prefill with simulated perfect vs default EPLB (lmsys blog
