@@ -37,3 +37,21 @@ def test_single_user_tpot_carries_no_prefill():
     assert r["ttft_ms"] == pytest.approx(800)
     # more users: the others' chunks stretch a user's decode steps
     assert colocated(0.01, 0.4, 2.0, 16, 1, 1000, 2)["tpot_ms"] > r["tpot_ms"]
+
+
+def test_eager_host_time_follows_the_host_cpu():
+    st = stacks()["cuda-graphs"]
+    assert get_hardware("gb300").host_cpu == "grace" and get_hardware("h200").host_cpu == "x86"
+    assert st.eager_host("grace") > st.eager_host("x86") == st.eager_layer_host_s > 0
+    assert st.eager_host("unrecorded") == st.eager_layer_host_s
+
+
+def test_e2e_per_user_is_osl_over_the_whole_request():
+    from parity.plan.estimate import Setup, estimate
+
+    r = estimate(
+        Setup(model="v4-flash", hardware="h200", phase="serving", isl=8192, osl=1024, tp=4, dp=1, concurrency=4)
+    )
+    whole_s = (r["ttft_ms"] + 1024 * r["tpot_ms"]) / 1e3
+    assert r["e2e_tok_s_per_user"] == pytest.approx(1024 / whole_s)
+    assert r["e2e_tok_s_per_user"] < r["output_tok_s_per_user"]

@@ -60,6 +60,7 @@ METRICS = {
     "total_tok_s_per_device": "input + output tokens/s per device",
     "output_tok_s_per_instance": "output tokens/s per instance",
     "output_tok_s_per_user": "output tokens/s per user (1 / TPOT)",
+    "e2e_tok_s_per_user": "output tokens/s per user over a whole request, OSL / (TTFT + OSL x TPOT)",
 }
 
 
@@ -392,6 +393,7 @@ def _serving(out: dict, s: Setup, req_s: float, n: int) -> None:
     out["input_tok_s_per_device"] = req_s * s.isl / n
     out["total_tok_s_per_device"] = req_s * (s.isl + s.osl) / n
     out["output_tok_s_per_user"] = 1e3 / out["tpot_ms"]
+    out["e2e_tok_s_per_user"] = s.osl / ((out["ttft_ms"] + s.osl * out["tpot_ms"]) / 1e3)
 
 
 def estimate(setup: Setup, consts: dict | None = None) -> dict:

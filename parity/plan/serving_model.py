@@ -346,7 +346,8 @@ def groups_terms(groups: list[dict], hw: Hardware, dep: Deployment, eager: bool 
 
     eager: the stack runs this step without a captured graph (prefill and prefill+decode steps: CUDA
     graphs and Ascend graph mode capture decode batches only), so the host must launch every kernel:
-    `host_s` = layers x the stack's `eager_layer_host_s`; the step takes the longer of host and device.
+    `host_s` = layers x the stack's eager host time per layer on the node's host CPU (`Stack.eager_host`);
+    the step takes the longer of host and device.
     """
     t = Terms(overlap=dep.overlap)
     stack = stack_of(hw, dep)
@@ -364,7 +365,7 @@ def groups_terms(groups: list[dict], hw: Hardware, dep: Deployment, eager: bool 
         if not head:
             t.fixed_s += g["count"] * stack.layer_latency(g.get("arch", "mla")) + g.get("allreduces", 0) * allreduce
             if eager:
-                t.host_s += g["count"] * stack.eager_layer_host_s
+                t.host_s += g["count"] * stack.eager_host(hw.host_cpu)
         t.gemm.append((g["proj_flops"] / pd_, g["proj_weight_bytes"] / hbm))
         t.attn.append(
             (g["attn_flops"] / pa + g["indexer_flops"] / pi, (g["cache_read_bytes"] + g["cache_write_bytes"]) / hbm)
