@@ -72,20 +72,23 @@ def test_validation_errors_are_pinned(rep):
 
 def test_v4_validation_true_numbers_are_pinned(rep):
     # DeepSeek-V4 entries on both vendors, prefill and decode, all validated; the done-when targets are
-    # MAPE <= 12%, LOO <= 25%, every V4 entry within 30%. The model reaches MAPE 10.4%, LOO 22.0% and a
+    # MAPE <= 12%, LOO <= 25%, every V4 entry within 30%. The model reaches MAPE 10.1%, LOO 18.1% and a
     # worst V4 entry of 27.5% (GB300 TPOT with MTP at concurrency 1): pinned at the true figures.
     v4 = [r for r in rep["rows"] if r["validate"] and r["class"].endswith("/v4")]
     assert len(v4) >= 6
     assert {r["family"].split("-")[0] for r in v4} == {"ascend", "nvidia"}
     assert {"prefill", "decode"} <= {r["phase"] for r in v4}
-    assert rep["mape"] <= 0.11 and rep["loo_mape"] <= 0.23
+    assert rep["mape"] <= 0.105 and rep["loo_mape"] <= 0.19
     assert max(abs(r["error"]) for r in v4) <= 0.28
     # chunked prefill at vLLM-Ascend's 2,048-token budget: the 950PR entries that were device-bound misses
     err = {r["id"]: r["error"] for r in v4}
     assert abs(err["vllm-950pr-v4flash-64k-prefill"]) <= 0.10
     assert abs(err["sglang-950-v4flash-8k1k-c64"]) <= 0.25
-    # small-batch V4 decode is latency-bound (V4 layer latency under CUDA graphs, TP all-reduces)
+    # small-batch V4 decode is latency-bound (V4 layer latency under CUDA graphs, TP all-reduces); the
+    # V4-Pro cells are out of sample for the layer latency (derived from V4-Flash cells)
     assert abs(err["sglang-gb300-v4flash-tpot-c1"]) <= 0.28
+    pro = [r for r in v4 if r["id"].endswith("v4pro-tpot-c1")]
+    assert len(pro) == 3 and all(abs(r["error"]) <= 0.15 for r in pro)
     # the other users' prefills interleave with a user's decode at concurrency 16 (colocated TPOT)
     assert abs(err["sglang-gb300-v4flash-tpot-c16"]) <= 0.26
     # single-prompt TTFT is host-bound (eager prefill): both vendors' CUDA entries within 25%
