@@ -453,11 +453,14 @@ def decode_point(arch, hw, dep: Deployment, consts: dict, batch: float, ctx: flo
     }
 
 
-def prefill_point(arch, hw, dep: Deployment, consts: dict, tokens: float, prompt: float) -> dict:
-    """Prefill of `tokens` tokens per device in prompts of `prompt` tokens: step time, input tok/s per device."""
+def prefill_point(
+    arch, hw, dep: Deployment, consts: dict, tokens: float, prompt: float, uncached: float | None = None
+) -> dict:
+    """Prefill of `tokens` tokens per device from prompts of `prompt` tokens of which `uncached` (default
+    all) are prefilled, the rest read from the prefix cache: step time, input (prefilled) tok/s per device."""
     if tokens <= 0 or prompt <= 0:
         raise PlanError(f"prefill tokens and prompt length must be positive, got {tokens}, {prompt}")
-    seqs = tokens / prompt
+    seqs = tokens / (uncached or prompt)
     dep_p = replace(dep, mtp=min(dep.mtp, 1))
     r = step_terms(arch, hw, dep_p, "prefill", tokens, prompt, seqs).combine(consts)
     return {**r, "in_tok_s_per_device": tokens / r["step_s"], "tokens": tokens}
