@@ -51,7 +51,8 @@ PHASES = ("prefill", "decode", "serving")
 #: `--max-num-batched-tokens` default: 0 = the software stack's default token budget per step
 #: (`parity/data/hardware/stacks.toml` `max_num_batched_tokens`, with its source).
 MAX_NUM_BATCHED_TOKENS = 0
-#: Every throughput figure `estimate` reports, with its explicit metric name.
+#: Every throughput figure `estimate` reports, with its explicit metric name. `e2e_tok_s_per_user` is
+#: OSL / (TTFT + OSL x TPOT), the per-user rate over a whole request (Dynamo's "E2E").
 METRICS = {
     "ttft_ms": "time to first token (ms)",
     "tpot_ms": "time per output token (ms)",
@@ -60,7 +61,7 @@ METRICS = {
     "total_tok_s_per_device": "input + output tokens/s per device",
     "output_tok_s_per_instance": "output tokens/s per instance",
     "output_tok_s_per_user": "output tokens/s per user (1 / TPOT)",
-    "e2e_tok_s_per_user": "output tokens/s per user over a whole request, OSL / (TTFT + OSL x TPOT)",
+    "e2e_tok_s_per_user": "output tokens/s per user incl. TTFT",
 }
 
 
