@@ -21,8 +21,10 @@ Model version `MODEL_VERSION`. Physics, per device and per step (all layers, plu
   path bounds the time;
 - attention TP adds two all-reduces of the activations per layer over scale-up;
 - communication is hidden behind compute with two micro-batches (`overlap`): step = max(compute,
-  comm); without overlap step = compute + comm; plus a fixed per-layer latency floor of the software
-  stack (`parity/data/hardware/stacks.toml`: CUDA graphs, Ascend graph mode, eager);
+  comm); without overlap step = compute + comm; plus a fixed latency floor per layer of the software
+  stack (`parity/data/hardware/stacks.toml`: CUDA graphs, Ascend graph mode, eager; per architecture,
+  a V4 layer replaying more kernels than an MLA layer) and, with attention TP, two small-message
+  all-reduce latencies per layer; every MTP draft pays them for the MTP block;
 - colocated serving fuses a prefill chunk into a decode step (`mixed_step_terms`): weights are read and
   the floor is paid once for both.
 
