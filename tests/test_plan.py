@@ -64,26 +64,33 @@ def test_validation_errors_are_pinned(rep):
     v3 = [r for r in rows if r["class"].endswith("/v3")]
     for r in v3:
         assert abs(r["error"]) <= 0.20, (r["id"], r["error"])
-    # pins of the V3/R1 subset (parity-plan-2, constants fitted on it): a change that worsens them fails
+    # pins of the V3/R1 subset (family constants fitted on every validated entry): a change that worsens them fails
     assert sum(abs(r["error"]) for r in v3) / len(v3) <= 0.075
     assert max(abs(r["error"]) for r in v3) <= 0.14
     assert all("loo_error" in r for r in rows)
 
 
 def test_v4_validation_true_numbers_are_pinned(rep):
-    # DeepSeek-V4 entries on both vendors, prefill and decode, all validated; the model misses the
-    # done-when targets (MAPE <= 12%, LOO <= 25%, every V4 entry within 30%): these pins record the
-    # true figures so that an improvement can tighten them and a regression fails.
+    # DeepSeek-V4 entries on both vendors, prefill and decode, all validated; the done-when targets are
+    # MAPE <= 12%, LOO <= 25%, every V4 entry within 30%. The model reaches MAPE 10.1%, LOO 18.1% and a
+    # worst V4 entry of 27.5% (GB300 TPOT with MTP at concurrency 1): pinned at the true figures.
     v4 = [r for r in rep["rows"] if r["validate"] and r["class"].endswith("/v4")]
     assert len(v4) >= 6
     assert {r["family"].split("-")[0] for r in v4} == {"ascend", "nvidia"}
     assert {"prefill", "decode"} <= {r["phase"] for r in v4}
-    assert rep["mape"] <= 0.22 and rep["loo_mape"] <= 0.22
-    assert max(abs(r["error"]) for r in v4) <= 1.0
+    assert rep["mape"] <= 0.105 and rep["loo_mape"] <= 0.19
+    assert max(abs(r["error"]) for r in v4) <= 0.28
     # chunked prefill at vLLM-Ascend's 2,048-token budget: the 950PR entries that were device-bound misses
     err = {r["id"]: r["error"] for r in v4}
     assert abs(err["vllm-950pr-v4flash-64k-prefill"]) <= 0.10
-    assert abs(err["sglang-950-v4flash-8k1k-c64"]) <= 0.22
+    assert abs(err["sglang-950-v4flash-8k1k-c64"]) <= 0.25
+    # small-batch V4 decode is latency-bound (V4 layer latency under CUDA graphs, TP all-reduces); the
+    # V4-Pro cells are out of sample for the layer latency (derived from V4-Flash cells)
+    assert abs(err["sglang-gb300-v4flash-tpot-c1"]) <= 0.28
+    pro = [r for r in v4 if r["id"].endswith("v4pro-tpot-c1")]
+    assert len(pro) == 3 and all(abs(r["error"]) <= 0.15 for r in pro)
+    # the other users' prefills interleave with a user's decode at concurrency 16 (colocated TPOT)
+    assert abs(err["sglang-gb300-v4flash-tpot-c16"]) <= 0.26
     # single-prompt TTFT is host-bound (eager prefill): both vendors' CUDA entries within 25%
     ttft = [r for r in v4 if r["metric"] == "ttft_ms"]
     assert len(ttft) == 2 and all(abs(r["error"]) <= 0.25 for r in ttft)
@@ -105,7 +112,7 @@ def test_estimate_reproduces_every_validated_entry_from_its_flags(rep, capsys):
 def test_unvalidated_class_is_labelled():
     from parity.plan.validate import error_label
 
-    assert "unvalidated" in error_label("nvidia-blackwell", "serving", "v4")
+    assert "unvalidated" in error_label("nvidia-blackwell", "serving", "v3")
     assert "LOO over" in error_label("ascend", "decode", "v4")
 
 
@@ -193,7 +200,7 @@ def test_plan_cli_text_json_and_compare_html(tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "modeled:parity-plan-2" in out and "tokens per joule" in out and "chips for 5 req/s" in out
+    assert "modeled:parity-plan-3" in out and "tokens per joule" in out and "chips for 5 req/s" in out
     assert main(["plan", "--hardware", "h800", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["feasible"]
     html = tmp_path / "r.html"

@@ -51,7 +51,8 @@ PHASES = ("prefill", "decode", "serving")
 #: `--max-num-batched-tokens` default: 0 = the software stack's default token budget per step
 #: (`parity/data/hardware/stacks.toml` `max_num_batched_tokens`, with its source).
 MAX_NUM_BATCHED_TOKENS = 0
-#: Every throughput figure `estimate` reports, with its explicit metric name.
+#: Every throughput figure `estimate` reports, with its explicit metric name. `e2e_tok_s_per_user` is
+#: OSL / (TTFT + OSL x TPOT), the per-user rate over a whole request (Dynamo's "E2E").
 METRICS = {
     "ttft_ms": "time to first token (ms)",
     "tpot_ms": "time per output token (ms)",
@@ -60,6 +61,7 @@ METRICS = {
     "total_tok_s_per_device": "input + output tokens/s per device",
     "output_tok_s_per_instance": "output tokens/s per instance",
     "output_tok_s_per_user": "output tokens/s per user (1 / TPOT)",
+    "e2e_tok_s_per_user": "output tokens/s per user incl. TTFT",
 }
 
 
@@ -366,7 +368,8 @@ def colocated(t_dec: float, t_mix: float, tps: float, concurrency: float, dp: in
     Each request needs `n_chunks` steps that carry one of its prefill chunks (step time `t_mix`) and
     osl / tps decode steps (`t_dec`); a user is in exactly one of them per step, so the fraction of
     mixed steps in a group is f = (C/dp) * n_chunks / (osl/tps + n_chunks). f > 1 means prefill-bound:
-    every step carries a chunk and requests queue for prefill.
+    every step carries a chunk and requests queue for prefill. A user's own chunks make its TTFT; its
+    decode steps carry the other users' chunks (fraction f * (users - 1) / users), which is its TPOT.
 
     Returns: ttft_ms, tpot_ms, req_s (requests/s over the instance).
     """
@@ -374,9 +377,10 @@ def colocated(t_dec: float, t_mix: float, tps: float, concurrency: float, dp: in
     dec_steps = osl / tps
     f = users * n_chunks / (dec_steps + n_chunks)
     if f <= 1:
-        step = t_dec + f * (t_mix - t_dec)
-        cycle = (dec_steps + n_chunks) * step
+        f_others = f * max(0.0, users - 1) / users
+        step = t_dec + f_others * (t_mix - t_dec)
         ttft = n_chunks * t_mix
+        cycle = ttft + dec_steps * step
     else:
         step = t_mix
         cycle = users * n_chunks * t_mix
@@ -390,6 +394,7 @@ def _serving(out: dict, s: Setup, req_s: float, n: int) -> None:
     out["input_tok_s_per_device"] = req_s * s.isl / n
     out["total_tok_s_per_device"] = req_s * (s.isl + s.osl) / n
     out["output_tok_s_per_user"] = 1e3 / out["tpot_ms"]
+    out["e2e_tok_s_per_user"] = s.osl / ((out["ttft_ms"] + s.osl * out["tpot_ms"]) / 1e3)
 
 
 def estimate(setup: Setup, consts: dict | None = None) -> dict:

@@ -52,6 +52,7 @@ class Hardware:
     tdp_w: float | None
     usd_per_hour: float | None
     dies: int = 1
+    host_cpu: str = ""  # the host CPU family of the node ('x86', 'grace', ...; '' = not recorded)
     aliases: tuple = ()
     sources: dict = field(default_factory=dict)  # "section.key" -> source text
     estimates: tuple = ()  # "section.key" whose status is estimate
@@ -107,6 +108,16 @@ def _value(entry: dict, section: str, key: str, path: Path):
     return float(v), item
 
 
+def _host_cpu(d: dict, path: Path) -> str:
+    """The optional `host_cpu` field (with its `host_cpu_source`)."""
+    cpu = d.get("host_cpu", "")
+    if not isinstance(cpu, str):
+        raise PlanError(f"hardware file {path.name}: field 'host_cpu' must be a string, got {cpu!r}")
+    if cpu and not str(d.get("host_cpu_source", "")).strip():
+        raise PlanError(f"hardware file {path.name}: field 'host_cpu' needs a 'host_cpu_source'")
+    return cpu
+
+
 def load_hardware_file(path: Path) -> Hardware:
     """Parse and validate one hardware TOML file.
 
@@ -157,6 +168,7 @@ def load_hardware_file(path: Path) -> Hardware:
         tdp_w=vals["power.tdp_w"],
         usd_per_hour=vals["price.usd_per_hour"],
         dies=int(d.get("dies", 1)),
+        host_cpu=_host_cpu(d, path),
         aliases=tuple(d.get("aliases", ())),
         sources=sources,
         estimates=tuple(estimates),
@@ -262,9 +274,12 @@ def family_of(hw: Hardware, directory: str | Path | None = None) -> Family:
 
 @dataclass(frozen=True)
 class Stack:
-    """A software stack's latency floor per decoder layer per step (s), the host time per decoder layer of
-    a step it does not capture in a graph (s, `eager_layer_host_s`: prefill and mixed steps), its default
-    token budget per step (`max_num_batched_tokens`: a longer prompt is prefilled in chunks), with sources."""
+    """A software stack's latency floor per decoder layer per step (s; `layer_latency_s` for a DeepSeek-V3/R1
+    MLA layer, `v4_layer_latency_s` for a DeepSeek-V4 layer, whose mHC, compressor and indexer add
+    kernels), the latency of one small-message tensor-parallel all-reduce per TP size (s,
+    `allreduce_latency_s`), the host time per decoder layer of a step it does not capture in a graph (s,
+    `eager_layer_host_s`: prefill and mixed steps), its default token budget per step
+    (`max_num_batched_tokens`: a longer prompt is prefilled in chunks), with sources."""
 
     id: str
     layer_latency_s: float
@@ -273,6 +288,29 @@ class Stack:
     eager_source: str = ""
     max_num_batched_tokens: int = 8192
     chunk_source: str = ""
+    v4_layer_latency_s: float = 0.0
+    v4_source: str = ""
+    eager_host_by_cpu: tuple = ()  # ((host cpu, seconds per layer), ...) overriding eager_layer_host_s
+    allreduce_latency_s: tuple = ()  # ((tp size, seconds), ...) ascending
+    allreduce_source: str = ""
+
+    def layer_latency(self, arch_kind: str) -> float:
+        """Latency floor (s) of one decoder layer of an architecture ('v4' or 'mla') per step."""
+        return self.v4_layer_latency_s if arch_kind == "v4" and self.v4_layer_latency_s else self.layer_latency_s
+
+    def eager_host(self, host_cpu: str) -> float:
+        """Host time (s) to launch one decoder layer of an eager step on a node with `host_cpu`."""
+        return dict(self.eager_host_by_cpu).get(host_cpu, self.eager_layer_host_s)
+
+    def allreduce_latency(self, tp: int) -> float:
+        """Latency (s) of one small-message all-reduce over `tp` devices: the entry of the smallest listed
+        TP size >= tp (the largest listed beyond it); 0 for tp = 1 or when the stack lists none."""
+        if tp <= 1 or not self.allreduce_latency_s:
+            return 0.0
+        for size, sec in self.allreduce_latency_s:
+            if size >= tp:
+                return sec
+        return self.allreduce_latency_s[-1][1]
 
 
 @lru_cache(maxsize=8)
@@ -299,11 +337,37 @@ def _stacks(directory: str) -> dict[str, Stack]:
             raise PlanError(
                 f"stack file {path.name}: [{sid}] max_num_batched_tokens must be a positive integer, got {chunk!r}"
             )
+        v4 = sec.get("v4_layer_latency_us", 0.0)
+        if not isinstance(v4, (int, float)) or isinstance(v4, bool) or v4 < 0:
+            raise PlanError(f"stack file {path.name}: [{sid}] v4_layer_latency_us must be a number >= 0, got {v4!r}")
+        if v4 and not str(sec.get("v4_source", "")).strip():
+            raise PlanError(f"stack file {path.name}: [{sid}] v4_layer_latency_us needs a 'v4_source'")
+        by_cpu = sec.get("eager_layer_host_us_by_cpu", {})
+        if not isinstance(by_cpu, dict) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in by_cpu.values()
+        ):
+            raise PlanError(
+                f"stack file {path.name}: [{sid}] eager_layer_host_us_by_cpu must map host CPUs to microseconds >= 0"
+            )
+        ar = sec.get("allreduce_latency_us", {})
+        if not isinstance(ar, dict) or not all(
+            k.isdigit() and isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for k, x in ar.items()
+        ):
+            raise PlanError(
+                f"stack file {path.name}: [{sid}] allreduce_latency_us must map TP sizes to microseconds >= 0"
+            )
+        if ar and not str(sec.get("allreduce_source", "")).strip():
+            raise PlanError(f"stack file {path.name}: [{sid}] allreduce_latency_us needs an 'allreduce_source'")
         out[sid] = Stack(
             id=sid,
             layer_latency_s=float(v) * 1e-6,
+            v4_layer_latency_s=float(v4) * 1e-6,
+            v4_source=sec.get("v4_source", ""),
+            allreduce_latency_s=tuple(sorted((int(k), float(x) * 1e-6) for k, x in ar.items())),
+            allreduce_source=sec.get("allreduce_source", ""),
             source=sec["source"],
             eager_layer_host_s=float(host) * 1e-6,
+            eager_host_by_cpu=tuple(sorted((k, float(x) * 1e-6) for k, x in by_cpu.items())),
             eager_source=sec.get("eager_source", ""),
             max_num_batched_tokens=chunk,
             chunk_source=sec.get("chunk_source", ""),

@@ -115,6 +115,9 @@ def _workload_args(p) -> None:
     p.add_argument("--osl", type=int, default=1024, help="output length (tokens)")
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="time-to-first-token SLO (ms)")
     p.add_argument("--slo-tpot-ms", type=float, default=50.0, help="time-per-output-token SLO (ms)")
+    p.add_argument(
+        "--prefix-hit-rate", type=float, default=0.0, help="fraction of prompt tokens in the prefix cache ([0, 1))"
+    )
 
 
 def _on_off(v: str) -> bool:
@@ -300,6 +303,7 @@ def _workload(args):
         slo_ttft_ms=args.slo_ttft_ms,
         slo_tpot_ms=args.slo_tpot_ms,
         target_qps=getattr(args, "target_qps", None),
+        prefix_hit_rate=getattr(args, "prefix_hit_rate", 0.0),
     )
 
 
@@ -312,7 +316,8 @@ def format_plan(r: dict) -> str:
     w = r["workload"]
     head = (
         f"{r['model']} on {r['hardware_name']} [{r['hardware']}, {r['hardware_status']}]  "
-        f"isl {w['isl']}, osl {w['osl']}, SLO TTFT {w['slo_ttft_ms']:g} ms, TPOT {w['slo_tpot_ms']:g} ms"
+        f"isl {w['isl']}, osl {w['osl']}, prefix hits {w.get('prefix_hit_rate', 0):g}, "
+        f"SLO TTFT {w['slo_ttft_ms']:g} ms, TPOT {w['slo_tpot_ms']:g} ms"
     )
     if not r["feasible"]:
         return f"{head}\n{r['reason']}\nprovenance: {r['provenance']}"

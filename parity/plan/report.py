@@ -52,7 +52,8 @@ def compare(model: str, hardware: list[str], workload: Workload, out: str | None
     }
     w = workload
     head = (
-        f"{model}: isl {w.isl}, osl {w.osl}, SLO TTFT {w.slo_ttft_ms:g} ms, TPOT {w.slo_tpot_ms:g} ms; "
+        f"{model}: isl {w.isl}, osl {w.osl}, prefix hits {w.prefix_hit_rate:g}, SLO TTFT {w.slo_ttft_ms:g} ms, "
+        f"TPOT {w.slo_tpot_ms:g} ms; "
         "output and input tok/s per chip; the frontier (--out) spans both modes, each point labelled"
     )
     res["table_text"] = head + "\n" + _table(rows, res["provenance"]) + "".join(f"\nnote: {n}" for n in notes)

@@ -51,13 +51,20 @@ PREFILL_TOKENS = (1024, 2048, 4096, 8192, 16384, 32768)
 
 @dataclass
 class Workload:
-    """A serving target. Lengths in tokens, SLOs in ms, load in requests/s."""
+    """A serving target. Lengths in tokens, SLOs in ms, load in requests/s; `prefix_hit_rate`: fraction of
+    each prompt's tokens found in the prefix cache (only the rest is prefilled)."""
 
     isl: int
     osl: int
     slo_ttft_ms: float = 2000.0
     slo_tpot_ms: float = 50.0
     target_qps: float | None = None
+    prefix_hit_rate: float = 0.0
+
+    @property
+    def uncached(self) -> float:
+        """Prompt tokens each request prefills (tokens): isl x (1 - prefix_hit_rate), at least 1."""
+        return max(1.0, self.isl * (1 - self.prefix_hit_rate))
 
     def validate(self) -> None:
         """Raises PlanError naming the bad parameter."""
@@ -71,6 +78,8 @@ class Workload:
                 raise PlanError(f"--{name.replace('_', '-')} must be a positive number of milliseconds, got {v!r}")
         if self.target_qps is not None and not (self.target_qps > 0 and math.isfinite(self.target_qps)):
             raise PlanError(f"--target-qps must be a positive number of requests/s, got {self.target_qps!r}")
+        if not 0 <= self.prefix_hit_rate < 1:
+            raise PlanError(f"--prefix-hit-rate must be in [0, 1), got {self.prefix_hit_rate}")
 
 
 def _formats(arch, hw: Hardware) -> list[tuple[str, str, str]]:
@@ -140,20 +149,23 @@ def _kv_transfer_s(arch, hw, dep, isl) -> float:
     return arch.cache_bytes_seq(isl, dep.kv_dtype) / (hw.scaleout_gb_s * 1e9)
 
 
-def _best_prefill(arch, hw, dep, consts, isl, ttft_slo_s):
-    """Prefill at the tokens per device with the most input tok/s meeting TTFT and memory. A prompt is
-    split over its attention-TP group (isl / TP tokens per device at the least), so TP cuts TTFT."""
+def _best_prefill(arch, hw, dep, consts, isl, ttft_slo_s, uncached=None):
+    """Prefill at the tokens per device with the most input tok/s meeting TTFT and memory. A prompt's
+    `uncached` tokens (default all `isl`; the rest come from the prefix cache) are split over its
+    attention-TP group (uncached / TP tokens per device at the least), so TP cuts TTFT. Input tok/s
+    counts prefilled (uncached) tokens."""
+    uncached = uncached or isl
     budget = hbm_budget(arch, hw, dep)
     if budget <= 0:
         return None, None
     best, ttft_min = None, None
     per_seq = arch.cache_bytes_seq(isl, dep.kv_dtype)
-    least = isl / dep.attn_tp
+    least = uncached / dep.attn_tp
     for tok in sorted({t for t in PREFILL_TOKENS if t > least} | {least}):
-        seqs = tok / isl
+        seqs = tok / uncached
         if seqs * dep.attn_tp * per_seq > budget:
             break
-        p = prefill_point(arch, hw, dep, consts, tok, isl)
+        p = prefill_point(arch, hw, dep, consts, tok, isl, uncached)
         ttft = p["step_s"] + _kv_transfer_s(arch, hw, dep, isl)
         ttft_min = ttft if ttft_min is None else min(ttft_min, ttft)
         if ttft > ttft_slo_s:
@@ -213,7 +225,7 @@ def plan(model: str, hardware: str, workload: Workload, consts: dict | None = No
     for d in fits:
         if d.mtp > 1:
             continue
-        p, tmin = _best_prefill(arch, hw, d, consts, workload.isl, ttft_slo)
+        p, tmin = _best_prefill(arch, hw, d, consts, workload.isl, ttft_slo, workload.uncached)
         if tmin is not None and (ttft_min is None or tmin < ttft_min):
             ttft_min = tmin
         if p and (best_pre is None or p["in_tok_s_per_device"] > best_pre[1]["in_tok_s_per_device"]):
@@ -257,7 +269,7 @@ def plan(model: str, hardware: str, workload: Workload, consts: dict | None = No
         )
     (dd, dp), (pd_, pp) = best_dec, best_pre
     P, D = pp["in_tok_s_per_device"], dp["out_tok_s_per_device"]
-    out_chip = workload.osl / (workload.isl / P + workload.osl / D)
+    out_chip = workload.osl / (workload.uncached / P + workload.osl / D)
     result = {
         "mode": "disaggregated",
         "decode": {**_describe(dd), "batch_per_device": dp["batch"]},
@@ -269,7 +281,7 @@ def plan(model: str, hardware: str, workload: Workload, consts: dict | None = No
         "input_tok_s_per_chip": out_chip * workload.isl / workload.osl,
         "prefill_in_tok_s_per_device": P,
         "decode_out_tok_s_per_device": D,
-        "prefill_fraction_of_chips": (workload.isl / P) / (workload.isl / P + workload.osl / D),
+        "prefill_fraction_of_chips": (workload.uncached / P) / (workload.uncached / P + workload.osl / D),
     }
     if colo and colo["output_tok_s_per_chip"] > result["output_tok_s_per_chip"]:
         result = colo
@@ -279,10 +291,11 @@ def plan(model: str, hardware: str, workload: Workload, consts: dict | None = No
 def colocated_point(arch, hw, dep, consts, batch, workload, ctx_avg) -> dict:
     """Colocated serving at `batch` sequences per device (closed loop of batch x n users): each step
     decodes the batch and carries a prefill chunk of up to the stack's token budget (stacks.toml; split over
-    the attention-TP group) in the fraction of steps the arriving prompts need (`estimate.colocated`)."""
+    the attention-TP group) in the fraction of steps the arriving prompts need (`estimate.colocated`); only a
+    prompt's uncached tokens (`Workload.uncached`) are chunked, each chunk attending over the whole prompt."""
     dp = dep.n_devices // dep.attn_tp
-    chunk = min(workload.isl, stack_of(hw, dep).max_num_batched_tokens)
-    n_chunks = math.ceil(workload.isl / chunk)
+    chunk = min(workload.uncached, stack_of(hw, dep).max_num_batched_tokens)
+    n_chunks = math.ceil(workload.uncached / chunk - 1e-9)
     dec = decode_point(arch, hw, dep, consts, batch, ctx_avg)
     mix = mixed_step_terms(arch, hw, dep, batch, ctx_avg, chunk / dep.attn_tp, workload.isl).combine(consts)
     r = colocated(dec["step_s"], mix["step_s"], dep.tokens_per_step, batch * dep.n_devices, dp, workload.osl, n_chunks)
@@ -348,7 +361,7 @@ def _finish(model, hw: Hardware, workload: Workload, r: dict) -> dict:
     if workload.target_qps:
         if r["mode"] == "disaggregated":
             n_p, n_d = r["prefill"]["n_devices"], r["decode"]["n_devices"]
-            pre = math.ceil(workload.target_qps * workload.isl / r["prefill_in_tok_s_per_device"] / n_p) * n_p
+            pre = math.ceil(workload.target_qps * workload.uncached / r["prefill_in_tok_s_per_device"] / n_p) * n_p
             dec = math.ceil(workload.target_qps * workload.osl / r["decode_out_tok_s_per_device"] / n_d) * n_d
             r["chips_for_target"] = {"prefill": pre, "decode": dec, "total": pre + dec}
         else:
@@ -394,7 +407,7 @@ def frontier(model: str, hardware: str, workload: Workload, consts: dict | None 
     fits = [d for d in _deployments(arch, hw, mtp_options) if hbm_budget(arch, hw, d) > 0]
     best_P = None
     for d in fits:
-        p, _ = _best_prefill(arch, hw, d, consts, workload.isl, workload.slo_ttft_ms / 1e3)
+        p, _ = _best_prefill(arch, hw, d, consts, workload.isl, workload.slo_ttft_ms / 1e3, workload.uncached)
         if p and (best_P is None or p["in_tok_s_per_device"] > best_P):
             best_P = p["in_tok_s_per_device"]
     ctx_avg, ctx_max = workload.isl + workload.osl / 2, workload.isl + workload.osl
@@ -407,7 +420,7 @@ def frontier(model: str, hardware: str, workload: Workload, consts: dict | None 
                 break
             if best_P:
                 p = decode_point(arch, hw, d, consts, b, ctx_avg)
-                chip = workload.osl / (workload.isl / best_P + workload.osl / p["out_tok_s_per_device"])
+                chip = workload.osl / (workload.uncached / best_P + workload.osl / p["out_tok_s_per_device"])
                 pts.append(
                     {
                         "mode": "disaggregated",

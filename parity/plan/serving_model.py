@@ -21,8 +21,10 @@ Model version `MODEL_VERSION`. Physics, per device and per step (all layers, plu
   path bounds the time;
 - attention TP adds two all-reduces of the activations per layer over scale-up;
 - communication is hidden behind compute with two micro-batches (`overlap`): step = max(compute,
-  comm); without overlap step = compute + comm; plus a fixed per-layer latency floor of the software
-  stack (`parity/data/hardware/stacks.toml`: CUDA graphs, Ascend graph mode, eager);
+  comm); without overlap step = compute + comm; plus a fixed latency floor per layer of the software
+  stack (`parity/data/hardware/stacks.toml`: CUDA graphs, Ascend graph mode, eager; per architecture,
+  a V4 layer replaying more kernels than an MLA layer) and, with attention TP, two small-message
+  all-reduce latencies per layer; every MTP draft pays them for the MTP block;
 - colocated serving fuses a prefill chunk into a decode step (`mixed_step_terms`): weights are read and
   the floor is paid once for both.
 
@@ -38,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from parity.errors import PlanError
 from parity.plan.hardware import Hardware
 
-MODEL_VERSION = "parity-plan-2"
+MODEL_VERSION = "parity-plan-3"
 
 #: Expert load imbalance (max/mean tokens per device) with an expert-parallel load balancer: SGLang
 #: measured 59,337 vs 50,302 tok/s/node prefill with simulated perfect vs default EPLB (lmsys blog
@@ -254,6 +256,9 @@ def op_costs(arch, hw: Hardware, dep: Deployment, phase: str, tokens: float, ctx
             "a2a_scaleup_bytes": 0.0,
             "a2a_scaleout_bytes": 0.0,
             "tp_bytes": 0.0,
+            "arch": arch.kind,
+            # small-message all-reduces of the attention-TP group (attention output and FFN output)
+            "allreduces": 2 * cnt if dep.attn_tp > 1 else 0,
         }
         if spec.moe:
             g["expert_flops"] = 2.0 * arch.expert_params * tok * k * dep.expert_imbalance
@@ -327,13 +332,15 @@ def stack_of(hw: Hardware, dep: Deployment):
     return st[sid]
 
 
-def layer_floor_s(hw: Hardware, dep: Deployment) -> float:
-    """Latency floor per layer per step (s) of the deployment's software stack (stacks.toml).
+def layer_floor_s(hw: Hardware, dep: Deployment, arch_kind: str = "mla") -> float:
+    """Latency floor per layer per step (s) of the deployment's software stack (stacks.toml) for an
+    architecture ('v4' or 'mla'), plus the latency of the attention-TP group's two all-reduces.
 
     Raises:
         PlanError: unknown stack id.
     """
-    return stack_of(hw, dep).layer_latency_s
+    st = stack_of(hw, dep)
+    return st.layer_latency(arch_kind) + (2 * st.allreduce_latency(dep.attn_tp) if dep.attn_tp > 1 else 0.0)
 
 
 def groups_terms(groups: list[dict], hw: Hardware, dep: Deployment, eager: bool = False) -> Terms:
@@ -341,7 +348,8 @@ def groups_terms(groups: list[dict], hw: Hardware, dep: Deployment, eager: bool 
 
     eager: the stack runs this step without a captured graph (prefill and prefill+decode steps: CUDA
     graphs and Ascend graph mode capture decode batches only), so the host must launch every kernel:
-    `host_s` = layers x the stack's `eager_layer_host_s`; the step takes the longer of host and device.
+    `host_s` = layers x the stack's eager host time per layer on the node's host CPU (`Stack.eager_host`);
+    the step takes the longer of host and device.
     """
     t = Terms(overlap=dep.overlap)
     stack = stack_of(hw, dep)
@@ -353,13 +361,13 @@ def groups_terms(groups: list[dict], hw: Hardware, dep: Deployment, eager: bool 
     pi = hw.peak(hw.best_dtype("fp8"))  # indexer scores run in low precision (official: fp4/fp8 QAT)
     ph = hw.peak("bf16")
     up_bw, out_bw = hw.scaleup_gb_s * 1e9, hw.scaleout_gb_s * 1e9
-    floor = stack.layer_latency_s
+    allreduce = stack.allreduce_latency(dep.attn_tp)
     for g in groups:
         head = g["kind"] == "lm_head"
         if not head:
-            t.fixed_s += g["count"] * floor
+            t.fixed_s += g["count"] * stack.layer_latency(g.get("arch", "mla")) + g.get("allreduces", 0) * allreduce
             if eager:
-                t.host_s += g["count"] * stack.eager_layer_host_s
+                t.host_s += g["count"] * stack.eager_host(hw.host_cpu)
         t.gemm.append((g["proj_flops"] / pd_, g["proj_weight_bytes"] / hbm))
         t.attn.append(
             (g["attn_flops"] / pa + g["indexer_flops"] / pi, (g["cache_read_bytes"] + g["cache_write_bytes"]) / hbm)
@@ -447,11 +455,14 @@ def decode_point(arch, hw, dep: Deployment, consts: dict, batch: float, ctx: flo
     }
 
 
-def prefill_point(arch, hw, dep: Deployment, consts: dict, tokens: float, prompt: float) -> dict:
-    """Prefill of `tokens` tokens per device in prompts of `prompt` tokens: step time, input tok/s per device."""
+def prefill_point(
+    arch, hw, dep: Deployment, consts: dict, tokens: float, prompt: float, uncached: float | None = None
+) -> dict:
+    """Prefill of `tokens` tokens per device from prompts of `prompt` tokens of which `uncached` (default
+    all) are prefilled, the rest read from the prefix cache: step time, input (prefilled) tok/s per device."""
     if tokens <= 0 or prompt <= 0:
         raise PlanError(f"prefill tokens and prompt length must be positive, got {tokens}, {prompt}")
-    seqs = tokens / prompt
+    seqs = tokens / (uncached or prompt)
     dep_p = replace(dep, mtp=min(dep.mtp, 1))
     r = step_terms(arch, hw, dep_p, "prefill", tokens, prompt, seqs).combine(consts)
     return {**r, "in_tok_s_per_device": tokens / r["step_s"], "tokens": tokens}
