@@ -1,7 +1,10 @@
 """Decode GEMV/small-GEMM formulations on this device: ``F.linear`` (MKL), ``x @ W^T`` with W stored
 transposed, oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``) and, with ``--compiled``,
 `parity.model.fast_linear.decode_linear` under torch.compile (inductor's reduction), for the LM head
-(vocabulary x hidden) and the decode step's small projections, at 1 and 8 rows.
+(vocabulary x hidden) and the decode step's small projections, at 1 and 8 rows; with ``--bf16`` also a
+bf16-stored weight under fp32 activations (`parity.model.fast_linear.widening_linear`, eager: the compiled
+widening reduction for large weights, a transient upcast for small ones; and the whole-weight upcast +
+``F.linear`` for comparison), the error then against the fp64 product of the bf16 values.
 
 Each line: median and best of ``--repeat`` calls (wall), the weight read rate (GB/s) and the max abs
 difference to an fp64 reference. Compare with benchmarks/read_bandwidth.py. The machine may be shared:
@@ -9,6 +12,7 @@ run several times, read medians. Provenance of every figure: measured.
 
 Usage:
     .venv/bin/python benchmarks/lm_head_gemv.py [--threads 1,2] [--vocab 129280] [--hidden 256] [--repeat 30]
+        [--compiled] [--bf16]
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--compiled", action="store_true", help="also the compiled decode_linear (compiles once)")
+    ap.add_argument("--bf16", action="store_true", help="also bf16-stored weights with fp32 activations")
     a = ap.parse_args()
     compiled = None
     if a.compiled:
@@ -68,12 +73,20 @@ def main() -> None:
                 }
                 if compiled is not None:
                     cands["compiled"] = lambda x=x, w=w: compiled(x, w)
+                refs = dict.fromkeys(cands, (ref, w.nbytes))
+                if a.bf16:
+                    wb = w.bfloat16()
+                    ref_b = ((x.double() @ wb.double().T).float(), wb.nbytes)
+                    cands["bf16 widening"] = lambda x=x, wb=wb: decode_linear(x, wb)
+                    cands["bf16 upcast+MKL"] = lambda x=x, wb=wb: F.linear(x, wb.float())
+                    refs.update({"bf16 widening": ref_b, "bf16 upcast+MKL": ref_b})
                 for name, fn in cands.items():
                     med, best = _time(fn, a.repeat)
-                    err = (fn() - ref).abs().max().item()
+                    r, nbytes = refs[name]
+                    err = (fn() - r).abs().max().item()
                     print(
                         f"threads {nt} W {n}x{k} rows {rows}: {name:16s} median {med * 1e3:8.3f} ms "
-                        f"best {best * 1e3:8.3f} ms = {w.nbytes / best / 1e9:5.1f} GB/s  err {err:.1e}",
+                        f"best {best * 1e3:8.3f} ms = {nbytes / best / 1e9:5.1f} GB/s  err {err:.1e}",
                         flush=True,
                     )
 
