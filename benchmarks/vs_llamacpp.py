@@ -2,11 +2,12 @@
 
 Writes the miniature (hidden 256, 6 layers, the real 129,280-token vocabulary, CSA ratio 4, HCA ratio
 128, index_head_dim 64; random weights, seed 0) in the published FP8/FP4 layout, converts it with the
-given llama.cpp's own ``convert_hf_to_gguf.py`` (which keeps FP8 linears as Q8_0 and experts as MXFP4)
-and requantizes that to F32 (the release weights' exact values) with ``llama-quantize``; parity loads
-the same checkpoint with those values as fp32 weights. Then it runs ``llama-batched-bench`` (batch 1 and 8)
-and parity's model interleaved (A B A B, ``--rounds`` rounds) at each
-thread count, and prints tokens/s with the median of the per-round ratios parity / llama.cpp.
+given llama.cpp's own ``convert_hf_to_gguf.py`` (which stores FP8 linears as Q8_0 -- a rounding of the
+release values -- and experts as MXFP4, exactly) and requantizes that to F32 with ``llama-quantize``;
+parity loads the same checkpoint with the release values as fp32 weights (so llama.cpp "F32" differs
+from parity's fp32 weights by that Q8_0 rounding of the FP8 linears). Then it runs ``llama-batched-bench``
+(batch 1 and 8) and parity's model interleaved (A B A B, ``--rounds`` rounds) at each thread count, and
+prints tokens/s with the median of the per-round ratios parity / llama.cpp.
 
 llama.cpp variants: "F32" = F32 weights with its defaults (f16 KV cache, flash attention);
 "strict" = F32 weights, f32 KV cache, no flash attention (fp32 math end to end, like parity).
@@ -227,18 +228,18 @@ def check_logits(model, ids: torch.Tensor, prompt: int, ref: torch.Tensor, tol: 
 
 
 def llama_logit_error(llama_dir: Path, bin_dir: Path, gguf: dict, ids: torch.Tensor, prompt: int) -> dict:
-    """{"q8_0": max |logit difference| of llama.cpp's Q8_0 GGUF against its F32 GGUF, "f32": the F32
-    GGUF's logits} at positions prompt - 1 .. end of `ids`, both with f32 KV cache and no flash attention
+    """{"q8_0": max |logit difference| of llama.cpp's Q8_0 GGUF against its F32 GGUF, "f32" / "q8_0_logits":
+    the two GGUFs' logits} at positions prompt - 1 .. end of `ids`, both with f32 KV cache and no flash attention
     (so only the weights differ); None where the llama-cpp-python bindings are missing."""
     try:
         lib = load_bindings(llama_dir, bin_dir)
     except ImportError as e:
         print(f"# no llama.cpp logits: {e}", file=sys.stderr)
-        return {"q8_0": None, "f32": None}
+        return {"q8_0": None, "f32": None, "q8_0_logits": None}
     tok = ids.tolist()
     f32 = torch.from_numpy(llama_logits(lib, gguf["F32"], tok, 1, strict=True))[prompt - 1 :]
     q8 = torch.from_numpy(llama_logits(lib, gguf["Q8_0"], tok, 1, strict=True))[prompt - 1 :]
-    return {"q8_0": (q8 - f32).abs().max().item(), "f32": f32}
+    return {"q8_0": (q8 - f32).abs().max().item(), "f32": f32, "q8_0_logits": q8}
 
 
 def decode_bytes_per_token(model, batch: int, context: int) -> float:
@@ -326,14 +327,17 @@ def main() -> int:
         lowp.kv_cache_dtype, lowp.indexer_dtype = "bf16", "bf16"  # unrounded caches, like the reference
         lowp_err = check_logits(lowp, ids, a.prompt, ref, tol=float("inf"))
         llama_err = llama_logit_error(a.llama_cpp, bin_dir, ggufs, ids, a.prompt)
-        f32_gap = (llama_err["f32"] - ref).abs().max().item() if llama_err["f32"] is not None else float("nan")
-        q8_err = llama_err["q8_0"] if llama_err["q8_0"] is not None else float("nan")
+        nan = float("nan")
+        f32_gap = (llama_err["f32"] - ref).abs().max().item() if llama_err["f32"] is not None else nan
+        q8_ref = (llama_err["q8_0_logits"] - ref).abs().max().item() if llama_err["f32"] is not None else nan
+        q8_err = llama_err["q8_0"] if llama_err["q8_0"] is not None else nan
         print(
             f"# release weights: parity stores {describe_storage(lowp)} (fp32-dequantized: "
-            f"{describe_storage(model)}); logit error vs fp32-dequantized weights on the same "
-            f"{len(ids) - a.prompt + 1} positions: parity bf16-stored {lowp_err:.1e}, llama.cpp Q8_0 vs F32 "
-            f"{q8_err:.1e} ({'met' if lowp_err <= q8_err else 'NOT met'}: parity <= Q8_0; both with f32 KV, no "
-            f"flash attn); llama.cpp F32 vs parity fp32 {f32_gap:.1e}"
+            f"{describe_storage(model)}); max |logit error| on the same {len(ids) - a.prompt + 1} positions: "
+            f"parity bf16-stored vs the fp32-dequantized reference {lowp_err:.1e}; llama.cpp Q8_0 vs llama.cpp "
+            f"F32 {q8_err:.1e} ({'met' if lowp_err <= q8_err else 'NOT met'}: parity <= Q8_0), Q8_0 vs the "
+            f"fp32-dequantized reference {q8_ref:.1e}; llama.cpp F32 vs that reference {f32_gap:.1e} (its "
+            f"converter stores the FP8 linears as Q8_0); llama.cpp runs with f32 KV, no flash attn"
         )
     if a.compiled:
         from parity import devices
