@@ -1,6 +1,7 @@
 """Decode step time by weight storage on the CPU: the release miniature held as fp32-dequantized weights,
-bf16-stored (the CPU default, `parity.model.weight_storage`) and FP8/FP4 as published (dequantized per
-step, ``--quantization fp8``), interleaved step by step in one process.
+bf16-stored (the CPU default, `parity.model.weight_storage`), FP8/FP4 as published (dequantized per
+step, ``--quantization fp8``) and converted to W8A8 (``--quantization w8a8``: int8 weights, activations
+quantized per token), interleaved step by step in one process.
 
 The miniature is benchmarks/vs_llamacpp.py's (written there, or here if absent). Each variant prefills
 ``--batch`` random 64-token prompts, then decode steps alternate between the variants (A B C, C B A, ...);
@@ -48,6 +49,7 @@ def main() -> int:
         "fp32": dequantized(from_pretrained(ckpt, quantization="fp8")),
         "bf16-stored": from_pretrained(ckpt),
         "fp8 as published": from_pretrained(ckpt, quantization="fp8"),
+        "w8a8": from_pretrained(ckpt, quantization="w8a8"),  # int8 kernels of parity.devices.int8_gemm
     }
     for m in models.values():
         m.kv_cache_dtype, m.indexer_dtype = "bf16", "bf16"
