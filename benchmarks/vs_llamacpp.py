@@ -2,11 +2,12 @@
 
 Writes the miniature (hidden 256, 6 layers, the real 129,280-token vocabulary, CSA ratio 4, HCA ratio
 128, index_head_dim 64; random weights, seed 0) in the published FP8/FP4 layout, converts it with the
-given llama.cpp's own ``convert_hf_to_gguf.py`` (which keeps FP8 linears as Q8_0 and experts as MXFP4)
-and requantizes that to F32 (the release weights' exact values) with ``llama-quantize``; parity loads
-the same checkpoint with those values as fp32 weights. Then it runs ``llama-batched-bench`` (batch 1 and 8)
-and parity's model interleaved (A B A B, ``--rounds`` rounds) at each
-thread count, and prints tokens/s with the median of the per-round ratios parity / llama.cpp.
+given llama.cpp's own ``convert_hf_to_gguf.py`` (which stores FP8 linears as Q8_0 -- a rounding of the
+release values -- and experts as MXFP4, exactly) and requantizes that to F32 with ``llama-quantize``;
+parity loads the same checkpoint with the release values as fp32 weights (so llama.cpp "F32" differs
+from parity's fp32 weights by that Q8_0 rounding of the FP8 linears). Then it runs ``llama-batched-bench``
+(batch 1 and 8) and parity's model interleaved (A B A B, ``--rounds`` rounds) at each thread count, and
+prints tokens/s with the median of the per-round ratios parity / llama.cpp.
 
 llama.cpp variants: "F32" = F32 weights with its defaults (f16 KV cache, flash attention);
 "strict" = F32 weights, f32 KV cache, no flash attention (fp32 math end to end, like parity).
@@ -22,9 +23,17 @@ The same run asserts that parity's logits (the path measured) equal the eager fp
 (``F.linear`` everywhere, one forward without cache) to 1e-5, with
 ``torch.get_float32_matmul_precision() == "highest"``, so no speed comes from lower precision.
 
+Release weights in low precision (second table; ``--no-lowprec`` skips it): parity loads the same checkpoint
+with its CPU default (`parity.model.weight_storage`: FP8/FP4/BF16 matrices held in bf16, exact; fp32
+activations and accumulation) and runs interleaved against llama.cpp's Q8_0 GGUF (default flags). Both
+logit errors against fp32-dequantized weights are printed on the same token ids: parity bf16-stored vs
+the eager fp32 reference, and llama.cpp Q8_0 vs llama.cpp F32 (logits read through llama-cpp-python's
+bindings, benchmarks/llamacpp_logits.py).
+
 Usage:
     .venv/bin/python benchmarks/vs_llamacpp.py --llama-cpp DIR [--bin DIR/build/bin] [--threads 1,2]
-        [--rounds 6] [--prompt 256] [--gen 32] [--no-strict] [--compiled] [--work /tmp/vs_llamacpp]
+        [--rounds 6] [--prompt 256] [--gen 32] [--no-strict] [--no-fp32] [--no-lowprec] [--compiled]
+        [--work /tmp/vs_llamacpp]
 
 DIR is a llama.cpp source tree (e.g. vendor/llama.cpp of the PyPI sdist llama-cpp-python 0.3.36) built
 with cmake (Release, GGML_NATIVE=ON); ``--bin`` holds llama-batched-bench and llama-quantize. Provenance of
@@ -49,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from engine_throughput import bench_config  # noqa: E402
+from llamacpp_logits import llama_logits, load_bindings  # noqa: E402
 from read_bandwidth import read_bandwidth  # noqa: E402
 
 from parity.checkpoint.writer import export_model  # noqa: E402
@@ -217,6 +227,21 @@ def check_logits(model, ids: torch.Tensor, prompt: int, ref: torch.Tensor, tol: 
     return err
 
 
+def llama_logit_error(llama_dir: Path, bin_dir: Path, gguf: dict, ids: torch.Tensor, prompt: int) -> dict:
+    """{"q8_0": max |logit difference| of llama.cpp's Q8_0 GGUF against its F32 GGUF, "f32" / "q8_0_logits":
+    the two GGUFs' logits} at positions prompt - 1 .. end of `ids`, both with f32 KV cache and no flash attention
+    (so only the weights differ); None where the llama-cpp-python bindings are missing."""
+    try:
+        lib = load_bindings(llama_dir, bin_dir)
+    except ImportError as e:
+        print(f"# no llama.cpp logits: {e}", file=sys.stderr)
+        return {"q8_0": None, "f32": None, "q8_0_logits": None}
+    tok = ids.tolist()
+    f32 = torch.from_numpy(llama_logits(lib, gguf["F32"], tok, 1, strict=True))[prompt - 1 :]
+    q8 = torch.from_numpy(llama_logits(lib, gguf["Q8_0"], tok, 1, strict=True))[prompt - 1 :]
+    return {"q8_0": (q8 - f32).abs().max().item(), "f32": f32, "q8_0_logits": q8}
+
+
 def decode_bytes_per_token(model, batch: int, context: int) -> float:
     """Bytes read per decode token (module docstring): touched weights + cache, divided by the batch."""
     cfg = model.config
@@ -241,6 +266,32 @@ def median_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
+NAMES = {"parity": "parity", "F32": "llama.cpp F32", "strict": "llama.cpp strict", "parity-lowp": "parity bf16-stored"}
+
+
+def print_table(res: dict, cells, threads, tt: str, who_list: list[str], model, bw: dict, ctx: int, prompt: int):
+    """One markdown table: tokens/s medians of the first of `who_list` (parity) and each llama.cpp variant
+    with the median per-round ratio, and the decode bandwidth bound of `model`'s stored weights."""
+    head = "| tokens/s | threads | " + NAMES.get(who_list[0], who_list[0]) + " |"
+    head += "".join(f" llama.cpp {w} | ratio |" for w in who_list[1:])
+    print(head + " decode bound (bandwidth) |")
+    print("|---|---|---|" + "---|---|" * (len(who_list) - 1) + "---|")
+    p0 = who_list[0]
+    for c in cells:
+        kind, b = c.split("_")
+        row = [f"{kind}{' ' + str(prompt) if kind == 'prefill' else ''}, batch {b}", tt]
+        for who in who_list:
+            row.append(" / ".join(f"{statistics.median(res[(who, t, c)]):,.0f}" for t in threads))
+            if who != p0:
+                row.append(" / ".join(f"{median_ratio(res[(p0, t, c)], res[(who, t, c)]):.2f}" for t in threads))
+        if kind == "decode":
+            bpt = decode_bytes_per_token(model, int(b), ctx)
+            row.append(" / ".join(f"{bw[t] / bpt:,.0f}" for t in threads) + f" ({bpt / 1e6:.0f} MB/token)")
+        else:
+            row.append("-")
+        print("| " + " | ".join(row) + " |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-cpp", required=True, type=Path, help="llama.cpp source dir (convert_hf_to_gguf.py)")
@@ -251,6 +302,8 @@ def main() -> int:
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--no-strict", action="store_true", help="skip llama.cpp's strict fp32 variant")
+    ap.add_argument("--no-fp32", action="store_true", help="skip the fp32 table (parity fp32 vs F32 / strict)")
+    ap.add_argument("--no-lowprec", action="store_true", help="skip the release-weights table (vs Q8_0)")
     ap.add_argument("--compiled", action="store_true", help="parity with its compiled regions (default: eager)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/vs_llamacpp"))
     a = ap.parse_args()
@@ -260,10 +313,32 @@ def main() -> int:
     ckpt = write_release(a.work / "mini-release")
     from parity.checkpoint.reader import from_pretrained
 
-    model = dequantized(from_pretrained(str(ckpt), dtype=torch.float32))  # the values of llama.cpp's F32 GGUF
-    gguf = convert(a.llama_cpp, bin_dir, ckpt)["F32"]
+    # the values of llama.cpp's F32 GGUF, as fp32 weights
+    model = dequantized(from_pretrained(str(ckpt), dtype=torch.float32, quantization="fp8"))
+    ggufs = convert(a.llama_cpp, bin_dir, ckpt)
+    gguf = ggufs["F32"]
     ids = logit_check_ids(model, a.prompt)
     ref = reference_logits(model, ids, a.prompt)
+    lowp = None
+    if not a.no_lowprec:
+        from parity.model.weight_storage import describe_storage
+
+        lowp = from_pretrained(str(ckpt), dtype=torch.float32)  # the CPU default: bf16-stored matrices
+        lowp.kv_cache_dtype, lowp.indexer_dtype = "bf16", "bf16"  # unrounded caches, like the reference
+        lowp_err = check_logits(lowp, ids, a.prompt, ref, tol=float("inf"))
+        llama_err = llama_logit_error(a.llama_cpp, bin_dir, ggufs, ids, a.prompt)
+        nan = float("nan")
+        f32_gap = (llama_err["f32"] - ref).abs().max().item() if llama_err["f32"] is not None else nan
+        q8_ref = (llama_err["q8_0_logits"] - ref).abs().max().item() if llama_err["f32"] is not None else nan
+        q8_err = llama_err["q8_0"] if llama_err["q8_0"] is not None else nan
+        print(
+            f"# release weights: parity stores {describe_storage(lowp)} (fp32-dequantized: "
+            f"{describe_storage(model)}); max |logit error| on the same {len(ids) - a.prompt + 1} positions: "
+            f"parity bf16-stored vs the fp32-dequantized reference {lowp_err:.1e}; llama.cpp Q8_0 vs llama.cpp "
+            f"F32 {q8_err:.1e} ({'met' if lowp_err <= q8_err else 'NOT met'}: parity <= Q8_0), Q8_0 vs the "
+            f"fp32-dequantized reference {q8_ref:.1e}; llama.cpp F32 vs that reference {f32_gap:.1e} (its "
+            f"converter stores the FP8 linears as Q8_0); llama.cpp runs with f32 KV, no flash attn"
+        )
     if a.compiled:
         from parity import devices
         from parity.model.compiled import compile_regions, warm_up
@@ -282,17 +357,23 @@ def main() -> int:
         f"parity {'compiled' if a.compiled else 'eager'}; logits vs eager fp32 reference: max |diff| {err:.1e} "
         f"(<= 1e-5)"
     )
-    variants = ["F32"] + ([] if a.no_strict else ["strict"])
+    variants = [] if a.no_fp32 else ["F32"] + ([] if a.no_strict else ["strict"])
+    order = ([] if a.no_fp32 else ["parity", *variants]) + ([] if lowp is None else ["parity-lowp", "Q8_0"])
     cells = ("prefill_1", "decode_1", f"prefill_{a.batch}", f"decode_{a.batch}")
-    res = {(who, t, c): [] for who in ["parity", *variants] for t in threads for c in cells}
+    res = {(who, t, c): [] for who in order for t in threads for c in cells}
+    for m in [model] + ([] if lowp is None else [lowp]):  # compile lazily built kernels outside the timing
+        for b in (1, a.batch):
+            parity_run(m, threads[0], 8, 2, b)
     for r in range(a.rounds):
         for t in threads:
-            for who in ["parity", *variants] if r % 2 == 0 else [*variants, "parity"]:  # A B, then B A
-                if who == "parity":
-                    one = parity_run(model, t, a.prompt, a.gen, 1)
-                    many = parity_run(model, t, a.prompt, a.gen, a.batch)
+            for who in order if r % 2 == 0 else order[::-1]:  # A B, then B A
+                if who.startswith("parity"):
+                    m = lowp if who == "parity-lowp" else model
+                    one = parity_run(m, t, a.prompt, a.gen, 1)
+                    many = parity_run(m, t, a.prompt, a.gen, a.batch)
                 else:
-                    both = llama_batched(bin_dir, gguf, t, a.prompt, a.gen, [1, a.batch], who == "strict")
+                    g = ggufs["Q8_0"] if who == "Q8_0" else gguf
+                    both = llama_batched(bin_dir, g, t, a.prompt, a.gen, [1, a.batch], who == "strict")
                     one, many = both[1], both[a.batch]
                 for c, v in zip(cells, (one["prefill"], one["decode"], many["prefill"], many["decode"]), strict=True):
                     res[(who, t, c)].append(v)
@@ -304,25 +385,11 @@ def main() -> int:
         f"medians of {a.rounds} interleaved rounds; ratio = median over rounds of parity / llama.cpp"
     )
     tt = " / ".join(str(t) for t in threads)
-    print(
-        "| tokens/s | threads | parity | llama.cpp F32 | ratio |"
-        + (" llama.cpp strict | ratio |" if "strict" in variants else "")
-        + " decode bound (bandwidth) |"
-    )
-    print("|---|---|---|---|---|" + ("---|---|" if "strict" in variants else "") + "---|")
-    for c in cells:
-        kind, b = c.split("_")
-        row = [f"{kind}{' ' + str(a.prompt) if kind == 'prefill' else ''}, batch {b}", tt]
-        for who in ["parity", *variants]:
-            row.append(" / ".join(f"{statistics.median(res[(who, t, c)]):,.0f}" for t in threads))
-            if who != "parity":
-                row.append(" / ".join(f"{median_ratio(res[('parity', t, c)], res[(who, t, c)]):.2f}" for t in threads))
-        if kind == "decode":
-            bpt = decode_bytes_per_token(model, int(b), ctx)
-            row.append(" / ".join(f"{bw[t] / bpt:,.0f}" for t in threads) + f" ({bpt / 1e6:.0f} MB/token)")
-        else:
-            row.append("-")
-        print("| " + " | ".join(row) + " |")
+    if not a.no_fp32:
+        print_table(res, cells, threads, tt, ["parity", *variants], model, bw, ctx, a.prompt)
+    if lowp is not None:
+        print("\nRelease weights: parity bf16-stored (fp32 compute) vs llama.cpp Q8_0 (f16 KV, flash attn)")
+        print_table(res, cells, threads, tt, ["parity-lowp", "Q8_0"], lowp, bw, ctx, a.prompt)
     return 0
 
 

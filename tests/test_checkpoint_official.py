@@ -84,7 +84,7 @@ def tiny_ref(tiny_dir):
 def test_loaded_quantized_model_equals_dequantized_plain_model(tiny_dir, tiny_ref):
     from parity.model.quant import FP4Experts, QuantLinear, quantized_nbytes
 
-    q = from_pretrained(tiny_dir)  # detects the published layout
+    q = from_pretrained(tiny_dir, quantization="fp8")  # detects the published layout; kept as published
     assert isinstance(q.model.layers[0].self_attn.q_a_proj, QuantLinear)
     assert isinstance(q.model.layers[1].mlp.experts, FP4Experts)
     assert q.kv_cache_dtype == "fp8" and q.indexer_dtype == "fp4"  # official numerics by default
@@ -369,7 +369,9 @@ def test_load_official_checks_memory_first(small_dir, monkeypatch):
     monkeypatch.delenv("PARITY_SKIP_MEMORY_CHECK", raising=False)
     monkeypatch.setattr(devices.core, "memory_info", lambda d: (1000, 10**12))
     with pytest.raises(DeviceError, match=r"needs ~.* \(FP8/FP4 weights kept quantized\) on cpu for loading"):
-        load_official(small_dir, progress=False)
+        load_official(small_dir, progress=False, quantization="fp8")
+    with pytest.raises(DeviceError, match=r"needs ~.* \(bf16 weights\) on cpu for loading"):
+        load_official(small_dir, progress=False)  # the CPU default: bf16-stored matrices
     with pytest.raises(DeviceError, match="this device has 0.0 GiB free"):
         from_pretrained(small_dir)
 

@@ -3,7 +3,9 @@
 The model is built on the meta device with its FP8 linears swapped for `parity.model.quant` FP8 modules
 and its routed experts for `FP4Experts`, allocated once on the target device, and every shard is read
 once, tensor by tensor, in file order (`parity.checkpoint.tensor_io.read_into`). With
-``quantized=False`` each weight is paired with its scale and dequantized into a plain model instead.
+``quantized=False`` each weight is paired with its scale and dequantized into a plain model instead;
+``quantization="bf16"`` (the CPU default) does the same into bf16-stored matrices under an fp32 compute
+dtype (`parity.model.weight_storage`: exact for FP8/FP4 values, half the bytes of fp32).
 With a parallel context the skeleton is this rank's part (`parity.model.parallel_layers.parallelize_`)
 and only its slices are read: weights with their block scales, routed experts it does not own skipped.
 """
@@ -50,6 +52,10 @@ from parity.model.parallel_layers import (
     shard_shape,
     shard_spec,
 )
+from parity.model.weight_storage import store_weights_
+
+#: How the published FP8/FP4 weights are held on the CPU when no quantization is named (see `load_official`).
+CPU_DEFAULT_QUANTIZATION = "bf16"
 
 
 def load_official(
@@ -80,9 +86,15 @@ def load_official(
         native_fp8: use FP8 GEMMs in QuantLinear; None = where `parity.devices.has_fp8(device)`.
         progress: show the progress bar.
         quantization: how the FP8/FP4 weights are held (`parity.checkpoint.conversion.QUANTIZATIONS`):
-            "fp8"/"fp4" as published, "w8a8"/"w4a8" converted to int8 linears and int8/int4 experts after
-            loading, "bf16" = ``quantized=False``; None = as published where the device has float8
-            tensors, else "w8a8" (`parity.devices.float8_tensors`; there FP8 bytes are read as uint8).
+            "fp8"/"fp4" as published (dequantized block by block in each forward), "w8a8"/"w4a8" converted
+            to int8 linears and int8/int4 experts after loading, "bf16" = dequantized once at load into
+            bf16 matrices (exact: `parity.model.weight_storage`; under an fp32 `dtype` the activations
+            and accumulation stay fp32 and the LM head is stored bf16 as published). None = "bf16" on the
+            CPU (`CPU_DEFAULT_QUANTIZATION`: decode there is bound by reading weights, and widening bf16
+            in registers beats dequantizing FP8/FP4 per step, docs/benchmarks.md), elsewhere as
+            published where the device has float8 tensors; without float8 tensors "w8a8"
+            (`parity.devices.float8_tensors`; there FP8 bytes are read as uint8). With ``quantized=False``,
+            None keeps `dtype` throughout.
         parallel: a `parity.distributed.context.ParallelContext` (None = one process): load this rank's
             part, reading only its slices (FP8 weights split by rows or columns with their 128x128 scales;
             FP4 experts whole per owning rank under EP, else split along the intermediate dimension with
@@ -107,7 +119,11 @@ def load_official(
     if not devices.float8_tensors(dev) and not no_fp8_requested():
         ff.set_float8_tensors(False)  # a real device without float8 tensors: for the rest of the process
     if quantization is None:
-        quantization = "fp8" if ff.float8_tensors() else "w8a8"
+        if dev.type == "cpu" and quantized and ff.float8_tensors():
+            quantization = CPU_DEFAULT_QUANTIZATION
+        else:
+            quantization = "fp8" if ff.float8_tensors() else "w8a8"
+    storage = torch.bfloat16 if quantization == "bf16" and quantized and dtype.itemsize > 2 else None
     if quantization == "bf16":
         quantized = False
     cfg, layout, wm, headers = validate_checkpoint(path)
@@ -115,15 +131,16 @@ def load_official(
     check_fits(
         cfg,
         dev,
-        dtype,
+        storage or dtype,
         quantized=quantized,
+        weights="bf16" if storage is not None else None,
         what=f"loading {path}",
         **({"parallel": ctx.config} if ctx is not None else {}),
     )
     block = block_size(cfg)
     if native_fp8 is None:
         native_fp8 = devices.has_fp8(dev)
-    model = _build_skeleton(cfg, dev, dtype, quantized, block, layout, native_fp8, ctx)
+    model = _build_skeleton(cfg, dev, dtype, quantized, block, layout, native_fp8, ctx, storage)
     present = (
         {n for n, _ in model.named_parameters()}
         | {n for n, _ in model.named_buffers()}
@@ -189,11 +206,20 @@ def load_official(
 
 
 def _build_skeleton(
-    cfg: ModelConfig, dev, dtype, quantized: bool, block: tuple[int, int], layout: dict, native_fp8: bool, parallel=None
+    cfg: ModelConfig,
+    dev,
+    dtype,
+    quantized: bool,
+    block: tuple[int, int],
+    layout: dict,
+    native_fp8: bool,
+    parallel=None,
+    storage: torch.dtype | None = None,
 ) -> V4ForCausalLM:
     """parity's `V4ForCausalLM` for `cfg`, built on the meta device, with FP8 linears / routed experts
     swapped for quantized modules (if `quantized`), cut to rank ``parallel``'s part (if given; a
-    `ParallelContext`), then allocated (uninitialised) on `dev` in `dtype`.
+    `ParallelContext`), its matrices set to `storage` (if given: `store_weights_`), then allocated
+    (uninitialised) on `dev` in `dtype`.
 
     Raises:
         ParallelError: from `parity.model.parallel_layers.parallelize_`.
@@ -218,6 +244,8 @@ def _build_skeleton(
             _set_module(model, local, quant.FP4Experts(e, h, inter2 // 2, limit, device=meta, compute_dtype=dtype))
     if parallel is not None:
         parallelize_(model, parallel)
+    if storage is not None:
+        store_weights_(model, storage)
     model.to_empty(device=dev)
     reset_rope(model)
     for m in model.modules():

@@ -38,6 +38,7 @@ from parity.model.build import reset_rope, resolve_dtype
 from parity.model.deepseek_v4 import V4ForCausalLM
 from parity.model.memory import check_fits
 from parity.model.parallel_layers import expert_part, parallelize_, shard_spec
+from parity.model.weight_storage import STORAGE_DTYPES, store_weights_, stored_matrix_names
 
 #: The per-expert pseudo-names `canonical_name` gives routed experts.
 _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(w1|w2|w3)\.weight$")
@@ -65,7 +66,10 @@ def from_pretrained(
         quantization: how published FP8/FP4 weights are held (`parity.checkpoint.conversion.QUANTIZATIONS`;
             None = as published, or W8A8 on a device without float8 tensors). msModelSlim checkpoints
             (``quant_model_description.json``) keep their own W8A8 / W4A8 weights and accept only None or
-            their own format; float checkpoints only None / "bf16".
+            their own format; float checkpoints only None / "bf16": "bf16" stores the matrices (linears,
+            experts, router, LM head) in bf16 under a wider `dtype` (`parity.model.weight_storage`); None
+            does so on the CPU when the checkpoint holds them in bf16 or fp16 (they keep that dtype),
+            else everything is held in `dtype`.
         parallel: a `parity.distributed.context.ParallelContext` (None = one process): build this rank's
             part (`parity.model.parallel_layers`) and read only its slices of each tensor (safetensors
             ``get_slice``; the published layout: `load_official` with its block scales; peak memory ~ the
@@ -126,10 +130,11 @@ def from_pretrained(
         model = V4ForCausalLM(cfg)
     expected = dict(model.state_dict())
     plan, drop_mtp = _plan(p, cfg, files, expected)
+    storage, narrow = _matrix_storage(model, files, plan, dev, dtype, quantization)
     check_fits(
         cfg,
         dev,
-        dtype,
+        storage or dtype,
         quantized=False,
         include_mtp=not drop_mtp,
         what=f"loading {p}",
@@ -139,9 +144,11 @@ def from_pretrained(
         model.model.mtp = torch.nn.ModuleList()
     if sharded:
         parallelize_(model, parallel)
+    model.to_dtype(dtype)  # still on meta: each tensor is allocated once, in its final dtype
+    if storage is not None:
+        store_weights_(model, storage, narrow)
     model.to_empty(device=dev)
     reset_rope(model)
-    model.to_dtype(dtype)
     _copy_tensors(
         model,
         cfg,
@@ -160,6 +167,34 @@ def from_pretrained(
     model._modes(None, None)
     model.weight_format = "bf16"
     return model.eval()
+
+
+def _matrix_storage(
+    model, files: dict[str, Path], plan: dict, dev, dtype, quantization
+) -> tuple[torch.dtype | None, set[str] | None]:
+    """(dtype, parameter names or None = all) of the matrices stored narrower than `dtype`, by
+    `from_pretrained`'s rule: all of them in bf16 for ``quantization="bf16"``; on the CPU with no
+    quantization named, those the checkpoint holds in bf16 (else fp16); (None, None) = all in `dtype`."""
+    if dtype.itemsize <= 2:
+        return None, None
+    if quantization == "bf16":
+        return torch.bfloat16, None
+    if dev.type != "cpu":
+        return None, None
+    names = stored_matrix_names(model)
+    by_file: dict[Path, list[str]] = {}
+    for name, (param, _) in plan.items():
+        if param in names:
+            by_file.setdefault(files[name], []).append(name)
+    stored: dict[str, set[str]] = {}  # safetensors dtype -> model parameters
+    for fp, ckpt_names in by_file.items():
+        with safe_open(str(fp), "pt") as f:
+            for n in ckpt_names:
+                stored.setdefault(f.get_slice(n).get_dtype(), set()).add(plan[n][0])
+    for st_dtype, t_dtype in (("BF16", torch.bfloat16), ("F16", torch.float16)):
+        if st_dtype in stored and t_dtype in STORAGE_DTYPES:
+            return t_dtype, stored[st_dtype]
+    return None, None
 
 
 def _list_tensors(path: Path) -> dict[str, Path]:

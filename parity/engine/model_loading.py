@@ -13,6 +13,7 @@ from parity.checkpoint.reader import from_pretrained
 from parity.config import load_config
 from parity.errors import RequestError
 from parity.model.build import DTYPES, build_model
+from parity.model.weight_storage import describe_storage
 
 log = logging.getLogger("parity.engine")
 
@@ -31,6 +32,16 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def _log_storage(model, source) -> None:
+    log.info(
+        "weights of %s: %s (format %s, compute dtype %s)",
+        source,
+        describe_storage(model),
+        getattr(model, "weight_format", "bf16"),
+        str(model.dtype).removeprefix("torch."),
+    )
+
+
 def load_model(
     model: str | None,
     device: torch.device,
@@ -40,19 +51,20 @@ def load_model(
     parallel=None,
 ):
     """(model, checkpoint dir or None) for EngineArgs.model (directory, preset name or None = default);
-    `quantization` reaches `from_pretrained` (checkpoints only: a preset is built in `dtype`); ``parallel``:
-    a `parity.distributed.context.ParallelContext` to load this rank's part only.
+    `quantization` reaches `from_pretrained` (checkpoints only: a preset is built in `dtype`; on the CPU a
+    checkpoint's FP8/FP4/bf16 matrices are held in bf16 by default, `parity.model.weight_storage`);
+    ``parallel``: a `parity.distributed.context.ParallelContext` to load this rank's part only. Logs the
+    bytes held per stored dtype.
 
     Raises:
         RequestError: a quantization other than auto / bf16 for a preset model.
     """
     kw = {} if parallel is None else {"parallel": parallel}
-    if model is None:
-        path = ensure_default_model()
-        return from_pretrained(path, device=device, dtype=dtype, quantization=quantization, **kw), path
-    p = Path(str(model)).expanduser()
-    if p.is_dir():
-        return from_pretrained(p, device=device, dtype=dtype, quantization=quantization, **kw), p
+    if model is None or Path(str(model)).expanduser().is_dir():
+        p = ensure_default_model() if model is None else Path(str(model)).expanduser()
+        m = from_pretrained(p, device=device, dtype=dtype, quantization=quantization, **kw)
+        _log_storage(m, p)
+        return m, p
     if quantization not in (None, "auto", "bf16"):
         raise RequestError(
             f"engine argument 'quantization' {quantization!r} needs a checkpoint directory; "

@@ -292,9 +292,10 @@ class V4ForCausalLM(nn.Module):
         norm = norm or self.model.norm
         x = norm(hc_head(h))
         head = self.lm_head
+        dt = torch.promote_types(x.dtype, head.weight.dtype)  # fp32 activations stay fp32 on a bf16-stored head
         if type(head) is nn.Linear:  # a plain head: the bandwidth-bound formulation (quantized heads: their own)
-            return decode_linear(x.to(head.weight.dtype), head.weight).float()
-        return head(x.to(head.weight.dtype)).float()
+            return decode_linear(x.to(dt), head.weight).float()
+        return head(x.to(dt)).float()
 
     @torch.no_grad()
     def forward_incremental(

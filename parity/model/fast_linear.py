@@ -7,12 +7,23 @@ time to stream the weight from memory. On the CPU, MKL's sgemm (what `F.linear` 
 (benchmarks/lm_head_gemv.py, docs/benchmarks.md); for small weights MKL is faster (oneDNN's ~10 us
 per-call overhead dominates). Both compute in full fp32 (no reduced-precision math mode: the
 ``torch.get_float32_matmul_precision() == "highest"`` default); results differ only in summation order.
+
+Weights stored narrower than the activations (bf16 weights, fp32 activations: `parity.model.weight_storage`)
+are widened in registers, never as a whole: large ones through a compiled reduction that loads bf16 and
+accumulates in fp32 (`widening_linear`), small ones (cache-resident) by a transient upcast.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from parity.model.layers import Experts, swiglu
+
+log = logging.getLogger("parity.model")
 
 #: Under torch.compile, at most this many rows take the broadcast-reduce form (see `decode_linear`).
 COMPILED_GEMV_MAX_ROWS = 16
@@ -21,6 +32,19 @@ COMPILED_GEMV_MAX_ROWS = 16
 #: Crossover measured with benchmarks/lm_head_gemv.py (AMD EPYC, 2 cores): at 0.5 MiB both take
 #: ~27 us for 8 rows; oneDNN's fixed cost (~10 us) loses below that, its streaming wins above.
 ONEDNN_MIN_WEIGHT_BYTES = 4 << 20
+
+
+#: Narrow (bf16) weights at least this large (bytes) take the compiled widening reduction in eager mode;
+#: smaller ones are upcast whole (a cache-resident copy). Crossover measured with benchmarks/lm_head_gemv.py
+#: (AMD EPYC, 1 thread): 1024 x 256 bf16 (0.5 MiB) ties at 28-31 us (1 row), 2048 x 256 (1 MiB): 33 vs 64 us.
+WIDENING_KERNEL_MIN_WEIGHT_BYTES = 1 << 20
+
+#: Row counts up to which the widening reduction is used (above: upcast in row blocks and GEMM).
+WIDENING_KERNEL_MAX_ROWS = 16
+
+#: Largest number of weight elements `widening_linear` upcasts at once on its GEMM path (16 Mi elements
+#: = 64 MiB fp32; bounds transient memory, not a format constant).
+WIDEN_CHUNK_ELEMS = 1 << 24
 
 
 def _onednn_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -46,10 +70,12 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     (measured 1.3-1.4x oneDNN's read rate at 1 and 8 rows, benchmarks/lm_head_gemv.py); more rows: ``F.linear``.
 
     Args:
-        x: [..., in] activations; weight: [out, in] (same dtype as x).
+        x: [..., in] activations; weight: [out, in] (x's dtype, or narrower: see `widening_linear`).
     Returns:
         [..., out] in x's dtype; equal to ``F.linear(x, weight)`` up to fp32 summation order.
     """
+    if weight.dtype != x.dtype:
+        return widening_linear(x, weight)
     flat = x.reshape(-1, x.shape[-1])
     if torch.compiler.is_compiling():
         if x.device.type == "cpu" and weight.dim() == 2 and flat.shape[0] <= COMPILED_GEMV_MAX_ROWS:
@@ -62,3 +88,124 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         flat = flat.contiguous()
     out = torch.ops.mkldnn._linear_pointwise(flat, weight, None, "none", [], "")
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _widening_reduction(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[M, in] x [out, in] (narrower dtype) -> [M, out] in x's dtype: each weight element widened as loaded."""
+    return (weight.to(x.dtype)[:, None, :] * x[None, :, :]).sum(-1).t()
+
+
+_compiled_reduction = None  # torch.compile(_widening_reduction), built on first use; False = unavailable
+
+
+def _widening_kernel():
+    global _compiled_reduction
+    if _compiled_reduction is None:
+        _compiled_reduction = torch.compile(_widening_reduction, dynamic=True)
+    return _compiled_reduction
+
+
+def widening_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight^T`` with a weight stored narrower than x (bf16 weight, fp32 x), computed in x's dtype.
+
+    Every product and sum is in x's dtype (fp32 on the CPU): the weight's bf16 values are exact in fp32,
+    so the result equals ``F.linear(x, weight.float())`` up to summation order, and the weight is read
+    at its stored width (2 bytes per element for bf16). Formulations: under torch.compile, or eager on
+    the CPU for <= `WIDENING_KERNEL_MAX_ROWS` rows and a weight >= `WIDENING_KERNEL_MIN_WEIGHT_BYTES`,
+    the broadcast-reduce ``sum(W.float()[:, None, :] * x[None], -1)`` (inductor: one loop that converts
+    each loaded element in registers); otherwise a transient upcast of `WIDEN_CHUNK_ELEMS`-sized row
+    blocks and ``F.linear``. A weight wider than x is first rounded to x's dtype (``F.linear`` semantics).
+
+    Args:
+        x: [..., in] activations; weight: [out, in].
+    Returns:
+        [..., out] in x's dtype.
+    """
+    global _compiled_reduction
+    big = weight.numel() * weight.element_size() >= WIDENING_KERNEL_MIN_WEIGHT_BYTES
+    compiling = torch.compiler.is_compiling()
+    if not (big or compiling) or weight.element_size() > x.element_size():
+        return F.linear(x, weight.to(x.dtype))  # small (cache-resident) or wider weight: one upcast
+    flat = x.reshape(-1, x.shape[-1])
+    n = weight.shape[0]
+    if flat.shape[0] <= WIDENING_KERNEL_MAX_ROWS and weight.dim() == 2:
+        if compiling:
+            return _widening_reduction(flat, weight).reshape(*x.shape[:-1], n)
+        if x.device.type == "cpu" and _compiled_reduction is not False:
+            try:
+                return _widening_kernel()(flat, weight).reshape(*x.shape[:-1], n)
+            except Exception as e:  # no C++ toolchain for inductor, or a backend error: upcast from now on
+                log.warning("compiled widening GEMV unavailable (%s); upcasting weights per call", e)
+                _compiled_reduction = False
+    rows = max(1, WIDEN_CHUNK_ELEMS // max(weight.shape[-1], 1))
+    if rows >= n:
+        return F.linear(x, weight.to(x.dtype))
+    return torch.cat([F.linear(x, weight[r : r + rows].to(x.dtype)) for r in range(0, n, rows)], dim=-1)
+
+
+class WideningLinear(nn.Linear):
+    """An ``nn.Linear`` (no bias) whose weight is stored narrower than its input: bf16 weight, fp32 input.
+
+    forward(x[..., in]) -> [..., out] in x's dtype via `widening_linear` (fp32 math, weight read at 2
+    bytes per element). State-dict names and shapes are those of ``nn.Linear``; built by re-classing one
+    (`parity.model.weight_storage.store_weights_`).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == x.dtype:
+            return F.linear(x, self.weight, self.bias)
+        return widening_linear(x, self.weight)
+
+
+#: `WideningExperts`: at most this many token-expert pairs take the fused per-pair kernel (decode steps);
+#: more pairs (prefill) run expert by expert (`Experts.forward`), where each expert's weight is upcast
+#: once and reused by all its tokens.
+WIDENING_EXPERT_MAX_PAIRS = 64
+
+
+def _routed_pairs(
+    hidden: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    limit: float,
+) -> torch.Tensor:
+    """Routed-expert output [T, H] with each (token, expert) pair's weights gathered and widened as loaded."""
+    gu = (gate_up[expert_ids].to(hidden.dtype) * hidden[:, None, None, :]).sum(-1)  # [T, k, 2I]
+    inter = gu.shape[-1] // 2
+    h = swiglu(gu[..., :inter], gu[..., inter:], limit) * weights[..., None]  # [T, k, I]
+    return (down[expert_ids].to(hidden.dtype) * h[:, :, None, :]).sum(-1).sum(1)  # [T, H]
+
+
+_compiled_pairs = None  # torch.compile(_routed_pairs), built on first use; False = unavailable
+
+
+class WideningExperts(Experts):
+    """Routed experts (`parity.model.layers.Experts`) whose stacks are stored narrower than the hidden
+    states (bf16 weights, fp32 activations); same forward contract and math (SwiGLU with clamp, routing
+    weight before ``down_proj``, fp32 result).
+
+    Decode steps (<= `WIDENING_EXPERT_MAX_PAIRS` token-expert pairs, CPU): one compiled kernel
+    (`_routed_pairs`: inductor gathers each pair's expert rows and converts them in registers), instead
+    of an upcast and two GEMMs per used expert; results equal up to fp32 summation order. Larger batches:
+    `Experts.forward`. Built by re-classing an `Experts` (`parity.model.weight_storage.store_weights_`).
+    """
+
+    def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        global _compiled_pairs
+        narrow = self.gate_up_proj.element_size() < hidden.element_size()
+        if narrow and expert_ids.numel() <= WIDENING_EXPERT_MAX_PAIRS and hidden.device.type == "cpu":
+            if torch.compiler.is_compiling():
+                return _routed_pairs(hidden, expert_ids, weights.float(), self.gate_up_proj, self.down_proj, self.limit)
+            if _compiled_pairs is not False:
+                if _compiled_pairs is None:
+                    _compiled_pairs = torch.compile(_routed_pairs, dynamic=True)
+                try:
+                    return _compiled_pairs(
+                        hidden, expert_ids, weights.float(), self.gate_up_proj, self.down_proj, self.limit
+                    )
+                except Exception as e:  # no C++ toolchain for inductor, or a backend error
+                    log.warning("compiled routed-expert kernel unavailable (%s); per-expert upcasts", e)
+                    _compiled_pairs = False
+        return super().forward(hidden, expert_ids, weights)
