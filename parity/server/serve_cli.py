@@ -185,6 +185,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, serving=None) -> int:
     from parity.server.app import ServerSettings, build_app
     from parity.server.chat_format import ChatFormat
+    from parity.server.engine_threads import serving_threads
     from parity.server.launcher import bind_socket, serve_forever
     from parity.server.settings import default_max_seqs_per_request
     from parity.tokenizer.encoding import load_encoding
@@ -199,6 +200,8 @@ def _serve(args: argparse.Namespace, serving=None) -> int:
             engine = build_engine(args, serving.model if serving is not None else None)
         if serving is not None:
             serving.engine = engine
+        else:  # one process: keep a core for the HTTP front end when the model runs on the CPU
+            engine.intra_op_threads = serving_threads(getattr(getattr(engine, "engine", None), "device", "meta"))
         load_s = time.perf_counter() - t0
         settings = ServerSettings(
             served_model_names=[name],
@@ -228,6 +231,10 @@ def _serve(args: argparse.Namespace, serving=None) -> int:
         else f", {sp.path} step"
         + (f" ({sp.backend}, compiled in {sp.compile_s:.1f} s)" if sp.path == "compiled" else "")
     )
+
+    threads = getattr(engine, "intra_op_threads", None)
+    if threads is not None:
+        path += f", {threads} intra-op thread{'s' if threads > 1 else ''} (a core kept for the HTTP front end)"
 
     def ready(_server: Any) -> None:
         print(
