@@ -10,11 +10,15 @@ least as good), the server process's CPU seconds during the run (`/proc/PID/stat
 every command run. Provenance of every figure: measured.
 
 Parity variants (``--parity-threads``): one arm per intra-op thread count given (``OMP_NUM_THREADS`` of
-the ``parity serve`` process; "auto" = parity's own choice); llama-server always gets ``--threads``.
+the ``parity serve`` process; "auto" = parity's own choice). llama-server variants (``--llama-variants``),
+all with ``--threads`` threads: "F32" (its defaults: f16 KV cache, flash attention auto, worker threads
+polling for work), "poll0" (``--poll 0``: worker threads sleep instead of spinning, which is faster on
+shared cores), "strict" (f32 KV cache, no flash attention).
 
 Usage:
     .venv/bin/python benchmarks/vs_llama_server.py --llama-cpp DIR [--bin DIR/build/bin] [--threads 2]
-        [--slots 4] [--rounds 2] [--parity-threads auto] [--parity-args "--no-enforce-eager"] [--strict]
+        [--slots 4] [--rounds 2] [--parity-threads auto] [--parity-args "--no-enforce-eager"]
+        [--llama-variants F32,poll0,strict]
         [--workload random:in=128,out=32,ratio=0.5] [--num-prompts 16] [--request-rate 4] [--work DIR]
 
 DIR is a llama.cpp source tree (e.g. vendor/llama.cpp of the PyPI sdist llama-cpp-python 0.3.36) built
@@ -82,16 +86,21 @@ def cpu_seconds(pid: int) -> float:
 
 
 def wait_ready(proc: subprocess.Popen, base: str, log: Path) -> None:
-    """Poll ``base``/v1/models until it answers 200. Raises RuntimeError if the server exits or takes
-    longer than READY_TIMEOUT_S (its log named)."""
+    """Poll ``base``/health and then ``base``/v1/models until both answer 200 (llama-server answers 503 on
+    /health while it loads). Raises RuntimeError if the server exits or takes longer than
+    READY_TIMEOUT_S (its log named)."""
     deadline = time.monotonic() + READY_TIMEOUT_S
+    paths = ["/health", "/v1/models"]
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with code {proc.returncode} before it was ready; see {log}")
         try:
-            with urllib.request.urlopen(f"{base}/v1/models", timeout=2) as r:
+            with urllib.request.urlopen(f"{base}{paths[0]}", timeout=2) as r:
                 if r.status == 200:
-                    return
+                    paths.pop(0)
+                    if not paths:
+                        return
+                    continue
         except OSError:
             pass
         time.sleep(0.5)
@@ -143,9 +152,28 @@ def server_command(a, arm: str, gguf: Path, ckpt: Path, port: int) -> tuple[list
     t = str(a.threads)
     cmd = [str(a.bin / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["-t", t, "-tb", t, "-np", str(a.slots), "-c", str(a.slots * a.slot_ctx), "-a", "mini", "--no-webui"]
-    if arm == "llama-server:strict":
+    variant = arm.partition(":")[2]
+    if variant == "strict":
         cmd += ["-ctk", "f32", "-ctv", "f32", "-fa", "off"]
+    elif variant == "poll0":
+        cmd += ["--poll", "0"]
+    elif variant != "F32":
+        raise SystemExit(f"--llama-variants: unknown variant {variant!r}: expected F32, poll0 or strict")
     return cmd, env
+
+
+class ArmFailed(RuntimeError):
+    """A bench run had failed requests."""
+
+
+def run_arm_retrying(a, arm: str, gguf: Path, ckpt: Path, port: int, index: int) -> dict:
+    """`run_arm`, run once more (and noted on stderr) when a request failed the first time."""
+    try:
+        return run_arm(a, arm, gguf, ckpt, port, index)
+    except ArmFailed as e:
+        print(f"# {e}; running it again", file=sys.stderr, flush=True)
+        a.retries.append(str(e))
+        return run_arm(a, arm, gguf, ckpt, port, index)
 
 
 def run_arm(a, arm: str, gguf: Path, ckpt: Path, port: int, index: int) -> dict:
@@ -174,7 +202,7 @@ def run_arm(a, arm: str, gguf: Path, ckpt: Path, port: int, index: int) -> dict:
             proc.wait()
     s = json.loads(out.read_text())["summary"]
     if s["failed"] or s["completed"] != a.num_prompts:
-        raise RuntimeError(f"{arm}: {s['failed']} failed, {s['completed']} completed; see {out}")
+        raise ArmFailed(f"{arm}: {s['failed']} failed, {s['completed']} completed; see {out}")
     row = {k: (s[k] if k == "output_throughput_tok_s" else s[k]["median"]) for k, _, _ in METRICS}
     row.update(cpu_s=cpu, load=os.getloadavg()[0], duration_s=s["duration_s"], output_tokens=s["total_output_tokens"])
     return row
@@ -189,7 +217,7 @@ def main() -> int:
     ap.add_argument("--parity-args", default="", help="extra `parity serve` arguments, e.g. --no-enforce-eager")
     ap.add_argument("--slots", type=int, default=4, help="llama-server -np = parity --max-num-seqs (default 4)")
     ap.add_argument("--slot-ctx", type=int, default=1024, help="llama-server context tokens per slot")
-    ap.add_argument("--strict", action="store_true", help="also run llama-server with f32 KV, no flash attention")
+    ap.add_argument("--llama-variants", default="F32,poll0", help="comma list of F32, poll0, strict")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workload", default="random:in=128,out=32,ratio=0.5")
     ap.add_argument("--num-prompts", type=int, default=16)
@@ -206,14 +234,15 @@ def main() -> int:
     release = write_release(a.work / "mini-release")
     ckpt = write_fp32(release, a.work / "mini-fp32")
     gguf = convert(a.llama_cpp, a.bin, release)["F32"]
-    llama_arms = ["llama-server:F32"] + (["llama-server:strict"] if a.strict else [])
+    llama_arms = [f"llama-server:{v}" for v in a.llama_variants.split(",")]
     a.arms = [f"parity:{t}" for t in a.parity_threads.split(",")] + llama_arms
     a.commands = {}
+    a.retries = []
     res: dict[str, list[dict]] = {arm: [] for arm in a.arms}
     index = 0
     for r in range(a.rounds):
         for arm in a.arms if r % 2 == 0 else a.arms[::-1]:
-            res[arm].append(run_arm(a, arm, gguf, ckpt, a.port + index % 8, index))
+            res[arm].append(run_arm_retrying(a, arm, gguf, ckpt, a.port + index % 8, index))
             index += 1
             x = res[arm][-1]
             print(
@@ -233,6 +262,8 @@ def main() -> int:
     )
     for arm, cmd in a.commands.items():
         print(f"# {arm}: {cmd}")
+    for msg in a.retries:
+        print(f"# run again after failed requests: {msg}")
     print("| server | " + " | ".join(label for _, label, _ in METRICS) + " | server CPU s | runs |")
     print("|---|" + "---|" * (len(METRICS) + 2))
     for arm in a.arms:
