@@ -3,8 +3,8 @@
 The server's event loop (HTTP, tokenization, SSE framing) shares the process and the cores with the model.
 With one torch thread per core, every runnable front-end thread preempts an OpenMP worker and stalls
 each of the ~5,000 per-step op barriers behind it, so a CPU server keeps one core for its front end
-(as vLLM's CPU backend does, ``VLLM_CPU_NUM_OF_RESERVED_CPU`` in vllm/envs.py); measured in
-docs/benchmarks.md ("Served: parity serve vs llama-server"). ``OMP_NUM_THREADS`` (or
+(measured in docs/benchmarks.md, "Served: parity serve vs llama-server"; vLLM's CPU worker has the same
+knob, ``VLLM_CPU_NUM_OF_RESERVED_CPU`` in vllm/v1/worker/cpu_worker.py). ``OMP_NUM_THREADS`` (or
 ``MKL_NUM_THREADS``) set by the user wins.
 """
 
