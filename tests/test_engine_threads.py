@@ -9,7 +9,7 @@ import torch
 from parity.engine import AsyncEngine, EngineArgs, SamplingParams
 from parity.engine.testing import FakeModel
 from parity.server import engine_threads
-from parity.server.engine_threads import serving_threads
+from parity.server.engine_threads import intra_op_threads, serving_threads, serving_threads_for
 
 
 @pytest.mark.parametrize(
@@ -87,3 +87,19 @@ def test_one_step_of_many_streams_reaches_every_stream_in_order():
     for out in asyncio.run(main()):
         assert sorted(out) == [0, 1] and all(len(v) == 5 for v in out.values())
         assert out[0] == out[1]  # greedy: both choices alike
+
+
+def test_serving_threads_for_a_device_flag():
+    assert serving_threads_for("no-such-device") is None  # the engine reports the bad flag itself
+    assert serving_threads_for("cpu") == serving_threads("cpu")
+
+
+@pytest.mark.parametrize("n", [None, 1])
+def test_intra_op_threads_sets_and_restores(n):
+    before = torch.get_num_threads()
+    try:
+        with intra_op_threads(n):
+            assert torch.get_num_threads() == (before if n is None else n)
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)

@@ -10,9 +10,14 @@ knob, ``VLLM_CPU_NUM_OF_RESERVED_CPU`` in vllm/v1/worker/cpu_worker.py). ``OMP_N
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
+
+from parity import devices
+from parity.errors import ParityError
 
 #: Cores kept for the server's front end (event loop, tokenizer, SSE) when the engine runs on the CPU.
 RESERVED_FRONT_END_CORES = 1
@@ -36,3 +41,28 @@ def serving_threads(device: torch.device | str, env: dict | None = None) -> int 
     if n <= 1:
         return None
     return max(1, n - RESERVED_FRONT_END_CORES)
+
+
+def serving_threads_for(device_spec) -> int | None:
+    """`serving_threads` for a ``--device`` value ("auto", "cpu", ...); None when it does not resolve here
+    (the engine reports that device error itself)."""
+    try:
+        return serving_threads(devices.resolve(device_spec))
+    except ParityError:
+        return None
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` (None: unchanged) inside the block, restored after: set
+    before the model is built, so the engine thread and any compiled kernels (inductor fixes their OpenMP
+    thread count when it generates them) run with ``n``."""
+    if n is None:
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
