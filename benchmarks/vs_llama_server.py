@@ -17,7 +17,7 @@ shared cores), "strict" (f32 KV cache, no flash attention).
 
 Usage:
     .venv/bin/python benchmarks/vs_llama_server.py --llama-cpp DIR [--bin DIR/build/bin] [--threads 2]
-        [--slots 4] [--rounds 2] [--parity-threads auto] [--parity-args "--no-enforce-eager"]
+        [--slots 4] [--rounds 2] [--parity-threads auto] [--parity-args=--no-enforce-eager]
         [--llama-variants F32,poll0,strict]
         [--workload random:in=128,out=32,ratio=0.5] [--num-prompts 16] [--request-rate 4] [--work DIR]
 
@@ -60,6 +60,10 @@ METRICS = (
     ("ttft_ms", "TTFT p50 (ms)", True),
     ("itl_ms", "ITL p50 (ms)", True),
 )
+
+
+#: llama-server variants: extra arguments over its defaults.
+LLAMA_VARIANTS = {"F32": [], "poll0": ["--poll", "0"], "strict": ["-ctk", "f32", "-ctv", "f32", "-fa", "off"]}
 
 
 def write_fp32(release: Path, out: Path) -> Path:
@@ -152,14 +156,7 @@ def server_command(a, arm: str, gguf: Path, ckpt: Path, port: int) -> tuple[list
     t = str(a.threads)
     cmd = [str(a.bin / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["-t", t, "-tb", t, "-np", str(a.slots), "-c", str(a.slots * a.slot_ctx), "-a", "mini", "--no-webui"]
-    variant = arm.partition(":")[2]
-    if variant == "strict":
-        cmd += ["-ctk", "f32", "-ctv", "f32", "-fa", "off"]
-    elif variant == "poll0":
-        cmd += ["--poll", "0"]
-    elif variant != "F32":
-        raise SystemExit(f"--llama-variants: unknown variant {variant!r}: expected F32, poll0 or strict")
-    return cmd, env
+    return cmd + LLAMA_VARIANTS[arm.partition(":")[2]], env
 
 
 class ArmFailed(RuntimeError):
@@ -230,6 +227,9 @@ def main() -> int:
     a.bin = a.bin or a.llama_cpp / "build" / "bin"
     if not (a.bin / "llama-server").exists():
         raise SystemExit(f"no llama-server in {a.bin}: build it with `cmake --build . --target llama-server`")
+    unknown = [v for v in a.llama_variants.split(",") if v not in LLAMA_VARIANTS]
+    if unknown:
+        raise SystemExit(f"--llama-variants: unknown {', '.join(unknown)}: expected {', '.join(LLAMA_VARIANTS)}")
     a.work.mkdir(parents=True, exist_ok=True)
     release = write_release(a.work / "mini-release")
     ckpt = write_fp32(release, a.work / "mini-fp32")
