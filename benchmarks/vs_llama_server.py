@@ -10,14 +10,15 @@ least as good), the server process's CPU seconds during the run (`/proc/PID/stat
 every command run. Provenance of every figure: measured.
 
 Parity variants (``--parity-threads``): one arm per intra-op thread count given (``OMP_NUM_THREADS`` of
-the ``parity serve`` process; "auto" = parity's own choice). llama-server variants (``--llama-variants``),
+the ``parity serve`` process; "auto" = parity's own choice) and step path given (``--parity-paths``:
+eager = ``--enforce-eager``, compiled = ``--no-enforce-eager``). llama-server variants (``--llama-variants``),
 all with ``--threads`` threads: "F32" (its defaults: f16 KV cache, flash attention auto, worker threads
-polling for work), "poll0" (``--poll 0``: worker threads sleep instead of spinning, which is faster on
-shared cores), "strict" (f32 KV cache, no flash attention).
+polling for work), "poll0" (``--poll 0``: worker threads sleep instead of spinning for work),
+"strict" (f32 KV cache, no flash attention).
 
 Usage:
     .venv/bin/python benchmarks/vs_llama_server.py --llama-cpp DIR [--bin DIR/build/bin] [--threads 2]
-        [--slots 4] [--rounds 2] [--parity-threads auto] [--parity-args=--no-enforce-eager]
+        [--slots 4] [--rounds 2] [--parity-threads auto] [--parity-paths eager,compiled]
         [--llama-variants F32,poll0,strict]
         [--workload random:in=128,out=32,ratio=0.5] [--num-prompts 16] [--request-rate 4] [--work DIR]
 
@@ -147,12 +148,12 @@ def server_command(a, arm: str, gguf: Path, ckpt: Path, port: int) -> tuple[list
     """(argv, environment) of one arm's server."""
     env = dict(os.environ)
     if arm.startswith("parity"):
-        threads = arm.partition(":")[2]
+        _, threads, path = arm.split(":")
         if threads != "auto":
             env["OMP_NUM_THREADS"] = threads
         cmd = [sys.executable, "-m", "parity", "serve", str(ckpt), "--host", "127.0.0.1", "--port", str(port)]
         cmd += ["--max-num-seqs", str(a.slots), "--served-model-name", "mini", "--log-level", "warning"]
-        return cmd + shlex.split(a.parity_args), env
+        return cmd + [f"--{'no-' if path == 'compiled' else ''}enforce-eager"] + shlex.split(a.parity_args), env
     t = str(a.threads)
     cmd = [str(a.bin / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["-t", t, "-tb", t, "-np", str(a.slots), "-c", str(a.slots * a.slot_ctx), "-a", "mini", "--no-webui"]
@@ -211,6 +212,7 @@ def main() -> int:
     ap.add_argument("--bin", type=Path, default=None, help="dir with llama-server and llama-quantize")
     ap.add_argument("--threads", type=int, default=2, help="llama-server --threads (default 2)")
     ap.add_argument("--parity-threads", default="auto", help="comma list of parity arms' OMP_NUM_THREADS or auto")
+    ap.add_argument("--parity-paths", default="eager", help="comma list of eager, compiled (parity's step path)")
     ap.add_argument("--parity-args", default="", help="extra `parity serve` arguments, e.g. --no-enforce-eager")
     ap.add_argument("--slots", type=int, default=4, help="llama-server -np = parity --max-num-seqs (default 4)")
     ap.add_argument("--slot-ctx", type=int, default=1024, help="llama-server context tokens per slot")
@@ -235,7 +237,10 @@ def main() -> int:
     ckpt = write_fp32(release, a.work / "mini-fp32")
     gguf = convert(a.llama_cpp, a.bin, release)["F32"]
     llama_arms = [f"llama-server:{v}" for v in a.llama_variants.split(",")]
-    a.arms = [f"parity:{t}" for t in a.parity_threads.split(",")] + llama_arms
+    paths = a.parity_paths.split(",")
+    if not set(paths) <= {"eager", "compiled"}:
+        raise SystemExit(f"--parity-paths: expected eager and/or compiled, got {a.parity_paths!r}")
+    a.arms = [f"parity:{t}:{p}" for t in a.parity_threads.split(",") for p in paths] + llama_arms
     a.commands = {}
     a.retries = []
     res: dict[str, list[dict]] = {arm: [] for arm in a.arms}
