@@ -2,7 +2,8 @@
 
 The model loop runs on a dedicated thread, so the event loop never waits for model compute.
 Callers talk to it through a command queue (add / abort), executed by the engine thread between steps;
-deltas come back through one `asyncio.Queue` per request via `loop.call_soon_threadsafe`.
+deltas come back through one `asyncio.Queue` per request, all of a step's deltas in one
+`loop.call_soon_threadsafe` per event loop (one wake-up of the loop per step, not per token).
 Closing or cancelling the `generate` async generator aborts the request and frees its cache.
 """
 
@@ -15,6 +16,8 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+import torch
 
 from parity.engine.args import EngineArgs
 from parity.engine.llm_engine import EngineQueueFull, LLMEngine
@@ -34,13 +37,19 @@ class AsyncEngine:
     Args:
         args: EngineArgs (default EngineArgs()).
         model / tokenizer: optional prebuilt objects (tests), as for LLMEngine.
+        intra_op_threads: torch intra-op threads of the engine thread while it runs (None = leave the
+            process setting; the previous value is restored when the thread stops).
     Attributes:
-        tokenizer, config (ModelConfig), max_model_len (tokens), engine (the LLMEngine).
+        tokenizer, config (ModelConfig), max_model_len (tokens), engine (the LLMEngine),
+        intra_op_threads (settable before `start`).
     """
 
-    def __init__(self, args: EngineArgs | None = None, model=None, tokenizer="auto"):
+    def __init__(
+        self, args: EngineArgs | None = None, model=None, tokenizer="auto", intra_op_threads: int | None = None
+    ):
         self.engine = LLMEngine(args or EngineArgs(), model=model, tokenizer=tokenizer)
         self.args = self.engine.args
+        self.intra_op_threads = intra_op_threads
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -118,16 +127,30 @@ class AsyncEngine:
         self._wake.set()
 
     def _dispatch(self, deltas: list[StreamDelta]) -> None:
+        """Hand a step's deltas to their streams: one thread-safe call per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for d in deltas:
             s = self._streams.get(d.request_id)
             if s is not None:
-                loop, q = s
-                try:
-                    loop.call_soon_threadsafe(q.put_nowait, d)
-                except RuntimeError:  # loop closed
-                    pass
+                by_loop.setdefault(s[0], []).append((s[1], d))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # loop closed
+                pass
 
     def _loop(self) -> None:
+        saved = None
+        if self.intra_op_threads is not None:
+            saved = torch.get_num_threads()
+            torch.set_num_threads(self.intra_op_threads)
+        try:
+            self._run()
+        finally:
+            if saved is not None:
+                torch.set_num_threads(saved)
+
+    def _run(self) -> None:
         eng = self.engine
         while not self._stop:
             try:
@@ -242,6 +265,11 @@ class AsyncEngine:
             self.engine.abort(rid)
 
         self._post(run)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, StreamDelta]]) -> None:
+    for q, d in items:
+        q.put_nowait(d)
 
 
 __all__ = ["AsyncEngine", "EngineQueueFull"]

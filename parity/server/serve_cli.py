@@ -183,6 +183,16 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, serving=None) -> int:
+    """Serve in this process; on the CPU, one process, the engine keeps a core for the HTTP front end
+    (`parity.server.engine_threads`)."""
+    from parity.server.engine_threads import intra_op_threads, serving_threads_for
+
+    threads = serving_threads_for(args.device) if serving is None else None
+    with intra_op_threads(threads):
+        return _serve_engine(args, serving, threads)
+
+
+def _serve_engine(args: argparse.Namespace, serving, threads: int | None) -> int:
     from parity.server.app import ServerSettings, build_app
     from parity.server.chat_format import ChatFormat
     from parity.server.launcher import bind_socket, serve_forever
@@ -199,6 +209,8 @@ def _serve(args: argparse.Namespace, serving=None) -> int:
             engine = build_engine(args, serving.model if serving is not None else None)
         if serving is not None:
             serving.engine = engine
+        if threads is not None and getattr(getattr(engine, "engine", None), "device", None) is not None:
+            engine.intra_op_threads = threads
         load_s = time.perf_counter() - t0
         settings = ServerSettings(
             served_model_names=[name],
@@ -228,6 +240,10 @@ def _serve(args: argparse.Namespace, serving=None) -> int:
         else f", {sp.path} step"
         + (f" ({sp.backend}, compiled in {sp.compile_s:.1f} s)" if sp.path == "compiled" else "")
     )
+
+    threads = getattr(engine, "intra_op_threads", None)
+    if threads is not None:
+        path += f", {threads} intra-op thread{'s' if threads > 1 else ''} (a core kept for the HTTP front end)"
 
     def ready(_server: Any) -> None:
         print(
