@@ -237,11 +237,12 @@ def describe(device: torch.device | str = "auto") -> DeviceInfo:
 RECOMPILE_LIMIT = 64
 
 
-def compiler(device: torch.device | str):
+def compiler(device: torch.device | str, dynamic: bool | None = True):
     """A function ``fn -> compiled fn`` that applies ``torch.compile`` with the backend and mode
     `parity.devices.compile_backend` names for ``device``, with symbolic shapes (``dynamic=True``: one graph
     for every size of a dimension, plus one where it is 1). On an npu the backend is torch_npu's graph mode
-    (``torchair.get_npu_backend()``).
+    (``torchair.get_npu_backend()``). ``dynamic=None``: static shapes except the dimensions the caller marks
+    (``torch._dynamo.mark_dynamic``; the whole decode step, `parity.model.decode_graph`).
 
     Raises:
         DeviceError: the device needs a backend that is not installed (torchair on npu).
@@ -264,7 +265,7 @@ def compiler(device: torch.device | str):
     dyn = torch._dynamo.config
 
     def compile_fn(fn):
-        compiled = torch.compile(fn, backend=backend, mode=mode, dynamic=True, fullgraph=False)
+        compiled = torch.compile(fn, backend=backend, mode=mode, dynamic=dynamic, fullgraph=False)
 
         @functools.wraps(fn)
         def call(*args, **kwargs):

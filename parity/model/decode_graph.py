@@ -1,0 +1,266 @@
+"""The whole decode step as one compiled graph: every layer, the cache updates and the head, fixed shapes.
+
+A decode step of a small batch is bound by per-op dispatch (~5,000 aten ops per step of the 6-layer
+benchmark miniature), so the step that adds exactly one token to each of B sequences runs as one
+``torch.compile``d function (`decode_step`) per batch size: inductor fuses it into a few hundred
+kernels. Everything in it is a function of tensors of fixed shape:
+
+- positions come in as a tensor (not host ints), so ring slots, window masks, which sequences complete a
+  compression window and the entry visibility are computed in the graph;
+- each sequence's window ring and compressor state are written in place inside the graph (graph-input
+  mutation);
+- the compressed entries (and indexer keys) of each compressed layer come in stacked ``[B, E, width]``,
+  E = the sequences' blocks of `LayerCache.block_entries` rows, zero padded (``E`` is a symbolic size:
+  one graph for every E); the entry a sequence completes this step is inserted in the graph (it is
+  visible to its own token) and returned, and the host appends it to the cache afterwards
+  (`LayerCache.append_entries`: the same storage and accounting as eager);
+- the routed experts run as gathered batched GEMVs over the picked experts' weights (no expert counts on
+  the host; `moe_step`).
+
+Equal to the eager `V4ForCausalLM.forward_incremental` up to fp32 summation order (tests/test_decode_graph.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from parity.model.attention_backends import DecodeKeys
+from parity.model.compressor import compress_step_masked
+from parity.model.layers import Experts, HyperConnection, Rotary, rms_unweighted, rope_cos_sin, swiglu
+
+
+class _Modes:
+    """The numerics flags the attention hooks read (``kv_fp8``, ``index_fp4``), as `StepContext` has them."""
+
+    def __init__(self, kv_fp8: bool, index_fp4: bool):
+        self.kv_fp8, self.index_fp4 = kv_fp8, index_fp4
+
+
+def moe_step(mlp, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """`MoE.forward` for few tokens without host syncs: each (token, picked expert) pair multiplies the
+    gathered weights of its expert (``sum(W[e][:, None] * x)``, which inductor emits as one reduction
+    reading the picked experts' rows in place). x [T, H] -> [T, H] in x's dtype."""
+    w, ids = mlp.gate(x, token_ids)
+    ex: Experts = mlp.experts
+    T, k = ids.shape
+    flat = ids.reshape(-1)
+    xs = x[:, None, :].expand(T, k, x.shape[-1]).reshape(T * k, -1)
+    gu = (ex.gate_up_proj[flat].to(x.dtype) * xs[:, None, :]).sum(-1)  # [T*k, 2I]
+    inter = ex.inter
+    h = (swiglu(gu[:, :inter], gu[:, inter:], ex.limit) * w.reshape(-1)[:, None]).to(x.dtype)
+    y = (ex.down_proj[flat].to(x.dtype) * h[:, None, :]).sum(-1).float()  # [T*k, H]
+    y = y.view(T, k, -1).sum(1)
+    y = y + mlp.shared_experts(x).float()
+    return y.to(x.dtype)
+
+
+def _insert(rows: torch.Tensor, new: torch.Tensor, at: torch.Tensor, emit: torch.Tensor) -> torch.Tensor:
+    """rows [B, E, D] with row ``at[b]`` replaced by new [B, D] where emit [B] (functional)."""
+    hit = (torch.arange(rows.shape[1], device=rows.device)[None, :] == at[:, None]) & emit[:, None]
+    return torch.where(hit[:, :, None], new[:, None, :].to(rows.dtype), rows)
+
+
+def attention_step(attn, x, rope: Rotary, pos, modes: _Modes, codecs, windows, states, entries, index_keys):
+    """`Attention.forward` for B sequences adding one token each, fixed shapes.
+
+    Args:
+        x: [B, H]; pos: LongTensor[B]; codecs: the (`KVCodec`, `IndexCodec`) of the caches.
+        windows / states: per sequence the window ring [W, width] and the compressor state (updated in place).
+        entries / index_keys: stored rows [B, E, width] (None on sliding / non-CSA layers).
+    Returns:
+        (out [B, H], new entry [B, head_dim] or None, new index key or None): the entries a sequence
+        completes this step (meaningful where ``(pos + 1) % ratio == 0``), as `LayerCache.append_entries`
+        takes them.
+    """
+    B = x.shape[0]
+    W = attn.window
+    qr = attn.q_a_norm(attn.q_a_proj(x))
+    q = attn.q_b_proj(qr).view(B, attn.n_heads, attn.head_dim)
+    q = rope.rotate(rms_unweighted(q, attn.eps), inplace=True)
+    kv = attn._round_kv(rope.rotate(attn.kv_norm(attn.kv_proj(x)), inplace=True), modes)
+    codec, icodec = codecs
+    enc = codec.encode(kv)
+    slot = pos % W
+    for b in range(B):
+        windows[b].index_copy_(0, slot[b : b + 1], enc[b : b + 1])
+    win = codec.decode(torch.stack(windows).flatten(0, 1)).view(B, W, -1)
+    P = pos[:, None]
+    allowed = (P - (P - torch.arange(W, device=x.device)[None, :]) % W) >= 0
+    keys = DecodeKeys(None, win, allowed)
+    new_ent = new_ikey = None
+    comp = attn.compressor
+    if comp is not None:
+        ratio, d = comp.ratio, comp.d
+        cw = comp.coff * d
+        ckv, csc = comp.project(x, pos)
+        st = torch.stack(states)
+        emit, ent = compress_step_masked(st[:, 0, :, :cw], st[:, 1, :, :cw], ckv, csc, pos, ratio, comp.overlap, d)
+        wid = ((pos + 1) // ratio - 1).clamp(min=0)
+        new_ent = attn._round_kv(comp.finish(ent, wid, attn.inv_freq, kv.dtype), modes)
+        n_vis = (pos + 1) // ratio
+        E = entries.shape[1]
+        vis = torch.arange(E, device=x.device)[None, :] < n_vis[:, None]
+        stored = _insert(entries, codec.encode(new_ent), wid, emit)
+        ents = codec.decode(stored.flatten(0, 1)).view(B, E, -1).masked_fill(~vis[:, :, None], 0)
+        keys.entries, keys.entry_valid = ents, vis
+        idx = comp.indexer
+        if idx is not None:
+            _, ient = compress_step_masked(
+                st[:, 0, :, cw:], st[:, 1, :, cw:], *idx.project(x, pos), pos, idx.ratio, True, idx.d
+            )
+            new_ikey = attn._rotate_index_keys(idx.finish(ient, wid, attn.inv_freq, kv.dtype), modes)
+            istored = _insert(index_keys, icodec.encode(new_ikey), wid, emit)
+            ik = icodec.decode(istored.flatten(0, 1)).view(B, E, -1).masked_fill(~vis[:, :, None], 0)
+            iq = idx.q_b_proj(qr).view(B, idx.n_heads, idx.d)
+            iq = attn._round_index(rope.rotate(iq, inplace=True), modes)
+            iw = idx.scorer.weights_proj(x).float() * (idx.n_heads**-0.5 * idx.d**-0.5)
+            keys.topk = idx.select_topk(iq, iw, ik, vis, min(idx.topk, E))
+        for b in range(B):
+            states[b].copy_(st[b])
+    out = attn.backend._decode(q, keys, attn.sinks, attn.scale).to(q.dtype)
+    return attn._output(out, rope), new_ent, new_ikey
+
+
+def decode_step(model, ids, pos, windows, states, entries, index_keys, kv_fp8: bool, index_fp4: bool):
+    """One decode step of B sequences (the function `DecodeGraph` compiles).
+
+    Args:
+        model: a `V4ForCausalLM` with plain (unsharded, unquantized) layers.
+        ids / pos: LongTensor[B] the new tokens and their positions.
+        windows / states: per layer, per sequence the window ring and compressor state (None on sliding
+            layers); updated in place.
+        entries / index_keys: per layer the stacked stored entry rows [B, E, width] (None where absent).
+        kv_fp8 / index_fp4: the numerics modes.
+    Returns:
+        (logits fp32 [B, vocab], per layer the new entries [B, head_dim] or None, per layer the new index
+        keys or None).
+    """
+    m = model.model
+    modes = _Modes(kv_fp8, index_fp4)
+    codecs = (model._codec(kv_fp8), model._index_codec(index_fp4))
+    rot = {
+        "main": Rotary(*rope_cos_sin(pos, m.inv_freq_main)),
+        "compress": Rotary(*rope_cos_sin(pos, m.inv_freq_compress)),
+    }
+    h = m.embed_tokens(ids)
+    h = h.unsqueeze(1).expand(-1, model.config.hc_mult, -1).contiguous()
+    new_ents, new_ikeys = [], []
+    for i, layer in enumerate(m.layers):
+        attn = layer.self_attn
+        x, post, comb = HyperConnection.pre(layer.attn_hc, h)
+        x = type(layer.input_layernorm).forward(layer.input_layernorm, x)
+        x, ne, ni = attention_step(
+            attn, x, rot[attn.rope_key], pos, modes, codecs, windows[i], states[i], entries[i], index_keys[i]
+        )
+        new_ents.append(ne)
+        new_ikeys.append(ni)
+        h = HyperConnection.post(x, h, post, comb)
+        x, post, comb = HyperConnection.pre(layer.ffn_hc, h)
+        x = moe_step(layer.mlp, type(layer.post_attention_layernorm).forward(layer.post_attention_layernorm, x), ids)
+        h = HyperConnection.post(x, h, post, comb)
+    return type(model)._head(model, h), new_ents, new_ikeys
+
+
+def _plain(model) -> str | None:
+    """Why ``model`` cannot take the graph (a layer `decode_step` does not know), or None."""
+    from torch import nn
+
+    for name, mod in model.named_modules():
+        if name.endswith("experts") and not name.endswith("shared_experts") and type(mod) is not Experts:
+            return f"{name} is {type(mod).__name__} (the graph knows the fp32/bf16 routed experts only)"
+        if isinstance(mod, nn.Linear) and type(mod) is not nn.Linear:
+            return f"{name} is {type(mod).__name__}"
+        if hasattr(mod, "qweight") or type(mod).__module__.startswith("parity.model.parallel"):
+            return f"{name} is {type(mod).__name__}"
+    return None
+
+
+def unsupported_reason(model) -> str | None:
+    """None when `DecodeGraph` can run ``model``'s decode steps, else a one-line reason."""
+    return _plain(model)
+
+
+def _stacked_blocks(blocks_per_seq: list[list[torch.Tensor]], zero: torch.Tensor) -> torch.Tensor:
+    """[B, nb * rows, width]: each sequence's blocks, padded with ``zero`` blocks to the longest."""
+    nb = max(1, max(len(b) for b in blocks_per_seq))
+    flat = [blk for blocks in blocks_per_seq for blk in (blocks + [zero] * (nb - len(blocks)))]
+    st = torch.stack(flat)
+    return st.view(len(blocks_per_seq), nb * zero.shape[0], zero.shape[1])
+
+
+class DecodeGraph:
+    """The model's decode steps through the compiled `decode_step` (one graph per batch size, symbolic in
+    the entry count).
+
+    Args:
+        model: a `V4ForCausalLM` (`unsupported_reason` must be None).
+        compile_fn: ``fn -> compiled fn`` (`parity.devices.compiler`, static shapes).
+        max_batch: larger decode batches run eager.
+    """
+
+    def __init__(self, model, compile_fn, max_batch: int = 16):
+        self.model, self.max_batch = model, max_batch
+        self._fn = compile_fn(decode_step)
+        self._zero: dict = {}
+        self.steps = 0
+
+    def accepts(self, segments, states) -> bool:
+        """Whether the step (``forward_incremental``'s segments and states) is a plain decode step the
+        graph runs: every sequence adds one token, at most ``max_batch`` sequences."""
+        return len(segments) <= self.max_batch and all(n == 1 for (_, n, _) in segments)
+
+    def _zero_block(self, like: torch.Tensor) -> torch.Tensor:
+        key = (tuple(like.shape), like.dtype, like.device)
+        z = self._zero.get(key)
+        if z is None:
+            z = self._zero[key] = torch.zeros_like(like)
+        return z
+
+    def _stacked(self, caches, attr: str, width: int, dtype) -> torch.Tensor:
+        blocks = [getattr(c, attr) or [] for c in caches]
+        c0 = caches[0]
+        like = next((b[0] for b in blocks if b), None)
+        if like is None:
+            like = torch.empty((c0.block_entries, width), dtype=dtype, device=c0.window.device)
+        return _stacked_blocks(blocks, self._zero_block(like))
+
+    def run(self, ids: torch.Tensor, states, kv_fp8: bool, index_fp4: bool) -> torch.Tensor:
+        """Run one decode step; ids LongTensor[B] (validated by the caller), states advanced by the caller.
+        Returns fp32 logits [B, vocab]."""
+        dev = ids.device
+        pos_list = [st.num_tokens for st in states]
+        pos = torch.tensor(pos_list, dtype=torch.long, device=dev)
+        windows, comp_states, entries, index_keys = [], [], [], []
+        for i in range(len(self.model.model.layers)):
+            caches = [st.layers[i] for st in states]
+            c0 = caches[0]
+            windows.append([c.window for c in caches])
+            if c0.ratio:
+                comp_states.append([c.comp_state for c in caches])
+                w, dt = c0.codec.storage
+                entries.append(self._stacked(caches, "comp_blocks", w, dt))
+                if c0.idx_blocks is not None:
+                    iw, idt = c0.icodec.storage
+                    index_keys.append(self._stacked(caches, "idx_blocks", iw, idt))
+                else:
+                    index_keys.append(None)
+            else:
+                comp_states.append(None)
+                entries.append(None)
+                index_keys.append(None)
+        for e in (*entries, *index_keys):
+            if e is not None:
+                torch._dynamo.mark_dynamic(e, 1)
+        logits, new_ents, new_ikeys = self._fn(
+            self.model, ids, pos, windows, comp_states, entries, index_keys, kv_fp8, index_fp4
+        )
+        for i, ne in enumerate(new_ents):
+            if ne is None:
+                continue
+            ni = new_ikeys[i]
+            for b, st in enumerate(states):
+                c = st.layers[i]
+                if (pos_list[b] + 1) % c.ratio == 0:
+                    c.append_entries(ne[b : b + 1], ni[b : b + 1] if ni is not None else None)
+        self.steps += 1
+        return logits
