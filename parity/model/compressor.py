@@ -10,11 +10,10 @@ The incremental algorithm (any chunk length at any position) is parity's own.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from parity.config import CSA
-from parity.model.layers import RMSNorm, apply_rope, rope_cos_sin
+from parity.model.layers import RMSNorm, apply_rope, linear, rope_cos_sin
 
 
 def compress_windows(
@@ -153,8 +152,8 @@ class _Compressing(nn.Module):
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x[T, H] -> (kv, score) fp32 [T, coff*d]; score includes position_bias[pos % ratio]."""
         xf = x.float()
-        kv = F.linear(xf, self.kv_proj.weight.float())
-        sc = F.linear(xf, self.gate_proj.weight.float()) + self.position_bias.float()[positions % self.ratio]
+        kv = linear(xf, self.kv_proj.weight.float())
+        sc = linear(xf, self.gate_proj.weight.float()) + self.position_bias.float()[positions % self.ratio]
         return kv, sc
 
     def finish(self, entries: torch.Tensor, first_window, inv_freq: torch.Tensor, dtype: torch.dtype):

@@ -26,7 +26,7 @@ import torch
 
 from parity.model.attention_backends import DecodeKeys
 from parity.model.compressor import compress_step_masked
-from parity.model.layers import Experts, HyperConnection, Rotary, rms_unweighted, rope_cos_sin, swiglu
+from parity.model.layers import Experts, HyperConnection, Rotary, project, rms_unweighted, rope_cos_sin, swiglu
 
 
 class _Modes:
@@ -74,10 +74,10 @@ def attention_step(attn, x, rope: Rotary, pos, modes: _Modes, codecs, windows, s
     """
     B = x.shape[0]
     W = attn.window
-    qr = attn.q_a_norm(attn.q_a_proj(x))
-    q = attn.q_b_proj(qr).view(B, attn.n_heads, attn.head_dim)
+    qr = attn.q_a_norm(project(attn.q_a_proj, x))
+    q = project(attn.q_b_proj, qr).view(B, attn.n_heads, attn.head_dim)
     q = rope.rotate(rms_unweighted(q, attn.eps), inplace=True)
-    kv = attn._round_kv(rope.rotate(attn.kv_norm(attn.kv_proj(x)), inplace=True), modes)
+    kv = attn._round_kv(rope.rotate(attn.kv_norm(project(attn.kv_proj, x)), inplace=True), modes)
     codec, icodec = codecs
     enc = codec.encode(kv)
     slot = pos % W
@@ -111,9 +111,9 @@ def attention_step(attn, x, rope: Rotary, pos, modes: _Modes, codecs, windows, s
             new_ikey = attn._rotate_index_keys(idx.finish(ient, wid, attn.inv_freq, kv.dtype), modes)
             istored = _insert(index_keys, icodec.encode(new_ikey), wid, emit)
             ik = icodec.decode(istored.flatten(0, 1)).view(B, E, -1).masked_fill(~vis[:, :, None], 0)
-            iq = idx.q_b_proj(qr).view(B, idx.n_heads, idx.d)
+            iq = project(idx.q_b_proj, qr).view(B, idx.n_heads, idx.d)
             iq = attn._round_index(rope.rotate(iq, inplace=True), modes)
-            iw = idx.scorer.weights_proj(x).float() * (idx.n_heads**-0.5 * idx.d**-0.5)
+            iw = project(idx.scorer.weights_proj, x).float() * (idx.n_heads**-0.5 * idx.d**-0.5)
             keys.topk = idx.select_topk(iq, iw, ik, vis, min(idx.topk, E))
         for b in range(B):
             states[b].copy_(st[b])
@@ -180,9 +180,8 @@ def unsupported_reason(model) -> str | None:
     return _plain(model)
 
 
-def _stacked_blocks(blocks_per_seq: list[list[torch.Tensor]], zero: torch.Tensor) -> torch.Tensor:
-    """[B, nb * rows, width]: each sequence's blocks, padded with ``zero`` blocks to the longest."""
-    nb = max(1, max(len(b) for b in blocks_per_seq))
+def _stacked_blocks(blocks_per_seq: list[list[torch.Tensor]], zero: torch.Tensor, nb: int) -> torch.Tensor:
+    """[B, nb * rows, width]: each sequence's blocks, padded with ``zero`` blocks to nb blocks."""
     flat = [blk for blocks in blocks_per_seq for blk in (blocks + [zero] * (nb - len(blocks)))]
     st = torch.stack(flat)
     return st.view(len(blocks_per_seq), nb * zero.shape[0], zero.shape[1])
@@ -200,7 +199,7 @@ class DecodeGraph:
 
     def __init__(self, model, compile_fn, max_batch: int = 16):
         self.model, self.max_batch = model, max_batch
-        self._fn = compile_fn(decode_step)
+        self._fn = compile_fn(decode_step)  # static shapes but the marked entry counts
         self._zero: dict = {}
         self.steps = 0
 
@@ -222,7 +221,9 @@ class DecodeGraph:
         like = next((b[0] for b in blocks if b), None)
         if like is None:
             like = torch.empty((c0.block_entries, width), dtype=dtype, device=c0.window.device)
-        return _stacked_blocks(blocks, self._zero_block(like))
+        # room for the entry this step may complete: nb blocks hold n_entries + 1 rows of every sequence
+        nb = max(max(len(b) for b in blocks), max(c.n_entries // c0.block_entries + 1 for c in caches))
+        return _stacked_blocks(blocks, self._zero_block(like), nb)
 
     def run(self, ids: torch.Tensor, states, kv_fp8: bool, index_fp4: bool) -> torch.Tensor:
         """Run one decode step; ids LongTensor[B] (validated by the caller), states advanced by the caller.
