@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import torch
 
+from parity import devices
 from parity.model.attention_backends import DecodeKeys
 from parity.model.compressor import compress_step_masked
+from parity.model.fast_linear import decode_linear
 from parity.model.layers import Experts, HyperConnection, Rotary, project, rms_unweighted, rope_cos_sin, swiglu
 
 
@@ -132,8 +134,8 @@ def decode_step(model, ids, pos, windows, states, entries, index_keys, kv_fp8: b
         entries / index_keys: per layer the stacked stored entry rows [B, E, width] (None where absent).
         kv_fp8 / index_fp4: the numerics modes.
     Returns:
-        (logits fp32 [B, vocab], per layer the new entries [B, head_dim] or None, per layer the new index
-        keys or None).
+        (the LM head's input [B, H] (final collapse and norm), per layer the new entries [B, head_dim] or
+        None, per layer the new index keys or None).
     """
     m = model.model
     modes = _Modes(kv_fp8, index_fp4)
@@ -158,7 +160,12 @@ def decode_step(model, ids, pos, windows, states, entries, index_keys, kv_fp8: b
         x, post, comb = HyperConnection.pre(layer.ffn_hc, h)
         x = moe_step(layer.mlp, type(layer.post_attention_layernorm).forward(layer.post_attention_layernorm, x), ids)
         h = HyperConnection.post(x, h, post, comb)
-    return type(model)._head(model, h), new_ents, new_ikeys
+    return m.norm(m.hc_head(h)), new_ents, new_ikeys
+
+
+def lm_head_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The plain LM head: x [B, H] -> fp32 logits [B, vocab] (`fast_linear.decode_linear`)."""
+    return decode_linear(x.to(weight.dtype), weight).float()
 
 
 def _plain(model) -> str | None:
@@ -187,26 +194,45 @@ def _stacked_blocks(blocks_per_seq: list[list[torch.Tensor]], zero: torch.Tensor
     return st.view(len(blocks_per_seq), nb * zero.shape[0], zero.shape[1])
 
 
+#: Batch buckets of the compiled step: a decode batch of B sequences runs the graph of the smallest bucket
+#: >= B, padded with scratch sequences (each bucket is one compile, ~60-130 s cold on 2 cores, ~10 s from
+#: the inductor cache). Larger batches run eager.
+BATCH_BUCKETS = (1, 2, 4, 8, 16)
+
+
 class DecodeGraph:
-    """The model's decode steps through the compiled `decode_step` (one graph per batch size, symbolic in
-    the entry count).
+    """The model's decode steps through the compiled `decode_step` (one graph per batch bucket, symbolic in
+    the entry count), then the LM head GEMV as a second graph symbolic in the batch (`lm_head_rows`):
+    inductor's reduction streams the weight ~2x faster with symbolic rows than with a static 8, and
+    with its input computed in the other graph it cannot inline the norm into the weight loop
+    (docs/benchmarks.md, "Decode on the CPU").
 
     Args:
-        model: a `V4ForCausalLM` (`unsupported_reason` must be None).
-        compile_fn: ``fn -> compiled fn`` (`parity.devices.compiler`, static shapes).
-        max_batch: larger decode batches run eager.
+        model: a `V4ForCausalLM` (`unsupported_reason` must be None); the graph is bound to its modules
+            (weights may change in place, modules must not be replaced).
+        device: where it runs (picks the compile backend, `parity.devices.compiler`).
+        buckets: the batch buckets (default `BATCH_BUCKETS`).
+        compile: False runs the same fixed-shape step uncompiled (tests of its logic without compile time).
     """
 
-    def __init__(self, model, compile_fn, max_batch: int = 16):
-        self.model, self.max_batch = model, max_batch
-        self._fn = compile_fn(decode_step)  # static shapes but the marked entry counts
+    def __init__(self, model, device, buckets: tuple[int, ...] = BATCH_BUCKETS, compile: bool = True):
+        self.model, self.buckets = model, tuple(sorted(buckets))
+        self._fn, self._head = decode_step, lm_head_rows
+        if compile:
+            self._fn = devices.compiler(device, whole_model=True)(decode_step)  # static but the marked entry counts
+            self._head = devices.compiler(device)(lm_head_rows)
         self._zero: dict = {}
+        self._scratch: dict = {}
         self.steps = 0
+
+    def bucket(self, batch: int) -> int | None:
+        """The bucket a decode batch of ``batch`` sequences runs in (None: too large, eager)."""
+        return next((b for b in self.buckets if b >= batch), None)
 
     def accepts(self, segments, states) -> bool:
         """Whether the step (``forward_incremental``'s segments and states) is a plain decode step the
-        graph runs: every sequence adds one token, at most ``max_batch`` sequences."""
-        return len(segments) <= self.max_batch and all(n == 1 for (_, n, _) in segments)
+        graph runs: every sequence adds one token, and the batch fits a bucket."""
+        return self.bucket(len(segments)) is not None and all(n == 1 for (_, n, _) in segments)
 
     def _zero_block(self, like: torch.Tensor) -> torch.Tensor:
         key = (tuple(like.shape), like.dtype, like.device)
@@ -214,6 +240,17 @@ class DecodeGraph:
         if z is None:
             z = self._zero[key] = torch.zeros_like(like)
         return z
+
+    def _padding(self, n: int, kv_fp8: bool, index_fp4: bool) -> list:
+        """n scratch states (position 0, never advanced) that fill a batch up to its bucket."""
+        key = (kv_fp8, index_fp4)
+        have = self._scratch.setdefault(key, [])
+        m = self.model
+        while len(have) < n:
+            have.append(
+                m.new_state(kv_cache_dtype="fp8" if kv_fp8 else "bf16", indexer_dtype="fp4" if index_fp4 else "bf16")
+            )
+        return have[:n]
 
     def _stacked(self, caches, attr: str, width: int, dtype) -> torch.Tensor:
         blocks = [getattr(c, attr) or [] for c in caches]
@@ -229,6 +266,11 @@ class DecodeGraph:
         """Run one decode step; ids LongTensor[B] (validated by the caller), states advanced by the caller.
         Returns fp32 logits [B, vocab]."""
         dev = ids.device
+        B = len(states)
+        pad = self.bucket(B) - B
+        if pad:
+            states = list(states) + self._padding(pad, kv_fp8, index_fp4)
+            ids = torch.cat([ids, ids.new_zeros(pad)])
         pos_list = [st.num_tokens for st in states]
         pos = torch.tensor(pos_list, dtype=torch.long, device=dev)
         windows, comp_states, entries, index_keys = [], [], [], []
@@ -252,16 +294,47 @@ class DecodeGraph:
         for e in (*entries, *index_keys):
             if e is not None:
                 torch._dynamo.mark_dynamic(e, 1)
-        logits, new_ents, new_ikeys = self._fn(
+        h, new_ents, new_ikeys = self._fn(
             self.model, ids, pos, windows, comp_states, entries, index_keys, kv_fp8, index_fp4
         )
+        # several rows: a plain tensor, not the Parameter (whose shape dynamo keeps static), as the fully
+        # symbolic reduction reads the 129,280 x 256 head ~1.8x faster at 8 rows; one row: the static
+        # one is ~1.7x faster (benchmarks/lm_head_gemv.py, docs/benchmarks.md)
+        w = self.model.lm_head.weight
+        logits = self._head(h[:B], w if B == 1 else w.detach())
         for i, ne in enumerate(new_ents):
             if ne is None:
                 continue
             ni = new_ikeys[i]
-            for b, st in enumerate(states):
+            for b, st in enumerate(states[:B]):
                 c = st.layers[i]
                 if (pos_list[b] + 1) % c.ratio == 0:
                     c.append_entries(ne[b : b + 1], ni[b : b + 1] if ni is not None else None)
         self.steps += 1
         return logits
+
+    @torch.no_grad()
+    def warm_up(self, buckets: tuple[int, ...] | None = None) -> dict[int, float]:
+        """Compile (or load from the inductor cache) the graphs of ``buckets`` (default: all) by running a
+        two-token prefill and one decode step per bucket on throwaway states.
+
+        Returns:
+            {bucket: wall seconds}.
+        """
+        import time
+
+        out = {}
+        m = self.model
+        steps = self.steps
+        for b in buckets or self.buckets:
+            t0 = time.perf_counter()
+            states = [m.new_state() for _ in range(b)]
+            try:
+                m.forward_incremental([[1, 2]] * b, states)
+                m.forward_incremental([[3]] * b, states)
+            finally:
+                for st in states:
+                    st.free()
+            out[b] = time.perf_counter() - t0
+        self.steps = steps  # `steps` counts served steps only
+        return out
