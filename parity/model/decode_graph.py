@@ -123,7 +123,7 @@ def attention_step(attn, x, rope: Rotary, pos, modes: _Modes, codecs, windows, s
     return attn._output(out, rope), new_ent, new_ikey
 
 
-def decode_step(model, ids, pos, windows, states, entries, index_keys, kv_fp8: bool, index_fp4: bool):
+def decode_step(model, ids, pos, windows, states, entries, index_keys, kv_fp8: bool, index_fp4: bool, head: bool):
     """One decode step of B sequences (the function `DecodeGraph` compiles).
 
     Args:
@@ -133,9 +133,10 @@ def decode_step(model, ids, pos, windows, states, entries, index_keys, kv_fp8: b
             layers); updated in place.
         entries / index_keys: per layer the stacked stored entry rows [B, E, width] (None where absent).
         kv_fp8 / index_fp4: the numerics modes.
+        head: also run the LM head (one graph for the whole step; `DecodeGraph` does so for one row).
     Returns:
-        (the LM head's input [B, H] (final collapse and norm), per layer the new entries [B, head_dim] or
-        None, per layer the new index keys or None).
+        (fp32 logits [B, vocab] with ``head``, else the LM head's input [B, H] (final collapse and norm);
+        per layer the new entries [B, head_dim] or None; per layer the new index keys or None).
     """
     m = model.model
     modes = _Modes(kv_fp8, index_fp4)
@@ -160,7 +161,8 @@ def decode_step(model, ids, pos, windows, states, entries, index_keys, kv_fp8: b
         x, post, comb = HyperConnection.pre(layer.ffn_hc, h)
         x = moe_step(layer.mlp, type(layer.post_attention_layernorm).forward(layer.post_attention_layernorm, x), ids)
         h = HyperConnection.post(x, h, post, comb)
-    return m.norm(m.hc_head(h)), new_ents, new_ikeys
+    x = m.norm(m.hc_head(h))
+    return (lm_head_rows(x, model.lm_head.weight) if head else x), new_ents, new_ikeys
 
 
 def lm_head_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -202,10 +204,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16)
 
 class DecodeGraph:
     """The model's decode steps through the compiled `decode_step` (one graph per batch bucket, symbolic in
-    the entry count), then the LM head GEMV as a second graph symbolic in the batch (`lm_head_rows`):
-    inductor's reduction streams the weight ~2x faster with symbolic rows than with a static 8, and
-    with its input computed in the other graph it cannot inline the norm into the weight loop
-    (docs/benchmarks.md, "Decode on the CPU").
+    the entry count). Above one row the LM head GEMV is a second graph symbolic in the batch
+    (`lm_head_rows`): inductor's reduction streams the weight ~2x faster with symbolic rows than with a
+    static 8, and with its input computed in the other graph it cannot inline the norm into the weight
+    loop (docs/benchmarks.md, "Decode on the CPU").
 
     Args:
         model: a `V4ForCausalLM` (`unsupported_reason` must be None); the graph is bound to its modules
@@ -294,14 +296,14 @@ class DecodeGraph:
         for e in (*entries, *index_keys):
             if e is not None:
                 torch._dynamo.mark_dynamic(e, 1)
-        h, new_ents, new_ikeys = self._fn(
-            self.model, ids, pos, windows, comp_states, entries, index_keys, kv_fp8, index_fp4
+        one = len(states) == 1
+        out, new_ents, new_ikeys = self._fn(
+            self.model, ids, pos, windows, comp_states, entries, index_keys, kv_fp8, index_fp4, one
         )
-        # several rows: a plain tensor, not the Parameter (whose shape dynamo keeps static), as the fully
-        # symbolic reduction reads the 129,280 x 256 head ~1.8x faster at 8 rows; one row: the static
-        # one is ~1.7x faster (benchmarks/lm_head_gemv.py, docs/benchmarks.md)
-        w = self.model.lm_head.weight
-        logits = self._head(h[:B], w if B == 1 else w.detach())
+        # one row: the static head inside the step's graph; several: a second graph, given a plain tensor,
+        # not the Parameter (whose shape dynamo keeps static), as the fully symbolic reduction reads the
+        # 129,280 x 256 head ~1.8x faster at 8 rows (the static one ~1.7x faster at 1 row; docs/benchmarks.md)
+        logits = out if one else self._head(out[:B], self.model.lm_head.weight.detach())
         for i, ne in enumerate(new_ents):
             if ne is None:
                 continue
