@@ -218,11 +218,24 @@ class DecodeGraph:
     """
 
     def __init__(self, model, device, buckets: tuple[int, ...] = BATCH_BUCKETS, compile: bool = True):
-        self.model, self.buckets = model, tuple(sorted(buckets))
-        self._fn, self._head = decode_step, lm_head_rows
-        if compile:
-            self._fn = devices.compiler(device, whole_model=True)(decode_step)  # static but the marked entry counts
-            self._head = devices.compiler(device)(lm_head_rows)
+        self.model, self.buckets, self.device, self.compile = model, tuple(sorted(buckets)), device, compile
+        self._graphs: dict[int, tuple] = {}
+        self._zero: dict = {}
+        self._scratch: dict = {}
+        self.steps = 0
+
+    def _compiled(self) -> tuple:
+        """(step, head) compiled for the current torch thread count: inductor's CPU kernels are specialised
+        for the thread count at compile time (OpenMP team size), which dynamo does not guard on."""
+        if not self.compile:
+            return decode_step, lm_head_rows
+        n = torch.get_num_threads()
+        if n not in self._graphs:
+            self._graphs[n] = (
+                devices.compiler(self.device, whole_model=True)(decode_step),  # static but the marked entry counts
+                devices.compiler(self.device)(lm_head_rows),
+            )
+        return self._graphs[n]
         self._zero: dict = {}
         self._scratch: dict = {}
         self.steps = 0
@@ -297,13 +310,14 @@ class DecodeGraph:
             if e is not None:
                 torch._dynamo.mark_dynamic(e, 1)
         one = len(states) == 1
-        out, new_ents, new_ikeys = self._fn(
+        step, head = self._compiled()
+        out, new_ents, new_ikeys = step(
             self.model, ids, pos, windows, comp_states, entries, index_keys, kv_fp8, index_fp4, one
         )
         # one row: the static head inside the step's graph; several: a second graph, given a plain tensor,
         # not the Parameter (whose shape dynamo keeps static), as the fully symbolic reduction reads the
         # 129,280 x 256 head ~1.8x faster at 8 rows (the static one ~1.7x faster at 1 row; docs/benchmarks.md)
-        logits = out if one else self._head(out[:B], self.model.lm_head.weight.detach())
+        logits = out if one else head(out[:B], self.model.lm_head.weight.detach())
         for i, ne in enumerate(new_ents):
             if ne is None:
                 continue
@@ -317,8 +331,8 @@ class DecodeGraph:
 
     @torch.no_grad()
     def warm_up(self, buckets: tuple[int, ...] | None = None) -> dict[int, float]:
-        """Compile (or load from the inductor cache) the graphs of ``buckets`` (default: all) by running a
-        two-token prefill and one decode step per bucket on throwaway states.
+        """Compile (or load from the inductor cache) the graphs of ``buckets`` (default: all), for the current
+        torch thread count, by running a two-token prefill and one decode step per bucket on throwaway states.
 
         Returns:
             {bucket: wall seconds}.
