@@ -185,7 +185,10 @@ def _plain(model) -> str | None:
 
 
 def unsupported_reason(model) -> str | None:
-    """None when `DecodeGraph` can run ``model``'s decode steps, else a one-line reason."""
+    """None when `DecodeGraph` can run ``model``'s decode steps, else a one-line reason (not a local
+    `V4ForCausalLM`, e.g. the stand-in of a tensor-parallel engine; quantized or sharded layers)."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "decode_graph"):
+        return f"{type(model).__name__} is not a local V4ForCausalLM"
     return _plain(model)
 
 
