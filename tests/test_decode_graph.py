@@ -110,9 +110,10 @@ def test_quantized_or_sharded_models_stay_eager():
 def test_larger_batches_and_chunks_are_not_taken():
     m = _small_model()
     graph = DecodeGraph(m, "cpu", buckets=(1, 2), compile=False)
-    assert graph.accepts([(0, 1, 5), (1, 1, 3)], [None, None])
-    assert not graph.accepts([(0, 1, 5), (1, 1, 3), (2, 1, 4)], [None] * 3)
-    assert not graph.accepts([(0, 2, 5)], [None])
+    assert graph.accepts([(0, 1, 5), (1, 1, 3)], False, False)
+    assert not graph.accepts([(0, 1, 5), (1, 1, 3), (2, 1, 4)], False, False)
+    assert not graph.accepts([(0, 2, 5)], False, False)
+    assert not DecodeGraph(m, "cpu", buckets=(1, 2)).accepts([(0, 1, 5)], True, False)  # compiled: unrounded only
 
 
 @pytest.mark.slow

@@ -350,7 +350,7 @@ class V4ForCausalLM(nn.Module):
         if int(ids.min()) < 0 or int(ids.max()) >= V:
             raise RequestError(f"token ids must be in [0, {V}), got min {int(ids.min())} max {int(ids.max())}")
         graph = self.decode_graph
-        if graph is not None and not all_logits and graph.accepts(segments, states):
+        if graph is not None and not all_logits and graph.accepts(segments, kv_fp8, index_fp4):
             logits = graph.run(ids, states, kv_fp8, index_fp4)
             for st in states:
                 st.num_tokens += 1
