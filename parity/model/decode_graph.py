@@ -2,8 +2,8 @@
 
 A decode step of a small batch is bound by per-op dispatch (~5,000 aten ops per step of the 6-layer
 benchmark miniature), so the step that adds exactly one token to each of B sequences runs as one
-``torch.compile``d function (`decode_step`) per batch size: inductor fuses it into a few hundred
-kernels. Everything in it is a function of tensors of fixed shape:
+``torch.compile``d function (`decode_step`) per batch bucket (`DecodeGraph`): inductor fuses it into a
+few hundred kernels. Everything in it is a function of tensors of fixed shape:
 
 - positions come in as a tensor (not host ints), so ring slots, window masks, which sequences complete a
   compression window and the entry visibility are computed in the graph;
@@ -170,26 +170,33 @@ def lm_head_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return decode_linear(x.to(weight.dtype), weight).float()
 
 
-def _plain(model) -> str | None:
-    """Why ``model`` cannot take the graph (a layer `decode_step` does not know), or None."""
-    from torch import nn
-
-    for name, mod in model.named_modules():
-        if name.endswith("experts") and not name.endswith("shared_experts") and type(mod) is not Experts:
-            return f"{name} is {type(mod).__name__} (the graph knows the fp32/bf16 routed experts only)"
-        if isinstance(mod, nn.Linear) and type(mod) is not nn.Linear:
-            return f"{name} is {type(mod).__name__}"
-        if hasattr(mod, "qweight") or type(mod).__module__.startswith("parity.model.parallel"):
-            return f"{name} is {type(mod).__name__}"
-    return None
+#: Where the classes of a model the graph runs come from: torch's own modules and the plain V4 layers
+#: (quantized, INT8 and tensor-parallel replacements live elsewhere and keep the eager step).
+_KNOWN_MODULES = frozenset(
+    {
+        "torch.nn.modules.linear",
+        "torch.nn.modules.sparse",
+        "torch.nn.modules.container",
+        "parity.model.layers",
+        "parity.model.attention",
+        "parity.model.compressor",
+        "parity.model.deepseek_v4",
+    }
+)
 
 
 def unsupported_reason(model) -> str | None:
     """None when `DecodeGraph` can run ``model``'s decode steps, else a one-line reason (not a local
     `V4ForCausalLM`, e.g. the stand-in of a tensor-parallel engine; quantized or sharded layers)."""
-    if not isinstance(model, torch.nn.Module) or not hasattr(model, "decode_graph"):
+    from torch import nn
+
+    if not isinstance(model, nn.Module) or not hasattr(model, "decode_graph"):
         return f"{type(model).__name__} is not a local V4ForCausalLM"
-    return _plain(model)
+    for name, mod in model.named_modules():
+        kind = type(mod)
+        if kind.__module__ not in _KNOWN_MODULES or (isinstance(mod, nn.Linear) and kind is not nn.Linear):
+            return f"{name or 'the model'} is {kind.__name__} (the graph knows the plain fp32/bf16 layers only)"
+    return None
 
 
 def _stacked_blocks(blocks_per_seq: list[list[torch.Tensor]], zero: torch.Tensor, nb: int) -> torch.Tensor:
