@@ -32,10 +32,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def project(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``mod(x)``, through `linear` when ``mod`` is a plain ``nn.Linear`` without bias (a quantized or
-    sharded replacement keeps its own forward)."""
-    if type(mod) is nn.Linear and mod.bias is None:
-        return linear(x, mod.weight)
+    """``mod(x)``; while torch.compile traces and ``mod`` is a plain ``nn.Linear`` without bias, `linear`
+    of its weight (a quantized or sharded replacement keeps its own forward; eager is ``mod(x)`` exactly)."""
+    if torch.compiler.is_compiling() and type(mod) is nn.Linear and mod.bias is None:
+        return decode_linear(x, mod.weight)
     return mod(x)
 
 
