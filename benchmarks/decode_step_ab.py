@@ -2,7 +2,8 @@
 
 Variants (each its own copy of the same seeded weights and its own cache states, after a 256-token
 prefill per sequence): "mkl-head" (eager, LM head through ``F.linear``), "eager" (eager, LM head through
-`parity.model.fast_linear`), "compiled" (`parity.model.compiled` regions). Steps alternate between the
+`parity.model.fast_linear`), "regions" (`parity.model.compiled` regions), "graph" (the whole decode step
+compiled per batch bucket, `parity.model.decode_graph`: the engine's compiled path). Steps alternate between the
 variants (A B C A B C ...), so machine load hits all alike; reported: median and best wall time and
 process CPU time per step (on a shared machine the CPU time of a 1-thread run is the steadier figure),
 the aten op count of one step (torch.profiler) and whether all variants produced the same greedy tokens.
@@ -10,12 +11,13 @@ Provenance of every figure: measured.
 
 Usage:
     .venv/bin/python benchmarks/decode_step_ab.py [--threads 1] [--batches 1,8] [--steps 40]
-        [--variants mkl-head,eager,compiled]
+        [--variants eager,graph]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -33,6 +35,7 @@ import parity.model.fast_linear as fl  # noqa: E402
 from parity import devices  # noqa: E402
 from parity.model import build_model  # noqa: E402
 from parity.model.compiled import compile_regions, warm_up  # noqa: E402
+from parity.model.decode_graph import DecodeGraph  # noqa: E402
 
 ONEDNN_DEFAULT = fl.ONEDNN_MIN_WEIGHT_BYTES
 
@@ -51,15 +54,20 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--steps", type=int, default=40, help="decode steps per variant")
     ap.add_argument("--prompt", type=int, default=256)
-    ap.add_argument("--variants", default="mkl-head,eager,compiled")
+    ap.add_argument("--variants", default="eager,graph")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    print(f"# load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}; threads {a.threads}")
     cfg = miniature_config()
     names = a.variants.split(",")
     models = {n: build_model(cfg, seed=0) for n in names}
-    if "compiled" in models:
-        compile_regions(models["compiled"], devices.compiler("cpu"))
-        print(f"# compiled regions: warm-up (compile or inductor-cache load) {warm_up(models['compiled']):.1f} s")
+    if "regions" in models:
+        compile_regions(models["regions"], devices.compiler("cpu"))
+        print(f"# compiled regions: warm-up (compile or inductor-cache load) {warm_up(models['regions']):.1f} s")
+    if "graph" in models:
+        graph = models["graph"].decode_graph = DecodeGraph(models["graph"], "cpu")
+        times = graph.warm_up(tuple(sorted({graph.bucket(int(b)) for b in a.batches.split(",")})))
+        print(f"# decode graph: warm-up (compile or inductor-cache load) per bucket, s: {times}")
     g = torch.Generator().manual_seed(0)
     for B in (int(b) for b in a.batches.split(",")):
         prompts = [torch.randint(0, cfg.vocab_size, (a.prompt,), generator=g) for _ in range(B)]

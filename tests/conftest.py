@@ -2,11 +2,17 @@
 
 Model fixtures build the SMALL DeepSeek-V4 checkpoint of `test_model_helpers` once per session; torch and
 transformers are imported inside them, so test modules that do not use them stay light.
+The suite runs eager (``PARITY_ENFORCE_EAGER=1``, inherited by the servers it spawns): compiling a decode
+step takes a minute or more per batch bucket; tests that want the compiled step ask for it.
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+os.environ.setdefault("PARITY_ENFORCE_EAGER", "1")
 
 
 @pytest.fixture(scope="session")

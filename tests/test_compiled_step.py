@@ -1,5 +1,6 @@
-"""The engine's step path (eager / compiled regions) and the device compile table; one slow test checks
-that the compiled regions give the eager greedy tokens and logits."""
+"""The engine's step path (eager / compiled) and the device compile table; one slow test checks that the
+compiled regions (`parity.model.compiled`) give the eager greedy tokens and logits (the engine's compiled
+decode step: tests/test_decode_graph.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from parity import devices
-from parity.engine.model_runner import ENFORCE_EAGER_ENV, prepare_step_path, wants_eager
+from parity.engine.model_runner import ENFORCE_EAGER_ENV, wants_eager
 
 
 def _small_model():
@@ -67,11 +68,11 @@ def test_enforce_eager_must_be_bool():
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_compiled_regions_match_eager():
-    from parity.model.compiled import is_compiled
+    from parity.model.compiled import compile_regions, is_compiled, warm_up
 
     eager, compiled = _small_model(), _small_model()
-    sp = prepare_step_path(compiled, torch.device("cpu"), enforce_eager=False)
-    assert sp.path == "compiled" and sp.backend == "inductor" and is_compiled(compiled)
+    compile_regions(compiled, devices.compiler("cpu"))
+    assert is_compiled(compiled) and warm_up(compiled) > 0
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, 512, (n,), generator=g) for n in (20, 7)]
     toks, logits = {}, {}

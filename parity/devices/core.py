@@ -237,11 +237,18 @@ def describe(device: torch.device | str = "auto") -> DeviceInfo:
 RECOMPILE_LIMIT = 64
 
 
-def compiler(device: torch.device | str):
+def compiler(device: torch.device | str, whole_model: bool = False):
     """A function ``fn -> compiled fn`` that applies ``torch.compile`` with the backend and mode
     `parity.devices.compile_backend` names for ``device``, with symbolic shapes (``dynamic=True``: one graph
     for every size of a dimension, plus one where it is 1). On an npu the backend is torch_npu's graph mode
     (``torchair.get_npu_backend()``).
+
+    ``whole_model=True`` (the whole decode step, `parity.model.decode_graph`): static shapes except the
+    dimensions the caller marks (``torch._dynamo.mark_dynamic``); no guards on nn.Module attributes
+    (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``: checking them costs ~2 ms per call of a
+    whole-model graph, so the compiled function must only ever see modules that do not change after
+    compiling); its own set of compiled entries (``isolate_recompiles``), so two compiled functions of the
+    same code never share a graph; and on the CPU inductor's C++ wrapper.
 
     Raises:
         DeviceError: the device needs a backend that is not installed (torchair on npu).
@@ -264,7 +271,26 @@ def compiler(device: torch.device | str):
     dyn = torch._dynamo.config
 
     def compile_fn(fn):
-        compiled = torch.compile(fn, backend=backend, mode=mode, dynamic=True, fullgraph=False)
+        if not whole_model:
+            compiled = torch.compile(fn, backend=backend, mode=mode, dynamic=True, fullgraph=False)
+        else:
+            # torch.compile takes a mode or options, not both: the mode's inductor options go in with the filter
+            options = dict(torch._inductor.list_mode_options(mode)) if mode and name == "inductor" else {}
+            options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+            if name == "inductor" and device.type == "cpu":
+                # C++ wrapper: the graph's ~300 tensor views and ~100 kernel launches per call without
+                # Python (measured -0.45 ms of a 6.9 ms batch-1 step; docs/benchmarks.md)
+                options["cpp_wrapper"] = True
+            compiled = torch.compile(
+                fn,
+                backend=backend,
+                mode=None if name == "inductor" else mode,
+                options=options,
+                dynamic=None,
+                fullgraph=False,
+                recompile_limit=RECOMPILE_LIMIT,
+                isolate_recompiles=True,
+            )
 
         @functools.wraps(fn)
         def call(*args, **kwargs):

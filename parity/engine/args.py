@@ -35,7 +35,7 @@ class EngineArgs:
             engines without a pool ignore it).
         prefix_block_tokens: tokens per prefix-cache block; None = the least common multiple of the
             compression ratios (128 for DeepSeek-V4); must be a multiple of every ratio.
-        enforce_eager: True = run the model eagerly; False = its compiled regions (`parity.model.compiled`);
+        enforce_eager: True = run the model eagerly; False = the compiled decode step (`parity.model.decode_graph`);
             None = the ``PARITY_ENFORCE_EAGER`` environment variable, else the device default
             (`parity.devices.compile_by_default`).
     """

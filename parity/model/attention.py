@@ -25,7 +25,7 @@ from parity import devices
 from parity.config import CSA, HCA, SLIDING
 from parity.model.attention_backends import AttentionBackend, AttentionBatch, ChunkKeys, DecodeKeys, create_backend
 from parity.model.compressor import Compressor, compress_step, compress_windows
-from parity.model.layers import RMSNorm, Rotary, rms_unweighted
+from parity.model.layers import RMSNorm, Rotary, project, rms_unweighted
 from parity.model.prefix_state import capture_chunk
 from parity.model.step_metadata import DecodeBatch, StepContext
 
@@ -265,4 +265,4 @@ class Attention(nn.Module):
         """Inverse RoPE on the attention output [T, H, D] (in place), then the grouped output projection."""
         out = rope.rotate(out, inverse=True, inplace=True)
         o = grouped_out_proj(out.reshape(out.shape[0], self.groups, -1), self.o_a_proj, self.groups)
-        return self.o_b_proj(o)
+        return project(self.o_b_proj, o)

@@ -10,11 +10,10 @@ The incremental algorithm (any chunk length at any position) is parity's own.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from parity.config import CSA
-from parity.model.layers import RMSNorm, apply_rope, rope_cos_sin
+from parity.model.layers import RMSNorm, apply_rope, linear, rope_cos_sin
 
 
 def compress_windows(
@@ -102,6 +101,40 @@ def compress_step(
     return emit, (cat_kv * cat_sc.softmax(dim=1)).sum(dim=1)
 
 
+def compress_step_masked(
+    st_kv: torch.Tensor,
+    st_sc: torch.Tensor,
+    kv: torch.Tensor,
+    sc: torch.Tensor,
+    pos: torch.Tensor,
+    ratio: int,
+    overlap: bool,
+    d: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`compress_step` with fixed shapes (the compiled decode step): every sequence's window is summed,
+    whether or not its token completes it, and the CSA state shift is masked, so nothing depends on
+    the data's values.
+
+    Same arguments as `compress_step`. Returns (emit BoolTensor[k]: the token completes a window,
+    entries fp32 [k, d]: meaningful where emit).
+    """
+    k = kv.shape[0]
+    ar = torch.arange(k, device=kv.device)
+    row = (ratio if overlap else 0) + pos % ratio
+    st_kv[ar, row] = kv
+    st_sc[ar, row] = sc
+    emit = (pos + 1) % ratio == 0
+    if overlap:
+        cat_kv = torch.cat([st_kv[:, :ratio, :d], st_kv[:, ratio:, d:]], dim=1)
+        cat_sc = torch.cat([st_sc[:, :ratio, :d], st_sc[:, ratio:, d:]], dim=1)
+        e = emit[:, None, None]
+        st_kv[:, :ratio] = torch.where(e, st_kv[:, ratio:], st_kv[:, :ratio])
+        st_sc[:, :ratio] = torch.where(e, st_sc[:, ratio:], st_sc[:, :ratio])
+    else:
+        cat_kv, cat_sc = st_kv, st_sc
+    return emit, (cat_kv * cat_sc.softmax(dim=1)).sum(dim=1)
+
+
 class _Compressing(nn.Module):
     """Shared parameters of a compressor: ``kv_proj``/``gate_proj`` [coff*d, H], ``position_bias``
     [ratio, coff*d] (official ``ape``), ``kv_norm`` over d. Projections run in fp32 (official
@@ -119,8 +152,8 @@ class _Compressing(nn.Module):
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x[T, H] -> (kv, score) fp32 [T, coff*d]; score includes position_bias[pos % ratio]."""
         xf = x.float()
-        kv = F.linear(xf, self.kv_proj.weight.float())
-        sc = F.linear(xf, self.gate_proj.weight.float()) + self.position_bias.float()[positions % self.ratio]
+        kv = linear(xf, self.kv_proj.weight.float())
+        sc = linear(xf, self.gate_proj.weight.float()) + self.position_bias.float()[positions % self.ratio]
         return kv, sc
 
     def finish(self, entries: torch.Tensor, first_window, inv_freq: torch.Tensor, dtype: torch.dtype):

@@ -138,6 +138,7 @@ class V4ForCausalLM(nn.Module):
         self.cache_block_entries = 64
         self.kv_cache_dtype = "bf16"
         self.indexer_dtype = "bf16"
+        self.decode_graph = None  # a `parity.model.decode_graph.DecodeGraph` runs plain decode steps when set
 
     # ------------------------------------------------------------------ properties
     @property
@@ -349,6 +350,12 @@ class V4ForCausalLM(nn.Module):
         V = self.config.vocab_size
         if int(ids.min()) < 0 or int(ids.max()) >= V:
             raise RequestError(f"token ids must be in [0, {V}), got min {int(ids.min())} max {int(ids.max())}")
+        graph = self.decode_graph
+        if graph is not None and not all_logits and graph.accepts(segments, kv_fp8, index_fp4):
+            logits = graph.run(ids, states, kv_fp8, index_fp4)
+            for st in states:
+                st.num_tokens += 1
+            return logits
         h = self._run(ids, segments, states, kv_fp8, index_fp4)
         for (_, n, _), st in zip(segments, states, strict=False):
             st.num_tokens += n

@@ -19,6 +19,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parity.model.fast_linear import decode_linear
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` (no bias); while torch.compile traces, `fast_linear.decode_linear` (for few
+    rows a broadcast-reduce that inductor fuses into one kernel streaming the weight, instead of one
+    extern GEMM call per projection). x [..., in], weight [out, in] -> [..., out]."""
+    if torch.compiler.is_compiling():
+        return decode_linear(x, weight)
+    return F.linear(x, weight)
+
+
+def project(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``mod(x)``; while torch.compile traces and ``mod`` is a plain ``nn.Linear`` without bias, `linear`
+    of its weight (a quantized or sharded replacement keeps its own forward; eager is ``mod(x)`` exactly)."""
+    if torch.compiler.is_compiling() and type(mod) is nn.Linear and mod.bias is None:
+        return decode_linear(x, mod.weight)
+    return mod(x)
+
 
 class RMSNorm(nn.Module):
     """RMSNorm with an fp32 weight (the official code keeps norm weights in fp32).
@@ -197,7 +216,7 @@ class HyperConnection(nn.Module):
     def pre(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         flat = streams.flatten(1).float()
         rs = torch.rsqrt((flat * flat).mean(-1, keepdim=True) + self.norm_eps)
-        mixes = F.linear(flat, self.fn.float()) * rs
+        mixes = linear(flat, self.fn.float()) * rs
         pre, post, comb = sinkhorn_split(mixes, self.scale, self.base, self.hc, self.iters, self.hc_eps)
         x = torch.bmm(pre.unsqueeze(1), streams.float()).squeeze(1)  # sum_i pre_i * streams_i
         return x.to(streams.dtype), post, comb
@@ -224,7 +243,7 @@ class HyperHead(nn.Module):
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
         flat = streams.flatten(1).float()
         rs = torch.rsqrt((flat * flat).mean(-1, keepdim=True) + self.norm_eps)
-        mixes = F.linear(flat, self.hc_fn.float()) * rs
+        mixes = linear(flat, self.hc_fn.float()) * rs
         pre = torch.sigmoid(mixes * self.hc_scale.float() + self.hc_base.float()) + self.hc_eps
         return torch.bmm(pre.unsqueeze(1), streams.float()).squeeze(1).to(streams.dtype)
 
@@ -257,8 +276,8 @@ class SharedExpert(nn.Module):
         self.clamp = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = swiglu(self.gate_proj(x), self.up_proj(x), self.limit if self.clamp else 0.0)
-        return self.down_proj(h.to(x.dtype))
+        h = swiglu(project(self.gate_proj, x), project(self.up_proj, x), self.limit if self.clamp else 0.0)
+        return project(self.down_proj, h.to(x.dtype))
 
 
 #: `Experts.forward`: at most this many token-expert pairs take the vectorised path (decode steps);
@@ -349,7 +368,7 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(n_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight.float())
+        logits = linear(x.float(), self.weight.float())
         if self.scoring == "softmax":
             scores = logits.softmax(dim=-1)
         elif self.scoring == "sigmoid":

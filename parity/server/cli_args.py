@@ -167,7 +167,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--enforce-eager",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="run the model eagerly (--no-enforce-eager: compiled step; default: per device)",
+        help="run the model eagerly (--no-enforce-eager: the compiled decode step; default: per device)",
     )
 
 

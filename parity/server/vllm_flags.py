@@ -84,7 +84,7 @@ VLLM_FLAGS: tuple[VllmFlag, ...] = (
         "--enforce-eager",
         "supported",
         "--enforce-eager",
-        "eager is the default on every device today (measured faster here); --no-enforce-eager compiles",
+        "the compiled decode step is the default on the CPU (measured faster); --enforce-eager runs eager",
     ),
     VllmFlag(
         "--quantization",

@@ -1,0 +1,370 @@
+"""The whole decode step as one compiled graph: every layer, the cache updates and the head, fixed shapes.
+
+A decode step of a small batch is bound by per-op dispatch (~5,000 aten ops per step of the 6-layer
+benchmark miniature), so the step that adds exactly one token to each of B sequences runs as one
+``torch.compile``d function (`decode_step`) per batch bucket (`DecodeGraph`): inductor fuses it into a
+few hundred kernels. Everything in it is a function of tensors of fixed shape:
+
+- positions come in as a tensor (not host ints), so ring slots, window masks, which sequences complete a
+  compression window and the entry visibility are computed in the graph;
+- each sequence's window ring and compressor state are written in place inside the graph (graph-input
+  mutation);
+- the compressed entries (and indexer keys) of each compressed layer come in stacked ``[B, E, width]``,
+  E = the sequences' blocks of `LayerCache.block_entries` rows, zero padded (``E`` is a symbolic size:
+  one graph for every E); the entry a sequence completes this step is inserted in the graph (it is
+  visible to its own token) and returned, and the host appends it to the cache afterwards
+  (`LayerCache.append_entries`: the same storage and accounting as eager);
+- the routed experts run as gathered batched GEMVs over the picked experts' weights (no expert counts on
+  the host; `moe_step`).
+
+Equal to the eager `V4ForCausalLM.forward_incremental` up to fp32 summation order (tests/test_decode_graph.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from parity import devices
+from parity.model.attention_backends import DecodeKeys
+from parity.model.compressor import compress_step_masked
+from parity.model.fast_linear import decode_linear
+from parity.model.layers import Experts, HyperConnection, Rotary, project, rms_unweighted, rope_cos_sin, swiglu
+
+
+class _Modes:
+    """The numerics flags the attention hooks read (``kv_fp8``, ``index_fp4``), as `StepContext` has them."""
+
+    def __init__(self, kv_fp8: bool, index_fp4: bool):
+        self.kv_fp8, self.index_fp4 = kv_fp8, index_fp4
+
+
+def moe_step(mlp, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """`MoE.forward` for few tokens without host syncs: each (token, picked expert) pair multiplies the
+    gathered weights of its expert (``sum(W[e][:, None] * x)``, which inductor emits as one reduction
+    reading the picked experts' rows in place). x [T, H] -> [T, H] in x's dtype."""
+    w, ids = mlp.gate(x, token_ids)
+    ex: Experts = mlp.experts
+    T, k = ids.shape
+    flat = ids.reshape(-1)
+    xs = x[:, None, :].expand(T, k, x.shape[-1]).reshape(T * k, -1)
+    gu = (ex.gate_up_proj[flat].to(x.dtype) * xs[:, None, :]).sum(-1)  # [T*k, 2I]
+    inter = ex.inter
+    h = (swiglu(gu[:, :inter], gu[:, inter:], ex.limit) * w.reshape(-1)[:, None]).to(x.dtype)
+    y = (ex.down_proj[flat].to(x.dtype) * h[:, None, :]).sum(-1).float()  # [T*k, H]
+    y = y.view(T, k, -1).sum(1)
+    y = y + mlp.shared_experts(x).float()
+    return y.to(x.dtype)
+
+
+def _insert(rows: torch.Tensor, new: torch.Tensor, at: torch.Tensor, emit: torch.Tensor) -> torch.Tensor:
+    """rows [B, E, D] with row ``at[b]`` replaced by new [B, D] where emit [B] (functional)."""
+    hit = (torch.arange(rows.shape[1], device=rows.device)[None, :] == at[:, None]) & emit[:, None]
+    return torch.where(hit[:, :, None], new[:, None, :].to(rows.dtype), rows)
+
+
+def attention_step(attn, x, rope: Rotary, pos, modes: _Modes, codecs, windows, states, entries, index_keys):
+    """`Attention.forward` for B sequences adding one token each, fixed shapes.
+
+    Args:
+        x: [B, H]; pos: LongTensor[B]; codecs: the (`KVCodec`, `IndexCodec`) of the caches.
+        windows / states: per sequence the window ring [W, width] and the compressor state (updated in place).
+        entries / index_keys: stored rows [B, E, width] (None on sliding / non-CSA layers).
+    Returns:
+        (out [B, H], new entry [B, head_dim] or None, new index key or None): the entries a sequence
+        completes this step (meaningful where ``(pos + 1) % ratio == 0``), as `LayerCache.append_entries`
+        takes them.
+    """
+    B = x.shape[0]
+    W = attn.window
+    qr = attn.q_a_norm(project(attn.q_a_proj, x))
+    q = project(attn.q_b_proj, qr).view(B, attn.n_heads, attn.head_dim)
+    q = rope.rotate(rms_unweighted(q, attn.eps), inplace=True)
+    kv = attn._round_kv(rope.rotate(attn.kv_norm(project(attn.kv_proj, x)), inplace=True), modes)
+    codec, icodec = codecs
+    enc = codec.encode(kv)
+    slot = pos % W
+    for b in range(B):
+        windows[b].index_copy_(0, slot[b : b + 1], enc[b : b + 1])
+    win = codec.decode(torch.stack(windows).flatten(0, 1)).view(B, W, -1)
+    P = pos[:, None]
+    allowed = (P - (P - torch.arange(W, device=x.device)[None, :]) % W) >= 0
+    keys = DecodeKeys(None, win, allowed)
+    new_ent = new_ikey = None
+    comp = attn.compressor
+    if comp is not None:
+        ratio, d = comp.ratio, comp.d
+        cw = comp.coff * d
+        ckv, csc = comp.project(x, pos)
+        st = torch.stack(states)
+        emit, ent = compress_step_masked(st[:, 0, :, :cw], st[:, 1, :, :cw], ckv, csc, pos, ratio, comp.overlap, d)
+        wid = ((pos + 1) // ratio - 1).clamp(min=0)
+        new_ent = attn._round_kv(comp.finish(ent, wid, attn.inv_freq, kv.dtype), modes)
+        n_vis = (pos + 1) // ratio
+        E = entries.shape[1]
+        vis = torch.arange(E, device=x.device)[None, :] < n_vis[:, None]
+        stored = _insert(entries, codec.encode(new_ent), wid, emit)
+        ents = codec.decode(stored.flatten(0, 1)).view(B, E, -1).masked_fill(~vis[:, :, None], 0)
+        keys.entries, keys.entry_valid = ents, vis
+        idx = comp.indexer
+        if idx is not None:
+            _, ient = compress_step_masked(
+                st[:, 0, :, cw:], st[:, 1, :, cw:], *idx.project(x, pos), pos, idx.ratio, True, idx.d
+            )
+            new_ikey = attn._rotate_index_keys(idx.finish(ient, wid, attn.inv_freq, kv.dtype), modes)
+            istored = _insert(index_keys, icodec.encode(new_ikey), wid, emit)
+            ik = icodec.decode(istored.flatten(0, 1)).view(B, E, -1).masked_fill(~vis[:, :, None], 0)
+            iq = project(idx.q_b_proj, qr).view(B, idx.n_heads, idx.d)
+            iq = attn._round_index(rope.rotate(iq, inplace=True), modes)
+            iw = project(idx.scorer.weights_proj, x).float() * (idx.n_heads**-0.5 * idx.d**-0.5)
+            keys.topk = idx.select_topk(iq, iw, ik, vis, min(idx.topk, E))
+        for b in range(B):
+            states[b].copy_(st[b])
+    out = attn.backend._decode(q, keys, attn.sinks, attn.scale).to(q.dtype)
+    return attn._output(out, rope), new_ent, new_ikey
+
+
+def decode_step(model, ids, pos, windows, states, entries, index_keys, kv_fp8: bool, index_fp4: bool, head: bool):
+    """One decode step of B sequences (the function `DecodeGraph` compiles).
+
+    Args:
+        model: a `V4ForCausalLM` with plain (unsharded, unquantized) layers.
+        ids / pos: LongTensor[B] the new tokens and their positions.
+        windows / states: per layer, per sequence the window ring and compressor state (None on sliding
+            layers); updated in place.
+        entries / index_keys: per layer the stacked stored entry rows [B, E, width] (None where absent).
+        kv_fp8 / index_fp4: the numerics modes.
+        head: also run the LM head (one graph for the whole step; `DecodeGraph` does so for one row).
+    Returns:
+        (fp32 logits [B, vocab] with ``head``, else the LM head's input [B, H] (final collapse and norm);
+        per layer the new entries [B, head_dim] or None; per layer the new index keys or None).
+    """
+    m = model.model
+    modes = _Modes(kv_fp8, index_fp4)
+    codecs = (model._codec(kv_fp8), model._index_codec(index_fp4))
+    rot = {
+        "main": Rotary(*rope_cos_sin(pos, m.inv_freq_main)),
+        "compress": Rotary(*rope_cos_sin(pos, m.inv_freq_compress)),
+    }
+    h = m.embed_tokens(ids)
+    h = h.unsqueeze(1).expand(-1, model.config.hc_mult, -1).contiguous()
+    new_ents, new_ikeys = [], []
+    for i, layer in enumerate(m.layers):
+        attn = layer.self_attn
+        x, post, comb = HyperConnection.pre(layer.attn_hc, h)
+        x = type(layer.input_layernorm).forward(layer.input_layernorm, x)
+        x, ne, ni = attention_step(
+            attn, x, rot[attn.rope_key], pos, modes, codecs, windows[i], states[i], entries[i], index_keys[i]
+        )
+        new_ents.append(ne)
+        new_ikeys.append(ni)
+        h = HyperConnection.post(x, h, post, comb)
+        x, post, comb = HyperConnection.pre(layer.ffn_hc, h)
+        x = moe_step(layer.mlp, type(layer.post_attention_layernorm).forward(layer.post_attention_layernorm, x), ids)
+        h = HyperConnection.post(x, h, post, comb)
+    x = m.norm(m.hc_head(h))
+    return (lm_head_rows(x, model.lm_head.weight) if head else x), new_ents, new_ikeys
+
+
+def lm_head_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The plain LM head: x [B, H] -> fp32 logits [B, vocab] (`fast_linear.decode_linear`)."""
+    return decode_linear(x.to(weight.dtype), weight).float()
+
+
+#: Where the classes of a model the graph runs come from: torch's own modules and the plain V4 layers
+#: (quantized, INT8 and tensor-parallel replacements live elsewhere and keep the eager step).
+_KNOWN_MODULES = frozenset(
+    {
+        "torch.nn.modules.linear",
+        "torch.nn.modules.sparse",
+        "torch.nn.modules.container",
+        "parity.model.layers",
+        "parity.model.attention",
+        "parity.model.compressor",
+        "parity.model.deepseek_v4",
+    }
+)
+
+
+def unsupported_reason(model) -> str | None:
+    """None when `DecodeGraph` can run ``model``'s decode steps, else a one-line reason (not a local
+    `V4ForCausalLM`, e.g. the stand-in of a tensor-parallel engine; quantized or sharded layers)."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module) or not hasattr(model, "decode_graph"):
+        return f"{type(model).__name__} is not a local V4ForCausalLM"
+    for name, mod in model.named_modules():
+        kind = type(mod)
+        if kind.__module__ not in _KNOWN_MODULES or (isinstance(mod, nn.Linear) and kind is not nn.Linear):
+            return f"{name or 'the model'} is {kind.__name__} (the graph knows the plain fp32/bf16 layers only)"
+    return None
+
+
+def _stacked_blocks(blocks_per_seq: list[list[torch.Tensor]], zero: torch.Tensor, nb: int) -> torch.Tensor:
+    """[B, nb * rows, width]: each sequence's blocks, padded with ``zero`` blocks to nb blocks."""
+    flat = [blk for blocks in blocks_per_seq for blk in (blocks + [zero] * (nb - len(blocks)))]
+    st = torch.stack(flat)
+    return st.view(len(blocks_per_seq), nb * zero.shape[0], zero.shape[1])
+
+
+#: Batch buckets of the compiled step: a decode batch of B sequences runs the graph of the smallest bucket
+#: >= B, padded with scratch sequences (each bucket is one compile, ~60-130 s cold on 2 cores, ~10 s from
+#: the inductor cache). Larger batches run eager.
+BATCH_BUCKETS = (1, 2, 4, 8, 16)
+
+
+class DecodeGraph:
+    """The model's decode steps through the compiled `decode_step` (one graph per batch bucket, symbolic in
+    the entry count). Above one row the LM head GEMV is a second graph symbolic in the batch
+    (`lm_head_rows`): inductor's reduction streams the weight ~2x faster with symbolic rows than with a
+    static 8, and with its input computed in the other graph it cannot inline the norm into the weight
+    loop (docs/benchmarks.md, "Decode on the CPU").
+
+    Args:
+        model: a `V4ForCausalLM` (`unsupported_reason` must be None); the graph is bound to its modules
+            (weights may change in place, modules must not be replaced).
+        device: where it runs (picks the compile backend, `parity.devices.compiler`).
+        buckets: the batch buckets (default `BATCH_BUCKETS`).
+        compile: False runs the same fixed-shape step uncompiled (tests of its logic without compile time).
+    """
+
+    def __init__(self, model, device, buckets: tuple[int, ...] = BATCH_BUCKETS, compile: bool = True):
+        self.model, self.buckets, self.device, self.compile = model, tuple(sorted(buckets)), device, compile
+        self._graphs: dict[int, tuple] = {}
+        self._zero: dict = {}
+        self._scratch: dict = {}
+        self.steps = 0
+
+    def _compiled(self) -> tuple:
+        """(step, head) compiled for the current torch thread count: inductor's CPU kernels are specialised
+        for the thread count at compile time (OpenMP team size), which dynamo does not guard on."""
+        if not self.compile:
+            return decode_step, lm_head_rows
+        n = torch.get_num_threads()
+        if n not in self._graphs:
+            self._graphs[n] = (
+                devices.compiler(self.device, whole_model=True)(decode_step),  # static but the marked entry counts
+                devices.compiler(self.device)(lm_head_rows),
+            )
+        return self._graphs[n]
+        self._zero: dict = {}
+        self._scratch: dict = {}
+        self.steps = 0
+
+    def bucket(self, batch: int) -> int | None:
+        """The bucket a decode batch of ``batch`` sequences runs in (None: too large, eager)."""
+        return next((b for b in self.buckets if b >= batch), None)
+
+    def accepts(self, segments, kv_fp8: bool, index_fp4: bool) -> bool:
+        """Whether the step (``forward_incremental``'s segments and numerics modes) is a plain decode step
+        the graph runs: every sequence adds one token, the batch fits a bucket, and compiled only in the
+        unrounded cache modes (the FP8 KV / FP4 indexer steps run the fixed-shape step uncompiled in the
+        tests; compiling them is not verified, so they stay eager)."""
+        if self.compile and (kv_fp8 or index_fp4):
+            return False
+        return self.bucket(len(segments)) is not None and all(n == 1 for (_, n, _) in segments)
+
+    def _zero_block(self, like: torch.Tensor) -> torch.Tensor:
+        key = (tuple(like.shape), like.dtype, like.device)
+        z = self._zero.get(key)
+        if z is None:
+            z = self._zero[key] = torch.zeros_like(like)
+        return z
+
+    def _padding(self, n: int, kv_fp8: bool, index_fp4: bool) -> list:
+        """n scratch states (position 0, never advanced) that fill a batch up to its bucket."""
+        key = (kv_fp8, index_fp4)
+        have = self._scratch.setdefault(key, [])
+        m = self.model
+        while len(have) < n:
+            have.append(
+                m.new_state(kv_cache_dtype="fp8" if kv_fp8 else "bf16", indexer_dtype="fp4" if index_fp4 else "bf16")
+            )
+        return have[:n]
+
+    def _stacked(self, caches, attr: str, width: int, dtype) -> torch.Tensor:
+        blocks = [getattr(c, attr) or [] for c in caches]
+        c0 = caches[0]
+        like = next((b[0] for b in blocks if b), None)
+        if like is None:
+            like = torch.empty((c0.block_entries, width), dtype=dtype, device=c0.window.device)
+        # room for the entry this step may complete: nb blocks hold n_entries + 1 rows of every sequence
+        nb = max(max(len(b) for b in blocks), max(c.n_entries // c0.block_entries + 1 for c in caches))
+        return _stacked_blocks(blocks, self._zero_block(like), nb)
+
+    def run(self, ids: torch.Tensor, states, kv_fp8: bool, index_fp4: bool) -> torch.Tensor:
+        """Run one decode step; ids LongTensor[B] (validated by the caller), states advanced by the caller.
+        Returns fp32 logits [B, vocab]."""
+        dev = ids.device
+        B = len(states)
+        pad = self.bucket(B) - B
+        if pad:
+            states = list(states) + self._padding(pad, kv_fp8, index_fp4)
+            ids = torch.cat([ids, ids.new_zeros(pad)])
+        pos_list = [st.num_tokens for st in states]
+        pos = torch.tensor(pos_list, dtype=torch.long, device=dev)
+        windows, comp_states, entries, index_keys = [], [], [], []
+        for i in range(len(self.model.model.layers)):
+            caches = [st.layers[i] for st in states]
+            c0 = caches[0]
+            windows.append([c.window for c in caches])
+            if c0.ratio:
+                comp_states.append([c.comp_state for c in caches])
+                w, dt = c0.codec.storage
+                entries.append(self._stacked(caches, "comp_blocks", w, dt))
+                if c0.idx_blocks is not None:
+                    iw, idt = c0.icodec.storage
+                    index_keys.append(self._stacked(caches, "idx_blocks", iw, idt))
+                else:
+                    index_keys.append(None)
+            else:
+                comp_states.append(None)
+                entries.append(None)
+                index_keys.append(None)
+        for e in (*entries, *index_keys):
+            if e is not None:
+                torch._dynamo.mark_dynamic(e, 1)
+        one = len(states) == 1
+        step, head = self._compiled()
+        out, new_ents, new_ikeys = step(
+            self.model, ids, pos, windows, comp_states, entries, index_keys, kv_fp8, index_fp4, one
+        )
+        # one row: the static head inside the step's graph; several: a second graph, given a plain tensor,
+        # not the Parameter (whose shape dynamo keeps static), as the fully symbolic reduction reads the
+        # 129,280 x 256 head ~1.8x faster at 8 rows (the static one ~1.7x faster at 1 row; docs/benchmarks.md)
+        logits = out if one else head(out[:B], self.model.lm_head.weight.detach())
+        for i, ne in enumerate(new_ents):
+            if ne is None:
+                continue
+            ni = new_ikeys[i]
+            for b, st in enumerate(states[:B]):
+                c = st.layers[i]
+                if (pos_list[b] + 1) % c.ratio == 0:
+                    c.append_entries(ne[b : b + 1], ni[b : b + 1] if ni is not None else None)
+        self.steps += 1
+        return logits
+
+    @torch.no_grad()
+    def warm_up(self, buckets: tuple[int, ...] | None = None) -> dict[int, float]:
+        """Compile (or load from the inductor cache) the graphs of ``buckets`` (default: all), for the current
+        torch thread count, by running a two-token prefill and one decode step per bucket on throwaway states.
+
+        Returns:
+            {bucket: wall seconds}.
+        """
+        import time
+
+        out = {}
+        m = self.model
+        steps = self.steps
+        for b in buckets or self.buckets:
+            t0 = time.perf_counter()
+            states = [m.new_state() for _ in range(b)]
+            try:
+                m.forward_incremental([[1, 2]] * b, states)
+                m.forward_incremental([[3]] * b, states)
+            finally:
+                for st in states:
+                    st.free()
+            out[b] = time.perf_counter() - t0
+        self.steps = steps  # `steps` counts served steps only
+        return out

@@ -1,0 +1,137 @@
+"""The fixed-shape decode step (`parity.model.decode_graph`) equals the eager incremental forward: uncompiled
+(its logic: padding to a bucket, window wrap, compressed entries completed in the step and across cache
+blocks, all cache modes) and, in one slow test, compiled through the engine's step path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parity.model.compressor import compress_step, compress_step_masked
+from parity.model.decode_graph import DecodeGraph, moe_step, unsupported_reason
+
+
+def _small_model(**over):
+    from parity.config import CSA, HASH_MOE, HCA, MOE, SLIDING, load_preset
+    from parity.model import build_model
+
+    cfg = load_preset("tiny").replace(
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=3,
+        layer_types=[SLIDING, CSA, HCA],
+        mlp_layer_types=[HASH_MOE, MOE, MOE],
+        compress_rates={CSA: 4, HCA: 16},
+        sliding_window=8,
+        num_nextn_predict_layers=0,
+        quantization_config=None,
+        expert_dtype=None,
+        torch_dtype="float32",
+        **over,
+    )
+    m = build_model(cfg, seed=0)
+    m.cache_block_entries = 4  # CSA entries cross a block every 16 tokens, HCA every 64
+    return m
+
+
+def _run(model, prompt_lens, steps, kv="bf16", ix="bf16", batches=None):
+    """Greedy tokens [steps + 1, B] and every step's logits: prefill, then decode steps (batch ``batches[s]``
+    of the first sequences, default all)."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, model.config.vocab_size, (n,), generator=g) for n in prompt_lens]
+    states = [model.new_state(kv_cache_dtype=kv, indexer_dtype=ix) for _ in prompts]
+    kw = {"kv_cache_dtype": kv, "indexer_dtype": ix}
+    lg = model.forward_incremental(prompts, states, **kw)
+    nxt = lg.argmax(-1)
+    out, lgs = [nxt.tolist()], [lg]
+    for s in range(steps):
+        b = len(states) if batches is None else batches[s]
+        cur = [int(t) for t in nxt[:b]] + [int(t) for t in torch.as_tensor(out[-1])[b:]]
+        lg = model.forward_incremental([[t] for t in cur[:b]], states[:b], **kw)
+        lgs.append(lg)
+        nxt = torch.cat([lg.argmax(-1), torch.as_tensor(cur[b:], dtype=torch.long)])
+        out.append(nxt.tolist())
+    return out, lgs
+
+
+def test_compress_step_masked_equals_compress_step():
+    g = torch.Generator().manual_seed(0)
+    for overlap, ratio, d in ((True, 4, 6), (False, 16, 6)):
+        cw = (2 if overlap else 1) * d
+        st = torch.randn(3, 2, (2 if overlap else 1) * ratio, cw, generator=g)
+        kv, sc = torch.randn(3, cw, generator=g), torch.randn(3, cw, generator=g)
+        pos = torch.tensor([ratio - 1, 5, 2 * ratio - 1])
+        a, b = st.clone(), st.clone()
+        emit, ent = compress_step(a[:, 0], a[:, 1], kv, sc, pos, ratio, overlap, d)
+        mask, ent_m = compress_step_masked(b[:, 0], b[:, 1], kv, sc, pos, ratio, overlap, d)
+        assert mask.nonzero().flatten().tolist() == emit.tolist()
+        torch.testing.assert_close(ent_m[mask], ent, rtol=0, atol=0)
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_moe_step_equals_moe_forward():
+    m = _small_model()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 64, generator=g)
+    ids = torch.randint(0, 512, (5,), generator=g)
+    for layer in m.model.layers:
+        torch.testing.assert_close(moe_step(layer.mlp, x, ids), layer.mlp(x, ids), rtol=0, atol=1e-6)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("kv,ix", [("bf16", "bf16"), ("fp8", "fp4")])
+def test_fixed_shape_step_equals_eager(kv, ix):
+    eager, fixed = _small_model(), _small_model()
+    assert unsupported_reason(fixed) is None
+    fixed.decode_graph = DecodeGraph(fixed, "cpu", buckets=(1, 4), compile=False)
+    # 3 sequences (padded to the bucket of 4) crossing window wraps, CSA / HCA completions and cache
+    # blocks at different positions; then 1 sequence (bucket 1)
+    batches = [3] * 14 + [1] * 6
+    te, le = _run(eager, [13, 2, 16], len(batches), kv, ix, batches)
+    tf, lf = _run(fixed, [13, 2, 16], len(batches), kv, ix, batches)
+    assert fixed.decode_graph.steps == len(batches)
+    assert te == tf
+    for a, b in zip(le, lf, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_quantized_or_sharded_models_stay_eager():
+    from torch import nn
+
+    m = _small_model()
+
+    class OtherLinear(nn.Linear):
+        pass
+
+    m.model.layers[0].self_attn.q_a_proj = OtherLinear(64, m.config.q_lora_rank, bias=False)
+    assert "q_a_proj" in unsupported_reason(m)
+
+
+def test_larger_batches_and_chunks_are_not_taken():
+    m = _small_model()
+    graph = DecodeGraph(m, "cpu", buckets=(1, 2), compile=False)
+    assert graph.accepts([(0, 1, 5), (1, 1, 3)], False, False)
+    assert not graph.accepts([(0, 1, 5), (1, 1, 3), (2, 1, 4)], False, False)
+    assert not graph.accepts([(0, 2, 5)], False, False)
+    assert not DecodeGraph(m, "cpu", buckets=(1, 2)).accepts([(0, 1, 5)], True, False)  # compiled: unrounded only
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_compiled_step_matches_eager(monkeypatch):
+    """The engine's compiled path: same greedy tokens, logits within 1e-5 (fp32, "highest" matmul precision)."""
+    from parity.engine import model_runner
+
+    assert torch.get_float32_matmul_precision() == "highest"
+    monkeypatch.setattr(model_runner, "WARM_BUCKETS", (4,))
+    eager, compiled = _small_model(), _small_model()
+    sp = model_runner.prepare_step_path(compiled, torch.device("cpu"), enforce_eager=False)
+    assert sp.path == "compiled" and sp.backend == "inductor" and sp.compile_s > 0
+    assert isinstance(compiled.decode_graph, DecodeGraph)
+    batches = [3] * 12  # bucket 4 (one compile: the suite's budget), padded with a scratch sequence
+    te, le = _run(eager, [13, 2, 16], len(batches), batches=batches)
+    tc, lc = _run(compiled, [13, 2, 16], len(batches), batches=batches)
+    assert compiled.decode_graph.steps == len(batches)
+    assert te == tc
+    for a, b in zip(le, lc, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
