@@ -38,6 +38,9 @@ class EngineArgs:
         enforce_eager: True = run the model eagerly; False = the compiled decode step (`parity.model.decode_graph`);
             None = the ``PARITY_ENFORCE_EAGER`` environment variable, else the device default
             (`parity.devices.compile_by_default`).
+        warm_up_in_background: compile the decode step's batch buckets in a background thread, so the
+            engine starts at once and each bucket runs compiled from when it is warm (a server's choice);
+            False = compile them all before the engine starts (offline runs and benchmarks).
     """
 
     model: str | None = None
@@ -55,6 +58,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     prefix_block_tokens: int | None = None
     enforce_eager: bool | None = None
+    warm_up_in_background: bool = False
 
     @classmethod
     def from_kwargs(cls, **kw) -> EngineArgs:
@@ -94,6 +98,10 @@ class EngineArgs:
             raise RequestError(
                 f"engine argument 'quantization' must be auto or one of {', '.join(WEIGHT_FORMATS)}, "
                 f"got {self.quantization!r}"
+            )
+        if self.warm_up_in_background not in (True, False):
+            raise RequestError(
+                f"engine argument 'warm_up_in_background' must be True or False, got {self.warm_up_in_background!r}"
             )
         if self.enforce_eager not in (None, True, False):
             raise RequestError(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -31,13 +33,16 @@ WARM_BUCKETS = (1, 2, 4, 8)
 @dataclass(frozen=True)
 class StepPath:
     """The engine's forward path. path: "compiled" or "eager"; backend / mode: the torch.compile backend
-    and mode (None when eager); compile_s: wall seconds spent compiling and warming up (0 when eager)."""
+    and mode (None when eager); compile_s: wall seconds spent compiling and warming up before the engine
+    started (0 when eager or when the buckets warm up in the background); background: the buckets compile
+    in a background thread while decode steps of not-yet-warm buckets run eager."""
 
     path: str
     device: str
     backend: str | None = None
     mode: str | None = None
     compile_s: float = 0.0
+    background: bool = False
 
 
 def wants_eager(enforce_eager: bool | None, device: torch.device) -> bool:
@@ -52,10 +57,17 @@ def wants_eager(enforce_eager: bool | None, device: torch.device) -> bool:
     return not devices.compile_by_default(device)
 
 
-def prepare_step_path(model, device: torch.device, enforce_eager: bool | None) -> StepPath:
+def prepare_step_path(model, device: torch.device, enforce_eager: bool | None, background: bool = False) -> StepPath:
     """Attach the compiled decode step to ``model`` unless eager is wanted (or the model has none: test
     doubles; or it has layers the graph does not know: quantized, sharded) and log the path.
-    Returns the `StepPath`."""
+
+    Args:
+        background: warm the buckets up in a daemon thread (a server answers at once; each bucket serves
+            compiled from the moment it is warm, eager before) instead of before returning.
+    Returns:
+        The `StepPath`. A compile that fails (e.g. no C++ compiler for inductor) is logged and leaves the
+        engine eager, it never stops the engine.
+    """
     if wants_eager(enforce_eager, device) or not hasattr(model, "new_state"):
         sp = StepPath("eager", str(device))
         log.info("engine step path: eager on %s", device)
@@ -65,18 +77,69 @@ def prepare_step_path(model, device: torch.device, enforce_eager: bool | None) -
         log.info("engine step path: eager on %s (the compiled decode step does not support it: %s)", device, reason)
         return StepPath("eager", str(device))
     graph = DecodeGraph(model, device)
+    buckets = tuple(b for b in WARM_BUCKETS if b in graph.buckets)
+    graph.ready = set()  # served steps take warm buckets only: none compiles on first use mid-serving
     model.decode_graph = graph
-    times = graph.warm_up(tuple(b for b in WARM_BUCKETS if b in graph.buckets))
-    seconds = sum(times.values())
     fn = devices.compiler(device)
+    if background:
+        threads = torch.get_num_threads()  # the engine's count: inductor specialises its kernels for it
+        worker = threading.Thread(
+            target=_warm_up_in_background, args=(model, graph, buckets, threads), name="parity-compile", daemon=True
+        )
+        worker.start()
+        log.info(
+            "engine step path: compiled decode step (%s) on %s; batch buckets %s compile in the background "
+            "(decode steps run eager until their bucket is warm)",
+            fn.backend_name,
+            device,
+            ", ".join(str(b) for b in buckets),
+        )
+        return StepPath("compiled", str(device), fn.backend_name, fn.mode, 0.0, background=True)
+    try:
+        with torch.inference_mode():  # as the engine's steps run (dynamo guards on the grad mode)
+            times = graph.warm_up(buckets)
+    except Exception as exc:  # noqa: BLE001 - any compiler failure: serve eager rather than not at all
+        model.decode_graph = None
+        log.warning("engine step path: eager on %s (compiling the decode step failed: %s)", device, _one_line(exc))
+        return StepPath("eager", str(device))
+    seconds = sum(times.values())
     sp = StepPath("compiled", str(device), fn.backend_name, fn.mode, seconds)
     log.info(
         "engine step path: compiled decode step (%s%s) on %s; batch buckets %s compiled and warmed up in %.1f s (%s)",
         sp.backend,
         f", mode {sp.mode}" if sp.mode else "",
         device,
-        ", ".join(str(b) for b in graph.buckets),
+        ", ".join(str(b) for b in buckets),
         seconds,
         ", ".join(f"batch {b}: {t:.1f} s" for b, t in times.items()),
     )
     return sp
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _warm_up_in_background(model, graph: DecodeGraph, buckets: tuple[int, ...], threads: int) -> None:
+    """The background warm-up: bucket by bucket (each joins ``graph.ready`` when warm); a failure is
+    logged and the remaining buckets stay eager."""
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    for b in buckets:
+        try:
+            with torch.inference_mode():
+                t = graph.warm_up((b,))[b]
+        except Exception as exc:  # noqa: BLE001 - a compiler failure must not take the server down
+            log.warning(
+                "compiled decode step: bucket %d failed to compile (%s); batches of that size and above stay eager",
+                b,
+                _one_line(exc),
+            )
+            return
+        log.info(
+            "compiled decode step: batch bucket %d warm in %.1f s (%.1f s since start-up)",
+            b,
+            t,
+            time.perf_counter() - t0,
+        )

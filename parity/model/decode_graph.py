@@ -22,6 +22,9 @@ Equal to the eager `V4ForCausalLM.forward_incremental` up to fp32 summation orde
 
 from __future__ import annotations
 
+import threading
+import time
+
 import torch
 
 from parity import devices
@@ -233,6 +236,10 @@ class DecodeGraph:
         self._zero: dict = {}
         self._scratch: dict = {}
         self.steps = 0
+        #: buckets served steps may take: None = all (compiled on first use); a set = only those warmed up so
+        #: far (`warm_up` adds each; an engine warming up in the background runs the others eager meanwhile)
+        self.ready: set[int] | None = None
+        self._warming = threading.local()  # set in the thread running `warm_up`: its steps pass the gate
 
     def _compiled(self) -> tuple:
         """(step, head) compiled for the current torch thread count: inductor's CPU kernels are specialised
@@ -246,9 +253,6 @@ class DecodeGraph:
                 devices.compiler(self.device)(lm_head_rows),
             )
         return self._graphs[n]
-        self._zero: dict = {}
-        self._scratch: dict = {}
-        self.steps = 0
 
     def bucket(self, batch: int) -> int | None:
         """The bucket a decode batch of ``batch`` sequences runs in (None: too large, eager)."""
@@ -261,7 +265,10 @@ class DecodeGraph:
         tests; compiling them is not verified, so they stay eager)."""
         if self.compile and (kv_fp8 or index_fp4):
             return False
-        return self.bucket(len(segments)) is not None and all(n == 1 for (_, n, _) in segments)
+        b = self.bucket(len(segments))
+        if b is None or not (self.ready is None or b in self.ready or getattr(self._warming, "on", False)):
+            return False
+        return all(n == 1 for (_, n, _) in segments)
 
     def _zero_block(self, like: torch.Tensor) -> torch.Tensor:
         key = (tuple(like.shape), like.dtype, like.device)
@@ -340,7 +347,8 @@ class DecodeGraph:
                 c = st.layers[i]
                 if (pos_list[b] + 1) % c.ratio == 0:
                     c.append_entries(ne[b : b + 1], ni[b : b + 1] if ni is not None else None)
-        self.steps += 1
+        if not getattr(self._warming, "on", False):
+            self.steps += 1  # served steps only
         return logits
 
     @torch.no_grad()
@@ -348,23 +356,31 @@ class DecodeGraph:
         """Compile (or load from the inductor cache) the graphs of ``buckets`` (default: all), for the current
         torch thread count, by running a two-token prefill and one decode step per bucket on throwaway states.
 
+        Each bucket is added to `ready` once warm (when `ready` is a set), so a warm-up in a background thread
+        hands buckets to served steps one by one.
+
         Returns:
             {bucket: wall seconds}.
+        Raises:
+            whatever the compile backend raises (e.g. inductor without a C++ compiler); the bucket stays out
+            of `ready`.
         """
-        import time
-
         out = {}
         m = self.model
-        steps = self.steps
-        for b in buckets or self.buckets:
-            t0 = time.perf_counter()
-            states = [m.new_state() for _ in range(b)]
-            try:
-                m.forward_incremental([[1, 2]] * b, states)
-                m.forward_incremental([[3]] * b, states)
-            finally:
-                for st in states:
-                    st.free()
-            out[b] = time.perf_counter() - t0
-        self.steps = steps  # `steps` counts served steps only
+        self._warming.on = True
+        try:
+            for b in buckets or self.buckets:
+                t0 = time.perf_counter()
+                states = [m.new_state() for _ in range(b)]
+                try:
+                    m.forward_incremental([[1, 2]] * b, states)
+                    m.forward_incremental([[3]] * b, states)
+                finally:
+                    for st in states:
+                        st.free()
+                out[b] = time.perf_counter() - t0
+                if self.ready is not None:
+                    self.ready.add(b)
+        finally:
+            self._warming.on = False
         return out

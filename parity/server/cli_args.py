@@ -247,7 +247,9 @@ def build_engine(args: argparse.Namespace, model=None):
 
     tokenizer = load_checkpoint_tokenizer(args.model, getattr(args, "skip_tokenizer_init", False))
     return AsyncEngine(
-        EngineArgs(**engine_kwargs(args)), model=model, **({} if tokenizer == "auto" else {"tokenizer": tokenizer})
+        EngineArgs(**engine_kwargs(args), warm_up_in_background=True),  # a server answers while it compiles
+        model=model,
+        **({} if tokenizer == "auto" else {"tokenizer": tokenizer}),
     )
 
 

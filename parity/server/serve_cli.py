@@ -238,7 +238,13 @@ def _serve_engine(args: argparse.Namespace, serving, threads: int | None) -> int
         ""
         if sp is None
         else f", {sp.path} step"
-        + (f" ({sp.backend}, compiled in {sp.compile_s:.1f} s)" if sp.path == "compiled" else "")
+        + (
+            ""
+            if sp.path != "compiled"
+            else f" ({sp.backend}, batch buckets compiling in the background; eager until each is warm)"
+            if sp.background
+            else f" ({sp.backend}, compiled in {sp.compile_s:.1f} s)"
+        )
     )
 
     threads = getattr(engine, "intra_op_threads", None)

@@ -1,0 +1,87 @@
+"""The engine's step path start-up: buckets warmed in the background join served steps one by one, and a
+compiler that fails leaves the engine eager instead of stopping it (uncompiled graphs: no compile time)."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from parity.engine import model_runner
+from parity.model import decode_graph
+from parity.model.decode_graph import DecodeGraph
+
+
+def _tiny_model():
+    from parity.config import CSA, HASH_MOE, HCA, MOE, SLIDING, load_preset
+    from parity.model import build_model
+
+    cfg = load_preset("tiny").replace(
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=3,
+        layer_types=[SLIDING, CSA, HCA],
+        mlp_layer_types=[HASH_MOE, MOE, MOE],
+        compress_rates={CSA: 4, HCA: 16},
+        sliding_window=8,
+        num_nextn_predict_layers=0,
+        quantization_config=None,
+        expert_dtype=None,
+        torch_dtype="float32",
+    )
+    return build_model(cfg, seed=0)
+
+
+def test_only_warm_buckets_serve_when_ready_is_a_set():
+    graph = DecodeGraph(_tiny_model(), "cpu", buckets=(1, 2, 4), compile=False)
+    one, three = [(0, 1, 5)], [(0, 1, 5), (1, 1, 3), (2, 1, 4)]
+    assert graph.accepts(one, False, False) and graph.accepts(three, False, False)  # None: every bucket
+    graph.ready = set()
+    assert not graph.accepts(one, False, False) and not graph.accepts(three, False, False)
+    graph.warm_up((1,))
+    assert graph.ready == {1} and graph.steps == 0  # warm-up steps are not served steps
+    assert graph.accepts(one, False, False) and not graph.accepts(three, False, False)
+
+
+def _uncompiled_graph(monkeypatch):
+    real = DecodeGraph
+    monkeypatch.setattr(model_runner, "DecodeGraph", lambda m, d: real(m, d, compile=False))
+
+
+def test_background_warm_up_hands_over_every_bucket(monkeypatch):
+    _uncompiled_graph(monkeypatch)
+    started = []
+    real_thread = threading.Thread
+
+    def recording_thread(*a, **kw):
+        t = real_thread(*a, **kw)
+        started.append(t)
+        return t
+
+    monkeypatch.setattr(model_runner.threading, "Thread", recording_thread)
+    model = _tiny_model()
+    sp = model_runner.prepare_step_path(model, torch.device("cpu"), enforce_eager=False, background=True)
+    assert sp.path == "compiled" and sp.background and sp.compile_s == 0
+    assert len(started) == 1 and started[0].daemon
+    started[0].join(timeout=120)
+    assert model.decode_graph.ready == set(model_runner.WARM_BUCKETS) & set(model.decode_graph.buckets)
+
+
+def test_a_failing_compiler_leaves_the_engine_eager(monkeypatch):
+    _uncompiled_graph(monkeypatch)
+
+    def broken(*a, **kw):
+        raise RuntimeError("InductorError: no C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(decode_graph, "decode_step", broken)
+    model = _tiny_model()
+    sp = model_runner.prepare_step_path(model, torch.device("cpu"), enforce_eager=False)
+    assert sp.path == "eager" and model.decode_graph is None
+    model = _tiny_model()
+    sp = model_runner.prepare_step_path(model, torch.device("cpu"), enforce_eager=False, background=True)
+    for t in threading.enumerate():
+        if t.name == "parity-compile":
+            t.join(timeout=60)
+    assert sp.background and model.decode_graph.ready == set()  # every decode step stays eager
+    out = model.forward_incremental([[1, 2]], [st := model.new_state()])
+    assert model.forward_incremental([[3]], [st]).shape[-1] == 256 and out is not None
