@@ -84,7 +84,8 @@ VLLM_FLAGS: tuple[VllmFlag, ...] = (
         "--enforce-eager",
         "supported",
         "--enforce-eager",
-        "the compiled decode step is the default on the CPU (measured faster); --enforce-eager runs eager",
+        "the compiled decode step is the default on the CPU (measured faster; a server compiles its batch "
+        "buckets in the background, eager until each is warm); --enforce-eager runs eager",
     ),
     VllmFlag(
         "--quantization",
