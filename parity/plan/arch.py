@@ -271,7 +271,7 @@ def load_arch(name: str):
     try:
         arch = V4Arch(load_config(name))
     except ConfigError as e:
-        known = preset_names() + sorted(mla)
+        known = [n for n in preset_names() if n != "tiny"] + sorted(mla)  # tiny: a test miniature, not plannable
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         if "unknown model preset" in str(e) or "neither a preset" in str(e):
