@@ -28,7 +28,16 @@ from parity import devices
 from parity.model.attention_backends import DecodeKeys
 from parity.model.compressor import compress_step_masked
 from parity.model.fast_linear import decode_linear
-from parity.model.layers import Experts, HyperConnection, Rotary, project, rms_unweighted, rope_cos_sin, swiglu
+from parity.model.layers import (
+    PLAIN_LINEARS,
+    Experts,
+    HyperConnection,
+    Rotary,
+    project,
+    rms_unweighted,
+    rope_cos_sin,
+    swiglu,
+)
 
 
 class _Modes:
@@ -166,8 +175,10 @@ def decode_step(model, ids, pos, windows, states, entries, index_keys, kv_fp8: b
 
 
 def lm_head_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The plain LM head: x [B, H] -> fp32 logits [B, vocab] (`fast_linear.decode_linear`)."""
-    return decode_linear(x.to(weight.dtype), weight).float()
+    """The plain LM head: x [B, H] -> fp32 logits [B, vocab] (`fast_linear.decode_linear`), computed in
+    the wider of x's and the weight's dtypes (fp32 activations stay fp32 on a bf16-stored head, as
+    ``V4ForCausalLM._head``)."""
+    return decode_linear(x.to(torch.promote_types(x.dtype, weight.dtype)), weight).float()
 
 
 #: Where the classes of a model the graph runs come from: torch's own modules and the plain V4 layers
@@ -181,6 +192,8 @@ _KNOWN_MODULES = frozenset(
         "parity.model.attention",
         "parity.model.compressor",
         "parity.model.deepseek_v4",
+        "parity.model.fast_linear",  # WideningLinear: bf16-stored weights, widened in the graph's reductions
+        "parity.model.weight_storage",  # WideningExperts: gathered and widened by `moe_step`
     }
 )
 
@@ -194,7 +207,7 @@ def unsupported_reason(model) -> str | None:
         return f"{type(model).__name__} is not a local V4ForCausalLM"
     for name, mod in model.named_modules():
         kind = type(mod)
-        if kind.__module__ not in _KNOWN_MODULES or (isinstance(mod, nn.Linear) and kind is not nn.Linear):
+        if kind.__module__ not in _KNOWN_MODULES or (isinstance(mod, nn.Linear) and kind not in PLAIN_LINEARS):
             return f"{name or 'the model'} is {kind.__name__} (the graph knows the plain fp32/bf16 layers only)"
     return None
 
@@ -246,9 +259,6 @@ class DecodeGraph:
                 devices.compiler(self.device)(lm_head_rows),
             )
         return self._graphs[n]
-        self._zero: dict = {}
-        self._scratch: dict = {}
-        self.steps = 0
 
     def bucket(self, batch: int) -> int | None:
         """The bucket a decode batch of ``batch`` sequences runs in (None: too large, eager)."""
