@@ -15,7 +15,9 @@ few hundred kernels. Everything in it is a function of tensors of fixed shape:
   visible to its own token) and returned, and the host appends it to the cache afterwards
   (`LayerCache.append_entries`: the same storage and accounting as eager);
 - the routed experts run as gathered batched GEMVs over the picked experts' weights (no expert counts on
-  the host; `moe_step`).
+  the host; `moe_step`);
+- bf16-stored weights (`parity.model.weight_storage`) are widened as loaded inside the fused reductions
+  (`parity.model.layers.project`, `moe_step`, `lm_head_rows`): activations and sums stay fp32.
 
 Equal to the eager `V4ForCausalLM.forward_incremental` up to fp32 summation order (tests/test_decode_graph.py).
 """
@@ -49,8 +51,9 @@ class _Modes:
 
 def moe_step(mlp, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """`MoE.forward` for few tokens without host syncs: each (token, picked expert) pair multiplies the
-    gathered weights of its expert (``sum(W[e][:, None] * x)``, which inductor emits as one reduction
-    reading the picked experts' rows in place). x [T, H] -> [T, H] in x's dtype."""
+    gathered weights of its expert (``sum(W[e].to(x.dtype)[:, None] * x)``, which inductor emits as one
+    reduction reading the picked experts' rows in place and widening bf16-stored stacks in registers).
+    x [T, H] -> [T, H] in x's dtype."""
     w, ids = mlp.gate(x, token_ids)
     ex: Experts = mlp.experts
     T, k = ids.shape
@@ -136,7 +139,8 @@ def decode_step(model, ids, pos, windows, states, entries, index_keys, kv_fp8: b
     """One decode step of B sequences (the function `DecodeGraph` compiles).
 
     Args:
-        model: a `V4ForCausalLM` with plain (unsharded, unquantized) layers.
+        model: a `V4ForCausalLM` with plain (unsharded, unquantized) layers, weights in the compute dtype
+            or bf16-stored (`parity.model.weight_storage`).
         ids / pos: LongTensor[B] the new tokens and their positions.
         windows / states: per layer, per sequence the window ring and compressor state (None on sliding
             layers); updated in place.

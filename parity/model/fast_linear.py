@@ -62,7 +62,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight^T`` for few rows against a large weight, in the fastest full-precision formulation.
 
     Eager: oneDNN's inner product for large fp32 weights on the CPU (see the module docstring), else
-    ``F.linear``. Under torch.compile (the compiled regions, `parity.model.compiled`), up to
+    ``F.linear``. Under torch.compile (the compiled decode step, `parity.model.decode_graph`), up to
     `COMPILED_GEMV_MAX_ROWS` rows on the CPU: ``sum(W[:, None, :] * x[None], -1)``, which inductor emits as one
     vectorised reduction streaming W once, row block by row block, with every x row reused from L1
     (measured 1.3-1.4x oneDNN's read rate at 1 and 8 rows, benchmarks/lm_head_gemv.py); more rows: ``F.linear``.
