@@ -1,6 +1,7 @@
 """The fixed-shape decode step (`parity.model.decode_graph`) equals the eager incremental forward: uncompiled
 (its logic: padding to a bucket, window wrap, compressed entries completed in the step and across cache
-blocks, all cache modes) and, in one slow test, compiled through the engine's step path."""
+blocks, all cache modes, bf16-stored weights under fp32 activations) and, in one slow test, compiled
+through the engine's step path."""
 
 from __future__ import annotations
 
