@@ -30,6 +30,11 @@ logit errors against fp32-dequantized weights are printed on the same token ids:
 the eager fp32 reference, and llama.cpp Q8_0 vs llama.cpp F32 (logits read through llama-cpp-python's
 bindings, benchmarks/llamacpp_logits.py).
 
+``--compiled``: both parity models run their decode steps through the engine's compiled whole-step graph
+(`parity.model.decode_graph.DecodeGraph`, one graph per batch bucket, compiled and warmed at each thread
+count before timing; prefill stays eager); the bf16-stored model's compiled logits are checked against
+its eager ones (1e-5) and the fp32 model's against the eager fp32 reference (1e-5).
+
 Usage:
     .venv/bin/python benchmarks/vs_llamacpp.py --llama-cpp DIR [--bin DIR/build/bin] [--threads 1,2]
         [--rounds 6] [--prompt 256] [--gen 32] [--no-strict] [--no-fp32] [--no-lowprec] [--compiled]
@@ -212,9 +217,9 @@ def reference_logits(model, ids: torch.Tensor, prompt: int) -> torch.Tensor:
         fl.ONEDNN_MIN_WEIGHT_BYTES = saved
 
 
-def check_logits(model, ids: torch.Tensor, prompt: int, ref: torch.Tensor, tol: float = 1e-5) -> float:
-    """Max |logit difference| between the measured path (incremental prefill + 4 decode steps) and
-    ``ref`` (`reference_logits`). Raises AssertionError above ``tol``."""
+def incremental_logits(model, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+    """Logits [5, vocab] of the measured path: an incremental prefill of ``ids[:prompt]``, then 4 decode
+    steps of the following ids."""
     st = model.new_state()
     try:
         got = [model.forward_incremental([ids[:prompt]], [st])[0]]
@@ -222,9 +227,36 @@ def check_logits(model, ids: torch.Tensor, prompt: int, ref: torch.Tensor, tol: 
             got.append(model.forward_incremental([ids[i : i + 1]], [st])[0])
     finally:
         st.free()
-    err = (torch.stack(got) - ref).abs().max().item()
-    assert err <= tol, f"parity logits differ from the eager fp32 reference by {err:.2e} > {tol:.0e}"
+    return torch.stack(got)
+
+
+def check_logits(model, ids: torch.Tensor, prompt: int, ref: torch.Tensor, tol: float = 1e-5) -> float:
+    """Max |logit difference| between the measured path (`incremental_logits`) and ``ref``
+    (`reference_logits`). Raises AssertionError above ``tol``."""
+    err = (incremental_logits(model, ids, prompt) - ref).abs().max().item()
+    assert err <= tol, f"parity logits differ from the reference by {err:.2e} > {tol:.0e}"
     return err
+
+
+def attach_decode_graph(model, threads: list[int], batches: tuple[int, ...]) -> str:
+    """Give ``model`` the engine's compiled decode step (`parity.model.decode_graph.DecodeGraph`, as
+    ``parity.engine.model_runner.prepare_step_path`` attaches it) and compile / warm the buckets of
+    ``batches`` at each torch thread count in ``threads`` (inductor specialises per thread count).
+    Returns the warm-up wall seconds per thread count and bucket. Raises SystemExit when the graph
+    cannot run the model."""
+    from parity.model.decode_graph import DecodeGraph, unsupported_reason
+
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise SystemExit(f"--compiled: the compiled decode step cannot run this model: {reason}")
+    graph = model.decode_graph = DecodeGraph(model, torch.device("cpu"))
+    buckets = tuple(sorted({graph.bucket(b) for b in batches} - {None}))
+    out = []
+    for t in threads:
+        torch.set_num_threads(t)
+        secs = graph.warm_up(buckets)
+        out.append(f"{t} thread(s): " + ", ".join(f"batch {b} {s:.1f} s" for b, s in secs.items()))
+    return "; ".join(out)
 
 
 def llama_logit_error(llama_dir: Path, bin_dir: Path, gguf: dict, ids: torch.Tensor, prompt: int) -> dict:
@@ -304,7 +336,11 @@ def main() -> int:
     ap.add_argument("--no-strict", action="store_true", help="skip llama.cpp's strict fp32 variant")
     ap.add_argument("--no-fp32", action="store_true", help="skip the fp32 table (parity fp32 vs F32 / strict)")
     ap.add_argument("--no-lowprec", action="store_true", help="skip the release-weights table (vs Q8_0)")
-    ap.add_argument("--compiled", action="store_true", help="parity with its compiled regions (default: eager)")
+    ap.add_argument(
+        "--compiled",
+        action="store_true",
+        help="parity's fp32 and bf16-stored models with the engine's compiled decode step (default: eager)",
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/vs_llamacpp"))
     a = ap.parse_args()
     bin_dir = a.bin or a.llama_cpp / "build" / "bin"
@@ -340,11 +376,17 @@ def main() -> int:
             f"converter stores the FP8 linears as Q8_0); llama.cpp runs with f32 KV, no flash attn"
         )
     if a.compiled:
-        from parity import devices
-        from parity.model.compiled import compile_regions, warm_up
-
-        compile_regions(model, devices.compiler("cpu"))
-        print(f"# parity compiled regions: warm-up {warm_up(model):.1f} s", file=sys.stderr)
+        torch.set_num_threads(threads[0])
+        lowp_eager = None if lowp is None else incremental_logits(lowp, ids, a.prompt)
+        for name, m in (("fp32", model), ("bf16-stored", lowp)):
+            if m is not None:
+                secs = attach_decode_graph(m, threads, (1, a.batch))
+                print(f"# parity {name}: compiled decode step warmed up: {secs}", file=sys.stderr, flush=True)
+        torch.set_num_threads(threads[0])
+        if lowp is not None:
+            graph_err = check_logits(lowp, ids, a.prompt, lowp_eager)
+            print(f"# parity bf16-stored compiled decode step vs its eager step: max |logit diff| {graph_err:.1e}")
+    torch.set_num_threads(threads[0])
     err = check_logits(model, ids, a.prompt, ref)
     commit = (
         subprocess.run(
@@ -354,8 +396,8 @@ def main() -> int:
     )
     print(
         f"# vs_llamacpp: llama.cpp {commit} ({bin_dir}); torch {torch.__version__}; load {os.getloadavg()[0]:.1f}; "
-        f"parity {'compiled' if a.compiled else 'eager'}; logits vs eager fp32 reference: max |diff| {err:.1e} "
-        f"(<= 1e-5)"
+        f"parity {'compiled decode step' if a.compiled else 'eager'}; logits vs eager fp32 reference: "
+        f"max |diff| {err:.1e} (<= 1e-5)"
     )
     variants = [] if a.no_fp32 else ["F32"] + ([] if a.no_strict else ["strict"])
     order = ([] if a.no_fp32 else ["parity", *variants]) + ([] if lowp is None else ["parity-lowp", "Q8_0"])

@@ -1,6 +1,7 @@
 """The fixed-shape decode step (`parity.model.decode_graph`) equals the eager incremental forward: uncompiled
 (its logic: padding to a bucket, window wrap, compressed entries completed in the step and across cache
-blocks, all cache modes) and, in one slow test, compiled through the engine's step path."""
+blocks, all cache modes, bf16-stored weights under fp32 activations) and, in one slow test, compiled
+through the engine's step path."""
 
 from __future__ import annotations
 
@@ -93,6 +94,57 @@ def test_fixed_shape_step_equals_eager(kv, ix):
     assert te == tf
     for a, b in zip(le, lf, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fixed_shape_step_equals_eager_with_bf16_stored_weights():
+    """bf16-stored matrices (`WideningLinear`, `WideningExperts`, a bf16 LM head) under fp32 activations: the
+    graph's step widens them in its reductions, so it equals the eager bf16-storage model."""
+    from parity.model.fast_linear import WideningLinear
+    from parity.model.weight_storage import WideningExperts, store_weights_
+
+    eager, fixed = _small_model(), _small_model()
+    for m in (eager, fixed):
+        assert store_weights_(m) > 0
+    assert type(fixed.lm_head) is WideningLinear and fixed.lm_head.weight.dtype == torch.bfloat16
+    assert isinstance(fixed.model.layers[1].mlp.experts, WideningExperts)
+    assert fixed.dtype == torch.float32 and unsupported_reason(fixed) is None
+    fixed.decode_graph = DecodeGraph(fixed, "cpu", buckets=(1, 4), compile=False)
+    batches = [3] * 10 + [1] * 4
+    te, le = _run(eager, [13, 2, 16], len(batches), batches=batches)
+    tf, lf = _run(fixed, [13, 2, 16], len(batches), batches=batches)
+    assert fixed.decode_graph.steps == len(batches)
+    assert te == tf
+    for a, b in zip(le, lf, strict=True):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_lm_head_rows_keeps_fp32_activations_on_a_bf16_head():
+    from parity.model.decode_graph import lm_head_rows
+
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(300, 64, generator=g) * 0.1).bfloat16()
+    x = torch.randn(2, 64, generator=g)
+    ref = (x.double() @ w.double().T).float()
+    torch.testing.assert_close(lm_head_rows(x, w), ref, rtol=0, atol=1e-5)
+    compiled = torch.compile(lm_head_rows, backend="aot_eager")  # traces the in-graph (widening) reduction
+    torch.testing.assert_close(compiled(x, w), ref, rtol=0, atol=1e-5)
+
+
+def test_project_widens_a_bf16_stored_linear_under_compile():
+    from parity.model.fast_linear import WideningLinear
+    from parity.model.layers import project
+
+    lin = torch.nn.Linear(64, 40, bias=False)
+    lin.weight.data = lin.weight.data.bfloat16()
+    lin.__class__ = WideningLinear
+    x = torch.randn(3, 64)
+    ref = (x.double() @ lin.weight.double().T).float()
+    torch.testing.assert_close(project(lin, x), ref, rtol=0, atol=1e-5)
+    out = torch.compile(project, backend="aot_eager")(lin, x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
 def test_quantized_or_sharded_models_stay_eager():

@@ -15,7 +15,7 @@ from parity.checkpoint.reader import from_pretrained
 from parity.config import load_preset
 from parity.model import build_model
 from parity.model.layers import Experts
-from parity.model.weight_storage import store_weights_, weight_bytes_by_dtype
+from parity.model.weight_storage import WideningExperts, store_weights_, weight_bytes_by_dtype
 
 SMALL = dict(vocab_size=512)
 
@@ -52,7 +52,7 @@ def test_release_on_cpu_is_held_in_bf16_without_fp32_copies(release_dir):
     assert linears and all(x.weight.dtype == torch.bfloat16 for x in linears)
     assert m.lm_head.weight.dtype == torch.bfloat16
     experts = [x for x in m.modules() if isinstance(x, Experts)]
-    assert experts and all(isinstance(x, fl.WideningExperts) for x in experts)
+    assert experts and all(isinstance(x, WideningExperts) for x in experts)
     assert all(x.gate_up_proj.dtype == x.down_proj.dtype == torch.bfloat16 for x in experts)
     # the only fp32 matrices left: the embedding (rows gathered), mHC mixers and position biases
     kept = ("model.embed_tokens.weight", "_hc.fn", "hc_head.hc_fn", "position_bias")

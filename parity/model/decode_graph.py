@@ -15,7 +15,9 @@ few hundred kernels. Everything in it is a function of tensors of fixed shape:
   visible to its own token) and returned, and the host appends it to the cache afterwards
   (`LayerCache.append_entries`: the same storage and accounting as eager);
 - the routed experts run as gathered batched GEMVs over the picked experts' weights (no expert counts on
-  the host; `moe_step`).
+  the host; `moe_step`);
+- bf16-stored weights (`parity.model.weight_storage`) are widened as loaded inside the fused reductions
+  (`parity.model.layers.project`, `moe_step`, `lm_head_rows`): activations and sums stay fp32.
 
 Equal to the eager `V4ForCausalLM.forward_incremental` up to fp32 summation order (tests/test_decode_graph.py).
 """
@@ -31,7 +33,16 @@ from parity import devices
 from parity.model.attention_backends import DecodeKeys
 from parity.model.compressor import compress_step_masked
 from parity.model.fast_linear import decode_linear
-from parity.model.layers import Experts, HyperConnection, Rotary, project, rms_unweighted, rope_cos_sin, swiglu
+from parity.model.layers import (
+    PLAIN_LINEARS,
+    Experts,
+    HyperConnection,
+    Rotary,
+    project,
+    rms_unweighted,
+    rope_cos_sin,
+    swiglu,
+)
 
 
 class _Modes:
@@ -43,8 +54,9 @@ class _Modes:
 
 def moe_step(mlp, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """`MoE.forward` for few tokens without host syncs: each (token, picked expert) pair multiplies the
-    gathered weights of its expert (``sum(W[e][:, None] * x)``, which inductor emits as one reduction
-    reading the picked experts' rows in place). x [T, H] -> [T, H] in x's dtype."""
+    gathered weights of its expert (``sum(W[e].to(x.dtype)[:, None] * x)``, which inductor emits as one
+    reduction reading the picked experts' rows in place and widening bf16-stored stacks in registers).
+    x [T, H] -> [T, H] in x's dtype."""
     w, ids = mlp.gate(x, token_ids)
     ex: Experts = mlp.experts
     T, k = ids.shape
@@ -130,7 +142,8 @@ def decode_step(model, ids, pos, windows, states, entries, index_keys, kv_fp8: b
     """One decode step of B sequences (the function `DecodeGraph` compiles).
 
     Args:
-        model: a `V4ForCausalLM` with plain (unsharded, unquantized) layers.
+        model: a `V4ForCausalLM` with plain (unsharded, unquantized) layers, weights in the compute dtype
+            or bf16-stored (`parity.model.weight_storage`).
         ids / pos: LongTensor[B] the new tokens and their positions.
         windows / states: per layer, per sequence the window ring and compressor state (None on sliding
             layers); updated in place.
@@ -169,8 +182,10 @@ def decode_step(model, ids, pos, windows, states, entries, index_keys, kv_fp8: b
 
 
 def lm_head_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The plain LM head: x [B, H] -> fp32 logits [B, vocab] (`fast_linear.decode_linear`)."""
-    return decode_linear(x.to(weight.dtype), weight).float()
+    """The plain LM head: x [B, H] -> fp32 logits [B, vocab] (`fast_linear.decode_linear`), computed in
+    the wider of x's and the weight's dtypes (fp32 activations stay fp32 on a bf16-stored head, as
+    ``V4ForCausalLM._head``)."""
+    return decode_linear(x.to(torch.promote_types(x.dtype, weight.dtype)), weight).float()
 
 
 #: Where the classes of a model the graph runs come from: torch's own modules and the plain V4 layers
@@ -184,6 +199,8 @@ _KNOWN_MODULES = frozenset(
         "parity.model.attention",
         "parity.model.compressor",
         "parity.model.deepseek_v4",
+        "parity.model.fast_linear",  # WideningLinear: bf16-stored weights, widened in the graph's reductions
+        "parity.model.weight_storage",  # WideningExperts: gathered and widened by `moe_step`
     }
 )
 
@@ -197,7 +214,7 @@ def unsupported_reason(model) -> str | None:
         return f"{type(model).__name__} is not a local V4ForCausalLM"
     for name, mod in model.named_modules():
         kind = type(mod)
-        if kind.__module__ not in _KNOWN_MODULES or (isinstance(mod, nn.Linear) and kind is not nn.Linear):
+        if kind.__module__ not in _KNOWN_MODULES or (isinstance(mod, nn.Linear) and kind not in PLAIN_LINEARS):
             return f"{name or 'the model'} is {kind.__name__} (the graph knows the plain fp32/bf16 layers only)"
     return None
 

@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parity.model.layers import Experts, swiglu
-
 log = logging.getLogger("parity.model")
 
 #: Under torch.compile, at most this many rows take the broadcast-reduce form (see `decode_linear`).
@@ -64,7 +62,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight^T`` for few rows against a large weight, in the fastest full-precision formulation.
 
     Eager: oneDNN's inner product for large fp32 weights on the CPU (see the module docstring), else
-    ``F.linear``. Under torch.compile (the compiled regions, `parity.model.compiled`), up to
+    ``F.linear``. Under torch.compile (the compiled decode step, `parity.model.decode_graph`), up to
     `COMPILED_GEMV_MAX_ROWS` rows on the CPU: ``sum(W[:, None, :] * x[None], -1)``, which inductor emits as one
     vectorised reduction streaming W once, row block by row block, with every x row reused from L1
     (measured 1.3-1.4x oneDNN's read rate at 1 and 8 rows, benchmarks/lm_head_gemv.py); more rows: ``F.linear``.
@@ -155,57 +153,3 @@ class WideningLinear(nn.Linear):
         if self.weight.dtype == x.dtype:
             return F.linear(x, self.weight, self.bias)
         return widening_linear(x, self.weight)
-
-
-#: `WideningExperts`: at most this many token-expert pairs take the fused per-pair kernel (decode steps);
-#: more pairs (prefill) run expert by expert (`Experts.forward`), where each expert's weight is upcast
-#: once and reused by all its tokens.
-WIDENING_EXPERT_MAX_PAIRS = 64
-
-
-def _routed_pairs(
-    hidden: torch.Tensor,
-    expert_ids: torch.Tensor,
-    weights: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
-    limit: float,
-) -> torch.Tensor:
-    """Routed-expert output [T, H] with each (token, expert) pair's weights gathered and widened as loaded."""
-    gu = (gate_up[expert_ids].to(hidden.dtype) * hidden[:, None, None, :]).sum(-1)  # [T, k, 2I]
-    inter = gu.shape[-1] // 2
-    h = swiglu(gu[..., :inter], gu[..., inter:], limit) * weights[..., None]  # [T, k, I]
-    return (down[expert_ids].to(hidden.dtype) * h[:, :, None, :]).sum(-1).sum(1)  # [T, H]
-
-
-_compiled_pairs = None  # torch.compile(_routed_pairs), built on first use; False = unavailable
-
-
-class WideningExperts(Experts):
-    """Routed experts (`parity.model.layers.Experts`) whose stacks are stored narrower than the hidden
-    states (bf16 weights, fp32 activations); same forward contract and math (SwiGLU with clamp, routing
-    weight before ``down_proj``, fp32 result).
-
-    Decode steps (<= `WIDENING_EXPERT_MAX_PAIRS` token-expert pairs, CPU): one compiled kernel
-    (`_routed_pairs`: inductor gathers each pair's expert rows and converts them in registers), instead
-    of an upcast and two GEMMs per used expert; results equal up to fp32 summation order. Larger batches:
-    `Experts.forward`. Built by re-classing an `Experts` (`parity.model.weight_storage.store_weights_`).
-    """
-
-    def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        global _compiled_pairs
-        narrow = self.gate_up_proj.element_size() < hidden.element_size()
-        if narrow and expert_ids.numel() <= WIDENING_EXPERT_MAX_PAIRS and hidden.device.type == "cpu":
-            if torch.compiler.is_compiling():
-                return _routed_pairs(hidden, expert_ids, weights.float(), self.gate_up_proj, self.down_proj, self.limit)
-            if _compiled_pairs is not False:
-                if _compiled_pairs is None:
-                    _compiled_pairs = torch.compile(_routed_pairs, dynamic=True)
-                try:
-                    return _compiled_pairs(
-                        hidden, expert_ids, weights.float(), self.gate_up_proj, self.down_proj, self.limit
-                    )
-                except Exception as e:  # no C++ toolchain for inductor, or a backend error
-                    log.warning("compiled routed-expert kernel unavailable (%s); per-expert upcasts", e)
-                    _compiled_pairs = False
-        return super().forward(hidden, expert_ids, weights)

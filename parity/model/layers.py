@@ -19,22 +19,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parity.model.fast_linear import decode_linear
+from parity.model.fast_linear import WideningLinear, decode_linear
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` (no bias); while torch.compile traces, `fast_linear.decode_linear` (for few
     rows a broadcast-reduce that inductor fuses into one kernel streaming the weight, instead of one
-    extern GEMM call per projection). x [..., in], weight [out, in] -> [..., out]."""
+    extern GEMM call per projection; a bf16 weight under fp32 x is widened as loaded, fp32 sums).
+    x [..., in], weight [out, in] (x's dtype or narrower) -> [..., out] in x's dtype."""
     if torch.compiler.is_compiling():
         return decode_linear(x, weight)
     return F.linear(x, weight)
 
 
+#: Linear modules whose forward is ``x @ weight^T`` in x's dtype (`project` may reformulate them).
+PLAIN_LINEARS = (nn.Linear, WideningLinear)
+
+
 def project(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``mod(x)``; while torch.compile traces and ``mod`` is a plain ``nn.Linear`` without bias, `linear`
-    of its weight (a quantized or sharded replacement keeps its own forward; eager is ``mod(x)`` exactly)."""
-    if torch.compiler.is_compiling() and type(mod) is nn.Linear and mod.bias is None:
+    """``mod(x)``; while torch.compile traces and ``mod`` is a bias-free `PLAIN_LINEARS` module (fp32 or a
+    bf16-stored weight under fp32 x), `linear` of its weight: `fast_linear.decode_linear` widens a narrower
+    weight as loaded and accumulates in x's dtype. A quantized or sharded replacement keeps its own
+    forward; eager is ``mod(x)`` exactly. x [..., in] -> [..., out] in x's dtype."""
+    if torch.compiler.is_compiling() and type(mod) in PLAIN_LINEARS and mod.bias is None:
         return decode_linear(x, mod.weight)
     return mod(x)
 

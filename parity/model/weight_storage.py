@@ -9,19 +9,77 @@ streamed), norms, mHC and sinks keep the compute dtype.
 
 `store_weights_` casts the matrices of a model (before or after allocation) and re-classes its plain
 ``nn.Linear`` modules to `parity.model.fast_linear.WideningLinear` and its routed experts to
-`parity.model.fast_linear.WideningExperts`; the router widens its weight itself (``Router.forward``).
+`WideningExperts`; the router widens its weight itself (``Router.forward``).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
-from parity.model.fast_linear import WideningExperts, WideningLinear
-from parity.model.layers import Experts, Router
+from parity.model.fast_linear import WideningLinear
+from parity.model.layers import Experts, Router, swiglu
+
+log = logging.getLogger("parity.model")
 
 #: Weight storage dtypes narrower than the compute dtype that the widening paths accept.
 STORAGE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+#: `WideningExperts`: at most this many token-expert pairs take the fused per-pair kernel (decode steps);
+#: more pairs (prefill) run expert by expert (`Experts.forward`), where each expert's weight is upcast
+#: once and reused by all its tokens.
+WIDENING_EXPERT_MAX_PAIRS = 64
+
+
+def _routed_pairs(
+    hidden: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    limit: float,
+) -> torch.Tensor:
+    """Routed-expert output [T, H] with each (token, expert) pair's weights gathered and widened as loaded."""
+    gu = (gate_up[expert_ids].to(hidden.dtype) * hidden[:, None, None, :]).sum(-1)  # [T, k, 2I]
+    inter = gu.shape[-1] // 2
+    h = swiglu(gu[..., :inter], gu[..., inter:], limit) * weights[..., None]  # [T, k, I]
+    return (down[expert_ids].to(hidden.dtype) * h[:, :, None, :]).sum(-1).sum(1)  # [T, H]
+
+
+_compiled_pairs = None  # torch.compile(_routed_pairs), built on first use; False = unavailable
+
+
+class WideningExperts(Experts):
+    """Routed experts (`parity.model.layers.Experts`) whose stacks are stored narrower than the hidden
+    states (bf16 weights, fp32 activations); same forward contract and math (SwiGLU with clamp, routing
+    weight before ``down_proj``, fp32 result).
+
+    Decode steps (<= `WIDENING_EXPERT_MAX_PAIRS` token-expert pairs, CPU): one compiled kernel
+    (`_routed_pairs`: inductor gathers each pair's expert rows and converts them in registers), instead
+    of an upcast and two GEMMs per used expert; results equal up to fp32 summation order. Larger batches:
+    `Experts.forward`. Built by re-classing an `Experts` (`store_weights_`).
+    """
+
+    def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        global _compiled_pairs
+        narrow = self.gate_up_proj.element_size() < hidden.element_size()
+        if narrow and expert_ids.numel() <= WIDENING_EXPERT_MAX_PAIRS and hidden.device.type == "cpu":
+            if torch.compiler.is_compiling():
+                return _routed_pairs(hidden, expert_ids, weights.float(), self.gate_up_proj, self.down_proj, self.limit)
+            if _compiled_pairs is not False:
+                if _compiled_pairs is None:
+                    _compiled_pairs = torch.compile(_routed_pairs, dynamic=True)
+                try:
+                    return _compiled_pairs(
+                        hidden, expert_ids, weights.float(), self.gate_up_proj, self.down_proj, self.limit
+                    )
+                except Exception as e:  # no C++ toolchain for inductor, or a backend error
+                    log.warning("compiled routed-expert kernel unavailable (%s); per-expert upcasts", e)
+                    _compiled_pairs = False
+        return super().forward(hidden, expert_ids, weights)
 
 
 def _storable(model: nn.Module):
