@@ -1,6 +1,6 @@
 """One request cannot hurt another, and every mistake gets a one-line OpenAI-shaped answer: prompts x n cap,
 lone surrogates in keys, the drain timeout, JSON-only bodies, Host checks, slow and idle clients, 405 `Allow`,
-published request schemas, integral floats for integer fields."""
+published request schemas, integral floats for integer fields, clients that leave while sending the body."""
 
 from __future__ import annotations
 
@@ -285,3 +285,33 @@ def test_connection_limit_answers_503():
         assert httpx.get(srv.base_url + "/health", timeout=4).status_code == 200
     finally:
         srv.stop()
+
+
+def _requests_total(srv, status: str) -> float:
+    text = httpx.get(srv.base_url + "/metrics", timeout=4).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("parity_requests_total{") and f'status="{status}"' in line
+    )
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"Content-Length: 100\r\n\r\n" + b'{"messages": [{',  # 16 of 100 bytes, then close
+        b"Transfer-Encoding: chunked\r\n\r\n" + b"zz\r\n{}\r\n",  # a malformed chunk size
+    ],
+)
+def test_client_leaving_while_sending_its_body_is_499_without_traceback(server, raw, caplog):
+    before_499, before_500 = _requests_total(server, "499"), _requests_total(server, "500")
+    s = _connect(server)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + raw)
+    s.close()
+    deadline = time.perf_counter() + 3
+    while _requests_total(server, "499") == before_499 and time.perf_counter() < deadline:
+        time.sleep(0.02)
+    assert _requests_total(server, "499") == before_499 + 1
+    assert _requests_total(server, "500") == before_500
+    assert not [r for r in caplog.records if "unhandled error" in r.getMessage()]
+    assert post(server, CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).status_code == 200
