@@ -271,7 +271,7 @@ def test_queue_full(model):
     eng.add_request([2], GREEDY.clone())  # takes the free running slot at the next step: not waiting
     eng.add_request([3], GREEDY.clone())
     eng.add_request([4], GREEDY.clone())
-    with pytest.raises(EngineQueueFull, match="max_waiting"):
+    with pytest.raises(EngineQueueFull, match="2 sequences waiting, 1 more would exceed max_waiting = 2 sequences"):
         eng.add_request([5], GREEDY.clone())
     assert isinstance(EngineQueueFull("x"), RequestError)
 

@@ -65,6 +65,25 @@ def test_prompts_times_n_is_capped_with_a_400_naming_the_limit(server):
     assert default_max_seqs_per_request(64) == 256 and default_max_seqs_per_request(100) == 400
 
 
+def test_request_larger_than_the_queue_can_ever_hold_is_a_400_not_a_429():
+    srv = start(FakeEngine(step_s=0.001, max_num_seqs=1, max_waiting=4))
+    try:
+        for path, body in [
+            (CMPL, {"prompt": "a", "n": 8, "max_tokens": 1}),
+            (CMPL, {"prompt": ["a"] * 6, "max_tokens": 1}),
+            (CHAT, {"messages": [{"role": "user", "content": "a"}], "n": 8, "max_tokens": 1}),
+        ]:
+            r = post(srv, path, body)
+            e = err(r, 400)
+            assert "retry-after" not in r.headers
+            assert e["code"] == "too_many_sequences" and "max_waiting (4)" in e["message"]
+            assert e["param"] == ("prompt" if "prompt" in body and isinstance(body["prompt"], list) else "n")
+        r = post(srv, CMPL, {"prompt": "a", "n": 4, "max_tokens": 1})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 4
+    finally:
+        srv.stop()
+
+
 def test_many_prompts_are_tokenized_off_the_event_loop():
     eng = FakeEngine()
     threads = []

@@ -67,6 +67,7 @@ class ServingChat(OpenAIServing):
     async def prepare(self, req: P.ChatCompletionRequest, arrival_s: float) -> ChatGeneration:
         srv = self.server
         model = self.check_common(req)
+        srv.check_num_seqs(1, req.n)
         thinking = P.thinking_enabled(req, srv.settings.default_thinking)
         tools, tools_enabled = chat_tools(req)
         if req.top_logprobs is not None:
