@@ -178,6 +178,33 @@ def test_integral_floats_are_accepted_for_integer_fields(server):
     assert err(post(server, CMPL, {"prompt": "hi", "n": True}), 400)["param"] == "n"
 
 
+def test_null_for_an_optional_field_means_its_default(server):
+    from parity.server import protocol as P
+
+    bases = {
+        P.ChatCompletionRequest: {"messages": [{"role": "user", "content": "hi"}]},
+        P.CompletionRequest: {"prompt": "hi"},
+    }
+    for cls, base in bases.items():
+        for name, field in cls.model_fields.items():
+            if not field.is_required():  # every optional field accepts null: its default, or None where allowed
+                req = cls.model_validate({**base, name: None}, strict=True)
+                assert getattr(req, name) in (field.default, None), name
+    nulls = {"n": None, "stream": None, "min_tokens": None, "ignore_eos": None, "skip_special_tokens": None}
+    r = post(
+        server, CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": None, **nulls}
+    )
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.json()["choices"][0]["logprobs"] is None
+    r = post(server, CMPL, {"prompt": "hi", "max_tokens": 2, "logprobs": None, "echo": None, **nulls})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] and "hi" not in r.json()["choices"][0]["text"][:2]
+    r = post(server, CMPL, {"prompt": "hi", "max_tokens": None})  # null max_tokens: up to the context, as before
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 16
+    assert err(post(server, CMPL, {"prompt": None}), 400)["param"] == "prompt"  # required fields stay required
+    assert err(post(server, CHAT, {"messages": None}), 400)["param"] == "messages"
+
+
 # ----------------------------------------------------------------------------- the drain timeout
 def test_drain_timeout_ends_requests_with_openai_errors():
     srv = start(FakeEngine(step_s=0.05), drain_timeout_s=0.3)

@@ -8,7 +8,7 @@ https://api-docs.deepseek.com/guides/thinking_mode), and vLLM's extra sampling f
 `chat_template_kwargs`), which existing clients send through `extra_body`.
 
 Validation is strict (JSON types are not coerced: `"0.5"` is not a number; integer fields accept an integral
-float such as `4.0`, as vLLM does) and unknown top-level fields
+float such as `4.0`, as vLLM does; null for an optional field means its default) and unknown top-level fields
 are rejected with 400 "Unrecognized request argument supplied: NAME", as OpenAI does. Fields OpenAI
 defines that parity cannot honour (`logit_bias`, `response_format` other than text, audio, ...) are
 accepted when empty/default and rejected with a 400 naming them otherwise (see `unsupported_fields`).
@@ -17,9 +17,9 @@ accepted when empty/default and rejected with a 400 naming them otherwise (see `
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from parity.engine.sampling_params import SEED_MAX, SEED_MIN
 from parity.server.errors import bad_request, pydantic_errors_to_openai
@@ -43,7 +43,28 @@ def _integral_float(v: Any) -> Any:
 Int = Annotated[int, BeforeValidator(_integral_float)]
 
 
-class _Strict(BaseModel):
+def _null_is_default(field: Any) -> bool:
+    """Whether a JSON null for this pydantic field means its default: it is optional and its type has no
+    None of its own (`max_tokens: int | None = 16` keeps null = no limit)."""
+    return not field.is_required() and type(None) not in get_args(field.annotation)
+
+
+class _NullIsDefault(BaseModel):
+    """A body model where an explicit JSON null for an optional field means its default (`"n": null` is
+    `n = 1`), as OpenAI's API marks these fields nullable and OpenAI and vLLM accept null; a null for a
+    required field is still refused."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        nulls = [k for k, v in data.items() if v is None and k in fields and _null_is_default(fields[k])]
+        return {k: v for k, v in data.items() if k not in nulls} if nulls else data
+
+
+class _Strict(_NullIsDefault):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
@@ -52,7 +73,7 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool | None = None
 
 
-class FunctionDef(BaseModel):
+class FunctionDef(_NullIsDefault):
     model_config = ConfigDict(extra="allow", strict=True)
     name: str
     description: str | None = None
@@ -60,32 +81,32 @@ class FunctionDef(BaseModel):
     strict: bool | None = None
 
 
-class ToolDef(BaseModel):
+class ToolDef(_NullIsDefault):
     model_config = ConfigDict(extra="allow", strict=True)
     type: Literal["function"] = "function"
     function: FunctionDef
 
 
-class ToolCallFunction(BaseModel):
+class ToolCallFunction(_NullIsDefault):
     model_config = ConfigDict(extra="ignore", strict=True)
     name: str
     arguments: str | dict[str, Any] = ""
 
 
-class ToolCall(BaseModel):
+class ToolCall(_NullIsDefault):
     model_config = ConfigDict(extra="ignore", strict=True)
     id: str | None = None
     type: Literal["function"] = "function"
     function: ToolCallFunction
 
 
-class ContentPart(BaseModel):
+class ContentPart(_NullIsDefault):
     model_config = ConfigDict(extra="ignore", strict=True)
     type: str
     text: str | None = None
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_NullIsDefault):
     """One message. Extra keys a client echoes back from a previous response (`refusal`, `audio`,
     `annotations`, `function_call`) are ignored rather than rejected."""
 
