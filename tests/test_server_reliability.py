@@ -205,6 +205,35 @@ def test_null_for_an_optional_field_means_its_default(server):
     assert err(post(server, CHAT, {"messages": None}), 400)["param"] == "messages"
 
 
+def _sse_chunks(srv, path: str, body: dict) -> list[dict]:
+    r = post(srv, path, {**body, "stream": True})
+    assert r.status_code == 200, r.text
+    data = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        (CHAT, {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "n": 2}),
+        (CMPL, {"prompt": "hello", "max_tokens": 4}),
+    ],
+)
+def test_continuous_usage_stats_puts_cumulative_usage_on_every_chunk(server, path, body):
+    plain = _sse_chunks(server, path, {**body, "stream_options": {"include_usage": True}})
+    assert all(c["usage"] is None for c in plain[:-1]) and plain[-1]["usage"]["completion_tokens"] > 0
+    for opts in ({"include_usage": True, "continuous_usage_stats": True}, {"continuous_usage_stats": True}):
+        chunks = _sse_chunks(server, path, {**body, "stream_options": opts})
+        done = [c["usage"]["completion_tokens"] for c in chunks]
+        assert done == sorted(done) and done[-1] == plain[-1]["usage"]["completion_tokens"]
+        for c in chunks:
+            u = c["usage"]
+            assert u["prompt_tokens"] == plain[-1]["usage"]["prompt_tokens"]
+            assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+        assert (chunks[-1]["choices"] == []) == bool(opts.get("include_usage"))  # the final usage-only chunk
+
+
 # ----------------------------------------------------------------------------- the drain timeout
 def test_drain_timeout_ends_requests_with_openai_errors():
     srv = start(FakeEngine(step_s=0.05), drain_timeout_s=0.3)

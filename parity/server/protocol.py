@@ -194,6 +194,12 @@ class CompletionRequest(_SamplingFields):
     return_token_ids: bool = False
 
 
+def continuous_usage(req: Any) -> bool:
+    """Whether every stream chunk carries the cumulative `usage` (`stream_options.continuous_usage_stats`,
+    vLLM's extension; parity honours it with or without `include_usage`, which adds the final usage chunk)."""
+    return bool(req.stream and req.stream_options and req.stream_options.continuous_usage_stats)
+
+
 def parse_body(raw: bytes, model_cls: type[BaseModel]) -> Any:
     """Parse and validate a JSON request body.
 

@@ -2,7 +2,8 @@
 
 `create()` runs the endpoint's checks (`prepare`), then either runs every choice to its end and answers one
 JSON body, or admits every choice and answers a server-sent-event stream of the merged choices (the first
-chunks, one or more chunks per engine delta, the usage chunk when `stream_options.include_usage`, `[DONE]`).
+chunks, one or more chunks per engine delta, the usage chunk when `stream_options.include_usage`, `[DONE]`;
+with `stream_options.continuous_usage_stats` every chunk carries the cumulative `usage`).
 A client that disconnects before the answer starts gets status 499 (as nginx logs it).
 """
 
@@ -55,6 +56,8 @@ class Generation:
         choices / jobs: the engine requests (`jobs[i]` = (choices[i], prompt ids, SamplingParams)).
         prompt_tokens: `usage.prompt_tokens` (each prompt once, however many choices it has).
         stream: answer with server-sent events; include_usage: streams end with a usage chunk.
+        continuous_usage: every stream chunk carries the cumulative `usage` so far
+            (`stream_options.continuous_usage_stats`, vLLM's extension).
     """
 
     rid: str
@@ -65,6 +68,7 @@ class Generation:
     prompt_tokens: int
     stream: bool
     include_usage: bool
+    continuous_usage: bool = False
 
     def completion_tokens(self) -> int:
         return sum(c.num_tokens for c in self.choices)
@@ -130,10 +134,11 @@ class OpenAIServing:
 
     # ---- the skeleton -------------------------------------------------------------------------
     def chunk(self, gen: Generation, choices: list[dict], usage: Any = None) -> str:
-        """One stream chunk as an SSE event."""
-        return sse_event(
-            envelope(gen.rid, self.chunk_object, gen.created, gen.model, choices, usage, gen.include_usage)
-        )
+        """One stream chunk as an SSE event; with `continuous_usage` it carries the usage so far."""
+        if gen.continuous_usage and usage is None:
+            usage = gen.usage()
+        with_usage = gen.include_usage or gen.continuous_usage
+        return sse_event(envelope(gen.rid, self.chunk_object, gen.created, gen.model, choices, usage, with_usage))
 
     async def create(self, request: Any, raw_request: Request, arrival_s: float | None = None) -> Response:
         """Answer one parsed request (`request_cls`): a JSONResponse, an SSE StreamingResponse, or 499.

@@ -132,6 +132,7 @@ class ServingChat(OpenAIServing):
             prompt_tokens=len(prompt_ids),
             stream=bool(req.stream),
             include_usage=include_usage,
+            continuous_usage=P.continuous_usage(req),
             thinking=thinking,
             tools_enabled=tools_enabled,
             top_n=top_n,

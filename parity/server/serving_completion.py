@@ -92,6 +92,7 @@ class ServingCompletion(OpenAIServing):
             prompt_tokens=prompt_total,
             stream=bool(req.stream),
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            continuous_usage=P.continuous_usage(req),
             logprobs=req.logprobs,
             skip_special_tokens=req.skip_special_tokens,
             echo_text=echo_text,
