@@ -414,6 +414,13 @@ BAD = [
         "unsupported_parameter",
     ),
     (
+        "text part without text",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+        "messages.0.content.0.text",
+        "missing_required_parameter",
+    ),
+    (
         "thinking kwarg type",
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"thinking": "yes"}},

@@ -282,7 +282,8 @@ def message_dict(m: P.ChatMessage, index: int) -> dict[str, Any]:
     """An OpenAI message as the plain dict `encode_chat` takes; text parts are joined.
 
     Raises:
-        OpenAIError(400): a content part that is not text, naming `messages.<i>.content.<j>.type`; a null or
+        OpenAIError(400): a content part that is not text, naming `messages.<i>.content.<j>.type`; a text part
+            without `text`, naming `messages.<i>.content.<j>.text`; a null or
             missing content, naming `messages.<i>.content`, except in an assistant message that carries
             tool_calls (as OpenAI allows) or reasoning_content.
     """
@@ -297,11 +298,17 @@ def message_dict(m: P.ChatMessage, index: int) -> dict[str, Any]:
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
-            if part.type != "text" or part.text is None:
+            if part.type != "text":
                 raise bad_request(
                     f"messages[{index}].content[{j}]: only 'text' content parts are supported (got type {part.type!r})",
                     param=f"messages.{index}.content.{j}.type",
                     code="unsupported_parameter",
+                )
+            if part.text is None:
+                raise bad_request(
+                    f"messages[{index}].content[{j}]: a 'text' content part needs a 'text' field (a string)",
+                    param=f"messages.{index}.content.{j}.text",
+                    code="missing_required_parameter",
                 )
             texts.append(part.text)
         content = "".join(texts)
