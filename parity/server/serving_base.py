@@ -108,7 +108,7 @@ class OpenAIServing:
         Returns:
             The served model name the request asked for.
         Raises:
-            OpenAIError: 404 unknown model, 400 unsupported field or bad `n`.
+            OpenAIError: 404 unknown model (`model_not_found`), 400 unsupported field or bad `n`.
         """
         model = self.server.check_model(request.model)
         P.unsupported_fields(request)

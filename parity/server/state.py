@@ -151,12 +151,14 @@ class OpenAIServer:
             raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
     def check_model(self, model: str | None) -> str:
-        """The model name to report; raises 400 `model_not_found` for a name this server does not serve."""
+        """The model name to report; raises OpenAIError(404 `model_not_found`) for a name this server does not
+        serve (the status OpenAI and vLLM answer)."""
         names = self.settings.served_model_names
         if model is None:
             return names[0]
         if model not in names and model not in self.settings.model_aliases:
-            raise bad_request(
+            raise OpenAIError(
+                404,
                 f"The model '{model}' does not exist; this server serves {names[0]!r}.",
                 param="model",
                 code="model_not_found",
