@@ -448,6 +448,8 @@ BAD = [
         "stream_options",
         None,
     ),
+    ("empty stop string", "/v1/completions", {"prompt": "x", "stop": ["a", ""]}, "stop.1", "invalid_value"),
+    ("empty stop", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stop": ""}, "stop", None),
     (
         "bad stop token",
         "/v1/completions",

@@ -418,10 +418,18 @@ def sampling_kwargs(req: Any, *, max_tokens: int, logprobs: int | None, vocab_si
         stop = None
     else:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop)
-        if len(stop) > MAX_STOP or any(s == "" for s in stop):
+        if len(stop) > MAX_STOP:
             raise bad_request(
-                f"Invalid value for 'stop': expected at most {MAX_STOP} non-empty strings",
+                f"Invalid value for 'stop': {len(stop)} strings; expected at most {MAX_STOP}",
                 param="stop",
+                code="invalid_value",
+            )
+        if "" in stop:
+            where = "stop" if isinstance(req.stop, str) else f"stop.{stop.index('')}"
+            raise bad_request(
+                f"Invalid value for '{where}': empty stop strings are not allowed (an empty string would match "
+                "at once); leave it out",
+                param=where,
                 code="invalid_value",
             )
         stop = stop or None
