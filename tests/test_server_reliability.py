@@ -390,3 +390,52 @@ def test_client_leaving_while_sending_its_body_is_499_without_traceback(server, 
     assert _requests_total(server, "500") == before_500
     assert not [r for r in caplog.records if "unhandled error" in r.getMessage()]
     assert post(server, CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).status_code == 200
+
+
+# ----------------------------------------------------------------------------- vLLM's request extras
+def test_include_stop_str_in_output_keeps_the_matched_stop_string(server):
+    body = {"prompt": "hello", "max_tokens": 30, "stop": ["l"]}
+    assert post(server, CMPL, body).json()["choices"][0]["text"] == "Echo: he"
+    r = post(server, CMPL, {**body, "include_stop_str_in_output": True})
+    assert r.json()["choices"][0]["text"] == "Echo: hel" and r.json()["choices"][0]["stop_reason"] == "l"
+    chunks = _sse_chunks(server, CMPL, {**body, "include_stop_str_in_output": True})
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == "Echo: hel"
+
+
+def test_request_id_names_the_response_and_priority_is_accepted(server):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+    async def twice():
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as c:
+            return await asyncio.gather(
+                c.post(CHAT, json={**body, "request_id": "mine", "priority": 0}),
+                c.post(CHAT, json={**body, "request_id": "mine"}),
+            )
+
+    for r in asyncio.run(twice()):  # the same request_id twice at once: both answered
+        assert r.status_code == 200 and r.json()["id"] == "chatcmpl-mine"
+    assert post(server, CMPL, {"prompt": "hi", "max_tokens": 1, "request_id": "x"}).json()["id"] == "cmpl-x"
+    assert post(server, CMPL, {"prompt": "hi", "max_tokens": 1}).json()["id"].startswith("cmpl-")
+    e = err(post(server, CHAT, {**body, "priority": 1}), 400)
+    assert e["param"] == "priority" and "first come, first served" in e["message"]
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens():
+    eng = FakeEngine(step_s=0.001)
+    srv = start(eng)
+    try:
+        ids = [3 + b for b in b"abcdefgh"]
+        r = post(srv, CMPL, {"prompt": ids, "max_tokens": 1, "truncate_prompt_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 3 and eng.seen_prompts[-1] == ids[-3:]
+        r = post(srv, CMPL, {"prompt": "abcdefgh", "max_tokens": 1, "truncate_prompt_tokens": 2, "echo": True})
+        assert eng.seen_prompts[-1] == ids[-2:] and r.json()["choices"][0]["text"].startswith("gh")
+        r = post(srv, CMPL, {"prompt": ids, "max_tokens": 1, "truncate_prompt_tokens": -1})  # -1: max_model_len
+        assert r.status_code == 200 and eng.seen_prompts[-1] == ids
+        chat = {"messages": [{"role": "user", "content": "abcdefgh"}], "max_tokens": 1, "truncate_prompt_tokens": 4}
+        r = post(srv, CHAT, chat)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 4 and len(eng.seen_prompts[-1]) == 4
+        for bad in (0, -2, 513):
+            e = err(post(srv, CMPL, {"prompt": ids, "truncate_prompt_tokens": bad}), 400)
+            assert e["param"] == "truncate_prompt_tokens"
+    finally:
+        srv.stop()

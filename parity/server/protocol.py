@@ -5,7 +5,8 @@ Field sets follow OpenAI's API reference for `POST /v1/chat/completions` and `PO
 (`reasoning_content` in messages/deltas, a `thinking` object {"type": "enabled" | "disabled"},
 https://api-docs.deepseek.com/guides/thinking_mode), and vLLM's extra sampling fields (`top_k`, `min_p`,
 `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`,
-`chat_template_kwargs`), which existing clients send through `extra_body`.
+`include_stop_str_in_output`, `truncate_prompt_tokens`, `request_id`, `priority`, `chat_template_kwargs`), which
+existing clients send through `extra_body`.
 
 Validation is strict (JSON types are not coerced: `"0.5"` is not a number; integer fields accept an integral
 float such as `4.0`, as vLLM does; null for an optional field means its default) and unknown top-level fields
@@ -147,6 +148,12 @@ class _SamplingFields(_Strict):
     ignore_eos: bool = False
     stop_token_ids: list[Int] | None = None
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: Int | None = None
+    # vLLM's request bookkeeping: `request_id` names the response (its id is "<prefix>-<request_id>");
+    # `priority` other than 0 needs priority scheduling, which parity does not have (first come, first served)
+    request_id: str | None = None
+    priority: Int = 0
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -459,7 +466,50 @@ def sampling_kwargs(req: Any, *, max_tokens: int, logprobs: int | None, vocab_si
         logprobs=logprobs,
         skip_special_tokens=bool(req.skip_special_tokens),
     )
+    if req.include_stop_str_in_output:
+        kw["include_stop_str_in_output"] = True
     return kw
+
+
+def check_vllm_extras(req: Any) -> None:
+    """Check vLLM's request fields `priority` (0 only) and `truncate_prompt_tokens` (-1 or >= 1).
+
+    Raises:
+        OpenAIError(400) naming the field.
+    """
+    if req.priority != 0:
+        raise bad_request(
+            f"Invalid value for 'priority': {req.priority}; parity schedules first come, first served "
+            "(no priority scheduling), so only 0 is accepted",
+            param="priority",
+            code="unsupported_parameter",
+        )
+    k = req.truncate_prompt_tokens
+    if k is not None and k != -1 and k < 1:
+        raise bad_request(
+            f"Invalid value for 'truncate_prompt_tokens': {k}; expected -1 (the context length) or an integer >= 1",
+            param="truncate_prompt_tokens",
+            code="invalid_value",
+        )
+
+
+def truncate_prompt(ids: list[int], k: int | None, max_model_len: int) -> list[int]:
+    """The last `k` prompt tokens (vLLM's `truncate_prompt_tokens`: -1 means max_model_len; None keeps all).
+
+    Raises:
+        OpenAIError(400): `k` larger than max_model_len.
+    """
+    if k is None:
+        return ids
+    if k == -1:
+        k = max_model_len
+    if k > max_model_len:
+        raise bad_request(
+            f"Invalid value for 'truncate_prompt_tokens': {k}; expected at most max_model_len ({max_model_len})",
+            param="truncate_prompt_tokens",
+            code="invalid_value",
+        )
+    return ids[-k:] if len(ids) > k else ids
 
 
 def check_n(n: int) -> None:

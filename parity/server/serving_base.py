@@ -10,6 +10,7 @@ A client that disconnects before the answer starts gets status 499 (as nginx log
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -113,12 +114,21 @@ class OpenAIServing:
         model = self.server.check_model(request.model)
         P.unsupported_fields(request)
         P.check_n(request.n)
+        P.check_vllm_extras(request)
         return model
 
     # ---- hooks --------------------------------------------------------------------------------
     async def prepare(self, request: Any, arrival_s: float) -> Generation:
         """Check `request` and build its choices; raises OpenAIError (400) naming a bad parameter."""
         raise NotImplementedError
+
+    @staticmethod
+    def response_id(prefix: str, request: Any) -> tuple[str, str]:
+        """(response id, engine request id prefix): "<prefix>-<request_id>" when the client names the request
+        (vLLM's `request_id`), else "<prefix>-<random hex>"; engine ids are always random, so two requests
+        with the same `request_id` never collide in the engine."""
+        internal = f"{prefix}-{uuid.uuid4().hex}"
+        return (f"{prefix}-{request.request_id}" if request.request_id else internal), internal
 
     def full_choices(self, gen: Generation) -> list[dict]:
         """The `choices` of the whole response, once every choice has finished."""

@@ -103,7 +103,9 @@ class ServingChat(OpenAIServing):
         # the output starts inside a reasoning block when the prompt leaves one open
         opens = getattr(fmt, "opens_reasoning", None)
         thinking = bool(opens(prompt)) if opens is not None else thinking
-        prompt_ids = await srv.tokenize(prompt, "messages")
+        prompt_ids = P.truncate_prompt(
+            await srv.tokenize(prompt, "messages"), req.truncate_prompt_tokens, srv.max_model_len
+        )
         if req.max_completion_tokens is not None:
             mt, mt_name = req.max_completion_tokens, "max_completion_tokens"
         else:
@@ -116,8 +118,8 @@ class ServingChat(OpenAIServing):
             if srv.settings.strict_thinking and not req.ignore_eos:
                 kw["strict_thinking"] = True
         params = srv.per_choice_params(kw, req.n)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        choices = srv.runner.new_choices(rid, req.n, len(prompt_ids), arrival_s)
+        rid, engine_rid = self.response_id("chatcmpl", req)
+        choices = srv.runner.new_choices(engine_rid, req.n, len(prompt_ids), arrival_s)
         jobs = [(ch, prompt_ids, sp) for ch, sp in zip(choices, params, strict=True)]
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
