@@ -19,7 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from parity.server import protocol as P
+from parity.server import request_options as R
 from parity.server.choices import Choice, ChoiceMerger, Job
 from parity.server.engine_client import EngineDelta
 from parity.server.sse import SSE_DONE, SSEResponse, sse_event
@@ -112,9 +112,9 @@ class OpenAIServing:
             OpenAIError: 404 unknown model (`model_not_found`), 400 unsupported field or bad `n`.
         """
         model = self.server.check_model(request.model)
-        P.unsupported_fields(request)
-        P.check_n(request.n)
-        P.check_vllm_extras(request)
+        R.unsupported_fields(request)
+        R.check_n(request.n)
+        R.check_vllm_extras(request)
         return model
 
     # ---- hooks --------------------------------------------------------------------------------

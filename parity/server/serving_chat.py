@@ -11,6 +11,7 @@ from typing import Any
 
 from parity.errors import ParityError
 from parity.server import protocol as P
+from parity.server import request_options as R
 from parity.server.choices import Choice
 from parity.server.engine_client import EngineDelta
 from parity.server.errors import bad_request, param_from_message
@@ -68,7 +69,7 @@ class ServingChat(OpenAIServing):
         srv = self.server
         model = self.check_common(req)
         srv.check_num_seqs(1, req.n)
-        thinking = P.thinking_enabled(req, srv.settings.default_thinking)
+        thinking = R.thinking_enabled(req, srv.settings.default_thinking)
         tools, tools_enabled = chat_tools(req)
         if req.top_logprobs is not None:
             if not 0 <= req.top_logprobs <= 20:
@@ -103,7 +104,7 @@ class ServingChat(OpenAIServing):
         # the output starts inside a reasoning block when the prompt leaves one open
         opens = getattr(fmt, "opens_reasoning", None)
         thinking = bool(opens(prompt)) if opens is not None else thinking
-        prompt_ids = P.truncate_prompt(
+        prompt_ids = R.truncate_prompt(
             await srv.tokenize(prompt, "messages"), req.truncate_prompt_tokens, srv.max_model_len
         )
         if req.max_completion_tokens is not None:
@@ -111,7 +112,7 @@ class ServingChat(OpenAIServing):
         else:
             mt, mt_name = req.max_tokens, "max_tokens"
         max_tokens = srv.resolve_max_tokens(mt, len(prompt_ids), mt_name, "messages")
-        kw = P.sampling_kwargs(req, max_tokens=max_tokens, logprobs=top_n, vocab_size=srv.vocab_size)
+        kw = R.sampling_kwargs(req, max_tokens=max_tokens, logprobs=top_n, vocab_size=srv.vocab_size)
         think_end_id = _token_id(srv.tokenizer, "think_end_id")
         if thinking and think_end_id is not None:
             kw["reasoning_end_token_id"] = think_end_id  # stop strings apply to the answer only
@@ -134,7 +135,7 @@ class ServingChat(OpenAIServing):
             prompt_tokens=len(prompt_ids),
             stream=bool(req.stream),
             include_usage=include_usage,
-            continuous_usage=P.continuous_usage(req),
+            continuous_usage=R.continuous_usage(req),
             thinking=thinking,
             tools_enabled=tools_enabled,
             top_n=top_n,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from parity.server import protocol as P
+from parity.server import request_options as R
 from parity.server.choices import Choice, Job
 from parity.server.engine_client import EngineDelta
 from parity.server.errors import bad_request
@@ -65,13 +66,13 @@ class ServingCompletion(OpenAIServing):
         echo_text: dict[int, str] = {}
         prompt_total = 0  # usage.prompt_tokens: each prompt once, however many choices (n) it has (as OpenAI and vLLM)
         for pi, (ptext, full_ids) in enumerate(prompts):
-            ids = P.truncate_prompt(full_ids, req.truncate_prompt_tokens, srv.max_model_len)
+            ids = R.truncate_prompt(full_ids, req.truncate_prompt_tokens, srv.max_model_len)
             if len(ids) < len(full_ids):
                 ptext = None  # echo the prompt the model saw
             prompt_total += len(ids)
             pparam = "prompt" if len(prompts) == 1 else f"prompt.{pi}"
             max_tokens = srv.resolve_max_tokens(req.max_tokens, len(ids), "max_tokens", pparam)
-            kw = P.sampling_kwargs(req, max_tokens=max_tokens, logprobs=req.logprobs, vocab_size=srv.vocab_size)
+            kw = R.sampling_kwargs(req, max_tokens=max_tokens, logprobs=req.logprobs, vocab_size=srv.vocab_size)
             params = srv.per_choice_params(kw, req.n)
             new = srv.runner.new_choices(engine_rid, req.n, len(ids), arrival_s, base=pi * req.n)
             for ch, sp in zip(new, params, strict=True):
@@ -94,7 +95,7 @@ class ServingCompletion(OpenAIServing):
             prompt_tokens=prompt_total,
             stream=bool(req.stream),
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
-            continuous_usage=P.continuous_usage(req),
+            continuous_usage=R.continuous_usage(req),
             logprobs=req.logprobs,
             skip_special_tokens=req.skip_special_tokens,
             echo_text=echo_text,
