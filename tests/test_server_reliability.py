@@ -82,6 +82,11 @@ def test_request_larger_than_the_queue_can_ever_hold_is_a_400_not_a_429():
         assert r.status_code == 200 and len(r.json()["choices"]) == 4
     finally:
         srv.stop()
+    from types import SimpleNamespace
+
+    real = SimpleNamespace(args=SimpleNamespace(max_num_seqs=1, max_waiting=4))  # AsyncEngine keeps them in .args
+    assert OpenAIServer(real, ServerSettings()).queue_capacity() == (1, 4)
+    assert OpenAIServer(SimpleNamespace(), ServerSettings()).queue_capacity() is None
 
 
 def test_many_prompts_are_tokenized_off_the_event_loop():
