@@ -122,6 +122,9 @@ def test_stop_strings_stop_ids_min_tokens_eos(model):
         sampling_params=SamplingParams(temperature=0, max_tokens=14, ignore_eos=True, stop=[stop, "zzzzzz"]),
     )[0].outputs[0]
     assert out.text == text[:first] and out.finish_reason == "stop" and out.stop_reason == stop
+    keep = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True, stop=[stop], include_stop_str_in_output=True)
+    out = llm.generate(prompt_token_ids=[PROMPTS[0]], sampling_params=keep)[0].outputs[0]
+    assert out.text == text[: first + len(stop)] and out.stop_reason == stop
     # stop token id: included in token_ids, generation ends there
     sid = base.token_ids[5]
     k = base.token_ids.index(sid)
@@ -271,7 +274,7 @@ def test_queue_full(model):
     eng.add_request([2], GREEDY.clone())  # takes the free running slot at the next step: not waiting
     eng.add_request([3], GREEDY.clone())
     eng.add_request([4], GREEDY.clone())
-    with pytest.raises(EngineQueueFull, match="max_waiting"):
+    with pytest.raises(EngineQueueFull, match="2 sequences waiting, 1 more would exceed max_waiting = 2 sequences"):
         eng.add_request([5], GREEDY.clone())
     assert isinstance(EngineQueueFull("x"), RequestError)
 

@@ -329,13 +329,6 @@ BAD = [
         "unrecognized_argument",
     ),
     (
-        "unknown model",
-        "/v1/chat/completions",
-        {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]},
-        "model",
-        "model_not_found",
-    ),
-    (
         "max_tokens 0",
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
@@ -414,6 +407,13 @@ BAD = [
         "unsupported_parameter",
     ),
     (
+        "text part without text",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+        "messages.0.content.0.text",
+        "missing_required_parameter",
+    ),
+    (
         "thinking kwarg type",
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"thinking": "yes"}},
@@ -448,6 +448,8 @@ BAD = [
         "stream_options",
         None,
     ),
+    ("empty stop string", "/v1/completions", {"prompt": "x", "stop": ["a", ""]}, "stop.1", "invalid_value"),
+    ("empty stop", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stop": ""}, "stop", None),
     (
         "bad stop token",
         "/v1/completions",
@@ -457,6 +459,21 @@ BAD = [
     ),
     ("engine-side validation", "/v1/completions", {"prompt": "x", "min_tokens": 99}, "min_tokens", "invalid_value"),
 ]
+
+
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}),
+        ("/v1/completions", {"model": "gpt-4", "prompt": "x"}),
+    ],
+)
+def test_unknown_model_is_404_model_not_found(server, path, body):
+    r = post(server, path, body)
+    assert r.status_code == 404, r.text
+    err = r.json()["error"]
+    assert err["code"] == "model_not_found" and err["param"] == "model" and err["type"] == "not_found_error"
+    assert "'gpt-4' does not exist" in err["message"]
 
 
 @pytest.mark.parametrize("name,path,body,param,code", BAD, ids=[b[0] for b in BAD])

@@ -253,7 +253,7 @@ class FakeEngine:
             hit = [(full.find(s), s) for s in p.stop if s in full]
             if hit:
                 at, s = min(hit)
-                text = full[:at][len(r.text) :]
+                text = full[: at + (len(s) if p.include_stop_str_in_output else 0)][len(r.text) :]
                 finished, reason, stop_reason = True, "stop", s
         r.text += text
         if not finished and (r.pos >= p.max_tokens or len(r.prompt) + r.pos >= self.max_model_len):

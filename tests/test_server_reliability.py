@@ -1,6 +1,6 @@
 """One request cannot hurt another, and every mistake gets a one-line OpenAI-shaped answer: prompts x n cap,
 lone surrogates in keys, the drain timeout, JSON-only bodies, Host checks, slow and idle clients, 405 `Allow`,
-published request schemas, integral floats for integer fields."""
+published request schemas, integral floats for integer fields, clients that leave while sending the body."""
 
 from __future__ import annotations
 
@@ -63,6 +63,30 @@ def test_prompts_times_n_is_capped_with_a_400_naming_the_limit(server):
     r = post(server, CMPL, {"prompt": ["a"] * 4, "n": 2, "max_tokens": 1})
     assert r.status_code == 200 and len(r.json()["choices"]) == 8
     assert default_max_seqs_per_request(64) == 256 and default_max_seqs_per_request(100) == 400
+
+
+def test_request_larger_than_the_queue_can_ever_hold_is_a_400_not_a_429():
+    srv = start(FakeEngine(step_s=0.001, max_num_seqs=1, max_waiting=4))
+    try:
+        for path, body in [
+            (CMPL, {"prompt": "a", "n": 8, "max_tokens": 1}),
+            (CMPL, {"prompt": ["a"] * 6, "max_tokens": 1}),
+            (CHAT, {"messages": [{"role": "user", "content": "a"}], "n": 8, "max_tokens": 1}),
+        ]:
+            r = post(srv, path, body)
+            e = err(r, 400)
+            assert "retry-after" not in r.headers
+            assert e["code"] == "too_many_sequences" and "max_waiting (4)" in e["message"]
+            assert e["param"] == ("prompt" if "prompt" in body and isinstance(body["prompt"], list) else "n")
+        r = post(srv, CMPL, {"prompt": "a", "n": 4, "max_tokens": 1})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 4
+    finally:
+        srv.stop()
+    from types import SimpleNamespace
+
+    real = SimpleNamespace(args=SimpleNamespace(max_num_seqs=1, max_waiting=4))  # AsyncEngine keeps them in .args
+    assert OpenAIServer(real, ServerSettings()).queue_capacity() == (1, 4)
+    assert OpenAIServer(SimpleNamespace(), ServerSettings()).queue_capacity() is None
 
 
 def test_many_prompts_are_tokenized_off_the_event_loop():
@@ -157,6 +181,62 @@ def test_integral_floats_are_accepted_for_integer_fields(server):
     assert err(post(server, CMPL, {"prompt": "hi", "max_tokens": 2.5}), 400)["param"] == "max_tokens"
     assert err(post(server, CMPL, {"prompt": "hi", "max_tokens": "2"}), 400)["param"] == "max_tokens"
     assert err(post(server, CMPL, {"prompt": "hi", "n": True}), 400)["param"] == "n"
+
+
+def test_null_for_an_optional_field_means_its_default(server):
+    from parity.server import protocol as P
+
+    bases = {
+        P.ChatCompletionRequest: {"messages": [{"role": "user", "content": "hi"}]},
+        P.CompletionRequest: {"prompt": "hi"},
+    }
+    for cls, base in bases.items():
+        for name, field in cls.model_fields.items():
+            if not field.is_required():  # every optional field accepts null: its default, or None where allowed
+                req = cls.model_validate({**base, name: None}, strict=True)
+                assert getattr(req, name) in (field.default, None), name
+    nulls = {"n": None, "stream": None, "min_tokens": None, "ignore_eos": None, "skip_special_tokens": None}
+    r = post(
+        server, CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": None, **nulls}
+    )
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.json()["choices"][0]["logprobs"] is None
+    r = post(server, CMPL, {"prompt": "hi", "max_tokens": 2, "logprobs": None, "echo": None, **nulls})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] and "hi" not in r.json()["choices"][0]["text"][:2]
+    r = post(server, CMPL, {"prompt": "hi", "max_tokens": None})  # null max_tokens: up to the context, as before
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 16
+    assert err(post(server, CMPL, {"prompt": None}), 400)["param"] == "prompt"  # required fields stay required
+    assert err(post(server, CHAT, {"messages": None}), 400)["param"] == "messages"
+
+
+def _sse_chunks(srv, path: str, body: dict) -> list[dict]:
+    r = post(srv, path, {**body, "stream": True})
+    assert r.status_code == 200, r.text
+    data = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        (CHAT, {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "n": 2}),
+        (CMPL, {"prompt": "hello", "max_tokens": 4}),
+    ],
+)
+def test_continuous_usage_stats_puts_cumulative_usage_on_every_chunk(server, path, body):
+    plain = _sse_chunks(server, path, {**body, "stream_options": {"include_usage": True}})
+    assert all(c["usage"] is None for c in plain[:-1]) and plain[-1]["usage"]["completion_tokens"] > 0
+    for opts in ({"include_usage": True, "continuous_usage_stats": True}, {"continuous_usage_stats": True}):
+        chunks = _sse_chunks(server, path, {**body, "stream_options": opts})
+        done = [c["usage"]["completion_tokens"] for c in chunks]
+        assert done == sorted(done) and done[-1] == plain[-1]["usage"]["completion_tokens"]
+        for c in chunks:
+            u = c["usage"]
+            assert u["prompt_tokens"] == plain[-1]["usage"]["prompt_tokens"]
+            assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+        assert (chunks[-1]["choices"] == []) == bool(opts.get("include_usage"))  # the final usage-only chunk
 
 
 # ----------------------------------------------------------------------------- the drain timeout
@@ -283,5 +363,84 @@ def test_connection_limit_answers_503():
             s.close()
         time.sleep(0.2)
         assert httpx.get(srv.base_url + "/health", timeout=4).status_code == 200
+    finally:
+        srv.stop()
+
+
+def _requests_total(srv, status: str) -> float:
+    text = httpx.get(srv.base_url + "/metrics", timeout=4).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("parity_requests_total{") and f'status="{status}"' in line
+    )
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"Content-Length: 100\r\n\r\n" + b'{"messages": [{',  # 16 of 100 bytes, then close
+        b"Transfer-Encoding: chunked\r\n\r\n" + b"zz\r\n{}\r\n",  # a malformed chunk size
+    ],
+)
+def test_client_leaving_while_sending_its_body_is_499_without_traceback(server, raw, caplog):
+    before_499, before_500 = _requests_total(server, "499"), _requests_total(server, "500")
+    s = _connect(server)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + raw)
+    s.close()
+    deadline = time.perf_counter() + 3
+    while _requests_total(server, "499") == before_499 and time.perf_counter() < deadline:
+        time.sleep(0.02)
+    assert _requests_total(server, "499") == before_499 + 1
+    assert _requests_total(server, "500") == before_500
+    assert not [r for r in caplog.records if "unhandled error" in r.getMessage()]
+    assert post(server, CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).status_code == 200
+
+
+# ----------------------------------------------------------------------------- vLLM's request extras
+def test_include_stop_str_in_output_keeps_the_matched_stop_string(server):
+    body = {"prompt": "hello", "max_tokens": 30, "stop": ["l"]}
+    assert post(server, CMPL, body).json()["choices"][0]["text"] == "Echo: he"
+    r = post(server, CMPL, {**body, "include_stop_str_in_output": True})
+    assert r.json()["choices"][0]["text"] == "Echo: hel" and r.json()["choices"][0]["stop_reason"] == "l"
+    chunks = _sse_chunks(server, CMPL, {**body, "include_stop_str_in_output": True})
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == "Echo: hel"
+
+
+def test_request_id_names_the_response_and_priority_is_accepted(server):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+    async def twice():
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as c:
+            return await asyncio.gather(
+                c.post(CHAT, json={**body, "request_id": "mine", "priority": 0}),
+                c.post(CHAT, json={**body, "request_id": "mine"}),
+            )
+
+    for r in asyncio.run(twice()):  # the same request_id twice at once: both answered
+        assert r.status_code == 200 and r.json()["id"] == "chatcmpl-mine"
+    assert post(server, CMPL, {"prompt": "hi", "max_tokens": 1, "request_id": "x"}).json()["id"] == "cmpl-x"
+    assert post(server, CMPL, {"prompt": "hi", "max_tokens": 1}).json()["id"].startswith("cmpl-")
+    e = err(post(server, CHAT, {**body, "priority": 1}), 400)
+    assert e["param"] == "priority" and "first come, first served" in e["message"]
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens():
+    eng = FakeEngine(step_s=0.001)
+    srv = start(eng)
+    try:
+        ids = [3 + b for b in b"abcdefgh"]
+        r = post(srv, CMPL, {"prompt": ids, "max_tokens": 1, "truncate_prompt_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 3 and eng.seen_prompts[-1] == ids[-3:]
+        r = post(srv, CMPL, {"prompt": "abcdefgh", "max_tokens": 1, "truncate_prompt_tokens": 2, "echo": True})
+        assert eng.seen_prompts[-1] == ids[-2:] and r.json()["choices"][0]["text"].startswith("gh")
+        r = post(srv, CMPL, {"prompt": ids, "max_tokens": 1, "truncate_prompt_tokens": -1})  # -1: max_model_len
+        assert r.status_code == 200 and eng.seen_prompts[-1] == ids
+        chat = {"messages": [{"role": "user", "content": "abcdefgh"}], "max_tokens": 1, "truncate_prompt_tokens": 4}
+        r = post(srv, CHAT, chat)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 4 and len(eng.seen_prompts[-1]) == 4
+        for bad in (0, -2, 513):
+            e = err(post(srv, CMPL, {"prompt": ids, "truncate_prompt_tokens": bad}), 400)
+            assert e["param"] == "truncate_prompt_tokens"
     finally:
         srv.stop()

@@ -24,7 +24,7 @@ class EngineArgs:
         max_num_batched_tokens: token budget per step (prefill chunks + decode tokens).
         cache_memory: cache pool size in bytes; None = cache_memory_fraction x free device memory.
         cache_memory_fraction: share of the free device memory (parity.devices.memory_info) for the pool.
-        max_waiting: most requests waiting for admission; more -> EngineQueueFull.
+        max_waiting: most sequences (prompts x n) waiting for admission; more -> EngineQueueFull.
         kv_cache_dtype: "bf16" (exact math) | "fp8" (official FP8 e4m3 rounding) | None = model default.
         seed: seed of random weights (preset models) and of unseeded sampling.
         quantization: weight format of a checkpoint after loading (`parity.weight_bytes.WEIGHT_FORMATS`:

@@ -34,7 +34,7 @@ log = logging.getLogger("parity.engine")
 
 
 class EngineQueueFull(RequestError):
-    """`max_waiting` requests are already waiting for admission (HTTP 429 upstream)."""
+    """`max_waiting` sequences are already waiting for admission (HTTP 429 upstream)."""
 
 
 class LLMEngine:
@@ -221,7 +221,7 @@ class LLMEngine:
         Raises:
             RequestError: empty prompt, token ids out of range, prompt too long for max_model_len,
                 invalid sampling parameters, duplicate request_id, request larger than the cache pool;
-                EngineQueueFull when max_waiting requests already wait.
+                EngineQueueFull when max_waiting sequences already wait.
         """
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -263,8 +263,8 @@ class LLMEngine:
         free_slots = max(0, sched.max_num_seqs - sched.num_running)
         if enforce_queue_limit and max(0, sched.num_waiting + params.n - free_slots) > self.args.max_waiting:
             raise EngineQueueFull(
-                f"request queue is full: {sched.num_waiting} requests waiting "
-                f"(max_waiting = {self.args.max_waiting}); retry later"
+                f"request queue is full: {max(0, sched.num_waiting - free_slots)} sequences waiting, "
+                f"{params.n} more would exceed max_waiting = {self.args.max_waiting} sequences; retry later"
             )
         total = len(ids) + (params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids))
         if not self._fits_empty_pool(min(total, self.max_model_len)):

@@ -59,7 +59,8 @@ class SamplingParams:
         repetition_penalty: in [1e-4, 1e4]; logits of tokens seen in prompt or output are divided by it when
             positive and multiplied when negative (CTRL).
         seed: per-request seed: the same seed gives the same tokens. None = engine generator.
-        stop: strings that end generation; the matched stop string is excluded from the text.
+        stop: strings that end generation; the matched stop string is excluded from the text unless
+            `include_stop_str_in_output` (vLLM's field of that name).
         stop_token_ids: token ids that end generation (besides EOS unless ignore_eos).
         ignore_eos: keep generating after EOS.
         logprobs: None, or the number N of top log-probabilities to return per generated token
@@ -84,6 +85,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] | None = None
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
@@ -173,6 +175,8 @@ class SamplingParams:
                 raise bad("stop", "must be a list of strings", self.stop)
             if any(s == "" for s in self.stop):
                 raise bad("stop", "must not contain empty strings", self.stop)
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise bad("include_stop_str_in_output", "must be a boolean", self.include_stop_str_in_output)
         if self.stop_token_ids is not None:
             if not isinstance(self.stop_token_ids, (list, tuple)) or not all(_is_int(t) for t in self.stop_token_ids):
                 raise bad("stop_token_ids", "must be a list of integers", self.stop_token_ids)

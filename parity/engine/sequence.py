@@ -72,7 +72,8 @@ class Sequence:
         seq_id: engine-unique int; index: completion index within its request.
         prompt_ids / output_ids: token ids; num_computed: tokens already in the cache state.
         state: the model's SequenceState (None while waiting/preempted); cache: its SequenceCache.
-        text: detokenized output so far (stop string excluded once matched); sent_text: chars streamed.
+        text: detokenized output so far (stop string excluded once matched, unless
+            include_stop_str_in_output); sent_text: chars streamed.
     """
 
     def __init__(self, seq_id: int, request: Request, index: int, generator: torch.Generator | None, detokenizer: Any):
@@ -166,7 +167,8 @@ class Sequence:
                         if k >= 0 and (best is None or k < best[0]):
                             best = (k, s)
                     if best is not None:
-                        self.text = self.text[: best[0]]
+                        keep = len(best[1]) if p.include_stop_str_in_output else 0
+                        self.text = self.text[: best[0] + keep]
                         self.finish_reason, self.stop_reason = "stop", best[1]
                         return
         max_tokens = p.max_tokens if p.max_tokens is not None else max_model_len

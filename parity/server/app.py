@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from parity.errors import ParityError
 from parity.server import protocol as P
@@ -164,6 +165,9 @@ def build_app(
             return resp
         except OpenAIError as e:
             return error_response(e, endpoint)
+        except ClientDisconnect:  # the client left while sending its body (a truncated or malformed one)
+            srv.metrics.requests.labels(endpoint, "499").inc()
+            return Response(status_code=499)
         except ParityError as e:  # chat encoding errors and other named input errors
             return error_response(bad_request(str(e), param=getattr(e, "param", None)), endpoint)
         except Exception as e:  # a bug: answer 500 with the cause, keep serving, log the traceback

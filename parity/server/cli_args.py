@@ -140,7 +140,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=0.5,
         help="share of free device memory for the cache pool (when --cache-memory is not given)",
     )
-    g.add_argument("--max-waiting", type=int, default=256, help="most waiting requests; more get HTTP 429")
+    g.add_argument(
+        "--max-waiting", type=int, default=256, help="most waiting sequences (prompts x n); more get HTTP 429"
+    )
     g.add_argument("--kv-cache-dtype", default=None, choices=["bf16", "fp8"], help="cache precision")
     g.add_argument(
         "--quantization",

@@ -2,13 +2,15 @@
 
 `create()` runs the endpoint's checks (`prepare`), then either runs every choice to its end and answers one
 JSON body, or admits every choice and answers a server-sent-event stream of the merged choices (the first
-chunks, one or more chunks per engine delta, the usage chunk when `stream_options.include_usage`, `[DONE]`).
+chunks, one or more chunks per engine delta, the usage chunk when `stream_options.include_usage`, `[DONE]`;
+with `stream_options.continuous_usage_stats` every chunk carries the cumulative `usage`).
 A client that disconnects before the answer starts gets status 499 (as nginx logs it).
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from parity.server import protocol as P
+from parity.server import request_options as R
 from parity.server.choices import Choice, ChoiceMerger, Job
 from parity.server.engine_client import EngineDelta
 from parity.server.sse import SSE_DONE, SSEResponse, sse_event
@@ -55,6 +57,8 @@ class Generation:
         choices / jobs: the engine requests (`jobs[i]` = (choices[i], prompt ids, SamplingParams)).
         prompt_tokens: `usage.prompt_tokens` (each prompt once, however many choices it has).
         stream: answer with server-sent events; include_usage: streams end with a usage chunk.
+        continuous_usage: every stream chunk carries the cumulative `usage` so far
+            (`stream_options.continuous_usage_stats`, vLLM's extension).
     """
 
     rid: str
@@ -65,6 +69,7 @@ class Generation:
     prompt_tokens: int
     stream: bool
     include_usage: bool
+    continuous_usage: bool = False
 
     def completion_tokens(self) -> int:
         return sum(c.num_tokens for c in self.choices)
@@ -104,17 +109,26 @@ class OpenAIServing:
         Returns:
             The served model name the request asked for.
         Raises:
-            OpenAIError: 404 unknown model, 400 unsupported field or bad `n`.
+            OpenAIError: 404 unknown model (`model_not_found`), 400 unsupported field or bad `n`.
         """
         model = self.server.check_model(request.model)
-        P.unsupported_fields(request)
-        P.check_n(request.n)
+        R.unsupported_fields(request)
+        R.check_n(request.n)
+        R.check_vllm_extras(request)
         return model
 
     # ---- hooks --------------------------------------------------------------------------------
     async def prepare(self, request: Any, arrival_s: float) -> Generation:
         """Check `request` and build its choices; raises OpenAIError (400) naming a bad parameter."""
         raise NotImplementedError
+
+    @staticmethod
+    def response_id(prefix: str, request: Any) -> tuple[str, str]:
+        """(response id, engine request id prefix): "<prefix>-<request_id>" when the client names the request
+        (vLLM's `request_id`), else "<prefix>-<random hex>"; engine ids are always random, so two requests
+        with the same `request_id` never collide in the engine."""
+        internal = f"{prefix}-{uuid.uuid4().hex}"
+        return (f"{prefix}-{request.request_id}" if request.request_id else internal), internal
 
     def full_choices(self, gen: Generation) -> list[dict]:
         """The `choices` of the whole response, once every choice has finished."""
@@ -130,10 +144,11 @@ class OpenAIServing:
 
     # ---- the skeleton -------------------------------------------------------------------------
     def chunk(self, gen: Generation, choices: list[dict], usage: Any = None) -> str:
-        """One stream chunk as an SSE event."""
-        return sse_event(
-            envelope(gen.rid, self.chunk_object, gen.created, gen.model, choices, usage, gen.include_usage)
-        )
+        """One stream chunk as an SSE event; with `continuous_usage` it carries the usage so far."""
+        if gen.continuous_usage and usage is None:
+            usage = gen.usage()
+        with_usage = gen.include_usage or gen.continuous_usage
+        return sse_event(envelope(gen.rid, self.chunk_object, gen.created, gen.model, choices, usage, with_usage))
 
     async def create(self, request: Any, raw_request: Request, arrival_s: float | None = None) -> Response:
         """Answer one parsed request (`request_cls`): a JSONResponse, an SSE StreamingResponse, or 499.

@@ -11,6 +11,7 @@ from typing import Any
 
 from parity.errors import ParityError
 from parity.server import protocol as P
+from parity.server import request_options as R
 from parity.server.choices import Choice
 from parity.server.engine_client import EngineDelta
 from parity.server.errors import bad_request, param_from_message
@@ -67,7 +68,8 @@ class ServingChat(OpenAIServing):
     async def prepare(self, req: P.ChatCompletionRequest, arrival_s: float) -> ChatGeneration:
         srv = self.server
         model = self.check_common(req)
-        thinking = P.thinking_enabled(req, srv.settings.default_thinking)
+        srv.check_num_seqs(1, req.n)
+        thinking = R.thinking_enabled(req, srv.settings.default_thinking)
         tools, tools_enabled = chat_tools(req)
         if req.top_logprobs is not None:
             if not 0 <= req.top_logprobs <= 20:
@@ -102,21 +104,23 @@ class ServingChat(OpenAIServing):
         # the output starts inside a reasoning block when the prompt leaves one open
         opens = getattr(fmt, "opens_reasoning", None)
         thinking = bool(opens(prompt)) if opens is not None else thinking
-        prompt_ids = await srv.tokenize(prompt, "messages")
+        prompt_ids = R.truncate_prompt(
+            await srv.tokenize(prompt, "messages"), req.truncate_prompt_tokens, srv.max_model_len
+        )
         if req.max_completion_tokens is not None:
             mt, mt_name = req.max_completion_tokens, "max_completion_tokens"
         else:
             mt, mt_name = req.max_tokens, "max_tokens"
         max_tokens = srv.resolve_max_tokens(mt, len(prompt_ids), mt_name, "messages")
-        kw = P.sampling_kwargs(req, max_tokens=max_tokens, logprobs=top_n, vocab_size=srv.vocab_size)
+        kw = R.sampling_kwargs(req, max_tokens=max_tokens, logprobs=top_n, vocab_size=srv.vocab_size)
         think_end_id = _token_id(srv.tokenizer, "think_end_id")
         if thinking and think_end_id is not None:
             kw["reasoning_end_token_id"] = think_end_id  # stop strings apply to the answer only
             if srv.settings.strict_thinking and not req.ignore_eos:
                 kw["strict_thinking"] = True
         params = srv.per_choice_params(kw, req.n)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        choices = srv.runner.new_choices(rid, req.n, len(prompt_ids), arrival_s)
+        rid, engine_rid = self.response_id("chatcmpl", req)
+        choices = srv.runner.new_choices(engine_rid, req.n, len(prompt_ids), arrival_s)
         jobs = [(ch, prompt_ids, sp) for ch, sp in zip(choices, params, strict=True)]
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -131,6 +135,7 @@ class ServingChat(OpenAIServing):
             prompt_tokens=len(prompt_ids),
             stream=bool(req.stream),
             include_usage=include_usage,
+            continuous_usage=R.continuous_usage(req),
             thinking=thinking,
             tools_enabled=tools_enabled,
             top_n=top_n,
@@ -280,7 +285,8 @@ def message_dict(m: P.ChatMessage, index: int) -> dict[str, Any]:
     """An OpenAI message as the plain dict `encode_chat` takes; text parts are joined.
 
     Raises:
-        OpenAIError(400): a content part that is not text, naming `messages.<i>.content.<j>.type`; a null or
+        OpenAIError(400): a content part that is not text, naming `messages.<i>.content.<j>.type`; a text part
+            without `text`, naming `messages.<i>.content.<j>.text`; a null or
             missing content, naming `messages.<i>.content`, except in an assistant message that carries
             tool_calls (as OpenAI allows) or reasoning_content.
     """
@@ -295,11 +301,17 @@ def message_dict(m: P.ChatMessage, index: int) -> dict[str, Any]:
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
-            if part.type != "text" or part.text is None:
+            if part.type != "text":
                 raise bad_request(
                     f"messages[{index}].content[{j}]: only 'text' content parts are supported (got type {part.type!r})",
                     param=f"messages.{index}.content.{j}.type",
                     code="unsupported_parameter",
+                )
+            if part.text is None:
+                raise bad_request(
+                    f"messages[{index}].content[{j}]: a 'text' content part needs a 'text' field (a string)",
+                    param=f"messages.{index}.content.{j}.text",
+                    code="missing_required_parameter",
                 )
             texts.append(part.text)
         content = "".join(texts)

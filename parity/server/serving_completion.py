@@ -12,12 +12,12 @@ prompt tokens (the first with logprob None). The engine does not compute prompt-
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from parity.server import protocol as P
+from parity.server import request_options as R
 from parity.server.choices import Choice, Job
 from parity.server.engine_client import EngineDelta
 from parity.server.errors import bad_request
@@ -61,15 +61,20 @@ class ServingCompletion(OpenAIServing):
             raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
         srv.check_num_seqs(prompt_count(req.prompt), req.n)
         prompts = await completion_prompts(srv, req.prompt)
-        rid = f"cmpl-{uuid.uuid4().hex}"
+        rid, engine_rid = self.response_id("cmpl", req)
         jobs: list[Job] = []
         echo_text: dict[int, str] = {}
-        for pi, (ptext, ids) in enumerate(prompts):
+        prompt_total = 0  # usage.prompt_tokens: each prompt once, however many choices (n) it has (as OpenAI and vLLM)
+        for pi, (ptext, full_ids) in enumerate(prompts):
+            ids = R.truncate_prompt(full_ids, req.truncate_prompt_tokens, srv.max_model_len)
+            if len(ids) < len(full_ids):
+                ptext = None  # echo the prompt the model saw
+            prompt_total += len(ids)
             pparam = "prompt" if len(prompts) == 1 else f"prompt.{pi}"
             max_tokens = srv.resolve_max_tokens(req.max_tokens, len(ids), "max_tokens", pparam)
-            kw = P.sampling_kwargs(req, max_tokens=max_tokens, logprobs=req.logprobs, vocab_size=srv.vocab_size)
+            kw = R.sampling_kwargs(req, max_tokens=max_tokens, logprobs=req.logprobs, vocab_size=srv.vocab_size)
             params = srv.per_choice_params(kw, req.n)
-            new = srv.runner.new_choices(rid, req.n, len(ids), arrival_s, base=pi * req.n)
+            new = srv.runner.new_choices(engine_rid, req.n, len(ids), arrival_s, base=pi * req.n)
             for ch, sp in zip(new, params, strict=True):
                 jobs.append((ch, ids, sp))
                 if req.echo:
@@ -81,8 +86,6 @@ class ServingCompletion(OpenAIServing):
                             code="tokenizer_unavailable",
                         )
                     echo_text[ch.index] = ptext if ptext is not None else srv.tokenizer.decode(ids)
-        # usage.prompt_tokens: each prompt once, however many choices (n) it has (as OpenAI and vLLM).
-        prompt_total = sum(len(ids) for _, ids in prompts)
         return CompletionGeneration(
             rid=rid,
             model=model,
@@ -92,6 +95,7 @@ class ServingCompletion(OpenAIServing):
             prompt_tokens=prompt_total,
             stream=bool(req.stream),
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            continuous_usage=R.continuous_usage(req),
             logprobs=req.logprobs,
             skip_special_tokens=req.skip_special_tokens,
             echo_text=echo_text,

@@ -151,12 +151,14 @@ class OpenAIServer:
             raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
     def check_model(self, model: str | None) -> str:
-        """The model name to report; raises 400 `model_not_found` for a name this server does not serve."""
+        """The model name to report; raises OpenAIError(404 `model_not_found`) for a name this server does not
+        serve (the status OpenAI and vLLM answer)."""
         names = self.settings.served_model_names
         if model is None:
             return names[0]
         if model not in names and model not in self.settings.model_aliases:
-            raise bad_request(
+            raise OpenAIError(
+                404,
                 f"The model '{model}' does not exist; this server serves {names[0]!r}.",
                 param="model",
                 code="model_not_found",
@@ -211,15 +213,41 @@ class OpenAIServer:
             code="unsupported_media_type",
         )
 
+    def queue_capacity(self) -> tuple[int, int] | None:
+        """(max_num_seqs, max_waiting) of the engine (its `args`, else its own attributes), or None when it
+        does not say: the most sequences one request can have running and waiting at once."""
+        src = getattr(self.engine, "args", self.engine)
+        running, waiting = getattr(src, "max_num_seqs", None), getattr(src, "max_waiting", None)
+        if isinstance(running, int) and isinstance(waiting, int):
+            return running, waiting
+        return None
+
     def check_num_seqs(self, num_prompts: int, n: int) -> None:
-        """Raises OpenAIError(400 `too_many_sequences`) when prompts x n exceeds `max_seqs_per_request`."""
+        """Refuse a request whose sequences (prompts x n) can never be admitted.
+
+        Raises:
+            OpenAIError(400 `too_many_sequences`): prompts x n exceeds `max_seqs_per_request`, or exceeds
+                max_num_seqs + max_waiting (on an idle engine at most max_num_seqs run and max_waiting wait,
+                so the engine's queue would refuse it with a 429 however long the client retried).
+        """
+        seqs = num_prompts * n
+        param = "n" if num_prompts == 1 else "prompt"
         limit = int(self.settings.max_seqs_per_request)
-        if num_prompts * n > limit:
+        if seqs > limit:
             raise bad_request(
                 f"Too many sequences in one request: {num_prompts} prompt(s) x n={n} = "
-                f"{num_prompts * n}; this server accepts at most {limit} per request "
+                f"{seqs}; this server accepts at most {limit} per request "
                 f"(--max-seqs-per-request)",
-                param="prompt",
+                param=param,
+                code="too_many_sequences",
+            )
+        cap = self.queue_capacity()
+        if cap is not None and seqs > cap[0] + cap[1]:
+            raise bad_request(
+                f"Too many sequences in one request: {num_prompts} prompt(s) x n={n} = {seqs}, more than "
+                f"this server can ever queue: max_waiting ({cap[1]}) sequences waiting + max_num_seqs "
+                f"({cap[0]}) running = {cap[0] + cap[1]} (--max-waiting, --max-num-seqs)",
+                param=param,
                 code="too_many_sequences",
             )
 
