@@ -29,7 +29,7 @@ def _isl_osl(result: dict) -> tuple[int, int]:
 def modeled_frontier(result: dict) -> tuple[list[dict], str]:
     """The planner's frontier (`parity.plan.search.frontier`) for a result's declared hardware, planner model
     and mean ISL/OSL: (points, label) or ([], why not)."""
-    from parity.plan.measured import plan_preset
+    from parity.plan.served_model import plan_preset
 
     meta = result.get("metadata") or {}
     hw = (meta.get("hardware") or {}).get("id")
