@@ -539,3 +539,14 @@ def test_served_model_matching_the_plan_model_does_not_warn(tok, capsys):
             tokenizer=tok,
         )
     assert "served model" not in capsys.readouterr().err and not any("served model" in n for n in res["notes"])
+
+
+def test_bench_report_draws_no_modeled_frontier_for_another_served_model():
+    from parity.bench.frontier_report import modeled_frontier
+
+    result = {
+        "metadata": {"model": "tiny", "plan_model": "v4-flash", "hardware": {"id": "h200"}},
+        "requests": [{"ok": True, "prompt_tokens": 8, "output_tokens": 8}],
+    }
+    pts, why = modeled_frontier(result)
+    assert pts == [] and "test miniature" in why and "'v4-flash'" in why
