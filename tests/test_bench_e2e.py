@@ -517,3 +517,36 @@ def test_model_default_unreachable_server():
         run_bench(_cfg(url, model=None), tokenizer=object())
     with pytest.raises(BenchError, match="--slo: got an empty value"):  # config errors come before any request
         run_bench(_cfg(url, model=None, slo=""), tokenizer=object())
+
+
+@pytest.mark.parametrize(
+    "served, needle",
+    [("tiny", "test miniature"), ("deepseek-ai/DeepSeek-V4-Pro", "is 'v4-pro'"), ("fake", "names no planner preset")],
+)
+def test_served_model_that_is_not_the_plan_model_warns_at_run_time(tok, capsys, served, needle):
+    with FakeServer(Script(ttft_s=0.001, itl_s=0.001)) as srv:
+        res = run_bench(_cfg(srv.base_url, model=served, num_prompts=2, plan_model="v4-flash"), tokenizer=tok)
+    err = capsys.readouterr().err
+    assert f"warning: served model {served!r}" in err and needle in err and "'v4-flash'" in err
+    assert any(needle in n for n in res["notes"])
+    assert res["metadata"]["model"] == served and res["metadata"]["plan_model"] == "v4-flash"
+
+
+def test_served_model_matching_the_plan_model_does_not_warn(tok, capsys):
+    with FakeServer(Script(ttft_s=0.001, itl_s=0.001)) as srv:
+        res = run_bench(
+            _cfg(srv.base_url, model="deepseek-ai/DeepSeek-V4-Flash", num_prompts=2, plan_model="v4-flash"),
+            tokenizer=tok,
+        )
+    assert "served model" not in capsys.readouterr().err and not any("served model" in n for n in res["notes"])
+
+
+def test_bench_report_draws_no_modeled_frontier_for_another_served_model():
+    from parity.bench.frontier_report import modeled_frontier
+
+    result = {
+        "metadata": {"model": "tiny", "plan_model": "v4-flash", "hardware": {"id": "h200"}},
+        "requests": [{"ok": True, "prompt_tokens": 8, "output_tokens": 8}],
+    }
+    pts, why = modeled_frontier(result)
+    assert pts == [] and "test miniature" in why and "'v4-flash'" in why

@@ -110,3 +110,24 @@ def test_info_checks_layout_flags_before_printing_the_report(capsys, flags, need
     out, err = capsys.readouterr()
     assert out == ""  # nothing of the report before the error
     assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_info_context_is_bounded_by_the_model_and_the_cache_wording_is_consistent(capsys):
+    assert main(["info", "v4-flash", "--context", "99999999999"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1,048,576 tokens (max_position_embeddings)" in err[0], err
+    assert main(["info", "v4-flash", "--context", "1048576", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["context_tokens"] == 1048576
+    assert main(["info", "v4-flash", "--context", "0"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("cache bf16"))
+    # the bounded part is reached once the windows fill, so it may exceed the total at 0 tokens
+    assert "fixed" not in line and "once the 128-token sliding windows are full" in line, line
+    assert "per sequence at 0 tokens" in line
+
+
+def test_info_default_context_is_capped_at_the_model_limit(tmp_path, capsys):
+    cfg = load_preset("tiny")
+    cfg.max_position_embeddings = 4096
+    cfg.save(tmp_path)
+    assert main(["info", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["context_tokens"] == 4096

@@ -150,3 +150,20 @@ def test_long_prompt_is_prefilled_in_chunks_of_the_token_budget():
     assert estimate(Setup(**base))["ttft_ms"] == pytest.approx(chunked["ttft_ms"])
     with pytest.raises(PlanError, match="max-num-batched-tokens"):
         Setup(**base, max_num_batched_tokens=-1).validate()
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["plan", "--hardware", "h200", "--isl", "10000000"], "the prompt (--isl 10,000,000 tokens) exceeds"),
+        (["compare", "--hardware", "h200,b200", "--isl", "10000000"], "the prompt (--isl 10,000,000 tokens) exceeds"),
+        (
+            ["estimate", "--hardware", "h200", "--isl", "1000000", "--osl", "100000", "--concurrency", "1"],
+            "--isl 1,000,000 + --osl 100,000 = 1,100,000 tokens exceed",
+        ),
+    ],
+)
+def test_sequence_over_the_model_context_is_an_error(capsys, argv, needle):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "1,048,576 tokens (max_position_embeddings)" in err[0], err

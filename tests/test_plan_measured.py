@@ -173,7 +173,7 @@ def test_plan_calibrate_model_names_the_preset_of_results_that_record_none(tmp_p
 
     for i, p in enumerate(SMALL_BATCH_910C):
         r = _synthetic_result("910c", *p, TRUE)
-        r["metadata"]["model"] = "tiny"  # a served name that is no planner preset
+        r["metadata"]["model"] = "my-finetune"  # a served name that is no planner preset
         (tmp_path / f"p{i}.json").write_text(json.dumps(r))
     base = ["plan", "--hardware", "910c", "--isl", "1024", "--osl", "1024", "--calibrate", str(tmp_path), "--json"]
     assert main(base) == 2
@@ -182,3 +182,56 @@ def test_plan_calibrate_model_names_the_preset_of_results_that_record_none(tmp_p
     assert main([*base, "--model", "v4-flash"]) in (0, 1)  # the hint works
     r = json.loads(capsys.readouterr().out)
     assert r["calibration"]["points"] and r["provenance"].startswith("calibrated:")
+
+
+def _result_file(d, served, plan_model=None, name="h.json"):
+    r = _synthetic_result("h200", *POINTS["h200"][0], TRUE)
+    r["metadata"].update(model=served, plan_model=plan_model)
+    (d / name).write_text(json.dumps(r))
+    return d / name
+
+
+@pytest.mark.parametrize(
+    "served, plan_model, model",
+    [("tiny", "v4-flash", None), ("tiny", None, "v4-flash"), ("deepseek-ai/DeepSeek-V4-Pro", "v4-flash", None)],
+)
+def test_results_of_another_served_model_are_refused(tmp_path, capsys, served, plan_model, model):
+    from parity.cli import main
+
+    _result_file(tmp_path, served, plan_model)
+    with pytest.raises(PlanError, match=r"result h\.json: served model .* not the planner model 'v4-flash'"):
+        load_measured([tmp_path], model=model)
+    extra = ["--model", model] if model else []
+    for cmd in (
+        ["validate", "--measured", str(tmp_path)],
+        ["plan", "--hardware", "h200", "--calibrate", str(tmp_path)],
+    ):
+        assert main([*cmd, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "h.json" in err[0] and repr(served) in err[0] and "'v4-flash'" in err[0], err
+
+
+def test_unknown_served_name_is_taken_as_the_plan_model(tmp_path):
+    _result_file(tmp_path, "my-finetune", "v4-flash")
+    (pt,) = load_measured([tmp_path])
+    assert pt.setup.model == "v4-flash"
+
+
+def test_calibration_that_determines_nothing_is_not_labelled_calibrated(tmp_path, capsys):
+    from parity.cli import main
+
+    r = _synthetic_result("h200", 1, 1024, 16, 1, TRUE)  # prefill of 1,024 tokens: TTFT moves no constant
+    ttft = r["steady_state"]["ttft_ms_median"]
+    r["steady_state"] = {"duration_s": 0}
+    r["summary"]["ttft_ms"]["median"] = ttft
+    (tmp_path / "one.json").write_text(json.dumps(r))
+    cal = calibrate([str(tmp_path)], "h200")
+    assert not any(cal["determined"].values()) and cal["label"] is None
+    assert cal["constants"] == family_of(get_hardware("h200")).as_dict()
+    base = ["plan", "--hardware", "h200", "--isl", "1024", "--osl", "1024", "--calibrate", str(tmp_path)]
+    assert main([*base, "--json"]) in (0, 1)
+    r = json.loads(capsys.readouterr().out)
+    assert r["provenance"].startswith("modeled:") and "calibrated" not in json.dumps(r["provenance_by_figure"])
+    assert main(base) in (0, 1)
+    out = capsys.readouterr().out
+    assert "calibrated:" not in out and "determined no constant" in out

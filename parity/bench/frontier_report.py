@@ -29,7 +29,7 @@ def _isl_osl(result: dict) -> tuple[int, int]:
 def modeled_frontier(result: dict) -> tuple[list[dict], str]:
     """The planner's frontier (`parity.plan.search.frontier`) for a result's declared hardware, planner model
     and mean ISL/OSL: (points, label) or ([], why not)."""
-    from parity.plan.measured import plan_preset
+    from parity.plan.served_model import plan_preset, served_model_mismatch
 
     meta = result.get("metadata") or {}
     hw = (meta.get("hardware") or {}).get("id")
@@ -38,6 +38,9 @@ def modeled_frontier(result: dict) -> tuple[list[dict], str]:
         return [], "no modeled frontier: hardware not declared (--hardware)"
     if not model:
         return [], f"no modeled frontier: model {meta.get('model')!r} names no planner preset (--plan-model)"
+    mismatch = served_model_mismatch(meta.get("model"), model)
+    if mismatch and mismatch[0] == "error":
+        return [], f"no modeled frontier: {mismatch[1]}"
     from parity.plan.search import Workload, frontier
     from parity.plan.serving_model import MODEL_VERSION
 

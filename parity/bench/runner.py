@@ -5,6 +5,7 @@ add the metadata, the steady-state window and its energy, write the result."""
 from __future__ import annotations
 
 import asyncio
+import sys
 
 from parity.bench.client import fetch_default_model
 from parity.bench.loadgen import run_requests
@@ -19,6 +20,7 @@ from parity.bench.tokenizer import BenchTokenizer, load_bench_tokenizer
 from parity.bench.workers import run_with_workers
 from parity.bench.workloads import BenchRequest
 from parity.devices.energy import open_meters
+from parity.plan.served_model import served_model_mismatch
 
 
 def run_bench(
@@ -59,6 +61,7 @@ def run_bench(
             f"--model not given: benchmarked {cfg.model!r}, the first model listed by the server's GET /v1/models."
         )
     cfg.validate()
+    notes.extend(plan_model_warnings(cfg))
     tokenizer = tokenizer or load_bench_tokenizer(cfg.tokenizer)
     if requests is None:
         requests, wl_notes = build_workload(cfg.workload, tokenizer, cfg.num_prompts, cfg.seed)
@@ -78,6 +81,20 @@ def run_bench(
     if cfg.output:
         save_result(result, cfg.output)
     return result
+
+
+def plan_model_warnings(cfg: BenchConfig) -> list[str]:
+    """Warnings (also printed to stderr) when the served ``cfg.model`` is not, or may not be, the planner preset
+    ``cfg.plan_model`` (`parity.plan.served_model.served_model_mismatch`): `parity validate --measured` and
+    `parity plan --calibrate` refuse a result whose served model is another model."""
+    mismatch = served_model_mismatch(cfg.model, cfg.plan_model)
+    if mismatch is None:
+        return []
+    kind, why = mismatch
+    tail = "; parity validate --measured and --calibrate will refuse this result" if kind == "error" else ""
+    note = f"warning: {why}{tail}"
+    print(note, file=sys.stderr)
+    return [note]
 
 
 def add_v2_sections(result: dict, cfg: BenchConfig, server: dict | None, meters: list, idle: list) -> None:

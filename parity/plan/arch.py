@@ -55,6 +55,8 @@ class V4Arch:
         self.cfg = cfg
         self._cache_sizes: dict = {}
         self.name = cfg.source or "deepseek-v4"
+        #: longest sequence (prompt + output, tokens) the model serves: config.json max_position_embeddings
+        self.max_context = cfg.max_position_embeddings
         self.hidden = cfg.hidden_size
         self.vocab = cfg.vocab_size
         self.n_experts = cfg.n_routed_experts
@@ -147,6 +149,8 @@ class MLAArch:
     def __init__(self, d: dict):
         self.d = d
         self.name = d["id"]
+        #: longest sequence (tokens) when the data file records max_position_embeddings, else None (unchecked)
+        self.max_context = d.get("max_position_embeddings")
         D, H = d["hidden_size"], d["num_attention_heads"]
         self.hidden, self.vocab = D, d["vocab_size"]
         self.n_experts, self.topk = d["n_routed_experts"], d["num_experts_per_tok"]
@@ -287,3 +291,20 @@ def load_arch(name: str):
             f"a checkpoint directory whose config.json is real-size"
         )
     return arch
+
+
+def check_context(arch, isl: int, osl: int = 0) -> None:
+    """Refuse a request longer than the model's context (`arch.max_context`, tokens; None = unchecked).
+
+    Raises:
+        PlanError: `isl` + `osl` tokens over `arch.max_context`, naming the limit.
+    """
+    limit = arch.max_context
+    if limit is None or isl + osl <= limit:
+        return
+    what = (
+        f"the prompt (--isl {isl:,} tokens) exceeds"
+        if isl > limit or not osl
+        else f"--isl {isl:,} + --osl {osl:,} = {isl + osl:,} tokens exceed"
+    )
+    raise PlanError(f"{what} the context of {arch.name}: {limit:,} tokens (max_position_embeddings)")

@@ -92,7 +92,9 @@ def calibrate(paths: list[str], hardware: str, **kw) -> dict:
     Args:
         kw: as `parity.plan.measured.measured_point` (model, tp, quantization).
     Returns:
-        {"family", "constants", "shipped", "determined", "rms_log_error", "points", "label"}.
+        {"family", "constants", "shipped", "determined", "rms_log_error", "points", "label"}; "label" is None
+        when the measurements determine no constant (the constants are then the shipped ones and figures keep
+        their ``modeled:`` label).
     Raises:
         PlanError: no result measured on the family, or results the planner cannot place.
     """
@@ -104,5 +106,7 @@ def calibrate(paths: list[str], hardware: str, **kw) -> dict:
             f"(results declare their chip with parity bench --hardware)"
         )
     fit = fit_constants(pts, fam.as_dict())
+    if not any(fit["determined"].values()):
+        return {"family": fam.id, "shipped": fam.as_dict(), **fit, "points": [p.id for p in pts], "label": None}
     label = f"calibrated:{','.join(map(str, paths))} ({len(pts)} points, family {fam.id})"
     return {"family": fam.id, "shipped": fam.as_dict(), **fit, "points": [p.id for p in pts], "label": label}

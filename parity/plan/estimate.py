@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from parity.distributed.config import ParallelConfig
 from parity.errors import ParallelError, PlanError
-from parity.plan.arch import load_arch
+from parity.plan.arch import check_context, load_arch
 from parity.plan.hardware import family_of, get_hardware
 from parity.plan.serving_model import (
     IMBALANCE,
@@ -215,11 +215,14 @@ def build(setup: Setup) -> Evaluator:
     """Ideal-time terms of every step the setup's figures need.
 
     Raises:
-        PlanError: invalid setup or unknown model/hardware (weights over HBM only add `warnings`).
+        PlanError: invalid setup, unknown model/hardware, or a sequence over the model's context
+            (`check_context`: isl for the prefill phase, isl + osl otherwise); weights over HBM only add
+            `warnings`.
     """
     setup.validate()
     arch, hw = load_arch(setup.model), get_hardware(setup.hardware)
     s = setup
+    check_context(arch, s.isl, 0 if s.phase == "prefill" else s.osl)
     check_layout(arch, s)
     isl_u = max(1.0, s.isl * (1 - s.prefix_hit_rate))  # tokens actually prefilled per request
     ctx = s.decode_context or s.isl + s.osl / 2

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import json
 
+#: Context of the total cache size when --context is not given (tokens; capped at the model's limit).
+DEFAULT_CONTEXT = 65536
+
 
 def register(sub) -> None:
     p = sub.add_parser("info", help="parameter counts, layer schedule and KV-cache bytes of a model")
     p.add_argument("model", nargs="?", default="tiny", help="preset name (tiny, v4-flash, v4-pro) or checkpoint dir")
-    p.add_argument("--context", type=int, default=65536, help="context length N for the total cache size (tokens)")
+    p.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="context length N for the total cache size (tokens; default 65536, at most the model's "
+        "max_position_embeddings)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument(
         "--weights",
@@ -45,9 +54,17 @@ def run(args) -> int:
     from parity.errors import ConfigError
     from parity.shapes import model_info
 
-    if args.context < 0:
+    if args.context is not None and args.context < 0:
         raise ConfigError(f"--context must be >= 0 tokens, got {args.context}")
     cfg = load_config(args.model)
+    limit = cfg.max_position_embeddings
+    if args.context is None:
+        args.context = min(DEFAULT_CONTEXT, limit)
+    elif args.context > limit:
+        raise ConfigError(
+            f"--context {args.context:,} exceeds the context of {cfg.source or args.model}: {limit:,} tokens "
+            f"(max_position_embeddings)"
+        )
     device = _device_layout(cfg, args)  # every flag checked before anything is printed
     info = model_info(cfg, args.context)
     weights = getattr(args, "weights", None)
@@ -85,7 +102,8 @@ def run(args) -> int:
     for dt, c in info["kv_cache"].items():
         print(
             f"cache {dt:4s}       {c['per_token_growth_bytes']:.1f} B per token of growth; "
-            f"{_fmt_b(c['fixed_bytes'])} fixed (windows + compressor state); "
+            f"{_fmt_b(c['fixed_bytes'])} once the {cfg.sliding_window}-token sliding windows are full "
+            f"(windows + compressor state); "
             f"{_fmt_b(c['total_bytes_at_context'])} per sequence at {info['context_tokens']:,} tokens"
         )
     print(f"formula          {info['kv_cache_formula']}")

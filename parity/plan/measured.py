@@ -17,19 +17,11 @@ from pathlib import Path
 from parity.errors import PlanError
 from parity.plan.estimate import Setup, build, figures
 from parity.plan.hardware import family_of, get_hardware
+from parity.plan.served_model import plan_preset, served_model_mismatch
 
 RESULT_SCHEMA = "parity.bench.result"
 #: Metrics compared per point (names as `parity estimate` reports them).
 MEASURED_METRICS = ("output_tok_s_per_device", "tpot_ms", "ttft_ms")
-
-
-def plan_preset(served_model: str | None) -> str | None:
-    """The planner preset a served model name denotes (v4-pro / v4-flash, e.g. 'deepseek-ai/DeepSeek-V4-Flash'),
-    or None when the name says neither."""
-    n = (served_model or "").lower()
-    if "v4" not in n:
-        return None
-    return "v4-pro" if "pro" in n else "v4-flash" if "flash" in n else None
 
 
 @dataclass
@@ -83,8 +75,9 @@ def measured_point(
             and it has no ``plan_model``, `parity bench --plan-model`).
         tp: attention TP of the measured deployment (``--measured-tp``).
     Raises:
-        PlanError: `tp` below 1, not a bench result, no declared hardware, no planner model known, device count
-            not a multiple of `tp`, or no completed request.
+        PlanError: `tp` below 1, not a bench result, no declared hardware, no planner model known, a served
+            model that is not the planner model (`served_model_mismatch`), device count not a multiple of `tp`,
+            or no completed request.
     """
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise PlanError(f"--measured-tp must be a positive integer, got {tp!r}")
@@ -102,6 +95,9 @@ def measured_point(
             f"{where}: model {meta.get('model')!r} names no planner preset; pass --model v4-flash|v4-pro "
             f"(or record it when measuring: parity bench --plan-model)"
         )
+    mismatch = served_model_mismatch(meta.get("model"), preset)
+    if mismatch and mismatch[0] == "error":
+        raise PlanError(f"{where}: {mismatch[1]}: measurements of another model cannot validate or calibrate it")
     n = int(meta.get("num_devices") or 1)
     if n % tp:
         raise PlanError(f"{where}: {n} devices is not a multiple of --measured-tp {tp}")

@@ -370,24 +370,35 @@ def run_plan(args) -> int:
             tp=args.measured_tp,
             quantization=args.measured_quantization,
         )
-        consts = cal["constants"]
+        consts = cal["constants"] if cal["label"] else None
     r = plan(args.model or DEFAULT_PLAN_MODEL, args.hardware, _workload(args), consts=consts)
     if args.calibrate:
         r["calibration"] = cal
+    if args.calibrate and cal["label"]:
         r["provenance"] = cal["label"]
         if "provenance_by_figure" in r:
             r["provenance_by_figure"] = dict.fromkeys(r["provenance_by_figure"], cal["label"])
     print(json.dumps(r, indent=2) if args.json else format_plan(r))
     if args.calibrate and not args.json:
-        print(
-            "calibrated constants ("
-            + ", ".join(
-                f"{k} {v:.3f}{'' if cal['determined'][k] else ' (not determined by the data: shipped value)'}"
-                for k, v in cal["constants"].items()
-            )
-            + f"); rms log error {cal['rms_log_error']:.3f}"
-        )
+        print(_calibration_line(cal, args.calibrate))
     return 0 if r["feasible"] else 1
+
+
+def _calibration_line(cal: dict, paths: list[str]) -> str:
+    """One line on what `parity plan --calibrate` fitted (or that the measurements determined nothing)."""
+    if not cal["label"]:
+        return (
+            f"calibration: the {len(cal['points'])} measured point(s) in {' '.join(map(str, paths))} determined "
+            f"no constant; figures use the shipped {cal['family']} constants (modeled)"
+        )
+    return (
+        "calibrated constants ("
+        + ", ".join(
+            f"{k} {v:.3f}{'' if cal['determined'][k] else ' (not determined by the data: shipped value)'}"
+            for k, v in cal["constants"].items()
+        )
+        + f"); rms log error {cal['rms_log_error']:.3f}"
+    )
 
 
 def run_compare(args) -> int:

@@ -26,7 +26,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from parity.errors import PlanError
-from parity.plan.arch import V4Arch, load_arch
+from parity.plan.arch import V4Arch, check_context, load_arch
 from parity.plan.estimate import colocated
 from parity.plan.hardware import Hardware, family_of, get_hardware
 from parity.plan.serving_model import (
@@ -191,10 +191,12 @@ def plan(model: str, hardware: str, workload: Workload, consts: dict | None = No
     naming the limiting resource (memory, TPOT SLO, TTFT SLO) with the best value reachable.
 
     Raises:
-        PlanError: unknown model/hardware (with suggestions) or invalid workload.
+        PlanError: unknown model/hardware (with suggestions), invalid workload, or isl + osl over the model's
+            context (`check_context`).
     """
     workload.validate()
     arch = load_arch(model)
+    check_context(arch, workload.isl, workload.osl)
     hw = get_hardware(hardware)
     consts = consts or family_of(hw).as_dict()
     mtp_options = (0, 1) if arch.mtp_layers else (0,)
@@ -402,6 +404,7 @@ def frontier(model: str, hardware: str, workload: Workload, consts: dict | None 
     deployments) and colocated (swept over batch, TTFT SLO applied); TPOT SLO not applied."""
     workload.validate()
     arch, hw = load_arch(model), get_hardware(hardware)
+    check_context(arch, workload.isl, workload.osl)
     consts = consts or family_of(hw).as_dict()
     mtp_options = (0, 1) if arch.mtp_layers else (0,)
     fits = [d for d in _deployments(arch, hw, mtp_options) if hbm_budget(arch, hw, d) > 0]
