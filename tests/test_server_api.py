@@ -293,6 +293,23 @@ def test_completions_stream_sends_no_empty_text_chunks(server):
     assert sum(len(c["logprobs"]["tokens"]) for c in chunks) == len(whole["token_ids"]) == 30
 
 
+def _stream_choices(server, path: str, body: dict) -> list[dict]:
+    with httpx.stream(
+        "POST", server.base_url + path, headers={"Authorization": f"Bearer {KEY}"}, json={**body, "stream": True}
+    ) as r:
+        return [c for line in r.iter_lines() if line.startswith("data: {") for c in json.loads(line[6:])["choices"]]
+
+
+def test_every_streamed_choice_chunk_has_stop_reason(server):
+    """vLLM puts `stop_reason` (null until the last chunk) on every streamed choice, chat and completions."""
+    cmpl = _stream_choices(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 4, "echo": True})
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = _stream_choices(server, "/v1/chat/completions", {"messages": msgs, "max_tokens": 4})
+    for chunks in (cmpl, chat):
+        assert len(chunks) > 2 and all("stop_reason" in c for c in chunks), chunks
+        assert all(c["stop_reason"] is None for c in chunks[:-1])
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 BAD = [
     ("malformed json", "/v1/chat/completions", b'{"model": "tiny", "messages": [', None, "invalid_json"),

@@ -138,7 +138,15 @@ class ServingCompletion(OpenAIServing):
                 out.append(
                     self.chunk(
                         gen,
-                        [{"index": ch.index, "text": gen.echo_text[ch.index], "logprobs": None, "finish_reason": None}],
+                        [
+                            {
+                                "index": ch.index,
+                                "text": gen.echo_text[ch.index],
+                                "logprobs": None,
+                                "finish_reason": None,
+                                "stop_reason": None,
+                            }
+                        ],
                     )
                 )
         return out
@@ -163,11 +171,10 @@ class ServingCompletion(OpenAIServing):
             "text": text,
             "logprobs": self._lp_obj(gen, ids, lps, gen.offsets[ch.index], gen.decoders[ch.index]) if ids else None,
             "finish_reason": ch.finish_reason if ch.finished else None,
+            "stop_reason": ch.stop_reason if ch.finished else None,  # on every chunk, as vLLM
         }
         if gen.token_ids:
             c["token_ids"] = list(ids)
-        if ch.finished:
-            c["stop_reason"] = ch.stop_reason
         gen.offsets[ch.index] += len(text)
         return (self.chunk(gen, [c]),)
 
