@@ -310,6 +310,17 @@ def test_every_streamed_choice_chunk_has_stop_reason(server):
         assert all(c["stop_reason"] is None for c in chunks[:-1])
 
 
+def test_messages_accept_the_fields_openai_defines(server):
+    """A previous response's message echoed back (refusal, annotations...) and name/reasoning_content pass."""
+    msgs = [
+        {"role": "user", "content": "hi", "name": "ann"},
+        {"role": "assistant", "content": "yo", "refusal": None, "annotations": [], "reasoning_content": "r"},
+        {"role": "user", "content": "more"},
+    ]
+    r = post(server, "/v1/chat/completions", {"messages": msgs, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 BAD = [
     ("malformed json", "/v1/chat/completions", b'{"model": "tiny", "messages": [', None, "invalid_json"),
@@ -343,6 +354,13 @@ BAD = [
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "x"}], "foo": 1},
         "foo",
+        "unrecognized_argument",
+    ),
+    (
+        "unknown message field",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi", "foo": 1}]},
+        "messages.0.foo",
         "unrecognized_argument",
     ),
     (
