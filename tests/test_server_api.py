@@ -306,6 +306,21 @@ def test_completions_stream_echo_with_logprobs_scores_the_prompt(server):
     assert streamed == whole["logprobs"]["tokens"] and offsets == whole["logprobs"]["text_offset"]
 
 
+def test_completions_echo_with_max_tokens_0_scores_the_prompt(server):
+    """vLLM's prompt scoring: echo + max_tokens 0 returns the prompt (with its logprobs when asked), nothing
+    generated; without echo max_tokens 0 stays a 400."""
+    body = {"prompt": "Hello", "max_tokens": 0, "echo": True, "logprobs": 1, "return_token_ids": True}
+    r = post(server, "/v1/completions", body).json()
+    c = r["choices"][0]
+    assert c["text"] == "Hello" and c["finish_reason"] == "length" and c["token_ids"] == []
+    assert c["logprobs"]["tokens"] == list("Hello") and c["logprobs"]["token_logprobs"][0] is None
+    assert r["usage"]["completion_tokens"] == 0 and r["usage"]["prompt_tokens"] == 5
+    chunks = _stream_choices(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 0, "echo": True})
+    assert "".join(x["text"] for x in chunks) == "Hello" and chunks[-1]["finish_reason"] == "length"
+    e = post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 0}).json()["error"]
+    assert e["param"] == "max_tokens" and e["code"] == "invalid_value"
+
+
 def _stream_choices(server, path: str, body: dict) -> list[dict]:
     with httpx.stream(
         "POST", server.base_url + path, headers={"Authorization": f"Bearer {KEY}"}, json={**body, "stream": True}

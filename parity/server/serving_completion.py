@@ -39,6 +39,11 @@ class CompletionGeneration(Generation):
     echo_text: dict[int, str] = field(default_factory=dict)
     echo_ids: dict[int, list[int]] = field(default_factory=dict)
     echo_pending: set[int] = field(default_factory=set)  # streamed echo waiting for its prompt logprobs
+    score_only: bool = False  # echo with max_tokens 0: the prompt (and its logprobs), no generated token
+
+    def completion_tokens(self) -> int:
+        return 0 if self.score_only else super().completion_tokens()
+
     offsets: dict[int, int] = field(default_factory=dict)
     decoders: dict[int, Any] = field(default_factory=dict)
     held: dict[int, tuple[list[int], list[Any]]] = field(default_factory=dict)
@@ -67,6 +72,8 @@ class ServingCompletion(OpenAIServing):
         jobs: list[Job] = []
         echo_text: dict[int, str] = {}
         echo_ids: dict[int, list[int]] = {}
+        # echo + max_tokens 0 scores the prompt (vLLM): the engine runs one token, which is not returned
+        score_only = bool(req.echo) and req.max_tokens == 0
         prompt_total = 0  # usage.prompt_tokens: each prompt once, however many choices (n) it has (as OpenAI and vLLM)
         for pi, (ptext, full_ids) in enumerate(prompts):
             ids = R.truncate_prompt(full_ids, req.truncate_prompt_tokens, srv.max_model_len)
@@ -74,7 +81,7 @@ class ServingCompletion(OpenAIServing):
                 ptext = None  # echo the prompt the model saw
             prompt_total += len(ids)
             pparam = "prompt" if len(prompts) == 1 else f"prompt.{pi}"
-            max_tokens = srv.resolve_max_tokens(req.max_tokens, len(ids), "max_tokens", pparam)
+            max_tokens = srv.resolve_max_tokens(1 if score_only else req.max_tokens, len(ids), "max_tokens", pparam)
             kw = R.sampling_kwargs(req, max_tokens=max_tokens, logprobs=req.logprobs, vocab_size=srv.vocab_size)
             if req.echo and req.logprobs is not None:
                 kw["prompt_logprobs"] = req.logprobs  # the echoed prompt's tokens get logprobs too
@@ -106,6 +113,7 @@ class ServingCompletion(OpenAIServing):
             skip_special_tokens=req.skip_special_tokens,
             echo_text=echo_text,
             echo_ids=echo_ids,
+            score_only=score_only,
             as_ids=req.return_tokens_as_token_ids or srv.tokenizer is None,
             token_ids=req.return_token_ids or srv.tokenizer is None,
         )
@@ -135,6 +143,10 @@ class ServingCompletion(OpenAIServing):
         out = []
         for ch in gen.choices:
             prefix = gen.echo_text.get(ch.index, "")
+            if gen.score_only:
+                c = {"index": ch.index, "text": prefix, "logprobs": self._echo_lp_obj(gen, ch)}
+                out.append({**c, "finish_reason": "length", "stop_reason": None, **_no_ids(gen)})
+                continue
             c = {
                 "index": ch.index,
                 "text": prefix + "".join(ch.text),
@@ -183,6 +195,11 @@ class ServingCompletion(OpenAIServing):
             gen.echo_pending.discard(ch.index)
             echo = {"index": ch.index, "text": gen.echo_text[ch.index], "logprobs": self._echo_lp_obj(gen, ch)}
             out.append(self.chunk(gen, [{**echo, "finish_reason": None, "stop_reason": None}]))
+        if gen.score_only:
+            if ch.finished:
+                c = {"index": ch.index, "text": "", "logprobs": None, "finish_reason": "length", "stop_reason": None}
+                out.append(self.chunk(gen, [{**c, **_no_ids(gen)}]))
+            return out
         lps = list(getattr(d, "logprobs", None) or [])
         if not text and not ch.finished and (not ids or self.server.tokenizer is not None):
             # no text yet (held back by stop-string matching, or part of a UTF-8 character): no empty chunk;
@@ -265,3 +282,8 @@ def _joined(first: dict | None, second: dict | None) -> dict | None:
     if first is None or second is None:
         return first or second
     return {k: first[k] + second[k] for k in first}
+
+
+def _no_ids(gen: CompletionGeneration) -> dict:
+    """The empty `token_ids` of a prompt-scoring choice, when the request returns token ids."""
+    return {"token_ids": []} if gen.token_ids else {}
