@@ -32,3 +32,23 @@ def test_errors_name_the_sub_command_and_the_problem(capsys, argv, usage, line):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith(line), err
     assert (usage is None and len(err) == 1) or err[0].startswith(f"usage: {usage} "), err
+
+
+@pytest.mark.parametrize(
+    "flags,line",
+    [
+        (
+            ["--temperature", "-1"],
+            "parity generate: error: Invalid value for '--temperature': -1.0; expected a number in [0, 2]",
+        ),
+        (["--device", "nodev"], "parity generate: error: unknown device 'nodev'"),
+    ],
+)
+def test_generate_checks_flags_before_loading_the_model(capsys, flags, line):
+    """--temperature has the server's range and wording; a bad --device fails before the loading line."""
+    try:
+        rc = cli.main(["generate", "--prompt", "hi", *flags])
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and err[-1].startswith(line) and not any("loading" in x for x in err), err

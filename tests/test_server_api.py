@@ -258,10 +258,12 @@ def test_completions(client, server):
     r3 = client.completions.create(model="tiny", prompt=["Hello", "abc"], max_tokens=4, n=2, echo=True, logprobs=1)
     assert [c.index for c in r3.choices] == [0, 1, 2, 3]
     assert r3.choices[0].text == "Hello" + head(default_respond("Hello"), 4)
-    assert r3.choices[2].text.startswith("abc") and r3.choices[0].logprobs.text_offset[0] == 5
-    # documented limitation: with echo, logprobs cover the generated tokens only (no prompt-token entries)
-    assert len(r3.choices[0].logprobs.tokens) == len(r3.choices[0].logprobs.token_logprobs) == 4
-    assert "".join(r3.choices[0].logprobs.tokens) == r3.choices[0].text[5:]
+    # with echo, logprobs list the prompt tokens first (the first one null), offsets count from the echoed text
+    lp = r3.choices[0].logprobs
+    assert r3.choices[2].text.startswith("abc") and lp.text_offset[:6] == [0, 1, 2, 3, 4, 5]
+    assert len(lp.tokens) == len(lp.token_logprobs) == 5 + 4 and lp.tokens[:5] == list("Hello")
+    assert lp.token_logprobs[:5] == [None, -0.5, -0.5, -0.5, -0.5] and lp.top_logprobs[0] is None
+    assert lp.top_logprobs[1] == {"e": -0.5} and "".join(lp.tokens) == r3.choices[0].text
     st = list(
         client.completions.create(
             model="tiny", prompt="Hello", max_tokens=6, stream=True, stream_options={"include_usage": True}
@@ -291,6 +293,60 @@ def test_completions_stream_sends_no_empty_text_chunks(server):
     assert "".join(c["text"] for c in chunks) == whole["text"] and any(ord(x) > 127 for x in whole["text"])
     assert [t for c in chunks for t in c["token_ids"]] == whole["token_ids"]
     assert sum(len(c["logprobs"]["tokens"]) for c in chunks) == len(whole["token_ids"]) == 30
+
+
+def test_completions_stream_echo_with_logprobs_scores_the_prompt(server):
+    """Streamed echo + logprobs: the echo chunk carries the prompt tokens' logprobs (sent with the first delta)."""
+    body = {"prompt": "Hello", "max_tokens": 3, "echo": True, "logprobs": 1}
+    whole = post(server, "/v1/completions", body).json()["choices"][0]
+    chunks = _stream_choices(server, "/v1/completions", body)
+    assert chunks[0]["text"] == "Hello" and chunks[0]["logprobs"]["tokens"] == list("Hello")
+    streamed = [t for c in chunks for t in c["logprobs"]["tokens"]]
+    offsets = [o for c in chunks for o in c["logprobs"]["text_offset"]]
+    assert streamed == whole["logprobs"]["tokens"] and offsets == whole["logprobs"]["text_offset"]
+
+
+def test_completions_echo_with_max_tokens_0_scores_the_prompt(server):
+    """vLLM's prompt scoring: echo + max_tokens 0 returns the prompt (with its logprobs when asked), nothing
+    generated; without echo max_tokens 0 stays a 400."""
+    body = {"prompt": "Hello", "max_tokens": 0, "echo": True, "logprobs": 1, "return_token_ids": True}
+    r = post(server, "/v1/completions", body).json()
+    c = r["choices"][0]
+    assert c["text"] == "Hello" and c["finish_reason"] == "length" and c["token_ids"] == []
+    assert c["logprobs"]["tokens"] == list("Hello") and c["logprobs"]["token_logprobs"][0] is None
+    assert r["usage"]["completion_tokens"] == 0 and r["usage"]["prompt_tokens"] == 5
+    chunks = _stream_choices(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 0, "echo": True})
+    assert "".join(x["text"] for x in chunks) == "Hello" and chunks[-1]["finish_reason"] == "length"
+    e = post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 0}).json()["error"]
+    assert e["param"] == "max_tokens" and e["code"] == "invalid_value"
+
+
+def _stream_choices(server, path: str, body: dict) -> list[dict]:
+    with httpx.stream(
+        "POST", server.base_url + path, headers={"Authorization": f"Bearer {KEY}"}, json={**body, "stream": True}
+    ) as r:
+        return [c for line in r.iter_lines() if line.startswith("data: {") for c in json.loads(line[6:])["choices"]]
+
+
+def test_every_streamed_choice_chunk_has_stop_reason(server):
+    """vLLM puts `stop_reason` (null until the last chunk) on every streamed choice, chat and completions."""
+    cmpl = _stream_choices(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 4, "echo": True})
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = _stream_choices(server, "/v1/chat/completions", {"messages": msgs, "max_tokens": 4})
+    for chunks in (cmpl, chat):
+        assert len(chunks) > 2 and all("stop_reason" in c for c in chunks), chunks
+        assert all(c["stop_reason"] is None for c in chunks[:-1])
+
+
+def test_messages_accept_the_fields_openai_defines(server):
+    """A previous response's message echoed back (refusal, annotations...) and name/reasoning_content pass."""
+    msgs = [
+        {"role": "user", "content": "hi", "name": "ann"},
+        {"role": "assistant", "content": "yo", "refusal": None, "annotations": [], "reasoning_content": "r"},
+        {"role": "user", "content": "more"},
+    ]
+    r = post(server, "/v1/chat/completions", {"messages": msgs, "max_tokens": 2})
+    assert r.status_code == 200, r.text
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -326,6 +382,13 @@ BAD = [
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "x"}], "foo": 1},
         "foo",
+        "unrecognized_argument",
+    ),
+    (
+        "unknown message field",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi", "foo": 1}]},
+        "messages.0.foo",
         "unrecognized_argument",
     ),
     (

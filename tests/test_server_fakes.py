@@ -63,6 +63,14 @@ class Delta:
     logprobs: list[dict[int, float]] | None = None
     stop_reason: Any = None
     error: str | None = None
+    prompt_logprobs: list | None = None
+
+
+def _prompt_logprobs(r) -> list | None:
+    """With `prompt_logprobs`, the first delta scores the prompt: token i gets -0.5 (a rival, token 7, -2.0)."""
+    if r.pos != 1 or r.params.prompt_logprobs is None:
+        return None
+    return [None] + [{t: -0.5, 7: -2.0} for t in r.prompt[1:]]
 
 
 def default_respond(prompt: str) -> str:
@@ -244,6 +252,7 @@ class FakeEngine:
             self._running.pop(r.rid, None)
             r.done = True
             d = Delta(r.rid, [tok], "", True, "stop", [{1: -0.01, 5: -4.7}] if p.logprobs is not None else None)
+            d.prompt_logprobs = _prompt_logprobs(r)
             r.loop.call_soon_threadsafe(r.queue.put_nowait, d)
             return
         text = r.decoder.decode(bytes([tok - 3])) if tok >= 3 else ""
@@ -262,7 +271,7 @@ class FakeEngine:
         if finished:
             self._running.pop(r.rid, None)
             r.done = True
-        d = Delta(r.rid, [tok], text, finished, reason, lp, stop_reason)
+        d = Delta(r.rid, [tok], text, finished, reason, lp, stop_reason, prompt_logprobs=_prompt_logprobs(r))
         r.loop.call_soon_threadsafe(r.queue.put_nowait, d)
 
 

@@ -193,11 +193,26 @@ def test_completion_logprobs_offsets_match_text_with_special_tokens():
     entries = [{i: -0.5} for i in ids]
     lp = completion_logprobs(srv.tokenizer, ids, entries, 1, 0, skip_special_tokens=True)
     text = srv.tokenizer.decode(ids, skip_special_tokens=True)
-    assert text == "hi" and lp["tokens"] == ["", "h", "i"] and lp["text_offset"] == [0, 0, 1]
-    assert all(text[o : o + len(t)] == t for t, o in zip(lp["tokens"], lp["text_offset"], strict=False))
+    assert text == "hi" and lp["tokens"] == ["<eos>", "h", "i"] and lp["text_offset"] == [0, 0, 1]
+    assert all(text[o : o + len(t)] == t for t, o in zip(lp["tokens"][1:], lp["text_offset"][1:], strict=False))
     assert lp["top_logprobs"][0] == {"<eos>": -0.5}
     lp = completion_logprobs(srv.tokenizer, ids, entries, 1, 3, skip_special_tokens=False)
     assert lp["tokens"] == ["<eos>", "h", "i"] and lp["text_offset"] == [3, 8, 9]
+
+
+def test_logprobs_name_special_tokens_of_the_real_tokenizer_by_their_own_string():
+    """Placeholder/BOS tokens keep their own strings in `tokens` and as `top_logprobs` keys (as vLLM)."""
+    from parity.server.logprobs import chat_logprobs
+    from parity.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    ids = [128380, 128480, 129166]
+    entries = [{i: -1.0 - k for k, i in enumerate(ids)} for _ in ids]
+    lp = completion_logprobs(tok, ids, entries, 3, 0, skip_special_tokens=True)
+    names = [tok.decode([i], skip_special_tokens=False) for i in ids]
+    assert lp["tokens"] == names and all(n for n in names) and len(set(names)) == 3
+    assert list(lp["top_logprobs"][0]) == names
+    assert [c["token"] for c in chat_logprobs(tok, ids, entries, 3)] == names
 
 
 # --------------------------------------------------------------------- CLI flags and cache budget

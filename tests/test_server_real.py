@@ -314,3 +314,21 @@ def test_parity_generate_one_shot(real, capsys, monkeypatch):
         == 0
     )
     assert "[reasoning]" in capsys.readouterr().out
+
+
+def test_echo_with_logprobs_scores_the_prompt_tokens(real):
+    """echo + logprobs: the prompt's tokens come first (the first logprob null, the others the model's, each
+    with its top_logprobs), text_offset counts from the start of the echoed text, as OpenAI's legacy API."""
+    r = httpx.post(
+        real.base_url + "/v1/completions",
+        json={"model": "tiny", "prompt": "Hello world", "max_tokens": 2, "echo": True, "logprobs": 1},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    c = r.json()["choices"][0]
+    lp, n_prompt = c["logprobs"], r.json()["usage"]["prompt_tokens"]
+    assert len(lp["tokens"]) == n_prompt + 2 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(x is not None and x <= 0 for x in lp["token_logprobs"][1:])
+    assert all(len(t) == 1 for t in lp["top_logprobs"][1:])
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    assert c["text"].startswith("Hello world") and lp["text_offset"][n_prompt] == len("Hello world")

@@ -22,7 +22,7 @@ from parity.engine.model_loading import load_model, load_tokenizer_for, resolve_
 from parity.engine.model_runner import prepare_step_path
 from parity.engine.outputs import StreamDelta
 from parity.engine.prefix_cache import PrefixCache, chain_salt
-from parity.engine.sampler import SampleRequest, sample
+from parity.engine.sampler import SampleRequest, sample, score_prompt_chunk
 from parity.engine.sampling_params import SamplingParams
 from parity.engine.scheduler import Scheduler
 from parity.engine.sequence import Request, SeqStatus, Sequence, make_detokenizer
@@ -376,8 +376,18 @@ class LLMEngine:
         states = [s.seq.state for s in scheduled]
         pc = self.prefix_cache
         plans = [pc.plan_step(s.seq, s.start, s.num_tokens) for s in scheduled] if pc is not None else []
+        # prompt scoring: every new prompt position's logits, for the sequences that ask and are in prefill
+        scoring = [s.seq.params.prompt_logprobs is not None and s.start < len(s.seq.prompt_ids) for s in scheduled]
         try:
-            logits = self.model.forward_incremental(tokens, states, **self._kv_kw)
+            if any(scoring):
+                rows_logits = self.model.forward_incremental(tokens, states, all_logits=True, **self._kv_kw)
+                for s, rows in zip(scheduled, rows_logits, strict=True):
+                    if s.seq.params.prompt_logprobs is not None and s.start < len(s.seq.prompt_ids):
+                        q = s.seq
+                        score_prompt_chunk(q.prompt_logprobs, q.prompt_ids, s.start, rows, q.params.prompt_logprobs)
+                logits = torch.stack([r[-1] for r in rows_logits])
+            else:
+                logits = self.model.forward_incremental(tokens, states, **self._kv_kw)
         except CachePoolExhausted:
             self._abandon(scheduled)
             # the layout under-estimated: recompute every sequence of this step later

@@ -97,6 +97,8 @@ class StreamDelta:
         finished: this completion is done; finish_reason / stop_reason as in CompletionOutput.
         request_finished: every completion of the request is done.
         logprobs: TokenLogprobs of new_token_ids (None unless requested).
+        prompt_logprobs: with SamplingParams.prompt_logprobs, on the first delta only: one entry per
+            prompt token (entry 0 None, entry i: token i given tokens < i); else None.
         num_prompt_tokens, num_output_tokens: counts so far (usage); num_cached_tokens: prompt tokens
             restored from the prefix cache (usage.prompt_tokens_details.cached_tokens).
         metrics: the request's RequestMetrics (shared object, updated in place).
@@ -118,6 +120,7 @@ class StreamDelta:
     error: str | None = None
     prompt_token_ids: list[int] = field(default_factory=list, repr=False)
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     # RequestOutput-like conveniences
     @property

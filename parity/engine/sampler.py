@@ -204,3 +204,35 @@ def sample(
             top = list(zip(top_i[j][:n], top_v[j][:n], strict=False)) if n > 0 else []
             out_lp[i] = TokenLogprobs(token_list[i], chosen_l[j], int(ranks_l[j]), top)
     return token_list, out_lp
+
+
+def prompt_token_logprobs(logits: torch.Tensor, target_ids: list[int], n_top: int) -> list[TokenLogprobs]:
+    """Raw log-probabilities of given next tokens (prompt scoring, vLLM's `prompt_logprobs`).
+
+    Args:
+        logits: FloatTensor[L, V], row k the logits after position k.
+        target_ids: the L tokens that followed each position (prompt token k + 1).
+        n_top: how many most likely tokens to list per row (0: none).
+    Returns:
+        L TokenLogprobs: each target's log-probability, its 1-based rank and the top `n_top`.
+    """
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    tgt = torch.tensor(target_ids, device=lp.device, dtype=torch.long)
+    own = lp.gather(1, tgt[:, None])[:, 0]
+    ranks = (lp > own[:, None]).sum(dim=-1) + 1
+    top_v, top_i = lp.topk(n_top, dim=-1) if n_top else (lp[:, :0], tgt[:, None][:, :0])
+    own, ranks, top_v, top_i = own.tolist(), ranks.tolist(), top_v.tolist(), top_i.tolist()
+    return [
+        TokenLogprobs(t, own[k], int(ranks[k]), list(zip(top_i[k], top_v[k], strict=True)))
+        for k, t in enumerate(target_ids)
+    ]
+
+
+def score_prompt_chunk(out: list, prompt_ids, start: int, rows: torch.Tensor, n_top: int) -> None:
+    """Fill `out[p + 1]` with the TokenLogprobs of prompt token p + 1 after each position p of a prefill
+    chunk starting at `start` (rows: FloatTensor[chunk tokens, V]); a recomputed chunk overwrites."""
+    k = min(rows.shape[0], len(prompt_ids) - 1 - start)  # positions whose next token is a prompt token
+    if k > 0:
+        out[start + 1 : start + 1 + k] = prompt_token_logprobs(
+            rows[:k], list(prompt_ids[start + 1 : start + 1 + k]), n_top
+        )

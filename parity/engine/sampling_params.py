@@ -65,6 +65,9 @@ class SamplingParams:
         ignore_eos: keep generating after EOS.
         logprobs: None, or the number N of top log-probabilities to return per generated token
             (the sampled token's log-probability is always included).
+        prompt_logprobs: None, or the number N of top log-probabilities to return for each prompt token
+            after the first (its log-probability given the tokens before it; vLLM's field). Such a
+            request bypasses prefix-cache hits (every prompt position is computed).
         skip_special_tokens: drop special tokens from the detokenized text.
         reasoning_end_token_id: the output starts inside a reasoning block that this token closes
             (DeepSeek-V4's ``</think>``); stop strings then match only the text after it.
@@ -88,6 +91,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     reasoning_end_token_id: int | None = None
     strict_thinking: bool = False
@@ -191,6 +195,9 @@ class SamplingParams:
             raise bad("ignore_eos", "must be a boolean", self.ignore_eos)
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]", self.logprobs)
+        pl = self.prompt_logprobs
+        if pl is not None and (not _is_int(pl) or not 0 <= pl <= MAX_LOGPROBS):
+            raise bad("prompt_logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]", pl)
         if not isinstance(self.skip_special_tokens, bool):
             raise bad("skip_special_tokens", "must be a boolean", self.skip_special_tokens)
         rid = self.reasoning_end_token_id

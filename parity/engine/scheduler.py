@@ -151,7 +151,7 @@ class Scheduler:
     def _lookup(self, seq: Sequence) -> list:
         """The pinned cached chain a joining sequence can restore (at most all but its last token)."""
         pc = self.prefix_cache
-        if pc is None:
+        if pc is None or seq.params.prompt_logprobs is not None:  # every prompt position's logits needed
             return []
         ids = seq.token_slice(0, seq.num_tokens)
         keys = pc.keys(seq.block_keys, ids, seq.num_tokens)

@@ -95,6 +95,10 @@ class Sequence:
         self.sent_tokens = 0
         self.logprobs: list[TokenLogprobs] | None = [] if self.params.logprobs is not None else None
         self.sent_logprobs = 0
+        # TokenLogprobs of prompt token i given tokens < i (entry 0: None), filled during prefill
+        want_prompt = self.params.prompt_logprobs is not None
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = [None] * len(self.prompt_ids) if want_prompt else None
+        self.sent_prompt_logprobs = False
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.error: str | None = None
@@ -196,6 +200,9 @@ class Sequence:
         if self.logprobs is not None:
             lps = self.logprobs[self.sent_logprobs :]
             self.sent_logprobs = len(self.logprobs)
+        plps = None
+        if self.prompt_logprobs is not None and not self.sent_prompt_logprobs:
+            plps, self.sent_prompt_logprobs = list(self.prompt_logprobs), True
         self.sent_text = upto
         self.sent_tokens = len(self.output_ids)
         r = self.request
@@ -211,6 +218,7 @@ class Sequence:
             stop_reason=self.stop_reason,
             request_finished=done and all(s.final_sent for s in r.seqs),
             logprobs=lps,
+            prompt_logprobs=plps,
             num_prompt_tokens=len(self.prompt_ids),
             num_output_tokens=len(self.output_ids),
             metrics=r.metrics,

@@ -45,6 +45,7 @@ class Choice:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
+    prompt_logprobs: list[Any] | None = None  # per prompt token (entry 0 None), when the request scores its prompt
     finished: bool = False
     finish_reason: str | None = None
     stop_reason: Any = None
@@ -210,6 +211,9 @@ class ChoiceRunner:
         lps = getattr(d, "logprobs", None)
         if lps:
             ch.logprobs.extend(lps)
+        plps = getattr(d, "prompt_logprobs", None)
+        if plps is not None:
+            ch.prompt_logprobs = list(plps)
         if getattr(d, "error", None):
             ch.error = str(d.error)
         if getattr(d, "finished", False):

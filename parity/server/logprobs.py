@@ -114,9 +114,10 @@ def completion_logprobs(
 ) -> dict[str, Any]:
     """OpenAI completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset).
 
-    `tokens[i]` is token i's string (module docstring; "" for a special token that `skip_special_tokens`
-    drops from `text`); `text_offset[i]` is the character of `text` (counted from `offset0`) where token
-    i's bytes begin - the bytes of one character split over several tokens share its offset.
+    `tokens[i]` is token i's own string (module docstring), special tokens included even where
+    `skip_special_tokens` drops them from `text` (as vLLM);
+    `text_offset[i]` is the character of `text` (counted from `offset0`) where token i's bytes begin -
+    the bytes of one character split over several tokens share its offset.
     `decoder` (from :func:`text_decoder`) carries an unfinished character over from the previous delta.
     """
     decoder = decoder or text_decoder()
@@ -125,7 +126,7 @@ def completion_logprobs(
     for tid, entry in zip(token_ids, entries, strict=False):
         own, pairs = lp_entry(entry, tid)
         skipped = _is_skipped(tokenizer, tid, skip_special_tokens)
-        tokens.append("" if skipped and not as_ids else token_str(tokenizer, tid, as_ids))
+        tokens.append(token_str(tokenizer, tid, as_ids))
         lps.append(own)
         tops.append({token_str(tokenizer, k, as_ids): lp for k, lp in pairs[:top_n]} if top_n else None)
         offs.append(off)

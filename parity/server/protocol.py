@@ -100,16 +100,21 @@ class ContentPart(_NullIsDefault):
 
 
 class ChatMessage(_NullIsDefault):
-    """One message. Extra keys a client echoes back from a previous response (`refusal`, `audio`,
-    `annotations`, `function_call`) are ignored rather than rejected."""
+    """One message. A key OpenAI does not define on messages gets 400 `unrecognized_argument`, as an
+    unknown top-level field; the keys a client echoes back from a previous response (`refusal`, `audio`,
+    `annotations`, `function_call`: OpenAI's assistant message) are accepted and ignored."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool", "latest_reminder"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+    refusal: Any = None
+    audio: Any = None
+    annotations: Any = None
+    function_call: Any = None
 
 
 class ThinkingOption(_Strict):

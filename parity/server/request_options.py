@@ -56,6 +56,19 @@ def unsupported_fields(req: Any) -> None:
             )
 
 
+#: Accepted `temperature` range, OpenAI's documented [0, 2] (API reference); the CLI's --temperature too.
+TEMPERATURE_RANGE = (0.0, 2.0)
+
+
+def range_error(name: str, v: float | None, lo: float, hi: float, lo_open: bool = False) -> str | None:
+    """The one-line message for a number `v` outside [lo, hi] (or (lo, hi] with `lo_open`, NaN included);
+    None when `v` is None or inside."""
+    if v is None or not (v != v or v < lo or v > hi or (lo_open and v == lo)):
+        return None
+    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    return f"Invalid value for '{name}': {v!r}; expected a number in {interval}"
+
+
 def sampling_kwargs(req: Any, *, max_tokens: int, logprobs: int | None, vocab_size: int) -> dict[str, Any]:
     """SamplingParams keyword arguments for one choice of a validated request.
 
@@ -77,15 +90,11 @@ def sampling_kwargs(req: Any, *, max_tokens: int, logprobs: int | None, vocab_si
     """
 
     def rng(name: str, v: float | None, lo: float, hi: float, lo_open: bool = False) -> None:
-        if v is None:
-            return
-        if v != v or v < lo or v > hi or (lo_open and v == lo):
-            interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
-            raise bad_request(
-                f"Invalid value for '{name}': {v!r}; expected a number in {interval}", param=name, code="invalid_value"
-            )
+        msg = range_error(name, v, lo, hi, lo_open)
+        if msg is not None:
+            raise bad_request(msg, param=name, code="invalid_value")
 
-    rng("temperature", req.temperature, 0.0, 2.0)
+    rng("temperature", req.temperature, *TEMPERATURE_RANGE)
     rng("top_p", req.top_p, 0.0, 1.0, lo_open=True)
     rng("presence_penalty", req.presence_penalty, -2.0, 2.0)
     rng("frequency_penalty", req.frequency_penalty, -2.0, 2.0)

@@ -283,11 +283,18 @@ def run_generate(args: argparse.Namespace) -> int:
     if not is_utf8(args.prompt):
         raise RequestError("--prompt: the prompt is not valid UTF-8")
     chat = args.chat or args.thinking
+    from parity import devices
+    from parity.server.request_options import TEMPERATURE_RANGE, range_error
+
+    msg = range_error("--temperature", args.temperature, *TEMPERATURE_RANGE)  # the server's range and wording
+    if msg is not None:
+        raise RequestError(msg)
     sp = SamplingParams(n=args.n, logprobs=args.logprobs, **sampling_kwargs(args))
     sp.validate()  # fail fast (e.g. --sampling-seed out of range), before the model loads
+    device = devices.resolve(args.device)  # an unknown or absent device fails before the loading line
     tokenizer = load_checkpoint_tokenizer(args.model)
     t_load = time.perf_counter()
-    with loading(f"parity generate: loading {args.model or 'the default miniature'} on {args.device}"):
+    with loading(f"parity generate: loading {args.model or 'the default miniature'} on {device}"):
         llm = LLM(**engine_kwargs(args), **({} if tokenizer == "auto" else {"tokenizer": tokenizer}))
     load_s = time.perf_counter() - t_load
     sp.validate(llm.config.vocab_size, llm.engine.max_model_len)

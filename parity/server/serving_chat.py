@@ -192,6 +192,7 @@ class ServingChat(OpenAIServing):
                         "delta": {"role": "assistant", "content": ""},
                         "logprobs": None,
                         "finish_reason": None,
+                        "stop_reason": None,
                     }
                 ],
             )
@@ -210,7 +211,7 @@ class ServingChat(OpenAIServing):
             delta = chat_delta(item, gen.seen_calls[ch.index])
             if delta is None:
                 continue
-            c = {"index": ch.index, "delta": delta, "logprobs": None, "finish_reason": None}
+            c = {"index": ch.index, "delta": delta, "logprobs": None, "finish_reason": None, "stop_reason": None}
             self._take_logprobs(gen, c, ch.index)
             out.append(self.chunk(gen, [c]))
         return out
@@ -226,7 +227,13 @@ class ServingChat(OpenAIServing):
             finish = ch.finish_reason
             if gen.seen_calls[ch.index] and finish == "stop":
                 finish = "tool_calls"
-            c = {"index": ch.index, "delta": {}, "logprobs": None, "finish_reason": finish}
+            c = {
+                "index": ch.index,
+                "delta": {},
+                "logprobs": None,
+                "finish_reason": finish,
+                "stop_reason": ch.stop_reason,
+            }
             self._take_logprobs(gen, c, ch.index)
             out.append(self.chunk(gen, [c]))
         return out

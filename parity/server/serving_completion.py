@@ -4,9 +4,9 @@ Each choice carries its generated `token_ids` (and each stream chunk the ids of 
 sets `return_token_ids` or the server runs without a tokenizer (`--skip-tokenizer-init`, where `text` is
 empty); logprob tokens are then ``token_id:N`` strings, as with `return_tokens_as_token_ids` (vLLM's fields).
 
-Known limitation: with `echo: true` and `logprobs: N` the prompt is returned in `text`, but `logprobs`
-covers the generated tokens only (its `text_offset` starts at the prompt's length); vLLM also lists the
-prompt tokens (the first with logprob None). The engine does not compute prompt-token logprobs.
+With `echo: true` and `logprobs: N`, `logprobs` lists the prompt tokens first (the first one's logprob and
+top_logprobs null; the engine's `prompt_logprobs`), `text_offset` counting from the start of the echoed
+text, as OpenAI's legacy API and vLLM; a stream sends the echo chunk with the first generated delta.
 """
 
 from __future__ import annotations
@@ -37,6 +37,13 @@ class CompletionGeneration(Generation):
     as_ids: bool = False
     token_ids: bool = False
     echo_text: dict[int, str] = field(default_factory=dict)
+    echo_ids: dict[int, list[int]] = field(default_factory=dict)
+    echo_pending: set[int] = field(default_factory=set)  # streamed echo waiting for its prompt logprobs
+    score_only: bool = False  # echo with max_tokens 0: the prompt (and its logprobs), no generated token
+
+    def completion_tokens(self) -> int:
+        return 0 if self.score_only else super().completion_tokens()
+
     offsets: dict[int, int] = field(default_factory=dict)
     decoders: dict[int, Any] = field(default_factory=dict)
     held: dict[int, tuple[list[int], list[Any]]] = field(default_factory=dict)
@@ -64,6 +71,9 @@ class ServingCompletion(OpenAIServing):
         rid, engine_rid = self.response_id("cmpl", req)
         jobs: list[Job] = []
         echo_text: dict[int, str] = {}
+        echo_ids: dict[int, list[int]] = {}
+        # echo + max_tokens 0 scores the prompt (vLLM): the engine runs one token, which is not returned
+        score_only = bool(req.echo) and req.max_tokens == 0
         prompt_total = 0  # usage.prompt_tokens: each prompt once, however many choices (n) it has (as OpenAI and vLLM)
         for pi, (ptext, full_ids) in enumerate(prompts):
             ids = R.truncate_prompt(full_ids, req.truncate_prompt_tokens, srv.max_model_len)
@@ -71,8 +81,10 @@ class ServingCompletion(OpenAIServing):
                 ptext = None  # echo the prompt the model saw
             prompt_total += len(ids)
             pparam = "prompt" if len(prompts) == 1 else f"prompt.{pi}"
-            max_tokens = srv.resolve_max_tokens(req.max_tokens, len(ids), "max_tokens", pparam)
+            max_tokens = srv.resolve_max_tokens(1 if score_only else req.max_tokens, len(ids), "max_tokens", pparam)
             kw = R.sampling_kwargs(req, max_tokens=max_tokens, logprobs=req.logprobs, vocab_size=srv.vocab_size)
+            if req.echo and req.logprobs is not None:
+                kw["prompt_logprobs"] = req.logprobs  # the echoed prompt's tokens get logprobs too
             params = srv.per_choice_params(kw, req.n)
             new = srv.runner.new_choices(engine_rid, req.n, len(ids), arrival_s, base=pi * req.n)
             for ch, sp in zip(new, params, strict=True):
@@ -86,6 +98,7 @@ class ServingCompletion(OpenAIServing):
                             code="tokenizer_unavailable",
                         )
                     echo_text[ch.index] = ptext if ptext is not None else srv.tokenizer.decode(ids)
+                    echo_ids[ch.index] = list(ids)
         return CompletionGeneration(
             rid=rid,
             model=model,
@@ -99,6 +112,8 @@ class ServingCompletion(OpenAIServing):
             logprobs=req.logprobs,
             skip_special_tokens=req.skip_special_tokens,
             echo_text=echo_text,
+            echo_ids=echo_ids,
+            score_only=score_only,
             as_ids=req.return_tokens_as_token_ids or srv.tokenizer is None,
             token_ids=req.return_token_ids or srv.tokenizer is None,
         )
@@ -112,14 +127,32 @@ class ServingCompletion(OpenAIServing):
             self.server.tokenizer, ids, entries, gen.logprobs, offset0, gen.skip_special_tokens, gen.as_ids, decoder
         )
 
+    def _echo_lp_obj(self, gen: CompletionGeneration, ch: Choice) -> dict | None:
+        """The logprobs object of choice `ch`'s echoed prompt tokens (text_offset from 0; the first token's
+        logprob and top_logprobs null, as OpenAI's legacy API and vLLM), or None without echo/logprobs."""
+        if gen.logprobs is None or ch.index not in gen.echo_ids:
+            return None
+        ids = gen.echo_ids[ch.index]
+        entries = ch.prompt_logprobs or [None] * len(ids)
+        obj = self._lp_obj(gen, ids, entries, 0, text_decoder())
+        if gen.logprobs:
+            obj["top_logprobs"] = [None if e is None else t for e, t in zip(entries, obj["top_logprobs"], strict=True)]
+        return obj
+
     def full_choices(self, gen: CompletionGeneration) -> list[dict]:
         out = []
         for ch in gen.choices:
             prefix = gen.echo_text.get(ch.index, "")
+            if gen.score_only:
+                c = {"index": ch.index, "text": prefix, "logprobs": self._echo_lp_obj(gen, ch)}
+                out.append({**c, "finish_reason": "length", "stop_reason": None, **_no_ids(gen)})
+                continue
             c = {
                 "index": ch.index,
                 "text": prefix + "".join(ch.text),
-                "logprobs": self._lp_obj(gen, ch.token_ids, ch.logprobs, len(prefix)),
+                "logprobs": _joined(
+                    self._echo_lp_obj(gen, ch), self._lp_obj(gen, ch.token_ids, ch.logprobs, len(prefix))
+                ),
                 "finish_reason": ch.finish_reason,
                 "stop_reason": ch.stop_reason,
             }
@@ -135,10 +168,21 @@ class ServingCompletion(OpenAIServing):
             gen.decoders[ch.index] = text_decoder()
             if ch.index in gen.echo_text:
                 gen.offsets[ch.index] = len(gen.echo_text[ch.index])
+                if gen.logprobs is not None:  # sent with the first delta, which brings the prompt logprobs
+                    gen.echo_pending.add(ch.index)
+                    continue
                 out.append(
                     self.chunk(
                         gen,
-                        [{"index": ch.index, "text": gen.echo_text[ch.index], "logprobs": None, "finish_reason": None}],
+                        [
+                            {
+                                "index": ch.index,
+                                "text": gen.echo_text[ch.index],
+                                "logprobs": None,
+                                "finish_reason": None,
+                                "stop_reason": None,
+                            }
+                        ],
                     )
                 )
         return out
@@ -146,6 +190,16 @@ class ServingCompletion(OpenAIServing):
     def stream_delta(
         self, gen: CompletionGeneration, ch: Choice, d: EngineDelta, ids: list[int], text: str
     ) -> Iterable[str]:
+        out = []
+        if ch.index in gen.echo_pending:
+            gen.echo_pending.discard(ch.index)
+            echo = {"index": ch.index, "text": gen.echo_text[ch.index], "logprobs": self._echo_lp_obj(gen, ch)}
+            out.append(self.chunk(gen, [{**echo, "finish_reason": None, "stop_reason": None}]))
+        if gen.score_only:
+            if ch.finished:
+                c = {"index": ch.index, "text": "", "logprobs": None, "finish_reason": "length", "stop_reason": None}
+                out.append(self.chunk(gen, [{**c, **_no_ids(gen)}]))
+            return out
         lps = list(getattr(d, "logprobs", None) or [])
         if not text and not ch.finished and (not ids or self.server.tokenizer is not None):
             # no text yet (held back by stop-string matching, or part of a UTF-8 character): no empty chunk;
@@ -154,7 +208,7 @@ class ServingCompletion(OpenAIServing):
                 held_ids, held_lps = gen.held.setdefault(ch.index, ([], []))
                 held_ids.extend(ids)
                 held_lps.extend(lps)
-            return ()
+            return out
         if ch.index in gen.held:
             held_ids, held_lps = gen.held.pop(ch.index)
             ids, lps = held_ids + list(ids), held_lps + lps
@@ -163,13 +217,12 @@ class ServingCompletion(OpenAIServing):
             "text": text,
             "logprobs": self._lp_obj(gen, ids, lps, gen.offsets[ch.index], gen.decoders[ch.index]) if ids else None,
             "finish_reason": ch.finish_reason if ch.finished else None,
+            "stop_reason": ch.stop_reason if ch.finished else None,  # on every chunk, as vLLM
         }
         if gen.token_ids:
             c["token_ids"] = list(ids)
-        if ch.finished:
-            c["stop_reason"] = ch.stop_reason
         gen.offsets[ch.index] += len(text)
-        return (self.chunk(gen, [c]),)
+        return [*out, self.chunk(gen, [c])]
 
 
 def prompt_count(prompt: Any) -> int:
@@ -222,3 +275,15 @@ async def completion_prompts(srv: OpenAIServer, prompt: Any) -> list[tuple[str |
         for (i, t, _), tids in zip(texts, ids, strict=True):
             out[i] = (t, tids)
     return out
+
+
+def _joined(first: dict | None, second: dict | None) -> dict | None:
+    """Two completions logprobs objects as one (lists concatenated); either may be None."""
+    if first is None or second is None:
+        return first or second
+    return {k: first[k] + second[k] for k in first}
+
+
+def _no_ids(gen: CompletionGeneration) -> dict:
+    """The empty `token_ids` of a prompt-scoring choice, when the request returns token ids."""
+    return {"token_ids": []} if gen.token_ids else {}
