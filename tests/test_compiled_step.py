@@ -6,29 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_model_helpers import make_decode_model
 
 from parity import devices
 from parity.engine.model_runner import ENFORCE_EAGER_ENV, wants_eager
 
 
 def _small_model():
-    from parity.config import CSA, HASH_MOE, HCA, MOE, SLIDING, load_preset
-    from parity.model import build_model
-
-    cfg = load_preset("tiny").replace(
-        vocab_size=512,
-        hidden_size=64,
-        num_hidden_layers=3,
-        layer_types=[SLIDING, CSA, HCA],
-        mlp_layer_types=[HASH_MOE, MOE, MOE],
-        compress_rates={CSA: 4, HCA: 16},
-        sliding_window=8,
-        num_nextn_predict_layers=0,
-        quantization_config=None,
-        expert_dtype=None,
-        torch_dtype="float32",
-    )
-    return build_model(cfg, seed=0)
+    return make_decode_model()
 
 
 def test_compile_backend_per_device():

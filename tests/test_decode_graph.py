@@ -7,30 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_model_helpers import make_decode_model
 
 from parity.model.compressor import compress_step, compress_step_masked
 from parity.model.decode_graph import DecodeGraph, moe_step, unsupported_reason
 
 
 def _small_model(**over):
-    from parity.config import CSA, HASH_MOE, HCA, MOE, SLIDING, load_preset
-    from parity.model import build_model
-
-    cfg = load_preset("tiny").replace(
-        vocab_size=512,
-        hidden_size=64,
-        num_hidden_layers=3,
-        layer_types=[SLIDING, CSA, HCA],
-        mlp_layer_types=[HASH_MOE, MOE, MOE],
-        compress_rates={CSA: 4, HCA: 16},
-        sliding_window=8,
-        num_nextn_predict_layers=0,
-        quantization_config=None,
-        expert_dtype=None,
-        torch_dtype="float32",
-        **over,
-    )
-    m = build_model(cfg, seed=0)
+    m = make_decode_model(**over)
     m.cache_block_entries = 4  # CSA entries cross a block every 16 tokens, HCA every 64
     return m
 

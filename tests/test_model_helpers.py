@@ -77,3 +77,26 @@ def make_hf_model(seed: int = 0, **overrides):
 def save_hf(model, path, **kw) -> str:
     model.save_pretrained(str(path), **kw)
     return str(path)
+
+
+def make_decode_model(**overrides):
+    """A 3-layer parity model, one layer of each attention kind (sliding / CSA ratio 4 / HCA ratio 16, window
+    8), fp32 weights, no MTP, for the decode-step tests (eager vs the fixed-shape / compiled step)."""
+    from parity.config import CSA, HASH_MOE, HCA, MOE, SLIDING, load_preset
+    from parity.model import build_model
+
+    cfg = load_preset("tiny").replace(
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=3,
+        layer_types=[SLIDING, CSA, HCA],
+        mlp_layer_types=[HASH_MOE, MOE, MOE],
+        compress_rates={CSA: 4, HCA: 16},
+        sliding_window=8,
+        num_nextn_predict_layers=0,
+        quantization_config=None,
+        expert_dtype=None,
+        torch_dtype="float32",
+        **overrides,
+    )
+    return build_model(cfg, seed=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import torch
+from test_model_helpers import make_decode_model
 
 from parity.engine import model_runner
 from parity.model import decode_graph
@@ -13,23 +14,7 @@ from parity.model.decode_graph import DecodeGraph
 
 
 def _tiny_model():
-    from parity.config import CSA, HASH_MOE, HCA, MOE, SLIDING, load_preset
-    from parity.model import build_model
-
-    cfg = load_preset("tiny").replace(
-        vocab_size=256,
-        hidden_size=64,
-        num_hidden_layers=3,
-        layer_types=[SLIDING, CSA, HCA],
-        mlp_layer_types=[HASH_MOE, MOE, MOE],
-        compress_rates={CSA: 4, HCA: 16},
-        sliding_window=8,
-        num_nextn_predict_layers=0,
-        quantization_config=None,
-        expert_dtype=None,
-        torch_dtype="float32",
-    )
-    return build_model(cfg, seed=0)
+    return make_decode_model()
 
 
 def test_only_warm_buckets_serve_when_ready_is_a_set():
@@ -84,4 +69,4 @@ def test_a_failing_compiler_leaves_the_engine_eager(monkeypatch):
             t.join(timeout=60)
     assert sp.background and model.decode_graph.ready == set()  # every decode step stays eager
     out = model.forward_incremental([[1, 2]], [st := model.new_state()])
-    assert model.forward_incremental([[3]], [st]).shape[-1] == 256 and out is not None
+    assert model.forward_incremental([[3]], [st]).shape[-1] == model.config.vocab_size and out is not None
