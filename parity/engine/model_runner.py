@@ -84,7 +84,7 @@ def prepare_step_path(model, device: torch.device, enforce_eager: bool | None, b
     if background:
         threads = torch.get_num_threads()  # the engine's count: inductor specialises its kernels for it
         worker = threading.Thread(
-            target=_warm_up_in_background, args=(model, graph, buckets, threads), name="parity-compile", daemon=True
+            target=_warm_up_buckets, args=(graph, buckets, threads), name="parity-compile", daemon=True
         )
         worker.start()
         log.info(
@@ -95,12 +95,10 @@ def prepare_step_path(model, device: torch.device, enforce_eager: bool | None, b
             ", ".join(str(b) for b in buckets),
         )
         return StepPath("compiled", str(device), fn.backend_name, fn.mode, 0.0, background=True)
-    try:
-        with torch.inference_mode():  # as the engine's steps run (dynamo guards on the grad mode)
-            times = graph.warm_up(buckets)
-    except Exception as exc:  # noqa: BLE001 - any compiler failure: serve eager rather than not at all
+    times = _warm_up_buckets(graph, buckets, torch.get_num_threads())
+    if not graph.ready:
         model.decode_graph = None
-        log.warning("engine step path: eager on %s (compiling the decode step failed: %s)", device, _one_line(exc))
+        log.warning("engine step path: eager on %s (compiling the decode step failed)", device)
         return StepPath("eager", str(device))
     seconds = sum(times.values())
     sp = StepPath("compiled", str(device), fn.backend_name, fn.mode, seconds)
@@ -109,37 +107,41 @@ def prepare_step_path(model, device: torch.device, enforce_eager: bool | None, b
         sp.backend,
         f", mode {sp.mode}" if sp.mode else "",
         device,
-        ", ".join(str(b) for b in buckets),
+        ", ".join(str(b) for b in sorted(graph.ready)),
         seconds,
         ", ".join(f"batch {b}: {t:.1f} s" for b, t in times.items()),
     )
     return sp
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+def _warm_up_buckets(graph: DecodeGraph, buckets: tuple[int, ...], threads: int) -> dict[int, float]:
+    """Warm ``buckets`` up one by one with ``threads`` torch threads (each joins ``graph.ready`` when warm),
+    in the engine's grad mode (dynamo guards on it). A compiler failure (e.g. no C++ compiler for inductor) is
+    logged and leaves that bucket and the later ones eager; it never stops the engine.
 
-
-def _warm_up_in_background(model, graph: DecodeGraph, buckets: tuple[int, ...], threads: int) -> None:
-    """The background warm-up: bucket by bucket (each joins ``graph.ready`` when warm); a failure is
-    logged and the remaining buckets stay eager."""
+    Returns:
+        {bucket: wall seconds} of the buckets warmed.
+    """
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
+    times = {}
     for b in buckets:
         try:
             with torch.inference_mode():
-                t = graph.warm_up((b,))[b]
-        except Exception as exc:  # noqa: BLE001 - a compiler failure must not take the server down
+                times[b] = graph.warm_up((b,))[b]
+        except Exception as exc:  # noqa: BLE001 - a compiler failure must not take the engine down
+            text = str(exc).strip().splitlines()
             log.warning(
-                "compiled decode step: bucket %d failed to compile (%s); batches of that size and above stay eager",
+                "compiled decode step: bucket %d failed to compile (%s: %s); batches of that size and above stay eager",
                 b,
-                _one_line(exc),
+                type(exc).__name__,
+                text[0][:300] if text else "",
             )
-            return
+            break
         log.info(
             "compiled decode step: batch bucket %d warm in %.1f s (%.1f s since start-up)",
             b,
-            t,
+            times[b],
             time.perf_counter() - t0,
         )
+    return times
