@@ -381,8 +381,8 @@ class LLMEngine:
         try:
             if any(scoring):
                 rows_logits = self.model.forward_incremental(tokens, states, all_logits=True, **self._kv_kw)
-                for s, rows in zip(scheduled, rows_logits, strict=True):
-                    if s.seq.params.prompt_logprobs is not None and s.start < len(s.seq.prompt_ids):
+                for s, rows, scores in zip(scheduled, rows_logits, scoring, strict=True):
+                    if scores:
                         q = s.seq
                         score_prompt_chunk(q.prompt_logprobs, q.prompt_ids, s.start, rows, q.params.prompt_logprobs)
                 logits = torch.stack([r[-1] for r in rows_logits])

@@ -191,40 +191,34 @@ def sample(
     out_lp: list[TokenLogprobs | None] = [None] * B
     if lp_rows:
         assert raw_lp is not None
-        n_top = max(reqs[i].params.logprobs or 0 for i in lp_rows)
-        sel = torch.tensor([token_list[i] for i in lp_rows], device=dev)
-        chosen = raw_lp.gather(1, sel.unsqueeze(1)).squeeze(1)
-        ranks = (raw_lp > chosen.unsqueeze(1)).sum(dim=-1) + 1
-        if n_top > 0:
-            top_v, top_i = raw_lp.topk(n_top, dim=-1)
-            top_v, top_i = top_v.tolist(), top_i.tolist()
-        chosen_l, ranks_l = chosen.tolist(), ranks.tolist()
-        for j, i in enumerate(lp_rows):
-            n = reqs[i].params.logprobs or 0
-            top = list(zip(top_i[j][:n], top_v[j][:n], strict=False)) if n > 0 else []
-            out_lp[i] = TokenLogprobs(token_list[i], chosen_l[j], int(ranks_l[j]), top)
+        chosen = token_logprobs(
+            raw_lp, [token_list[i] for i in lp_rows], [reqs[i].params.logprobs or 0 for i in lp_rows]
+        )
+        for i, entry in zip(lp_rows, chosen, strict=True):
+            out_lp[i] = entry
     return token_list, out_lp
 
 
-def prompt_token_logprobs(logits: torch.Tensor, target_ids: list[int], n_top: int) -> list[TokenLogprobs]:
-    """Raw log-probabilities of given next tokens (prompt scoring, vLLM's `prompt_logprobs`).
+def token_logprobs(logprobs: torch.Tensor, ids: list[int], n_tops: list[int]) -> list[TokenLogprobs]:
+    """The entries of given tokens in rows of log-probabilities.
 
     Args:
-        logits: FloatTensor[L, V], row k the logits after position k.
-        target_ids: the L tokens that followed each position (prompt token k + 1).
-        n_top: how many most likely tokens to list per row (0: none).
+        logprobs: FloatTensor[L, V] of log-probabilities (log_softmax of raw logits).
+        ids: the L tokens, one per row; n_tops: how many most likely tokens to list per row (0: none).
     Returns:
-        L TokenLogprobs: each target's log-probability, its 1-based rank and the top `n_top`.
+        L TokenLogprobs: each token's log-probability, its 1-based rank and its row's top ``n_tops[k]``.
     """
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    tgt = torch.tensor(target_ids, device=lp.device, dtype=torch.long)
-    own = lp.gather(1, tgt[:, None])[:, 0]
-    ranks = (lp > own[:, None]).sum(dim=-1) + 1
-    top_v, top_i = lp.topk(n_top, dim=-1) if n_top else (lp[:, :0], tgt[:, None][:, :0])
-    own, ranks, top_v, top_i = own.tolist(), ranks.tolist(), top_v.tolist(), top_i.tolist()
+    sel = torch.tensor(ids, device=logprobs.device, dtype=torch.long)
+    own = logprobs.gather(1, sel[:, None])[:, 0]
+    ranks = ((logprobs > own[:, None]).sum(dim=-1) + 1).tolist()
+    m = max(n_tops, default=0)
+    top_v, top_i = [], []
+    if m > 0:
+        values, indices = logprobs.topk(m, dim=-1)
+        top_v, top_i = values.tolist(), indices.tolist()
     return [
-        TokenLogprobs(t, own[k], int(ranks[k]), list(zip(top_i[k], top_v[k], strict=True)))
-        for k, t in enumerate(target_ids)
+        TokenLogprobs(t, v, int(ranks[k]), list(zip(top_i[k][:n], top_v[k][:n], strict=True)) if n > 0 else [])
+        for k, (t, v, n) in enumerate(zip(ids, own.tolist(), n_tops, strict=True))
     ]
 
 
@@ -233,6 +227,5 @@ def score_prompt_chunk(out: list, prompt_ids, start: int, rows: torch.Tensor, n_
     chunk starting at `start` (rows: FloatTensor[chunk tokens, V]); a recomputed chunk overwrites."""
     k = min(rows.shape[0], len(prompt_ids) - 1 - start)  # positions whose next token is a prompt token
     if k > 0:
-        out[start + 1 : start + 1 + k] = prompt_token_logprobs(
-            rows[:k], list(prompt_ids[start + 1 : start + 1 + k]), n_top
-        )
+        lp = torch.log_softmax(rows[:k].float(), dim=-1)
+        out[start + 1 : start + 1 + k] = token_logprobs(lp, list(prompt_ids[start + 1 : start + 1 + k]), [n_top] * k)
