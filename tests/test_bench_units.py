@@ -295,6 +295,22 @@ def _fake_result(rate, ttft):
     }
 
 
+@pytest.mark.parametrize("cap, shown", [(None, "unbounded"), (8, "8")])
+def test_summary_table_names_the_concurrency_cap_or_unbounded(cap, shown):
+    import re
+
+    from rich.console import Console
+
+    from parity.bench.result import render_table
+
+    res = _fake_result(2, 0.05)
+    res["config"]["max_concurrency"] = cap
+    console = Console(record=True, width=120)
+    render_table(res, console)
+    rows = {m[0].strip(): m[1].strip() for m in re.findall(r"│ (.+?)│(.+?)│", console.export_text())}
+    assert rows["max concurrency"] == shown and rows["request rate (req/s)"] == "2"
+
+
 def test_report_png_and_errors(tmp_path):
     from parity.bench.report import write_report
     from parity.bench.result import load_result, save_result
@@ -345,7 +361,7 @@ def test_report_all_failed_run_is_named_without_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # matplotlib's "No artists with labels" UserWarning would fail here
         text = write_report([bad], tmp_path / "only_bad.html").read_text()
-        assert "run down (rate inf, conc -): all 4 requests failed (HTTP 503: overloaded: 4)" in text
+        assert "run down (rate inf, conc unbounded): all 4 requests failed (HTTP 503: overloaded: 4)" in text
         text = write_report([ok, bad], tmp_path / "both.html").read_text()
         assert "all 4 requests failed" in text and "data:image/png;base64," in text
         assert write_report([bad], tmp_path / "bad.png").read_bytes()[:4] == b"\x89PNG"
@@ -360,9 +376,9 @@ def test_report_labels_trace_runs_and_cdfs_start_at_zero(tmp_path):
     res["config"]["workload"] = "trace:/data/tr.jsonl"
     res["config"]["request_rate"] = "inf"
     label = run_label(res, tmp_path / "run1.json")
-    assert label == "run1 (trace tr.jsonl, conc -)" and "rate" not in label
+    assert label == "run1 (trace tr.jsonl, conc unbounded)" and "rate" not in label
     res2 = _fake_result(2, 0.05)
-    assert run_label(res2, "r2.json") == "r2 (rate 2, conc -)"
+    assert run_label(res2, "r2.json") == "r2 (rate 2, conc unbounded)"
     fig = make_figure([(label, res), ("r2", res2)])
     try:
         for ax in fig.axes[:3] + fig.axes[3:4]:

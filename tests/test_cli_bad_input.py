@@ -52,3 +52,31 @@ def test_generate_checks_flags_before_loading_the_model(capsys, flags, line):
         rc = e.code
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and err[-1].startswith(line) and not any("loading" in x for x in err), err
+
+
+@pytest.mark.parametrize("command", [["serve", "--port", "8123"], ["chat"]])
+@pytest.mark.parametrize(
+    "device,line",
+    [
+        ("nodev", "unknown device 'nodev'"),
+        ("npu", "device 'npu' is not available on this machine"),  # no torch_npu here
+    ],
+)
+def test_serve_and_chat_check_the_device_before_loading(capsys, monkeypatch, command, device, line):
+    """A bad --device is one line naming it, before the loading message, the port bind or any worker start."""
+    from parity import devices
+    from parity.server import cli_args, serve_cli
+
+    if devices.is_available(device):
+        pytest.skip(f"{device} is available here")
+
+    def no_load(*a, **k):
+        raise AssertionError("nothing may load or bind with a bad --device")
+
+    monkeypatch.setattr(cli_args, "build_engine", no_load)
+    monkeypatch.setattr(serve_cli, "build_engine", no_load)
+    monkeypatch.setattr("parity.server.launcher.bind_socket", no_load)
+    rc = cli.main([*command, "--device", device])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"parity {command[0]}: error: "), err
+    assert line in err[0] and "loading" not in err[0], err

@@ -18,6 +18,19 @@ def test_resolve_auto_and_cpu():
     assert devices.resolve(None).type in devices.KNOWN_TYPES
 
 
+def test_resolve_refuses_an_index_beyond_the_devices_here(monkeypatch):
+    from parity.devices import core
+
+    assert core.device_count("cpu") == 1 and core.device_count("no-such-type") is None
+    monkeypatch.setattr(core, "is_available", lambda t: t in ("cpu", "cuda"))
+    monkeypatch.setattr(core, "device_count", lambda t: 1)
+    assert devices.resolve("cuda") == torch.device("cuda", 0) == devices.resolve("cuda:0")
+    with pytest.raises(DeviceError, match=r"device 'cuda:7' is not on this machine: it has 1 cuda device \(cuda:0"):
+        devices.resolve("cuda:7")
+    monkeypatch.setattr(core, "device_count", lambda t: None)  # a backend that cannot count: not checked here
+    assert devices.resolve("cuda:7") == torch.device("cuda", 7)
+
+
 def test_resolve_errors():
     with pytest.raises(DeviceError, match="unknown device 'tpu'"):
         devices.resolve("tpu")

@@ -9,7 +9,7 @@ import torch
 from parity.engine import AsyncEngine, EngineArgs, SamplingParams
 from parity.engine.testing import FakeModel
 from parity.server import engine_threads
-from parity.server.engine_threads import intra_op_threads, serving_threads, serving_threads_for
+from parity.server.engine_threads import intra_op_threads, serving_threads
 
 
 @pytest.mark.parametrize(
@@ -90,8 +90,12 @@ def test_one_step_of_many_streams_reaches_every_stream_in_order():
 
 
 def test_serving_threads_for_a_device_flag():
-    assert serving_threads_for("no-such-device") is None  # the engine reports the bad flag itself
-    assert serving_threads_for("cpu") == serving_threads("cpu")
+    from parity.errors import DeviceError
+    from parity.server.cli_args import resolve_device_flag
+
+    with pytest.raises(DeviceError, match="no-such-device"):  # `parity serve` stops on it before loading
+        resolve_device_flag("no-such-device")
+    assert serving_threads(resolve_device_flag("cpu")) == serving_threads("cpu")
 
 
 @pytest.mark.parametrize("n", [None, 1])

@@ -57,3 +57,22 @@ def test_prompt_logprobs_score_each_prompt_token_given_the_ones_before(engines):
 def test_prompt_logprobs_range_is_checked():
     with pytest.raises(RequestError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=-1).validate()
+
+
+def test_offline_generate_returns_prompt_logprobs_as_the_stream_does(engines):
+    one, _ = engines
+    streamed = score(one, "d")
+    sp = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=2, n=2)
+    out, text_out = one.generate(
+        [{"prompt_token_ids": IDS}, {"prompt": "Hello there"}], [sp, SamplingParams(max_tokens=1, prompt_logprobs=0)]
+    )
+    got = out.prompt_logprobs
+    assert got is not None and len(got) == len(IDS) and got[0] is None
+    for e, ref in zip(got[1:], streamed[1:], strict=True):  # batched with other rows: equal up to rounding
+        assert e.token_id == ref.token_id and len(e.top) == 2 and e.rank >= 1
+        assert abs(e.logprob - ref.logprob) < 1e-3
+    tp = text_out.prompt_logprobs  # a text prompt: its tokens scored, no alternatives with prompt_logprobs=0
+    assert len(tp) == len(text_out.prompt_token_ids) and tp[0] is None
+    assert [e.token_id for e in tp[1:]] == text_out.prompt_token_ids[1:] and all(e.top == [] for e in tp[1:])
+    (plain,) = one.generate([{"prompt_token_ids": IDS}], SamplingParams(max_tokens=1))
+    assert plain.prompt_logprobs is None  # not asked for

@@ -91,6 +91,17 @@ def test_head_health_is_200_without_a_body(server):
     assert r.status_code == 200 and r.content == b"" and r.headers["content-type"] == "application/json"
 
 
+def test_head_models_answers_like_get_without_a_body(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for path in ("/v1/models", "/v1/models/tiny"):
+        got, r = httpx.get(server.base_url + path, headers=auth), httpx.head(server.base_url + path, headers=auth)
+        assert r.status_code == got.status_code == 200 and r.content == b""
+        assert r.headers["content-type"] == "application/json"
+        assert r.headers["content-length"] == got.headers["content-length"]
+    assert httpx.head(server.base_url + "/v1/models").status_code == 401  # auth as for GET
+    assert httpx.head(server.base_url + "/v1/models/nope", headers=auth).status_code == 404
+
+
 def test_chat_non_stream_and_stream_agree(client):
     msgs = [{"role": "user", "content": "hi there"}]
     r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=40)

@@ -6,6 +6,8 @@ budget larger than memory."""
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import threading
 import time
 
@@ -64,6 +66,44 @@ def test_body_over_limit_is_413_by_header_and_while_streaming(server):
     assert e["code"] == "request_too_large"
     assert httpx.get(server.base_url + "/health").status_code == 200
     r = httpx.post(server.base_url + CMPL, json={"prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+# ------------------------------------------------------------------ Content-Encoding of request bodies
+def test_gzip_bodies_are_decoded_like_plain_ones(server):
+    body = json.dumps({"prompt": "hi", "max_tokens": 2, "seed": 3}).encode()
+    plain = httpx.post(server.base_url + CMPL, content=body, headers=JSON)
+    assert plain.status_code == 200, plain.text
+    for coding in ("gzip", "x-gzip", "GZIP", "identity, gzip"):
+        r = httpx.post(
+            server.base_url + CMPL, content=gzip.compress(body), headers={**JSON, "Content-Encoding": coding}
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
+    twice = gzip.compress(gzip.compress(body))
+    r = httpx.post(server.base_url + CMPL, content=twice, headers={**JSON, "Content-Encoding": "gzip, gzip"})
+    assert r.status_code == 200, r.text
+
+
+def test_other_content_encodings_get_415_naming_them(server):
+    body = json.dumps({"prompt": "hi", "max_tokens": 1}).encode()
+    for coding in ("br", "deflate", "gzip, zstd"):
+        r = httpx.post(server.base_url + CMPL, content=body, headers={**JSON, "Content-Encoding": coding})
+        e = err(r, 415)
+        assert e["code"] == "unsupported_content_encoding" and repr(coding.split(", ")[-1]) in e["message"]
+        assert r.headers["accept-encoding"] == "gzip"
+
+
+def test_corrupt_gzip_is_a_400_and_a_gzip_bomb_a_413(server):
+    good = gzip.compress(json.dumps({"prompt": "hi", "max_tokens": 1}).encode())
+    flipped = good[:12] + bytes([good[12] ^ 0xFF]) + good[13:]
+    for raw in (b"not gzip at all", good[: len(good) // 2], flipped, good + b"junk"):
+        e = err(httpx.post(server.base_url + CMPL, content=raw, headers={**JSON, "Content-Encoding": "gzip"}), 400)
+        assert e["code"] == "invalid_content_encoding" and "gzip" in e["message"]
+    bomb = gzip.compress(b'{"prompt": "' + b"a" * 5_000_000 + b'"}')  # ~5 KB on the wire, 5 MB decoded
+    e = err(httpx.post(server.base_url + CMPL, content=bomb, headers={**JSON, "Content-Encoding": "gzip"}), 413)
+    assert e["code"] == "request_too_large" and "decompressed" in e["message"] and "100000" in e["message"]
+    r = httpx.post(server.base_url + CMPL, json={"prompt": "hi", "max_tokens": 2})  # the server is unharmed
     assert r.status_code == 200, r.text
 
 

@@ -118,7 +118,9 @@ def add_run_args(p) -> None:
         metavar="B",
         help="gamma shape of inter-arrival gaps: 1 = Poisson, <1 burstier, >1 steadier (default 1)",
     )
-    p.add_argument("--max-concurrency", type=int, default=None, metavar="C", help="cap on requests in flight")
+    p.add_argument(
+        "--max-concurrency", type=int, default=None, metavar="C", help="cap on requests in flight (default: unbounded)"
+    )
     p.add_argument("--warmup", type=int, default=0, metavar="N", help="warm-up requests before the measured run")
     p.add_argument(
         "--slo",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from parity.bench.frontier_report import energy_html, frontier_figure, header_html, points_html
 from parity.bench.metrics import RequestRecord
-from parity.bench.result import load_result, result_files
+from parity.bench.result import concurrency_text, load_result, result_files
 from parity.bench.workloads import parse_workload
 from parity.errors import BenchError
 
@@ -39,14 +39,14 @@ def run_label(result: dict, path: str | Path) -> str:
         arrivals = f"trace {Path(trace).name}" if trace else "trace"
     else:
         arrivals = f"rate {c.get('request_rate')}"
-    return f"{Path(path).stem} ({arrivals}, conc {c.get('max_concurrency') or '-'})"
+    return f"{Path(path).stem} ({arrivals}, conc {concurrency_text(c)})"
 
 
 def no_completed_note(label: str, result: dict) -> str | None:
     """One line for a run with no completed request (it has nothing to plot), else None.
 
     Names how many requests failed and the most common failure reason, e.g.
-    "run r1 (rate inf, conc -): all 30 requests failed (connection refused: 30)".
+    "run r1 (rate inf, conc unbounded): all 30 requests failed (connection refused: 30)".
     """
     s = result["summary"]
     if s.get("completed"):

@@ -116,6 +116,13 @@ def _f(v, nd=2) -> str:
     return "-" if v is None else (f"{v:,.{nd}f}" if isinstance(v, float) else str(v))
 
 
+def concurrency_text(config: dict) -> str:
+    """A run's ``--max-concurrency`` as printed: the cap, or "unbounded" when none was set (every request
+    may be in flight at once)."""
+    cap = config.get("max_concurrency")
+    return "unbounded" if cap is None else str(cap)
+
+
 def render_table(result: dict, console=None) -> None:
     """Print the summary of one result as a rich table (plus notes, failures and energy)."""
     from rich.console import Console
@@ -132,7 +139,8 @@ def render_table(result: dict, console=None) -> None:
     t.add_column("value", justify="right")
     rows = [
         ("workload", str(cfg.get("workload"))),
-        ("request rate (req/s) / max concurrency", f"{cfg.get('request_rate')} / {cfg.get('max_concurrency') or '-'}"),
+        ("request rate (req/s)", str(cfg.get("request_rate"))),
+        ("max concurrency", concurrency_text(cfg)),
         (
             "completed / failed / interrupted / not sent",
             f"{s['completed']} / {s['failed']} / {s['interrupted']} / {s.get('not_sent', 0)}",

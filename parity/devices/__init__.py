@@ -39,6 +39,7 @@ COMPILE_BY_DEFAULT = {"cpu": True, "cuda": False, "npu": False, "xpu": False, "m
 _LAZY = (
     "is_available",
     "resolve",
+    "device_count",
     "dist_backend",
     "supported_dtypes",
     "has_fp8",

@@ -84,7 +84,28 @@ def resolve(spec: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cpu")
     if index and not index.isdigit():
         raise DeviceError(f"device index in {spec!r} must be a non-negative integer")
-    return torch.device(dtype_part, int(index) if index else 0)
+    idx = int(index) if index else 0
+    count = device_count(dtype_part)
+    if count is not None and idx >= count:
+        raise DeviceError(
+            f"device {spec!r} is not on this machine: it has {count} {dtype_part} device"
+            f"{'s' if count != 1 else ''} ({dtype_part}:0 to {dtype_part}:{count - 1})"
+        )
+    return torch.device(dtype_part, idx)
+
+
+def device_count(device_type: str) -> int | None:
+    """How many devices of `device_type` this process sees (1 for "cpu"); None when its torch module does
+    not say (no `device_count`)."""
+    if device_type == "cpu":
+        return 1
+    count = getattr(getattr(torch, device_type, None), "device_count", None)
+    if count is None:
+        return None
+    try:
+        return int(count())
+    except Exception:  # a driver that cannot be queried: leave the check to the first use
+        return None
 
 
 def dist_backend(device: torch.device | str) -> str:

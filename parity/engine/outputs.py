@@ -69,7 +69,13 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """Result of one request (all its completions)."""
+    """Result of one request (all its completions).
+
+    Attributes:
+        prompt_logprobs: with SamplingParams.prompt_logprobs (vLLM's ``RequestOutput.prompt_logprobs``), one
+            entry per prompt token: entry 0 None (nothing precedes it), entry i the TokenLogprobs of prompt
+            token i given tokens < i (its rank and the prompt_logprobs most likely tokens); else None.
+    """
 
     request_id: str
     prompt: str | None
@@ -78,6 +84,7 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     error: str | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def num_cached_tokens(self) -> int:

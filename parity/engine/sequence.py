@@ -269,6 +269,9 @@ class Request:
         return all(s.finished for s in self.seqs)
 
     def output(self) -> RequestOutput:
+        """The RequestOutput of every completion so far; prompt logprobs (when asked) from the first
+        sequence, as every sequence scores the same prompt."""
+        plps = self.seqs[0].prompt_logprobs if self.seqs else None
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
@@ -277,4 +280,5 @@ class Request:
             finished=self.finished,
             metrics=self.metrics,
             error=self.error,
+            prompt_logprobs=list(plps) if plps is not None else None,
         )

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP front: `build_app` makes the FastAPI app over an engine.
 
-Endpoints: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions` (`ServingChat`),
+Endpoints: `GET|HEAD /v1/models`, `GET|HEAD /v1/models/{id}`, `POST /v1/chat/completions` (`ServingChat`),
 `POST /v1/completions` (`ServingCompletion`), both streaming with server-sent events and not,
 `GET|HEAD /health`, `GET /metrics` (Prometheus). Errors have OpenAI's shape (see errors.py). `/openapi.json`
 publishes the request-body schemas (the pydantic models of protocol.py).
@@ -134,11 +134,14 @@ def build_app(
             "max_model_len": srv.max_model_len,
         }
 
+    @app.head("/v1/models", include_in_schema=False)
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
+        """The served models; HEAD gets the same status and headers without the body."""
         srv.check_auth(request)
         return JSONResponse({"object": "list", "data": [model_card(n) for n in settings.served_model_names]})
 
+    @app.head("/v1/models/{model_id:path}", include_in_schema=False)
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request) -> Response:
         srv.check_auth(request)

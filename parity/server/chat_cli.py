@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from parity.errors import RequestError
-from parity.server.cli_args import build_engine, default_model_name, is_utf8, sampling_kwargs
+from parity.server.cli_args import build_engine, default_model_name, is_utf8, resolve_device_flag, sampling_kwargs
 from parity.server.vllm_flags import apply_mapped_flags
 
 _HELP = "commands: /think on|off (thinking mode; /think alone shows it), /reset (forget the conversation), /exit"
@@ -176,7 +176,8 @@ def run_chat(args: argparse.Namespace) -> int:
     from parity.server.app import ServerSettings, build_app
     from parity.server.launcher import ThreadedServer
 
-    print(f"parity chat: loading {args.model or 'the default miniature'} ...", file=sys.stderr)
+    device = resolve_device_flag(args.device)  # a bad device fails before the loading line
+    print(f"parity chat: loading {args.model or 'the default miniature'} on {device} ...", file=sys.stderr)
     engine = build_engine(args)
     name = default_model_name(args.model)
     key = secrets.token_hex(16)

@@ -255,6 +255,18 @@ def build_engine(args: argparse.Namespace, model=None):
     )
 
 
+def resolve_device_flag(spec: str | None) -> Any:
+    """The torch.device a ``--device`` value names, resolved before anything loads, so that a bad device is
+    one line naming it before any loading message (`parity.devices.resolve`).
+
+    Raises:
+        DeviceError: an unknown device type, one not available here, or an index beyond this machine's devices.
+    """
+    from parity import devices
+
+    return devices.resolve(spec)
+
+
 def loading(message: str) -> Any:
     """A context manager showing `message` with a spinner while a model loads (rich; one plain line when
     stderr is not a terminal)."""

@@ -16,9 +16,6 @@ from collections.abc import Iterator
 
 import torch
 
-from parity import devices
-from parity.errors import ParityError
-
 #: Cores kept for the server's front end (event loop, tokenizer, SSE) when the engine runs on the CPU.
 RESERVED_FRONT_END_CORES = 1
 #: Environment variables that fix the thread count explicitly (then nothing is changed).
@@ -41,15 +38,6 @@ def serving_threads(device: torch.device | str, env: dict | None = None) -> int 
     if n <= 1:
         return None
     return max(1, n - RESERVED_FRONT_END_CORES)
-
-
-def serving_threads_for(device_spec) -> int | None:
-    """`serving_threads` for a ``--device`` value ("auto", "cpu", ...); None when it does not resolve here
-    (the engine reports that device error itself)."""
-    try:
-        return serving_threads(devices.resolve(device_spec))
-    except ParityError:
-        return None
 
 
 @contextlib.contextmanager

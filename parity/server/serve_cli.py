@@ -29,6 +29,7 @@ from parity.server.cli_args import (
     parse_port,
     parse_positive_int,
     parse_positive_seconds,
+    resolve_device_flag,
     sampling_kwargs,
 )
 from parity.server.parallel_serve import add_parallel_args
@@ -164,35 +165,37 @@ def run_serve(args: argparse.Namespace) -> int:
     SIGTERM/SIGINT (see parity.server.launcher).
 
     Raises:
-        PortInUseError: the port is taken (found before the model loads).
+        DeviceError: a bad --device (found before anything loads or starts); PortInUseError: the port is
+            taken (found before the model loads).
     """
     from parity.server.parallel_serve import parallel_config
 
+    device = resolve_device_flag(args.device)
     config = parallel_config(args)
     if config.world_size == 1:
-        return _serve(args)
+        return _serve(args, device)
     from parity.server.parallel_serve import start_parallel
 
     serving = start_parallel(args, config)
     if serving is None:  # a torchrun worker rank: rank 0 has stopped it
         return 0
     try:
-        return _serve(args, serving)
+        return _serve(args, device, serving)
     finally:
         serving.close()
 
 
-def _serve(args: argparse.Namespace, serving=None) -> int:
-    """Serve in this process; on the CPU, one process, the engine keeps a core for the HTTP front end
-    (`parity.server.engine_threads`)."""
-    from parity.server.engine_threads import intra_op_threads, serving_threads_for
+def _serve(args: argparse.Namespace, device: Any, serving=None) -> int:
+    """Serve in this process on `device` (the resolved --device); on the CPU, one process, the engine keeps a
+    core for the HTTP front end (`parity.server.engine_threads`)."""
+    from parity.server.engine_threads import intra_op_threads, serving_threads
 
-    threads = serving_threads_for(args.device) if serving is None else None
+    threads = serving_threads(device) if serving is None else None
     with intra_op_threads(threads):
-        return _serve_engine(args, serving, threads)
+        return _serve_engine(args, device, serving, threads)
 
 
-def _serve_engine(args: argparse.Namespace, serving, threads: int | None) -> int:
+def _serve_engine(args: argparse.Namespace, device: Any, serving, threads: int | None) -> int:
     from parity.server.app import ServerSettings, build_app
     from parity.server.chat_format import ChatFormat
     from parity.server.launcher import bind_socket, serve_forever
@@ -205,7 +208,7 @@ def _serve_engine(args: argparse.Namespace, serving, threads: int | None) -> int
     sock = bind_socket(args.host, args.port)  # a taken port is reported before minutes of loading
     try:
         t0 = time.perf_counter()
-        with loading(f"parity serve: loading {args.model or 'the default miniature'} on {args.device}"):
+        with loading(f"parity serve: loading {args.model or 'the default miniature'} on {device}"):
             engine = build_engine(args, serving.model if serving is not None else None)
         if serving is not None:
             serving.engine = engine
@@ -231,7 +234,7 @@ def _serve_engine(args: argparse.Namespace, serving, threads: int | None) -> int
     except BaseException:
         sock.close()
         raise
-    device = getattr(getattr(engine, "engine", None), "device", args.device)
+    device = getattr(getattr(engine, "engine", None), "device", device)
 
     sp = getattr(getattr(engine, "engine", None), "step_path", None)
     path = (
@@ -283,7 +286,6 @@ def run_generate(args: argparse.Namespace) -> int:
     if not is_utf8(args.prompt):
         raise RequestError("--prompt: the prompt is not valid UTF-8")
     chat = args.chat or args.thinking
-    from parity import devices
     from parity.server.request_options import TEMPERATURE_RANGE, range_error
 
     msg = range_error("--temperature", args.temperature, *TEMPERATURE_RANGE)  # the server's range and wording
@@ -291,7 +293,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise RequestError(msg)
     sp = SamplingParams(n=args.n, logprobs=args.logprobs, **sampling_kwargs(args))
     sp.validate()  # fail fast (e.g. --sampling-seed out of range), before the model loads
-    device = devices.resolve(args.device)  # an unknown or absent device fails before the loading line
+    device = resolve_device_flag(args.device)  # a bad device fails before the loading line
     tokenizer = load_checkpoint_tokenizer(args.model)
     t_load = time.perf_counter()
     with loading(f"parity generate: loading {args.model or 'the default miniature'} on {device}"):

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import Request
 
 from parity.errors import RequestError
+from parity.server.body_encoding import content_codings, decode_body
 from parity.server.choices import ChoiceRunner
 from parity.server.engine_client import EngineClient
 from parity.server.errors import SAMPLING_PARAM_NAMES, OpenAIError, bad_request, param_from_message
@@ -259,12 +260,15 @@ class OpenAIServer:
 
     async def read_body(self, request: Request) -> bytes:
         """The request body, refused once it exceeds `max_request_bytes` (checked on Content-Length first,
-        then while reading, so an oversized body is never held in memory or parsed).
+        then while reading, so an oversized body is never held in memory or parsed); a gzip body
+        (`Content-Encoding: gzip`) is decompressed on a worker thread, within the same limit.
 
         Raises:
-            OpenAIError(413, code "request_too_large").
+            OpenAIError(413, code "request_too_large"); 415 for a content coding other than gzip and 400 for
+            a body that is not valid gzip (`parity.server.body_encoding`).
         """
         limit = self.max_request_bytes
+        codings = content_codings(request.headers.get("content-encoding", ""))
 
         def too_large(size: str) -> OpenAIError:
             return OpenAIError(
@@ -283,7 +287,10 @@ class OpenAIServer:
             if size > limit:
                 raise too_large(f"more than {limit}")
             chunks.append(chunk)
-        return b"".join(chunks)
+        body = b"".join(chunks)
+        if any(c != "identity" for c in codings):
+            body = await asyncio.to_thread(decode_body, body, codings, limit)
+        return body
 
     @functools.cached_property
     def max_token_chars(self) -> int:
