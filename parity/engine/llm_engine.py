@@ -476,7 +476,8 @@ class LLMEngine:
     def stats(self) -> dict:
         """Engine state for metrics: running/waiting counts, cache pool bytes (``cache_used_bytes``: held
         by sequences; ``prefix_cache_bytes``: cached prefix blocks, evictable), token counters,
-        prefix-cache queries/hits (tokens)."""
+        prefix-cache queries/hits (tokens), and on the compiled step path the batch buckets warm
+        (``compiled_buckets_ready``) of those it compiles (``compiled_buckets_total``)."""
         out = {
             "num_running": self.scheduler.num_running,
             "num_waiting": self.scheduler.num_waiting,
@@ -485,6 +486,11 @@ class LLMEngine:
             "prompt_tokens_total": self.num_prompt_tokens,
             "generation_tokens_total": self.num_generation_tokens,
         }
+        graph = getattr(self.model, "decode_graph", None) if self.step_path.path == "compiled" else None
+        if graph is not None:
+            want = set(self.step_path.buckets)
+            out["compiled_buckets_ready"] = len(want if graph.ready is None else want & graph.ready)
+            out["compiled_buckets_total"] = len(want)
         if self.pool is not None:
             out.update(self.pool.stats())
         if self.prefix_cache is not None:
