@@ -19,7 +19,7 @@ from parity import devices
 from parity.engine.args import EngineArgs
 from parity.engine.cache_pool import CachePool, CachePoolExhausted, SequenceCache, _align, normalize_layout
 from parity.engine.model_loading import load_model, load_tokenizer_for, resolve_dtype
-from parity.engine.model_runner import prepare_step_path
+from parity.engine.model_runner import prepare_step_path, step_path_stats
 from parity.engine.outputs import StreamDelta
 from parity.engine.prefix_cache import PrefixCache, chain_salt
 from parity.engine.sampler import SampleRequest, sample, score_prompt_chunk
@@ -486,11 +486,7 @@ class LLMEngine:
             "prompt_tokens_total": self.num_prompt_tokens,
             "generation_tokens_total": self.num_generation_tokens,
         }
-        graph = getattr(self.model, "decode_graph", None) if self.step_path.path == "compiled" else None
-        if graph is not None:
-            want = set(self.step_path.buckets)
-            out["compiled_buckets_ready"] = len(want if graph.ready is None else want & graph.ready)
-            out["compiled_buckets_total"] = len(want)
+        out.update(step_path_stats(self.step_path, self.model))
         if self.pool is not None:
             out.update(self.pool.stats())
         if self.prefix_cache is not None:

@@ -116,6 +116,19 @@ def prepare_step_path(model, device: torch.device, enforce_eager: bool | None, b
     return sp
 
 
+def step_path_stats(sp: StepPath, model) -> dict:
+    """On the compiled path: {"compiled_buckets_ready": buckets of ``sp.buckets`` warm and serving,
+    "compiled_buckets_total": len(sp.buckets)} (what /metrics reports); {} when eager."""
+    graph = getattr(model, "decode_graph", None) if sp.path == "compiled" else None
+    if graph is None:
+        return {}
+    want = set(sp.buckets)
+    return {
+        "compiled_buckets_ready": len(want if graph.ready is None else want & graph.ready),
+        "compiled_buckets_total": len(want),
+    }
+
+
 def _warm_up_buckets(graph: DecodeGraph, buckets: tuple[int, ...], threads: int) -> dict[int, float]:
     """Warm ``buckets`` up one by one with ``threads`` torch threads (each joins ``graph.ready`` when warm),
     in the engine's grad mode (dynamo guards on it). A compiler failure (e.g. no C++ compiler for inductor) is
