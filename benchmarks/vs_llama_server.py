@@ -11,14 +11,15 @@ every command run. Provenance of every figure: measured.
 
 Parity variants (``--parity-threads``): one arm per intra-op thread count given (``OMP_NUM_THREADS`` of
 the ``parity serve`` process; "auto" = parity's own choice) and step path given (``--parity-paths``:
-eager = ``--enforce-eager``, compiled = ``--no-enforce-eager``). llama-server variants (``--llama-variants``),
+eager = ``--enforce-eager``, compiled = ``--no-enforce-eager``, the default; a compiled arm's bench starts
+once /metrics reports every compiled decode bucket warm). llama-server variants (``--llama-variants``),
 all with ``--threads`` threads: "F32" (its defaults: f16 KV cache, flash attention auto, worker threads
 polling for work), "poll0" (``--poll 0``: worker threads sleep instead of spinning for work),
 "strict" (f32 KV cache, no flash attention).
 
 Usage:
     .venv/bin/python benchmarks/vs_llama_server.py --llama-cpp DIR [--bin DIR/build/bin] [--threads 2]
-        [--slots 4] [--rounds 2] [--parity-threads auto] [--parity-paths eager,compiled]
+        [--slots 4] [--rounds 2] [--parity-threads auto] [--parity-paths compiled,eager]
         [--llama-variants F32,poll0,strict]
         [--workload random:in=128,out=32,ratio=0.5] [--num-prompts 16] [--request-rate 4] [--work DIR]
 
@@ -52,6 +53,8 @@ from parity.checkpoint.writer import copy_tokenizer_files  # noqa: E402
 
 #: Seconds a server may take to answer GET /v1/models after its start.
 READY_TIMEOUT_S = 300.0
+#: Seconds a compiled parity arm may take to warm its decode buckets up (cold inductor cache: ~1-2 min each).
+COMPILE_TIMEOUT_S = 1200.0
 #: Clock ticks per second of /proc/PID/stat's utime / stime.
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: (summary key, label, lower is better) of the figures compared.
@@ -110,6 +113,36 @@ def wait_ready(proc: subprocess.Popen, base: str, log: Path) -> None:
             pass
         time.sleep(0.5)
     raise RuntimeError(f"server not ready after {READY_TIMEOUT_S:.0f} s; see {log}")
+
+
+def _gauge(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def wait_compiled(proc: subprocess.Popen, base: str, log: Path) -> float:
+    """For a compiled parity arm: poll ``base``/metrics until every compiled decode bucket is warm
+    (``parity_compiled_decode_buckets_ready == _total``), so the bench measures the compiled step, not the
+    start-up compile (a parity server answers at once and compiles in the background). Returns the seconds
+    waited. Raises RuntimeError as `wait_ready`."""
+    t0 = time.monotonic()
+    deadline = t0 + COMPILE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} while compiling; see {log}")
+        try:
+            with urllib.request.urlopen(f"{base}/metrics", timeout=2) as r:
+                text = r.read().decode()
+            ready = _gauge(text, "parity_compiled_decode_buckets_ready")
+            total = _gauge(text, "parity_compiled_decode_buckets_total")
+            if ready is None or (total is not None and ready >= total):
+                return time.monotonic() - t0
+        except OSError:
+            pass
+        time.sleep(1.0)
+    raise RuntimeError(f"compiled buckets not warm after {COMPILE_TIMEOUT_S:.0f} s; see {log}")
 
 
 def bench_command(a, base: str, out: Path) -> list[str]:
@@ -188,6 +221,9 @@ def run_arm(a, arm: str, gguf: Path, ckpt: Path, port: int, index: int) -> dict:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
     try:
         wait_ready(proc, base, log)
+        if arm.endswith(":compiled"):
+            waited = wait_compiled(proc, base, log)
+            print(f"# {arm}: compiled buckets warm after {waited:.0f} s more", file=sys.stderr, flush=True)
         c0 = cpu_seconds(proc.pid)
         subprocess.run(bench, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cpu = cpu_seconds(proc.pid) - c0
@@ -212,7 +248,7 @@ def main() -> int:
     ap.add_argument("--bin", type=Path, default=None, help="dir with llama-server and llama-quantize")
     ap.add_argument("--threads", type=int, default=2, help="llama-server --threads (default 2)")
     ap.add_argument("--parity-threads", default="auto", help="comma list of parity arms' OMP_NUM_THREADS or auto")
-    ap.add_argument("--parity-paths", default="eager", help="comma list of eager, compiled (parity's step path)")
+    ap.add_argument("--parity-paths", default="compiled", help="comma list of eager, compiled (parity's step path)")
     ap.add_argument("--parity-args", default="", help="extra `parity serve` arguments, e.g. --no-enforce-eager")
     ap.add_argument("--slots", type=int, default=4, help="llama-server -np = parity --max-num-seqs (default 4)")
     ap.add_argument("--slot-ctx", type=int, default=1024, help="llama-server context tokens per slot")

@@ -171,3 +171,36 @@ def test_compiled_step_matches_eager(monkeypatch):
     assert te == tc
     for a, b in zip(le, lc, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_multi_thread_graphs_run_kernels_serially_with_the_head_apart(monkeypatch):
+    """On more than one CPU thread the step's graph asks for serial kernels and the one-row head is a graph of
+    its own (the same logits as the head inside the step); on one thread the head stays in the step."""
+    from parity.model import decode_graph
+
+    asked = []
+
+    def fake_compiler(device, whole_model=False, serial_kernels=False):
+        asked.append((whole_model, serial_kernels))
+        return lambda fn: fn  # run uncompiled: the routing is what is tested
+
+    monkeypatch.setattr(decode_graph.devices, "compiler", fake_compiler)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        m = _small_model()
+        graph = m.decode_graph = DecodeGraph(m, "cpu", buckets=(1, 2))
+        step, head_one, head_rows = graph._compiled()
+        assert head_one is not None and asked[:2] == [(True, True), (True, False)]
+        two, lg_two = _run(m, [13], 6)
+        torch.set_num_threads(1)
+        asked.clear()
+        assert graph._compiled()[1] is None and asked[0] == (True, False)
+        ref = _small_model()
+        one, lg_one = _run(m, [13], 6)
+        base, lg_base = _run(ref, [13], 6)
+    finally:
+        torch.set_num_threads(n)
+    assert two == one == base
+    for a, b in zip(lg_base, lg_two, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)

@@ -628,6 +628,8 @@ def test_metrics_exposition(server, client):
         "parity_cache_used_bytes",
         "parity_cache_total_bytes",
         "parity_cache_usage_ratio",
+        "parity_compiled_decode_buckets_ready",
+        "parity_compiled_decode_buckets_total",
     ):
         assert name in text, name
     assert re.search(r'parity_requests_total\{endpoint="chat",status="200"\} [1-9]', text)

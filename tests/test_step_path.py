@@ -47,9 +47,24 @@ def test_background_warm_up_hands_over_every_bucket(monkeypatch):
     model = _tiny_model()
     sp = model_runner.prepare_step_path(model, torch.device("cpu"), enforce_eager=False, background=True)
     assert sp.path == "compiled" and sp.background and sp.compile_s == 0
+    assert sp.buckets == tuple(b for b in model_runner.WARM_BUCKETS if b in model.decode_graph.buckets)
     assert len(started) == 1 and started[0].daemon
     started[0].join(timeout=120)
     assert model.decode_graph.ready == set(model_runner.WARM_BUCKETS) & set(model.decode_graph.buckets)
+
+
+def test_engine_stats_count_the_warm_buckets(monkeypatch):
+    """What /metrics reports (parity_compiled_decode_buckets_ready / _total): warm of compiled buckets."""
+    from parity.engine import EngineArgs, LLMEngine
+
+    _uncompiled_graph(monkeypatch)
+    eng = LLMEngine(EngineArgs(device="cpu", enforce_eager=False), model=_tiny_model(), tokenizer=None)
+    total = len(eng.step_path.buckets)
+    assert eng.stats()["compiled_buckets_ready"] == eng.stats()["compiled_buckets_total"] == total > 0
+    eng.model.decode_graph.ready = {1}
+    assert eng.stats()["compiled_buckets_ready"] == 1
+    eager = LLMEngine(EngineArgs(device="cpu", enforce_eager=True), model=_tiny_model(), tokenizer=None)
+    assert "compiled_buckets_ready" not in eager.stats()
 
 
 def test_a_failing_compiler_leaves_the_engine_eager(monkeypatch):

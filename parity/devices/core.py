@@ -258,7 +258,7 @@ def describe(device: torch.device | str = "auto") -> DeviceInfo:
 RECOMPILE_LIMIT = 64
 
 
-def compiler(device: torch.device | str, whole_model: bool = False):
+def compiler(device: torch.device | str, whole_model: bool = False, serial_kernels: bool = False):
     """A function ``fn -> compiled fn`` that applies ``torch.compile`` with the backend and mode
     `parity.devices.compile_backend` names for ``device``, with symbolic shapes (``dynamic=True``: one graph
     for every size of a dimension, plus one where it is 1). On an npu the backend is torch_npu's graph mode
@@ -270,6 +270,13 @@ def compiler(device: torch.device | str, whole_model: bool = False):
     whole-model graph, so the compiled function must only ever see modules that do not change after
     compiling); its own set of compiled entries (``isolate_recompiles``), so two compiled functions of the
     same code never share a graph; and on the CPU inductor's C++ wrapper.
+
+    ``serial_kernels=True`` (with ``whole_model``, CPU only): inductor's own kernels run on one thread
+    (``cpp.threads = 1``: no OpenMP region per kernel) while the ATen calls inside the graph (matmuls) keep
+    torch's intra-op threads. A decode step is a few hundred small fused kernels; on 2 threads each one's
+    fork/join and barriers cost more than the split gains (measured: the 6-layer benchmark miniature's
+    batch-8 step 16.7 -> 13.8 ms at 2 threads, docs/benchmarks.md "Decode on the CPU"), so the
+    multi-threaded decode step keeps its parallel work in a separate graph (`parity.model.decode_graph`).
 
     Raises:
         DeviceError: the device needs a backend that is not installed (torchair on npu).
@@ -302,6 +309,8 @@ def compiler(device: torch.device | str, whole_model: bool = False):
                 # C++ wrapper: the graph's ~300 tensor views and ~100 kernel launches per call without
                 # Python (measured -0.45 ms of a 6.9 ms batch-1 step; docs/benchmarks.md)
                 options["cpp_wrapper"] = True
+                if serial_kernels:
+                    options["cpp.threads"] = 1
             compiled = torch.compile(
                 fn,
                 backend=backend,

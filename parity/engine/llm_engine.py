@@ -19,7 +19,7 @@ from parity import devices
 from parity.engine.args import EngineArgs
 from parity.engine.cache_pool import CachePool, CachePoolExhausted, SequenceCache, _align, normalize_layout
 from parity.engine.model_loading import load_model, load_tokenizer_for, resolve_dtype
-from parity.engine.model_runner import prepare_step_path
+from parity.engine.model_runner import prepare_step_path, step_path_stats
 from parity.engine.outputs import StreamDelta
 from parity.engine.prefix_cache import PrefixCache, chain_salt
 from parity.engine.sampler import SampleRequest, sample, score_prompt_chunk
@@ -476,7 +476,8 @@ class LLMEngine:
     def stats(self) -> dict:
         """Engine state for metrics: running/waiting counts, cache pool bytes (``cache_used_bytes``: held
         by sequences; ``prefix_cache_bytes``: cached prefix blocks, evictable), token counters,
-        prefix-cache queries/hits (tokens)."""
+        prefix-cache queries/hits (tokens), and on the compiled step path the batch buckets warm
+        (``compiled_buckets_ready``) of those it compiles (``compiled_buckets_total``)."""
         out = {
             "num_running": self.scheduler.num_running,
             "num_waiting": self.scheduler.num_waiting,
@@ -485,6 +486,7 @@ class LLMEngine:
             "prompt_tokens_total": self.num_prompt_tokens,
             "generation_tokens_total": self.num_generation_tokens,
         }
+        out.update(step_path_stats(self.step_path, self.model))
         if self.pool is not None:
             out.update(self.pool.stats())
         if self.prefix_cache is not None:

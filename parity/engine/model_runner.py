@@ -35,7 +35,8 @@ class StepPath:
     """The engine's forward path. path: "compiled" or "eager"; backend / mode: the torch.compile backend
     and mode (None when eager); compile_s: wall seconds spent compiling and warming up before the engine
     started (0 when eager or when the buckets warm up in the background); background: the buckets compile
-    in a background thread while decode steps of not-yet-warm buckets run eager."""
+    in a background thread while decode steps of not-yet-warm buckets run eager; buckets: the decode
+    batch buckets it compiles (`WARM_BUCKETS`; empty when eager)."""
 
     path: str
     device: str
@@ -43,6 +44,7 @@ class StepPath:
     mode: str | None = None
     compile_s: float = 0.0
     background: bool = False
+    buckets: tuple[int, ...] = ()
 
 
 def wants_eager(enforce_eager: bool | None, device: torch.device) -> bool:
@@ -94,14 +96,14 @@ def prepare_step_path(model, device: torch.device, enforce_eager: bool | None, b
             device,
             ", ".join(str(b) for b in buckets),
         )
-        return StepPath("compiled", str(device), fn.backend_name, fn.mode, 0.0, background=True)
+        return StepPath("compiled", str(device), fn.backend_name, fn.mode, 0.0, background=True, buckets=buckets)
     times = _warm_up_buckets(graph, buckets, torch.get_num_threads())
     if not graph.ready:
         model.decode_graph = None
         log.warning("engine step path: eager on %s (compiling the decode step failed)", device)
         return StepPath("eager", str(device))
     seconds = sum(times.values())
-    sp = StepPath("compiled", str(device), fn.backend_name, fn.mode, seconds)
+    sp = StepPath("compiled", str(device), fn.backend_name, fn.mode, seconds, buckets=buckets)
     log.info(
         "engine step path: compiled decode step (%s%s) on %s; batch buckets %s compiled and warmed up in %.1f s (%s)",
         sp.backend,
@@ -112,6 +114,19 @@ def prepare_step_path(model, device: torch.device, enforce_eager: bool | None, b
         ", ".join(f"batch {b}: {t:.1f} s" for b, t in times.items()),
     )
     return sp
+
+
+def step_path_stats(sp: StepPath, model) -> dict:
+    """On the compiled path: {"compiled_buckets_ready": buckets of ``sp.buckets`` warm and serving,
+    "compiled_buckets_total": len(sp.buckets)} (what /metrics reports); {} when eager."""
+    graph = getattr(model, "decode_graph", None) if sp.path == "compiled" else None
+    if graph is None:
+        return {}
+    want = set(sp.buckets)
+    return {
+        "compiled_buckets_ready": len(want if graph.ready is None else want & graph.ready),
+        "compiled_buckets_total": len(want),
+    }
 
 
 def _warm_up_buckets(graph: DecodeGraph, buckets: tuple[int, ...], threads: int) -> dict[int, float]:

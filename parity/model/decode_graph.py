@@ -237,7 +237,8 @@ class DecodeGraph:
     the entry count). Above one row the LM head GEMV is a second graph symbolic in the batch
     (`lm_head_rows`): inductor's reduction streams the weight ~2x faster with symbolic rows than with a
     static 8, and with its input computed in the other graph it cannot inline the norm into the weight
-    loop (docs/benchmarks.md, "Decode on the CPU").
+    loop (docs/benchmarks.md, "Decode on the CPU"). On more than one CPU thread the step's kernels run
+    serially and the head of one row is a static graph of its own (`_compiled`).
 
     Args:
         model: a `V4ForCausalLM` (`unsupported_reason` must be None); the graph is bound to its modules
@@ -259,14 +260,20 @@ class DecodeGraph:
         self._warming = threading.local()  # set in the thread running `warm_up`: its steps pass the gate
 
     def _compiled(self) -> tuple:
-        """(step, head) compiled for the current torch thread count: inductor's CPU kernels are specialised
-        for the thread count at compile time (OpenMP team size), which dynamo does not guard on."""
+        """(step, head of one row, head of several rows) for the current torch thread count: inductor's CPU
+        kernels are specialised for the thread count at compile time (OpenMP team size), which dynamo does not
+        guard on. On one thread the one-row head is inside the step's graph (None here). On more threads the
+        step's own kernels run serially (`parity.devices.compiler` ``serial_kernels``) and the head, the one
+        large parallel loop, is a graph of its own: static for one row, symbolic in the rows above."""
         if not self.compile:
-            return decode_step, lm_head_rows
+            return decode_step, None, lm_head_rows
         n = torch.get_num_threads()
         if n not in self._graphs:
+            serial = n > 1 and torch.device(self.device).type == "cpu"
             self._graphs[n] = (
-                devices.compiler(self.device, whole_model=True)(decode_step),  # static but the marked entry counts
+                # static but the marked entry counts
+                devices.compiler(self.device, whole_model=True, serial_kernels=serial)(decode_step),
+                devices.compiler(self.device, whole_model=True)(lm_head_rows) if serial else None,
                 devices.compiler(self.device)(lm_head_rows),
             )
         return self._graphs[n]
@@ -348,14 +355,20 @@ class DecodeGraph:
             if e is not None:
                 torch._dynamo.mark_dynamic(e, 1)
         one = len(states) == 1
-        step, head = self._compiled()
+        step, head_one, head_rows = self._compiled()
+        in_step = one and head_one is None
         out, new_ents, new_ikeys = step(
-            self.model, ids, pos, windows, comp_states, entries, index_keys, kv_fp8, index_fp4, one
+            self.model, ids, pos, windows, comp_states, entries, index_keys, kv_fp8, index_fp4, in_step
         )
-        # one row: the static head inside the step's graph; several: a second graph, given a plain tensor,
+        # one row: the static head (in the step's graph on one thread); several: a graph given a plain tensor,
         # not the Parameter (whose shape dynamo keeps static), as the fully symbolic reduction reads the
         # 129,280 x 256 head ~1.8x faster at 8 rows (the static one ~1.7x faster at 1 row; docs/benchmarks.md)
-        logits = out if one else head(out[:B], self.model.lm_head.weight.detach())
+        if in_step:
+            logits = out
+        elif one:
+            logits = head_one(out, self.model.lm_head.weight)
+        else:
+            logits = head_rows(out[:B], self.model.lm_head.weight.detach())
         for i, ne in enumerate(new_ents):
             if ne is None:
                 continue

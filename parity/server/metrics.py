@@ -131,6 +131,16 @@ class _EngineCollector:
             ("parity_cache_used_bytes", "Cache pool bytes held by sequences (bytes).", used),
             ("parity_cache_total_bytes", "Cache pool size (bytes).", total),
             ("parity_cache_usage_ratio", "Cache pool usage, used / total (0..1).", used / total if total else 0.0),
+            (
+                "parity_compiled_decode_buckets_ready",
+                "Decode batch buckets of the compiled step that are compiled and serving (0 when eager).",
+                s.get("compiled_buckets_ready", 0),
+            ),
+            (
+                "parity_compiled_decode_buckets_total",
+                "Decode batch buckets the compiled step compiles at start-up (0 when eager).",
+                s.get("compiled_buckets_total", 0),
+            ),
         ):
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], float(val or 0))
