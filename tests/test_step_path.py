@@ -53,6 +53,14 @@ def test_background_warm_up_hands_over_every_bucket(monkeypatch):
     assert model.decode_graph.ready == set(model_runner.WARM_BUCKETS) & set(model.decode_graph.buckets)
 
 
+def test_buckets_stop_at_the_one_holding_max_num_seqs(monkeypatch):
+    _uncompiled_graph(monkeypatch)
+    sp = model_runner.prepare_step_path(_tiny_model(), torch.device("cpu"), enforce_eager=False, max_batch=3)
+    assert sp.buckets == (1, 2, 4)
+    sp = model_runner.prepare_step_path(_tiny_model(), torch.device("cpu"), enforce_eager=False, max_batch=64)
+    assert sp.buckets == model_runner.WARM_BUCKETS
+
+
 def test_engine_stats_count_the_warm_buckets(monkeypatch):
     """What /metrics reports (parity_compiled_decode_buckets_ready / _total): warm of compiled buckets."""
     from parity.engine import EngineArgs, LLMEngine

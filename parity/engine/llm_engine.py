@@ -66,7 +66,9 @@ class LLMEngine:
         self.config = model.config
         if hasattr(model, "eval"):
             model.eval()
-        self.step_path = prepare_step_path(model, self.device, args.enforce_eager, args.warm_up_in_background)
+        self.step_path = prepare_step_path(
+            model, self.device, args.enforce_eager, args.warm_up_in_background, args.max_num_seqs
+        )
         self.tokenizer = load_tokenizer_for(model_dir) if tokenizer == "auto" else tokenizer
         self.vocab_size = int(self.config.vocab_size)
         tok_vocab = getattr(self.tokenizer, "vocab_size", None)

@@ -26,8 +26,9 @@ log = logging.getLogger("parity.engine")
 #: (the test suite sets it so that no test pays for compilation unless it asks).
 ENFORCE_EAGER_ENV = "PARITY_ENFORCE_EAGER"
 
-#: Batch buckets compiled at start-up (larger buckets of `DecodeGraph` compile on first use).
-WARM_BUCKETS = (1, 2, 4, 8)
+#: Batch buckets compiled at start-up, up to the bucket of the engine's ``max_num_seqs`` (a batch runs the
+#: smallest warm bucket that holds it; batches above every warm bucket run eager).
+WARM_BUCKETS = (1, 2, 4, 8, 16)
 
 
 @dataclass(frozen=True)
@@ -59,13 +60,17 @@ def wants_eager(enforce_eager: bool | None, device: torch.device) -> bool:
     return not devices.compile_by_default(device)
 
 
-def prepare_step_path(model, device: torch.device, enforce_eager: bool | None, background: bool = False) -> StepPath:
+def prepare_step_path(
+    model, device: torch.device, enforce_eager: bool | None, background: bool = False, max_batch: int | None = None
+) -> StepPath:
     """Attach the compiled decode step to ``model`` unless eager is wanted (or the model has none: test
     doubles; or it has layers the graph does not know: quantized, sharded) and log the path.
 
     Args:
         background: warm the buckets up in a daemon thread (a server answers at once; each bucket serves
             compiled from the moment it is warm, eager before) instead of before returning.
+        max_batch: the most sequences a decode step will hold (the engine's ``max_num_seqs``): buckets
+            above the one that holds it are not compiled. None: every `WARM_BUCKETS` bucket.
     Returns:
         The `StepPath`. A compile that fails (e.g. no C++ compiler for inductor) is logged and leaves the
         engine eager, it never stops the engine.
@@ -79,7 +84,8 @@ def prepare_step_path(model, device: torch.device, enforce_eager: bool | None, b
         log.info("engine step path: eager on %s (the compiled decode step does not support it: %s)", device, reason)
         return StepPath("eager", str(device))
     graph = DecodeGraph(model, device)
-    buckets = tuple(b for b in WARM_BUCKETS if b in graph.buckets)
+    top = graph.bucket(max_batch) if max_batch else None
+    buckets = tuple(b for b in WARM_BUCKETS if b in graph.buckets and (top is None or b <= top))
     graph.ready = set()  # served steps take warm buckets only: none compiles on first use mid-serving
     model.decode_graph = graph
     fn = devices.compiler(device)
