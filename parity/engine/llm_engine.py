@@ -55,7 +55,8 @@ class LLMEngine:
         if model is None:
             self.device = devices.resolve(args.device)
             self.dtype = resolve_dtype(args.dtype, self.device)
-            model, model_dir = load_model(args.model, self.device, self.dtype, args.seed, args.quantization)
+            kw = {"quantize_lm_head": args.quantize_lm_head}
+            model, model_dir = load_model(args.model, self.device, self.dtype, args.seed, args.quantization, **kw)
         else:
             p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
             dev = getattr(model, "device", None) or (p.device if p is not None else devices.resolve(args.device))
