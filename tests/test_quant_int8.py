@@ -303,3 +303,16 @@ def test_int8_lm_head_flag_conversion_and_error_bound(published_dir):
     err = (got.double() - ref.double()).abs()
     assert (err <= bound + 1e-5).all()
     assert 0 < err.max() < 0.5 * bound.max()
+
+
+@pytest.mark.parametrize("k", [256, 2048, 1100])
+def test_exact_int8_rows_equal_the_integer_dot_products(k):
+    """fp32 sums (K <= 1040), fp32 runs of 1024 summed in float64 (K = 2048), int32 (K = 1100): all exact,
+    at the extreme values too (every product 127 * 127)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (3, 5, k), generator=g, dtype=torch.int8)
+    x = torch.randint(-127, 128, (3, k), generator=g, dtype=torch.int8)
+    w[0], x[0] = 127, 127
+    ref = (w.long() * x.long()[:, None, :]).sum(-1)
+    got = iq.exact_int8_rows(w, x)
+    assert torch.equal(got.long(), ref) and (got.double() == ref.double()).all()

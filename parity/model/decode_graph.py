@@ -57,7 +57,7 @@ def moe_step(mlp, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """`MoE.forward` for few tokens without host syncs: each (token, picked expert) pair multiplies the
     gathered weights of its expert (``sum(W[e].to(x.dtype)[:, None] * x)``, which inductor emits as one
     reduction reading the picked experts' rows in place and widening bf16-stored stacks in registers;
-    INT8 / packed INT4 experts: `Int8Experts.gathered_forward`, exact int32 sums). x [T, H] -> [T, H] in
+    INT8 / packed INT4 experts: `Int8Experts.gathered_forward`, exact integer sums). x [T, H] -> [T, H] in
     x's dtype."""
     w, ids = mlp.gate(x, token_ids)
     ex: Experts = mlp.experts

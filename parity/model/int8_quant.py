@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from parity.devices.int8_gemm import int8_linear, rescale_int32
+from parity.devices.int8_gemm import int8_linear, rescale_sums
 from parity.model.layers import swiglu
 
 INT8_MAX = 127
@@ -87,9 +87,23 @@ def unpack_int4_rows(p: torch.Tensor) -> torch.Tensor:
     return torch.stack((lo, hi), dim=-2).flatten(-3, -2).to(torch.int8)
 
 
-def int32_rows(wq: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
-    """Per row n: the int8 matrix wq[n] [N, M, K] times the int8 vector xq[n] [N, K] -> int32 [N, M], products
-    and sums in int32 (exact: K * 127**2 < 2**31 for K < 133,000)."""
+#: Longest run of int8 x int8 products an fp32 sum holds exactly: every partial sum is an integer of
+#: magnitude <= K * 127**2 <= 2**24 (fp32's 24-bit significand) for K <= 1040; runs of 1024 are used.
+EXACT_FP32_RUN = 1024
+
+
+def exact_int8_rows(wq: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    """Per row n: the int8 matrix wq[n] [N, M, K] times the int8 vector xq[n] [N, K] -> [N, M], the exact
+    integer dot products (as ``torch._int_mm``'s int32 sums): products and sums in fp32 over runs of at most
+    `EXACT_FP32_RUN` (K <= 1040, or K a multiple of it, the run sums added in float64: exact), else int32
+    (exact for K < 133,000; ~6x slower in inductor's CPU reductions, measured at [16, 512, 256]). Returns
+    fp32, float64 or int32 (integer values either way)."""
+    K = wq.shape[-1]
+    if K * INT8_MAX**2 <= 2**24:
+        return (wq.float() * xq.float()[:, None, :]).sum(-1)
+    if K % EXACT_FP32_RUN == 0:
+        prod = wq.float() * xq.float()[:, None, :]
+        return prod.unflatten(-1, (K // EXACT_FP32_RUN, EXACT_FP32_RUN)).sum(-1).double().sum(-1)
     return (wq.to(torch.int32) * xq.to(torch.int32)[:, None, :]).sum(-1, dtype=torch.int32)
 
 
@@ -247,21 +261,21 @@ class Int8Experts(nn.Module):
 
     def gathered_forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """`forward` for few tokens without host syncs (the compiled decode step): each (token, picked
-        expert) pair multiplies the gathered int8 values of its expert, products and sums in int32 (exact,
-        as ``torch._int_mm``), then the same per-token / per-channel float64 rescale; only the sum over a
-        token's k experts runs in another order. hidden [T, H], expert_ids [T, k], weights [T, k] -> [T, H]
-        fp32."""
+        expert) pair multiplies the gathered int8 values of its expert with exact integer sums (as
+        ``torch._int_mm``'s; `exact_int8_rows`), then the same per-token / per-channel float64 rescale; only
+        the sum over a token's k experts runs in another order. hidden [T, H], expert_ids [T, k], weights
+        [T, k] -> [T, H] fp32."""
         T, k = expert_ids.shape
         flat = expert_ids.reshape(-1)
         gu_q, dn_q = self.expert_int8(flat)  # [T*k, 2I, H], [T*k, H, I]
         xq, xs = quantize_act_per_token(hidden)  # per token, so each pair's row quantizes as in `forward`
         xq = xq[:, None, :].expand(T, k, -1).reshape(T * k, -1)
         xs = xs[:, None].expand(T, k).reshape(-1)
-        gu = rescale_int32(int32_rows(gu_q, xq), xs, self.gate_up_scale[flat], hidden.dtype)
+        gu = rescale_sums(exact_int8_rows(gu_q, xq), xs, self.gate_up_scale[flat], hidden.dtype)
         inter = self.inter
         h = (swiglu(gu[:, :inter], gu[:, inter:], self.limit) * weights.reshape(-1)[:, None]).to(hidden.dtype)
         hq, hs = quantize_act_per_token(h)
-        y = rescale_int32(int32_rows(dn_q, hq), hs, self.down_scale[flat], hidden.dtype).float()
+        y = rescale_sums(exact_int8_rows(dn_q, hq), hs, self.down_scale[flat], hidden.dtype).float()
         return y.view(T, k, -1).sum(1)
 
     def weight_nbytes(self) -> int:
@@ -283,6 +297,6 @@ __all__ = [
     "pack_int4_rows",
     "unpack_int4_rows",
     "w8a8_linear",
-    "int32_rows",
+    "exact_int8_rows",
     "int8_nbytes",
 ]
