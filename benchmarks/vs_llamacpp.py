@@ -434,7 +434,11 @@ def main() -> int:
             print(f"# parity bf16-stored compiled decode step vs its eager step: max |logit diff| {graph_err:.1e}")
         if w8 is not None:
             w8_graph = check_logits(w8, ids, a.prompt, w8_eager, tol=float("inf"))
-            print(f"# parity W8A8 + int8 head compiled decode step vs its eager step: max |logit diff| {w8_graph:.1e}")
+            w8_ref = check_logits(w8, ids, a.prompt, ref, tol=float("inf"))
+            print(
+                f"# parity W8A8 + int8 head compiled decode step vs its eager step: max |logit diff| {w8_graph:.1e}; "
+                f"vs the fp32-dequantized reference {w8_ref:.1e}"
+            )
     torch.set_num_threads(threads[0])
     err = check_logits(model, ids, a.prompt, ref)
     commit = (
