@@ -17,7 +17,9 @@ few hundred kernels. Everything in it is a function of tensors of fixed shape:
 - the routed experts run as gathered batched GEMVs over the picked experts' weights (no expert counts on
   the host; `moe_step`);
 - bf16-stored weights (`parity.model.weight_storage`) are widened as loaded inside the fused reductions
-  (`parity.model.layers.project`, `moe_step`, `lm_head_rows`): activations and sums stay fp32.
+  (`parity.model.layers.project`, `moe_step`, `lm_head_rows`): activations and sums stay fp32;
+- W8A8 / W4A8 layers (`parity.model.int8_quant`) keep their eager math: per-token int8 activations,
+  exact integer sums, the float64 rescale.
 
 Equal to the eager `V4ForCausalLM.forward_incremental` up to fp32 summation order (tests/test_decode_graph.py).
 """
@@ -147,8 +149,8 @@ def decode_step(model, ids, pos, windows, states, entries, index_keys, kv_fp8: b
     """One decode step of B sequences (the function `DecodeGraph` compiles).
 
     Args:
-        model: a `V4ForCausalLM` with plain (unsharded, unquantized) layers, weights in the compute dtype
-            or bf16-stored (`parity.model.weight_storage`).
+        model: a `V4ForCausalLM` with unsharded layers, weights in the compute dtype, bf16-stored
+            (`parity.model.weight_storage`) or W8A8 / W4A8 (`parity.model.int8_quant`).
         ids / pos: LongTensor[B] the new tokens and their positions.
         windows / states: per layer, per sequence the window ring and compressor state (None on sliding
             layers); updated in place.
