@@ -28,16 +28,21 @@ with its CPU default (`parity.model.weight_storage`: FP8/FP4/BF16 matrices held 
 activations and accumulation) and runs interleaved against llama.cpp's Q8_0 GGUF (default flags). Both
 logit errors against fp32-dequantized weights are printed on the same token ids: parity bf16-stored vs
 the eager fp32 reference, and llama.cpp Q8_0 vs llama.cpp F32 (logits read through llama-cpp-python's
-bindings, benchmarks/llamacpp_logits.py).
+bindings, benchmarks/llamacpp_logits.py). A third arm (``--no-w8a8`` skips it), "parity W8A8 + int8 head":
+the checkpoint loaded with ``--quantization w8a8 --quantize-lm-head`` (int8 per-channel weights, head
+included, per-token int8 activations, like Q8_0's 8-bit weights and activations), its logit error vs the
+same reference printed with the other two, its bandwidth bound from its int8 bytes.
 
 ``--compiled``: both parity models run their decode steps through the engine's compiled whole-step graph
 (`parity.model.decode_graph.DecodeGraph`, one graph per batch bucket, compiled and warmed at each thread
 count before timing; prefill stays eager); the bf16-stored model's compiled logits are checked against
-its eager ones (1e-5) and the fp32 model's against the eager fp32 reference (1e-5).
+its eager ones (1e-5) and the fp32 model's against the eager fp32 reference (1e-5); the W8A8 model's
+compiled-vs-eager difference is printed (an fp32 summation-order difference can move an activation
+across an int8 rounding step, so it is not held to 1e-5).
 
 Usage:
     .venv/bin/python benchmarks/vs_llamacpp.py --llama-cpp DIR [--bin DIR/build/bin] [--threads 1,2]
-        [--rounds 6] [--prompt 256] [--gen 32] [--no-strict] [--no-fp32] [--no-lowprec] [--compiled]
+        [--rounds 6] [--prompt 256] [--gen 32] [--no-strict] [--no-fp32] [--no-lowprec] [--no-w8a8] [--compiled]
         [--work /tmp/vs_llamacpp]
 
 DIR is a llama.cpp source tree (e.g. vendor/llama.cpp of the PyPI sdist llama-cpp-python 0.3.36) built
@@ -274,14 +279,34 @@ def llama_logit_error(llama_dir: Path, bin_dir: Path, gguf: dict, ids: torch.Ten
     return {"q8_0": (q8 - f32).abs().max().item(), "f32": f32, "q8_0_logits": q8}
 
 
+def stored_weights(model):
+    """(name, tensor) of every stored weight: the parameters and the int8 / packed int4 weights and scales
+    of the W8A8 modules (buffers of `Int8Linear` / `Int8Experts`)."""
+    from parity.model.int8_quant import Int8Experts, Int8Linear
+
+    yield from model.named_parameters()
+    for mname, mod in model.named_modules():
+        if isinstance(mod, (Int8Linear, Int8Experts)):
+            for bname, b in mod.named_buffers(recurse=False):
+                yield f"{mname}.{bname}", b
+
+
+#: Stacked routed-expert tensors ([E, ...]: a decode step reads the picked experts' slices only).
+EXPERT_SUFFIXES = tuple(
+    f"experts.{n}"
+    for n in ("gate_up_proj", "down_proj", "gate_up_weight", "down_weight", "gate_up_scale", "down_scale")
+)
+
+
 def decode_bytes_per_token(model, batch: int, context: int) -> float:
-    """Bytes read per decode token (module docstring): touched weights + cache, divided by the batch."""
+    """Bytes read per decode token (module docstring): touched weights (in their stored dtype: int8 weights
+    1 byte, packed int4 half a byte, plus their scales) + cache, divided by the batch."""
     cfg = model.config
     total = 0
-    for name, p in model.named_parameters():
+    for name, p in stored_weights(model):
         if name.startswith("model.embed_tokens"):
             total += batch * p.shape[1] * p.element_size()  # one row per token
-        elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        elif name.endswith(EXPERT_SUFFIXES):
             used = min(cfg.n_routed_experts, batch * cfg.num_experts_per_tok)
             total += used * p[0].numel() * p.element_size()
         elif "tid2eid" not in name:
@@ -298,7 +323,13 @@ def median_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
-NAMES = {"parity": "parity", "F32": "llama.cpp F32", "strict": "llama.cpp strict", "parity-lowp": "parity bf16-stored"}
+NAMES = {
+    "parity": "parity",
+    "F32": "llama.cpp F32",
+    "strict": "llama.cpp strict",
+    "parity-lowp": "parity bf16-stored",
+    "parity-w8a8": "parity W8A8 + int8 head",
+}
 
 
 def print_table(res: dict, cells, threads, tt: str, who_list: list[str], model, bw: dict, ctx: int, prompt: int):
@@ -336,6 +367,7 @@ def main() -> int:
     ap.add_argument("--no-strict", action="store_true", help="skip llama.cpp's strict fp32 variant")
     ap.add_argument("--no-fp32", action="store_true", help="skip the fp32 table (parity fp32 vs F32 / strict)")
     ap.add_argument("--no-lowprec", action="store_true", help="skip the release-weights table (vs Q8_0)")
+    ap.add_argument("--no-w8a8", action="store_true", help="skip its W8A8 + int8 head arm")
     ap.add_argument(
         "--compiled",
         action="store_true",
@@ -355,30 +387,44 @@ def main() -> int:
     gguf = ggufs["F32"]
     ids = logit_check_ids(model, a.prompt)
     ref = reference_logits(model, ids, a.prompt)
-    lowp = None
+    lowp = w8 = None
     if not a.no_lowprec:
+        from parity.checkpoint.conversion import quantize_lm_head
         from parity.model.weight_storage import describe_storage
 
         lowp = from_pretrained(str(ckpt), dtype=torch.float32)  # the CPU default: bf16-stored matrices
         lowp.kv_cache_dtype, lowp.indexer_dtype = "bf16", "bf16"  # unrounded caches, like the reference
         lowp_err = check_logits(lowp, ids, a.prompt, ref, tol=float("inf"))
+        w8_note = ""
+        if not a.no_w8a8:
+            w8 = from_pretrained(str(ckpt), dtype=torch.float32, quantization="w8a8")
+            quantize_lm_head(w8)  # --quantize-lm-head
+            w8.kv_cache_dtype, w8.indexer_dtype = "bf16", "bf16"
+            w8_err = check_logits(w8, ids, a.prompt, ref, tol=float("inf"))
         llama_err = llama_logit_error(a.llama_cpp, bin_dir, ggufs, ids, a.prompt)
         nan = float("nan")
         f32_gap = (llama_err["f32"] - ref).abs().max().item() if llama_err["f32"] is not None else nan
         q8_ref = (llama_err["q8_0_logits"] - ref).abs().max().item() if llama_err["f32"] is not None else nan
         q8_err = llama_err["q8_0"] if llama_err["q8_0"] is not None else nan
+        if w8 is not None:
+            w8_note = (
+                f"parity W8A8 + int8 head vs that reference {w8_err:.1e} "
+                f"({'met' if w8_err <= q8_err else 'NOT met'}: W8A8 <= Q8_0); "
+            )
         print(
             f"# release weights: parity stores {describe_storage(lowp)} (fp32-dequantized: "
             f"{describe_storage(model)}); max |logit error| on the same {len(ids) - a.prompt + 1} positions: "
-            f"parity bf16-stored vs the fp32-dequantized reference {lowp_err:.1e}; llama.cpp Q8_0 vs llama.cpp "
-            f"F32 {q8_err:.1e} ({'met' if lowp_err <= q8_err else 'NOT met'}: parity <= Q8_0), Q8_0 vs the "
-            f"fp32-dequantized reference {q8_ref:.1e}; llama.cpp F32 vs that reference {f32_gap:.1e} (its "
+            f"parity bf16-stored vs the fp32-dequantized reference {lowp_err:.1e} "
+            f"({'met' if lowp_err <= q8_err else 'NOT met'}: parity <= Q8_0); {w8_note}"
+            f"llama.cpp Q8_0 vs llama.cpp F32 {q8_err:.1e}, Q8_0 vs the fp32-dequantized reference {q8_ref:.1e}; "
+            f"llama.cpp F32 vs that reference {f32_gap:.1e} (its "
             f"converter stores the FP8 linears as Q8_0); llama.cpp runs with f32 KV, no flash attn"
         )
     if a.compiled:
         torch.set_num_threads(threads[0])
         lowp_eager = None if lowp is None else incremental_logits(lowp, ids, a.prompt)
-        for name, m in (("fp32", model), ("bf16-stored", lowp)):
+        w8_eager = None if w8 is None else incremental_logits(w8, ids, a.prompt)
+        for name, m in (("fp32", model), ("bf16-stored", lowp), ("W8A8 + int8 head", w8)):
             if m is not None:
                 secs = attach_decode_graph(m, threads, (1, a.batch))
                 print(f"# parity {name}: compiled decode step warmed up: {secs}", file=sys.stderr, flush=True)
@@ -386,6 +432,13 @@ def main() -> int:
         if lowp is not None:
             graph_err = check_logits(lowp, ids, a.prompt, lowp_eager)
             print(f"# parity bf16-stored compiled decode step vs its eager step: max |logit diff| {graph_err:.1e}")
+        if w8 is not None:
+            w8_graph = check_logits(w8, ids, a.prompt, w8_eager, tol=float("inf"))
+            w8_ref = check_logits(w8, ids, a.prompt, ref, tol=float("inf"))
+            print(
+                f"# parity W8A8 + int8 head compiled decode step vs its eager step: max |logit diff| {w8_graph:.1e}; "
+                f"vs the fp32-dequantized reference {w8_ref:.1e}"
+            )
     torch.set_num_threads(threads[0])
     err = check_logits(model, ids, a.prompt, ref)
     commit = (
@@ -401,16 +454,18 @@ def main() -> int:
     )
     variants = [] if a.no_fp32 else ["F32"] + ([] if a.no_strict else ["strict"])
     order = ([] if a.no_fp32 else ["parity", *variants]) + ([] if lowp is None else ["parity-lowp", "Q8_0"])
+    order += [] if w8 is None else ["parity-w8a8"]
+    models = {"parity": model, "parity-lowp": lowp, "parity-w8a8": w8}
     cells = ("prefill_1", "decode_1", f"prefill_{a.batch}", f"decode_{a.batch}")
     res = {(who, t, c): [] for who in order for t in threads for c in cells}
-    for m in [model] + ([] if lowp is None else [lowp]):  # compile lazily built kernels outside the timing
+    for m in (m for m in models.values() if m is not None):  # lazily built kernels outside the timing
         for b in (1, a.batch):
             parity_run(m, threads[0], 8, 2, b)
     for r in range(a.rounds):
         for t in threads:
             for who in order if r % 2 == 0 else order[::-1]:  # A B, then B A
                 if who.startswith("parity"):
-                    m = lowp if who == "parity-lowp" else model
+                    m = models[who]
                     one = parity_run(m, t, a.prompt, a.gen, 1)
                     many = parity_run(m, t, a.prompt, a.gen, a.batch)
                 else:
@@ -432,6 +487,9 @@ def main() -> int:
     if lowp is not None:
         print("\nRelease weights: parity bf16-stored (fp32 compute) vs llama.cpp Q8_0 (f16 KV, flash attn)")
         print_table(res, cells, threads, tt, ["parity-lowp", "Q8_0"], lowp, bw, ctx, a.prompt)
+    if w8 is not None:
+        print("\nRelease weights: parity W8A8 + int8 head (int8 weights and activations) vs llama.cpp Q8_0")
+        print_table(res, cells, threads, tt, ["parity-w8a8", "Q8_0"], w8, bw, ctx, a.prompt)
     return 0
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model_helpers import make_decode_model
+from test_model_helpers import make_decode_model, make_int8_decode_model
 
 from parity.model.compressor import compress_step, compress_step_masked
 from parity.model.decode_graph import DecodeGraph, moe_step, unsupported_reason
@@ -104,6 +104,47 @@ def test_fixed_shape_step_equals_eager_with_bf16_stored_weights():
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
 
 
+def test_moe_step_equals_moe_forward_on_int8_experts():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 64, generator=g)
+    ids = torch.randint(0, 512, (5,), generator=g)
+    for bits in (8, 4):
+        for layer in make_int8_decode_model(bits).model.layers:
+            torch.testing.assert_close(moe_step(layer.mlp, x, ids), layer.mlp(x, ids), rtol=0, atol=1e-6)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("bits,int8_head", [(8, True), (4, False)])
+def test_fixed_shape_step_equals_eager_w8a8(bits, int8_head):
+    """W8A8 / W4A8 models (`Int8Linear` incl. the grouped output projection, `Int8Experts` gathered with
+    int32 sums; with ``--quantize-lm-head`` the int8 head, in the step at 1 row and in the head graph above):
+    the graph's step equals the eager INT8 step."""
+    from parity.checkpoint.conversion import quantize_lm_head
+    from parity.model.int8_quant import Int8Experts, Int8Linear
+
+    def model():
+        m = make_int8_decode_model(bits)
+        m.cache_block_entries = 4
+        if int8_head:
+            quantize_lm_head(m)
+        return m
+
+    eager, fixed = model(), model()
+    assert isinstance(fixed.model.layers[1].self_attn.o_a_proj, Int8Linear)
+    assert isinstance(fixed.model.layers[1].mlp.experts, Int8Experts)
+    assert isinstance(fixed.lm_head, Int8Linear) == int8_head
+    assert unsupported_reason(fixed) is None
+    fixed.decode_graph = DecodeGraph(fixed, "cpu", buckets=(1, 4), compile=False)
+    batches = [3] * 10 + [1] * 4
+    te, le = _run(eager, [13, 2, 16], len(batches), batches=batches)
+    tf, lf = _run(fixed, [13, 2, 16], len(batches), batches=batches)
+    assert fixed.decode_graph.steps == len(batches)
+    assert te == tf
+    for a, b in zip(le, lf, strict=True):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
 def test_lm_head_rows_keeps_fp32_activations_on_a_bf16_head():
     from parity.model.decode_graph import lm_head_rows
 
@@ -141,6 +182,12 @@ def test_quantized_or_sharded_models_stay_eager():
 
     m.model.layers[0].self_attn.q_a_proj = OtherLinear(64, m.config.q_lora_rank, bias=False)
     assert "q_a_proj" in unsupported_reason(m)
+    from parity.model.quant import QuantLinear
+
+    fp8 = make_int8_decode_model()  # INT8 layers run in the graph, FP8 ones (as published) do not
+    assert unsupported_reason(fp8) is None
+    fp8.model.layers[2].self_attn.kv_proj = QuantLinear.from_float(torch.randn(fp8.config.head_dim, 64))
+    assert "layers.2.self_attn.kv_proj is QuantLinear" in unsupported_reason(fp8)
 
 
 def test_larger_batches_and_chunks_are_not_taken():

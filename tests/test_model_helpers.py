@@ -100,3 +100,29 @@ def make_decode_model(**overrides):
         **overrides,
     )
     return build_model(cfg, seed=0)
+
+
+def make_int8_decode_model(bits: int = 8, **overrides):
+    """`make_decode_model` as ``--quantization w8a8`` (bits 8) / ``w4a8`` (bits 4) holds it: every linear the
+    release stores in FP8 (`parity.checkpoint.layout.TABLE`) as an `Int8Linear`, the routed experts as
+    `Int8Experts` of `bits`; the rest (router, compressor and indexer projections, LM head) float."""
+    from parity.checkpoint import layout
+    from parity.model.int8_quant import Int8Experts, Int8Linear
+    from parity.model.layers import Experts
+
+    m = make_decode_model(**overrides)
+    fp8 = {r.module for r in layout.TABLE if r.scope == layout.BLOCK and r.kind == layout.FP8}
+    for i, layer in enumerate(m.model.layers):
+        for name in sorted(fp8):
+            parent, _, leaf = name.rpartition(".")
+            try:
+                owner = layer.get_submodule(parent)
+            except AttributeError:  # e.g. the indexer of a layer without one
+                continue
+            lin = getattr(owner, leaf, None)
+            if isinstance(lin, torch.nn.Linear):
+                setattr(owner, leaf, Int8Linear.from_float(lin.weight.detach()))
+        ex = layer.mlp.experts
+        assert isinstance(ex, Experts), f"layer {i}: {type(ex).__name__}"
+        layer.mlp.experts = Int8Experts.from_float(ex.gate_up_proj.detach(), ex.down_proj.detach(), ex.limit, bits)
+    return m

@@ -260,3 +260,59 @@ def test_quantization_flag_reaches_engine_and_info(published_dir, capsys):
     assert llm.engine.model.weight_format == "w8a8"
     assert main(["info", "tiny", "--weights", "w8a8"]) == 0
     assert "weights w8a8" in capsys.readouterr().out
+
+
+def test_int8_lm_head_flag_conversion_and_error_bound(published_dir):
+    """``--quantize-lm-head``: refused without w8a8 / w4a8; the head becomes an `Int8Linear` and its logits
+    stay within the worst-case rounding bound of the float head's: with x rounded to a step of s_x = amax(x)
+    / 127 (error <= s_x / 2 per element) and row n of W to s_n = amax(W[n]) / 127, |q(x).q(W[n]) - x.W[n]| <=
+    s_x / 2 * sum|W[n]| + s_n / 2 * sum|x| + K * s_x * s_n / 4 (measured here: max error 9e-3, an eighth of
+    the largest bound; no logit above a fifth of its own bound, as the rounding errors partly cancel)."""
+    import argparse
+
+    from parity.engine.args import EngineArgs
+    from parity.engine.model_loading import load_model
+    from parity.errors import RequestError
+    from parity.server.cli_args import engine_kwargs
+    from parity.server.serve_cli import add_engine_args
+
+    for q in (None, "auto", "bf16", "fp8"):
+        with pytest.raises(RequestError, match=r"--quantize-lm-head.*--quantization w8a8 or w4a8"):
+            EngineArgs(quantize_lm_head=True, quantization=q).validate()
+    EngineArgs(quantize_lm_head=True, quantization="w4a8").validate()
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    p.add_argument("--model")
+    assert engine_kwargs(p.parse_args(["-q", "w8a8", "--quantize-lm-head"]))["quantize_lm_head"] is True
+    assert engine_kwargs(p.parse_args([]))["quantize_lm_head"] is False
+    cpu = torch.device("cpu")
+    with pytest.raises(RequestError, match="--quantize-lm-head"):
+        load_model(str(published_dir), cpu, torch.float32, quantization="bf16", quantize_lm_head=True)
+    ref_m, _ = load_model(str(published_dir), cpu, torch.float32, quantization="w8a8")
+    m, _ = load_model(str(published_dir), cpu, torch.float32, quantization="w8a8", quantize_lm_head=True)
+    head = m.lm_head
+    assert isinstance(head, iq.Int8Linear) and head.weight.dtype == torch.int8
+    seen = []
+    head.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    got, ref = m.forward_logits(IDS)[0], ref_m.forward_logits(IDS)[0]
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    x, w = seen[0].reshape(-1, head.in_features).double(), ref_m.lm_head.weight.detach().double()
+    sx = x.abs().amax(-1, keepdim=True) / 127  # [T, 1]
+    sw = w.abs().amax(-1)[None, :] / 127  # [1, vocab]
+    bound = sx / 2 * w.abs().sum(-1)[None, :] + sw / 2 * x.abs().sum(-1, keepdim=True) + x.shape[1] * sx * sw / 4
+    err = (got.double() - ref.double()).abs()
+    assert (err <= bound + 1e-5).all()
+    assert 0 < err.max() < 0.5 * bound.max()
+
+
+@pytest.mark.parametrize("k", [256, 2048, 1100])
+def test_exact_int8_rows_equal_the_integer_dot_products(k):
+    """fp32 sums (K <= 1040), fp32 runs of 1024 summed in float64 (K = 2048), int32 (K = 1100): all exact,
+    at the extreme values too (every product 127 * 127)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (3, 5, k), generator=g, dtype=torch.int8)
+    x = torch.randint(-127, 128, (3, k), generator=g, dtype=torch.int8)
+    w[0], x[0] = 127, 127
+    ref = (w.long() * x.long()[:, None, :]).sum(-1)
+    got = iq.exact_int8_rows(w, x)
+    assert torch.equal(got.long(), ref) and (got.double() == ref.double()).all()

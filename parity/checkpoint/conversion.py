@@ -40,6 +40,32 @@ def check_quantization(name: str | None) -> str | None:
     return n
 
 
+def quantize_lm_head(model: nn.Module) -> Int8Linear:
+    """Replace ``model.lm_head`` (a float linear, [vocab, H]) in place by an `Int8Linear`: int8 per output
+    channel, per-token int8 activations, fp32 logits, as llama.cpp's Q8_0 quantizes its output tensor
+    (msModelSlim's W8A8 keeps the head float, hence opt-in). A tied embedding keeps its float weight.
+
+    Returns:
+        the new head.
+    Raises:
+        ConfigError: the head is not a float linear (already quantized, or sharded).
+    """
+    head = model.lm_head
+    w = getattr(head, "weight", None)
+    if isinstance(head, Int8Linear) or not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise ConfigError(f"--quantize-lm-head: the LM head is {type(head).__name__}, not a float linear")
+    with torch.no_grad():
+        new = Int8Linear.from_float(w.detach().float())
+    before = w.numel() * w.element_size()
+    model.lm_head = new
+    log.info(
+        "quantized the LM head to int8 per output channel: %.1f MiB (was %.1f MiB)",
+        new.weight_nbytes() / 2**20,
+        before / 2**20,
+    )
+    return new
+
+
 def _set(model: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)

@@ -62,4 +62,11 @@ def int8_linear(
         acc = xq.to(_RESCALE) @ wq.to(_RESCALE).t()  # integer-valued and exact in float64 (K * 127**2 < 2**53)
     else:
         raise ValueError(f"unknown INT8 GEMM kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
-    return (acc.to(_RESCALE) * x_scale.to(_RESCALE)[:, None] * w_scale.to(_RESCALE)[None, :]).to(out_dtype)
+    return rescale_sums(acc, x_scale, w_scale[None, :], out_dtype)
+
+
+def rescale_sums(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype):
+    """The exact integer sums acc [M, N] (int32, or integer-valued fp32 / float64) times the row scale
+    x_scale [M] and the column scale w_scale (broadcast against acc: [1, N] or [M, N]), in float64 and
+    rounded once to `out_dtype` -> [M, N]."""
+    return (acc.to(_RESCALE) * x_scale.to(_RESCALE)[:, None] * w_scale.to(_RESCALE)).to(out_dtype)

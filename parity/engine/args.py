@@ -38,6 +38,8 @@ class EngineArgs:
         enforce_eager: True = run the model eagerly; False = the compiled decode step (`parity.model.decode_graph`);
             None = the ``PARITY_ENFORCE_EAGER`` environment variable, else the device default
             (`parity.devices.compile_by_default`).
+        quantize_lm_head: with quantization w8a8 / w4a8, the LM head in int8 too (`Int8Linear`: per output
+            channel, per-token int8 activations, fp32 logits; `parity.checkpoint.conversion.quantize_lm_head`).
         warm_up_in_background: compile the decode step's batch buckets in a background thread, so the
             engine starts at once and each bucket runs compiled from when it is warm (a server's choice);
             False = compile them all before the engine starts (offline runs and benchmarks).
@@ -59,6 +61,7 @@ class EngineArgs:
     prefix_block_tokens: int | None = None
     enforce_eager: bool | None = None
     warm_up_in_background: bool = False
+    quantize_lm_head: bool = False
 
     @classmethod
     def from_kwargs(cls, **kw) -> EngineArgs:
@@ -98,6 +101,15 @@ class EngineArgs:
             raise RequestError(
                 f"engine argument 'quantization' must be auto or one of {', '.join(WEIGHT_FORMATS)}, "
                 f"got {self.quantization!r}"
+            )
+        if self.quantize_lm_head not in (True, False):
+            raise RequestError(
+                f"engine argument 'quantize_lm_head' must be True or False, got {self.quantize_lm_head!r}"
+            )
+        if self.quantize_lm_head and self.quantization not in ("w8a8", "w4a8"):
+            raise RequestError(
+                "--quantize-lm-head (engine argument 'quantize_lm_head') needs --quantization w8a8 or w4a8, "
+                f"got {self.quantization or 'auto'}"
             )
         if self.warm_up_in_background not in (True, False):
             raise RequestError(

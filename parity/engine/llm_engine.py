@@ -21,7 +21,7 @@ from parity.engine.cache_pool import CachePool, CachePoolExhausted, SequenceCach
 from parity.engine.model_loading import load_model, load_tokenizer_for, resolve_dtype
 from parity.engine.model_runner import prepare_step_path, step_path_stats
 from parity.engine.outputs import StreamDelta
-from parity.engine.prefix_cache import PrefixCache, chain_salt
+from parity.engine.prefix_cache import engine_prefix_cache
 from parity.engine.sampler import SampleRequest, sample, score_prompt_chunk
 from parity.engine.sampling_params import SamplingParams
 from parity.engine.scheduler import Scheduler
@@ -55,7 +55,14 @@ class LLMEngine:
         if model is None:
             self.device = devices.resolve(args.device)
             self.dtype = resolve_dtype(args.dtype, self.device)
-            model, model_dir = load_model(args.model, self.device, self.dtype, args.seed, args.quantization)
+            model, model_dir = load_model(
+                args.model,
+                self.device,
+                self.dtype,
+                args.seed,
+                args.quantization,
+                quantize_lm_head=args.quantize_lm_head,
+            )
         else:
             p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
             dev = getattr(model, "device", None) or (p.device if p is not None else devices.resolve(args.device))
@@ -123,7 +130,7 @@ class LLMEngine:
         def new_state(cache: SequenceCache):
             return model.new_state(allocator=cache, **self._kv_kw)
 
-        self.prefix_cache = self._make_prefix_cache(args, model_dir)
+        self.prefix_cache = engine_prefix_cache(self, args, model_dir)
         self.scheduler = Scheduler(
             self.pool,
             self.layout,
@@ -141,26 +148,6 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self._pending: list[StreamDelta] = []
-
-    def _make_prefix_cache(self, args: EngineArgs, model_dir) -> PrefixCache | None:
-        """The PrefixCache when enabled, the model snapshots its state (V4) and there is a pool; its salt
-        names the model (config, checkpoint or preset + seed), dtype, cache dtypes and block length."""
-        block = args.prefix_block_tokens
-        if not (args.enable_prefix_caching and isinstance(self.model, V4ForCausalLM) and self.pool is not None):
-            return None
-        block = block_tokens_for(self.config, block, self.max_model_len)
-        kv = self._kv_kw.get("kv_cache_dtype", self.model.kv_cache_dtype)
-        salt = chain_salt(
-            repr(self.config),
-            str(model_dir or args.model),
-            args.seed,
-            id(self.model),
-            str(self.dtype),
-            kv,
-            self.model.indexer_dtype,
-            block,
-        )
-        return PrefixCache(self.pool, block, salt, self.device)
 
     def reset_prefix_cache(self) -> bool:
         """Drop every cached prefix block that no request is reading (vLLM's ``reset_prefix_cache``).

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from parity import devices
+from parity.checkpoint import conversion
 from parity.checkpoint.default_model import ensure_default_model
 from parity.checkpoint.reader import from_pretrained
 from parity.config import load_config
@@ -49,20 +50,27 @@ def load_model(
     seed: int = 0,
     quantization: str | None = None,
     parallel=None,
+    quantize_lm_head: bool = False,
 ):
     """(model, checkpoint dir or None) for EngineArgs.model (directory, preset name or None = default);
     `quantization` reaches `from_pretrained` (checkpoints only: a preset is built in `dtype`; on the CPU a
     checkpoint's FP8/FP4/bf16 matrices are held in bf16 by default, `parity.model.weight_storage`);
-    ``parallel``: a `parity.distributed.context.ParallelContext` to load this rank's part only. Logs the
-    bytes held per stored dtype.
+    ``parallel``: a `parity.distributed.context.ParallelContext` to load this rank's part only;
+    ``quantize_lm_head``: then the head in int8 (`parity.checkpoint.conversion.quantize_lm_head`; needs
+    quantization w8a8 / w4a8). Logs the bytes held per stored dtype.
 
     Raises:
-        RequestError: a quantization other than auto / bf16 for a preset model.
+        RequestError: a quantization other than auto / bf16 for a preset model; ``quantize_lm_head`` without
+            w8a8 / w4a8.
     """
+    if quantize_lm_head and quantization not in ("w8a8", "w4a8"):
+        raise RequestError(f"--quantize-lm-head needs --quantization w8a8 or w4a8, got {quantization or 'auto'}")
     kw = {} if parallel is None else {"parallel": parallel}
     if model is None or Path(str(model)).expanduser().is_dir():
         p = ensure_default_model() if model is None else Path(str(model)).expanduser()
         m = from_pretrained(p, device=device, dtype=dtype, quantization=quantization, **kw)
+        if quantize_lm_head:
+            conversion.quantize_lm_head(m)
         _log_storage(m, p)
         return m, p
     if quantization not in (None, "auto", "bf16"):

@@ -20,7 +20,8 @@ import itertools
 import struct
 
 from parity.engine.cache_pool import CachePool, CachePoolExhausted, SequenceCache
-from parity.model.prefix_state import clear_capture, restore_blocks, set_capture, snapshot_block
+from parity.model.deepseek_v4 import V4ForCausalLM
+from parity.model.prefix_state import block_tokens_for, clear_capture, restore_blocks, set_capture, snapshot_block
 
 
 def chain_salt(*parts) -> bytes:
@@ -235,3 +236,25 @@ class PrefixCache:
             "prefix_cache_bytes": self.nbytes,
             "prefix_cache_evictions_total": self.evictions,
         }
+
+
+def engine_prefix_cache(engine, args, model_dir) -> PrefixCache | None:
+    """The `PrefixCache` of an `LLMEngine` (its model, config, pool, dtype, cache modes, device) when
+    ``args.enable_prefix_caching``, the model snapshots its state (V4) and there is a pool, else None. Its
+    salt names the model (config, checkpoint or preset + seed), dtype, cache dtypes and block length."""
+    model = engine.model
+    if not (args.enable_prefix_caching and isinstance(model, V4ForCausalLM) and engine.pool is not None):
+        return None
+    block = block_tokens_for(engine.config, args.prefix_block_tokens, engine.max_model_len)
+    kv = engine._kv_kw.get("kv_cache_dtype", model.kv_cache_dtype)
+    salt = chain_salt(
+        repr(engine.config),
+        str(model_dir or args.model),
+        args.seed,
+        id(model),
+        str(engine.dtype),
+        kv,
+        model.indexer_dtype,
+        block,
+    )
+    return PrefixCache(engine.pool, block, salt, engine.device)

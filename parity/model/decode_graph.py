@@ -17,7 +17,9 @@ few hundred kernels. Everything in it is a function of tensors of fixed shape:
 - the routed experts run as gathered batched GEMVs over the picked experts' weights (no expert counts on
   the host; `moe_step`);
 - bf16-stored weights (`parity.model.weight_storage`) are widened as loaded inside the fused reductions
-  (`parity.model.layers.project`, `moe_step`, `lm_head_rows`): activations and sums stay fp32.
+  (`parity.model.layers.project`, `moe_step`, `lm_head_rows`): activations and sums stay fp32;
+- W8A8 / W4A8 layers (`parity.model.int8_quant`) keep their eager math: per-token int8 activations,
+  exact integer sums, the float64 rescale.
 
 Equal to the eager `V4ForCausalLM.forward_incremental` up to fp32 summation order (tests/test_decode_graph.py).
 """
@@ -33,6 +35,7 @@ from parity import devices
 from parity.model.attention_backends import DecodeKeys
 from parity.model.compressor import compress_step_masked
 from parity.model.fast_linear import decode_linear
+from parity.model.int8_quant import Int8Experts, Int8Linear, w8a8_linear
 from parity.model.layers import (
     PLAIN_LINEARS,
     Experts,
@@ -55,18 +58,22 @@ class _Modes:
 def moe_step(mlp, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """`MoE.forward` for few tokens without host syncs: each (token, picked expert) pair multiplies the
     gathered weights of its expert (``sum(W[e].to(x.dtype)[:, None] * x)``, which inductor emits as one
-    reduction reading the picked experts' rows in place and widening bf16-stored stacks in registers).
-    x [T, H] -> [T, H] in x's dtype."""
+    reduction reading the picked experts' rows in place and widening bf16-stored stacks in registers;
+    INT8 / packed INT4 experts: `Int8Experts.gathered_forward`, exact integer sums). x [T, H] -> [T, H] in
+    x's dtype."""
     w, ids = mlp.gate(x, token_ids)
     ex: Experts = mlp.experts
-    T, k = ids.shape
-    flat = ids.reshape(-1)
-    xs = x[:, None, :].expand(T, k, x.shape[-1]).reshape(T * k, -1)
-    gu = (ex.gate_up_proj[flat].to(x.dtype) * xs[:, None, :]).sum(-1)  # [T*k, 2I]
-    inter = ex.inter
-    h = (swiglu(gu[:, :inter], gu[:, inter:], ex.limit) * w.reshape(-1)[:, None]).to(x.dtype)
-    y = (ex.down_proj[flat].to(x.dtype) * h[:, None, :]).sum(-1).float()  # [T*k, H]
-    y = y.view(T, k, -1).sum(1)
+    if isinstance(ex, Int8Experts):
+        y = ex.gathered_forward(x, ids, w)
+    else:
+        T, k = ids.shape
+        flat = ids.reshape(-1)
+        xs = x[:, None, :].expand(T, k, x.shape[-1]).reshape(T * k, -1)
+        gu = (ex.gate_up_proj[flat].to(x.dtype) * xs[:, None, :]).sum(-1)  # [T*k, 2I]
+        inter = ex.inter
+        h = (swiglu(gu[:, :inter], gu[:, inter:], ex.limit) * w.reshape(-1)[:, None]).to(x.dtype)
+        y = (ex.down_proj[flat].to(x.dtype) * h[:, None, :]).sum(-1).float()  # [T*k, H]
+        y = y.view(T, k, -1).sum(1)
     y = y + mlp.shared_experts(x).float()
     return y.to(x.dtype)
 
@@ -142,8 +149,8 @@ def decode_step(model, ids, pos, windows, states, entries, index_keys, kv_fp8: b
     """One decode step of B sequences (the function `DecodeGraph` compiles).
 
     Args:
-        model: a `V4ForCausalLM` with plain (unsharded, unquantized) layers, weights in the compute dtype
-            or bf16-stored (`parity.model.weight_storage`).
+        model: a `V4ForCausalLM` with unsharded layers, weights in the compute dtype, bf16-stored
+            (`parity.model.weight_storage`) or W8A8 / W4A8 (`parity.model.int8_quant`).
         ids / pos: LongTensor[B] the new tokens and their positions.
         windows / states: per layer, per sequence the window ring and compressor state (None on sliding
             layers); updated in place.
@@ -178,18 +185,31 @@ def decode_step(model, ids, pos, windows, states, entries, index_keys, kv_fp8: b
         x = moe_step(layer.mlp, type(layer.post_attention_layernorm).forward(layer.post_attention_layernorm, x), ids)
         h = HyperConnection.post(x, h, post, comb)
     x = m.norm(m.hc_head(h))
-    return (lm_head_rows(x, model.lm_head.weight) if head else x), new_ents, new_ikeys
+    return (lm_head_rows(x, *head_operands(model)) if head else x), new_ents, new_ikeys
 
 
-def lm_head_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The plain LM head: x [B, H] -> fp32 logits [B, vocab] (`fast_linear.decode_linear`), computed in
-    the wider of x's and the weight's dtypes (fp32 activations stay fp32 on a bf16-stored head, as
-    ``V4ForCausalLM._head``)."""
+def head_operands(model) -> tuple[torch.Tensor, ...]:
+    """The LM head's tensors as `lm_head_rows` takes them: (weight [vocab, H],) of a plain head (detached:
+    a plain tensor, whose shape dynamo may keep symbolic), (int8 weight, fp32 scale [vocab]) of an
+    `Int8Linear` head."""
+    head = model.lm_head
+    if isinstance(head, Int8Linear):
+        return head.weight, head.weight_scale
+    return (head.weight.detach(),)
+
+
+def lm_head_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The LM head: x [B, H] -> fp32 logits [B, vocab]. Plain (``scale`` None): `fast_linear.decode_linear`
+    in the wider of x's and the weight's dtypes (fp32 activations stay fp32 on a bf16-stored head, as
+    ``V4ForCausalLM._head``); int8 weight [vocab, H] with per-row ``scale`` [vocab]: the `Int8Linear` head
+    (`int8_quant.w8a8_linear`, per-token int8 activations), as its eager forward."""
+    if scale is not None:
+        return w8a8_linear(x, weight, scale).float()
     return decode_linear(x.to(torch.promote_types(x.dtype, weight.dtype)), weight).float()
 
 
-#: Where the classes of a model the graph runs come from: torch's own modules and the plain V4 layers
-#: (quantized, INT8 and tensor-parallel replacements live elsewhere and keep the eager step).
+#: Where the classes of a model the graph runs come from: torch's own modules, the plain V4 layers and the
+#: W8A8 / W4A8 modules (FP8 / FP4 and tensor-parallel replacements live elsewhere and keep the eager step).
 _KNOWN_MODULES = frozenset(
     {
         "torch.nn.modules.linear",
@@ -201,13 +221,14 @@ _KNOWN_MODULES = frozenset(
         "parity.model.deepseek_v4",
         "parity.model.fast_linear",  # WideningLinear: bf16-stored weights, widened in the graph's reductions
         "parity.model.weight_storage",  # WideningExperts: gathered and widened by `moe_step`
+        "parity.model.int8_quant",  # Int8Linear (its own forward, `_int_mm`), Int8Experts (`moe_step`)
     }
 )
 
 
 def unsupported_reason(model) -> str | None:
     """None when `DecodeGraph` can run ``model``'s decode steps, else a one-line reason (not a local
-    `V4ForCausalLM`, e.g. the stand-in of a tensor-parallel engine; quantized or sharded layers)."""
+    `V4ForCausalLM`, e.g. the stand-in of a tensor-parallel engine; FP8 / FP4 or sharded layers)."""
     from torch import nn
 
     if not isinstance(model, nn.Module) or not hasattr(model, "decode_graph"):
@@ -215,7 +236,10 @@ def unsupported_reason(model) -> str | None:
     for name, mod in model.named_modules():
         kind = type(mod)
         if kind.__module__ not in _KNOWN_MODULES or (isinstance(mod, nn.Linear) and kind not in PLAIN_LINEARS):
-            return f"{name or 'the model'} is {kind.__name__} (the graph knows the plain fp32/bf16 layers only)"
+            return (
+                f"{name or 'the model'} is {kind.__name__} "
+                "(the graph knows the plain fp32/bf16 and the W8A8/W4A8 layers only)"
+            )
     return None
 
 
@@ -366,9 +390,9 @@ class DecodeGraph:
         if in_step:
             logits = out
         elif one:
-            logits = head_one(out, self.model.lm_head.weight)
+            logits = head_one(out, *head_operands(self.model))
         else:
-            logits = head_rows(out[:B], self.model.lm_head.weight.detach())
+            logits = head_rows(out[:B], *head_operands(self.model))
         for i, ne in enumerate(new_ents):
             if ne is None:
                 continue

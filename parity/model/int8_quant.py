@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from parity.devices.int8_gemm import int8_linear
+from parity.devices.int8_gemm import int8_linear, rescale_sums
 from parity.model.layers import swiglu
 
 INT8_MAX = 127
@@ -85,6 +85,26 @@ def unpack_int4_rows(p: torch.Tensor) -> torch.Tensor:
     lo = torch.where(lo >= 8, lo - 16, lo)
     hi = torch.where(hi >= 8, hi - 16, hi)
     return torch.stack((lo, hi), dim=-2).flatten(-3, -2).to(torch.int8)
+
+
+#: Longest run of int8 x int8 products an fp32 sum holds exactly: every partial sum is an integer of
+#: magnitude <= K * 127**2 <= 2**24 (fp32's 24-bit significand) for K <= 1040; runs of 1024 are used.
+EXACT_FP32_RUN = 1024
+
+
+def exact_int8_rows(wq: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    """Per row n: the int8 matrix wq[n] [N, M, K] times the int8 vector xq[n] [N, K] -> [N, M], the exact
+    integer dot products (as ``torch._int_mm``'s int32 sums): products and sums in fp32 over runs of at most
+    `EXACT_FP32_RUN` (K <= 1040, or K a multiple of it, the run sums added in float64: exact), else int32
+    (exact for K < 133,000; ~6x slower in inductor's CPU reductions, measured at [16, 512, 256]). Returns
+    fp32, float64 or int32 (integer values either way)."""
+    K = wq.shape[-1]
+    if K * INT8_MAX**2 <= 2**24:
+        return (wq.float() * xq.float()[:, None, :]).sum(-1)
+    if K % EXACT_FP32_RUN == 0:
+        prod = wq.float() * xq.float()[:, None, :]
+        return prod.unflatten(-1, (K // EXACT_FP32_RUN, EXACT_FP32_RUN)).sum(-1).double().sum(-1)
+    return (wq.to(torch.int32) * xq.to(torch.int32)[:, None, :]).sum(-1, dtype=torch.int32)
 
 
 def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -202,12 +222,13 @@ class Int8Experts(nn.Module):
             f"w{self.bits}a8 per-channel / per-token"
         )
 
-    def expert_int8(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """int8 values of expert `e`: (gate_up [2I, H], down [H, I]) (int4 experts unpacked)."""
+    def expert_int8(self, e) -> tuple[torch.Tensor, torch.Tensor]:
+        """int8 values of expert `e` (an int: gate_up [2I, H], down [H, I]; a LongTensor[N] of expert ids:
+        the gathered [N, 2I, H], [N, H, I]); int4 experts unpacked."""
         gu, dn = self.gate_up_weight[e], self.down_weight[e]
         if self.bits == 4:
             half = self.inter // 2
-            gu = torch.cat([unpack_int4_rows(gu[:half]), unpack_int4_rows(gu[half:])], 0)
+            gu = torch.cat([unpack_int4_rows(gu[..., :half, :]), unpack_int4_rows(gu[..., half:, :])], -2)
             dn = unpack_int4_rows(dn)
         return gu, dn
 
@@ -238,6 +259,25 @@ class Int8Experts(nn.Module):
             start += c
         return out
 
+    def gathered_forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`forward` for few tokens without host syncs (the compiled decode step): each (token, picked
+        expert) pair multiplies the gathered int8 values of its expert with exact integer sums (as
+        ``torch._int_mm``'s; `exact_int8_rows`), then the same per-token / per-channel float64 rescale; only
+        the sum over a token's k experts runs in another order. hidden [T, H], expert_ids [T, k], weights
+        [T, k] -> [T, H] fp32."""
+        T, k = expert_ids.shape
+        flat = expert_ids.reshape(-1)
+        gu_q, dn_q = self.expert_int8(flat)  # [T*k, 2I, H], [T*k, H, I]
+        xq, xs = quantize_act_per_token(hidden)  # per token, so each pair's row quantizes as in `forward`
+        xq = xq[:, None, :].expand(T, k, -1).reshape(T * k, -1)
+        xs = xs[:, None].expand(T, k).reshape(-1)
+        gu = rescale_sums(exact_int8_rows(gu_q, xq), xs, self.gate_up_scale[flat], hidden.dtype)
+        inter = self.inter
+        h = (swiglu(gu[:, :inter], gu[:, inter:], self.limit) * weights.reshape(-1)[:, None]).to(hidden.dtype)
+        hq, hs = quantize_act_per_token(h)
+        y = rescale_sums(exact_int8_rows(dn_q, hq), hs, self.down_scale[flat], hidden.dtype).float()
+        return y.view(T, k, -1).sum(1)
+
     def weight_nbytes(self) -> int:
         """Bytes held by the int8 / packed int4 weights and their scales."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
@@ -257,5 +297,6 @@ __all__ = [
     "pack_int4_rows",
     "unpack_int4_rows",
     "w8a8_linear",
+    "exact_int8_rows",
     "int8_nbytes",
 ]

@@ -152,6 +152,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="how FP8/FP4 published weights are held: as published (fp8/fp4), converted to INT8 "
         "W8A8 / W4A8, or dequantized (bf16); auto = as published, W8A8 on chips without FP8",
     )
+    g.add_argument(
+        "--quantize-lm-head",
+        action="store_true",
+        help="with --quantization w8a8 / w4a8: the LM head in int8 too (per output channel, per-token int8 "
+        "activations, fp32 logits; llama.cpp Q8_0 does the same; msModelSlim keeps it float)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of random weights and unseeded sampling")
     g.add_argument(
         "--enable-prefix-caching",
@@ -205,6 +211,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kv_cache_dtype=args.kv_cache_dtype,
         seed=args.seed,
         quantization=args.quantization,
+        quantize_lm_head=args.quantize_lm_head,
         enable_prefix_caching=args.enable_prefix_caching,
         prefix_block_tokens=args.prefix_block_tokens,
         enforce_eager=args.enforce_eager,

@@ -147,6 +147,8 @@ def start_parallel(args: argparse.Namespace, config: ParallelConfig) -> Parallel
     from parity.distributed.context import env_rank
     from parity.engine.worker import ModelSpec, device_type, join_torchrun, launch_local
 
+    if getattr(args, "quantize_lm_head", False):
+        raise ParallelError("--quantize-lm-head runs on one device only: the vocab-parallel LM head stays float")
     spec = ModelSpec(args.model, device_type(args.device), args.dtype, args.seed, getattr(args, "quantization", None))
     check_layout(config, spec.model)
     if env_rank() is not None:
