@@ -62,10 +62,12 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight^T`` for few rows against a large weight, in the fastest full-precision formulation.
 
     Eager: oneDNN's inner product for large fp32 weights on the CPU (see the module docstring), else
-    ``F.linear``. Under torch.compile (the compiled decode step, `parity.model.decode_graph`), up to
-    `COMPILED_GEMV_MAX_ROWS` rows on the CPU: ``sum(W[:, None, :] * x[None], -1)``, which inductor emits as one
-    vectorised reduction streaming W once, row block by row block, with every x row reused from L1
-    (measured 1.3-1.4x oneDNN's read rate at 1 and 8 rows, benchmarks/lm_head_gemv.py); more rows: ``F.linear``.
+    ``F.linear``. Under torch.compile (the compiled decode step, `parity.model.decode_graph`) on the CPU, one
+    row, or up to `COMPILED_GEMV_MAX_ROWS` rows of a weight >= `ONEDNN_MIN_WEIGHT_BYTES` (the LM head):
+    ``sum(W[:, None, :] * x[None], -1)``, which inductor emits as one vectorised reduction streaming W once,
+    row block by row block, with every x row reused from L1 (measured 1.3-1.4x oneDNN's read rate at 1 and 8
+    rows, benchmarks/lm_head_gemv.py); otherwise ``F.linear`` (an ATen GEMM call in the graph: for the small,
+    cache-resident projections of a step of 2-8 rows it took 6-8% off the step, docs/benchmarks.md).
 
     Args:
         x: [..., in] activations; weight: [out, in] (x's dtype, or narrower: see `widening_linear`).
@@ -76,7 +78,9 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return widening_linear(x, weight)
     flat = x.reshape(-1, x.shape[-1])
     if torch.compiler.is_compiling():
-        if x.device.type == "cpu" and weight.dim() == 2 and flat.shape[0] <= COMPILED_GEMV_MAX_ROWS:
+        rows = flat.shape[0]
+        small = weight.numel() * weight.element_size() < ONEDNN_MIN_WEIGHT_BYTES
+        if x.device.type == "cpu" and weight.dim() == 2 and rows <= COMPILED_GEMV_MAX_ROWS and (rows == 1 or not small):
             out = (weight[:, None, :] * flat[None, :, :]).sum(-1).t()
             return out.reshape(*x.shape[:-1], weight.shape[0])
         return F.linear(x, weight)
