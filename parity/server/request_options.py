@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from parity.engine.sampling_params import SEED_MAX, SEED_MIN
+from parity.engine.sampling_params import MAX_LOGPROBS, SEED_MAX, SEED_MIN
 from parity.server.errors import bad_request
 from parity.server.protocol import ChatCompletionRequest
 
 #: OpenAI's documented ranges (API reference): temperature [0, 2], top_p (0, 1], penalties [-2, 2],
-#: chat `top_logprobs` [0, 20], completions `logprobs` [0, 5]. `n` is capped by parity (MAX_N).
+#: chat `top_logprobs` [0, 20]; completions `logprobs` is [0, MAX_LOGPROBS] as vLLM's (its `max_logprobs`
+#: default, 20; OpenAI documents 5), the same limit as SamplingParams. `n` is capped by parity (MAX_N).
 MAX_N = 16
 MAX_STOP = 16
 #: `seed` range (SEED_MIN, SEED_MAX): a signed 64-bit integer, as vLLM's protocol; defined once, in
@@ -214,6 +215,17 @@ def truncate_prompt(ids: list[int], k: int | None, max_model_len: int) -> list[i
             code="invalid_value",
         )
     return ids[-k:] if len(ids) > k else ids
+
+
+def check_logprobs(name: str, v: int | None) -> None:
+    """Raises OpenAIError(400) naming `name` unless `v` is None or in [0, MAX_LOGPROBS] (top-N logprobs per
+    token: chat `top_logprobs`, completions `logprobs` and `prompt_logprobs`)."""
+    if v is not None and not 0 <= v <= MAX_LOGPROBS:
+        raise bad_request(
+            f"Invalid value for '{name}': {v}; expected an integer in [0, {MAX_LOGPROBS}]",
+            param=name,
+            code="invalid_value",
+        )
 
 
 def check_n(n: int) -> None:

@@ -72,12 +72,7 @@ class ServingChat(OpenAIServing):
         thinking = R.thinking_enabled(req, srv.settings.default_thinking)
         tools, tools_enabled = chat_tools(req)
         if req.top_logprobs is not None:
-            if not 0 <= req.top_logprobs <= 20:
-                raise bad_request(
-                    f"Invalid value for 'top_logprobs': {req.top_logprobs}; expected 0..20",
-                    param="top_logprobs",
-                    code="invalid_value",
-                )
+            R.check_logprobs("top_logprobs", req.top_logprobs)
             if not req.logprobs:
                 raise bad_request("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
         top_n = (req.top_logprobs or 0) if req.logprobs else None

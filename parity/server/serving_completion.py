@@ -60,10 +60,7 @@ class ServingCompletion(OpenAIServing):
     async def prepare(self, req: P.CompletionRequest, arrival_s: float) -> CompletionGeneration:
         srv = self.server
         model = self.check_common(req)
-        if req.logprobs is not None and not 0 <= req.logprobs <= 5:
-            raise bad_request(
-                f"Invalid value for 'logprobs': {req.logprobs}; expected 0..5", param="logprobs", code="invalid_value"
-            )
+        R.check_logprobs("logprobs", req.logprobs)
         if req.stream_options is not None and not req.stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
         srv.check_num_seqs(prompt_count(req.prompt), req.n)
