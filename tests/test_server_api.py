@@ -102,6 +102,12 @@ def test_head_models_answers_like_get_without_a_body(server):
     assert httpx.head(server.base_url + "/v1/models/nope", headers=auth).status_code == 404
 
 
+def test_head_metrics_answers_like_get_without_a_body(server):
+    got, r = httpx.get(server.base_url + "/metrics"), httpx.head(server.base_url + "/metrics")
+    assert r.status_code == got.status_code == 200 and got.content and r.content == b""
+    assert r.headers["content-type"] == got.headers["content-type"]
+
+
 def test_chat_non_stream_and_stream_agree(client):
     msgs = [{"role": "user", "content": "hi there"}]
     r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=40)
