@@ -58,3 +58,18 @@ def test_logprobs_limit_is_the_engines_for_both_endpoints(server):
         assert err["param"] == name and err["code"] == "invalid_value"
         assert f"expected an integer in [0, {MAX_LOGPROBS}]" in err["message"]
     assert f"up to {MAX_LOGPROBS} logprobs" in BY_NAME["--max-logprobs"].note
+
+
+# ------------------------------------------------------------------------------------ messages of bad input
+@pytest.mark.parametrize(
+    "stop,param,got", [([1], "stop.0", "(got 1)"), (["a", "b", 2.5], "stop.2", "(got 2.5)"), (5, "stop", "(got 5)")]
+)
+def test_a_bad_stop_names_the_element_at_fault(server, stop, param, got):
+    err = error_of(post(server, CMPL, {"prompt": "Hello", "stop": stop}))
+    assert err["param"] == param and err["code"] == "invalid_type"
+    assert err["message"] == f"Invalid value for '{param}': Input should be a valid string {got}"
+
+
+def test_a_bad_content_part_in_a_list_names_the_part(server):
+    err = error_of(post(server, CHAT, {"messages": [{"role": "user", "content": [{"type": 5}]}]}))
+    assert err["param"] == "messages.0.content.0.type"
