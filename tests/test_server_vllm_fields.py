@@ -73,3 +73,20 @@ def test_a_bad_stop_names_the_element_at_fault(server, stop, param, got):
 def test_a_bad_content_part_in_a_list_names_the_part(server):
     err = error_of(post(server, CHAT, {"messages": [{"role": "user", "content": [{"type": 5}]}]}))
     assert err["param"] == "messages.0.content.0.type"
+
+
+def test_assistant_message_without_content_says_what_it_needs(server):
+    msgs = [*USER, {"role": "assistant", "tool_calls": []}, *USER]
+    err = error_of(post(server, CHAT, {"messages": msgs}))
+    assert err["param"] == "messages.1.tool_calls"
+    assert err["message"] == (
+        "messages[1].tool_calls is empty: an assistant message needs content or at least one tool call"
+    )
+    err = error_of(post(server, CHAT, {"messages": [*USER, {"role": "assistant"}, *USER]}))
+    assert err["param"] == "messages.1.content"
+    assert err["message"] == (
+        "messages[1].content: an assistant message needs content (a string or a list of text parts) or tool_calls"
+    )
+    err = error_of(post(server, CHAT, {"messages": [{"role": "user", "content": None}]}))
+    assert err["param"] == "messages.0.content" and "a user message needs content" in err["message"]
+    assert "only an assistant message with tool_calls may leave it null" in err["message"]

@@ -290,13 +290,23 @@ def message_dict(m: P.ChatMessage, index: int) -> dict[str, Any]:
         OpenAIError(400): a content part that is not text, naming `messages.<i>.content.<j>.type`; a text part
             without `text`, naming `messages.<i>.content.<j>.text`; a null or
             missing content, naming `messages.<i>.content`, except in an assistant message that carries
-            tool_calls (as OpenAI allows) or reasoning_content.
+            tool_calls (as OpenAI allows) or reasoning_content; an empty tool_calls list with no content,
+            naming `messages.<i>.tool_calls`.
     """
     content = m.content
     if content is None and not (m.role == "assistant" and (m.tool_calls or m.reasoning_content is not None)):
+        if m.role == "assistant" and m.tool_calls is not None:
+            raise bad_request(
+                f"messages[{index}].tool_calls is empty: an assistant message needs content or at least one tool call",
+                param=f"messages.{index}.tool_calls",
+                code="invalid_value",
+            )
+        needs = "content (a string or a list of text parts)"
         raise bad_request(
-            f"messages[{index}].content: a {m.role} message needs content (a string or a list of "
-            "text parts); only an assistant message with tool_calls may leave it null",
+            f"messages[{index}].content: an assistant message needs {needs} or tool_calls"
+            if m.role == "assistant"
+            else f"messages[{index}].content: a {m.role} message needs {needs}; only an assistant message "
+            "with tool_calls may leave it null",
             param=f"messages.{index}.content",
             code="invalid_value",
         )
