@@ -84,6 +84,42 @@ def chat_logprobs(
     return out
 
 
+def prompt_logprobs(
+    tokenizer: Any, token_ids: list[int], entries: list[Any] | None, top_n: int, as_ids: bool = False
+) -> list[dict | None]:
+    """vLLM's `prompt_logprobs` of a response: per prompt token, None for the first (nothing precedes it),
+    else {str(token id): {"logprob", "rank", "decoded_token"}} holding the prompt token and the `top_n` most
+    likely tokens at its position (so top_n or top_n + 1 entries). `rank` is 1-based in the vocabulary (the
+    engine's TokenLogprobs.rank for the prompt token; 1 + the number of better ones for the others);
+    `decoded_token` is the token's string in this module's notation. An entry the engine did not give is None.
+    """
+    entries = entries or []
+    out: list[dict | None] = []
+    for i, tid in enumerate(token_ids):
+        entry = entries[i] if i < len(entries) else None
+        if i == 0 or entry is None:
+            out.append(None)
+            continue
+        own, pairs = lp_entry(entry, tid)
+        own_rank = getattr(entry, "rank", None)
+        if own_rank is None:
+            own_rank = _rank(own, pairs)
+        d = {str(int(tid)): _prompt_item(tokenizer, tid, own, own_rank, as_ids)}
+        for k, lp in pairs[:top_n]:
+            d.setdefault(str(k), _prompt_item(tokenizer, k, lp, _rank(lp, pairs), as_ids))
+        out.append(d)
+    return out
+
+
+def _rank(lp: float | None, pairs: list[tuple[int, float]]) -> int | None:
+    """1-based rank of a log-probability among the engine's top tokens `pairs` (all better ones are in it)."""
+    return None if lp is None else 1 + sum(x > lp for _, x in pairs)
+
+
+def _prompt_item(tokenizer: Any, tid: int, lp: float | None, rank: int | None, as_ids: bool) -> dict:
+    return {"logprob": lp, "rank": rank, "decoded_token": token_str(tokenizer, tid, as_ids)}
+
+
 def _is_skipped(tokenizer: Any, tid: int, skip_special_tokens: bool) -> bool:
     if not skip_special_tokens or tokenizer is None:
         return False

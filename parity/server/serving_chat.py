@@ -15,7 +15,7 @@ from parity.server import request_options as R
 from parity.server.choices import Choice
 from parity.server.engine_client import EngineDelta
 from parity.server.errors import bad_request, param_from_message
-from parity.server.logprobs import chat_logprobs
+from parity.server.logprobs import chat_logprobs, prompt_logprobs
 from parity.server.serving_base import Generation, OpenAIServing
 
 
@@ -27,6 +27,7 @@ class ChatGeneration(Generation):
     thinking: bool = False
     tools_enabled: bool = False
     top_n: int | None = None
+    prompt_logprobs: int | None = None  # vLLM's `prompt_logprobs`: top-N per prompt token, on the response
     as_ids: bool = False
     think_end_id: int | None = None
     dsml_id: int | None = None
@@ -134,6 +135,7 @@ class ServingChat(OpenAIServing):
             thinking=thinking,
             tools_enabled=tools_enabled,
             top_n=top_n,
+            prompt_logprobs=req.prompt_logprobs,
             as_ids=req.return_tokens_as_token_ids,
             think_end_id=think_end_id,
             dsml_id=_token_id(srv.tokenizer, "dsml_token_id"),
@@ -171,6 +173,14 @@ class ServingChat(OpenAIServing):
                 }
             )
         return out
+
+    def response_fields(self, gen: ChatGeneration) -> dict:
+        """vLLM's response-level `prompt_logprobs` (the prompt is the same for every choice), when asked."""
+        if gen.prompt_logprobs is None:
+            return {}
+        ch, ids, _ = gen.jobs[0]
+        tok = self.server.tokenizer
+        return {"prompt_logprobs": prompt_logprobs(tok, ids, ch.prompt_logprobs, gen.prompt_logprobs, gen.as_ids)}
 
     def stream_start(self, gen: ChatGeneration) -> Iterable[str]:
         fmt = self.server.chat_format
