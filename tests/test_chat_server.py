@@ -243,6 +243,28 @@ def test_logprobs_bytes_of_byte_level_tokens(server):
         assert "bytes:\\xe8" in tops[0] and "</think>" in tops[0]
 
 
+def test_text_offset_after_an_unfinished_character_counts_its_replacement(server):
+    """A token ending in part of a character the next token does not complete: that part is one U+FFFD of
+    the token's own (the whole-response text and the streamed one agree), the next token starts after it.
+    Once as one multi-byte token (bytes E0 B2 B0 E0 B3 8D E0 B2: two characters and a cut third), once
+    split into byte-level tokens."""
+    kannada = b"\xe0\xb2\xb0\xe0\xb3\x8d\xe0\xb2"
+    tok_id = TOK.token_to_id("".join(_bytes_to_unicode()[b] for b in kannada))
+    assert tok_id is not None
+    rest = TOK.encode(" Citations")
+    for ids, want in (([tok_id] + rest, [0, 3]), (byte_ids(kannada) + rest, [0, 0, 0, 1, 1, 1, 2, 2, 3])):
+        SCRIPTS["cut_char"] = ids
+        for mode in MODES:
+            res = call(server, "/v1/completions", {"prompt": "[case:cut_char]", "logprobs": 1, "max_tokens": 12}, mode)
+            c = res["choices"][0]
+            lps = [c["logprobs"]] if mode == "full" else c["logprobs"]
+            offsets = [o for lp in lps for o in lp["text_offset"]]
+            text = c["text"]
+            assert text == "\u0cb0\u0ccd\ufffd Citations", (mode, text)
+            assert offsets[: len(ids)] == want, (mode, offsets)
+            assert text[offsets[len(ids) - 1] :] == " Citations"
+
+
 def test_skip_tokenizer_init_returns_token_ids_and_distinct_top_logprobs():
     srv, _ = start_server(tokenizer=None)
     try:

@@ -102,6 +102,12 @@ def test_head_models_answers_like_get_without_a_body(server):
     assert httpx.head(server.base_url + "/v1/models/nope", headers=auth).status_code == 404
 
 
+def test_head_metrics_answers_like_get_without_a_body(server):
+    got, r = httpx.get(server.base_url + "/metrics"), httpx.head(server.base_url + "/metrics")
+    assert r.status_code == got.status_code == 200 and got.content and r.content == b""
+    assert r.headers["content-type"] == got.headers["content-type"]
+
+
 def test_chat_non_stream_and_stream_agree(client):
     msgs = [{"role": "user", "content": "hi there"}]
     r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=40)
@@ -451,7 +457,7 @@ BAD = [
     ),
     ("bad token id", "/v1/completions", {"prompt": [5, 99999]}, "prompt", "invalid_value"),
     ("empty prompt", "/v1/completions", {"prompt": ""}, "prompt", None),
-    ("logprobs too many", "/v1/completions", {"prompt": "x", "logprobs": 9}, "logprobs", "invalid_value"),
+    ("logprobs too many", "/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs", "invalid_value"),
     (
         "top_logprobs without logprobs",
         "/v1/chat/completions",

@@ -240,6 +240,46 @@ def test_completion_logprobs_offsets_match_text_with_special_tokens():
     assert lp["tokens"] == ["<eos>", "h", "i"] and lp["text_offset"] == [3, 8, 9]
 
 
+class _BytesTokenizer:
+    """Token i is `pieces[i]` (raw bytes, possibly part of a character)."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+
+    def token_bytes(self, tid: int) -> bytes:
+        return self.pieces[tid]
+
+    def is_special(self, tid: int) -> bool:
+        return False
+
+
+@pytest.mark.parametrize(
+    "pieces,text,offsets",
+    [
+        ([b"\xe0\xb2\xb0\xe0\xb3\x8d\xe0\xb2", b" Citations"], "\u0cb0\u0ccd\ufffd Citations", [0, 3]),
+        ([b"\xe8", b"\xb5", b"\x8b", b"!"], "\u8d4b!", [0, 0, 0, 1]),  # one character over three tokens
+        ([b"\xf0\x9f", b"A"], "\ufffdA", [0, 1]),  # a cut 4-byte character: one U+FFFD
+        ([b"\xed", b"\xa0", b"\x9f", b"a"], "\ufffd\ufffd\ufffda", [0, 1, 2, 3]),  # a surrogate: 3 invalid bytes
+        ([b"a\xe8", b"\xb5\x8b", b"\x80"], "a\u8d4b\ufffd", [0, 1, 2]),  # a stray continuation byte
+    ],
+)
+def test_text_offset_is_the_character_a_tokens_first_byte_is_part_of(pieces, text, offsets):
+    """Offsets into the text decoded with replacement (each invalid sequence one U+FFFD), split token by token
+    and over two deltas sharing one decoder, as a stream does."""
+    from parity.server.logprobs import text_decoder
+
+    tok = _BytesTokenizer(pieces)
+    assert b"".join(pieces).decode("utf-8", errors="replace") == text
+    ids = list(range(len(pieces)))
+    assert completion_logprobs(tok, ids, [None] * len(ids), 0, 0)["text_offset"] == offsets
+    dec, released, got = text_decoder(), text_decoder(), []
+    sent = 0  # characters of text sent in earlier deltas
+    for part in (ids[:1], ids[1:]):
+        got += completion_logprobs(tok, part, [None] * len(part), 0, sent, decoder=dec)["text_offset"]
+        sent += len(released.decode(b"".join(pieces[i] for i in part)))
+    assert got == offsets
+
+
 def test_logprobs_name_special_tokens_of_the_real_tokenizer_by_their_own_string():
     """Placeholder/BOS tokens keep their own strings in `tokens` and as `top_logprobs` keys (as vLLM)."""
     from parity.server.logprobs import chat_logprobs

@@ -332,3 +332,33 @@ def test_echo_with_logprobs_scores_the_prompt_tokens(real):
     assert all(len(t) == 1 for t in lp["top_logprobs"][1:])
     assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
     assert c["text"].startswith("Hello world") and lp["text_offset"][n_prompt] == len("Hello world")
+
+
+def test_prompt_logprobs_are_the_engines(real):
+    """vLLM's `prompt_logprobs` field: per prompt token (the first null) the token's logprob and rank from the
+    engine, with its top N; chat puts them on the response."""
+    ids = real.engine.tokenizer.encode("Hello world, how are you")
+    (want,) = real.offline.generate(
+        prompt_token_ids=ids, sampling_params=SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=2)
+    )
+    r = httpx.post(
+        real.base_url + "/v1/completions",
+        json={"model": "tiny", "prompt": ids, "max_tokens": 1, "prompt_logprobs": 2},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    got = r.json()["choices"][0]["prompt_logprobs"]
+    assert len(got) == len(ids) and got[0] is None
+    for tid, d, e in zip(ids[1:], got[1:], want.prompt_logprobs[1:], strict=True):
+        own = d[str(tid)]
+        assert abs(own["logprob"] - e.logprob) < 1e-3 and own["rank"] == e.rank
+        assert own["decoded_token"] == real.engine.tokenizer.decode([tid], skip_special_tokens=False)
+        assert {str(k) for k, _ in e.top} | {str(tid)} == set(d) and len(d) in (2, 3)
+        assert all(d[str(k)]["rank"] == j + 1 for j, (k, _) in enumerate(e.top) if k != tid)
+    r = httpx.post(
+        real.base_url + "/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "prompt_logprobs": 0},
+        timeout=60,
+    )
+    body = r.json()
+    assert len(body["prompt_logprobs"]) == body["usage"]["prompt_tokens"] and body["prompt_logprobs"][0] is None

@@ -2,7 +2,7 @@
 
 Endpoints: `GET|HEAD /v1/models`, `GET|HEAD /v1/models/{id}`, `POST /v1/chat/completions` (`ServingChat`),
 `POST /v1/completions` (`ServingCompletion`), both streaming with server-sent events and not,
-`GET|HEAD /health`, `GET /metrics` (Prometheus). Errors have OpenAI's shape (see errors.py). `/openapi.json`
+`GET|HEAD /health`, `GET|HEAD /metrics` (Prometheus). Errors have OpenAI's shape (see errors.py). `/openapi.json`
 publishes the request-body schemas (the pydantic models of protocol.py).
 """
 
@@ -119,8 +119,10 @@ def build_app(
             return JSONResponse({"status": "stopped"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    @app.head("/metrics", include_in_schema=False)
     @app.get("/metrics")
     async def metrics() -> Response:
+        """Prometheus exposition; HEAD gets the same status and headers without the body."""
         return Response(srv.metrics.render(), media_type=CONTENT_TYPE)
 
     def model_card(name: str) -> dict[str, Any]:

@@ -140,13 +140,20 @@ def pydantic_errors_to_openai(errors: list[dict[str, Any]]) -> OpenAIError:
     """Turn pydantic's `ValidationError.errors()` into one 400 error naming the first bad field.
 
     Unknown fields (pydantic `extra_forbidden`) get OpenAI's wording "Unrecognized request argument
-    supplied: NAME"; type errors say which type was expected.
+    supplied: NAME"; type errors say which type was expected. For a field of several types (`stop`: a
+    string or a list of strings) given a list or an object, the error inside that value is the one named
+    (`"stop": [1]` -> 'stop.0'), as the value's own shape picks the type it meant.
     """
     if not errors:
         return bad_request("invalid request body")
     unknown = [e for e in errors if e.get("type") == "extra_forbidden"]
     first = unknown[0] if unknown else errors[0]
     param = loc_to_param(first.get("loc", ()))
+    if not unknown and param is not None and isinstance(first.get("input"), (list, dict)):
+        inside = [e for e in errors if (loc_to_param(e.get("loc", ())) or "").startswith(param + ".")]
+        if inside:
+            first = max(inside, key=lambda e: (loc_to_param(e.get("loc", ())) or "").count("."))
+            param = loc_to_param(first.get("loc", ()))
     if first.get("type") == "extra_forbidden":
         names = ", ".join(loc_to_param(e.get("loc", ())) or "?" for e in unknown)
         return bad_request(

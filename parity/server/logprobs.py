@@ -84,6 +84,42 @@ def chat_logprobs(
     return out
 
 
+def prompt_logprobs(
+    tokenizer: Any, token_ids: list[int], entries: list[Any] | None, top_n: int, as_ids: bool = False
+) -> list[dict | None]:
+    """vLLM's `prompt_logprobs` of a response: per prompt token, None for the first (nothing precedes it),
+    else {str(token id): {"logprob", "rank", "decoded_token"}} holding the prompt token and the `top_n` most
+    likely tokens at its position (so top_n or top_n + 1 entries). `rank` is 1-based in the vocabulary (the
+    engine's TokenLogprobs.rank for the prompt token; 1 + the number of better ones for the others);
+    `decoded_token` is the token's string in this module's notation. An entry the engine did not give is None.
+    """
+    entries = entries or []
+    out: list[dict | None] = []
+    for i, tid in enumerate(token_ids):
+        entry = entries[i] if i < len(entries) else None
+        if i == 0 or entry is None:
+            out.append(None)
+            continue
+        own, pairs = lp_entry(entry, tid)
+        own_rank = getattr(entry, "rank", None)
+        if own_rank is None:
+            own_rank = _rank(own, pairs)
+        d = {str(int(tid)): _prompt_item(tokenizer, tid, own, own_rank, as_ids)}
+        for k, lp in pairs[:top_n]:
+            d.setdefault(str(k), _prompt_item(tokenizer, k, lp, _rank(lp, pairs), as_ids))
+        out.append(d)
+    return out
+
+
+def _rank(lp: float | None, pairs: list[tuple[int, float]]) -> int | None:
+    """1-based rank of a log-probability among the engine's top tokens `pairs` (all better ones are in it)."""
+    return None if lp is None else 1 + sum(x > lp for _, x in pairs)
+
+
+def _prompt_item(tokenizer: Any, tid: int, lp: float | None, rank: int | None, as_ids: bool) -> dict:
+    return {"logprob": lp, "rank": rank, "decoded_token": token_str(tokenizer, tid, as_ids)}
+
+
 def _is_skipped(tokenizer: Any, tid: int, skip_special_tokens: bool) -> bool:
     if not skip_special_tokens or tokenizer is None:
         return False
@@ -116,8 +152,12 @@ def completion_logprobs(
 
     `tokens[i]` is token i's own string (module docstring), special tokens included even where
     `skip_special_tokens` drops them from `text` (as vLLM);
-    `text_offset[i]` is the character of `text` (counted from `offset0`) where token i's bytes begin -
-    the bytes of one character split over several tokens share its offset.
+    `text_offset[i]` is the index (counted from `offset0`) of the character of `text` that token i's first
+    byte is part of, `text` being the tokens' bytes decoded as UTF-8 with each invalid sequence replaced by
+    one U+FFFD: the bytes of one character split over several tokens share its offset, and an unfinished
+    character that the next token does not complete is a U+FFFD of the tokens whose bytes it holds, so the
+    next token starts after it. A token with no text (a skipped special token) gets the offset where the
+    text goes on.
     `decoder` (from :func:`text_decoder`) carries an unfinished character over from the previous delta.
     """
     decoder = decoder or text_decoder()
@@ -129,8 +169,29 @@ def completion_logprobs(
         tokens.append(token_str(tokenizer, tid, as_ids))
         lps.append(own)
         tops.append({token_str(tokenizer, k, as_ids): lp for k, lp in pairs[:top_n]} if top_n else None)
-        offs.append(off)
         b = None if skipped else token_bytes(tokenizer, tid)
         if b:
+            unfinished = decoder.getstate()[0]  # bytes of earlier tokens not decoded yet
+            offs.append(off + (_char_of_byte(unfinished + b, len(unfinished)) if unfinished else 0))
             off += len(decoder.decode(b))
+        else:
+            offs.append(off)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
+
+
+def _char_of_byte(data: bytes, pos: int) -> int:
+    """The index of the character of `data` decoded as UTF-8 with replacement (each invalid sequence one
+    U+FFFD, Python's `errors="replace"`) that byte `pos` is part of; bytes after `pos` may end mid-character."""
+    chars, i = 0, 0
+    while True:
+        try:
+            data[i:].decode("utf-8")
+            end = start = len(data)
+        except UnicodeDecodeError as e:
+            start, end = i + e.start, i + e.end
+        if pos < start:  # inside the valid run data[i:start]: count the characters it completes before pos
+            return chars + len(codecs.getincrementaldecoder("utf-8")().decode(data[i:pos]))
+        if pos < end:
+            return chars + len(data[i:start].decode("utf-8"))
+        chars += len(data[i:start].decode("utf-8")) + 1
+        i = end

@@ -5,13 +5,15 @@ Field sets follow OpenAI's API reference for `POST /v1/chat/completions` and `PO
 (`reasoning_content` in messages/deltas, a `thinking` object {"type": "enabled" | "disabled"},
 https://api-docs.deepseek.com/guides/thinking_mode), and vLLM's extra sampling fields (`top_k`, `min_p`,
 `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`,
-`include_stop_str_in_output`, `truncate_prompt_tokens`, `request_id`, `priority`, `chat_template_kwargs`), which
-existing clients send through `extra_body`.
+`include_stop_str_in_output`, `truncate_prompt_tokens`, `request_id`, `priority`, `prompt_logprobs`,
+`chat_template_kwargs`, and, at their defaults only, `spaces_between_special_tokens`, `use_beam_search`,
+`length_penalty`), which existing clients send through `extra_body`.
 
 Validation is strict (JSON types are not coerced: `"0.5"` is not a number; integer fields accept an integral
 float such as `4.0`, as vLLM does; null for an optional field means its default) and unknown top-level fields
 are rejected with 400 "Unrecognized request argument supplied: NAME", as OpenAI does. Fields OpenAI
-defines that parity cannot honour (`logit_bias`, `response_format` other than text, audio, ...) are
+defines that parity cannot honour (`logit_bias`, `response_format` other than text, audio, ...) and
+vLLM's constrained decoding (`bad_words`, `allowed_token_ids`, `guided_*`, `structured_outputs`) are
 accepted when empty/default and rejected with a 400 naming them otherwise (`request_options.unsupported_fields`).
 """
 
@@ -151,6 +153,23 @@ class _SamplingFields(_Strict):
     # `priority` other than 0 needs priority scheduling, which parity does not have (first come, first served)
     request_id: str | None = None
     priority: Int = 0
+    # vLLM's: the top-N logprobs of each prompt token (SamplingParams.prompt_logprobs)
+    prompt_logprobs: Int | None = None
+    # vLLM's fields accepted at their defaults only (request_options.check_vllm_extras)
+    spaces_between_special_tokens: bool = True
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    # vLLM's constrained decoding, which parity does not have: accepted only when empty (unsupported_fields)
+    bad_words: Any = None
+    allowed_token_ids: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+    structured_outputs: Any = None
+    response_format: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -165,7 +184,6 @@ class ChatCompletionRequest(_SamplingFields):
     reasoning_effort: str | None = None
     thinking: ThinkingOption | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
     # vLLM's chat-template parameters: open the assistant turn / continue the last assistant message
     add_generation_prompt: bool = True
     continue_final_message: bool = False

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from parity.engine.sampling_params import SEED_MAX, SEED_MIN
+from parity.engine.sampling_params import MAX_LOGPROBS, SEED_MAX, SEED_MIN
 from parity.server.errors import bad_request
 from parity.server.protocol import ChatCompletionRequest
 
 #: OpenAI's documented ranges (API reference): temperature [0, 2], top_p (0, 1], penalties [-2, 2],
-#: chat `top_logprobs` [0, 20], completions `logprobs` [0, 5]. `n` is capped by parity (MAX_N).
+#: chat `top_logprobs` [0, 20]; completions `logprobs` is [0, MAX_LOGPROBS] as vLLM's (its `max_logprobs`
+#: default, 20; OpenAI documents 5), the same limit as SamplingParams. `n` is capped by parity (MAX_N).
 MAX_N = 16
 MAX_STOP = 16
 #: `seed` range (SEED_MIN, SEED_MAX): a signed 64-bit integer, as vLLM's protocol; defined once, in
@@ -23,6 +24,21 @@ def continuous_usage(req: Any) -> bool:
     return bool(req.stream and req.stream_options and req.stream_options.continuous_usage_stats)
 
 
+#: vLLM's request fields that constrain decoding (vLLM's protocol.py, SamplingParams.bad_words /
+#: allowed_token_ids, guided decoding): accepted when null or empty, else refused.
+CONSTRAINED_DECODING_FIELDS = (
+    "bad_words",
+    "allowed_token_ids",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_decoding_backend",
+    "guided_whitespace_pattern",
+    "structured_outputs",
+)
+
+
 def unsupported_fields(req: Any) -> None:
     """Reject OpenAI fields parity accepts syntactically but cannot honour.
 
@@ -31,14 +47,21 @@ def unsupported_fields(req: Any) -> None:
     """
     if req.logit_bias:
         raise bad_request("logit_bias is not supported by parity", param="logit_bias", code="unsupported_parameter")
-    if isinstance(req, ChatCompletionRequest):
-        rf = req.response_format
-        if rf is not None and rf.get("type", "text") != "text":
+    rf = req.response_format
+    if rf is not None and rf.get("type", "text") != "text":
+        raise bad_request(
+            f"response_format type {rf.get('type')!r} is not supported; only 'text'",
+            param="response_format",
+            code="unsupported_parameter",
+        )
+    for name in CONSTRAINED_DECODING_FIELDS:
+        if getattr(req, name) not in (None, "", [], {}):
             raise bad_request(
-                f"response_format type {rf.get('type')!r} is not supported; only 'text'",
-                param="response_format",
+                f"'{name}' is not supported by parity (it needs constrained decoding)",
+                param=name,
                 code="unsupported_parameter",
             )
+    if isinstance(req, ChatCompletionRequest):
         if req.modalities is not None and any(m != "text" for m in req.modalities):
             raise bad_request("only the 'text' modality is supported", param="modalities", code="unsupported_parameter")
         for name in ("audio", "prediction", "web_search_options", "functions", "function_call"):
@@ -172,15 +195,34 @@ def sampling_kwargs(req: Any, *, max_tokens: int, logprobs: int | None, vocab_si
     )
     if req.include_stop_str_in_output:
         kw["include_stop_str_in_output"] = True
+    if req.prompt_logprobs is not None:
+        kw["prompt_logprobs"] = int(req.prompt_logprobs)
     return kw
 
 
 def check_vllm_extras(req: Any) -> None:
-    """Check vLLM's request fields `priority` (0 only) and `truncate_prompt_tokens` (-1 or >= 1).
+    """Check vLLM's request fields `priority` (0 only), `truncate_prompt_tokens` (-1 or >= 1),
+    `prompt_logprobs` ([0, MAX_LOGPROBS], not with `stream`, as vLLM), and the ones accepted at their vLLM
+    defaults only: `spaces_between_special_tokens` true, `use_beam_search` false, `length_penalty` 1.0.
 
     Raises:
         OpenAIError(400) naming the field.
     """
+    for name, default, why in DEFAULT_ONLY_FIELDS:
+        if getattr(req, name) != default:
+            raise bad_request(
+                f"Invalid value for '{name}': {_json(getattr(req, name))} is not supported by parity ({why}); "
+                f"only {_json(default)} is accepted",
+                param=name,
+                code="unsupported_parameter",
+            )
+    check_logprobs("prompt_logprobs", req.prompt_logprobs)
+    if req.prompt_logprobs is not None and req.stream:
+        raise bad_request(
+            "'prompt_logprobs' is not available when 'stream' is true (as vLLM)",
+            param="prompt_logprobs",
+            code="invalid_value",
+        )
     if req.priority != 0:
         raise bad_request(
             f"Invalid value for 'priority': {req.priority}; parity schedules first come, first served "
@@ -195,6 +237,19 @@ def check_vllm_extras(req: Any) -> None:
             param="truncate_prompt_tokens",
             code="invalid_value",
         )
+
+
+#: vLLM request fields parity accepts at vLLM's default only: (name, default, why another value is refused).
+DEFAULT_ONLY_FIELDS = (
+    ("spaces_between_special_tokens", True, "its detokenizer has no such switch"),
+    ("use_beam_search", False, "parity has no beam search"),
+    ("length_penalty", 1.0, "it applies to beam search, which parity does not have"),
+)
+
+
+def _json(v: Any) -> str:
+    """A Python default as its JSON literal (True -> true)."""
+    return str(v).lower() if isinstance(v, bool) else repr(v)
 
 
 def truncate_prompt(ids: list[int], k: int | None, max_model_len: int) -> list[int]:
@@ -214,6 +269,17 @@ def truncate_prompt(ids: list[int], k: int | None, max_model_len: int) -> list[i
             code="invalid_value",
         )
     return ids[-k:] if len(ids) > k else ids
+
+
+def check_logprobs(name: str, v: int | None) -> None:
+    """Raises OpenAIError(400) naming `name` unless `v` is None or in [0, MAX_LOGPROBS] (top-N logprobs per
+    token: chat `top_logprobs`, completions `logprobs` and `prompt_logprobs`)."""
+    if v is not None and not 0 <= v <= MAX_LOGPROBS:
+        raise bad_request(
+            f"Invalid value for '{name}': {v}; expected an integer in [0, {MAX_LOGPROBS}]",
+            param=name,
+            code="invalid_value",
+        )
 
 
 def check_n(n: int) -> None:

@@ -134,6 +134,10 @@ class OpenAIServing:
         """The `choices` of the whole response, once every choice has finished."""
         raise NotImplementedError
 
+    def response_fields(self, gen: Generation) -> dict:
+        """Top-level fields a whole response adds after `usage` (none by default)."""
+        return {}
+
     def stream_start(self, gen: Generation) -> Iterable[str]:
         """SSE events sent before the first engine delta."""
         return ()
@@ -164,9 +168,8 @@ class OpenAIServing:
         if not gen.stream:
             if not await runner.run_all(raw_request, gen.jobs):
                 return Response(status_code=499)
-            return JSONResponse(
-                envelope(gen.rid, self.response_object, gen.created, gen.model, self.full_choices(gen), gen.usage())
-            )
+            body = envelope(gen.rid, self.response_object, gen.created, gen.model, self.full_choices(gen), gen.usage())
+            return JSONResponse({**body, **self.response_fields(gen)})
         if not await runner.admit_all(raw_request, gen.jobs):
             return Response(status_code=499)
         merger = runner.merged_deltas(gen.choices)

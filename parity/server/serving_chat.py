@@ -15,7 +15,7 @@ from parity.server import request_options as R
 from parity.server.choices import Choice
 from parity.server.engine_client import EngineDelta
 from parity.server.errors import bad_request, param_from_message
-from parity.server.logprobs import chat_logprobs
+from parity.server.logprobs import chat_logprobs, prompt_logprobs
 from parity.server.serving_base import Generation, OpenAIServing
 
 
@@ -27,6 +27,7 @@ class ChatGeneration(Generation):
     thinking: bool = False
     tools_enabled: bool = False
     top_n: int | None = None
+    prompt_logprobs: int | None = None  # vLLM's `prompt_logprobs`: top-N per prompt token, on the response
     as_ids: bool = False
     think_end_id: int | None = None
     dsml_id: int | None = None
@@ -72,12 +73,7 @@ class ServingChat(OpenAIServing):
         thinking = R.thinking_enabled(req, srv.settings.default_thinking)
         tools, tools_enabled = chat_tools(req)
         if req.top_logprobs is not None:
-            if not 0 <= req.top_logprobs <= 20:
-                raise bad_request(
-                    f"Invalid value for 'top_logprobs': {req.top_logprobs}; expected 0..20",
-                    param="top_logprobs",
-                    code="invalid_value",
-                )
+            R.check_logprobs("top_logprobs", req.top_logprobs)
             if not req.logprobs:
                 raise bad_request("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
         top_n = (req.top_logprobs or 0) if req.logprobs else None
@@ -139,6 +135,7 @@ class ServingChat(OpenAIServing):
             thinking=thinking,
             tools_enabled=tools_enabled,
             top_n=top_n,
+            prompt_logprobs=req.prompt_logprobs,
             as_ids=req.return_tokens_as_token_ids,
             think_end_id=think_end_id,
             dsml_id=_token_id(srv.tokenizer, "dsml_token_id"),
@@ -176,6 +173,14 @@ class ServingChat(OpenAIServing):
                 }
             )
         return out
+
+    def response_fields(self, gen: ChatGeneration) -> dict:
+        """vLLM's response-level `prompt_logprobs` (the prompt is the same for every choice), when asked."""
+        if gen.prompt_logprobs is None:
+            return {}
+        ch, ids, _ = gen.jobs[0]
+        tok = self.server.tokenizer
+        return {"prompt_logprobs": prompt_logprobs(tok, ids, ch.prompt_logprobs, gen.prompt_logprobs, gen.as_ids)}
 
     def stream_start(self, gen: ChatGeneration) -> Iterable[str]:
         fmt = self.server.chat_format
@@ -295,13 +300,23 @@ def message_dict(m: P.ChatMessage, index: int) -> dict[str, Any]:
         OpenAIError(400): a content part that is not text, naming `messages.<i>.content.<j>.type`; a text part
             without `text`, naming `messages.<i>.content.<j>.text`; a null or
             missing content, naming `messages.<i>.content`, except in an assistant message that carries
-            tool_calls (as OpenAI allows) or reasoning_content.
+            tool_calls (as OpenAI allows) or reasoning_content; an empty tool_calls list with no content,
+            naming `messages.<i>.tool_calls`.
     """
     content = m.content
     if content is None and not (m.role == "assistant" and (m.tool_calls or m.reasoning_content is not None)):
+        if m.role == "assistant" and m.tool_calls is not None:
+            raise bad_request(
+                f"messages[{index}].tool_calls is empty: an assistant message needs content or at least one tool call",
+                param=f"messages.{index}.tool_calls",
+                code="invalid_value",
+            )
+        needs = "content (a string or a list of text parts)"
         raise bad_request(
-            f"messages[{index}].content: a {m.role} message needs content (a string or a list of "
-            "text parts); only an assistant message with tool_calls may leave it null",
+            f"messages[{index}].content: an assistant message needs {needs} or tool_calls"
+            if m.role == "assistant"
+            else f"messages[{index}].content: a {m.role} message needs {needs}; only an assistant message "
+            "with tool_calls may leave it null",
             param=f"messages.{index}.content",
             code="invalid_value",
         )

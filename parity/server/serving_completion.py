@@ -7,6 +7,8 @@ empty); logprob tokens are then ``token_id:N`` strings, as with `return_tokens_a
 With `echo: true` and `logprobs: N`, `logprobs` lists the prompt tokens first (the first one's logprob and
 top_logprobs null; the engine's `prompt_logprobs`), `text_offset` counting from the start of the echoed
 text, as OpenAI's legacy API and vLLM; a stream sends the echo chunk with the first generated delta.
+vLLM's `prompt_logprobs: N` puts each choice's prompt-token logprobs in its `prompt_logprobs` (from the same
+engine `prompt_logprobs`, computed with the larger N when echo asks too).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from parity.server import request_options as R
 from parity.server.choices import Choice, Job
 from parity.server.engine_client import EngineDelta
 from parity.server.errors import bad_request
-from parity.server.logprobs import completion_logprobs, text_decoder
+from parity.server.logprobs import completion_logprobs, prompt_logprobs, text_decoder
 from parity.server.serving_base import Generation, OpenAIServing
 from parity.server.state import OpenAIServer
 
@@ -40,6 +42,7 @@ class CompletionGeneration(Generation):
     echo_ids: dict[int, list[int]] = field(default_factory=dict)
     echo_pending: set[int] = field(default_factory=set)  # streamed echo waiting for its prompt logprobs
     score_only: bool = False  # echo with max_tokens 0: the prompt (and its logprobs), no generated token
+    prompt_logprobs: int | None = None  # vLLM's `prompt_logprobs`: top-N per prompt token on each choice
 
     def completion_tokens(self) -> int:
         return 0 if self.score_only else super().completion_tokens()
@@ -60,10 +63,7 @@ class ServingCompletion(OpenAIServing):
     async def prepare(self, req: P.CompletionRequest, arrival_s: float) -> CompletionGeneration:
         srv = self.server
         model = self.check_common(req)
-        if req.logprobs is not None and not 0 <= req.logprobs <= 5:
-            raise bad_request(
-                f"Invalid value for 'logprobs': {req.logprobs}; expected 0..5", param="logprobs", code="invalid_value"
-            )
+        R.check_logprobs("logprobs", req.logprobs)
         if req.stream_options is not None and not req.stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
         srv.check_num_seqs(prompt_count(req.prompt), req.n)
@@ -83,8 +83,8 @@ class ServingCompletion(OpenAIServing):
             pparam = "prompt" if len(prompts) == 1 else f"prompt.{pi}"
             max_tokens = srv.resolve_max_tokens(1 if score_only else req.max_tokens, len(ids), "max_tokens", pparam)
             kw = R.sampling_kwargs(req, max_tokens=max_tokens, logprobs=req.logprobs, vocab_size=srv.vocab_size)
-            if req.echo and req.logprobs is not None:
-                kw["prompt_logprobs"] = req.logprobs  # the echoed prompt's tokens get logprobs too
+            if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get logprobs too
+                kw["prompt_logprobs"] = max(req.logprobs, req.prompt_logprobs or 0)
             params = srv.per_choice_params(kw, req.n)
             new = srv.runner.new_choices(engine_rid, req.n, len(ids), arrival_s, base=pi * req.n)
             for ch, sp in zip(new, params, strict=True):
@@ -114,6 +114,7 @@ class ServingCompletion(OpenAIServing):
             echo_text=echo_text,
             echo_ids=echo_ids,
             score_only=score_only,
+            prompt_logprobs=req.prompt_logprobs,
             as_ids=req.return_tokens_as_token_ids or srv.tokenizer is None,
             token_ids=req.return_token_ids or srv.tokenizer is None,
         )
@@ -141,11 +142,16 @@ class ServingCompletion(OpenAIServing):
 
     def full_choices(self, gen: CompletionGeneration) -> list[dict]:
         out = []
-        for ch in gen.choices:
+        for ch, ids, _ in gen.jobs:
             prefix = gen.echo_text.get(ch.index, "")
+            plp = {}
+            if gen.prompt_logprobs is not None:
+                plp["prompt_logprobs"] = prompt_logprobs(
+                    self.server.tokenizer, ids, ch.prompt_logprobs, gen.prompt_logprobs, gen.as_ids
+                )
             if gen.score_only:
                 c = {"index": ch.index, "text": prefix, "logprobs": self._echo_lp_obj(gen, ch)}
-                out.append({**c, "finish_reason": "length", "stop_reason": None, **_no_ids(gen)})
+                out.append({**c, "finish_reason": "length", "stop_reason": None, **_no_ids(gen), **plp})
                 continue
             c = {
                 "index": ch.index,
@@ -158,7 +164,7 @@ class ServingCompletion(OpenAIServing):
             }
             if gen.token_ids:
                 c["token_ids"] = list(ch.token_ids)
-            out.append(c)
+            out.append({**c, **plp})
         return out
 
     def stream_start(self, gen: CompletionGeneration) -> Iterable[str]:
