@@ -81,6 +81,53 @@ def test_ready_is_printed_once_serving_with_the_device(monkeypatch, capsys):
     assert seen["health"] == 200
 
 
+def _ipv6_loopback_port() -> int | None:
+    """A free port on ::1, or None where this machine has no IPv6 loopback."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+            return int(s.getsockname()[1])
+    except OSError:
+        return None
+
+
+def test_urls_bracket_ipv6_hosts():
+    from parity.server.launcher import http_url
+
+    assert http_url("::1", 8202) == "http://[::1]:8202"
+    assert http_url("127.0.0.1", 8202) == "http://127.0.0.1:8202"
+    assert http_url("localhost", 80) == "http://localhost:80"
+
+
+def test_ready_line_brackets_an_ipv6_host(monkeypatch, capsys):
+    port = _ipv6_loopback_port()
+    if port is None:
+        pytest.skip("no IPv6 loopback here")
+    fake = FakeEngine(step_s=0.001)
+    fake.engine = SimpleNamespace(device="cpu")
+    monkeypatch.setattr(serve_cli, "build_engine", lambda args, model=None: fake)
+    import parity.server.launcher as launcher
+
+    real = launcher.serve_forever
+    seen = {}
+
+    def serve(app, host, port, *, on_ready, **kw):
+        def ready(server):
+            on_ready(server)
+            seen["ready_line"] = capsys.readouterr().err
+            server.should_exit = True
+
+        return real(app, host, port, on_ready=ready, **kw)
+
+    monkeypatch.setattr(launcher, "serve_forever", serve)
+    args = parser().parse_args(
+        ["serve", "--host", "::1", "--port", str(port), "--log-level", "warning", "--drain-timeout", "0"]
+    )
+    assert args.func(args) == 0
+    line = seen["ready_line"].strip().splitlines()[-1]
+    assert line.endswith(f"at http://[::1]:{port}/v1")
+
+
 # ----------------------------------------------------------------------------- vLLM flags
 def test_unsupported_vllm_flag_is_one_line_with_the_reason_and_the_serve_usage(capsys):
     with pytest.raises(SystemExit) as e:

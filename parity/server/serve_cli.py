@@ -198,7 +198,7 @@ def _serve(args: argparse.Namespace, device: Any, serving=None) -> int:
 def _serve_engine(args: argparse.Namespace, device: Any, serving, threads: int | None) -> int:
     from parity.server.app import ServerSettings, build_app
     from parity.server.chat_format import ChatFormat
-    from parity.server.launcher import bind_socket, serve_forever
+    from parity.server.launcher import bind_socket, http_url, serve_forever
     from parity.server.settings import default_max_seqs_per_request
     from parity.tokenizer.encoding import load_encoding
 
@@ -257,7 +257,7 @@ def _serve_engine(args: argparse.Namespace, device: Any, serving, threads: int |
     def ready(_server: Any) -> None:
         print(
             f"parity serve: ready: model '{name}' on {device}{path} (max_model_len {engine.max_model_len}, "
-            f"loaded in {load_s:.1f} s) at http://{args.host}:{args.port}/v1"
+            f"loaded in {load_s:.1f} s) at {http_url(args.host, args.port)}/v1"
             f"{' (API key required)' if api_key else ''}",
             file=sys.stderr,
             flush=True,
