@@ -235,6 +235,7 @@ async def send_request(
     chat: bool,
     headers: dict | None = None,
     request_id: str | None = None,
+    timeout_s: float | None = None,
 ) -> None:
     """Send one streamed request and fill `rec` (RequestRecord) in place.
 
@@ -242,10 +243,33 @@ async def send_request(
         origin_s: `time.perf_counter()` of the run start; `rec.send_s` is relative to it.
         request_id: sent as the ``X-Request-Id`` header (vLLM and parity log it; lets server-side logs be joined
             with the bench's records).
+        timeout_s: total limit in s for the whole request, from sending it to the last byte of the stream
+            (``--timeout``; vLLM's benchmark sets the same as aiohttp's total timeout); None = no total limit.
     Failures never raise (except cancellation): they set `rec.ok = False` and `rec.error` to a reason such as
-    ``HTTP 503: ...``, ``connection failed: ...``, ``malformed SSE: ...``, ``stream ended before [DONE]``.
+    ``HTTP 503: ...``, ``connection failed: ...``, ``malformed SSE: ...``, ``stream ended before [DONE]``,
+    ``timeout: no complete response within --timeout ... s``.
     On cancellation (Ctrl-C) `rec.error` becomes "interrupted" and CancelledError propagates.
     """
+    try:
+        async with asyncio.timeout(timeout_s):
+            await _send(client, url, payload, req, rec, tokenizer, origin_s, chat, headers, request_id)
+    except TimeoutError:
+        rec.ok, rec.error = False, f"timeout: no complete response within --timeout {timeout_s:g} s"
+
+
+async def _send(
+    client: httpx.AsyncClient,
+    url: str,
+    payload: dict,
+    req: BenchRequest,
+    rec: RequestRecord,
+    tokenizer: BenchTokenizer,
+    origin_s: float,
+    chat: bool,
+    headers: dict | None,
+    request_id: str | None,
+) -> None:
+    """`send_request` without the total timeout."""
     rec.requested_output_tokens = req.output_tokens
     rec.prompt_tokens = req.prompt_tokens
     st = time.perf_counter()

@@ -48,7 +48,8 @@ class BenchConfig:
         energy_devices: accelerator indices to meter (None = all).
         tokenizer: tokenizer.json path (None = parity's V4 tokenizer).
         api_key: sent as ``Authorization: Bearer`` (None: $OPENAI_API_KEY if set).
-        timeout_s: per-request timeout in s.
+        timeout_s: total time in s one request may take, from sending it to the end of its stream (a slower
+            one fails with a timeout); also the limit of the model-list and server probes.
         temperature: sent with each request (None = not sent).
         continuous_usage: ask for usage in every chunk (stream_options.continuous_usage_stats).
         output: JSON result path (None = not written).
