@@ -532,6 +532,26 @@ def test_model_default_unreachable_server():
         run_bench(_cfg(url, model=None, slo=""), tokenizer=object())
 
 
+def test_model_default_timeout_says_it_timed_out():
+    import httpx
+
+    def handler(request):
+        raise httpx.ReadTimeout("read timed out", request=request)
+
+    with pytest.raises(BenchError) as e:
+        run_bench(
+            _cfg("http://h:1", model=None, timeout_s=0.25), tokenizer=object(), transport=httpx.MockTransport(handler)
+        )
+    msg = str(e.value)
+    assert msg.startswith("GET http://h:1/v1/models (asked for the model, as --model is not given) timed out after ")
+    assert "0.25 s (ReadTimeout); pass a longer --timeout, or --model NAME to skip the lookup" in msg
+
+
+def test_empty_api_key_is_refused():
+    with pytest.raises(BenchError, match=r"^--api-key is empty; .*pass no --api-key"):
+        _cfg("http://127.0.0.1:1", api_key="").validate()
+
+
 @pytest.mark.parametrize(
     "served, needle",
     [("tiny", "test miniature"), ("deepseek-ai/DeepSeek-V4-Pro", "is 'v4-pro'"), ("fake", "names no planner preset")],

@@ -39,7 +39,7 @@ async def fetch_default_model(base_url: str, headers: dict, timeout_s: float = 3
     Args:
         base_url: server root (a trailing /v1 is accepted).
         headers: sent with the GET (the ``Authorization: Bearer`` API key).
-        timeout_s: limit for the GET, in s.
+        timeout_s: limit for the GET, in s (at most 30 s).
         transport: httpx async transport replacing the network (tests).
     Returns:
         The ``id`` of ``data[0]`` in the server's answer.
@@ -49,15 +49,19 @@ async def fetch_default_model(base_url: str, headers: dict, timeout_s: float = 3
     """
     url = openai_client.server_root(base_url, BenchError) + "/v1/models"
     hint = "; pass --model NAME to name the model yourself"
+    limit_s = min(timeout_s, 30.0)
     try:
-        async with httpx.AsyncClient(transport=transport, timeout=min(timeout_s, 30.0)) as client:
+        async with httpx.AsyncClient(transport=transport, timeout=limit_s) as client:
             resp = await client.get(url, headers=headers)
     except httpx.ConnectError as e:
         raise BenchError(
             f"--model not given and GET {url} failed: server unreachable ({e or type(e).__name__}){hint}"
         ) from None
     except httpx.TimeoutException as e:
-        raise BenchError(f"--model not given and GET {url} timed out ({type(e).__name__}){hint}") from None
+        raise BenchError(
+            f"GET {url} (asked for the model, as --model is not given) timed out after {limit_s:g} s "
+            f"({type(e).__name__}); pass a longer --timeout, or --model NAME to skip the lookup"
+        ) from None
     except httpx.HTTPError as e:
         raise BenchError(f"--model not given and GET {url} failed: {type(e).__name__}: {e}{hint}") from None
     if resp.status_code != 200:
