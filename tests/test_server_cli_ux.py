@@ -128,6 +128,17 @@ def test_ready_line_brackets_an_ipv6_host(monkeypatch, capsys):
     assert line.endswith(f"at http://[::1]:{port}/v1")
 
 
+@pytest.mark.parametrize("command", ["serve", "chat"])
+def test_empty_api_key_is_refused_before_anything_loads(capsys, command):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--api-key", ""])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2
+    assert last == (
+        f"parity {command}: error: argument --api-key: the key is empty; to use no authentication, pass no --api-key"
+    )
+
+
 # ----------------------------------------------------------------------------- vLLM flags
 def test_unsupported_vllm_flag_is_one_line_with_the_reason_and_the_serve_usage(capsys):
     with pytest.raises(SystemExit) as e:

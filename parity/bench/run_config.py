@@ -117,6 +117,8 @@ class BenchConfig:
             raise BenchError(f"--warmup must be >= 0, got {self.warmup}")
         if not 1 <= self.client_workers <= 256:
             raise BenchError(f"--client-workers must be in [1, 256], got {self.client_workers}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise BenchError("--api-key is empty; to send no key, pass no --api-key (and leave $OPENAI_API_KEY unset)")
         if not self.timeout_s > 0 or not math.isfinite(self.timeout_s):
             raise BenchError(f"--timeout must be a finite number of seconds > 0, got {self.timeout_s}")
         if self.temperature is not None and (not math.isfinite(self.temperature) or self.temperature < 0):

@@ -89,6 +89,14 @@ def parse_nonempty(text: str) -> str:
     return str(text)
 
 
+def parse_api_key(text: str) -> str:
+    """An API key (`--api-key`): not empty, since an empty key would mean no authentication at all. Raises
+    argparse.ArgumentTypeError for an empty or blank value."""
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError("the key is empty; to use no authentication, pass no --api-key")
+    return str(text)
+
+
 def is_utf8(text: str) -> bool:
     """False when `text` holds lone surrogates: how Python decodes bytes that are not valid UTF-8 from
     stdin/argv (errors="surrogateescape"); such a string can be neither tokenized nor sent as JSON."""

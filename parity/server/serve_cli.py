@@ -23,6 +23,7 @@ from parity.server.cli_args import (
     is_utf8,
     load_checkpoint_tokenizer,
     loading,
+    parse_api_key,
     parse_bytes,
     parse_nonempty,
     parse_nonneg_seconds,
@@ -61,7 +62,12 @@ def register(subparsers: Any) -> None:
     )
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=parse_port, default=8000, help="TCP port, 1..65535 (default 8000)")
-    s.add_argument("--api-key", default=None, help="require this bearer token (default: env PARITY_API_KEY)")
+    s.add_argument(
+        "--api-key",
+        type=parse_api_key,
+        default=None,
+        help="require this bearer token, not empty (default: env PARITY_API_KEY; neither: no authentication)",
+    )
     s.add_argument(
         "--served-model-name", type=parse_nonempty, default=None, help="model name clients use (default: derived)"
     )
@@ -149,7 +155,9 @@ def register(subparsers: Any) -> None:
     c = subparsers.add_parser("chat", help="interactive terminal chat (local model or --base-url)")
     c.add_argument("model", nargs="?", default=None, help="checkpoint directory or preset (default: miniature)")
     c.add_argument("--base-url", default=None, help="chat with a running server instead, e.g. http://host:8000")
-    c.add_argument("--api-key", default=None, help="bearer token for --base-url (default: env PARITY_API_KEY)")
+    c.add_argument(
+        "--api-key", type=parse_api_key, default=None, help="bearer token for --base-url (default: env PARITY_API_KEY)"
+    )
     c.add_argument("--model-name", default=None, help="model name to request (default: the server's first)")
     c.add_argument("--system", default=None, help="system prompt")
     c.add_argument("--thinking", action="store_true", help="start in thinking mode (/think off to leave it)")
