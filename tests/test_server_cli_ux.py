@@ -242,6 +242,22 @@ def test_chat_ctrl_c_stops_the_reply_and_keeps_the_conversation(monkeypatch):
     ]
 
 
+@pytest.mark.parametrize("model_args", [["/nonexistent/model"], ["--model", "nope"]])
+def test_chat_refuses_a_local_model_with_base_url(monkeypatch, capsys, model_args):
+    import parity.openai_client as oc
+
+    def no_network(*a, **k):
+        raise AssertionError("no request may be sent")
+
+    monkeypatch.setattr(oc, "first_model", no_network)
+    monkeypatch.setattr(oc, "stream_chat", no_network)
+    rc = cli.main(["chat", *model_args, "--base-url", "http://127.0.0.1:9"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith(f"parity chat: error: the local model {model_args[-1]!r} (MODEL or --model) has no ")
+    assert "effect with --base-url" in err[0] and "--model-name NAME" in err[0]
+
+
 # ----------------------------------------------------------------------------- generate, doctor, -m
 def test_generate_streams_and_reports_load_and_decode_apart():
     from parity.engine import EngineArgs, LLMEngine, SamplingParams

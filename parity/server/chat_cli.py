@@ -159,6 +159,14 @@ def chat_loop(
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    """`parity chat`: with --base-url, chat with that server's model (--model-name, default its first); else load
+    the local model (MODEL) behind a private loopback server and chat with it.
+
+    Raises:
+        RequestError: bad sampling flags, a --system prompt that is not UTF-8, or a local model (MODEL or
+            --model) given with --base-url.
+        DeviceError: a bad --device (local model).
+    """
     from parity.engine.sampling_params import SamplingParams
     from parity.openai_client import first_model
 
@@ -167,6 +175,11 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.system is not None and not is_utf8(args.system):
         raise RequestError("--system: the system prompt is not valid UTF-8")
     api_key = args.api_key or os.environ.get("PARITY_API_KEY") or None
+    if args.base_url and args.model is not None:
+        raise RequestError(
+            f"the local model {args.model!r} (MODEL or --model) has no effect with --base-url, which chats with "
+            "a model the server serves; pass --model-name NAME to choose it (default: the server's first)"
+        )
     if args.base_url:
         model = args.model_name or first_model(args.base_url, api_key)
         return chat_loop(args.base_url, model, api_key=api_key, args=args)
