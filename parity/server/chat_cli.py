@@ -10,7 +10,14 @@ import time
 from typing import Any
 
 from parity.errors import RequestError
-from parity.server.cli_args import build_engine, default_model_name, is_utf8, resolve_device_flag, sampling_kwargs
+from parity.server.cli_args import (
+    build_engine,
+    check_engine_flags,
+    default_model_name,
+    is_utf8,
+    resolve_device_flag,
+    sampling_kwargs,
+)
 from parity.server.vllm_flags import apply_mapped_flags
 
 _HELP = "commands: /think on|off (thinking mode; /think alone shows it), /reset (forget the conversation), /exit"
@@ -163,8 +170,8 @@ def run_chat(args: argparse.Namespace) -> int:
     the local model (MODEL) behind a private loopback server and chat with it.
 
     Raises:
-        RequestError: bad sampling flags, a --system prompt that is not UTF-8, or a local model (MODEL or
-            --model) given with --base-url.
+        RequestError: bad sampling or engine flags, a --system prompt that is not UTF-8, or a local model
+            (MODEL or --model) given with --base-url.
         DeviceError: a bad --device (local model).
     """
     from parity.engine.sampling_params import SamplingParams
@@ -189,7 +196,8 @@ def run_chat(args: argparse.Namespace) -> int:
     from parity.server.app import ServerSettings, build_app
     from parity.server.launcher import ThreadedServer
 
-    device = resolve_device_flag(args.device)  # a bad device fails before the loading line
+    device = resolve_device_flag(args.device)  # a bad device or engine flag fails before the loading line
+    check_engine_flags(args, device)
     print(f"parity chat: loading {args.model or 'the default miniature'} on {device} ...", file=sys.stderr)
     engine = build_engine(args)
     name = default_model_name(args.model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,79 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+#: The flag that sets each EngineArgs field (`engine_kwargs`), so that an engine error names what was typed.
+ENGINE_FLAGS = {
+    "model": "MODEL",
+    "device": "--device",
+    "dtype": "--dtype",
+    "max_num_seqs": "--max-num-seqs",
+    "max_model_len": "--max-model-len",
+    "max_num_batched_tokens": "--max-num-batched-tokens",
+    "cache_memory": "--cache-memory",
+    "cache_memory_fraction": "--cache-memory-fraction",
+    "max_waiting": "--max-waiting",
+    "kv_cache_dtype": "--kv-cache-dtype",
+    "seed": "--seed",
+    "quantization": "--quantization",
+    "quantize_lm_head": "--quantize-lm-head",
+    "enable_prefix_caching": "--enable-prefix-caching",
+    "prefix_block_tokens": "--prefix-block-tokens",
+    "enforce_eager": "--enforce-eager",
+}
+
+_FLAG_AND_FIELD = re.compile(r"(--[a-z-]+) \(engine argument '(\w+)'\)")
+_FIELD = re.compile(r"engine argument '(\w+)'")
+
+
+def flag_message(message: str) -> str:
+    """An engine error with each "engine argument 'max_num_seqs'" written as its flag (`ENGINE_FLAGS`):
+    "--max-num-seqs must be a positive integer, got 0"."""
+    message = _FLAG_AND_FIELD.sub(lambda m: m.group(1), message)
+    return _FIELD.sub(lambda m: ENGINE_FLAGS.get(m.group(1), m.group(0)), message)
+
+
+@contextlib.contextmanager
+def engine_flag_errors():
+    """Re-raise a RequestError from building an engine with its message naming flags (`flag_message`)."""
+    from parity.errors import RequestError
+
+    try:
+        yield
+    except RequestError as e:
+        message = flag_message(str(e))
+        if message == str(e):
+            raise
+        raise RequestError(message) from None
+
+
+def check_engine_flags(args: argparse.Namespace, device: Any) -> None:
+    """Check the engine flags before anything loads (the model's config.json or preset only): the EngineArgs
+    checks, --dtype on `device`, and --max-model-len / --prefix-block-tokens against the model's config.
+
+    Raises:
+        RequestError: a bad engine flag; the message names the flag (`flag_message`).
+        ConfigError: the model's config cannot be read (`parity.config.load_config`).
+    """
+    from parity.checkpoint.default_model import ensure_default_model
+    from parity.config import load_config
+    from parity.engine import EngineArgs
+    from parity.engine.model_loading import resolve_dtype
+    from parity.errors import RequestError
+    from parity.model.prefix_state import block_tokens_for
+
+    with engine_flag_errors():
+        EngineArgs(**engine_kwargs(args)).validate()
+        resolve_dtype(args.dtype, device)
+        config = load_config(ensure_default_model() if args.model is None else args.model)
+        limit = int(config.max_position_embeddings)
+        if args.max_model_len is not None and args.max_model_len > limit:
+            raise RequestError(
+                f"--max-model-len ({args.max_model_len}) exceeds the model's max_position_embeddings ({limit})"
+            )
+        if args.enable_prefix_caching:
+            block_tokens_for(config, args.prefix_block_tokens, args.max_model_len or limit)
+
+
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """SamplingParams keyword arguments from parsed flags."""
     return dict(
@@ -259,15 +333,17 @@ def build_engine(args: argparse.Namespace, model=None):
 
     Raises:
         CheckpointError: a checkpoint directory's tokenizer.json is broken (unless --skip-tokenizer-init).
+        RequestError: a bad engine flag (named, `flag_message`).
     """
     from parity.engine import AsyncEngine, EngineArgs
 
     tokenizer = load_checkpoint_tokenizer(args.model, getattr(args, "skip_tokenizer_init", False))
-    return AsyncEngine(
-        EngineArgs(**engine_kwargs(args), warm_up_in_background=True),  # a server answers while it compiles
-        model=model,
-        **({} if tokenizer == "auto" else {"tokenizer": tokenizer}),
-    )
+    with engine_flag_errors():
+        return AsyncEngine(
+            EngineArgs(**engine_kwargs(args), warm_up_in_background=True),  # a server answers while it compiles
+            model=model,
+            **({} if tokenizer == "auto" else {"tokenizer": tokenizer}),
+        )
 
 
 def resolve_device_flag(spec: str | None) -> Any:

@@ -18,7 +18,9 @@ from parity.server.cli_args import (
     add_engine_args,
     add_sampling_args,
     build_engine,
+    check_engine_flags,
     default_model_name,
+    engine_flag_errors,
     engine_kwargs,
     is_utf8,
     load_checkpoint_tokenizer,
@@ -173,12 +175,14 @@ def run_serve(args: argparse.Namespace) -> int:
     SIGTERM/SIGINT (see parity.server.launcher).
 
     Raises:
-        DeviceError: a bad --device (found before anything loads or starts); PortInUseError: the port is
-            taken (found before the model loads).
+        DeviceError: a bad --device, RequestError: a bad engine flag (both found before anything loads or
+            starts); PortInUseError: the port is taken (found before the model loads).
     """
     from parity.server.parallel_serve import parallel_config
 
     device = resolve_device_flag(args.device)
+    apply_mapped_flags(args)
+    check_engine_flags(args, device)  # a bad engine flag is one line naming it, before the port or the model
     config = parallel_config(args)
     if config.world_size == 1:
         return _serve(args, device)
@@ -301,10 +305,11 @@ def run_generate(args: argparse.Namespace) -> int:
         raise RequestError(msg)
     sp = SamplingParams(n=args.n, logprobs=args.logprobs, **sampling_kwargs(args))
     sp.validate()  # fail fast (e.g. --sampling-seed out of range), before the model loads
-    device = resolve_device_flag(args.device)  # a bad device fails before the loading line
+    device = resolve_device_flag(args.device)  # a bad device or engine flag fails before the loading line
+    check_engine_flags(args, device)
     tokenizer = load_checkpoint_tokenizer(args.model)
     t_load = time.perf_counter()
-    with loading(f"parity generate: loading {args.model or 'the default miniature'} on {device}"):
+    with loading(f"parity generate: loading {args.model or 'the default miniature'} on {device}"), engine_flag_errors():
         llm = LLM(**engine_kwargs(args), **({} if tokenizer == "auto" else {"tokenizer": tokenizer}))
     load_s = time.perf_counter() - t_load
     sp.validate(llm.config.vocab_size, llm.engine.max_model_len)
