@@ -14,6 +14,7 @@ from parity.server.cli_args import (
     build_engine,
     check_engine_flags,
     default_model_name,
+    exits_past_background_compiles,
     is_utf8,
     resolve_device_flag,
     sampling_kwargs,
@@ -165,6 +166,7 @@ def chat_loop(
         history.append(msg)
 
 
+@exits_past_background_compiles
 def run_chat(args: argparse.Namespace) -> int:
     """`parity chat`: with --base-url, chat with that server's model (--model-name, default its first); else load
     the local model (MODEL) behind a private loopback server and chat with it.

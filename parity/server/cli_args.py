@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import logging
+import os
 import re
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -368,3 +373,62 @@ def loading(message: str) -> Any:
         print(f"{message} ...", file=sys.stderr, flush=True)
         return contextlib.nullcontext()
     return con.status(f"{message} ...", spinner="dots")
+
+
+def exits_past_background_compiles(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Wrap a command that may start an engine compiling its decode buckets in the background (`parity serve`,
+    `parity chat`): when it ends (returns or raises), the warm-up is asked to stop before its next bucket
+    (`parity.engine.model_runner.stop_background_warm_ups`); if a bucket is still compiling, one line says the
+    compile was cut short, stdout/stderr and the log are flushed and the process exits at once with the
+    command's status (`os._exit`; an error is printed first as `parity.cli.main` prints it), skipping the
+    interpreter teardown that aborts (SIGABRT) while a thread is inside inductor's C++ code."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            rc = command(args)
+        except BaseException as exc:
+            compiling = _stop_background_compiles()
+            if not compiling:
+                raise
+            rc = _report(args, exc)
+        else:
+            compiling = _stop_background_compiles()
+            if not compiling:
+                return rc
+        bucket = compiling[0]
+        print(
+            f"parity {args.command}: the background compile of the decode step was cut short"
+            f"{f' (batch bucket {bucket} was compiling)' if bucket is not None else ''}; exiting without it",
+            file=sys.stderr,
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(rc or 0))
+
+    return run
+
+
+def _stop_background_compiles() -> list[int | None]:
+    """The buckets still compiling after asking every background warm-up to stop; none when no engine was
+    built in this process (the engine modules, and torch, are then not imported at all)."""
+    runner = sys.modules.get("parity.engine.model_runner")
+    return runner.stop_background_warm_ups() if runner is not None else []
+
+
+def _report(args: argparse.Namespace, exc: BaseException) -> int:
+    """Print `exc` as `parity.cli.main` does and return the exit status it would: 2 for a ParityError, 130
+    for Ctrl-C, a SystemExit's code, 1 (with the traceback) for anything else."""
+    from parity.errors import ParityError
+
+    if isinstance(exc, ParityError):
+        print(f"parity {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    if isinstance(exc, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return 130
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    traceback.print_exception(exc)
+    return 1

@@ -22,6 +22,7 @@ from parity.server.cli_args import (
     default_model_name,
     engine_flag_errors,
     engine_kwargs,
+    exits_past_background_compiles,
     is_utf8,
     load_checkpoint_tokenizer,
     loading,
@@ -170,6 +171,7 @@ def register(subparsers: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- serve
+@exits_past_background_compiles
 def run_serve(args: argparse.Namespace) -> int:
     """Bind the port, load the model (one process, or rank 0 of a TP / DP / EP group it starts), serve until
     SIGTERM/SIGINT (see parity.server.launcher).
