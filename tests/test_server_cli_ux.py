@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
@@ -50,7 +51,9 @@ def test_port_in_use_is_one_line_before_the_model_loads(monkeypatch, capsys):
     assert not any("ready:" in line for line in err)
 
 
-def test_ready_is_printed_once_serving_with_the_device(monkeypatch, capsys):
+def _ready_line(monkeypatch, capsys, argv, while_ready=None) -> str:
+    """Run `parity serve` (a fake engine) with `argv` until ready; returns the ready line.
+    `while_ready(host, port)` runs on a thread once ready, before the server is stopped."""
     fake = FakeEngine(step_s=0.001)
     fake.engine = SimpleNamespace(device="cpu")
     monkeypatch.setattr(serve_cli, "build_engine", lambda args, model=None: fake)
@@ -59,24 +62,36 @@ def test_ready_is_printed_once_serving_with_the_device(monkeypatch, capsys):
     real = launcher.serve_forever
     seen = {}
 
-    def serve(app, host, port, *, on_ready, **kw):
+    def serve(app, host, port, *, on_ready: Any, **kw):
         def ready(server):
             on_ready(server)
             seen["ready_line"] = capsys.readouterr().err
 
             def check():
-                seen["health"] = httpx.get(f"http://{host}:{port}/health", timeout=5).status_code
-                server.should_exit = True
+                try:
+                    if while_ready is not None:
+                        while_ready(host, port)
+                finally:
+                    server.should_exit = True
 
             threading.Thread(target=check, daemon=True).start()
 
         return real(app, host, port, on_ready=ready, **kw)
 
     monkeypatch.setattr(launcher, "serve_forever", serve)
-    port = free_port()
-    args = parser().parse_args(["serve", "--port", str(port), "--log-level", "warning", "--drain-timeout", "0"])
+    args = parser().parse_args(["serve", *argv, "--log-level", "warning", "--drain-timeout", "0"])
     assert args.func(args) == 0
-    line = seen["ready_line"].strip().splitlines()[-1]
+    return seen["ready_line"].strip().splitlines()[-1]
+
+
+def test_ready_is_printed_once_serving_with_the_device(monkeypatch, capsys):
+    seen = {}
+
+    def health(host, port):
+        seen["health"] = httpx.get(f"http://{host}:{port}/health", timeout=5).status_code
+
+    port = free_port()
+    line = _ready_line(monkeypatch, capsys, ["--port", str(port)], health)
     assert line.startswith("parity serve: ready: model 'tiny' on cpu") and f":{port}/v1" in line
     assert seen["health"] == 200
 
@@ -103,28 +118,7 @@ def test_ready_line_brackets_an_ipv6_host(monkeypatch, capsys):
     port = _ipv6_loopback_port()
     if port is None:
         pytest.skip("no IPv6 loopback here")
-    fake = FakeEngine(step_s=0.001)
-    fake.engine = SimpleNamespace(device="cpu")
-    monkeypatch.setattr(serve_cli, "build_engine", lambda args, model=None: fake)
-    import parity.server.launcher as launcher
-
-    real = launcher.serve_forever
-    seen = {}
-
-    def serve(app, host, port, *, on_ready, **kw):
-        def ready(server):
-            on_ready(server)
-            seen["ready_line"] = capsys.readouterr().err
-            server.should_exit = True
-
-        return real(app, host, port, on_ready=ready, **kw)
-
-    monkeypatch.setattr(launcher, "serve_forever", serve)
-    args = parser().parse_args(
-        ["serve", "--host", "::1", "--port", str(port), "--log-level", "warning", "--drain-timeout", "0"]
-    )
-    assert args.func(args) == 0
-    line = seen["ready_line"].strip().splitlines()[-1]
+    line = _ready_line(monkeypatch, capsys, ["--host", "::1", "--port", str(port)])
     assert line.endswith(f"at http://[::1]:{port}/v1")
 
 

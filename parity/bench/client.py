@@ -254,26 +254,6 @@ async def send_request(
     ``timeout: no complete response within --timeout ... s``.
     On cancellation (Ctrl-C) `rec.error` becomes "interrupted" and CancelledError propagates.
     """
-    try:
-        async with asyncio.timeout(timeout_s):
-            await _send(client, url, payload, req, rec, tokenizer, origin_s, chat, headers, request_id)
-    except TimeoutError:
-        rec.ok, rec.error = False, f"timeout: no complete response within --timeout {timeout_s:g} s"
-
-
-async def _send(
-    client: httpx.AsyncClient,
-    url: str,
-    payload: dict,
-    req: BenchRequest,
-    rec: RequestRecord,
-    tokenizer: BenchTokenizer,
-    origin_s: float,
-    chat: bool,
-    headers: dict | None,
-    request_id: str | None,
-) -> None:
-    """`send_request` without the total timeout."""
     rec.requested_output_tokens = req.output_tokens
     rec.prompt_tokens = req.prompt_tokens
     st = time.perf_counter()
@@ -282,7 +262,7 @@ async def _send(
     try:
         if request_id is not None:
             headers = {**(headers or {}), "X-Request-Id": request_id}
-        async with client.stream("POST", url, json=payload, headers=headers) as resp:
+        async with asyncio.timeout(timeout_s), client.stream("POST", url, json=payload, headers=headers) as resp:
             rec.status = resp.status_code
             if resp.status_code != 200:
                 body = await resp.aread()
@@ -318,6 +298,9 @@ async def _send(
         raise
     except httpx.ConnectError as e:
         rec.ok, rec.error = False, f"connection failed: {url} ({e or type(e).__name__})"
+        return
+    except TimeoutError:  # asyncio.timeout: the whole request took longer than timeout_s
+        rec.ok, rec.error = False, f"timeout: no complete response within --timeout {timeout_s:g} s"
         return
     except httpx.TimeoutException as e:
         rec.ok, rec.error = False, f"timeout: {type(e).__name__} after {time.perf_counter() - st:.1f} s"
