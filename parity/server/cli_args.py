@@ -279,23 +279,26 @@ def engine_flag_errors():
 
 def check_engine_flags(args: argparse.Namespace, device: Any) -> None:
     """Check the engine flags before anything loads (the model's config.json or preset only): the EngineArgs
-    checks, --dtype on `device`, and --max-model-len / --prefix-block-tokens against the model's config.
+    checks, --dtype on `device`, and --max-model-len / --prefix-block-tokens against the model's config (when
+    it can be read; else loading the model reports it).
 
     Raises:
         RequestError: a bad engine flag; the message names the flag (`flag_message`).
-        ConfigError: the model's config cannot be read (`parity.config.load_config`).
     """
     from parity.checkpoint.default_model import ensure_default_model
     from parity.config import load_config
     from parity.engine import EngineArgs
     from parity.engine.model_loading import resolve_dtype
-    from parity.errors import RequestError
+    from parity.errors import ConfigError, RequestError
     from parity.model.prefix_state import block_tokens_for
 
     with engine_flag_errors():
         EngineArgs(**engine_kwargs(args)).validate()
         resolve_dtype(args.dtype, device)
-        config = load_config(ensure_default_model() if args.model is None else args.model)
+        try:
+            config = load_config(ensure_default_model() if args.model is None else args.model)
+        except ConfigError:  # reported where the model loads, after the tokenizer check
+            return
         limit = int(config.max_position_embeddings)
         if args.max_model_len is not None and args.max_model_len > limit:
             raise RequestError(
