@@ -133,6 +133,19 @@ def test_real_socket_timings(tok, endpoint, k):
     assert s["itl_ms"]["mean"] == pytest.approx(itl / k / MS, abs=3.0)
 
 
+def test_timeout_is_the_total_time_of_a_request(tok):
+    """--timeout bounds a request from send to the end of its stream, not each read: a stream whose chunks
+    come every 20 ms but which takes about 0.4 s in all fails under a 0.15 s timeout."""
+    with FakeServer(Script(ttft_s=0.01, itl_s=0.02)) as srv:
+        cfg = _cfg(srv.base_url, num_prompts=2, timeout_s=0.15, workload="fixed:in=4,out=20")
+        res = run_bench(cfg, tokenizer=tok)
+        s = res["summary"]
+        assert (s["completed"], s["failed"]) == (0, 2)
+        assert s["failure_reasons"] == {"timeout: no complete response within --timeout 0.15 s": 2}
+        res = run_bench(_cfg(srv.base_url, num_prompts=2, timeout_s=30.0, workload="fixed:in=4,out=20"), tokenizer=tok)
+    assert (res["summary"]["completed"], res["summary"]["failed"]) == (2, 0)
+
+
 def test_goodput_counts_slo_misses(tok):
     with FakeServer(Script(ttft_s=0.020, itl_s=0.002)) as srv:
         res = run_bench(_cfg(srv.base_url, slo="ttft_ms=5"), tokenizer=tok)
@@ -517,6 +530,26 @@ def test_model_default_unreachable_server():
         run_bench(_cfg(url, model=None), tokenizer=object())
     with pytest.raises(BenchError, match="--slo: got an empty value"):  # config errors come before any request
         run_bench(_cfg(url, model=None, slo=""), tokenizer=object())
+
+
+def test_model_default_timeout_says_it_timed_out():
+    import httpx
+
+    def handler(request):
+        raise httpx.ReadTimeout("read timed out", request=request)
+
+    with pytest.raises(BenchError) as e:
+        run_bench(
+            _cfg("http://h:1", model=None, timeout_s=0.25), tokenizer=object(), transport=httpx.MockTransport(handler)
+        )
+    msg = str(e.value)
+    assert msg.startswith("GET http://h:1/v1/models (asked for the model, as --model is not given) timed out after ")
+    assert "0.25 s (ReadTimeout); pass a longer --timeout, or --model NAME to skip the lookup" in msg
+
+
+def test_empty_api_key_is_refused():
+    with pytest.raises(BenchError, match=r"^--api-key is empty; .*pass no --api-key"):
+        _cfg("http://127.0.0.1:1", api_key="").validate()
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,21 @@ def test_resolve_refuses_an_index_beyond_the_devices_here(monkeypatch):
     assert devices.resolve("cuda:7") == torch.device("cuda", 7)
 
 
+def test_resolve_refuses_cpu_indices_but_zero_and_non_numeric_indices(monkeypatch):
+    from parity.devices import core
+
+    assert devices.resolve("cpu:0") == torch.device("cpu")
+    for spec in ("cpu:1", "cpu:99"):
+        with pytest.raises(DeviceError, match=rf"^device '{spec}' is not on this machine: the CPU is one device"):
+            devices.resolve(spec)
+    monkeypatch.setattr(core, "is_available", lambda t: t in ("cpu", "cuda"))
+    monkeypatch.setattr(core, "device_count", lambda t: None)
+    for spec in ("cpu:abc", "cpu:-1", "cuda:abc", "cuda:-1", "cuda:1.5", "cuda:١"):
+        with pytest.raises(DeviceError) as e:
+            devices.resolve(spec)
+        assert str(e.value) == f"device index in {spec!r} must be a non-negative integer"
+
+
 def test_resolve_errors():
     with pytest.raises(DeviceError, match="unknown device 'tpu'"):
         devices.resolve("tpu")

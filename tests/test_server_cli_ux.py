@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
@@ -50,7 +51,9 @@ def test_port_in_use_is_one_line_before_the_model_loads(monkeypatch, capsys):
     assert not any("ready:" in line for line in err)
 
 
-def test_ready_is_printed_once_serving_with_the_device(monkeypatch, capsys):
+def _ready_line(monkeypatch, capsys, argv, while_ready=None) -> str:
+    """Run `parity serve` (a fake engine) with `argv` until ready; returns the ready line.
+    `while_ready(host, port)` runs on a thread once ready, before the server is stopped."""
     fake = FakeEngine(step_s=0.001)
     fake.engine = SimpleNamespace(device="cpu")
     monkeypatch.setattr(serve_cli, "build_engine", lambda args, model=None: fake)
@@ -59,26 +62,75 @@ def test_ready_is_printed_once_serving_with_the_device(monkeypatch, capsys):
     real = launcher.serve_forever
     seen = {}
 
-    def serve(app, host, port, *, on_ready, **kw):
+    def serve(app, host, port, *, on_ready: Any, **kw):
         def ready(server):
             on_ready(server)
             seen["ready_line"] = capsys.readouterr().err
 
             def check():
-                seen["health"] = httpx.get(f"http://{host}:{port}/health", timeout=5).status_code
-                server.should_exit = True
+                try:
+                    if while_ready is not None:
+                        while_ready(host, port)
+                finally:
+                    server.should_exit = True
 
             threading.Thread(target=check, daemon=True).start()
 
         return real(app, host, port, on_ready=ready, **kw)
 
     monkeypatch.setattr(launcher, "serve_forever", serve)
-    port = free_port()
-    args = parser().parse_args(["serve", "--port", str(port), "--log-level", "warning", "--drain-timeout", "0"])
+    args = parser().parse_args(["serve", *argv, "--log-level", "warning", "--drain-timeout", "0"])
     assert args.func(args) == 0
-    line = seen["ready_line"].strip().splitlines()[-1]
+    return seen["ready_line"].strip().splitlines()[-1]
+
+
+def test_ready_is_printed_once_serving_with_the_device(monkeypatch, capsys):
+    seen = {}
+
+    def health(host, port):
+        seen["health"] = httpx.get(f"http://{host}:{port}/health", timeout=5).status_code
+
+    port = free_port()
+    line = _ready_line(monkeypatch, capsys, ["--port", str(port)], health)
     assert line.startswith("parity serve: ready: model 'tiny' on cpu") and f":{port}/v1" in line
     assert seen["health"] == 200
+
+
+def _ipv6_loopback_port() -> int | None:
+    """A free port on ::1, or None where this machine has no IPv6 loopback."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+            return int(s.getsockname()[1])
+    except OSError:
+        return None
+
+
+def test_urls_bracket_ipv6_hosts():
+    from parity.server.launcher import http_url
+
+    assert http_url("::1", 8202) == "http://[::1]:8202"
+    assert http_url("127.0.0.1", 8202) == "http://127.0.0.1:8202"
+    assert http_url("localhost", 80) == "http://localhost:80"
+
+
+def test_ready_line_brackets_an_ipv6_host(monkeypatch, capsys):
+    port = _ipv6_loopback_port()
+    if port is None:
+        pytest.skip("no IPv6 loopback here")
+    line = _ready_line(monkeypatch, capsys, ["--host", "::1", "--port", str(port)])
+    assert line.endswith(f"at http://[::1]:{port}/v1")
+
+
+@pytest.mark.parametrize("command", ["serve", "chat"])
+def test_empty_api_key_is_refused_before_anything_loads(capsys, command):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--api-key", ""])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2
+    assert last == (
+        f"parity {command}: error: argument --api-key: the key is empty; to use no authentication, pass no --api-key"
+    )
 
 
 # ----------------------------------------------------------------------------- vLLM flags
@@ -182,6 +234,22 @@ def test_chat_ctrl_c_stops_the_reply_and_keeps_the_conversation(monkeypatch):
         {"role": "assistant", "content": "Once upon"},
         {"role": "user", "content": "shorter please"},
     ]
+
+
+@pytest.mark.parametrize("model_args", [["/nonexistent/model"], ["--model", "nope"]])
+def test_chat_refuses_a_local_model_with_base_url(monkeypatch, capsys, model_args):
+    import parity.openai_client as oc
+
+    def no_network(*a, **k):
+        raise AssertionError("no request may be sent")
+
+    monkeypatch.setattr(oc, "first_model", no_network)
+    monkeypatch.setattr(oc, "stream_chat", no_network)
+    rc = cli.main(["chat", *model_args, "--base-url", "http://127.0.0.1:9"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith(f"parity chat: error: the local model {model_args[-1]!r} (MODEL or --model) has no ")
+    assert "effect with --base-url" in err[0] and "--model-name NAME" in err[0]
 
 
 # ----------------------------------------------------------------------------- generate, doctor, -m

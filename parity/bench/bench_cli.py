@@ -152,7 +152,14 @@ def add_run_args(p) -> None:
         help="tokenizer.json to build/count prompts (default parity's DeepSeek-V4 tokenizer)",
     )
     p.add_argument("--api-key", default=None, help="bearer token (default $OPENAI_API_KEY if set)")
-    p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="per-request timeout in s (default 600)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="total time in s one request may take, from sending it to the end of its stream; a slower one "
+        "counts as failed (timeout) (default 600)",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature sent (default 0)")
     p.add_argument(
         "--no-continuous-usage",

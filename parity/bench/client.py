@@ -39,7 +39,7 @@ async def fetch_default_model(base_url: str, headers: dict, timeout_s: float = 3
     Args:
         base_url: server root (a trailing /v1 is accepted).
         headers: sent with the GET (the ``Authorization: Bearer`` API key).
-        timeout_s: limit for the GET, in s.
+        timeout_s: limit for the GET, in s (at most 30 s).
         transport: httpx async transport replacing the network (tests).
     Returns:
         The ``id`` of ``data[0]`` in the server's answer.
@@ -49,15 +49,19 @@ async def fetch_default_model(base_url: str, headers: dict, timeout_s: float = 3
     """
     url = openai_client.server_root(base_url, BenchError) + "/v1/models"
     hint = "; pass --model NAME to name the model yourself"
+    limit_s = min(timeout_s, 30.0)
     try:
-        async with httpx.AsyncClient(transport=transport, timeout=min(timeout_s, 30.0)) as client:
+        async with httpx.AsyncClient(transport=transport, timeout=limit_s) as client:
             resp = await client.get(url, headers=headers)
     except httpx.ConnectError as e:
         raise BenchError(
             f"--model not given and GET {url} failed: server unreachable ({e or type(e).__name__}){hint}"
         ) from None
     except httpx.TimeoutException as e:
-        raise BenchError(f"--model not given and GET {url} timed out ({type(e).__name__}){hint}") from None
+        raise BenchError(
+            f"GET {url} (asked for the model, as --model is not given) timed out after {limit_s:g} s "
+            f"({type(e).__name__}); pass a longer --timeout, or --model NAME to skip the lookup"
+        ) from None
     except httpx.HTTPError as e:
         raise BenchError(f"--model not given and GET {url} failed: {type(e).__name__}: {e}{hint}") from None
     if resp.status_code != 200:
@@ -235,6 +239,7 @@ async def send_request(
     chat: bool,
     headers: dict | None = None,
     request_id: str | None = None,
+    timeout_s: float | None = None,
 ) -> None:
     """Send one streamed request and fill `rec` (RequestRecord) in place.
 
@@ -242,8 +247,11 @@ async def send_request(
         origin_s: `time.perf_counter()` of the run start; `rec.send_s` is relative to it.
         request_id: sent as the ``X-Request-Id`` header (vLLM and parity log it; lets server-side logs be joined
             with the bench's records).
+        timeout_s: total limit in s for the whole request, from sending it to the last byte of the stream
+            (``--timeout``; vLLM's benchmark sets the same as aiohttp's total timeout); None = no total limit.
     Failures never raise (except cancellation): they set `rec.ok = False` and `rec.error` to a reason such as
-    ``HTTP 503: ...``, ``connection failed: ...``, ``malformed SSE: ...``, ``stream ended before [DONE]``.
+    ``HTTP 503: ...``, ``connection failed: ...``, ``malformed SSE: ...``, ``stream ended before [DONE]``,
+    ``timeout: no complete response within --timeout ... s``.
     On cancellation (Ctrl-C) `rec.error` becomes "interrupted" and CancelledError propagates.
     """
     rec.requested_output_tokens = req.output_tokens
@@ -254,7 +262,7 @@ async def send_request(
     try:
         if request_id is not None:
             headers = {**(headers or {}), "X-Request-Id": request_id}
-        async with client.stream("POST", url, json=payload, headers=headers) as resp:
+        async with asyncio.timeout(timeout_s), client.stream("POST", url, json=payload, headers=headers) as resp:
             rec.status = resp.status_code
             if resp.status_code != 200:
                 body = await resp.aread()
@@ -290,6 +298,9 @@ async def send_request(
         raise
     except httpx.ConnectError as e:
         rec.ok, rec.error = False, f"connection failed: {url} ({e or type(e).__name__})"
+        return
+    except TimeoutError:  # asyncio.timeout: the whole request took longer than timeout_s
+        rec.ok, rec.error = False, f"timeout: no complete response within --timeout {timeout_s:g} s"
         return
     except httpx.TimeoutException as e:
         rec.ok, rec.error = False, f"timeout: {type(e).__name__} after {time.perf_counter() - st:.1f} s"

@@ -118,6 +118,7 @@ async def run_requests(
                 chat,
                 headers,
                 request_id=f"{tag}-{requests[i].index if tag == 'bench' else len(sink)}",
+                timeout_s=cfg.timeout_s,
             )
         finally:
             if sem is not None:

@@ -48,7 +48,8 @@ class BenchConfig:
         energy_devices: accelerator indices to meter (None = all).
         tokenizer: tokenizer.json path (None = parity's V4 tokenizer).
         api_key: sent as ``Authorization: Bearer`` (None: $OPENAI_API_KEY if set).
-        timeout_s: per-request timeout in s.
+        timeout_s: total time in s one request may take, from sending it to the end of its stream (a slower
+            one fails with a timeout); also the limit of the model-list and server probes.
         temperature: sent with each request (None = not sent).
         continuous_usage: ask for usage in every chunk (stream_options.continuous_usage_stats).
         output: JSON result path (None = not written).
@@ -116,6 +117,8 @@ class BenchConfig:
             raise BenchError(f"--warmup must be >= 0, got {self.warmup}")
         if not 1 <= self.client_workers <= 256:
             raise BenchError(f"--client-workers must be in [1, 256], got {self.client_workers}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise BenchError("--api-key is empty; to send no key, pass no --api-key (and leave $OPENAI_API_KEY unset)")
         if not self.timeout_s > 0 or not math.isfinite(self.timeout_s):
             raise BenchError(f"--timeout must be a finite number of seconds > 0, got {self.timeout_s}")
         if self.temperature is not None and (not math.isfinite(self.temperature) or self.temperature < 0):

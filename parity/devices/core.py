@@ -62,7 +62,8 @@ def resolve(spec: str | torch.device | None = "auto") -> torch.device:
     Returns:
         torch.device with an explicit index for accelerators.
     Raises:
-        DeviceError: unknown device type, or the device is not available here.
+        DeviceError: unknown device type, the device is not available here, a non-numeric or negative
+            index, or an index beyond this machine's devices (any index but 0 for "cpu").
     """
     if spec is None:
         spec = "auto"
@@ -80,11 +81,13 @@ def resolve(spec: str | torch.device | None = "auto") -> torch.device:
     if not is_available(dtype_part):
         avail = [t for t in KNOWN_TYPES if is_available(t)]
         raise DeviceError(f"device {spec!r} is not available on this machine; available: {', '.join(avail)}")
-    if dtype_part == "cpu":
-        return torch.device("cpu")
-    if index and not index.isdigit():
+    if index and not (index.isascii() and index.isdigit()):
         raise DeviceError(f"device index in {spec!r} must be a non-negative integer")
     idx = int(index) if index else 0
+    if dtype_part == "cpu":
+        if idx != 0:
+            raise DeviceError(f"device {spec!r} is not on this machine: the CPU is one device, cpu (or cpu:0)")
+        return torch.device("cpu")
     count = device_count(dtype_part)
     if count is not None and idx >= count:
         raise DeviceError(

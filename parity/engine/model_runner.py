@@ -48,6 +48,58 @@ class StepPath:
     buckets: tuple[int, ...] = ()
 
 
+@dataclass
+class _BackgroundWarmUp:
+    """A warm-up running in a background thread: ``stop`` asks it to stop before its next bucket; ``bucket``
+    is the batch bucket compiling now (None between buckets)."""
+
+    stop: threading.Event
+    thread: threading.Thread | None = None
+    bucket: int | None = None
+
+
+#: The background warm-ups still running (`start_background_warm_up`; each removes itself when it ends).
+_BACKGROUND: list[_BackgroundWarmUp] = []
+_BACKGROUND_LOCK = threading.Lock()
+
+
+def start_background_warm_up(graph: DecodeGraph, buckets: tuple[int, ...], threads: int) -> threading.Thread:
+    """Warm ``buckets`` up in a daemon thread named "parity-compile" (`_warm_up_buckets`), one that
+    `stop_background_warm_ups` can stop between buckets. Returns the started thread."""
+    job = _BackgroundWarmUp(threading.Event())
+
+    def run() -> None:
+        try:
+            _warm_up_buckets(graph, buckets, threads, job)
+        finally:
+            with _BACKGROUND_LOCK:
+                _BACKGROUND.remove(job)
+
+    job.thread = threading.Thread(target=run, name="parity-compile", daemon=True)
+    with _BACKGROUND_LOCK:
+        _BACKGROUND.append(job)
+    job.thread.start()
+    return job.thread
+
+
+def stop_background_warm_ups(wait_s: float = 0.2) -> list[int | None]:
+    """Ask every background warm-up to stop before its next bucket and wait up to ``wait_s`` s for them to end.
+
+    Returns:
+        The batch buckets still compiling (None: between two), one per warm-up that has not ended (a
+        bucket's compile cannot be interrupted; a process exiting now must skip interpreter teardown, which
+        aborts while a thread is inside inductor's C++ code).
+    """
+    with _BACKGROUND_LOCK:
+        jobs = list(_BACKGROUND)
+    for job in jobs:
+        job.stop.set()
+    deadline = time.monotonic() + wait_s
+    for job in jobs:
+        job.thread.join(max(0.0, deadline - time.monotonic()))
+    return [job.bucket for job in jobs if job.thread is not None and job.thread.is_alive()]
+
+
 def wants_eager(enforce_eager: bool | None, device: torch.device) -> bool:
     """Resolve the ``enforce_eager`` engine argument (None = environment, then the device default)."""
     if enforce_eager is not None:
@@ -90,11 +142,8 @@ def prepare_step_path(
     model.decode_graph = graph
     fn = devices.compiler(device)
     if background:
-        threads = torch.get_num_threads()  # the engine's count: inductor specialises its kernels for it
-        worker = threading.Thread(
-            target=_warm_up_buckets, args=(graph, buckets, threads), name="parity-compile", daemon=True
-        )
-        worker.start()
+        # the engine's thread count: inductor specialises its kernels for it
+        start_background_warm_up(graph, buckets, torch.get_num_threads())
         log.info(
             "engine step path: compiled decode step (%s) on %s; batch buckets %s compile in the background "
             "(decode steps run eager until their bucket is warm)",
@@ -135,10 +184,14 @@ def step_path_stats(sp: StepPath, model) -> dict:
     }
 
 
-def _warm_up_buckets(graph: DecodeGraph, buckets: tuple[int, ...], threads: int) -> dict[int, float]:
+def _warm_up_buckets(
+    graph: DecodeGraph, buckets: tuple[int, ...], threads: int, job: _BackgroundWarmUp | None = None
+) -> dict[int, float]:
     """Warm ``buckets`` up one by one with ``threads`` torch threads (each joins ``graph.ready`` when warm),
     in the engine's grad mode (dynamo guards on it). A compiler failure (e.g. no C++ compiler for inductor) is
-    logged and leaves that bucket and the later ones eager; it never stops the engine.
+    logged and leaves that bucket and the later ones eager; it never stops the engine. A background ``job``
+    records the bucket compiling and stops before the next bucket once ``job.stop`` is set (the later buckets
+    stay eager).
 
     Returns:
         {bucket: wall seconds} of the buckets warmed.
@@ -147,6 +200,11 @@ def _warm_up_buckets(graph: DecodeGraph, buckets: tuple[int, ...], threads: int)
     t0 = time.perf_counter()
     times = {}
     for b in buckets:
+        if job is not None:
+            if job.stop.is_set():
+                log.info("compiled decode step: warm-up stopped before batch bucket %d (shutting down)", b)
+                break
+            job.bucket = b
         try:
             with torch.inference_mode():
                 times[b] = graph.warm_up((b,))[b]
@@ -165,4 +223,6 @@ def _warm_up_buckets(graph: DecodeGraph, buckets: tuple[int, ...], threads: int)
             times[b],
             time.perf_counter() - t0,
         )
+    if job is not None:
+        job.bucket = None
     return times

@@ -10,7 +10,15 @@ import time
 from typing import Any
 
 from parity.errors import RequestError
-from parity.server.cli_args import build_engine, default_model_name, is_utf8, resolve_device_flag, sampling_kwargs
+from parity.server.cli_args import (
+    build_engine,
+    check_engine_flags,
+    default_model_name,
+    exits_past_background_compiles,
+    is_utf8,
+    resolve_device_flag,
+    sampling_kwargs,
+)
 from parity.server.vllm_flags import apply_mapped_flags
 
 _HELP = "commands: /think on|off (thinking mode; /think alone shows it), /reset (forget the conversation), /exit"
@@ -158,7 +166,16 @@ def chat_loop(
         history.append(msg)
 
 
+@exits_past_background_compiles
 def run_chat(args: argparse.Namespace) -> int:
+    """`parity chat`: with --base-url, chat with that server's model (--model-name, default its first); else load
+    the local model (MODEL) behind a private loopback server and chat with it.
+
+    Raises:
+        RequestError: bad sampling or engine flags, a --system prompt that is not UTF-8, or a local model
+            (MODEL or --model) given with --base-url.
+        DeviceError: a bad --device (local model).
+    """
     from parity.engine.sampling_params import SamplingParams
     from parity.openai_client import first_model
 
@@ -167,6 +184,11 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.system is not None and not is_utf8(args.system):
         raise RequestError("--system: the system prompt is not valid UTF-8")
     api_key = args.api_key or os.environ.get("PARITY_API_KEY") or None
+    if args.base_url and args.model is not None:
+        raise RequestError(
+            f"the local model {args.model!r} (MODEL or --model) has no effect with --base-url, which chats with "
+            "a model the server serves; pass --model-name NAME to choose it (default: the server's first)"
+        )
     if args.base_url:
         model = args.model_name or first_model(args.base_url, api_key)
         return chat_loop(args.base_url, model, api_key=api_key, args=args)
@@ -176,7 +198,8 @@ def run_chat(args: argparse.Namespace) -> int:
     from parity.server.app import ServerSettings, build_app
     from parity.server.launcher import ThreadedServer
 
-    device = resolve_device_flag(args.device)  # a bad device fails before the loading line
+    device = resolve_device_flag(args.device)  # a bad device or engine flag fails before the loading line
+    check_engine_flags(args, device)
     print(f"parity chat: loading {args.model or 'the default miniature'} on {device} ...", file=sys.stderr)
     engine = build_engine(args)
     name = default_model_name(args.model)

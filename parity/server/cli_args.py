@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import logging
+import os
+import re
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +92,14 @@ def parse_nonempty(text: str) -> str:
     """A string with at least one non-blank character. Raises argparse.ArgumentTypeError otherwise."""
     if not str(text).strip():
         raise argparse.ArgumentTypeError(f"expected a non-empty value, got {text!r}")
+    return str(text)
+
+
+def parse_api_key(text: str) -> str:
+    """An API key (`--api-key`): not empty, since an empty key would mean no authentication at all. Raises
+    argparse.ArgumentTypeError for an empty or blank value."""
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError("the key is empty; to use no authentication, pass no --api-key")
     return str(text)
 
 
@@ -218,6 +232,82 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+#: The flag that sets each EngineArgs field (`engine_kwargs`), so that an engine error names what was typed.
+ENGINE_FLAGS = {
+    "model": "MODEL",
+    "device": "--device",
+    "dtype": "--dtype",
+    "max_num_seqs": "--max-num-seqs",
+    "max_model_len": "--max-model-len",
+    "max_num_batched_tokens": "--max-num-batched-tokens",
+    "cache_memory": "--cache-memory",
+    "cache_memory_fraction": "--cache-memory-fraction",
+    "max_waiting": "--max-waiting",
+    "kv_cache_dtype": "--kv-cache-dtype",
+    "seed": "--seed",
+    "quantization": "--quantization",
+    "quantize_lm_head": "--quantize-lm-head",
+    "enable_prefix_caching": "--enable-prefix-caching",
+    "prefix_block_tokens": "--prefix-block-tokens",
+    "enforce_eager": "--enforce-eager",
+}
+
+_FLAG_AND_FIELD = re.compile(r"(--[a-z-]+) \(engine argument '(\w+)'\)")
+_FIELD = re.compile(r"engine argument '(\w+)'")
+
+
+def flag_message(message: str) -> str:
+    """An engine error with each "engine argument 'max_num_seqs'" written as its flag (`ENGINE_FLAGS`):
+    "--max-num-seqs must be a positive integer, got 0"."""
+    message = _FLAG_AND_FIELD.sub(lambda m: m.group(1), message)
+    return _FIELD.sub(lambda m: ENGINE_FLAGS.get(m.group(1), m.group(0)), message)
+
+
+@contextlib.contextmanager
+def engine_flag_errors():
+    """Re-raise a RequestError from building an engine with its message naming flags (`flag_message`)."""
+    from parity.errors import RequestError
+
+    try:
+        yield
+    except RequestError as e:
+        message = flag_message(str(e))
+        if message == str(e):
+            raise
+        raise RequestError(message) from None
+
+
+def check_engine_flags(args: argparse.Namespace, device: Any) -> None:
+    """Check the engine flags before anything loads (the model's config.json or preset only): the EngineArgs
+    checks, --dtype on `device`, and --max-model-len / --prefix-block-tokens against the model's config (when
+    it can be read; else loading the model reports it).
+
+    Raises:
+        RequestError: a bad engine flag; the message names the flag (`flag_message`).
+    """
+    from parity.checkpoint.default_model import ensure_default_model
+    from parity.config import load_config
+    from parity.engine import EngineArgs
+    from parity.engine.model_loading import resolve_dtype
+    from parity.errors import ConfigError, RequestError
+    from parity.model.prefix_state import block_tokens_for
+
+    with engine_flag_errors():
+        EngineArgs(**engine_kwargs(args)).validate()
+        resolve_dtype(args.dtype, device)
+        try:
+            config = load_config(ensure_default_model() if args.model is None else args.model)
+        except ConfigError:  # reported where the model loads, after the tokenizer check
+            return
+        limit = int(config.max_position_embeddings)
+        if args.max_model_len is not None and args.max_model_len > limit:
+            raise RequestError(
+                f"--max-model-len ({args.max_model_len}) exceeds the model's max_position_embeddings ({limit})"
+            )
+        if args.enable_prefix_caching:
+            block_tokens_for(config, args.prefix_block_tokens, args.max_model_len or limit)
+
+
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """SamplingParams keyword arguments from parsed flags."""
     return dict(
@@ -251,15 +341,17 @@ def build_engine(args: argparse.Namespace, model=None):
 
     Raises:
         CheckpointError: a checkpoint directory's tokenizer.json is broken (unless --skip-tokenizer-init).
+        RequestError: a bad engine flag (named, `flag_message`).
     """
     from parity.engine import AsyncEngine, EngineArgs
 
     tokenizer = load_checkpoint_tokenizer(args.model, getattr(args, "skip_tokenizer_init", False))
-    return AsyncEngine(
-        EngineArgs(**engine_kwargs(args), warm_up_in_background=True),  # a server answers while it compiles
-        model=model,
-        **({} if tokenizer == "auto" else {"tokenizer": tokenizer}),
-    )
+    with engine_flag_errors():
+        return AsyncEngine(
+            EngineArgs(**engine_kwargs(args), warm_up_in_background=True),  # a server answers while it compiles
+            model=model,
+            **({} if tokenizer == "auto" else {"tokenizer": tokenizer}),
+        )
 
 
 def resolve_device_flag(spec: str | None) -> Any:
@@ -284,3 +376,62 @@ def loading(message: str) -> Any:
         print(f"{message} ...", file=sys.stderr, flush=True)
         return contextlib.nullcontext()
     return con.status(f"{message} ...", spinner="dots")
+
+
+def exits_past_background_compiles(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Wrap a command that may start an engine compiling its decode buckets in the background (`parity serve`,
+    `parity chat`): when it ends (returns or raises), the warm-up is asked to stop before its next bucket
+    (`parity.engine.model_runner.stop_background_warm_ups`); if a bucket is still compiling, one line says the
+    compile was cut short, stdout/stderr and the log are flushed and the process exits at once with the
+    command's status (`os._exit`; an error is printed first as `parity.cli.main` prints it), skipping the
+    interpreter teardown that aborts (SIGABRT) while a thread is inside inductor's C++ code."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            rc = command(args)
+        except BaseException as exc:
+            compiling = _stop_background_compiles()
+            if not compiling:
+                raise
+            rc = _report(args, exc)
+        else:
+            compiling = _stop_background_compiles()
+            if not compiling:
+                return rc
+        bucket = compiling[0]
+        print(
+            f"parity {args.command}: the background compile of the decode step was cut short"
+            f"{f' (batch bucket {bucket} was compiling)' if bucket is not None else ''}; exiting without it",
+            file=sys.stderr,
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(rc or 0))
+
+    return run
+
+
+def _stop_background_compiles() -> list[int | None]:
+    """The buckets still compiling after asking every background warm-up to stop; none when no engine was
+    built in this process (the engine modules, and torch, are then not imported at all)."""
+    runner = sys.modules.get("parity.engine.model_runner")
+    return runner.stop_background_warm_ups() if runner is not None else []
+
+
+def _report(args: argparse.Namespace, exc: BaseException) -> int:
+    """Print `exc` as `parity.cli.main` does and return the exit status it would: 2 for a ParityError, 130
+    for Ctrl-C, a SystemExit's code, 1 (with the traceback) for anything else."""
+    from parity.errors import ParityError
+
+    if isinstance(exc, ParityError):
+        print(f"parity {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    if isinstance(exc, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return 130
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    traceback.print_exception(exc)
+    return 1

@@ -58,6 +58,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def http_url(host: str, port: int) -> str:
+    """The http:// URL of host:port, an IPv6 address in brackets (RFC 3986 section 3.2.2):
+    ("::1", 8202) -> "http://[::1]:8202"."""
+    return f"http://[{host}]:{port}" if ":" in host and not host.startswith("[") else f"http://{host}:{port}"
+
+
 def _settings_of(app: Any) -> ServerSettings:
     srv = getattr(getattr(app, "state", None), "server", None)
     return getattr(srv, "settings", None) or ServerSettings()
@@ -222,7 +228,7 @@ class ThreadedServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return http_url(self.host, self.port)
 
     def start(self) -> ThreadedServer:
         self.thread = threading.Thread(target=self.server.run, name="parity-uvicorn", daemon=True)

@@ -18,11 +18,15 @@ from parity.server.cli_args import (
     add_engine_args,
     add_sampling_args,
     build_engine,
+    check_engine_flags,
     default_model_name,
+    engine_flag_errors,
     engine_kwargs,
+    exits_past_background_compiles,
     is_utf8,
     load_checkpoint_tokenizer,
     loading,
+    parse_api_key,
     parse_bytes,
     parse_nonempty,
     parse_nonneg_seconds,
@@ -61,7 +65,12 @@ def register(subparsers: Any) -> None:
     )
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=parse_port, default=8000, help="TCP port, 1..65535 (default 8000)")
-    s.add_argument("--api-key", default=None, help="require this bearer token (default: env PARITY_API_KEY)")
+    s.add_argument(
+        "--api-key",
+        type=parse_api_key,
+        default=None,
+        help="require this bearer token, not empty (default: env PARITY_API_KEY; neither: no authentication)",
+    )
     s.add_argument(
         "--served-model-name", type=parse_nonempty, default=None, help="model name clients use (default: derived)"
     )
@@ -149,7 +158,9 @@ def register(subparsers: Any) -> None:
     c = subparsers.add_parser("chat", help="interactive terminal chat (local model or --base-url)")
     c.add_argument("model", nargs="?", default=None, help="checkpoint directory or preset (default: miniature)")
     c.add_argument("--base-url", default=None, help="chat with a running server instead, e.g. http://host:8000")
-    c.add_argument("--api-key", default=None, help="bearer token for --base-url (default: env PARITY_API_KEY)")
+    c.add_argument(
+        "--api-key", type=parse_api_key, default=None, help="bearer token for --base-url (default: env PARITY_API_KEY)"
+    )
     c.add_argument("--model-name", default=None, help="model name to request (default: the server's first)")
     c.add_argument("--system", default=None, help="system prompt")
     c.add_argument("--thinking", action="store_true", help="start in thinking mode (/think off to leave it)")
@@ -160,17 +171,20 @@ def register(subparsers: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- serve
+@exits_past_background_compiles
 def run_serve(args: argparse.Namespace) -> int:
     """Bind the port, load the model (one process, or rank 0 of a TP / DP / EP group it starts), serve until
     SIGTERM/SIGINT (see parity.server.launcher).
 
     Raises:
-        DeviceError: a bad --device (found before anything loads or starts); PortInUseError: the port is
-            taken (found before the model loads).
+        DeviceError: a bad --device, RequestError: a bad engine flag (both found before anything loads or
+            starts); PortInUseError: the port is taken (found before the model loads).
     """
     from parity.server.parallel_serve import parallel_config
 
     device = resolve_device_flag(args.device)
+    apply_mapped_flags(args)
+    check_engine_flags(args, device)  # a bad engine flag is one line naming it, before the port or the model
     config = parallel_config(args)
     if config.world_size == 1:
         return _serve(args, device)
@@ -198,7 +212,7 @@ def _serve(args: argparse.Namespace, device: Any, serving=None) -> int:
 def _serve_engine(args: argparse.Namespace, device: Any, serving, threads: int | None) -> int:
     from parity.server.app import ServerSettings, build_app
     from parity.server.chat_format import ChatFormat
-    from parity.server.launcher import bind_socket, serve_forever
+    from parity.server.launcher import bind_socket, http_url, serve_forever
     from parity.server.settings import default_max_seqs_per_request
     from parity.tokenizer.encoding import load_encoding
 
@@ -257,7 +271,7 @@ def _serve_engine(args: argparse.Namespace, device: Any, serving, threads: int |
     def ready(_server: Any) -> None:
         print(
             f"parity serve: ready: model '{name}' on {device}{path} (max_model_len {engine.max_model_len}, "
-            f"loaded in {load_s:.1f} s) at http://{args.host}:{args.port}/v1"
+            f"loaded in {load_s:.1f} s) at {http_url(args.host, args.port)}/v1"
             f"{' (API key required)' if api_key else ''}",
             file=sys.stderr,
             flush=True,
@@ -293,10 +307,11 @@ def run_generate(args: argparse.Namespace) -> int:
         raise RequestError(msg)
     sp = SamplingParams(n=args.n, logprobs=args.logprobs, **sampling_kwargs(args))
     sp.validate()  # fail fast (e.g. --sampling-seed out of range), before the model loads
-    device = resolve_device_flag(args.device)  # a bad device fails before the loading line
+    device = resolve_device_flag(args.device)  # a bad device or engine flag fails before the loading line
+    check_engine_flags(args, device)
     tokenizer = load_checkpoint_tokenizer(args.model)
     t_load = time.perf_counter()
-    with loading(f"parity generate: loading {args.model or 'the default miniature'} on {device}"):
+    with loading(f"parity generate: loading {args.model or 'the default miniature'} on {device}"), engine_flag_errors():
         llm = LLM(**engine_kwargs(args), **({} if tokenizer == "auto" else {"tokenizer": tokenizer}))
     load_s = time.perf_counter() - t_load
     sp.validate(llm.config.vocab_size, llm.engine.max_model_len)
