@@ -196,7 +196,22 @@ def test_larger_batches_and_chunks_are_not_taken():
     assert graph.accepts([(0, 1, 5), (1, 1, 3)], False, False)
     assert not graph.accepts([(0, 1, 5), (1, 1, 3), (2, 1, 4)], False, False)
     assert not graph.accepts([(0, 2, 5)], False, False)
-    assert not DecodeGraph(m, "cpu", buckets=(1, 2)).accepts([(0, 1, 5)], True, False)  # compiled: unrounded only
+    assert DecodeGraph(m, "cpu", buckets=(1, 2)).accepts([(0, 1, 5)], True, True)  # every cache mode
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_compiled_step_matches_eager_with_fp8_kv_and_fp4_index_keys():
+    """The release's cache modes (FP8 e4m3 KV rows, FP4 indexer keys) compiled: same greedy tokens, logits
+    within 1e-5 of the eager step."""
+    eager, compiled = _small_model(), _small_model()
+    compiled.decode_graph = DecodeGraph(compiled, "cpu", buckets=(4,))
+    te, le = _run(eager, [13, 2, 16], 12, kv="fp8", ix="fp4")
+    tc, lc = _run(compiled, [13, 2, 16], 12, kv="fp8", ix="fp4")
+    assert compiled.decode_graph.steps == 12
+    assert te == tc
+    for a, b in zip(le, lc, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -307,12 +307,10 @@ class DecodeGraph:
         return next((b for b in self.buckets if b >= batch), None)
 
     def accepts(self, segments, kv_fp8: bool, index_fp4: bool) -> bool:
-        """Whether the step (``forward_incremental``'s segments and numerics modes) is a plain decode step
-        the graph runs: every sequence adds one token, the batch fits a bucket, and compiled only in the
-        unrounded cache modes (the FP8 KV / FP4 indexer steps run the fixed-shape step uncompiled in the
-        tests; compiling them is not verified, so they stay eager)."""
-        if self.compile and (kv_fp8 or index_fp4):
-            return False
+        """Whether the step (``forward_incremental``'s segments) is a plain decode step the graph runs: every
+        sequence adds one token and the batch fits a warm bucket; in every cache mode (bf16 / FP8 KV, bf16 /
+        FP4 indexer keys: the graph of each mode is compiled on its first step, the model's own modes at
+        warm-up)."""
         b = self.bucket(len(segments))
         if b is None or not (self.ready is None or b in self.ready or getattr(self._warming, "on", False)):
             return False
