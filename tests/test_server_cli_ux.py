@@ -133,6 +133,16 @@ def test_empty_api_key_is_refused_before_anything_loads(capsys, command):
     )
 
 
+def test_an_empty_parity_api_key_variable_is_refused():
+    from parity.errors import ParityError
+    from parity.server.cli_args import api_key_from
+
+    with pytest.raises(ParityError, match="PARITY_API_KEY is set but empty"):
+        api_key_from(None, {"PARITY_API_KEY": "  "})
+    assert api_key_from(None, {}) is None
+    assert api_key_from(None, {"PARITY_API_KEY": "k"}) == "k" and api_key_from("a", {"PARITY_API_KEY": ""}) == "a"
+
+
 # ----------------------------------------------------------------------------- vLLM flags
 def test_unsupported_vllm_flag_is_one_line_with_the_reason_and_the_serve_usage(capsys):
     with pytest.raises(SystemExit) as e:

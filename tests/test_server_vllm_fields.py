@@ -152,6 +152,14 @@ def test_bad_prompt_logprobs_is_a_400_naming_it(server, path, body, code):
     assert err["param"] == "prompt_logprobs" and err["code"] == code
 
 
+@pytest.mark.parametrize("path,base", [(CMPL, {"prompt": "Hello"}), (CHAT, {"messages": USER})])
+def test_prompt_logprobs_zero_streams_as_vllm(server, path, base):
+    """vLLM refuses prompt_logprobs > 0 with stream and accepts 0: the stream is the plain one."""
+    r = post(server, path, {**base, "max_tokens": 2, "stream": True, "prompt_logprobs": 0})
+    assert r.status_code == 200, r.text
+    assert r.text.rstrip().endswith("data: [DONE]")
+
+
 # ------------------------------------------------------------------------------------ vLLM defaults and refusals
 @pytest.mark.parametrize("path,base", [(CMPL, {"prompt": "Hello"}), (CHAT, {"messages": USER})])
 def test_vllm_fields_at_their_defaults_are_accepted(server, path, base):

@@ -45,6 +45,13 @@ WIDENING_KERNEL_MAX_ROWS = 16
 WIDEN_CHUNK_ELEMS = 1 << 24
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """``"Type: first line of the message"`` (at most `limit` characters): a compiler error's message holds
+    the whole compiler output (e.g. hundreds of warnings when a Ctrl-C killed g++), a log wants its gist."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:limit] if lines else ''}"
+
+
 def _onednn_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
@@ -137,7 +144,7 @@ def widening_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             try:
                 return _widening_kernel()(flat, weight).reshape(*x.shape[:-1], n)
             except Exception as e:  # no C++ toolchain for inductor, or a backend error: upcast from now on
-                log.warning("compiled widening GEMV unavailable (%s); upcasting weights per call", e)
+                log.warning("compiled widening GEMV unavailable (%s); upcasting weights per call", first_line(e))
                 _compiled_reduction = False
     rows = max(1, WIDEN_CHUNK_ELEMS // max(weight.shape[-1], 1))
     if rows >= n:

@@ -19,7 +19,7 @@ import logging
 import torch
 from torch import nn
 
-from parity.model.fast_linear import WideningLinear
+from parity.model.fast_linear import WideningLinear, first_line
 from parity.model.layers import Experts, Router, swiglu
 
 log = logging.getLogger("parity.model")
@@ -77,7 +77,7 @@ class WideningExperts(Experts):
                         hidden, expert_ids, weights.float(), self.gate_up_proj, self.down_proj, self.limit
                     )
                 except Exception as e:  # no C++ toolchain for inductor, or a backend error
-                    log.warning("compiled routed-expert kernel unavailable (%s); per-expert upcasts", e)
+                    log.warning("compiled routed-expert kernel unavailable (%s); per-expert upcasts", first_line(e))
                     _compiled_pairs = False
         return super().forward(hidden, expert_ids, weights)
 

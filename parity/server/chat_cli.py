@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 from typing import Any
 
 from parity.errors import RequestError
 from parity.server.cli_args import (
+    api_key_from,
     build_engine,
     check_engine_flags,
     default_model_name,
@@ -183,7 +183,7 @@ def run_chat(args: argparse.Namespace) -> int:
     SamplingParams(**sampling_kwargs(args)).validate()  # bad sampling flags: one clear error, up front
     if args.system is not None and not is_utf8(args.system):
         raise RequestError("--system: the system prompt is not valid UTF-8")
-    api_key = args.api_key or os.environ.get("PARITY_API_KEY") or None
+    api_key = api_key_from(args.api_key)
     if args.base_url and args.model is not None:
         raise RequestError(
             f"the local model {args.model!r} (MODEL or --model) has no effect with --base-url, which chats with "

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from parity.errors import ParityError
+
 _UNITS = {
     "": 1,
     "b": 1,
@@ -101,6 +103,18 @@ def parse_api_key(text: str) -> str:
     if not str(text).strip():
         raise argparse.ArgumentTypeError("the key is empty; to use no authentication, pass no --api-key")
     return str(text)
+
+
+def api_key_from(args_key: str | None, env: dict | None = None) -> str | None:
+    """The bearer token a command uses: ``--api-key``, else the environment's ``PARITY_API_KEY``, else None
+    (no authentication). Raises ParityError when ``PARITY_API_KEY`` is set but empty or blank (as an empty
+    ``--api-key``: it would silently mean no authentication)."""
+    if args_key:
+        return args_key
+    value = (os.environ if env is None else env).get("PARITY_API_KEY")
+    if value is not None and not value.strip():
+        raise ParityError("PARITY_API_KEY is set but empty; to use no authentication, unset it")
+    return value or None
 
 
 def is_utf8(text: str) -> bool:

@@ -217,9 +217,9 @@ def check_vllm_extras(req: Any) -> None:
                 code="unsupported_parameter",
             )
     check_logprobs("prompt_logprobs", req.prompt_logprobs)
-    if req.prompt_logprobs is not None and req.stream:
+    if req.prompt_logprobs and req.stream:  # vLLM refuses N > 0 with stream and accepts 0
         raise bad_request(
-            "'prompt_logprobs' is not available when 'stream' is true (as vLLM)",
+            "'prompt_logprobs' > 0 is not available when 'stream' is true (as vLLM)",
             param="prompt_logprobs",
             code="invalid_value",
         )

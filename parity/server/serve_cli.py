@@ -7,7 +7,6 @@ Heavy libraries (torch, FastAPI, uvicorn, httpx) are imported inside the command
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Any
@@ -17,6 +16,7 @@ from parity.server.chat_cli import chat_loop, run_chat
 from parity.server.cli_args import (
     add_engine_args,
     add_sampling_args,
+    api_key_from,
     build_engine,
     check_engine_flags,
     default_model_name,
@@ -217,7 +217,7 @@ def _serve_engine(args: argparse.Namespace, device: Any, serving, threads: int |
     from parity.tokenizer.encoding import load_encoding
 
     apply_mapped_flags(args)
-    api_key = args.api_key or os.environ.get("PARITY_API_KEY") or None
+    api_key = api_key_from(args.api_key)
     name = args.served_model_name or default_model_name(args.model)
     sock = bind_socket(args.host, args.port)  # a taken port is reported before minutes of loading
     try:
