@@ -159,3 +159,34 @@ def test_n_completions_stream():
     out, last = asyncio.run(main())
     assert sorted(out) == [0, 1, 2] and all(len(v) == 6 for v in out.values())
     assert last.request_finished
+
+
+def test_abort_ends_the_stream_while_the_engine_is_inside_a_long_step():
+    """A drain cut-off or a disconnect must not wait for the engine's current step (a long prefill, a step
+    slowed by compiling): the stream ends at once with finish_reason "abort"."""
+    import threading
+
+    release = threading.Event()
+
+    class SlowModel(FakeModel):
+        def forward_incremental(self, tokens, states, all_logits: bool = False):
+            release.wait(10)  # the step holds the engine thread until the test releases it
+            return super().forward_incremental(tokens, states, all_logits)
+
+    async def main():
+        eng = AsyncEngine(EngineArgs(device="cpu", cache_memory=1 << 20), model=SlowModel(), tokenizer=None)
+        await eng.start()
+        agen = eng.generate([3, 4, 5], GREEDY, "slow")
+        task = asyncio.ensure_future(agen.__anext__())
+        await wait_until(lambda: eng.stats()["num_running"] == 1)
+        t0 = time.monotonic()
+        eng.abort("slow")
+        d = await asyncio.wait_for(task, 5)
+        waited = time.monotonic() - t0
+        release.set()
+        await eng.shutdown(5.0)
+        return d, waited
+
+    d, waited = asyncio.run(main())
+    assert d.finished and d.request_finished and d.finish_reason == "abort"
+    assert waited < 5

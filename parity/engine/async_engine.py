@@ -10,6 +10,7 @@ Closing or cancelling the `generate` async generator aborts the request and free
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -238,11 +239,15 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             raise
         finished = False
+        last: StreamDelta | None = None
         try:
             while True:
                 d = await q.get()
+                if d is _ABORTED:  # `abort` ends the stream now, not when the engine's current step ends
+                    d = _aborted_delta(request_id, last)
                 if isinstance(d, BaseException):
                     raise RequestError(f"engine failed: {d}")
+                last = d
                 if d.request_finished:
                     finished = True
                 yield d
@@ -258,13 +263,41 @@ class AsyncEngine:
         self._accepting = False
 
     def abort(self, request_id: str) -> None:
-        """Abort a request (thread-safe, returns at once; its cache is freed by the engine thread)."""
+        """Abort a request (thread-safe, returns at once): its stream ends at once with finish_reason "abort"
+        (also while the engine thread is inside a long step); its cache is freed by the engine thread."""
         rid = str(request_id)
+        stream = self._streams.get(rid)
+        if stream is not None:
+            loop, q = stream
+            with contextlib.suppress(RuntimeError):  # the stream's loop is already closed
+                loop.call_soon_threadsafe(q.put_nowait, _ABORTED)
 
         def run():
             self.engine.abort(rid)
 
         self._post(run)
+
+
+#: Queued by `AsyncEngine.abort`: the stream ends with an "abort" delta without waiting for the engine thread.
+_ABORTED = object()
+
+
+def _aborted_delta(request_id: str, last: StreamDelta | None) -> StreamDelta:
+    """The final "abort" delta of a stream ended by `AsyncEngine.abort` (counts and metrics as of ``last``)."""
+    return StreamDelta(
+        request_id=request_id,
+        index=last.index if last is not None else 0,
+        new_token_ids=[],
+        new_text="",
+        finished=True,
+        finish_reason="abort",
+        stop_reason=None,
+        request_finished=True,
+        logprobs=None,
+        num_prompt_tokens=last.num_prompt_tokens if last is not None else 0,
+        num_output_tokens=last.num_output_tokens if last is not None else 0,
+        metrics=last.metrics if last is not None else None,
+    )
 
 
 def _deliver(items: list[tuple[asyncio.Queue, StreamDelta]]) -> None:
