@@ -19,6 +19,7 @@ BAD_FLAGS = [
     (["--prefix-block-tokens", "7"], "--prefix-block-tokens is 7: expected a positive multiple of every "),
     (["--max-model-len", "100000000"], "--max-model-len (100000000) exceeds the model's max_position_embeddings"),
     (["--quantize-lm-head"], "--quantize-lm-head needs --quantization w8a8 or w4a8, got auto"),
+    (["tiny", "--quantization", "w8a8"], "--quantization 'w8a8' needs a checkpoint directory; preset 'tiny' is "),
 ]
 
 

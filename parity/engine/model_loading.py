@@ -73,12 +73,19 @@ def load_model(
             conversion.quantize_lm_head(m)
         _log_storage(m, p)
         return m, p
+    check_preset_quantization(model, quantization)
+    return build_model(load_config(str(model)), device=device, dtype=dtype, seed=seed, **kw), None
+
+
+def check_preset_quantization(model, quantization: str | None) -> None:
+    """Raises RequestError when ``quantization`` needs a checkpoint but ``model`` names a preset (built with
+    random float weights), naming the way to the bundled checkpoint."""
     if quantization not in (None, "auto", "bf16"):
         raise RequestError(
-            f"engine argument 'quantization' {quantization!r} needs a checkpoint directory; "
-            f"preset {model!r} is built with random float weights"
+            f"engine argument 'quantization' {quantization!r} needs a checkpoint directory; preset {model!r} is "
+            "built with random float weights (give no model for the bundled default miniature, a checkpoint in "
+            "the published FP8/FP4 layout, or a directory written by `parity export-tiny`)"
         )
-    return build_model(load_config(str(model)), device=device, dtype=dtype, seed=seed, **kw), None
 
 
 def load_tokenizer_for(model_dir: Path | None):

@@ -302,13 +302,15 @@ def check_engine_flags(args: argparse.Namespace, device: Any) -> None:
     from parity.checkpoint.default_model import ensure_default_model
     from parity.config import load_config
     from parity.engine import EngineArgs
-    from parity.engine.model_loading import resolve_dtype
+    from parity.engine.model_loading import check_preset_quantization, resolve_dtype
     from parity.errors import ConfigError, RequestError
     from parity.model.prefix_state import block_tokens_for
 
     with engine_flag_errors():
         EngineArgs(**engine_kwargs(args)).validate()
         resolve_dtype(args.dtype, device)
+        if args.model is not None and not Path(str(args.model)).expanduser().is_dir():
+            check_preset_quantization(args.model, args.quantization)
         try:
             config = load_config(ensure_default_model() if args.model is None else args.model)
         except ConfigError:  # reported where the model loads, after the tokenizer check
