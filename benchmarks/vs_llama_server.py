@@ -42,6 +42,7 @@ import urllib.request
 from pathlib import Path
 
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -115,11 +116,11 @@ def wait_ready(proc: subprocess.Popen, base: str, log: Path) -> None:
     raise RuntimeError(f"server not ready after {READY_TIMEOUT_S:.0f} s; see {log}")
 
 
-def _gauge(text: str, name: str) -> float | None:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
+def _gauges(text: str) -> dict[str, float]:
+    """{name: value} of the unlabelled samples in a Prometheus exposition (prometheus_client's parser)."""
+    return {
+        smp.name: smp.value for fam in text_string_to_metric_families(text) for smp in fam.samples if not smp.labels
+    }
 
 
 def wait_compiled(proc: subprocess.Popen, base: str, log: Path) -> float:
@@ -135,8 +136,9 @@ def wait_compiled(proc: subprocess.Popen, base: str, log: Path) -> float:
         try:
             with urllib.request.urlopen(f"{base}/metrics", timeout=2) as r:
                 text = r.read().decode()
-            ready = _gauge(text, "parity_compiled_decode_buckets_ready")
-            total = _gauge(text, "parity_compiled_decode_buckets_total")
+            g = _gauges(text)
+            ready = g.get("parity_compiled_decode_buckets_ready")
+            total = g.get("parity_compiled_decode_buckets_total")
             if ready is None or (total is not None and ready >= total):
                 return time.monotonic() - t0
         except OSError:

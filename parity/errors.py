@@ -36,3 +36,10 @@ class PlanError(ParityError):
 
 class ParallelError(ParityError, ValueError):
     """A parallel layout does not fit the model or the machine (TP/DP/EP sizes), or a rank failed."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """``"Type: first line of the message"`` (at most `limit` characters): a compiler error's message holds
+    the whole compiler output (e.g. hundreds of warnings when a Ctrl-C killed g++), a log wants its gist."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:limit] if lines else ''}"

@@ -6,22 +6,15 @@ from __future__ import annotations
 import time
 
 import pytest
-from test_server_fakes import FakeChatFormat, FakeEngine, FakeSamplingParams
+from test_server_fakes import FakeEngine, start_fake_server
 
 from parity import cli
-from parity.server.app import ServerSettings, build_app
-from parity.server.launcher import ThreadedServer, free_port
+from parity.server.launcher import free_port
 
 
 @pytest.fixture(scope="module")
 def server():
-    app = build_app(
-        FakeEngine(step_s=0.001),
-        ServerSettings(served_model_names=["tiny"]),
-        chat_format=FakeChatFormat(),
-        sampling_params_cls=FakeSamplingParams,
-    )
-    srv = ThreadedServer(app, drain_timeout_s=1.0).start()
+    srv = start_fake_server(FakeEngine(step_s=0.001))
     yield srv
     srv.stop()
 

@@ -39,6 +39,20 @@ def _run(model, prompt_lens, steps, kv="bf16", ix="bf16", batches=None):
     return out, lgs
 
 
+def _assert_fixed_step_matches_eager(eager, fixed):
+    """``fixed`` through the uncompiled fixed-shape step (buckets 1 and 4; batches of 3, then 1): the same
+    greedy tokens as ``eager`` and fp32 logits within 1e-5 at every step."""
+    fixed.decode_graph = DecodeGraph(fixed, "cpu", buckets=(1, 4), compile=False)
+    batches = [3] * 10 + [1] * 4
+    te, le = _run(eager, [13, 2, 16], len(batches), batches=batches)
+    tf, lf = _run(fixed, [13, 2, 16], len(batches), batches=batches)
+    assert fixed.decode_graph.steps == len(batches)
+    assert te == tf
+    for a, b in zip(le, lf, strict=True):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
 def test_compress_step_masked_equals_compress_step():
     g = torch.Generator().manual_seed(0)
     for overlap, ratio, d in ((True, 4, 6), (False, 16, 6)):
@@ -93,15 +107,7 @@ def test_fixed_shape_step_equals_eager_with_bf16_stored_weights():
     assert type(fixed.lm_head) is WideningLinear and fixed.lm_head.weight.dtype == torch.bfloat16
     assert isinstance(fixed.model.layers[1].mlp.experts, WideningExperts)
     assert fixed.dtype == torch.float32 and unsupported_reason(fixed) is None
-    fixed.decode_graph = DecodeGraph(fixed, "cpu", buckets=(1, 4), compile=False)
-    batches = [3] * 10 + [1] * 4
-    te, le = _run(eager, [13, 2, 16], len(batches), batches=batches)
-    tf, lf = _run(fixed, [13, 2, 16], len(batches), batches=batches)
-    assert fixed.decode_graph.steps == len(batches)
-    assert te == tf
-    for a, b in zip(le, lf, strict=True):
-        assert b.dtype == torch.float32
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    _assert_fixed_step_matches_eager(eager, fixed)
 
 
 def test_moe_step_equals_moe_forward_on_int8_experts():
@@ -134,15 +140,7 @@ def test_fixed_shape_step_equals_eager_w8a8(bits, int8_head):
     assert isinstance(fixed.model.layers[1].mlp.experts, Int8Experts)
     assert isinstance(fixed.lm_head, Int8Linear) == int8_head
     assert unsupported_reason(fixed) is None
-    fixed.decode_graph = DecodeGraph(fixed, "cpu", buckets=(1, 4), compile=False)
-    batches = [3] * 10 + [1] * 4
-    te, le = _run(eager, [13, 2, 16], len(batches), batches=batches)
-    tf, lf = _run(fixed, [13, 2, 16], len(batches), batches=batches)
-    assert fixed.decode_graph.steps == len(batches)
-    assert te == tf
-    for a, b in zip(le, lf, strict=True):
-        assert b.dtype == torch.float32
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    _assert_fixed_step_matches_eager(eager, fixed)
 
 
 def test_lm_head_rows_keeps_fp32_activations_on_a_bf16_head():

@@ -409,3 +409,16 @@ def test_fake_engine_generates_and_frees_cache():
         await eng.shutdown(0.1)
 
     asyncio.run(main())
+
+
+def start_fake_server(engine: FakeEngine, **settings: Any):
+    """A `ThreadedServer` (127.0.0.1, drain 1 s) running the parity app over ``engine`` with the fake chat
+    format and sampling params; ``settings``: ServerSettings fields (served model names default ["tiny"])."""
+    from parity.server.app import ServerSettings, build_app
+    from parity.server.launcher import ThreadedServer
+
+    settings.setdefault("served_model_names", ["tiny"])
+    app = build_app(
+        engine, ServerSettings(**settings), chat_format=FakeChatFormat(), sampling_params_cls=FakeSamplingParams
+    )
+    return ThreadedServer(app, drain_timeout_s=1.0).start()

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from test_server_fakes import FakeChatFormat, FakeEngine, FakeSamplingParams
+from test_server_fakes import FakeEngine, start_fake_server
 
 from parity.engine.sampling_params import MAX_LOGPROBS
-from parity.server.app import ServerSettings, build_app
-from parity.server.launcher import ThreadedServer
 from parity.server.vllm_flags import BY_NAME
 
 CHAT = "/v1/chat/completions"
@@ -19,14 +17,7 @@ USER = [{"role": "user", "content": "Hi"}]
 
 @pytest.fixture(scope="module")
 def server():
-    eng = FakeEngine(step_s=0.001, max_num_seqs=16, max_waiting=64)
-    app = build_app(
-        eng,
-        ServerSettings(served_model_names=["tiny"]),
-        chat_format=FakeChatFormat(),
-        sampling_params_cls=FakeSamplingParams,
-    )
-    srv = ThreadedServer(app, drain_timeout_s=1.0).start()
+    srv = start_fake_server(FakeEngine(step_s=0.001, max_num_seqs=16, max_waiting=64))
     yield srv
     srv.stop()
 

@@ -106,11 +106,7 @@ class EngineArgs:
             raise RequestError(
                 f"engine argument 'quantize_lm_head' must be True or False, got {self.quantize_lm_head!r}"
             )
-        if self.quantize_lm_head and self.quantization not in ("w8a8", "w4a8"):
-            raise RequestError(
-                "--quantize-lm-head (engine argument 'quantize_lm_head') needs --quantization w8a8 or w4a8, "
-                f"got {self.quantization or 'auto'}"
-            )
+        check_lm_head_quantization(self.quantize_lm_head, self.quantization)
         if self.warm_up_in_background not in (True, False):
             raise RequestError(
                 f"engine argument 'warm_up_in_background' must be True or False, got {self.warm_up_in_background!r}"
@@ -119,3 +115,12 @@ class EngineArgs:
             raise RequestError(
                 f"engine argument 'enforce_eager' must be True, False or None, got {self.enforce_eager!r}"
             )
+
+
+def check_lm_head_quantization(quantize_lm_head: bool, quantization: str | None) -> None:
+    """Raises RequestError when an int8 LM head is asked for without an INT8 weight format (w8a8 / w4a8)."""
+    if quantize_lm_head and quantization not in ("w8a8", "w4a8"):
+        raise RequestError(
+            "--quantize-lm-head (engine argument 'quantize_lm_head') needs --quantization w8a8 or w4a8, "
+            f"got {quantization or 'auto'}"
+        )

@@ -12,6 +12,7 @@ from parity.checkpoint import conversion
 from parity.checkpoint.default_model import ensure_default_model
 from parity.checkpoint.reader import from_pretrained
 from parity.config import load_config
+from parity.engine.args import check_lm_head_quantization
 from parity.errors import RequestError
 from parity.model.build import DTYPES, build_model
 from parity.model.weight_storage import describe_storage
@@ -63,8 +64,7 @@ def load_model(
         RequestError: a quantization other than auto / bf16 for a preset model; ``quantize_lm_head`` without
             w8a8 / w4a8.
     """
-    if quantize_lm_head and quantization not in ("w8a8", "w4a8"):
-        raise RequestError(f"--quantize-lm-head needs --quantization w8a8 or w4a8, got {quantization or 'auto'}")
+    check_lm_head_quantization(quantize_lm_head, quantization)
     kw = {} if parallel is None else {"parallel": parallel}
     if model is None or Path(str(model)).expanduser().is_dir():
         p = ensure_default_model() if model is None else Path(str(model)).expanduser()

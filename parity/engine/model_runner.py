@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from parity import devices
+from parity.errors import first_line
 from parity.model.decode_graph import DecodeGraph, unsupported_reason
 
 log = logging.getLogger("parity.engine")
@@ -209,12 +210,10 @@ def _warm_up_buckets(
             with torch.inference_mode():
                 times[b] = graph.warm_up((b,))[b]
         except Exception as exc:  # noqa: BLE001 - a compiler failure must not take the engine down
-            text = str(exc).strip().splitlines()
             log.warning(
-                "compiled decode step: bucket %d failed to compile (%s: %s); batches of that size and above stay eager",
+                "compiled decode step: bucket %d failed to compile (%s); batches of that size and above stay eager",
                 b,
-                type(exc).__name__,
-                text[0][:300] if text else "",
+                first_line(exc),
             )
             break
         log.info(

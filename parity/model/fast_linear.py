@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parity.errors import first_line
+
 log = logging.getLogger("parity.model")
 
 #: Under torch.compile, at most this many rows take the broadcast-reduce form (see `decode_linear`).
@@ -43,13 +45,6 @@ WIDENING_KERNEL_MAX_ROWS = 16
 #: Largest number of weight elements `widening_linear` upcasts at once on its GEMM path (16 Mi elements
 #: = 64 MiB fp32; bounds transient memory, not a format constant).
 WIDEN_CHUNK_ELEMS = 1 << 24
-
-
-def first_line(exc: BaseException, limit: int = 300) -> str:
-    """``"Type: first line of the message"`` (at most `limit` characters): a compiler error's message holds
-    the whole compiler output (e.g. hundreds of warnings when a Ctrl-C killed g++), a log wants its gist."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:limit] if lines else ''}"
 
 
 def _onednn_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -19,7 +19,8 @@ import logging
 import torch
 from torch import nn
 
-from parity.model.fast_linear import WideningLinear, first_line
+from parity.errors import first_line
+from parity.model.fast_linear import WideningLinear
 from parity.model.layers import Experts, Router, swiglu
 
 log = logging.getLogger("parity.model")
