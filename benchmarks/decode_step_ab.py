@@ -4,7 +4,8 @@ Variants (each its own copy of the same seeded weights and its own cache states,
 prefill per sequence): "mkl-head" (eager, LM head through ``F.linear``), "eager" (eager, LM head through
 `parity.model.fast_linear`), "regions" (`parity.model.compiled` regions), "graph" (the whole decode step
 compiled per batch bucket, `parity.model.decode_graph`: the engine's compiled path), "graph-parallel" (the
-same with inductor's OpenMP kernels on every thread count and the one-row head in the step's graph),
+same with inductor's OpenMP kernels on every thread count and the one-row head in the step's graph, in the
+stored layout: no timed choice of the head's layout, `parity.model.head_layout`),
 "graph-reduce-proj" (the same with every projection as an in-graph broadcast-reduce, none as an ATen
 GEMM). Steps alternate between the variants (A B C A B C ...), so machine load hits all alike; reported:
 median and best wall time and process CPU time per step (on a shared machine the CPU time of a 1-thread
@@ -95,6 +96,11 @@ def main() -> int:
         times = graph.warm_up(tuple(sorted({graph.bucket(int(b)) for b in a.batches.split(",")})))
         fl.ONEDNN_MIN_WEIGHT_BYTES = ONEDNN_DEFAULT
         print(f"# decode graph {n}: warm-up (compile or inductor-cache load) per bucket, s: {times}")
+        if graph.head_columns:
+            print(
+                f"# decode graph {n}: LM head through the [hidden, vocab] copy (timed faster) for (threads, bucket) "
+                f"{sorted(graph.head_columns)}"
+            )
     g = torch.Generator().manual_seed(0)
     for B in (int(b) for b in a.batches.split(",")):
         prompts = [torch.randint(0, cfg.vocab_size, (a.prompt,), generator=g) for _ in range(B)]

@@ -234,8 +234,8 @@ def test_compiled_step_matches_eager(monkeypatch):
 
 
 def test_multi_thread_graphs_run_kernels_serially_with_the_head_apart(monkeypatch):
-    """On more than one CPU thread the step's graph asks for serial kernels and the one-row head is a graph of
-    its own (the same logits as the head inside the step); on one thread the head stays in the step."""
+    """On more than one CPU thread the step's graph asks for serial kernels; on every thread count the one-row
+    head is a graph of its own (the same logits as the eager model)."""
     from parity.model import decode_graph
 
     asked = []
@@ -255,7 +255,7 @@ def test_multi_thread_graphs_run_kernels_serially_with_the_head_apart(monkeypatc
         two, lg_two = _run(m, [13], 6)
         torch.set_num_threads(1)
         asked.clear()
-        assert graph._compiled()[1] is None and asked[0] == (True, False)
+        assert graph._compiled()[1] is not None and asked[:2] == [(True, False), (True, False)]
         ref = _small_model()
         one, lg_one = _run(m, [13], 6)
         base, lg_base = _run(ref, [13], 6)
@@ -263,4 +263,34 @@ def test_multi_thread_graphs_run_kernels_serially_with_the_head_apart(monkeypatc
         torch.set_num_threads(n)
     assert two == one == base
     for a, b in zip(lg_base, lg_two, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_head_layout_is_chosen_per_bucket_and_follows_the_weight(monkeypatch):
+    """A bucket whose timing favours the [hidden, vocab] copy of the head runs it (same tokens and logits as
+    eager), the other bucket keeps the stored layout, and a head weight changed in place drops the copy."""
+    from parity.model import decode_graph, head_layout
+
+    monkeypatch.setattr(decode_graph.devices, "compiler", lambda device, **kw: (lambda fn: fn))
+    monkeypatch.setattr(head_layout, "choose", lambda rows_fn, weight_t, batch: (batch == 1, 2e-3, 1e-3))
+    m = _small_model()
+    graph = m.decode_graph = DecodeGraph(m, "cpu", buckets=(1, 2))
+    graph.warm_up()
+    n = torch.get_num_threads()
+    assert graph.head_columns == {(n, 1)} and graph._head_copy() is not None
+    ref = _small_model()
+    for batches in ([1] * 5, [2] * 5):
+        got, lg = _run(m, [13, 7][: batches[0]], len(batches), batches=batches)
+        want, lw = _run(ref, [13, 7][: batches[0]], len(batches), batches=batches)
+        assert got == want
+        for a, b in zip(lw, lg, strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(2.0)
+        ref.lm_head.weight.mul_(2.0)
+    got, lg = _run(m, [13], 3)
+    want, lw = _run(ref, [13], 3)
+    assert graph._head_copy() is None and not graph.head_columns
+    assert got == want
+    for a, b in zip(lw, lg, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5)

@@ -26,12 +26,14 @@ Equal to the eager `V4ForCausalLM.forward_incremental` up to fp32 summation orde
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 import torch
 
 from parity import devices
+from parity.model import head_layout
 from parity.model.attention_backends import DecodeKeys
 from parity.model.compressor import compress_step_masked
 from parity.model.fast_linear import decode_linear
@@ -46,6 +48,8 @@ from parity.model.layers import (
     rope_cos_sin,
     swiglu,
 )
+
+log = logging.getLogger("parity.model")
 
 
 class _Modes:
@@ -261,8 +265,9 @@ class DecodeGraph:
     the entry count). Above one row the LM head GEMV is a second graph symbolic in the batch
     (`lm_head_rows`): inductor's reduction streams the weight ~2x faster with symbolic rows than with a
     static 8, and with its input computed in the other graph it cannot inline the norm into the weight
-    loop (docs/benchmarks.md, "Decode on the CPU"). On more than one CPU thread the step's kernels run
-    serially and the head of one row is a static graph of its own (`_compiled`).
+    loop (docs/benchmarks.md, "Decode on the CPU"). On the CPU the head of one row is a static graph of its
+    own and each bucket's head layout is chosen by timing at warm-up (`parity.model.head_layout`); on more
+    than one CPU thread the step's kernels run serially (`_compiled`).
 
     Args:
         model: a `V4ForCausalLM` (`unsupported_reason` must be None); the graph is bound to its modules
@@ -282,25 +287,74 @@ class DecodeGraph:
         #: far (`warm_up` adds each; an engine warming up in the background runs the others eager meanwhile)
         self.ready: set[int] | None = None
         self._warming = threading.local()  # set in the thread running `warm_up`: its steps pass the gate
+        #: (torch threads, bucket) whose LM head runs through the [hidden, vocab] copy (`head_layout`), chosen
+        #: by timing both layouts at warm-up; the copy and the head weight's version and storage it was made from
+        self.head_columns: set[tuple[int, int]] = set()
+        self._head_t: tuple[torch.Tensor, int, int] | None = None
 
     def _compiled(self) -> tuple:
         """(step, head of one row, head of several rows) for the current torch thread count: inductor's CPU
         kernels are specialised for the thread count at compile time (OpenMP team size), which dynamo does not
-        guard on. On one thread the one-row head is inside the step's graph (None here). On more threads the
-        step's own kernels run serially (`parity.devices.compiler` ``serial_kernels``) and the head, the one
-        large parallel loop, is a graph of its own: static for one row, symbolic in the rows above."""
+        guard on. On the CPU the head is a graph of its own (static for one row, symbolic in the rows above), so
+        that `_choose_head_layout` can time it against the [hidden, vocab] copy; on more than one thread the
+        step's own kernels run serially (`parity.devices.compiler` ``serial_kernels``) and the head is the one
+        large parallel loop. Elsewhere the one-row head is inside the step's graph (None here)."""
         if not self.compile:
             return decode_step, None, lm_head_rows
         n = torch.get_num_threads()
         if n not in self._graphs:
-            serial = n > 1 and torch.device(self.device).type == "cpu"
+            cpu = torch.device(self.device).type == "cpu"
+            serial = n > 1 and cpu
             self._graphs[n] = (
                 # static but the marked entry counts
                 devices.compiler(self.device, whole_model=True, serial_kernels=serial)(decode_step),
-                devices.compiler(self.device, whole_model=True)(lm_head_rows) if serial else None,
+                # on the CPU the one-row head is apart on every thread count, so that its layout can be timed
+                devices.compiler(self.device, whole_model=True)(lm_head_rows) if cpu else None,
                 devices.compiler(self.device)(lm_head_rows),
             )
         return self._graphs[n]
+
+    def _head_copy(self) -> torch.Tensor | None:
+        """The [hidden, vocab] copy of the head while it matches the head weight (None: no copy, or the weight
+        changed in place or was replaced since: the copy is dropped and its buckets go back to the stored layout)."""
+        held = self._head_t
+        if held is None:
+            return None
+        w = self.model.lm_head.weight
+        if (w._version, w.data_ptr()) != held[1:]:
+            self._head_t = None
+            self.head_columns.clear()
+            return None
+        return held[0]
+
+    def _choose_head_layout(self, bucket: int) -> None:
+        """Time the warm ``bucket``'s LM head in the stored layout (its compiled head graph) and through the
+        [hidden, vocab] copy (`head_layout.choose`) and let the bucket's steps take the faster; no-op where
+        the head has no choice (`head_layout.has_choice`: fp32 CPU heads only) or the head is in the step."""
+        ops = head_operands(self.model)
+        _, head_one, head_rows = self._compiled()
+        if not self.compile or head_one is None or len(ops) != 1 or not head_layout.has_choice(ops[0], torch.float32):
+            return
+        fn = head_one if bucket == 1 else head_rows
+        copy = self._head_copy()
+        fresh = copy is None
+        if fresh:
+            copy = head_layout.columns_copy(ops[0])
+        columns, t_rows, t_cols = head_layout.choose(lambda x: fn(x, *ops), copy, bucket)
+        if columns:
+            if fresh:
+                w = self.model.lm_head.weight
+                self._head_t = (copy, w._version, w.data_ptr())
+            self.head_columns.add((torch.get_num_threads(), bucket))
+        log.info(
+            "compiled decode step: LM head of batch bucket %d on %d thread(s): stored [vocab, hidden] layout %.2f ms, "
+            "[hidden, vocab] copy %.2f ms -> %s",
+            bucket,
+            torch.get_num_threads(),
+            t_rows * 1e3,
+            t_cols * 1e3,
+            "the copy" if columns else "the stored layout",
+        )
 
     def bucket(self, batch: int) -> int | None:
         """The bucket a decode batch of ``batch`` sequences runs in (None: too large, eager)."""
@@ -385,8 +439,11 @@ class DecodeGraph:
         # one row: the static head (in the step's graph on one thread); several: a graph given a plain tensor,
         # not the Parameter (whose shape dynamo keeps static), as the fully symbolic reduction reads the
         # 129,280 x 256 head ~1.8x faster at 8 rows (the static one ~1.7x faster at 1 row; docs/benchmarks.md)
+        copy = self._head_copy() if (torch.get_num_threads(), B + pad) in self.head_columns else None
         if in_step:
             logits = out
+        elif copy is not None:
+            logits = head_layout.columns_logits(out[:B], copy)
         elif one:
             logits = head_one(out, *head_operands(self.model))
         else:
@@ -430,6 +487,7 @@ class DecodeGraph:
                 finally:
                     for st in states:
                         st.free()
+                self._choose_head_layout(b)
                 out[b] = time.perf_counter() - t0
                 if self.ready is not None:
                     self.ready.add(b)
