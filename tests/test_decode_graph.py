@@ -271,7 +271,7 @@ def test_head_layout_is_chosen_per_bucket_and_follows_the_weight(monkeypatch):
     eager), the other bucket keeps the stored layout, and a head weight changed in place drops the copy."""
     from parity.model import decode_graph, head_layout
 
-    monkeypatch.setattr(decode_graph.devices, "compiler", lambda device, **kw: (lambda fn: fn))
+    monkeypatch.setattr(decode_graph.devices, "compiler", lambda device, **kw: lambda fn: fn)
     monkeypatch.setattr(head_layout, "choose", lambda rows_fn, weight_t, batch: (batch == 1, 2e-3, 1e-3))
     m = _small_model()
     graph = m.decode_graph = DecodeGraph(m, "cpu", buckets=(1, 2))
