@@ -10,6 +10,9 @@ to 1.3e-2. The official logits of this checkpoint contain three of them, and the
 official code's own prefills of different lengths. `official_ties` lists them with the direction the
 official run took. The tests first check that each is a tie, then pin parity's rounding of exactly these
 values to that direction, and then require agreement to 1e-4 at every position of every length.
+Other values come that near a midpoint in parity's run on some CPUs only (its fp32 summation order
+follows the CPU's kernels); `NOISE_TIES` lists them with the official direction, pinned where they are
+near-ties in the run at hand.
 """
 
 from __future__ import annotations
@@ -48,6 +51,15 @@ def official_ties(S: int) -> list[tuple[int, int, int, str]]:
     return ties
 
 
+#: Further window-KV values that lie within fp32 noise of an FP8 rounding midpoint in parity's run on some
+#: CPUs but not on others (found on an AVX2-only AMD EPYC Zen 2, relative margins 1.0e-7 and 1.7e-7; not
+#: near enough to flip on the AVX-512 EPYC the list above was found on), as (layer, position, channel, the
+#: official direction). The official direction was read off the official logits: the other one moves them
+#: by up to 1.07 (layer 1, from position 88 on) and 2.8e-4 (layer 5, positions 39-46). `pinned` pins these
+#: only where parity's value is within `TIE_BAND` of the midpoint (beyond it fp32 noise cannot flip it).
+NOISE_TIES = ((1, 88, 15, "up"), (5, 39, 15, "up"))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny shapes gain nothing from intra-op threads (and suffer on a shared 2-core machine)."""
@@ -77,11 +89,13 @@ def _fp8_neighbours(y: torch.Tensor) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def pinned(model, ties):
+def pinned(model, ties, optional=NOISE_TIES):
     """Force the FP8 rounding direction of the listed window-KV values (positions counted from the
     first call: one sequence, any chunking). Hooks the output of each layer's ``kv_norm`` (its non-RoPE
     channels are exactly what the official code rounds), replacing the value by the chosen FP8 neighbour
-    times its block scale, so the rounding that follows is exact."""
+    times its block scale, so the rounding that follows is exact. Each of ``ties`` must be a near-tie
+    (else AssertionError) and is recorded in the yielded dict; each of ``optional`` is pinned only where it
+    is one in this run (not recorded)."""
     seen = {}
     counters = {}
 
@@ -89,9 +103,10 @@ def pinned(model, ties):
         def f(mod, inp, out):
             p0 = counters.get(layer, 0)
             counters[layer] = p0 + out.shape[0]
-            for lay, pos, ch, way in ties:
+            for k, (lay, pos, ch, way) in enumerate((*ties, *optional)):
                 if lay != layer or not p0 <= pos < p0 + out.shape[0]:
                     continue
+                required = k < len(ties)
                 r = pos - p0
                 b0 = ch // FP8_BLOCK * FP8_BLOCK
                 blk = out[r, b0 : b0 + FP8_BLOCK].float()
@@ -101,8 +116,11 @@ def pinned(model, ties):
                 lo, hi = _fp8_neighbours(y)
                 mid = (lo + hi) / 2
                 margin = abs(float(y.abs()) - mid) * s / float(blk.abs().max())
+                if not required and margin >= TIE_BAND:
+                    continue
                 assert margin < TIE_BAND, f"layer {lay} position {pos} channel {ch}: not a tie ({margin:.1e})"
-                seen[(lay, pos, ch)] = margin
+                if required:
+                    seen[(lay, pos, ch)] = margin
                 out = out.clone()
                 out[r, ch] = torch.sign(y) * (hi if way == "up" else lo) * s
             return out
@@ -167,7 +185,7 @@ def test_token_by_token_decode_reproduces_official_prefill(golden, S, qat):
     kw = dict(kv_cache_dtype="fp8", indexer_dtype="fp4") if qat else dict(kv_cache_dtype="bf16", indexer_dtype="bf16")
     st = model.new_state(**kw)
     outs = []
-    with torch.no_grad(), pinned(model, official_ties(S) if qat else []):
+    with torch.no_grad(), pinned(model, official_ties(S) if qat else [], optional=NOISE_TIES if qat else ()):
         for t in range(S):
             outs.append(model.forward_incremental([ids[0, t : t + 1]], [st], **kw)[0])
     err = _err(torch.stack(outs), exp[f"prefill_S{S}_qat{int(qat)}"])
