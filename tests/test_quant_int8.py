@@ -196,7 +196,7 @@ def test_msmodelslim_bad_input(slim_dir, tmp_path):
 
 def test_published_layout_without_float8_is_bit_identical(published_dir, no_fp8, monkeypatch):
     monkeypatch.delenv(NO_FP8_ENV)
-    ref = load_official(published_dir, progress=False).forward_logits(IDS, "fp8", "fp4")
+    ref = load_official(published_dir, progress=False, quantization="fp8").forward_logits(IDS, "fp8", "fp4")
     monkeypatch.setenv(NO_FP8_ENV, "1")
     with NoFloat8Mode():
         m = load_official(published_dir, progress=False, quantization="fp8")
