@@ -104,6 +104,8 @@ def test_sharegpt_bad_files(tok, tmp_path, content, msg):
         wl.build_requests(f"sharegpt:{p}", tok, 3)
     with pytest.raises(BenchError, match="not found"):
         wl.build_requests(f"sharegpt:{tmp_path / 'missing.json'}", tok, 3)
+    with pytest.raises(BenchError, match="is a directory, not a file"):
+        wl.build_requests(f"sharegpt:{tmp_path}", tok, 3)
 
 
 def test_trace_replay(tok, tmp_path):

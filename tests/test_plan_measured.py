@@ -168,6 +168,22 @@ def test_validate_measured_tp_errors_name_the_flag(results_dir, capsys, tp, need
     assert len(err) == 1 and needle in err[0], err
 
 
+def test_plan_refuses_a_measured_tp_below_one_without_calibrate_too(capsys):
+    from parity.cli import main
+
+    assert main(["plan", "--hardware", "910c", "--measured-tp", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--measured-tp must be a positive integer" in err[0], err
+
+
+def test_compare_help_names_no_calibrate_flag(capsys):
+    from parity.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    assert "--calibrate" not in capsys.readouterr().out
+
+
 def test_plan_calibrate_model_names_the_preset_of_results_that_record_none(tmp_path, capsys):
     from parity.cli import main
 

@@ -32,6 +32,7 @@ from parity.bench.workloads import (
     WorkloadSpec,
     build_requests,
     jsonl_objects,
+    missing_file_error,
     parse_workload,
 )
 from parity.errors import BenchError
@@ -80,7 +81,7 @@ def _prefix(ws, pb, n, rng):
 def _multiturn(ws, tok, num_prompts):
     path = Path(ws.path)
     if not path.is_file():
-        raise BenchError(f"--workload {ws.raw!r}: file {path} not found")
+        raise missing_file_error(ws.raw, path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

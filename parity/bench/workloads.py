@@ -238,9 +238,16 @@ class PromptBuilder:
         return text, count
 
 
+def missing_file_error(spec: str, path: Path) -> BenchError:
+    """The error for a ``--workload`` file that is not a readable file: a directory, or nothing at ``path``."""
+    if path.is_dir():
+        return BenchError(f"--workload {spec!r}: {path} is a directory, not a file")
+    return BenchError(f"--workload {spec!r}: file {path} not found")
+
+
 def _load_sharegpt(path: Path, spec: str) -> list[tuple[str, str]]:
     if not path.is_file():
-        raise BenchError(f"--workload {spec!r}: file {path} not found")
+        raise missing_file_error(spec, path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -270,7 +277,7 @@ def jsonl_objects(path: Path, spec: str):
         BenchError: missing file, a line that is not valid JSON or not a JSON object (names the line).
     """
     if not path.is_file():
-        raise BenchError(f"--workload {spec!r}: file {path} not found")
+        raise missing_file_error(spec, path)
     for ln, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue

@@ -41,7 +41,7 @@ def register(sub) -> None:
         epilog=COMPARE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _workload_args(c)
+    _workload_args(c, calibrate=False)
     c.add_argument("--hardware", required=True, help="comma-separated catalog ids, e.g. 910b3,910c,h20,h800,h200,b200")
     c.add_argument(
         "--out",
@@ -103,13 +103,13 @@ def _measured_setup_args(p) -> None:
 DEFAULT_PLAN_MODEL = "v4-flash"
 
 
-def _workload_args(p) -> None:
+def _workload_args(p, calibrate: bool = True) -> None:
     p.add_argument(
         "--model",
         default=None,
         help="preset (v4-flash, v4-pro), checkpoint dir of a real-size config, or deepseek-v3/r1 "
-        f"(default {DEFAULT_PLAN_MODEL}; miniatures such as the tiny test preset are refused); with "
-        "--calibrate, also the planner preset of results that record none",
+        f"(default {DEFAULT_PLAN_MODEL}; miniatures such as the tiny test preset are refused)"
+        + ("; with --calibrate, also the planner preset of results that record none" if calibrate else ""),
     )
     p.add_argument("--isl", type=int, default=4096, help="input length (tokens)")
     p.add_argument("--osl", type=int, default=1024, help="output length (tokens)")
@@ -357,7 +357,11 @@ def format_plan(r: dict) -> str:
 
 def run_plan(args) -> int:
     """`parity plan`: 0 when a deployment meets the SLOs, 1 when none does."""
+    from parity.errors import PlanError
     from parity.plan.search import plan
+
+    if args.measured_tp < 1:  # checked with or without --calibrate: a bad value is a mistake either way
+        raise PlanError(f"--measured-tp must be a positive integer, got {args.measured_tp}")
 
     consts = None
     if args.calibrate:
