@@ -87,6 +87,14 @@ def test_closing_the_stream_aborts_and_frees():
     assert st["num_running"] == 0 and st["num_waiting"] == 0 and st["cache_used_bytes"] == 0
 
 
+def _set(**fields) -> SamplingParams:
+    """Default SamplingParams with ``fields`` set afterwards (the constructor would refuse bad values)."""
+    sp = SamplingParams()
+    for k, v in fields.items():
+        setattr(sp, k, v)
+    return sp
+
+
 def test_bad_request_raises_and_others_continue():
     ref = greedy_reference(FakeModel(), PROMPTS[2], 10)
 
@@ -98,9 +106,9 @@ def test_bad_request_raises_and_others_continue():
         for prompt, params in [
             ([], GREEDY),
             ([2] * 70, GREEDY),
-            ([2], SamplingParams(top_p=0.0)),
-            ([2], SamplingParams(temperature=-1.0)),
-            ([2], SamplingParams(max_tokens=0)),
+            ([2], _set(top_p=0.0)),  # fields changed after construction: the engine checks them again
+            ([2], _set(temperature=-1.0)),
+            ([2], _set(max_tokens=0)),
             ([2], SamplingParams(stop_token_ids=[1000])),
         ]:
             with pytest.raises(RequestError) as ei:

@@ -115,6 +115,28 @@ def test_seed_range_is_signed_64_bit_and_named():
 
     SamplingParams(seed=SEED_MIN).validate()
     SamplingParams(seed=SEED_MAX).validate()
-    for sp in (SamplingParams(seed=2**70), SamplingParams(seed=SEED_MIN - 1), SamplingParams(seed=SEED_MAX, n=2)):
+    for kw in ({"seed": 2**70}, {"seed": SEED_MIN - 1}, {"seed": SEED_MAX, "n": 2}):
         with pytest.raises(RequestError, match="'seed'.*signed 64-bit"):
-            sp.validate()
+            SamplingParams(**kw)  # the constructor checks the fields that need no model
+        sp = SamplingParams()
+        for k, v in kw.items():
+            setattr(sp, k, v)
+        with pytest.raises(RequestError, match="'seed'.*signed 64-bit"):
+            sp.validate()  # and submission checks them again
+
+
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"n": 0}, "n"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"stop": 5}, "stop"),
+        ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+    ],
+)
+def test_constructor_refuses_bad_fields_as_value_errors(kw, name):
+    """As vLLM's SamplingParams: a field wrong on its own fails where it is set, as a ValueError naming it."""
+    with pytest.raises(ValueError, match=f"'{name}'"):
+        SamplingParams(**kw)

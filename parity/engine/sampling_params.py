@@ -98,8 +98,11 @@ class SamplingParams:
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        """Raises `RequestError` (a ValueError, as vLLM's constructor raises) for a field that is wrong on its
+        own (`validate` without the model's context); limits that need the model are checked at submission."""
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        self.validate()
 
     # ------------------------------------------------------------------ derived
     @property
