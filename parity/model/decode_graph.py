@@ -333,7 +333,7 @@ class DecodeGraph:
         the head has no choice (`head_layout.has_choice`: fp32 CPU heads only) or the head is in the step."""
         ops = head_operands(self.model)
         _, head_one, head_rows = self._compiled()
-        if not self.compile or head_one is None or len(ops) != 1 or not head_layout.has_choice(ops[0], torch.float32):
+        if not self.compile or head_one is None or len(ops) != 1 or not head_layout.has_choice(ops[0]):
             return
         fn = head_one if bucket == 1 else head_rows
         copy = self._head_copy()
@@ -436,9 +436,10 @@ class DecodeGraph:
         out, new_ents, new_ikeys = step(
             self.model, ids, pos, windows, comp_states, entries, index_keys, kv_fp8, index_fp4, in_step
         )
-        # one row: the static head (in the step's graph on one thread); several: a graph given a plain tensor,
-        # not the Parameter (whose shape dynamo keeps static), as the fully symbolic reduction reads the
-        # 129,280 x 256 head ~1.8x faster at 8 rows (the static one ~1.7x faster at 1 row; docs/benchmarks.md)
+        # the bucket's timed layout: the [hidden, vocab] copy, or the stored one -- for one row the static head
+        # (in the step's graph off the CPU); for several a graph given a plain tensor, not the Parameter (whose
+        # shape dynamo keeps static), as the fully symbolic reduction reads the 129,280 x 256 head ~1.8x faster
+        # at 8 rows (the static one ~1.7x faster at 1 row; docs/benchmarks.md)
         copy = self._head_copy() if (torch.get_num_threads(), B + pad) in self.head_columns else None
         if in_step:
             logits = out

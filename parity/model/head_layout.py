@@ -22,13 +22,10 @@ their own GEMMs. Both formulations compute in full fp32; results differ in summa
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 
 import torch
-
-log = logging.getLogger("parity.model")
 
 #: The copy's formulation must be at least this much faster (its median time <= this fraction of the
 #: reduction's) to be taken: a margin against timing noise, not a measured constant.
@@ -42,14 +39,13 @@ TIMED_CALLS = 7
 MAX_COPY_BYTES = 4 << 30
 
 
-def has_choice(weight: torch.Tensor, x_dtype: torch.dtype) -> bool:
-    """Whether the head ``weight`` [vocab, hidden] may take the "columns" layout: fp32, 2-D, on the CPU,
-    under fp32 activations, at most `MAX_COPY_BYTES`."""
+def has_choice(weight: torch.Tensor) -> bool:
+    """Whether the head ``weight`` [vocab, hidden] may take the "columns" layout: fp32 (the CPU's activation
+    dtype, so the copy's GEMM takes them as they are), 2-D, on the CPU, at most `MAX_COPY_BYTES`."""
     return (
         weight.device.type == "cpu"
         and weight.dim() == 2
         and weight.dtype == torch.float32
-        and x_dtype == torch.float32
         and weight.numel() * weight.element_size() <= MAX_COPY_BYTES
     )
 

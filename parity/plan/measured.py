@@ -58,6 +58,12 @@ def _median(s: dict, key: str):
     return (s.get(key) or {}).get("median")
 
 
+def check_measured_tp(tp) -> None:
+    """Raises PlanError unless ``tp`` (``--measured-tp``) is an integer >= 1."""
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise PlanError(f"--measured-tp must be a positive integer, got {tp!r}")
+
+
 def measured_point(
     result: dict,
     path: str | Path,
@@ -79,8 +85,7 @@ def measured_point(
             model that is not the planner model (`served_model_mismatch`), device count not a multiple of `tp`,
             or no completed request.
     """
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise PlanError(f"--measured-tp must be a positive integer, got {tp!r}")
+    check_measured_tp(tp)
     where = f"result {Path(path).name}"
     if not isinstance(result, dict) or result.get("schema") != RESULT_SCHEMA:
         raise PlanError(f"{where} is not a parity bench result (schema != {RESULT_SCHEMA!r})")

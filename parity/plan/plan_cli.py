@@ -357,11 +357,10 @@ def format_plan(r: dict) -> str:
 
 def run_plan(args) -> int:
     """`parity plan`: 0 when a deployment meets the SLOs, 1 when none does."""
-    from parity.errors import PlanError
+    from parity.plan.measured import check_measured_tp
     from parity.plan.search import plan
 
-    if args.measured_tp < 1:  # checked with or without --calibrate: a bad value is a mistake either way
-        raise PlanError(f"--measured-tp must be a positive integer, got {args.measured_tp}")
+    check_measured_tp(args.measured_tp)  # with or without --calibrate: a bad value is a mistake either way
 
     consts = None
     if args.calibrate:
