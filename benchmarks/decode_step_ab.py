@@ -39,7 +39,8 @@ import parity.model.fast_linear as fl  # noqa: E402
 from parity import devices  # noqa: E402
 from parity.model import build_model  # noqa: E402
 from parity.model.compiled import compile_regions, warm_up  # noqa: E402
-from parity.model.decode_graph import DecodeGraph, decode_step, lm_head_rows  # noqa: E402
+from parity.model.decode_graph import DecodeGraph  # noqa: E402
+from parity.model.fixed_step import decode_step, lm_head_rows  # noqa: E402
 
 ONEDNN_DEFAULT = fl.ONEDNN_MIN_WEIGHT_BYTES
 

@@ -10,7 +10,8 @@ import torch
 from test_model_helpers import make_decode_model, make_int8_decode_model
 
 from parity.model.compressor import compress_step, compress_step_masked
-from parity.model.decode_graph import DecodeGraph, moe_step, unsupported_reason
+from parity.model.decode_graph import DecodeGraph, unsupported_reason
+from parity.model.fixed_step import moe_step
 
 
 def _small_model(**over):
@@ -144,7 +145,7 @@ def test_fixed_shape_step_equals_eager_w8a8(bits, int8_head):
 
 
 def test_lm_head_rows_keeps_fp32_activations_on_a_bf16_head():
-    from parity.model.decode_graph import lm_head_rows
+    from parity.model.fixed_step import lm_head_rows
 
     g = torch.Generator().manual_seed(3)
     w = (torch.randn(300, 64, generator=g) * 0.1).bfloat16()
