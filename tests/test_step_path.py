@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 from test_model_helpers import make_decode_model
 
@@ -93,3 +94,17 @@ def test_a_failing_compiler_leaves_the_engine_eager(monkeypatch):
     assert sp.background and model.decode_graph.ready == set()  # every decode step stays eager
     out = model.forward_incremental([[1, 2]], [st := model.new_state()])
     assert model.forward_incremental([[3]], [st]).shape[-1] == model.config.vocab_size and out is not None
+
+
+def test_a_cache_budget_below_one_page_fails_before_compiling(monkeypatch):
+    """An explicit cache budget too small for one cache page is refused before the decode step compiles (a
+    compile takes minutes), naming the argument."""
+    from parity.engine import llm_engine
+    from parity.engine.args import EngineArgs
+    from parity.errors import RequestError
+
+    compiled = []
+    monkeypatch.setattr(llm_engine, "prepare_step_path", lambda *a, **k: compiled.append(1))
+    with pytest.raises(RequestError, match=r"'cache_memory' \(1024 bytes\) is smaller than one cache page"):
+        llm_engine.LLMEngine(EngineArgs(device="cpu", cache_memory=1024), model=_tiny_model(), tokenizer=None)
+    assert not compiled

@@ -155,22 +155,33 @@ class CachePool:
             allocatable (names `cache_memory`).
     """
 
-    def __init__(self, total_bytes: int, page_bytes: int, device: torch.device | str = "cpu"):
-        self.page_bytes = _align(int(page_bytes))
-        self.num_pages = int(total_bytes) // self.page_bytes
-        if self.num_pages < 1:
+    @staticmethod
+    def check_budget(total_bytes: int, page_bytes: int, device: torch.device | str) -> int:
+        """The bytes a pool of ``total_bytes`` with pages of ``page_bytes`` allocates on ``device`` (whole
+        pages). Raises RequestError (naming `cache_memory`) when that is less than one page or more than the
+        device's free memory; the engine calls it before compiling, so a wrong budget fails at once."""
+        page = _align(int(page_bytes))
+        pages = int(total_bytes) // page
+        if pages < 1:
             raise RequestError(
                 f"engine argument 'cache_memory' ({total_bytes} bytes) is smaller than one cache page "
-                f"({self.page_bytes} bytes): expected at least {self.page_bytes}"
+                f"({page} bytes): expected at least {page}"
             )
-        self.device = torch.device(device)
-        nbytes = self.num_pages * self.page_bytes
-        free, _ = memory_info(self.device)
+        nbytes = pages * page
+        device = torch.device(device)
+        free, _ = memory_info(device)
         if free and nbytes > free:
             raise RequestError(
                 f"engine argument 'cache_memory' ({nbytes} bytes) exceeds the free memory of "
-                f"{self.device} ({free} bytes): expected at most {free}, e.g. a smaller --cache-memory"
+                f"{device} ({free} bytes): expected at most {free}, e.g. a smaller --cache-memory"
             )
+        return nbytes
+
+    def __init__(self, total_bytes: int, page_bytes: int, device: torch.device | str = "cpu"):
+        self.page_bytes = _align(int(page_bytes))
+        self.num_pages = int(total_bytes) // self.page_bytes
+        self.device = torch.device(device)
+        nbytes = self.check_budget(total_bytes, page_bytes, self.device)
         try:
             self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         except RuntimeError as e:  # allocator out of memory

@@ -73,9 +73,29 @@ class LLMEngine:
         self.config = model.config
         if hasattr(model, "eval"):
             model.eval()
-        self.step_path = prepare_step_path(
-            model, self.device, args.enforce_eager, args.warm_up_in_background, args.max_num_seqs
-        )
+        limit = int(self.config.max_position_embeddings)
+        self.max_model_len = int(args.max_model_len or limit)
+        if self.max_model_len > limit:
+            raise RequestError(
+                f"engine argument 'max_model_len' ({self.max_model_len}) exceeds the model's "
+                f"max_position_embeddings ({limit})"
+            )
+        # ---- cache pool: its page size and an explicit budget checked before compiling, allocated after
+        layout_fn = getattr(model, "cache_layout", None)
+        raw = []
+        if layout_fn is not None:
+            kv = args.kv_cache_dtype if args.kv_cache_dtype not in (None, "auto") else None
+            raw = layout_fn(kv_cache_dtype=kv) if kv else layout_fn(getattr(model, "kv_cache_dtype", "bf16"))
+        self.layout = normalize_layout(raw, getattr(model, "cache_block_entries", None))
+        page = max((_align(e.nbytes) for e in self.layout), default=0)
+        if self.layout and args.enable_prefix_caching and isinstance(model, V4ForCausalLM):
+            # a prefix block's compressed rows ([block / ratio, width]) must fit in one page too
+            block = block_tokens_for(self.config, args.prefix_block_tokens, self.max_model_len)
+            page = max(
+                [page] + [_align(e.nbytes * (block // e.ratio) // e.block_entries) for e in self.layout if e.growing]
+            )
+        if self.layout and args.cache_memory is not None:
+            CachePool.check_budget(int(args.cache_memory), page, self.device)
         self.tokenizer = load_tokenizer_for(model_dir) if tokenizer == "auto" else tokenizer
         self.vocab_size = int(self.config.vocab_size)
         tok_vocab = getattr(self.tokenizer, "vocab_size", None)
@@ -86,41 +106,21 @@ class LLMEngine:
                 f"tokenizer.json in a checkpoint, parity uses the bundled DeepSeek-V4 tokenizer); put the model's "
                 f"own tokenizer.json in the checkpoint directory, or serve token ids only (--skip-tokenizer-init)"
             )
-        limit = int(self.config.max_position_embeddings)
-        self.max_model_len = int(args.max_model_len or limit)
-        if self.max_model_len > limit:
-            raise RequestError(
-                f"engine argument 'max_model_len' ({self.max_model_len}) exceeds the model's "
-                f"max_position_embeddings ({limit})"
-            )
         eos = self.config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos_ids.add(int(self.tokenizer.eos_token_id))
         self.eos_ids = frozenset(eos_ids)
 
-        # ---- cache pool
-        layout_fn = getattr(model, "cache_layout", None)
-        raw = []
-        if layout_fn is not None:
-            kv = args.kv_cache_dtype if args.kv_cache_dtype not in (None, "auto") else None
-            raw = layout_fn(kv_cache_dtype=kv) if kv else layout_fn(getattr(model, "kv_cache_dtype", "bf16"))
-        self.layout = normalize_layout(raw, getattr(model, "cache_block_entries", None))
+        self.step_path = prepare_step_path(
+            model, self.device, args.enforce_eager, args.warm_up_in_background, args.max_num_seqs
+        )
         if self.layout:
-            if args.cache_memory is not None:
-                budget = int(args.cache_memory)
-            else:
+            budget = args.cache_memory
+            if budget is None:
                 free, _ = devices.memory_info(self.device)
-                budget = int(free * args.cache_memory_fraction)
-            page = max(_align(e.nbytes) for e in self.layout)
-            if args.enable_prefix_caching and isinstance(model, V4ForCausalLM):
-                # a prefix block's compressed rows ([block / ratio, width]) must fit in one page too
-                block = block_tokens_for(self.config, args.prefix_block_tokens, self.max_model_len)
-                page = max(
-                    [page]
-                    + [_align(e.nbytes * (block // e.ratio) // e.block_entries) for e in self.layout if e.growing]
-                )
-            self.pool: CachePool | None = CachePool(budget, page, self.device)
+                budget = free * args.cache_memory_fraction
+            self.pool: CachePool | None = CachePool(int(budget), page, self.device)
         else:
             self.pool = None
 
