@@ -203,11 +203,11 @@ def test_config_errors(kw, msg):
 
 
 def _assert_on_schedule(sends, planned):
-    """Never early (1 ms slack); late by at most 40 ms, a margin for other processes on a loaded 2-core box
-    (idle, the lateness measured under 1 ms)."""
+    """Never early (1 ms slack); late by at most 100 ms, a margin for other processes on a loaded 2-core box
+    (idle, the lateness measured under 1 ms; 59 ms seen with two test suites sharing the cores)."""
     assert len(sends) == len(planned)
     for got, want in zip(sends, planned, strict=True):
-        assert want - 0.001 <= got <= want + 0.040, (sends, planned)
+        assert want - 0.001 <= got <= want + 0.100, (sends, planned)
 
 
 def test_request_rate_and_trace_schedule(tok, tmp_path):

@@ -93,3 +93,20 @@ def test_sweep_against_parity_server(parity_server, tmp_path):
     files = [str(tmp_path / p["file"]) for p in index["points"]]
     html = write_report(files, tmp_path / "report.html").read_text()
     assert "throughput-latency frontier" in html and "h200" in html
+
+
+def test_a_workload_longer_than_the_servers_context_is_refused_before_any_request(parity_server, capsys):
+    """A synthetic workload whose every request exceeds the max_model_len that GET /v1/models reports fails at
+    once with one line (before its prompts are built or sent), and absurd lengths are refused while parsing."""
+    from parity import cli
+
+    base = ["bench", "--base-url", parity_server.base_url, "--model", "tiny", "--num-prompts", "2"]
+    assert cli.main([*base, "--workload", "fixed:in=300,out=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(
+        "every request needs at least 302 tokens (prompt + output), more than the max_model_len 256 that the "
+        "server reports for --model 'tiny'"
+    ), err
+    assert cli.main([*base, "--workload", "fixed:in=99999999,out=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "`in` must be at most 2097152 tokens" in err[-1], err

@@ -42,10 +42,20 @@ def test_errors_name_the_sub_command_and_the_problem(capsys, argv, usage, line):
             "parity generate: error: Invalid value for '--temperature': -1.0; expected a number in [0, 2]",
         ),
         (["--device", "nodev"], "parity generate: error: unknown device 'nodev'"),
+        (
+            ["--max-tokens", "99999999"],  # the default miniature's context: 65,536 tokens
+            "parity generate: error: --max-tokens (99999999) leaves no room for the prompt within max_model_len "
+            "(65536): expected at most 65535",
+        ),
+        (
+            ["--max-tokens", "64", "--max-model-len", "64"],
+            "parity generate: error: --max-tokens (64) leaves no room for the prompt within max_model_len (64)",
+        ),
     ],
 )
 def test_generate_checks_flags_before_loading_the_model(capsys, flags, line):
-    """--temperature has the server's range and wording; a bad --device fails before the loading line."""
+    """--temperature has the server's range and wording; a bad --device, or a --max-tokens that leaves no room for a
+    prompt, fails before the loading line (and so before any compile)."""
     try:
         rc = cli.main(["generate", "--prompt", "hi", *flags])
     except SystemExit as e:

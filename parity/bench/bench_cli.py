@@ -214,7 +214,7 @@ def run(args) -> int:
     """`parity bench`: returns 0 on success, 1 when no request completed, 130 when interrupted (results saved)."""
     from parity.bench.result import check_output_path
     from parity.bench.runner import run_bench
-    from parity.bench.workloads import parse_workload
+    from parity.bench.workloads import parse_workload, shortest_request_tokens
     from parity.errors import BenchError
 
     cfg = config_from_args(args)
@@ -223,9 +223,15 @@ def run(args) -> int:
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise BenchError(f"--output {args.output} exists; pass --overwrite to replace it, or choose another file")
     cfg.validate(need_model=False)  # bad flags first: no network for a typo
-    parse_workload(cfg.workload)
+    ws = parse_workload(cfg.workload)
     if cfg.model and not args.no_preflight:
-        preflight(cfg.base_url, cfg.model, cfg.auth_headers(), min(cfg.timeout_s, 10.0))
+        limit = preflight(cfg.base_url, cfg.model, cfg.auth_headers(), min(cfg.timeout_s, 10.0))
+        need = shortest_request_tokens(ws)
+        if limit is not None and need is not None and need > limit:
+            raise BenchError(
+                f"--workload {cfg.workload!r}: every request needs at least {need} tokens (prompt + output), "
+                f"more than the max_model_len {limit} that the server reports for --model {cfg.model!r}"
+            )
     result = run_bench(cfg)
     from parity.bench.result import render_table
 
@@ -281,10 +287,13 @@ def config_from_args(args):
     )
 
 
-def preflight(base_url: str, model: str, headers: dict, timeout_s: float = 10.0) -> None:
+def preflight(base_url: str, model: str, headers: dict, timeout_s: float = 10.0) -> int | None:
     """Check, before any request is timed, that the server answers `GET /v1/models` and lists `model`.
 
     A server without that route (404/405) is given the benefit of the doubt.
+
+    Returns:
+        the ``max_model_len`` (tokens) the server lists for `model` (vLLM and parity do), else None.
 
     Raises:
         BenchError: the server is unreachable or times out, answers another HTTP error (e.g. 401 for a wrong
@@ -305,15 +314,17 @@ def preflight(base_url: str, model: str, headers: dict, timeout_s: float = 10.0)
     except httpx.HTTPError as e:
         raise BenchError(f"GET {url} failed: {type(e).__name__}: {e}") from None
     if resp.status_code in (404, 405):
-        return
+        return None
     if resp.status_code != 200:
         raise BenchError(f"GET {url} answered {resp.status_code}: {openai_client.error_message(resp.content)}")
     try:
-        served = [str(m["id"]) for m in resp.json()["data"]]
+        listed = {str(m["id"]): m for m in resp.json()["data"]}
     except Exception:  # noqa: BLE001 - not a model list: nothing to check against
-        return
-    if served and model not in served:
-        raise BenchError(f"--model {model!r} is not served at {base_url}; it serves: {', '.join(served)}")
+        return None
+    if listed and model not in listed:
+        raise BenchError(f"--model {model!r} is not served at {base_url}; it serves: {', '.join(listed)}")
+    limit = listed.get(model, {}).get("max_model_len") if isinstance(listed.get(model), dict) else None
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
 
 
 def run_report(args) -> int:

@@ -83,6 +83,16 @@ class WorkloadSpec:
     extra: dict = field(default_factory=dict)
 
 
+#: Longest synthetic prompt or output length a workload may ask for, in tokens: twice DeepSeek-V4's context
+#: (max_position_embeddings 1,048,576, the model's config.json). A policy bound, not a model constant: the
+#: bench builds every synthetic prompt in memory before the run, so a typo such as in=99999999 would take
+#: tens of GB instead of failing.
+MAX_SYNTHETIC_TOKENS = 2 * 1_048_576
+
+#: The length keys that MAX_SYNTHETIC_TOKENS bounds.
+_LENGTH_KEYS = frozenset({"in", "out", "prefix_len", "suffix_len"})
+
+
 def _int_field(kv: dict, key: str, spec: str, minimum: int = 1) -> int:
     try:
         v = int(kv[key])
@@ -90,7 +100,27 @@ def _int_field(kv: dict, key: str, spec: str, minimum: int = 1) -> int:
         raise BenchError(f"--workload {spec!r}: `{key}` must be an integer >= {minimum}") from None
     if v < minimum:
         raise BenchError(f"--workload {spec!r}: `{key}` must be an integer >= {minimum}, got {v}")
+    if key in _LENGTH_KEYS and v > MAX_SYNTHETIC_TOKENS:
+        raise BenchError(
+            f"--workload {spec!r}: `{key}` must be at most {MAX_SYNTHETIC_TOKENS} tokens (twice DeepSeek-V4's "
+            f"context), got {v}"
+        )
     return v
+
+
+def shortest_request_tokens(ws: WorkloadSpec) -> int | None:
+    """The fewest tokens (prompt + output) any request of a synthetic workload has (None: a file workload,
+    whose lengths are known only once it is read)."""
+    if ws.kind == "fixed":
+        return ws.input_len + ws.output_len
+    if ws.kind == "random":
+        return (
+            length_range(ws.input_len, ws.ratio, ws.convention)[0]
+            + length_range(ws.output_len, ws.ratio, ws.convention)[0]
+        )
+    if ws.kind == "prefix":
+        return ws.extra["prefix_len"] + ws.extra["suffix_len"] + ws.output_len
+    return None
 
 
 def parse_workload(spec: str) -> WorkloadSpec:

@@ -289,6 +289,20 @@ def _serve_engine(args: argparse.Namespace, device: Any, serving, threads: int |
 
 
 # ---------------------------------------------------------------------------------------------- generate
+def _check_max_tokens_fit(sp, args: argparse.Namespace) -> None:
+    """Refuse a --max-tokens that leaves no room for a prompt in the context (the checkpoint's config.json or
+    preset, or --max-model-len) before the model loads and its decode step compiles (minutes). Raises
+    RequestError naming the flag; ConfigError for a model that names no config."""
+    from parity.config import load_config
+
+    limit = getattr(args, "max_model_len", None) or load_config(args.model or "tiny").max_position_embeddings
+    if sp.max_tokens is not None and sp.max_tokens >= limit:
+        raise RequestError(
+            f"--max-tokens ({sp.max_tokens}) leaves no room for the prompt within max_model_len ({limit}): "
+            f"expected at most {limit - 1}"
+        )
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """Load the model, generate, print the text (streamed as it is generated for one plain completion) and
     a timing line that keeps the load time apart from the generation rate (tokens/s after the first token)."""
@@ -309,6 +323,7 @@ def run_generate(args: argparse.Namespace) -> int:
     sp.validate()  # fail fast (e.g. --sampling-seed out of range), before the model loads
     device = resolve_device_flag(args.device)  # a bad device or engine flag fails before the loading line
     check_engine_flags(args, device)
+    _check_max_tokens_fit(sp, args)
     tokenizer = load_checkpoint_tokenizer(args.model)
     t_load = time.perf_counter()
     with loading(f"parity generate: loading {args.model or 'the default miniature'} on {device}"), engine_flag_errors():
