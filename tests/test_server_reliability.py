@@ -113,6 +113,16 @@ def test_lone_surrogate_in_a_json_key_is_a_400(server):
     assert post(server, CMPL, {"prompt": "hi", "max_tokens": 1}).status_code == 200
 
 
+def test_a_thinking_budget_below_one_token_is_a_400_naming_it(server):
+    msgs = [{"role": "user", "content": "hi"}]
+    for budget in (-5, 0):
+        body = {"messages": msgs, "max_tokens": 1, "thinking": {"type": "enabled", "budget_tokens": budget}}
+        e = err(post(server, CHAT, body), 400)
+        assert "budget_tokens" in e["message"], e
+    ok = {"messages": msgs, "max_tokens": 1, "thinking": {"type": "enabled", "budget_tokens": 1024}}
+    assert post(server, CHAT, ok).status_code == 200
+
+
 # ----------------------------------------------------------------------------- JSON only, Host check
 def test_non_json_content_types_get_415(server):
     body = json.dumps({"prompt": "hi", "max_tokens": 1})

@@ -120,8 +120,11 @@ class ChatMessage(_NullIsDefault):
 
 
 class ThinkingOption(_Strict):
+    """``thinking`` (Anthropic-style): whether the model reasons first; ``budget_tokens`` is accepted for
+    compatibility (a positive token count) and does not cap the reasoning (the V4 chat template has no budget)."""
+
     type: Literal["enabled", "disabled"]
-    budget_tokens: Int | None = None
+    budget_tokens: Int | None = Field(default=None, ge=1)
 
 
 class _SamplingFields(_Strict):
