@@ -323,8 +323,8 @@ def run_generate(args: argparse.Namespace) -> int:
     sp.validate()  # fail fast (e.g. --sampling-seed out of range), before the model loads
     device = resolve_device_flag(args.device)  # a bad device or engine flag fails before the loading line
     check_engine_flags(args, device)
-    _check_max_tokens_fit(sp, args)
     tokenizer = load_checkpoint_tokenizer(args.model)
+    _check_max_tokens_fit(sp, args)
     t_load = time.perf_counter()
     with loading(f"parity generate: loading {args.model or 'the default miniature'} on {device}"), engine_flag_errors():
         llm = LLM(**engine_kwargs(args), **({} if tokenizer == "auto" else {"tokenizer": tokenizer}))
