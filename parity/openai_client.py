@@ -129,11 +129,11 @@ class Piece:
     data: Any = None
 
 
-def first_model(base_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> str:
-    """The first model id `GET {base_url}/v1/models` lists.
+def served_models(base_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> list[str] | None:
+    """The model ids `GET {base_url}/v1/models` lists (None: the server has no such route, 404 / 405).
 
     Raises:
-        RequestError: base_url is not an http(s) URL, or the server cannot be reached or answers with an
+        RequestError: base_url is not an http(s) URL, or the server cannot be reached or answers with another
             error (message says which).
     """
     url = server_root(base_url) + "/v1/models"
@@ -141,12 +141,29 @@ def first_model(base_url: str, api_key: str | None = None, timeout_s: float = 10
         r = httpx.get(url, headers=auth_headers(api_key), timeout=timeout_s)
     except httpx.HTTPError as e:
         raise RequestError(f"--base-url: cannot reach {url}: {e}") from None
+    if r.status_code in (404, 405):
+        return None
     if r.status_code != 200:
         raise RequestError(f"--base-url: {url} answered {r.status_code}: {r.text[:200]}")
-    data = r.json().get("data") or []
-    if not data:
+    try:
+        return [str(m["id"]) for m in r.json().get("data") or []]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise RequestError(f"--base-url: {url} did not answer a model list") from None
+
+
+def first_model(base_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> str:
+    """The first model id `GET {base_url}/v1/models` lists.
+
+    Raises:
+        RequestError: as `served_models`, or the server has no model list or lists no models.
+    """
+    models = served_models(base_url, api_key, timeout_s)
+    url = server_root(base_url) + "/v1/models"
+    if models is None:
+        raise RequestError(f"--base-url: the server has no {url} (404 / 405); name the model with --model-name")
+    if not models:
         raise RequestError(f"--base-url: {url} lists no models")
-    return str(data[0]["id"])
+    return models[0]
 
 
 def _chat_event(data: str) -> dict[str, Any]:

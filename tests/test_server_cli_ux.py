@@ -319,3 +319,22 @@ def test_bad_mapped_vllm_flag_is_one_line(argv, msg, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0] and "Traceback" not in err[0]
+
+
+def test_chat_checks_model_name_against_the_server_before_the_session(monkeypatch, capsys):
+    """`parity chat --base-url URL --model-name NAME` with a NAME the server does not list is one line naming
+    what it serves, before any prompt is read (as parity bench checks --model)."""
+    import parity.openai_client as oc
+    from parity.server import chat_cli
+
+    monkeypatch.setattr(oc, "served_models", lambda base_url, api_key=None, timeout_s=10.0: ["tiny"])
+
+    def no_session(*a, **k):
+        raise AssertionError("the session must not start")
+
+    monkeypatch.setattr(chat_cli, "chat_loop", no_session)
+    rc = cli.main(["chat", "--base-url", "http://127.0.0.1:9", "--model-name", "nope"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [
+        "parity chat: error: --model-name 'nope' is not served at http://127.0.0.1:9; it serves: tiny"
+    ], err

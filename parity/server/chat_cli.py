@@ -177,7 +177,7 @@ def run_chat(args: argparse.Namespace) -> int:
         DeviceError: a bad --device (local model).
     """
     from parity.engine.sampling_params import SamplingParams
-    from parity.openai_client import first_model
+    from parity.openai_client import first_model, served_models
 
     apply_mapped_flags(args)
     SamplingParams(**sampling_kwargs(args)).validate()  # bad sampling flags: one clear error, up front
@@ -190,6 +190,12 @@ def run_chat(args: argparse.Namespace) -> int:
             "a model the server serves; pass --model-name NAME to choose it (default: the server's first)"
         )
     if args.base_url:
+        if args.model_name:  # checked before the session starts, as parity bench checks --model
+            served = served_models(args.base_url, api_key)
+            if served and args.model_name not in served:
+                raise RequestError(
+                    f"--model-name {args.model_name!r} is not served at {args.base_url}; it serves: {', '.join(served)}"
+                )
         model = args.model_name or first_model(args.base_url, api_key)
         return chat_loop(args.base_url, model, api_key=api_key, args=args)
     # Local model: a private server on a free loopback port, so local and remote chats share one path.
