@@ -323,7 +323,8 @@ def preflight(base_url: str, model: str, headers: dict, timeout_s: float = 10.0)
         return None
     if listed and model not in listed:
         raise BenchError(f"--model {model!r} is not served at {base_url}; it serves: {', '.join(listed)}")
-    limit = listed.get(model, {}).get("max_model_len") if isinstance(listed.get(model), dict) else None
+    entry = listed.get(model)
+    limit = entry.get("max_model_len") if isinstance(entry, dict) else None
     return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
 
 

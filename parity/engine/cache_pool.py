@@ -178,10 +178,10 @@ class CachePool:
         return nbytes
 
     def __init__(self, total_bytes: int, page_bytes: int, device: torch.device | str = "cpu"):
-        self.page_bytes = _align(int(page_bytes))
-        self.num_pages = int(total_bytes) // self.page_bytes
         self.device = torch.device(device)
         nbytes = self.check_budget(total_bytes, page_bytes, self.device)
+        self.page_bytes = _align(int(page_bytes))
+        self.num_pages = nbytes // self.page_bytes
         try:
             self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         except RuntimeError as e:  # allocator out of memory

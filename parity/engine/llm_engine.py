@@ -81,10 +81,11 @@ class LLMEngine:
                 f"max_position_embeddings ({limit})"
             )
         # ---- cache pool: its page size and an explicit budget checked before compiling, allocated after
+        kv = args.kv_cache_dtype if args.kv_cache_dtype not in (None, "auto") else None
+        self._kv_kw = {"kv_cache_dtype": kv} if kv else {}
         layout_fn = getattr(model, "cache_layout", None)
         raw = []
         if layout_fn is not None:
-            kv = args.kv_cache_dtype if args.kv_cache_dtype not in (None, "auto") else None
             raw = layout_fn(kv_cache_dtype=kv) if kv else layout_fn(getattr(model, "kv_cache_dtype", "bf16"))
         self.layout = normalize_layout(raw, getattr(model, "cache_block_entries", None))
         page = max((_align(e.nbytes) for e in self.layout), default=0)
@@ -123,9 +124,6 @@ class LLMEngine:
             self.pool: CachePool | None = CachePool(int(budget), page, self.device)
         else:
             self.pool = None
-
-        kv = args.kv_cache_dtype if args.kv_cache_dtype not in (None, "auto") else None
-        self._kv_kw = {"kv_cache_dtype": kv} if kv else {}
 
         def new_state(cache: SequenceCache):
             return model.new_state(allocator=cache, **self._kv_kw)
