@@ -98,3 +98,27 @@ def test_compiled_region_raises_dynamos_recompile_limit_in_the_thread_that_runs_
     t.join()
     assert seen == [core.RECOMPILE_LIMIT]
     assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
+
+
+def test_materialized_is_the_tensor_itself_and_a_stored_buffer_when_traced():
+    """`materialized` never changes a value: eager it returns the tensor; traced for an inductor device it
+    puts inductor's store prim in the graph (so the compiled step computes the value once)."""
+    from parity.devices import core
+
+    x = torch.randn(4, 8)
+    assert core.materialized(x) is x
+    core._load_inductor_store_prim()
+    assert core._store_prim is not None, "this torch has no inductor store prim: the compiled step recomputes"
+    graphs = []
+
+    def capture(gm, example_inputs):  # no code generation: fast
+        graphs.append(gm)
+        return gm.forward
+
+    def gemv(x, w):
+        return (w[:, None, :] * core.materialized(x.relu() * 2)[None]).sum(-1)
+
+    w = torch.randn(16, 8)
+    out = torch.compile(gemv, backend=capture, fullgraph=True)(x, w)
+    torch.testing.assert_close(out, gemv(x, w), rtol=0, atol=0)
+    assert "inductor_force_stride_order" in graphs[0].code

@@ -300,6 +300,8 @@ def compiler(device: torch.device | str, whole_model: bool = False, serial_kerne
         backend = torchair.get_npu_backend(compiler_config=torchair.CompilerConfig())
 
     dyn = torch._dynamo.config
+    if name == "inductor":
+        _load_inductor_store_prim()  # `materialized` reads it inside the traced code (no import while tracing)
 
     def compile_fn(fn):
         if not whole_model:
@@ -337,3 +339,35 @@ def compiler(device: torch.device | str, whole_model: bool = False, serial_kerne
 
     compile_fn.backend_name, compile_fn.mode = name, mode
     return compile_fn
+
+
+#: inductor's ``prims.inductor_force_stride_order`` (lowered to a stored buffer) once `compiler` has set up an
+#: inductor compile; None before, or on a torch without the prim
+_store_prim = None
+
+
+def _load_inductor_store_prim() -> None:
+    global _store_prim
+    if _store_prim is None:
+        try:
+            import torch._inductor.inductor_prims  # noqa: F401  (registers the prim)
+
+            _store_prim = torch.ops.prims.inductor_force_stride_order.default
+        except (ImportError, AttributeError, RuntimeError):
+            _store_prim = None
+
+
+def materialized(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, stored once where inductor compiles the code: a hint for a value that later loops read
+    many times each (a per-token quantized activation broadcast over every output row of a GEMV, a new cache
+    row compared against every stored row). Inductor inlines an unstored elementwise producer into each
+    consumer's loop, so such a value is recomputed at every element it is read at (measured: the gathered
+    W8A8 experts of the benchmark miniature recomputed each token's activation quantization for each of their
+    768 output rows; docs/benchmarks.md). Outside a compiled region, where the compile backend is not inductor
+    (`parity.devices.COMPILE_BACKEND`), or on a torch without inductor's prim, ``x`` is returned as it is;
+    never changes a value."""
+    from parity.devices import compile_backend
+
+    if _store_prim is None or not torch.compiler.is_compiling() or compile_backend(x.device)[0] != "inductor":
+        return x
+    return _store_prim(x, x.stride())

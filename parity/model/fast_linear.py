@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parity.devices.core import materialized
 from parity.errors import first_line
 
 log = logging.getLogger("parity.model")
@@ -83,7 +84,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         rows = flat.shape[0]
         small = weight.numel() * weight.element_size() < ONEDNN_MIN_WEIGHT_BYTES
         if x.device.type == "cpu" and weight.dim() == 2 and rows <= COMPILED_GEMV_MAX_ROWS and (rows == 1 or not small):
-            out = (weight[:, None, :] * flat[None, :, :]).sum(-1).t()
+            out = (weight[:, None, :] * materialized(flat)[None, :, :]).sum(-1).t()
             return out.reshape(*x.shape[:-1], weight.shape[0])
         return F.linear(x, weight)
     if not _onednn_usable(x, weight):
@@ -96,7 +97,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def _widening_reduction(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """[M, in] x [out, in] (narrower dtype) -> [M, out] in x's dtype: each weight element widened as loaded."""
-    return (weight.to(x.dtype)[:, None, :] * x[None, :, :]).sum(-1).t()
+    return (weight.to(x.dtype)[:, None, :] * materialized(x)[None, :, :]).sum(-1).t()
 
 
 _compiled_reduction = None  # torch.compile(_widening_reduction), built on first use; False = unavailable

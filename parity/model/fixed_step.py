@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from parity.devices.core import materialized
 from parity.model.attention_backends import DecodeKeys
 from parity.model.compressor import compress_step_masked
 from parity.model.fast_linear import decode_linear
@@ -45,10 +46,10 @@ def moe_step(mlp, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     else:
         T, k = ids.shape
         flat = ids.reshape(-1)
-        xs = x[:, None, :].expand(T, k, x.shape[-1]).reshape(T * k, -1)
+        xs = materialized(x)[:, None, :].expand(T, k, x.shape[-1]).reshape(T * k, -1)
         gu = (ex.gate_up_proj[flat].to(x.dtype) * xs[:, None, :]).sum(-1)  # [T*k, 2I]
         inter = ex.inter
-        h = (swiglu(gu[:, :inter], gu[:, inter:], ex.limit) * w.reshape(-1)[:, None]).to(x.dtype)
+        h = materialized((swiglu(gu[:, :inter], gu[:, inter:], ex.limit) * w.reshape(-1)[:, None]).to(x.dtype))
         y = (ex.down_proj[flat].to(x.dtype) * h[:, None, :]).sum(-1).float()  # [T*k, H]
         y = y.view(T, k, -1).sum(1)
     y = y + mlp.shared_experts(x).float()
@@ -58,7 +59,8 @@ def moe_step(mlp, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
 def _insert(rows: torch.Tensor, new: torch.Tensor, at: torch.Tensor, emit: torch.Tensor) -> torch.Tensor:
     """rows [B, E, D] with row ``at[b]`` replaced by new [B, D] where emit [B] (functional)."""
     hit = (torch.arange(rows.shape[1], device=rows.device)[None, :] == at[:, None]) & emit[:, None]
-    return torch.where(hit[:, :, None], new[:, None, :].to(rows.dtype), rows)
+    # the new rows stored once: inlined, their encoding would be recomputed for every stored row
+    return torch.where(hit[:, :, None], materialized(new.to(rows.dtype))[:, None, :], rows)
 
 
 def attention_step(attn, x, rope: Rotary, pos, modes: _Modes, codecs, windows, states, entries, index_keys):

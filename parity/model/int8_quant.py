@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from parity.devices.core import materialized
 from parity.devices.int8_gemm import int8_linear, rescale_sums
 from parity.model.layers import swiglu
 
@@ -36,7 +37,8 @@ def quantize_act_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     xf = x.float()
     scale = xf.abs().amax(dim=-1).clamp_min(ACT_AMAX_FLOOR) / INT8_MAX
     q = torch.round(xf / scale[..., None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return q, scale
+    # stored once in a compiled step: the GEMVs that read it would otherwise requantize it per output row
+    return materialized(q), scale
 
 
 def fake_quant_act(x: torch.Tensor) -> torch.Tensor:
