@@ -108,6 +108,18 @@ def _scale_bytes(b: torch.Tensor) -> torch.Tensor:
     return b.view(SCALE_DTYPE) if float8_tensors() else b
 
 
+_FP4_MAG_CACHE: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+def _fp4_table(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    key = (str(device), dtype)
+    t = _FP4_MAG_CACHE.get(key)
+    if t is None:
+        t = torch.tensor(FP4_E2M1_VALUES, dtype=dtype, device=device)
+        _FP4_MAG_CACHE[key] = t
+    return t
+
+
 # ----------------------------------------------------------------------------------------- FP8 e4m3
 def fp8_e4m3_encode(x: torch.Tensor) -> torch.Tensor:
     """Round to FP8 e4m3fn, nearest-even, saturating at +-448 (NaN stays NaN).
@@ -252,26 +264,20 @@ def fp4_e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     """
     xf = x.float()
     mag = torch.nan_to_num(xf.abs(), nan=FP4_E2M1_MAX).clamp_max(FP4_E2M1_MAX)
-    # the magnitude code counts the rounding boundaries at or below mag: the midpoints of the grid
-    # 0, .5, 1, 1.5, 2, 3, 4, 6, where a tie goes up only when the upper neighbour's code is even
-    # (comparisons only: vectorised in compiled code, no table gathers)
-    code = torch.zeros(mag.shape, dtype=torch.uint8, device=mag.device)
-    for i in range(7):
-        mid = (FP4_E2M1_MAGNITUDES[i] + FP4_E2M1_MAGNITUDES[i + 1]) / 2
-        code = code + ((mag >= mid) if (i + 1) % 2 == 0 else (mag > mid)).to(torch.uint8)
+    grid = _fp4_table(x.device)[:8]
+    hi = torch.searchsorted(grid, mag.contiguous(), right=False).clamp(0, 7)  # first grid >= mag
+    lo = (hi - 1).clamp_min(0)
+    d_hi = grid[hi] - mag
+    d_lo = mag - grid[lo]
+    take_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0))
+    code = torch.where(take_hi, hi, lo).to(torch.uint8)
     sign = torch.signbit(xf).to(torch.uint8) << 3
     return code | sign
 
 
 def fp4_e2m1_decode(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """FP4 codes (uint8 0..15) -> values in `dtype` (code 8 -> -0.0).
-
-    Arithmetic, not a table lookup (vectorised in compiled code): magnitude code m (low 3 bits) is
-    ``m / 2`` up to 4 (0, .5, 1, 1.5, 2), then 3, 4, 6 (e2m1, OCP MX spec v1.0), bit 3 the sign."""
-    c = codes.to(torch.int32) & 0xF
-    m = (c & 7).float()
-    mag = 0.5 * m + 0.5 * (m > 4).float() + 0.5 * (m > 5).float() + 1.5 * (m > 6).float()
-    return torch.where(c >= 8, -mag, mag).to(dtype)
+    """FP4 codes (uint8 0..15) -> values in `dtype` (code 8 -> -0.0)."""
+    return _fp4_table(codes.device, dtype)[codes.long() & 0xF]
 
 
 def fp4_pack(codes: torch.Tensor) -> torch.Tensor:
