@@ -122,11 +122,13 @@ class DecodeGraph:
 
     def _compiled(self) -> tuple:
         """(step, head of one row, head of several rows) for the current torch thread count: inductor's CPU
-        kernels are specialised for the thread count at compile time (OpenMP team size), which dynamo does not
-        guard on. On the CPU the head is a graph of its own (static for one row, symbolic in the rows above), so
-        that `_choose_head_layout` can time it against the [hidden, vocab] copy; on more than one thread the
-        step's own kernels run serially (`parity.devices.compiler` ``serial_kernels``) and the head is the one
-        large parallel loop. Elsewhere the one-row head is inside the step's graph (None here)."""
+        kernels are specialised for the thread count at compile time (OpenMP team size), so each thread count
+        has compiled functions of its own (dynamo also guards on the thread count: torch 2.13 recompiles a
+        function first called under another count). On the CPU the head is a graph of its own (static for one
+        row, symbolic in the rows above), so that `_choose_head_layout` can time it against the [hidden, vocab]
+        copy; on more than one thread the step's own kernels run serially (`parity.devices.compiler`
+        ``serial_kernels``) and the head is the one large parallel loop. Elsewhere the one-row head is inside
+        the step's graph (None here)."""
         if not self.compile:
             return decode_step, None, lm_head_rows
         n = torch.get_num_threads()
