@@ -277,6 +277,19 @@ def test_generate_streams_and_reports_load_and_decode_apart():
     line = serve_cli.timing_line(12.5, 2, 8, 1.0, 0.2)
     assert "model loaded in 12.50 s" in line and "first token after 0.20 s" in line
     assert "decode 8.8 tokens/s" in line and "measured" not in line
+    # a compiled decode step's share of the start-up is named apart from the load
+    line = serve_cli.timing_line(12.5, 2, 8, 1.0, 0.2, compile_s=10.0)
+    assert "model loaded in 2.50 s, decode step compiled in 10.00 s" in line
+
+
+def test_generate_says_it_compiles_before_the_first_token():
+    import torch
+
+    cpu = torch.device("cpu")
+    compiling = serve_cli.generate_loading_line(None, cpu, enforce_eager=False)
+    assert compiling.startswith("parity generate: loading the default miniature on cpu, then compiling")
+    assert "--enforce-eager skips it" in compiling and "minutes" in compiling
+    assert "compiling" not in serve_cli.generate_loading_line("m", cpu, enforce_eager=True)
 
 
 def test_doctor_prints_human_units(capsys):

@@ -32,6 +32,11 @@ ENFORCE_EAGER_ENV = "PARITY_ENFORCE_EAGER"
 WARM_BUCKETS = (1, 2, 4, 8, 16)
 
 
+#: What a wait for the compiled decode step is, in the words the CLIs print (cold compiles measured 60-340 s per
+#: batch bucket on 2-core CPUs, ~10-50 s from the inductor cache: docs/benchmarks.md).
+COMPILE_WAIT = "minutes on a few cold CPU cores, seconds from the inductor cache"
+
+
 @dataclass(frozen=True)
 class StepPath:
     """The engine's forward path. path: "compiled" or "eager"; backend / mode: the torch.compile backend
@@ -153,6 +158,13 @@ def prepare_step_path(
             ", ".join(str(b) for b in buckets),
         )
         return StepPath("compiled", str(device), fn.backend_name, fn.mode, 0.0, background=True, buckets=buckets)
+    log.info(
+        "engine step path: compiling the decode step (%s) on %s for batch buckets %s before the first step (%s)",
+        fn.backend_name,
+        device,
+        ", ".join(str(b) for b in buckets),
+        COMPILE_WAIT,
+    )
     times = _warm_up_buckets(graph, buckets, torch.get_num_threads())
     if not graph.ready:
         model.decode_graph = None

@@ -326,9 +326,10 @@ def run_generate(args: argparse.Namespace) -> int:
     tokenizer = load_checkpoint_tokenizer(args.model)
     _check_max_tokens_fit(sp, args)
     t_load = time.perf_counter()
-    with loading(f"parity generate: loading {args.model or 'the default miniature'} on {device}"), engine_flag_errors():
+    with loading(generate_loading_line(args.model, device, args.enforce_eager)), engine_flag_errors():
         llm = LLM(**engine_kwargs(args), **({} if tokenizer == "auto" else {"tokenizer": tokenizer}))
     load_s = time.perf_counter() - t_load
+    compile_s = getattr(getattr(llm.engine, "step_path", None), "compile_s", 0.0)
     sp.validate(llm.config.vocab_size, llm.engine.max_model_len)
     tok = llm.tokenizer
     if tok is None:
@@ -384,16 +385,37 @@ def run_generate(args: argparse.Namespace) -> int:
                 print(p.content)
             else:
                 print(c.text)
-    print(timing_line(load_s, len(ids), n_out, dt, first_token_s), file=sys.stderr)
+    print(timing_line(load_s, len(ids), n_out, dt, first_token_s, compile_s), file=sys.stderr)
     return 0
 
 
+def generate_loading_line(model: str | None, device, enforce_eager: bool | None) -> str:
+    """The line `parity generate` shows while it starts: what loads on which device, and, where the engine
+    will compile its decode step before the first token (`parity.engine.model_runner.wants_eager`), that it
+    compiles and how long that takes, so minutes of compiling are not read as a hang."""
+    from parity.engine.model_runner import COMPILE_WAIT, wants_eager
+
+    line = f"parity generate: loading {model or 'the default miniature'} on {device}"
+    if not wants_eager(enforce_eager, device):
+        line += f", then compiling its decode step ({COMPILE_WAIT}; --enforce-eager skips it)"
+    return line
+
+
 def timing_line(
-    load_s: float, prompt_tokens: int, output_tokens: int, total_s: float, first_token_s: float | None
+    load_s: float,
+    prompt_tokens: int,
+    output_tokens: int,
+    total_s: float,
+    first_token_s: float | None,
+    compile_s: float = 0.0,
 ) -> str:
-    """The `parity generate` summary: load time (s), then prefill (time to first token, s) and the decode
-    rate (tokens/s over the tokens after the first), each apart, so a cold start is never read as speed."""
-    parts = [f"model loaded in {load_s:.2f} s", f"{prompt_tokens} prompt tokens"]
+    """The `parity generate` summary: load time (s; the compiled decode step's share, ``compile_s``, named
+    when there is one), then prefill (time to first token, s) and the decode rate (tokens/s over the tokens
+    after the first), each apart, so a cold start is never read as speed."""
+    loaded = f"model loaded in {load_s:.2f} s"
+    if compile_s > 0:
+        loaded = f"model loaded in {load_s - compile_s:.2f} s, decode step compiled in {compile_s:.2f} s"
+    parts = [loaded, f"{prompt_tokens} prompt tokens"]
     if first_token_s is not None:
         parts.append(f"first token after {first_token_s:.2f} s")
     if output_tokens > 1 and first_token_s is not None and total_s > first_token_s:
