@@ -32,8 +32,8 @@ ENFORCE_EAGER_ENV = "PARITY_ENFORCE_EAGER"
 WARM_BUCKETS = (1, 2, 4, 8, 16)
 
 
-#: What a wait for the compiled decode step is, in the words the CLIs print (cold compiles measured 60-340 s per
-#: batch bucket on 2-core CPUs, ~10-50 s from the inductor cache: docs/benchmarks.md).
+#: What a wait for the compiled decode step is, in the words the CLIs print (measured on 2-core CPUs: 61-236 s per
+#: batch bucket cold, 9-50 s for a process's buckets from the inductor cache; docs/benchmarks.md).
 COMPILE_WAIT = "minutes on a few cold CPU cores, seconds from the inductor cache"
 
 

@@ -329,7 +329,7 @@ def run_generate(args: argparse.Namespace) -> int:
     with loading(generate_loading_line(args.model, device, args.enforce_eager)), engine_flag_errors():
         llm = LLM(**engine_kwargs(args), **({} if tokenizer == "auto" else {"tokenizer": tokenizer}))
     load_s = time.perf_counter() - t_load
-    compile_s = getattr(getattr(llm.engine, "step_path", None), "compile_s", 0.0)
+    compile_s = llm.engine.step_path.compile_s
     sp.validate(llm.config.vocab_size, llm.engine.max_model_len)
     tok = llm.tokenizer
     if tok is None:
