@@ -5,7 +5,8 @@
 - Server-sent events: `SSEDecoder` parses a byte stream per the WHATWG "server-sent events" rules
   (`data:` lines, events ended by a blank line, `:` comments and `event:` / `id:` / `retry:` fields
   ignored); OpenAI streams end with the event `[DONE]`.
-- `parity chat`'s client: `first_model` (GET /v1/models) and `stream_chat` (streamed chat completion as
+- The model list (GET /v1/models): `model_entries` (parity bench's preflight), `served_models`, `first_model`.
+- `parity chat`'s client: `first_model` and `stream_chat` (streamed chat completion as
   typed `Piece`s), on httpx (a runtime dependency) rather than the `openai` package (test-only).
 """
 
@@ -129,26 +130,49 @@ class Piece:
     data: Any = None
 
 
+def model_entries(
+    base_url: str, headers: dict[str, str], timeout_s: float = 10.0, error_cls: type[Exception] = RequestError
+) -> list[dict[str, Any]] | None:
+    """The entries of the model list `GET {base_url}/v1/models` answers (OpenAI's ``{"data": [{"id": ...}, ...]}``;
+    each entry a dict with at least ``id``), or None where the server has no such route (404 / 405).
+
+    Args:
+        headers: request headers (`auth_headers`); timeout_s: seconds to wait for the answer.
+    Raises:
+        error_cls: base_url is not an http(s) URL; the server refuses the connection, does not answer within
+            ``timeout_s`` or fails otherwise; answers another HTTP error (its message quoted, e.g. 401 for a
+            wrong key); or answers 200 with something that is not a model list (each message names the URL).
+    """
+    url = server_root(base_url, error_cls) + "/v1/models"
+    try:
+        r = httpx.get(url, headers=headers, timeout=timeout_s)
+    except httpx.ConnectError:
+        raise error_cls(f"cannot reach the server: GET {url} was refused; is it running at --base-url?") from None
+    except httpx.TimeoutException:
+        raise error_cls(f"the server did not answer GET {url} within {timeout_s:g} s") from None
+    except httpx.HTTPError as e:
+        raise error_cls(f"GET {url} failed: {type(e).__name__}: {e}") from None
+    if r.status_code in (404, 405):
+        return None
+    if r.status_code != 200:
+        raise error_cls(f"GET {url} answered {r.status_code}: {error_message(r.content)}")
+    try:
+        data = r.json().get("data") or []
+        if not isinstance(data, list) or not all(isinstance(m, dict) and "id" in m for m in data):
+            raise TypeError
+    except (ValueError, TypeError, AttributeError):
+        raise error_cls(f"GET {url} did not answer a model list (JSON with a 'data' list of {{'id': ...}})") from None
+    return data
+
+
 def served_models(base_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> list[str] | None:
     """The model ids `GET {base_url}/v1/models` lists (None: the server has no such route, 404 / 405).
 
     Raises:
-        RequestError: base_url is not an http(s) URL, or the server cannot be reached or answers with another
-            error (message says which).
+        RequestError: as `model_entries`.
     """
-    url = server_root(base_url) + "/v1/models"
-    try:
-        r = httpx.get(url, headers=auth_headers(api_key), timeout=timeout_s)
-    except httpx.HTTPError as e:
-        raise RequestError(f"--base-url: cannot reach {url}: {e}") from None
-    if r.status_code in (404, 405):
-        return None
-    if r.status_code != 200:
-        raise RequestError(f"--base-url: {url} answered {r.status_code}: {r.text[:200]}")
-    try:
-        return [str(m["id"]) for m in r.json().get("data") or []]
-    except (ValueError, TypeError, KeyError, AttributeError):
-        raise RequestError(f"--base-url: {url} did not answer a model list") from None
+    entries = model_entries(base_url, auth_headers(api_key), timeout_s)
+    return None if entries is None else [str(m["id"]) for m in entries]
 
 
 def first_model(base_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> str:

@@ -65,3 +65,17 @@ def test_output_path_is_checked_before_any_request(capsys, tmp_path):
     for bad, why in ((tmp_path / "nope" / "x.json", "does not exist"), (tmp_path, "is a directory")):
         rc, err, out = bench(capsys, "--base-url", dead, "--model", "tiny", "--output", str(bad))
         assert rc == 2 and len(err) == 1 and err[0].startswith("parity bench: error: --output") and why in err[0], err
+
+
+@pytest.mark.parametrize("body", [{"data": "tiny"}, {"data": [{"name": "tiny"}]}, ["tiny"]])
+def test_a_model_list_that_is_not_one_is_one_clear_line_for_bench_and_chat(monkeypatch, capsys, body):
+    import httpx
+
+    from parity import openai_client
+    from parity.errors import RequestError
+
+    monkeypatch.setattr(httpx, "get", lambda url, **kw: httpx.Response(200, json=body))
+    rc, err, out = bench(capsys, "--base-url", "http://127.0.0.1:9", "--model", "tiny")
+    assert rc == 2 and len(err) == 1 and "did not answer a model list" in err[0] and out == ""
+    with pytest.raises(RequestError, match="did not answer a model list"):
+        openai_client.first_model("http://127.0.0.1:9")

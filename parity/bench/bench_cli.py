@@ -297,34 +297,19 @@ def preflight(base_url: str, model: str, headers: dict, timeout_s: float = 10.0)
 
     Raises:
         BenchError: the server is unreachable or times out, answers another HTTP error (e.g. 401 for a wrong
-            key), or does not list `model` (the message lists what it serves).
+            key) or something that is not a model list (`openai_client.model_entries`), or does not list
+            `model` (the message lists what it serves).
     """
-    import httpx
-
     from parity import openai_client
     from parity.errors import BenchError
 
-    url = openai_client.server_root(base_url, BenchError) + "/v1/models"
-    try:
-        resp = httpx.get(url, headers=headers, timeout=timeout_s)
-    except httpx.ConnectError:
-        raise BenchError(f"cannot reach the server: GET {url} was refused; is it running at --base-url?") from None
-    except httpx.TimeoutException:
-        raise BenchError(f"the server did not answer GET {url} within {timeout_s:g} s") from None
-    except httpx.HTTPError as e:
-        raise BenchError(f"GET {url} failed: {type(e).__name__}: {e}") from None
-    if resp.status_code in (404, 405):
+    entries = openai_client.model_entries(base_url, headers, timeout_s, BenchError)
+    if entries is None:
         return None
-    if resp.status_code != 200:
-        raise BenchError(f"GET {url} answered {resp.status_code}: {openai_client.error_message(resp.content)}")
-    try:
-        listed = {str(m["id"]): m for m in resp.json()["data"]}
-    except Exception:  # noqa: BLE001 - not a model list: nothing to check against
-        return None
+    listed = {str(m["id"]): m for m in entries}
     if listed and model not in listed:
         raise BenchError(f"--model {model!r} is not served at {base_url}; it serves: {', '.join(listed)}")
-    entry = listed.get(model)
-    limit = entry.get("max_model_len") if isinstance(entry, dict) else None
+    limit = listed[model].get("max_model_len") if model in listed else None
     return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
 
 
