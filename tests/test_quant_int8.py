@@ -109,17 +109,24 @@ def _reference_linear(xq, xs, wq, ws, out_dtype):
     return (x @ w.t()).to(out_dtype)
 
 
-@pytest.mark.parametrize("shape", [(1, 64, 32), (17, 60, 30), (3, 7, 5)])
+@pytest.mark.parametrize("shape", [(1, 64, 32), (17, 60, 30), (3, 7, 5), (8, 2048, 6), (2, 1100, 4)])
 def test_int8_gemm_kernels_agree(shape):
+    """int_mm, the widened fp32 GEMM, the in-graph reduction (run eager here: the same ops the compiled step
+    fuses; int8 read as int32 words or as bytes; fp32 sums, fp32 runs of 1024 in float64, int32) and the
+    float64 dequant give the same exact sums, rescaled once."""
     m, k, n = shape
     g = torch.Generator().manual_seed(2)
     xq = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
     wq = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     xs, ws = torch.rand(m, generator=g) + 0.1, torch.rand(n, generator=g) + 0.1
     exact = ((xq.long() @ wq.long().t()).double() * xs.double()[:, None] * ws.double()[None, :]).float()
-    assert int8_gemm.kernel_for(torch.device("cpu"), m, k, n) == "int_mm"
-    for kern in ("int_mm", "dequant"):
+    # eager on the CPU: the faster of _int_mm and the widened fp32 GEMM, timed once on this machine
+    assert int8_gemm.kernel_for(torch.device("cpu"), m, k, n) == int8_gemm.cpu_gemm_kernel()
+    assert int8_gemm.cpu_gemm_kernel() in ("int_mm", "fp32_gemm")
+    unaligned = torch.empty(n * k + 1, dtype=torch.int8)[1:].view(n, k).copy_(wq)  # not readable as int32 words
+    for kern in ("int_mm", "fp32_gemm", "reduction", "dequant"):
         assert torch.equal(int8_gemm.int8_linear(xq, xs, wq, ws, torch.float32, kern), exact)
+        assert torch.equal(int8_gemm.int8_linear(xq, xs, unaligned, ws, torch.float32, kern), exact)
     torch.testing.assert_close(_reference_linear(xq, xs, wq, ws, torch.float32), exact, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError):
         int8_gemm.int8_linear(xq, xs, wq, ws, torch.float32, "nope")
@@ -316,3 +323,56 @@ def test_exact_int8_rows_equal_the_integer_dot_products(k):
     ref = (w.long() * x.long()[:, None, :]).sum(-1)
     got = iq.exact_int8_rows(w, x)
     assert torch.equal(got.long(), ref) and (got.double() == ref.double()).all()
+
+
+def test_int8_words_view_and_fallbacks():
+    w = torch.randint(-127, 128, (6, 16), dtype=torch.int8)
+    words = int8_gemm.int8_words(w)
+    assert words.dtype == torch.int32 and words.shape == (6, 4)
+    x = torch.randint(-127, 128, (6, 16), dtype=torch.int8)
+    ref = (w.long() * x.long()).sum(-1)
+    assert torch.equal(int8_gemm.exact_int8_sums(words, x).long(), ref)
+    wide = torch.randint(-127, 128, (6, 32), dtype=torch.int8)
+    for odd in (w[:, :15], torch.empty(6 * 16 + 1, dtype=torch.int8)[1:].view(6, 16), wide[:, ::2]):
+        assert int8_gemm.int8_words(odd) is odd  # K % 4, alignment, layout: read as bytes
+
+
+@pytest.mark.parametrize("k", [1024, 1036, 2048])
+def test_int8_kernels_stay_exact_with_minus_128_weights(k):
+    """A weight read from a file may hold -128: products up to 128 * 127, still exact in every kernel."""
+    wq = torch.full((3, k), -128, dtype=torch.int8)
+    xq = torch.full((2, k), -127, dtype=torch.int8)
+    xs, ws = torch.ones(2), torch.ones(3)
+    exact = (xq.long() @ wq.long().t()).double().float()
+    for kern in ("int_mm", "fp32_gemm", "reduction", "dequant"):
+        assert torch.equal(int8_gemm.int8_linear(xq, xs, wq, ws, torch.float32, kern), exact), kern
+
+
+def test_compiled_int8_products_are_one_graph_and_exact(monkeypatch):
+    """Traced for the CPU (aot_eager: the graph inductor would get, without its compile time): the decode
+    rows take this CPU's kernel (the in-graph reduction over int32 words where _int_mm lost the timing), the
+    gathered experts the reduction over words, with no graph break (fullgraph) and the exact integer sums of
+    the eager kernels."""
+    g = torch.Generator().manual_seed(4)
+    lin = iq.Int8Linear.from_float(torch.randn(48, 64, generator=g))
+    x = torch.randn(3, 64, generator=g)
+    calls = []
+    sums = int8_gemm.exact_int8_sums
+
+    def counted(w, xq):
+        calls.append(w.dtype)
+        return sums(w, xq)
+
+    monkeypatch.setattr(int8_gemm, "exact_int8_sums", counted)
+    for pick, reduced in (("fp32_gemm", True), ("int_mm", False)):  # the timed pick of a CPU without / with VNNI
+        monkeypatch.setattr(int8_gemm, "_cpu_choice", pick)
+        calls.clear()
+        compiled = torch.compile(lambda t: lin(t), backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled(x), lin(x))
+        assert (torch.int32 in calls) == reduced
+        torch._dynamo.reset()
+    ex = iq.Int8Experts.from_float(torch.randn(4, 2 * 32, 64, generator=g), torch.randn(4, 64, 32, generator=g), 7.0)
+    ids = torch.tensor([[0, 3], [2, 3], [1, 1]])
+    wts = torch.rand(3, 2, generator=g)
+    got = torch.compile(ex.gathered_forward, backend="aot_eager", fullgraph=True)(x, ids, wts)
+    torch.testing.assert_close(got, ex.forward(x, ids, wts), rtol=0, atol=1e-6)

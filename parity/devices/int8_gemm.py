@@ -7,19 +7,98 @@ with the best kernel the device offers, chosen by `kernel_for`:
   scale and per-token activation scale fused), the kernel vllm-ascend's W8A8_DYNAMIC linear calls;
 - ``"int_mm"``: `torch._int_mm` (CPU: any shape; CUDA: needs M > 16 and K, N multiples of 8, PyTorch
   ``_int_mm`` docs), then the two scales applied in float64 and rounded once;
+- ``"fp32_gemm"`` (CPU): the int8 values widened to fp32 (exact) and multiplied by the fp32 GEMM over runs
+  of at most `EXACT_FP32_RUN` along K, whose integer partial sums fp32 holds exactly in any summation order
+  (`exact_int8_gemm`), the weight widened `WIDEN_CHUNK_ELEMS` elements at a time. torch's CPU ``_int_mm``
+  is fast only where oneDNN has VNNI int8 instructions: on an AVX2 CPU without them (AMD Zen 3) it ran at
+  3.5-4.2 GOP/s, 30x below the fp32 GEMM (docs/benchmarks.md, "Low-precision weights on the CPU"), so on
+  the CPU `kernel_for` picks between the two by timing both once (`cpu_gemm_kernel`);
+- ``"reduction"``: while torch.compile traces for a CPU where ``_int_mm`` lost the timing and the product has
+  at most `REDUCTION_MAX_ROWS` rows (the compiled decode step's projections and LM head), the exact integer
+  sums as one broadcast-reduce (`exact_int8_sums`): inductor fuses it with the activation quantization
+  before it and the rescale after it into kernels that stream the int8 weight once, instead of an extern
+  GEMM call per projection (where ``_int_mm`` wins, VNNI CPUs, the graph keeps calling it: measured fast
+  there, the reduction not measured there yet);
 - ``"dequant"``: the int8 values converted to float64 and multiplied (any device but NPU, any shape).
+
+Every kernel gives the same exact integer sums, so all of them agree after the rescale.
 """
 
 from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
 
 import torch
 
 from parity.devices.core import _load_torch_npu
 
-KERNELS = ("npu_quant_matmul", "int_mm", "dequant")
+log = logging.getLogger("parity.devices")
+
+KERNELS = ("npu_quant_matmul", "int_mm", "fp32_gemm", "reduction", "dequant")
+#: Under torch.compile on the CPU, products of at most this many rows take the ``"reduction"`` kernel.
+REDUCTION_MAX_ROWS = 16
+#: Largest magnitude of a symmetric int8 value (quantized activations and weights: |q| <= 127).
+INT8_MAX = 127
+#: Largest |product| of two int8 values, -128 included (a weight read from a file is not range-checked).
+_MAX_PRODUCT = 128 * 128
+#: Longest run of int8 x int8 products an fp32 sum holds exactly: every partial sum is an integer of
+#: magnitude <= K * 128**2 <= 2**24 (fp32's 24-bit significand) for K <= 1024, the run length used.
+EXACT_FP32_RUN = 1024
+#: Most weight elements ``"fp32_gemm"`` widens at once (16 Mi elements = 64 MiB of fp32: bounds the transient
+#: copy, e.g. of a 129,280 x 7,168 LM head; not a format constant).
+WIDEN_CHUNK_ELEMS = 1 << 24
+#: The product `cpu_gemm_kernel` times both CPU kernels on: [M, K] x [K, N] (a prefill chunk's projection;
+#: a probe shape, not a model constant).
+PROBE_SHAPE = (64, 256, 512)
 #: dtype of the rescale on the int_mm / dequant paths: the exact int32 sums times both fp32 scales in float64,
 #: rounded once to the output dtype (so the result is the correctly rounded dequantized product).
 _RESCALE = torch.float64
+
+_cpu_choice: str | None = None  # `cpu_gemm_kernel`'s timed pick, once per process
+_cpu_choice_lock = threading.Lock()
+
+
+def cpu_gemm_kernel() -> str:
+    """``"int_mm"`` or ``"fp32_gemm"``: the faster of the two on this CPU at the current thread count, timed
+    once per process on `PROBE_SHAPE` (the two interleaved, best of 5 calls each, ~5-30 ms in all; both give
+    identical results, so the choice never changes a value) and logged. Called outside compiled regions (a
+    compiled step reads the pick: `parity.model.decode_graph` times it before compiling)."""
+    global _cpu_choice
+    with _cpu_choice_lock:
+        if _cpu_choice is None:
+            _cpu_choice = _time_cpu_kernels()
+    return _cpu_choice
+
+
+def _time_cpu_kernels() -> str:
+    m, k, n = PROBE_SHAPE
+    g = torch.Generator().manual_seed(0)
+    xq = torch.randint(-INT8_MAX, INT8_MAX + 1, (m, k), generator=g, dtype=torch.int8)
+    wq = torch.randint(-INT8_MAX, INT8_MAX + 1, (n, k), generator=g, dtype=torch.int8)
+    kernels = {"int_mm": lambda: torch._int_mm(xq, wq.t()), "fp32_gemm": lambda: exact_int8_gemm(xq, wq)}
+    best = {name: float("inf") for name in kernels}
+    for fn in kernels.values():
+        fn()
+    for _ in range(5):  # A B A B: a burst of other work slows both
+        for name, fn in kernels.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    choice = min(best, key=best.get)
+    log.info(
+        "INT8 GEMM on the CPU: torch._int_mm %.3f ms, widened fp32 GEMM %.3f ms on [%d, %d] x [%d, %d] -> %s",
+        best["int_mm"] * 1e3,
+        best["fp32_gemm"] * 1e3,
+        m,
+        k,
+        k,
+        n,
+        choice,
+    )
+    return choice
 
 
 def kernel_for(device: torch.device, m: int, k: int, n: int) -> str:
@@ -27,10 +106,48 @@ def kernel_for(device: torch.device, m: int, k: int, n: int) -> str:
     if device.type == "npu" and _load_torch_npu() and hasattr(torch.ops, "npu"):
         return "npu_quant_matmul"
     if device.type == "cpu":
-        return "int_mm"
+        if torch.compiler.is_compiling():
+            # no timing while tracing: the pick timed before compiling; where _int_mm lost it, decode rows take
+            # the fused reduction (elementwise products and sums: no matmul precision setting applies)
+            return "reduction" if _cpu_choice == "fp32_gemm" and m <= REDUCTION_MAX_ROWS else "int_mm"
+        if not _full_precision_fp32_gemm():
+            return "int_mm"  # a reduced-precision fp32 GEMM (bf16 / TF32 math) would round the integer sums
+        return cpu_gemm_kernel()
     if device.type == "cuda" and m > 16 and k % 8 == 0 and n % 8 == 0:
         return "int_mm"
     return "dequant"
+
+
+def _full_precision_fp32_gemm() -> bool:
+    """Whether fp32 matmuls run in full fp32 (torch's global setting; a per-backend setting in torch's newer
+    precision API makes the global query raise: then not assumed)."""
+    try:
+        return torch.get_float32_matmul_precision() == "highest"
+    except RuntimeError:
+        return False
+
+
+def exact_int8_gemm(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """int8 xq [M, K] x int8 wq [N, K] (|values| <= 127) -> the exact integer sums [M, N] (fp32 for
+    K <= 1040, else float64) through the fp32 GEMM (the ``"fp32_gemm"`` kernel): each run of at most
+    `EXACT_FP32_RUN` columns is one GEMM whose partial sums are integers below 2**24 (exact in fp32 in any
+    order, as BLAS blocks them), the runs added in float64; the weight is widened at most
+    `WIDEN_CHUNK_ELEMS` elements at a time."""
+    M, K = xq.shape
+    N = wq.shape[0]
+    runs = (
+        [(r, min(r + EXACT_FP32_RUN, K)) for r in range(0, K, EXACT_FP32_RUN)] if K * _MAX_PRODUCT > 2**24 else [(0, K)]
+    )
+    rows = max(1, WIDEN_CHUNK_ELEMS // max(min(K, EXACT_FP32_RUN), 1))
+    xf = xq.float()
+    out = torch.empty((M, N), dtype=torch.float32 if len(runs) == 1 else torch.float64, device=xq.device)
+    for n0 in range(0, N, rows):
+        acc = None
+        for a, b in runs:
+            part = xf[:, a:b] @ wq[n0 : n0 + rows, a:b].float().t()
+            acc = part if len(runs) == 1 else (part.double() if acc is None else acc + part.double())
+        out[:, n0 : n0 + rows] = acc
+    return out
 
 
 def int8_linear(
@@ -58,11 +175,57 @@ def int8_linear(
         return torch_npu.npu_quant_matmul(xq, wq.t(), w_scale, pertoken_scale=x_scale, output_dtype=out_dtype)
     if kernel == "int_mm":
         acc = torch._int_mm(xq, wq.t())
+    elif kernel == "fp32_gemm":
+        acc = exact_int8_gemm(xq, wq)
+    elif kernel == "reduction":
+        acc = exact_int8_sums(int8_words(wq)[:, None, :], xq[None, :, :]).t()
     elif kernel == "dequant":
         acc = xq.to(_RESCALE) @ wq.to(_RESCALE).t()  # integer-valued and exact in float64 (K * 127**2 < 2**53)
     else:
         raise ValueError(f"unknown INT8 GEMM kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
     return rescale_sums(acc, x_scale, w_scale[None, :], out_dtype)
+
+
+def exact_int8_sums(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``sum(w * x, -1)`` of int8 values (|value| <= 127) as exact integers, like ``torch._int_mm``'s int32
+    sums: w the weight, int8 [..., K] or its int32 words [..., K/4] (`int8_words`), x int8 [..., K]
+    broadcast against it. Products and sums in fp32 over runs of at most `EXACT_FP32_RUN` (K <= 1040, or K a
+    multiple of it with the run sums added in float64: exact), else in int32 (exact for K < 133,000; ~6x
+    slower in inductor's CPU reductions, measured at [16, 512, 256]).
+
+    Words are read 4 bytes at a time and each byte sign-extended by shifts: inductor's CPU code loads int8 in
+    partial vectors of the fp32 lane count, which on AVX2 go through a memcpy per load (the 129,280 x 256
+    head at 1 row: 50 ms as int8, 17 ms as words; docs/benchmarks.md, "Low-precision weights on the CPU").
+    Returns fp32, float64 or int32 (integer values either way)."""
+    if w.dtype == torch.int32:
+        K = 4 * w.shape[-1]
+        if K * _MAX_PRODUCT > 2**24 and K % EXACT_FP32_RUN:
+            w = w.view(torch.int8)  # the int32 sums below
+        else:
+            xf = x.float().unflatten(-1, (K // 4, 4))
+            # byte j of each (little-endian) word is element 4i + j
+            prod = sum(((w << (24 - 8 * j)) >> 24).float() * xf[..., j] for j in range(4))  # [..., K/4]
+            if K * _MAX_PRODUCT <= 2**24:
+                return prod.sum(-1)
+            return prod.unflatten(-1, (K // EXACT_FP32_RUN, EXACT_FP32_RUN // 4)).sum(-1).double().sum(-1)
+    K = w.shape[-1]
+    if K * _MAX_PRODUCT <= 2**24:
+        return (w.float() * x.float()).sum(-1)
+    if K % EXACT_FP32_RUN == 0:
+        prod = w.float() * x.float()
+        return prod.unflatten(-1, (K // EXACT_FP32_RUN, EXACT_FP32_RUN)).sum(-1).double().sum(-1)
+    return (w.to(torch.int32) * x.to(torch.int32)).sum(-1, dtype=torch.int32)
+
+
+def int8_words(w: torch.Tensor) -> torch.Tensor:
+    """int8 w [..., K] viewed as int32 words [..., K/4] (4 elements each, the form `exact_int8_sums` reads
+    fastest) where K % 4 == 0, w is contiguous and 4-byte aligned on a little-endian machine; else w itself.
+    Inside a compiled region the alignment is not checked (reading the storage offset would break the graph):
+    there w must be a stored weight or a slice of whole rows of one (a view at another offset fails to trace)."""
+    ok = w.dtype == torch.int8 and w.shape[-1] % 4 == 0 and w.is_contiguous() and sys.byteorder == "little"
+    if ok and (torch.compiler.is_compiling() or w.storage_offset() % 4 == 0):
+        return w.view(torch.int32)
+    return w
 
 
 def rescale_sums(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype):

@@ -33,6 +33,7 @@ import time
 import torch
 
 from parity import devices
+from parity.devices import int8_gemm
 from parity.model import head_layout
 from parity.model.fixed_step import decode_step, head_operands, lm_head_rows
 from parity.model.layers import PLAIN_LINEARS
@@ -53,7 +54,7 @@ _KNOWN_MODULES = frozenset(
         "parity.model.deepseek_v4",
         "parity.model.fast_linear",  # WideningLinear: bf16-stored weights, widened in the graph's reductions
         "parity.model.weight_storage",  # WideningExperts: gathered and widened by `moe_step`
-        "parity.model.int8_quant",  # Int8Linear (its own forward, `_int_mm`), Int8Experts (`moe_step`)
+        "parity.model.int8_quant",  # Int8Linear (its own forward, `int8_gemm.int8_linear`), Int8Experts (`moe_step`)
     }
 )
 
@@ -134,6 +135,8 @@ class DecodeGraph:
         n = torch.get_num_threads()
         if n not in self._graphs:
             cpu = torch.device(self.device).type == "cpu"
+            if cpu:  # the INT8 kernel the graphs trace in is this CPU's timed pick: made before tracing
+                int8_gemm.cpu_gemm_kernel()
             serial = n > 1 and cpu
             self._graphs[n] = (
                 # static but the marked entry counts

@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from parity.devices.core import materialized
-from parity.devices.int8_gemm import int8_linear, rescale_sums
+from parity.devices.int8_gemm import INT8_MAX, exact_int8_sums, int8_linear, int8_words, rescale_sums
 from parity.model.layers import swiglu
 
-INT8_MAX = 127
 INT4_MIN, INT4_MAX = -8, 7
 #: amax floor of the per-token activation scale, so an all-zero row gets a finite scale and quantizes to
 #: zeros (a numerical guard, not a format constant).
@@ -89,24 +88,11 @@ def unpack_int4_rows(p: torch.Tensor) -> torch.Tensor:
     return torch.stack((lo, hi), dim=-2).flatten(-3, -2).to(torch.int8)
 
 
-#: Longest run of int8 x int8 products an fp32 sum holds exactly: every partial sum is an integer of
-#: magnitude <= K * 127**2 <= 2**24 (fp32's 24-bit significand) for K <= 1040; runs of 1024 are used.
-EXACT_FP32_RUN = 1024
-
-
 def exact_int8_rows(wq: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
     """Per row n: the int8 matrix wq[n] [N, M, K] times the int8 vector xq[n] [N, K] -> [N, M], the exact
-    integer dot products (as ``torch._int_mm``'s int32 sums): products and sums in fp32 over runs of at most
-    `EXACT_FP32_RUN` (K <= 1040, or K a multiple of it, the run sums added in float64: exact), else int32
-    (exact for K < 133,000; ~6x slower in inductor's CPU reductions, measured at [16, 512, 256]). Returns
-    fp32, float64 or int32 (integer values either way)."""
-    K = wq.shape[-1]
-    if K * INT8_MAX**2 <= 2**24:
-        return (wq.float() * xq.float()[:, None, :]).sum(-1)
-    if K % EXACT_FP32_RUN == 0:
-        prod = wq.float() * xq.float()[:, None, :]
-        return prod.unflatten(-1, (K // EXACT_FP32_RUN, EXACT_FP32_RUN)).sum(-1).double().sum(-1)
-    return (wq.to(torch.int32) * xq.to(torch.int32)[:, None, :]).sum(-1, dtype=torch.int32)
+    integer dot products (`parity.devices.int8_gemm.exact_int8_sums`; integer values in fp32, float64 or
+    int32); wq may also be its int32 words [N, M, K/4] (`parity.devices.int8_gemm.int8_words`)."""
+    return exact_int8_sums(wq, xq[:, None, :])
 
 
 def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -269,7 +255,10 @@ class Int8Experts(nn.Module):
         [T, k] -> [T, H] fp32."""
         T, k = expert_ids.shape
         flat = expert_ids.reshape(-1)
-        gu_q, dn_q = self.expert_int8(flat)  # [T*k, 2I, H], [T*k, H, I]
+        if self.bits == 8:  # gathered as int32 words: read 4 bytes at a time in the graph's reductions
+            gu_q, dn_q = int8_words(self.gate_up_weight)[flat], int8_words(self.down_weight)[flat]
+        else:
+            gu_q, dn_q = self.expert_int8(flat)  # [T*k, 2I, H], [T*k, H, I]
         xq, xs = quantize_act_per_token(hidden)  # per token, so each pair's row quantizes as in `forward`
         xq = xq[:, None, :].expand(T, k, -1).reshape(T * k, -1)
         xs = xs[:, None].expand(T, k).reshape(-1)
