@@ -350,7 +350,7 @@ def test_int8_kernels_stay_exact_with_minus_128_weights(k):
 
 def test_compiled_int8_products_are_one_graph_and_exact(monkeypatch):
     """Traced for the CPU (aot_eager: the graph inductor would get, without its compile time): the decode
-    rows take this CPU's kernel (the in-graph reduction over int32 words where _int_mm lost the timing), the
+    rows take this CPU's kernel (where _int_mm lost the timing, the in-graph reduction over int32 words), the
     gathered experts the reduction over words, with no graph break (fullgraph) and the exact integer sums of
     the eager kernels."""
     g = torch.Generator().manual_seed(4)
@@ -364,11 +364,12 @@ def test_compiled_int8_products_are_one_graph_and_exact(monkeypatch):
         return sums(w, xq)
 
     monkeypatch.setattr(int8_gemm, "exact_int8_sums", counted)
-    for pick, reduced in (("fp32_gemm", True), ("int_mm", False)):  # the timed pick of a CPU without / with VNNI
+    # the timed pick of a CPU without VNNI (one row: the reduction; rows of a small weight: the fp32 GEMM), with
+    for pick, rows, reduced in (("fp32_gemm", 1, True), ("fp32_gemm", 3, False), ("int_mm", 1, False)):
         monkeypatch.setattr(int8_gemm, "_cpu_choice", pick)
         calls.clear()
         compiled = torch.compile(lambda t: lin(t), backend="aot_eager", fullgraph=True)
-        assert torch.equal(compiled(x), lin(x))
+        assert torch.equal(compiled(x[:rows]), lin(x[:rows]))
         assert (torch.int32 in calls) == reduced
         torch._dynamo.reset()
     ex = iq.Int8Experts.from_float(torch.randn(4, 2 * 32, 64, generator=g), torch.randn(4, 64, 32, generator=g), 7.0)

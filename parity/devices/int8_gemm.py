@@ -14,7 +14,8 @@ with the best kernel the device offers, chosen by `kernel_for`:
   3.5-4.2 GOP/s, 30x below the fp32 GEMM (docs/benchmarks.md, "Low-precision weights on the CPU"), so on
   the CPU `kernel_for` picks between the two by timing both once (`cpu_gemm_kernel`);
 - ``"reduction"``: while torch.compile traces for a CPU where ``_int_mm`` lost the timing and the product has
-  at most `REDUCTION_MAX_ROWS` rows (the compiled decode step's projections and LM head), the exact integer
+  one row, or at most `REDUCTION_MAX_ROWS` rows of a weight of at least `REDUCTION_MIN_WEIGHT_BYTES` (the
+  compiled decode step's projections at batch 1 and its LM head; other products the fp32 GEMM), the exact integer
   sums as one broadcast-reduce (`exact_int8_sums`): inductor fuses it with the activation quantization
   before it and the rescale after it into kernels that stream the int8 weight once, instead of an extern
   GEMM call per projection (where ``_int_mm`` wins, VNNI CPUs, the graph keeps calling it: measured fast
@@ -38,8 +39,13 @@ from parity.devices.core import _load_torch_npu
 log = logging.getLogger("parity.devices")
 
 KERNELS = ("npu_quant_matmul", "int_mm", "fp32_gemm", "reduction", "dequant")
-#: Under torch.compile on the CPU, products of at most this many rows take the ``"reduction"`` kernel.
+#: Under torch.compile on the CPU, products of at most this many rows may take the ``"reduction"`` kernel.
 REDUCTION_MAX_ROWS = 16
+#: ... and above one row only for weights of at least this many bytes (the LM head): the reduction unpacks
+#: each weight word once per row, so for a small weight the widened fp32 GEMM is faster at 8 rows (a
+#: 512 x 256 weight on AMD Zen 3: 0.32 vs 0.92 ms per call; the 129,280 x 256 head: 198 vs 60 ms; ad-hoc
+#: timings, docs/benchmarks.md "Low-precision weights on the CPU")
+REDUCTION_MIN_WEIGHT_BYTES = 4 << 20
 #: Largest magnitude of a symmetric int8 value (quantized activations and weights: |q| <= 127).
 INT8_MAX = 127
 #: Largest |product| of two int8 values, -128 included (a weight read from a file is not range-checked).
@@ -109,7 +115,11 @@ def kernel_for(device: torch.device, m: int, k: int, n: int) -> str:
         if torch.compiler.is_compiling():
             # no timing while tracing: the pick timed before compiling; where _int_mm lost it, decode rows take
             # the fused reduction (elementwise products and sums: no matmul precision setting applies)
-            return "reduction" if _cpu_choice == "fp32_gemm" and m <= REDUCTION_MAX_ROWS else "int_mm"
+            if _cpu_choice != "fp32_gemm" or not _full_precision_fp32_gemm():
+                return "int_mm"
+            if m <= REDUCTION_MAX_ROWS and (m == 1 or n * k >= REDUCTION_MIN_WEIGHT_BYTES):
+                return "reduction"
+            return "fp32_gemm"
         if not _full_precision_fp32_gemm():
             return "int_mm"  # a reduced-precision fp32 GEMM (bf16 / TF32 math) would round the integer sums
         return cpu_gemm_kernel()
@@ -118,6 +128,7 @@ def kernel_for(device: torch.device, m: int, k: int, n: int) -> str:
     return "dequant"
 
 
+@torch._dynamo.assume_constant_result  # read once while tracing (a graph keeps the setting it was traced under)
 def _full_precision_fp32_gemm() -> bool:
     """Whether fp32 matmuls run in full fp32 (torch's global setting; a per-backend setting in torch's newer
     precision API makes the global query raise: then not assumed)."""
