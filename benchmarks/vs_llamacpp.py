@@ -424,8 +424,8 @@ def main() -> int:
         torch.set_num_threads(threads[0])
         lowp_eager = None if lowp is None else incremental_logits(lowp, ids, a.prompt)
         w8_eager = None if w8 is None else incremental_logits(w8, ids, a.prompt)
-        for name, m in (("fp32", model), ("bf16-stored", lowp), ("W8A8 + int8 head", w8)):
-            if m is not None:
+        for name, m in (("fp32", None if a.no_fp32 else model), ("bf16-stored", lowp), ("W8A8 + int8 head", w8)):
+            if m is not None:  # --no-fp32: the fp32 model is only the logit reference, not compiled
                 secs = attach_decode_graph(m, threads, (1, a.batch))
                 print(f"# parity {name}: compiled decode step warmed up: {secs}", file=sys.stderr, flush=True)
         torch.set_num_threads(threads[0])

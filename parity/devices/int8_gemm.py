@@ -115,7 +115,7 @@ def kernel_for(device: torch.device, m: int, k: int, n: int) -> str:
         if torch.compiler.is_compiling():
             # no timing while tracing: the pick timed before compiling; where _int_mm lost it, decode rows take
             # the fused reduction (elementwise products and sums: no matmul precision setting applies)
-            if _cpu_choice != "fp32_gemm" or not _full_precision_fp32_gemm():
+            if _cpu_choice != "fp32_gemm":  # (the precision was checked when the eager pick was made)
                 return "int_mm"
             if m <= REDUCTION_MAX_ROWS and (m == 1 or n * k >= REDUCTION_MIN_WEIGHT_BYTES):
                 return "reduction"
@@ -128,7 +128,6 @@ def kernel_for(device: torch.device, m: int, k: int, n: int) -> str:
     return "dequant"
 
 
-@torch._dynamo.assume_constant_result  # read once while tracing (a graph keeps the setting it was traced under)
 def _full_precision_fp32_gemm() -> bool:
     """Whether fp32 matmuls run in full fp32 (torch's global setting; a per-backend setting in torch's newer
     precision API makes the global query raise: then not assumed)."""
