@@ -111,9 +111,9 @@ def _reference_linear(xq, xs, wq, ws, out_dtype):
 
 @pytest.mark.parametrize("shape", [(1, 64, 32), (17, 60, 30), (3, 7, 5), (8, 2048, 6), (2, 1100, 4)])
 def test_int8_gemm_kernels_agree(shape):
-    """int_mm, the widened fp32 GEMM, the in-graph reduction (run eager here: the same ops the compiled step
-    fuses; int8 read as int32 words or as bytes; fp32 sums, fp32 runs of 1024 in float64, int32) and the
-    float64 dequant give the same exact sums, rescaled once."""
+    """int_mm, the widened fp32 GEMM, the reduction over words (run eager here: the same ops the compiled
+    step fuses for gathered experts; int8 read as int32 words or as bytes; fp32 sums, fp32 runs of 1024 in
+    float64, int32) and the float64 dequant give the same exact sums, rescaled once."""
     m, k, n = shape
     g = torch.Generator().manual_seed(2)
     xq = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
@@ -350,27 +350,32 @@ def test_int8_kernels_stay_exact_with_minus_128_weights(k):
 
 def test_compiled_int8_products_are_one_graph_and_exact(monkeypatch):
     """Traced for the CPU (aot_eager: the graph inductor would get, without its compile time): the decode
-    rows take this CPU's kernel (where _int_mm lost the timing, the in-graph reduction over int32 words), the
-    gathered experts the reduction over words, with no graph break (fullgraph) and the exact integer sums of
-    the eager kernels."""
+    rows take this CPU's kernel (where _int_mm lost the timing, the widened fp32 GEMM as one opaque op), the
+    gathered experts the reduction over int32 words, with no graph break (fullgraph) and the exact integer
+    sums of the eager kernels."""
     g = torch.Generator().manual_seed(4)
     lin = iq.Int8Linear.from_float(torch.randn(48, 64, generator=g))
     x = torch.randn(3, 64, generator=g)
     calls = []
-    sums = int8_gemm.exact_int8_sums
+    gemm = int8_gemm.exact_int8_gemm
 
-    def counted(w, xq):
-        calls.append(w.dtype)
-        return sums(w, xq)
+    def counted(xq, wq):
+        calls.append(tuple(xq.shape))
+        return gemm(xq, wq)
 
-    monkeypatch.setattr(int8_gemm, "exact_int8_sums", counted)
-    # the timed pick of a CPU without VNNI (one row: the reduction; rows of a small weight: the fp32 GEMM), with
-    for pick, rows, reduced in (("fp32_gemm", 1, True), ("fp32_gemm", 3, False), ("int_mm", 1, False)):
+    monkeypatch.setattr(int8_gemm, "exact_int8_gemm", counted)
+    for pick, rows, widened in (("fp32_gemm", 1, True), ("fp32_gemm", 3, True), ("int_mm", 1, False)):
         monkeypatch.setattr(int8_gemm, "_cpu_choice", pick)
+        want = lin(x[:rows])  # eager: this CPU's own timed pick
         calls.clear()
         compiled = torch.compile(lambda t: lin(t), backend="aot_eager", fullgraph=True)
-        assert torch.equal(compiled(x[:rows]), lin(x[:rows]))
-        assert (torch.int32 in calls) == reduced
+        assert torch.equal(compiled(x[:rows]), want)
+        assert bool(calls) == widened
+        torch._dynamo.reset()
+    for k in (64, 1036):  # the op's declared result (fp32; float64 past one exact fp32 run) is what it returns
+        xq, wq = torch.ones(2, k, dtype=torch.int8), torch.ones(3, k, dtype=torch.int8)
+        got = torch.compile(torch.ops.parity.exact_int8_gemm, backend="aot_eager", fullgraph=True)(xq, wq)
+        assert got.dtype == int8_gemm.exact_int8_gemm(xq, wq).dtype and torch.equal(got, torch.full((2, 3), k).to(got))
         torch._dynamo.reset()
     ex = iq.Int8Experts.from_float(torch.randn(4, 2 * 32, 64, generator=g), torch.randn(4, 64, 32, generator=g), 7.0)
     ids = torch.tensor([[0, 3], [2, 3], [1, 1]])

@@ -13,13 +13,14 @@ with the best kernel the device offers, chosen by `kernel_for`:
   is fast only where oneDNN has VNNI int8 instructions: on an AVX2 CPU without them (AMD Zen 3) it ran at
   3.5-4.2 GOP/s, 30x below the fp32 GEMM (docs/benchmarks.md, "Low-precision weights on the CPU"), so on
   the CPU `kernel_for` picks between the two by timing both once (`cpu_gemm_kernel`);
-- ``"reduction"``: while torch.compile traces for a CPU where ``_int_mm`` lost the timing and the product has
-  one row, or at most `REDUCTION_MAX_ROWS` rows of a weight of at least `REDUCTION_MIN_WEIGHT_BYTES` (the
-  compiled decode step's projections at batch 1 and its LM head; other products the fp32 GEMM), the exact integer
-  sums as one broadcast-reduce (`exact_int8_sums`): inductor fuses it with the activation quantization
-  before it and the rescale after it into kernels that stream the int8 weight once, instead of an extern
-  GEMM call per projection (where ``_int_mm`` wins, VNNI CPUs, the graph keeps calling it: measured fast
-  there, the reduction not measured there yet);
+- ``"reduction"``: the exact integer sums as one broadcast-reduce over the weight read as int32 words
+  (`exact_int8_sums`): what the compiled step's gathered experts use (each token's expert rows read in place);
+  as a kernel for whole products it lost to the widened fp32 GEMM at every measured shape (the 129,280 x 256
+  head on AMD Zen 3, 1 thread: 16 vs 8 ms at 1 row, 321 vs 17 ms at 8 rows), so `kernel_for` never picks it.
+
+Under torch.compile the ``"fp32_gemm"`` kernel is one opaque op (``torch.ops.parity.exact_int8_gemm``): traced
+into the graph, inductor's own int8 -> fp32 conversion is ~5x slower than ATen's on AVX2 (partial vector
+loads through a memcpy), so the graph calls the eager chunked GEMM instead.
 - ``"dequant"``: the int8 values converted to float64 and multiplied (any device but NPU, any shape).
 
 Every kernel gives the same exact integer sums, so all of them agree after the rescale.
@@ -34,18 +35,11 @@ import time
 
 import torch
 
-from parity.devices.core import _load_torch_npu
+from parity.devices.core import _load_torch_npu, materialized
 
 log = logging.getLogger("parity.devices")
 
 KERNELS = ("npu_quant_matmul", "int_mm", "fp32_gemm", "reduction", "dequant")
-#: Under torch.compile on the CPU, products of at most this many rows may take the ``"reduction"`` kernel.
-REDUCTION_MAX_ROWS = 16
-#: ... and above one row only for weights of at least this many bytes (the LM head): the reduction unpacks
-#: each weight word once per row, so for a small weight the widened fp32 GEMM is faster at 8 rows (a
-#: 512 x 256 weight on AMD Zen 3: 0.32 vs 0.92 ms per call; the 129,280 x 256 head: 198 vs 60 ms; ad-hoc
-#: timings, docs/benchmarks.md "Low-precision weights on the CPU")
-REDUCTION_MIN_WEIGHT_BYTES = 4 << 20
 #: Largest magnitude of a symmetric int8 value (quantized activations and weights: |q| <= 127).
 INT8_MAX = 127
 #: Largest |product| of two int8 values, -128 included (a weight read from a file is not range-checked).
@@ -53,9 +47,11 @@ _MAX_PRODUCT = 128 * 128
 #: Longest run of int8 x int8 products an fp32 sum holds exactly: every partial sum is an integer of
 #: magnitude <= K * 128**2 <= 2**24 (fp32's 24-bit significand) for K <= 1024, the run length used.
 EXACT_FP32_RUN = 1024
-#: Most weight elements ``"fp32_gemm"`` widens at once (16 Mi elements = 64 MiB of fp32: bounds the transient
-#: copy, e.g. of a 129,280 x 7,168 LM head; not a format constant).
-WIDEN_CHUNK_ELEMS = 1 << 24
+#: Most weight elements ``"fp32_gemm"`` widens at once (1 Mi elements = 4 MiB of fp32, cache-sized: a fresh
+#: 64 MiB copy per chunk costs its page faults, the 129,280 x 256 head at 1 row 22 ms at 4 Mi elements vs
+#: 8 ms at 1 Mi on AMD Zen 3; 2**19-2**20 measured best at 1 and 8 rows, 1 and 2 threads; docs/benchmarks.md
+#: "Low-precision weights on the CPU"; not a format constant).
+WIDEN_CHUNK_ELEMS = 1 << 20
 #: The product `cpu_gemm_kernel` times both CPU kernels on: [M, K] x [K, N] (a prefill chunk's projection;
 #: a probe shape, not a model constant).
 PROBE_SHAPE = (64, 256, 512)
@@ -113,13 +109,9 @@ def kernel_for(device: torch.device, m: int, k: int, n: int) -> str:
         return "npu_quant_matmul"
     if device.type == "cpu":
         if torch.compiler.is_compiling():
-            # no timing while tracing: the pick timed before compiling; where _int_mm lost it, decode rows take
-            # the fused reduction (elementwise products and sums: no matmul precision setting applies)
-            if _cpu_choice != "fp32_gemm":  # (the precision was checked when the eager pick was made)
-                return "int_mm"
-            if m <= REDUCTION_MAX_ROWS and (m == 1 or n * k >= REDUCTION_MIN_WEIGHT_BYTES):
-                return "reduction"
-            return "fp32_gemm"
+            # no timing while tracing: the pick timed before compiling (`parity.model.decode_graph` makes it);
+            # the precision was checked when the eager pick was made
+            return "fp32_gemm" if _cpu_choice == "fp32_gemm" else "int_mm"
         if not _full_precision_fp32_gemm():
             return "int_mm"  # a reduced-precision fp32 GEMM (bf16 / TF32 math) would round the integer sums
         return cpu_gemm_kernel()
@@ -138,11 +130,11 @@ def _full_precision_fp32_gemm() -> bool:
 
 
 def exact_int8_gemm(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
-    """int8 xq [M, K] x int8 wq [N, K] (|values| <= 127) -> the exact integer sums [M, N] (fp32 for
-    K <= 1040, else float64) through the fp32 GEMM (the ``"fp32_gemm"`` kernel): each run of at most
-    `EXACT_FP32_RUN` columns is one GEMM whose partial sums are integers below 2**24 (exact in fp32 in any
-    order, as BLAS blocks them), the runs added in float64; the weight is widened at most
-    `WIDEN_CHUNK_ELEMS` elements at a time."""
+    """int8 xq [M, K] x int8 wq [N, K] (|values| <= 127, -128 weights included) -> the exact integer sums
+    [M, N] (fp32 for K <= `EXACT_FP32_RUN`, else float64) through the fp32 GEMM (the ``"fp32_gemm"``
+    kernel): each run of at most `EXACT_FP32_RUN` columns is one GEMM whose partial sums are integers below
+    2**24 (exact in fp32 in any order, as BLAS blocks them), the runs added in float64; the weight is widened
+    at most `WIDEN_CHUNK_ELEMS` elements at a time."""
     M, K = xq.shape
     N = wq.shape[0]
     runs = (
@@ -150,7 +142,7 @@ def exact_int8_gemm(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     )
     rows = max(1, WIDEN_CHUNK_ELEMS // max(min(K, EXACT_FP32_RUN), 1))
     xf = xq.float()
-    out = torch.empty((M, N), dtype=torch.float32 if len(runs) == 1 else torch.float64, device=xq.device)
+    out = torch.empty((M, N), dtype=_sums_dtype(K), device=xq.device)
     for n0 in range(0, N, rows):
         acc = None
         for a, b in runs:
@@ -158,6 +150,24 @@ def exact_int8_gemm(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
             acc = part if len(runs) == 1 else (part.double() if acc is None else acc + part.double())
         out[:, n0 : n0 + rows] = acc
     return out
+
+
+def _sums_dtype(k: int) -> torch.dtype:
+    """dtype of `exact_int8_gemm`'s sums over K = k: fp32 while one run holds them exactly, else float64."""
+    return torch.float32 if k * _MAX_PRODUCT <= 2**24 else torch.float64
+
+
+@torch.library.custom_op("parity::exact_int8_gemm", mutates_args=())
+def _exact_int8_gemm_op(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """`exact_int8_gemm` as one op of a compiled graph (``torch.ops.parity.exact_int8_gemm``): xq int8 [M, K],
+    wq int8 [N, K] -> [M, N] (fp32, or float64 for K > `EXACT_FP32_RUN`). Opaque to inductor, so the weight is
+    widened by ATen's conversion in cache-sized chunks, not by inductor's generated loads."""
+    return exact_int8_gemm(xq, wq)
+
+
+@_exact_int8_gemm_op.register_fake
+def _(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=_sums_dtype(xq.shape[1]))
 
 
 def int8_linear(
@@ -186,7 +196,7 @@ def int8_linear(
     if kernel == "int_mm":
         acc = torch._int_mm(xq, wq.t())
     elif kernel == "fp32_gemm":
-        acc = exact_int8_gemm(xq, wq)
+        acc = torch.ops.parity.exact_int8_gemm(xq, wq) if torch.compiler.is_compiling() else exact_int8_gemm(xq, wq)
     elif kernel == "reduction":
         acc = exact_int8_sums(int8_words(wq)[:, None, :], xq[None, :, :]).t()
     elif kernel == "dequant":
@@ -212,9 +222,10 @@ def exact_int8_sums(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if K * _MAX_PRODUCT > 2**24 and K % EXACT_FP32_RUN:
             w = w.view(torch.int8)  # the int32 sums below
         else:
-            xf = x.float().unflatten(-1, (K // 4, 4))
-            # byte j of each (little-endian) word is element 4i + j
-            prod = sum(((w << (24 - 8 * j)) >> 24).float() * xf[..., j] for j in range(4))  # [..., K/4]
+            # byte j of each (little-endian) word is element 4i + j: x split by j ([..., 4, K/4]) and stored
+            # once, so each of the 4 products loads whole vectors of x (not 4-strided bytes, one at a time)
+            xf = materialized(x.float().unflatten(-1, (K // 4, 4)).transpose(-1, -2).contiguous())
+            prod = sum(((w << (24 - 8 * j)) >> 24).float() * xf[..., j, :] for j in range(4))  # [..., K/4]
             if K * _MAX_PRODUCT <= 2**24:
                 return prod.sum(-1)
             return prod.unflatten(-1, (K // EXACT_FP32_RUN, EXACT_FP32_RUN // 4)).sum(-1).double().sum(-1)

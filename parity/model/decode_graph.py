@@ -279,9 +279,8 @@ class DecodeGraph:
         elif copy is not None:
             logits = head_layout.columns_logits(out[:B], copy)
         elif one or (head_one is not None and len(head_operands(self.model)) == 2):
-            # an int8 head takes the static graph at every bucket: its reduction over int32 words runs ~2-6x
-            # faster with static rows than with symbolic ones (the 129,280 x 256 head at 8 rows on AMD Zen 3,
-            # 1 thread: 60 vs 127-370 ms; docs/benchmarks.md "Low-precision weights on the CPU")
+            # an int8 head takes the static graph at every bucket: one opaque widened-GEMM call
+            # (`parity.devices.int8_gemm`), so its rows need no symbolic shape and nothing re-traces per bucket
             logits = head_one(out[:B] if not one else out, *head_operands(self.model))
         else:
             logits = head_rows(out[:B], *head_operands(self.model))
