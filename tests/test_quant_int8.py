@@ -382,3 +382,26 @@ def test_compiled_int8_products_are_one_graph_and_exact(monkeypatch):
     wts = torch.rand(3, 2, generator=g)
     got = torch.compile(ex.gathered_forward, backend="aot_eager", fullgraph=True)(x, ids, wts)
     torch.testing.assert_close(got, ex.forward(x, ids, wts), rtol=0, atol=1e-6)
+
+
+def test_widened_gemm_blocks_reuse_one_buffer_and_stay_exact(monkeypatch):
+    """The fp32 GEMM over many widened blocks (several row blocks, two fp32 runs along K) gives the exact
+    integer sums, and every block comes from one reused per-thread buffer (no fresh tensor per block)."""
+    import threading
+
+    from parity.devices import widening
+
+    monkeypatch.setattr(widening, "WIDEN_BLOCK_ELEMS", 3000)
+    g = torch.Generator().manual_seed(9)
+    xq = torch.randint(-127, 128, (3, 1100), dtype=torch.int8, generator=g)
+    wq = torch.randint(-128, 128, (37, 1100), dtype=torch.int8, generator=g)
+    want = xq.double() @ wq.double().t()
+    assert torch.equal(int8_gemm.exact_int8_gemm(xq, wq), want)
+    ptrs = {block.data_ptr() for _, block in widening.widened_blocks(wq, torch.float32)}
+    assert len(ptrs) == 1 and widening.scratch(8, torch.float32, torch.device("cpu")).data_ptr() in ptrs
+    other = []  # another thread gets its own buffer
+    cpu = torch.device("cpu")
+    t = threading.Thread(target=lambda: other.append(widening.scratch(8, torch.float32, cpu).data_ptr()))
+    t.start()
+    t.join()
+    assert other[0] not in ptrs

@@ -9,10 +9,11 @@ with the best kernel the device offers, chosen by `kernel_for`:
   ``_int_mm`` docs), then the two scales applied in float64 and rounded once;
 - ``"fp32_gemm"`` (CPU): the int8 values widened to fp32 (exact) and multiplied by the fp32 GEMM over runs
   of at most `EXACT_FP32_RUN` along K, whose integer partial sums fp32 holds exactly in any summation order
-  (`exact_int8_gemm`), the weight widened `WIDEN_CHUNK_ELEMS` elements at a time. torch's CPU ``_int_mm``
-  is fast only where oneDNN has VNNI int8 instructions: on an AVX2 CPU without them (AMD Zen 3) it ran at
-  3.5-4.2 GOP/s, 30x below the fp32 GEMM (docs/benchmarks.md, "Low-precision weights on the CPU"), so on
-  the CPU `kernel_for` picks between the two by timing both once (`cpu_gemm_kernel`);
+  (`exact_int8_gemm`), the weight widened in cache-sized blocks through a reused buffer
+  (`parity.devices.widening`). torch's CPU ``_int_mm`` is fast only where oneDNN has VNNI int8 instructions:
+  on an AVX2 CPU without them (AMD Zen 3) it ran at 3.5-4.2 GOP/s, 30x below the fp32 GEMM (docs/benchmarks.md,
+  "Low-precision weights on the CPU"), so on the CPU `kernel_for` picks between the two
+  by timing both once (`cpu_gemm_kernel`);
 - ``"reduction"``: the exact integer sums as one broadcast-reduce over the weight read as int32 words
   (`exact_int8_sums`): what the compiled step's gathered experts use (each token's expert rows read in place);
   as a kernel for whole products it lost to the widened fp32 GEMM at every measured shape (the 129,280 x 256
@@ -35,6 +36,7 @@ import time
 
 import torch
 
+from parity.devices import widening
 from parity.devices.core import _load_torch_npu, materialized
 
 log = logging.getLogger("parity.devices")
@@ -47,11 +49,6 @@ _MAX_PRODUCT = 128 * 128
 #: Longest run of int8 x int8 products an fp32 sum holds exactly: every partial sum is an integer of
 #: magnitude <= K * 128**2 <= 2**24 (fp32's 24-bit significand) for K <= 1024, the run length used.
 EXACT_FP32_RUN = 1024
-#: Most weight elements ``"fp32_gemm"`` widens at once (1 Mi elements = 4 MiB of fp32, cache-sized: a fresh
-#: 64 MiB copy per chunk costs its page faults, the 129,280 x 256 head at 1 row 22 ms at 4 Mi elements vs
-#: 8 ms at 1 Mi on AMD Zen 3; 2**19-2**20 measured best at 1 and 8 rows, 1 and 2 threads; docs/benchmarks.md
-#: "Low-precision weights on the CPU"; not a format constant).
-WIDEN_CHUNK_ELEMS = 1 << 20
 #: The product `cpu_gemm_kernel` times both CPU kernels on: [M, K] x [K, N] (a prefill chunk's projection;
 #: a probe shape, not a model constant).
 PROBE_SHAPE = (64, 256, 512)
@@ -134,21 +131,26 @@ def exact_int8_gemm(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     [M, N] (fp32 for K <= `EXACT_FP32_RUN`, else float64) through the fp32 GEMM (the ``"fp32_gemm"``
     kernel): each run of at most `EXACT_FP32_RUN` columns is one GEMM whose partial sums are integers below
     2**24 (exact in fp32 in any order, as BLAS blocks them), the runs added in float64; the weight is widened
-    at most `WIDEN_CHUNK_ELEMS` elements at a time."""
+    at most `parity.devices.widening.WIDEN_BLOCK_ELEMS` elements at a time, through a reused buffer."""
     M, K = xq.shape
     N = wq.shape[0]
     runs = (
         [(r, min(r + EXACT_FP32_RUN, K)) for r in range(0, K, EXACT_FP32_RUN)] if K * _MAX_PRODUCT > 2**24 else [(0, K)]
     )
-    rows = max(1, WIDEN_CHUNK_ELEMS // max(min(K, EXACT_FP32_RUN), 1))
     xf = xq.float()
+    if len(runs) == 1 and N * K <= widening.WIDEN_BLOCK_ELEMS:  # one block: no output slices (a decode projection)
+        w = widening.scratch(N * K, torch.float32, wq.device).view(N, K)
+        w.copy_(wq)
+        return xf @ w.t()
     out = torch.empty((M, N), dtype=_sums_dtype(K), device=xq.device)
-    for n0 in range(0, N, rows):
-        acc = None
-        for a, b in runs:
-            part = xf[:, a:b] @ wq[n0 : n0 + rows, a:b].float().t()
-            acc = part if len(runs) == 1 else (part.double() if acc is None else acc + part.double())
-        out[:, n0 : n0 + rows] = acc
+    for i, (a, b) in enumerate(runs):
+        xr = xf[:, a:b]
+        for n0, block in widening.widened_blocks(wq[:, a:b], torch.float32):
+            part = xr @ block.t()
+            if i == 0:
+                out[:, n0 : n0 + block.shape[0]] = part
+            else:
+                out[:, n0 : n0 + block.shape[0]] += part  # exact: integers far below 2**53 in float64
     return out
 
 

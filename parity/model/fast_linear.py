@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parity.devices.core import materialized
+from parity.devices.widening import widened_blocks
 from parity.errors import first_line
 
 log = logging.getLogger("parity.model")
@@ -44,7 +45,8 @@ WIDENING_KERNEL_MIN_WEIGHT_BYTES = 1 << 20
 WIDENING_KERNEL_MAX_ROWS = 16
 
 #: Largest number of weight elements `widening_linear` upcasts at once on its GEMM path (16 Mi elements
-#: = 64 MiB fp32; bounds transient memory, not a format constant).
+#: = 64 MiB fp32, through `parity.devices.widening`'s reused buffer; large, as that path serves many-row
+#: products; bounds memory, not a format constant).
 WIDEN_CHUNK_ELEMS = 1 << 24
 
 
@@ -142,10 +144,9 @@ def widening_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             except Exception as e:  # no C++ toolchain for inductor, or a backend error: upcast from now on
                 log.warning("compiled widening GEMV unavailable (%s); upcasting weights per call", first_line(e))
                 _compiled_reduction = False
-    rows = max(1, WIDEN_CHUNK_ELEMS // max(weight.shape[-1], 1))
-    if rows >= n:
+    if weight.numel() <= WIDEN_CHUNK_ELEMS or weight.dim() != 2:
         return F.linear(x, weight.to(x.dtype))
-    return torch.cat([F.linear(x, weight[r : r + rows].to(x.dtype)) for r in range(0, n, rows)], dim=-1)
+    return torch.cat([F.linear(x, block) for _, block in widened_blocks(weight, x.dtype, WIDEN_CHUNK_ELEMS)], dim=-1)
 
 
 class WideningLinear(nn.Linear):
