@@ -18,11 +18,11 @@ with the best kernel the device offers, chosen by `kernel_for`:
   (`exact_int8_sums`): what the compiled step's gathered experts use (each token's expert rows read in place);
   as a kernel for whole products it lost to the widened fp32 GEMM at every measured shape (the 129,280 x 256
   head on AMD Zen 3, 1 thread: 16 vs 8 ms at 1 row, 321 vs 17 ms at 8 rows), so `kernel_for` never picks it.
+- ``"dequant"``: the int8 values converted to float64 and multiplied (any device but NPU, any shape).
 
 Under torch.compile the ``"fp32_gemm"`` kernel is one opaque op (``torch.ops.parity.exact_int8_gemm``): traced
 into the graph, inductor's own int8 -> fp32 conversion is ~5x slower than ATen's on AVX2 (partial vector
 loads through a memcpy), so the graph calls the eager chunked GEMM instead.
-- ``"dequant"``: the int8 values converted to float64 and multiplied (any device but NPU, any shape).
 
 Every kernel gives the same exact integer sums, so all of them agree after the rescale.
 """
@@ -134,15 +134,16 @@ def exact_int8_gemm(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     at most `parity.devices.widening.WIDEN_BLOCK_ELEMS` elements at a time, through a reused buffer."""
     M, K = xq.shape
     N = wq.shape[0]
-    runs = (
-        [(r, min(r + EXACT_FP32_RUN, K)) for r in range(0, K, EXACT_FP32_RUN)] if K * _MAX_PRODUCT > 2**24 else [(0, K)]
-    )
+    sums_dtype = _sums_dtype(K)
+    runs = [(0, K)]
+    if sums_dtype == torch.float64:  # runs of EXACT_FP32_RUN, each exact in fp32, added in float64
+        runs = [(r, min(r + EXACT_FP32_RUN, K)) for r in range(0, K, EXACT_FP32_RUN)]
     xf = xq.float()
     if len(runs) == 1 and N * K <= widening.WIDEN_BLOCK_ELEMS:  # one block: no output slices (a decode projection)
         w = widening.scratch(N * K, torch.float32, wq.device).view(N, K)
         w.copy_(wq)
         return xf @ w.t()
-    out = torch.empty((M, N), dtype=_sums_dtype(K), device=xq.device)
+    out = torch.empty((M, N), dtype=sums_dtype, device=xq.device)
     for i, (a, b) in enumerate(runs):
         xr = xf[:, a:b]
         for n0, block in widening.widened_blocks(wq[:, a:b], torch.float32):
@@ -198,6 +199,7 @@ def int8_linear(
     if kernel == "int_mm":
         acc = torch._int_mm(xq, wq.t())
     elif kernel == "fp32_gemm":
+        # the op while tracing (opaque to inductor); eager, the function itself (no dispatcher round trip)
         acc = torch.ops.parity.exact_int8_gemm(xq, wq) if torch.compiler.is_compiling() else exact_int8_gemm(xq, wq)
     elif kernel == "reduction":
         acc = exact_int8_sums(int8_words(wq)[:, None, :], xq[None, :, :]).t()

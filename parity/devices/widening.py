@@ -28,8 +28,10 @@ _scratch = threading.local()
 
 def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A 1-D tensor of ``numel`` elements of ``dtype`` on ``device``, from this thread's scratch buffer (grown
-    when too small, otherwise reused). Its contents are garbage and are overwritten by the next call on this
-    thread for the same dtype and device, so a caller must be done with it before calling again."""
+    when too small, otherwise reused; it keeps its largest size for the thread's life: 4 MiB for
+    `WIDEN_BLOCK_ELEMS` fp32 blocks, up to 64 MiB where `parity.model.fast_linear` widens larger blocks). Its
+    contents are garbage and are overwritten by the next call on this thread for the same dtype and device,
+    so a caller must be done with it before calling again."""
     bufs = getattr(_scratch, "bufs", None)
     if bufs is None:
         bufs = _scratch.bufs = {}
