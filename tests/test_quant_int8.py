@@ -12,7 +12,7 @@ from parity.checkpoint.msmodelslim_io import export_msmodelslim, load_msmodelsli
 from parity.checkpoint.official_reader import load_official
 from parity.checkpoint.reader import from_pretrained
 from parity.config import load_preset
-from parity.devices import int8_gemm
+from parity.devices import int8_gemm, native_int8
 from parity.devices.capability_table import NO_FP8_ENV, lookup
 from parity.devices.fp8_guard import Float8TensorError, NoFloat8Mode
 from parity.errors import CheckpointError, ConfigError
@@ -111,20 +111,22 @@ def _reference_linear(xq, xs, wq, ws, out_dtype):
 
 @pytest.mark.parametrize("shape", [(1, 64, 32), (17, 60, 30), (3, 7, 5), (8, 2048, 6), (2, 1100, 4)])
 def test_int8_gemm_kernels_agree(shape):
-    """int_mm, the widened fp32 GEMM, the reduction over words (run eager here: the same ops the compiled
-    step fuses for gathered experts; int8 read as int32 words or as bytes; fp32 sums, fp32 runs of 1024 in
-    float64, int32) and the float64 dequant give the same exact sums, rescaled once."""
+    """The C++ ops (K a multiple of 16 in AVX2 vectors, else the plain loops), int_mm, the widened fp32 GEMM,
+    the reduction over words (run eager here: the same ops the compiled step fuses for gathered experts; int8
+    read as int32 words or as bytes; fp32 sums, fp32 runs of 1024 in float64, int32) and the float64 dequant give
+    the same exact sums, rescaled once."""
     m, k, n = shape
     g = torch.Generator().manual_seed(2)
     xq = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
     wq = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     xs, ws = torch.rand(m, generator=g) + 0.1, torch.rand(n, generator=g) + 0.1
     exact = ((xq.long() @ wq.long().t()).double() * xs.double()[:, None] * ws.double()[None, :]).float()
-    # eager on the CPU: the faster of _int_mm and the widened fp32 GEMM, timed once on this machine
-    assert int8_gemm.kernel_for(torch.device("cpu"), m, k, n) == int8_gemm.cpu_gemm_kernel()
-    assert int8_gemm.cpu_gemm_kernel() in ("int_mm", "fp32_gemm")
+    # eager on the CPU: the fastest of the C++ ops, _int_mm and the widened fp32 GEMM, timed once per row regime
+    assert int8_gemm.kernel_for(torch.device("cpu"), m, k, n) == int8_gemm.cpu_gemm_kernel(m)
+    assert int8_gemm.cpu_gemm_kernel(m) in ("native", "int_mm", "fp32_gemm")
     unaligned = torch.empty(n * k + 1, dtype=torch.int8)[1:].view(n, k).copy_(wq)  # not readable as int32 words
-    for kern in ("int_mm", "fp32_gemm", "reduction", "dequant"):
+    kernels = ("int_mm", "fp32_gemm", "reduction", "dequant") + (("native",) if native_int8.available() else ())
+    for kern in kernels:
         assert torch.equal(int8_gemm.int8_linear(xq, xs, wq, ws, torch.float32, kern), exact)
         assert torch.equal(int8_gemm.int8_linear(xq, xs, unaligned, ws, torch.float32, kern), exact)
     torch.testing.assert_close(_reference_linear(xq, xs, wq, ws, torch.float32), exact, rtol=1e-6, atol=1e-6)
@@ -344,15 +346,15 @@ def test_int8_kernels_stay_exact_with_minus_128_weights(k):
     xq = torch.full((2, k), -127, dtype=torch.int8)
     xs, ws = torch.ones(2), torch.ones(3)
     exact = (xq.long() @ wq.long().t()).double().float()
-    for kern in ("int_mm", "fp32_gemm", "reduction", "dequant"):
+    for kern in ("int_mm", "fp32_gemm", "reduction", "dequant") + (("native",) if native_int8.available() else ()):
         assert torch.equal(int8_gemm.int8_linear(xq, xs, wq, ws, torch.float32, kern), exact), kern
 
 
 def test_compiled_int8_products_are_one_graph_and_exact(monkeypatch):
     """Traced for the CPU (aot_eager: the graph inductor would get, without its compile time): the decode
-    rows take this CPU's kernel (where _int_mm lost the timing, the widened fp32 GEMM as one opaque op), the
-    gathered experts the reduction over int32 words, with no graph break (fullgraph) and the exact integer
-    sums of the eager kernels."""
+    rows take this CPU's kernel (the C++ op, or where _int_mm lost the timing the widened fp32 GEMM, each one
+    opaque op), the gathered experts the C++ op or the reduction over int32 words, with no graph break
+    (fullgraph) and the exact integer sums of the eager kernels."""
     g = torch.Generator().manual_seed(4)
     lin = iq.Int8Linear.from_float(torch.randn(48, 64, generator=g))
     x = torch.randn(3, 64, generator=g)
@@ -364,8 +366,11 @@ def test_compiled_int8_products_are_one_graph_and_exact(monkeypatch):
         return gemm(xq, wq)
 
     monkeypatch.setattr(int8_gemm, "exact_int8_gemm", counted)
-    for pick, rows, widened in (("fp32_gemm", 1, True), ("fp32_gemm", 3, True), ("int_mm", 1, False)):
-        monkeypatch.setattr(int8_gemm, "_cpu_choice", pick)
+    picks = [("fp32_gemm", 1, True), ("fp32_gemm", 3, True), ("int_mm", 1, False)]
+    if native_int8.available():
+        picks.append(("native", 3, False))
+    for pick, rows, widened in picks:
+        monkeypatch.setattr(int8_gemm, "_cpu_choice", {"decode": pick, "prefill": pick})
         want = lin(x[:rows])  # eager: this CPU's own timed pick
         calls.clear()
         compiled = torch.compile(lambda t: lin(t), backend="aot_eager", fullgraph=True)
@@ -380,8 +385,11 @@ def test_compiled_int8_products_are_one_graph_and_exact(monkeypatch):
     ex = iq.Int8Experts.from_float(torch.randn(4, 2 * 32, 64, generator=g), torch.randn(4, 64, 32, generator=g), 7.0)
     ids = torch.tensor([[0, 3], [2, 3], [1, 1]])
     wts = torch.rand(3, 2, generator=g)
-    got = torch.compile(ex.gathered_forward, backend="aot_eager", fullgraph=True)(x, ids, wts)
-    torch.testing.assert_close(got, ex.forward(x, ids, wts), rtol=0, atol=1e-6)
+    for kernel in ("reduction", "native") if native_int8.available() else ("reduction",):
+        monkeypatch.setattr(iq, "gathered_int8_kernel", lambda device, kernel=kernel: kernel)
+        got = torch.compile(ex.gathered_forward, backend="aot_eager", fullgraph=True)(x, ids, wts)
+        torch.testing.assert_close(got, ex.forward(x, ids, wts), rtol=0, atol=1e-6)
+        torch._dynamo.reset()
 
 
 def test_widened_gemm_blocks_reuse_one_buffer_and_stay_exact(monkeypatch):
@@ -405,3 +413,28 @@ def test_widened_gemm_blocks_reuse_one_buffer_and_stay_exact(monkeypatch):
     t.start()
     t.join()
     assert other[0] not in ptrs
+
+
+def test_native_int8_ops_exact_and_checked():
+    """The C++ ops give the exact integer sums (AVX2 tiles of 2 weight rows x 1-4 activation rows and their
+    remainders, K a multiple of 16 or not, -128 on both sides), gathered rows read their own expert, and bad
+    operands raise an error naming the op and the problem."""
+    if not native_int8.available():
+        pytest.skip("no C++ compiler here: the C++ INT8 ops are unavailable (logged)")
+    g = torch.Generator().manual_seed(11)
+    for m, k, n in ((1, 256, 37), (5, 272, 9), (8, 48, 64), (3, 20, 3), (16, 1024, 5)):
+        xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+        wq = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+        got = native_int8.int8_gemm(xq, wq)
+        assert got.dtype == torch.int32 and torch.equal(got.long(), xq.long() @ wq.long().t()), (m, k, n)
+    w = torch.randint(-128, 128, (4, 33, 64), dtype=torch.int8, generator=g)
+    xq = torch.randint(-128, 128, (6, 64), dtype=torch.int8, generator=g)
+    ids = torch.tensor([3, 0, 3, 1, 2, 2])
+    want = torch.einsum("rnk,rk->rn", w[ids].long(), xq.long())
+    assert torch.equal(native_int8.int8_gathered_gemv(xq, w, ids).long(), want)
+    with pytest.raises(RuntimeError, match="expert id 4 out of range"):
+        native_int8.int8_gathered_gemv(xq, w, torch.tensor([0, 1, 2, 3, 4, 0]))
+    with pytest.raises(RuntimeError, match="int8 operands expected"):
+        native_int8.int8_gemm(xq.float(), w[0])
+    with pytest.raises(RuntimeError, match="K mismatch"):
+        native_int8.int8_gemm(xq, w[0, :, :32])

@@ -5,6 +5,9 @@ with the best kernel the device offers, chosen by `kernel_for`:
 
 - ``"npu_quant_matmul"``: Ascend, `torch_npu.npu_quant_matmul` (int8 x int8 with per-channel weight
   scale and per-token activation scale fused), the kernel vllm-ascend's W8A8_DYNAMIC linear calls;
+- ``"native"`` (CPU): the C++ ops of `parity.devices.native_int8` (int8 widened to int16, pairwise products
+  into int32 lanes: AVX2 ``vpmaddwd``), built on first use where a compiler is present; also what the
+  compiled step's gathered routed experts call (`gathered_int8_kernel`);
 - ``"int_mm"``: `torch._int_mm` (CPU: any shape; CUDA: needs M > 16 and K, N multiples of 8, PyTorch
   ``_int_mm`` docs), then the two scales applied in float64 and rounded once;
 - ``"fp32_gemm"`` (CPU): the int8 values widened to fp32 (exact) and multiplied by the fp32 GEMM over runs
@@ -12,17 +15,17 @@ with the best kernel the device offers, chosen by `kernel_for`:
   (`exact_int8_gemm`), the weight widened in cache-sized blocks through a reused buffer
   (`parity.devices.widening`). torch's CPU ``_int_mm`` is fast only where oneDNN has VNNI int8 instructions:
   on an AVX2 CPU without them (AMD Zen 3) it ran at 3.5-4.2 GOP/s, 30x below the fp32 GEMM (docs/benchmarks.md,
-  "Low-precision weights on the CPU"), so on the CPU `kernel_for` picks between the two
-  by timing both once (`cpu_gemm_kernel`);
+  "Low-precision weights on the CPU"), so on the CPU `kernel_for` picks among them and
+  ``"native"`` by timing them once per row regime (`cpu_gemm_kernel`);
 - ``"reduction"``: the exact integer sums as one broadcast-reduce over the weight read as int32 words
-  (`exact_int8_sums`): what the compiled step's gathered experts use (each token's expert rows read in place);
+  (`exact_int8_sums`): what the compiled step's gathered experts use without the C++ ops;
   as a kernel for whole products it lost to the widened fp32 GEMM at every measured shape (the 129,280 x 256
   head on AMD Zen 3, 1 thread: 16 vs 8 ms at 1 row, 321 vs 17 ms at 8 rows), so `kernel_for` never picks it.
 - ``"dequant"``: the int8 values converted to float64 and multiplied (any device but NPU, any shape).
 
-Under torch.compile the ``"fp32_gemm"`` kernel is one opaque op (``torch.ops.parity.exact_int8_gemm``): traced
-into the graph, inductor's own int8 -> fp32 conversion is ~5x slower than ATen's on AVX2 (partial vector
-loads through a memcpy), so the graph calls the eager chunked GEMM instead.
+Under torch.compile the ``"fp32_gemm"`` kernel is one opaque op (``torch.ops.parity.exact_int8_gemm``), as the
+``"native"`` ones are: traced into the graph, inductor's own int8 -> fp32 conversion is ~5x slower than ATen's
+on AVX2 (partial vector loads through a memcpy), so the graph calls the eager chunked GEMM instead.
 
 Every kernel gives the same exact integer sums, so all of them agree after the rescale.
 """
@@ -36,12 +39,12 @@ import time
 
 import torch
 
-from parity.devices import widening
+from parity.devices import native_int8, widening
 from parity.devices.core import _load_torch_npu, materialized
 
 log = logging.getLogger("parity.devices")
 
-KERNELS = ("npu_quant_matmul", "int_mm", "fp32_gemm", "reduction", "dequant")
+KERNELS = ("npu_quant_matmul", "native", "int_mm", "fp32_gemm", "reduction", "dequant")
 #: Largest magnitude of a symmetric int8 value (quantized activations and weights: |q| <= 127).
 INT8_MAX = 127
 #: Largest |product| of two int8 values, -128 included (a weight read from a file is not range-checked).
@@ -49,55 +52,66 @@ _MAX_PRODUCT = 128 * 128
 #: Longest run of int8 x int8 products an fp32 sum holds exactly: every partial sum is an integer of
 #: magnitude <= K * 128**2 <= 2**24 (fp32's 24-bit significand) for K <= 1024, the run length used.
 EXACT_FP32_RUN = 1024
-#: The product `cpu_gemm_kernel` times both CPU kernels on: [M, K] x [K, N] (a prefill chunk's projection;
-#: a probe shape, not a model constant).
-PROBE_SHAPE = (64, 256, 512)
+#: Most activation rows of a decode-sized product: `cpu_gemm_kernel` picks a kernel for products of at most
+#: this many rows and one for larger ones (decode buckets go up to 16 sequences; not a model constant).
+DECODE_ROWS = 16
+#: The products `cpu_gemm_kernel` times the CPU kernels on, [M, K] x [K, N] per row regime: a decode step's
+#: projection at batch 8 and a prefill chunk's (probe shapes, not model constants).
+PROBE_SHAPES = {"decode": (8, 256, 1024), "prefill": (64, 256, 512)}
 #: dtype of the rescale on the int_mm / dequant paths: the exact int32 sums times both fp32 scales in float64,
 #: rounded once to the output dtype (so the result is the correctly rounded dequantized product).
 _RESCALE = torch.float64
 
-_cpu_choice: str | None = None  # `cpu_gemm_kernel`'s timed pick, once per process
+_cpu_choice: dict[str, str] = {}  # `cpu_gemm_kernel`'s timed pick per row regime, once per process
 _cpu_choice_lock = threading.Lock()
 
 
-def cpu_gemm_kernel() -> str:
-    """``"int_mm"`` or ``"fp32_gemm"``: the faster of the two on this CPU at the current thread count, timed
-    once per process on `PROBE_SHAPE` (the two interleaved, best of 5 calls each, ~5-30 ms in all; both give
-    identical results, so the choice never changes a value) and logged. Called outside compiled regions (a
-    compiled step reads the pick: `parity.model.decode_graph` times it before compiling)."""
-    global _cpu_choice
+def _regime(m: int) -> str:
+    return "decode" if m <= DECODE_ROWS else "prefill"
+
+
+def cpu_gemm_kernel(m: int = DECODE_ROWS) -> str:
+    """``"native"``, ``"int_mm"`` or ``"fp32_gemm"``: the fastest on this CPU at the current thread count for
+    products of m rows, timed once per process on `PROBE_SHAPES` (both regimes at the first call; the kernels
+    interleaved, best of 5 calls each, ~5-50 ms in all; all give identical results, so the choice never
+    changes a value) and logged. ``"native"`` competes where `parity.devices.native_int8` builds (the first
+    call on a machine may build it). Called outside compiled regions (a compiled step reads the picks:
+    `parity.model.decode_graph` times them before compiling)."""
     with _cpu_choice_lock:
-        if _cpu_choice is None:
-            _cpu_choice = _time_cpu_kernels()
-    return _cpu_choice
+        if not _cpu_choice:
+            native = native_int8.load()
+            for regime, shape in PROBE_SHAPES.items():
+                _cpu_choice[regime] = _time_cpu_kernels(regime, shape, native)
+    return _cpu_choice[_regime(m)]
 
 
-def _time_cpu_kernels() -> str:
-    m, k, n = PROBE_SHAPE
+def _time_cpu_kernels(regime: str, shape: tuple[int, int, int], native: bool) -> str:
+    m, k, n = shape
     g = torch.Generator().manual_seed(0)
     xq = torch.randint(-INT8_MAX, INT8_MAX + 1, (m, k), generator=g, dtype=torch.int8)
     wq = torch.randint(-INT8_MAX, INT8_MAX + 1, (n, k), generator=g, dtype=torch.int8)
     kernels = {"int_mm": lambda: torch._int_mm(xq, wq.t()), "fp32_gemm": lambda: exact_int8_gemm(xq, wq)}
+    if native:
+        kernels["native"] = lambda: native_int8.int8_gemm(xq, wq)
     best = {name: float("inf") for name in kernels}
     for fn in kernels.values():
         fn()
-    for _ in range(5):  # A B A B: a burst of other work slows both
+    for _ in range(5):  # A B A B: a burst of other work slows all
         for name, fn in kernels.items():
             t0 = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)
     choice = min(best, key=best.get)
-    log.info(
-        "INT8 GEMM on the CPU: torch._int_mm %.3f ms, widened fp32 GEMM %.3f ms on [%d, %d] x [%d, %d] -> %s",
-        best["int_mm"] * 1e3,
-        best["fp32_gemm"] * 1e3,
-        m,
-        k,
-        k,
-        n,
-        choice,
-    )
+    timings = ", ".join(f"{name} {t * 1e3:.3f} ms" for name, t in best.items())
+    log.info("INT8 GEMM on the CPU, %s [%d, %d] x [%d, %d]: %s -> %s", regime, m, k, k, n, timings, choice)
     return choice
+
+
+def gathered_int8_kernel(device: torch.device) -> str:
+    """Kernel of the compiled step's gathered int8 routed experts on `device`: ``"native"``
+    (`parity.devices.native_int8.int8_gathered_gemv`, each row's expert read in place) on a CPU where the
+    C++ ops load, else ``"reduction"`` (the gathered weights read as int32 words, `exact_int8_sums`)."""
+    return "native" if device.type == "cpu" and native_int8.available() else "reduction"
 
 
 def kernel_for(device: torch.device, m: int, k: int, n: int) -> str:
@@ -108,10 +122,11 @@ def kernel_for(device: torch.device, m: int, k: int, n: int) -> str:
         if torch.compiler.is_compiling():
             # no timing while tracing: the pick timed before compiling (`parity.model.decode_graph` makes it);
             # the precision was checked when the eager pick was made
-            return "fp32_gemm" if _cpu_choice == "fp32_gemm" else "int_mm"
-        if not _full_precision_fp32_gemm():
+            return _cpu_choice.get(_regime(m), "int_mm")
+        choice = cpu_gemm_kernel(m)
+        if choice == "fp32_gemm" and not _full_precision_fp32_gemm():
             return "int_mm"  # a reduced-precision fp32 GEMM (bf16 / TF32 math) would round the integer sums
-        return cpu_gemm_kernel()
+        return choice
     if device.type == "cuda" and m > 16 and k % 8 == 0 and n % 8 == 0:
         return "int_mm"
     return "dequant"
@@ -196,7 +211,9 @@ def int8_linear(
         import torch_npu
 
         return torch_npu.npu_quant_matmul(xq, wq.t(), w_scale, pertoken_scale=x_scale, output_dtype=out_dtype)
-    if kernel == "int_mm":
+    if kernel == "native":
+        acc = native_int8.int8_gemm(xq, wq)
+    elif kernel == "int_mm":
         acc = torch._int_mm(xq, wq.t())
     elif kernel == "fp32_gemm":
         # the op while tracing (opaque to inductor); eager, the function itself (no dispatcher round trip)

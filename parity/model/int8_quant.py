@@ -19,8 +19,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from parity.devices import native_int8
 from parity.devices.core import materialized
-from parity.devices.int8_gemm import INT8_MAX, exact_int8_sums, int8_linear, int8_words, rescale_sums
+from parity.devices.int8_gemm import (
+    INT8_MAX,
+    exact_int8_sums,
+    gathered_int8_kernel,
+    int8_linear,
+    int8_words,
+    rescale_sums,
+)
 from parity.model.layers import swiglu
 
 INT4_MIN, INT4_MAX = -8, 7
@@ -249,24 +257,32 @@ class Int8Experts(nn.Module):
 
     def gathered_forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """`forward` for few tokens without host syncs (the compiled decode step): each (token, picked
-        expert) pair multiplies the gathered int8 values of its expert with exact integer sums (as
-        ``torch._int_mm``'s; `exact_int8_rows`), then the same per-token / per-channel float64 rescale; only
+        expert) pair multiplies the int8 values of its expert with exact integer sums (as ``torch._int_mm``'s:
+        on a CPU with the C++ ops each expert read in place, `parity.devices.native_int8.int8_gathered_gemv`;
+        else the gathered values, `exact_int8_rows`), then the same per-token / per-channel float64 rescale; only
         the sum over a token's k experts runs in another order. hidden [T, H], expert_ids [T, k], weights
         [T, k] -> [T, H] fp32."""
         T, k = expert_ids.shape
         flat = expert_ids.reshape(-1)
-        if self.bits == 8:  # gathered as int32 words: read 4 bytes at a time in the graph's reductions
+        native = self.bits == 8 and gathered_int8_kernel(hidden.device) == "native"
+        if native:  # each row's expert read in place by the C++ op: nothing gathered
+            gu_q, dn_q = self.gate_up_weight, self.down_weight
+        elif self.bits == 8:  # gathered as int32 words: read 4 bytes at a time in the graph's reductions
             gu_q, dn_q = int8_words(self.gate_up_weight)[flat], int8_words(self.down_weight)[flat]
         else:
             gu_q, dn_q = self.expert_int8(flat)  # [T*k, 2I, H], [T*k, H, I]
+
+        def sums(w, xq):  # [T*k, N]: exact integer sums of each pair's row with its expert's matrix
+            return native_int8.int8_gathered_gemv(xq, w, flat) if native else exact_int8_rows(w, xq)
+
         xq, xs = quantize_act_per_token(hidden)  # per token, so each pair's row quantizes as in `forward`
         xq = xq[:, None, :].expand(T, k, -1).reshape(T * k, -1)
         xs = xs[:, None].expand(T, k).reshape(-1)
-        gu = rescale_sums(exact_int8_rows(gu_q, xq), xs, self.gate_up_scale[flat], hidden.dtype)
+        gu = rescale_sums(sums(gu_q, xq), xs, self.gate_up_scale[flat], hidden.dtype)
         inter = self.inter
         h = (swiglu(gu[:, :inter], gu[:, inter:], self.limit) * weights.reshape(-1)[:, None]).to(hidden.dtype)
         hq, hs = quantize_act_per_token(h)
-        y = rescale_sums(exact_int8_rows(dn_q, hq), hs, self.down_scale[flat], hidden.dtype).float()
+        y = rescale_sums(sums(dn_q, hq), hs, self.down_scale[flat], hidden.dtype).float()
         return y.view(T, k, -1).sum(1)
 
     def weight_nbytes(self) -> int:

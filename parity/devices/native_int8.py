@@ -1,0 +1,122 @@
+"""Exact int8 x int8 -> int32 products for decode-sized row counts, as C++ CPU ops built on first use.
+
+The source is `parity/devices/csrc/int8_dot.cpp`; `load()` compiles it once per machine with
+`torch.utils.cpp_extension` (a C++ compiler and ninja, as inductor's CPU backend needs; ~17 s on AMD EPYC
+Zen 3, 2 cores; cached in torch's extension directory, ``$TORCH_EXTENSIONS_DIR`` or
+``~/.cache/torch_extensions``, then loaded in well under a second) and registers two torch ops with fakes
+for tracing, so a compiled graph calls them as opaque ops:
+
+- ``torch.ops.parity_native.int8_gemm(xq [M, K] int8, wq [N, K] int8) -> int32 [M, N]``
+- ``torch.ops.parity_native.int8_gathered_gemv(xq [R, K] int8, w [E, N, K] int8, ids [R] int64) -> int32
+  [R, N]``: row r times expert ``ids[r]``'s matrix, read in place (the routed experts of a decode step).
+
+Both widen each int8 vector to int16 and multiply pairwise into int32 lanes (AVX2 ``vpmaddwd``: exact for
+every int8 value, -128 included, for K < 131,072), one widened weight vector reused over up to 4 activation
+rows, threads over output columns through torch's intra-op pool. It exists because torch's own CPU INT8 GEMM
+(``torch._int_mm``) takes oneDNN's int8 kernels only on CPUs with VNNI and otherwise runs a scalar loop
+(3-4 GOP/s on AMD Zen 3), and the widened fp32 GEMM reads and writes 4 bytes per weight (docs/benchmarks.md,
+"Low-precision weights on the CPU": the 129,280 x 256 int8 head at 8 rows, 1 thread, 6.3 ms here vs 19 ms).
+On an x86 CPU without AVX2 and on other architectures the same integer loops build as plain C++.
+
+A machine without a compiler, or a failing build, leaves `available()` False (logged once) and the other
+INT8 kernels in use; ``PARITY_NATIVE_INT8=0`` turns the ops off without trying.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("parity.devices")
+
+SOURCE = Path(__file__).parent / "csrc" / "int8_dot.cpp"
+#: Environment switch: "0" keeps the C++ ops unloaded (the other INT8 kernels of `parity.devices.int8_gemm`).
+ENV_SWITCH = "PARITY_NATIVE_INT8"
+
+_state: dict[str, bool] = {}
+_lock = threading.Lock()
+
+
+def _build_flags() -> tuple[str, list[str]]:
+    """(extension name, compiler flags): the name carries the instruction set it was built for, so a build
+    cache shared by machines of different CPUs never hands one the other's binary."""
+    isa = "generic"
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        isa = "avx2"  # every capability torch reports above DEFAULT on x86 (AVX2, AVX512) includes AVX2
+    flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma"] if isa == "avx2" else [])
+    return f"parity_int8_dot_{isa}", flags
+
+
+def load() -> bool:
+    """Build (first time on this machine) and load the ops; True when ``torch.ops.parity_native`` has them.
+    Thread-safe, tried once per process; a failure is logged with its reason and returns False."""
+    with _lock:
+        if "ok" not in _state:
+            _state["ok"] = _try_load()
+        return _state["ok"]
+
+
+def available() -> bool:
+    """Whether the C++ INT8 ops can be used in this process (builds them on the first call, see `load`).
+    Inside a compiled region it only reports what an earlier eager call found (no build while tracing)."""
+    if torch.compiler.is_compiling():
+        return _state.get("ok", False)
+    return load()
+
+
+def _try_load() -> bool:
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        log.info("C++ INT8 kernels off (%s=0)", ENV_SWITCH)
+        return False
+    try:
+        from torch.utils import cpp_extension
+
+        name, flags = _build_flags()
+        t0 = time.perf_counter()
+        cpp_extension.load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+        _register_fakes()
+        log.info("C++ INT8 kernels %s ready in %.1f s", name, time.perf_counter() - t0)
+        return True
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: the other kernels serve
+        log.warning("C++ INT8 kernels unavailable (%s: %s); using the other INT8 kernels", type(e).__name__, e)
+        return False
+
+
+def _register_fakes() -> None:
+    if getattr(_register_fakes, "done", False):
+        return
+
+    @torch.library.register_fake("parity_native::int8_gemm")
+    def _(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+        return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=torch.int32)
+
+    @torch.library.register_fake("parity_native::int8_gathered_gemv")
+    def _(xq: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return xq.new_empty((xq.shape[0], w.shape[1]), dtype=torch.int32)
+
+    _register_fakes.done = True
+
+
+def int8_gemm(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """int8 xq [M, K] x int8 wq [N, K] -> the exact int32 sums [M, N] (CPU tensors; `available()` must be
+    True). Raises RuntimeError naming the operand on a wrong dtype, rank, device or K."""
+    return torch.ops.parity_native.int8_gemm(xq, wq)
+
+
+def int8_gathered_gemv(xq: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Row r of int8 xq [R, K] times int8 w[ids[r]] ([E, N, K] read in place) -> exact int32 sums [R, N].
+    Raises RuntimeError on an expert id outside [0, E) or mismatched shapes."""
+    return torch.ops.parity_native.int8_gathered_gemv(xq, w, ids)
