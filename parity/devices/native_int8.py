@@ -95,10 +95,7 @@ def _try_load() -> bool:
         return False
 
 
-def _register_fakes() -> None:
-    if getattr(_register_fakes, "done", False):
-        return
-
+def _register_fakes() -> None:  # once: `_try_load` runs once per process
     @torch.library.register_fake("parity_native::int8_gemm")
     def _(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
         return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=torch.int32)
@@ -106,8 +103,6 @@ def _register_fakes() -> None:
     @torch.library.register_fake("parity_native::int8_gathered_gemv")
     def _(xq: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return xq.new_empty((xq.shape[0], w.shape[1]), dtype=torch.int32)
-
-    _register_fakes.done = True
 
 
 def int8_gemm(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:

@@ -60,28 +60,30 @@ inline void tile_scalar(const int8_t* w, int64_t ldw, const int16_t* x, int64_t 
     }
 }
 
+#if defined(__AVX2__)
+// NT rows of w against all M rows of x (int16, [M, K]): tiles of 4 activation rows, then the remainder
+template <int NT>
+inline void columns(const int8_t* w, int64_t ldw, const int16_t* x, int64_t M, int64_t K, int32_t* out,
+                    int64_t ldo) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) tile<NT, 4>(w, ldw, x + m * K, K, K, out + m * ldo, ldo);
+  switch (M - m) {
+    case 3: tile<NT, 3>(w, ldw, x + m * K, K, K, out + m * ldo, ldo); break;
+    case 2: tile<NT, 2>(w, ldw, x + m * K, K, K, out + m * ldo, ldo); break;
+    case 1: tile<NT, 1>(w, ldw, x + m * K, K, K, out + m * ldo, ldo); break;
+    default: break;
+  }
+}
+#endif
+
 // rows [n0, n1) of w against all M rows of x (int16, [M, K]); out [M, ldo] at column n0
 void block(const int8_t* w, int64_t ldw, const int16_t* x, int64_t M, int64_t K, int64_t n0, int64_t n1,
            int32_t* out, int64_t ldo) {
 #if defined(__AVX2__)
   if (K % 16 == 0) {
-    constexpr int NT = 2;
     int64_t n = n0;
-    for (; n + NT <= n1; n += NT) {
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) tile<NT, 4>(w + n * ldw, ldw, x + m * K, K, K, out + m * ldo + n, ldo);
-      switch (M - m) {
-        case 3: tile<NT, 3>(w + n * ldw, ldw, x + m * K, K, K, out + m * ldo + n, ldo); break;
-        case 2: tile<NT, 2>(w + n * ldw, ldw, x + m * K, K, K, out + m * ldo + n, ldo); break;
-        case 1: tile<NT, 1>(w + n * ldw, ldw, x + m * K, K, K, out + m * ldo + n, ldo); break;
-        default: break;
-      }
-    }
-    for (; n < n1; ++n) {
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) tile<1, 4>(w + n * ldw, ldw, x + m * K, K, K, out + m * ldo + n, ldo);
-      for (; m < M; ++m) tile<1, 1>(w + n * ldw, ldw, x + m * K, K, K, out + m * ldo + n, ldo);
-    }
+    for (; n + 2 <= n1; n += 2) columns<2>(w + n * ldw, ldw, x, M, K, out + n, ldo);
+    if (n < n1) columns<1>(w + n * ldw, ldw, x, M, K, out + n, ldo);
     return;
   }
 #endif
