@@ -434,6 +434,8 @@ def test_native_int8_ops_exact_and_checked():
     assert torch.equal(native_int8.int8_gathered_gemv(xq, w, ids).long(), want)
     with pytest.raises(RuntimeError, match="expert id 4 out of range"):
         native_int8.int8_gathered_gemv(xq, w, torch.tensor([0, 1, 2, 3, 4, 0]))
+    with pytest.raises(RuntimeError, match="integer expert ids"):
+        native_int8.int8_gathered_gemv(xq, w, ids.float())
     with pytest.raises(RuntimeError, match="int8 operands expected"):
         native_int8.int8_gemm(xq.float(), w[0])
     with pytest.raises(RuntimeError, match="K mismatch"):

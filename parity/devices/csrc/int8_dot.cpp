@@ -133,6 +133,8 @@ at::Tensor int8_gathered_gemv(const at::Tensor& xq_in, const at::Tensor& w_in, c
   TORCH_CHECK(w_in.dim() == 3, "parity_native::int8_gathered_gemv: w must be [E, N, K], got ", w_in.sizes());
   TORCH_CHECK(ids_in.dim() == 1 && ids_in.size(0) == xq_in.size(0),
               "parity_native::int8_gathered_gemv: ids must be [R] with R = xq rows, got ", ids_in.sizes());
+  TORCH_CHECK(at::isIntegralType(ids_in.scalar_type(), /*includeBool=*/false),
+              "parity_native::int8_gathered_gemv: ids must be integer expert ids, got ", ids_in.scalar_type());
   const at::Tensor xq = xq_in.contiguous(), w = w_in.contiguous();
   const at::Tensor ids = ids_in.to(at::kLong).contiguous();
   const int64_t R = xq.size(0), K = xq.size(1), E = w.size(0), N = w.size(1);
