@@ -72,6 +72,7 @@ from llamacpp_logits import llama_logits, load_bindings  # noqa: E402
 from read_bandwidth import read_bandwidth  # noqa: E402
 
 from parity.checkpoint.writer import export_model  # noqa: E402
+from parity.devices.row_argmax import row_argmax  # noqa: E402
 from parity.model import build_model  # noqa: E402
 
 
@@ -182,7 +183,8 @@ def llama_batched(
 
 
 def parity_run(model, threads: int, prompt: int, gen: int, batch: int, seed: int = 0) -> dict:
-    """parity's model: one prefill of ``batch`` x ``prompt`` tokens, then ``gen`` greedy decode steps."""
+    """parity's model: one prefill of ``batch`` x ``prompt`` tokens, then ``gen`` greedy decode steps (the
+    engine's greedy pick, `parity.devices.row_argmax`)."""
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(seed)
     V = model.config.vocab_size
@@ -190,11 +192,11 @@ def parity_run(model, threads: int, prompt: int, gen: int, batch: int, seed: int
     try:
         prompts = [torch.randint(0, V, (prompt,), generator=g) for _ in range(batch)]
         t0 = time.perf_counter()
-        nxt = model.forward_incremental(prompts, states).argmax(-1)
+        nxt = row_argmax(model.forward_incremental(prompts, states))
         t_pre = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(gen):
-            nxt = model.forward_incremental([[int(t)] for t in nxt], states).argmax(-1)
+            nxt = row_argmax(model.forward_incremental([[int(t)] for t in nxt], states))
         t_dec = time.perf_counter() - t0
     finally:
         for st in states:

@@ -416,8 +416,9 @@ def test_widened_gemm_blocks_reuse_one_buffer_and_stay_exact(monkeypatch):
 
 
 def test_native_int8_ops_exact_and_checked():
-    """The C++ ops give the exact integer sums (AVX2 tiles of 2 weight rows x 1-4 activation rows and their
-    remainders, K a multiple of 16 or not, -128 on both sides), gathered rows read their own expert, and bad
+    """The C++ ops give the exact integer sums (AVX2 tiles of 4 weight rows x 2 activation rows and their
+    remainders, K a multiple of 16 or not, -128 on both sides), and their fused-rescale forms the float64
+    rescale of `rescale_sums` bit for bit; gathered rows read their own expert and its scales, and bad
     operands raise an error naming the op and the problem."""
     if not native_int8.available():
         pytest.skip("no C++ compiler here: the C++ INT8 ops are unavailable (logged)")
@@ -427,11 +428,24 @@ def test_native_int8_ops_exact_and_checked():
         wq = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
         got = native_int8.int8_gemm(xq, wq)
         assert got.dtype == torch.int32 and torch.equal(got.long(), xq.long() @ wq.long().t()), (m, k, n)
+        xs, ws = torch.rand(m, generator=g) * 0.03, torch.rand(n, generator=g) * 0.01
+        fused = native_int8.int8_linear(xq, xs, wq, ws)
+        assert fused.dtype == torch.float32
+        assert torch.equal(fused, int8_gemm.rescale_sums(got, xs, ws[None, :], torch.float32)), (m, k, n)
     w = torch.randint(-128, 128, (4, 33, 64), dtype=torch.int8, generator=g)
     xq = torch.randint(-128, 128, (6, 64), dtype=torch.int8, generator=g)
     ids = torch.tensor([3, 0, 3, 1, 2, 2])
     want = torch.einsum("rnk,rk->rn", w[ids].long(), xq.long())
     assert torch.equal(native_int8.int8_gathered_gemv(xq, w, ids).long(), want)
+    xs, ws = torch.rand(6, generator=g), torch.rand(4, 33, generator=g)
+    fused = native_int8.int8_gathered_linear(xq, xs, w, ws, ids)
+    assert torch.equal(fused, int8_gemm.rescale_sums(want.int(), xs, ws[ids], torch.float32))
+    with pytest.raises(RuntimeError, match="w_scale must have shape \\[4, 33\\]"):
+        native_int8.int8_gathered_linear(xq, xs, w, ws[:, :32], ids)
+    with pytest.raises(RuntimeError, match="x_scale must be a CPU float32 tensor"):
+        native_int8.int8_linear(xq, xs.double(), w[0], ws[0])
+    with pytest.raises(RuntimeError, match="x_scale must have shape \\[6\\]"):
+        native_int8.int8_linear(xq, xs[:5], w[0], ws[0])
     with pytest.raises(RuntimeError, match="expert id 4 out of range"):
         native_int8.int8_gathered_gemv(xq, w, torch.tensor([0, 1, 2, 3, 4, 0]))
     with pytest.raises(RuntimeError, match="integer expert ids"):

@@ -212,6 +212,8 @@ def int8_linear(
 
         return torch_npu.npu_quant_matmul(xq, wq.t(), w_scale, pertoken_scale=x_scale, output_dtype=out_dtype)
     if kernel == "native":
+        if out_dtype == torch.float32 and x_scale.dtype == w_scale.dtype == torch.float32:
+            return native_int8.int8_linear(xq, x_scale, wq, w_scale)  # the same rescale, done as stored
         acc = native_int8.int8_gemm(xq, wq)
     elif kernel == "int_mm":
         acc = torch._int_mm(xq, wq.t())

@@ -9,6 +9,12 @@ for tracing, so a compiled graph calls them as opaque ops:
 - ``torch.ops.parity_native.int8_gemm(xq [M, K] int8, wq [N, K] int8) -> int32 [M, N]``
 - ``torch.ops.parity_native.int8_gathered_gemv(xq [R, K] int8, w [E, N, K] int8, ids [R] int64) -> int32
   [R, N]``: row r times expert ``ids[r]``'s matrix, read in place (the routed experts of a decode step).
+- ``int8_linear(xq, x_scale [M], wq, w_scale [N]) -> fp32 [M, N]`` and ``int8_gathered_linear(xq, x_scale
+  [R], w, w_scale [E, N], ids) -> fp32 [R, N]``: the same sums with the dequantizing rescale done as each is
+  stored, ``float((double(sum) * double(x_scale[m])) * double(w_scale[n]))``, bit-identical to
+  `parity.devices.int8_gemm.rescale_sums` to fp32, without the int32 [M, N] in memory and its separate
+  float64 pass (the 129,280-row head at 8 rows: ~1 ms of a 2-thread step, docs/benchmarks.md "C++ INT8 ops
+  for decode-sized products").
 
 Both widen each int8 vector to int16 and multiply pairwise into int32 lanes (AVX2 ``vpmaddwd``: exact for
 every int8 value, -128 included, for K < 131,072), one widened weight vector reused over up to 4 activation
@@ -104,6 +110,14 @@ def _register_fakes() -> None:  # once: `_try_load` runs once per process
     def _(xq: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return xq.new_empty((xq.shape[0], w.shape[1]), dtype=torch.int32)
 
+    @torch.library.register_fake("parity_native::int8_linear")
+    def _(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+        return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("parity_native::int8_gathered_linear")
+    def _(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, ids: torch.Tensor):
+        return xq.new_empty((xq.shape[0], w.shape[1]), dtype=torch.float32)
+
 
 def int8_gemm(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     """int8 xq [M, K] x int8 wq [N, K] -> the exact int32 sums [M, N] (CPU tensors; `available()` must be
@@ -115,3 +129,20 @@ def int8_gathered_gemv(xq: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> 
     """Row r of int8 xq [R, K] times int8 w[ids[r]] ([E, N, K] read in place) -> exact int32 sums [R, N].
     Raises RuntimeError on an expert id outside [0, E) or mismatched shapes."""
     return torch.ops.parity_native.int8_gathered_gemv(xq, w, ids)
+
+
+def int8_linear(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """int8 xq [M, K] (per-row fp32 x_scale [M]) x int8 wq [N, K] (per-row fp32 w_scale [N]) -> fp32 [M, N],
+    the exact int32 sums rescaled in float64 and rounded once (as `int8_gemm` then
+    `parity.devices.int8_gemm.rescale_sums` to fp32). Raises RuntimeError naming the operand on a wrong dtype,
+    shape or K."""
+    return torch.ops.parity_native.int8_linear(xq, x_scale, wq, w_scale)
+
+
+def int8_gathered_linear(
+    xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """`int8_gathered_gemv` rescaled as stored: row r -> fp32 sums[r, n] * x_scale[r] * w_scale[ids[r], n]
+    (x_scale [R], w_scale [E, N]; float64 products rounded once) -> fp32 [R, N]. Raises RuntimeError as
+    `int8_gathered_gemv`, and on scales of the wrong dtype or shape."""
+    return torch.ops.parity_native.int8_gathered_linear(xq, x_scale, w, w_scale, ids)

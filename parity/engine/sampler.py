@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from parity.devices.row_argmax import row_argmax
 from parity.engine.sampling_params import SamplingParams
 
 
@@ -169,11 +170,11 @@ def sample(
     greedy_rows = [i for i, r in enumerate(reqs) if r.params.greedy]
     sample_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if len(greedy_rows) == B:
-        tokens = processed.argmax(dim=-1)
+        tokens = row_argmax(processed)
     else:
         if greedy_rows:
             gi = torch.tensor(greedy_rows, device=dev)
-            tokens[gi] = processed[gi].argmax(dim=-1)
+            tokens[gi] = row_argmax(processed[gi])
         si = torch.tensor(sample_rows, device=dev)
         sreqs = [reqs[i] for i in sample_rows]
         probs = torch.softmax(_filter(processed[si], sreqs), dim=-1)
@@ -185,7 +186,7 @@ def sample(
         for j, r in enumerate(sreqs):
             if r.generator is not None:
                 noise[j].exponential_(generator=r.generator)
-        tokens[si] = (probs / noise).argmax(dim=-1)
+        tokens[si] = row_argmax(probs / noise)
 
     token_list = tokens.tolist()
     out_lp: list[TokenLogprobs | None] = [None] * B

@@ -275,14 +275,20 @@ class Int8Experts(nn.Module):
         def sums(w, xq):  # [T*k, N]: exact integer sums of each pair's row with its expert's matrix
             return native_int8.int8_gathered_gemv(xq, w, flat) if native else exact_int8_rows(w, xq)
 
+        def linear(w, xq, xs, w_scale):  # [T*k, N] in hidden's dtype: the sums rescaled in float64
+            if fused:  # the C++ op rescales as it stores (bit-identical to rescale_sums to fp32)
+                return native_int8.int8_gathered_linear(xq, xs, w, w_scale, flat)
+            return rescale_sums(sums(w, xq), xs, w_scale[flat], hidden.dtype)
+
+        fused = native and hidden.dtype == torch.float32
         xq, xs = quantize_act_per_token(hidden)  # per token, so each pair's row quantizes as in `forward`
         xq = xq[:, None, :].expand(T, k, -1).reshape(T * k, -1)
         xs = xs[:, None].expand(T, k).reshape(-1)
-        gu = rescale_sums(sums(gu_q, xq), xs, self.gate_up_scale[flat], hidden.dtype)
+        gu = linear(gu_q, xq, xs, self.gate_up_scale)
         inter = self.inter
         h = (swiglu(gu[:, :inter], gu[:, inter:], self.limit) * weights.reshape(-1)[:, None]).to(hidden.dtype)
         hq, hs = quantize_act_per_token(h)
-        y = rescale_sums(sums(dn_q, hq), hs, self.down_scale[flat], hidden.dtype).float()
+        y = linear(dn_q, hq, hs, self.down_scale).float()
         return y.view(T, k, -1).sum(1)
 
     def weight_nbytes(self) -> int:
