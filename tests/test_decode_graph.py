@@ -11,7 +11,7 @@ from test_model_helpers import make_decode_model, make_int8_decode_model
 
 from parity.model.compressor import compress_step, compress_step_masked
 from parity.model.decode_graph import DecodeGraph, unsupported_reason
-from parity.model.fixed_step import moe_step
+from parity.model.fixed_step import lm_head_rows, moe_step
 
 
 def _small_model(**over):
@@ -124,8 +124,9 @@ def test_moe_step_equals_moe_forward_on_int8_experts():
 @pytest.mark.parametrize("bits,int8_head", [(8, True), (4, False)])
 def test_fixed_shape_step_equals_eager_w8a8(bits, int8_head):
     """W8A8 / W4A8 models (`Int8Linear` incl. the grouped output projection, `Int8Experts` gathered with
-    int32 sums; with ``--quantize-lm-head`` the int8 head, in the step at 1 row and in the head graph above):
-    the graph's step equals the eager INT8 step."""
+    int32 sums; with ``--quantize-lm-head`` the int8 head, inside the step where this CPU's INT8 kernel is the
+    C++ op, else in the step at 1 row and in the head graph above): the graph's step equals the eager INT8
+    step."""
     from parity.checkpoint.conversion import quantize_lm_head
     from parity.model.int8_quant import Int8Experts, Int8Linear
 
@@ -265,6 +266,52 @@ def test_multi_thread_graphs_run_kernels_serially_with_the_head_apart(monkeypatc
     assert two == one == base
     for a, b in zip(lg_base, lg_two, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("pick", ["native", "int_mm"])
+def test_int8_head_on_the_cpp_op_runs_inside_the_step(monkeypatch, pick):
+    """An int8 LM head whose CPU kernel is the C++ op runs inside the step's graph at every bucket (padded
+    ones included: their scratch rows dropped), so no head graph is called; another pick keeps the int8 head
+    in its graph of its own at every bucket. Logits and tokens equal the eager model's either way."""
+    from parity.checkpoint.conversion import quantize_lm_head
+    from parity.devices import native_int8
+    from parity.model import decode_graph
+
+    if pick == "native" and not native_int8.available():
+        pytest.skip("no C++ compiler here: the C++ INT8 ops are unavailable (logged)")
+    monkeypatch.setattr(
+        decode_graph.devices, "compiler", lambda device, whole_model=False, serial_kernels=False: lambda fn: fn
+    )
+    monkeypatch.setattr(decode_graph.int8_gemm, "_cpu_choice", {"decode": pick, "prefill": pick})
+    heads, in_step = [], []
+    real_step = decode_graph.decode_step
+
+    def step(*args):
+        in_step.append(args[-1])
+        return real_step(*args)
+
+    monkeypatch.setattr(decode_graph, "decode_step", step)
+    monkeypatch.setattr(decode_graph, "lm_head_rows", lambda *a: heads.append(len(a[0])) or lm_head_rows(*a))
+
+    def model():
+        m = make_int8_decode_model(8)
+        m.cache_block_entries = 4
+        quantize_lm_head(m)
+        return m
+
+    eager, fixed = model(), model()
+    fixed.decode_graph = DecodeGraph(fixed, "cpu", buckets=(1, 4))
+    batches = [3] * 4 + [1] * 2
+    te, le = _run(eager, [13, 2, 16], len(batches), batches=batches)
+    tf, lf = _run(fixed, [13, 2, 16], len(batches), batches=batches)
+    assert te == tf
+    for a, b in zip(le, lf, strict=True):
+        assert b.shape == a.shape
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    if pick == "native":
+        assert in_step == [True] * len(batches) and heads == []
+    else:
+        assert in_step == [False] * len(batches) and heads == [3] * 4 + [1] * 2
 
 
 def test_head_layout_is_chosen_per_bucket_and_follows_the_weight(monkeypatch):

@@ -128,8 +128,9 @@ class DecodeGraph:
         function first called under another count). On the CPU the head is a graph of its own (static for one
         row, symbolic in the rows above), so that `_choose_head_layout` can time it against the [hidden, vocab]
         copy; on more than one thread the step's own kernels run serially (`parity.devices.compiler`
-        ``serial_kernels``) and the head is the one large parallel loop. Elsewhere the one-row head is inside
-        the step's graph (None here)."""
+        ``serial_kernels``) and the head is the one large parallel loop (an int8 head on the C++ op runs inside
+        the step's graph instead, `_int8_head_in_step`). Elsewhere the one-row head is inside the step's graph
+        (None here)."""
         if not self.compile:
             return decode_step, None, lm_head_rows
         n = torch.get_num_threads()
@@ -188,6 +189,18 @@ class DecodeGraph:
             t_cols * 1e3,
             "the copy" if columns else "the stored layout",
         )
+
+    def _int8_head_in_step(self, bucket: int) -> bool:
+        """Whether the ``bucket``'s LM head runs inside the step's graph on the CPU: an `Int8Linear` head whose
+        kernel at that row count is the C++ op (`parity.devices.int8_gemm.cpu_gemm_kernel` ``"native"``:
+        opaque to inductor, it threads itself over torch's intra-op pool and rescales each sum as it stores
+        it, so nothing of the head is left to the step's serial kernels). One compiled region per step
+        instead of two saves the second region's guard evaluation and prologue (~0.4 ms a step here). A
+        float head stays in a graph of its own (its layout is timed, `_choose_head_layout`, and its reduction
+        is inductor's own, parallel only outside the step's serial kernels)."""
+        if torch.device(self.device).type != "cpu" or len(head_operands(self.model)) != 2:
+            return False
+        return int8_gemm.cpu_gemm_kernel(bucket) == "native"
 
     def bucket(self, batch: int) -> int | None:
         """The bucket a decode batch of ``batch`` sequences runs in (None: too large, eager)."""
@@ -265,7 +278,7 @@ class DecodeGraph:
                 torch._dynamo.mark_dynamic(e, 1)
         one = len(states) == 1
         step, head_one, head_rows = self._compiled()
-        in_step = one and head_one is None
+        in_step = (one and head_one is None) or self._int8_head_in_step(B + pad)
         out, new_ents, new_ikeys = step(
             self.model, ids, pos, windows, comp_states, entries, index_keys, kv_fp8, index_fp4, in_step
         )
@@ -275,7 +288,7 @@ class DecodeGraph:
         # at 8 rows (the static one ~1.7x faster at 1 row; docs/benchmarks.md)
         copy = self._head_copy() if (torch.get_num_threads(), B + pad) in self.head_columns else None
         if in_step:
-            logits = out
+            logits = out[:B]  # a padded bucket's scratch rows dropped
         elif copy is not None:
             logits = head_layout.columns_logits(out[:B], copy)
         elif one or (head_one is not None and len(head_operands(self.model)) == 2):
