@@ -13,15 +13,16 @@ for tracing, so a compiled graph calls them as opaque ops:
   [R], w, w_scale [E, N], ids) -> fp32 [R, N]``: the same sums with the dequantizing rescale done as each is
   stored, ``float((double(sum) * double(x_scale[m])) * double(w_scale[n]))``, bit-identical to
   `parity.devices.int8_gemm.rescale_sums` to fp32, without the int32 [M, N] in memory and its separate
-  float64 pass (the 129,280-row head at 8 rows: ~1 ms of a 2-thread step, docs/benchmarks.md "C++ INT8 ops
-  for decode-sized products").
+  float64 pass (the 129,280-row head at 8 rows: 2.9 vs 5.7 ms on 2 threads, benchmarks/decode_ops.py;
+  docs/benchmarks.md "Greedy argmax and the fused INT8 rescale").
 
 Both widen each int8 vector to int16 and multiply pairwise into int32 lanes (AVX2 ``vpmaddwd``: exact for
-every int8 value, -128 included, for K < 131,072), one widened weight vector reused over up to 4 activation
-rows, threads over output columns through torch's intra-op pool. It exists because torch's own CPU INT8 GEMM
-(``torch._int_mm``) takes oneDNN's int8 kernels only on CPUs with VNNI and otherwise runs a scalar loop
-(3-4 GOP/s on AMD Zen 3), and the widened fp32 GEMM reads and writes 4 bytes per weight (docs/benchmarks.md,
-"Low-precision weights on the CPU": the 129,280 x 256 int8 head at 8 rows, 1 thread, 6.3 ms here vs 19 ms).
+every int8 value, -128 included, for K < 131,072) in tiles of 4 weight rows x 2 activation rows (each widened
+weight vector reused over the tile's rows), threads over output columns through torch's intra-op pool. It
+exists because torch's own CPU INT8 GEMM (``torch._int_mm``) takes oneDNN's int8 kernels only on CPUs with
+VNNI and otherwise runs a scalar loop (3-4 GOP/s on AMD Zen 3), and the widened fp32 GEMM reads and writes 4
+bytes per weight (docs/benchmarks.md, "Low-precision weights on the CPU": the 129,280 x 256 int8 head at 8
+rows, 1 thread, 6.3 ms here vs 19 ms).
 On an x86 CPU without AVX2 and on other architectures the same integer loops build as plain C++.
 
 A machine without a compiler, or a failing build, leaves `available()` False (logged once) and the other

@@ -2,8 +2,8 @@
 
 On the CPU, ``torch.argmax(x, -1)`` over several rows of a vocabulary-wide tensor takes a slow path: measured
 here (torch 2.13, AMD EPYC Zen 3, [8, 129,280] fp32) 2.6 ms on one thread and 1.2 ms on two, against 0.14 ms
-for one row and 0.11 ms for ``amax`` over all eight (an ad-hoc timing; docs/benchmarks.md "Greedy argmax
-over the vocabulary"). A batch-8 decode step of the benchmark miniature is ~15-20 ms, so the argmax alone
+for one row and 0.11 ms for ``amax`` over all eight (benchmarks/decode_ops.py; docs/benchmarks.md "Greedy
+argmax and the fused INT8 rescale"). A batch-8 decode step of the benchmark miniature is ~15-20 ms, so the argmax alone
 was 7-13% of it. `row_argmax` reaches the same indices in two passes that stay on the vectorised reduction:
 the maximum of each block of `BLOCK` values (``amax``), the first block holding the row's maximum
 (``argmax`` over [rows, blocks], small), then the first maximum inside that block.

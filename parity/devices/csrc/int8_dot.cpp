@@ -10,8 +10,8 @@
 // Both operands are widened to int16 and multiplied pairwise into int32 lanes (AVX2 vpmaddwd: 16 products
 // per instruction, exact for every int8 value including -128; |sum| <= K * 2**14 fits int32 for
 // K < 131072), each widened weight vector reused across a tile of activation rows (4 weight rows x 2
-// activation rows). Without AVX2 the same
-// integer loops in plain C++. Threads: at::parallel_for over output columns (torch's intra-op pool).
+// activation rows). Without AVX2 the same integer loops in plain C++. Threads: at::parallel_for over output
+// columns (torch's intra-op pool).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -86,8 +86,8 @@ struct ScaledStore {
 #if defined(__AVX2__)
 // st(m0 + m, n0 + n, sum_k w[n * ldw + k] * x[m * ldx + k]) for n < NT, m < MT; K % 16 == 0
 template <int NT, int MT, class Store>
-PARITY_INLINE void tile(const int8_t* w, int64_t ldw, const int16_t* x, int64_t ldx, int64_t K, const Store& st,
-                 int64_t m0, int64_t n0) {
+PARITY_INLINE void tile(const int8_t* w, int64_t ldw, const int16_t* x, int64_t ldx, int64_t K,
+                        const Store& st, int64_t m0, int64_t n0) {
   __m256i acc[NT][MT];
   for (int n = 0; n < NT; ++n)
     for (int m = 0; m < MT; ++m) acc[n][m] = _mm256_setzero_si256();
@@ -123,10 +123,11 @@ inline void tile_scalar(const int8_t* w, int64_t ldw, const int16_t* x, int64_t 
 #if defined(__AVX2__)
 // NT rows of w (output columns n0..) against all M rows of x (int16, [M, K]), in tiles of MT activation
 // rows, then the remainder. 4 x 2 tiles (4 weight rows: one 4-lane store per row of sums) measured fastest
-// for the 129,280 x 256 head at 8 rows among 1x8, 2x4, 2x8, 3x4, 4x2, 4x4 (docs/benchmarks.md)
+// for the 129,280 x 256 head at 8 rows among 1x8, 2x4, 2x8, 3x4, 4x2, 4x4 (docs/benchmarks.md, "Greedy
+// argmax and the fused INT8 rescale")
 template <int NT, int MT, class Store>
-PARITY_INLINE void columns(const int8_t* w, int64_t ldw, const int16_t* x, int64_t M, int64_t K, const Store& st,
-                    int64_t n0) {
+PARITY_INLINE void columns(const int8_t* w, int64_t ldw, const int16_t* x, int64_t M, int64_t K,
+                           const Store& st, int64_t n0) {
   int64_t m = 0;
   for (; m + MT <= M; m += MT) tile<NT, MT>(w, ldw, x + m * K, K, K, st, m, n0);
   if constexpr (MT > 1) {
@@ -237,7 +238,7 @@ Gathered gathered_operands(const at::Tensor& xq_in, const at::Tensor& w_in, cons
   return g;
 }
 
-// row r of xq times matrix ids[r] of w -> row_store(r)(0, n, sum)
+// row r of xq times matrix ids[r] of w -> row_store(r, ids[r])(0, n, sum): the store of row r
 template <class RowStore>
 void gathered_into(const Gathered& g, const RowStore& row_store) {
   const int64_t R = g.R, K = g.K, N = g.N;
