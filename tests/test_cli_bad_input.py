@@ -90,3 +90,21 @@ def test_serve_and_chat_check_the_device_before_loading(capsys, monkeypatch, com
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"parity {command[0]}: error: "), err
     assert line in err[0] and "loading" not in err[0], err
+
+
+@pytest.mark.parametrize("flags,seqs", [([], 1), (["--n", "3"], 3), (["--n", "3", "--max-num-seqs", "2"], 2)])
+def test_generate_holds_at_most_its_completions_in_a_step(monkeypatch, flags, seqs):
+    """One prompt's n completions are the most sequences a decode step of `parity generate` holds, so its engine
+    is built with max_num_seqs = min(n, --max-num-seqs): the compiled step warms only the buckets up to n."""
+    import parity.engine
+
+    class Built(BaseException):
+        pass
+
+    def fake_llm(**kwargs):
+        raise Built(kwargs["max_num_seqs"])
+
+    monkeypatch.setattr(parity.engine, "LLM", fake_llm)
+    with pytest.raises(Built) as got:
+        cli.main(["generate", "--prompt", "hi", *flags])
+    assert got.value.args == (seqs,)

@@ -442,7 +442,7 @@ def test_native_int8_ops_exact_and_checked():
     assert torch.equal(fused, int8_gemm.rescale_sums(want.int(), xs, ws[ids], torch.float32))
     with pytest.raises(RuntimeError, match="w_scale must have shape \\[4, 33\\]"):
         native_int8.int8_gathered_linear(xq, xs, w, ws[:, :32], ids)
-    with pytest.raises(RuntimeError, match="x_scale must be a CPU float32 tensor"):
+    with pytest.raises(RuntimeError, match="x_scale must be a CPU torch.float32 tensor, got torch.float64"):
         native_int8.int8_linear(xq, xs.double(), w[0], ws[0])
     with pytest.raises(RuntimeError, match="x_scale must have shape \\[6\\]"):
         native_int8.int8_linear(xq, xs[:5], w[0], ws[0])
@@ -450,7 +450,7 @@ def test_native_int8_ops_exact_and_checked():
         native_int8.int8_gathered_gemv(xq, w, torch.tensor([0, 1, 2, 3, 4, 0]))
     with pytest.raises(RuntimeError, match="integer expert ids"):
         native_int8.int8_gathered_gemv(xq, w, ids.float())
-    with pytest.raises(RuntimeError, match="int8 operands expected"):
+    with pytest.raises(RuntimeError, match=r"xq \(the activations\) must be torch.int8, got torch.float32"):
         native_int8.int8_gemm(xq.float(), w[0])
     with pytest.raises(RuntimeError, match="K mismatch"):
         native_int8.int8_gemm(xq, w[0, :, :32])

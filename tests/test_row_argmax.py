@@ -54,4 +54,6 @@ def test_bad_shapes_are_named():
         row_argmax(torch.zeros(4))
     with pytest.raises(ValueError, match=r"no values.*\[2, 0\]"):
         row_argmax(torch.zeros(2, 0))
+    with pytest.raises(ValueError, match="complex"):
+        row_argmax(torch.zeros(2, 3 * BLOCK, dtype=torch.complex64))
     assert row_argmax(torch.zeros(0, 3 * BLOCK)).shape == (0,)

@@ -30,10 +30,12 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
         LongTensor [rows] on x's device.
 
     Raises:
-        ValueError: x is not 2-D, or has no columns (argmax of an empty row is undefined).
+        ValueError: x is not 2-D, is complex, or has no columns (argmax of an empty row is undefined).
     """
     if x.dim() != 2:
         raise ValueError(f"row_argmax takes a [rows, n] tensor, got shape {tuple(x.shape)}")
+    if x.is_complex():
+        raise ValueError(f"row_argmax of a complex tensor ({x.dtype}) is undefined: complex values have no order")
     rows, n = x.shape
     if n == 0:
         raise ValueError(f"row_argmax of rows with no values (shape [{rows}, 0]) is undefined")

@@ -326,8 +326,12 @@ def run_generate(args: argparse.Namespace) -> int:
     tokenizer = load_checkpoint_tokenizer(args.model)
     _check_max_tokens_fit(sp, args)
     t_load = time.perf_counter()
+    kwargs = engine_kwargs(args)
+    # one prompt's n completions are the most sequences a step holds: the compiled step warms only the batch
+    # buckets up to n (one bucket for n = 1, not all five; each is minutes cold on a small CPU)
+    kwargs["max_num_seqs"] = max(1, min(args.max_num_seqs, args.n))
     with loading(generate_loading_line(args.model, device, args.enforce_eager)), engine_flag_errors():
-        llm = LLM(**engine_kwargs(args), **({} if tokenizer == "auto" else {"tokenizer": tokenizer}))
+        llm = LLM(**kwargs, **({} if tokenizer == "auto" else {"tokenizer": tokenizer}))
     load_s = time.perf_counter() - t_load
     compile_s = llm.engine.step_path.compile_s
     sp.validate(llm.config.vocab_size, llm.engine.max_model_len)

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -156,13 +157,20 @@ void block(const int8_t* w, int64_t ldw, const int16_t* x, int64_t M, int64_t K,
   tile_scalar(w + n0 * ldw, ldw, x, K, K, st, 0, n0, static_cast<int>(n1 - n0), static_cast<int>(M));
 }
 
+// torch's Python name of a dtype ("int8", "float32"), for messages
+std::string dtype_name(const at::Tensor& t) {
+  return "torch." + std::string(c10::getDtypeNames(t.scalar_type()).first);
+}
+
 void check_operands(const at::Tensor& xq, const at::Tensor& w, const char* op) {
-  TORCH_CHECK(xq.device().is_cpu() && w.device().is_cpu(), op, ": CPU tensors expected");
-  TORCH_CHECK(xq.scalar_type() == at::kChar && w.scalar_type() == at::kChar, op, ": int8 operands expected, got ",
-              xq.scalar_type(), " and ", w.scalar_type());
+  TORCH_CHECK(xq.device().is_cpu() && w.device().is_cpu(), op, ": CPU tensors expected, got xq on ", xq.device(),
+              " and the weight on ", w.device());
+  TORCH_CHECK(xq.scalar_type() == at::kChar, op, ": xq (the activations) must be torch.int8, got ", dtype_name(xq));
+  TORCH_CHECK(w.scalar_type() == at::kChar, op, ": the weight must be torch.int8, got ", dtype_name(w));
   TORCH_CHECK(xq.dim() == 2, op, ": xq must be [rows, K], got ", xq.sizes());
   TORCH_CHECK(w.size(-1) == xq.size(1), op, ": K mismatch, xq ", xq.sizes(), " vs weight ", w.sizes());
-  TORCH_CHECK(xq.size(1) < kMaxK, op, ": K = ", xq.size(1), " is past the exact int32 range (", kMaxK, ")");
+  TORCH_CHECK(xq.size(1) < kMaxK, op, ": K = ", xq.size(1), " must be below ", kMaxK,
+              " (past it the int32 sums may overflow)");
 }
 
 std::vector<int16_t> widened(const at::Tensor& xq) {
@@ -180,7 +188,7 @@ int64_t grain_rows(int64_t macs_per_row) {
 
 void check_scale(const at::Tensor& scale, at::IntArrayRef shape, const char* what, const char* op) {
   TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat, op, ": ", what,
-              " must be a CPU float32 tensor, got ", scale.scalar_type(), " on ", scale.device());
+              " must be a CPU torch.float32 tensor, got ", dtype_name(scale), " on ", scale.device());
   TORCH_CHECK(scale.sizes() == shape, op, ": ", what, " must have shape ", shape, ", got ", scale.sizes());
 }
 
