@@ -108,3 +108,12 @@ def test_generate_holds_at_most_its_completions_in_a_step(monkeypatch, flags, se
     with pytest.raises(Built) as got:
         cli.main(["generate", "--prompt", "hi", *flags])
     assert got.value.args == (seqs,)
+
+
+def test_generate_keeps_the_engines_error_for_a_bad_max_num_seqs(capsys):
+    """--max-num-seqs 0 is refused by name (not silently raised to the completions' count)."""
+    try:
+        rc = cli.main(["generate", "--prompt", "hi", "--max-num-seqs", "0"])
+    except SystemExit as e:
+        rc = e.code
+    assert rc != 0 and "--max-num-seqs must be a positive integer, got 0" in capsys.readouterr().err

@@ -195,11 +195,15 @@ class DecodeGraph:
         kernel at that row count is the C++ op (`parity.devices.int8_gemm.cpu_gemm_kernel` ``"native"``:
         opaque to inductor, it threads itself over torch's intra-op pool and rescales each sum as it stores
         it, so nothing of the head is left to the step's serial kernels). One compiled region per step
-        instead of two saves the second region's guard evaluation and prologue (~0.4 ms a step here). A
-        float head stays in a graph of its own (its layout is timed, `_choose_head_layout`, and its reduction
-        is inductor's own, parallel only outside the step's serial kernels)."""
+        instead of two saves the second region's guard evaluation and prologue (~0.4 ms a step here). fp32
+        activations only (the op's fused rescale gives fp32; another dtype's separate rescale pass would run
+        among the serial kernels). A float head stays in a graph of its own (its layout is timed,
+        `_choose_head_layout`, and its reduction is inductor's own, parallel only outside the step's serial
+        kernels)."""
         if torch.device(self.device).type != "cpu" or len(head_operands(self.model)) != 2:
             return False
+        if self.model.dtype != torch.float32 or head_operands(self.model)[1].dtype != torch.float32:
+            return False  # the fused rescale is fp32 only: other dtypes rescale in a pass of their own
         return int8_gemm.cpu_gemm_kernel(bucket) == "native"
 
     def bucket(self, batch: int) -> int | None:

@@ -136,7 +136,7 @@ def decode_step(model, ids, pos, windows, states, entries, index_keys, kv_fp8: b
         entries / index_keys: per layer the stacked stored entry rows [B, E, width] (None where absent).
         kv_fp8 / index_fp4: the numerics modes.
         head: also run the LM head (one graph for the whole step; `DecodeGraph` does so for one row off the
-            CPU, and on the CPU for an int8 head on the C++ op at every bucket).
+            CPU or uncompiled, and on the CPU for an fp32 model's int8 head on the C++ op at every bucket).
     Returns:
         (fp32 logits [B, vocab] with ``head``, else the LM head's input [B, H] (final collapse and norm);
         per layer the new entries [B, head_dim] or None; per layer the new index keys or None).

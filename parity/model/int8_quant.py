@@ -280,7 +280,7 @@ class Int8Experts(nn.Module):
                 return native_int8.int8_gathered_linear(xq, xs, w, w_scale, flat)
             return rescale_sums(sums(w, xq), xs, w_scale[flat], hidden.dtype)
 
-        fused = native and hidden.dtype == torch.float32
+        fused = native and hidden.dtype == self.gate_up_scale.dtype == self.down_scale.dtype == torch.float32
         xq, xs = quantize_act_per_token(hidden)  # per token, so each pair's row quantizes as in `forward`
         xq = xq[:, None, :].expand(T, k, -1).reshape(T * k, -1)
         xs = xs[:, None].expand(T, k).reshape(-1)

@@ -329,7 +329,8 @@ def run_generate(args: argparse.Namespace) -> int:
     kwargs = engine_kwargs(args)
     # one prompt's n completions are the most sequences a step holds: the compiled step warms only the batch
     # buckets up to n (one bucket for n = 1, not all five; each is minutes cold on a small CPU)
-    kwargs["max_num_seqs"] = max(1, min(args.max_num_seqs, args.n))
+    if kwargs["max_num_seqs"] >= 1:  # a bad value stays for the engine's own error
+        kwargs["max_num_seqs"] = min(kwargs["max_num_seqs"], args.n)
     with loading(generate_loading_line(args.model, device, args.enforce_eager)), engine_flag_errors():
         llm = LLM(**kwargs, **({} if tokenizer == "auto" else {"tokenizer": tokenizer}))
     load_s = time.perf_counter() - t_load

@@ -236,6 +236,7 @@ Gathered gathered_operands(const at::Tensor& xq_in, const at::Tensor& w_in, cons
   TORCH_CHECK(w_in.dim() == 3, op, ": w must be [E, N, K], got ", w_in.sizes());
   TORCH_CHECK(ids_in.dim() == 1 && ids_in.size(0) == xq_in.size(0), op, ": ids must be [R] with R = xq rows, got ",
               ids_in.sizes());
+  TORCH_CHECK(ids_in.device().is_cpu(), op, ": ids must be a CPU tensor, got one on ", ids_in.device());
   TORCH_CHECK(at::isIntegralType(ids_in.scalar_type(), /*includeBool=*/false), op,
               ": ids must be integer expert ids, got ", ids_in.scalar_type());
   Gathered g{xq_in.contiguous(), w_in.contiguous(), ids_in.to(at::kLong).contiguous(), xq_in.size(0), xq_in.size(1),
