@@ -200,9 +200,10 @@ class DecodeGraph:
         among the serial kernels). A float head stays in a graph of its own (its layout is timed,
         `_choose_head_layout`, and its reduction is inductor's own, parallel only outside the step's serial
         kernels)."""
-        if torch.device(self.device).type != "cpu" or len(head_operands(self.model)) != 2:
+        ops = head_operands(self.model)
+        if torch.device(self.device).type != "cpu" or len(ops) != 2:
             return False
-        if self.model.dtype != torch.float32 or head_operands(self.model)[1].dtype != torch.float32:
+        if self.model.dtype != torch.float32 or ops[1].dtype != torch.float32:
             return False  # the fused rescale is fp32 only: other dtypes rescale in a pass of their own
         return int8_gemm.cpu_gemm_kernel(bucket) == "native"
 

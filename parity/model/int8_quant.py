@@ -275,12 +275,13 @@ class Int8Experts(nn.Module):
         def sums(w, xq):  # [T*k, N]: exact integer sums of each pair's row with its expert's matrix
             return native_int8.int8_gathered_gemv(xq, w, flat) if native else exact_int8_rows(w, xq)
 
+        fused = native and hidden.dtype == self.gate_up_scale.dtype == self.down_scale.dtype == torch.float32
+
         def linear(w, xq, xs, w_scale):  # [T*k, N] in hidden's dtype: the sums rescaled in float64
             if fused:  # the C++ op rescales as it stores (bit-identical to rescale_sums to fp32)
                 return native_int8.int8_gathered_linear(xq, xs, w, w_scale, flat)
             return rescale_sums(sums(w, xq), xs, w_scale[flat], hidden.dtype)
 
-        fused = native and hidden.dtype == self.gate_up_scale.dtype == self.down_scale.dtype == torch.float32
         xq, xs = quantize_act_per_token(hidden)  # per token, so each pair's row quantizes as in `forward`
         xq = xq[:, None, :].expand(T, k, -1).reshape(T * k, -1)
         xs = xs[:, None].expand(T, k).reshape(-1)
