@@ -3,10 +3,13 @@
 1. Greedy argmax over the vocabulary: ``torch.argmax(logits, -1)`` vs `parity.devices.row_argmax`.
 2. The int8 LM head (per-token int8 activations x int8 weight, fp32 logits): the C++ op's int32 sums then
    the float64 rescale as a separate pass (`int8_gemm` + `rescale_sums`) vs the C++ op that rescales as it
-   stores (`native_int8.int8_linear`); torch's ``_int_mm`` + rescale as the library baseline.
+   stores (`native_kernels.int8_linear`); torch's ``_int_mm`` + rescale as the library baseline.
+3. The float LM head (fp32 activations x fp32 or bf16 weight, fp32 math): inductor's broadcast-reduce
+   ``sum(W[:, None, :] * x[None], -1)`` (the compiled step's formulation before the C++ op) and oneDNN's inner
+   product (the eager one) vs the C++ op `native_kernels.float_linear`; checked equal to 1e-4 relative.
 
 Shapes: the real 129,280-token vocabulary, hidden 256 (the benchmark miniature of benchmarks/vs_llamacpp.py),
-batch 1 and 8. Interleaved A B A B per shape and thread count; best and median of ``--rounds`` calls, in ms.
+batch 1, 4 and 8. Interleaved A B A B per shape and thread count; best and median of ``--rounds`` calls, in ms.
 Every pair is checked to give identical results before it is timed.
 
 Usage:
@@ -25,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from parity.devices import int8_gemm, native_int8  # noqa: E402
+from parity.devices import int8_gemm, native_kernels  # noqa: E402
 from parity.devices.row_argmax import row_argmax  # noqa: E402
 
 VOCAB, HIDDEN = 129_280, 256
@@ -49,16 +52,19 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     ap.add_argument("--rounds", type=int, default=40)
     args = ap.parse_args()
-    native = native_int8.load()
+    native = native_kernels.load()
     g = torch.Generator().manual_seed(0)
     wq = torch.randint(-127, 128, (VOCAB, HIDDEN), dtype=torch.int8, generator=g)
     ws = torch.rand(VOCAB, generator=g) * 0.01
-    print(f"torch {torch.__version__}, C++ INT8 ops {'loaded' if native else 'unavailable'}")
+    wf = torch.randn(VOCAB, HIDDEN, generator=g)
+    wb = wf.to(torch.bfloat16)
+    reduce_head = torch.compile(lambda x, w: (w.to(x.dtype)[:, None, :] * x[None, :, :]).sum(-1).t(), dynamic=False)
+    print(f"torch {torch.__version__}, C++ ops {'loaded' if native else 'unavailable'}")
     print("| op | rows | threads | A | B | A best / median ms | B best / median ms | A / B (median) |")
     print("|---|---|---|---|---|---|---|---|")
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
-        for rows in (1, 8):
+        for rows in (1, 4, 8):
             logits = torch.randn(rows, VOCAB, generator=g)
             assert torch.equal(row_argmax(logits), logits.argmax(-1))
             pairs = [
@@ -73,14 +79,38 @@ def main() -> None:
             if native:
 
                 def two_pass(xq=xq, xs=xs):
-                    return int8_gemm.rescale_sums(native_int8.int8_gemm(xq, wq), xs, ws[None, :], torch.float32)
+                    return int8_gemm.rescale_sums(native_kernels.int8_gemm(xq, wq), xs, ws[None, :], torch.float32)
 
                 def fused(xq=xq, xs=xs):
-                    return native_int8.int8_linear(xq, xs, wq, ws)
+                    return native_kernels.int8_linear(xq, xs, wq, ws)
 
                 assert torch.equal(two_pass(), fused())
                 pairs.append(("int8 head", "int8_gemm + rescale", "int8_linear", two_pass, fused))
                 pairs.append(("int8 head", "_int_mm + rescale", "int8_linear", int_mm, fused))
+                x = torch.randn(rows, HIDDEN, generator=g)
+                for w, name in ((wf, "fp32 head"), (wb, "bf16 head")):
+                    ref = x.double() @ w.double().t()
+                    for fn in (reduce_head, native_kernels.float_linear):
+                        err = (fn(x, w).double() - ref).abs().max() / ref.abs().max()
+                        assert err < 1e-4, f"{name}: {fn} differs from the float64 sums by {err:.1e}"
+                    pairs.append(
+                        (
+                            name,
+                            "inductor reduce",
+                            "float_linear",
+                            lambda x=x, w=w: reduce_head(x, w),
+                            lambda x=x, w=w: native_kernels.float_linear(x, w),
+                        )
+                    )
+                pairs.append(
+                    (
+                        "fp32 head",
+                        "oneDNN",
+                        "float_linear",
+                        lambda x=x: torch.ops.mkldnn._linear_pointwise(x, wf, None, "none", [], ""),
+                        lambda x=x: native_kernels.float_linear(x, wf),
+                    )
+                )
             for op, a, b, fa, fb in pairs:
                 t = interleaved({a: fa, b: fb}, args.rounds)
                 (ba, ma), (bb, mb) = t[a], t[b]

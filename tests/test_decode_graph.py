@@ -274,10 +274,10 @@ def test_int8_head_on_the_cpp_op_runs_inside_the_step(monkeypatch, pick):
     ones included: their scratch rows dropped), so no head graph is called; another pick keeps the int8 head
     in its graph of its own at every bucket. Logits and tokens equal the eager model's either way."""
     from parity.checkpoint.conversion import quantize_lm_head
-    from parity.devices import native_int8
+    from parity.devices import native_kernels
     from parity.model import decode_graph
 
-    if pick == "native" and not native_int8.available():
+    if pick == "native" and not native_kernels.available():
         pytest.skip("no C++ compiler here: the C++ INT8 ops are unavailable (logged)")
     monkeypatch.setattr(
         decode_graph.devices, "compiler", lambda device, whole_model=False, serial_kernels=False: lambda fn: fn

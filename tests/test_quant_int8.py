@@ -12,7 +12,7 @@ from parity.checkpoint.msmodelslim_io import export_msmodelslim, load_msmodelsli
 from parity.checkpoint.official_reader import load_official
 from parity.checkpoint.reader import from_pretrained
 from parity.config import load_preset
-from parity.devices import int8_gemm, native_int8
+from parity.devices import int8_gemm, native_kernels
 from parity.devices.capability_table import NO_FP8_ENV, lookup
 from parity.devices.fp8_guard import Float8TensorError, NoFloat8Mode
 from parity.errors import CheckpointError, ConfigError
@@ -125,7 +125,7 @@ def test_int8_gemm_kernels_agree(shape):
     assert int8_gemm.kernel_for(torch.device("cpu"), m, k, n) == int8_gemm.cpu_gemm_kernel(m)
     assert int8_gemm.cpu_gemm_kernel(m) in ("native", "int_mm", "fp32_gemm")
     unaligned = torch.empty(n * k + 1, dtype=torch.int8)[1:].view(n, k).copy_(wq)  # not readable as int32 words
-    kernels = ("int_mm", "fp32_gemm", "reduction", "dequant") + (("native",) if native_int8.available() else ())
+    kernels = ("int_mm", "fp32_gemm", "reduction", "dequant") + (("native",) if native_kernels.available() else ())
     for kern in kernels:
         assert torch.equal(int8_gemm.int8_linear(xq, xs, wq, ws, torch.float32, kern), exact)
         assert torch.equal(int8_gemm.int8_linear(xq, xs, unaligned, ws, torch.float32, kern), exact)
@@ -346,7 +346,7 @@ def test_int8_kernels_stay_exact_with_minus_128_weights(k):
     xq = torch.full((2, k), -127, dtype=torch.int8)
     xs, ws = torch.ones(2), torch.ones(3)
     exact = (xq.long() @ wq.long().t()).double().float()
-    for kern in ("int_mm", "fp32_gemm", "reduction", "dequant") + (("native",) if native_int8.available() else ()):
+    for kern in ("int_mm", "fp32_gemm", "reduction", "dequant") + (("native",) if native_kernels.available() else ()):
         assert torch.equal(int8_gemm.int8_linear(xq, xs, wq, ws, torch.float32, kern), exact), kern
 
 
@@ -367,7 +367,7 @@ def test_compiled_int8_products_are_one_graph_and_exact(monkeypatch):
 
     monkeypatch.setattr(int8_gemm, "exact_int8_gemm", counted)
     picks = [("fp32_gemm", 1, True), ("fp32_gemm", 3, True), ("int_mm", 1, False)]
-    if native_int8.available():
+    if native_kernels.available():
         picks.append(("native", 3, False))
     for pick, rows, widened in picks:
         monkeypatch.setattr(int8_gemm, "_cpu_choice", {"decode": pick, "prefill": pick})
@@ -385,7 +385,7 @@ def test_compiled_int8_products_are_one_graph_and_exact(monkeypatch):
     ex = iq.Int8Experts.from_float(torch.randn(4, 2 * 32, 64, generator=g), torch.randn(4, 64, 32, generator=g), 7.0)
     ids = torch.tensor([[0, 3], [2, 3], [1, 1]])
     wts = torch.rand(3, 2, generator=g)
-    for kernel in ("reduction", "native") if native_int8.available() else ("reduction",):
+    for kernel in ("reduction", "native") if native_kernels.available() else ("reduction",):
         monkeypatch.setattr(iq, "gathered_int8_kernel", lambda device, kernel=kernel: kernel)
         got = torch.compile(ex.gathered_forward, backend="aot_eager", fullgraph=True)(x, ids, wts)
         torch.testing.assert_close(got, ex.forward(x, ids, wts), rtol=0, atol=1e-6)
@@ -415,42 +415,42 @@ def test_widened_gemm_blocks_reuse_one_buffer_and_stay_exact(monkeypatch):
     assert other[0] not in ptrs
 
 
-def test_native_int8_ops_exact_and_checked():
+def test_native_kernels_ops_exact_and_checked():
     """The C++ ops give the exact integer sums (AVX2 tiles of 4 weight rows x 2 activation rows and their
     remainders, K a multiple of 16 or not, -128 on both sides), and their fused-rescale forms the float64
     rescale of `rescale_sums` bit for bit; gathered rows read their own expert and its scales, and bad
     operands raise an error naming the op and the problem."""
-    if not native_int8.available():
+    if not native_kernels.available():
         pytest.skip("no C++ compiler here: the C++ INT8 ops are unavailable (logged)")
     g = torch.Generator().manual_seed(11)
     for m, k, n in ((1, 256, 37), (5, 272, 9), (8, 48, 64), (3, 20, 3), (16, 1024, 5)):
         xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
         wq = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
-        got = native_int8.int8_gemm(xq, wq)
+        got = native_kernels.int8_gemm(xq, wq)
         assert got.dtype == torch.int32 and torch.equal(got.long(), xq.long() @ wq.long().t()), (m, k, n)
         xs, ws = torch.rand(m, generator=g) * 0.03, torch.rand(n, generator=g) * 0.01
-        fused = native_int8.int8_linear(xq, xs, wq, ws)
+        fused = native_kernels.int8_linear(xq, xs, wq, ws)
         assert fused.dtype == torch.float32
         assert torch.equal(fused, int8_gemm.rescale_sums(got, xs, ws[None, :], torch.float32)), (m, k, n)
     w = torch.randint(-128, 128, (4, 33, 64), dtype=torch.int8, generator=g)
     xq = torch.randint(-128, 128, (6, 64), dtype=torch.int8, generator=g)
     ids = torch.tensor([3, 0, 3, 1, 2, 2])
     want = torch.einsum("rnk,rk->rn", w[ids].long(), xq.long())
-    assert torch.equal(native_int8.int8_gathered_gemv(xq, w, ids).long(), want)
+    assert torch.equal(native_kernels.int8_gathered_gemv(xq, w, ids).long(), want)
     xs, ws = torch.rand(6, generator=g), torch.rand(4, 33, generator=g)
-    fused = native_int8.int8_gathered_linear(xq, xs, w, ws, ids)
+    fused = native_kernels.int8_gathered_linear(xq, xs, w, ws, ids)
     assert torch.equal(fused, int8_gemm.rescale_sums(want.int(), xs, ws[ids], torch.float32))
     with pytest.raises(RuntimeError, match="w_scale must have shape \\[4, 33\\]"):
-        native_int8.int8_gathered_linear(xq, xs, w, ws[:, :32], ids)
+        native_kernels.int8_gathered_linear(xq, xs, w, ws[:, :32], ids)
     with pytest.raises(RuntimeError, match="x_scale must be a CPU torch.float32 tensor, got torch.float64"):
-        native_int8.int8_linear(xq, xs.double(), w[0], ws[0])
+        native_kernels.int8_linear(xq, xs.double(), w[0], ws[0])
     with pytest.raises(RuntimeError, match="x_scale must have shape \\[6\\]"):
-        native_int8.int8_linear(xq, xs[:5], w[0], ws[0])
+        native_kernels.int8_linear(xq, xs[:5], w[0], ws[0])
     with pytest.raises(RuntimeError, match="expert id 4 out of range"):
-        native_int8.int8_gathered_gemv(xq, w, torch.tensor([0, 1, 2, 3, 4, 0]))
+        native_kernels.int8_gathered_gemv(xq, w, torch.tensor([0, 1, 2, 3, 4, 0]))
     with pytest.raises(RuntimeError, match="integer expert ids"):
-        native_int8.int8_gathered_gemv(xq, w, ids.float())
+        native_kernels.int8_gathered_gemv(xq, w, ids.float())
     with pytest.raises(RuntimeError, match=r"xq \(the activations\) must be torch.int8, got torch.float32"):
-        native_int8.int8_gemm(xq.float(), w[0])
+        native_kernels.int8_gemm(xq.float(), w[0])
     with pytest.raises(RuntimeError, match="K mismatch"):
-        native_int8.int8_gemm(xq, w[0, :, :32])
+        native_kernels.int8_gemm(xq, w[0, :, :32])

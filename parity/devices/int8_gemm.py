@@ -5,7 +5,7 @@ with the best kernel the device offers, chosen by `kernel_for`:
 
 - ``"npu_quant_matmul"``: Ascend, `torch_npu.npu_quant_matmul` (int8 x int8 with per-channel weight
   scale and per-token activation scale fused), the kernel vllm-ascend's W8A8_DYNAMIC linear calls;
-- ``"native"`` (CPU): the C++ ops of `parity.devices.native_int8` (int8 widened to int16, pairwise products
+- ``"native"`` (CPU): the C++ ops of `parity.devices.native_kernels` (int8 widened to int16, pairwise products
   into int32 lanes: AVX2 ``vpmaddwd``), built on first use where a compiler is present; also what the
   compiled step's gathered routed experts call (`gathered_int8_kernel`);
 - ``"int_mm"``: `torch._int_mm` (CPU: any shape; CUDA: needs M > 16 and K, N multiples of 8, PyTorch
@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from parity.devices import native_int8, widening
+from parity.devices import native_kernels, widening
 from parity.devices.core import _load_torch_npu, materialized
 
 log = logging.getLogger("parity.devices")
@@ -74,12 +74,12 @@ def cpu_gemm_kernel(m: int = DECODE_ROWS) -> str:
     """``"native"``, ``"int_mm"`` or ``"fp32_gemm"``: the fastest on this CPU at the current thread count for
     products of m rows, timed once per process on `PROBE_SHAPES` (both regimes at the first call; the kernels
     interleaved, best of 5 calls each, ~5-50 ms in all; all give identical results, so the choice never
-    changes a value) and logged. ``"native"`` competes where `parity.devices.native_int8` builds (the first
+    changes a value) and logged. ``"native"`` competes where `parity.devices.native_kernels` builds (the first
     call on a machine may build it). Called outside compiled regions (a compiled step reads the picks:
     `parity.model.decode_graph` times them before compiling)."""
     with _cpu_choice_lock:
         if not _cpu_choice:
-            native = native_int8.load()
+            native = native_kernels.load()
             for regime, shape in PROBE_SHAPES.items():
                 _cpu_choice[regime] = _time_cpu_kernels(regime, shape, native)
     return _cpu_choice[_regime(m)]
@@ -92,7 +92,7 @@ def _time_cpu_kernels(regime: str, shape: tuple[int, int, int], native: bool) ->
     wq = torch.randint(-INT8_MAX, INT8_MAX + 1, (n, k), generator=g, dtype=torch.int8)
     kernels = {"int_mm": lambda: torch._int_mm(xq, wq.t()), "fp32_gemm": lambda: exact_int8_gemm(xq, wq)}
     if native:
-        kernels["native"] = lambda: native_int8.int8_gemm(xq, wq)
+        kernels["native"] = lambda: native_kernels.int8_gemm(xq, wq)
     best = {name: float("inf") for name in kernels}
     for fn in kernels.values():
         fn()
@@ -109,9 +109,9 @@ def _time_cpu_kernels(regime: str, shape: tuple[int, int, int], native: bool) ->
 
 def gathered_int8_kernel(device: torch.device) -> str:
     """Kernel of the compiled step's gathered int8 routed experts on `device`: ``"native"``
-    (`parity.devices.native_int8.int8_gathered_gemv`, each row's expert read in place) on a CPU where the
+    (`parity.devices.native_kernels.int8_gathered_gemv`, each row's expert read in place) on a CPU where the
     C++ ops load, else ``"reduction"`` (the gathered weights read as int32 words, `exact_int8_sums`)."""
-    return "native" if device.type == "cpu" and native_int8.available() else "reduction"
+    return "native" if device.type == "cpu" and native_kernels.available() else "reduction"
 
 
 def kernel_for(device: torch.device, m: int, k: int, n: int) -> str:
@@ -213,8 +213,8 @@ def int8_linear(
         return torch_npu.npu_quant_matmul(xq, wq.t(), w_scale, pertoken_scale=x_scale, output_dtype=out_dtype)
     if kernel == "native":
         if out_dtype == torch.float32 and x_scale.dtype == w_scale.dtype == torch.float32:
-            return native_int8.int8_linear(xq, x_scale, wq, w_scale)  # the same rescale, done as stored
-        acc = native_int8.int8_gemm(xq, wq)
+            return native_kernels.int8_linear(xq, x_scale, wq, w_scale)  # the same rescale, done as stored
+        acc = native_kernels.int8_gemm(xq, wq)
     elif kernel == "int_mm":
         acc = torch._int_mm(xq, wq.t())
     elif kernel == "fp32_gemm":

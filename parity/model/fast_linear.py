@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parity.devices import native_kernels
 from parity.devices.core import materialized
 from parity.devices.widening import widened_blocks
 from parity.errors import first_line
@@ -63,12 +64,48 @@ def _onednn_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+#: Row counts up to which a large weight takes parity's C++ op (`native_linear`); above, GEMMs reuse each
+#: weight element over enough rows that the BLAS kernels win (a policy bound: the op's tiles were measured
+#: at 1-16 rows only, docs/benchmarks.md "The float head on the C++ op").
+NATIVE_MAX_ROWS = 16
+
+
+def native_linear(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """``flat @ weight^T`` through `parity.devices.native_kernels.float_linear` (the weight streamed once,
+    fp32 math; bf16 weights widened in registers) when it applies, else None.
+
+    It applies on the CPU to fp32 ``flat`` [M, in] with M <= `NATIVE_MAX_ROWS`, a 2-D fp32 or bf16 weight
+    [out, in] of at least `ONEDNN_MIN_WEIGHT_BYTES` (below, the weight is cache-resident and the BLAS call is
+    as fast), fp32 matmul precision "highest" in eager mode (a compiled graph follows what its eager warm-up
+    found), and the C++ ops built (`native_kernels.available`; inside a compiled region only an earlier eager
+    load counts). Returns fp32 [M, out] or None.
+    """
+    if not (
+        flat.device.type == "cpu"
+        and flat.dtype == torch.float32
+        and flat.dim() == 2
+        and 0 < flat.shape[0] <= NATIVE_MAX_ROWS
+        and weight.dim() == 2
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and weight.numel() * weight.element_size() >= ONEDNN_MIN_WEIGHT_BYTES
+    ):
+        return None
+    if not torch.compiler.is_compiling() and torch.get_float32_matmul_precision() != "highest":
+        return None
+    if not native_kernels.available():
+        return None
+    return native_kernels.float_linear(flat, weight)
+
+
 def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight^T`` for few rows against a large weight, in the fastest full-precision formulation.
 
-    Eager: oneDNN's inner product for large fp32 weights on the CPU (see the module docstring), else
-    ``F.linear``. Under torch.compile (the compiled decode step, `parity.model.decode_graph`) on the CPU, one
-    row, or up to `COMPILED_GEMV_MAX_ROWS` rows of a weight >= `ONEDNN_MIN_WEIGHT_BYTES` (the LM head):
+    First choice, eager and compiled: parity's C++ op for few rows and a large weight on the CPU
+    (`native_linear`: the 129,280 x 256 head at 4 rows, 1 thread, AMD Zen 3, 16.8 ms vs 20.3 ms inductor's
+    reduction below and 42 ms oneDNN). Else eager: oneDNN's inner product for large fp32 weights on the CPU
+    (see the module docstring), else ``F.linear``. Under torch.compile (the compiled decode step,
+    `parity.model.decode_graph`) on the CPU, without the op: one row, or up to `COMPILED_GEMV_MAX_ROWS`
+    rows of a weight >= `ONEDNN_MIN_WEIGHT_BYTES` (the LM head):
     ``sum(W[:, None, :] * x[None], -1)``, which inductor emits as one vectorised reduction streaming W once,
     row block by row block, with every x row reused from L1 (measured 1.3-1.4x oneDNN's read rate at 1 and 8
     rows, benchmarks/lm_head_gemv.py); otherwise ``F.linear`` (an ATen GEMM call in the graph: for the small,
@@ -82,6 +119,9 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if weight.dtype != x.dtype:
         return widening_linear(x, weight)
     flat = x.reshape(-1, x.shape[-1])
+    out = native_linear(flat, weight)
+    if out is not None:
+        return out.reshape(*x.shape[:-1], weight.shape[0])
     if torch.compiler.is_compiling():
         rows = flat.shape[0]
         small = weight.numel() * weight.element_size() < ONEDNN_MIN_WEIGHT_BYTES
@@ -117,7 +157,8 @@ def widening_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     Every product and sum is in x's dtype (fp32 on the CPU): the weight's bf16 values are exact in fp32,
     so the result equals ``F.linear(x, weight.float())`` up to summation order, and the weight is read
-    at its stored width (2 bytes per element for bf16). Formulations: under torch.compile, or eager on
+    at its stored width (2 bytes per element for bf16). Formulations: parity's C++ op where it applies
+    (`native_linear`); else under torch.compile, or eager on
     the CPU for <= `WIDENING_KERNEL_MAX_ROWS` rows and a weight >= `WIDENING_KERNEL_MIN_WEIGHT_BYTES`,
     the broadcast-reduce ``sum(W.float()[:, None, :] * x[None], -1)`` (inductor: one loop that converts
     each loaded element in registers); otherwise a transient upcast of `WIDEN_CHUNK_ELEMS`-sized row
@@ -135,6 +176,9 @@ def widening_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight.to(x.dtype))  # small (cache-resident) or wider weight: one upcast
     flat = x.reshape(-1, x.shape[-1])
     n = weight.shape[0]
+    out = native_linear(flat, weight)
+    if out is not None:
+        return out.reshape(*x.shape[:-1], n)
     if flat.shape[0] <= WIDENING_KERNEL_MAX_ROWS and weight.dim() == 2:
         if compiling:
             return _widening_reduction(flat, weight).reshape(*x.shape[:-1], n)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from parity.devices import native_int8
+from parity.devices import native_kernels
 from parity.devices.core import materialized
 from parity.devices.int8_gemm import (
     INT8_MAX,
@@ -258,7 +258,7 @@ class Int8Experts(nn.Module):
     def gathered_forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """`forward` for few tokens without host syncs (the compiled decode step): each (token, picked
         expert) pair multiplies the int8 values of its expert with exact integer sums (as ``torch._int_mm``'s:
-        on a CPU with the C++ ops each expert read in place, `parity.devices.native_int8.int8_gathered_gemv`;
+        on a CPU with the C++ ops each expert read in place, `parity.devices.native_kernels.int8_gathered_gemv`;
         else the gathered values, `exact_int8_rows`), then the same per-token / per-channel float64 rescale; only
         the sum over a token's k experts runs in another order. hidden [T, H], expert_ids [T, k], weights
         [T, k] -> [T, H] fp32."""
@@ -273,13 +273,13 @@ class Int8Experts(nn.Module):
             gu_q, dn_q = self.expert_int8(flat)  # [T*k, 2I, H], [T*k, H, I]
 
         def sums(w, xq):  # [T*k, N]: exact integer sums of each pair's row with its expert's matrix
-            return native_int8.int8_gathered_gemv(xq, w, flat) if native else exact_int8_rows(w, xq)
+            return native_kernels.int8_gathered_gemv(xq, w, flat) if native else exact_int8_rows(w, xq)
 
         fused = native and hidden.dtype == self.gate_up_scale.dtype == self.down_scale.dtype == torch.float32
 
         def linear(w, xq, xs, w_scale):  # [T*k, N] in hidden's dtype: the sums rescaled in float64
             if fused:  # the C++ op rescales as it stores (bit-identical to rescale_sums to fp32)
-                return native_int8.int8_gathered_linear(xq, xs, w, w_scale, flat)
+                return native_kernels.int8_gathered_linear(xq, xs, w, w_scale, flat)
             return rescale_sums(sums(w, xq), xs, w_scale[flat], hidden.dtype)
 
         xq, xs = quantize_act_per_token(hidden)  # per token, so each pair's row quantizes as in `forward`

@@ -1,10 +1,18 @@
-"""Exact int8 x int8 -> int32 products for decode-sized row counts, as C++ CPU ops built on first use.
+"""parity's C++ CPU ops for decode-sized row counts (weights streamed once), built on first use.
 
-The source is `parity/devices/csrc/int8_dot.cpp`; `load()` compiles it once per machine with
+The sources are `parity/devices/csrc/int8_dot.cpp` (exact int8 x int8 -> int32 products) and
+`parity/devices/csrc/float_dot.cpp` (fp32 products over fp32 or bf16 weights); `load()` compiles them once
+per machine with
 `torch.utils.cpp_extension` (a C++ compiler and ninja, as inductor's CPU backend needs; ~17 s on AMD EPYC
 Zen 3, 2 cores; cached in torch's extension directory, ``$TORCH_EXTENSIONS_DIR`` or
-``~/.cache/torch_extensions``, then loaded in well under a second) and registers two torch ops with fakes
+``~/.cache/torch_extensions``, then loaded in well under a second) and registers the torch ops with fakes
 for tracing, so a compiled graph calls them as opaque ops:
+
+- ``torch.ops.parity_native.float_linear(x [M, K] fp32, w [N, K] fp32 or bf16) -> fp32 [M, N]``: every
+  product and sum in fp32 (bf16 widened exactly in registers), the weight read from memory once in tiles of
+  4 weight rows x 2 activation rows with the activations cache-resident. The decode LM head: inductor's
+  broadcast-reduce over the 129,280 x 256 fp32 head read it at ~5 GB/s for 4 rows on AMD Zen 3 (26 ms of a
+  44 ms step; docs/benchmarks.md "The float head on the C++ op"), as did MKL's sgemm.
 
 - ``torch.ops.parity_native.int8_gemm(xq [M, K] int8, wq [N, K] int8) -> int32 [M, N]``
 - ``torch.ops.parity_native.int8_gathered_gemv(xq [R, K] int8, w [E, N, K] int8, ids [R] int64) -> int32
@@ -23,10 +31,10 @@ exists because torch's own CPU INT8 GEMM (``torch._int_mm``) takes oneDNN's int8
 VNNI and otherwise runs a scalar loop (3-4 GOP/s on AMD Zen 3), and the widened fp32 GEMM reads and writes 4
 bytes per weight (docs/benchmarks.md, "Low-precision weights on the CPU": the 129,280 x 256 int8 head at 8
 rows, 1 thread, 6.3 ms here vs 19 ms).
-On an x86 CPU without AVX2 and on other architectures the same integer loops build as plain C++.
+On an x86 CPU without AVX2 and on other architectures the same loops build as plain C++.
 
 A machine without a compiler, or a failing build, leaves `available()` False (logged once) and the other
-INT8 kernels in use; ``PARITY_NATIVE_INT8=0`` turns the ops off without trying.
+INT8 kernels in use; ``PARITY_NATIVE_KERNELS=0`` turns the ops off without trying.
 """
 
 from __future__ import annotations
@@ -42,9 +50,10 @@ import torch
 
 log = logging.getLogger("parity.devices")
 
-SOURCE = Path(__file__).parent / "csrc" / "int8_dot.cpp"
-#: Environment switch: "0" keeps the C++ ops unloaded (the other INT8 kernels of `parity.devices.int8_gemm`).
-ENV_SWITCH = "PARITY_NATIVE_INT8"
+SOURCES = (Path(__file__).parent / "csrc" / "int8_dot.cpp", Path(__file__).parent / "csrc" / "float_dot.cpp")
+#: Environment switch: "0" keeps the C++ ops unloaded (torch's kernels serve, and the other INT8 kernels of
+#: `parity.devices.int8_gemm`).
+ENV_SWITCH = "PARITY_NATIVE_KERNELS"
 
 _state: dict[str, bool] = {}
 _lock = threading.Lock()
@@ -57,7 +66,7 @@ def _build_flags() -> tuple[str, list[str]]:
     if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() != "DEFAULT":
         isa = "avx2"  # every capability torch reports above DEFAULT on x86 (AVX2, AVX512) includes AVX2
     flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma"] if isa == "avx2" else [])
-    return f"parity_int8_dot_{isa}", flags
+    return f"parity_native_{isa}", flags
 
 
 def load() -> bool:
@@ -79,7 +88,7 @@ def available() -> bool:
 
 def _try_load() -> bool:
     if os.environ.get(ENV_SWITCH, "1") == "0":
-        log.info("C++ INT8 kernels off (%s=0)", ENV_SWITCH)
+        log.info("C++ kernels off (%s=0)", ENV_SWITCH)
         return False
     try:
         from torch.utils import cpp_extension
@@ -88,21 +97,25 @@ def _try_load() -> bool:
         t0 = time.perf_counter()
         cpp_extension.load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(p) for p in SOURCES],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
         )
         _register_fakes()
-        log.info("C++ INT8 kernels %s ready in %.1f s", name, time.perf_counter() - t0)
+        log.info("C++ kernels %s ready in %.1f s", name, time.perf_counter() - t0)
         return True
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: the other kernels serve
-        log.warning("C++ INT8 kernels unavailable (%s: %s); using the other INT8 kernels", type(e).__name__, e)
+        log.warning("C++ kernels unavailable (%s: %s); using torch's kernels", type(e).__name__, e)
         return False
 
 
 def _register_fakes() -> None:  # once: `_try_load` runs once per process
+    @torch.library.register_fake("parity_native::float_linear")
+    def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+
     @torch.library.register_fake("parity_native::int8_gemm")
     def _(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
         return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=torch.int32)
@@ -147,3 +160,10 @@ def int8_gathered_linear(
     (x_scale [R], w_scale [E, N]; float64 products rounded once) -> fp32 [R, N]. Raises RuntimeError as
     `int8_gathered_gemv`, and on scales of the wrong dtype or shape."""
     return torch.ops.parity_native.int8_gathered_linear(xq, x_scale, w, w_scale, ids)
+
+
+def float_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fp32 x [M, K] x weight w [N, K] (fp32 or bf16, widened exactly) -> fp32 [M, N], all in fp32: equal to
+    ``F.linear(x, w.float())`` up to summation order. CPU tensors; `available()` must be True. Raises
+    RuntimeError naming the operand on a wrong dtype, rank, device or K."""
+    return torch.ops.parity_native.float_linear(x, w)
