@@ -111,3 +111,17 @@ def test_compiled_graph_calls_the_op_and_matches_eager():
     x = torch.randn(3, 256, generator=g)
     compiled = torch.compile(fast_linear.decode_linear, dynamic=False, fullgraph=True)
     torch.testing.assert_close(compiled(x, w), fast_linear.decode_linear(x, w), rtol=0, atol=0)
+
+
+def test_a_row_gets_the_same_logits_at_every_batch_size():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(300, 261, generator=g)  # K % 8 != 0: the scalar tail too
+    x = torch.randn(9, 261, generator=g)
+    alone = torch.cat([native_kernels.float_linear(x[i : i + 1], w) for i in range(9)])
+    for M in range(2, 10):
+        assert torch.equal(native_kernels.float_linear(x[:M], w), alone[:M])
+
+
+def test_a_strided_large_weight_keeps_the_blas_path():
+    w = torch.randn(256, 8192).t()  # [8192, 256] view, not contiguous
+    assert fast_linear.native_linear(torch.randn(2, 256), w) is None

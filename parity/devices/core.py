@@ -301,7 +301,13 @@ def compiler(device: torch.device | str, whole_model: bool = False, serial_kerne
 
     dyn = torch._dynamo.config
     if name == "inductor":
-        _load_inductor_store_prim()  # `materialized` reads it inside the traced code (no import while tracing)
+        _load_inductor_store_prim()
+    if device.type == "cpu":
+        # parity's C++ ops are taken inside a graph only when loaded before it is traced (no build while
+        # tracing; `native_kernels.available`): load them now (built once per machine; a failure is logged)
+        from parity.devices import native_kernels
+
+        native_kernels.load()  # `materialized` reads it inside the traced code (no import while tracing)
 
     def compile_fn(fn):
         if not whole_model:

@@ -9,8 +9,9 @@ Zen 3, 2 cores; cached in torch's extension directory, ``$TORCH_EXTENSIONS_DIR``
 for tracing, so a compiled graph calls them as opaque ops:
 
 - ``torch.ops.parity_native.float_linear(x [M, K] fp32, w [N, K] fp32 or bf16) -> fp32 [M, N]``: every
-  product and sum in fp32 (bf16 widened exactly in registers), the weight read from memory once in tiles of
-  4 weight rows x 2 activation rows with the activations cache-resident. The decode LM head: inductor's
+  product and sum in fp32 (bf16 widened exactly in registers), the weight read from memory once, row by row,
+  each row against tiles of 2 activation rows with the activations cache-resident; each output's summation
+  order is the same at every row count (batch-invariant). The decode LM head: inductor's
   broadcast-reduce over the 129,280 x 256 fp32 head read it at ~5 GB/s for 4 rows on AMD Zen 3 (26 ms of a
   44 ms step; docs/benchmarks.md "The float head on the C++ op"), as did MKL's sgemm.
 
@@ -33,8 +34,8 @@ bytes per weight (docs/benchmarks.md, "Low-precision weights on the CPU": the 12
 rows, 1 thread, 6.3 ms here vs 19 ms).
 On an x86 CPU without AVX2 and on other architectures the same loops build as plain C++.
 
-A machine without a compiler, or a failing build, leaves `available()` False (logged once) and the other
-INT8 kernels in use; ``PARITY_NATIVE_KERNELS=0`` turns the ops off without trying.
+A machine without a compiler, or a failing build, leaves `available()` False (logged once) and torch's
+kernels (and the other INT8 kernels) in use; ``PARITY_NATIVE_KERNELS=0`` turns the ops off without trying.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ SOURCES = (Path(__file__).parent / "csrc" / "int8_dot.cpp", Path(__file__).paren
 #: Environment switch: "0" keeps the C++ ops unloaded (torch's kernels serve, and the other INT8 kernels of
 #: `parity.devices.int8_gemm`).
 ENV_SWITCH = "PARITY_NATIVE_KERNELS"
+#: The switch's earlier name (when the ops were INT8 only), still honoured.
+OLD_ENV_SWITCH = "PARITY_NATIVE_INT8"
 
 _state: dict[str, bool] = {}
 _lock = threading.Lock()
@@ -79,7 +82,7 @@ def load() -> bool:
 
 
 def available() -> bool:
-    """Whether the C++ INT8 ops can be used in this process (builds them on the first call, see `load`).
+    """Whether the C++ ops can be used in this process (builds them on the first call, see `load`).
     Inside a compiled region it only reports what an earlier eager call found (no build while tracing)."""
     if torch.compiler.is_compiling():
         return _state.get("ok", False)
@@ -87,7 +90,7 @@ def available() -> bool:
 
 
 def _try_load() -> bool:
-    if os.environ.get(ENV_SWITCH, "1") == "0":
+    if os.environ.get(ENV_SWITCH, os.environ.get(OLD_ENV_SWITCH, "1")) == "0":
         log.info("C++ kernels off (%s=0)", ENV_SWITCH)
         return False
     try:

@@ -66,7 +66,7 @@ def _onednn_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 #: Row counts up to which a large weight takes parity's C++ op (`native_linear`); above, GEMMs reuse each
 #: weight element over enough rows that the BLAS kernels win (a policy bound: the op's tiles were measured
-#: at 1-16 rows only, docs/benchmarks.md "The float head on the C++ op").
+#: at 1, 4 and 8 rows, docs/benchmarks.md "The float head on the C++ op").
 NATIVE_MAX_ROWS = 16
 
 
@@ -74,11 +74,11 @@ def native_linear(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | No
     """``flat @ weight^T`` through `parity.devices.native_kernels.float_linear` (the weight streamed once,
     fp32 math; bf16 weights widened in registers) when it applies, else None.
 
-    It applies on the CPU to fp32 ``flat`` [M, in] with M <= `NATIVE_MAX_ROWS`, a 2-D fp32 or bf16 weight
-    [out, in] of at least `ONEDNN_MIN_WEIGHT_BYTES` (below, the weight is cache-resident and the BLAS call is
-    as fast), fp32 matmul precision "highest" in eager mode (a compiled graph follows what its eager warm-up
-    found), and the C++ ops built (`native_kernels.available`; inside a compiled region only an earlier eager
-    load counts). Returns fp32 [M, out] or None.
+    It applies on the CPU to fp32 ``flat`` [M, in] with M <= `NATIVE_MAX_ROWS`, a contiguous 2-D fp32 or bf16
+    CPU weight [out, in] of at least `ONEDNN_MIN_WEIGHT_BYTES` (below, the weight is cache-resident and the
+    BLAS call is as fast), fp32 matmul precision "highest" in eager mode (not checked while compiling: a
+    compiled graph does not see a later precision switch), and the C++ ops built (`native_kernels.available`;
+    `parity.devices.compiler` loads them before it traces a CPU graph). Returns fp32 [M, out] or None.
     """
     if not (
         flat.device.type == "cpu"
@@ -86,6 +86,8 @@ def native_linear(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | No
         and flat.dim() == 2
         and 0 < flat.shape[0] <= NATIVE_MAX_ROWS
         and weight.dim() == 2
+        and weight.device.type == "cpu"
+        and weight.is_contiguous()
         and weight.dtype in (torch.float32, torch.bfloat16)
         and weight.numel() * weight.element_size() >= ONEDNN_MIN_WEIGHT_BYTES
     ):

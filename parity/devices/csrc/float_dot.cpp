@@ -2,8 +2,9 @@
 //   parity_native::float_linear(x [M, K] fp32, w [N, K] fp32 or bf16) -> fp32 [M, N]
 // out[m, n] = sum_k x[m, k] * float(w[n, k]), every product and sum in fp32 (bf16 weights widened exactly
 // in registers: a bf16 value is the top half of its fp32). The weight is streamed from memory once, row by
-// row front to back: each weight row (in L1) against tiles of up to 4 activation rows with eight-lane fused
-// multiply-adds, 8 accumulator chains in flight; the activations (M x K x 4 bytes) stay in L1/L2. Results differ from a BLAS GEMM in
+// row front to back: each weight row (in L1) against tiles of 2 activation rows with eight-lane fused
+// multiply-adds, 4 accumulators per row (8 chains in flight), the same summation order for every row at
+// every batch size (batch-invariant logits); the activations (M x K x 4 bytes) stay in L1/L2. Results differ from a BLAS GEMM in
 // summation order only. Measured on AMD EPYC Zen 3 (1 thread, the 129,280 x 256 fp32 head, medians of 15
 // interleaved calls, before the prefetch): 14.3 / 16.8 / 22.6 ms at 1 / 4 / 8 rows vs 15.2 / 20.3 / 35.0 for inductor's
 // broadcast-reduce and 21.5 / 42.0 / 45.9 for oneDNN's inner product (benchmarks/decode_ops.py). Without AVX2/FMA the same loops in plain C++. Threads: at::parallel_for over output
@@ -32,7 +33,7 @@ namespace {
 // weight elements the row loop prefetches ahead (16 KiB of fp32): at 4 and 8 rows the op read the head
 // 1.15-1.3x faster than without (AMD Zen 3, 1 thread, interleaved against a plain sum over the same weight;
 // 256 and 1,024 ahead measured alike within noise); a prefetch past the weight's end is harmless
-constexpr int64_t kPrefetchAhead = 4096;
+constexpr uintptr_t kPrefetchAhead = 4096;
 
 PARITY_FLOAT_INLINE float widen(float v) { return v; }
 PARITY_FLOAT_INLINE float widen(uint16_t b) {
@@ -68,7 +69,9 @@ PARITY_FLOAT_INLINE void row_tile(const W* w, const float* x, int64_t K, float* 
   int64_t k = 0;
   for (; k + 8 * U <= K; k += 8 * U) {
     __m256 wv[U];
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetchAhead), _MM_HINT_T0);
+    // the address as an integer: a pointer past the weight's end would be undefined, the prefetch of it is not
+    _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(w + k) + kPrefetchAhead * sizeof(W)),
+                 _MM_HINT_T0);
     for (int u = 0; u < U; ++u) wv[u] = load8(w + k + 8 * u);
     for (int m = 0; m < MT; ++m)
       for (int u = 0; u < U; ++u) acc[m][u] = _mm256_fmadd_ps(wv[u], _mm256_loadu_ps(x + m * K + k + 8 * u), acc[m][u]);
@@ -85,18 +88,14 @@ PARITY_FLOAT_INLINE void row_tile(const W* w, const float* x, int64_t K, float* 
   }
 }
 
-// one weight row against all M activation rows: tiles of 4 rows x 2 accumulators, then the rest (3, 2 or 1
-// rows: 8 chains in flight at 1 and 2 rows)
+// one weight row against all M activation rows: tiles of 2 rows, then one; every tile has the same 4
+// accumulators per row, so each output's summation order is the same at every batch size (a row's logits
+// do not depend on which other rows share its step)
 template <class W>
 PARITY_FLOAT_INLINE void weight_row(const W* w, const float* x, int64_t M, int64_t K, float* out, int64_t ldo) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) row_tile<4, 2>(w, x + m * K, K, out + m * ldo, ldo);
-  switch (M - m) {
-    case 3: row_tile<3, 3>(w, x + m * K, K, out + m * ldo, ldo); break;
-    case 2: row_tile<2, 4>(w, x + m * K, K, out + m * ldo, ldo); break;
-    case 1: row_tile<1, 8>(w, x + m * K, K, out + m * ldo, ldo); break;
-    default: break;
-  }
+  for (; m + 2 <= M; m += 2) row_tile<2, 4>(w, x + m * K, K, out + m * ldo, ldo);
+  if (m < M) row_tile<1, 4>(w, x + m * K, K, out + m * ldo, ldo);
 }
 #endif
 
