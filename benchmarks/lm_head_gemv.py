@@ -1,6 +1,7 @@
 """Decode GEMV/small-GEMM formulations on this device: ``F.linear`` (MKL), ``x @ W^T`` with W stored
 transposed, oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``) and, with ``--compiled``,
-`parity.model.fast_linear.decode_linear` under torch.compile (inductor's reduction), for the LM head
+`parity.model.fast_linear.decode_linear` under torch.compile (inductor's reduction, or parity's C++ op
+`native_kernels.float_linear` for large weights where it is built), for the LM head
 (vocabulary x hidden) and the decode step's small projections, at 1 and 8 rows; with ``--bf16`` also a
 bf16-stored weight under fp32 activations (`parity.model.fast_linear.widening_linear`, eager: the compiled
 widening reduction for large weights, a transient upcast for small ones; and the whole-weight upcast +

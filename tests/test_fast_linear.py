@@ -10,7 +10,7 @@ import parity.model.fast_linear as fl
 
 def test_large_weight_matches_f_linear():
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(4096, 256, generator=g) * 0.02  # 4 MiB: the oneDNN path when available
+    w = torch.randn(4096, 256, generator=g) * 0.02  # 4 MiB: parity's C++ op when built, else oneDNN
     for rows in (1, 3, 8):
         x = torch.randn(rows, 256, generator=g)
         ref = (x.double() @ w.double().T).float()

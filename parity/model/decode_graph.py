@@ -198,8 +198,8 @@ class DecodeGraph:
         instead of two saves the second region's guard evaluation and prologue (~0.4 ms a step here). fp32
         activations only (the op's fused rescale gives fp32; another dtype's separate rescale pass would run
         among the serial kernels). A float head stays in a graph of its own (its layout is timed,
-        `_choose_head_layout`, and its reduction is inductor's own, parallel only outside the step's serial
-        kernels)."""
+        `_choose_head_layout`; on the CPU it is parity's C++ op `native_kernels.float_linear` where built,
+        else inductor's reduction, parallel only outside the step's serial kernels)."""
         ops = head_operands(self.model)
         if torch.device(self.device).type != "cpu" or len(ops) != 2:
             return False

@@ -25,7 +25,8 @@ from parity.model.fast_linear import WideningLinear, decode_linear
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` (no bias); while torch.compile traces, `fast_linear.decode_linear` (for few
     rows a broadcast-reduce that inductor fuses into one kernel streaming the weight, instead of one
-    extern GEMM call per projection; a bf16 weight under fp32 x is widened as loaded, fp32 sums).
+    extern GEMM call per projection, or parity's C++ op for a large weight; a bf16 weight under fp32 x is
+    widened as loaded, fp32 sums).
     x [..., in], weight [out, in] (x's dtype or narrower) -> [..., out] in x's dtype."""
     if torch.compiler.is_compiling():
         return decode_linear(x, weight)
