@@ -417,7 +417,8 @@ def test_widened_gemm_blocks_reuse_one_buffer_and_stay_exact(monkeypatch):
 
 def test_native_kernels_ops_exact_and_checked():
     """The C++ ops give the exact integer sums (AVX2 tiles of 4 weight rows x 2 activation rows and their
-    remainders, K a multiple of 16 or not, -128 on both sides), and their fused-rescale forms the float64
+    remainders, K a multiple of 16 or not; in AVX-512 builds 32-lane tiles where K is a multiple of 32 and
+    the 16-lane ones where it is only one of 16; -128 on both sides), and their fused-rescale forms the float64
     rescale of `rescale_sums` bit for bit; gathered rows read their own expert and its scales, and bad
     operands raise an error naming the op and the problem."""
     if not native_kernels.available():

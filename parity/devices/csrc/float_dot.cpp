@@ -2,9 +2,11 @@
 //   parity_native::float_linear(x [M, K] fp32, w [N, K] fp32 or bf16) -> fp32 [M, N]
 // out[m, n] = sum_k x[m, k] * float(w[n, k]), every product and sum in fp32 (bf16 weights widened exactly
 // in registers: a bf16 value is the top half of its fp32). The weight is streamed from memory once, row by
-// row front to back: each weight row (in L1) against tiles of 2 activation rows with eight-lane fused
-// multiply-adds, 4 accumulators per row (8 chains in flight), the same summation order for every row at
-// every batch size (batch-invariant logits); the activations (M x K x 4 bytes) stay in L1/L2. Results differ from a BLAS GEMM in
+// row front to back: each weight row (in L1) against tiles of 2 activation rows with eight-lane (AVX2 +
+// FMA) fused multiply-adds, 4 accumulators per row (8 chains in flight), the same summation order for
+// every row at every batch size (batch-invariant logits) and in every x86 build (AVX-512 machines run the
+// same eight-lane loops: a sixteen-lane form measured slower on AMD EPYC Zen 4, 1 thread, the 129,280 x 256
+// head: bf16 at 1 row 4.1-5.5 vs 3.2-3.5 ms); the activations (M x K x 4 bytes) stay in L1/L2. Results differ from a BLAS GEMM in
 // summation order only. Measured on AMD EPYC Zen 3 (1 thread, the 129,280 x 256 fp32 head, medians of 15
 // interleaved calls, before the prefetch): 14.3 / 16.8 / 22.6 ms at 1 / 4 / 8 rows vs 15.2 / 20.3 / 35.0 for inductor's
 // broadcast-reduce and 21.5 / 42.0 / 45.9 for oneDNN's inner product (benchmarks/decode_ops.py). Without AVX2/FMA the same loops in plain C++. Threads: at::parallel_for over output
@@ -32,7 +34,10 @@ namespace {
 
 // weight elements the row loop prefetches ahead (16 KiB of fp32): at 4 and 8 rows the op read the head
 // 1.15-1.3x faster than without (AMD Zen 3, 1 thread, interleaved against a plain sum over the same weight;
-// 256 and 1,024 ahead measured alike within noise); a prefetch past the weight's end is harmless
+// 256 and 1,024 ahead measured alike within noise); a prefetch past the weight's end is harmless. Every
+// 64-byte line is prefetched (one per line of a step, not one per step: the fp32 head at 4 / 8 rows
+// 10.9-11.8 / 19.6-21.9 ms vs 13.0-17.9 / 22.1-28.1 with one per two lines, AMD Zen 4, 1 thread, 3
+// interleaved rounds)
 constexpr uintptr_t kPrefetchAhead = 4096;
 
 PARITY_FLOAT_INLINE float widen(float v) { return v; }
@@ -44,13 +49,19 @@ PARITY_FLOAT_INLINE float widen(uint16_t b) {
 }
 
 #if defined(PARITY_FLOAT_SIMD)
-PARITY_FLOAT_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-PARITY_FLOAT_INLINE __m256 load8(const uint16_t* p) {
+// eight fp32 lanes (AVX2 + FMA)
+using Vec = __m256;
+constexpr int64_t kLanes = 8;
+PARITY_FLOAT_INLINE Vec vzero() { return _mm256_setzero_ps(); }
+PARITY_FLOAT_INLINE Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+PARITY_FLOAT_INLINE Vec vload(const uint16_t* p) {
   const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
 }
-
-PARITY_FLOAT_INLINE float hsum(__m256 v) {
+PARITY_FLOAT_INLINE Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+PARITY_FLOAT_INLINE Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+// halves added (8 -> 4 lanes), then two pairwise adds: a fixed order
+PARITY_FLOAT_INLINE float vsum(Vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_hadd_ps(s, s);
   s = _mm_hadd_ps(s, s);
@@ -58,31 +69,34 @@ PARITY_FLOAT_INLINE float hsum(__m256 v) {
 }
 
 // one weight row w [K] against MT activation rows x [MT, K] (row stride K): out[m * ldo] = sum_k w[k] x[m, k].
-// U independent eight-lane accumulators per activation row over k (MT x U chains of fused multiply-adds in
-// flight, enough to cover the FMA latency), each loaded weight vector used for all MT rows; the weight row is
-// read front to back (one sequential stream for the prefetcher), the tail of K below 8 in scalar fp32
+// U independent vector accumulators (kLanes lanes) per activation row over k (MT x U chains of fused
+// multiply-adds in flight, enough to cover the FMA latency), each loaded weight vector used for all MT rows;
+// the weight row is read front to back (one sequential stream for the prefetcher), the tail of K below
+// kLanes in scalar fp32
 template <int MT, int U, class W>
 PARITY_FLOAT_INLINE void row_tile(const W* w, const float* x, int64_t K, float* out, int64_t ldo) {
-  __m256 acc[MT][U];
+  Vec acc[MT][U];
   for (int m = 0; m < MT; ++m)
-    for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
+    for (int u = 0; u < U; ++u) acc[m][u] = vzero();
   int64_t k = 0;
-  for (; k + 8 * U <= K; k += 8 * U) {
-    __m256 wv[U];
-    // the address as an integer: a pointer past the weight's end would be undefined, the prefetch of it is not
-    _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(w + k) + kPrefetchAhead * sizeof(W)),
-                 _MM_HINT_T0);
-    for (int u = 0; u < U; ++u) wv[u] = load8(w + k + 8 * u);
+  for (; k + kLanes * U <= K; k += kLanes * U) {
+    Vec wv[U];
+    // every 64-byte line of this step's weight, kPrefetchAhead elements ahead; the address as an integer: a
+    // pointer past the weight's end would be undefined, the prefetch of it is not
+    const uintptr_t ahead = reinterpret_cast<uintptr_t>(w + k) + kPrefetchAhead * sizeof(W);
+    for (uintptr_t b = 0; b < kLanes * U * sizeof(W); b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + b), _MM_HINT_T0);
+    for (int u = 0; u < U; ++u) wv[u] = vload(w + k + kLanes * u);
     for (int m = 0; m < MT; ++m)
-      for (int u = 0; u < U; ++u) acc[m][u] = _mm256_fmadd_ps(wv[u], _mm256_loadu_ps(x + m * K + k + 8 * u), acc[m][u]);
+      for (int u = 0; u < U; ++u) acc[m][u] = vfma(wv[u], vload(x + m * K + k + kLanes * u), acc[m][u]);
   }
-  for (; k + 8 <= K; k += 8) {
-    const __m256 wv = load8(w + k);
-    for (int m = 0; m < MT; ++m) acc[m][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[m][0]);
+  for (; k + kLanes <= K; k += kLanes) {
+    const Vec wv = vload(w + k);
+    for (int m = 0; m < MT; ++m) acc[m][0] = vfma(wv, vload(x + m * K + k), acc[m][0]);
   }
   for (int m = 0; m < MT; ++m) {
-    for (int u = 1; u < U; ++u) acc[m][0] = _mm256_add_ps(acc[m][0], acc[m][u]);
-    float s = hsum(acc[m][0]);
+    for (int u = 1; u < U; ++u) acc[m][0] = vadd(acc[m][0], acc[m][u]);
+    float s = vsum(acc[m][0]);
     for (int64_t j = k; j < K; ++j) s += widen(w[j]) * x[m * K + j];
     out[m * ldo] = s;
   }

@@ -10,7 +10,9 @@
 // Both operands are widened to int16 and multiplied pairwise into int32 lanes (AVX2 vpmaddwd: 16 products
 // per instruction, exact for every int8 value including -128; |sum| <= K * 2**14 fits int32 for
 // K < 131072), each widened weight vector reused across a tile of activation rows (4 weight rows x 2
-// activation rows). Without AVX2 the same integer loops in plain C++. Threads: at::parallel_for over output
+// activation rows). Built with AVX512BW and K % 32 == 0: 32 products per instruction (vpmaddwd on zmm, or
+// AVX512-VNNI's fused multiply-accumulate vpdpwssd); the integer sums are the same exact values on every
+// path. Without AVX2 the same integer loops in plain C++. Threads: at::parallel_for over output
 // columns (torch's intra-op pool).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,6 +24,9 @@
 
 #if defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512BW__)
+#define PARITY_INT8_512 1  // 32 int16 lanes per vector where K % 32 == 0 (the sums are exact: same values)
 #endif
 
 // the tiles inlined into their callers: out of line (gcc's choice for the bigger instantiations) the
@@ -84,12 +89,45 @@ struct ScaledStore {
 #endif
 };
 
+#if defined(PARITY_INT8_512)
+// acc + the pairwise int16 products of w and x summed into int32 lanes: AVX512-VNNI vpdpwssd (one fused
+// instruction; the non-saturating form, so exact like the two-instruction AVX512BW vpmaddwd + vpaddd)
+PARITY_INLINE __m512i madd_add(__m512i acc, __m512i w, __m512i x) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpwssd_epi32(acc, w, x);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x));
+#endif
+}
+#endif
+
 #if defined(__AVX2__)
-// st(m0 + m, n0 + n, sum_k w[n * ldw + k] * x[m * ldx + k]) for n < NT, m < MT; K % 16 == 0
+// st(m0 + m, n0 + n, sum_k w[n * ldw + k] * x[m * ldx + k]) for n < NT, m < MT; K % 16 == 0 (with
+// AVX512BW and K % 32 == 0 in 32-lane vectors, folded to 8 lanes before the horizontal sums)
 template <int NT, int MT, class Store>
 PARITY_INLINE void tile(const int8_t* w, int64_t ldw, const int16_t* x, int64_t ldx, int64_t K,
                         const Store& st, int64_t m0, int64_t n0) {
   __m256i acc[NT][MT];
+#if defined(PARITY_INT8_512)
+  if (K % 32 == 0) {
+    __m512i wide[NT][MT];
+    for (int n = 0; n < NT; ++n)
+      for (int m = 0; m < MT; ++m) wide[n][m] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 32) {
+      __m512i wv[NT];
+      for (int n = 0; n < NT; ++n)
+        wv[n] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * ldw + k)));
+      for (int m = 0; m < MT; ++m) {
+        const __m512i xv = _mm512_loadu_si512(x + m * ldx + k);
+        for (int n = 0; n < NT; ++n) wide[n][m] = madd_add(wide[n][m], wv[n], xv);
+      }
+    }
+    for (int n = 0; n < NT; ++n)
+      for (int m = 0; m < MT; ++m)
+        acc[n][m] = _mm256_add_epi32(_mm512_castsi512_si256(wide[n][m]), _mm512_extracti64x4_epi64(wide[n][m], 1));
+  } else
+#endif
+  {
   for (int n = 0; n < NT; ++n)
     for (int m = 0; m < MT; ++m) acc[n][m] = _mm256_setzero_si256();
   for (int64_t k = 0; k < K; k += 16) {
@@ -100,6 +138,7 @@ PARITY_INLINE void tile(const int8_t* w, int64_t ldw, const int16_t* x, int64_t 
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * ldx + k));
       for (int n = 0; n < NT; ++n) acc[n][m] = _mm256_add_epi32(acc[n][m], _mm256_madd_epi16(wv[n], xv));
     }
+  }
   }
   if constexpr (NT == 4) {
     for (int m = 0; m < MT; ++m) st.four(m0 + m, n0, hsum4(acc[0][m], acc[1][m], acc[2][m], acc[3][m]));
