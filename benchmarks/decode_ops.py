@@ -60,7 +60,8 @@ def main() -> None:
     wb = wf.to(torch.bfloat16)
     torch._dynamo.config.recompile_limit = 64  # one graph per (rows, dtype, threads): not eager past 8
     reduce_head = torch.compile(lambda x, w: (w.to(x.dtype)[:, None, :] * x[None, :, :]).sum(-1).t(), dynamic=False)
-    print(f"torch {torch.__version__}, C++ ops {'loaded' if native else 'unavailable'}")
+    built = f"loaded ({native_kernels.loaded_isa()} build)" if native else "unavailable"
+    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, C++ ops {built}")
     print("| op | rows | threads | A | B | A best / median ms | B best / median ms | A / B (median) |")
     print("|---|---|---|---|---|---|---|---|")
     for threads in [int(t) for t in args.threads.split(",")]:

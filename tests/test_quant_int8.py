@@ -111,7 +111,8 @@ def _reference_linear(xq, xs, wq, ws, out_dtype):
 
 @pytest.mark.parametrize("shape", [(1, 64, 32), (17, 60, 30), (3, 7, 5), (8, 2048, 6), (2, 1100, 4)])
 def test_int8_gemm_kernels_agree(shape):
-    """The C++ ops (K a multiple of 16 in AVX2 vectors, else the plain loops), int_mm, the widened fp32 GEMM,
+    """The C++ ops (K a multiple of 16 in AVX2 vectors, of 32 in the 32-lane
+    vectors of AVX-512 builds, else the plain loops), int_mm, the widened fp32 GEMM,
     the reduction over words (run eager here: the same ops the compiled step fuses for gathered experts; int8
     read as int32 words or as bytes; fp32 sums, fp32 runs of 1024 in float64, int32) and the float64 dequant give
     the same exact sums, rescaled once."""

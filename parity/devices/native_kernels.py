@@ -48,8 +48,10 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import shutil
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -70,56 +72,96 @@ _lock = threading.Lock()
 #: Environment override of the instruction set the ops are built for: one of `ISA_FLAGS`' names, at most what
 #: this CPU has (e.g. ``avx2`` on an AVX-512 machine, to compare the two builds side by side).
 ISA_SWITCH = "PARITY_NATIVE_ISA"
-#: Compiler flags per instruction set, in rising order. ``avx512``: AVX-512 F/BW/VL/DQ (torch's "AVX512"
-#: capability); ``avx512vnni``: that plus AVX512-VNNI (the int8 tiles' fused vpdpwssd).
+#: Compiler flags per instruction set, each including the one before it (a line from narrowest to widest: an
+#: instruction set beside that line, like AVX-VNNI on AVX2 client CPUs, would need the order rethought).
+#: ``avx512``: AVX-512 F/BW/VL/DQ (torch's "AVX512" capability); ``avx512vnni``: that plus AVX512-VNNI (the
+#: int8 tiles' fused vpdpwssd).
 ISA_FLAGS = {
     "generic": [],
     "avx2": ["-mavx2", "-mfma"],
     "avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
     "avx512vnni": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"],
 }
+#: The CPU features (torch.cpu.get_capabilities() names) each build needs, where torch reports them.
+_ISA_FEATURES = {
+    "generic": (),
+    "avx2": ("avx2", "fma3"),
+    "avx512": ("avx2", "fma3", "avx512_f", "avx512_bw", "avx512_vl", "avx512_dq"),
+    "avx512vnni": ("avx2", "fma3", "avx512_f", "avx512_bw", "avx512_vl", "avx512_dq", "avx512_vnni"),
+}
+
+
+def _widest_isa() -> str:
+    """The widest build this CPU runs: torch's CPU capability ("AVX2", "AVX512"; it may be lowered by
+    ``ATEN_CPU_CAPABILITY``), checked against the CPU's own feature flags where torch reports them
+    (`torch.cpu.get_capabilities`, torch >= 2.6), which also say whether it has AVX512-VNNI."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "generic"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        isa = "avx512vnni"
+    elif capability == "AVX2":
+        isa = "avx2"
+    else:
+        return "generic"
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    features = get_capabilities() if get_capabilities is not None else None
+    order = list(ISA_FLAGS)
+    if not isinstance(features, Mapping):  # no flags to read: VNNI from torch's own probe
+        vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
+        return "avx512" if isa == "avx512vnni" and not vnni else isa
+    while isa != "generic" and not all(features.get(f, False) for f in _ISA_FEATURES[isa]):
+        isa = order[order.index(isa) - 1]
+    return isa
 
 
 def cpu_isa() -> str:
-    """The widest of `ISA_FLAGS`' instruction sets this CPU runs (from torch's CPU capability and its VNNI
-    probe), lowered to ``$PARITY_NATIVE_ISA`` when that names a narrower one.
+    """The widest of `ISA_FLAGS`' instruction sets this CPU runs (`_widest_isa`), lowered to
+    ``$PARITY_NATIVE_ISA`` when that names a narrower one (surrounding blanks and case ignored; blank = unset).
 
     Raises:
-        ValueError: ``$PARITY_NATIVE_ISA`` names no instruction set of `ISA_FLAGS`, or one this CPU lacks.
+        ValueError: ``$PARITY_NATIVE_ISA`` names no instruction set of `ISA_FLAGS`, or one wider than this
+            CPU (as torch reports it) runs.
     """
-    isa = "generic"
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        capability = torch.backends.cpu.get_cpu_capability()
-        if capability.startswith("AVX512"):
-            vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
-            isa = "avx512vnni" if vnni else "avx512"
-        elif capability != "DEFAULT":
-            isa = "avx2"  # every capability torch reports above DEFAULT on x86 includes AVX2
-    wanted = os.environ.get(ISA_SWITCH, "").strip().lower()
+    isa = _widest_isa()
+    raw = os.environ.get(ISA_SWITCH, "")
+    wanted = raw.strip().lower()
     if not wanted:
         return isa
     order = list(ISA_FLAGS)
     if wanted not in ISA_FLAGS:
-        raise ValueError(f"{ISA_SWITCH}={wanted!r}: expected one of {', '.join(order)}")
+        raise ValueError(f"{ISA_SWITCH}={raw!r}: expected one of {', '.join(order)}")
     if order.index(wanted) > order.index(isa):
-        raise ValueError(f"{ISA_SWITCH}={wanted!r}: this CPU runs at most {isa!r}")
+        raise ValueError(
+            f"{ISA_SWITCH}={raw!r}: this CPU runs at most {isa!r} (torch's CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()!r}, which ATEN_CPU_CAPABILITY may lower)"
+        )
     return wanted
 
 
-def _build_flags() -> tuple[str, list[str]]:
-    """(extension name, compiler flags): the name carries the instruction set it was built for, so a build
-    cache shared by machines of different CPUs never hands one the other's binary."""
-    isa = cpu_isa()
+def _build_flags(isa: str | None = None) -> tuple[str, list[str]]:
+    """(extension name, compiler flags) of the build for ``isa`` (default `cpu_isa()`): the name carries the
+    instruction set it was built for, so a build cache shared by machines of different CPUs never hands one
+    the other's binary."""
+    isa = cpu_isa() if isa is None else isa
     return f"parity_native_{isa}", ["-O3", "-fopenmp", *ISA_FLAGS[isa]]
 
 
 def load() -> bool:
     """Build (first time on this machine) and load the ops; True when ``torch.ops.parity_native`` has them.
-    Thread-safe, tried once per process; a failure is logged with its reason and returns False."""
+    Thread-safe, tried once per process; a failure is logged with its reason and returns False. A build
+    for a wide instruction set that fails (an old compiler or assembler without AVX-512 support) is retried
+    for each narrower one (`ISA_FLAGS`), down to plain C++; `loaded_isa` says which one loaded."""
     with _lock:
         if "ok" not in _state:
             _state["ok"] = _try_load()
         return _state["ok"]
+
+
+def loaded_isa() -> str | None:
+    """The instruction set of the build loaded in this process (an `ISA_FLAGS` name), None before `load` or
+    when it failed."""
+    return _state.get("isa")
 
 
 def available() -> bool:
@@ -137,22 +179,42 @@ def _try_load() -> bool:
     try:
         from torch.utils import cpp_extension
 
-        name, flags = _build_flags()
-        t0 = time.perf_counter()
-        cpp_extension.load(
-            name=name,
-            sources=[str(p) for p in SOURCES],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
-        _register_fakes()
-        log.info("C++ kernels %s ready in %.1f s", name, time.perf_counter() - t0)
-        return True
-    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: the other kernels serve
+        isa = cpu_isa()
+        if not cpp_extension.is_ninja_available():
+            raise RuntimeError("ninja is not installed (pip install ninja)")
+        compiler = os.environ.get("CXX", "c++")
+        if shutil.which(compiler) is None:
+            raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX or install g++)")
+    except Exception as e:  # noqa: BLE001 - a bad override, no ninja: the other kernels serve
         log.warning("C++ kernels unavailable (%s: %s); using torch's kernels", type(e).__name__, e)
         return False
+    order = list(ISA_FLAGS)
+    candidates = order[: order.index(isa) + 1][::-1]  # the chosen build, then each narrower one
+    for i, cand in enumerate(candidates):
+        name, flags = _build_flags(cand)
+        t0 = time.perf_counter()
+        try:
+            cpp_extension.load(
+                name=name,
+                sources=[str(p) for p in SOURCES],
+                extra_cflags=flags,
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                verbose=False,
+            )
+        except Exception as e:  # noqa: BLE001 - no compiler, a build error: a narrower build, or torch's kernels
+            if i + 1 < len(candidates):
+                log.warning(
+                    "C++ kernels: the %s build failed (%s: %s); trying %s", cand, type(e).__name__, e, candidates[i + 1]
+                )
+                continue
+            log.warning("C++ kernels unavailable (%s: %s); using torch's kernels", type(e).__name__, e)
+            return False
+        _register_fakes()
+        _state["isa"] = cand
+        log.info("C++ kernels %s ready in %.1f s", name, time.perf_counter() - t0)
+        return True
+    return False
 
 
 def _register_fakes() -> None:  # once: `_try_load` runs once per process

@@ -4,13 +4,14 @@
 // in registers: a bf16 value is the top half of its fp32). The weight is streamed from memory once, row by
 // row front to back: each weight row (in L1) against tiles of 2 activation rows with eight-lane (AVX2 +
 // FMA) fused multiply-adds, 4 accumulators per row (8 chains in flight), the same summation order for
-// every row at every batch size (batch-invariant logits) and in every x86 build (AVX-512 machines run the
-// same eight-lane loops: a sixteen-lane form measured slower on AMD EPYC Zen 4, 1 thread, the 129,280 x 256
-// head: bf16 at 1 row 4.1-5.5 vs 3.2-3.5 ms); the activations (M x K x 4 bytes) stay in L1/L2. Results differ from a BLAS GEMM in
-// summation order only. Measured on AMD EPYC Zen 3 (1 thread, the 129,280 x 256 fp32 head, medians of 15
-// interleaved calls, before the prefetch): 14.3 / 16.8 / 22.6 ms at 1 / 4 / 8 rows vs 15.2 / 20.3 / 35.0 for inductor's
-// broadcast-reduce and 21.5 / 42.0 / 45.9 for oneDNN's inner product (benchmarks/decode_ops.py). Without AVX2/FMA the same loops in plain C++. Threads: at::parallel_for over output
-// columns (torch's intra-op pool).
+// every row at every batch size (batch-invariant logits) and in every AVX2 and AVX-512 build (AVX-512
+// machines run the same eight-lane loops: a sixteen-lane form measured slower on AMD EPYC Zen 4, 1 thread,
+// the 129,280 x 256 head: bf16 at 1 row 4.1-5.5 vs 3.2-3.5 ms); the activations (M x K x 4 bytes) stay in
+// L1/L2. Results differ from a BLAS GEMM in summation order only. Measured on AMD EPYC Zen 3 (1 thread, the
+// 129,280 x 256 fp32 head, medians of 15 interleaved calls, before the prefetch): 14.3 / 16.8 / 22.6 ms at
+// 1 / 4 / 8 rows vs 15.2 / 20.3 / 35.0 for inductor's broadcast-reduce and 21.5 / 42.0 / 45.9 for oneDNN's
+// inner product (benchmarks/decode_ops.py). Without AVX2/FMA (the generic build) the same loops in plain
+// C++, summed in order. Threads: at::parallel_for over output columns (torch's intra-op pool).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -32,13 +33,21 @@
 
 namespace {
 
-// weight elements the row loop prefetches ahead (16 KiB of fp32): at 4 and 8 rows the op read the head
-// 1.15-1.3x faster than without (AMD Zen 3, 1 thread, interleaved against a plain sum over the same weight;
-// 256 and 1,024 ahead measured alike within noise); a prefetch past the weight's end is harmless. Every
-// 64-byte line is prefetched (one per line of a step, not one per step: the fp32 head at 4 / 8 rows
-// 10.9-11.8 / 19.6-21.9 ms vs 13.0-17.9 / 22.1-28.1 with one per two lines, AMD Zen 4, 1 thread, 3
-// interleaved rounds)
+// weight elements the row loop prefetches ahead, per build: the build's instruction set stands in for the
+// CPU generation (measured on one of each: Intel CPUs and other AMD ones are unmeasured). AVX2 builds: 4,096
+// (16 KiB of fp32): at 4 and 8 rows the op read the head 1.15-1.3x faster than without on AMD Zen 3 (1
+// thread, interleaved against a plain sum over the same weight; 256 and 1,024 ahead measured alike within
+// noise), every 64-byte line of a step prefetched (on AMD Zen 4, an AVX2 build: the fp32 head at 4 / 8 rows
+// 10.9-11.8 / 19.6-21.9 ms vs 13.0-17.9 / 22.1-28.1 with one prefetch per two lines). AVX-512 builds: none:
+// on AMD EPYC Zen 4 the hardware prefetcher alone streamed faster (an AVX2 build with and without the
+// prefetch, 1 thread, the fp32 head at 1 / 4 / 8 rows 7.0-8.5 / 9.0-10.9 / 13.2-18.3 ms without vs 8.4-9.5 /
+// 12.1-14.7 / 20.1-27.1 ms with, 3 interleaved rounds; a plain torch.sum over it 5.7-6.6 ms), so on an AVX-512
+// machine PARITY_NATIVE_ISA=avx2 turns the prefetch back on. A prefetch past the weight's end is harmless.
+#if defined(__AVX512F__)
+constexpr uintptr_t kPrefetchAhead = 0;
+#else
 constexpr uintptr_t kPrefetchAhead = 4096;
+#endif
 
 PARITY_FLOAT_INLINE float widen(float v) { return v; }
 PARITY_FLOAT_INLINE float widen(uint16_t b) {
@@ -81,11 +90,13 @@ PARITY_FLOAT_INLINE void row_tile(const W* w, const float* x, int64_t K, float* 
   int64_t k = 0;
   for (; k + kLanes * U <= K; k += kLanes * U) {
     Vec wv[U];
-    // every 64-byte line of this step's weight, kPrefetchAhead elements ahead; the address as an integer: a
-    // pointer past the weight's end would be undefined, the prefetch of it is not
-    const uintptr_t ahead = reinterpret_cast<uintptr_t>(w + k) + kPrefetchAhead * sizeof(W);
-    for (uintptr_t b = 0; b < kLanes * U * sizeof(W); b += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(ahead + b), _MM_HINT_T0);
+    if constexpr (kPrefetchAhead > 0) {
+      // every 64-byte line of this step's weight, kPrefetchAhead elements ahead; the address as an integer: a
+      // pointer past the weight's end would be undefined, the prefetch of it is not
+      const uintptr_t ahead = reinterpret_cast<uintptr_t>(w + k) + kPrefetchAhead * sizeof(W);
+      for (uintptr_t b = 0; b < kLanes * U * sizeof(W); b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + b), _MM_HINT_T0);
+    }
     for (int u = 0; u < U; ++u) wv[u] = vload(w + k + kLanes * u);
     for (int m = 0; m < MT; ++m)
       for (int u = 0; u < U; ++u) acc[m][u] = vfma(wv[u], vload(x + m * K + k + kLanes * u), acc[m][u]);

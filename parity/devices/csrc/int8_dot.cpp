@@ -128,17 +128,17 @@ PARITY_INLINE void tile(const int8_t* w, int64_t ldw, const int16_t* x, int64_t 
   } else
 #endif
   {
-  for (int n = 0; n < NT; ++n)
-    for (int m = 0; m < MT; ++m) acc[n][m] = _mm256_setzero_si256();
-  for (int64_t k = 0; k < K; k += 16) {
-    __m256i wv[NT];
     for (int n = 0; n < NT; ++n)
-      wv[n] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + n * ldw + k)));
-    for (int m = 0; m < MT; ++m) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * ldx + k));
-      for (int n = 0; n < NT; ++n) acc[n][m] = _mm256_add_epi32(acc[n][m], _mm256_madd_epi16(wv[n], xv));
+      for (int m = 0; m < MT; ++m) acc[n][m] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < K; k += 16) {
+      __m256i wv[NT];
+      for (int n = 0; n < NT; ++n)
+        wv[n] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + n * ldw + k)));
+      for (int m = 0; m < MT; ++m) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * ldx + k));
+        for (int n = 0; n < NT; ++n) acc[n][m] = _mm256_add_epi32(acc[n][m], _mm256_madd_epi16(wv[n], xv));
+      }
     }
-  }
   }
   if constexpr (NT == 4) {
     for (int m = 0; m < MT; ++m) st.four(m0 + m, n0, hsum4(acc[0][m], acc[1][m], acc[2][m], acc[3][m]));
