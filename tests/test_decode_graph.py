@@ -342,3 +342,40 @@ def test_head_layout_is_chosen_per_bucket_and_follows_the_weight(monkeypatch):
     assert got == want
     for a, b in zip(lw, lg, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_float_head_on_the_cpp_op_runs_inside_the_step(monkeypatch):
+    """A float LM head that `fast_linear.native_linear` takes (fp32 model, a head of >= 4 MiB, <= 16 rows)
+    runs inside the step's graph on the C++ op at every bucket, so no head graph is called and its layout is
+    not timed; tokens and logits equal the eager model's. Above 16 rows, or with the op off, the head keeps
+    its graph of its own."""
+    from parity.devices import native_kernels
+    from parity.model import decode_graph, fast_linear
+
+    if not native_kernels.available():
+        pytest.skip("no C++ compiler here: the C++ ops are unavailable (logged)")
+    monkeypatch.setattr(
+        decode_graph.devices, "compiler", lambda device, whole_model=False, serial_kernels=False: lambda fn: fn
+    )
+    heads, in_step = [], []
+    real_step = decode_graph.decode_step
+
+    def step(*args):
+        in_step.append(args[-1])
+        return real_step(*args)
+
+    monkeypatch.setattr(decode_graph, "decode_step", step)
+    monkeypatch.setattr(decode_graph, "lm_head_rows", lambda *a: heads.append(len(a[0])) or lm_head_rows(*a))
+    vocab = fast_linear.ONEDNN_MIN_WEIGHT_BYTES // (64 * 4)  # a 4 MiB fp32 head at hidden 64
+    eager, fixed = _small_model(vocab_size=vocab), _small_model(vocab_size=vocab)
+    graph = fixed.decode_graph = DecodeGraph(fixed, "cpu", buckets=(1, 4))
+    batches = [3] * 4 + [1] * 2
+    te, le = _run(eager, [13, 2, 16], len(batches), batches=batches)
+    tf, lf = _run(fixed, [13, 2, 16], len(batches), batches=batches)
+    assert te == tf
+    for a, b in zip(le, lf, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    assert in_step == [True] * len(batches) and heads == []
+    assert graph._head_in_step(16) and not graph._head_in_step(17)
+    monkeypatch.setattr(native_kernels, "available", lambda: False)
+    assert not graph._head_in_step(4)

@@ -85,8 +85,8 @@ def make_decode_model(**overrides):
     from parity.config import CSA, HASH_MOE, HCA, MOE, SLIDING, load_preset
     from parity.model import build_model
 
+    overrides = {"vocab_size": 512, **overrides}
     cfg = load_preset("tiny").replace(
-        vocab_size=512,
         hidden_size=64,
         num_hidden_layers=3,
         layer_types=[SLIDING, CSA, HCA],

@@ -34,7 +34,7 @@ import torch
 
 from parity import devices
 from parity.devices import int8_gemm
-from parity.model import head_layout
+from parity.model import fast_linear, head_layout
 from parity.model.fixed_step import decode_step, head_operands, lm_head_rows
 from parity.model.layers import PLAIN_LINEARS
 
@@ -128,9 +128,9 @@ class DecodeGraph:
         function first called under another count). On the CPU the head is a graph of its own (static for one
         row, symbolic in the rows above), so that `_choose_head_layout` can time it against the [hidden, vocab]
         copy; on more than one thread the step's own kernels run serially (`parity.devices.compiler`
-        ``serial_kernels``) and the head is the one large parallel loop (an int8 head on the C++ op runs inside
-        the step's graph instead, `_int8_head_in_step`). Elsewhere the one-row head is inside the step's graph
-        (None here)."""
+        ``serial_kernels``) and the head is the one large parallel loop (a head on one of the C++ ops runs
+        inside the step's graph instead, `_head_in_step`). Elsewhere the one-row head is inside the step's
+        graph (None here)."""
         if not self.compile:
             return decode_step, None, lm_head_rows
         n = torch.get_num_threads()
@@ -169,6 +169,8 @@ class DecodeGraph:
         _, head_one, head_rows = self._compiled()
         if not self.compile or head_one is None or len(ops) != 1 or not head_layout.has_choice(ops[0]):
             return
+        if self._head_in_step(bucket):
+            return  # on the C++ op inside the step: the stored layout
         fn = head_one if bucket == 1 else head_rows
         copy = self._head_copy()
         fresh = copy is None
@@ -190,20 +192,23 @@ class DecodeGraph:
             "the copy" if columns else "the stored layout",
         )
 
-    def _int8_head_in_step(self, bucket: int) -> bool:
-        """Whether the ``bucket``'s LM head runs inside the step's graph on the CPU: an `Int8Linear` head whose
-        kernel at that row count is the C++ op (`parity.devices.int8_gemm.cpu_gemm_kernel` ``"native"``:
-        opaque to inductor, it threads itself over torch's intra-op pool and rescales each sum as it stores
-        it, so nothing of the head is left to the step's serial kernels). One compiled region per step
-        instead of two saves the second region's guard evaluation and prologue (~0.4 ms a step here). fp32
-        activations only (the op's fused rescale gives fp32; another dtype's separate rescale pass would run
-        among the serial kernels). A float head stays in a graph of its own (its layout is timed,
-        `_choose_head_layout`; on the CPU it is parity's C++ op `native_kernels.float_linear` where built,
-        else inductor's reduction, parallel only outside the step's serial kernels)."""
+    def _head_in_step(self, bucket: int) -> bool:
+        """Whether the ``bucket``'s LM head runs inside the step's graph on the CPU, on one of parity's C++ ops
+        (opaque to inductor, each threads itself over torch's intra-op pool, so nothing of the head is left to
+        the step's serial kernels): an `Int8Linear` head whose kernel at that row count is the C++ op
+        (`parity.devices.int8_gemm.cpu_gemm_kernel` ``"native"``, which rescales each sum as it stores it;
+        fp32 activations only: the fused rescale gives fp32, another dtype's separate rescale pass would run
+        among the serial kernels), or a float head the fp32 model's `fast_linear.native_linear` takes at
+        that row count (`native_kernels.float_linear`; its layout is then not timed: the op streams the
+        stored one). One compiled region per step instead of two saves the second region's guard evaluation
+        and prologue (~0.4 ms a step here). Otherwise the head is a graph of its own (a float head's layout
+        timed, `_choose_head_layout`)."""
         ops = head_operands(self.model)
-        if torch.device(self.device).type != "cpu" or len(ops) != 2:
+        if torch.device(self.device).type != "cpu" or self.model.dtype != torch.float32:
             return False
-        if self.model.dtype != torch.float32 or ops[1].dtype != torch.float32:
+        if len(ops) == 1:
+            return fast_linear.native_linear_applies(bucket, torch.float32, torch.device("cpu"), ops[0])
+        if ops[1].dtype != torch.float32:
             return False  # the fused rescale is fp32 only: other dtypes rescale in a pass of their own
         return int8_gemm.cpu_gemm_kernel(bucket) == "native"
 
@@ -283,7 +288,7 @@ class DecodeGraph:
                 torch._dynamo.mark_dynamic(e, 1)
         one = len(states) == 1
         step, head_one, head_rows = self._compiled()
-        in_step = (one and head_one is None) or self._int8_head_in_step(B + pad)
+        in_step = (one and head_one is None) or self._head_in_step(B + pad)
         out, new_ents, new_ikeys = step(
             self.model, ids, pos, windows, comp_states, entries, index_keys, kv_fp8, index_fp4, in_step
         )

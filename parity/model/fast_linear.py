@@ -80,23 +80,28 @@ def native_linear(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | No
     compiled graph does not see a later precision switch), and the C++ ops built (`native_kernels.available`;
     `parity.devices.compiler` loads them before it traces a CPU graph). Returns fp32 [M, out] or None.
     """
+    if flat.dim() != 2 or not native_linear_applies(flat.shape[0], flat.dtype, flat.device, weight):
+        return None
+    return native_kernels.float_linear(flat, weight)
+
+
+def native_linear_applies(rows: int, dtype: torch.dtype, device: torch.device, weight: torch.Tensor) -> bool:
+    """Whether `native_linear` takes a product of ``rows`` activation rows of ``dtype`` on ``device`` with
+    ``weight`` (the conditions listed there; the C++ ops are built on the first eager call)."""
     if not (
-        flat.device.type == "cpu"
-        and flat.dtype == torch.float32
-        and flat.dim() == 2
-        and 0 < flat.shape[0] <= NATIVE_MAX_ROWS
+        device.type == "cpu"
+        and dtype == torch.float32
+        and 0 < rows <= NATIVE_MAX_ROWS
         and weight.dim() == 2
         and weight.device.type == "cpu"
         and weight.is_contiguous()
         and weight.dtype in (torch.float32, torch.bfloat16)
         and weight.numel() * weight.element_size() >= ONEDNN_MIN_WEIGHT_BYTES
     ):
-        return None
+        return False
     if not torch.compiler.is_compiling() and torch.get_float32_matmul_precision() != "highest":
-        return None
-    if not native_kernels.available():
-        return None
-    return native_kernels.float_linear(flat, weight)
+        return False
+    return native_kernels.available()
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
