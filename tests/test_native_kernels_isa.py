@@ -164,3 +164,26 @@ def test_avx512_and_avx2_builds_give_the_same_bits():
     wide, avx2 = _probe(None), _probe("avx2")
     assert wide.pop("isa").startswith("avx512") and avx2.pop("isa") == "avx2"
     assert wide == avx2
+
+
+@pytest.mark.slow
+def test_the_widest_x86_build_compiles_on_narrower_cpus():
+    """The sources compile with the widest build's flags (its code paths include the narrower ones') on an x86
+    machine with a C++ compiler whose CPU runs a narrower build (a syntax-and-types pass, nothing loaded: an
+    AVX-512 binary must not run on an AVX2 CPU); where the CPU runs the widest, the real build compiles it."""
+    import platform
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    isa = list(native_kernels.ISA_FLAGS)[-1]
+    compiler = os.environ.get("CXX", "c++")
+    if platform.machine().lower() not in ("x86_64", "amd64") or shutil.which(compiler) is None:
+        pytest.skip("needs an x86 machine with a C++ compiler")
+    if native_kernels.cpu_isa() == isa:
+        pytest.skip(f"this CPU builds {isa} itself (the other tests load it)")
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    for src in native_kernels.SOURCES:
+        cmd = [compiler, "-fsyntax-only", "-std=c++17", *native_kernels._build_flags(isa)[1], *includes, str(src)]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, f"{isa} {src.name}:\n{run.stderr[-3000:]}"
