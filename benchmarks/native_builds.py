@@ -80,22 +80,34 @@ def run_build(isa: str, threads: int) -> dict:
     return out
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     order = list(native_kernels.ISA_FLAGS)
-    widest = native_kernels.cpu_isa()
-    default = order[order.index("avx2") : order.index(widest) + 1] if widest != "generic" else []
-    ap.add_argument("--isas", default=",".join(default), help="comma-separated builds (first = baseline)")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads of each worker")
-    ap.add_argument("--rounds", type=int, default=3)
+    widest = native_kernels._widest_isa()  # the CPU's own, whatever $PARITY_NATIVE_ISA says (set per worker)
+    runs_here = order[: order.index(widest) + 1]
+    default = runs_here[runs_here.index("avx2") :] if "avx2" in runs_here else runs_here
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--isas",
+        default=",".join(default),
+        help=f"comma-separated builds, the first the baseline (this CPU runs {', '.join(runs_here)}; "
+        f"default {','.join(default)})",
+    )
+    ap.add_argument("--threads", type=_positive, default=1, help="torch intra-op threads of each worker")
+    ap.add_argument("--rounds", type=_positive, default=3, help="interleaved rounds (>= 1)")
     a = ap.parse_args()
-    isas = [i.strip() for i in a.isas.split(",") if i.strip()]
-    if len(isas) < 2:
-        raise SystemExit(f"need two builds or more to compare; this CPU runs at most {widest!r} (--isas)")
+    isas = list(dict.fromkeys(i.strip().lower() for i in a.isas.split(",") if i.strip()))  # in order, once each
     for isa in isas:
-        if isa not in native_kernels.ISA_FLAGS or order.index(isa) > order.index(widest):
-            runs_here = ", ".join(order[: order.index(widest) + 1])
-            raise SystemExit(f"--isas: {isa!r} is not a build this CPU runs ({runs_here})")
+        if isa not in runs_here:
+            ap.error(f"--isas: {isa!r} is not a build this CPU runs ({', '.join(runs_here)})")
+    if len(isas) < 2:
+        ap.error(f"--isas: need two different builds or more to compare; this CPU runs {', '.join(runs_here)}")
     runs: dict[str, list[dict]] = {isa: [] for isa in isas}
     for r in range(a.rounds):
         for isa in isas if r % 2 == 0 else isas[::-1]:  # A B, B A, ...

@@ -187,3 +187,22 @@ def test_the_widest_x86_build_compiles_on_narrower_cpus():
         cmd = [compiler, "-fsyntax-only", "-std=c++17", *native_kernels._build_flags(isa)[1], *includes, str(src)]
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, f"{isa} {src.name}:\n{run.stderr[-3000:]}"
+
+
+def test_the_off_switch_and_the_status_line(monkeypatch):
+    monkeypatch.delenv(native_kernels.OLD_ENV_SWITCH, raising=False)
+    for value, off in (("0", True), (" False ", True), ("off", True), ("NO", True), ("1", False), ("", False)):
+        monkeypatch.setenv(native_kernels.ENV_SWITCH, value)
+        assert native_kernels.switched_off() is off, value
+    monkeypatch.setattr(native_kernels, "_state", {})
+    monkeypatch.setenv(native_kernels.ENV_SWITCH, "0")
+    assert native_kernels.status() == "off (PARITY_NATIVE_KERNELS=0)"
+    monkeypatch.setenv(native_kernels.ENV_SWITCH, "1")
+    monkeypatch.setenv(native_kernels.ISA_SWITCH, "avx9")
+    assert native_kernels.status().startswith("unavailable (PARITY_NATIVE_ISA='avx9'")
+    monkeypatch.setenv(native_kernels.ISA_SWITCH, "generic")
+    assert native_kernels.status() == "generic build (built or loaded on first use)"
+    monkeypatch.setattr(native_kernels, "_state", {"ok": True, "isa": "avx2"})
+    assert native_kernels.status() == "avx2 build loaded"
+    monkeypatch.setattr(native_kernels, "_state", {"ok": False, "why": "unavailable (the generic build failed: X)"})
+    assert native_kernels.status() == "unavailable (the generic build failed: X)"

@@ -16,6 +16,7 @@ LABELS = {
     "total_memory_bytes": "device memory",
     "dtypes": "dtypes",
     "available": "device types here",
+    "cpu_kernels": "parity's C++ CPU ops",
 }
 
 
@@ -51,6 +52,7 @@ def run(args) -> int:
     import torch
 
     from parity import devices
+    from parity.devices import native_kernels
 
     info = devices.describe("auto")
     out = {
@@ -58,6 +60,7 @@ def run(args) -> int:
         "auto_device": f"{info.type}" + (f":{info.index}" if info.index is not None else ""),
         **dataclasses.asdict(info),
         "available": [t for t in devices.KNOWN_TYPES if devices.is_available(t)],
+        "cpu_kernels": native_kernels.status(),  # which build a CPU run loads (not built here)
     }
     if args.json:
         print(json.dumps(out, indent=2))

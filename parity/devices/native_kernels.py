@@ -40,7 +40,8 @@ its eight-lane loops (a sixteen-lane form was slower there). On an x86 CPU witho
 architectures the same loops build as plain C++.
 
 A machine without a compiler, or a failing build, leaves `available()` False (logged once) and torch's
-kernels (and the other INT8 kernels) in use; ``PARITY_NATIVE_KERNELS=0`` turns the ops off without trying.
+kernels (and the other INT8 kernels) in use; ``PARITY_NATIVE_KERNELS=0`` (or false / off / no) turns the ops
+off without trying.
 """
 
 from __future__ import annotations
@@ -172,9 +173,35 @@ def available() -> bool:
     return load()
 
 
+#: Values of `ENV_SWITCH` that turn the ops off (blanks and case ignored).
+OFF_VALUES = ("0", "false", "off", "no")
+
+
+def switched_off() -> bool:
+    """Whether ``$PARITY_NATIVE_KERNELS`` (or its earlier name ``$PARITY_NATIVE_INT8``) turns the ops off."""
+    value = os.environ.get(ENV_SWITCH, os.environ.get(OLD_ENV_SWITCH, "1"))
+    return value.strip().lower() in OFF_VALUES
+
+
+def status() -> str:
+    """One line on the C++ ops for logs and `parity doctor`, without building them: the build loaded in this
+    process, why they are off or unavailable, or which build a first use would load."""
+    if _state.get("ok"):
+        return f"{_state['isa']} build loaded"
+    if "ok" in _state:
+        return _state.get("why", "unavailable")
+    if switched_off():
+        return f"off ({ENV_SWITCH}=0)"
+    try:
+        return f"{cpu_isa()} build (built or loaded on first use)"
+    except ValueError as e:
+        return f"unavailable ({e})"
+
+
 def _try_load() -> bool:
-    if os.environ.get(ENV_SWITCH, os.environ.get(OLD_ENV_SWITCH, "1")) == "0":
+    if switched_off():
         log.info("C++ kernels off (%s=0)", ENV_SWITCH)
+        _state["why"] = f"off ({ENV_SWITCH}=0)"
         return False
     try:
         from torch.utils import cpp_extension
@@ -187,6 +214,7 @@ def _try_load() -> bool:
             raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX or install g++)")
     except Exception as e:  # noqa: BLE001 - a bad override, no ninja: the other kernels serve
         log.warning("C++ kernels unavailable (%s: %s); using torch's kernels", type(e).__name__, e)
+        _state["why"] = f"unavailable ({e})"
         return False
     order = list(ISA_FLAGS)
     candidates = order[: order.index(isa) + 1][::-1]  # the chosen build, then each narrower one
@@ -209,6 +237,7 @@ def _try_load() -> bool:
                 )
                 continue
             log.warning("C++ kernels unavailable (%s: %s); using torch's kernels", type(e).__name__, e)
+            _state["why"] = f"unavailable (the {cand} build failed: {type(e).__name__})"
             return False
         _register_fakes()
         _state["isa"] = cand

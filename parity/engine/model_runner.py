@@ -133,6 +133,13 @@ def prepare_step_path(
         The `StepPath`. A compile that fails (e.g. no C++ compiler for inductor) is logged and leaves the
         engine eager, it never stops the engine.
     """
+    if torch.device(device).type == "cpu" and hasattr(model, "new_state"):
+        # parity's C++ CPU ops: built (first time on a machine) or loaded now rather than in the first
+        # request, and the build named in the log (a failure is logged as a warning; torch's kernels serve)
+        from parity.devices import native_kernels
+
+        native_kernels.load()
+        log.info("parity's C++ CPU ops: %s", native_kernels.status())
     if wants_eager(enforce_eager, device) or not hasattr(model, "new_state"):
         sp = StepPath("eager", str(device))
         log.info("engine step path: eager on %s", device)
