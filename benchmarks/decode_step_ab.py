@@ -53,7 +53,8 @@ def _threshold(variant: str) -> int:
 
 class ParallelKernelsGraph(DecodeGraph):
     """The compiled step with inductor's OpenMP kernels at every thread count and the one-row head inside
-    the step's graph (`DecodeGraph` on more than one thread: serial kernels, the head a graph of its own)."""
+    the step's graph (`DecodeGraph` on more than one thread: serial kernels, the head a graph of its own
+    unless it runs on one of parity's C++ ops inside the step, `DecodeGraph._head_in_step`, inherited here)."""
 
     def _compiled(self) -> tuple:
         n = torch.get_num_threads()

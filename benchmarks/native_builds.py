@@ -6,10 +6,11 @@ runs from ``avx2`` up (or the ones given with ``--isas``) on the decode shapes o
 (benchmarks/vs_llamacpp.py): the LM head 129,280 x 256 at 1, 4 and 8 rows as fp32 and bf16
 (`float_linear`) and as int8 with the fused rescale (`int8_linear`), and the gathered W8A8 routed experts
 (`int8_gathered_linear`, 48 rows over 64 experts of 512 x 256). Each build runs in a process of its own
-(all register the same op names), the processes interleaved A B A B for ``--rounds`` rounds; each
+(all register the same op names), the processes interleaved A B, B A, ... for ``--rounds`` rounds; each
 process prints the median of 15 calls per op (ms); the table gives the median over rounds per build and
 the ratio of each build to the first (> 1: the first is slower). The int8 sums are exact on every build
-and the float ones share one summation order, so the processes' outputs are compared bit for bit too.
+and the AVX2 and AVX-512 builds' float products share one summation order, so the processes' outputs are
+compared bit for bit too (the generic build sums in order: its float outputs differ).
 
 Usage:
     .venv/bin/python benchmarks/native_builds.py [--isas avx2,avx512vnni] [--threads 1] [--rounds 3]
@@ -68,7 +69,8 @@ print(json.dumps({"isa": nk.loaded_isa(), "times": times, "digest": digest.hexdi
 def run_build(isa: str, threads: int) -> dict:
     """One worker process with ``PARITY_NATIVE_ISA=isa``: its times (ms) and the digest of its outputs.
     Raises SystemExit with the worker's error when it fails."""
-    env = {**os.environ, native_kernels.ISA_SWITCH: isa, "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, native_kernels.ISA_SWITCH: isa, "PYTHONPATH": path}
     shapes = [str(v) for v in (VOCAB, HIDDEN, EXPERTS, EXPERT_ROWS, GATHERED_ROWS)]
     cmd = [sys.executable, "-c", _WORKER, str(threads), *shapes]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True)

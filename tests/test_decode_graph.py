@@ -344,13 +344,15 @@ def test_head_layout_is_chosen_per_bucket_and_follows_the_weight(monkeypatch):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
 
 
-def test_float_head_on_the_cpp_op_runs_inside_the_step(monkeypatch):
-    """A float LM head that `fast_linear.native_linear` takes (fp32 model, a head of >= 4 MiB, <= 16 rows)
-    runs inside the step's graph on the C++ op at every bucket, so no head graph is called and its layout is
-    not timed; tokens and logits equal the eager model's. Above 16 rows, or with the op off, the head keeps
-    its graph of its own."""
+@pytest.mark.parametrize("stored", ["fp32", "bf16"])
+def test_float_head_on_the_cpp_op_runs_inside_the_step(monkeypatch, stored):
+    """A float LM head that `fast_linear.native_linear` takes (fp32 model, an fp32 or bf16-stored head of
+    >= 4 MiB, <= 16 rows) runs inside the step's graph on the C++ op at every bucket, so no head graph is
+    called and warm-up does not time its layout; tokens and logits equal the eager model's. The decision is
+    made once per (threads, bucket). Above 16 rows, or with the op off, the head keeps its graph of its own."""
     from parity.devices import native_kernels
-    from parity.model import decode_graph, fast_linear
+    from parity.model import decode_graph, fast_linear, head_layout
+    from parity.model.weight_storage import store_weights_
 
     if not native_kernels.available():
         pytest.skip("no C++ compiler here: the C++ ops are unavailable (logged)")
@@ -366,9 +368,18 @@ def test_float_head_on_the_cpp_op_runs_inside_the_step(monkeypatch):
 
     monkeypatch.setattr(decode_graph, "decode_step", step)
     monkeypatch.setattr(decode_graph, "lm_head_rows", lambda *a: heads.append(len(a[0])) or lm_head_rows(*a))
-    vocab = fast_linear.ONEDNN_MIN_WEIGHT_BYTES // (64 * 4)  # a 4 MiB fp32 head at hidden 64
+    width = 4 if stored == "fp32" else 2
+    vocab = fast_linear.ONEDNN_MIN_WEIGHT_BYTES // (64 * width)  # a 4 MiB head at hidden 64
     eager, fixed = _small_model(vocab_size=vocab), _small_model(vocab_size=vocab)
-    graph = fixed.decode_graph = DecodeGraph(fixed, "cpu", buckets=(1, 4))
+    if stored == "bf16":
+        for m in (eager, fixed):
+            assert store_weights_(m) > 0
+        assert fixed.lm_head.weight.dtype == torch.bfloat16
+    graph = fixed.decode_graph = DecodeGraph(fixed, "cpu", buckets=(1, 2, 4))
+    monkeypatch.setattr(head_layout, "choose", lambda *a: pytest.fail("a head inside the step is not timed"))
+    graph.warm_up((1, 4))
+    heads.clear()
+    in_step.clear()
     batches = [3] * 4 + [1] * 2
     te, le = _run(eager, [13, 2, 16], len(batches), batches=batches)
     tf, lf = _run(fixed, [13, 2, 16], len(batches), batches=batches)
@@ -376,6 +387,11 @@ def test_float_head_on_the_cpp_op_runs_inside_the_step(monkeypatch):
     for a, b in zip(le, lf, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
     assert in_step == [True] * len(batches) and heads == []
-    assert graph._head_in_step(16) and not graph._head_in_step(17)
+    # a bucket of more padded rows than MAX_PADDED_FLOAT_HEAD_ROWS keeps the head apart (it would compute them)
+    wide = DecodeGraph(fixed, "cpu", buckets=(1, 2, 4, 8))
+    assert wide._max_padding(8) == 3 and not wide._head_in_step(8) and wide._head_in_step(2)
+    monkeypatch.setattr(DecodeGraph, "_max_padding", lambda self, bucket: 0)
+    assert wide._head_in_step(16) and not wide._head_in_step(17)  # the op's row limit
     monkeypatch.setattr(native_kernels, "available", lambda: False)
-    assert not graph._head_in_step(4)
+    assert graph._head_in_step(4)  # decided once: no switch (and recompile) mid-run
+    assert not DecodeGraph(fixed, "cpu", buckets=(1, 4))._head_in_step(4)

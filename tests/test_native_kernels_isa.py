@@ -81,6 +81,9 @@ def test_cpu_isa_override_lowers_and_rejects_bad_names(x86, monkeypatch):
 def test_load_with_a_bad_override_or_no_ninja_turns_the_ops_off_with_a_warning(monkeypatch, caplog):
     from torch.utils import cpp_extension
 
+    monkeypatch.delenv(native_kernels.ENV_SWITCH, raising=False)
+    monkeypatch.delenv(native_kernels.OLD_ENV_SWITCH, raising=False)
+
     monkeypatch.setattr(native_kernels, "_state", {})
     monkeypatch.setenv(native_kernels.ISA_SWITCH, "avx9")
     with caplog.at_level(logging.WARNING, logger="parity.devices"):
@@ -94,10 +97,15 @@ def test_load_with_a_bad_override_or_no_ninja_turns_the_ops_off_with_a_warning(m
     with caplog.at_level(logging.WARNING, logger="parity.devices"):
         assert native_kernels.load() is False
     assert "ninja is not installed" in caplog.text
+    monkeypatch.setattr(native_kernels, "_state", {})
+    assert native_kernels.status() == "unavailable (ninja is not installed (pip install ninja))"
 
 
-def test_a_failed_wide_build_falls_back_to_the_next_narrower(monkeypatch, caplog):
+def test_a_failed_avx512_build_falls_back_to_avx2(monkeypatch, caplog):
     from torch.utils import cpp_extension
+
+    monkeypatch.delenv(native_kernels.ENV_SWITCH, raising=False)
+    monkeypatch.delenv(native_kernels.OLD_ENV_SWITCH, raising=False)
 
     monkeypatch.setattr(native_kernels, "_state", {})
     monkeypatch.setattr(native_kernels, "cpu_isa", lambda: "avx512vnni")
@@ -114,9 +122,10 @@ def test_a_failed_wide_build_falls_back_to_the_next_narrower(monkeypatch, caplog
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     with caplog.at_level(logging.WARNING, logger="parity.devices"):
         assert native_kernels.load() is True
-    assert tried == ["parity_native_avx512vnni", "parity_native_avx512", "parity_native_avx2"]
+    assert tried == ["parity_native_avx512vnni", "parity_native_avx2"]
     assert native_kernels.loaded_isa() == "avx2"
-    assert "the avx512vnni build failed" in caplog.text and "trying avx512" in caplog.text
+    assert "the avx512vnni build failed (RuntimeError: Error building extension" in caplog.text
+    assert "trying avx2" in caplog.text
     # every build failing: off, with the last reason
     monkeypatch.setattr(native_kernels, "_state", {})
 
@@ -127,7 +136,23 @@ def test_a_failed_wide_build_falls_back_to_the_next_narrower(monkeypatch, caplog
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="parity.devices"):
         assert native_kernels.load() is False
-    assert "Error building extension 'parity_native_generic'" in caplog.text and native_kernels.loaded_isa() is None
+    assert "Error building extension 'parity_native_avx2'" in caplog.text and native_kernels.loaded_isa() is None
+    assert native_kernels.status() == "unavailable (the avx2 build failed: RuntimeError)"
+    # an AVX2 build that fails is not retried as plain C++ (it would fail the same way)
+    monkeypatch.setattr(native_kernels, "_state", {})
+    monkeypatch.setattr(native_kernels, "cpu_isa", lambda: "avx2")
+    tried.clear()
+    monkeypatch.setattr(cpp_extension, "load", lambda name, **kw: tried.append(name) or failing_load(name))
+    assert native_kernels.load() is False and tried == ["parity_native_avx2"]
+    # the ops loaded but their fakes cannot be registered: off, not an exception out of load()
+    monkeypatch.setattr(native_kernels, "_state", {})
+    monkeypatch.setattr(cpp_extension, "load", lambda name, **kw: None)
+
+    def bad_fakes():
+        raise RuntimeError("fake already registered")
+
+    monkeypatch.setattr(native_kernels, "_register_fakes", bad_fakes)
+    assert native_kernels.load() is False and "registering the fakes failed" in native_kernels.status()
 
 
 _PROBE = """
@@ -157,7 +182,7 @@ def _probe(isa: str | None) -> dict:
 
 @pytest.mark.slow
 def test_avx512_and_avx2_builds_give_the_same_bits():
-    """An AVX-512 build's int8 sums (32-lane tiles) and float products (the same eight-lane loops) equal the
+    """An AVX-512 build's int8 sums (32-lane tiles with VNNI) and float products (the same eight-lane loops) equal the
     AVX2 build's bit for bit (each build in a process of its own: both register the same op names)."""
     if not native_kernels.cpu_isa().startswith("avx512") or not native_kernels.available():
         pytest.skip("needs a CPU with AVX-512 and the C++ ops")
@@ -184,7 +209,7 @@ def test_the_widest_x86_build_compiles_on_narrower_cpus():
         pytest.skip(f"this CPU builds {isa} itself (the other tests load it)")
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     for src in native_kernels.SOURCES:
-        cmd = [compiler, "-fsyntax-only", "-std=c++17", *native_kernels._build_flags(isa)[1], *includes, str(src)]
+        cmd = [compiler, "-fsyntax-only", "-std=c++20", *native_kernels._build_flags(isa)[1], *includes, str(src)]
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, f"{isa} {src.name}:\n{run.stderr[-3000:]}"
 
@@ -197,6 +222,10 @@ def test_the_off_switch_and_the_status_line(monkeypatch):
     monkeypatch.setattr(native_kernels, "_state", {})
     monkeypatch.setenv(native_kernels.ENV_SWITCH, "0")
     assert native_kernels.status() == "off (PARITY_NATIVE_KERNELS=0)"
+    monkeypatch.delenv(native_kernels.ENV_SWITCH)
+    monkeypatch.setenv(native_kernels.OLD_ENV_SWITCH, " Off ")
+    assert native_kernels.status() == "off (PARITY_NATIVE_INT8=Off)"
+    monkeypatch.delenv(native_kernels.OLD_ENV_SWITCH)
     monkeypatch.setenv(native_kernels.ENV_SWITCH, "1")
     monkeypatch.setenv(native_kernels.ISA_SWITCH, "avx9")
     assert native_kernels.status().startswith("unavailable (PARITY_NATIVE_ISA='avx9'")

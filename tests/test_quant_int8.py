@@ -112,7 +112,7 @@ def _reference_linear(xq, xs, wq, ws, out_dtype):
 @pytest.mark.parametrize("shape", [(1, 64, 32), (17, 60, 30), (3, 7, 5), (8, 2048, 6), (2, 1100, 4)])
 def test_int8_gemm_kernels_agree(shape):
     """The C++ ops (K a multiple of 16 in AVX2 vectors, of 32 in the 32-lane
-    vectors of AVX-512 builds, else the plain loops), int_mm, the widened fp32 GEMM,
+    vectors of AVX-512 VNNI builds, else the plain loops), int_mm, the widened fp32 GEMM,
     the reduction over words (run eager here: the same ops the compiled step fuses for gathered experts; int8
     read as int32 words or as bytes; fp32 sums, fp32 runs of 1024 in float64, int32) and the float64 dequant give
     the same exact sums, rescaled once."""
@@ -418,7 +418,7 @@ def test_widened_gemm_blocks_reuse_one_buffer_and_stay_exact(monkeypatch):
 
 def test_native_kernels_ops_exact_and_checked():
     """The C++ ops give the exact integer sums (AVX2 tiles of 4 weight rows x 2 activation rows and their
-    remainders, K a multiple of 16 or not; in AVX-512 builds 32-lane tiles where K is a multiple of 32 and
+    remainders, K a multiple of 16 or not; in AVX-512 VNNI builds 32-lane tiles where K is a multiple of 32 and
     the 16-lane ones where it is only one of 16; -128 on both sides), and their fused-rescale forms the float64
     rescale of `rescale_sums` bit for bit; gathered rows read their own expert and its scales, and bad
     operands raise an error naming the op and the problem."""

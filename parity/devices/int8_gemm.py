@@ -6,7 +6,7 @@ with the best kernel the device offers, chosen by `kernel_for`:
 - ``"npu_quant_matmul"``: Ascend, `torch_npu.npu_quant_matmul` (int8 x int8 with per-channel weight
   scale and per-token activation scale fused), the kernel vllm-ascend's W8A8_DYNAMIC linear calls;
 - ``"native"`` (CPU): the C++ ops of `parity.devices.native_kernels` (int8 widened to int16, pairwise products
-  into int32 lanes: AVX2 ``vpmaddwd``, or 32-lane AVX-512 ``vpmaddwd`` / VNNI ``vpdpwssd`` where K % 32 == 0 in
+  into int32 lanes: AVX2 ``vpmaddwd``, or 32-lane AVX512-VNNI ``vpdpwssd`` where K % 32 == 0 in
   AVX-512 builds), built on first use where a compiler is present; also what the
   compiled step's gathered routed experts call (`gathered_int8_kernel`);
 - ``"int_mm"``: `torch._int_mm` (CPU: any shape; CUDA: needs M > 16 and K, N multiples of 8, PyTorch

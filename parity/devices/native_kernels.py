@@ -32,11 +32,12 @@ exists because torch's own CPU INT8 GEMM (``torch._int_mm``) takes oneDNN's int8
 VNNI and otherwise runs a scalar loop (3-4 GOP/s on AMD Zen 3), and the widened fp32 GEMM reads and writes 4
 bytes per weight (docs/benchmarks.md, "Low-precision weights on the CPU": the 129,280 x 256 int8 head at 8
 rows, 1 thread, 6.3 ms here vs 19 ms).
-On an x86 CPU with AVX-512 the build is ``avx512`` or ``avx512vnni`` (`cpu_isa`): the INT8 tiles run
-32-lane (AVX512BW ``vpmaddwd``, with VNNI the fused ``vpdpwssd``; the same exact sums) where K is a multiple of
-32: the 129,280 x 256 int8 head at 8 rows 3.6-3.9 vs 4.3-5.8 ms for the AVX2 build, the gathered W8A8
-experts (48 rows) 0.12 vs 0.16-0.20 ms (AMD EPYC Zen 4, 1 thread, builds interleaved); the float op keeps
-its eight-lane loops (a sixteen-lane form was slower there). On an x86 CPU without AVX2 and on other
+On an x86 CPU with AVX-512 the build is ``avx512`` or ``avx512vnni`` (`cpu_isa`). With VNNI the INT8 tiles
+run 32-lane (the fused ``vpdpwssd``; the same exact sums) where K is a multiple of 32: the 129,280 x 256 int8
+head at 4-8 rows 1.17-1.22x the AVX2 build (AMD EPYC Zen 4, 1 thread, benchmarks/native_builds.py; the
+gathered experts' result is not settled: docs/benchmarks.md "Zen 4 (AVX-512)"); without VNNI the AVX2
+tiles. The float op keeps its eight-lane loops in every build (a sixteen-lane form was slower there) and
+prefetches in AVX2 builds only. On an x86 CPU without AVX2 and on other
 architectures the same loops build as plain C++.
 
 A machine without a compiler, or a failing build, leaves `available()` False (logged once) and torch's
@@ -57,16 +58,18 @@ from pathlib import Path
 
 import torch
 
+from parity.errors import first_line
+
 log = logging.getLogger("parity.devices")
 
 SOURCES = (Path(__file__).parent / "csrc" / "int8_dot.cpp", Path(__file__).parent / "csrc" / "float_dot.cpp")
-#: Environment switch: "0" keeps the C++ ops unloaded (torch's kernels serve, and the other INT8 kernels of
-#: `parity.devices.int8_gemm`).
+#: Environment switch: "0" (or another of `OFF_VALUES`) keeps the C++ ops unloaded (torch's kernels serve,
+#: and the other INT8 kernels of `parity.devices.int8_gemm`).
 ENV_SWITCH = "PARITY_NATIVE_KERNELS"
 #: The switch's earlier name (when the ops were INT8 only), still honoured.
 OLD_ENV_SWITCH = "PARITY_NATIVE_INT8"
 
-_state: dict[str, bool] = {}
+_state: dict[str, bool | str] = {}  # "ok": loaded; "isa": the build loaded; "why": why not
 _lock = threading.Lock()
 
 
@@ -150,9 +153,9 @@ def _build_flags(isa: str | None = None) -> tuple[str, list[str]]:
 
 def load() -> bool:
     """Build (first time on this machine) and load the ops; True when ``torch.ops.parity_native`` has them.
-    Thread-safe, tried once per process; a failure is logged with its reason and returns False. A build
-    for a wide instruction set that fails (an old compiler or assembler without AVX-512 support) is retried
-    for each narrower one (`ISA_FLAGS`), down to plain C++; `loaded_isa` says which one loaded."""
+    Thread-safe, tried once per process; a failure is logged with its reason and returns False. An AVX-512
+    build that fails (an old compiler or assembler without AVX-512 support) is retried as the AVX2 build;
+    `loaded_isa` says which one loaded."""
     with _lock:
         if "ok" not in _state:
             _state["ok"] = _try_load()
@@ -179,8 +182,26 @@ OFF_VALUES = ("0", "false", "off", "no")
 
 def switched_off() -> bool:
     """Whether ``$PARITY_NATIVE_KERNELS`` (or its earlier name ``$PARITY_NATIVE_INT8``) turns the ops off."""
-    value = os.environ.get(ENV_SWITCH, os.environ.get(OLD_ENV_SWITCH, "1"))
-    return value.strip().lower() in OFF_VALUES
+    return _off_reason() is not None
+
+
+def _off_reason() -> str | None:
+    """``"off (NAME=value)"`` of the switch that turns the ops off, else None."""
+    name = ENV_SWITCH if ENV_SWITCH in os.environ else OLD_ENV_SWITCH
+    value = os.environ.get(name, "1")
+    return f"off ({name}={value.strip()})" if value.strip().lower() in OFF_VALUES else None
+
+
+def _missing_tool() -> str | None:
+    """What a build would lack (ninja, a C++ compiler), else None."""
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler {compiler!r} on PATH (set CXX or install g++)"
+    return None
 
 
 def status() -> str:
@@ -190,34 +211,34 @@ def status() -> str:
         return f"{_state['isa']} build loaded"
     if "ok" in _state:
         return _state.get("why", "unavailable")
-    if switched_off():
-        return f"off ({ENV_SWITCH}=0)"
+    if (off := _off_reason()) is not None:
+        return off
     try:
-        return f"{cpu_isa()} build (built or loaded on first use)"
+        isa = cpu_isa()
     except ValueError as e:
         return f"unavailable ({e})"
+    missing = _missing_tool()
+    return f"unavailable ({missing})" if missing else f"{isa} build (built or loaded on first use)"
 
 
 def _try_load() -> bool:
-    if switched_off():
-        log.info("C++ kernels off (%s=0)", ENV_SWITCH)
-        _state["why"] = f"off ({ENV_SWITCH}=0)"
+    if (off := _off_reason()) is not None:
+        log.info("C++ kernels %s", off)
+        _state["why"] = off
         return False
     try:
         from torch.utils import cpp_extension
 
         isa = cpu_isa()
-        if not cpp_extension.is_ninja_available():
-            raise RuntimeError("ninja is not installed (pip install ninja)")
-        compiler = os.environ.get("CXX", "c++")
-        if shutil.which(compiler) is None:
-            raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX or install g++)")
+        if (missing := _missing_tool()) is not None:
+            raise RuntimeError(missing)
     except Exception as e:  # noqa: BLE001 - a bad override, no ninja: the other kernels serve
         log.warning("C++ kernels unavailable (%s: %s); using torch's kernels", type(e).__name__, e)
         _state["why"] = f"unavailable ({e})"
         return False
-    order = list(ISA_FLAGS)
-    candidates = order[: order.index(isa) + 1][::-1]  # the chosen build, then each narrower one
+    # the chosen build, then for an AVX-512 one the AVX2 build (an old compiler or assembler without AVX-512);
+    # an AVX2 build that fails would fail as plain C++ too (a source, header or disk problem)
+    candidates = [isa, "avx2"] if isa.startswith("avx512") else [isa]
     for i, cand in enumerate(candidates):
         name, flags = _build_flags(cand)
         t0 = time.perf_counter()
@@ -232,14 +253,17 @@ def _try_load() -> bool:
             )
         except Exception as e:  # noqa: BLE001 - no compiler, a build error: a narrower build, or torch's kernels
             if i + 1 < len(candidates):
-                log.warning(
-                    "C++ kernels: the %s build failed (%s: %s); trying %s", cand, type(e).__name__, e, candidates[i + 1]
-                )
+                log.warning("C++ kernels: the %s build failed (%s); trying %s", cand, first_line(e), candidates[i + 1])
                 continue
-            log.warning("C++ kernels unavailable (%s: %s); using torch's kernels", type(e).__name__, e)
+            log.warning("C++ kernels unavailable (%s); using torch's kernels", first_line(e))
             _state["why"] = f"unavailable (the {cand} build failed: {type(e).__name__})"
             return False
-        _register_fakes()
+        try:
+            _register_fakes()
+        except Exception as e:  # noqa: BLE001 - the ops loaded but cannot be traced: torch's kernels serve
+            log.warning("C++ kernels unavailable (registering their fakes failed: %s)", first_line(e))
+            _state["why"] = f"unavailable (registering the fakes failed: {type(e).__name__})"
+            return False
         _state["isa"] = cand
         log.info("C++ kernels %s ready in %.1f s", name, time.perf_counter() - t0)
         return True

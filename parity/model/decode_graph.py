@@ -89,14 +89,24 @@ def _stacked_blocks(blocks_per_seq: list[list[torch.Tensor]], zero: torch.Tensor
 BATCH_BUCKETS = (1, 2, 4, 8, 16)
 
 
+#: The most padded rows a bucket may carry for its float LM head to run inside the step (`_head_in_step`):
+#: there the C++ op computes the scratch rows too. Measured (fp32 benchmark miniature, 1 thread, AMD EPYC
+#: Zen 4, 4 interleaved rounds, tokens/s): batch 3 in bucket 4 (one padded row) 167-178 inside vs 163-177
+#: apart (a tie); batch 5 in bucket 8 (three) 227-244 inside vs 270-303 apart (docs/benchmarks.md, Zen 4).
+MAX_PADDED_FLOAT_HEAD_ROWS = 1
+
+
 class DecodeGraph:
     """The model's decode steps through the compiled `decode_step` (one graph per batch bucket, symbolic in
     the entry count). Above one row the LM head GEMV is a second graph symbolic in the batch
     (`lm_head_rows`): inductor's reduction streams the weight ~2x faster with symbolic rows than with a
     static 8, and with its input computed in the other graph it cannot inline the norm into the weight
     loop (docs/benchmarks.md, "Decode on the CPU"). On the CPU the head of one row is a static graph of its
-    own and each bucket's head layout is chosen by timing at warm-up (`parity.model.head_layout`); on more
-    than one CPU thread the step's kernels run serially (`_compiled`).
+    own and each bucket's head layout is chosen by timing at warm-up (`parity.model.head_layout`), except
+    where the head runs on one of parity's C++ ops inside the step's graph (`_head_in_step`: an int8 head,
+    or a float head of an fp32 model that `fast_linear.native_linear` takes, in a bucket of at most
+    `MAX_PADDED_FLOAT_HEAD_ROWS` padded rows: the padded rows are computed too); on more than one CPU
+    thread the step's kernels run serially (`_compiled`).
 
     Args:
         model: a `V4ForCausalLM` (`unsupported_reason` must be None); the graph is bound to its modules
@@ -120,6 +130,8 @@ class DecodeGraph:
         #: by timing both layouts at warm-up; the copy and the head weight's version and storage it was made from
         self.head_columns: set[tuple[int, int]] = set()
         self._head_t: tuple[torch.Tensor, int, int] | None = None
+        #: (torch threads, bucket) -> whether that bucket's LM head runs inside the step (`_head_in_step`)
+        self._in_step: dict[tuple[int, int], bool] = {}
 
     def _compiled(self) -> tuple:
         """(step, head of one row, head of several rows) for the current torch thread count: inductor's CPU
@@ -199,18 +211,33 @@ class DecodeGraph:
         (`parity.devices.int8_gemm.cpu_gemm_kernel` ``"native"``, which rescales each sum as it stores it;
         fp32 activations only: the fused rescale gives fp32, another dtype's separate rescale pass would run
         among the serial kernels), or a float head the fp32 model's `fast_linear.native_linear` takes at
-        that row count (`native_kernels.float_linear`; its layout is then not timed: the op streams the
+        that row count in a bucket of at most `MAX_PADDED_FLOAT_HEAD_ROWS` padded rows
+        (`native_kernels.float_linear`; its layout is then not timed: the op streams the
         stored one). One compiled region per step instead of two saves the second region's guard evaluation
         and prologue (~0.4 ms a step here). Otherwise the head is a graph of its own (a float head's layout
         timed, `_choose_head_layout`)."""
+        key = (torch.get_num_threads(), bucket)
+        if key not in self._in_step:  # decided once: the step's graph is specialised on it (no mid-run recompile)
+            self._in_step[key] = self._head_fits_step(bucket)
+        return self._in_step[key]
+
+    def _head_fits_step(self, bucket: int) -> bool:
         ops = head_operands(self.model)
         if torch.device(self.device).type != "cpu" or self.model.dtype != torch.float32:
             return False
         if len(ops) == 1:
+            if self._max_padding(bucket) > MAX_PADDED_FLOAT_HEAD_ROWS:
+                return False  # the head in the step would compute the padded rows too
             return fast_linear.native_linear_applies(bucket, torch.float32, torch.device("cpu"), ops[0])
         if ops[1].dtype != torch.float32:
             return False  # the fused rescale is fp32 only: other dtypes rescale in a pass of their own
         return int8_gemm.cpu_gemm_kernel(bucket) == "native"
+
+    def _max_padding(self, bucket: int) -> int:
+        """The most scratch rows a step of ``bucket`` carries (the batches between the next smaller bucket and
+        it pad up to it)."""
+        smaller = [b for b in self.buckets if b < bucket]
+        return bucket - (max(smaller) + 1 if smaller else 1)
 
     def bucket(self, batch: int) -> int | None:
         """The bucket a decode batch of ``batch`` sequences runs in (None: too large, eager)."""

@@ -136,7 +136,8 @@ def decode_step(model, ids, pos, windows, states, entries, index_keys, kv_fp8: b
         entries / index_keys: per layer the stacked stored entry rows [B, E, width] (None where absent).
         kv_fp8 / index_fp4: the numerics modes.
         head: also run the LM head (one graph for the whole step; `DecodeGraph` does so for one row off the
-            CPU or uncompiled, and on the CPU for an fp32 model's int8 head on the C++ op at every bucket).
+            CPU or uncompiled, and on the CPU for an fp32 model's head on one of parity's C++ ops: an int8
+            head, or a float head `fast_linear.native_linear` takes; `DecodeGraph._head_in_step`).
     Returns:
         (fp32 logits [B, vocab] with ``head``, else the LM head's input [B, H] (final collapse and norm);
         per layer the new entries [B, head_dim] or None; per layer the new index keys or None).

@@ -13,7 +13,9 @@ AVX-512 the reduction read the head at 32-34 GB/s for one row against 9-12 ms fo
 a 2-core AMD EPYC Zen 2 (AVX2 only) the reduction took 10.9 ms for one row and the GEMM on the copy 6.9 ms,
 while at 4 rows the reduction won again (17.5 vs 23.4 ms). So `DecodeGraph.warm_up` times both, interleaved,
 for each bucket once it is compiled (`choose`) and the bucket's steps take the faster; the copy is kept only
-while some bucket uses it.
+while some bucket uses it. A bucket whose float head runs on parity's C++ op inside the step
+(`DecodeGraph._head_in_step`) is not timed: it reads the stored layout (unmeasured against the copy on
+Zen 2-like CPUs, where the copy won at one row over inductor's reduction).
 
 Only fp32 heads under fp32 activations on the CPU have the choice (`has_choice`): a bf16-stored or int8 head
 has no BLAS kernel taking fp32 activations (a copy would double its bytes in fp32), and accelerators run

@@ -6,7 +6,7 @@
 // FMA) fused multiply-adds, 4 accumulators per row (8 chains in flight), the same summation order for
 // every row at every batch size (batch-invariant logits) and in every AVX2 and AVX-512 build (AVX-512
 // machines run the same eight-lane loops: a sixteen-lane form measured slower on AMD EPYC Zen 4, 1 thread,
-// the 129,280 x 256 head: bf16 at 1 row 4.1-5.5 vs 3.2-3.5 ms); the activations (M x K x 4 bytes) stay in
+// the 129,280 x 256 head: bf16 at 1 row 5.5-6.1 vs 3.2-3.5 ms); the activations (M x K x 4 bytes) stay in
 // L1/L2. Results differ from a BLAS GEMM in summation order only. Measured on AMD EPYC Zen 3 (1 thread, the
 // 129,280 x 256 fp32 head, medians of 15 interleaved calls, before the prefetch): 14.3 / 16.8 / 22.6 ms at
 // 1 / 4 / 8 rows vs 15.2 / 20.3 / 35.0 for inductor's broadcast-reduce and 21.5 / 42.0 / 45.9 for oneDNN's
