@@ -268,6 +268,26 @@ def test_multi_thread_graphs_run_kernels_serially_with_the_head_apart(monkeypatc
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
 
 
+def _record_head_path(monkeypatch):
+    """Run `DecodeGraph` uncompiled (the routing is what is tested) and record where each step's LM head ran:
+    returns (the row counts of every separate head call, every step's ``head`` flag)."""
+    from parity.model import decode_graph
+
+    monkeypatch.setattr(
+        decode_graph.devices, "compiler", lambda device, whole_model=False, serial_kernels=False: lambda fn: fn
+    )
+    heads, in_step = [], []
+    real_step = decode_graph.decode_step
+
+    def step(*args):
+        in_step.append(args[-1])
+        return real_step(*args)
+
+    monkeypatch.setattr(decode_graph, "decode_step", step)
+    monkeypatch.setattr(decode_graph, "lm_head_rows", lambda *a: heads.append(len(a[0])) or lm_head_rows(*a))
+    return heads, in_step
+
+
 @pytest.mark.parametrize("pick", ["native", "int_mm"])
 def test_int8_head_on_the_cpp_op_runs_inside_the_step(monkeypatch, pick):
     """An int8 LM head whose CPU kernel is the C++ op runs inside the step's graph at every bucket (padded
@@ -279,19 +299,8 @@ def test_int8_head_on_the_cpp_op_runs_inside_the_step(monkeypatch, pick):
 
     if pick == "native" and not native_kernels.available():
         pytest.skip("no C++ compiler here: the C++ INT8 ops are unavailable (logged)")
-    monkeypatch.setattr(
-        decode_graph.devices, "compiler", lambda device, whole_model=False, serial_kernels=False: lambda fn: fn
-    )
     monkeypatch.setattr(decode_graph.int8_gemm, "_cpu_choice", {"decode": pick, "prefill": pick})
-    heads, in_step = [], []
-    real_step = decode_graph.decode_step
-
-    def step(*args):
-        in_step.append(args[-1])
-        return real_step(*args)
-
-    monkeypatch.setattr(decode_graph, "decode_step", step)
-    monkeypatch.setattr(decode_graph, "lm_head_rows", lambda *a: heads.append(len(a[0])) or lm_head_rows(*a))
+    heads, in_step = _record_head_path(monkeypatch)
 
     def model():
         m = make_int8_decode_model(8)
@@ -351,23 +360,12 @@ def test_float_head_on_the_cpp_op_runs_inside_the_step(monkeypatch, stored):
     called and warm-up does not time its layout; tokens and logits equal the eager model's. The decision is
     made once per (threads, bucket). Above 16 rows, or with the op off, the head keeps its graph of its own."""
     from parity.devices import native_kernels
-    from parity.model import decode_graph, fast_linear, head_layout
+    from parity.model import fast_linear, head_layout
     from parity.model.weight_storage import store_weights_
 
     if not native_kernels.available():
         pytest.skip("no C++ compiler here: the C++ ops are unavailable (logged)")
-    monkeypatch.setattr(
-        decode_graph.devices, "compiler", lambda device, whole_model=False, serial_kernels=False: lambda fn: fn
-    )
-    heads, in_step = [], []
-    real_step = decode_graph.decode_step
-
-    def step(*args):
-        in_step.append(args[-1])
-        return real_step(*args)
-
-    monkeypatch.setattr(decode_graph, "decode_step", step)
-    monkeypatch.setattr(decode_graph, "lm_head_rows", lambda *a: heads.append(len(a[0])) or lm_head_rows(*a))
+    heads, in_step = _record_head_path(monkeypatch)
     width = 4 if stored == "fp32" else 2
     vocab = fast_linear.ONEDNN_MIN_WEIGHT_BYTES // (64 * width)  # a 4 MiB head at hidden 64
     eager, fixed = _small_model(vocab_size=vocab), _small_model(vocab_size=vocab)
