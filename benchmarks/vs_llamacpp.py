@@ -17,7 +17,10 @@ Bandwidth bound (decode): bytes read per token = the bytes of every weight a dec
 batch B the distinct experts of B * k picks, at most all of them, counted as min(E, B * k) -- and the
 LM head, in their stored dtype) plus the cache bytes read (window and compressed entries at the
 measured context length), divided by B; bound tokens/s = read bandwidth / that, with the read bandwidth
-of benchmarks/read_bandwidth.py (best of 10 numpy-sum passes over 4x the LLC, 1 and 2 threads).
+of benchmarks/read_bandwidth.py (best of 10 read-only passes over 4x the LLC, 1 and 2 threads: the fastest
+of a numpy and a torch sum over a buffer on 4 KiB and on 2 MiB pages, all printed): parity's CPU weights are
+on huge pages (`parity.devices.huge_pages`, as the engine's `load_model` places them; ``--base-pages``
+leaves them on 4 KiB pages), so the bound is the bandwidth they could get.
 
 The same run asserts that parity's logits (the path measured) equal the eager fp32 reference
 (``F.linear`` everywhere, one forward without cache) to 1e-5, with
@@ -69,7 +72,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from engine_throughput import bench_config  # noqa: E402
 from llamacpp_logits import llama_logits, load_bindings  # noqa: E402
-from read_bandwidth import read_bandwidth  # noqa: E402
+from read_bandwidth import best_read_bandwidth, describe  # noqa: E402
 
 from parity.checkpoint.writer import export_model  # noqa: E402
 from parity.devices.row_argmax import row_argmax  # noqa: E402
@@ -87,6 +90,20 @@ def write_release(out: Path) -> Path:
     if not (out / "config.json").exists():
         export_model(build_model(miniature_config(), seed=0), out, seed=0)
     return out
+
+
+def placed(model, base_pages: bool):
+    """``model`` with its weights on 2 MiB huge pages as the engine's `load_model` places CPU weights
+    (`parity.devices.huge_pages`), unless ``base_pages``; prints what was placed."""
+    from parity.devices.huge_pages import place_on_huge_pages, unavailable_reason
+
+    if base_pages:
+        print("# parity's weights on 4 KiB pages (--base-pages)", file=sys.stderr)
+        return model
+    n = place_on_huge_pages(model)
+    why = unavailable_reason() or "the kernel refused the mapping"
+    print(f"# parity's weights on huge pages: {n / 1e6:.0f} MB" if n else f"# on 4 KiB pages: {why}", file=sys.stderr)
+    return model
 
 
 def dequantized(model):
@@ -375,6 +392,11 @@ def main() -> int:
         action="store_true",
         help="parity's fp32 and bf16-stored models with the engine's compiled decode step (default: eager)",
     )
+    ap.add_argument(
+        "--base-pages",
+        action="store_true",
+        help="leave parity's weights on 4 KiB pages (the engine places CPU weights on 2 MiB huge pages)",
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/vs_llamacpp"))
     a = ap.parse_args()
     bin_dir = a.bin or a.llama_cpp / "build" / "bin"
@@ -384,7 +406,7 @@ def main() -> int:
     from parity.checkpoint.reader import from_pretrained
 
     # the values of llama.cpp's F32 GGUF, as fp32 weights
-    model = dequantized(from_pretrained(str(ckpt), dtype=torch.float32, quantization="fp8"))
+    model = placed(dequantized(from_pretrained(str(ckpt), dtype=torch.float32, quantization="fp8")), a.base_pages)
     ggufs = convert(a.llama_cpp, bin_dir, ckpt)
     gguf = ggufs["F32"]
     ids = logit_check_ids(model, a.prompt)
@@ -394,13 +416,14 @@ def main() -> int:
         from parity.checkpoint.conversion import quantize_lm_head
         from parity.model.weight_storage import describe_storage
 
-        lowp = from_pretrained(str(ckpt), dtype=torch.float32)  # the CPU default: bf16-stored matrices
+        lowp = placed(from_pretrained(str(ckpt), dtype=torch.float32), a.base_pages)  # the CPU default: bf16-stored
         lowp.kv_cache_dtype, lowp.indexer_dtype = "bf16", "bf16"  # unrounded caches, like the reference
         lowp_err = check_logits(lowp, ids, a.prompt, ref, tol=float("inf"))
         w8_note = ""
         if not a.no_w8a8:
             w8 = from_pretrained(str(ckpt), dtype=torch.float32, quantization="w8a8")
             quantize_lm_head(w8)  # --quantize-lm-head
+            placed(w8, a.base_pages)
             w8.kv_cache_dtype, w8.indexer_dtype = "bf16", "bf16"
             w8_err = check_logits(w8, ids, a.prompt, ref, tol=float("inf"))
         llama_err = llama_logit_error(a.llama_cpp, bin_dir, ggufs, ids, a.prompt)
@@ -477,10 +500,13 @@ def main() -> int:
                 for c, v in zip(cells, (one["prefill"], one["decode"], many["prefill"], many["decode"]), strict=True):
                     res[(who, t, c)].append(v)
         print(f"# round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
-    bw = {t: read_bandwidth(t) for t in threads}
+    probes = {t: best_read_bandwidth(t) for t in threads}
+    bw = {t: probes[t]["best"] for t in threads}
     ctx = a.prompt + a.gen // 2
     print(
-        f"# read bandwidth: {', '.join(f'{t} thread(s) {bw[t] / 1e9:.1f} GB/s' for t in threads)}; "
+        "# read bandwidth (the fastest probe): "
+        + "; ".join(f"{t} thread(s) {describe(probes[t])}" for t in threads)
+        + f"; parity's weights on {'4 KiB' if a.base_pages else '2 MiB huge'} pages; "
         f"medians of {a.rounds} interleaved rounds; ratio = median over rounds of parity / llama.cpp"
     )
     tt = " / ".join(str(t) for t in threads)

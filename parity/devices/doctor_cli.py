@@ -17,6 +17,7 @@ LABELS = {
     "dtypes": "dtypes",
     "available": "device types here",
     "cpu_kernels": "parity's C++ CPU ops",
+    "cpu_weight_pages": "CPU weights on",
 }
 
 
@@ -52,7 +53,7 @@ def run(args) -> int:
     import torch
 
     from parity import devices
-    from parity.devices import native_kernels
+    from parity.devices import huge_pages, native_kernels
 
     info = devices.describe("auto")
     out = {
@@ -61,6 +62,7 @@ def run(args) -> int:
         **dataclasses.asdict(info),
         "available": [t for t in devices.KNOWN_TYPES if devices.is_available(t)],
         "cpu_kernels": native_kernels.status(),  # which build a CPU run loads (not built here)
+        "cpu_weight_pages": huge_pages.status(),
     }
     if args.json:
         print(json.dumps(out, indent=2))

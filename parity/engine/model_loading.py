@@ -12,6 +12,7 @@ from parity.checkpoint import conversion
 from parity.checkpoint.default_model import ensure_default_model
 from parity.checkpoint.reader import from_pretrained
 from parity.config import load_config
+from parity.devices.huge_pages import place_on_huge_pages
 from parity.engine.args import check_lm_head_quantization
 from parity.errors import RequestError
 from parity.model.build import DTYPES, build_model
@@ -58,7 +59,9 @@ def load_model(
     checkpoint's FP8/FP4/bf16 matrices are held in bf16 by default, `parity.model.weight_storage`);
     ``parallel``: a `parity.distributed.context.ParallelContext` to load this rank's part only;
     ``quantize_lm_head``: then the head in int8 (`parity.checkpoint.conversion.quantize_lm_head`; needs
-    quantization w8a8 / w4a8). Logs the bytes held per stored dtype.
+    quantization w8a8 / w4a8). Logs the bytes held per stored dtype. On the CPU the weights then move onto
+    transparent huge pages (`parity.devices.huge_pages.place_on_huge_pages`: decode streams them faster;
+    ``PARITY_HUGE_PAGES=0`` leaves them).
 
     Raises:
         RequestError: a quantization other than auto / bf16 for a preset model; ``quantize_lm_head`` without
@@ -72,9 +75,15 @@ def load_model(
         if quantize_lm_head:
             conversion.quantize_lm_head(m)
         _log_storage(m, p)
-        return m, p
+        return _placed(m, device), p
     check_preset_quantization(model, quantization)
-    return build_model(load_config(str(model)), device=device, dtype=dtype, seed=seed, **kw), None
+    return _placed(build_model(load_config(str(model)), device=device, dtype=dtype, seed=seed, **kw), device), None
+
+
+def _placed(model, device: torch.device):
+    if torch.device(device).type == "cpu":
+        place_on_huge_pages(model)  # after every conversion: a weight replaced later would leave its pages held
+    return model
 
 
 def check_preset_quantization(model, quantization: str | None) -> None:
