@@ -1,9 +1,23 @@
-"""The fast row argmax gives torch.argmax's indices: ties, NaN, infinities, partial last block, views."""
+"""The fast row argmax gives torch.argmax's indices: ties, NaN, infinities, partial last block, views -- on
+both its paths (parity's one-pass C++ op where the ops are loaded, the two torch passes otherwise)."""
 
 import pytest
 import torch
 
+from parity.devices import native_kernels
 from parity.devices.row_argmax import BLOCK, row_argmax
+
+
+@pytest.fixture(autouse=True, params=["torch", "native"])
+def path(request, monkeypatch):
+    """Each test on both paths: "native" loads the C++ ops (skipped where they cannot be built), "torch"
+    reports them as not loaded."""
+    if request.param == "native":
+        if not native_kernels.available():
+            pytest.skip("C++ ops not buildable here")
+    else:
+        monkeypatch.setattr(native_kernels, "loaded", lambda: False)
+    return request.param
 
 
 @pytest.mark.parametrize("n", [3 * BLOCK, 3 * BLOCK + 7, 2 * BLOCK + 1, 129_280, BLOCK - 1])
@@ -57,3 +71,34 @@ def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match="complex"):
         row_argmax(torch.zeros(2, 3 * BLOCK, dtype=torch.complex64))
     assert row_argmax(torch.zeros(0, 3 * BLOCK)).shape == (0,)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 15, 16, 17, 33, 1000])
+def test_short_rows_and_lane_remainders(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(4, n, generator=g)
+    x[1] = 2.0  # all equal: index 0
+    x[2, n - 1] = 9.0  # the maximum in the last (remainder) position
+    if n > 1:
+        x[3, n // 2] = float("nan")
+    assert torch.equal(row_argmax(x), x.argmax(dim=-1))
+
+
+def test_ties_inside_the_lanes_take_the_first_index(path):
+    x = torch.zeros(3, 4 * BLOCK)
+    x[0, [3, 11, 19]] = 1.0  # one lane (3 mod 8), later rounds
+    x[1, [13, 6]] = 1.0  # two lanes: the smaller index wins
+    x[2] = -0.0
+    x[2, 40] = 0.0  # -0.0 == 0.0: index 0
+    assert row_argmax(x).tolist() == x.argmax(dim=-1).tolist() == [3, 6, 0]
+
+
+def test_native_op_names_bad_input():
+    if not native_kernels.available():
+        pytest.skip("C++ ops not buildable here")
+    with pytest.raises(RuntimeError, match=r"row_argmax.*torch\.float32, got torch\.float64"):
+        native_kernels.row_argmax(torch.zeros(2, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"row_argmax.*\[rows, n\]"):
+        native_kernels.row_argmax(torch.zeros(4))
+    with pytest.raises(RuntimeError, match="no values"):
+        native_kernels.row_argmax(torch.zeros(2, 0))

@@ -62,7 +62,7 @@ from parity.errors import first_line
 
 log = logging.getLogger("parity.devices")
 
-SOURCES = (Path(__file__).parent / "csrc" / "int8_dot.cpp", Path(__file__).parent / "csrc" / "float_dot.cpp")
+SOURCES = tuple(Path(__file__).parent / "csrc" / f for f in ("int8_dot.cpp", "float_dot.cpp", "row_argmax.cpp"))
 #: Environment switch: "0" (or another of `OFF_VALUES`) keeps the C++ ops unloaded (torch's kernels serve,
 #: and the other INT8 kernels of `parity.devices.int8_gemm`).
 ENV_SWITCH = "PARITY_NATIVE_KERNELS"
@@ -275,6 +275,10 @@ def _register_fakes() -> None:  # once: `_try_load` runs once per process
     def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
 
+    @torch.library.register_fake("parity_native::row_argmax")
+    def _(x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((x.shape[0],), dtype=torch.long)
+
     @torch.library.register_fake("parity_native::int8_gemm")
     def _(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
         return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=torch.int32)
@@ -319,6 +323,18 @@ def int8_gathered_linear(
     (x_scale [R], w_scale [E, N]; float64 products rounded once) -> fp32 [R, N]. Raises RuntimeError as
     `int8_gathered_gemv`, and on scales of the wrong dtype or shape."""
     return torch.ops.parity_native.int8_gathered_linear(xq, x_scale, w, w_scale, ids)
+
+
+def loaded() -> bool:
+    """Whether the ops are loaded in this process already (never builds or loads them, unlike `available`)."""
+    return _state.get("ok", False)
+
+
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """The index of each row's first largest value of fp32 x [rows, n] (n >= 1; NaN the largest, the first
+    NaN wins) -> int64 [rows], as ``torch.argmax(x, dim=-1)``, in one sequential pass per row. CPU tensors;
+    the ops must be loaded. Raises RuntimeError naming what is wrong (dtype, rank, device, an empty row)."""
+    return torch.ops.parity_native.row_argmax(x)
 
 
 def float_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,11 @@ argmax and the fused INT8 rescale"). A batch-8 decode step of the benchmark mini
 was 7-13% of it. `row_argmax` reaches the same indices in two passes that stay on the vectorised reduction:
 the maximum of each block of `BLOCK` values (``amax``), the first block holding the row's maximum
 (``argmax`` over [rows, blocks], small), then the first maximum inside that block.
+
+Where parity's C++ CPU ops are loaded (`parity.devices.native_kernels`, which the engine loads at start-up on
+the CPU), fp32 rows take its one-pass ``row_argmax`` instead: the same indices, one sequential read per row
+(measured on AMD EPYC Zen 4, 1 thread, [1, 129,280] logits just written by the LM head: see
+``parity/devices/csrc/row_argmax.cpp``).
 """
 
 from __future__ import annotations
@@ -39,7 +44,14 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
     rows, n = x.shape
     if n == 0:
         raise ValueError(f"row_argmax of rows with no values (shape [{rows}, 0]) is undefined")
-    if x.device.type != "cpu" or n < 2 * BLOCK or rows == 0:
+    if x.device.type != "cpu" or rows == 0:
+        return x.argmax(dim=-1)
+    if x.dtype == torch.float32 and not torch.compiler.is_compiling():
+        from parity.devices import native_kernels
+
+        if native_kernels.loaded():
+            return native_kernels.row_argmax(x)
+    if n < 2 * BLOCK:
         return x.argmax(dim=-1)
     whole = n // BLOCK
     block_max = x[:, : whole * BLOCK].reshape(rows, whole, BLOCK).amax(dim=-1)  # [rows, whole]

@@ -43,7 +43,9 @@ namespace {
 // prefetch, 1 thread, the fp32 head at 1 / 4 / 8 rows 7.0-8.5 / 9.0-10.9 / 13.2-18.3 ms without vs 8.4-9.5 /
 // 12.1-14.7 / 20.1-27.1 ms with, 3 interleaved rounds; a plain torch.sum over it 5.7-6.6 ms), so on an AVX-512
 // machine PARITY_NATIVE_ISA=avx2 turns the prefetch back on. A prefetch past the weight's end is harmless.
-#if defined(__AVX512F__)
+#if defined(PARITY_PREFETCH_AHEAD)  // a build asked for another distance (side-by-side measurements)
+constexpr uintptr_t kPrefetchAhead = PARITY_PREFETCH_AHEAD;
+#elif defined(__AVX512F__)
 constexpr uintptr_t kPrefetchAhead = 0;
 #else
 constexpr uintptr_t kPrefetchAhead = 4096;
