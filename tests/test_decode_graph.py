@@ -280,7 +280,7 @@ def _record_head_path(monkeypatch):
     real_step = decode_graph.decode_step
 
     def step(*args):
-        in_step.append(args[-1])
+        in_step.append(args[9])  # decode_step's ``head``
         return real_step(*args)
 
     monkeypatch.setattr(decode_graph, "decode_step", step)
@@ -353,6 +353,41 @@ def test_head_layout_is_chosen_per_bucket_and_follows_the_weight(monkeypatch):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
 
 
+def test_float_head_inside_the_step_computes_only_the_batch_rows(monkeypatch):
+    """Batches of 5 and 6 in bucket 8 (three and two scratch rows): the head inside the step is given the
+    batch's row count, computes those rows only (the op's scratch rows are zero) and the logits and tokens
+    equal the eager model's."""
+    from parity.devices import native_kernels
+    from parity.model import decode_graph, fast_linear
+
+    if not native_kernels.available():
+        pytest.skip("no C++ compiler here: the C++ ops are unavailable (logged)")
+    heads, in_step = _record_head_path(monkeypatch)
+    lives, outs = [], []
+    real = decode_graph.decode_step
+
+    def step(*args):
+        out = real(*args)
+        lives.append(int(args[10]))
+        outs.append(out[0])
+        return out
+
+    monkeypatch.setattr(decode_graph, "decode_step", step)
+    vocab = fast_linear.ONEDNN_MIN_WEIGHT_BYTES // (64 * 4)
+    eager, fixed = _small_model(vocab_size=vocab), _small_model(vocab_size=vocab)
+    fixed.decode_graph = DecodeGraph(fixed, "cpu", buckets=(1, 8))
+    batches = [6] * 2 + [5] * 3
+    prompts = [13, 2, 16, 5, 9, 11]
+    te, le = _run(eager, prompts, len(batches), batches=batches)
+    tf, lf = _run(fixed, prompts, len(batches), batches=batches)
+    assert te == tf
+    for a, b in zip(le, lf, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    assert lives == batches and heads == [] and all(in_step)
+    for n, out in zip(lives, outs, strict=True):
+        assert out.shape[0] == 8 and not out[n:].any()  # the scratch rows: not computed, zero
+
+
 @pytest.mark.parametrize("stored", ["fp32", "bf16"])
 def test_float_head_on_the_cpp_op_runs_inside_the_step(monkeypatch, stored):
     """A float LM head that `fast_linear.native_linear` takes (fp32 model, an fp32 or bf16-stored head of
@@ -385,11 +420,9 @@ def test_float_head_on_the_cpp_op_runs_inside_the_step(monkeypatch, stored):
     for a, b in zip(le, lf, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
     assert in_step == [True] * len(batches) and heads == []
-    # a bucket of more padded rows than MAX_PADDED_FLOAT_HEAD_ROWS keeps the head apart (it would compute them)
-    wide = DecodeGraph(fixed, "cpu", buckets=(1, 2, 4, 8))
-    assert wide._max_padding(8) == 3 and not wide._head_in_step(8) and wide._head_in_step(2)
-    monkeypatch.setattr(DecodeGraph, "_max_padding", lambda self, bucket: 0)
-    assert wide._head_in_step(16) and not wide._head_in_step(17)  # the op's row limit
+    # every bucket up to the op's row limit takes it (padded rows are not computed: the batch's rows go in)
+    wide = DecodeGraph(fixed, "cpu", buckets=(1, 2, 4, 8, 16, 32))
+    assert all(wide._head_in_step(b) for b in (1, 2, 4, 8, 16)) and not wide._head_in_step(32)
     monkeypatch.setattr(native_kernels, "available", lambda: False)
     assert graph._head_in_step(4)  # decided once: no switch (and recompile) mid-run
     assert not DecodeGraph(fixed, "cpu", buckets=(1, 4))._head_in_step(4)

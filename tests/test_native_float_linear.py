@@ -75,7 +75,9 @@ def test_decode_linear_takes_the_op_for_a_large_weight_and_few_rows(monkeypatch)
     w = torch.randn(8192, 256, generator=g)  # 8 MiB: above the oneDNN / op threshold
     calls = []
     real = native_kernels.float_linear
-    monkeypatch.setattr(native_kernels, "float_linear", lambda x, w: calls.append(x.shape) or real(x, w))
+    monkeypatch.setattr(
+        native_kernels, "float_linear", lambda x, w, live=None: calls.append(x.shape) or real(x, w, live)
+    )
     for rows in (1, 4, 16):
         x = torch.randn(rows, 256, generator=g)
         out = fast_linear.decode_linear(x, w)
@@ -125,3 +127,25 @@ def test_a_row_gets_the_same_logits_at_every_batch_size():
 def test_a_strided_large_weight_keeps_the_blas_path():
     w = torch.randn(256, 8192).t()  # [8192, 256] view, not contiguous
     assert fast_linear.native_linear(torch.randn(2, 256), w) is None
+
+
+@pytest.mark.parametrize("live", [0, 1, 3, 5, 8, 12, -2])
+def test_float_linear_live_rows_only(live):
+    """Given ``live`` = r, rows below r equal the full product bit for bit (same summation order), the rest
+    are zero; r is clamped to [0, M]."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 64, generator=g)
+    w = torch.randn(300, 64, generator=g)
+    full = native_kernels.float_linear(x, w)
+    part = native_kernels.float_linear(x, w, torch.tensor([live]))
+    r = min(max(live, 0), 8)
+    assert part.shape == full.shape
+    assert torch.equal(part[:r], full[:r]) and not part[r:].any()
+
+
+def test_float_linear_live_must_be_one_int64():
+    x, w = torch.zeros(2, 8), torch.zeros(5, 8)
+    for bad in (torch.tensor([1, 2]), torch.tensor([1.0]), torch.tensor([], dtype=torch.long)):
+        with pytest.raises(RuntimeError, match="live must be one int64 CPU value"):
+            native_kernels.float_linear(x, w, bad)
+    assert native_kernels.float_linear(x, w, torch.tensor(1)).shape == (2, 5)  # a 0-d value too

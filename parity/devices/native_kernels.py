@@ -275,6 +275,10 @@ def _register_fakes() -> None:  # once: `_try_load` runs once per process
     def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
 
+    @torch.library.register_fake("parity_native::float_linear_rows")
+    def _(x: torch.Tensor, w: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+
     @torch.library.register_fake("parity_native::row_argmax")
     def _(x: torch.Tensor) -> torch.Tensor:
         return x.new_empty((x.shape[0],), dtype=torch.long)
@@ -337,8 +341,13 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.parity_native.row_argmax(x)
 
 
-def float_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def float_linear(x: torch.Tensor, w: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 x [M, K] x weight w [N, K] (fp32 or bf16, widened exactly) -> fp32 [M, N], all in fp32: equal to
-    ``F.linear(x, w.float())`` up to summation order. CPU tensors; `available()` must be True. Raises
-    RuntimeError naming the operand on a wrong dtype, rank, device or K."""
-    return torch.ops.parity_native.float_linear(x, w)
+    ``F.linear(x, w.float())`` up to summation order. ``live``: an int64 tensor of one value r (a compiled
+    step's input, so the graph does not specialise on it): only rows < r are computed, the others are zero
+    (a padded batch's scratch rows; r is clamped to [0, M]). CPU tensors; `available()` must be True. Raises
+    RuntimeError naming the operand on a wrong dtype, rank, device or K, or a ``live`` that is not one int64
+    CPU value."""
+    if live is None:
+        return torch.ops.parity_native.float_linear(x, w)
+    return torch.ops.parity_native.float_linear_rows(x, w, live)

@@ -89,13 +89,6 @@ def _stacked_blocks(blocks_per_seq: list[list[torch.Tensor]], zero: torch.Tensor
 BATCH_BUCKETS = (1, 2, 4, 8, 16)
 
 
-#: The most padded rows a bucket may carry for its float LM head to run inside the step (`_head_in_step`):
-#: there the C++ op computes the scratch rows too. Measured (fp32 benchmark miniature, 1 thread, AMD EPYC
-#: Zen 4, 4 interleaved rounds, tokens/s): batch 3 in bucket 4 (one padded row) 167-178 inside vs 163-177
-#: apart (a tie); batch 5 in bucket 8 (three) 227-244 inside vs 270-303 apart (docs/benchmarks.md, Zen 4).
-MAX_PADDED_FLOAT_HEAD_ROWS = 1
-
-
 class DecodeGraph:
     """The model's decode steps through the compiled `decode_step` (one graph per batch bucket, symbolic in
     the entry count). Above one row the LM head GEMV is a second graph symbolic in the batch
@@ -104,9 +97,9 @@ class DecodeGraph:
     loop (docs/benchmarks.md, "Decode on the CPU"). On the CPU the head of one row is a static graph of its
     own and each bucket's head layout is chosen by timing at warm-up (`parity.model.head_layout`), except
     where the head runs on one of parity's C++ ops inside the step's graph (`_head_in_step`: an int8 head,
-    or a float head of an fp32 model that `fast_linear.native_linear` takes, in a bucket of at most
-    `MAX_PADDED_FLOAT_HEAD_ROWS` padded rows: the padded rows are computed too); on more than one CPU
-    thread the step's kernels run serially (`_compiled`).
+    or a float head of an fp32 model that `fast_linear.native_linear` takes: it computes the batch's real
+    rows only, a padded bucket's scratch rows come out zero); on more than one CPU thread the step's kernels
+    run serially (`_compiled`).
 
     Args:
         model: a `V4ForCausalLM` (`unsupported_reason` must be None); the graph is bound to its modules
@@ -132,6 +125,8 @@ class DecodeGraph:
         self._head_t: tuple[torch.Tensor, int, int] | None = None
         #: (torch threads, bucket) -> whether that bucket's LM head runs inside the step (`_head_in_step`)
         self._in_step: dict[tuple[int, int], bool] = {}
+        #: batch size -> the int64 [1] tensor of it the step takes (`decode_step`'s ``live``), made once
+        self._live: dict[tuple[int, str], torch.Tensor] = {}
 
     def _compiled(self) -> tuple:
         """(step, head of one row, head of several rows) for the current torch thread count: inductor's CPU
@@ -211,9 +206,10 @@ class DecodeGraph:
         (`parity.devices.int8_gemm.cpu_gemm_kernel` ``"native"``, which rescales each sum as it stores it;
         fp32 activations only: the fused rescale gives fp32, another dtype's separate rescale pass would run
         among the serial kernels), or a float head the fp32 model's `fast_linear.native_linear` takes at
-        that row count in a bucket of at most `MAX_PADDED_FLOAT_HEAD_ROWS` padded rows
-        (`native_kernels.float_linear`; its layout is then not timed: the op streams the
-        stored one). One compiled region per step instead of two saves the second region's guard evaluation
+        that row count (`native_kernels.float_linear`, given the batch's real rows: a padded bucket's scratch
+        rows are not computed, where before this the head apart was measured faster for three padded rows,
+        batch 5 in bucket 8: docs/benchmarks.md, Zen 4; its layout is not timed: the op streams the stored
+        one). One compiled region per step instead of two saves the second region's guard evaluation
         and prologue (~0.4 ms a step here). Otherwise the head is a graph of its own (a float head's layout
         timed, `_choose_head_layout`)."""
         key = (torch.get_num_threads(), bucket)
@@ -226,18 +222,10 @@ class DecodeGraph:
         if torch.device(self.device).type != "cpu" or self.model.dtype != torch.float32:
             return False
         if len(ops) == 1:
-            if self._max_padding(bucket) > MAX_PADDED_FLOAT_HEAD_ROWS:
-                return False  # the head in the step would compute the padded rows too
             return fast_linear.native_linear_applies(bucket, torch.float32, torch.device("cpu"), ops[0])
         if ops[1].dtype != torch.float32:
             return False  # the fused rescale is fp32 only: other dtypes rescale in a pass of their own
         return int8_gemm.cpu_gemm_kernel(bucket) == "native"
-
-    def _max_padding(self, bucket: int) -> int:
-        """The most scratch rows a step of ``bucket`` carries (the batches between the next smaller bucket and
-        it pad up to it)."""
-        smaller = [b for b in self.buckets if b < bucket]
-        return bucket - (max(smaller) + 1 if smaller else 1)
 
     def bucket(self, batch: int) -> int | None:
         """The bucket a decode batch of ``batch`` sequences runs in (None: too large, eager)."""
@@ -316,8 +304,11 @@ class DecodeGraph:
         one = len(states) == 1
         step, head_one, head_rows = self._compiled()
         in_step = (one and head_one is None) or self._head_in_step(B + pad)
+        live = self._live.get((B, str(dev)))
+        if live is None:
+            live = self._live[(B, str(dev))] = torch.tensor([B], dtype=torch.long, device=dev)
         out, new_ents, new_ikeys = step(
-            self.model, ids, pos, windows, comp_states, entries, index_keys, kv_fp8, index_fp4, in_step
+            self.model, ids, pos, windows, comp_states, entries, index_keys, kv_fp8, index_fp4, in_step, live
         )
         # the bucket's timed layout: the [hidden, vocab] copy, or the stored one -- for one row the static head
         # (in the step's graph off the CPU); for several a graph given a plain tensor, not the Parameter (whose
@@ -325,7 +316,7 @@ class DecodeGraph:
         # at 8 rows (the static one ~1.7x faster at 1 row; docs/benchmarks.md)
         copy = self._head_copy() if (torch.get_num_threads(), B + pad) in self.head_columns else None
         if in_step:
-            logits = out[:B]  # a padded bucket's scratch rows dropped
+            logits = out[:B]  # a padded bucket's scratch rows (zero, or computed: an int8 head) dropped
         elif copy is not None:
             logits = head_layout.columns_logits(out[:B], copy)
         elif one or (head_one is not None and len(head_operands(self.model)) == 2):

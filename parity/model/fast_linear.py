@@ -70,7 +70,7 @@ def _onednn_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 NATIVE_MAX_ROWS = 16
 
 
-def native_linear(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+def native_linear(flat: torch.Tensor, weight: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor | None:
     """``flat @ weight^T`` through `parity.devices.native_kernels.float_linear` (the weight streamed once,
     fp32 math; bf16 weights widened in registers) when it applies, else None.
 
@@ -78,11 +78,13 @@ def native_linear(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | No
     CPU weight [out, in] of at least `ONEDNN_MIN_WEIGHT_BYTES` (below, the weight is cache-resident and the
     BLAS call is as fast), fp32 matmul precision "highest" in eager mode (not checked while compiling: a
     compiled graph does not see a later precision switch), and the C++ ops built (`native_kernels.available`;
-    `parity.devices.compiler` loads them before it traces a CPU graph). Returns fp32 [M, out] or None.
+    `parity.devices.compiler` loads them before it traces a CPU graph). ``live`` (an int64 tensor of one
+    value r): rows >= r are not computed and come out zero (`native_kernels.float_linear`). Returns fp32
+    [M, out] or None.
     """
     if flat.dim() != 2 or not native_linear_applies(flat.shape[0], flat.dtype, flat.device, weight):
         return None
-    return native_kernels.float_linear(flat, weight)
+    return native_kernels.float_linear(flat, weight, live)
 
 
 def native_linear_applies(rows: int, dtype: torch.dtype, device: torch.device, weight: torch.Tensor) -> bool:
@@ -104,7 +106,7 @@ def native_linear_applies(rows: int, dtype: torch.dtype, device: torch.device, w
     return native_kernels.available()
 
 
-def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight^T`` for few rows against a large weight, in the fastest full-precision formulation.
 
     First choice, eager and compiled: parity's C++ op for few rows and a large weight on the CPU
@@ -120,13 +122,16 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     Args:
         x: [..., in] activations; weight: [out, in] (x's dtype, or narrower: see `widening_linear`).
+        live: on the C++ op only, an int64 tensor of one value r: rows of ``flat = x.reshape(-1, in)`` from
+            r on are not computed and come out zero (a padded batch's scratch rows); ignored elsewhere (all
+            rows computed).
     Returns:
         [..., out] in x's dtype; equal to ``F.linear(x, weight)`` up to fp32 summation order.
     """
     if weight.dtype != x.dtype:
         return widening_linear(x, weight)
     flat = x.reshape(-1, x.shape[-1])
-    out = native_linear(flat, weight)
+    out = native_linear(flat, weight, live)
     if out is not None:
         return out.reshape(*x.shape[:-1], weight.shape[0])
     if torch.compiler.is_compiling():

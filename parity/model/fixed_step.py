@@ -124,7 +124,9 @@ def attention_step(attn, x, rope: Rotary, pos, modes: _Modes, codecs, windows, s
     return attn._output(out, rope), new_ent, new_ikey
 
 
-def decode_step(model, ids, pos, windows, states, entries, index_keys, kv_fp8: bool, index_fp4: bool, head: bool):
+def decode_step(
+    model, ids, pos, windows, states, entries, index_keys, kv_fp8: bool, index_fp4: bool, head: bool, live=None
+):
     """One decode step of B sequences (the function `DecodeGraph` compiles).
 
     Args:
@@ -138,6 +140,8 @@ def decode_step(model, ids, pos, windows, states, entries, index_keys, kv_fp8: b
         head: also run the LM head (one graph for the whole step; `DecodeGraph` does so for one row off the
             CPU or uncompiled, and on the CPU for an fp32 model's head on one of parity's C++ ops: an int8
             head, or a float head `fast_linear.native_linear` takes; `DecodeGraph._head_in_step`).
+        live: an int64 tensor of one value, the batch's real rows (the rest pad a bucket): a float head on
+            the C++ op computes only those (`lm_head_rows`); None: every row.
     Returns:
         (fp32 logits [B, vocab] with ``head``, else the LM head's input [B, H] (final collapse and norm);
         per layer the new entries [B, head_dim] or None; per layer the new index keys or None).
@@ -166,7 +170,7 @@ def decode_step(model, ids, pos, windows, states, entries, index_keys, kv_fp8: b
         x = moe_step(layer.mlp, type(layer.post_attention_layernorm).forward(layer.post_attention_layernorm, x), ids)
         h = HyperConnection.post(x, h, post, comb)
     x = m.norm(m.hc_head(h))
-    return (lm_head_rows(x, *head_operands(model)) if head else x), new_ents, new_ikeys
+    return (lm_head_rows(x, *head_operands(model), live=live) if head else x), new_ents, new_ikeys
 
 
 def head_operands(model) -> tuple[torch.Tensor, ...]:
@@ -179,11 +183,14 @@ def head_operands(model) -> tuple[torch.Tensor, ...]:
     return (head.weight.detach(),)
 
 
-def lm_head_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+def lm_head_rows(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, live: torch.Tensor | None = None
+) -> torch.Tensor:
     """The LM head: x [B, H] -> fp32 logits [B, vocab]. Plain (``scale`` None): `fast_linear.decode_linear`
     in the wider of x's and the weight's dtypes (fp32 activations stay fp32 on a bf16-stored head, as
-    ``V4ForCausalLM._head``); int8 weight [vocab, H] with per-row ``scale`` [vocab]: the `Int8Linear` head
-    (`int8_quant.w8a8_linear`, per-token int8 activations), as its eager forward."""
+    ``V4ForCausalLM._head``; ``live``, an int64 tensor of one value r: on parity's C++ op rows from r on are
+    not computed and come out zero); int8 weight [vocab, H] with per-row ``scale`` [vocab]: the `Int8Linear`
+    head (`int8_quant.w8a8_linear`, per-token int8 activations), as its eager forward (every row)."""
     if scale is not None:
         return w8a8_linear(x, weight, scale).float()
-    return decode_linear(x.to(torch.promote_types(x.dtype, weight.dtype)), weight).float()
+    return decode_linear(x.to(torch.promote_types(x.dtype, weight.dtype)), weight, live).float()

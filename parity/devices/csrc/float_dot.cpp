@@ -1,5 +1,7 @@
-// fp32 products for few activation rows (decode) against a large weight read once, as a torch op:
+// fp32 products for few activation rows (decode) against a large weight read once, as torch ops:
 //   parity_native::float_linear(x [M, K] fp32, w [N, K] fp32 or bf16) -> fp32 [M, N]
+//   parity_native::float_linear_rows(x, w, live int64 [1]) -> fp32 [M, N]: rows >= live not computed, zero
+//     (a compiled decode step's padded batch: its scratch rows cost nothing but the zeroing)
 // out[m, n] = sum_k x[m, k] * float(w[n, k]), every product and sum in fp32 (bf16 weights widened exactly
 // in registers: a bf16 value is the top half of its fp32). The weight is streamed from memory once, row by
 // row front to back: each weight row (in L1) against tiles of 2 activation rows with eight-lane (AVX2 +
@@ -145,7 +147,8 @@ std::string dtype_name(const at::Tensor& t) {
   return "torch." + std::string(c10::getDtypeNames(t.scalar_type()).first);
 }
 
-at::Tensor float_linear(const at::Tensor& x_in, const at::Tensor& w_in) {
+// the first `live` rows of x (the rest of the output zero): a padded batch's scratch rows are not computed
+at::Tensor float_linear_live(const at::Tensor& x_in, const at::Tensor& w_in, int64_t live) {
   const char* op = "parity_native::float_linear";
   TORCH_CHECK(x_in.device().is_cpu() && w_in.device().is_cpu(), op, ": CPU tensors expected, got x on ",
               x_in.device(), " and the weight on ", w_in.device());
@@ -157,9 +160,10 @@ at::Tensor float_linear(const at::Tensor& x_in, const at::Tensor& w_in) {
   TORCH_CHECK(w_in.dim() == 2, op, ": the weight must be [N, K], got ", w_in.sizes());
   TORCH_CHECK(w_in.size(1) == x_in.size(1), op, ": K mismatch, x ", x_in.sizes(), " vs weight ", w_in.sizes());
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  at::Tensor out = at::empty({M, N}, x.options());
-  if (out.numel() == 0) return out;
+  const int64_t M = std::min<int64_t>(std::max<int64_t>(live, 0), x.size(0)), K = x.size(1), N = w.size(0);
+  at::Tensor out = at::empty({x.size(0), N}, x.options());
+  if (M < x.size(0)) out.narrow(0, M, x.size(0) - M).zero_();
+  if (M == 0 || N == 0) return out;
   if (K == 0) return out.zero_();
   const float* xp = x.data_ptr<float>();
   float* op_out = out.data_ptr<float>();
@@ -175,8 +179,26 @@ at::Tensor float_linear(const at::Tensor& x_in, const at::Tensor& w_in) {
   return out;
 }
 
+at::Tensor float_linear(const at::Tensor& x, const at::Tensor& w) {
+  return float_linear_live(x, w, x.dim() == 2 ? x.size(0) : 0);
+}
+
+// live: an int64 tensor of one element (a graph input, so that a compiled step does not specialise on it)
+at::Tensor float_linear_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor& live) {
+  TORCH_CHECK(live.numel() == 1 && live.scalar_type() == at::kLong && live.device().is_cpu(),
+              "parity_native::float_linear_rows: live must be one int64 CPU value, got ", live.sizes(), " ",
+              dtype_name(live), " on ", live.device());
+  return float_linear_live(x, w, live.item<int64_t>());
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(parity_native, m) { m.def("float_linear(Tensor x, Tensor w) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(parity_native, m) {
+  m.def("float_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("float_linear_rows(Tensor x, Tensor w, Tensor live) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(parity_native, CPU, m) { m.impl("float_linear", float_linear); }
+TORCH_LIBRARY_IMPL(parity_native, CPU, m) {
+  m.impl("float_linear", float_linear);
+  m.impl("float_linear_rows", float_linear_rows);
+}
