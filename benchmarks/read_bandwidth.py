@@ -3,12 +3,12 @@
 Definition (used by benchmarks/vs_llamacpp.py for the decode bandwidth bound): the best of 10 read-only
 passes over a buffer of 4x the last-level cache, split evenly over 1 or more threads. Two readers: a numpy
 float64 sum (one slice per thread; numpy releases the GIL inside the reduction) and torch's float32 sum
-(torch's intra-op threads); the buffer on 4 KiB pages (numpy's own allocation) or on 2 MiB transparent huge
-pages (a private anonymous mapping advised ``MADV_HUGEPAGE``, as `parity.devices.huge_pages` places parity's
-CPU weights; base pages where the kernel has no THP). The decode bound takes the fastest of the four
-(`best_read_bandwidth`): a reader slower than memory (numpy's pairwise sum reached 26-30 GB/s on one AMD
-EPYC Zen 4 core while torch's sum over huge pages read 34.6-34.8) or a page size the weights do not use
-would make the bound a rate the weights beat. Reported in GB/s (1e9 bytes/s).
+(torch's intra-op threads); the buffer on 4 KiB pages or on 2 MiB transparent huge pages (private anonymous
+mappings advised ``MADV_NOHUGEPAGE`` / ``MADV_HUGEPAGE``, the latter as `parity.devices.huge_pages` places
+parity's CPU weights; no 2 MiB probes where the kernel has no THP). The decode bound takes the fastest
+(`best_read_bandwidth`): a reader slower than memory or a page size the weights do not use would make the
+bound a rate the weights beat (measured on AMD EPYC Zen 4, 1 thread: 25.7-28.3 GB/s on 4 KiB pages vs
+33.7-36.0 on 2 MiB pages, numpy and torch alike; docs/benchmarks.md). Reported in GB/s (1e9 bytes/s).
 
 Usage:
     .venv/bin/python benchmarks/read_bandwidth.py [--threads 1,2] [--passes 10]
@@ -40,22 +40,34 @@ def last_level_cache_bytes(default: int = 32 << 20) -> int:
     return best or default
 
 
-def _huge_page_buffer(n: int) -> np.ndarray:
-    """n float64 ones on 2 MiB pages (advised; the kernel decides), on base pages without MADV_HUGEPAGE."""
+def _page_buffer(n: int, huge: bool) -> np.ndarray:
+    """n float64 ones in a private anonymous mapping advised ``MADV_HUGEPAGE`` (``huge``) or
+    ``MADV_NOHUGEPAGE`` (4 KiB pages; numpy's own allocations of 4 MiB and more are advised huge pages on
+    Linux, so they would not be), 2 MiB aligned; without madvise, numpy's buffer."""
     page = 2 << 20
-    if not hasattr(mmap, "MADV_HUGEPAGE"):
+    advice = getattr(mmap, "MADV_HUGEPAGE" if huge else "MADV_NOHUGEPAGE", None)
+    if advice is None:
         return np.ones(n)
     nbytes = -(-n * 8 // page) * page
     mapping = mmap.mmap(-1, nbytes + page, flags=mmap.MAP_PRIVATE)
     raw = np.frombuffer(mapping, dtype=np.uint8)
     lead = (-raw.ctypes.data) % page
     try:
-        mapping.madvise(mmap.MADV_HUGEPAGE, lead, nbytes)
+        mapping.madvise(advice, lead, nbytes)
     except OSError:
-        pass  # no THP in this kernel: base pages
+        pass  # no THP in this kernel: base pages either way
     buf = raw[lead : lead + n * 8].view(np.float64)
     buf[:] = 1.0
     return buf
+
+
+def thp_available() -> bool:
+    """Whether the kernel can give a buffer 2 MiB pages (THP "always" or "madvise" and madvise present)."""
+    try:
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return False
+    return hasattr(mmap, "MADV_HUGEPAGE") and "[never]" not in mode
 
 
 def read_bandwidth(
@@ -75,7 +87,7 @@ def read_bandwidth(
     if reader not in READERS:
         raise ValueError(f"reader must be one of {', '.join(READERS)}, got {reader!r}")
     n = (buffer_bytes or 4 * last_level_cache_bytes()) // 8
-    buf = _huge_page_buffer(n) if huge_pages else np.ones(n)
+    buf = _page_buffer(n, huge_pages)
     best = float("inf")
     if reader == "torch":
         import torch
@@ -105,11 +117,13 @@ READERS = ("numpy", "torch")
 
 
 def best_read_bandwidth(threads: int = 1, passes: int = 10) -> dict[str, float]:
-    """Bytes/s of every probe, keyed "<reader> <pages>" (pages "4 KiB" / "2 MiB"), and "best", the fastest."""
+    """Bytes/s of every probe, keyed "<reader> <pages>" (pages "4 KiB" / "2 MiB"; no 2 MiB probes where the
+    kernel has no transparent huge pages), and "best", the fastest."""
+    sizes = (False, True) if thp_available() else (False,)
     out = {
         f"{reader} {'2 MiB' if huge else '4 KiB'}": read_bandwidth(threads, passes, huge_pages=huge, reader=reader)
         for reader in READERS
-        for huge in (False, True)
+        for huge in sizes
     }
     out["best"] = max(out.values())
     return out

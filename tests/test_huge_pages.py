@@ -13,6 +13,7 @@ from parity.devices import huge_pages
 from parity.devices.huge_pages import place_on_huge_pages, thp_mode, unavailable_reason
 
 needs_thp = pytest.mark.skipif(unavailable_reason() is not None, reason=f"no huge pages: {unavailable_reason()}")
+needs_madvise = pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="no madvise(MADV_HUGEPAGE) here")
 
 
 class Tied(nn.Module):
@@ -104,6 +105,7 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path):
     assert huge_pages.huge_page_bytes(str(page)) == 1 << 30
 
 
+@needs_madvise
 def test_kernel_without_thp_is_a_reason(monkeypatch):
     monkeypatch.delenv(huge_pages.SWITCH_ENV, raising=False)
     monkeypatch.setattr(huge_pages, "thp_mode", lambda: "never")
@@ -173,6 +175,7 @@ def test_load_model_places_cpu_weights(tmp_path):
     assert end - start <= sum(n + huge_pages.STORAGE_ALIGN for n in weights.values())
 
 
+@needs_madvise
 def test_status_names_the_pages(monkeypatch):
     monkeypatch.setenv(huge_pages.SWITCH_ENV, "0")
     assert huge_pages.status() == "4 KiB pages (PARITY_HUGE_PAGES turns it off)"
@@ -180,3 +183,67 @@ def test_status_names_the_pages(monkeypatch):
     monkeypatch.setattr(huge_pages, "thp_mode", lambda: "always")
     monkeypatch.setattr(huge_pages, "huge_page_bytes", lambda: 2 << 20)
     assert huge_pages.status() == "2 MiB transparent huge pages (THP always)"
+
+
+@needs_thp
+def test_views_of_one_storage_keep_sharing_it():
+    """Two Parameters viewing one storage (one through another dtype) still share one storage, with their
+    values; storages starting at one address with different lengths are copied whole."""
+    m = nn.Module()
+    base = torch.arange(16, dtype=torch.float32)
+    m.a = nn.Parameter(base[:4], requires_grad=False)
+    m.b = nn.Parameter(base[4:].view(torch.int32), requires_grad=False)
+    import numpy as np
+
+    arr = np.arange(64, dtype=np.float32)
+    m.register_buffer("short", torch.from_numpy(arr[:8]))  # its own storage, same start as "long"
+    m.register_buffer("long", torch.from_numpy(arr))
+    want = {k: v.clone() for k, v in m.state_dict().items()}
+    assert place_on_huge_pages(m) > 0
+    assert m.a.untyped_storage().data_ptr() == m.b.untyped_storage().data_ptr()
+    assert m.b.storage_offset() == 4 and m.b.dtype == torch.int32
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in want.items())
+    with torch.no_grad():
+        m.a[0] = 5.0
+    assert m.b.untyped_storage().nbytes() == 64  # both still on the one 16-float storage
+
+
+@needs_thp
+def test_a_failed_copy_leaves_the_rest_in_place(monkeypatch, caplog):
+    m = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    ptrs = [p.data_ptr() for p in m.parameters()]
+    want = [p.clone() for p in m.parameters()]
+    calls = []
+    real = huge_pages._on
+
+    def failing(storage, t):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return real(storage, t)
+
+    monkeypatch.setattr(huge_pages, "_on", failing)
+    with caplog.at_level(logging.WARNING, logger="parity.devices"):
+        placed = place_on_huge_pages(m)
+    assert "moving them failed" in caplog.text and 0 < placed
+    now = list(m.parameters())
+    assert [p.data_ptr() == q for p, q in zip(now, ptrs, strict=True)] == [False, False, True, True]
+    assert all(torch.equal(p, w) for p, w in zip(now, want, strict=True))
+
+
+def test_subclasses_and_pinned_tensors_stay():
+    class Marked(torch.Tensor):
+        pass
+
+    m = nn.Module()
+    m.register_buffer("odd", torch.zeros(4).as_subclass(Marked))
+    assert huge_pages._weights(m) == []
+
+
+def test_doctor_names_where_cpu_weights_go(capsys):
+    from types import SimpleNamespace
+
+    from parity.devices import doctor_cli
+
+    doctor_cli.run(SimpleNamespace(json=False))
+    assert "CPU weights on" in capsys.readouterr().out

@@ -149,3 +149,18 @@ def test_float_linear_live_must_be_one_int64():
         with pytest.raises(RuntimeError, match="live must be one int64 CPU value"):
             native_kernels.float_linear(x, w, bad)
     assert native_kernels.float_linear(x, w, torch.tensor(1)).shape == (2, 5)  # a 0-d value too
+
+
+def test_compiled_graph_takes_live_rows_as_an_input():
+    """A compiled function calling the op with live rows is traced once: other live values reuse the graph
+    (no specialisation on the value), and give the eager results."""
+    from torch._dynamo.testing import CompileCounter
+
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(8, 64, generator=g), torch.randn(300, 64, generator=g)
+    counter = CompileCounter()
+    fn = torch.compile(lambda x, w, live: native_kernels.float_linear(x, w, live) * 2, backend=counter, fullgraph=True)
+    for live in (5, 6, 8, 1):
+        got = fn(x, w, torch.tensor([live]))
+        assert torch.equal(got, native_kernels.float_linear(x, w, torch.tensor([live])) * 2)
+    assert counter.frame_count == 1

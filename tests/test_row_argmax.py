@@ -102,3 +102,12 @@ def test_native_op_names_bad_input():
         native_kernels.row_argmax(torch.zeros(4))
     with pytest.raises(RuntimeError, match="no values"):
         native_kernels.row_argmax(torch.zeros(2, 0))
+
+
+def test_nan_in_the_first_lanes_wins():
+    for pos in range(8):
+        x = torch.randn(2, 40, generator=torch.Generator().manual_seed(pos))
+        x[0, pos] = float("nan")
+        x[0, 30] = float("nan")
+        x[1, pos] = float("inf")
+        assert row_argmax(x).tolist() == x.argmax(dim=-1).tolist() == [pos, pos]

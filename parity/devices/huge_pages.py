@@ -3,8 +3,8 @@
 Decode on the CPU streams every weight from memory once per step. On 4 KiB pages a 132 MB LM head spans
 ~32,000 pages: the page walks and the hardware prefetcher stopping at each page boundary cost bandwidth.
 Measured on AMD EPYC Zen 4 (1 / 2 threads, ``parity_native::float_linear`` over the benchmark miniature's
-129,280 x 256 fp32 head, 3 interleaved rounds): 5.0-5.8 / 3.5-4.6 ms on 4 KiB pages vs 3.6-3.8 / 3.0-3.2 ms on
-2 MiB pages (docs/benchmarks.md, "Weights on huge pages").
+129,280 x 256 fp32 head, medians of 3 rounds): 5.38-5.75 / 3.78-4.58 ms on 4 KiB pages vs 3.75 / 3.07-3.18 ms
+on 2 MiB pages once the pages settled (docs/benchmarks.md, "Zen 4: weights on huge pages").
 
 torch's CPU allocator advises huge pages only when ``THP_MEM_ALLOC_ENABLE=1`` is set before its first
 allocation (c10 ``alloc_cpu``), which a library cannot arrange. So `place_on_huge_pages` copies a module's CPU
@@ -12,7 +12,8 @@ parameters and buffers, after loading, into one private anonymous mapping advise
 (Linux ``madvise(2)``; the kernel's ``/sys/kernel/mm/transparent_hugepage/enabled`` must be ``always`` or
 ``madvise``). Each tensor keeps its own storage (``torch.frombuffer`` over its slice of the mapping): no two
 weights appear to share memory, saving a state dict writes each tensor's own bytes, and the mapping is
-unmapped once the last of them is freed. Tensors that shared a storage still share one.
+unmapped once the last of them is freed. Tensors that shared a storage still share one. The new storages
+cannot be resized (weights are not). Tensor subclasses and pinned tensors stay where they are.
 
 ``PARITY_HUGE_PAGES=0`` (or false / off / no) leaves the weights where they are.
 """
@@ -93,15 +94,23 @@ def _align(n: int, to: int) -> int:
 
 
 def _weights(module: torch.nn.Module) -> list[torch.Tensor]:
-    """The module's distinct dense CPU parameters and buffers (each tensor object once)."""
+    """The module's distinct dense CPU parameters and buffers (each tensor object once; plain tensors and
+    Parameters only, not pinned)."""
     seen, out = set(), []
     for t in (*module.parameters(), *module.buffers()):
-        if id(t) in seen or t.device.type != "cpu" or t.layout != torch.strided or t.is_quantized:
+        if id(t) in seen or type(t) not in (torch.Tensor, torch.nn.Parameter):
+            continue
+        if t.device.type != "cpu" or t.layout != torch.strided or t.is_quantized or t.is_pinned():
             continue
         seen.add(id(t))
         if t.untyped_storage().nbytes() > 0:
             out.append(t)
     return out
+
+
+def _on(storage, t: torch.Tensor) -> torch.Tensor:
+    """A tensor of t's dtype, shape, strides and storage offset on ``storage``."""
+    return torch.empty(0, dtype=t.dtype).set_(storage, t.storage_offset(), t.size(), t.stride())
 
 
 def place_on_huge_pages(module: torch.nn.Module) -> int:
@@ -111,7 +120,8 @@ def place_on_huge_pages(module: torch.nn.Module) -> int:
     Returns:
         The bytes placed (0: nothing moved, because `unavailable_reason` names why, the module has no CPU
         weights, or the kernel refused the mapping or the advice, which is logged; the weights then stay where
-        they were).
+        they were). Storages are moved one by one (peak memory: the weights plus one storage); a copy that
+        fails is logged and ends the move there: the storages moved keep their new memory, the rest their old.
     """
     reason = unavailable_reason()
     tensors = _weights(module)
@@ -122,7 +132,8 @@ def place_on_huge_pages(module: torch.nn.Module) -> int:
     groups: dict[int, list[torch.Tensor]] = {}  # storage address -> the tensors on it
     for t in tensors:
         groups.setdefault(t.untyped_storage().data_ptr(), []).append(t)
-    sizes = {ptr: ts[0].untyped_storage().nbytes() for ptr, ts in groups.items()}
+    # two storages may start at one address with different lengths (views of one buffer): the longest
+    sizes = {ptr: max(t.untyped_storage().nbytes() for t in ts) for ptr, ts in groups.items()}
     page = huge_page_bytes()
     offsets, total = {}, 0
     for ptr, n in sizes.items():
@@ -139,15 +150,24 @@ def place_on_huge_pages(module: torch.nn.Module) -> int:
     except (OSError, ValueError) as e:
         log.warning("weights stay on base pages: the kernel refused a %d-byte huge-page mapping (%s)", total, e)
         return 0
-    with torch.no_grad():
-        for ptr, ts in groups.items():
-            n = sizes[ptr]
-            dst = torch.frombuffer(mapping, dtype=torch.uint8, count=n, offset=lead + offsets[ptr])
-            src = torch.empty(0, dtype=torch.uint8).set_(ts[0].untyped_storage())
-            dst.copy_(src)
-            storage = dst.untyped_storage()
-            for t in ts:
-                t.data = torch.empty(0, dtype=t.dtype).set_(storage, t.storage_offset(), t.size(), t.stride())
+    placed = 0
+    try:
+        with torch.no_grad():
+            for ptr, ts in groups.items():  # storage by storage: each old one is freed as soon as it is copied
+                n = sizes[ptr]
+                dst = torch.frombuffer(mapping, dtype=torch.uint8, count=n, offset=lead + offsets[ptr])
+                longest = max(ts, key=lambda t: t.untyped_storage().nbytes())
+                dst.copy_(torch.empty(0, dtype=torch.uint8).set_(longest.untyped_storage()))
+                storage = dst.untyped_storage()
+                new = [_on(storage, t) for t in ts]  # all made before any tensor changes
+                for t, moved in zip(ts, new, strict=True):
+                    t.data = moved
+                placed += n
+    except Exception as e:  # noqa: BLE001 - an odd tensor must not stop loading: the rest stay put
+        log.warning(
+            "weights partly on base pages: moving them failed after %d bytes (%s: %s)", placed, type(e).__name__, e
+        )
+        return placed
     log.info(
         "weights on transparent huge pages: %d tensors, %.1f MB in %.2f s",
         len(tensors),

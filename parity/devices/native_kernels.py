@@ -1,8 +1,8 @@
 """parity's C++ CPU ops for decode-sized row counts (weights streamed once), built on first use.
 
-The sources are `parity/devices/csrc/int8_dot.cpp` (exact int8 x int8 -> int32 products) and
-`parity/devices/csrc/float_dot.cpp` (fp32 products over fp32 or bf16 weights); `load()` compiles them once
-per machine with
+The sources are `parity/devices/csrc/int8_dot.cpp` (exact int8 x int8 -> int32 products),
+`parity/devices/csrc/float_dot.cpp` (fp32 products over fp32 or bf16 weights) and
+`parity/devices/csrc/row_argmax.cpp` (greedy argmax); `load()` compiles them once per machine with
 `torch.utils.cpp_extension` (a C++ compiler and ninja, as inductor's CPU backend needs; ~17 s on AMD EPYC
 Zen 3, 2 cores; cached in torch's extension directory, ``$TORCH_EXTENSIONS_DIR`` or
 ``~/.cache/torch_extensions``, then loaded in well under a second) and registers the torch ops with fakes
@@ -14,6 +14,10 @@ for tracing, so a compiled graph calls them as opaque ops:
   order is the same at every row count (batch-invariant). The decode LM head: inductor's
   broadcast-reduce over the 129,280 x 256 fp32 head read it at ~5 GB/s for 4 rows on AMD Zen 3 (26 ms of a
   44 ms step; docs/benchmarks.md "The float head on the C++ op"), as did MKL's sgemm.
+  ``float_linear_rows(x, w, live int64 [1])``: the first ``live`` rows only, the rest zero (a compiled
+  step's padded batch).
+- ``torch.ops.parity_native.row_argmax(x [rows, n] fp32) -> int64 [rows]``: ``torch.argmax(x, -1)``'s
+  indices in one sequential pass per row (`parity.devices.row_argmax`).
 
 - ``torch.ops.parity_native.int8_gemm(xq [M, K] int8, wq [N, K] int8) -> int32 [M, N]``
 - ``torch.ops.parity_native.int8_gathered_gemv(xq [R, K] int8, w [E, N, K] int8, ids [R] int64) -> int32

@@ -28,8 +28,9 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
     the first; NaN counts as the largest, the first NaN wins).
 
     Args:
-        x: float tensor [rows, n] on any device (elsewhere than the CPU, or with n < 2 * `BLOCK`, this is
-            ``torch.argmax`` itself).
+        x: float tensor [rows, n] on any device: fp32 CPU rows take the C++ op where parity's ops are
+            loaded (`native_kernels.loaded`); other CPU rows the two torch passes (n >= 2 * `BLOCK`) or
+            ``torch.argmax`` (shorter rows, and every other device).
 
     Returns:
         LongTensor [rows] on x's device.

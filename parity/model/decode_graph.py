@@ -125,7 +125,7 @@ class DecodeGraph:
         self._head_t: tuple[torch.Tensor, int, int] | None = None
         #: (torch threads, bucket) -> whether that bucket's LM head runs inside the step (`_head_in_step`)
         self._in_step: dict[tuple[int, int], bool] = {}
-        #: batch size -> the int64 [1] tensor of it the step takes (`decode_step`'s ``live``), made once
+        #: (batch size, device) -> the int64 [1] tensor of it the step takes (`decode_step`'s ``live``), made once
         self._live: dict[tuple[int, str], torch.Tensor] = {}
 
     def _compiled(self) -> tuple:
@@ -207,10 +207,9 @@ class DecodeGraph:
         fp32 activations only: the fused rescale gives fp32, another dtype's separate rescale pass would run
         among the serial kernels), or a float head the fp32 model's `fast_linear.native_linear` takes at
         that row count (`native_kernels.float_linear`, given the batch's real rows: a padded bucket's scratch
-        rows are not computed, where before this the head apart was measured faster for three padded rows,
-        batch 5 in bucket 8: docs/benchmarks.md, Zen 4; its layout is not timed: the op streams the stored
-        one). One compiled region per step instead of two saves the second region's guard evaluation
-        and prologue (~0.4 ms a step here). Otherwise the head is a graph of its own (a float head's layout
+        rows are not computed; its layout is not timed: the op streams the stored one). One compiled region
+        per step instead of two saves the second region's guard evaluation and prologue (~0.4 ms a step
+        here). Otherwise the head is a graph of its own (a float head's layout
         timed, `_choose_head_layout`)."""
         key = (torch.get_num_threads(), bucket)
         if key not in self._in_step:  # decided once: the step's graph is specialised on it (no mid-run recompile)

@@ -45,7 +45,9 @@ namespace {
 // prefetch, 1 thread, the fp32 head at 1 / 4 / 8 rows 7.0-8.5 / 9.0-10.9 / 13.2-18.3 ms without vs 8.4-9.5 /
 // 12.1-14.7 / 20.1-27.1 ms with, 3 interleaved rounds; a plain torch.sum over it 5.7-6.6 ms), so on an AVX-512
 // machine PARITY_NATIVE_ISA=avx2 turns the prefetch back on. A prefetch past the weight's end is harmless.
-#if defined(PARITY_PREFETCH_AHEAD)  // a build asked for another distance (side-by-side measurements)
+// PARITY_PREFETCH_AHEAD=N (elements; a hand-built extension's -D flag, e.g. torch.utils.cpp_extension.load
+// with extra_cflags=["-DPARITY_PREFETCH_AHEAD=4096"]) sets another distance, for side-by-side measurements
+#if defined(PARITY_PREFETCH_AHEAD)
 constexpr uintptr_t kPrefetchAhead = PARITY_PREFETCH_AHEAD;
 #elif defined(__AVX512F__)
 constexpr uintptr_t kPrefetchAhead = 0;
@@ -148,8 +150,7 @@ std::string dtype_name(const at::Tensor& t) {
 }
 
 // the first `live` rows of x (the rest of the output zero): a padded batch's scratch rows are not computed
-at::Tensor float_linear_live(const at::Tensor& x_in, const at::Tensor& w_in, int64_t live) {
-  const char* op = "parity_native::float_linear";
+at::Tensor float_linear_live(const at::Tensor& x_in, const at::Tensor& w_in, int64_t live, const char* op) {
   TORCH_CHECK(x_in.device().is_cpu() && w_in.device().is_cpu(), op, ": CPU tensors expected, got x on ",
               x_in.device(), " and the weight on ", w_in.device());
   TORCH_CHECK(x_in.scalar_type() == at::kFloat, op, ": x (the activations) must be torch.float32, got ",
@@ -180,7 +181,7 @@ at::Tensor float_linear_live(const at::Tensor& x_in, const at::Tensor& w_in, int
 }
 
 at::Tensor float_linear(const at::Tensor& x, const at::Tensor& w) {
-  return float_linear_live(x, w, x.dim() == 2 ? x.size(0) : 0);
+  return float_linear_live(x, w, x.dim() == 2 ? x.size(0) : 0, "parity_native::float_linear");
 }
 
 // live: an int64 tensor of one element (a graph input, so that a compiled step does not specialise on it)
@@ -188,7 +189,7 @@ at::Tensor float_linear_rows(const at::Tensor& x, const at::Tensor& w, const at:
   TORCH_CHECK(live.numel() == 1 && live.scalar_type() == at::kLong && live.device().is_cpu(),
               "parity_native::float_linear_rows: live must be one int64 CPU value, got ", live.sizes(), " ",
               dtype_name(live), " on ", live.device());
-  return float_linear_live(x, w, live.item<int64_t>());
+  return float_linear_live(x, w, live.item<int64_t>(), "parity_native::float_linear_rows");
 }
 
 }  // namespace
