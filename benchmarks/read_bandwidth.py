@@ -19,10 +19,15 @@ from __future__ import annotations
 import argparse
 import glob
 import mmap
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from parity.devices.huge_pages import advised_mapping, thp_mode  # noqa: E402
 
 
 def last_level_cache_bytes(default: int = 32 << 20) -> int:
@@ -41,33 +46,21 @@ def last_level_cache_bytes(default: int = 32 << 20) -> int:
 
 
 def _page_buffer(n: int, huge: bool) -> np.ndarray:
-    """n float64 ones in a private anonymous mapping advised ``MADV_HUGEPAGE`` (``huge``) or
-    ``MADV_NOHUGEPAGE`` (4 KiB pages; numpy's own allocations of 4 MiB and more are advised huge pages on
-    Linux, so they would not be), 2 MiB aligned; without madvise, numpy's buffer."""
-    page = 2 << 20
-    advice = getattr(mmap, "MADV_HUGEPAGE" if huge else "MADV_NOHUGEPAGE", None)
-    if advice is None:
-        return np.ones(n)
-    nbytes = -(-n * 8 // page) * page
-    mapping = mmap.mmap(-1, nbytes + page, flags=mmap.MAP_PRIVATE)
-    raw = np.frombuffer(mapping, dtype=np.uint8)
-    lead = (-raw.ctypes.data) % page
+    """n float64 ones in a mapping advised onto 2 MiB pages (``huge``) or kept on 4 KiB pages
+    (`parity.devices.huge_pages.advised_mapping`; numpy's own allocations of 4 MiB and more are advised huge
+    pages on Linux, so they would not be); numpy's buffer where the kernel refuses the advice."""
     try:
-        mapping.madvise(advice, lead, nbytes)
-    except OSError:
-        pass  # no THP in this kernel: base pages either way
-    buf = raw[lead : lead + n * 8].view(np.float64)
+        mapping, lead = advised_mapping(n * 8, huge)
+    except (OSError, ValueError, AttributeError):  # no madvise / THP here: base pages either way
+        return np.ones(n)
+    buf = np.frombuffer(mapping, dtype=np.uint8)[lead : lead + n * 8].view(np.float64)
     buf[:] = 1.0
     return buf
 
 
 def thp_available() -> bool:
     """Whether the kernel can give a buffer 2 MiB pages (THP "always" or "madvise" and madvise present)."""
-    try:
-        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
-    except OSError:
-        return False
-    return hasattr(mmap, "MADV_HUGEPAGE") and "[never]" not in mode
+    return hasattr(mmap, "MADV_HUGEPAGE") and thp_mode() in ("always", "madvise")
 
 
 def read_bandwidth(

@@ -63,7 +63,9 @@ def huge_page_bytes(path: str = _THP_PAGE) -> int:
 
 def switched_off() -> bool:
     """Whether `SWITCH_ENV` turns the placement off."""
-    return os.environ.get(SWITCH_ENV, "").strip().lower() in ("0", "false", "off", "no")
+    from parity.devices.native_kernels import OFF_VALUES
+
+    return os.environ.get(SWITCH_ENV, "").strip().lower() in OFF_VALUES
 
 
 def unavailable_reason() -> str | None:
@@ -108,6 +110,22 @@ def _weights(module: torch.nn.Module) -> list[torch.Tensor]:
     return out
 
 
+def advised_mapping(nbytes: int, huge: bool = True) -> tuple[mmap.mmap, int]:
+    """(a private anonymous mapping, the offset in it of a huge-page boundary) with ``nbytes`` from that offset
+    advised ``MADV_HUGEPAGE`` (``huge``) or ``MADV_NOHUGEPAGE``. Private: copy-on-write across fork (shared
+    anonymous memory is shmem, whose huge pages follow another switch); one spare huge page for the alignment.
+
+    Raises:
+        OSError / ValueError: the kernel refused the mapping or the advice.
+    """
+    page = huge_page_bytes()
+    size = _align(max(nbytes, 1), page)
+    mapping = mmap.mmap(-1, size + page, flags=mmap.MAP_PRIVATE)
+    lead = (-torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()) % page
+    mapping.madvise(mmap.MADV_HUGEPAGE if huge else mmap.MADV_NOHUGEPAGE, lead, size)
+    return mapping, lead
+
+
 def _on(storage, t: torch.Tensor) -> torch.Tensor:
     """A tensor of t's dtype, shape, strides and storage offset on ``storage``."""
     return torch.empty(0, dtype=t.dtype).set_(storage, t.storage_offset(), t.size(), t.stride())
@@ -134,19 +152,13 @@ def place_on_huge_pages(module: torch.nn.Module) -> int:
         groups.setdefault(t.untyped_storage().data_ptr(), []).append(t)
     # two storages may start at one address with different lengths (views of one buffer): the longest
     sizes = {ptr: max(t.untyped_storage().nbytes() for t in ts) for ptr, ts in groups.items()}
-    page = huge_page_bytes()
     offsets, total = {}, 0
     for ptr, n in sizes.items():
         offsets[ptr] = total
         total = _align(total + n, STORAGE_ALIGN)
     t0 = time.perf_counter()
     try:
-        # private (copy-on-write across fork) anonymous memory: shared anonymous memory is shmem, whose huge
-        # pages follow another switch; one spare huge page so that the weights can start on a page boundary
-        mapping = mmap.mmap(-1, _align(total, page) + page, flags=mmap.MAP_PRIVATE)
-        base = torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()
-        lead = (-base) % page
-        mapping.madvise(mmap.MADV_HUGEPAGE, lead, _align(total, page))
+        mapping, lead = advised_mapping(total)
     except (OSError, ValueError) as e:
         log.warning("weights stay on base pages: the kernel refused a %d-byte huge-page mapping (%s)", total, e)
         return 0
